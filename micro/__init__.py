@@ -1,0 +1,1 @@
+"""micro: an asyncio-native microservice runtime (services, agents and flows on one loop)."""

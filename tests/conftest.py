@@ -1,0 +1,26 @@
+"""Shared test set-up: every test gets its own MICRO_HOME, real servers come from _servers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["_servers"]
+
+
+@pytest.fixture(autouse=True)
+def micro_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Isolate the machine-local registry and the file store per test."""
+    home = tmp_path / "micro-home"
+    home.mkdir()
+    monkeypatch.setenv("MICRO_HOME", str(home))
+    for var in ("MICRO_REGISTRY", "MICRO_BROKER", "MICRO_STORE", "ANTHROPIC_API_KEY", "OPENAI_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    yield home
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
