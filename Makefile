@@ -24,7 +24,7 @@ bench: $(STAMP) ## run benchmarks/ and write benchmarks/RESULTS.md
 
 proto: $(STAMP) ## regenerate micro/_proto from proto/*.proto (betterproto2, grpclib stubs)
 	rm -rf micro/_proto && mkdir -p micro/_proto
-	$(PY) -m grpc_tools.protoc -I proto --python_betterproto2_out=micro/_proto \
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m grpc_tools.protoc -I proto --python_betterproto2_out=micro/_proto \
 		--python_betterproto2_opt=client_generation=async \
 		--python_betterproto2_opt=server_generation=async proto/*.proto
 

@@ -1,1 +1,34 @@
-"""micro: an asyncio-native microservice runtime (services, agents and flows on one loop)."""
+"""micro: an asyncio-native microservice runtime.
+
+Services (capability), agents (intelligence) and flows (event-driven
+orchestration) run as coroutine actors on one event loop, share a registry, a
+broker and a store, and serve real gRPC endpoints::
+
+    import micro
+
+    async with micro.New("task") as service:
+        service.handle(Task())
+        rsp = await service.client.call("task", "Task.ListOverdue", {"user_id": "alice"})
+"""
+
+from micro import errors
+from micro.client import Client
+from micro.facade import Address, Metadata, New, NewService, Option, RegisterTTL, Version
+from micro.middleware import Request
+from micro.runtime import Runtime
+from micro.service import Service
+
+__all__ = [
+    "Address",
+    "Client",
+    "Metadata",
+    "New",
+    "NewService",
+    "Option",
+    "RegisterTTL",
+    "Request",
+    "Runtime",
+    "Service",
+    "Version",
+    "errors",
+]

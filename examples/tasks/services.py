@@ -1,0 +1,209 @@
+"""The task and project services of the example system, with in-memory data.
+
+Seeded so that ``micro call task Task.ListOverdue '{"user_id": "alice"}'`` returns
+Alice's three overdue tasks, as in the Go Micro announcement's transcript.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+
+import msgspec
+
+import micro
+from micro.errors import BadRequest, NotFound
+
+# -- task -------------------------------------------------------------------------------------
+
+
+class TaskRecord(msgspec.Struct):
+    id: str
+    title: str
+    due: str  # ISO date
+    assignee: str = ""
+    project_id: str = ""
+    status: str = "open"  # open | done
+
+
+class ListOverdueRequest(msgspec.Struct):
+    user_id: str
+    as_of: str = ""  # ISO date; default: today
+
+
+class ListOverdueResponse(msgspec.Struct):
+    records: list[TaskRecord]
+    total: int
+
+
+class ListTasksRequest(msgspec.Struct):
+    user_id: str = ""
+    project_id: str = ""
+    status: str = ""
+
+
+class ListTasksResponse(msgspec.Struct):
+    records: list[TaskRecord]
+    total: int
+
+
+class CreateTaskRequest(msgspec.Struct):
+    title: str
+    due: str
+    assignee: str = ""
+    project_id: str = ""
+
+
+class UpdateTaskRequest(msgspec.Struct):
+    id: str
+    due: str = ""
+    status: str = ""
+    assignee: str = ""
+
+
+class TaskResponse(msgspec.Struct):
+    record: TaskRecord
+
+
+def _date(value: str, field: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise BadRequest(f"{field}: {value!r} is not an ISO date (YYYY-MM-DD)") from None
+
+
+SEED_TASKS = [
+    TaskRecord("t1", "Write quarterly report", "2026-06-01", "alice", "p1"),
+    TaskRecord("t2", "Review PR #42", "2026-06-02", "alice", "p1"),
+    TaskRecord("t3", "Update deployment docs", "2026-06-03", "alice", "p2"),
+    TaskRecord("t4", "Plan the offsite", "2026-06-04", "alice", "p2", status="done"),
+    TaskRecord("t5", "Prepare launch checklist", "2099-01-15", "alice", "p2"),
+    TaskRecord("t6", "Fix login bug", "2026-05-28", "bob", "p1"),
+    TaskRecord("t7", "Write release notes", "2099-02-01", "bob", "p2"),
+]
+
+
+class Task:
+    """Tasks: a title, a due date, an assignee, a status; each belongs to a project."""
+
+    def __init__(self, tasks: list[TaskRecord] | None = None) -> None:
+        self.tasks = {t.id: t for t in (tasks if tasks is not None else [msgspec.structs.replace(t) for t in SEED_TASKS])}
+        self._ids = itertools.count(len(self.tasks) + 1)
+
+    async def ListOverdue(self, req: ListOverdueRequest) -> ListOverdueResponse:
+        """List the open tasks of a user that are past their due date (as of today, or as_of)."""
+        today = _date(req.as_of, "as_of") if req.as_of else dt.date.today()
+        records = sorted(
+            (t for t in self.tasks.values()
+             if t.assignee == req.user_id and t.status == "open" and _date(t.due, "due") < today),
+            key=lambda t: t.due,
+        )
+        return ListOverdueResponse(records=records, total=len(records))
+
+    async def List(self, req: ListTasksRequest) -> ListTasksResponse:
+        """List tasks, filtered by assignee (user_id), project_id and status when given."""
+        records = [
+            t for t in self.tasks.values()
+            if (not req.user_id or t.assignee == req.user_id)
+            and (not req.project_id or t.project_id == req.project_id)
+            and (not req.status or t.status == req.status)
+        ]
+        return ListTasksResponse(records=sorted(records, key=lambda t: t.due), total=len(records))
+
+    async def Create(self, req: CreateTaskRequest) -> TaskResponse:
+        """Create a task with a title, a due date (YYYY-MM-DD), an optional assignee and project."""
+        _date(req.due, "due")
+        task = TaskRecord(f"t{next(self._ids)}", req.title, req.due, req.assignee, req.project_id)
+        self.tasks[task.id] = task
+        return TaskResponse(record=task)
+
+    async def Update(self, req: UpdateTaskRequest) -> TaskResponse:
+        """Change a task's due date (reschedule), status (open/done) or assignee."""
+        task = self.tasks.get(req.id)
+        if task is None:
+            raise NotFound(f"no task {req.id!r}")
+        if req.due:
+            _date(req.due, "due")
+            task.due = req.due
+        if req.status:
+            if req.status not in ("open", "done"):
+                raise BadRequest(f"status: {req.status!r} is not one of open, done")
+            task.status = req.status
+        if req.assignee:
+            task.assignee = req.assignee
+        return TaskResponse(record=task)
+
+
+# -- project ----------------------------------------------------------------------------------
+
+
+class ProjectRecord(msgspec.Struct):
+    id: str
+    name: str
+    owner: str = ""
+
+
+class CreateProjectRequest(msgspec.Struct):
+    name: str
+    owner: str = ""
+
+
+class ProjectResponse(msgspec.Struct):
+    record: ProjectRecord
+
+
+class ListProjectsRequest(msgspec.Struct):
+    owner: str = ""
+
+
+class ListProjectsResponse(msgspec.Struct):
+    records: list[ProjectRecord]
+
+
+class GetProjectRequest(msgspec.Struct):
+    id: str
+
+
+class ProjectDetail(msgspec.Struct):
+    record: ProjectRecord
+    tasks: list[TaskRecord]
+
+
+SEED_PROJECTS = [
+    ProjectRecord("p1", "Website", "alice"),
+    ProjectRecord("p2", "Launch", "alice"),
+]
+
+
+class Project:
+    """Projects own tasks; a project's detail lists its tasks (from the task service)."""
+
+    def __init__(self, service: micro.Service | None = None) -> None:
+        self.projects = {p.id: msgspec.structs.replace(p) for p in SEED_PROJECTS}
+        self._ids = itertools.count(len(self.projects) + 1)
+        self.service = service  # its client (available once running) reaches the task service
+
+    async def Create(self, req: CreateProjectRequest) -> ProjectResponse:
+        """Create a project with a name and an optional owner."""
+        project = ProjectRecord(f"p{next(self._ids)}", req.name, req.owner)
+        self.projects[project.id] = project
+        return ProjectResponse(record=project)
+
+    async def List(self, req: ListProjectsRequest) -> ListProjectsResponse:
+        """List projects, filtered by owner when given."""
+        return ListProjectsResponse(
+            records=[p for p in self.projects.values() if not req.owner or p.owner == req.owner]
+        )
+
+    async def Get(self, req: GetProjectRequest) -> ProjectDetail:
+        """A project and its tasks."""
+        project = self.projects.get(req.id)
+        if project is None:
+            raise NotFound(f"no project {req.id!r}")
+        tasks: list[TaskRecord] = []
+        if self.service is not None:
+            rsp = await self.service.client.call(
+                "task", "Task.List", ListTasksRequest(project_id=req.id), response_type=ListTasksResponse
+            )
+            tasks = rsp.records
+        return ProjectDetail(record=project, tasks=tasks)

@@ -1,0 +1,137 @@
+"""Pooled grpclib connections to one node.
+
+One HTTP/2 connection carries at most ``max_streams`` calls at once (the server's
+limit; grpclib's default is 100). Past that, grpclib's client parks every waiting
+call on one event and wakes them all whenever any stream closes, which collapses
+throughput above ~100 calls in flight. The pool never lets that happen: a call
+takes a slot on the least busy connection, a new connection opens when all are
+at the limit, and past ``max_connections * max_streams`` calls wait in FIFO order
+on a semaphore.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl as _ssl
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from grpclib.client import Channel
+from grpclib.client import Stream as ClientStream
+from grpclib.const import Cardinality
+from grpclib.exceptions import GRPCError, StreamTerminatedError
+from grpclib.metadata import Deadline
+from multidict import MultiDict
+
+from micro.codec import JSON, PROTO
+from micro.errors import Error, Timeout, Unavailable
+from micro.server.grpc import CODECS
+
+
+class NodeUnreachable(Unavailable):
+    """The node could not be reached at all: nothing was sent, another node may be tried."""
+
+
+class _Conn:
+    __slots__ = ("channel", "inflight")
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.inflight = 0
+
+
+class NodePool:
+    """Connections to one ``host:port``."""
+
+    def __init__(self, address: str, *, max_streams: int = 100, max_connections: int = 16,
+                 ssl: _ssl.SSLContext | None = None) -> None:
+        host, _, port = address.rpartition(":")
+        self.address = address
+        self.host = host.strip("[]")
+        self.port = int(port)
+        self.max_streams = max_streams
+        self._ssl = ssl
+        self._conns: list[_Conn] = []
+        self._slots = asyncio.Semaphore(max_streams * max_connections)
+
+    def _take(self) -> _Conn:
+        best: _Conn | None = None
+        for c in self._conns:
+            if best is None or c.inflight < best.inflight:
+                best = c
+        if best is None or best.inflight >= self.max_streams:
+            best = _Conn(Channel(self.host, self.port, ssl=self._ssl))
+            self._conns.append(best)
+        best.inflight += 1
+        return best
+
+    def _stream(self, conn: _Conn, path: str, wire: str, card: Cardinality,
+                deadline: float | None, metadata: Mapping[str, str] | None) -> ClientStream[Any, Any]:
+        grpc_deadline = None
+        if deadline is not None:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise Timeout(f"deadline passed before calling {path} on {self.address}")
+            grpc_deadline = Deadline.from_timeout(remaining)
+        ch = conn.channel
+        return ClientStream(
+            ch, path, MultiDict(metadata or ()), card, bytes, bytes,
+            codec=CODECS[wire], status_details_codec=None,
+            dispatch=ch.__dispatch__, deadline=grpc_deadline,
+        )
+
+    async def unary(self, path: str, data: bytes, *, wire: str = JSON, deadline: float | None = None,
+                    metadata: Mapping[str, str] | None = None) -> bytes:
+        """One request, one reply; gRPC status mapped to ``micro.errors``."""
+        async with self._slots:
+            conn = self._take()
+            try:
+                stream = self._stream(conn, path, wire, Cardinality.UNARY_UNARY, deadline, metadata)
+                async with stream:
+                    await stream.send_message(data, end=True)
+                    reply = await stream.recv_message()
+            except Exception as exc:
+                raise self._translate(exc, path) from None
+            finally:
+                conn.inflight -= 1
+        if reply is None:
+            raise Unavailable(f"{self.address} closed {path} without a reply")
+        return bytes(reply)
+
+    async def server_stream(self, path: str, data: bytes, *, wire: str = JSON,
+                            deadline: float | None = None,
+                            metadata: Mapping[str, str] | None = None) -> AsyncIterator[bytes]:
+        """One request, a stream of replies."""
+        async with self._slots:
+            conn = self._take()
+            try:
+                stream = self._stream(conn, path, wire, Cardinality.UNARY_STREAM, deadline, metadata)
+                async with stream:
+                    await stream.send_message(data, end=True)
+                    async for reply in stream:
+                        yield bytes(reply)
+            except Exception as exc:
+                raise self._translate(exc, path) from None
+            finally:
+                conn.inflight -= 1
+
+    def _translate(self, exc: Exception, path: str) -> Exception:
+        if isinstance(exc, Error):
+            return exc
+        if isinstance(exc, GRPCError):
+            return Error.from_status(exc.status, exc.message)
+        if isinstance(exc, asyncio.TimeoutError):
+            return Timeout(f"{path} on {self.address}: deadline exceeded")
+        if isinstance(exc, ConnectionError | OSError):
+            return NodeUnreachable(f"{path}: node {self.address} is unreachable ({exc or type(exc).__name__})")
+        if isinstance(exc, StreamTerminatedError):
+            return Unavailable(f"{path}: node {self.address} dropped the call ({exc})")
+        return exc
+
+    def close(self) -> None:
+        for c in self._conns:
+            c.channel.close()
+        self._conns.clear()
+
+
+__all__ = ["JSON", "PROTO", "NodePool", "NodeUnreachable"]

@@ -1,0 +1,162 @@
+"""betterproto2 messages as JSON: the dict form, validation of dicts, and JSON Schema.
+
+betterproto2's own ``from_dict`` accepts wrong types silently (``message=5`` for a
+string field), so dicts are checked against the message's fields first, with the
+failing field's path in the error, the way msgspec reports it for Structs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import betterproto2
+from betterproto2 import Casing, FieldMetadata
+
+from micro.errors import BadRequest
+
+_INTS = {"int32", "uint32", "sint32", "fixed32", "sfixed32"}
+_LONGS = {"int64", "uint64", "sint64", "fixed64", "sfixed64"}
+_FLOATS = {"float", "double"}
+
+
+def to_builtins(message: betterproto2.Message) -> dict[str, Any]:
+    """proto3 JSON of a message as a dict, with the .proto's field names and default values."""
+    return message.to_dict(casing=Casing.SNAKE, include_default_values=True)
+
+
+def from_builtins(tp: type[betterproto2.Message], value: dict[str, Any], where: str) -> Any:
+    """A message from its dict form, checking every field's type first."""
+    try:
+        _check(tp, value, "$")
+    except BadRequest as exc:
+        raise BadRequest(f"{where}: {exc.message}") from None
+    try:
+        return tp.from_dict(value)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise BadRequest(f"{where}: {exc}") from None
+
+
+def _fields(tp: type[betterproto2.Message]) -> dict[str, tuple[dataclasses.Field[Any], FieldMetadata]]:
+    out: dict[str, tuple[dataclasses.Field[Any], FieldMetadata]] = {}
+    for f in dataclasses.fields(tp):  # type: ignore[arg-type]
+        meta = FieldMetadata.get(f)
+        out[f.name] = (f, meta)
+        out[Casing.CAMEL(f.name)] = (f, meta)
+    return out
+
+
+def _fail(path: str, expected: str, got: object) -> BadRequest:
+    return BadRequest(f"Expected `{expected}`, got `{type(got).__name__}` - at `{path}`")
+
+
+def _check(tp: type[betterproto2.Message], value: dict[str, Any], path: str) -> None:
+    fields = _fields(tp)
+    classes = tp._betterproto.cls_by_field
+    for key, item in value.items():
+        if key not in fields:
+            raise BadRequest(f"Object contains unknown field `{key}` - at `{path}`")
+        f, meta = fields[key]
+        sub = f"{path}.{f.name}"
+        if item is None:
+            continue
+        if meta.proto_type == "map":
+            if not isinstance(item, dict):
+                raise _fail(sub, "object", item)
+            assert meta.map_meta is not None
+            for k, v in item.items():
+                _check_scalar(meta.map_meta[1].proto_type, v, f"{sub}[{k!r}]",
+                              classes.get(f"{f.name}.value"))
+        elif meta.repeated:
+            if not isinstance(item, list):
+                raise _fail(sub, "array", item)
+            for i, v in enumerate(item):
+                _check_scalar(meta.proto_type, v, f"{sub}[{i}]", classes.get(f.name))
+        else:
+            _check_scalar(meta.proto_type, item, sub, classes.get(f.name))
+
+
+def _check_scalar(proto_type: str, v: object, path: str, cls: type | None) -> None:
+    if proto_type == "string":
+        ok, expected = isinstance(v, str), "str"
+    elif proto_type == "bool":
+        ok, expected = isinstance(v, bool), "bool"
+    elif proto_type in _INTS:
+        ok, expected = isinstance(v, int) and not isinstance(v, bool), "int"
+    elif proto_type in _LONGS:
+        ok = (isinstance(v, int) and not isinstance(v, bool)) or (
+            isinstance(v, str) and v.lstrip("-").isdigit()
+        )
+        expected = "int"
+    elif proto_type in _FLOATS:
+        ok = isinstance(v, int | float | str) and not isinstance(v, bool)
+        expected = "float"
+    elif proto_type == "bytes":
+        ok, expected = isinstance(v, str), "str (base64)"
+    elif proto_type == "enum":
+        ok, expected = isinstance(v, str | int) and not isinstance(v, bool), "str | int"
+    elif proto_type == "message":
+        if cls is not None and issubclass(cls, betterproto2.Message) and isinstance(v, dict):
+            if not _is_well_known(cls):
+                _check(cls, v, path)
+            return
+        ok, expected = cls is not None and not issubclass(cls, betterproto2.Message), "object"
+    else:
+        return
+    if not ok:
+        raise _fail(path, expected, v)
+
+
+def _is_well_known(cls: type) -> bool:
+    return cls.__module__.startswith("betterproto2.lib")
+
+
+def schema(tp: type[betterproto2.Message]) -> dict[str, Any]:
+    """JSON Schema of a message (nested messages under ``$defs``, referenced by name)."""
+    defs: dict[str, Any] = {}
+    root = _message_schema(tp, defs)
+    if defs:
+        root = {**root, "$defs": defs}
+    return root
+
+
+def _message_schema(tp: type[betterproto2.Message], defs: dict[str, Any]) -> dict[str, Any]:
+    classes = tp._betterproto.cls_by_field
+    props: dict[str, Any] = {}
+    for f in dataclasses.fields(tp):  # type: ignore[arg-type]
+        meta = FieldMetadata.get(f)
+        if meta.proto_type == "map":
+            assert meta.map_meta is not None
+            value = _scalar_schema(meta.map_meta[1].proto_type, classes.get(f"{f.name}.value"), defs)
+            props[f.name] = {"type": "object", "additionalProperties": value}
+        else:
+            s = _scalar_schema(meta.proto_type, classes.get(f.name), defs)
+            props[f.name] = {"type": "array", "items": s} if meta.repeated else s
+    return {"type": "object", "title": tp.__name__, "properties": props}
+
+
+def _scalar_schema(proto_type: str, cls: type | None, defs: dict[str, Any]) -> dict[str, Any]:
+    if proto_type == "string":
+        return {"type": "string"}
+    if proto_type == "bool":
+        return {"type": "boolean"}
+    if proto_type in _INTS:
+        return {"type": "integer"}
+    if proto_type in _LONGS:
+        return {"anyOf": [{"type": "integer"}, {"type": "string", "pattern": "^-?[0-9]+$"}]}
+    if proto_type in _FLOATS:
+        return {"type": "number"}
+    if proto_type == "bytes":
+        return {"type": "string", "contentEncoding": "base64"}
+    if proto_type == "enum" and cls is not None:
+        names = [m.name for m in cls]  # type: ignore[attr-defined]
+        return {"type": "string", "enum": names}
+    if proto_type == "message" and cls is not None and issubclass(cls, betterproto2.Message):
+        if _is_well_known(cls):
+            return {}
+        name = cls.__name__
+        if name not in defs:
+            defs[name] = {}  # placeholder first: recursive messages refer to themselves
+            defs[name] = _message_schema(cls, defs)
+        return {"$ref": f"#/$defs/{name}"}
+    return {}

@@ -1,0 +1,191 @@
+"""Codecs for the two message kinds: msgspec Structs and betterproto2 messages.
+
+Each codec is built once per type and does four things: ``convert`` any value a
+caller may pass (an instance, a dict, JSON text) to an instance of the type,
+``decode``/``encode`` bytes for a wire (``"json"`` or ``"proto"``), and
+``to_builtins`` — the dict form that callers who ask for no type receive. The
+dict form is defined as "what the JSON wire would decode to", so a call returns
+the same value whether the service runs in this process or another.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import sys
+from typing import Any, ClassVar
+
+import betterproto2
+import msgspec
+
+from micro.codec import proto as _proto
+from micro.errors import BadRequest, UsageError
+
+JSON = "json"
+PROTO = "proto"
+
+_encoder = msgspec.json.Encoder()
+_any_decoder = msgspec.json.Decoder()
+
+
+def is_proto_message(tp: object) -> bool:
+    """Whether ``tp`` is a betterproto2 message class."""
+    return isinstance(tp, type) and issubclass(tp, betterproto2.Message)
+
+
+def proto_package(tp: type[betterproto2.Message]) -> str:
+    """The protobuf package a generated betterproto2 message was registered under."""
+    pool = getattr(sys.modules.get(tp.__module__), "default_message_pool", None)
+    url: str | None = pool.type_to_url.get(tp) if pool is not None else None
+    if url is None:
+        raise UsageError(
+            f"{tp.__qualname__} is not a generated betterproto2 message (not in its module's "
+            "message pool): generate it with `make proto`"
+        )
+    full = url.rsplit("/", 1)[-1]
+    return full.rsplit(".", 1)[0] if "." in full else ""
+
+
+def encode_json(value: object) -> bytes:
+    """JSON for any message kind (proto3 JSON with field names kept for protobuf messages)."""
+    if isinstance(value, betterproto2.Message):
+        return _encoder.encode(_proto.to_builtins(value))
+    return _encoder.encode(value)
+
+
+class TypeCodec(abc.ABC):
+    """Converts, encodes and decodes one request or response type."""
+
+    kind: ClassVar[str]
+    wires: tuple[str, ...]
+
+    def __init__(self, tp: type[Any]) -> None:
+        self.type = tp
+
+    @abc.abstractmethod
+    def convert(self, value: object, where: str) -> Any:
+        """An instance of the type from an instance, a dict or JSON; ``BadRequest`` naming the field."""
+
+    @abc.abstractmethod
+    def decode(self, data: bytes, wire: str, where: str) -> Any:
+        """An instance from wire bytes; ``BadRequest`` naming the field."""
+
+    @abc.abstractmethod
+    def encode(self, value: Any, wire: str) -> bytes:
+        """Wire bytes of an instance."""
+
+    @abc.abstractmethod
+    def to_builtins(self, value: Any) -> Any:
+        """The dict form of an instance: what its JSON decodes to."""
+
+    @abc.abstractmethod
+    def schema(self) -> dict[str, Any]:
+        """The JSON Schema of the type."""
+
+    def from_builtins(self, value: Any, where: str) -> Any:
+        """An instance from the dict form (a decoded JSON value)."""
+        return self.convert(value, where)
+
+
+class StructCodec(TypeCodec):
+    """msgspec Structs (and any type msgspec can validate): JSON on the wire."""
+
+    kind = "struct"
+    wires = (JSON,)
+
+    def __init__(self, tp: type[Any]) -> None:
+        super().__init__(tp)
+        self._decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(tp)
+
+    def convert(self, value: object, where: str) -> Any:
+        if type(value) is self.type:
+            return value
+        if isinstance(value, str | bytes | bytearray | memoryview):
+            return self.decode(bytes(value), JSON, where)
+        if isinstance(value, msgspec.Struct | betterproto2.Message):
+            value = encode_json(value)
+            return self.decode(value, JSON, where)
+        try:
+            return msgspec.convert(value, self.type)
+        except msgspec.ValidationError as exc:
+            raise BadRequest(f"{where}: {exc}") from None
+
+    def decode(self, data: bytes, wire: str, where: str) -> Any:
+        if wire != JSON:
+            raise BadRequest(f"{where}: takes JSON, not {wire} (it is a msgspec endpoint)")
+        try:
+            return self._decoder.decode(data)
+        except msgspec.ValidationError as exc:
+            raise BadRequest(f"{where}: {exc}") from None
+        except msgspec.DecodeError as exc:
+            raise BadRequest(f"{where}: malformed JSON: {exc}") from None
+
+    def encode(self, value: Any, wire: str) -> bytes:
+        return _encoder.encode(value)
+
+    def to_builtins(self, value: Any) -> Any:
+        return msgspec.to_builtins(value)
+
+    def schema(self) -> dict[str, Any]:
+        return msgspec.json.schema(self.type)
+
+
+class ProtoCodec(TypeCodec):
+    """betterproto2 messages: protobuf on the wire, proto3 JSON (field names kept) too."""
+
+    kind = "proto"
+    wires = (PROTO, JSON)
+
+    def __init__(self, tp: type[betterproto2.Message]) -> None:
+        super().__init__(tp)
+        self.package = proto_package(tp)
+
+    def convert(self, value: object, where: str) -> Any:
+        if type(value) is self.type:
+            return value
+        if isinstance(value, str | bytes | bytearray | memoryview):
+            return self.decode(bytes(value), JSON, where)
+        if isinstance(value, msgspec.Struct | betterproto2.Message):
+            value = msgspec.json.decode(encode_json(value))
+        if not isinstance(value, dict):
+            raise BadRequest(f"{where}: expected an object for {self.type.__name__}, got {type(value).__name__}")
+        return _proto.from_builtins(self.type, value, where)
+
+    def decode(self, data: bytes, wire: str, where: str) -> Any:
+        if wire == PROTO:
+            try:
+                return self.type.parse(data)
+            except Exception as exc:  # betterproto raises assorted errors on garbage
+                raise BadRequest(f"{where}: malformed protobuf for {self.type.__name__}: {exc}") from None
+        try:
+            value = _any_decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            raise BadRequest(f"{where}: malformed JSON: {exc}") from None
+        return self.convert(value, where)
+
+    def encode(self, value: Any, wire: str) -> bytes:
+        if wire == PROTO:
+            return bytes(value)
+        return _encoder.encode(_proto.to_builtins(value))
+
+    def to_builtins(self, value: Any) -> Any:
+        return _proto.to_builtins(value)
+
+    def schema(self) -> dict[str, Any]:
+        return _proto.schema(self.type)
+
+
+@functools.cache
+def codec_for(tp: type[Any]) -> TypeCodec:
+    """The codec of a request or response type (cached per type)."""
+    if is_proto_message(tp):
+        return ProtoCodec(tp)
+    try:
+        msgspec.json.Decoder(tp)
+        msgspec.json.schema(tp)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(
+            f"{tp!r} cannot be a request or response type: use a msgspec.Struct or a "
+            f"betterproto2 message ({exc})"
+        ) from None
+    return StructCodec(tp)

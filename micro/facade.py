@@ -1,0 +1,58 @@
+"""Go Micro's names for the everyday constructors, folded into keyword arguments.
+
+``micro.New("task")`` is ``micro.Service("task")``. Option helpers read the way
+they do in Go and return keyword arguments::
+
+    micro.New("task", micro.Version("1.2.0"), micro.Address("127.0.0.1:9090"))
+
+is ``micro.Service("task", version="1.2.0", address="127.0.0.1:9090")``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from micro.service import Service
+
+
+class Option(dict[str, Any]):
+    """One keyword argument, written the Go way."""
+
+
+def New(name: str, *options: Option, **kwargs: Any) -> Service:
+    """A new :class:`~micro.Service` (Go Micro's ``micro.New``)."""
+    return Service(name, **_fold(options, kwargs))
+
+
+NewService = New
+
+
+def Version(version: str) -> Option:
+    """``version=``"""
+    return Option(version=version)
+
+
+def Address(address: str) -> Option:
+    """``address=``"""
+    return Option(address=address)
+
+
+def Metadata(metadata: Mapping[str, str]) -> Option:
+    """``metadata=``"""
+    return Option(metadata=dict(metadata))
+
+
+def RegisterTTL(ttl: float) -> Option:
+    """``ttl=``"""
+    return Option(ttl=ttl)
+
+
+def _fold(options: tuple[Option, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for opt in options:
+        if not isinstance(opt, Option):
+            raise TypeError(f"expected an option such as micro.Version(...), got {opt!r}")
+        out.update(opt)
+    out.update(kwargs)
+    return out

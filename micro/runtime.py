@@ -1,0 +1,157 @@
+"""The Runtime: the registry, broker, store and client that one event loop shares.
+
+Every service, agent and flow on a loop runs in one Runtime, which is how a call
+between two of them takes the in-process fast path. ``micro.New(...)`` uses the
+loop's shared runtime (``Runtime.current()``), opened by the first service that
+starts and closed when the last one stops; pass ``runtime=`` to use your own.
+
+Backends come from keyword arguments (a URL or an instance) or from
+``MICRO_REGISTRY`` / ``MICRO_BROKER`` / ``MICRO_STORE``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import weakref
+from collections.abc import Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Self
+
+import anyio
+import anyio.abc
+
+from micro import registry as _registry
+from micro.client import Client
+from micro.errors import UsageError
+from micro.middleware import Wrapper
+from micro.registry import Registry
+
+if TYPE_CHECKING:
+    from micro.broker import Broker
+    from micro.service.endpoints import Endpoint
+    from micro.store import Store
+
+log = logging.getLogger("micro.runtime")
+
+_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Runtime] = weakref.WeakKeyDictionary()
+
+
+class Runtime:
+    """Registry, broker, store and client shared by everything on one loop.
+
+    Args:
+        registry: a :class:`~micro.registry.Registry` or URL (default ``$MICRO_REGISTRY`` or ``local://``).
+        broker: a :class:`~micro.broker.Broker` or URL (default ``$MICRO_BROKER``).
+        store: a :class:`~micro.store.Store` or URL (default ``$MICRO_STORE`` or the file store).
+        call_wrappers: client middleware applied to every call made through this runtime.
+        default_timeout: seconds a call may take when the caller gives no timeout.
+
+    Example::
+
+        async with micro.Runtime(registry="memory://", store="memory://") as rt:
+            async with micro.New("task", runtime=rt) as svc:
+                ...
+    """
+
+    def __init__(self, *, registry: Registry | str | None = None, broker: Broker | str | None = None,
+                 store: Store | str | None = None, call_wrappers: Sequence[Wrapper] = (),
+                 default_timeout: float | None = 60.0) -> None:
+        from micro import broker as _broker
+        from micro import store as _store
+
+        self.registry: Registry = registry if isinstance(registry, Registry) else _registry.from_url(registry)
+        self.broker: Broker = broker if isinstance(broker, _broker.Broker) else _broker.from_url(broker)
+        self.store: Store = store if isinstance(store, _store.Store) else _store.from_url(store)
+        self.local: dict[str, dict[str, Endpoint]] = {}
+        self.client = Client(
+            self.registry, local=self.local, wrappers=call_wrappers,
+            default_timeout=default_timeout, publish=self.broker.publish,
+        )
+        self._users = 0
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def current(cls) -> Runtime:
+        """The shared runtime of the running loop (created on first use, opened by its first user)."""
+        loop = asyncio.get_running_loop()
+        rt = _by_loop.get(loop)
+        if rt is None:
+            rt = _by_loop[loop] = cls()
+        return rt
+
+    @property
+    def task_group(self) -> anyio.abc.TaskGroup:
+        """The task group that owns the runtime's background work (open while the runtime is)."""
+        if self._tg is None:
+            raise UsageError("the runtime is not open: use `async with` on it or on a service")
+        return self._tg
+
+    async def __aenter__(self) -> Self:
+        await self.acquire()
+        return self
+
+    async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.release()
+
+    async def acquire(self) -> None:
+        """Take a reference; the first one opens the backends."""
+        async with self._lock:
+            if self._users == 0:
+                await self._open()
+            self._users += 1
+
+    async def release(self) -> None:
+        """Drop a reference; the last one closes the backends."""
+        async with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                await self._close()
+
+    async def _open(self) -> None:
+        stack = contextlib.AsyncExitStack()
+        try:
+            await stack.enter_async_context(self.store)
+            await stack.enter_async_context(self.registry)
+            await stack.enter_async_context(self.broker)
+            stack.callback(self.client.close)
+            self._tg = await stack.enter_async_context(anyio.create_task_group())
+            watcher = self.registry.watch()
+            stack.push_async_callback(watcher.aclose)
+            self._tg.start_soon(self.client.follow, watcher)
+        except BaseException:
+            self._tg = None
+            await stack.aclose()
+            raise
+        self._stack = stack
+
+    async def _close(self) -> None:
+        stack, self._stack = self._stack, None
+        self._tg = None
+        if stack is not None:
+            await stack.aclose()
+        loop = asyncio.get_running_loop()
+        if _by_loop.get(loop) is self:
+            del _by_loop[loop]
+
+    async def aclose(self) -> None:
+        """Close the backends now, whatever the reference count (idempotent)."""
+        async with self._lock:
+            self._users = 0
+            await self._close()
+
+    def add_local(self, service: str, endpoints: dict[str, Endpoint]) -> None:
+        """Make a service's endpoints reachable by the in-process fast path."""
+        self.local[service] = endpoints
+
+    def remove_local(self, service: str, endpoints: dict[str, Endpoint]) -> None:
+        if self.local.get(service) is endpoints:
+            del self.local[service]
+
+    def __repr__(self) -> str:
+        return f"<Runtime registry={self.registry.url!r} users={self._users}>"
+

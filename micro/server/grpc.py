@@ -1,0 +1,191 @@
+"""One grpclib server per service, speaking protobuf and JSON on the same port.
+
+grpclib checks the request's content subtype against one codec inside
+``request_handler``; its per-connection ``Handler.accept`` is the one place a codec
+can be chosen per request. :class:`_Handler` picks ``application/grpc`` (protobuf)
+or ``application/grpc+json`` there, with a pass-through :class:`RawCodec`: bytes
+are decoded by the endpoint's own codec, once. grpclib is pinned (0.4.9) because
+this leans on ``Handler.accept`` and the server stream's ``_stream``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from grpclib.const import Cardinality, Status
+from grpclib.const import Handler as GrpcHandler
+from grpclib.encoding.base import CodecBase
+from grpclib.exceptions import GRPCError
+from grpclib.protocol import H2Protocol
+from grpclib.server import Handler as _BaseHandler
+from grpclib.server import Server, Stream
+
+from micro.codec import JSON, PROTO
+from micro.errors import Error
+
+if TYPE_CHECKING:
+    from micro.service.endpoints import Endpoint
+
+log = logging.getLogger("micro.server")
+
+DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024
+
+
+class RawCodec(CodecBase):
+    """Passes bytes through; the endpoint's codec does the real work."""
+
+    def __init__(self, subtype: str) -> None:
+        self._subtype = subtype
+
+    @property
+    def __content_subtype__(self) -> str:
+        return self._subtype
+
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        return bytes(message)
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        return data
+
+
+CODECS = {PROTO: RawCodec("proto"), JSON: RawCodec("json")}
+
+
+class _Handler(_BaseHandler):
+    """grpclib's connection handler, choosing codec and mapping per request."""
+
+    def __init__(self, mappings: dict[str, dict[str, GrpcHandler]], dispatch: Any) -> None:
+        super().__init__(mappings[PROTO], CODECS[PROTO], None, dispatch)
+        self._mappings = mappings
+
+    def accept(self, stream: Any, headers: Any, release_stream: Callable[[], Any]) -> None:
+        wire = PROTO
+        for key, value in headers:
+            if key == "content-type":
+                if value.endswith("+json"):
+                    wire = JSON
+                break
+        self.mapping = self._mappings[wire]
+        self.codec = CODECS[wire]
+        super().accept(stream, headers, release_stream)
+
+
+class _Server(Server):
+    def __init__(self, mappings: dict[str, dict[str, GrpcHandler]]) -> None:
+        super().__init__([], codec=CODECS[PROTO])
+        self._mappings = mappings
+
+    def _protocol_factory(self) -> H2Protocol:
+        self.__gc_step__()
+        handler = _Handler(self._mappings, self.__dispatch__)
+        self._handlers.add(handler)
+        return H2Protocol(handler, self._config, self._h2_config)
+
+
+async def _recv(stream: Stream[Any, Any], limit: int, where: str) -> bytes:
+    """Read one length-prefixed message, refusing it before reading when it is over ``limit``."""
+    h2 = stream._stream
+    meta = await h2.recv_data(5)
+    if not meta:
+        raise GRPCError(Status.INVALID_ARGUMENT, f"{where}: empty request")
+    if meta[0]:
+        raise GRPCError(Status.UNIMPLEMENTED, f"{where}: compressed messages are not supported")
+    size = struct.unpack(">I", meta[1:])[0]
+    if size > limit:
+        raise GRPCError(
+            Status.RESOURCE_EXHAUSTED,
+            f"{where}: request of {size} bytes is over the service's {limit}-byte limit",
+        )
+    data: bytes = await h2.recv_data(size)
+    return data
+
+
+class GrpcServer:
+    """Serves a set of endpoints on one host:port. ``start()`` binds; ``stop()`` drains."""
+
+    def __init__(self, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+        self.max_message_size = max_message_size
+        self._mappings: dict[str, dict[str, GrpcHandler]] = {PROTO: {}, JSON: {}}
+        self._server: _Server | None = None
+        self.port = 0
+        self.host = ""
+
+    def add(self, ep: Endpoint) -> None:
+        """Serve ``ep`` (also after start: the mapping is read per request)."""
+        card = Cardinality.UNARY_STREAM if ep.streaming else Cardinality.UNARY_UNARY
+        for wire in ep.wires:
+            func = self._streaming(ep, wire) if ep.streaming else self._unary(ep, wire)
+            self._mappings[wire][ep.path] = GrpcHandler(func, card, bytes, bytes)
+
+    def _unary(self, ep: Endpoint, wire: str) -> Callable[[Stream[Any, Any]], Any]:
+        limit = self.max_message_size
+
+        async def serve(stream: Stream[Any, Any]) -> None:
+            try:
+                data = await _recv(stream, limit, ep.where)
+                body = ep.request.decode(data, wire, ep.where)
+                result = await ep.handle(body, _metadata(stream), _deadline(stream))
+                reply = ep.response.encode(result, wire)
+            except Error as err:
+                raise GRPCError(err.status, err.message) from None
+            if len(reply) > limit:
+                raise GRPCError(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"{ep.where}: response of {len(reply)} bytes is over the {limit}-byte limit",
+                )
+            await stream.send_message(reply)
+
+        return serve
+
+    def _streaming(self, ep: Endpoint, wire: str) -> Callable[[Stream[Any, Any]], Any]:
+        limit = self.max_message_size
+
+        async def serve(stream: Stream[Any, Any]) -> None:
+            try:
+                data = await _recv(stream, limit, ep.where)
+                body = ep.request.decode(data, wire, ep.where)
+                items = await ep.handle(body, _metadata(stream), _deadline(stream))
+                async for item in items:
+                    await stream.send_message(ep.response.encode(item, wire))
+            except Error as err:
+                raise GRPCError(err.status, err.message) from None
+
+        return serve
+
+    async def start(self, host: str, port: int, *, ssl: Any = None) -> None:
+        self._server = _Server(self._mappings)
+        await self._server.start(host, port, ssl=ssl, reuse_address=True)
+        sock = self._server._server.sockets[0]  # type: ignore[union-attr]
+        self.host, self.port = sock.getsockname()[:2]
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting, let in-flight requests finish within ``grace``, cancel the rest."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        assert server._server is not None
+        server._server.close()  # no new connections
+        for h in server._handlers:
+            h.closing = True
+        pending = [t for h in server._handlers for t in h._tasks.values() if not t.done()]
+        if pending:
+            done, _ = await asyncio.wait(pending, timeout=grace)
+        server.close()
+        await server.wait_closed()
+
+
+def _metadata(stream: Stream[Any, Any]) -> dict[str, str]:
+    md = stream.metadata
+    if not md:
+        return {}
+    return {k: v for k, v in md.items() if isinstance(v, str)}
+
+
+def _deadline(stream: Stream[Any, Any]) -> float | None:
+    if stream.deadline is None:
+        return None
+    return asyncio.get_running_loop().time() + stream.deadline.time_remaining()

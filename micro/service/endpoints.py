@@ -1,0 +1,188 @@
+"""Handler introspection: the public ``async def`` methods of a handler become endpoints.
+
+``class Task: async def ListOverdue(self, req: Req) -> Rsp`` is the endpoint
+``Task.ListOverdue`` at the gRPC path ``/{package}.Task/ListOverdue``, where the
+package is the protobuf package of proto-first types and the service name for
+msgspec types. A method that returns ``AsyncIterator[Rsp]`` (an ``async def`` with
+``yield``) is a server-streaming endpoint. The docstring is its description: it
+reaches models as the tool description.
+
+:class:`Endpoint` also holds the one place where a request is handled, shared by
+the in-process fast path and the gRPC server, so both have the same semantics.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import inspect
+import logging
+import typing
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from micro import context
+from micro.codec import JSON, PROTO, ProtoCodec, TypeCodec, codec_for
+from micro.errors import Error, Internal, UsageError
+from micro.middleware import Next, Request, Wrapper, chain
+from micro.registry import Endpoint as EndpointRecord
+
+log = logging.getLogger("micro.service")
+
+_STREAM_ORIGINS = {
+    collections.abc.AsyncIterator,
+    collections.abc.AsyncGenerator,
+    collections.abc.AsyncIterable,
+}
+
+
+@dataclass(slots=True, eq=False)
+class Endpoint:
+    """One endpoint of a running service."""
+
+    service: str
+    name: str
+    path: str
+    func: Any
+    request: TypeCodec
+    response: TypeCodec
+    streaming: bool
+    description: str
+    invoke: Next = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.invoke = self._call
+
+    @property
+    def where(self) -> str:
+        return f"{self.service} {self.name}"
+
+    @property
+    def wires(self) -> tuple[str, ...]:
+        if isinstance(self.request, ProtoCodec) and isinstance(self.response, ProtoCodec):
+            return (PROTO, JSON)
+        return (JSON,)
+
+    def wrap(self, wrappers: Sequence[Wrapper]) -> None:
+        self.invoke = chain(wrappers, self._call)
+
+    async def _call(self, req: Request) -> Any:
+        return self.func(req.body) if self.streaming else await self.func(req.body)
+
+    def record(self) -> EndpointRecord:
+        return EndpointRecord(
+            name=self.name,
+            path=self.path,
+            request=self.request.schema(),
+            response=self.response.schema(),
+            description=self.description,
+            streaming=self.streaming,
+            wires=list(self.wires),
+        )
+
+    async def handle(self, body: Any, metadata: Mapping[str, str], deadline: float | None) -> Any:
+        """Run the handler chain for a decoded request; the response as the declared type.
+
+        micro errors pass through with their status; any other exception is logged
+        here and becomes ``Internal`` (no traceback leaves the service).
+        """
+        tokens = context.enter(deadline, metadata)
+        try:
+            result = await self.invoke(
+                Request(self.service, self.name, body, metadata, deadline, self.streaming)
+            )
+            if self.streaming:
+                return self._checked_stream(result, deadline, metadata)
+            return self.check_response(result)
+        except Error:
+            raise
+        except Exception as exc:
+            log.exception("%s raised", self.where)
+            raise Internal(f"{self.where} failed with an internal error (details in the service log)") from exc
+        finally:
+            context.leave(tokens)
+
+    def check_response(self, result: Any) -> Any:
+        if type(result) is self.response.type:
+            return result
+        try:
+            return self.response.convert(result, f"{self.where} response")
+        except Error as exc:
+            raise Internal(
+                f"{self.where} returned {type(result).__name__}, not {self.response.type.__name__}"
+            ) from exc
+
+    async def _checked_stream(
+        self, it: AsyncIterator[Any], deadline: float | None, metadata: Mapping[str, str]
+    ) -> AsyncIterator[Any]:
+        # the generator body runs as the consumer iterates: give it the call's context
+        tokens = context.enter(deadline, metadata)
+        try:
+            async for item in it:
+                yield self.check_response(item)
+        except Error:
+            raise
+        except Exception as exc:
+            log.exception("%s raised while streaming", self.where)
+            raise Internal(f"{self.where} failed with an internal error (details in the service log)") from exc
+        finally:
+            context.leave(tokens)
+
+
+def endpoints_of(handler: object, service: str, *, name: str | None = None) -> list[Endpoint]:
+    """The endpoints of a handler object; ``UsageError`` naming the method when one is malformed."""
+    if isinstance(handler, type):
+        raise UsageError(f"handle() takes a handler instance, not the class {handler.__name__}: handle({handler.__name__}())")
+    hname = name or type(handler).__name__
+    found: list[Endpoint] = []
+    for attr in sorted(dir(type(handler))):
+        if attr.startswith("_"):
+            continue
+        func = getattr(type(handler), attr)
+        streaming = inspect.isasyncgenfunction(func)
+        if not (streaming or inspect.iscoroutinefunction(func)):
+            continue
+        found.append(_endpoint(handler, hname, attr, func, streaming, service))
+    if not found:
+        raise UsageError(
+            f"{hname} has no endpoints: give it public `async def Method(self, req: Req) -> Rsp` methods"
+        )
+    packages = {ep.path.split("/")[1].rsplit(".", 1)[0] for ep in found}
+    if len(packages) > 1:
+        raise UsageError(f"{hname} mixes protobuf packages {sorted(packages)}: one handler, one package")
+    return found
+
+
+def _endpoint(handler: object, hname: str, attr: str, func: Any, streaming: bool, service: str) -> Endpoint:
+    where = f"{hname}.{attr}"
+    try:
+        hints = typing.get_type_hints(func)
+    except Exception as exc:
+        raise UsageError(f"{where}: cannot resolve its annotations ({exc})") from None
+    params = [p for p in inspect.signature(func).parameters.values()][1:]
+    if len(params) != 1 or params[0].name not in hints:
+        raise UsageError(f"{where} must take exactly one annotated request argument: (self, req: Req)")
+    req_t = hints[params[0].name]
+    rsp_t = hints.get("return")
+    if rsp_t is None:
+        raise UsageError(f"{where} needs a return annotation (-> Rsp, or -> AsyncIterator[Rsp] to stream)")
+    origin = typing.get_origin(rsp_t)
+    if origin in _STREAM_ORIGINS:
+        if not streaming:
+            raise UsageError(f"{where} is annotated as streaming: make it an async generator (use yield)")
+        rsp_t = typing.get_args(rsp_t)[0]
+    elif streaming:
+        raise UsageError(f"{where} yields: annotate it -> AsyncIterator[{getattr(rsp_t, '__name__', rsp_t)}]")
+    req_c, rsp_c = codec_for(req_t), codec_for(rsp_t)
+    package = req_c.package if isinstance(req_c, ProtoCodec) else service
+    doc = inspect.getdoc(func) or ""
+    return Endpoint(
+        service=service,
+        name=f"{hname}.{attr}",
+        path=f"/{package}.{hname}/{attr}",
+        func=getattr(handler, attr),
+        request=req_c,
+        response=rsp_c,
+        streaming=streaming,
+        description=doc,
+    )

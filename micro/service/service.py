@@ -1,0 +1,276 @@
+"""``Service``: a named set of endpoints with a gRPC server, a registry record and a heartbeat.
+
+Lifecycle: constructing does no I/O. ``async with service`` joins the loop's
+runtime, binds the server, registers the record and starts the heartbeat, and
+returns once the service can be called. Leaving deregisters first, then stops
+accepting, lets in-flight calls finish within ``drain_timeout``, cancels the
+rest and closes (last in, first out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import typing
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import anyio.abc
+import msgspec
+
+from micro.codec import JSON, codec_for
+from micro.errors import BadRequest, UsageError
+from micro.middleware import Wrapper
+from micro.registry import Node, ServiceRecord
+from micro.runtime import Runtime
+from micro.server.grpc import DEFAULT_MAX_MESSAGE_SIZE, GrpcServer
+from micro.service.endpoints import Endpoint, endpoints_of
+
+log = logging.getLogger("micro.service")
+
+
+class Service:
+    """A service: endpoints that handle requests.
+
+    Args:
+        name: the service name callers use (``client.call(name, ...)``).
+        version: registered with the record; callers see every version.
+        address: ``host:port`` to bind (default ``$MICRO_ADDRESS`` or ``127.0.0.1:0``, a free port).
+        metadata: string pairs stored in the registry record.
+        runtime: the :class:`~micro.Runtime` to join (default: the loop's shared runtime).
+        ttl: seconds the registry keeps the record without a heartbeat.
+        heartbeat: seconds between heartbeats (default ``ttl / 3``).
+        handler_wrappers: middleware around every endpoint of this service.
+        max_message_size: largest request or response in bytes (RESOURCE_EXHAUSTED beyond).
+        drain_timeout: seconds in-flight calls get to finish on shutdown.
+
+    Example::
+
+        async with micro.New("task") as service:
+            service.handle(Task())
+            await service.wait()
+    """
+
+    def __init__(self, name: str, *, version: str = "latest", address: str | None = None,
+                 metadata: Mapping[str, str] | None = None, runtime: Runtime | None = None,
+                 ttl: float = 15.0, heartbeat: float | None = None,
+                 handler_wrappers: Sequence[Wrapper] = (),
+                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, drain_timeout: float = 10.0) -> None:
+        if not name or any(c.isspace() or c in "/~" for c in name):
+            raise UsageError(f"invalid service name {name!r}: use letters, digits, '-', '_' or '.'")
+        self.name = name
+        self.version = version
+        self.metadata = dict(metadata or {})
+        self.id = f"{name}-{uuid.uuid4().hex[:12]}"
+        self.ttl = ttl
+        self.heartbeat = heartbeat if heartbeat is not None else ttl / 3
+        self.handler_wrappers = list(handler_wrappers)
+        self.drain_timeout = drain_timeout
+        self._address = address or os.environ.get("MICRO_ADDRESS") or "127.0.0.1:0"
+        self._runtime = runtime
+        self._endpoints: dict[str, Endpoint] = {}
+        self._subscriptions: list[tuple[str, Callable[..., Awaitable[Any]], str | None]] = []
+        self._server = GrpcServer(max_message_size=max_message_size)
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._changed = anyio.Event()
+        self._stopped = anyio.Event()
+        self.address = ""
+
+    # -- building -----------------------------------------------------------------------------
+
+    def handle(self, handler: object, *, name: str | None = None) -> list[Endpoint]:
+        """Serve the public ``async def`` methods of ``handler`` as ``Handler.Method`` endpoints.
+
+        May be called before or after the service starts; the registry record is
+        refreshed at once.
+        """
+        found = endpoints_of(handler, self.name, name=name)
+        for ep in found:
+            if ep.name in self._endpoints:
+                raise UsageError(f"{self.name}: endpoint {ep.name} is already handled")
+        for ep in found:
+            ep.wrap(self.handler_wrappers)
+            self._endpoints[ep.name] = ep
+            self._server.add(ep)
+        self._changed.set()
+        return found
+
+    def subscribe(self, topic: str, fn: Callable[[Any], Awaitable[Any]], *, queue: str | None = None) -> None:
+        """Call ``fn`` for each message on ``topic``.
+
+        The message is converted to ``fn``'s annotated type (a msgspec Struct, a
+        betterproto2 message, ``dict``, ``bytes`` or :class:`micro.broker.Message`).
+        Instances of one service share the messages (queue group = the service
+        name) unless ``queue`` says otherwise.
+        """
+        if self._stack is not None:
+            raise UsageError(f"{self.name}: subscribe() before the service starts")
+        self._subscriptions.append((topic, fn, queue))
+
+    # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            raise UsageError(f"service {self.name!r} is not running: use `async with` first")
+        return self._runtime
+
+    @property
+    def client(self) -> Any:
+        """The runtime's :class:`~micro.client.Client`."""
+        return self.runtime.client
+
+    @property
+    def endpoints(self) -> dict[str, Endpoint]:
+        return dict(self._endpoints)
+
+    @property
+    def record(self) -> ServiceRecord:
+        """The registry record of this node."""
+        return ServiceRecord(
+            name=self.name,
+            version=self.version,
+            metadata=self.metadata,
+            endpoints=[ep.record() for ep in self._endpoints.values()],
+            nodes=[Node(id=self.id, address=self.address, metadata={"pid": str(os.getpid())})],
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Join the runtime, bind, register, start the heartbeat. Returns once callable."""
+        if self._stack is not None:
+            raise UsageError(f"service {self.name!r} is already running")
+        stack = contextlib.AsyncExitStack()
+        try:
+            if self._runtime is None:
+                self._runtime = Runtime.current()
+            rt = self._runtime
+            await rt.acquire()
+            stack.push_async_callback(rt.release)
+            host, _, port = self._address.rpartition(":")
+            await self._server.start(host or "127.0.0.1", int(port or 0))
+            stack.push_async_callback(self._server.stop, self.drain_timeout)
+            self.address = f"{_advertise(self._server.host)}:{self._server.port}"
+            rt.add_local(self.name, self._endpoints)
+            stack.callback(rt.remove_local, self.name, self._endpoints)
+            for topic, fn, queue in self._subscriptions:
+                sub = await rt.broker.subscribe(topic, _subscriber(fn, f"{self.name} {topic}"),
+                                                queue=queue or self.name)
+                stack.push_async_callback(sub.unsubscribe)
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(tg.cancel_scope.cancel)
+            await rt.registry.register(self.record, ttl=self.ttl)
+            stack.push_async_callback(self._deregister)
+            self._changed = anyio.Event()
+            tg.start_soon(self._heartbeat)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stopped = anyio.Event()
+        self._stack = stack
+        log.info("service %s listening on %s", self.name, self.address)
+
+    async def _deregister(self) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.runtime.registry.deregister(self.record)
+            except Exception:
+                log.warning("service %s: deregistering failed", self.name, exc_info=True)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            with anyio.move_on_after(self.heartbeat):
+                await self._changed.wait()
+            self._changed = anyio.Event()
+            try:
+                await self.runtime.registry.register(self.record, ttl=self.ttl)
+            except Exception:
+                log.warning("service %s: heartbeat to the registry failed", self.name, exc_info=True)
+
+    async def stop(self) -> None:
+        """Deregister, stop accepting, drain in-flight calls, close (idempotent)."""
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return
+        try:
+            await stack.aclose()
+        finally:
+            self._stopped.set()
+            log.info("service %s stopped", self.name)
+
+    async def wait(self) -> None:
+        """Wait until the service is stopped (by ``stop()``, a signal under ``run()``, or cancellation)."""
+        await self._stopped.wait()
+
+    async def serve(self) -> None:
+        """Start, run until SIGINT/SIGTERM (when on the main thread) or cancellation, stop."""
+        async with self, anyio.create_task_group() as tg:
+            tg.start_soon(_stop_on_signals, tg.cancel_scope)
+            await self.wait()
+            tg.cancel_scope.cancel()
+
+    def run(self) -> None:
+        """Run the service as a program: ``micro.New("task").run()``. Blocks until a signal."""
+        asyncio.run(self.serve())
+
+
+def _advertise(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+async def _stop_on_signals(scope: anyio.CancelScope) -> None:
+    try:
+        receiver = anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
+        with receiver as signals:
+            async for _ in signals:
+                scope.cancel()
+                return
+    except (ValueError, NotImplementedError, RuntimeError):
+        await anyio.sleep_forever()  # not the main thread: cancellation is the way to stop
+
+
+def _subscriber(fn: Callable[[Any], Awaitable[Any]], where: str) -> Callable[[Any], Awaitable[None]]:
+    """Adapt a typed subscriber to the broker's ``Message`` handler."""
+    from micro.broker import Message
+
+    hints = typing.get_type_hints(fn)
+    params = [h for k, h in hints.items() if k != "return"]
+    tp = params[0] if params else Message
+    decode_any = msgspec.json.Decoder().decode
+
+    if tp is Message:
+        convert: Callable[[Any], Any] = lambda m: m  # noqa: E731
+    elif tp is bytes:
+        convert = lambda m: m.data  # noqa: E731
+    elif tp in (dict, Any) or typing.get_origin(tp) is dict:
+        convert = lambda m: decode_any(m.data)  # noqa: E731
+    else:
+        codec = codec_for(tp)
+        convert = lambda m: codec.decode(m.data, JSON, where)  # noqa: E731
+
+    async def handler(message: Any) -> None:
+        try:
+            value = convert(message)
+        except (BadRequest, msgspec.DecodeError) as exc:
+            log.warning("%s: dropped a message that does not decode: %s", where, exc)
+            return
+        await fn(value)
+
+    return handler
