@@ -1,0 +1,237 @@
+"""The ``scripted`` provider: a deterministic model for tests and key-free demos.
+
+It never reaches a network; its ``model`` is ``"scripted"`` so a demo can say
+so. It plays a script: a list of turns, consumed one per call, or a function of
+the conversation. Every call is recorded in ``model.calls`` (messages, tools,
+system, max_tokens) so a test can assert on what the model was sent::
+
+    from micro.ai import scripted
+
+    model = scripted.turns(
+        scripted.call("task_Task_ListOverdue", user_id="alice"),
+        scripted.reply("Alice has 3 overdue tasks"),
+    )
+    ...
+    assert model.calls[1].messages[-1].content[0].tool_use_id == "call_1"
+
+A turn with several calls asks for them in parallel::
+
+    scripted.turn("Checking both.", scripted.call("a"), scripted.call("b"))
+
+A function script gets ``(messages, tools)`` and returns a ``Response``, a turn
+or a string; it may be async. ``delay`` simulates model latency per call. When
+a list script runs out, the call raises ``micro.errors.AgentError``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import json
+import re
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeAlias
+
+import anyio
+import msgspec
+
+from micro.errors import AgentError, Timeout
+
+from ._base import Model
+from .messages import (
+    Block,
+    Done,
+    Message,
+    Response,
+    StreamEvent,
+    TextBlock,
+    TextDelta,
+    ToolSpec,
+    ToolUseBlock,
+    ToolUseDelta,
+    ToolUseStart,
+    Usage,
+)
+
+__all__ = [
+    "ScriptFunction",
+    "ScriptedCall",
+    "ScriptedModel",
+    "Turn",
+    "call",
+    "function",
+    "reply",
+    "turn",
+    "turns",
+]
+
+
+class Turn(msgspec.Struct, frozen=True):
+    """One scripted model turn: some text and/or tool calls (``(name, input)`` pairs)."""
+
+    text: str = ""
+    calls: tuple[tuple[str, dict[str, Any]], ...] = ()
+
+
+ScriptItem: TypeAlias = Turn | Response | str
+ScriptFunction: TypeAlias = Callable[
+    [list[Message], list[ToolSpec]], ScriptItem | Awaitable[ScriptItem]
+]
+
+
+class ScriptedCall(msgspec.Struct, frozen=True):
+    """What the scripted model received in one call."""
+
+    messages: list[Message]
+    tools: list[ToolSpec]
+    system: str | None
+    max_tokens: int | None
+
+    @property
+    def tool_names(self) -> list[str]:
+        """The names of the tools offered in this call."""
+        return [t.name for t in self.tools]
+
+
+def reply(text: str) -> Turn:
+    """A turn that answers with ``text`` and ends the run."""
+    return Turn(text=text)
+
+
+def call(name: str, args: Mapping[str, Any] | None = None, /, **kwargs: Any) -> Turn:
+    """A turn calling tool ``name``: ``call("get", user_id="a")`` or ``call("get", {"id": 1})``."""
+    return Turn(calls=((name, {**(args or {}), **kwargs}),))
+
+
+def turn(*parts: Turn | str) -> Turn:
+    """One turn made of text and calls; several calls in one turn are parallel tool calls."""
+    text = "".join(p if isinstance(p, str) else p.text for p in parts)
+    calls = tuple(c for p in parts if isinstance(p, Turn) for c in p.calls)
+    return Turn(text, calls)
+
+
+def turns(*script: ScriptItem, delay: float = 0.0) -> ScriptedModel:
+    """A model that plays these turns in order, one per call (a string is a reply)."""
+    return ScriptedModel(list(script), delay=delay)
+
+
+def function(fn: ScriptFunction, *, delay: float = 0.0) -> ScriptedModel:
+    """A model whose every turn is ``fn(messages, tools)`` (sync or async)."""
+    return ScriptedModel(fn, delay=delay)
+
+
+class ScriptedModel(Model):
+    """A deterministic model playing a script (see the module docstring).
+
+    Args:
+        script: a sequence of turns (``Turn``, ``Response`` or a reply string),
+            or a function ``(messages, tools) -> Response | Turn | str``, sync or
+            async. None answers every message with a labelled echo.
+        delay: simulated latency in seconds per call.
+    """
+
+    name = "scripted"
+    model = "scripted"
+
+    def __init__(
+        self, script: Sequence[ScriptItem] | ScriptFunction | None = None, *, delay: float = 0.0
+    ) -> None:
+        self.delay = delay
+        self.calls: list[ScriptedCall] = []
+        self._fn: ScriptFunction | None = None
+        self._turns: deque[ScriptItem] = deque()
+        if script is None:
+            self._fn = _echo
+        elif callable(script):
+            self._fn = script
+        else:
+            self._turns.extend(script)
+        self._total = len(self._turns)
+        self._ids = itertools.count(1)
+
+    @property
+    def remaining(self) -> int | None:
+        """Turns left in a list script; None for a function script."""
+        return None if self._fn is not None else len(self._turns)
+
+    def __repr__(self) -> str:
+        left = "function" if self._fn is not None else f"{len(self._turns)} turns left"
+        return f"ScriptedModel({left})"
+
+    async def generate(
+        self,
+        messages: Sequence[Message],
+        *,
+        tools: Sequence[ToolSpec] = (),
+        system: str | None = None,
+        max_tokens: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - bounds the simulated latency
+    ) -> Response:
+        received = ScriptedCall(list(messages), list(tools), system, max_tokens)
+        self.calls.append(received)
+        if self._fn is None and not self._turns:
+            raise AgentError(
+                f"scripted model: the script has no more turns (it had {self._total}, "
+                f"this is call {len(self.calls)}); add a turn such as scripted.reply('…') "
+                "or use a function script"
+            )
+        try:
+            with anyio.fail_after(timeout):
+                if self.delay:
+                    await anyio.sleep(self.delay)
+                if self._fn is not None:
+                    item = self._fn(received.messages, received.tools)
+                    if inspect.isawaitable(item):
+                        item = await item
+                else:
+                    item = self._turns.popleft()
+        except TimeoutError:
+            raise Timeout(f"scripted model: no answer within timeout={timeout}s") from None
+        return self._response(item, received)
+
+    async def stream(
+        self,
+        messages: Sequence[Message],
+        *,
+        tools: Sequence[ToolSpec] = (),
+        system: str | None = None,
+        max_tokens: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - bounds the simulated latency
+    ) -> AsyncIterator[StreamEvent]:
+        rsp = await self.generate(
+            messages, tools=tools, system=system, max_tokens=max_tokens, timeout=timeout
+        )
+        for block in rsp.content:
+            if isinstance(block, TextBlock):
+                for piece in re.findall(r"\s*\S+\s*", block.text) or [block.text]:
+                    yield TextDelta(piece)
+            elif isinstance(block, ToolUseBlock):
+                yield ToolUseStart(block.id, block.name)
+                yield ToolUseDelta(block.id, json.dumps(block.input))
+        yield Done(rsp)
+
+    def _response(self, item: ScriptItem, received: ScriptedCall) -> Response:
+        if isinstance(item, Response):
+            return item
+        if isinstance(item, str):
+            item = Turn(text=item)
+        if not isinstance(item, Turn):
+            raise AgentError(
+                f"scripted model: a script item must be a Turn, Response or str, not {item!r}"
+            )
+        content: list[Block] = [TextBlock(item.text)] if item.text else []
+        content += [ToolUseBlock(f"call_{next(self._ids)}", n, dict(a)) for n, a in item.calls]
+        stop = "tool_use" if item.calls else "end_turn"
+        seen = sum(_size(m) for m in received.messages) + len(received.system or "")
+        usage = Usage(input_tokens=seen // 4, output_tokens=len(item.text) // 4 + len(item.calls))
+        return Response(content, stop, usage, self.model)
+
+
+def _echo(messages: list[Message], tools: list[ToolSpec]) -> str:
+    last = next((m.text for m in reversed(messages) if m.role == "user" and m.text), "")
+    return f"[scripted model: no script, echoing] {last}"
+
+
+def _size(m: Message) -> int:
+    return sum(len(msgspec.json.encode(b)) for b in m.content)
