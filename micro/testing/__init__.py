@@ -1,0 +1,1 @@
+"""Test helpers for micro apps and backends: conformance kits, doubles and fixtures."""
