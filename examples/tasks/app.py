@@ -8,8 +8,9 @@ Run it with `make run` (or `micro run examples/tasks`), then from another termin
     micro call project Project.Get '{"id": "p1"}'
 """
 
-import micro
 from services import Project, Task
+
+import micro
 
 task = micro.New("task", metadata={"description": "tasks with assignees, due dates and status"})
 task.handle(Task())

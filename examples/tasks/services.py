@@ -87,7 +87,8 @@ class Task:
     """Tasks: a title, a due date, an assignee, a status; each belongs to a project."""
 
     def __init__(self, tasks: list[TaskRecord] | None = None) -> None:
-        self.tasks = {t.id: t for t in (tasks if tasks is not None else [msgspec.structs.replace(t) for t in SEED_TASKS])}
+        seed = tasks if tasks is not None else [msgspec.structs.replace(t) for t in SEED_TASKS]
+        self.tasks = {t.id: t for t in seed}
         self._ids = itertools.count(len(self.tasks) + 1)
 
     async def ListOverdue(self, req: ListOverdueRequest) -> ListOverdueResponse:

@@ -220,7 +220,7 @@ class Service:
     async def serve(self) -> None:
         """Start, run until SIGINT/SIGTERM (when on the main thread) or cancellation, stop."""
         async with self, anyio.create_task_group() as tg:
-            tg.start_soon(_stop_on_signals, tg.cancel_scope)
+            await tg.start(stop_on_signals, tg.cancel_scope)
             await self.wait()
             tg.cancel_scope.cancel()
 
@@ -235,14 +235,18 @@ def _advertise(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-async def _stop_on_signals(scope: anyio.CancelScope) -> None:
+async def stop_on_signals(scope: anyio.CancelScope, *,
+                          task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    """Cancel ``scope`` on SIGINT or SIGTERM; ``task_status.started()`` once the handlers are in."""
     try:
         receiver = anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
         with receiver as signals:
+            task_status.started()
             async for _ in signals:
                 scope.cancel()
                 return
     except (ValueError, NotImplementedError, RuntimeError):
+        task_status.started()
         await anyio.sleep_forever()  # not the main thread: cancellation is the way to stop
 
 

@@ -1,0 +1,47 @@
+"""``micro call SERVICE ENDPOINT [JSON | -]``: call an endpoint and print the response as JSON."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import msgspec
+
+from micro.cli.main import cli_runtime, fail, main, out, run_async
+
+
+@main.command()
+@click.argument("service")
+@click.argument("endpoint")
+@click.argument("request", required=False)
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds before giving up.")
+@click.option("-m", "--metadata", multiple=True, metavar="KEY=VALUE", help="Call metadata (repeatable).")
+@run_async
+async def call(service: str, endpoint: str, request: str | None, timeout: float,
+               metadata: tuple[str, ...]) -> None:
+    """Call ENDPOINT of SERVICE with a JSON REQUEST (from the argument, or stdin with - or no argument).
+
+    \b
+    Example:
+      micro call task Task.ListOverdue '{"user_id": "alice"}'
+    """
+    if request is None or request == "-":
+        request = "{}" if request is None and sys.stdin.isatty() else sys.stdin.read()
+    try:
+        body = msgspec.json.decode(request.encode() or b"{}")
+    except msgspec.DecodeError as exc:
+        fail(f"the request is not valid JSON ({exc}): pass an object such as '{{\"user_id\": \"alice\"}}'", 2)
+    md = {}
+    for item in metadata:
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"metadata {item!r} is not KEY=VALUE", 2)
+        md[key.lower()] = value
+    async with cli_runtime() as rt:
+        _, ep = await rt.client._resolve(service, endpoint)
+        if ep.streaming:
+            async for item in rt.client.stream(service, endpoint, body, timeout=timeout, metadata=md):
+                out.print(msgspec.json.encode(item).decode(), markup=False)
+        else:
+            rsp = await rt.client.call(service, endpoint, body, timeout=timeout, metadata=md)
+            out.print_json(msgspec.json.encode(rsp).decode())

@@ -1,0 +1,74 @@
+"""The ``micro`` command group and the plumbing every command shares.
+
+Each command runs one coroutine on a fresh loop with a CLI runtime (registry and
+broker from ``MICRO_REGISTRY`` / ``MICRO_BROKER``, the local registry by default;
+an in-memory store, so inspecting never writes). A micro error ends the command
+with one line on stderr and exit code 1; bad arguments exit with 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
+
+import click
+from rich.console import Console
+
+from micro.errors import MicroError, UsageError
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print one line on stderr and exit."""
+    err.print(f"[red]error:[/red] {message}", markup=True)
+    raise SystemExit(code)
+
+
+def run_async(fn: Callable[P, Awaitable[T]]) -> Callable[P, T | None]:
+    """Run an async command; micro errors become one line and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T | None:
+        try:
+            return asyncio.run(fn(*args, **kwargs))  # type: ignore[arg-type]
+        except UsageError as exc:
+            fail(str(exc), 2)
+        except MicroError as exc:
+            fail(f"{type(exc).__name__}: {exc}")
+        except KeyboardInterrupt:
+            raise SystemExit(130) from None
+        return None
+
+    return wrapper
+
+
+def cli_runtime(**kwargs: Any) -> Any:
+    """A runtime for one CLI command (in-memory store: inspecting never writes)."""
+    from micro.runtime import Runtime
+
+    kwargs.setdefault("store", "memory://")
+    return Runtime(**kwargs)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="micro")
+def main() -> None:
+    """micro: services, agents and flows on one asyncio loop, over real gRPC.
+
+    Backends come from MICRO_REGISTRY, MICRO_BROKER and MICRO_STORE (the local
+    machine-wide registry by default; MICRO_HOME holds it, ~/.micro by default).
+    """
+
+
+def _register() -> None:
+    from micro.cli import call, run, services  # noqa: F401  (commands register themselves)
+
+
+_register()

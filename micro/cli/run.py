@@ -1,0 +1,85 @@
+"""``micro run PATH``: import an app and run every service, agent and flow it defines on one loop.
+
+PATH is a Python file, or a directory whose ``app.py``, ``main.py`` or
+``__main__.py`` is run. Everything the module defines at top level that can be
+started (a ``micro.Service``, and agents and flows, which are services too) is
+started on one loop, so they share one runtime and call each other in process.
+Ctrl-C (SIGINT) or SIGTERM stops them: deregister, drain, close.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import anyio
+import click
+
+from micro.cli.main import fail, main, out, run_async
+from micro.errors import UsageError
+
+ENTRY_FILES = ("app.py", "main.py", "__main__.py")
+
+
+def load_app(path: Path) -> ModuleType:
+    """Import the app at ``path`` (a file, or a directory with an entry file)."""
+    if path.is_dir():
+        for name in ENTRY_FILES:
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise UsageError(f"{path} has none of {', '.join(ENTRY_FILES)}: point micro run at a Python file")
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist")
+    sys.path.insert(0, str(path.parent.resolve()))
+    spec = importlib.util.spec_from_file_location(f"micro_app_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def runnables(module: ModuleType) -> list[Any]:
+    """The services (agents and flows included) a module defines at top level, in order."""
+    from micro.service import Service
+
+    found: list[Any] = []
+    for value in vars(module).values():
+        if isinstance(value, Service) and value not in found:
+            found.append(value)
+    return found
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path), default=".")
+@run_async
+async def run(path: Path) -> None:
+    """Run every service, agent and flow defined in PATH (a file, or a directory with app.py)."""
+    module = load_app(path)
+    items = runnables(module)
+    if not items:
+        fail(f"{path} defines no services, agents or flows at top level")
+    from micro.service.service import stop_on_signals
+
+    async with contextlib.AsyncExitStack() as stack:
+        for item in items:
+            await stack.enter_async_context(item)
+        for item in items:
+            kind = item.metadata.get("type", "service")
+            out.print(f"[green]●[/green] {kind} [bold]{item.name}[/bold] on {item.address} "
+                      f"({len(item.endpoints)} endpoints)")
+        if module.__doc__:
+            out.print(module.__doc__.strip(), markup=False)
+        async with anyio.create_task_group() as tg:  # cancelled by a signal; services stop after it
+            await tg.start(stop_on_signals, tg.cancel_scope)
+            out.print("[dim]Ctrl-C to stop[/dim]")
+            sys.stdout.flush()
+            await anyio.sleep_forever()
+    out.print("stopped")

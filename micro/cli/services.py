@@ -1,0 +1,142 @@
+"""``micro services`` and ``micro describe``: what the registry knows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+import msgspec
+from rich.table import Table
+
+from micro.cli.main import cli_runtime, main, out, run_async
+from micro.registry import ServiceRecord
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the registry records as JSON.")
+@run_async
+async def services(as_json: bool) -> None:
+    """List the services in the registry."""
+    async with cli_runtime() as rt:
+        records = await rt.registry.list()
+    if as_json:
+        out.print_json(msgspec.json.encode(records).decode())
+        return
+    if not records:
+        out.print("no services registered (start one with `micro run PATH`)")
+        return
+    table = Table("service", "version", "type", "endpoints", "nodes")
+    for rec in records:
+        table.add_row(
+            rec.name, rec.version, rec.metadata.get("type", "service"),
+            str(len(rec.endpoints)), ", ".join(n.address for n in rec.nodes),
+        )
+    out.print(table)
+
+
+@main.command()
+@click.argument("service")
+@click.option("--json", "as_json", is_flag=True, help="Print the registry records as JSON.")
+@click.option("--proto", "as_proto", is_flag=True, help="Print the service as a .proto sketch.")
+@run_async
+async def describe(service: str, as_json: bool, as_proto: bool) -> None:
+    """Show a service's endpoints, schemas and nodes."""
+    async with cli_runtime() as rt:
+        records = await rt.registry.get(service)
+    if as_json:
+        out.print_json(msgspec.json.encode(records).decode())
+        return
+    if as_proto:
+        for rec in records:
+            out.print(to_proto(rec), markup=False)
+        return
+    for rec in records:
+        out.print(f"[bold]{rec.name}[/bold] {rec.version}")
+        for k, v in sorted(rec.metadata.items()):
+            out.print(f"  {k}: {v}")
+        for node in rec.nodes:
+            out.print(f"  node {node.id} at {node.address}")
+        for ep in rec.endpoints:
+            kind = " (stream)" if ep.streaming else ""
+            out.print(f"\n  [cyan]{ep.name}[/cyan]{kind}  {ep.path}")
+            if ep.description:
+                out.print(f"    {ep.description.splitlines()[0]}")
+            out.print(f"    request:  {_brief(ep.request)}", markup=False)
+            out.print(f"    response: {_brief(ep.response)}", markup=False)
+
+
+def _brief(schema: dict[str, Any]) -> str:
+    root = _deref(schema, schema)
+    props = root.get("properties", {})
+    required = set(root.get("required", []))
+    parts = [f"{k}{'' if k in required else '?'}: {_type(v, schema)}" for k, v in props.items()]
+    return "{" + ", ".join(parts) + "}"
+
+
+def _deref(node: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+    ref = node.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/$defs/"):
+        found: dict[str, Any] = root.get("$defs", {}).get(ref.removeprefix("#/$defs/"), {})
+        return found
+    return node
+
+
+def _type(node: dict[str, Any], root: dict[str, Any]) -> str:
+    if "$ref" in node:
+        return str(node["$ref"]).rsplit("/", 1)[-1]
+    if node.get("type") == "array":
+        return f"[{_type(node.get('items', {}), root)}]"
+    if "anyOf" in node:
+        return " | ".join(_type(n, root) for n in node["anyOf"])
+    if "enum" in node:
+        return " | ".join(repr(v) for v in node["enum"])
+    return str(node.get("type", "any"))
+
+
+_PROTO_SCALARS = {"string": "string", "integer": "int64", "number": "double", "boolean": "bool"}
+
+
+def to_proto(rec: ServiceRecord) -> str:
+    """A ``.proto`` sketch of a service from its endpoints' JSON Schemas."""
+    messages: dict[str, str] = {}
+    handlers: dict[str, list[str]] = {}
+    package = rec.name.replace("-", "_")
+    for ep in rec.endpoints:
+        handler, _, method = ep.name.partition(".")
+        package = ep.path.split("/")[1].rsplit(".", 1)[0].replace("-", "_")
+        req = _proto_message(ep.request, ep.request, messages, f"{method}Request")
+        rsp = _proto_message(ep.response, ep.response, messages, f"{method}Response")
+        stream = "stream " if ep.streaming else ""
+        doc = f"  // {ep.description.splitlines()[0]}\n" if ep.description else ""
+        handlers.setdefault(handler, []).append(f"{doc}  rpc {method}({req}) returns ({stream}{rsp});")
+    lines = ['syntax = "proto3";', "", f"package {package};", ""]
+    for handler, rpcs in handlers.items():
+        lines += [f"service {handler} {{", *rpcs, "}", ""]
+    lines += list(messages.values())
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _proto_message(schema: dict[str, Any], root: dict[str, Any], messages: dict[str, str], fallback: str) -> str:
+    node = _deref(schema, root)
+    name = str(node.get("title") or fallback)
+    if name in messages:
+        return name
+    messages[name] = ""  # reserve: recursive types refer to themselves
+    fields = []
+    for i, (fname, fschema) in enumerate(node.get("properties", {}).items(), start=1):
+        fields.append(f"  {_proto_type(fschema, root, messages, fname)} {fname} = {i};")
+    messages[name] = "\n".join([f"message {name} {{", *fields, "}", ""])
+    return name
+
+
+def _proto_type(node: dict[str, Any], root: dict[str, Any], messages: dict[str, str], fname: str) -> str:
+    if node.get("type") == "array":
+        return "repeated " + _proto_type(node.get("items", {}), root, messages, fname).removeprefix("repeated ")
+    if "$ref" in node or (node.get("type") == "object" and "properties" in node):
+        return _proto_message(node, root, messages, fname.title().replace("_", ""))
+    if node.get("type") == "object":
+        return "map<string, string>"
+    if "anyOf" in node:
+        kinds = [n.get("type") for n in node["anyOf"] if n.get("type") != "null"]
+        return _PROTO_SCALARS.get(str(kinds[0]), "string") if kinds else "string"
+    return _PROTO_SCALARS.get(str(node.get("type")), "string")

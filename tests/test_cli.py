@@ -1,0 +1,150 @@
+"""The micro command as a program: `micro run` in one process, `micro call` and friends in others."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MICRO = [sys.executable, "-m", "micro.cli"]
+
+
+def micro(*args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*MICRO, *args], capture_output=True, text=True, input=input,
+                          timeout=timeout, env=os.environ.copy(), cwd=ROOT)
+
+
+class Running:
+    def __init__(self, proc: subprocess.Popen[str], banner: list[str]) -> None:
+        self.proc = proc
+        self.banner = banner
+
+
+def start_app(path: str) -> Running:
+    proc = subprocess.Popen([*MICRO, "run", path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=os.environ.copy(), cwd=ROOT)
+    banner: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:  # blocks until the app prints; ends if it dies
+        banner.append(line)
+        if "Ctrl-C to stop" in line:
+            return Running(proc, banner)
+    proc.wait(10)
+    proc.stdout.close()
+    pytest.fail("micro run exited before it was ready:\n" + "".join(banner))
+
+
+@pytest.fixture
+def tasks_app() -> Iterator[Running]:
+    app = start_app("examples/tasks")
+    yield app
+    assert app.proc.stdout is not None
+    if app.proc.poll() is None:
+        app.proc.send_signal(signal.SIGINT)
+        try:
+            app.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            app.proc.kill()
+            app.proc.wait()
+    app.proc.stdout.close()
+
+
+def test_run_prints_services_and_how_to_call(tasks_app: Running) -> None:
+    text = "".join(tasks_app.banner)
+    assert "service task on 127.0.0.1:" in text
+    assert "service project on 127.0.0.1:" in text
+    assert "micro call task Task.ListOverdue" in text
+
+
+def test_call_list_overdue_from_another_process(tasks_app: Running) -> None:
+    res = micro("call", "task", "Task.ListOverdue", '{"user_id": "alice"}')
+    assert res.returncode == 0, res.stderr
+    body = json.loads(res.stdout)
+    assert body["total"] == 3
+    assert [r["title"] for r in body["records"]] == [
+        "Write quarterly report", "Review PR #42", "Update deployment docs",
+    ]
+
+
+def test_call_reads_json_from_stdin(tasks_app: Running) -> None:
+    res = micro("call", "task", "Task.ListOverdue", "-", input='{"user_id": "bob"}')
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["total"] == 1
+
+
+def test_cross_service_call_inside_the_app(tasks_app: Running) -> None:
+    res = micro("call", "project", "Project.Get", '{"id": "p1"}')
+    assert res.returncode == 0, res.stderr
+    body = json.loads(res.stdout)
+    assert body["record"]["name"] == "Website"
+    assert {t["id"] for t in body["tasks"]} == {"t1", "t2", "t6"}
+
+
+def test_services_and_describe_json(tasks_app: Running) -> None:
+    res = micro("services", "--json")
+    assert res.returncode == 0, res.stderr
+    records = json.loads(res.stdout)
+    assert [r["name"] for r in records] == ["project", "task"]
+    assert all(r["nodes"][0]["address"].startswith("127.0.0.1:") for r in records)
+
+    res = micro("describe", "task", "--json")
+    assert res.returncode == 0, res.stderr
+    (task,) = json.loads(res.stdout)
+    ep = next(e for e in task["endpoints"] if e["name"] == "Task.ListOverdue")
+    assert ep["path"] == "/task.Task/ListOverdue"
+    assert "past their due date" in ep["description"]
+    schema = ep["request"]
+    root = schema["$defs"][schema["$ref"].rsplit("/", 1)[-1]]
+    assert root["required"] == ["user_id"]
+
+    res = micro("describe", "task", "--proto")
+    assert res.returncode == 0, res.stderr
+    assert "rpc ListOverdue(ListOverdueRequest) returns (ListOverdueResponse);" in res.stdout
+    assert "repeated TaskRecord records = 1;" in res.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (
+            ("task", "Task.ListOverdue", '{"user_id": 7}'),
+            1,
+            "BadRequest: task Task.ListOverdue: Expected `str`, got `int` - at `$.user_id`",
+        ),
+        (("task", "Task.Nope", "{}"), 1, "EndpointNotFound: service 'task' has no endpoint 'Task.Nope'"),
+        (("nope", "X.Y", "{}"), 1, "ServiceNotFound: service 'nope' is not registered"),
+        (("task", "Task.List", "{oops"), 2, "the request is not valid JSON"),
+    ],
+)
+def test_call_errors_are_one_line(tasks_app: Running, args: tuple[str, ...], code: int, needle: str) -> None:
+    res = micro("call", *args)
+    assert res.returncode == code
+    assert needle in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert res.stdout == ""
+
+
+def test_sigint_deregisters(tasks_app: Running) -> None:
+    tasks_app.proc.send_signal(signal.SIGINT)
+    out, _ = tasks_app.proc.communicate(timeout=20)
+    assert tasks_app.proc.returncode == 0, out
+    assert "stopped" in out
+    res = micro("services", "--json")
+    assert json.loads(res.stdout) == []
+
+
+def test_run_refuses_a_path_without_services(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text("x = 1\n")
+    res = micro("run", str(tmp_path))
+    assert res.returncode == 1
+    assert "defines no services" in res.stderr
+    res = micro("run", str(tmp_path / "missing"))
+    assert res.returncode == 2
+    assert "does not exist" in res.stderr
