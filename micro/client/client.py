@@ -252,6 +252,13 @@ class Client:
             pool = self._pools[node.address] = NodePool(node.address)
         return pool
 
+    async def lookup(self, service: str) -> list[ServiceRecord]:
+        """The registry records of a service, from the watched cache (``ServiceNotFound`` if none)."""
+        records = self._records.get(service)
+        if records is None:
+            records = self._records[service] = await self.registry.get(service)
+        return records
+
     # -- cache upkeep -------------------------------------------------------------------------
 
     async def follow(self, watcher: Watcher) -> None:

@@ -1,0 +1,200 @@
+"""The tool-calling loop: model call, all tool calls of the turn at once, repeat.
+
+One :class:`Run` per ask; runs share nothing mutable, so one agent serves many
+asks at once and no lock is held across a run. Per turn, every ``tool_use``
+block runs concurrently in an anyio task group, each under its own timeout,
+approval check and loop limit; results go back in the order the model asked.
+Invalid arguments, refusals, timeouts and tool errors become ``is_error``
+results the model can act on; they never end the run. When ``max_steps`` model
+calls have asked for tools, the model is asked once more, without tools, to
+answer with what it has.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import msgspec
+
+from micro.ai import (
+    Done,
+    Message,
+    Model,
+    Response,
+    TextDelta,
+    ToolResultBlock,
+    ToolSpec,
+    ToolUseBlock,
+    Usage,
+)
+from micro.errors import AgentError, Error, Timeout
+
+from .tools import Tool, result_text
+
+log = logging.getLogger("micro.agent")
+
+Approve = Callable[[str, dict[str, Any]], "tuple[bool, str] | bool | Awaitable[tuple[bool, str] | bool]"]
+
+SUMMARISE = (
+    "You have used every step this run allows. Do not call tools; answer the user now with "
+    "what you have found, and say what is left undone."
+)
+
+
+@dataclass(slots=True)
+class ToolCallRecord:
+    """One tool call of a run: what was asked, what came back, how long it took."""
+
+    id: str
+    name: str
+    input: dict[str, Any]
+    result: str = ""
+    is_error: bool = False
+    started: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass(slots=True)
+class Event:
+    """Progress of a run, for streaming: ``text``, ``tool_start``, ``tool_end``."""
+
+    type: str
+    text: str = ""
+    call: ToolCallRecord | None = None
+
+
+Emit = Callable[[Event], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class Limits:
+    max_steps: int = 10
+    loop_limit: int = 3
+    tool_timeout: float | None = 60.0
+    model_timeout: float | None = 120.0
+    max_tokens: int | None = None
+
+
+@dataclass
+class Run:
+    """One run of the loop over a conversation."""
+
+    model: Model
+    system: str | None
+    tools: Callable[[], Awaitable[dict[str, Tool]]]
+    limits: Limits = field(default_factory=Limits)
+    approve: Approve | None = None
+    emit: Emit | None = None
+    calls: list[ToolCallRecord] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)
+    new_messages: list[Message] = field(default_factory=list)
+    _seen: Counter[tuple[str, bytes]] = field(default_factory=Counter)
+
+    async def __call__(self, history: Sequence[Message], message: Message) -> str:
+        """Run until the model answers; returns the reply. ``new_messages`` has what to remember."""
+        messages = [*history, message]
+        self.new_messages.append(message)
+        for _ in range(self.limits.max_steps):
+            tools = await self.tools()
+            rsp = await self._model(messages, [t.spec for t in tools.values()])
+            messages.append(rsp.message)
+            self.new_messages.append(rsp.message)
+            if not rsp.tool_uses:
+                return rsp.text
+            results = await self._run_tools(rsp.tool_uses, tools)
+            result_msg = Message("user", list(results))
+            messages.append(result_msg)
+            self.new_messages.append(result_msg)
+        ask = Message.user(SUMMARISE)
+        rsp = await self._model([*messages, ask], [])
+        self.new_messages += [ask, rsp.message]
+        return rsp.text
+
+    async def _model(self, messages: list[Message], tools: list[ToolSpec]) -> Response:
+        try:
+            with anyio.fail_after(self.limits.model_timeout):
+                if self.emit is None:
+                    rsp = await self.model.generate(
+                        messages, tools=tools, system=self.system, max_tokens=self.limits.max_tokens
+                    )
+                else:
+                    rsp = await self._stream(messages, tools)
+        except TimeoutError:
+            raise Timeout(f"the model did not answer within model_timeout={self.limits.model_timeout}s") from None
+        self.usage = self.usage + rsp.usage
+        return rsp
+
+    async def _stream(self, messages: list[Message], tools: list[ToolSpec]) -> Response:
+        assert self.emit is not None
+        done: Response | None = None
+        async for ev in self.model.stream(
+            messages, tools=tools, system=self.system, max_tokens=self.limits.max_tokens
+        ):
+            if isinstance(ev, TextDelta):
+                await self.emit(Event("text", text=ev.text))
+            elif isinstance(ev, Done):
+                done = ev.response
+        if done is None:
+            raise AgentError(f"{self.model!r} ended its stream without a response")
+        return done
+
+    async def _run_tools(self, uses: list[ToolUseBlock], tools: dict[str, Tool]) -> list[ToolResultBlock]:
+        results: list[ToolResultBlock | None] = [None] * len(uses)
+
+        async def one(i: int, use: ToolUseBlock) -> None:
+            results[i] = await self._run_tool(use, tools)
+
+        async with anyio.create_task_group() as tg:
+            for i, use in enumerate(uses):
+                tg.start_soon(one, i, use)
+        return [r for r in results if r is not None]
+
+    async def _run_tool(self, use: ToolUseBlock, tools: dict[str, Tool]) -> ToolResultBlock:
+        rec = ToolCallRecord(use.id, use.name, use.input, started=time.time())
+        self.calls.append(rec)
+        if self.emit is not None:
+            await self.emit(Event("tool_start", call=rec))
+        t0 = time.perf_counter()
+        rec.result, rec.is_error = await self._outcome(use, tools)
+        rec.seconds = time.perf_counter() - t0
+        if self.emit is not None:
+            await self.emit(Event("tool_end", call=rec))
+        return ToolResultBlock(use.id, rec.result, rec.is_error)
+
+    async def _outcome(self, use: ToolUseBlock, tools: dict[str, Tool]) -> tuple[str, bool]:
+        tool = tools.get(use.name)
+        if tool is None:
+            return f"there is no tool {use.name!r}; the tools are: {', '.join(sorted(tools))}", True
+        raw = use.invalid_json
+        if raw is not None:
+            return f"the arguments were not a JSON object ({raw[:200]!r}); call {use.name} again with valid JSON", True
+        key = (use.name, msgspec.json.encode(use.input, order="sorted"))
+        self._seen[key] += 1
+        if self._seen[key] > self.limits.loop_limit:
+            return (f"{use.name} was already called {self.limits.loop_limit} times with these arguments "
+                    "in this run; use the results you have or change the arguments"), True
+        if self.approve is not None:
+            verdict = self.approve(use.name, dict(use.input))
+            if inspect.isawaitable(verdict):
+                verdict = await verdict
+            ok, reason = verdict if isinstance(verdict, tuple) else (bool(verdict), "")
+            if not ok:
+                return f"the call to {use.name} was not approved: {reason or 'refused'}", True
+        try:
+            with anyio.fail_after(self.limits.tool_timeout):
+                value = await tool.run(dict(use.input))
+        except TimeoutError:
+            return f"{use.name} did not finish within tool_timeout={self.limits.tool_timeout}s", True
+        except Error as exc:
+            return f"{type(exc).__name__}: {exc.message}", True
+        except Exception as exc:
+            log.exception("tool %s raised", use.name)
+            return f"{use.name} failed: {type(exc).__name__}: {exc}", True
+        return result_text(value), False

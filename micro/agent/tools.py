@@ -1,0 +1,166 @@
+"""Tools: the endpoints of the services an agent manages, and Python functions.
+
+Each endpoint of each managed service becomes a tool named
+``{service}_{Handler}_{Method}`` (sanitised to ``[a-zA-Z0-9_-]{1,64}``; collisions
+get ``_2``, ``_3``… in sorted order, so names are stable), whose input schema is
+the request's JSON Schema and whose description is the endpoint's docstring.
+The list is rebuilt only when the registry says a service changed: the client's
+record cache is dropped on every watch event, and a toolset keeps the tools it
+built for the record objects it last saw.
+
+``@agent.tool`` functions sit beside them; their schema comes from the
+function's annotations and their arguments are validated the same way.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from micro.ai import ToolSpec
+from micro.errors import BadRequest, NotFound, UsageError
+from micro.registry import ServiceRecord
+
+_UNSAFE = re.compile(r"[^a-zA-Z0-9_-]")
+_encode = msgspec.json.Encoder().encode
+
+
+def tool_name(service: str, endpoint: str) -> str:
+    """``task`` + ``Task.ListOverdue`` -> ``task_Task_ListOverdue`` (64 characters at most)."""
+    return _UNSAFE.sub("_", f"{service}_{endpoint.replace('.', '_')}")[:64]
+
+
+def input_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """An object schema with the root ``$ref`` inlined (models want ``type: object`` at the top)."""
+    ref = schema.get("$ref")
+    defs = schema.get("$defs", {})
+    if isinstance(ref, str) and ref.startswith("#/$defs/"):
+        root = dict(defs.get(ref.removeprefix("#/$defs/"), {}))
+        if defs:
+            root["$defs"] = defs
+        schema = root
+    if schema.get("type") != "object":
+        schema = {**schema, "type": "object"}
+    schema.setdefault("properties", {})
+    return schema
+
+
+@dataclass(slots=True)
+class Tool:
+    """One tool: how the model sees it and how to run it."""
+
+    name: str
+    description: str
+    input_schema: dict[str, Any]
+    run: Callable[[dict[str, Any]], Awaitable[Any]]
+    service: str = ""
+    endpoint: str = ""
+
+    @property
+    def spec(self) -> ToolSpec:
+        return ToolSpec(self.name, self.description, self.input_schema)
+
+
+def function_tool(fn: Callable[..., Any], *, name: str | None = None, description: str | None = None) -> Tool:
+    """A tool from a Python function (sync or async) with annotated parameters."""
+    sig = inspect.signature(fn)
+    hints = inspect.get_annotations(fn, eval_str=True)
+    fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
+    for p in sig.parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise UsageError(f"tool {fn.__name__}: *args/**kwargs cannot be described to a model")
+        tp = hints.get(p.name, Any)
+        fields.append((p.name, tp) if p.default is p.empty else (p.name, tp, p.default))
+    args_type = msgspec.defstruct(f"{fn.__name__}_args", fields, kw_only=True)
+    tname = _UNSAFE.sub("_", name or fn.__name__)[:64]
+    doc = description or inspect.getdoc(fn) or ""
+    schema = input_schema(msgspec.json.schema(args_type))
+    schema["title"] = tname
+
+    async def run(args: dict[str, Any]) -> Any:
+        try:
+            parsed = msgspec.convert(args, args_type)
+        except msgspec.ValidationError as exc:
+            raise BadRequest(f"tool {tname}: {exc}") from None
+        result = fn(**msgspec.structs.asdict(parsed))
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    return Tool(tname, doc, schema, run)
+
+
+class Toolset:
+    """The tools of one agent: its services' endpoints (from the registry) and its functions."""
+
+    def __init__(self, client: Any, services: Sequence[str], functions: dict[str, Tool]) -> None:
+        self.client = client
+        self.services = list(services)
+        self.functions = functions
+        self._built: dict[str, tuple[list[ServiceRecord], list[Tool]]] = {}
+
+    async def tools(self) -> dict[str, Tool]:
+        """Every tool available now, by name; services not registered yet are left out."""
+        found: list[Tool] = []
+        for service in self.services:
+            try:
+                records = await self.client.lookup(service)
+            except NotFound:
+                continue  # not running yet: its tools appear once it registers
+            built = self._built.get(service)
+            if built is None or built[0] is not records:
+                built = (records, self._service_tools(service, records))
+                self._built[service] = built
+            found.extend(built[1])
+        found.extend(self.functions.values())
+        return _dedupe(found)
+
+    def _service_tools(self, service: str, records: list[ServiceRecord]) -> list[Tool]:
+        out: dict[str, Tool] = {}
+        for rec in records:
+            for ep in rec.endpoints:
+                if ep.streaming or ep.name in out:
+                    continue
+                out[ep.name] = Tool(
+                    name=tool_name(service, ep.name),
+                    description=ep.description or f"{ep.name} of the {service} service",
+                    input_schema=input_schema(ep.request),
+                    run=self._caller(service, ep.name),
+                    service=service,
+                    endpoint=ep.name,
+                )
+        return [out[k] for k in sorted(out)]
+
+    def _caller(self, service: str, endpoint: str) -> Callable[[dict[str, Any]], Awaitable[Any]]:
+        async def run(args: dict[str, Any]) -> Any:
+            return await self.client.call(service, endpoint, args)
+
+        return run
+
+
+def _dedupe(tools: list[Tool]) -> dict[str, Tool]:
+    out: dict[str, Tool] = {}
+    for t in sorted(tools, key=lambda t: (t.name, t.service, t.endpoint)):
+        name, n = t.name, 2
+        while name in out:
+            suffix = f"_{n}"
+            name, n = t.name[: 64 - len(suffix)] + suffix, n + 1
+        if name != t.name:
+            t = Tool(name, t.description, t.input_schema, t.run, t.service, t.endpoint)
+        out[name] = t
+    return out
+
+
+def result_text(value: Any) -> str:
+    """A tool's result as text for the model (JSON for anything structured)."""
+    if isinstance(value, str):
+        return value
+    try:
+        return _encode(value).decode()
+    except (TypeError, msgspec.EncodeError):
+        return repr(value)
