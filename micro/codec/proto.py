@@ -17,6 +17,21 @@ from micro.errors import BadRequest
 
 _INTS = {"int32", "uint32", "sint32", "fixed32", "sfixed32"}
 _LONGS = {"int64", "uint64", "sint64", "fixed64", "sfixed64"}
+_RANGES = {
+    "int32": (-(2**31), 2**31 - 1), "sint32": (-(2**31), 2**31 - 1), "sfixed32": (-(2**31), 2**31 - 1),
+    "uint32": (0, 2**32 - 1), "fixed32": (0, 2**32 - 1),
+    "int64": (-(2**63), 2**63 - 1), "sint64": (-(2**63), 2**63 - 1), "sfixed64": (-(2**63), 2**63 - 1),
+    "uint64": (0, 2**64 - 1), "fixed64": (0, 2**64 - 1),
+}
+
+
+def enum_names(cls: type) -> list[str]:
+    """The proto3 JSON names of an enum's values (``TONE_WARM``, as the .proto spells them)."""
+    renamed = getattr(cls, "betterproto_value_to_renamed_proto_names", None)
+    if renamed is not None:
+        names: dict[int, str] = renamed()
+        return [names.get(int(m), m.name) for m in cls]  # type: ignore[attr-defined]
+    return [m.name for m in cls]  # type: ignore[attr-defined]
 _FLOATS = {"float", "double"}
 
 
@@ -37,6 +52,11 @@ def from_builtins(tp: type[betterproto2.Message], value: dict[str, Any], where: 
         raise BadRequest(f"{where}: {exc}") from None
 
 
+def _meta(tp: type[betterproto2.Message]) -> Any:
+    # ``_betterproto`` is a classproperty that mypy cannot follow through ``type[Message]``
+    return getattr(tp, "_betterproto")  # noqa: B009
+
+
 def _fields(tp: type[betterproto2.Message]) -> dict[str, tuple[dataclasses.Field[Any], FieldMetadata]]:
     out: dict[str, tuple[dataclasses.Field[Any], FieldMetadata]] = {}
     for f in dataclasses.fields(tp):  # type: ignore[arg-type]
@@ -52,7 +72,7 @@ def _fail(path: str, expected: str, got: object) -> BadRequest:
 
 def _check(tp: type[betterproto2.Message], value: dict[str, Any], path: str) -> None:
     fields = _fields(tp)
-    classes = tp._betterproto.cls_by_field
+    classes: dict[str, type] = _meta(tp).cls_by_field
     for key, item in value.items():
         if key not in fields:
             raise BadRequest(f"Object contains unknown field `{key}` - at `{path}`")
@@ -81,13 +101,15 @@ def _check_scalar(proto_type: str, v: object, path: str, cls: type | None) -> No
         ok, expected = isinstance(v, str), "str"
     elif proto_type == "bool":
         ok, expected = isinstance(v, bool), "bool"
-    elif proto_type in _INTS:
-        ok, expected = isinstance(v, int) and not isinstance(v, bool), "int"
-    elif proto_type in _LONGS:
-        ok = (isinstance(v, int) and not isinstance(v, bool)) or (
-            isinstance(v, str) and v.lstrip("-").isdigit()
-        )
-        expected = "int"
+    elif proto_type in _INTS or proto_type in _LONGS:
+        number: object = v
+        if proto_type in _LONGS and isinstance(v, str) and v.lstrip("-").isdigit():
+            number = int(v)  # proto3 JSON writes 64-bit integers as strings
+        ok, expected = isinstance(number, int) and not isinstance(number, bool), "int"
+        if ok:
+            low, high = _RANGES[proto_type]
+            if not low <= number <= high:  # type: ignore[operator]
+                raise BadRequest(f"Expected `int` >= {low} and <= {high} ({proto_type}) - at `{path}`")
     elif proto_type in _FLOATS:
         ok = isinstance(v, int | float | str) and not isinstance(v, bool)
         expected = "float"
@@ -95,6 +117,10 @@ def _check_scalar(proto_type: str, v: object, path: str, cls: type | None) -> No
         ok, expected = isinstance(v, str), "str (base64)"
     elif proto_type == "enum":
         ok, expected = isinstance(v, str | int) and not isinstance(v, bool), "str | int"
+        if ok and isinstance(v, str) and cls is not None:
+            allowed = enum_names(cls)
+            if v not in allowed and v not in {m.name for m in cls}:  # type: ignore[attr-defined]
+                raise BadRequest(f"Invalid enum value {v!r}, expected one of {allowed} - at `{path}`")
     elif proto_type == "message":
         if cls is not None and issubclass(cls, betterproto2.Message) and isinstance(v, dict):
             if not _is_well_known(cls):
@@ -121,7 +147,7 @@ def schema(tp: type[betterproto2.Message]) -> dict[str, Any]:
 
 
 def _message_schema(tp: type[betterproto2.Message], defs: dict[str, Any]) -> dict[str, Any]:
-    classes = tp._betterproto.cls_by_field
+    classes: dict[str, type] = _meta(tp).cls_by_field
     props: dict[str, Any] = {}
     for f in dataclasses.fields(tp):  # type: ignore[arg-type]
         meta = FieldMetadata.get(f)
@@ -149,8 +175,7 @@ def _scalar_schema(proto_type: str, cls: type | None, defs: dict[str, Any]) -> d
     if proto_type == "bytes":
         return {"type": "string", "contentEncoding": "base64"}
     if proto_type == "enum" and cls is not None:
-        names = [m.name for m in cls]  # type: ignore[attr-defined]
-        return {"type": "string", "enum": names}
+        return {"type": "string", "enum": enum_names(cls)}
     if proto_type == "message" and cls is not None and issubclass(cls, betterproto2.Message):
         if _is_well_known(cls):
             return {}

@@ -53,6 +53,10 @@ def encode_json(value: object) -> bytes:
     return _encoder.encode(value)
 
 
+def _as_bytes(value: str | bytes | bytearray | memoryview) -> bytes:
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
 class TypeCodec(abc.ABC):
     """Converts, encodes and decodes one request or response type."""
 
@@ -101,12 +105,12 @@ class StructCodec(TypeCodec):
         if type(value) is self.type:
             return value
         if isinstance(value, str | bytes | bytearray | memoryview):
-            return self.decode(bytes(value), JSON, where)
+            return self.decode(_as_bytes(value), JSON, where)
         if isinstance(value, msgspec.Struct | betterproto2.Message):
             value = encode_json(value)
             return self.decode(value, JSON, where)
         try:
-            return msgspec.convert(value, self.type)
+            return msgspec.convert(value, self.type, str_keys=True)  # as JSON would decode
         except msgspec.ValidationError as exc:
             raise BadRequest(f"{where}: {exc}") from None
 
@@ -124,10 +128,27 @@ class StructCodec(TypeCodec):
         return _encoder.encode(value)
 
     def to_builtins(self, value: Any) -> Any:
-        return msgspec.to_builtins(value)
+        # str_keys: a dict with int keys must come out as its JSON would decode
+        return msgspec.to_builtins(value, str_keys=True)
 
     def schema(self) -> dict[str, Any]:
-        return msgspec.json.schema(self.type)
+        return _inline_root(msgspec.json.schema(self.type))
+
+
+def _inline_root(schema: dict[str, Any]) -> dict[str, Any]:
+    """msgspec puts a Struct's own schema under ``$defs`` behind a root ``$ref``; tool
+    schemas (and most readers) want ``{"type": "object", "properties": …}`` at the root."""
+    ref = schema.get("$ref")
+    if not isinstance(ref, str) or set(schema) != {"$ref", "$defs"}:
+        return schema
+    name = ref.removeprefix("#/$defs/")
+    defs: dict[str, Any] = dict(schema["$defs"])
+    root = defs.get(name)
+    if not isinstance(root, dict):
+        return schema
+    if f'"{ref}"'.encode() not in _encoder.encode(defs):  # not recursive: no longer needed
+        del defs[name]
+    return {**root, "$defs": defs} if defs else dict(root)
 
 
 class ProtoCodec(TypeCodec):
@@ -144,7 +165,7 @@ class ProtoCodec(TypeCodec):
         if type(value) is self.type:
             return value
         if isinstance(value, str | bytes | bytearray | memoryview):
-            return self.decode(bytes(value), JSON, where)
+            return self.decode(_as_bytes(value), JSON, where)
         if isinstance(value, msgspec.Struct | betterproto2.Message):
             value = msgspec.json.decode(encode_json(value))
         if not isinstance(value, dict):
@@ -183,7 +204,7 @@ def codec_for(tp: type[Any]) -> TypeCodec:
     try:
         msgspec.json.Decoder(tp)
         msgspec.json.schema(tp)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, NameError) as exc:  # NameError: an unresolvable annotation
         raise UsageError(
             f"{tp!r} cannot be a request or response type: use a msgspec.Struct or a "
             f"betterproto2 message ({exc})"
