@@ -12,17 +12,37 @@ broker and a store, and serve real gRPC endpoints::
 """
 
 from micro import errors
+from micro.agent import Agent
 from micro.client import Client
-from micro.facade import Address, Metadata, New, NewService, Option, RegisterTTL, Version
+from micro.facade import (
+    Address,
+    AgentModel,
+    AgentPrompt,
+    AgentProvider,
+    AgentServices,
+    Metadata,
+    New,
+    NewAgent,
+    NewService,
+    Option,
+    RegisterTTL,
+    Version,
+)
 from micro.middleware import Request
 from micro.runtime import Runtime
 from micro.service import Service
 
 __all__ = [
     "Address",
+    "Agent",
+    "AgentModel",
+    "AgentPrompt",
+    "AgentProvider",
+    "AgentServices",
     "Client",
     "Metadata",
     "New",
+    "NewAgent",
     "NewService",
     "Option",
     "RegisterTTL",

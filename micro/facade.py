@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from micro.agent import Agent
 from micro.service import Service
 
 
@@ -46,6 +47,31 @@ def Metadata(metadata: Mapping[str, str]) -> Option:
 def RegisterTTL(ttl: float) -> Option:
     """``ttl=``"""
     return Option(ttl=ttl)
+
+
+def NewAgent(name: str, *options: Option, **kwargs: Any) -> Agent:
+    """A new :class:`~micro.Agent` (Go Micro's ``micro.NewAgent``)."""
+    return Agent(name, **_fold(options, kwargs))
+
+
+def AgentServices(*services: str) -> Option:
+    """``services=[...]``: the services whose endpoints the agent uses as tools."""
+    return Option(services=list(services))
+
+
+def AgentPrompt(prompt: str) -> Option:
+    """``prompt=``: the agent's system prompt."""
+    return Option(prompt=prompt)
+
+
+def AgentProvider(provider: str) -> Option:
+    """``provider=``: ``"anthropic"``, ``"openai"``, ``"scripted"`` or ``"name:model"``."""
+    return Option(provider=provider)
+
+
+def AgentModel(model: str) -> Option:
+    """``model=``: the model id for the provider."""
+    return Option(model=model)
 
 
 def _fold(options: tuple[Option, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

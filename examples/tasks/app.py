@@ -1,19 +1,38 @@
-"""The example system: task and project services (agents and a flow join them as they land).
+"""The example system: task, project and milestone services, and two agents over them.
 
 Run it with `make run` (or `micro run examples/tasks`), then from another terminal:
 
     micro services
-    micro describe task
     micro call task Task.ListOverdue '{"user_id": "alice"}'
-    micro call project Project.Get '{"id": "p1"}'
+    micro call task-mgr Agent.Chat '{"message": "What tasks are overdue for Alice?"}'
+    micro describe task-mgr
+
+Without ANTHROPIC_API_KEY the agents run on a scripted demo model (labelled as such).
 """
 
-from services import Project, Task
-
 import micro
+from demo_model import model_for_example
+from services import Milestone, Project, Task
 
 task = micro.New("task", metadata={"description": "tasks with assignees, due dates and status"})
 task.handle(Task())
 
 project = micro.New("project", metadata={"description": "projects that own tasks"})
 project.handle(Project(project))
+
+milestone = micro.New("milestone", metadata={"description": "milestones that track projects"})
+milestone.handle(Milestone())
+
+task_mgr = micro.NewAgent(
+    "task-mgr",
+    micro.AgentServices("task", "project"),
+    micro.AgentPrompt("You manage tasks and projects. You understand deadlines, priorities, and assignments."),
+    provider=model_for_example(),
+)
+
+project_mgr = micro.NewAgent(
+    "project-mgr",
+    micro.AgentServices("task", "project", "milestone"),
+    micro.AgentPrompt("You manage the project system. Tasks belong to projects. Milestones track progress."),
+    provider=model_for_example(),
+)

@@ -208,3 +208,42 @@ class Project:
             )
             tasks = rsp.records
         return ProjectDetail(record=project, tasks=tasks)
+
+
+# -- milestone --------------------------------------------------------------------------------
+
+
+class MilestoneRecord(msgspec.Struct):
+    id: str
+    project_id: str
+    name: str
+    due: str
+    done: bool = False
+
+
+class ListMilestonesRequest(msgspec.Struct):
+    project_id: str = ""
+
+
+class ListMilestonesResponse(msgspec.Struct):
+    records: list[MilestoneRecord]
+
+
+SEED_MILESTONES = [
+    MilestoneRecord("m1", "p2", "Beta", "2026-06-15"),
+    MilestoneRecord("m2", "p2", "General availability", "2026-07-01"),
+    MilestoneRecord("m3", "p1", "Redesign live", "2026-05-20", done=True),
+]
+
+
+class Milestone:
+    """Milestones track the progress of projects."""
+
+    def __init__(self) -> None:
+        self.milestones = {m.id: msgspec.structs.replace(m) for m in SEED_MILESTONES}
+
+    async def List(self, req: ListMilestonesRequest) -> ListMilestonesResponse:
+        """List milestones, of one project when project_id is given."""
+        return ListMilestonesResponse(
+            records=[m for m in self.milestones.values() if not req.project_id or m.project_id == req.project_id]
+        )

@@ -72,9 +72,11 @@ async def run(path: Path) -> None:
         for item in items:
             await stack.enter_async_context(item)
         for item in items:
-            kind = item.metadata.get("type", "service")
-            out.print(f"[green]●[/green] {kind} [bold]{item.name}[/bold] on {item.address} "
-                      f"({len(item.endpoints)} endpoints)")
+            meta = item.metadata
+            kind = meta.get("type", "service")
+            extra = f"manages {meta.get('services', '')}; model: {meta.get('model', '?')}" if kind == "agent" else (
+                f"{len(item.endpoints)} endpoints")
+            out.print(f"[green]●[/green] {kind} [bold]{item.name}[/bold] on {item.address} ({extra})")
         if module.__doc__:
             out.print(module.__doc__.strip(), markup=False)
         async with anyio.create_task_group() as tg:  # cancelled by a signal; services stop after it

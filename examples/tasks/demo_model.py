@@ -1,0 +1,80 @@
+"""The key-free demo model: a scripted stand-in for Claude, clearly labelled as such.
+
+It is not intelligent. It recognises a few requests ("overdue", "tasks", "projects",
+"milestones"), calls the matching tool, and summarises the JSON that comes back,
+so the example system can be tried end to end without an API key. With
+``ANTHROPIC_API_KEY`` set, the example uses Claude instead.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from typing import Any
+
+from micro.ai import Message, Model, ToolResultBlock, ToolSpec, ToolUseBlock, from_provider, scripted
+
+LABEL = "scripted demo model (set ANTHROPIC_API_KEY to use Claude)"
+USERS = ("alice", "bob")
+
+
+def model_for_example() -> Model:
+    """Claude when ``ANTHROPIC_API_KEY`` is set, the labelled demo model otherwise."""
+    if os.environ.get("ANTHROPIC_API_KEY"):
+        return from_provider("anthropic")
+    demo = scripted.function(_brain)
+    demo.model = LABEL
+    return demo
+
+
+def _brain(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | str:
+    last = messages[-1]
+    results = [b for b in last.content if isinstance(b, ToolResultBlock)]
+    if results:
+        asked = [b for b in messages[-2].content if isinstance(b, ToolUseBlock)]
+        return "\n\n".join(_summary(use, res) for use, res in zip(asked, results, strict=False))
+    text = last.text.lower()
+    names = {t.name for t in tools}
+    user = next((u for u in USERS if u in text), "alice")
+    for word, tool, args in (
+        ("overdue", "task_Task_ListOverdue", {"user_id": user}),
+        ("milestone", "milestone_Milestone_List", {}),
+        ("project", "project_Project_List", {}),
+        ("task", "task_Task_List", {"user_id": user}),
+    ):
+        if word in text and tool in names:
+            return scripted.turn(f"Checking {word}s...", scripted.call(tool, args))
+    listing = ", ".join(sorted(names)) or "none"
+    return f"[{LABEL}] I only understand a few requests in this demo. My tools: {listing}."
+
+
+def _summary(use: ToolUseBlock, res: ToolResultBlock) -> str:
+    if res.is_error:
+        return f"{use.name} failed: {res.content}"
+    try:
+        body: Any = json.loads(res.content)
+    except ValueError:
+        return res.content
+    records = body.get("records") if isinstance(body, dict) else None
+    if not isinstance(records, list):
+        return json.dumps(body)
+    if use.name == "task_Task_ListOverdue":
+        who = str(use.input.get("user_id", "")).title()
+        head = f"{who} has {len(records)} overdue tasks:"
+    else:
+        head = f"Found {len(records)}:"
+    lines = [f"{i}. {_label(r)}" for i, r in enumerate(records, 1)]
+    return "\n".join([head, *lines])
+
+
+def _label(r: dict[str, Any]) -> str:
+    name = r.get("title") or r.get("name") or r.get("id")
+    due = r.get("due")
+    if isinstance(due, str):
+        try:
+            d = dt.date.fromisoformat(due)
+            return f"{name} (due {d:%B} {d.day})"
+        except ValueError:
+            pass
+    return str(name)
