@@ -85,7 +85,7 @@ class Model(abc.ABC):
         tools: Sequence[ToolSpec] = (),
         system: str | None = None,
         max_tokens: int | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - the SDK's per-attempt HTTP timeout
+        timeout: float | None = None,
     ) -> Response:
         """Run one model turn.
 
@@ -103,7 +103,7 @@ class Model(abc.ABC):
         tools: Sequence[ToolSpec] = (),
         system: str | None = None,
         max_tokens: int | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - the SDK's per-attempt HTTP timeout
+        timeout: float | None = None,
     ) -> AsyncIterator[StreamEvent]:
         """Run one model turn, yielding events as they arrive; the last one is ``Done``.
 
@@ -111,9 +111,7 @@ class Model(abc.ABC):
         the connection is released at once. This default is for providers that
         cannot stream: it yields the whole answer after ``generate`` returns.
         """
-        rsp = await self.generate(
-            messages, tools=tools, system=system, max_tokens=max_tokens, timeout=timeout
-        )
+        rsp = await self.generate(messages, tools=tools, system=system, max_tokens=max_tokens, timeout=timeout)
         if rsp.text:
             yield TextDelta(rsp.text)
         for call in rsp.tool_uses:
@@ -249,10 +247,11 @@ def api_error(
     ``kind``, the body's error type, decides); ``retries`` is the SDK's
     ``max_retries``, named in messages about errors the SDK retries.
     """
+    retried = f"(the SDK retried up to {retries} times)"
     if status in (None, 200):
         status = _KIND_STATUS.get(kind or "", 500)
+        retried = "(it failed mid-stream, so the SDK did not retry)"
     what = f"{provider} answered {status}" + (f" {kind}" if kind else "") + f": {detail}"
-    retried = f"(the SDK retried up to {retries} times)"
     if status == 401:
         return Unauthenticated(f"{what}. The API key was rejected: set a valid {key_env}.")
     if status in (402, 403):
@@ -271,7 +270,6 @@ def api_error(
         return BadRequest(f"{what}. Not retried: the request itself is wrong; fix it.")
     if status >= 500:
         return Unavailable(
-            f"{what} {retried}. The provider is overloaded or failing: retry later "
-            "or raise max_retries."
+            f"{what} {retried}. The provider is overloaded or failing: retry later or raise max_retries."
         )
     return Unknown(what)

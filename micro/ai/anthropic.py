@@ -55,9 +55,14 @@ try:
         ToolUseBlockParam,
     )
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ConfigError(
-        "the anthropic provider needs the anthropic SDK: pip install 'micro[anthropic]'"
-    ) from exc
+    raise ConfigError("the anthropic provider needs the anthropic SDK: pip install 'micro[anthropic]'") from exc
+
+# The SDK's HTTP client (httpx2 in current SDKs, httpx before): its errors escape
+# while a stream is read, so they are translated here too.
+try:
+    import httpx2 as _http
+except ImportError:  # pragma: no cover - older SDKs
+    import httpx as _http  # type: ignore[no-redef]
 
 __all__ = ["DEFAULT_MODEL", "AnthropicModel"]
 
@@ -101,10 +106,7 @@ class AnthropicModel(Model):
         self.max_tokens = max_tokens
         self.max_retries = max_retries
         self.cache = cache
-        self.base_url = (
-            base_url or os.environ.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com"
-        )
-        check_offline(self.name, self.base_url)
+        self.base_url = base_url or os.environ.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com"
         auth_token = None
         if api_key is None:
             api_key = os.environ.get(KEY_ENV) or None
@@ -115,6 +117,7 @@ class AnthropicModel(Model):
                 f"(export {KEY_ENV}=sk-ant-…) or pass api_key=…; "
                 "for a run without a key use the scripted provider"
             )
+        check_offline(self.name, self.base_url)
         self._secret = api_key or auth_token or ""
         self._client = anthropic.AsyncAnthropic(
             api_key=api_key,
@@ -140,7 +143,7 @@ class AnthropicModel(Model):
         tools: Sequence[ToolSpec] = (),
         system: str | None = None,
         max_tokens: int | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - the SDK's per-attempt HTTP timeout
+        timeout: float | None = None,
     ) -> Response:
         check_offline(self.name, self.base_url)
         try:
@@ -167,7 +170,7 @@ class AnthropicModel(Model):
         tools: Sequence[ToolSpec] = (),
         system: str | None = None,
         max_tokens: int | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - the SDK's per-attempt HTTP timeout
+        timeout: float | None = None,
     ) -> AsyncIterator[StreamEvent]:
         # The SDK's raw event stream, not its MessageStream helper: the helper
         # raises on tool JSON that does not parse, and we want to keep it instead.
@@ -216,6 +219,15 @@ class AnthropicModel(Model):
             raise ConfigError(f"anthropic: {exc}") from None
         except anthropic.AnthropicError as exc:
             raise self._error(exc) from None
+        except _http.TimeoutException:  # the SDK does not wrap errors while reading a stream
+            raise Timeout(
+                f"anthropic: the stream from {self.base_url} stalled past the timeout "
+                "(not retried mid-stream). Retry, or raise timeout."
+            ) from None
+        except _http.TransportError as exc:
+            raise Unavailable(
+                f"anthropic: the stream from {self.base_url} broke: {exc!r} (not retried mid-stream). Retry later."
+            ) from None
         content = [blocks[i].block() for i in sorted(blocks)]
         yield Done(Response(content, stop_reason, usage, model))
 
@@ -240,8 +252,7 @@ class AnthropicModel(Model):
             req["system"] = [sys_block]
         if tools:
             specs: list[ToolParam] = [
-                {"name": t.name, "description": t.description, "input_schema": t.input_schema}
-                for t in tools
+                {"name": t.name, "description": t.description, "input_schema": t.input_schema} for t in tools
             ]
             if self.cache:
                 specs[-1]["cache_control"] = _EPHEMERAL
@@ -262,11 +273,12 @@ class AnthropicModel(Model):
                 "Check the network and ANTHROPIC_BASE_URL."
             )
         elif isinstance(exc, anthropic.APIStatusError):
+            kind, detail = _error_body(exc)
             err = api_error(
                 "anthropic",
                 status=exc.status_code,
-                kind=exc.type,
-                detail=exc.api_message or exc.message,
+                kind=kind,
+                detail=detail,
                 key_env=KEY_ENV,
                 model=self.model,
                 retries=self.max_retries,
@@ -321,6 +333,16 @@ def _message(m: Message) -> MessageParam:
     if m.role == "user":
         return {"role": "user", "content": content}
     return {"role": "assistant", "content": content}
+
+
+def _error_body(exc: anthropic.APIStatusError) -> tuple[str | None, str]:
+    """The error type and message from an API error body (``{"error": {"type", "message"}}``)."""
+    body = exc.body
+    inner = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(inner, dict):
+        return None, exc.message
+    kind, message = inner.get("type"), inner.get("message")
+    return (kind if isinstance(kind, str) else None), (message if isinstance(message, str) else exc.message)
 
 
 def _tool_input(value: object) -> dict[str, Any]:

@@ -55,9 +55,7 @@ from .messages import (
 try:
     import openai
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ConfigError(
-        "the openai provider needs the openai SDK: pip install 'micro[openai]'"
-    ) from exc
+    raise ConfigError("the openai provider needs the openai SDK: pip install 'micro[openai]'") from exc
 
 __all__ = ["DEFAULT_MODEL", "OpenAIModel"]
 
@@ -110,7 +108,6 @@ class OpenAIModel(Model):
     ) -> None:
         self.model = model or os.environ.get("MICRO_OPENAI_MODEL") or DEFAULT_MODEL
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_URL).rstrip("/")
-        check_offline(self.name, self.base_url)
         official = self.base_url == OPENAI_URL
         api_key = api_key or os.environ.get(KEY_ENV) or None
         if api_key is None:
@@ -121,12 +118,11 @@ class OpenAIModel(Model):
                     "(Ollama, vLLM, llama.cpp) pass base_url= instead"
                 )
             api_key = "unused"  # local servers ignore it; the SDK insists on one
+        check_offline(self.name, self.base_url)
         self._secret = api_key
         self.max_tokens = max_tokens
         self.max_retries = max_retries
-        self.max_tokens_field = max_tokens_field or (
-            "max_completion_tokens" if official else "max_tokens"
-        )
+        self.max_tokens_field = max_tokens_field or ("max_completion_tokens" if official else "max_tokens")
         self.stream_usage = stream_usage
         self._client = openai.AsyncOpenAI(
             api_key=api_key,
@@ -151,7 +147,7 @@ class OpenAIModel(Model):
         tools: Sequence[ToolSpec] = (),
         system: str | None = None,
         max_tokens: int | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - the SDK's per-attempt HTTP timeout
+        timeout: float | None = None,
     ) -> Response:
         check_offline(self.name, self.base_url)
         try:
@@ -174,9 +170,7 @@ class OpenAIModel(Model):
                     content.append(ToolUseBlock(call.id, fn.name, parse_tool_input(fn.arguments)))
             if msg.refusal and not msg.content:
                 finish = "content_filter"
-        return Response(
-            content, _stop_reason(finish, content), _usage(completion.usage), completion.model
-        )
+        return Response(content, _stop_reason(finish, content), _usage(completion.usage), completion.model)
 
     async def stream(
         self,
@@ -185,7 +179,7 @@ class OpenAIModel(Model):
         tools: Sequence[ToolSpec] = (),
         system: str | None = None,
         max_tokens: int | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - the SDK's per-attempt HTTP timeout
+        timeout: float | None = None,
     ) -> AsyncIterator[StreamEvent]:
         check_offline(self.name, self.base_url)
         text: list[str] = []
@@ -285,7 +279,7 @@ class OpenAIModel(Model):
                 "openai",
                 status=status,
                 kind=exc.type if isinstance(exc.type, str) else None,
-                detail=exc.message,
+                detail=_detail(exc),
                 key_env=KEY_ENV,
                 model=self.model,
                 retries=self.max_retries,
@@ -335,6 +329,13 @@ def _messages(messages: Sequence[Message], system: str | None) -> list[dict[str,
         if text:
             out.append({"role": "user", "content": text})
     return out
+
+
+def _detail(exc: openai.APIError) -> str:
+    # The SDK's message is "Error code: 400 - {...}"; the body's own message reads better.
+    body = exc.body
+    message = body.get("message") if isinstance(body, dict) else None
+    return message if isinstance(message, str) and message else exc.message
 
 
 def _stop_reason(finish: str | None, content: list[Block]) -> str:

@@ -75,9 +75,7 @@ class Turn(msgspec.Struct, frozen=True):
 
 
 ScriptItem: TypeAlias = Turn | Response | str
-ScriptFunction: TypeAlias = Callable[
-    [list[Message], list[ToolSpec]], ScriptItem | Awaitable[ScriptItem]
-]
+ScriptFunction: TypeAlias = Callable[[list[Message], list[ToolSpec]], ScriptItem | Awaitable[ScriptItem]]
 
 
 class ScriptedCall(msgspec.Struct, frozen=True):
@@ -134,9 +132,7 @@ class ScriptedModel(Model):
     name = "scripted"
     model = "scripted"
 
-    def __init__(
-        self, script: Sequence[ScriptItem] | ScriptFunction | None = None, *, delay: float = 0.0
-    ) -> None:
+    def __init__(self, script: Sequence[ScriptItem] | ScriptFunction | None = None, *, delay: float = 0.0) -> None:
         self.delay = delay
         self.calls: list[ScriptedCall] = []
         self._fn: ScriptFunction | None = None
@@ -166,7 +162,7 @@ class ScriptedModel(Model):
         tools: Sequence[ToolSpec] = (),
         system: str | None = None,
         max_tokens: int | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - bounds the simulated latency
+        timeout: float | None = None,
     ) -> Response:
         received = ScriptedCall(list(messages), list(tools), system, max_tokens)
         self.calls.append(received)
@@ -197,11 +193,9 @@ class ScriptedModel(Model):
         tools: Sequence[ToolSpec] = (),
         system: str | None = None,
         max_tokens: int | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - bounds the simulated latency
+        timeout: float | None = None,
     ) -> AsyncIterator[StreamEvent]:
-        rsp = await self.generate(
-            messages, tools=tools, system=system, max_tokens=max_tokens, timeout=timeout
-        )
+        rsp = await self.generate(messages, tools=tools, system=system, max_tokens=max_tokens, timeout=timeout)
         for block in rsp.content:
             if isinstance(block, TextBlock):
                 for piece in re.findall(r"\s*\S+\s*", block.text) or [block.text]:
@@ -217,9 +211,7 @@ class ScriptedModel(Model):
         if isinstance(item, str):
             item = Turn(text=item)
         if not isinstance(item, Turn):
-            raise AgentError(
-                f"scripted model: a script item must be a Turn, Response or str, not {item!r}"
-            )
+            raise AgentError(f"scripted model: a script item must be a Turn, Response or str, not {item!r}")
         content: list[Block] = [TextBlock(item.text)] if item.text else []
         content += [ToolUseBlock(f"call_{next(self._ids)}", n, dict(a)) for n, a in item.calls]
         stop = "tool_use" if item.calls else "end_turn"
