@@ -10,9 +10,10 @@ Run it with `make run` (or `micro run examples/tasks`), then from another termin
 Without ANTHROPIC_API_KEY the agents run on a scripted demo model (labelled as such).
 """
 
-import micro
 from demo_model import model_for_example
 from services import Milestone, Project, Task
+
+import micro
 
 task = micro.New("task", metadata={"description": "tasks with assignees, due dates and status"})
 task.handle(Task())
