@@ -8,7 +8,7 @@ test runs with MICRO_AI_OFFLINE=1, so nothing can reach a real API.
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 
 import anyio
@@ -448,6 +448,20 @@ async def test_anthropic_env_configuration(anthropic_api: FakeAnthropic, monkeyp
     assert KEY in req.headers.get("authorization", "") + req.headers.get("x-api-key", "")
 
 
+async def test_breaking_out_of_a_stream_releases_it(anthropic_api: FakeAnthropic, claude: AnthropicModel) -> None:
+    hold = anyio.Event()
+    anthropic_api.reply(message(text("a long answer that we stop reading"), hold=hold), message(text("next")))
+    try:
+        with anyio.fail_after(10):
+            async with aclosing(claude.stream([Message.user("Hi")])) as stream:
+                async for event in stream:
+                    assert isinstance(event, TextDelta)
+                    break
+            assert (await claude.generate([Message.user("again")])).text == "next"
+    finally:
+        hold.set()
+
+
 async def test_aclose_is_idempotent(anthropic_api: FakeAnthropic) -> None:
     model = AnthropicModel(api_key=KEY, base_url=anthropic_api.base_url)
     await model.aclose()
@@ -583,6 +597,28 @@ async def test_openai_auth_error(openai_api: FakeOpenAI, gpt: OpenAIModel) -> No
     assert KEY not in repr(gpt)
 
 
+async def test_default_stream_for_a_generate_only_provider() -> None:
+    class Fixed(Model):
+        name, model = "fixed", "fixed-1"
+
+        async def generate(
+            self,
+            messages: Sequence[Message],
+            *,
+            tools: Sequence[ToolSpec] = (),
+            system: str | None = None,
+            max_tokens: int | None = None,
+            timeout: float | None = None,
+        ) -> Response:
+            return Response([TextBlock("hi"), ToolUseBlock("c", "t", {})], "tool_use", Usage(), self.model)
+
+    async with Fixed() as model:
+        events = await collect(model.stream([Message.user("x")]))
+    assert events[:2] == [TextDelta("hi"), ToolUseStart("c", "t")]
+    assert isinstance(events[2], Done) and events[2].response.model == "fixed-1"
+    assert repr(model) == "Fixed(provider='fixed', model='fixed-1')"
+
+
 # --- scripted -------------------------------------------------------------------------
 
 
@@ -669,6 +705,8 @@ async def test_scripted_stream() -> None:
 async def test_scripted_timeout_and_default_echo() -> None:
     with pytest.raises(Timeout):
         await scripted.turns("late", delay=30).generate([Message.user("hi")], timeout=0.01)
+    labelled = scripted.ScriptedModel(["hi"], model="scripted demo (set ANTHROPIC_API_KEY for Claude)")
+    assert (await labelled.generate([Message.user("x")])).model.startswith("scripted demo")
     echo = from_provider("scripted")
     assert isinstance(echo, Model) and echo.model == "scripted"
     assert "scripted model" in (await echo.generate([Message.user("ping")])).text

@@ -208,12 +208,13 @@ class AnthropicModel(Model):
                             yield ToolUseDelta(part.tool[0], delta.partial_json)
                     elif event.type == "message_delta":
                         stop_reason = event.delta.stop_reason or stop_reason
+                        # Totals so far; fields the delta leaves out keep their message_start value.
                         u = event.usage
                         usage = Usage(
-                            u.input_tokens if u.input_tokens is not None else usage.input_tokens,
-                            u.output_tokens,
-                            u.cache_read_input_tokens or usage.cache_read_tokens,
-                            u.cache_creation_input_tokens or usage.cache_write_tokens,
+                            getattr(u, "input_tokens", None) or usage.input_tokens,
+                            u.output_tokens or usage.output_tokens,
+                            getattr(u, "cache_read_input_tokens", None) or usage.cache_read_tokens,
+                            getattr(u, "cache_creation_input_tokens", None) or usage.cache_write_tokens,
                         )
         except ValueError as exc:
             raise ConfigError(f"anthropic: {exc}") from None

@@ -170,7 +170,9 @@ class OpenAIModel(Model):
                     content.append(ToolUseBlock(call.id, fn.name, parse_tool_input(fn.arguments)))
             if msg.refusal and not msg.content:
                 finish = "content_filter"
-        return Response(content, _stop_reason(finish, content), _usage(completion.usage), completion.model)
+        # Compatible servers differ in what they fill in: read optional-in-practice fields defensively.
+        answered = getattr(completion, "model", None) or self.model
+        return Response(content, _stop_reason(finish, content), _usage(getattr(completion, "usage", None)), answered)
 
     async def stream(
         self,
@@ -197,11 +199,11 @@ class OpenAIModel(Model):
             )
             async with chunks:
                 async for chunk in chunks:
-                    model = chunk.model or model
-                    if chunk.usage is not None:
+                    model = getattr(chunk, "model", None) or model
+                    if getattr(chunk, "usage", None) is not None:
                         usage = _usage(chunk.usage)
-                    for choice in chunk.choices:
-                        if choice.index != 0:
+                    for choice in getattr(chunk, "choices", None) or ():
+                        if getattr(choice, "index", 0) != 0:
                             continue
                         finish = choice.finish_reason or finish
                         delta = choice.delta

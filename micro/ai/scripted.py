@@ -127,12 +127,20 @@ class ScriptedModel(Model):
             or a function ``(messages, tools) -> Response | Turn | str``, sync or
             async. None answers every message with a labelled echo.
         delay: simulated latency in seconds per call.
+        model: the label it answers as (``Response.model``); keep "scripted" in it so
+            nobody mistakes a demo for a real model.
     """
 
     name = "scripted"
-    model = "scripted"
 
-    def __init__(self, script: Sequence[ScriptItem] | ScriptFunction | None = None, *, delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        script: Sequence[ScriptItem] | ScriptFunction | None = None,
+        *,
+        delay: float = 0.0,
+        model: str = "scripted",
+    ) -> None:
+        self.model = model
         self.delay = delay
         self.calls: list[ScriptedCall] = []
         self._fn: ScriptFunction | None = None
