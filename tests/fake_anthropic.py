@@ -306,7 +306,7 @@ def _message_json(reply: Message, body: dict[str, Any]) -> dict[str, Any]:
 
 def _error_response(err: Error) -> JSONResponse:
     payload = {"type": "error", "error": {"type": err.kind, "message": err.text}}
-    return JSONResponse(payload, status_code=err.status, headers=err.headers)
+    return JSONResponse(payload, status_code=err.status, headers={"request-id": "req_fake", **err.headers})
 
 
 def _sse(events: AsyncIterator[bytes]) -> StreamingResponse:

@@ -405,6 +405,7 @@ async def test_anthropic_bad_request_is_not_retried(anthropic_api: FakeAnthropic
         await claude.generate([Message.user("Hi")])
     assert len(anthropic_api.requests) == 1
     assert "messages.0: empty content" in err.value.message and "Not retried" in err.value.message
+    assert "req_fake" in err.value.message  # the request id, for a support ticket
 
 
 async def test_anthropic_auth_error_names_the_variable_never_the_key(

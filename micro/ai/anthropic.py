@@ -216,8 +216,6 @@ class AnthropicModel(Model):
                             getattr(u, "cache_read_input_tokens", None) or usage.cache_read_tokens,
                             getattr(u, "cache_creation_input_tokens", None) or usage.cache_write_tokens,
                         )
-        except ValueError as exc:
-            raise ConfigError(f"anthropic: {exc}") from None
         except anthropic.AnthropicError as exc:
             raise self._error(exc) from None
         except _http.TimeoutException:  # the SDK does not wrap errors while reading a stream
@@ -275,6 +273,8 @@ class AnthropicModel(Model):
             )
         elif isinstance(exc, anthropic.APIStatusError):
             kind, detail = _error_body(exc)
+            if request_id := getattr(exc, "request_id", None):
+                detail = f"{detail} [request-id {request_id}]"
             err = api_error(
                 "anthropic",
                 status=exc.status_code,

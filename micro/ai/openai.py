@@ -281,7 +281,7 @@ class OpenAIModel(Model):
                 "openai",
                 status=status,
                 kind=exc.type if isinstance(exc.type, str) else None,
-                detail=_detail(exc),
+                detail=_detail(exc) + (f" [request-id {rid}]" if (rid := getattr(exc, "request_id", None)) else ""),
                 key_env=KEY_ENV,
                 model=self.model,
                 retries=self.max_retries,
