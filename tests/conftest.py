@@ -13,10 +13,11 @@ pytest_plugins = ["_servers"]
 
 @pytest.fixture(autouse=True)
 def micro_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """Isolate the machine-local registry and the file store per test."""
+    """Isolate the machine-local registry and the file store per test; forbid real model calls."""
     home = tmp_path / "micro-home"
     home.mkdir()
     monkeypatch.setenv("MICRO_HOME", str(home))
+    monkeypatch.setenv("MICRO_AI_OFFLINE", "1")  # any model request beyond loopback fails
     for var in ("MICRO_REGISTRY", "MICRO_BROKER", "MICRO_STORE", "ANTHROPIC_API_KEY", "OPENAI_API_KEY"):
         monkeypatch.delenv(var, raising=False)
     yield home

@@ -91,7 +91,8 @@ def test_services_and_describe_json(tasks_app: Running) -> None:
     res = micro("services", "--json")
     assert res.returncode == 0, res.stderr
     records = json.loads(res.stdout)
-    assert [r["name"] for r in records] == ["project", "task"]
+    assert [r["name"] for r in records] == ["milestone", "project", "project-mgr", "task", "task-mgr"]
+    assert {r["name"]: r["metadata"].get("type") for r in records}["task-mgr"] == "agent"
     assert all(r["nodes"][0]["address"].startswith("127.0.0.1:") for r in records)
 
     res = micro("describe", "task", "--json")
@@ -100,9 +101,8 @@ def test_services_and_describe_json(tasks_app: Running) -> None:
     ep = next(e for e in task["endpoints"] if e["name"] == "Task.ListOverdue")
     assert ep["path"] == "/task.Task/ListOverdue"
     assert "past their due date" in ep["description"]
-    schema = ep["request"]
-    root = schema["$defs"][schema["$ref"].rsplit("/", 1)[-1]]
-    assert root["required"] == ["user_id"]
+    assert ep["request"]["required"] == ["user_id"]
+    assert ep["request"]["properties"]["user_id"] == {"type": "string"}
 
     res = micro("describe", "task", "--proto")
     assert res.returncode == 0, res.stderr
