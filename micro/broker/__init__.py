@@ -1,0 +1,87 @@
+"""Brokers: publish and subscribe by topic, chosen by URL.
+
+==================================  ==============================================
+``memory://``                       one process (:class:`~micro.broker.memory.MemoryBroker`)
+``local://``                        processes on one machine, no server (``micro.broker.local``)
+``nats://host:4222``                core NATS, at most once (:class:`~micro.broker.nats.NatsBroker`)
+``nats+js://host:4222``             NATS JetStream, at least once, durable consumers
+==================================  ==============================================
+
+Other packages add schemes through the ``micro.broker`` entry-point group (name =
+scheme, value = ``"module:Class"`` of a :class:`Broker` subclass with ``from_url``)::
+
+    broker = micro.broker.from_url("nats+js://127.0.0.1:4222?max_deliver=3")
+    async with broker:
+        await broker.publish("events.user.created", {"id": 1})
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from importlib.metadata import entry_points
+from urllib.parse import urlsplit
+
+from micro.broker._base import (
+    Broker,
+    Message,
+    MessageHandler,
+    Subscription,
+    encode_message,
+)
+from micro.errors import ConfigError
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_URL",
+    "Broker",
+    "Message",
+    "MessageHandler",
+    "Subscription",
+    "encode_message",
+    "from_url",
+]
+
+DEFAULT_URL = "memory://"
+
+BACKENDS: dict[str, str] = {
+    "memory": "micro.broker.memory:MemoryBroker",
+    "local": "micro.broker.local:LocalBroker",
+    "nats": "micro.broker.nats:NatsBroker",
+    "nats+js": "micro.broker.nats:NatsBroker",
+}
+"""URL scheme -> ``"module:Class"``, imported only when used."""
+
+
+def from_url(url: str | None = None) -> Broker:
+    """The broker for ``url``; ``None`` reads ``MICRO_BROKER``, then uses ``memory://``.
+
+    Construction does no I/O: enter the broker with ``async with`` to connect.
+
+    Raises:
+        ConfigError: the scheme is unknown or the URL's options are bad.
+    """
+    url = url or os.environ.get("MICRO_BROKER") or DEFAULT_URL
+    scheme = urlsplit(url).scheme if "://" in url else ""
+    target = BACKENDS.get(scheme)
+    if target is None:
+        for ep in entry_points(group="micro.broker"):
+            if ep.name == scheme:
+                target = ep.value
+                break
+    if target is None:
+        known = sorted({*BACKENDS, *(ep.name for ep in entry_points(group="micro.broker"))})
+        raise ConfigError(f"unknown broker URL {url!r}: the scheme must be one of "
+                          f"{', '.join(s + '://' for s in known)}")
+    module_name, _, class_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise  # the backend's own dependency is missing: its message says what to install
+        raise ConfigError(f"broker URL {url!r}: {module_name} is not available in this "
+                          "version of micro") from None
+    cls = getattr(module, class_name)
+    if not (isinstance(cls, type) and issubclass(cls, Broker)):
+        raise ConfigError(f"broker URL {url!r}: {target} is not a micro.broker.Broker")
+    return cls.from_url(url)

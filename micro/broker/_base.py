@@ -1,0 +1,230 @@
+"""The broker interface: topics, messages, publish and subscribe.
+
+A broker moves messages between publishers and subscribers by topic. Topics are
+dot-separated tokens (``events.user.created``); a subscription may use the NATS
+wildcards ``*`` (exactly one token) and ``>`` (one or more trailing tokens) on
+every backend. Subscribers in the same ``queue`` group compete: each message goes
+to exactly one member; subscribers without a queue each get every message.
+
+This module is the whole contract and imports no backend. Backends subclass
+:class:`Broker` and :class:`Subscription`; :func:`micro.broker.from_url` picks
+one by URL scheme.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import betterproto2
+import msgspec
+from anyio.abc import TaskGroup
+
+from micro.errors import UsageError
+
+__all__ = [
+    "ID_HEADER",
+    "BackgroundTasks",
+    "Broker",
+    "Message",
+    "MessageHandler",
+    "Subscription",
+    "encode_message",
+    "new_message_id",
+    "validate_topic",
+]
+
+ID_HEADER = "Micro-Id"
+"""The header that carries :attr:`Message.id` between processes."""
+
+
+class Message(msgspec.Struct):
+    """One delivered message.
+
+    ``headers`` holds the publisher's headers plus ``Micro-Id``; ``id`` is unique per
+    published message (a uuid4 hex unless the publisher set ``Micro-Id`` itself) and
+    the same for every subscriber that receives it. ``delivery`` counts attempts:
+    JetStream's ``num_delivered``, always 1 on backends without redelivery.
+    """
+
+    topic: str
+    data: bytes
+    headers: dict[str, str] = {}
+    id: str = ""
+    delivery: int = 1
+
+
+MessageHandler = Callable[[Message], Awaitable[None]]
+
+
+class Subscription(abc.ABC):
+    """Interest in a topic; returned by :meth:`Broker.subscribe`."""
+
+    topic: str
+    queue: str | None
+
+    @abc.abstractmethod
+    async def unsubscribe(self) -> None:
+        """Stop delivery and let the message in hand finish. Idempotent."""
+
+
+class Broker(abc.ABC):
+    """Publish and subscribe by topic.
+
+    Construction does no I/O; ``async with`` connects (:meth:`connect`) and
+    :meth:`aclose` (idempotent) drains every subscription, then disconnects::
+
+        async with micro.broker.from_url("nats://127.0.0.1:4222") as broker:
+            await broker.subscribe("events.>", handle)
+            await broker.publish("events.user.created", {"id": 1})
+    """
+
+    url: str = ""
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Connect and start background work; raise ``Unavailable`` if the server is unreachable."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Drain subscriptions, stop background work and disconnect. Idempotent."""
+
+    @abc.abstractmethod
+    async def publish(
+        self, topic: str, message: object, *, headers: Mapping[str, str] | None = None
+    ) -> None:
+        """Publish ``message`` (see :func:`encode_message`) to ``topic``."""
+
+    @abc.abstractmethod
+    async def subscribe(
+        self,
+        topic: str,
+        handler: MessageHandler,
+        *,
+        queue: str | None = None,
+        durable: str | None = None,
+    ) -> Subscription:
+        """Call ``handler`` for each message on ``topic`` (wildcards allowed).
+
+        ``queue`` joins a group of competing consumers. ``durable`` names a consumer
+        that outlives the process on backends that persist (JetStream); elsewhere
+        it is accepted and has no effect.
+        """
+
+    @classmethod
+    def from_url(cls, url: str) -> Self:
+        """Build this backend from its URL; backends with options override this."""
+        return cls()
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class BackgroundTasks:
+    """A broker's task group, run in a task of its own.
+
+    The group is entered by :meth:`start` (from ``connect``) and left by :meth:`aclose`,
+    which may run in another task than ``connect`` did (a fixture's teardown, a
+    signal handler): an anyio task group entered directly in ``__aenter__`` could
+    only be left from the task that entered it. :meth:`aclose` cancels what is
+    still running, waits for it, and re-raises a crash of a background task.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._tg: TaskGroup | None = None
+        self._host: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        ready = asyncio.Event()
+        self._host = asyncio.create_task(self._run(ready), name=self.name)
+        self._host.add_done_callback(self._report)
+        await ready.wait()
+
+    async def _run(self, ready: asyncio.Event) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            ready.set()
+            await self._stop.wait()
+            tg.cancel_scope.cancel()
+
+    def _report(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None and not self._stop.is_set():
+            logging.getLogger("micro.broker").error(
+                "%s: a background task crashed", self.name, exc_info=task.exception())
+
+    def start_soon(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: object, name: str) -> None:
+        if self._tg is None or self._stop.is_set():
+            raise RuntimeError(f"{self.name} is not running")
+        self._tg.start_soon(fn, *args, name=name)
+
+    async def aclose(self) -> None:
+        self._stop.set()
+        if self._host is not None:
+            host, self._host = self._host, None
+            await host
+
+
+def encode_message(message: object) -> bytes:
+    """The wire bytes of ``message``.
+
+    Bytes pass as they are; dicts and msgspec Structs become msgspec JSON; a
+    betterproto2 message becomes its proto3 JSON. Anything else is a ``TypeError``.
+    """
+    if isinstance(message, bytes):
+        return message
+    if isinstance(message, bytearray | memoryview):
+        return bytes(message)
+    if isinstance(message, dict | msgspec.Struct):
+        return msgspec.json.encode(message)
+    if isinstance(message, betterproto2.Message):
+        return message.to_json().encode()
+    raise TypeError(
+        f"cannot publish a {type(message).__qualname__}: "
+        "pass bytes, a dict, a msgspec.Struct or a betterproto2 message"
+    )
+
+
+def new_message_id(headers: Mapping[str, str] | None) -> str:
+    """The publisher's ``Micro-Id`` header if it set one, else a fresh uuid4 hex."""
+    if headers:
+        given = headers.get(ID_HEADER)
+        if given:
+            return given
+    return uuid.uuid4().hex
+
+
+_TOKEN = re.compile(r"[^\s.*>]+")
+
+
+def validate_topic(topic: str, *, wildcards: bool) -> str:
+    """Return ``topic`` if it is a valid topic (or pattern), else raise ``UsageError``."""
+    tokens = topic.split(".")
+    for i, token in enumerate(tokens):
+        if _TOKEN.fullmatch(token):
+            continue
+        if wildcards and (token == "*" or (token == ">" and i == len(tokens) - 1)):
+            continue
+        what = "subscription pattern" if wildcards else "topic (no wildcards when publishing)"
+        raise UsageError(
+            f"invalid {what} {topic!r}: use dot-separated tokens without spaces, "
+            "'*' for one whole token and '>' only as the last token"
+        )
+    return topic

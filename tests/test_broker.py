@@ -1,0 +1,510 @@
+"""Brokers: the conformance kit on memory, core NATS and JetStream, plus what only one does.
+
+NATS is a real nats-server (tests/_servers.py). Nothing sleeps to synchronise:
+tests wait on messages (a barrier message published last proves that nothing
+else is coming) with ``anyio.fail_after`` bounds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import betterproto2
+import pytest
+
+import micro.broker
+from micro.broker import Broker, Message, encode_message, from_url
+from micro.broker.memory import MemoryBroker, topic_matches
+from micro.broker.nats import NatsBroker
+from micro.errors import BrokerError, ConfigError, Unavailable, UsageError
+from micro.testing.broker_kit import CHECKS, Inbox
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def topic(prefix: str = "t") -> str:
+    return f"{prefix}.{uuid.uuid4().hex[:12]}"
+
+
+# -- the conformance kit on every backend ------------------------------------------
+
+
+@pytest.fixture(params=["memory", "nats", "nats+js"])
+def make_broker(request: pytest.FixtureRequest) -> Callable[[], Broker]:
+    if request.param == "memory":
+        return lambda: from_url("memory://")
+    url = request.getfixturevalue("nats_url")
+    scheme = request.param
+    return lambda: from_url(url.replace("nats://", f"{scheme}://") + "?backoff=0.05")
+
+
+@pytest.mark.parametrize("check", list(CHECKS))
+async def test_conformance(make_broker: Callable[[], Broker], check: str) -> None:
+    await CHECKS[check](make_broker)
+
+
+# -- choosing a backend by URL ---------------------------------------------------------
+
+
+def test_from_url_default_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert isinstance(from_url(), MemoryBroker)
+    monkeypatch.setenv("MICRO_BROKER", "nats+js://127.0.0.1:4999?max_deliver=3&backoff=1,2")
+    broker = from_url()
+    assert isinstance(broker, NatsBroker)
+    assert broker.jetstream and broker.max_deliver == 3 and broker.backoff == (1.0, 2.0)
+    core = from_url("nats://a:4222,b:4223")
+    assert isinstance(core, NatsBroker) and not core.jetstream
+    assert core.servers == ["nats://a:4222", "nats://b:4223"]
+    assert from_url("memory://?queue_size=8").queue_size == 8  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "url, words",
+    [
+        ("kafka://x:9092", ["kafka://x:9092", "memory://", "nats://", "nats+js://"]),
+        ("nats", ["'nats'", "memory://"]),
+        ("nats://h:4222?max_deliverr=3", ["max_deliverr", "nats://h:4222"]),
+        ("nats://h:4222?ack_wait=soon", ["soon", "ack_wait"]),
+        ("memory://?queue_size=0", ["queue_size"]),
+        ("memory://?colour=red", ["colour"]),
+    ],
+)
+def test_from_url_bad(url: str, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        from_url(url)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_from_url_missing_backend_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(micro.broker.BACKENDS, "ghost", "micro.broker.ghost:GhostBroker")
+    with pytest.raises(ConfigError, match="ghost://x"):
+        from_url("ghost://x")
+
+
+async def test_unreachable_server_is_unavailable_at_start() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"nats+js://127.0.0.1:{s.getsockname()[1]}"
+    broker = from_url(url)  # no I/O yet
+    with anyio.fail_after(10), pytest.raises(Unavailable) as info:
+        async with broker:
+            pass
+    assert url in str(info.value) and "\n" not in str(info.value)
+    await broker.aclose()
+
+
+async def test_not_started() -> None:
+    for broker in (MemoryBroker(), NatsBroker("nats://127.0.0.1:1")):
+        with pytest.raises(BrokerError, match="async with"):
+            await broker.subscribe("a", Inbox())
+    with pytest.raises(Unavailable, match="async with"):
+        await NatsBroker("nats://127.0.0.1:1").publish("a", b"x")
+
+
+# -- encoding ----------------------------------------------------------------------------
+
+
+@dataclass(eq=False, repr=False)
+class Greeting(betterproto2.Message):
+    text: str = betterproto2.field(1, betterproto2.TYPE_STRING)
+    count: int = betterproto2.field(2, betterproto2.TYPE_INT64)
+
+
+def test_encode_message() -> None:
+    assert encode_message(b"x") == b"x"
+    assert encode_message(bytearray(b"y")) == b"y"
+    assert encode_message({"k": [1, 2]}) == b'{"k":[1,2]}'
+    assert encode_message(Greeting(text="hi", count=3)) == b'{"text": "hi", "count": "3"}'
+    for bad in ("text", 3, [1]):
+        with pytest.raises(TypeError, match=type(bad).__qualname__):
+            encode_message(bad)
+
+
+# -- memory ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "pattern, subject, match",
+    [
+        ("a.b", "a.b", True), ("a.b", "a.c", False), ("a.*", "a.b", True),
+        ("a.*", "a.b.c", False), ("a.*", "a", False), ("a.>", "a.b.c", True),
+        ("a.>", "a", False), (">", "a", True), ("*.b.*", "a.b.c", True),
+        ("*.b", "a.c", False), ("a.*.c", "a.b.c", True), ("a.b", "a.b.c", False),
+    ],
+)
+def test_topic_matches(pattern: str, subject: str, match: bool) -> None:
+    assert topic_matches(pattern, subject) is match
+
+
+async def test_memory_full_buffer_drops_oldest() -> None:
+    async with MemoryBroker(queue_size=4) as broker:
+        gate = anyio.Event()
+        slow, fast = Inbox(gate=gate), Inbox()
+        slow_sub = await broker.subscribe("t.full", slow)
+        await broker.subscribe("t.full", fast)
+        await broker.publish("t.full", b"0")
+        with anyio.fail_after(5):
+            await slow.entered.wait()  # the worker holds "0"; the buffer is empty again
+        sent = [str(i).encode() for i in range(1, 11)]
+        with anyio.fail_after(5):  # the publisher never waits for the slow subscriber
+            for data in sent:
+                await broker.publish("t.full", data)
+        await fast.wait_count(11)
+        assert slow_sub.dropped == 6
+        gate.set()
+        await slow.wait_count(5)
+        assert slow.data == [b"0", b"7", b"8", b"9", b"10"]
+        await broker.publish("t.full", b"end")
+        await slow.wait_data(b"end")
+        assert slow_sub.dropped == 6
+
+
+async def test_memory_queue_group_skips_a_full_member() -> None:
+    async with MemoryBroker(queue_size=2) as broker:
+        gate = anyio.Event()
+        stuck, free = Inbox(gate=gate), Inbox()
+        stuck_sub = await broker.subscribe("t.q", stuck, queue="g")
+        free_sub = await broker.subscribe("t.q", free, queue="g")
+        for i in range(20):
+            await broker.publish("t.q", str(i).encode())
+        await free.wait_count(17)
+        gate.set()
+        await stuck.wait_count(3)
+        assert stuck_sub.dropped == free_sub.dropped == 0
+        assert sorted(stuck.data + free.data) == sorted(str(i).encode() for i in range(20))
+
+
+async def test_memory_handler_error_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    async with MemoryBroker() as broker:
+        inbox = Inbox(fail_on=b"boom")
+        await broker.subscribe("t.err", inbox)
+        with caplog.at_level(logging.ERROR, "micro.broker.memory"):
+            await broker.publish("t.err", b"boom")
+            await broker.publish("t.err", b"next")
+            await inbox.wait_data(b"next")
+    [record] = [r for r in caplog.records if r.name == "micro.broker.memory"]
+    assert "t.err" in record.getMessage() and record.exc_info is not None
+
+
+async def test_memory_handler_unsubscribes_itself() -> None:
+    async with MemoryBroker() as broker:
+        seen: list[bytes] = []
+        done = anyio.Event()
+
+        async def once(message: Message) -> None:
+            seen.append(message.data)
+            await sub.unsubscribe()
+            done.set()
+
+        sub = await broker.subscribe("t.once", once)
+        await broker.publish("t.once", b"1")
+        with anyio.fail_after(5):
+            await done.wait()
+        other = Inbox()
+        await broker.subscribe("t.once", other)
+        await broker.publish("t.once", b"2")
+        await other.wait_count(1)
+        assert seen == [b"1"]
+
+
+# -- JetStream -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def js(nats_url: str) -> AsyncIterator[Callable[..., NatsBroker]]:
+    """Brokers on the session server in JetStream mode, closed at the end of the test."""
+    async with AsyncExitStack() as stack:
+        async def make(**options: object) -> NatsBroker:
+            options.setdefault("backoff", (0.05,))
+            broker = NatsBroker(nats_url, jetstream=True, **options)  # type: ignore[arg-type]
+            return await stack.enter_async_context(broker)
+
+        yield make  # type: ignore[misc]
+
+
+async def test_js_durable_consumer_keeps_messages_while_away(js: Callable[..., object]) -> None:
+    t, durable = topic("orders"), f"billing-{uuid.uuid4().hex[:6]}"
+    first: NatsBroker = await js()  # type: ignore[misc]
+    sub = await first.subscribe(t, Inbox(), durable=durable)
+    await sub.unsubscribe()
+    publisher: NatsBroker = await js()  # type: ignore[misc]
+    sent = [str(i).encode() for i in range(10)]
+    for data in sent:
+        await publisher.publish(t, data)
+    second: NatsBroker = await js()  # type: ignore[misc]
+    inbox = Inbox()
+    await second.subscribe(t, inbox, durable=durable)
+    await inbox.wait_count(10)
+    assert inbox.data == sent
+    assert {m.delivery for m in inbox.messages} == {1}
+
+
+async def test_js_redelivers_until_the_handler_succeeds(js: Callable[..., object]) -> None:
+    t = topic("jobs")
+    broker: NatsBroker = await js(max_deliver=5)  # type: ignore[misc]
+    attempts: list[Message] = []
+    done = Inbox()
+
+    async def flaky(message: Message) -> None:
+        attempts.append(message)
+        if len(attempts) <= 2:
+            raise RuntimeError(f"attempt {len(attempts)} fails")
+        await done(message)
+
+    await broker.subscribe(t, flaky, durable=f"flaky-{uuid.uuid4().hex[:6]}")
+    await broker.publish(t, b"job", headers={"Micro-Id": "job-1"})
+    await done.wait_count(1)
+    assert [m.delivery for m in attempts] == [1, 2, 3]
+    assert {m.id for m in attempts} == {"job-1"}
+
+
+async def test_js_poison_message_goes_to_dead_letter(js: Callable[..., object]) -> None:
+    t = topic("mail")
+    broker: NatsBroker = await js(max_deliver=3)  # type: ignore[misc]
+    dead, attempts = Inbox(), Inbox()
+    await broker.subscribe(f"dlq.{t}", dead)
+
+    async def poisoned(message: Message) -> None:
+        await attempts(message)
+        if message.data == b"poison":
+            raise ValueError("cannot parse\nthis")
+
+    await broker.subscribe(t, poisoned, durable=f"mailer-{uuid.uuid4().hex[:6]}")
+    await broker.publish(t, b"poison")
+    await broker.publish(t, b"fine")
+    await dead.wait_count(1)
+    letter = dead.messages[0]
+    assert letter.topic == f"dlq.{t}" and letter.data == b"poison"
+    assert letter.headers["Micro-Error"] == "ValueError: cannot parse this"
+    assert letter.headers["Micro-Topic"] == t
+    assert letter.headers["Micro-Deliveries"] == "3"
+    poison = [m for m in attempts.messages if m.data == b"poison"]
+    assert [m.delivery for m in poison] == [1, 2, 3]
+    assert letter.id == poison[0].id
+    await attempts.wait_data(b"fine")
+
+
+async def test_js_queue_group_of_durable_members(js: Callable[..., object]) -> None:
+    t, durable = topic("work"), f"pool-{uuid.uuid4().hex[:6]}"
+    members = [await js(fetch_batch=1), await js(fetch_batch=4)]  # type: ignore[misc]
+    work: dict[int, list[Message]] = {0: [], 1: []}
+    both = anyio.Event()
+    everything = Inbox()
+
+    def member(i: int) -> Callable[[Message], object]:
+        async def handle(message: Message) -> None:
+            work[i].append(message)
+            if all(work.values()):
+                both.set()
+            with anyio.fail_after(10):
+                await both.wait()
+            await everything(message)
+
+        return handle
+
+    for i, broker in enumerate(members):
+        await broker.subscribe(t, member(i), queue="pool", durable=durable)  # type: ignore[arg-type]
+    publisher: NatsBroker = await js()  # type: ignore[misc]
+    sent = [str(i).encode() for i in range(30)]
+    for data in sent:
+        await publisher.publish(t, data)
+    await everything.wait_count(30)
+    assert sorted(everything.data) == sorted(sent)
+    assert len({m.id for m in everything.messages}) == 30
+    assert all(work.values())
+
+
+async def test_js_publish_is_deduplicated_by_id(js: Callable[..., object]) -> None:
+    t = topic("dedup")
+    broker: NatsBroker = await js()  # type: ignore[misc]
+    inbox = Inbox()
+    await broker.subscribe(t, inbox)
+    await broker.publish(t, b"once", headers={"Micro-Id": "same"})
+    await broker.publish(t, b"once", headers={"Micro-Id": "same"})
+    await broker.publish(t, b"end")
+    await inbox.wait_data(b"end")
+    assert inbox.data == [b"once", b"end"]
+
+
+async def test_js_slow_handler_is_not_redelivered(js: Callable[..., object]) -> None:
+    """A handler running past ack_wait is kept alive (in-progress acks), not redelivered."""
+    t = topic("slow")
+    broker: NatsBroker = await js(ack_wait=0.5)  # type: ignore[misc]
+    inbox = Inbox()
+
+    async def slow(message: Message) -> None:
+        if message.data == b"slow":
+            await anyio.sleep(1.6)  # the scenario itself: three ack_waits of work
+        await inbox(message)
+
+    await broker.subscribe(t, slow, durable=f"slow-{uuid.uuid4().hex[:6]}")
+    await broker.publish(t, b"slow")
+    await broker.publish(t, b"end")
+    await inbox.wait_data(b"end")
+    assert [(m.data, m.delivery) for m in inbox.messages] == [(b"slow", 1), (b"end", 1)]
+
+
+async def test_js_crashed_consumer_is_redelivered_after_ack_wait(
+    js: Callable[..., object], nats_url: str
+) -> None:
+    t, durable = topic("crash"), f"crash-{uuid.uuid4().hex[:6]}"
+    publisher: NatsBroker = await js()  # type: ignore[misc]
+    await publisher.publish(t, b"work", headers={"Micro-Id": "w-1"})
+    child = f"""
+import anyio
+from micro.broker.nats import NatsBroker
+
+async def main():
+    async with NatsBroker({nats_url!r}, jetstream=True, ack_wait=1.0) as broker:
+        async def handle(message):
+            print("got", message.id, message.delivery, flush=True)
+            await anyio.sleep_forever()
+        await broker.subscribe({t!r}, handle, durable={durable!r})
+        await anyio.sleep_forever()
+
+anyio.run(main)
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    async with await anyio.open_process([sys.executable, "-c", child], env=env) as proc:
+        assert proc.stdout is not None
+        with anyio.fail_after(20):
+            line = b""
+            async for chunk in proc.stdout:
+                line += chunk
+                if b"\n" in line:
+                    break
+        assert line.split() == [b"got", b"w-1", b"1"], line
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    broker: NatsBroker = await js(ack_wait=1.0)  # type: ignore[misc]
+    inbox = Inbox()
+    await broker.subscribe(t, inbox, durable=durable)
+    await inbox.wait_count(1)
+    assert (inbox.messages[0].id, inbox.messages[0].delivery) == ("w-1", 2)
+
+
+async def test_js_topic_rules(js: Callable[..., object]) -> None:
+    broker: NatsBroker = await js()  # type: ignore[misc]
+    with pytest.raises(UsageError, match="literal"):
+        await broker.subscribe("*.created", Inbox())
+    durable = f"one-{uuid.uuid4().hex[:6]}"
+    base = topic("rules")
+    await broker.subscribe(f"{base}.a", Inbox(), durable=durable)
+    with pytest.raises(UsageError, match=durable):
+        await broker.subscribe(f"{base}.b", Inbox(), durable=durable)
+    # a queue group may span topics: each topic gets its own consumer
+    await broker.subscribe(f"{base}.a", Inbox(), queue="svc")
+    await broker.subscribe(f"{base}.b", Inbox(), queue="svc")
+
+
+# -- faults: the server goes away while publishers run ----------------------------------------
+
+
+class Publisher:
+    """Publishes numbered messages until stopped, remembering what the server took."""
+
+    def __init__(self, broker: NatsBroker, t: str) -> None:
+        self.broker, self.topic = broker, t
+        self.acked: list[str] = []
+        self.failures = 0
+        self.failed = anyio.Event()  # set once five publishes have failed during the outage
+        self.stopped = False
+        self._changed = anyio.Event()
+
+    async def run(self) -> None:
+        n = 0
+        while not self.stopped:
+            n += 1
+            mid = f"m-{n}"
+            try:
+                with anyio.fail_after(10):  # a publish never hangs
+                    await self.broker.publish(self.topic, mid.encode(), headers={"Micro-Id": mid})
+            except Unavailable:
+                self.failures += 1
+                if self.failures >= 5:
+                    self.failed.set()
+                await anyio.sleep(0.02)  # pacing while the server is down, not synchronisation
+                continue
+            self.acked.append(mid)
+            self._changed.set()
+            self._changed = anyio.Event()
+            await anyio.sleep(0.002)
+
+    async def wait_acked(self, n: int) -> None:
+        with anyio.fail_after(30):
+            while len(self.acked) < n:
+                await self._changed.wait()
+
+
+@pytest.mark.parametrize("jetstream", [False, True], ids=["core", "jetstream"])
+async def test_server_restart_while_publishing(own_nats_server: object, jetstream: bool) -> None:
+    """Stop the server under running publishers and a subscriber, then start it again.
+
+    Publishing fails fast with ``Unavailable`` while it is down and resumes after the
+    reconnect. On JetStream the subscriber's handler is held shut until after the
+    restart, so every message the server acknowledged before the stop is delivered
+    after it, and none is lost.
+    """
+    server = own_nats_server
+    url: str = server.url  # type: ignore[attr-defined]
+    options = {"jetstream": jetstream, "reconnect_wait": 0.1, "publish_timeout": 2.0,
+               "ack_wait": 2.0, "backoff": (0.1,)}
+    t = topic("fault")
+    gate = anyio.Event()
+    if not jetstream:
+        gate.set()
+    async with NatsBroker(url, **options) as sub_broker, \
+            NatsBroker(url, **options) as pub_broker:  # type: ignore[arg-type]
+        inbox = Inbox(gate=gate)
+        await sub_broker.subscribe(t, inbox, durable="fault" if jetstream else None)
+        publisher = Publisher(pub_broker, t)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(publisher.run)
+            await publisher.wait_acked(50)
+            await anyio.to_thread.run_sync(server.stop)  # type: ignore[attr-defined]
+            with anyio.fail_after(15):
+                await publisher.failed.wait()  # publishing fails fast with Unavailable
+            before_stop = list(publisher.acked)
+            await anyio.to_thread.run_sync(server.start)  # type: ignore[attr-defined]
+            gate.set()
+            await publisher.wait_acked(len(before_stop) + 50)  # both clients reconnected
+            publisher.stopped = True
+        acked = publisher.acked
+        assert publisher.failures >= 5
+        if jetstream:
+            await inbox.wait_for(lambda ms: {m.id for m in ms} >= set(acked),
+                                 f"all {len(acked)} acknowledged messages")
+            received = {m.id for m in inbox.messages}
+            assert set(before_stop) <= received, f"{len(set(before_stop) - received)} lost"
+        else:  # at most once: what is published after the reconnect arrives
+            await inbox.wait_data(acked[-1].encode())
+
+
+async def test_js_consumer_and_stream_deleted_behind_our_back(js: Callable[..., object]) -> None:
+    t = topic("gone")
+    broker: NatsBroker = await js()  # type: ignore[misc]
+    durable, ephemeral = Inbox(), Inbox()
+    await broker.subscribe(t, durable, durable=f"gone-{uuid.uuid4().hex[:6]}")
+    eph_sub = await broker.subscribe(t, ephemeral)
+    await broker.publish(t, b"1")
+    await durable.wait_count(1)
+    await ephemeral.wait_count(1)
+    await broker._jsm.delete_consumer("gone", eph_sub._consumer)
+    await broker.publish(t, b"2")
+    await ephemeral.wait_count(2)
+    await broker._jsm.delete_stream("gone")
+    await broker.publish(t, b"3")  # the publisher makes the stream again
+    await durable.wait_data(b"3")
+    await ephemeral.wait_data(b"3")
+    assert durable.data == ephemeral.data == [b"1", b"2", b"3"]
