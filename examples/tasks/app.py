@@ -1,17 +1,18 @@
-"""The example system: task, project and milestone services, and two agents over them.
+"""The example system: task, project, milestone, notification and email services; three agents.
 
 Run it with `make run` (or `micro run examples/tasks`), then from another terminal:
 
     micro services
     micro call task Task.ListOverdue '{"user_id": "alice"}'
     micro call task-mgr Agent.Chat '{"message": "What tasks are overdue for Alice?"}'
-    micro describe task-mgr
+    micro agent list
+    micro chat -m "Reschedule Alice's overdue tasks and notify her"
 
 Without ANTHROPIC_API_KEY the agents run on a scripted demo model (labelled as such).
 """
 
 from demo_model import model_for_example
-from services import Milestone, Project, Task
+from services import Email, Milestone, Notification, Project, Task
 
 import micro
 
@@ -35,5 +36,18 @@ project_mgr = micro.NewAgent(
     "project-mgr",
     micro.AgentServices("task", "project", "milestone"),
     micro.AgentPrompt("You manage the project system. Tasks belong to projects. Milestones track progress."),
+    provider=model_for_example(),
+)
+
+notification = micro.New("notification", metadata={"description": "in-app notifications"})
+notification.handle(Notification())
+
+email = micro.New("email", metadata={"description": "outgoing email"})
+email.handle(Email())
+
+comms_mgr = micro.NewAgent(
+    "comms-mgr",
+    micro.AgentServices("notification", "email"),
+    micro.AgentPrompt("You handle notifications and emails."),
     provider=model_for_example(),
 )

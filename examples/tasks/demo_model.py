@@ -31,20 +31,32 @@ def model_for_example() -> Model:
 def _brain(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | str:
     last = messages[-1]
     results = [b for b in last.content if isinstance(b, ToolResultBlock)]
-    if results:
-        asked = [b for b in messages[-2].content if isinstance(b, ToolUseBlock)]
-        return "\n\n".join(_summary(use, res) for use, res in zip(asked, results, strict=False))
-    text = last.text.lower()
+    asked = [b for b in messages[-2].content if isinstance(b, ToolUseBlock)] if results else []
+    request = next(m.text for m in reversed(messages) if m.role == "user" and m.text).lower()
     names = {t.name for t in tools}
-    user = next((u for u in USERS if u in text), "alice")
-    for word, tool, args in (
-        ("overdue", "task_Task_ListOverdue", {"user_id": user}),
-        ("milestone", "milestone_Milestone_List", {}),
-        ("project", "project_Project_List", {}),
-        ("task", "task_Task_List", {"user_id": user}),
+    user = next((u for u in USERS if u in request), "alice")
+    if results and "reschedule" in request and asked and asked[0].name == "task_Task_ListOverdue":
+        overdue = json.loads(results[0].content).get("records", [])
+        new_due = (dt.date.today() + dt.timedelta(days=7)).isoformat()
+        calls = [scripted.call("task_Task_Update", id=r["id"], due=new_due) for r in overdue]
+        if calls:  # one turn, several calls: they run concurrently
+            return scripted.turn(f"Moving {len(calls)} tasks to {new_due}...", *calls)
+    if results:
+        return "\n\n".join(_summary(use, res) for use, res in zip(asked, results, strict=False))
+    if "notif" in request and "notification_Notification_Send" in names:
+        note = "Your overdue tasks were rescheduled." if "reschedule" in request else request
+        return scripted.turn(f"Notifying {user.title()}...",
+                             scripted.call("notification_Notification_Send", user_id=user, message=note))
+    for word, tool, args, say in (
+        ("reschedule", "task_Task_ListOverdue", {"user_id": user}, "Finding overdue tasks..."),
+        ("overdue", "task_Task_ListOverdue", {"user_id": user}, "Checking overdue tasks..."),
+        ("milestone", "milestone_Milestone_List", {}, "Checking milestones..."),
+        ("project", "project_Project_List", {}, "Checking projects..."),
+        ("task", "task_Task_List", {"user_id": user}, "Checking tasks..."),
+        ("email", "email_Email_Send", {"to": user, "subject": "Hello from micro"}, "Sending an email..."),
     ):
-        if word in text and tool in names:
-            return scripted.turn(f"Checking {word}s...", scripted.call(tool, args))
+        if word in request and tool in names:
+            return scripted.turn(say, scripted.call(tool, args))
     listing = ", ".join(sorted(names)) or "none"
     return f"[{LABEL}] I only understand a few requests in this demo. My tools: {listing}."
 
@@ -56,6 +68,10 @@ def _summary(use: ToolUseBlock, res: ToolResultBlock) -> str:
         body: Any = json.loads(res.content)
     except ValueError:
         return res.content
+    if use.name == "task_Task_Update":
+        return f"Rescheduled: {_label(body['record'])}"
+    if use.name == "notification_Notification_Send":
+        return f"Notified {body['record']['user_id'].title()}: {body['record']['message']}"
     records = body.get("records") if isinstance(body, dict) else None
     if not isinstance(records, list):
         return json.dumps(body)

@@ -247,3 +247,76 @@ class Milestone:
         return ListMilestonesResponse(
             records=[m for m in self.milestones.values() if not req.project_id or m.project_id == req.project_id]
         )
+
+
+# -- notification and email ---------------------------------------------------------------------
+
+
+class SendNotificationRequest(msgspec.Struct):
+    user_id: str
+    message: str
+
+
+class NotificationRecord(msgspec.Struct):
+    id: str
+    user_id: str
+    message: str
+
+
+class NotificationResponse(msgspec.Struct):
+    record: NotificationRecord
+
+
+class ListNotificationsRequest(msgspec.Struct):
+    user_id: str = ""
+
+
+class ListNotificationsResponse(msgspec.Struct):
+    records: list[NotificationRecord]
+
+
+class Notification:
+    """In-app notifications to users."""
+
+    def __init__(self) -> None:
+        self.sent: list[NotificationRecord] = []
+
+    async def Send(self, req: SendNotificationRequest) -> NotificationResponse:
+        """Send an in-app notification to a user."""
+        record = NotificationRecord(f"n{len(self.sent) + 1}", req.user_id, req.message)
+        self.sent.append(record)
+        return NotificationResponse(record=record)
+
+    async def List(self, req: ListNotificationsRequest) -> ListNotificationsResponse:
+        """List the notifications sent, to one user when user_id is given."""
+        return ListNotificationsResponse(records=[n for n in self.sent if not req.user_id or n.user_id == req.user_id])
+
+
+class SendEmailRequest(msgspec.Struct):
+    to: str
+    subject: str
+    body: str = ""
+
+
+class EmailRecord(msgspec.Struct):
+    id: str
+    to: str
+    subject: str
+    body: str = ""
+
+
+class EmailResponse(msgspec.Struct):
+    record: EmailRecord
+
+
+class Email:
+    """Outgoing email (kept in memory in this example)."""
+
+    def __init__(self) -> None:
+        self.outbox: list[EmailRecord] = []
+
+    async def Send(self, req: SendEmailRequest) -> EmailResponse:
+        """Send an email with a subject and a body to an address (or a user id)."""
+        record = EmailRecord(f"e{len(self.outbox) + 1}", req.to, req.subject, req.body)
+        self.outbox.append(record)
+        return EmailResponse(record=record)

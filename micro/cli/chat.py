@@ -1,0 +1,209 @@
+"""``micro chat``: talk to the agents in the registry.
+
+One agent: messages go straight to its ``Agent.StreamChat``. Several: a router
+(a model call, or the labelled keyword router without a key) picks one or more,
+which are asked concurrently; their lines are labelled ``[agent]``. The agents
+are looked up again for every message, so agents that start or stop while the
+chat runs are seen on the next one. Interactive with a terminal (line editing,
+history in ``$MICRO_HOME/chat_history``, Ctrl-C cancels the turn, Ctrl-D exits);
+one-shot with ``-m`` or when stdin is not a terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+import click
+
+from micro.cli.main import cli_runtime, fail, main, out, run_async
+
+TRUNCATE = 160
+
+
+class _Routes(Protocol):
+    async def route(self, message: str, agents: list[Any]) -> list[Any]: ...
+
+
+def _short(text: str, limit: int = TRUNCATE) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class Printer:
+    """Renders chat events: inline streaming for one agent, labelled whole lines for several."""
+
+    def __init__(self, write: Callable[[str], None], *, labelled_lines: bool) -> None:
+        self.write = write
+        self.labelled_lines = labelled_lines
+        self._buffers: dict[str, str] = {}
+        self._fresh_line = True  # single-agent mode: nothing written on the current line yet
+
+    def _inline(self, text: str) -> None:
+        if text:
+            self.write(text)
+            self._fresh_line = text.endswith("\n")
+
+    def start(self, agent: str) -> None:
+        if not self.labelled_lines:
+            self._inline(f"[{agent}] ")
+
+    def event(self, agent: str, ev: dict[str, Any]) -> None:
+        kind = ev.get("type")
+        if kind == "text":
+            self._text(agent, ev.get("text", ""))
+        elif kind in ("tool_start", "tool_end"):
+            call = ev.get("tool_call") or {}
+            if kind == "tool_start":
+                line = f"→ {call.get('name', '?')}({_short(call.get('input', ''), 120)})"
+            else:
+                mark = "✗" if call.get("is_error") else "←"
+                line = f"{mark} {_short(call.get('result', ''))}"
+            self._line(agent, line)
+        elif kind == "error":
+            self._line(agent, f"error: {ev.get('text', '')}")
+
+    def _text(self, agent: str, text: str) -> None:
+        if not self.labelled_lines:
+            self._inline(text)
+            return
+        buf = self._buffers.get(agent, "") + text
+        *lines, rest = buf.split("\n")
+        for line in lines:
+            if line.strip():
+                self.write(f"[{agent}] {line}\n")
+        self._buffers[agent] = rest
+
+    def _line(self, agent: str, line: str) -> None:
+        if self.labelled_lines:
+            self._flush(agent)
+            self.write(f"[{agent}] {line}\n")
+        else:
+            self._inline(("" if self._fresh_line else "\n") + line + "\n")
+
+    def _flush(self, agent: str) -> None:
+        rest = self._buffers.pop(agent, "")
+        if rest.strip():
+            self.write(f"[{agent}] {rest}\n")
+
+    def done(self, agent: str) -> None:
+        if self.labelled_lines:
+            self._flush(agent)
+        elif not self._fresh_line:
+            self._inline("\n")
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+async def turn(rt: Any, router: _Routes, message: str, *, only: str | None, session: str,
+               timeout: float) -> int:
+    """Route one message, ask the agents concurrently, print as they stream. Returns agents asked."""
+    from micro.agent.router import Route, discover
+
+    agents = await discover(rt.registry)
+    if only is not None:
+        chosen = [a for a in agents if a.name == only]
+        if not chosen:
+            names = ", ".join(a.name for a in agents) or "none"
+            fail(f"no agent {only!r} in the registry (agents: {names})")
+        routes = [Route(only, message)]
+    else:
+        if not agents:
+            fail("no agents are registered: define one with micro.NewAgent(...) and start it with `micro run`")
+        routes = await router.route(message, agents)
+    printer = Printer(_write, labelled_lines=len(routes) > 1)
+
+    async def ask(route: Route) -> None:
+        printer.start(route.agent)
+        req = {"message": route.message, "session": session}
+        async for ev in rt.client.stream(route.agent, "Agent.StreamChat", req, timeout=timeout):
+            printer.event(route.agent, ev)
+        printer.done(route.agent)
+
+    async with anyio.create_task_group() as tg:
+        for r in routes:
+            tg.start_soon(ask, r)
+    return len(routes)
+
+
+def _router(provider: str | None, model: str | None) -> _Routes:
+    from micro.agent.router import KeywordRouter, Router
+    from micro.ai import from_provider
+
+    name = provider or os.environ.get("MICRO_PROVIDER")
+    if name is None:
+        name = "anthropic" if os.environ.get("ANTHROPIC_API_KEY") else None
+    if name is None or name == "scripted":
+        return KeywordRouter()
+    return Router(from_provider(name, model=model))
+
+
+@main.command()
+@click.option("--agent", "only", metavar="NAME", help="Talk to this agent only (no routing).")
+@click.option("--provider", help="Model provider for the router (default: $MICRO_PROVIDER, anthropic with a key).")
+@click.option("--model", help="Model id for the router.")
+@click.option("--session", default="", help="Session id: the agents keep a separate history per session.")
+@click.option("-m", "--message", help="Send one message and exit (also: pipe messages on stdin).")
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds per turn.")
+@run_async
+async def chat(only: str | None, provider: str | None, model: str | None, session: str,
+               message: str | None, timeout: float) -> None:
+    """Chat with the agents in the registry (routed to the right one(s))."""
+    router = _router(provider, model)
+    async with cli_runtime() as rt:
+        if message is not None or not sys.stdin.isatty():
+            lines = [message] if message is not None else [ln for ln in sys.stdin.read().splitlines() if ln.strip()]
+            for line in lines:
+                await turn(rt, router, line, only=only, session=session, timeout=timeout)
+            return
+        await _repl(rt, router, only, session, timeout)
+
+
+async def _repl(rt: Any, router: _Routes, only: str | None, session: str, timeout: float) -> None:
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory
+
+    from micro.registry.local import default_home
+
+    home = default_home()
+    home.mkdir(parents=True, exist_ok=True)
+    prompt: PromptSession[str] = PromptSession(history=FileHistory(str(Path(home) / "chat_history")))
+    label = getattr(router, "label", "")
+    out.print(f"[dim]micro chat — Ctrl-C cancels a turn, Ctrl-D exits{f'; routing: {label}' if label else ''}[/dim]")
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            text = await prompt.prompt_async("> ")
+        except EOFError:
+            return
+        except KeyboardInterrupt:
+            continue
+        if not text.strip():
+            continue
+        task = asyncio.ensure_future(turn(rt, router, text, only=only, session=session, timeout=timeout))
+        loop.add_signal_handler(signal.SIGINT, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise
+            _write("\n[cancelled]\n")
+        except SystemExit as exc:  # fail() inside a turn: report and keep chatting
+            del exc
+        except Exception as exc:
+            out.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        finally:
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(signal.SIGINT)
+
+
