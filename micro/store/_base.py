@@ -1,0 +1,253 @@
+"""The store interface: key/value records with prefixes, scoped by database and table.
+
+A ``Store`` keeps ``Record``s (a key, a bytes value, string metadata, an optional
+expiry) in one *table* of one *database*, like go-micro's store; ``scope()`` gives
+a view on another database/table that shares the connection. The public methods
+live here and check their arguments the same way for every backend; a backend
+implements the small ``_get`` / ``_put`` / ``_delete`` / ``_list`` / ``_read_prefix``
+hooks, plus ``_connect`` / ``_disconnect`` if it owns a connection.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import builtins
+import copy
+import math
+import time
+import urllib.parse
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Self, TypeVar, cast
+
+import msgspec
+
+from micro.errors import RecordNotFound, StoreError, UsageError
+
+MAX_KEY_BYTES = 1024
+"""The longest key (UTF-8 bytes) every backend stores; longer keys raise ``UsageError``."""
+
+_T = TypeVar("_T")
+
+
+class Record(msgspec.Struct):
+    """One value under one key. ``expiry`` is unix time (set by ``write(ttl=...)``), None = never."""
+
+    key: str
+    value: bytes
+    metadata: dict[str, str] = {}
+    expiry: float | None = None
+
+
+class Store(abc.ABC):
+    """Key/value with prefixes. Construction does no I/O; ``async with store:`` connects.
+
+    ``aclose()`` is idempotent. Views from ``scope()`` share the connection: it closes
+    when the last entered handle (store or view) closes. A view needs no ``async with``
+    of its own while the store it came from is open.
+
+    """
+
+    url: str
+    database: str
+    table: str
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        database: str = "micro",
+        table: str = "default",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.url = url
+        self.database = _check_name("database", database)
+        self.table = _check_name("table", table)
+        self._clock = clock
+        self._root: Self = cast(Self, self)  # scope() views point here
+        self._users = 0
+        self._lock = asyncio.Lock()
+        self._entered = False
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The time source for expiry, shared with every view (``time.time``; tests replace it)."""
+        return self._root._clock
+
+    @clock.setter
+    def clock(self, clock: Callable[[], float]) -> None:
+        self._root._clock = clock
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({redact(self.url)!r}, database={self.database!r}, table={self.table!r})"
+
+    async def __aenter__(self) -> Self:
+        root = self._root
+        async with root._lock:
+            if not self._entered:
+                if root._users == 0:
+                    await root._connect()
+                root._users += 1
+                self._entered = True
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Release this handle; the connection closes with the last one. Idempotent."""
+        root = self._root
+        async with root._lock:
+            if self._entered:
+                self._entered = False
+                root._users -= 1
+                if root._users == 0:
+                    await root._disconnect()
+
+    def scope(self, database: str, table: str | None = None) -> Self:
+        """A view on ``database``/``table`` (default ``"default"``) sharing this store's connection."""
+        view = copy.copy(self)
+        view.database = _check_name("database", database)
+        view.table = _check_name("table", table if table is not None else "default")
+        view._entered = False
+        return view
+
+    async def read(
+        self, key: str, *, prefix: bool = False, limit: int | None = None, offset: int = 0, reverse: bool = False
+    ) -> list[Record]:
+        """The record under ``key`` (a one-item list), or with ``prefix=True`` every live record
+        whose key starts with ``key``, sorted by key (descending if ``reverse``), then windowed
+        by ``offset``/``limit``. A missing or expired exact key raises ``RecordNotFound``.
+
+        Example: the last 10 turns, newest first: ``await store.read("chat/", prefix=True, limit=10, reverse=True)``
+        """
+        self._check_open()
+        if not prefix:
+            _check_key(key)
+            found = await self._get(key, self.clock())
+            if found is None:
+                raise RecordNotFound(f"no record {key!r} in store {self.database}/{self.table}")
+            return [found]
+        _check_prefix(key)
+        _check_window(limit, offset)
+        if limit == 0:
+            return []
+        return await self._read_prefix(key, self.clock(), limit, offset, reverse)
+
+    async def write(self, record: Record, *, ttl: float | None = None) -> None:
+        """Store ``record`` under its key, replacing any record there. With ``ttl`` (seconds,
+        > 0) it expires at ``clock() + ttl``; without, the record's own ``expiry`` is kept.
+        The caller's record is not changed."""
+        self._check_open()
+        if not isinstance(record, Record):
+            raise UsageError(f"store.write takes a Record, not {type(record).__name__}")
+        _check_key(record.key)
+        if not isinstance(record.value, bytes):
+            raise UsageError(f"Record.value must be bytes, not {type(record.value).__name__}")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in record.metadata.items()):
+            raise UsageError("Record.metadata must map str to str")
+        expiry = record.expiry
+        if ttl is not None:
+            if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0 or math.isinf(ttl):
+                raise UsageError(f"ttl must be a positive number of seconds, not {ttl!r}")
+            expiry = self.clock() + ttl
+        await self._put(Record(record.key, record.value, dict(record.metadata), expiry))
+
+    async def delete(self, key: str) -> None:
+        """Remove the record under ``key``. A missing key is not an error."""
+        self._check_open()
+        _check_key(key)
+        await self._delete(key)
+
+    async def list(
+        self, prefix: str = "", *, limit: int | None = None, offset: int = 0, reverse: bool = False
+    ) -> list[str]:
+        """The live keys starting with ``prefix``, sorted (descending if ``reverse``), then windowed."""
+        self._check_open()
+        _check_prefix(prefix)
+        _check_window(limit, offset)
+        if limit == 0:
+            return []
+        return await self._list(prefix, self.clock(), limit, offset, reverse)
+
+    def _check_open(self) -> None:
+        if self._root._users == 0:
+            raise StoreError(f"{self!r} is not open: use `async with store:` first")
+
+    async def _connect(self) -> None:  # noqa: B027 - optional hook
+        """Open the connection (called on the root store, under its lock). No-op by default."""
+
+    async def _disconnect(self) -> None:  # noqa: B027 - optional hook
+        """Close the connection (called on the root store, under its lock). No-op by default."""
+
+    @abc.abstractmethod
+    async def _get(self, key: str, now: float) -> Record | None:
+        """The record under ``key`` unless missing or expired at ``now``; a copy the caller may change."""
+
+    @abc.abstractmethod
+    async def _put(self, record: Record) -> None:
+        """Replace the record under ``record.key`` (its expiry is final)."""
+
+    @abc.abstractmethod
+    async def _delete(self, key: str) -> None:
+        """Remove ``key`` if present."""
+
+    @abc.abstractmethod
+    async def _list(self, prefix: str, now: float, limit: int | None, offset: int, reverse: bool) -> builtins.list[str]:
+        """Live keys with ``prefix``, sorted, windowed (see ``window``); ``limit`` is never 0."""
+
+    @abc.abstractmethod
+    async def _read_prefix(
+        self, prefix: str, now: float, limit: int | None, offset: int, reverse: bool
+    ) -> builtins.list[Record]:
+        """Live records with ``prefix``, sorted by key, windowed; ``limit`` is never 0."""
+
+
+def window(items: Sequence[_T], limit: int | None, offset: int, reverse: bool) -> list[_T]:
+    """``items`` (sorted ascending) in the requested order, ``offset`` skipped, at most ``limit``."""
+    ordered = items[::-1] if reverse else items
+    end = None if limit is None else offset + limit
+    return list(ordered[offset:end])
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for messages and reprs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def _check_name(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not name or "\x00" in name or len(name) > 128:
+        raise UsageError(f"store {kind} must be a non-empty string of at most 128 characters, not {name!r}")
+    return name
+
+
+def _check_prefix(prefix: str) -> None:
+    if not isinstance(prefix, str) or "\x00" in prefix:
+        raise UsageError(f"store prefix must be a string without NUL, not {prefix!r}")
+    try:
+        size = len(prefix.encode())
+    except UnicodeEncodeError:
+        raise UsageError(f"store prefix {prefix!r} is not valid Unicode") from None
+    if size > MAX_KEY_BYTES:
+        raise UsageError(f"store prefix is longer than {MAX_KEY_BYTES} UTF-8 bytes")
+
+
+def _check_key(key: str) -> None:
+    if not isinstance(key, str) or not key:
+        raise UsageError(f"store key must be a non-empty string, not {key!r}")
+    _check_prefix(key)
+
+
+def _check_window(limit: int | None, offset: int) -> None:
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise UsageError(f"limit must be None or an int >= 0, not {limit!r}")
+    if not isinstance(offset, int) or offset < 0:
+        raise UsageError(f"offset must be an int >= 0, not {offset!r}")
