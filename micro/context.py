@@ -11,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from collections.abc import Mapping
+from types import MappingProxyType
 
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("micro_deadline", default=None)
-_metadata: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar("micro_metadata", default={})
+_metadata: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
+    "micro_metadata", default=MappingProxyType({})
+)
 
 
 def deadline() -> float | None:

@@ -35,6 +35,57 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("micro.runtime")
 
+
+class BackgroundTaskGroup:
+    """An anyio task group that runs in a task of its own.
+
+    A Runtime or a Service is often opened by one task and closed by another (a
+    pytest fixture's set-up and teardown, ``start()`` from one coroutine and
+    ``stop()`` from a signal handler's): an anyio task group entered directly could
+    only be left by the task that entered it. :meth:`aclose` cancels what still
+    runs and waits for it; a background task that crashed is logged.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._host: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    @property
+    def task_group(self) -> anyio.abc.TaskGroup:
+        if self._tg is None or self._stop.is_set():
+            raise UsageError(f"{self.name} is not running")
+        return self._tg
+
+    async def start(self) -> anyio.abc.TaskGroup:
+        """Start the host task; returns the task group once it is open."""
+        ready = asyncio.Event()
+        self._host = asyncio.create_task(self._run(ready), name=self.name)
+        self._host.add_done_callback(self._report)
+        await ready.wait()
+        return self.task_group
+
+    async def _run(self, ready: asyncio.Event) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            ready.set()
+            await self._stop.wait()
+            tg.cancel_scope.cancel()
+
+    def _report(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: a background task crashed", self.name, exc_info=task.exception())
+
+    async def aclose(self) -> None:
+        """Cancel the background work and wait for it to end (idempotent)."""
+        self._stop.set()
+        host, self._host = self._host, None
+        if host is not None:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([host])
+        self._tg = None
+
 _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Runtime] = weakref.WeakKeyDictionary()
 
 
@@ -71,7 +122,7 @@ class Runtime:
         )
         self._users = 0
         self._stack: contextlib.AsyncExitStack | None = None
-        self._tg: anyio.abc.TaskGroup | None = None
+        self._background: BackgroundTaskGroup | None = None
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -86,9 +137,9 @@ class Runtime:
     @property
     def task_group(self) -> anyio.abc.TaskGroup:
         """The task group that owns the runtime's background work (open while the runtime is)."""
-        if self._tg is None:
+        if self._background is None:
             raise UsageError("the runtime is not open: use `async with` on it or on a service")
-        return self._tg
+        return self._background.task_group
 
     async def __aenter__(self) -> Self:
         await self.acquire()
@@ -119,19 +170,21 @@ class Runtime:
             await stack.enter_async_context(self.registry)
             await stack.enter_async_context(self.broker)
             stack.callback(self.client.close)
-            self._tg = await stack.enter_async_context(anyio.create_task_group())
+            background = BackgroundTaskGroup(f"runtime {self.registry.url}")
+            tg = await background.start()
+            stack.push_async_callback(background.aclose)
             watcher = self.registry.watch()
             stack.push_async_callback(watcher.aclose)
-            self._tg.start_soon(self.client.follow, watcher)
+            tg.start_soon(self.client.follow, watcher)
         except BaseException:
-            self._tg = None
             await stack.aclose()
             raise
+        self._background = background
         self._stack = stack
 
     async def _close(self) -> None:
         stack, self._stack = self._stack, None
-        self._tg = None
+        self._background = None
         if stack is not None:
             await stack.aclose()
         loop = asyncio.get_running_loop()

@@ -91,8 +91,13 @@ class Client:
         deadline = context.effective_deadline(timeout if timeout is not None else self.default_timeout)
         req = Request(service, endpoint, request, metadata or {}, deadline, True, response_type)
         items: AsyncIterator[Any] = await self._call(req)
-        async for item in items:
-            yield item
+        try:
+            async for item in items:
+                yield item
+        finally:  # a caller that stops early ends the call now (the network stream is reset)
+            aclose = getattr(items, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     async def publish(self, topic: str, message: Any, *, headers: Mapping[str, str] | None = None) -> None:
         """Publish a message on the runtime's broker."""
@@ -114,10 +119,12 @@ class Client:
         return await self._remote(req)
 
     async def _local_call(self, ep: Endpoint, req: Request) -> Any:
-        body = ep.request.convert(req.body, ep.where)
+        body = ep.request.convert({} if req.body is None else req.body, ep.where)
         if req.deadline is None:
             result = await ep.handle(body, req.metadata, None)
         else:
+            if req.deadline <= asyncio.get_running_loop().time():
+                raise Timeout(f"{ep.where}: deadline passed before the call")  # as on the network
             try:
                 async with asyncio.timeout_at(req.deadline) as cm:
                     result = await ep.handle(body, req.metadata, req.deadline)
@@ -133,7 +140,7 @@ class Client:
         return codec_for(rt).convert(ep.response.to_builtins(result), f"{ep.where} response")
 
     async def _local_stream(self, ep: Endpoint, req: Request) -> AsyncIterator[Any]:
-        body = ep.request.convert(req.body, ep.where)
+        body = ep.request.convert({} if req.body is None else req.body, ep.where)
         items = await ep.handle(body, req.metadata, req.deadline)
         return self._shape_local(ep, items, req)
 
@@ -166,11 +173,7 @@ class Client:
         record, ep = await self._resolve(req.service, req.endpoint)
         if ep.streaming != req.streaming:
             raise _wrong_kind(req, ep.streaming)
-        wire = PROTO if (
-            PROTO in ep.wires
-            and isinstance(req.body, betterproto2.Message)
-            and is_proto_message(req.response_type)
-        ) else JSON
+        wire = PROTO if _speaks_proto(req, ep) else JSON
         data = self._encode(req, wire)
         if req.streaming:
             return self._remote_stream(record, ep, req, data, wire)
@@ -188,11 +191,22 @@ class Client:
 
     async def _remote_stream(self, record: ServiceRecord, ep: EndpointRecord, req: Request,
                              data: bytes, wire: str) -> AsyncIterator[Any]:
-        node = next(iter(self._nodes(record)))
-        async for reply in self._pool(node).server_stream(
-            ep.path, data, wire=wire, deadline=req.deadline, metadata=req.metadata
-        ):
-            yield self._decode(reply, wire, req, ep)
+        last: Unavailable | None = None
+        for node in self._nodes(record):
+            started = False
+            try:
+                async for reply in self._pool(node).server_stream(
+                    ep.path, data, wire=wire, deadline=req.deadline, metadata=req.metadata
+                ):
+                    started = True
+                    yield self._decode(reply, wire, req, ep)
+                return
+            except NodeUnreachable as exc:
+                if started:
+                    raise
+                last = exc  # nothing was sent: the next node may answer
+        self._records.pop(req.service, None)
+        raise Unavailable(f"no node of {req.service!r} answered: {last}")
 
     def _encode(self, req: Request, wire: str) -> bytes:
         body = req.body
@@ -274,6 +288,19 @@ class Client:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
+
+
+def _speaks_proto(req: Request, ep: EndpointRecord) -> bool:
+    """Protobuf on the wire only when the caller holds the endpoint's own message types
+    (by name: a different message's bytes would parse as garbage, not fail)."""
+    rt = req.response_type
+    return (
+        PROTO in ep.wires
+        and isinstance(req.body, betterproto2.Message)
+        and is_proto_message(rt)
+        and type(req.body).__name__ == ep.request.get("title")
+        and getattr(rt, "__name__", None) == ep.response.get("title")
+    )
 
 
 def _no_endpoint(service: str, endpoint: str, have: Sequence[str]) -> EndpointNotFound:

@@ -13,23 +13,77 @@ from __future__ import annotations
 
 import asyncio
 import ssl as _ssl
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from grpclib.client import Channel
 from grpclib.client import Stream as ClientStream
-from grpclib.const import Cardinality
+from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
-from grpclib.metadata import Deadline
+from grpclib.metadata import Deadline, _Metadata
+from grpclib.utils import DeadlineWrapper, Wrapper
 from multidict import MultiDict
 
 from micro.codec import JSON, PROTO
 from micro.errors import Error, Timeout, Unavailable
-from micro.server.grpc import CODECS
+from micro.server.grpc import CODECS, DRAINING
 
 
 class NodeUnreachable(Unavailable):
     """The node could not be reached at all: nothing was sent, another node may be tried."""
+
+
+class _Wrapper(Wrapper):
+    """grpclib's wrapper, remembering which tasks it cancelled.
+
+    On a deadline or a lost connection grpclib cancels the task waiting on the stream
+    and raises its own error in place of the ``CancelledError``, but never takes the
+    cancellation back (``Task.uncancel()``). The caller's task would stay "cancelling"
+    for good, and every later ``asyncio.timeout`` or anyio cancel scope in it would
+    mistake its own expiry for an outside cancellation (a service's ``async with``
+    exit then raised ``CancelledError`` after any call that had timed out).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hit: list[asyncio.Task[Any]] = []
+
+    def cancel(self, error: Exception) -> None:
+        self.hit.extend(self._tasks)
+        super().cancel(error)
+
+
+class _DeadlineWrapper(_Wrapper, DeadlineWrapper):
+    pass
+
+
+class _Stream(ClientStream[Any, Any]):
+    """A client stream whose wrappers can give back the cancellations they made."""
+
+    _wrapper: _Wrapper
+
+    async def __aenter__(self) -> _Stream:
+        if self._deadline is None:
+            self._wrapper = _Wrapper()
+        else:
+            self._wrapper = _DeadlineWrapper()
+            self._wrapper_ctx = self._wrapper.start(self._deadline)
+            self._wrapper_ctx.__enter__()
+        self._channel._calls_started += 1
+        self._channel._last_call_started = time.monotonic()
+        return self
+
+    def take_back_cancellations(self) -> None:
+        """Undo the ``Task.cancel()`` calls grpclib made on the current task."""
+        task = asyncio.current_task()
+        wrapper = getattr(self, "_wrapper", None)
+        if task is None or wrapper is None:
+            return
+        for hit in wrapper.hit:
+            if hit is task:
+                task.uncancel()
+        wrapper.hit.clear()
 
 
 class _Conn:
@@ -66,7 +120,7 @@ class NodePool:
         return best
 
     def _stream(self, conn: _Conn, path: str, wire: str, card: Cardinality,
-                deadline: float | None, metadata: Mapping[str, str] | None) -> ClientStream[Any, Any]:
+                deadline: float | None, metadata: Mapping[str, str] | None) -> _Stream:
         grpc_deadline = None
         if deadline is not None:
             remaining = deadline - asyncio.get_running_loop().time()
@@ -74,24 +128,28 @@ class NodePool:
                 raise Timeout(f"deadline passed before calling {path} on {self.address}")
             grpc_deadline = Deadline.from_timeout(remaining)
         ch = conn.channel
-        return ClientStream(
-            ch, path, MultiDict(metadata or ()), card, bytes, bytes,
+        md = _Metadata(MultiDict[str | bytes](metadata or {}))
+        return _Stream(
+            ch, path, md, card, bytes, bytes,
             codec=CODECS[wire], status_details_codec=None,
             dispatch=ch.__dispatch__, deadline=grpc_deadline,
         )
 
-    async def unary(self, path: str, data: bytes, *, wire: str = JSON, deadline: float | None = None,
+    async def unary(self, path: str, data: bytes, *, wire: str = JSON,
+                    deadline: float | None = None,
                     metadata: Mapping[str, str] | None = None) -> bytes:
         """One request, one reply; gRPC status mapped to ``micro.errors``."""
         async with self._slots:
             conn = self._take()
             try:
                 stream = self._stream(conn, path, wire, Cardinality.UNARY_UNARY, deadline, metadata)
-                async with stream:
-                    await stream.send_message(data, end=True)
-                    reply = await stream.recv_message()
-            except Exception as exc:
-                raise self._translate(exc, path) from None
+                try:
+                    async with stream:
+                        await stream.send_message(data, end=True)
+                        reply = await stream.recv_message()
+                except Exception as exc:
+                    stream.take_back_cancellations()
+                    raise self._translate(exc, path) from None
             finally:
                 conn.inflight -= 1
         if reply is None:
@@ -106,12 +164,14 @@ class NodePool:
             conn = self._take()
             try:
                 stream = self._stream(conn, path, wire, Cardinality.UNARY_STREAM, deadline, metadata)
-                async with stream:
-                    await stream.send_message(data, end=True)
-                    async for reply in stream:
-                        yield bytes(reply)
-            except Exception as exc:
-                raise self._translate(exc, path) from None
+                try:
+                    async with stream:
+                        await stream.send_message(data, end=True)
+                        async for reply in stream:
+                            yield bytes(reply)
+                except Exception as exc:
+                    stream.take_back_cancellations()
+                    raise self._translate(exc, path) from None
             finally:
                 conn.inflight -= 1
 
@@ -119,6 +179,8 @@ class NodePool:
         if isinstance(exc, Error):
             return exc
         if isinstance(exc, GRPCError):
+            if exc.status is Status.UNAVAILABLE and exc.message == DRAINING:
+                return NodeUnreachable(f"{path}: node {self.address} is shutting down")
             return Error.from_status(exc.status, exc.message)
         if isinstance(exc, asyncio.TimeoutError):
             return Timeout(f"{path} on {self.address}: deadline exceeded")

@@ -55,6 +55,24 @@ class RawCodec(CodecBase):
 CODECS = {PROTO: RawCodec("proto"), JSON: RawCodec("json")}
 
 
+DRAINING = "the node is shutting down: call another node"
+"""The UNAVAILABLE message of a call refused while draining; the client tries another node."""
+
+
+async def _refuse(stream: Stream[Any, Any]) -> None:
+    raise GRPCError(Status.UNAVAILABLE, DRAINING)
+
+
+class _Draining(dict[str, GrpcHandler]):
+    """The mapping of a closing server: every path refuses, before reading the request."""
+
+    def get(self, key: str, default: Any = None) -> GrpcHandler:
+        return GrpcHandler(_refuse, Cardinality.UNARY_UNARY, bytes, bytes)
+
+
+_DRAINING = _Draining()
+
+
 class _Handler(_BaseHandler):
     """grpclib's connection handler, choosing codec and mapping per request."""
 
@@ -69,21 +87,44 @@ class _Handler(_BaseHandler):
                 if value.endswith("+json"):
                     wire = JSON
                 break
-        self.mapping = self._mappings[wire]
+        # a closing server still sees new calls on connections opened before: refuse
+        # them (nothing runs) so the client can go to another node
+        self.mapping = _DRAINING if self.closing else self._mappings[wire]
         self.codec = CODECS[wire]
         super().accept(stream, headers, release_stream)
+
+
+class _Protocol(H2Protocol):
+    def __init__(self, server: _Server, handler: _Handler, config: Any, h2_config: Any) -> None:
+        super().__init__(handler, config, h2_config)
+        self._owner = server
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._owner.protocols.discard(self)
+        super().connection_lost(exc)
 
 
 class _Server(Server):
     def __init__(self, mappings: dict[str, dict[str, GrpcHandler]]) -> None:
         super().__init__([], codec=CODECS[PROTO])
         self._mappings = mappings
+        self.protocols: set[_Protocol] = set()
 
     def _protocol_factory(self) -> H2Protocol:
         self.__gc_step__()
         handler = _Handler(self._mappings, self.__dispatch__)
         self._handlers.add(handler)
-        return H2Protocol(handler, self._config, self._h2_config)
+        protocol = _Protocol(self, handler, self._config, self._h2_config)
+        self.protocols.add(protocol)
+        return protocol
+
+    def drop_connections(self) -> None:
+        """Close every client connection (Python 3.11's ``Server.close`` leaves them open)."""
+        for protocol in list(self.protocols):
+            transport = getattr(protocol, "connection", None)
+            if transport is not None:
+                transport.close()
+        self.protocols.clear()
 
 
 async def _recv(stream: Stream[Any, Any], limit: int, where: str) -> bytes:
@@ -170,12 +211,13 @@ class GrpcServer:
         assert server._server is not None
         server._server.close()  # no new connections
         for h in server._handlers:
-            h.closing = True
+            h.closing = True  # no new calls on the open ones
         pending = [t for h in server._handlers for t in h._tasks.values() if not t.done()]
         if pending:
-            done, _ = await asyncio.wait(pending, timeout=grace)
+            await asyncio.wait(pending, timeout=grace)
         server.close()
         await server.wait_closed()
+        server.drop_connections()
 
 
 def _metadata(stream: Stream[Any, Any]) -> dict[str, str]:

@@ -132,7 +132,10 @@ class Endpoint:
 def endpoints_of(handler: object, service: str, *, name: str | None = None) -> list[Endpoint]:
     """The endpoints of a handler object; ``UsageError`` naming the method when one is malformed."""
     if isinstance(handler, type):
-        raise UsageError(f"handle() takes a handler instance, not the class {handler.__name__}: handle({handler.__name__}())")
+        raise UsageError(
+            f"handle() takes a handler instance, not the class {handler.__name__}: "
+            f"handle({handler.__name__}())"
+        )
     hname = name or type(handler).__name__
     found: list[Endpoint] = []
     for attr in sorted(dir(type(handler))):

@@ -28,7 +28,7 @@ from micro.codec import JSON, codec_for
 from micro.errors import BadRequest, UsageError
 from micro.middleware import Wrapper
 from micro.registry import Node, ServiceRecord
-from micro.runtime import Runtime
+from micro.runtime import BackgroundTaskGroup, Runtime
 from micro.server.grpc import DEFAULT_MAX_MESSAGE_SIZE, GrpcServer
 from micro.service.endpoints import Endpoint, endpoints_of
 
@@ -172,8 +172,9 @@ class Service:
                 sub = await rt.broker.subscribe(topic, _subscriber(fn, f"{self.name} {topic}"),
                                                 queue=queue or self.name)
                 stack.push_async_callback(sub.unsubscribe)
-            tg = await stack.enter_async_context(anyio.create_task_group())
-            stack.callback(tg.cancel_scope.cancel)
+            background = BackgroundTaskGroup(f"service {self.name}")
+            tg = await background.start()
+            stack.push_async_callback(background.aclose)
             await rt.registry.register(self.record, ttl=self.ttl)
             stack.push_async_callback(self._deregister)
             self._changed = anyio.Event()

@@ -1,0 +1,484 @@
+"""The client: one call path whether the service runs in this Runtime or behind gRPC.
+
+Two Runtimes share one MemoryRegistry: the service lives in ``home``; ``home.client``
+takes the in-process fast path and ``away.client`` the network path. Most tests run
+on both (``path`` parameter) and must see the same values and the same errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import msgspec
+import pytest
+from _proto.greeter import HelloReply, HelloRequest, Person, Tone
+
+import micro
+from micro import context
+from micro.client import Client
+from micro.errors import BadRequest, Timeout, Unavailable
+from micro.middleware import Next, Request
+from micro.registry import Event, Registry, Watcher
+from micro.registry.memory import MemoryRegistry
+
+PATHS = ["in-process", "network"]
+
+
+class Req(msgspec.Struct):
+    user_id: str
+    n: int = 0
+
+
+class Item(msgspec.Struct):
+    id: str
+    labels: dict[int, str] = {}
+
+
+class Rsp(msgspec.Struct):
+    user_id: str
+    items: list[Item]
+    total: int
+
+
+class Seen(msgspec.Struct):
+    remaining: float | None = None
+    deadline: float | None = None
+    metadata: dict[str, str] = {}
+    inner: Seen | None = None
+
+
+class Users:
+    """A code-first handler."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def Get(self, req: Req) -> Rsp:
+        """One user's items."""
+        self.calls += 1
+        items = [Item(f"{req.user_id}-{i}", {i: "x"}) for i in range(req.n)]
+        return Rsp(req.user_id, items, len(items))
+
+    async def List(self, req: Req) -> AsyncIterator[Item]:
+        """Stream a user's items."""
+        for i in range(req.n):
+            yield Item(f"{req.user_id}-{i}", {i: "y"})
+
+    async def Context(self, req: Req) -> Seen:
+        """What the handler sees of its call."""
+        return Seen(context.time_remaining(), context.deadline(), dict(context.metadata()))
+
+
+class Greeter:
+    async def SayHello(self, req: HelloRequest) -> HelloReply:
+        sender = req.sender.name if req.sender else "nobody"
+        return HelloReply(message=f"hello {req.name} from {sender} ({req.tone.name})",
+                          index=req.times)
+
+    async def SayMany(self, req: HelloRequest) -> AsyncIterator[HelloReply]:
+        for i in range(req.times):
+            yield HelloReply(message=f"hello {req.name}", index=i)
+
+
+def memory_runtime(registry: Registry, **kwargs: Any) -> micro.Runtime:
+    return micro.Runtime(registry=registry, store="memory://", broker="memory://", **kwargs)
+
+
+class Pair:
+    def __init__(self, home: micro.Runtime, away: micro.Runtime, registry: MemoryRegistry) -> None:
+        self.home, self.away, self.registry = home, away, registry
+
+    def client(self, path: str) -> Client:
+        client: Client = (self.home if path == "in-process" else self.away).client
+        return client
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[Pair]:
+    registry = MemoryRegistry()
+    async with memory_runtime(registry) as home, memory_runtime(registry) as away:
+        service = micro.Service("users", runtime=home)
+        service.handle(Users())
+        service.handle(Greeter())
+        async with service:
+            yield Pair(home, away, registry)
+
+
+# -- values -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_dict_in_dict_out(pair: Pair, path: str) -> None:
+    got = await pair.client(path).call("users", "Users.Get", {"user_id": "alice", "n": 2})
+    assert got == {"user_id": "alice", "total": 2,
+                   "items": [{"id": "alice-0", "labels": {"0": "x"}},
+                             {"id": "alice-1", "labels": {"1": "x"}}]}
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_typed_in_typed_out(pair: Pair, path: str) -> None:
+    got = await pair.client(path).call("users", "Users.Get", Req("bob", 1), response_type=Rsp)
+    assert got == Rsp("bob", [Item("bob-0", {0: "x"})], 1)
+
+
+async def test_both_paths_return_the_same_values(pair: Pair) -> None:
+    class MyRsp(msgspec.Struct):  # the caller's own type for the response
+        total: int
+        user_id: str
+
+    cases: list[tuple[str, Any, Any]] = [
+        ("Users.Get", {"user_id": "a", "n": 3}, None),
+        ("Users.Get", '{"user_id": "a", "n": 1}', None),
+        ("Users.Get", b'{"user_id": "a"}', None),
+        ("Users.Get", Req("a", 2), None),
+        ("Users.Get", Req("a", 2), Rsp),
+        ("Users.Get", {"user_id": "a", "n": 2}, MyRsp),
+        ("Greeter.SayHello", {"name": "ann", "tone": "TONE_WARM", "sender": {"name": "bo"}}, None),
+        ("Greeter.SayHello", HelloRequest(name="ann", times=3), HelloReply),
+        ("Greeter.SayHello", HelloRequest(name="ann", tone=Tone.FORMAL), None),
+        ("Greeter.SayHello", {"name": "ann"}, HelloReply),
+        ("Greeter.SayHello", None, None),
+    ]
+    for endpoint, request, response_type in cases:
+        here = await pair.client("in-process").call("users", endpoint, request,
+                                                    response_type=response_type)
+        there = await pair.client("network").call("users", endpoint, request,
+                                                  response_type=response_type)
+        assert here == there, (endpoint, request, response_type)
+        assert type(here) is type(there)
+        if response_type is not None:
+            assert isinstance(here, response_type)
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_proto_endpoint_typed_and_dict(pair: Pair, path: str) -> None:
+    client = pair.client(path)
+    typed = await client.call("users", "Greeter.SayHello",
+                              HelloRequest(name="ann", sender=Person(name="bo"), tone=Tone.WARM),
+                              response_type=HelloReply)
+    assert typed == HelloReply(message="hello ann from bo (WARM)")
+    as_dict = await client.call("users", "Greeter.SayHello", {"name": "ann", "times": 2})
+    assert as_dict == {"message": "hello ann from nobody (UNSPECIFIED)", "index": 2}
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_stream(pair: Pair, path: str) -> None:
+    client = pair.client(path)
+    dicts = [i async for i in client.stream("users", "Users.List", {"user_id": "c", "n": 3})]
+    assert dicts == [{"id": f"c-{i}", "labels": {str(i): "y"}} for i in range(3)]
+    typed = [i async for i in client.stream("users", "Users.List", Req("c", 2), response_type=Item)]
+    assert typed == [Item("c-0", {0: "y"}), Item("c-1", {1: "y"})]
+    replies = [r async for r in client.stream("users", "Greeter.SayMany",
+                                              HelloRequest(name="d", times=3),
+                                              response_type=HelloReply)]
+    assert [r.index for r in replies] == [0, 1, 2]
+    assert [r async for r in client.stream("users", "Users.List", {"user_id": "c"})] == []
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_stream_and_call_are_not_interchangeable(pair: Pair, path: str) -> None:
+    client = pair.client(path)
+    with pytest.raises(BadRequest, match=r"use client\.stream"):
+        await client.call("users", "Users.List", {"user_id": "c"})
+    with pytest.raises(BadRequest, match=r"use client\.call"):
+        [i async for i in client.stream("users", "Users.Get", {"user_id": "c"})]
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_a_caller_may_stop_a_stream_early(pair: Pair, path: str) -> None:
+    client = pair.client(path)
+    items = client.stream("users", "Users.List", {"user_id": "e", "n": 1000})
+    async for item in items:
+        assert item["id"] == "e-0"
+        break
+    await items.aclose()  # type: ignore[attr-defined]
+    # the connection is fine afterwards
+    assert (await client.call("users", "Users.Get", {"user_id": "e"}))["total"] == 0
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_metadata_reaches_the_handler(pair: Pair, path: str) -> None:
+    seen = await pair.client(path).call("users", "Users.Context", {"user_id": "a"},
+                                        metadata={"x-trace": "abc", "tenant": "t1"},
+                                        response_type=Seen)
+    assert seen.metadata == {"x-trace": "abc", "tenant": "t1"}
+
+
+# -- deadlines --------------------------------------------------------------------------------
+
+
+class Front:
+    """Calls the back service from inside a handler."""
+
+    def __init__(self, client: Callable[[], Client]) -> None:
+        self.client = client
+
+    async def Relay(self, req: Req) -> Seen:
+        inner = await self.client().call("back", "Back.Context", {"user_id": req.user_id},
+                                         response_type=Seen)
+        return Seen(context.time_remaining(), context.deadline(), {}, inner)
+
+    async def RelaySlow(self, req: Req) -> Seen:
+        await self.client().call("back", "Back.Slow", {"user_id": req.user_id})
+        return Seen()
+
+
+class Back:
+    def __init__(self) -> None:
+        self.slow_started = anyio.Event()
+
+    async def Context(self, req: Req) -> Seen:
+        return Seen(context.time_remaining(), context.deadline(), dict(context.metadata()))
+
+    async def Slow(self, req: Req) -> Seen:
+        self.slow_started.set()
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+@pytest.fixture(params=["in-process", "network"])
+async def chain(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Client, Back]]:
+    """front -> back: in one Runtime (fast path all the way) or in three (gRPC all the way)."""
+    registry = MemoryRegistry()
+    async with memory_runtime(registry) as a, memory_runtime(registry) as b, \
+            memory_runtime(registry) as c:
+        network = request.param == "network"
+        front_rt, back_rt, caller = (a, b, c) if network else (a, a, a)
+        back = Back()
+        front = micro.Service("front", runtime=front_rt)
+        front.handle(Front(lambda: front_rt.client))
+        back_service = micro.Service("back", runtime=back_rt)
+        back_service.handle(back)
+        async with back_service, front:
+            yield caller.client, back
+
+
+async def test_deadline_propagates_to_inner_calls(
+    chain: tuple[Client, Back], request: pytest.FixtureRequest
+) -> None:
+    client, _ = chain
+    seen = await client.call("front", "Front.Relay", {"user_id": "a"}, timeout=5,
+                             response_type=Seen)
+    assert seen.remaining is not None and seen.inner is not None
+    assert seen.inner.remaining is not None  # without propagation: the 60 s default
+    assert 0 < seen.inner.remaining <= 5
+    assert 0 < seen.remaining <= 5
+    assert seen.deadline is not None and seen.inner.deadline is not None
+    if "in-process" in request.node.name:
+        assert seen.inner.deadline == seen.deadline  # the very same deadline, inherited
+    # (over gRPC a deadline travels as a relative grpc-timeout, so it is re-based per hop)
+
+
+async def test_no_deadline_outside_a_call() -> None:
+    assert context.time_remaining() is None
+    assert context.deadline() is None
+    assert dict(context.metadata()) == {}
+
+
+async def test_a_slow_inner_handler_times_out_the_outer_call(chain: tuple[Client, Back]) -> None:
+    client, back = chain
+    with anyio.fail_after(10), pytest.raises(Timeout) as info:
+        await client.call("front", "Front.RelaySlow", {"user_id": "a"}, timeout=0.5)
+    assert info.value.code == "DEADLINE_EXCEEDED"
+    assert back.slow_started.is_set()
+    # the caller's task is healthy afterwards: its own scopes still work
+    with anyio.fail_after(10):
+        seen = await client.call("front", "Front.Relay", {"user_id": "b"}, response_type=Seen)
+    assert seen.inner is not None
+
+
+async def test_a_call_that_timed_out_leaves_the_task_able_to_stop_services() -> None:
+    """grpclib cancels the waiting task on a deadline and never uncancels it: the pool
+    must take that back, or the next ``async with`` exit in the task raises CancelledError."""
+    registry = MemoryRegistry()
+    async with memory_runtime(registry) as home, memory_runtime(registry) as away:
+        back = Back()
+        service = micro.Service("back", runtime=home)
+        service.handle(back)
+        async with service:
+            with pytest.raises(Timeout):
+                await away.client.call("back", "Back.Slow", {"user_id": "a"}, timeout=0.2)
+            with anyio.fail_after(5):
+                await anyio.lowlevel.checkpoint()  # a fresh cancel scope in the same task behaves
+            assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+        # leaving the service (task group, drain) worked: we are here
+
+
+# -- middleware -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_call_and_handler_wrappers_run_on_both_paths(path: str) -> None:
+    log: list[str] = []
+
+    def call_wrapper(next_: Next) -> Next:
+        async def wrapped(req: Request) -> Any:
+            log.append(f"call {req.service} {req.endpoint} {type(req.body).__name__}")
+            req.metadata = {**req.metadata, "via": "call-wrapper"}
+            return await next_(req)
+        return wrapped
+
+    def handler_wrapper(next_: Next) -> Next:
+        async def wrapped(req: Request) -> Any:
+            log.append(f"handle {req.service} {req.endpoint} {type(req.body).__name__} "
+                       f"{req.metadata.get('via')}")
+            rsp = await next_(req)
+            if isinstance(rsp, Rsp):
+                rsp.total += 100
+            return rsp
+        return wrapped
+
+    registry = MemoryRegistry()
+    async with memory_runtime(registry, call_wrappers=[call_wrapper]) as home, \
+            memory_runtime(registry, call_wrappers=[call_wrapper]) as away:
+        service = micro.Service("users", runtime=home, handler_wrappers=[handler_wrapper])
+        service.handle(Users())
+        async with service:
+            client = home.client if path == "in-process" else away.client
+            got = await client.call("users", "Users.Get", {"user_id": "a", "n": 1})
+            items = [i async for i in client.stream("users", "Users.List", {"user_id": "a", "n": 2})]
+    assert got["total"] == 101
+    assert len(items) == 2
+    assert log == [
+        "call users Users.Get dict",
+        "handle users Users.Get Req call-wrapper",
+        "call users Users.List dict",
+        "handle users Users.List Req call-wrapper",
+    ]
+
+
+# -- selection, dead nodes, concurrency -------------------------------------------------------
+
+
+async def wait_for(watcher: Watcher, type_: str, name: str) -> Event:
+    with anyio.fail_after(5):
+        async for event in watcher:
+            if event.type == type_ and event.service.name == name:
+                return event
+    raise AssertionError("watcher ended")
+
+
+async def test_round_robin_over_two_nodes() -> None:
+    registry = MemoryRegistry()
+    async with memory_runtime(registry) as a, memory_runtime(registry) as b, \
+            memory_runtime(registry) as caller:
+        users_a, users_b = Users(), Users()
+        one = micro.Service("users", runtime=a)
+        one.handle(users_a)
+        two = micro.Service("users", runtime=b)
+        two.handle(users_b)
+        async with one, two:
+            for _ in range(20):
+                await caller.client.call("users", "Users.Get", {"user_id": "a"})
+            assert (users_a.calls, users_b.calls) == (10, 10)
+            # streams are spread too, and each node is a different address
+            assert one.address != two.address
+
+
+async def test_a_dead_node_is_skipped() -> None:
+    """A node whose process died without deregistering: the call reaches the live node."""
+    registry = MemoryRegistry()
+    async with memory_runtime(registry) as a, memory_runtime(registry) as b, \
+            memory_runtime(registry) as caller:
+        live, doomed = Users(), Users()
+        one = micro.Service("users", runtime=a)
+        one.handle(live)
+        two = micro.Service("users", runtime=b)
+        two.handle(doomed)
+        watcher = registry.watch()
+        async with one:
+            async with two:
+                for _ in range(4):  # both nodes have a pooled connection now
+                    await caller.client.call("users", "Users.Get", {"user_id": "a"})
+                assert doomed.calls == 2
+                ghost = two.record
+            # the process "died": its server is gone, but its record is back in the registry
+            await registry.register(ghost, ttl=60)
+            await wait_for(watcher, "create", "users")
+            (rec,) = await registry.get("users")
+            assert len(rec.nodes) == 2
+            for _ in range(10):
+                got = await caller.client.call("users", "Users.Get", {"user_id": "a"})
+                assert got["user_id"] == "a"
+            streamed = [i async for i in caller.client.stream("users", "Users.List",
+                                                              {"user_id": "s", "n": 1})]
+            assert len(streamed) == 1
+        await watcher.aclose()
+    assert (live.calls, doomed.calls) == (12, 2)
+
+
+async def test_no_reachable_node_is_unavailable() -> None:
+    registry = MemoryRegistry()
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with memory_runtime(registry) as a, memory_runtime(registry) as caller:
+        service = micro.Service("users", runtime=a)
+        service.handle(Users())
+        record = service.record
+    record.nodes = [msgspec.structs.replace(record.nodes[0], id="gone", address=f"127.0.0.1:{port}")]
+    async with memory_runtime(registry) as caller:
+        await registry.register(record, ttl=60)
+        with pytest.raises(Unavailable) as info:
+            await caller.client.call("users", "Users.Get", {"user_id": "a"})
+        assert info.value.code == "UNAVAILABLE"
+        with pytest.raises(Unavailable):
+            [i async for i in caller.client.stream("users", "Users.List", {"user_id": "a"})]
+
+
+class Gate:
+    """Every call waits until ``expected`` calls have arrived: all are in flight at once."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.arrived = 0
+        self.all_in = anyio.Event()
+
+    async def Wait(self, req: Req) -> Req:
+        self.arrived += 1
+        if self.arrived == self.expected:
+            self.all_in.set()
+        await self.all_in.wait()
+        return req
+
+
+async def test_more_than_100_calls_in_flight_on_one_node() -> None:
+    registry = MemoryRegistry()
+    gate = Gate(300)
+    async with memory_runtime(registry) as home, memory_runtime(registry) as away:
+        service = micro.Service("gate", runtime=home)
+        service.handle(gate)
+        async with service:
+            results: list[Any] = [None] * 300
+
+            async def one(i: int) -> None:
+                results[i] = await away.client.call("gate", "Gate.Wait", {"user_id": str(i), "n": i})
+
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    for i in range(300):
+                        tg.start_soon(one, i)
+    assert gate.arrived == 300
+    assert [r["n"] for r in results] == list(range(300))
+
+
+async def test_registry_changes_reach_the_client_cache() -> None:
+    """A service that appears after a failed lookup, and one that leaves, are seen at once."""
+    registry = MemoryRegistry()
+    async with memory_runtime(registry) as home, memory_runtime(registry) as away:
+        with pytest.raises(micro.errors.ServiceNotFound):
+            await away.client.call("users", "Users.Get", {"user_id": "a"})
+        service = micro.Service("users", runtime=home)
+        service.handle(Users())
+        async with service:
+            assert (await away.client.call("users", "Users.Get", {"user_id": "a"}))["total"] == 0
+        # the delete event reaches away's cache through its watch (on away's own task):
+        # the next call finds no service, rather than trying the node that left
+        await anyio.wait_all_tasks_blocked()
+        with pytest.raises(micro.errors.ServiceNotFound):
+            await away.client.call("users", "Users.Get", {"user_id": "a"})
