@@ -73,6 +73,32 @@ class _Draining(dict[str, GrpcHandler]):
 _DRAINING = _Draining()
 
 
+class _Mapping(dict[str, GrpcHandler]):
+    """Paths to handlers; an unknown path gets a proper UNIMPLEMENTED response.
+
+    grpclib answers an unknown path itself with a bare trailers-only response that
+    has no ``content-type``, which grpclib's own client then reports as UNKNOWN
+    ("Missing content-type header") instead of UNIMPLEMENTED.
+    """
+
+    def __init__(self, wire: str) -> None:
+        super().__init__()
+        self.wire = wire
+        self.others: dict[str, GrpcHandler] = {}  # the other wire's mapping
+
+    def get(self, key: str, default: Any = None) -> GrpcHandler:
+        found = super().get(key)
+        if found is not None:
+            return found
+        other = "application/grpc+json" if self.wire == PROTO else "application/grpc (protobuf)"
+
+        async def unimplemented(stream: Stream[Any, Any]) -> None:
+            hint = f" (this service serves {key} as {other})" if key in self.others else ""
+            raise GRPCError(Status.UNIMPLEMENTED, f"unknown method {key}{hint}")
+
+        return GrpcHandler(unimplemented, Cardinality.UNARY_UNARY, bytes, bytes)
+
+
 class _Handler(_BaseHandler):
     """grpclib's connection handler, choosing codec and mapping per request."""
 
@@ -150,7 +176,9 @@ class GrpcServer:
 
     def __init__(self, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
         self.max_message_size = max_message_size
-        self._mappings: dict[str, dict[str, GrpcHandler]] = {PROTO: {}, JSON: {}}
+        proto, json = _Mapping(PROTO), _Mapping(JSON)
+        proto.others, json.others = json, proto
+        self._mappings: dict[str, dict[str, GrpcHandler]] = {PROTO: proto, JSON: json}
         self._server: _Server | None = None
         self.port = 0
         self.host = ""
