@@ -1,0 +1,231 @@
+"""micro chat and the router: routing, concurrent dispatch, rendering, and the program itself."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import msgspec
+import pexpect
+import pytest
+
+import micro
+from micro.agent.router import AgentInfo, KeywordRouter, Route, Router, discover
+from micro.ai import Message, ToolSpec, scripted
+from micro.cli.chat import Printer, turn
+
+ROOT = Path(__file__).resolve().parent.parent
+MICRO = [sys.executable, "-m", "micro.cli"]
+
+
+def info(name: str, *services: str) -> AgentInfo:
+    return AgentInfo(name, list(services))
+
+
+AGENTS = [info("comms-mgr", "notification", "email"), info("project-mgr", "task", "project", "milestone"),
+          info("task-mgr", "task", "project")]
+
+
+async def test_keyword_router_picks_the_specific_agents() -> None:
+    r = KeywordRouter()
+    routes = await r.route("Reschedule Alice's tasks and notify her", AGENTS)
+    assert [x.agent for x in routes] == ["task-mgr", "comms-mgr"]
+    assert [x.agent for x in await r.route("How are the milestones?", AGENTS)] == ["project-mgr"]
+    assert [x.agent for x in await r.route("hello", AGENTS)] == ["comms-mgr"]  # no match: the first agent
+    assert [x.agent for x in await r.route("anything", AGENTS[:1])] == ["comms-mgr"]
+
+
+async def test_model_router_uses_one_tool_call_and_drops_unknown_agents() -> None:
+    def decide(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn:
+        assert [t.name for t in tools] == ["route"]
+        enum = tools[0].input_schema["properties"]["routes"]["items"]["properties"]["agent"]["enum"]
+        assert enum == ["comms-mgr", "project-mgr", "task-mgr"]
+        return scripted.call("route", routes=[
+            {"agent": "task-mgr", "message": "reschedule Alice's tasks"},
+            {"agent": "ghost", "message": "boo"},
+            {"agent": "comms-mgr", "message": "notify Alice"},
+        ])
+
+    model = scripted.function(decide)
+    routes = await Router(model).route("reschedule Alice's tasks and notify her", AGENTS)
+    assert routes == [Route("task-mgr", "reschedule Alice's tasks"), Route("comms-mgr", "notify Alice")]
+    assert "comms-mgr: manages notification, email" in (model.calls[0].system or "")
+    assert len(model.calls) == 1
+    assert await Router(model).route("x", AGENTS[:1]) == [Route("comms-mgr", "x")]  # one agent: no model call
+    assert len(model.calls) == 1
+
+
+def test_printer_labels_lines_when_several_agents_answer() -> None:
+    out: list[str] = []
+    p = Printer(out.append, labelled_lines=True)
+    p.event("a", {"type": "text", "text": "Hel"})
+    p.event("b", {"type": "text", "text": "Other\n"})
+    p.event("a", {"type": "text", "text": "lo\nWorld"})
+    p.event("a", {"type": "tool_start", "tool_call": {"name": "t_X_Y", "input": '{"k":1}'}})
+    p.event("a", {"type": "tool_end", "tool_call": {"result": "x" * 500, "is_error": False}})
+    p.done("a")
+    text = "".join(out)
+    assert text.splitlines()[:4] == ["[b] Other", "[a] Hello", "[a] World", '[a] → t_X_Y({"k":1})']
+    assert text.splitlines()[4].startswith("[a] ← xxx") and text.splitlines()[4].endswith("…")
+    assert len(text.splitlines()[4]) < 200
+
+
+def test_printer_streams_inline_for_one_agent() -> None:
+    out: list[str] = []
+    p = Printer(out.append, labelled_lines=False)
+    p.start("task-mgr")
+    p.event("task-mgr", {"type": "text", "text": "Checking..."})
+    p.event("task-mgr", {"type": "tool_start", "tool_call": {"name": "f", "input": "{}"}})
+    p.event("task-mgr", {"type": "tool_end", "tool_call": {"result": "boom", "is_error": True}})
+    p.event("task-mgr", {"type": "text", "text": "Done."})
+    p.done("task-mgr")
+    assert "".join(out) == "[task-mgr] Checking...\n→ f({})\n✗ boom\nDone.\n"
+
+
+class Echo(msgspec.Struct):
+    text: str
+
+
+class Tool:
+    async def Echo(self, req: Echo) -> Echo:
+        """Echo the text."""
+        return req
+
+
+async def test_several_agents_are_asked_concurrently(capsys: pytest.CaptureFixture[str]) -> None:
+    arrived = 0
+    all_in = anyio.Event()
+
+    async def barrier(messages: list[Message], tools: list[ToolSpec]) -> str:
+        nonlocal arrived
+        if len(messages) == 1:  # the first model call of each agent's run
+            arrived += 1
+            if arrived == 3:
+                all_in.set()
+            await all_in.wait()  # a sequential dispatch never gets the third agent here
+        return f"done after {len(messages)} message(s)"
+
+    async with micro.Runtime(registry="memory://", store="memory://", broker="memory://") as rt:
+        svc = micro.New("echo", runtime=rt)
+        svc.handle(Tool())
+        agents = [micro.NewAgent(n, services=["echo"], provider=scripted.function(barrier), runtime=rt)
+                  for n in ("alpha-mgr", "beta-mgr", "gamma-mgr")]
+        async with svc, agents[0], agents[1], agents[2]:
+            found = await discover(rt.registry)
+            assert [a.name for a in found] == ["alpha-mgr", "beta-mgr", "gamma-mgr"]
+            assert found[0].services == ["echo"]
+
+            class All:
+                async def route(self, message: str, agents: list[AgentInfo]) -> list[Route]:
+                    return [Route(a.name, message) for a in agents]
+
+            with anyio.fail_after(10):
+                asked = await turn(rt, All(), "hello all", only=None, session="", timeout=10)
+    assert asked == 3
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(lines) == [f"[{n}] done after 1 message(s)" for n in ("alpha-mgr", "beta-mgr", "gamma-mgr")]
+
+
+# -- the program ------------------------------------------------------------------------------
+
+
+def _start(path: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([*MICRO, "run", path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=os.environ.copy(), cwd=ROOT)
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "Ctrl-C to stop" in line:
+            return proc
+    proc.wait(10)
+    proc.stdout.close()
+    pytest.fail("micro run exited early:\n" + "".join(seen))
+
+
+@pytest.fixture
+def example() -> Iterator[subprocess.Popen[str]]:
+    proc = _start("examples/tasks")
+    yield proc
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    assert proc.stdout is not None
+    proc.stdout.close()
+
+
+def test_agent_list(example: subprocess.Popen[str]) -> None:
+    res = subprocess.run([*MICRO, "agent", "list"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert "◆ task-mgr" in res.stdout and "manages: task, project" in res.stdout
+    res = subprocess.run([*MICRO, "agent", "list", "--json"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    agents = {a["name"]: a["services"] for a in msgspec.json.decode(res.stdout)}
+    assert agents == {"comms-mgr": ["notification", "email"], "project-mgr": ["task", "project", "milestone"],
+                      "task-mgr": ["task", "project"]}
+
+
+def test_one_shot_chat_routes_to_one_agent(example: subprocess.Popen[str]) -> None:
+    res = subprocess.run([*MICRO, "chat", "-m", "What tasks are overdue for Alice?"], capture_output=True,
+                         text=True, timeout=60, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == "[task-mgr] Checking overdue tasks..."
+    assert lines[1] == '→ task_Task_ListOverdue({"user_id":"alice"})'
+    assert lines[2].startswith('← {"records":[{"id":"t1"')
+    assert lines[3:] == ["Alice has 3 overdue tasks:", "1. Write quarterly report (due June 1)",
+                         "2. Review PR #42 (due June 2)", "3. Update deployment docs (due June 3)"]
+
+
+def test_chat_reads_messages_from_stdin_and_reaches_two_agents(example: subprocess.Popen[str]) -> None:
+    res = subprocess.run([*MICRO, "chat"], input="Reschedule Alice's overdue tasks and notify her\n",
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert all(line.startswith(("[task-mgr] ", "[comms-mgr] ")) for line in lines)
+    assert '[comms-mgr] → notification_Notification_Send({"user_id":"alice","message":"Your overdue tasks ' \
+           'were rescheduled."})' in lines
+    updates = [line for line in lines if line.startswith("[task-mgr] → task_Task_Update(")]
+    assert len(updates) == 3
+    assert sum("Rescheduled:" in line for line in lines) == 3
+
+
+def test_chat_with_an_unknown_agent_fails_in_one_line(example: subprocess.Popen[str]) -> None:
+    res = subprocess.run([*MICRO, "chat", "--agent", "nope", "-m", "hi"], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert res.returncode == 1
+    assert res.stderr.strip() == "error: no agent 'nope' in the registry (agents: comms-mgr, project-mgr, task-mgr)"
+
+
+def test_chat_without_agents_says_how_to_start_one() -> None:
+    res = subprocess.run([*MICRO, "chat", "-m", "hi"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert res.returncode == 1
+    assert "no agents are registered" in res.stderr and "micro run" in res.stderr
+
+
+def test_interactive_chat_in_a_real_terminal(example: subprocess.Popen[str]) -> None:
+    child = pexpect.spawn(MICRO[0], [*MICRO[1:], "chat", "--agent", "task-mgr"], cwd=str(ROOT),
+                          env={**os.environ, "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}, encoding="utf-8", timeout=30, dimensions=(40, 200))
+    try:
+        child.expect("Ctrl-D exits")
+        child.expect(">")
+        child.sendline("What tasks are overdue for Bob?")
+        child.expect(r"\[task-mgr\] Checking overdue tasks\.\.\.")
+        child.expect(r"→ task_Task_ListOverdue\(\{\"user_id\":\"bob\"\}\)")
+        child.expect("Bob has 1 overdue tasks:")
+        child.expect("1. Fix login bug")
+        child.expect(">")
+        child.sendcontrol("d")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    history = Path(os.environ["MICRO_HOME"]) / "chat_history"
+    assert "What tasks are overdue for Bob?" in history.read_text()
