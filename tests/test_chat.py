@@ -211,8 +211,9 @@ def test_chat_without_agents_says_how_to_start_one() -> None:
 
 
 def test_interactive_chat_in_a_real_terminal(example: subprocess.Popen[str]) -> None:
-    child = pexpect.spawn(MICRO[0], [*MICRO[1:], "chat", "--agent", "task-mgr"], cwd=str(ROOT),
-                          env={**os.environ, "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}, encoding="utf-8", timeout=30, dimensions=(40, 200))
+    env = {**os.environ, "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
+    child = pexpect.spawn(MICRO[0], [*MICRO[1:], "chat", "--agent", "task-mgr"], cwd=str(ROOT), env=env,
+                          encoding="utf-8", timeout=30, dimensions=(40, 200))
     try:
         child.expect("Ctrl-D exits")
         child.expect(">")
