@@ -303,3 +303,31 @@ async def test_registry_record_carries_schemas_descriptions_and_wires() -> None:
     # the record survives the registry's own encoding
     decoded = msgspec.json.decode(msgspec.json.encode(record), type=type(record))
     assert decoded == record
+
+
+def test_protobuf_bytes_round_trip_through_the_wire_check() -> None:
+    codec = codec_for(HelloRequest)
+    msg = HelloRequest(name="ann", times=-3, tone=Tone.WARM, sender=Person(name="b", age=4),
+                       tags=["x", "y"], counts={"a": 2**40, "b": -1})
+    assert codec.decode(bytes(msg), PROTO, "w") == msg
+    assert codec.decode(b"", PROTO, "w") == HelloRequest()
+    assert codec.decode(b"\xf8\x01\x05", PROTO, "w") == HelloRequest()  # unknown field 31: kept
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        (b"\x0a\x05ab", "truncated - at `$.name`"),  # claims 5 bytes, has 2
+        (b"\x22\x03\x0a\x05a", "truncated - at `$.sender.name`"),
+        (b"\x0b", "wire type 3 - at `$.name`"),  # betterproto2 alone makes name=None of it
+        (b"\x08\x01", "wire type 0 for a string - at `$.name`"),
+        (b"\x15abcd", "wire type 5 for a int32 - at `$.times`"),
+        (b"\x10", "bad varint - at `$.times`"),
+        (b"\xff\xff", "bad varint"),
+    ],
+)
+def test_malformed_protobuf_is_bad_request(data: bytes, needle: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        codec_for(HelloRequest).decode(data, PROTO, "greeter Greeter.SayHello")
+    assert needle in info.value.message
+    assert info.value.message.startswith("greeter Greeter.SayHello: malformed protobuf")

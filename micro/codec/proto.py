@@ -52,6 +52,78 @@ def from_builtins(tp: type[betterproto2.Message], value: dict[str, Any], where: 
         raise BadRequest(f"{where}: {exc}") from None
 
 
+_VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
+_FIXED32_TYPES = {"float", "fixed32", "sfixed32"}
+_FIXED64_TYPES = {"double", "fixed64", "sfixed64"}
+_LEN_TYPES = {"string", "bytes", "message", "map"}
+
+
+def check_wire(tp: type[betterproto2.Message], data: bytes, path: str = "$") -> None:
+    """Refuse protobuf bytes betterproto2 would parse into nonsense.
+
+    betterproto2's parser does not check lengths (a string that claims 5 bytes and
+    has 2 becomes a 2-character string) or wire types (a string field read with
+    wire type 3 becomes ``None``). This walks the encoding once, checking every
+    length and every known field's wire type, nested messages included.
+    """
+    meta = _meta(tp)
+    by_number: dict[int, str] = meta.field_name_by_number
+    i, end = 0, len(data)
+    while i < end:
+        key, i = _varint(data, i, path)
+        number, wire = key >> 3, key & 7
+        name = by_number.get(number)
+        where = f"{path}.{name}" if name else f"{path} (field {number})"
+        if number == 0:
+            raise BadRequest(f"malformed protobuf: field number 0 - at `{path}`")
+        if wire == _VARINT:
+            _, i = _varint(data, i, where)
+            start = stop = i
+        elif wire == _FIXED64:
+            start, stop = i, i + 8
+        elif wire == _FIXED32:
+            start, stop = i, i + 4
+        elif wire == _LEN:
+            length, start = _varint(data, i, where)
+            stop = start + length
+        else:
+            raise BadRequest(f"malformed protobuf: wire type {wire} - at `{where}`")
+        if stop > end:
+            raise BadRequest(f"malformed protobuf: truncated - at `{where}`")
+        i = stop
+        if name is None:
+            continue  # unknown fields are kept as they are
+        field = meta.meta_by_field_name[name]
+        proto_type = field.proto_type
+        if wire == _LEN:
+            if proto_type in ("message", "map") and not field.unwrap:
+                cls = meta.cls_by_field.get(name)
+                if cls is not None and not _is_well_known(cls):
+                    check_wire(cls, data[start:stop], where)
+                continue
+            if proto_type in _LEN_TYPES or field.repeated:  # packed repeated scalars are LEN too
+                continue
+        elif wire == _VARINT and proto_type not in _LEN_TYPES | _FIXED32_TYPES | _FIXED64_TYPES:
+            continue
+        elif wire == _FIXED32 and proto_type in _FIXED32_TYPES:
+            continue
+        elif wire == _FIXED64 and proto_type in _FIXED64_TYPES:
+            continue
+        raise BadRequest(f"malformed protobuf: wire type {wire} for a {proto_type} - at `{where}`")
+
+
+def _varint(data: bytes, i: int, where: str) -> tuple[int, int]:
+    result = shift = 0
+    while i < len(data) and shift < 70:
+        b = data[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, i
+        shift += 7
+    raise BadRequest(f"malformed protobuf: bad varint - at `{where}`")
+
+
 def _meta(tp: type[betterproto2.Message]) -> Any:
     # ``_betterproto`` is a classproperty that mypy cannot follow through ``type[Message]``
     return getattr(tp, "_betterproto")  # noqa: B009

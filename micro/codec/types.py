@@ -175,6 +175,10 @@ class ProtoCodec(TypeCodec):
     def decode(self, data: bytes, wire: str, where: str) -> Any:
         if wire == PROTO:
             try:
+                _proto.check_wire(self.type, data)
+            except BadRequest as exc:
+                raise BadRequest(f"{where}: {exc.message}") from None
+            try:
                 return self.type.parse(data)
             except Exception as exc:  # betterproto raises assorted errors on garbage
                 raise BadRequest(f"{where}: malformed protobuf for {self.type.__name__}: {exc}") from None
