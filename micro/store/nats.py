@@ -1,0 +1,317 @@
+"""The NATS store: records in JetStream Key-Value buckets, for many machines.
+
+Mapping:
+
+- one KV bucket per store database, named ``micro-store-<database>`` (bucket names
+  allow ``[a-zA-Z0-9_-]``; other characters become ``_XX`` per UTF-8 byte);
+- a record's KV key is ``<table>.<segment>.<segment>…``: the store key split at
+  ``/``, each segment (and the table) one subject token in which ``[a-zA-Z0-9_-]``
+  stay and every other character becomes ``=XX`` per UTF-8 byte (an empty
+  segment is ``=``). The mapping is reversible, so ``list()`` gets keys back, and a
+  prefix up to its last ``/`` becomes a subject filter the server applies
+  (``agent/bot/history/`` -> ``<table>.agent.bot.history.>``);
+- the value is a msgpack ``[value, metadata]``; the expiry rides in the
+  ``Micro-Expiry`` header, so listing keys reads headers only.
+
+TTL: per key. The expiry (the store's clock) is checked on every read, and the
+message is published with a per-message TTL (``Nats-TTL``, nats-server 2.11+,
+rounded up to whole seconds) so the server removes it too. Buckets this store
+creates allow per-message TTLs; on a bucket made elsewhere without them, expired
+records are only hidden. ``delete`` writes a purge marker that itself expires
+after a minute, so deleted keys do not pile up as tombstones.
+
+Reading the last N records under a prefix lists the prefix's keys (headers only),
+then fetches the N values with direct gets; a write is one publish at any size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import re
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import msgspec
+
+from micro.errors import ConfigError, StoreError, Unavailable
+from micro.store._base import Record, Store, redact, window
+
+try:
+    import nats
+    import nats.errors
+    import nats.js.errors
+    from nats.js import api
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ConfigError("the nats store needs nats-py: pip install 'micro[nats]'") from exc
+
+__all__ = ["NatsStore", "bucket_name", "decode_key", "encode_key"]
+
+EXPIRY_HEADER = "Micro-Expiry"
+_TOMBSTONE_TTL = 60.0
+_KV_OP = "KV-Operation"
+_MARKER = "Nats-Marker-Reason"
+_TOKEN_UNSAFE = re.compile(r"[^a-zA-Z0-9_-]")
+_BUCKET_UNSAFE = re.compile(r"[^a-z0-9-]")
+_ESCAPED = re.compile(r"(?:=[0-9A-F]{2})+")
+
+
+class _Body(msgspec.Struct, array_like=True):
+    value: bytes
+    metadata: dict[str, str]
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(_Body)
+
+
+def _hex(match: re.Match[str], mark: str) -> str:
+    return "".join(f"{mark}{b:02X}" for b in match.group().encode())
+
+
+def _token(text: str) -> str:
+    return _TOKEN_UNSAFE.sub(lambda m: _hex(m, "="), text) if text else "="
+
+
+def _untoken(token: str) -> str:
+    if token == "=":
+        return ""
+    return _ESCAPED.sub(lambda m: bytes.fromhex(m.group().replace("=", "")).decode(), token)
+
+
+def bucket_name(database: str) -> str:
+    """The KV bucket holding ``database``."""
+    return "micro-store-" + _BUCKET_UNSAFE.sub(lambda m: _hex(m, "_"), database)
+
+
+def encode_key(table: str, key: str) -> str:
+    """The KV key of ``key`` in ``table`` (see the module docstring)."""
+    return ".".join([_token(table), *(_token(s) for s in key.split("/"))])
+
+
+def decode_key(kv_key: str) -> tuple[str, str]:
+    """``(table, key)`` back from a KV key made by ``encode_key``."""
+    table, *segments = kv_key.split(".")
+    return _untoken(table), "/".join(_untoken(s) for s in segments)
+
+
+class _Bucket(msgspec.Struct):
+    stream: str
+    subjects: str  # "$KV.<bucket>." prefix of every subject in it
+    msg_ttl: bool  # whether the stream takes per-message TTLs
+
+
+class NatsStore(Store):
+    """Records in JetStream KV on the NATS server at ``url`` (``nats://host:4222``).
+
+    Example:
+        async with NatsStore("nats://127.0.0.1:4222") as store:
+            await store.write(Record("session/42", b"..."), ttl=3600)
+    """
+
+    def __init__(
+        self,
+        url: str = "nats://127.0.0.1:4222",
+        *,
+        database: str = "micro",
+        table: str = "default",
+        clock: Callable[[], float] = time.time,
+        connect_timeout: float = 2.0,
+        timeout: float = 5.0,
+    ) -> None:
+        super().__init__(url, database=database, table=table, clock=clock)
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("nats", "tls") or not parts.netloc:
+            raise ConfigError(f"NATS store URL {redact(url)!r} must look like nats://host:4222")
+        # nats://a:4222,b:4222 names several servers of one cluster.
+        self.servers = [f"{parts.scheme}://{host}" for host in parts.netloc.split(",")]
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        self._nc: Any = None
+        self._js: Any = None
+        self._buckets: dict[str, _Bucket] = {}
+
+    async def _connect(self) -> None:
+        last_error: list[BaseException] = []
+
+        async def on_error(exc: Exception) -> None:  # nats-py would log a traceback per retry
+            last_error[:] = [exc]
+
+        nc: Any = None
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                nc = await nats.connect(
+                    self.servers,
+                    name="micro-store",
+                    connect_timeout=max(1, math.ceil(self.connect_timeout)),
+                    max_reconnect_attempts=-1,  # once up, keep reconnecting; ops time out meanwhile
+                    reconnect_time_wait=0.5,
+                    error_cb=on_error,
+                )
+                js = nc.jetstream(timeout=self.timeout)
+                await js.account_info()
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            if nc is not None:
+                await nc.close()
+            reason = _why(last_error[0] if last_error and isinstance(exc, TimeoutError) else exc)
+            if isinstance(exc, nats.js.errors.ServiceUnavailableError | nats.errors.NoRespondersError):
+                reason = "JetStream is not enabled (start nats-server with -js)"
+            raise Unavailable(f"store {redact(self.url)}: cannot connect: {reason}") from exc
+        self._nc, self._js = nc, js
+        self._buckets = {}
+
+    async def _disconnect(self) -> None:
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await nc.close()
+
+    @contextlib.contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """Translate nats-py errors at the boundary."""
+        where = f"store {redact(self.url)} ({self.database}/{self.table})"
+        try:
+            yield
+        except (
+            TimeoutError,
+            nats.errors.NoRespondersError,
+            nats.errors.ConnectionClosedError,
+            nats.errors.ConnectionReconnectingError,
+            nats.errors.StaleConnectionError,
+            nats.errors.OutboundBufferLimitError,
+        ) as exc:
+            raise Unavailable(f"{where}: {action}: NATS did not answer ({_why(exc)})") from exc
+        except nats.js.errors.ServiceUnavailableError as exc:
+            raise Unavailable(f"{where}: {action}: JetStream unavailable ({_why(exc)})") from exc
+        except nats.errors.MaxPayloadError as exc:
+            raise StoreError(f"{where}: {action}: the record is larger than the server's max_payload") from exc
+        except nats.errors.Error as exc:
+            raise StoreError(f"{where}: {action}: {_why(exc)}") from exc
+
+    async def _bucket(self) -> _Bucket:
+        root = self._root
+        bucket: _Bucket | None = root._buckets.get(self.database)
+        if bucket is not None:
+            return bucket
+        name = bucket_name(self.database)
+        js = root._js
+        try:
+            info = await js.stream_info(f"KV_{name}")
+        except nats.js.errors.NotFoundError:
+            config = api.KeyValueConfig(bucket=name, history=1, direct=True, storage=api.StorageType.FILE)
+            await js.create_key_value(config)
+            info = await js.stream_info(f"KV_{name}")
+        bucket = _Bucket(f"KV_{name}", f"$KV.{name}.", bool(info.config.allow_msg_ttl))
+        root._buckets[self.database] = bucket
+        return bucket
+
+    def _subject(self, bucket: _Bucket, key: str) -> str:
+        return bucket.subjects + encode_key(self.table, key)
+
+    async def _get(self, key: str, now: float) -> Record | None:
+        with self._errors(f"read {key!r}"):
+            bucket = await self._bucket()
+            try:
+                msg = await self._root._js.get_msg(bucket.stream, subject=self._subject(bucket, key), direct=True)
+            except nats.js.errors.NotFoundError:
+                return None
+        headers = msg.headers or {}
+        if _KV_OP in headers or _MARKER in headers:
+            return None
+        expiry = _expiry(headers)
+        if expiry is not None and expiry <= now:
+            return None
+        body = _DECODER.decode(msg.data or b"")
+        return Record(key, body.value, body.metadata, expiry)
+
+    async def _put(self, record: Record) -> None:
+        with self._errors(f"write {record.key!r}"):
+            bucket = await self._bucket()
+            headers = None
+            ttl = None
+            if record.expiry is not None:
+                headers = {EXPIRY_HEADER: repr(record.expiry)}
+                if bucket.msg_ttl:
+                    ttl = max(1, math.ceil(record.expiry - self.clock()))
+            payload = _ENCODER.encode(_Body(record.value, record.metadata))
+            await self._root._js.publish(self._subject(bucket, record.key), payload, headers=headers, msg_ttl=ttl)
+
+    async def _delete(self, key: str) -> None:
+        with self._errors(f"delete {key!r}"):
+            bucket = await self._bucket()
+            headers = {_KV_OP: "PURGE", api.Header.ROLLUP.value: "sub"}
+            ttl = _TOMBSTONE_TTL if bucket.msg_ttl else None
+            await self._root._js.publish(self._subject(bucket, key), b"", headers=headers, msg_ttl=ttl)
+
+    async def _scan(self, prefix: str, now: float, values: bool) -> list[tuple[str, Any]]:
+        """Live ``(key, message)`` pairs under ``prefix``, sorted by key. The messages carry
+        only headers unless ``values``."""
+        bucket = await self._bucket()
+        *whole, _ = prefix.split("/")
+        base = bucket.subjects + ".".join([_token(self.table), *(_token(s) for s in whole)])
+        sub = await self._root._js.subscribe(
+            base + ".>",
+            stream=bucket.stream,
+            ordered_consumer=True,
+            deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+            headers_only=not values,
+            inactive_threshold=30.0,
+        )
+        found: dict[str, Any] = {}
+        try:
+            info = await sub.consumer_info()
+            if info.num_pending or info.delivered.consumer_seq or sub.pending_msgs:
+                while True:
+                    msg = await sub.next_msg(timeout=self.timeout)
+                    found[msg.subject] = msg  # an ordered consumer may redeliver after a reset
+                    if msg.metadata.num_pending == 0:
+                        break
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        live = []
+        for subject, msg in found.items():
+            headers = msg.headers or {}
+            expiry = _expiry(headers)
+            if _KV_OP in headers or _MARKER in headers or (expiry is not None and expiry <= now):
+                continue
+            key = decode_key(subject[len(bucket.subjects) :])[1]
+            if key.startswith(prefix):
+                live.append((key, msg))
+        live.sort(key=lambda pair: pair[0])
+        return live
+
+    async def _list(self, prefix: str, now: float, limit: int | None, offset: int, reverse: bool) -> list[str]:
+        with self._errors(f"list {prefix!r}"):
+            live = await self._scan(prefix, now, values=False)
+        return [key for key, _ in window(live, limit, offset, reverse)]
+
+    async def _read_prefix(
+        self, prefix: str, now: float, limit: int | None, offset: int, reverse: bool
+    ) -> list[Record]:
+        with self._errors(f"read prefix {prefix!r}"):
+            if limit is None:  # everything: one pass with the values
+                live = window(await self._scan(prefix, now, values=True), None, offset, reverse)
+                return [_record(key, msg.data, msg.headers or {}) for key, msg in live]
+            # A window: list the keys (headers only), then fetch just those values.
+            keys = [key for key, _ in window(await self._scan(prefix, now, values=False), limit, offset, reverse)]
+            found = await asyncio.gather(*(self._get(key, now) for key in keys))
+        return [record for record in found if record is not None]
+
+
+def _expiry(headers: dict[str, str]) -> float | None:
+    raw = headers.get(EXPIRY_HEADER)
+    return None if raw is None else float(raw)
+
+
+def _record(key: str, data: bytes | None, headers: dict[str, str]) -> Record:
+    body = _DECODER.decode(data or b"")
+    return Record(key, body.value, body.metadata, _expiry(headers))
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
