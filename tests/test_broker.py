@@ -66,6 +66,7 @@ def test_from_url_default_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(core, NatsBroker) and not core.jetstream
     assert core.servers == ["nats://a:4222", "nats://b:4223"]
     assert from_url("memory://?queue_size=8").queue_size == 8  # type: ignore[attr-defined]
+    assert not from_url("nats://h:4222?message_ids=false").message_ids  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
@@ -216,6 +217,26 @@ async def test_memory_handler_unsubscribes_itself() -> None:
         await broker.publish("t.once", b"2")
         await other.wait_count(1)
         assert seen == [b"1"]
+
+
+# -- core NATS --------------------------------------------------------------------------------
+
+
+async def test_nats_bare_payloads_without_message_ids(nats_url: str) -> None:
+    """``message_ids=False``: no header goes out unless the publisher gives one."""
+    t = topic("bare")
+    async with NatsBroker(nats_url, message_ids=False) as broker:
+        a, b = Inbox(), Inbox()
+        await broker.subscribe(t, a)
+        await broker.subscribe(t, b)
+        await broker.publish(t, b"bare")
+        await broker.publish(t, b"marked", headers={"Micro-Id": "m-1", "X-Trace": "t"})
+        await a.wait_count(2)
+        await b.wait_count(2)
+        bare_a, marked = a.messages
+        assert bare_a.headers == {} and bare_a.id and bare_a.id != b.messages[0].id
+        assert marked.id == b.messages[1].id == "m-1"
+        assert marked.headers == {"Micro-Id": "m-1", "X-Trace": "t"}
 
 
 # -- JetStream -------------------------------------------------------------------------------

@@ -218,13 +218,16 @@ class MemoryBroker(Broker):
     ) -> None:
         if self._closed:
             raise BrokerError(f"cannot publish to {topic!r}: broker {self.url} is closed")
-        data = encode_message(message)
+        data = message if type(message) is bytes else encode_message(message)
         route = self._routes.get(topic)
         if route is None:
             route = self._route(validate_topic(topic, wildcards=False))
-        message_id = new_message_id(headers)
-        hdrs = dict(headers) if headers else {}
-        hdrs[ID_HEADER] = message_id
+        if headers:
+            message_id = new_message_id(headers)
+            hdrs = {**headers, ID_HEADER: message_id}
+        else:
+            message_id = new_message_id()
+            hdrs = {ID_HEADER: message_id}
         msg = Message(topic=topic, data=data, headers=hdrs, id=message_id)
         crowded = False
         plain, groups = route
