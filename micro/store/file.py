@@ -24,6 +24,7 @@ record).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import math
 import os
@@ -70,6 +71,7 @@ def _escape(match: re.Match[str]) -> str:
     return "".join(f"%{b:02X}" for b in ch.encode())
 
 
+@functools.lru_cache(maxsize=65536)
 def encode_name(text: str) -> str:
     """``text`` as a filename: ``[a-z0-9._-]`` kept (but a leading dot), ``A`` -> ``^a``,
     anything else -> ``%XX`` per UTF-8 byte. Distinct texts stay distinct even on
@@ -77,11 +79,15 @@ def encode_name(text: str) -> str:
     return _UNSAFE.sub(_escape, text)
 
 
+@functools.lru_cache(maxsize=65536)  # listing a table decodes every name in it
 def decode_name(name: str) -> str | None:
     """The text ``encode_name`` made ``name`` from; None for a name it cannot have made."""
     if not _NAME.fullmatch(name) or name.startswith("."):
         return None
-    return urllib.parse.unquote(_CARET.sub(lambda m: m.group(1).upper(), name), errors="strict")
+    try:
+        return urllib.parse.unquote(_CARET.sub(lambda m: m.group(1).upper(), name), errors="strict")
+    except UnicodeDecodeError:
+        return None
 
 
 def _filename(text: str) -> str:

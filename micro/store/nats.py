@@ -20,8 +20,10 @@ creates allow per-message TTLs; on a bucket made elsewhere without them, expired
 records are only hidden. ``delete`` writes a purge marker that itself expires
 after a minute, so deleted keys do not pile up as tombstones.
 
-Reading the last N records under a prefix lists the prefix's keys (headers only),
-then fetches the N values with direct gets; a write is one publish at any size.
+A write is one publish, whatever the bucket holds. Reading a window (``limit``)
+under a prefix lists the subjects there with one stream-info request, then fetches
+the values it needs with direct gets; reading or listing a whole prefix streams the
+last message of each subject through an ordered consumer (headers only for keys).
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ def _token(text: str) -> str:
 
 
 def _untoken(token: str) -> str:
+    if "=" not in token:
+        return token
     if token == "=":
         return ""
     return _ESCAPED.sub(lambda m: bytes.fromhex(m.group().replace("=", "")).decode(), token)
@@ -246,14 +250,17 @@ class NatsStore(Store):
             ttl = _TOMBSTONE_TTL if bucket.msg_ttl else None
             await self._root._js.publish(self._subject(bucket, key), b"", headers=headers, msg_ttl=ttl)
 
+    def _filter(self, bucket: _Bucket, prefix: str) -> str:
+        """The subject filter for ``prefix``: its whole ``/`` segments as tokens, then ``>``."""
+        *whole, _ = prefix.split("/")
+        return bucket.subjects + ".".join([_token(self.table), *(_token(s) for s in whole), ">"])
+
     async def _scan(self, prefix: str, now: float, values: bool) -> list[tuple[str, Any]]:
         """Live ``(key, message)`` pairs under ``prefix``, sorted by key. The messages carry
         only headers unless ``values``."""
         bucket = await self._bucket()
-        *whole, _ = prefix.split("/")
-        base = bucket.subjects + ".".join([_token(self.table), *(_token(s) for s in whole)])
         sub = await self._root._js.subscribe(
-            base + ".>",
+            self._filter(bucket, prefix),
             stream=bucket.stream,
             ordered_consumer=True,
             deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
@@ -284,8 +291,54 @@ class NatsStore(Store):
         live.sort(key=lambda pair: pair[0])
         return live
 
+    async def _subjects(self, bucket: _Bucket, prefix: str) -> list[tuple[str, str]]:
+        """``(key, subject)`` of every subject under ``prefix`` that holds a message (live,
+        expired or a delete marker), sorted by key: one stream-info request per 100,000."""
+        found: list[tuple[str, str]] = []
+        offset = 0
+        while True:
+            request = {"subjects_filter": self._filter(bucket, prefix), "offset": offset}
+            reply = await self._root._nc.request(
+                f"$JS.API.STREAM.INFO.{bucket.stream}", msgspec.json.encode(request), timeout=self.timeout
+            )
+            info = msgspec.json.decode(reply.data)
+            if "error" in info:
+                raise nats.js.errors.APIError.from_error(info["error"])
+            subjects = info.get("state", {}).get("subjects") or {}
+            for subject in subjects:
+                key = decode_key(subject[len(bucket.subjects) :])[1]
+                if key.startswith(prefix):
+                    found.append((key, subject))
+            offset += len(subjects)
+            if not subjects or offset >= info.get("total", 0):
+                break
+        found.sort()
+        return found
+
+    async def _window(self, prefix: str, now: float, limit: int, offset: int, reverse: bool) -> list[Record]:
+        """A window of live records: list the subjects, then get values in order (several
+        at once) until the window is full, skipping delete markers and expired records."""
+        bucket = await self._bucket()
+        candidates = [key for key, _ in await self._subjects(bucket, prefix)]
+        if reverse:
+            candidates.reverse()
+        records: list[Record] = []
+        skip = offset
+        while candidates and len(records) < limit:
+            batch, candidates = candidates[: skip + limit - len(records)], candidates[skip + limit - len(records) :]
+            for record in await asyncio.gather(*(self._get(key, now) for key in batch)):
+                if record is None:
+                    continue
+                if skip:
+                    skip -= 1
+                elif len(records) < limit:
+                    records.append(record)
+        return records
+
     async def _list(self, prefix: str, now: float, limit: int | None, offset: int, reverse: bool) -> list[str]:
         with self._errors(f"list {prefix!r}"):
+            if limit is not None:
+                return [r.key for r in await self._window(prefix, now, limit, offset, reverse)]
             live = await self._scan(prefix, now, values=False)
         return [key for key, _ in window(live, limit, offset, reverse)]
 
@@ -293,13 +346,10 @@ class NatsStore(Store):
         self, prefix: str, now: float, limit: int | None, offset: int, reverse: bool
     ) -> list[Record]:
         with self._errors(f"read prefix {prefix!r}"):
-            if limit is None:  # everything: one pass with the values
-                live = window(await self._scan(prefix, now, values=True), None, offset, reverse)
-                return [_record(key, msg.data, msg.headers or {}) for key, msg in live]
-            # A window: list the keys (headers only), then fetch just those values.
-            keys = [key for key, _ in window(await self._scan(prefix, now, values=False), limit, offset, reverse)]
-            found = await asyncio.gather(*(self._get(key, now) for key in keys))
-        return [record for record in found if record is not None]
+            if limit is not None:
+                return await self._window(prefix, now, limit, offset, reverse)
+            live = window(await self._scan(prefix, now, values=True), None, offset, reverse)
+        return [_record(key, msg.data, msg.headers or {}) for key, msg in live]
 
 
 def _expiry(headers: dict[str, str]) -> float | None:
