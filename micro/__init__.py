@@ -14,15 +14,20 @@ broker and a store, and serve real gRPC endpoints::
 from micro import errors
 from micro.agent import Agent
 from micro.client import Client
+from micro.flow import Flow
 from micro.facade import (
     Address,
     AgentModel,
     AgentPrompt,
     AgentProvider,
     AgentServices,
+    FlowPrompt,
+    FlowServices,
+    FlowTrigger,
     Metadata,
     New,
     NewAgent,
+    NewFlow,
     NewService,
     Option,
     RegisterTTL,
@@ -40,9 +45,14 @@ __all__ = [
     "AgentProvider",
     "AgentServices",
     "Client",
+    "Flow",
+    "FlowPrompt",
+    "FlowServices",
+    "FlowTrigger",
     "Metadata",
     "New",
     "NewAgent",
+    "NewFlow",
     "NewService",
     "Option",
     "RegisterTTL",

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from micro.agent import Agent
+from micro.flow import Flow
 from micro.service import Service
 
 
@@ -72,6 +73,26 @@ def AgentProvider(provider: str) -> Option:
 def AgentModel(model: str) -> Option:
     """``model=``: the model id for the provider."""
     return Option(model=model)
+
+
+def NewFlow(name: str, *options: Option, **kwargs: Any) -> Flow:
+    """A new :class:`~micro.Flow` (Go Micro's ``micro.NewFlow``)."""
+    return Flow(name, **_fold(options, kwargs))
+
+
+def FlowTrigger(topic: str) -> Option:
+    """``trigger=``: the topic whose messages start a run."""
+    return Option(trigger=topic)
+
+
+def FlowPrompt(prompt: str) -> Option:
+    """``prompt=``: the template rendered from each event."""
+    return Option(prompt=prompt)
+
+
+def FlowServices(*services: str) -> Option:
+    """``services=[...]``: the services the flow's model step may use."""
+    return Option(services=list(services))
 
 
 def _fold(options: tuple[Option, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The example system: task, project, milestone, notification and email services; three agents.
+"""The example system: seven services, three agents and a flow.
 
 Run it with `make run` (or `micro run examples/tasks`), then from another terminal:
 
@@ -7,12 +7,14 @@ Run it with `make run` (or `micro run examples/tasks`), then from another termin
     micro call task-mgr Agent.Chat '{"message": "What tasks are overdue for Alice?"}'
     micro agent list
     micro chat -m "Reschedule Alice's overdue tasks and notify her"
+    micro call user User.Create '{"name": "Dana", "email": "dana@example.com"}'   # triggers onboard-user
+    micro flow runs onboard-user
 
 Without ANTHROPIC_API_KEY the agents run on a scripted demo model (labelled as such).
 """
 
 from demo_model import model_for_example
-from services import Email, Milestone, Notification, Project, Task
+from services import Email, Milestone, Notification, Project, Task, User, Workspace
 
 import micro
 
@@ -49,5 +51,19 @@ comms_mgr = micro.NewAgent(
     "comms-mgr",
     micro.AgentServices("notification", "email"),
     micro.AgentPrompt("You handle notifications and emails."),
+    provider=model_for_example(),
+)
+
+user = micro.New("user", metadata={"description": "users; publishes events.user.created"})
+user.handle(User(user))
+
+workspace = micro.New("workspace", metadata={"description": "a workspace per user"})
+workspace.handle(Workspace())
+
+onboard_user = micro.NewFlow(
+    "onboard-user",
+    micro.FlowTrigger("events.user.created"),
+    micro.FlowPrompt("New user created: {data}. Send a welcome email and create their workspace."),
+    micro.FlowServices("email", "workspace"),
     provider=model_for_example(),
 )

@@ -43,6 +43,14 @@ def _brain(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | st
             return scripted.turn(f"Moving {len(calls)} tasks to {new_due}...", *calls)
     if results:
         return "\n\n".join(_summary(use, res) for use, res in zip(asked, results, strict=False))
+    if request.startswith("new user created") and "email_Email_Send" in names:
+        event = json.loads(request.split(":", 1)[1].rsplit(". ", 1)[0]) if ":" in request else {}
+        who = event.get("email") or event.get("name", "the new user")
+        return scripted.turn(
+            "Welcoming the new user...",
+            scripted.call("email_Email_Send", to=who, subject="Welcome!", body="Your workspace is ready."),
+            scripted.call("workspace_Workspace_Create", owner=event.get("id", who)),
+        )
     if "notif" in request and "notification_Notification_Send" in names:
         note = "Your overdue tasks were rescheduled." if "reschedule" in request else request
         return scripted.turn(f"Notifying {user.title()}...",
@@ -70,6 +78,10 @@ def _summary(use: ToolUseBlock, res: ToolResultBlock) -> str:
         return res.content
     if use.name == "task_Task_Update":
         return f"Rescheduled: {_label(body['record'])}"
+    if use.name == "email_Email_Send":
+        return f"Emailed {body['record']['to']}: {body['record']['subject']}"
+    if use.name == "workspace_Workspace_Create":
+        return f"Created workspace {body['record']['id']} for {body['record']['owner']}"
     if use.name == "notification_Notification_Send":
         return f"Notified {body['record']['user_id'].title()}: {body['record']['message']}"
     records = body.get("records") if isinstance(body, dict) else None

@@ -320,3 +320,82 @@ class Email:
         record = EmailRecord(f"e{len(self.outbox) + 1}", req.to, req.subject, req.body)
         self.outbox.append(record)
         return EmailResponse(record=record)
+
+
+# -- user and workspace (the onboard-user flow) -------------------------------------------------
+
+
+class CreateUserRequest(msgspec.Struct):
+    name: str
+    email: str
+
+
+class UserRecord(msgspec.Struct):
+    id: str
+    name: str
+    email: str
+
+
+class UserResponse(msgspec.Struct):
+    record: UserRecord
+
+
+class User:
+    """Users; creating one publishes events.user.created (the onboard-user flow's trigger)."""
+
+    def __init__(self, service: micro.Service) -> None:
+        self.service = service
+        self.users: dict[str, UserRecord] = {}
+
+    async def Create(self, req: CreateUserRequest) -> UserResponse:
+        """Create a user with a name and an email address."""
+        record = UserRecord(f"u{len(self.users) + 1}", req.name, req.email)
+        self.users[record.id] = record
+        await self.service.client.publish("events.user.created", record)
+        return UserResponse(record=record)
+
+
+class CreateWorkspaceRequest(msgspec.Struct):
+    owner: str
+    name: str = ""
+
+
+class WorkspaceRecord(msgspec.Struct):
+    id: str
+    owner: str
+    name: str
+
+
+class WorkspaceResponse(msgspec.Struct):
+    record: WorkspaceRecord
+
+
+class ListWorkspacesRequest(msgspec.Struct):
+    owner: str = ""
+
+
+class ListWorkspacesResponse(msgspec.Struct):
+    records: list[WorkspaceRecord]
+
+
+class Workspace:
+    """Workspaces: one per user, created when they join. Honours idempotency keys."""
+
+    def __init__(self) -> None:
+        self.workspaces: list[WorkspaceRecord] = []
+        self._by_key: dict[str, WorkspaceRecord] = {}
+
+    async def Create(self, req: CreateWorkspaceRequest) -> WorkspaceResponse:
+        """Create a workspace for a user (owner is the user id or email)."""
+        key = micro.context.metadata().get("idempotency-key", "")
+        if key and key in self._by_key:  # a retried flow step: the workspace exists already
+            return WorkspaceResponse(record=self._by_key[key])
+        record = WorkspaceRecord(f"w{len(self.workspaces) + 1}", req.owner, req.name or f"{req.owner}'s workspace")
+        self.workspaces.append(record)
+        if key:
+            self._by_key[key] = record
+        return WorkspaceResponse(record=record)
+
+    async def List(self, req: ListWorkspacesRequest) -> ListWorkspacesResponse:
+        """List workspaces, of one owner when given."""
+        return ListWorkspacesResponse(records=[w for w in self.workspaces if not req.owner or w.owner == req.owner])

@@ -74,8 +74,13 @@ async def run(path: Path) -> None:
         for item in items:
             meta = item.metadata
             kind = meta.get("type", "service")
-            extra = f"manages {meta.get('services', '')}; model: {meta.get('model', '?')}" if kind == "agent" else (
-                f"{len(item.endpoints)} endpoints")
+            if kind == "agent":
+                extra = f"manages {meta.get('services', '')}; model: {meta.get('model', '?')}"
+            elif kind == "flow":
+                via = f"agent {meta['agent']}" if meta.get("agent") else f"model: {meta.get('model', '?')}"
+                extra = f"on {meta.get('trigger', '?')} over {meta.get('services', '') or '-'}; {via}"
+            else:
+                extra = f"{len(item.endpoints)} endpoints"
             out.print(f"[green]●[/green] {kind} [bold]{item.name}[/bold] on {item.address} ({extra})")
         if module.__doc__:
             out.print(module.__doc__.strip(), markup=False)

@@ -75,7 +75,7 @@ class Service:
         self._address = address or os.environ.get("MICRO_ADDRESS") or "127.0.0.1:0"
         self._runtime = runtime
         self._endpoints: dict[str, Endpoint] = {}
-        self._subscriptions: list[tuple[str, Callable[..., Awaitable[Any]], str | None]] = []
+        self._subscriptions: list[tuple[str, Callable[..., Awaitable[Any]], str | None, str | None]] = []
         self._server = GrpcServer(max_message_size=max_message_size)
         self._stack: contextlib.AsyncExitStack | None = None
         self._changed = anyio.Event()
@@ -101,17 +101,20 @@ class Service:
         self._changed.set()
         return found
 
-    def subscribe(self, topic: str, fn: Callable[[Any], Awaitable[Any]], *, queue: str | None = None) -> None:
+    def subscribe(self, topic: str, fn: Callable[[Any], Awaitable[Any]], *, queue: str | None = None,
+                  durable: str | None = None) -> None:
         """Call ``fn`` for each message on ``topic``.
 
         The message is converted to ``fn``'s annotated type (a msgspec Struct, a
         betterproto2 message, ``dict``, ``bytes`` or :class:`micro.broker.Message`).
         Instances of one service share the messages (queue group = the service
-        name) unless ``queue`` says otherwise.
+        name) unless ``queue`` says otherwise. ``durable`` names a consumer that
+        outlives the process on a durable broker (JetStream): its messages are
+        acknowledged only once ``fn`` returns, and redelivered if it raises.
         """
         if self._stack is not None:
             raise UsageError(f"{self.name}: subscribe() before the service starts")
-        self._subscriptions.append((topic, fn, queue))
+        self._subscriptions.append((topic, fn, queue, durable))
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -168,9 +171,9 @@ class Service:
             self.address = f"{_advertise(self._server.host)}:{self._server.port}"
             rt.add_local(self.name, self._endpoints)
             stack.callback(rt.remove_local, self.name, self._endpoints)
-            for topic, fn, queue in self._subscriptions:
+            for topic, fn, queue, durable in self._subscriptions:
                 sub = await rt.broker.subscribe(topic, _subscriber(fn, f"{self.name} {topic}"),
-                                                queue=queue or self.name)
+                                                queue=queue or self.name, durable=durable)
                 stack.push_async_callback(sub.unsubscribe)
             background = BackgroundTaskGroup(f"service {self.name}")
             tg = await background.start()

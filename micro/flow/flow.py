@@ -1,0 +1,276 @@
+"""``Flow``: a broker subscriber that runs one model step over services for every event.
+
+Per event on the trigger topic: decode it, run the deterministic ``steps``,
+render the prompt from the event, run the agent tool loop over the flow's
+services (or hand the prompt to a named agent's ``Agent.Chat``), run the
+``after`` steps, and record the run. The run record is the checkpoint: a step
+or tool call that completed in an earlier attempt is not run again, and an
+event whose run completed is acknowledged without running. Every tool call
+carries an ``idempotency-key`` (event id + tool + arguments) in its metadata,
+so a service can make the one side effect that may have happened before a
+crash happen only once. On a durable broker (``nats+js://``) the event is
+acknowledged only after its record is written; a failure is retried with
+backoff up to the broker's ``max_deliver``, then lands in ``dlq.<topic>``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import msgspec
+
+from micro.agent.loop import Approve, Limits, Run
+from micro.agent.tools import Toolset
+from micro.ai import Message, Model, from_provider
+from micro.broker import Message as BrokerMessage
+from micro.errors import UsageError
+from micro.service import Service
+
+from .record import FlowRun, RunStore, ToolCallResult, now
+from .template import TemplateError, render
+
+log = logging.getLogger("micro.flow")
+
+Step = Callable[[dict[str, Any], FlowRun], Awaitable[Any] | Any]
+
+_current_run: contextvars.ContextVar[tuple[FlowRun, RunStore] | None] = contextvars.ContextVar(
+    "micro_flow_run", default=None)
+_decode_any = msgspec.json.Decoder().decode
+
+
+class Flow(Service):
+    """Event-driven orchestration: every message on ``trigger`` runs one model step.
+
+    Args:
+        name: the flow's service name (also its durable consumer and queue group).
+        trigger: the topic that starts a run (wildcards allowed).
+        prompt: the prompt template, filled from the event (``{data}``, ``{field}``, ``{a.b}``).
+        services: the services whose endpoints the model step may use.
+        provider / model: as for agents (default ``$MICRO_PROVIDER`` or ``"anthropic"``).
+        agent: hand the rendered prompt to this agent's ``Agent.Chat`` instead of a model here.
+        steps / after: deterministic ``async def step(event, run) -> result`` before / after
+            the model step, each checkpointed under its function name.
+        max_concurrency: events handled at once by this process (default 4).
+        system: an optional system prompt for the model step.
+
+    Example::
+
+        flow = micro.NewFlow("onboard-user", trigger="events.user.created",
+                             prompt="New user created: {data}. Send a welcome email.",
+                             services=["email"], provider="anthropic")
+    """
+
+    def __init__(self, name: str, *, trigger: str, prompt: str = "", services: Sequence[str] = (),
+                 provider: str | Model | None = None, model: str | None = None, agent: str | None = None,
+                 steps: Sequence[Step] = (), after: Sequence[Step] = (), max_concurrency: int = 4,
+                 system: str | None = None, max_steps: int = 10, loop_limit: int = 3,
+                 tool_timeout: float | None = 60.0, model_timeout: float | None = 120.0,
+                 approve: Approve | None = None, metadata: Mapping[str, str] | None = None,
+                 **service_options: Any) -> None:
+        if not trigger:
+            raise UsageError(f"flow {name}: give it a trigger topic, e.g. trigger='events.user.created'")
+        if not prompt and agent is None and not steps and not after:
+            raise UsageError(f"flow {name}: give it a prompt (and services), an agent, or steps")
+        if max_concurrency < 1:
+            raise UsageError(f"flow {name}: max_concurrency must be at least 1")
+        self.trigger = trigger
+        self.prompt = prompt
+        self.services = list(services)
+        self.agent = agent
+        self.system = system
+        self.steps = list(steps)
+        self.after = list(after)
+        self.max_concurrency = max_concurrency
+        self.limits = Limits(max_steps, loop_limit, tool_timeout, model_timeout)
+        self.approve = approve
+        self.model: Model | None = None
+        if prompt and agent is None:
+            import os
+
+            chosen = provider if provider is not None else os.environ.get("MICRO_PROVIDER", "anthropic")
+            self.model = from_provider(chosen, model=model)
+        meta = {"type": "flow", "trigger": trigger, "services": ",".join(self.services),
+                "agent": agent or "", "model": self.model.model if self.model else "", **(metadata or {})}
+        super().__init__(name, metadata=meta, **service_options)
+        self.handle(_FlowRuns(self), name="Flow")
+        self._toolset: Toolset | None = None
+        self._runs: RunStore | None = None
+        self.active = 0
+        self.peak = 0
+        for _ in range(max_concurrency):
+            self.subscribe(trigger, self._on_event, queue=name, durable=name)
+
+    @property
+    def runs(self) -> RunStore:
+        if self._runs is None:
+            self._runs = RunStore(self.runtime.store, self.name)
+        return self._runs
+
+    async def stop(self) -> None:
+        await super().stop()
+        self._toolset = None
+        self._runs = None
+
+    async def _on_event(self, message: BrokerMessage) -> None:
+        event = _event_of(message.data)
+        await self.run_event(message.id or hashlib.sha1(message.data).hexdigest(), message.topic, event)
+
+    async def run_event(self, run_id: str, topic: str, event: Any, *, replay_of: str = "") -> FlowRun:
+        """Run (or resume, or skip) the event with this id; returns its record."""
+        runs = self.runs
+        run = await runs.get(run_id)
+        if run is not None and run.status == "completed":
+            log.info("flow %s: event %s already completed; skipping", self.name, run_id)
+            return run
+        if run is None:
+            run = FlowRun(id=run_id, flow=self.name, topic=topic, event=event, started=now(), replay_of=replay_of)
+        run.attempts += 1
+        run.status = "running"
+        run.error = run.error_kind = ""
+        await runs.put(run)
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        token = _current_run.set((run, runs))
+        try:
+            await self._pipeline(run, event if isinstance(event, dict) else {"data": event})
+        except TemplateError as exc:
+            run.status, run.error, run.error_kind = "failed", str(exc), "template"
+            await runs.put(run)  # a deterministic failure: recorded, acknowledged, not retried
+            log.warning("flow %s: event %s: %s", self.name, run_id, exc)
+            return run
+        except Exception as exc:
+            run.status, run.error, run.error_kind = "retrying", f"{type(exc).__name__}: {exc}", type(exc).__name__
+            await runs.put(run)
+            raise  # the broker retries with backoff, then dead-letters it
+        finally:
+            _current_run.reset(token)
+            self.active -= 1
+        run.status, run.finished = "completed", now()
+        await runs.put(run)
+        return run
+
+    async def _pipeline(self, run: FlowRun, event: dict[str, Any]) -> None:
+        for step in self.steps:
+            await self._step(run, step, event)
+        if self.prompt or self.agent:
+            run.prompt = render(self.prompt, event) if self.prompt else msgspec.json.encode(event).decode()
+            if self.agent is not None:
+                run.reply = await self._delegate(run)
+            else:
+                run.reply = await self._model_step(run)
+        for step in self.after:
+            await self._step(run, step, event)
+
+    async def _step(self, run: FlowRun, step: Step, event: dict[str, Any]) -> None:
+        name = getattr(step, "__name__", repr(step))
+        if name in run.steps:
+            return  # done in an earlier attempt
+        result = step(event, run)
+        if inspect.isawaitable(result):
+            result = await result
+        run.steps[name] = msgspec.to_builtins(result)
+        await self.runs.put(run)
+
+    async def _delegate(self, run: FlowRun) -> str:
+        if "agent" in run.steps:
+            return str(run.steps["agent"])
+        rsp = await self.client.call(self.agent, "Agent.Chat", {"message": run.prompt, "parent_id": run.id},
+                                     metadata={"idempotency-key": f"{run.id}:agent"})
+        reply = str(rsp.get("reply", ""))
+        run.steps["agent"] = reply
+        await self.runs.put(run)
+        return reply
+
+    async def _model_step(self, run: FlowRun) -> str:
+        assert self.model is not None
+        if self._toolset is None:
+            self._toolset = _CheckpointedToolset(self.client, self.services, {})
+        loop = Run(self.model, self.system, self._toolset.tools, self.limits, self.approve)
+        return await loop([], Message.user(run.prompt))
+
+
+class _CheckpointedToolset(Toolset):
+    """Tools whose results are recorded in the current run and reused when it is retried."""
+
+    def _caller(self, service: str, endpoint: str) -> Callable[[dict[str, Any]], Awaitable[Any]]:
+        async def run(args: dict[str, Any]) -> Any:
+            current = _current_run.get()
+            if current is None:
+                return await self.client.call(service, endpoint, args)
+            flow_run, runs = current
+            digest = hashlib.sha256(msgspec.json.encode(args, order="sorted")).hexdigest()[:16]
+            key = f"{flow_run.id}:{service}.{endpoint}:{digest}"
+            done = flow_run.tool_result(key)
+            if done is not None:
+                return _decode_any(done.result) if done.result[:1] in "{[" else done.result
+            t0 = time.perf_counter()
+            value = await self.client.call(service, endpoint, args, metadata={"idempotency-key": key})
+            flow_run.tool_calls.append(ToolCallResult(
+                key, f"{service}.{endpoint}", args, msgspec.json.encode(value).decode(),
+                seconds=time.perf_counter() - t0))
+            await runs.put(flow_run)
+            return value
+
+        return run
+
+
+def _event_of(data: bytes) -> Any:
+    try:
+        return _decode_any(data)
+    except msgspec.DecodeError:
+        return {"data": data.decode("utf-8", "replace")}
+
+
+class RunsRequest(msgspec.Struct):
+    limit: int = 20
+
+
+class RunRequest(msgspec.Struct):
+    id: str
+
+
+class RunsResponse(msgspec.Struct):
+    runs: list[FlowRun]
+
+
+class RunResponse(msgspec.Struct):
+    run: FlowRun | None = None
+
+
+class _FlowRuns:
+    """The ``Flow`` handler: a flow's run history, over RPC."""
+
+    def __init__(self, flow: Flow) -> None:
+        self._flow = flow
+
+    async def Runs(self, req: RunsRequest) -> RunsResponse:
+        """The flow's most recent runs, newest first."""
+        return RunsResponse(runs=await self._flow.runs.list(req.limit))
+
+    async def Show(self, req: RunRequest) -> RunResponse:
+        """One run by id (the event id)."""
+        return RunResponse(run=await self._flow.runs.get(req.id))
+
+    async def Replay(self, req: RunRequest) -> RunResponse:
+        """Run a recorded event again, as a new run ``{id}-replay-{n}``."""
+        from micro.errors import NotFound
+
+        old = await self._flow.runs.get(req.id)
+        if old is None:
+            raise NotFound(f"flow {self._flow.name} has no run {req.id!r}")
+        n = 1
+        while await self._flow.runs.get(f"{req.id}-replay-{n}") is not None:
+            n += 1
+        try:
+            return RunResponse(run=await self._flow.run_event(f"{req.id}-replay-{n}", old.topic, old.event,
+                                                              replay_of=req.id))
+        except Exception:  # recorded in the replay's run record
+            return RunResponse(run=await self._flow.runs.get(f"{req.id}-replay-{n}"))
+
+

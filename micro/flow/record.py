@@ -1,0 +1,90 @@
+"""Flow run records: one per event, in the store under ``flow/{name}/runs/{event id}``.
+
+The record is the checkpoint too: results of the deterministic steps and of
+every tool call are written as they complete, so a redelivered event resumes
+without redoing them, and an event whose record says ``completed`` is
+acknowledged without running again.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import msgspec
+
+from micro.store import Record, Store
+
+Status = Literal["running", "completed", "failed", "retrying"]
+
+
+class ToolCallResult(msgspec.Struct):
+    key: str
+    name: str
+    input: dict[str, Any]
+    result: str
+    is_error: bool = False
+    seconds: float = 0.0
+
+
+class FlowRun(msgspec.Struct):
+    """What one event did: its input, prompt, steps, tool calls, reply and error."""
+
+    id: str
+    flow: str
+    topic: str
+    event: Any = None
+    status: Status = "running"
+    attempts: int = 0
+    prompt: str = ""
+    steps: dict[str, Any] = {}
+    tool_calls: list[ToolCallResult] = []
+    reply: str = ""
+    error: str = ""
+    error_kind: str = ""
+    started: float = 0.0
+    finished: float = 0.0
+    replay_of: str = ""
+
+    def tool_result(self, key: str) -> ToolCallResult | None:
+        for call in self.tool_calls:
+            if call.key == key and not call.is_error:
+                return call
+        return None
+
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(FlowRun).decode
+
+
+class RunStore:
+    """Reads and writes the run records of one flow."""
+
+    def __init__(self, store: Store, flow: str) -> None:
+        self.store = store
+        self.prefix = f"flow/{flow}/runs/"
+
+    def key(self, run_id: str) -> str:
+        return self.prefix + run_id
+
+    async def get(self, run_id: str) -> FlowRun | None:
+        from micro.errors import RecordNotFound
+
+        try:
+            (rec,) = await self.store.read(self.key(run_id))
+        except RecordNotFound:
+            return None
+        return _decode(rec.value)
+
+    async def put(self, run: FlowRun) -> None:
+        await self.store.write(Record(self.key(run.id), _encode(run), metadata={"status": run.status}))
+
+    async def list(self, limit: int = 50) -> list[FlowRun]:
+        records = await self.store.read(self.prefix, prefix=True)
+        runs = [_decode(r.value) for r in records]
+        runs.sort(key=lambda r: r.started, reverse=True)
+        return runs[:limit]
+
+
+def now() -> float:
+    return time.time()
