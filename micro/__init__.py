@@ -14,7 +14,6 @@ broker and a store, and serve real gRPC endpoints::
 from micro import errors
 from micro.agent import Agent
 from micro.client import Client
-from micro.flow import Flow
 from micro.facade import (
     Address,
     AgentModel,
@@ -33,6 +32,7 @@ from micro.facade import (
     RegisterTTL,
     Version,
 )
+from micro.flow import Flow
 from micro.middleware import Request
 from micro.runtime import Runtime
 from micro.service import Service
