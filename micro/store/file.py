@@ -18,7 +18,8 @@ and a cancelled caller cannot leave a half-done write sequence behind.
 
 Expired records are hidden at once; their files stay until the key is written or
 deleted again (removing them on read could race a concurrent writer and lose its
-record).
+record). Temporary files left by a killed writer are hidden, and removed by
+``list()`` / prefix reads once they are older than ``STALE_TEMP`` (15 minutes).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ _HEAD = struct.Struct("<4sId")  # magic, CRC-32 of everything after it, expiry (
 _TEMP = ".tmp-"  # temporary files start with a dot, which no encoded name does
 _HASHED = "#"  # a name too long for the filesystem is stored under "#<sha256>"
 _MAX_NAME = 200
+STALE_TEMP = 900.0
+"""Seconds after which a scan removes a temporary file left by a writer that was killed."""
 
 
 class _Body(msgspec.Struct, array_like=True):
@@ -269,6 +272,15 @@ def _delete(directory: Path, key: str) -> None:
         raise _failed("delete", path, exc) from None
 
 
+def _remove_stale(temp: Path) -> None:
+    """Remove a temporary file a killed writer left behind (a live write takes seconds at most)."""
+    try:
+        if temp.stat().st_mtime < time.time() - STALE_TEMP:
+            temp.unlink()
+    except OSError:
+        pass  # gone already, or not ours to remove: it stays hidden either way
+
+
 def _scan(
     directory: Path, prefix: str, now: float, limit: int | None, offset: int, reverse: bool, values: bool
 ) -> list[Record]:
@@ -282,6 +294,9 @@ def _scan(
         raise _failed("list", directory, exc) from None
     keyed: list[tuple[str, str]] = []
     for name in names:
+        if name.startswith(_TEMP):
+            _remove_stale(directory / name)
+            continue
         if name.startswith(_HASHED):
             data = _read(directory / name)  # the key is too long for a filename: it is inside
             key = None if data is None else _decode(directory / name, data).key
