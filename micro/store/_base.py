@@ -46,7 +46,6 @@ class Store(abc.ABC):
     ``aclose()`` is idempotent. Views from ``scope()`` share the connection: it closes
     when the last entered handle (store or view) closes. A view needs no ``async with``
     of its own while the store it came from is open.
-
     """
 
     url: str
@@ -131,7 +130,7 @@ class Store(abc.ABC):
             if found is None:
                 raise RecordNotFound(f"no record {key!r} in store {self.database}/{self.table}")
             return [found]
-        _check_prefix(key)
+        _check_key(key, empty=True)
         _check_window(limit, offset)
         if limit == 0:
             return []
@@ -167,7 +166,7 @@ class Store(abc.ABC):
     ) -> list[str]:
         """The live keys starting with ``prefix``, sorted (descending if ``reverse``), then windowed."""
         self._check_open()
-        _check_prefix(prefix)
+        _check_key(prefix, empty=True)
         _check_window(limit, offset)
         if limit == 0:
             return []
@@ -229,21 +228,15 @@ def _check_name(kind: str, name: str) -> str:
     return name
 
 
-def _check_prefix(prefix: str) -> None:
-    if not isinstance(prefix, str) or "\x00" in prefix:
-        raise UsageError(f"store prefix must be a string without NUL, not {prefix!r}")
+def _check_key(key: str, *, empty: bool = False) -> None:
+    """Keys (and prefixes, which may be empty): strings without NUL, at most MAX_KEY_BYTES."""
+    if not isinstance(key, str) or not (key or empty) or "\x00" in key:
+        raise UsageError(f"store key must be a non-empty string without NUL, not {key!r:.80}")
     try:
-        size = len(prefix.encode())
+        if len(key.encode()) > MAX_KEY_BYTES:
+            raise UsageError(f"store key {key[:40]!r}… is longer than {MAX_KEY_BYTES} UTF-8 bytes")
     except UnicodeEncodeError:
-        raise UsageError(f"store prefix {prefix!r} is not valid Unicode") from None
-    if size > MAX_KEY_BYTES:
-        raise UsageError(f"store prefix is longer than {MAX_KEY_BYTES} UTF-8 bytes")
-
-
-def _check_key(key: str) -> None:
-    if not isinstance(key, str) or not key:
-        raise UsageError(f"store key must be a non-empty string, not {key!r}")
-    _check_prefix(key)
+        raise UsageError(f"store key {key!r:.80} is not valid Unicode") from None
 
 
 def _check_window(limit: int | None, offset: int) -> None:

@@ -106,6 +106,7 @@ class _Bucket(msgspec.Struct):
     stream: str
     subjects: str  # "$KV.<bucket>." prefix of every subject in it
     msg_ttl: bool  # whether the stream takes per-message TTLs
+    direct: bool  # whether it answers direct gets (buckets made elsewhere may not)
 
 
 class NatsStore(Store):
@@ -208,7 +209,8 @@ class NatsStore(Store):
             config = api.KeyValueConfig(bucket=name, history=1, direct=True, storage=api.StorageType.FILE)
             await js.create_key_value(config)
             info = await js.stream_info(f"KV_{name}")
-        bucket = _Bucket(f"KV_{name}", f"$KV.{name}.", bool(info.config.allow_msg_ttl))
+        config = info.config
+        bucket = _Bucket(f"KV_{name}", f"$KV.{name}.", bool(config.allow_msg_ttl), bool(config.allow_direct))
         root._buckets[self.database] = bucket
         return bucket
 
@@ -219,7 +221,9 @@ class NatsStore(Store):
         with self._errors(f"read {key!r}"):
             bucket = await self._bucket()
             try:
-                msg = await self._root._js.get_msg(bucket.stream, subject=self._subject(bucket, key), direct=True)
+                msg = await self._root._js.get_msg(
+                    bucket.stream, subject=self._subject(bucket, key), direct=bucket.direct
+                )
             except nats.js.errors.NotFoundError:
                 return None
         headers = msg.headers or {}
@@ -228,8 +232,7 @@ class NatsStore(Store):
         expiry = _expiry(headers)
         if expiry is not None and expiry <= now:
             return None
-        body = _DECODER.decode(msg.data or b"")
-        return Record(key, body.value, body.metadata, expiry)
+        return _record(key, msg.data, headers)
 
     async def _put(self, record: Record) -> None:
         with self._errors(f"write {record.key!r}"):
@@ -358,7 +361,10 @@ def _expiry(headers: dict[str, str]) -> float | None:
 
 
 def _record(key: str, data: bytes | None, headers: dict[str, str]) -> Record:
-    body = _DECODER.decode(data or b"")
+    try:
+        body = _DECODER.decode(data or b"")
+    except msgspec.DecodeError:
+        raise StoreError(f"the NATS KV entry for {key!r} was not written by a micro store") from None
     return Record(key, body.value, body.metadata, _expiry(headers))
 
 
