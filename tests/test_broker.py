@@ -198,27 +198,6 @@ async def test_memory_handler_error_is_logged(caplog: pytest.LogCaptureFixture) 
     assert "t.err" in record.getMessage() and record.exc_info is not None
 
 
-async def test_memory_handler_unsubscribes_itself() -> None:
-    async with MemoryBroker() as broker:
-        seen: list[bytes] = []
-        done = anyio.Event()
-
-        async def once(message: Message) -> None:
-            seen.append(message.data)
-            await sub.unsubscribe()
-            done.set()
-
-        sub = await broker.subscribe("t.once", once)
-        await broker.publish("t.once", b"1")
-        with anyio.fail_after(5):
-            await done.wait()
-        other = Inbox()
-        await broker.subscribe("t.once", other)
-        await broker.publish("t.once", b"2")
-        await other.wait_count(1)
-        assert seen == [b"1"]
-
-
 # -- core NATS --------------------------------------------------------------------------------
 
 

@@ -129,6 +129,7 @@ class MemorySubscription(Subscription):
         if not self._closed:
             self._closed = True
             self._broker._remove(self)
+            self._buf.clear()  # what is not in hand yet is not delivered
             self._buf.append(_CLOSE)
             if self._waiter is not None and not self._waiter.done():
                 self._waiter.set_result(None)
@@ -153,8 +154,8 @@ class MemoryBroker(Broker):
 
     Args:
         queue_size: messages each subscription buffers before the oldest is dropped.
-        drain_timeout: seconds ``unsubscribe``/``aclose`` wait for buffered messages
-            to be handled before cancelling the handler.
+        drain_timeout: seconds ``unsubscribe``/``aclose`` wait for the message in hand
+            before cancelling its handler (buffered messages are discarded).
 
     Example::
 

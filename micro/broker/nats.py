@@ -146,6 +146,8 @@ class NatsSubscription(Subscription):
     # -- core NATS --------------------------------------------------------------
 
     async def _on_core(self, msg: Msg) -> None:
+        if self._closed:
+            return  # unsubscribed: what nats-py still buffers is not delivered
         if self._handler_task is None:
             self._handler_task = asyncio.current_task()  # nats-py runs each subscription's
         headers = msg.headers                            # callbacks in one task of its own
@@ -194,6 +196,7 @@ class NatsSubscription(Subscription):
                             break
                         await self._deliver(self.held[0])
                         self.held.pop(0)
+            await self._forget_pull()
         finally:
             self._done.set()
 
@@ -246,9 +249,10 @@ class NatsSubscription(Subscription):
         broker = self._broker
         self._stream = await broker._ensure_stream(self.topic)
         start = await self._resume_at() if restart else 0
+        existing: ConsumerConfig | None = None
         if self.durable or self.queue:
             self._consumer = _consumer_name(self.durable, self.queue, self.topic)
-            await self._check_filter()
+            existing = await self._existing()
             config = ConsumerConfig(durable_name=self._consumer, deliver_policy=DeliverPolicy.ALL)
         else:
             self._ephemeral = True
@@ -256,7 +260,11 @@ class NatsSubscription(Subscription):
             config = ConsumerConfig(name=self._consumer, inactive_threshold=120.0,
                                     deliver_policy=DeliverPolicy.ALL if restart
                                     else DeliverPolicy.NEW)
-        if start:
+        if existing is not None:  # the server refuses to change where a consumer starts
+            config.deliver_policy = existing.deliver_policy
+            config.opt_start_seq = existing.opt_start_seq
+            config.opt_start_time = existing.opt_start_time
+        elif start:
             config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
             config.opt_start_seq = start
         config.ack_policy = AckPolicy.EXPLICIT
@@ -282,20 +290,22 @@ class NatsSubscription(Subscription):
             return 0
         return self._last_seq + 1 if info.state.last_seq >= self._last_seq else 0
 
-    async def _check_filter(self) -> None:
+    async def _existing(self) -> ConsumerConfig | None:
+        """The durable consumer's config if it exists; it must filter on our topic."""
         broker = self._broker
         try:
             info = await broker._jsm.consumer_info(self._stream, self._consumer)
         except nats.js.errors.NotFoundError:
-            return
+            return None
         except nats.errors.Error as e:
             raise broker._error(f"cannot look up consumer {self._consumer!r}", e) from e
-        existing = info.config.filter_subject
-        if existing and existing != self.topic:
+        config: ConsumerConfig = info.config
+        if config.filter_subject and config.filter_subject != self.topic:
             raise UsageError(
-                f"durable consumer {self._consumer!r} already consumes {existing!r}, "
+                f"durable consumer {self._consumer!r} already consumes {config.filter_subject!r}, "
                 f"not {self.topic!r}: give each topic its own durable name"
             )
+        return config
 
     async def _deliver(self, msg: Msg) -> None:
         broker = self._broker
@@ -374,14 +384,20 @@ class NatsSubscription(Subscription):
         self._closed = True
         if first:
             broker._subs.discard(self)
+        in_handler = asyncio.current_task() is self._handler_task
         if self._sub is not None:
-            if first:
+            if not first:
+                return
+            if in_handler and broker._tg is not None:  # drain it from outside the handler
+                broker._tg.start_soon(self._unsubscribe_core, self._sub,
+                                      name=f"micro.broker.nats:unsubscribe:{self.topic}")
+            else:
                 await self._unsubscribe_core(self._sub)
             return
         if self._fetch_scope is not None:
             self._fetch_scope.cancel()
-        if asyncio.current_task() is self._handler_task:
-            return
+        if in_handler:
+            return  # the fetch loop stops after this handler returns
         with anyio.move_on_after(broker.drain_timeout):
             await self._done.wait()
         if not self._done.is_set():
@@ -389,14 +405,9 @@ class NatsSubscription(Subscription):
                         self.topic, broker.drain_timeout)
             self._scope.cancel()
             await self._done.wait()
-        if first and self._pull is not None:
-            await self._forget_pull()
 
     async def _unsubscribe_core(self, sub: CoreSubscription) -> None:
         broker = self._broker
-        if asyncio.current_task() is self._handler_task:
-            await self._settle(sub.unsubscribe())  # cannot wait for the handler we are in
-            return
         with anyio.move_on_after(broker.drain_timeout) as scope:
             try:
                 await sub.drain()  # type: ignore[no-untyped-call]
@@ -412,7 +423,8 @@ class NatsSubscription(Subscription):
             pass  # already gone with the connection
 
     async def _forget_pull(self) -> None:
-        assert self._pull is not None
+        if self._pull is None:
+            return
         broker = self._broker
         with anyio.move_on_after(broker.drain_timeout):
             try:

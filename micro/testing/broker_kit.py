@@ -234,6 +234,30 @@ async def unsubscribe(make_broker: BrokerFactory) -> None:
         assert gone.data == [b"1"], gone.data
 
 
+async def unsubscribe_in_handler(make_broker: BrokerFactory) -> None:
+    """A handler may unsubscribe its own subscription; it finishes, nothing more arrives."""
+    topic = _topic()
+    async with make_broker() as broker:
+        seen: list[bytes] = []
+        finished = anyio.Event()
+
+        async def once(message: Message) -> None:
+            seen.append(message.data)
+            await sub.unsubscribe()
+            await anyio.sleep(0)  # still running after unsubscribing
+            finished.set()
+
+        sub = await broker.subscribe(topic, once)
+        await broker.publish(topic, b"1")
+        with anyio.fail_after(TIMEOUT):
+            await finished.wait()
+        other = Inbox()
+        await broker.subscribe(topic, other)
+        await broker.publish(topic, b"2")
+        await other.wait_data(b"2")
+        assert seen == [b"1"], seen
+
+
 async def close_drains(make_broker: BrokerFactory) -> None:
     """``aclose`` lets a running handler finish, is idempotent, and ends publishing."""
     topic = _topic()
@@ -290,6 +314,7 @@ CHECKS: dict[str, Callable[[BrokerFactory], Awaitable[None]]] = {
     "handler_error": handler_error,
     "slow_subscriber": slow_subscriber,
     "unsubscribe": unsubscribe,
+    "unsubscribe_in_handler": unsubscribe_in_handler,
     "close_drains": close_drains,
     "bad_input": bad_input,
 }
