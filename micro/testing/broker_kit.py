@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import anyio
+import anyio.lowlevel
 import msgspec
 
 from micro.broker import Broker, Message, Subscription, encode_message
@@ -244,7 +245,7 @@ async def unsubscribe_in_handler(make_broker: BrokerFactory) -> None:
         async def once(message: Message) -> None:
             seen.append(message.data)
             await sub.unsubscribe()
-            await anyio.sleep(0)  # still running after unsubscribing
+            await anyio.lowlevel.checkpoint()  # still running after unsubscribing
             finished.set()
 
         sub = await broker.subscribe(topic, once)
