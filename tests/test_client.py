@@ -209,6 +209,18 @@ async def test_metadata_reaches_the_handler(pair: Pair, path: str) -> None:
     assert seen.metadata == {"x-trace": "abc", "tenant": "t1"}
 
 
+@pytest.mark.parametrize("path", PATHS)
+async def test_metadata_keys_are_lowercased_and_checked_on_both_paths(pair: Pair, path: str) -> None:
+    client = pair.client(path)
+    seen = await client.call("users", "Users.Context", {"user_id": "a"},
+                             metadata={"X-Request-Id": "r1"}, response_type=Seen)
+    assert seen.metadata == {"x-request-id": "r1"}
+    for bad in ({"grpc-status": "0"}, {"content-type": "x"}, {"sp ace": "x"}, {"x-bin": "x"},
+                {"x-value": "caf\u00e9"}, {"x-empty": ""}):
+        with pytest.raises(BadRequest, match="metadata"):
+            await client.call("users", "Users.Context", {"user_id": "a"}, metadata=bad)
+
+
 # -- deadlines --------------------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -108,6 +109,8 @@ class Client:
     # -- dispatch -----------------------------------------------------------------------------
 
     async def _dispatch(self, req: Request) -> Any:
+        if req.metadata:  # after the call wrappers, which may add some: both paths alike
+            req.metadata = _checked_metadata(req.metadata)
         endpoints = self._local.get(req.service)
         if endpoints is not None:
             ep = endpoints.get(req.endpoint)
@@ -288,6 +291,27 @@ class Client:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
+
+
+_KEY = re.compile(r"[0-9a-z_.\-]+")
+_VALUE = re.compile(r"[ !-~]+")  # printable ASCII, as gRPC (grpclib) requires of text metadata
+_RESERVED = frozenset({"te", "content-type", "user-agent"})
+
+
+def _checked_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """Metadata as gRPC carries it (keys lowercased), or ``BadRequest`` on both paths alike."""
+    out: dict[str, str] = {}
+    for key, value in metadata.items():
+        k = key.lower()
+        if k in _RESERVED or k.startswith("grpc-") or k.endswith("-bin") or not _KEY.fullmatch(k):
+            raise BadRequest(
+                f"metadata key {key!r} is not allowed: use letters, digits, '-', '_' and '.' "
+                "(not grpc-*, *-bin, te, content-type or user-agent)"
+            )
+        if not isinstance(value, str) or not _VALUE.fullmatch(value):
+            raise BadRequest(f"metadata {key!r}: the value must be non-empty printable ASCII text")
+        out[k] = value
+    return out
 
 
 def _speaks_proto(req: Request, ep: EndpointRecord) -> bool:
