@@ -119,9 +119,13 @@ class Flow(Service):
 
     async def _on_event(self, message: BrokerMessage) -> None:
         event = _event_of(message.data)
-        await self.run_event(message.id or hashlib.sha1(message.data).hexdigest(), message.topic, event)
+        limit = getattr(self.runtime.broker, "max_deliver", None)
+        last = isinstance(limit, int) and message.delivery >= limit
+        await self.run_event(message.id or hashlib.sha1(message.data).hexdigest(), message.topic, event,
+                             last_attempt=last)
 
-    async def run_event(self, run_id: str, topic: str, event: Any, *, replay_of: str = "") -> FlowRun:
+    async def run_event(self, run_id: str, topic: str, event: Any, *, replay_of: str = "",
+                        last_attempt: bool = False) -> FlowRun:
         """Run (or resume, or skip) the event with this id; returns its record."""
         runs = self.runs
         run = await runs.get(run_id)
@@ -145,9 +149,11 @@ class Flow(Service):
             log.warning("flow %s: event %s: %s", self.name, run_id, exc)
             return run
         except Exception as exc:
-            run.status, run.error, run.error_kind = "retrying", f"{type(exc).__name__}: {exc}", type(exc).__name__
+            # the broker retries with backoff; after its last attempt the event goes to its dead-letter topic
+            run.status = "failed" if last_attempt else "retrying"
+            run.error, run.error_kind = f"{type(exc).__name__}: {exc}", type(exc).__name__
             await runs.put(run)
-            raise  # the broker retries with backoff, then dead-letters it
+            raise
         finally:
             _current_run.reset(token)
             self.active -= 1

@@ -1,0 +1,171 @@
+"""Flows on JetStream with a real nats-server: a flow process killed mid-way loses nothing and
+repeats no side effect; poison events are dead-lettered after max_deliver."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+import micro
+from micro.broker import Message
+from micro.flow import FlowRun, RunStore
+from micro.store import from_url as store_from_url
+
+WORKER = Path(__file__).parent / "apps" / "flow_worker.py"
+EVENTS = 100
+
+
+class AddRequest(msgspec.Struct):
+    job: int
+
+
+class AddResponse(msgspec.Struct):
+    applied: bool
+
+
+class Counter:
+    """Applies each idempotency key once; counts raw calls too.
+
+    Once ``threshold`` effects are applied, calls apply their effect and then hang
+    until ``release`` is set: the flow process is killed while they hang, so those
+    side effects happened but were never recorded by the flow.
+    """
+
+    def __init__(self, threshold: int) -> None:
+        self.calls: list[tuple[int, str]] = []
+        self.effects: dict[str, int] = {}
+        self.reached = anyio.Event()
+        self.release = anyio.Event()
+        self.all_done = anyio.Event()
+        self.threshold = threshold
+
+    async def Add(self, req: AddRequest) -> AddResponse:
+        """Apply a job once per idempotency key."""
+        key = micro.context.metadata().get("idempotency-key", "")
+        self.calls.append((req.job, key))
+        fresh = key not in self.effects
+        self.effects.setdefault(key, req.job)
+        if len(self.effects) >= EVENTS:
+            self.all_done.set()
+        if len(self.effects) >= self.threshold and not self.release.is_set():
+            self.reached.set()
+            await self.release.wait()
+        return AddResponse(fresh)
+
+
+def spawn_worker(env: dict[str, str]) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, str(WORKER)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line.strip() != "ready":
+        proc.kill()
+        rest = proc.stdout.read()
+        proc.stdout.close()
+        pytest.fail("flow worker did not start:\n" + line + rest)
+    return proc
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 60) -> None:
+    """Poll another process's progress (its records on disk) until ``check()`` is true."""
+    with anyio.fail_after(timeout):
+        while not await check():
+            await anyio.sleep(0.05)
+
+
+@pytest.mark.slow
+async def test_killed_flow_process_resumes_and_applies_every_event_once(nats_url: str, micro_home: Path) -> None:
+    broker_url = nats_url.replace("nats://", "nats+js://") + "?ack_wait=2&backoff=0.05&max_deliver=10"
+    env = {**os.environ, "MICRO_BROKER": broker_url, "MICRO_REGISTRY": "local://", "PYTHONUNBUFFERED": "1"}
+    counter = Counter(threshold=EVENTS // 4)
+    workers: list[subprocess.Popen[str]] = []
+    async with micro.Runtime(registry="local://", broker=broker_url, store="memory://") as rt:
+        svc = micro.New("counter", runtime=rt)
+        svc.handle(counter)
+        async with svc:
+            try:
+                workers.append(spawn_worker(env))
+                for n in range(EVENTS):
+                    await rt.broker.publish("jobs.created", {"n": n}, headers={"Micro-Id": f"job-{n}"})
+                with anyio.fail_after(60):
+                    await counter.reached.wait()
+                workers[0].send_signal(signal.SIGKILL)  # mid-way: calls in flight, their effects unrecorded
+                workers[0].wait(10)
+                assert len(counter.effects) < EVENTS
+                counter.release.set()
+                workers.append(spawn_worker(env))
+                with anyio.fail_after(90):
+                    await counter.all_done.wait()
+
+                async with store_from_url(f"file://{micro_home}/store") as store:
+                    runs = RunStore(store, "jobs")
+
+                    async def all_completed() -> bool:
+                        found = [r for r in await runs.list(EVENTS * 2) if r.id.startswith("job-")]
+                        return len(found) == EVENTS and all(r.status == "completed" for r in found)
+
+                    await eventually(all_completed)
+                    records: list[FlowRun] = await runs.list(EVENTS * 2)
+            finally:
+                for w in workers:
+                    if w.poll() is None:
+                        w.terminate()
+                        w.wait(20)
+                    assert w.stdout is not None
+                    w.stdout.close()
+
+    assert sorted(r.id for r in records) == sorted(f"job-{n}" for n in range(EVENTS))
+    assert all(r.status == "completed" and len(r.tool_calls) == 1 for r in records)
+    # every event applied exactly once, whatever was retried
+    assert sorted(counter.effects.values()) == list(range(EVENTS))
+    per_job: dict[int, set[str]] = {}
+    for job, key in counter.calls:
+        per_job.setdefault(job, set()).add(key)
+    assert all(len(keys) == 1 for keys in per_job.values())
+    # the calls that hung when the process died were made again, with the same keys
+    assert len(counter.calls) > EVENTS
+
+
+async def test_poison_event_goes_to_the_dead_letter_topic(nats_url: str) -> None:
+    broker_url = nats_url.replace("nats://", "nats+js://") + "?backoff=0.01&max_deliver=3"
+    attempts: list[int] = []
+
+    async def check(event: dict[str, Any], run: FlowRun) -> str:
+        attempts.append(run.attempts)
+        if event.get("poison"):
+            raise ValueError("cannot digest this event")
+        return "ok"
+
+    dead: list[Message] = []
+    got = anyio.Event()
+
+    async def on_dead(msg: Message) -> None:
+        dead.append(msg)
+        got.set()
+
+    async with micro.Runtime(registry="memory://", broker=broker_url, store="memory://") as rt:
+        flow = micro.NewFlow("eater", trigger="food.served", steps=[check], runtime=rt)
+        sub = await rt.broker.subscribe("dlq.food.served", on_dead)
+        async with flow:
+            await rt.broker.publish("food.served", {"poison": True}, headers={"Micro-Id": "bad-1"})
+            await rt.broker.publish("food.served", {"poison": False}, headers={"Micro-Id": "good-1"})
+            with anyio.fail_after(30):
+                await got.wait()
+                while (good := await flow.runs.get("good-1")) is None or good.status != "completed":
+                    await anyio.wait_all_tasks_blocked()
+            bad = await flow.runs.get("bad-1")
+        await sub.unsubscribe()
+    assert bad is not None and bad.status == "failed" and bad.attempts == 3
+    assert "cannot digest this event" in bad.error
+    (msg,) = dead
+    assert msgspec.json.decode(msg.data) == {"poison": True}
+    assert "cannot digest this event" in msg.headers.get("Micro-Error", "")
