@@ -67,7 +67,7 @@ def test_render_fills_fields_and_refuses_missing_ones() -> None:
     assert render("Hi {name} <{profile.email}> {tags.1}", event) == "Hi Dana <d@x.io> b"
     assert render("{data}", {"a": 1}) == '{"a":1}'
     assert render("{profile}", event) == '{"email":"d@x.io"}'
-    with pytest.raises(TemplateError, match="no field 'profile.phone'"):
+    with pytest.raises(TemplateError, match=r"no field 'profile\.phone'"):
         render("{profile.phone}", event)
     with pytest.raises(TemplateError, match="no field '__class__'"):
         render("{__class__}", event)

@@ -78,7 +78,7 @@ def spawn_worker(env: dict[str, str]) -> subprocess.Popen[str]:
 async def eventually(check: Callable[[], Any], timeout: float = 60) -> None:
     """Poll another process's progress (its records on disk) until ``check()`` is true."""
     with anyio.fail_after(timeout):
-        while not await check():
+        while not await check():  # noqa: ASYNC110 - another process writes these files
             await anyio.sleep(0.05)
 
 
