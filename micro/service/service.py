@@ -223,10 +223,17 @@ class Service:
 
     async def serve(self) -> None:
         """Start, run until SIGINT/SIGTERM (when on the main thread) or cancellation, stop."""
-        async with self, anyio.create_task_group() as tg:
-            await tg.start(stop_on_signals, tg.cancel_scope)
-            await self.wait()
-            tg.cancel_scope.cancel()
+        waiting = anyio.CancelScope()
+        async with anyio.create_task_group() as tg:
+            # the handlers go in before the service registers: a SIGTERM that comes as soon
+            # as the service is visible must still stop (and deregister) it, not kill it
+            await tg.start(stop_on_signals, waiting)
+            try:
+                async with self:
+                    with waiting:  # only the waiting is cancelled: stop() runs in full
+                        await self.wait()
+            finally:
+                tg.cancel_scope.cancel()
 
     def run(self) -> None:
         """Run the service as a program: ``micro.New("task").run()``. Blocks until a signal."""
