@@ -494,3 +494,37 @@ async def test_registry_changes_reach_the_client_cache() -> None:
         await anyio.wait_all_tasks_blocked()
         with pytest.raises(micro.errors.ServiceNotFound):
             await away.client.call("users", "Users.Get", {"user_id": "a"})
+
+
+class CountingRegistry(MemoryRegistry):
+    """The real memory registry, counting lookups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gets = 0
+
+    async def get(self, name: str) -> list[Any]:
+        self.gets += 1
+        return await super().get(name)
+
+
+async def test_lookups_come_from_the_watched_cache() -> None:
+    registry = CountingRegistry()
+    async with memory_runtime(registry) as home, memory_runtime(registry) as away, \
+            memory_runtime(registry) as third:
+        service = micro.Service("users", runtime=home)
+        service.handle(Users())
+        async with service:
+            await anyio.wait_all_tasks_blocked()  # the registration event has reached away's cache
+            before = registry.gets
+            for _ in range(20):
+                await away.client.call("users", "Users.Get", {"user_id": "a"})
+            assert registry.gets == before + 1  # one lookup, then no registry I/O per call
+            # a change in the registry (a second node) empties the cache: one more lookup
+            other = micro.Service("users", runtime=third)
+            other.handle(Users())
+            async with other:
+                await anyio.wait_all_tasks_blocked()
+                for _ in range(4):
+                    await away.client.call("users", "Users.Get", {"user_id": "a"})
+                assert registry.gets == before + 2
