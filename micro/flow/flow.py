@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+import anyio
 import msgspec
 
 from micro.agent.loop import Approve, Limits, Run
@@ -42,6 +43,10 @@ Step = Callable[[dict[str, Any], FlowRun], Awaitable[Any] | Any]
 _current_run: contextvars.ContextVar[tuple[FlowRun, RunStore] | None] = contextvars.ContextVar(
     "micro_flow_run", default=None)
 _decode_any = msgspec.json.Decoder().decode
+
+
+class FlowRetry(Exception):
+    """The event should be delivered again (its run did not complete)."""
 
 
 class Flow(Service):
@@ -103,6 +108,7 @@ class Flow(Service):
         self._runs: RunStore | None = None
         self.active = 0
         self.peak = 0
+        self._inflight: dict[str, anyio.Event] = {}
         for _ in range(max_concurrency):
             self.subscribe(trigger, self._on_event, queue=name, durable=name)
 
@@ -128,6 +134,23 @@ class Flow(Service):
                         last_attempt: bool = False) -> FlowRun:
         """Run (or resume, or skip) the event with this id; returns its record."""
         runs = self.runs
+        busy = self._inflight.get(run_id)
+        if busy is not None:
+            # a redelivery while the first delivery still runs here (e.g. ack_wait ran out under load):
+            # let the first one finish and record; this one is then a duplicate
+            await busy.wait()
+            done = await runs.get(run_id)
+            if done is not None and done.status == "completed":
+                return done
+            raise FlowRetry(f"flow {self.name}: event {run_id} did not complete; retrying")
+        self._inflight[run_id] = anyio.Event()
+        try:
+            return await self._run_event(runs, run_id, topic, event, replay_of, last_attempt)
+        finally:
+            self._inflight.pop(run_id).set()
+
+    async def _run_event(self, runs: RunStore, run_id: str, topic: str, event: Any, replay_of: str,
+                         last_attempt: bool) -> FlowRun:
         run = await runs.get(run_id)
         if run is not None and run.status == "completed":
             log.info("flow %s: event %s already completed; skipping", self.name, run_id)

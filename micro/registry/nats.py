@@ -28,7 +28,7 @@ from micro.registry._base import Event, Registry, ServiceRecord, Watcher, merge
 
 try:
     from nats.aio.client import Client as NATS
-    from nats.js.errors import BucketNotFoundError, NoKeysError
+    from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError
 except ImportError as exc:  # pragma: no cover - the extra is missing
     raise ImportError("the nats registry needs nats-py: pip install 'micro[nats]'", name=exc.name) from None
 
@@ -63,6 +63,7 @@ class NatsRegistry(Registry):
         self._server = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "", "", ""))
         self._connect_timeout = connect_timeout
         self._nc: Any = None
+        self._js: Any = None
         self._kv: Any = None
 
     async def __aenter__(self) -> NatsRegistry:
@@ -88,7 +89,7 @@ class NatsRegistry(Registry):
             reason = failure or f"no answer within {self._connect_timeout:g} s"
             raise Unavailable(f"cannot connect to registry {self.url}: {reason}")
         self._nc = nc
-        js = self._nc.jetstream()
+        js = self._js = self._nc.jetstream()
         try:
             self._kv = await js.key_value(self.bucket)
         except BucketNotFoundError:
@@ -130,36 +131,35 @@ class NatsRegistry(Registry):
             raise Unavailable(f"registry {self.url}: {exc or type(exc).__name__}") from None
 
     async def _snapshot(self, name: str | None = None) -> dict[str, _Entry]:
-        """Live entries by key, from one pass over the bucket (or one service's keys)."""
+        """Live entries by key: one stream-info request for the keys, then a direct get per key.
+
+        (A KV watcher would be one pass, but nats-py's watcher can report "no more
+        entries" before it has delivered them when the client is busy.)
+        """
         pattern = f"{_token(name)}.>" if name is not None else ">"
+        prefix = f"$KV.{self.bucket}."
+        info = await self._op(self._js.stream_info(f"KV_{self.bucket}", subjects_filter=prefix + pattern))
+        keys = sorted(subject[len(prefix):] for subject in (info.state.subjects or {}))
         out: dict[str, _Entry] = {}
-        expired: list[str] = []
-        watcher = await self._op(self.kv.watch(pattern, ignore_deletes=True))
-        try:
-            now = time.time()
-            while True:
-                try:
-                    entry = await watcher.updates(timeout=self._connect_timeout * 2)
-                except Exception as exc:
-                    raise Unavailable(f"registry {self.url}: reading the bucket failed ({exc})") from None
-                if entry is None:
-                    break
-                if entry.value is None or entry.operation is not None:
-                    continue
-                try:
-                    item = _decode(entry.value)
-                except msgspec.DecodeError:
-                    continue
-                if item.expires > now:
-                    out[entry.key] = item
-                else:
-                    expired.append(entry.key)
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
-        for key in expired:
-            with contextlib.suppress(Exception):
-                await self.kv.delete(key)
+        now = time.time()
+        for key in keys:
+            try:
+                entry = await self.kv.get(key)
+            except KeyNotFoundError:
+                continue  # deleted since the listing
+            except Exception as exc:
+                raise Unavailable(f"registry {self.url}: reading {key!r} failed ({exc})") from None
+            if entry.value is None:
+                continue
+            try:
+                item = _decode(entry.value)
+            except msgspec.DecodeError:
+                continue
+            if item.expires > now:
+                out[key] = item
+            else:
+                with contextlib.suppress(Exception):
+                    await self.kv.delete(key)
         return out
 
     async def get(self, name: str) -> list[ServiceRecord]:
