@@ -68,7 +68,7 @@ def main() -> None:
 
 
 def _register() -> None:
-    from micro.cli import agents, call, chat, flows, gateway, new, run, services  # noqa: F401  (commands register themselves)
+    from micro.cli import agents, broker, call, chat, flows, gateway, new, run, services  # noqa: F401  (commands register themselves)
 
 
 _register()
