@@ -33,6 +33,7 @@ from micro.registry import Endpoint as EndpointRecord
 from micro.registry import Node, Registry, ServiceRecord, Watcher
 from micro.server.grpc import DEFAULT_MAX_MESSAGE_SIZE
 
+from .deadlines import Watchdog
 from .pool import NodePool, NodeUnreachable
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ class Client:
         self._records: dict[str, list[ServiceRecord]] = {}
         self._rr: dict[str, itertools.count[int]] = {}
         self._pools: dict[str, NodePool] = {}
+        self._watchdog = Watchdog()
         self._call: Next = chain(wrappers, self._dispatch)
         self._publish = publish
 
@@ -128,13 +130,8 @@ class Client:
         else:
             if req.deadline <= asyncio.get_running_loop().time():
                 raise Timeout(f"{ep.where}: deadline passed before the call")  # as on the network
-            try:
-                async with asyncio.timeout_at(req.deadline) as cm:
-                    result = await ep.handle(body, req.metadata, req.deadline)
-            except TimeoutError:
-                if cm.expired():
-                    raise Timeout(f"{ep.where}: deadline exceeded") from None
-                raise
+            with self._watchdog.watch(req.deadline, ep.where):
+                result = await ep.handle(body, req.metadata, req.deadline)
         rt = req.response_type
         if rt is None:
             return ep.response.to_builtins(result)
@@ -155,14 +152,10 @@ class Client:
                 if req.deadline is None:
                     item = await anext(it)
                 else:
-                    async with asyncio.timeout_at(req.deadline) as cm:
+                    with self._watchdog.watch(req.deadline, ep.where):
                         item = await anext(it)
             except StopAsyncIteration:
                 return
-            except TimeoutError:
-                if req.deadline is not None and cm.expired():
-                    raise Timeout(f"{ep.where}: deadline exceeded") from None
-                raise
             if rt is None:
                 yield ep.response.to_builtins(item)
             elif rt is ep.response.type:

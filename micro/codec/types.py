@@ -102,13 +102,14 @@ class StructCodec(TypeCodec):
         self._decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(tp)
 
     def convert(self, value: object, where: str) -> Any:
-        if type(value) is self.type:
+        cls = type(value)
+        if cls is self.type:
             return value
-        if isinstance(value, str | bytes | bytearray | memoryview):
-            return self.decode(_as_bytes(value), JSON, where)
-        if isinstance(value, msgspec.Struct | betterproto2.Message):
-            value = encode_json(value)
-            return self.decode(value, JSON, where)
+        if cls is not dict:  # dicts (the common case) go straight to msgspec.convert
+            if isinstance(value, str | bytes | bytearray | memoryview):
+                return self.decode(_as_bytes(value), JSON, where)
+            if isinstance(value, msgspec.Struct | betterproto2.Message):
+                return self.decode(encode_json(value), JSON, where)
         try:
             return msgspec.convert(value, self.type, str_keys=True)  # as JSON would decode
         except msgspec.ValidationError as exc:

@@ -1,0 +1,91 @@
+"""The in-process deadline watchdog: one timer, the same semantics as asyncio.timeout."""
+
+from __future__ import annotations
+
+import anyio
+import msgspec
+import pytest
+
+import micro
+from micro.client.deadlines import Watchdog
+from micro.errors import Timeout
+
+
+class Wait(msgspec.Struct):
+    key: str
+
+
+class Waiter:
+    def __init__(self) -> None:
+        self.events: dict[str, anyio.Event] = {}
+        self.cancelled: list[str] = []
+        self.two_cancelled = anyio.Event()
+
+    async def Hold(self, req: Wait) -> Wait:
+        """Wait until released."""
+        ev = self.events.setdefault(req.key, anyio.Event())
+        try:
+            await ev.wait()
+        except anyio.get_cancelled_exc_class():
+            self.cancelled.append(req.key)
+            if len(self.cancelled) == 2:
+                self.two_cancelled.set()
+            raise
+        return req
+
+
+async def test_each_call_times_out_at_its_own_deadline_and_only_then() -> None:
+    waiter = Waiter()
+    async with micro.Runtime(registry="memory://", store="memory://", broker="memory://") as rt:
+        svc = micro.New("w", runtime=rt)
+        svc.handle(waiter)
+        async with svc:
+            results: dict[str, str] = {}
+
+            async def call(key: str, timeout: float) -> None:
+                try:
+                    await rt.client.call("w", "Waiter.Hold", {"key": key}, timeout=timeout)
+                    results[key] = "ok"
+                except Timeout:
+                    results[key] = "timeout"
+                await anyio.lowlevel.checkpoint()  # the caller's task is not left cancelled
+                results[key] += "+alive"
+
+            async with anyio.create_task_group() as tg:
+                # registered out of deadline order: the watchdog's timer must move earlier
+                tg.start_soon(call, "long", 30.0)
+                tg.start_soon(call, "short", 0.05)
+                tg.start_soon(call, "short2", 0.1)
+                with anyio.fail_after(10):
+                    await waiter.two_cancelled.wait()
+                waiter.events["long"].set()
+    assert results == {"short": "timeout+alive", "short2": "timeout+alive", "long": "ok+alive"}
+    assert sorted(waiter.cancelled) == ["short", "short2"]
+
+
+async def test_cancellation_from_outside_is_not_reported_as_a_timeout() -> None:
+    waiter = Waiter()
+    async with micro.Runtime(registry="memory://", store="memory://", broker="memory://") as rt:
+        svc = micro.New("w", runtime=rt)
+        svc.handle(waiter)
+        async with svc:
+            with anyio.move_on_after(0.05) as scope:
+                await rt.client.call("w", "Waiter.Hold", {"key": "x"}, timeout=30)
+            assert scope.cancelled_caught  # the caller's own scope, not micro's Timeout
+            assert waiter.cancelled == ["x"]
+
+
+async def test_finished_calls_do_not_pile_up() -> None:
+    dog = Watchdog()
+    for _ in range(1000):
+        with dog.watch(anyio.current_time() + 60, "x"):
+            await anyio.lowlevel.checkpoint()
+    assert dog.active == 0
+    assert len(dog._heap) <= 65
+
+
+async def test_a_passed_deadline_inside_a_handler_chain_is_a_timeout() -> None:
+    with pytest.raises(Timeout, match="deadline exceeded"):
+        dog = Watchdog()
+        with dog.watch(anyio.current_time() + 0.01, "svc X.Y"):
+            await anyio.sleep(5)
