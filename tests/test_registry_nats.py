@@ -11,6 +11,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from _servers import NatsServer
 
 import micro
 from micro.errors import ConfigError, ServiceNotFound, Unavailable
@@ -138,3 +139,22 @@ async def test_two_processes_call_each_other_through_nats(peers: str) -> None:
         assert ab["pid"] != ba["pid"] and os.getpid() not in (ab["pid"], ba["pid"])
         names = [r.name for r in await rt.registry.list()]
         assert {"peer-a", "peer-b"} <= set(names)
+
+
+async def test_server_restart_fails_fast_then_recovers(own_nats_server: NatsServer) -> None:
+    url = own_nats_server.url
+    async with NatsRegistry(url, connect_timeout=1.0) as reg:
+        await reg.register(record("task", "n1"), ttl=60)
+        own_nats_server.stop()
+        with anyio.fail_after(15):  # fails with Unavailable, never hangs
+            with pytest.raises(Unavailable, match=url.replace(".", r"\.")):
+                await reg.get("task")
+        own_nats_server.start()
+        with anyio.fail_after(30):
+            while True:  # nats-py reconnects on its own; the first calls may still fail
+                try:
+                    (found,) = await reg.get("task")
+                    break
+                except Unavailable:
+                    await anyio.sleep(0.2)
+        assert found.nodes[0].id == "n1"  # JetStream kept the bucket across the restart
