@@ -120,6 +120,9 @@ class Runtime:
             self.registry, local=self.local, wrappers=call_wrappers,
             default_timeout=default_timeout, publish=self.broker.publish,
         )
+        attach = getattr(self.broker, "attach", None)
+        if attach is not None:  # a broker that delivers through the runtime (local://)
+            attach(self)
         self._users = 0
         self._stack: contextlib.AsyncExitStack | None = None
         self._background: BackgroundTaskGroup | None = None

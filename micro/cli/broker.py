@@ -39,7 +39,7 @@ async def publish(topic: str, message: str | None, broker_url: str | None, heade
         if not sep:
             fail(f"header {item!r} is not KEY=VALUE", 2)
         hdrs[key] = value
-    async with cli_runtime(broker=broker_url, registry="memory://") as rt:
+    async with cli_runtime(broker=broker_url) as rt:
         await rt.broker.publish(topic, body, headers=hdrs)
     out.print(f"published to {topic}")
 
@@ -70,7 +70,7 @@ async def subscribe(topic: str, broker_url: str | None, queue: str | None, count
         if count and seen >= count:
             done.set()
 
-    async with cli_runtime(broker=broker_url, registry="memory://") as rt:
+    async with cli_runtime(broker=broker_url) as rt:
         sub = await rt.broker.subscribe(topic, show, queue=queue)
         try:
             async with anyio.create_task_group() as tg:

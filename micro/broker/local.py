@@ -1,0 +1,274 @@
+"""The machine-wide broker: processes on one machine exchange messages with no extra server.
+
+Subscriptions live in the process that made them, with the memory broker's
+buffers and workers (a slow subscriber never blocks a publisher). A process
+that subscribes also serves one small gRPC endpoint, ``Broker.Deliver``, and
+registers it in the runtime's registry as a node of ``micro-broker`` whose
+metadata lists its subscriptions. A publisher reads those nodes (from the
+client's watched cache: no I/O per publish), applies NATS rules — every plain
+subscriber gets the message, each queue group one member, round-robin across
+processes — and sends each remote process one ``Deliver`` with the ids of its
+subscriptions that take the message. Delivery is at most once, like core NATS:
+a process that is unreachable misses the message (and its record expires), and
+a subscriber in another process may miss what is published in the first second
+after it subscribes if, just before, no process had subscribed at all.
+
+The broker needs a runtime: :class:`micro.Runtime` attaches itself. With the
+``local`` registry this spans the machine; with ``memory`` it is one process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import uuid
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+
+from micro.broker._base import (
+    ID_HEADER,
+    BackgroundTasks,
+    Message,
+    MessageHandler,
+    encode_message,
+    new_message_id,
+    validate_topic,
+)
+from micro.broker.memory import MemoryBroker, MemorySubscription, topic_matches
+from micro.errors import BrokerError, Error, NotFound
+
+if TYPE_CHECKING:
+    from micro.runtime import Runtime
+
+log = logging.getLogger("micro.broker.local")
+
+SERVICE = "micro-broker"
+ABSENT_CACHE = 1.0
+"""Seconds a publisher trusts "no process subscribes" before asking the registry again."""
+
+
+class _Sub(msgspec.Struct, frozen=True):
+    id: str
+    topic: str
+    queue: str = ""
+
+
+class DeliverRequest(msgspec.Struct):
+    topic: str
+    data: bytes
+    headers: dict[str, str] = {}
+    id: str = ""
+    subs: list[str] = []
+
+
+class DeliverResponse(msgspec.Struct):
+    delivered: int = 0
+
+
+_subs_decoder = msgspec.json.Decoder(list[_Sub])
+
+
+class _Target(msgspec.Struct, frozen=True):
+    node: str
+    address: str
+    sub: _Sub
+
+
+class LocalBroker(MemoryBroker):
+    """Topics across the processes that share a registry (``local://``)."""
+
+    def __init__(self, url: str = "local://", **options: Any) -> None:
+        super().__init__(**options)
+        self.url = url
+        self.node_id = f"{SERVICE}-{uuid.uuid4().hex[:12]}"
+        self._runtime: Runtime | None = None
+        self._ids: dict[MemorySubscription, _Sub] = {}
+        self._by_id: dict[str, MemorySubscription] = {}
+        self._server: Any = None
+        self._address = ""
+        self._beats: BackgroundTasks | None = None
+        self._changed = anyio.Event()
+        self._parsed: dict[int, tuple[Any, list[_Target]]] = {}
+        self._turns = itertools.count()
+        self._absent_until = 0.0
+
+    @classmethod
+    def from_url(cls, url: str) -> LocalBroker:
+        """``local://`` (options as for ``memory://``)."""
+        inner = MemoryBroker.from_url(url.replace("local://", "memory://", 1))
+        return cls(url, queue_size=inner.queue_size, drain_timeout=inner.drain_timeout)
+
+    def attach(self, runtime: Runtime) -> None:
+        """Use this runtime's registry and client (called by ``Runtime``)."""
+        self._runtime = runtime
+
+    # -- subscribing --------------------------------------------------------------------------
+
+    async def subscribe(self, topic: str, handler: MessageHandler, *, queue: str | None = None,
+                        durable: str | None = None) -> MemorySubscription:
+        if self._runtime is None:
+            raise BrokerError(f"broker {self.url} needs a runtime: create it through micro.Runtime")
+        sub = await super().subscribe(topic, handler, queue=queue, durable=durable)
+        entry = _Sub(uuid.uuid4().hex[:16], topic, queue or "")
+        self._ids[sub] = entry
+        self._by_id[entry.id] = sub
+        await self._serve()
+        await self._register()
+        return sub
+
+    def _remove(self, sub: MemorySubscription) -> None:
+        super()._remove(sub)
+        entry = self._ids.pop(sub, None)
+        if entry is not None:
+            self._by_id.pop(entry.id, None)
+            self._changed.set()  # the heartbeat re-registers without it
+
+    async def _serve(self) -> None:
+        if self._server is not None:
+            return
+        from micro.server.grpc import GrpcServer
+        from micro.service.endpoints import endpoints_of
+
+        server = GrpcServer()
+        for ep in endpoints_of(_Deliverer(self), SERVICE, name="Broker"):
+            server.add(ep)
+        await server.start("127.0.0.1", 0)
+        self._server = server
+        self._address = f"127.0.0.1:{server.port}"
+        beats = BackgroundTasks(f"broker {self.url} heartbeat")
+        await beats.start()
+        self._beats = beats
+        beats.start_soon(self._heartbeat, name="micro.broker.local:heartbeat")
+
+    def _record(self) -> Any:
+        from micro.registry import Node, ServiceRecord
+
+        subs = msgspec.json.encode(list(self._ids.values())).decode()
+        return ServiceRecord(SERVICE, metadata={"type": "internal"},
+                             nodes=[Node(self.node_id, self._address, {"subs": subs, "pid": str(os.getpid())})])
+
+    async def _register(self) -> None:
+        assert self._runtime is not None
+        await self._runtime.registry.register(self._record(), ttl=15.0)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            with anyio.move_on_after(5.0):
+                await self._changed.wait()
+            self._changed = anyio.Event()
+            try:
+                await self._register()
+            except Exception:
+                log.warning("broker %s: heartbeat to the registry failed", self.url, exc_info=True)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        runtime, server, beats = self._runtime, self._server, self._beats
+        self._server = self._beats = None
+        if beats is not None:
+            await beats.aclose()
+        if server is not None and runtime is not None:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await runtime.registry.deregister(self._record())
+                except Exception:
+                    log.warning("broker %s: deregistering failed", self.url, exc_info=True)
+        await super().aclose()
+        if server is not None:
+            await server.stop(1.0)
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    async def publish(self, topic: str, message: object, *, headers: Mapping[str, str] | None = None) -> None:
+        if self._closed:
+            raise BrokerError(f"cannot publish to {topic!r}: broker {self.url} is closed")
+        validate_topic(topic, wildcards=False)
+        data = message if type(message) is bytes else encode_message(message)
+        message_id = new_message_id(headers)
+        hdrs = {**(headers or {}), ID_HEADER: message_id}
+        targets = [t for t in await self._targets() if topic_matches(t.sub.topic, topic)]
+        chosen: list[_Target] = [t for t in targets if not t.sub.queue]
+        groups: dict[tuple[str, str], list[_Target]] = {}
+        for t in targets:
+            if t.sub.queue:
+                groups.setdefault((t.sub.topic, t.sub.queue), []).append(t)
+        turn = next(self._turns)
+        for members in groups.values():
+            members.sort(key=lambda t: (t.node, t.sub.id))
+            chosen.append(members[turn % len(members)])
+        by_node: dict[tuple[str, str], list[str]] = {}
+        for t in chosen:
+            by_node.setdefault((t.node, t.address), []).append(t.sub.id)
+        msg = Message(topic=topic, data=data, headers=hdrs, id=message_id)
+        own = by_node.pop((self.node_id, self._address), None)
+        if own:
+            self._push(own, msg)
+        if by_node:
+            async with anyio.create_task_group() as tg:
+                for (node, address), ids in by_node.items():
+                    tg.start_soon(self._send, node, address, DeliverRequest(topic, data, hdrs, message_id, ids))
+
+    def _push(self, ids: list[str], msg: Message) -> int:
+        n = 0
+        for sid in ids:
+            sub = self._by_id.get(sid)
+            if sub is not None:
+                sub._push(msg)
+                n += 1
+        return n
+
+    async def _targets(self) -> list[_Target]:
+        own = [_Target(self.node_id, self._address, e) for e in self._ids.values()]
+        assert self._runtime is not None
+        now = anyio.current_time()
+        if now < self._absent_until:
+            return own
+        try:
+            records = await self._runtime.client.lookup(SERVICE)
+        except NotFound:
+            self._absent_until = now + ABSENT_CACHE  # nobody subscribes anywhere: do not ask on every publish
+            return own
+        cached = self._parsed.get(id(records))
+        if cached is None or cached[0] is not records:
+            remote: list[_Target] = []
+            for rec in records:
+                for node in rec.nodes:
+                    if node.id == self.node_id:
+                        continue
+                    try:
+                        subs = _subs_decoder.decode(node.metadata.get("subs", "[]"))
+                    except msgspec.DecodeError:
+                        continue
+                    remote += [_Target(node.id, node.address, s) for s in subs]
+            self._parsed = {id(records): (records, remote)}
+            cached = self._parsed[id(records)]
+        return own + cached[1]
+
+    async def _send(self, node: str, address: str, req: DeliverRequest) -> None:
+        from micro.registry import Node
+
+        assert self._runtime is not None
+        client = self._runtime.client
+        try:
+            await client._pool(Node(node, address)).unary(
+                f"/{SERVICE}.Broker/Deliver", msgspec.json.encode(req), deadline=anyio.current_time() + 5.0)
+        except Error as exc:
+            log.warning("broker %s: %s at %s missed %r (%s)", self.url, node, address, req.topic, exc)
+            client.forget(SERVICE)
+
+
+class _Deliverer:
+    """The ``Broker`` handler each subscribing process serves."""
+
+    def __init__(self, broker: LocalBroker) -> None:
+        self._broker = broker
+
+    async def Deliver(self, req: DeliverRequest) -> DeliverResponse:
+        """Hand a message to this process's subscriptions (by id)."""
+        msg = Message(topic=req.topic, data=req.data, headers=req.headers, id=req.id)
+        return DeliverResponse(self._broker._push(req.subs, msg))
