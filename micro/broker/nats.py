@@ -1,8 +1,10 @@
 """The NATS broker: core NATS (at most once) or JetStream (at least once), via nats-py.
 
 ``nats://host:4222`` is core NATS: subjects are topics, queue groups are native,
-a message published while nobody listens is gone. ``nats+js://host:4222`` is the
-durable mode on JetStream:
+a message published while nobody listens is gone. Each message carries its
+``Micro-Id`` header unless ``message_ids=False`` (then a message published without
+headers goes out bare, at twice the rate, and each subscriber makes up its id).
+``nats+js://host:4222`` is the durable mode on JetStream:
 
 - **Streams** — one per topic prefix (the topic's first token: ``events.user.created``
   lives in the stream ``events`` capturing ``events`` and ``events.>``), created on
@@ -174,7 +176,7 @@ class NatsSubscription(Subscription):
                         continue
                     try:
                         msgs = await self._fetch()
-                    except nats.errors.TimeoutError:
+                    except TimeoutError:  # nats-py raises its own subclass, and the builtin
                         continue
                     except nats.errors.ConnectionClosedError:
                         log.error("subscription %r stopped: the connection to %s is closed",
@@ -189,12 +191,20 @@ class NatsSubscription(Subscription):
                                     broker.url, _reason(e))
                         await anyio.sleep(broker.reconnect_wait)
                         continue
+                    except Exception:  # a surprise from nats-py must not end the subscription
+                        log.exception("fetching %r from %s failed; retrying", self.topic,
+                                      broker.url)
+                        await anyio.sleep(broker.reconnect_wait)
+                        continue
                     self.held = msgs
                     while self.held:
                         if self._closed:
                             await self._release_held()
                             break
-                        await self._deliver(self.held[0])
+                        try:
+                            await self._deliver(self.held[0])
+                        except Exception:  # unsettled: the server redelivers it after ack_wait
+                            log.exception("delivering a message of %r failed", self.topic)
                         self.held.pop(0)
             await self._forget_pull()
         finally:
@@ -220,7 +230,7 @@ class NatsSubscription(Subscription):
                     msgs = await self._pull.fetch(1, timeout=_IDLE_POLL)
                 self._busy = True
                 return msgs
-            except nats.errors.TimeoutError:
+            except TimeoutError:
                 self._busy = False
                 raise
             finally:
@@ -600,8 +610,8 @@ class NatsBroker(Broker):
                 for msg in list(sub.held):
                     try:
                         await msg.in_progress()
-                    except nats.errors.Error:
-                        pass  # settled meanwhile, or the connection dropped
+                    except Exception:
+                        pass  # settled meanwhile, or the connection dropped: ack_wait decides
 
     async def aclose(self) -> None:
         if self._closed:
