@@ -12,6 +12,7 @@ on a semaphore.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl as _ssl
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -28,6 +29,13 @@ from multidict import MultiDict
 from micro.codec import JSON, PROTO
 from micro.errors import Error, Timeout, Unavailable
 from micro.server.grpc import CODECS, DRAINING
+
+# hpack logs every header it encodes or decodes, values included, at DEBUG: with
+# debug logging on, bearer tokens in call metadata would reach the logs. Keep it
+# at INFO (set it back explicitly after importing micro to debug HTTP/2 framing).
+_hpack_log = logging.getLogger("hpack")
+if _hpack_log.level < logging.INFO:
+    _hpack_log.setLevel(logging.INFO)
 
 
 class NodeUnreachable(Unavailable):

@@ -26,6 +26,7 @@ import msgspec
 
 from micro.codec import JSON, codec_for
 from micro.errors import BadRequest, UsageError
+from micro.limits import Limiter
 from micro.middleware import Wrapper
 from micro.registry import Node, ServiceRecord
 from micro.runtime import BackgroundTaskGroup, Runtime
@@ -47,6 +48,8 @@ class Service:
         ttl: seconds the registry keeps the record without a heartbeat.
         heartbeat: seconds between heartbeats (default ``ttl / 3``).
         handler_wrappers: middleware around every endpoint of this service.
+        max_concurrency: calls in flight at most (default: no limit); beyond it up to
+            ``max_queue`` calls wait, and the rest fail at once with RESOURCE_EXHAUSTED.
         max_message_size: largest request or response in bytes (RESOURCE_EXHAUSTED beyond).
         drain_timeout: seconds in-flight calls get to finish on shutdown.
 
@@ -61,7 +64,8 @@ class Service:
                  metadata: Mapping[str, str] | None = None, runtime: Runtime | None = None,
                  ttl: float = 15.0, heartbeat: float | None = None,
                  handler_wrappers: Sequence[Wrapper] = (),
-                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, drain_timeout: float = 10.0) -> None:
+                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, drain_timeout: float = 10.0,
+                 max_concurrency: int | None = None, max_queue: int = 0) -> None:
         if not name or any(c.isspace() or c in "/~" for c in name):
             raise UsageError(f"invalid service name {name!r}: use letters, digits, '-', '_' or '.'")
         self.name = name
@@ -71,6 +75,9 @@ class Service:
         self.ttl = ttl
         self.heartbeat = heartbeat if heartbeat is not None else ttl / 3
         self.handler_wrappers = list(handler_wrappers)
+        self.limiter = Limiter(name, max_concurrency, max_queue) if max_concurrency is not None else None
+        if self.limiter is not None:  # outermost: a rejected call costs nothing else
+            self.handler_wrappers.insert(0, self.limiter)
         self.drain_timeout = drain_timeout
         self._address = address or os.environ.get("MICRO_ADDRESS") or "127.0.0.1:0"
         self._runtime = runtime
