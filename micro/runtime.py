@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import weakref
 from collections.abc import Sequence
 from types import TracebackType
@@ -98,6 +99,7 @@ class Runtime:
         store: a :class:`~micro.store.Store` or URL (default ``$MICRO_STORE`` or the file store).
         call_wrappers: client middleware applied to every call made through this runtime.
         default_timeout: seconds a call may take when the caller gives no timeout.
+        tls: the client TLS context for services that serve TLS (see :mod:`micro.tls`).
 
     Example::
 
@@ -108,7 +110,7 @@ class Runtime:
 
     def __init__(self, *, registry: Registry | str | None = None, broker: Broker | str | None = None,
                  store: Store | str | None = None, call_wrappers: Sequence[Wrapper] = (),
-                 default_timeout: float | None = 60.0) -> None:
+                 default_timeout: float | None = 60.0, tls: ssl.SSLContext | None = None) -> None:
         from micro import broker as _broker
         from micro import store as _store
 
@@ -118,7 +120,7 @@ class Runtime:
         self.local: dict[str, dict[str, Endpoint]] = {}
         self.client = Client(
             self.registry, local=self.local, wrappers=call_wrappers,
-            default_timeout=default_timeout, publish=self.broker.publish,
+            default_timeout=default_timeout, publish=self.broker.publish, tls=tls,
         )
         attach = getattr(self.broker, "attach", None)
         if attach is not None:  # a broker that delivers through the runtime (local://)

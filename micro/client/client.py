@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
+import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -47,8 +48,10 @@ class Client:
 
     def __init__(self, registry: Registry, *, local: Mapping[str, Mapping[str, Endpoint]] | None = None,
                  wrappers: Sequence[Wrapper] = (), default_timeout: float | None = 60.0,
-                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, publish: Any = None) -> None:
+                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, publish: Any = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.registry = registry
+        self.tls = tls
         self.default_timeout = default_timeout
         self.max_message_size = max_message_size
         self._local: Mapping[str, Mapping[str, Endpoint]] = local if local is not None else {}
@@ -259,7 +262,9 @@ class Client:
     def _pool(self, node: Node) -> NodePool:
         pool = self._pools.get(node.address)
         if pool is None:
-            pool = self._pools[node.address] = NodePool(node.address)
+            secure = node.metadata.get("tls") == "true"
+            ctx = (self.tls or _default_tls()) if secure else None
+            pool = self._pools[node.address] = NodePool(node.address, ssl=ctx)
         return pool
 
     async def lookup(self, service: str) -> list[ServiceRecord]:
@@ -318,6 +323,12 @@ def _speaks_proto(req: Request, ep: EndpointRecord) -> bool:
         and type(req.body).__name__ == ep.request.get("title")
         and getattr(rt, "__name__", None) == ep.response.get("title")
     )
+
+
+def _default_tls() -> ssl.SSLContext:
+    from micro.tls import client_context
+
+    return client_context()
 
 
 def _no_endpoint(service: str, endpoint: str, have: Sequence[str]) -> EndpointNotFound:

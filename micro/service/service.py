@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import typing
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -50,6 +51,7 @@ class Service:
         handler_wrappers: middleware around every endpoint of this service.
         max_concurrency: calls in flight at most (default: no limit); beyond it up to
             ``max_queue`` calls wait, and the rest fail at once with RESOURCE_EXHAUSTED.
+        tls: serve over TLS with this context (see :mod:`micro.tls`).
         max_message_size: largest request or response in bytes (RESOURCE_EXHAUSTED beyond).
         drain_timeout: seconds in-flight calls get to finish on shutdown.
 
@@ -65,7 +67,8 @@ class Service:
                  ttl: float = 15.0, heartbeat: float | None = None,
                  handler_wrappers: Sequence[Wrapper] = (),
                  max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, drain_timeout: float = 10.0,
-                 max_concurrency: int | None = None, max_queue: int = 0) -> None:
+                 max_concurrency: int | None = None, max_queue: int = 0,
+                 tls: ssl.SSLContext | None = None) -> None:
         if not name or any(c.isspace() or c in "/~" for c in name):
             raise UsageError(f"invalid service name {name!r}: use letters, digits, '-', '_' or '.'")
         self.name = name
@@ -74,6 +77,7 @@ class Service:
         self.id = f"{name}-{uuid.uuid4().hex[:12]}"
         self.ttl = ttl
         self.heartbeat = heartbeat if heartbeat is not None else ttl / 3
+        self.tls = tls
         self.handler_wrappers = list(handler_wrappers)
         self.limiter = Limiter(name, max_concurrency, max_queue) if max_concurrency is not None else None
         if self.limiter is not None:  # outermost: a rejected call costs nothing else
@@ -148,7 +152,8 @@ class Service:
             version=self.version,
             metadata=self.metadata,
             endpoints=[ep.record() for ep in self._endpoints.values()],
-            nodes=[Node(id=self.id, address=self.address, metadata={"pid": str(os.getpid())})],
+            nodes=[Node(id=self.id, address=self.address,
+                        metadata={"pid": str(os.getpid()), **({"tls": "true"} if self.tls else {})})],
         )
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -173,7 +178,7 @@ class Service:
             await rt.acquire()
             stack.push_async_callback(rt.release)
             host, _, port = self._address.rpartition(":")
-            await self._server.start(host or "127.0.0.1", int(port or 0))
+            await self._server.start(host or "127.0.0.1", int(port or 0), ssl=self.tls)
             stack.push_async_callback(self._server.stop, self.drain_timeout)
             self.address = f"{_advertise(self._server.host)}:{self._server.port}"
             rt.add_local(self.name, self._endpoints)
