@@ -36,6 +36,7 @@ from micro.flow import Flow
 from micro.middleware import Request
 from micro.runtime import Runtime
 from micro.service import Service
+from micro.service.endpoints import idempotent
 
 __all__ = [
     "Address",
@@ -61,4 +62,5 @@ __all__ = [
     "Service",
     "Version",
     "errors",
+    "idempotent",
 ]

@@ -36,6 +36,7 @@ from micro.server.grpc import DEFAULT_MAX_MESSAGE_SIZE
 
 from .deadlines import Watchdog
 from .pool import NodePool, NodeUnreachable
+from .retry import Breakers, RetryPolicy
 
 if TYPE_CHECKING:
     from micro.service.endpoints import Endpoint
@@ -52,6 +53,8 @@ class Client:
                  tls: ssl.SSLContext | None = None) -> None:
         self.registry = registry
         self.tls = tls
+        self.retry = RetryPolicy()
+        self.breakers = Breakers()
         self.default_timeout = default_timeout
         self.max_message_size = max_message_size
         self._local: Mapping[str, Mapping[str, Endpoint]] = local if local is not None else {}
@@ -176,15 +179,33 @@ class Client:
         data = self._encode(req, wire)
         if req.streaming:
             return self._remote_stream(record, ep, req, data, wire)
+        idempotent = ep.metadata.get("idempotent") == "true"
+        attempts = self.retry.attempts if idempotent else 1
         last: Unavailable | None = None
-        for node in self._nodes(record):
-            pool = self._pool(node)
-            try:
-                reply = await pool.unary(ep.path, data, wire=wire, deadline=req.deadline, metadata=req.metadata)
-            except NodeUnreachable as exc:
-                last = exc  # nothing was sent: the next node may answer
-                continue
-            return self._decode(reply, wire, req, ep)
+        for attempt in range(1, attempts + 1):
+            for node in self._nodes(record):
+                try:
+                    reply = await self._pool(node).unary(ep.path, data, wire=wire, deadline=req.deadline,
+                                                         metadata=req.metadata)
+                except NodeUnreachable as exc:
+                    self.breakers.failure(node.address)
+                    last = exc  # nothing was sent: the next node may answer
+                    continue
+                except Unavailable as exc:
+                    self.breakers.failure(node.address)
+                    if not idempotent:
+                        raise
+                    last = exc  # it may have run: only an idempotent endpoint is tried again
+                    continue
+                self.breakers.success(node.address)
+                return self._decode(reply, wire, req, ep)
+            if attempt < attempts:
+                pause = self.retry.delay(attempt)
+                if req.deadline is not None and asyncio.get_running_loop().time() + pause >= req.deadline:
+                    break
+                await asyncio.sleep(pause)
+                self._records.pop(req.service, None)
+                record, ep = await self._resolve(req.service, req.endpoint)
         self._records.pop(req.service, None)
         raise Unavailable(f"no node of {req.service!r} answered: {last}")
 
@@ -252,12 +273,16 @@ class Client:
         raise _no_endpoint(service, endpoint, names)
 
     def _nodes(self, record: ServiceRecord) -> list[Node]:
+        """Nodes to try in order: round-robin, nodes whose breaker is open last."""
         nodes = record.nodes
         if len(nodes) == 1:
             return nodes
         counter = self._rr.setdefault(record.name, itertools.count())
         start = next(counter) % len(nodes)
-        return nodes[start:] + nodes[:start]
+        order = nodes[start:] + nodes[:start]
+        if self.breakers._nodes:
+            order.sort(key=lambda n: self.breakers.is_open(n.address))
+        return order
 
     def _pool(self, node: Node) -> NodePool:
         pool = self._pools.get(node.address)

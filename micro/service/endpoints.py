@@ -48,6 +48,7 @@ class Endpoint:
     response: TypeCodec
     streaming: bool
     description: str
+    idempotent: bool = False
     invoke: Next = field(init=False)
 
     def __post_init__(self) -> None:
@@ -78,6 +79,7 @@ class Endpoint:
             description=self.description,
             streaming=self.streaming,
             wires=list(self.wires),
+            metadata={"idempotent": "true"} if self.idempotent else {},
         )
 
     async def handle(self, body: Any, metadata: Mapping[str, str], deadline: float | None) -> Any:
@@ -188,4 +190,21 @@ def _endpoint(handler: object, hname: str, attr: str, func: Any, streaming: bool
         response=rsp_c,
         streaming=streaming,
         description=doc,
+        idempotent=bool(getattr(func, IDEMPOTENT, False)),
     )
+
+
+IDEMPOTENT = "__micro_idempotent__"
+
+
+def idempotent(method: Any) -> Any:
+    """Mark an endpoint safe to call again: clients retry it on UNAVAILABLE, with backoff.
+
+    Example::
+
+        class Task:
+            @micro.idempotent
+            async def Get(self, req: GetRequest) -> TaskResponse: ...
+    """
+    setattr(method, IDEMPOTENT, True)
+    return method
