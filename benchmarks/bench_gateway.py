@@ -1,0 +1,199 @@
+"""Issue 6's gateway benchmark: HTTP gateway requests/s as a ratio of direct micro client calls/s.
+
+Three processes share a temporary ``MICRO_HOME``: the ``benchcall`` service
+(``benchmarks._call_server micro``: ``TaskJSON.ListOverdue``, msgspec Structs),
+``micro api`` (the HTTP gateway, uvicorn) on a free loopback port, and this one,
+which drives both sides with N workers each making sequential requests:
+
+- **gateway**: ``POST /api/benchcall/TaskJSON.ListOverdue`` with a JSON body, each
+  worker on its own kept-alive HTTP/1.1 connection, through a minimal client (a
+  fixed request, a Content-Length response), so that the HTTP client's own cost
+  does not hide the gateway's;
+- **direct**: ``client.call("benchcall", "TaskJSON.ListOverdue", {...})`` from a
+  Runtime that does not host the service (dict in, dict out: what the gateway
+  itself does, one hop less).
+
+The gateway adds a hop, so the ratio is below 1.0; it says what that hop costs.
+Repetitions alternate which side goes first; a ratio is the median of the
+per-repetition ratios, the absolute rates the medians of their repetitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import importlib.util
+import itertools
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import micro
+from benchmarks._call_server import SERVICE
+
+Result = tuple[str, float, str]
+Call = Callable[[], Awaitable[Any]]
+
+ROOT = Path(__file__).resolve().parent.parent
+REPS = 7
+INFLIGHT = (1, 32)
+MIN_EACH = {1: 200, 32: 20}  # sequential requests per worker, at least
+TARGET_S = 0.4  # a measurement's length at the direct side's warm-up rate
+BODY = b'{"user_id": "alice"}'
+
+
+class HttpConnection:
+    """One keep-alive HTTP/1.1 connection that POSTs one fixed request, again and again."""
+
+    def __init__(self, host: str, port: int, path: str, body: bytes) -> None:
+        self.host, self.port = host, port
+        self.request = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self) -> bytes:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        self.writer.write(self.request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = head[9:12]
+        if status != b"200":
+            raise RuntimeError(f"the gateway answered {head.decode(errors='replace')!r}")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        return await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def _rate(make: Callable[[], Call], workers: int, total: int) -> float:
+    """requests/s of ``workers`` tasks, each with its own ``make()``, awaiting it ``total // workers`` times."""
+    each = max(1, total // workers)
+    calls = [make() for _ in range(workers)]
+
+    async def worker(fn: Call) -> None:
+        for _ in range(each):
+            await fn()
+
+    gc.collect()
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(fn) for fn in calls))
+    return each * workers / (time.perf_counter() - t0)
+
+
+async def _spawn(args: list[str], env: dict[str, str], marker: str) -> tuple[asyncio.subprocess.Process, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(60):
+            while line := (await proc.stdout.readline()).decode():
+                if marker in line:
+                    return proc, line.strip()
+        raise RuntimeError(f"{' '.join(args)} exited before printing {marker!r} (exit code {await proc.wait()})")
+    except BaseException:
+        await _stop(proc)
+        raise
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    """Close stdin and signal SIGINT, then kill: never leave it running."""
+    if proc.returncode is None:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        proc.send_signal(signal.SIGINT)
+        try:
+            await asyncio.wait_for(proc.wait(), 15)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def run() -> list[Result]:
+    procs: list[asyncio.subprocess.Process] = []
+    conns: list[HttpConnection] = []
+    saved = os.environ.get("MICRO_HOME")
+    with tempfile.TemporaryDirectory(prefix="micro-bench-") as home:
+        env = {k: v for k, v in os.environ.items() if k != "MICRO_REGISTRY"}
+        env["MICRO_HOME"] = home
+        try:
+            proc, _ = await _spawn(["-m", "benchmarks._call_server", "micro"], env, "ready ")
+            procs.append(proc)
+            proc, banner = await _spawn(["-m", "micro.cli", "api", "--address", "127.0.0.1:0"], env, "micro api on")
+            procs.append(proc)
+            host, _, port = banner.split()[3].rstrip(":").removeprefix("http://").rpartition(":")
+            os.environ["MICRO_HOME"] = home  # this runtime's local registry reads it
+            async with micro.Runtime(registry="local://", store="memory://", broker="memory://") as rt:
+                call = rt.client.call
+                request = {"user_id": "alice"}
+
+                def direct() -> Call:
+                    return lambda: call(SERVICE, "TaskJSON.ListOverdue", request)
+
+                # one kept-alive connection per worker, opened during the warm-up
+                conns.extend(HttpConnection(host, int(port), f"/api/{SERVICE}/TaskJSON.ListOverdue", BODY)
+                             for _ in range(max(INFLIGHT)))
+                pool = itertools.cycle(conns)
+
+                def gateway() -> Call:
+                    return next(pool).post
+
+                assert (await direct()())["total"] == 3
+                assert b'"total":3' in await gateway()()
+                sides = {"direct": direct, "gateway": gateway}
+                for make in sides.values():
+                    await _rate(make, max(INFLIGHT), 640)  # warm up: connections open, code paths hot
+                counts: dict[int, int] = {}
+                for n in INFLIGHT:
+                    warm = await _rate(direct, n, n * MIN_EACH[n])
+                    counts[n] = n * max(MIN_EACH[n], round(warm * TARGET_S / n))
+                rates: dict[tuple[str, int], list[float]] = {}
+                for rep in range(REPS):
+                    for n in INFLIGHT:
+                        order = ["direct", "gateway"] if rep % 2 == 0 else ["gateway", "direct"]
+                        for name in order:
+                            rates.setdefault((name, n), []).append(await _rate(sides[name], n, counts[n]))
+        finally:
+            for conn in conns:
+                conn.close()
+            if saved is None:
+                os.environ.pop("MICRO_HOME", None)
+            else:
+                os.environ["MICRO_HOME"] = saved
+            for proc in reversed(procs):
+                await _stop(proc)
+
+    parser = "httptools" if importlib.util.find_spec("httptools") else "h11"  # what uvicorn picks in `micro api`
+    out: list[Result] = []
+    for n in INFLIGHT:
+        ratios = [g / d for g, d in zip(rates["gateway", n], rates["direct", n], strict=True)]
+        r = statistics.median(ratios)
+        gw, dr = statistics.median(rates["gateway", n]), statistics.median(rates["direct", n])
+        out.append((
+            f"gateway.c{n}.ratio", round(r, 3),
+            f"HTTP gateway (micro api, uvicorn + {parser}) {n} in flight: {gw:,.0f} req/s (POST JSON, keep-alive) "
+            f"vs direct micro client.call over gRPC {dr:,.0f} calls/s -> {r:.2f}x "
+            f"(reps {min(ratios):.2f}-{max(ratios):.2f}; the gateway adds one hop: no target)",
+        ))
+    return out
+
+
+if __name__ == "__main__":
+    for _, _, line in asyncio.run(run()):
+        print(line)

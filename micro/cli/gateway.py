@@ -1,0 +1,200 @@
+"""``micro api`` and ``micro mcp``: the registry's services over HTTP, and as MCP tools.
+
+``micro api`` serves :mod:`micro.gateway.http` with uvicorn; ``micro mcp`` serves
+:mod:`micro.gateway.mcp` over stdio (for an MCP host that starts it) or streamable
+HTTP. Both find services through the same registry as every other command and
+listen on loopback unless ``--address`` says otherwise. Port 0 picks a free port;
+the address actually bound is printed once the server accepts connections
+(``micro mcp`` over stdio prints nothing on stdout: it is the protocol's).
+SIGINT or SIGTERM stops the server gracefully.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anyio
+import anyio.abc
+import click
+
+from micro.cli.main import cli_runtime, err, fail, main, out, run_async
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``127.0.0.1:8080``, ``[::1]:8080`` or ``:8080`` (loopback) -> ``(host, port)``."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        fail(f"--address {address!r} is not HOST:PORT (e.g. 127.0.0.1:8080; port 0 picks a free one)", 2)
+    host = host.removeprefix("[").removesuffix("]") or "127.0.0.1"
+    return host, int(port)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _bind(address: str) -> socket.socket:
+    """A listening socket: connections queue from now on, before the server runs."""
+    host, port = parse_address(address)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, where = infos[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        fail(f"cannot listen on {address}: {exc}")
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(where)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        fail(f"cannot listen on {address}: {exc.strerror or exc}")
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _token(var: str | None, address: str) -> str | None:
+    if var is None:
+        host, _ = parse_address(address)
+        if not _loopback(host):
+            err.print(f"[yellow]warning:[/yellow] listening on {host} without --token-env: anyone who can reach "
+                      "it can call every service", markup=True)
+        return None
+    token = os.environ.get(var)
+    if not token:
+        fail(f"--token-env {var}: the environment variable {var} is not set or is empty", 2)
+    return token
+
+
+async def _serve(app: Any, sock: socket.socket, ready: Callable[[], None]) -> None:
+    """Run an ASGI app with uvicorn on ``sock``; SIGINT or SIGTERM stops it gracefully (twice: at once)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield  # the task below handles the signals: the command then ends normally
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                ready()
+
+    server = Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                                   timeout_graceful_shutdown=10))
+
+    async def stop_on_signals(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for _ in signals:
+                if server.should_exit:
+                    server.force_exit = True
+                server.should_exit = True
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(stop_on_signals)
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            tg.cancel_scope.cancel()
+            sock.close()
+    if server.lifespan.should_exit and not server.started:  # the app could not start: uvicorn logged why
+        fail("the server did not start")
+
+
+def _say(line: str) -> Callable[[], None]:
+    def ready() -> None:
+        out.print(line, markup=False)
+        sys.stdout.flush()
+
+    return ready
+
+
+@main.command()
+@click.option("--address", default="127.0.0.1:8080", show_default=True,
+              help="HOST:PORT to listen on (port 0 picks a free one).")
+@click.option("--token-env", metavar="VAR", help="Require `Authorization: Bearer $VAR` on every request.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="Seconds one call (or one whole stream) may take; then 504.")
+@click.option("--max-body", type=click.IntRange(min=1), default=1 << 20, show_default=True,
+              help="The largest request body accepted, in bytes; larger gets 413.")
+@run_async
+async def api(address: str, token_env: str | None, timeout: float, max_body: int) -> None:
+    """Serve the services in the registry over HTTP (JSON in, JSON out).
+
+    \b
+    POST /api/SERVICE/Handler.Method   call an endpoint (streaming ones answer with Server-Sent Events)
+    GET  /api/services                 the registry's records
+    GET  /openapi.json                 an OpenAPI 3.1 document of every endpoint
+
+    \b
+    Example:
+      micro api &
+      curl -s localhost:8080/api/task/Task.ListOverdue -d '{"user_id": "alice"}'
+    """
+    from micro.gateway.http import app
+
+    token = _token(token_env, address)
+    gateway = app(cli_runtime(), token=token, max_body=max_body, timeout=timeout)
+    sock = _bind(address)
+    url = _url(sock)
+    auth = " (bearer token required)" if token else ""
+    await _serve(gateway, sock, _say(f"micro api on {url}{auth}: POST {url}/api/{{service}}/{{Handler.Method}}, "
+                                     f"GET {url}/api/services, GET {url}/openapi.json"))
+    out.print("stopped")
+
+
+@main.command()
+@click.option("--transport", type=click.Choice(["stdio", "http"]), default="stdio", show_default=True,
+              help="stdio for an MCP host that starts this command; http for streamable HTTP at /mcp.")
+@click.option("--services", metavar="A,B", help="Offer only these services and agents (comma-separated).")
+@click.option("--address", default="127.0.0.1:8081", show_default=True,
+              help="HOST:PORT to listen on with --transport http (port 0 picks a free one).")
+@click.option("--token-env", metavar="VAR",
+              help="With --transport http: require `Authorization: Bearer $VAR` on every request.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+              help="Seconds one tool call may take.")
+@run_async
+async def mcp(transport: str, services: str | None, address: str, token_env: str | None, timeout: float) -> None:
+    """Serve the services and agents in the registry as MCP tools.
+
+    Each endpoint is a tool named SERVICE_Handler_Method; each agent is a tool
+    ask_AGENT. The list follows the registry: clients are told when it changes.
+
+    \b
+    An MCP host's config (Claude Desktop, Claude Code, …):
+      {"mcpServers": {"micro": {"command": "micro", "args": ["mcp"]}}}
+    """
+    from micro.gateway.mcp import MCPGateway
+
+    names = [s.strip() for s in services.split(",") if s.strip()] if services else None
+    gateway = MCPGateway(cli_runtime(), services=names, timeout=timeout)
+    if transport == "stdio":
+        if token_env is not None:
+            fail("--token-env applies to --transport http (stdio is as private as the process that starts it)", 2)
+        await gateway.run_stdio()
+        return
+    token = _token(token_env, address)
+    host, _ = parse_address(address)
+    sock = _bind(address)
+    url = _url(sock)
+    auth = " (bearer token required)" if token else ""
+    await _serve(gateway.http_app(host=host, token=token), sock,
+                 _say(f"micro mcp on {url}/mcp (streamable HTTP){auth}"))
+    out.print("stopped")

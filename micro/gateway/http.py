@@ -1,0 +1,343 @@
+"""The HTTP gateway: an ASGI app that turns JSON over HTTP into calls to micro services.
+
+Routes:
+
+- ``POST /api/{service}/{Handler.Method}``: the JSON body is the request, the JSON
+  response the endpoint's response. A server-streaming endpoint (``Agent.StreamChat``
+  among them) answers with Server-Sent Events: one ``data:`` line of JSON per item,
+  and an ``event: error`` if the stream fails after it started.
+- ``GET /api/services``: the registry's records (what ``micro services --json`` prints);
+  ``GET /api/services/{service}``: one service's records.
+- ``GET /openapi.json``: an OpenAPI 3.1 document built from the registry's schemas.
+
+Errors are ``{"error": {"code": "INVALID_ARGUMENT", "message": "..."}}`` with the
+HTTP status of the call's gRPC status (:data:`HTTP_STATUS`). A body over
+``max_body`` bytes is refused with 413 before it is read in full; every call runs
+under ``timeout`` seconds (504 when it passes). With ``token``, every request needs
+``Authorization: Bearer <token>`` (compared in constant time, never logged);
+without one, a request's ``Authorization`` header goes on as the call's
+``authorization`` metadata, for services that check tokens themselves
+(:class:`micro.auth.TokenAuth`).
+
+The app's lifespan takes a reference on the runtime (``runtime.acquire()``), so
+``uvicorn`` or any ASGI server that runs lifespans opens it; when mounting the app
+somewhere that does not, open the runtime yourself (``async with runtime:``).
+
+Example::
+
+    import uvicorn
+    import micro
+    from micro.gateway.http import app
+
+    uvicorn.run(app(micro.Runtime(), token="s3cret"), host="127.0.0.1", port=8080)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from micro.errors import Error, Status, UsageError
+from micro.gateway import openapi
+
+if TYPE_CHECKING:
+    from micro.runtime import Runtime
+
+__all__ = ["DEFAULT_MAX_BODY", "DEFAULT_TIMEOUT", "HTTP_STATUS", "BearerAuth", "app", "error_body"]
+
+log = logging.getLogger("micro.gateway")
+
+DEFAULT_MAX_BODY = 1 << 20  # bytes
+DEFAULT_TIMEOUT = 60.0  # seconds
+
+#: The HTTP status of each gRPC status (google.rpc's table, but UNIMPLEMENTED is a
+#: 404: it means "no such endpoint", i.e. no such path).
+HTTP_STATUS: dict[Status, int] = {
+    Status.OK: 200,
+    Status.CANCELLED: 499,
+    Status.UNKNOWN: 500,
+    Status.INVALID_ARGUMENT: 400,
+    Status.DEADLINE_EXCEEDED: 504,
+    Status.NOT_FOUND: 404,
+    Status.ALREADY_EXISTS: 409,
+    Status.PERMISSION_DENIED: 403,
+    Status.RESOURCE_EXHAUSTED: 429,
+    Status.FAILED_PRECONDITION: 400,
+    Status.ABORTED: 409,
+    Status.OUT_OF_RANGE: 400,
+    Status.UNIMPLEMENTED: 404,
+    Status.INTERNAL: 500,
+    Status.UNAVAILABLE: 503,
+    Status.DATA_LOSS: 500,
+    Status.UNAUTHENTICATED: 401,
+}
+
+_HTTP_CODE = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+              405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED"}
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+
+_JSON = "application/json"
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),  # proxies: pass each event on at once
+]
+
+
+def error_body(code: str, message: str) -> bytes:
+    """``{"error": {"code": ..., "message": ...}}`` as JSON bytes."""
+    return _encode({"error": {"code": code, "message": message}})
+
+
+def _error(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(error_body(code, message), status_code=status, media_type=_JSON, headers=headers)
+
+
+def _from_error(exc: Error) -> Response:
+    return _error(HTTP_STATUS.get(exc.status, 500), exc.code, exc.message)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BearerAuth:
+    """ASGI middleware: every HTTP request needs ``Authorization: Bearer <token>``.
+
+    The token is compared in constant time and never logged; a missing or wrong one
+    gets 401 with ``WWW-Authenticate: Bearer`` and the JSON error body.
+    """
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        if not token:
+            raise UsageError("the gateway token is empty: pass a non-empty token, or none to turn auth off")
+        self.app = app
+        self._token = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self._accepts(scope):
+            await self.app(scope, receive, send)
+            return
+        rsp = _error(401, "UNAUTHENTICATED", "this gateway needs an `Authorization: Bearer <token>` header "
+                     "with its token", headers={"WWW-Authenticate": "Bearer"})
+        await rsp(scope, receive, send)
+
+    def _accepts(self, scope: Scope) -> bool:
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                scheme, _, given = bytes(value).partition(b" ")
+                # compare_digest takes as long for any wrong token of a given length
+                return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self._token)
+        return False
+
+
+class _EventStream(Response):
+    """Server-Sent Events: each item of a call's stream as one ``data:`` event.
+
+    The stream is consumed by the task that serves the request: a network stream's
+    deadline and the call's context variables belong to the task that opened them.
+    A child task only watches for the client leaving, and then cancels the pump.
+    """
+
+    def __init__(self, first: Any, items: AsyncGenerator[Any, None]) -> None:
+        super().__init__(media_type="text/event-stream")
+        self._first = first
+        self._items = items
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch, receive, tg.cancel_scope)
+                await self._pump(send)
+                tg.cancel_scope.cancel()
+        except OSError:
+            pass  # the client went away mid-write
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._items.aclose()
+
+    async def _pump(self, send: Send) -> None:
+        try:
+            if self._first is not _END:
+                await send(_chunk(b"data: " + _encode(self._first) + b"\n\n"))
+                async for item in self._items:
+                    await send(_chunk(b"data: " + _encode(item) + b"\n\n"))
+        except Error as exc:
+            await send(_chunk(b"event: error\ndata: " + error_body(exc.code, exc.message) + b"\n\n"))
+        except Exception:
+            log.exception("gateway: a stream failed")
+            await send(_chunk(b"event: error\ndata: " + error_body("INTERNAL", "the stream failed in the gateway "
+                                                                           "(details in its log)") + b"\n\n"))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    @staticmethod
+    async def _watch(receive: Receive, scope: anyio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        scope.cancel()
+
+
+_END = object()
+_NO_METADATA: Mapping[str, str] = {}
+
+
+def _chunk(data: bytes) -> Message:
+    return {"type": "http.response.body", "body": data, "more_body": True}
+
+
+class _Gateway:
+    def __init__(self, runtime: Runtime, *, max_body: int, timeout: float, auth: bool) -> None:
+        if max_body <= 0:
+            raise UsageError(f"max_body must be a positive number of bytes, not {max_body}")
+        if timeout <= 0:
+            raise UsageError(f"timeout must be a positive number of seconds, not {timeout}")
+        self.runtime = runtime
+        self.max_body = max_body
+        self.timeout = timeout
+        self.auth = auth
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        await self.runtime.acquire()
+        try:
+            yield
+        finally:
+            await self.runtime.release()
+
+    async def call(self, request: Request) -> Response:
+        service = request.path_params["service"]
+        endpoint = request.path_params["endpoint"]
+        try:
+            body = await self._body(request)
+        except _TooLarge as exc:
+            return _error(413, "RESOURCE_EXHAUSTED", str(exc))
+        if not body.strip():
+            body = b"{}"
+        try:
+            decoded = _decode(body)
+        except msgspec.DecodeError as exc:
+            return _error(400, "INVALID_ARGUMENT", f"the request body is not valid JSON: {exc}")
+        if not isinstance(decoded, dict):
+            kind = type(decoded).__name__ if decoded is not None else "null"
+            return _error(400, "INVALID_ARGUMENT", f"the request body must be a JSON object, not {kind}")
+        metadata = _NO_METADATA
+        if not self.auth:  # the caller's credentials are the services' to check (micro.auth.TokenAuth)
+            credentials = request.headers.get("authorization")
+            if credentials:
+                metadata = {"authorization": credentials}
+        try:
+            if await self._streaming(service, endpoint):
+                return await self._stream(service, endpoint, body, metadata)
+            # the validated bytes go on as they are: no re-encoding on the network path
+            rsp = await self.runtime.client.call(service, endpoint, body, timeout=self.timeout, metadata=metadata)
+        except Error as exc:
+            return _from_error(exc)
+        except Exception:
+            log.exception("gateway: %s %s failed", service, endpoint)
+            return _error(500, "INTERNAL", "the gateway failed (details in its log)")
+        return Response(_encode(rsp), media_type=_JSON)
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.max_body
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _TooLarge(f"the request body of {int(declared)} bytes is over this gateway's {limit}-byte limit")
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise _TooLarge(f"the request body is over this gateway's {limit}-byte limit")
+        return bytes(data)
+
+    async def _streaming(self, service: str, endpoint: str) -> bool:
+        for record in await self.runtime.client.lookup(service):  # the watched cache: no I/O
+            ep = record.endpoint(endpoint)
+            if ep is not None:
+                return ep.streaming
+        return False  # the call names the endpoints the service does have
+
+    async def _stream(self, service: str, endpoint: str, body: bytes, metadata: Mapping[str, str]) -> Response:
+        items = self.runtime.client.stream(service, endpoint, body, timeout=self.timeout, metadata=metadata)
+        assert isinstance(items, AsyncGenerator)
+        try:
+            # the first item decides the status: an error before it is a plain error response
+            first = await anext(items)
+        except StopAsyncIteration:
+            first = _END
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await items.aclose()
+            raise
+        return _EventStream(first, items)
+
+    async def services(self, request: Request) -> Response:
+        records = await self.runtime.registry.list()
+        return Response(_encode(records), media_type=_JSON)
+
+    async def service(self, request: Request) -> Response:
+        try:
+            records = await self.runtime.registry.get(request.path_params["service"])
+        except Error as exc:
+            return _from_error(exc)
+        return Response(_encode(records), media_type=_JSON)
+
+    async def openapi(self, request: Request) -> Response:
+        records = await self.runtime.registry.list()
+        return Response(_encode(openapi.document(records, bearer=self.auth)), media_type=_JSON)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_CODE.get(exc.status_code, "UNKNOWN")
+    if exc.status_code == 404:
+        detail = (f"no route {request.method} {request.url.path}: call POST /api/{{service}}/{{Handler.Method}}, "
+                  "or GET /api/services or /openapi.json")
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        detail = f"{request.method} is not allowed on {request.url.path} (allowed: {allowed})"
+    else:
+        detail = f"{exc.detail}: {request.method} {request.url.path}"
+    return _error(exc.status_code, code, detail, headers=exc.headers)
+
+
+def app(runtime: Runtime, *, token: str | None = None, max_body: int = DEFAULT_MAX_BODY,
+        timeout: float = DEFAULT_TIMEOUT) -> Starlette:
+    """The gateway as an ASGI app on ``runtime``.
+
+    Args:
+        runtime: the runtime whose registry and client the gateway uses.
+        token: when given, every request needs ``Authorization: Bearer <token>``; when not,
+            the ``Authorization`` header is passed on to the services as call metadata.
+        max_body: the largest request body accepted, in bytes (larger: 413).
+        timeout: seconds each call may take (then 504); a stream may take as long in all.
+
+    Example::
+
+        gateway = app(micro.Runtime(), token=os.environ["MICRO_API_TOKEN"])
+    """
+    gw = _Gateway(runtime, max_body=max_body, timeout=timeout, auth=token is not None)
+    routes = [
+        Route("/api/services", gw.services, methods=["GET"]),
+        Route("/api/services/{service}", gw.service, methods=["GET"]),
+        Route("/api/{service}/{endpoint}", gw.call, methods=["POST"]),
+        Route("/openapi.json", gw.openapi, methods=["GET"]),
+    ]
+    middleware = [Middleware(BearerAuth, token=token)] if token is not None else []
+    return Starlette(routes=routes, middleware=middleware, lifespan=gw.lifespan,
+                     exception_handlers={HTTPException: _http_error})
