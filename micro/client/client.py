@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import betterproto2
 import msgspec
 
-from micro import context
+from micro import context, telemetry
 from micro.codec import JSON, PROTO, codec_for, encode_json, is_proto_message
 from micro.errors import BadRequest, EndpointNotFound, ResourceExhausted, ServiceNotFound, Timeout, Unavailable
 from micro.middleware import Next, Request, Wrapper, chain
@@ -62,7 +62,7 @@ class Client:
         self._rr: dict[str, itertools.count[int]] = {}
         self._pools: dict[str, NodePool] = {}
         self._watchdog = Watchdog()
-        self._call: Next = chain(wrappers, self._dispatch)
+        self._call: Next = chain([telemetry.call_wrapper, *wrappers], self._dispatch)
         self._publish = publish
 
     # -- public API ---------------------------------------------------------------------------
@@ -112,7 +112,13 @@ class Client:
         """Publish a message on the runtime's broker."""
         if self._publish is None:
             raise Unavailable("this client has no broker: create it through a micro.Runtime")
-        await self._publish(topic, message, headers=headers)
+        if not telemetry.enabled():
+            await self._publish(topic, message, headers=headers)
+            return
+        with telemetry.span(f"{topic} publish", "producer", {"messaging.destination.name": topic}):
+            carrier = dict(headers or {})
+            telemetry.inject(carrier)
+            await self._publish(topic, message, headers=carrier)
 
     # -- dispatch -----------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from typing import Any
 import anyio
 import msgspec
 
+from micro import telemetry
 from micro.agent.loop import Approve, Limits, Run
 from micro.agent.tools import Toolset
 from micro.ai import Message, Model, from_provider
@@ -145,7 +146,9 @@ class Flow(Service):
             raise FlowRetry(f"flow {self.name}: event {run_id} did not complete; retrying")
         self._inflight[run_id] = anyio.Event()
         try:
-            return await self._run_event(runs, run_id, topic, event, replay_of, last_attempt)
+            with telemetry.span(f"flow {self.name}", "internal", {"micro.flow": self.name, "micro.run_id": run_id,
+                                                                  "messaging.destination.name": topic}):
+                return await self._run_event(runs, run_id, topic, event, replay_of, last_attempt)
         finally:
             self._inflight.pop(run_id).set()
 

@@ -25,6 +25,7 @@ import anyio
 import anyio.abc
 import msgspec
 
+from micro import telemetry
 from micro.codec import JSON, codec_for
 from micro.errors import BadRequest, UsageError
 from micro.limits import Limiter
@@ -78,7 +79,7 @@ class Service:
         self.ttl = ttl
         self.heartbeat = heartbeat if heartbeat is not None else ttl / 3
         self.tls = tls
-        self.handler_wrappers = list(handler_wrappers)
+        self.handler_wrappers = [telemetry.handler_wrapper, *handler_wrappers]
         self.limiter = Limiter(name, max_concurrency, max_queue) if max_concurrency is not None else None
         if self.limiter is not None:  # outermost: a rejected call costs nothing else
             self.handler_wrappers.insert(0, self.limiter)
@@ -298,6 +299,12 @@ def _subscriber(fn: Callable[[Any], Awaitable[Any]], where: str) -> Callable[[An
         except (BadRequest, msgspec.DecodeError) as exc:
             log.warning("%s: dropped a message that does not decode: %s", where, exc)
             return
-        await fn(value)
+        if not telemetry.enabled():
+            await fn(value)
+            return
+        with telemetry.span(f"{message.topic} process", "consumer",
+                            {"messaging.destination.name": message.topic, "messaging.message.id": message.id},
+                            parent=message.headers):
+            await fn(value)
 
     return handler

@@ -1,0 +1,97 @@
+"""OpenTelemetry: one connected trace across in-process and network calls and the broker."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import anyio
+import msgspec
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import micro
+from micro import telemetry
+from micro.registry.memory import MemoryRegistry
+
+
+@pytest.fixture
+def exporter() -> Iterator[InMemorySpanExporter]:
+    exp = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exp))
+    telemetry.enable(provider)
+    yield exp
+    telemetry.disable()
+
+
+class Q(msgspec.Struct):
+    n: int = 0
+
+
+class Back:
+    async def Get(self, req: Q) -> Q:
+        """The far end."""
+        return Q(req.n + 1)
+
+
+class Front:
+    def __init__(self, svc: micro.Service) -> None:
+        self.svc = svc
+
+    async def Get(self, req: Q) -> Q:
+        """Calls the back service."""
+        return await self.svc.client.call("back", "Back.Get", req, response_type=Q)
+
+
+async def test_one_trace_across_services_and_processes(exporter: InMemorySpanExporter) -> None:
+    registry = MemoryRegistry()
+    async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as rt1, \
+            micro.Runtime(registry=registry, store="memory://", broker="memory://") as rt2:
+        front = micro.New("front", runtime=rt1)
+        front.handle(Front(front))
+        back = micro.New("back", runtime=rt2)  # another runtime: the front reaches it over gRPC
+        back.handle(Back())
+        async with front, back:
+            assert await rt1.client.call("front", "Front.Get", {"n": 1}) == {"n": 2}
+    spans = {s.name + ":" + s.kind.name: s for s in exporter.get_finished_spans()}
+    chain = ["front/Front.Get:CLIENT", "front/Front.Get:SERVER", "back/Back.Get:CLIENT", "back/Back.Get:SERVER"]
+    assert set(chain) <= set(spans)
+    trace_ids = {spans[k].context.trace_id for k in chain}
+    assert len(trace_ids) == 1
+    for parent, child in zip(chain, chain[1:], strict=False):
+        assert spans[child].parent is not None and spans[child].parent.span_id == spans[parent].context.span_id
+    assert spans["back/Back.Get:SERVER"].attributes["rpc.method"] == "Get"
+
+
+async def test_publish_and_consume_share_the_trace(exporter: InMemorySpanExporter) -> None:
+    got = anyio.Event()
+
+    async def on_event(data: dict[str, int]) -> None:
+        got.set()
+
+    async with micro.Runtime(registry="memory://", store="memory://", broker="memory://") as rt:
+        svc = micro.New("listener", runtime=rt)
+        svc.subscribe("events.x", on_event)
+        async with svc:
+            await rt.client.publish("events.x", {"n": 1})
+            with anyio.fail_after(10):
+                await got.wait()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    produced, consumed = spans["events.x publish"], spans["events.x process"]
+    assert consumed.context.trace_id == produced.context.trace_id
+    assert consumed.parent is not None and consumed.parent.span_id == produced.context.span_id
+
+
+async def test_no_spans_and_no_wrappers_when_disabled() -> None:
+    telemetry.disable()
+    exp = InMemorySpanExporter()
+    async with micro.Runtime(registry="memory://", store="memory://", broker="memory://") as rt:
+        svc = micro.New("back", runtime=rt)
+        svc.handle(Back())
+        async with svc:
+            assert await rt.client.call("back", "Back.Get", {}) == {"n": 1}
+            ep = svc.endpoints["Back.Get"]
+            assert ep.invoke == ep._call  # no tracing layer on the fast path
+    assert exp.get_finished_spans() == ()
