@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import anyio
@@ -60,7 +61,7 @@ async def test_one_trace_across_services_and_processes(exporter: InMemorySpanExp
     assert set(chain) <= set(spans)
     trace_ids = {spans[k].context.trace_id for k in chain}
     assert len(trace_ids) == 1
-    for parent, child in zip(chain, chain[1:], strict=False):
+    for parent, child in itertools.pairwise(chain):
         assert spans[child].parent is not None and spans[child].parent.span_id == spans[parent].context.span_id
     assert spans["back/Back.Get:SERVER"].attributes["rpc.method"] == "Get"
 
