@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def topic(prefix: str = "t") -> str:
-    return f"{prefix}.{uuid.uuid4().hex[:12]}"
+    """A fresh topic whose first token (its JetStream stream) no other test module uses."""
+    return f"bt_{prefix}.{uuid.uuid4().hex[:12]}"
 
 
 # -- the conformance kit on every backend ------------------------------------------
@@ -251,7 +252,7 @@ async def test_js_durable_consumer_keeps_messages_while_away(js: Callable[..., o
 
 
 async def test_js_redelivers_until_the_handler_succeeds(js: Callable[..., object]) -> None:
-    t = topic("jobs")
+    t, job = topic("retry"), f"job-{uuid.uuid4().hex}"  # ids de-duplicate per stream: unique
     broker: NatsBroker = await js(max_deliver=5)  # type: ignore[misc]
     attempts: list[Message] = []
     done = Inbox()
@@ -263,10 +264,10 @@ async def test_js_redelivers_until_the_handler_succeeds(js: Callable[..., object
         await done(message)
 
     await broker.subscribe(t, flaky, durable=f"flaky-{uuid.uuid4().hex[:6]}")
-    await broker.publish(t, b"job", headers={"Micro-Id": "job-1"})
+    await broker.publish(t, b"job", headers={"Micro-Id": job})
     await done.wait_count(1)
     assert [m.delivery for m in attempts] == [1, 2, 3]
-    assert {m.id for m in attempts} == {"job-1"}
+    assert {m.id for m in attempts} == {job}
 
 
 async def test_js_poison_message_goes_to_dead_letter(js: Callable[..., object]) -> None:
@@ -326,12 +327,12 @@ async def test_js_queue_group_of_durable_members(js: Callable[..., object]) -> N
 
 
 async def test_js_publish_is_deduplicated_by_id(js: Callable[..., object]) -> None:
-    t = topic("dedup")
+    t, same = topic("dedup"), uuid.uuid4().hex
     broker: NatsBroker = await js()  # type: ignore[misc]
     inbox = Inbox()
     await broker.subscribe(t, inbox)
-    await broker.publish(t, b"once", headers={"Micro-Id": "same"})
-    await broker.publish(t, b"once", headers={"Micro-Id": "same"})
+    await broker.publish(t, b"once", headers={"Micro-Id": same})
+    await broker.publish(t, b"once", headers={"Micro-Id": same})
     await broker.publish(t, b"end")
     await inbox.wait_data(b"end")
     assert inbox.data == [b"once", b"end"]
@@ -358,9 +359,9 @@ async def test_js_slow_handler_is_not_redelivered(js: Callable[..., object]) -> 
 async def test_js_crashed_consumer_is_redelivered_after_ack_wait(
     js: Callable[..., object], nats_url: str
 ) -> None:
-    t, durable = topic("crash"), f"crash-{uuid.uuid4().hex[:6]}"
+    t, durable, work = topic("crash"), f"crash-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
     publisher: NatsBroker = await js()  # type: ignore[misc]
-    await publisher.publish(t, b"work", headers={"Micro-Id": "w-1"})
+    await publisher.publish(t, b"work", headers={"Micro-Id": work})
     child = f"""
 import anyio
 from micro.broker.nats import NatsBroker
@@ -384,14 +385,14 @@ anyio.run(main)
                 line += chunk
                 if b"\n" in line:
                     break
-        assert line.split() == [b"got", b"w-1", b"1"], line
+        assert line.split() == [b"got", work.encode(), b"1"], line
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
     broker: NatsBroker = await js(ack_wait=1.0)  # type: ignore[misc]
     inbox = Inbox()
     await broker.subscribe(t, inbox, durable=durable)
     await inbox.wait_count(1)
-    assert (inbox.messages[0].id, inbox.messages[0].delivery) == ("w-1", 2)
+    assert (inbox.messages[0].id, inbox.messages[0].delivery) == (work, 2)
 
 
 async def test_js_topic_rules(js: Callable[..., object]) -> None:
@@ -500,10 +501,10 @@ async def test_js_consumer_and_stream_deleted_behind_our_back(js: Callable[..., 
     await broker.publish(t, b"1")
     await durable.wait_count(1)
     await ephemeral.wait_count(1)
-    await broker._jsm.delete_consumer("gone", eph_sub._consumer)
+    await broker._jsm.delete_consumer("bt_gone", eph_sub._consumer)
     await broker.publish(t, b"2")
     await ephemeral.wait_count(2)
-    await broker._jsm.delete_stream("gone")
+    await broker._jsm.delete_stream("bt_gone")
     await broker.publish(t, b"3")  # the publisher makes the stream again
     await durable.wait_data(b"3")
     await ephemeral.wait_data(b"3")

@@ -107,18 +107,18 @@ async def roundtrip(make_broker: BrokerFactory) -> None:
 
 async def message_id(make_broker: BrokerFactory) -> None:
     """Every subscriber sees the same id for one message; a publisher's Micro-Id wins."""
-    topic = _topic()
+    topic, mine = _topic(), f"mine-{uuid.uuid4().hex}"  # unique: JetStream de-duplicates ids
     async with make_broker() as broker:
         a, b = Inbox(), Inbox()
         await broker.subscribe(topic, a)
         await broker.subscribe(topic, b)
         await broker.publish(topic, b"1")
-        await broker.publish(topic, b"2", headers={"Micro-Id": "mine-2"})
+        await broker.publish(topic, b"2", headers={"Micro-Id": mine})
         await a.wait_count(2)
         await b.wait_count(2)
         assert [m.id for m in a.messages] == [m.id for m in b.messages]
-        assert a.messages[1].id == "mine-2"
-        assert a.messages[1].headers["Micro-Id"] == "mine-2"
+        assert a.messages[1].id == mine
+        assert a.messages[1].headers["Micro-Id"] == mine
 
 
 async def fan_out(make_broker: BrokerFactory) -> None:
