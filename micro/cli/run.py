@@ -58,10 +58,41 @@ def runnables(module: ModuleType) -> list[Any]:
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=Path), default=".")
+@click.argument("path", type=click.Path(path_type=Path), required=False)
+@click.option("--prompt", help="Generate a system of services and an agent from this description, "
+              "validate it in a separate process, then run it.")
+@click.option("--provider", help="The model for --prompt: anthropic, openai, 'openai:MODEL', … "
+              "(default: $MICRO_PROVIDER, or anthropic when ANTHROPIC_API_KEY is set).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              help="Where --prompt writes the system (default: a new directory named after the prompt).")
+@click.option("--rounds", type=click.IntRange(0, 20), default=3, show_default=True,
+              help="Repair rounds for --prompt: how often validation problems go back to the model.")
 @run_async
-async def run(path: Path) -> None:
-    """Run every service, agent and flow defined in PATH (a file, or a directory with app.py)."""
+async def run(path: Path | None, prompt: str | None, provider: str | None, out_dir: Path | None,
+              rounds: int) -> None:
+    """Run every service, agent and flow defined in PATH (a file, or a directory with app.py; default .).
+
+    With --prompt, a model writes the system first (see docs/scaffolding.md); it runs
+    only once it has passed validation.
+
+    \b
+    Examples:
+      micro run examples/tasks
+      micro run --prompt "task management system" --out tasks
+    """
+    if prompt is not None:
+        if path is not None:
+            fail("give PATH or --prompt, not both", 2)
+        from micro.cli.generate import generate_for_cli
+
+        path = await generate_for_cli(prompt, provider, out_dir, rounds)
+    elif provider is not None or out_dir is not None:
+        fail("--provider and --out go with --prompt", 2)
+    await serve(path if path is not None else Path("."))
+
+
+async def serve(path: Path) -> None:
+    """Import the app at ``path`` and run what it defines until SIGINT/SIGTERM (what ``micro run PATH`` does)."""
     module = load_app(path)
     items = runnables(module)
     if not items:
