@@ -12,6 +12,7 @@ answer with what it has.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -28,6 +29,7 @@ from micro.ai import (
     Message,
     Model,
     Response,
+    TextBlock,
     TextDelta,
     ToolResultBlock,
     ToolSpec,
@@ -114,12 +116,15 @@ class Run:
             self.new_messages.append(result_msg)
         ask = Message.user(SUMMARISE)
         rsp = await self._model([*messages, ask], [])
-        self.new_messages += [ask, rsp.message]
-        return rsp.text
+        # Offered no tools, a model may still ask for one: keep only its text, so the
+        # history never holds a tool call without a result (model APIs reject that).
+        text = rsp.text or f"I stopped after {self.limits.max_steps} steps without a final answer."
+        self.new_messages += [ask, Message.assistant(TextBlock(text))]
+        return text
 
     async def _model(self, messages: list[Message], tools: list[ToolSpec]) -> Response:
         try:
-            with anyio.fail_after(self.limits.model_timeout):
+            async with asyncio.timeout(self.limits.model_timeout) as cm:
                 if self.emit is None:
                     rsp = await self.model.generate(
                         messages, tools=tools, system=self.system, max_tokens=self.limits.max_tokens
@@ -127,25 +132,35 @@ class Run:
                 else:
                     rsp = await self._stream(messages, tools)
         except TimeoutError:
-            raise Timeout(f"the model did not answer within model_timeout={self.limits.model_timeout}s") from None
+            if not cm.expired():
+                raise
+            raise Timeout(
+                f"{self.model!r} did not answer within model_timeout={self.limits.model_timeout}s"
+            ) from None
         self.usage = self.usage + rsp.usage
         return rsp
 
     async def _stream(self, messages: list[Message], tools: list[ToolSpec]) -> Response:
         assert self.emit is not None
         done: Response | None = None
-        async for ev in self.model.stream(
-            messages, tools=tools, system=self.system, max_tokens=self.limits.max_tokens
-        ):
-            if isinstance(ev, TextDelta):
-                await self.emit(Event("text", text=ev.text))
-            elif isinstance(ev, Done):
-                done = ev.response
+        events = self.model.stream(messages, tools=tools, system=self.system, max_tokens=self.limits.max_tokens)
+        try:
+            async for ev in events:
+                if isinstance(ev, TextDelta):
+                    await self.emit(Event("text", text=ev.text))
+                elif isinstance(ev, Done):
+                    done = ev.response
+        finally:  # a cancelled run releases the provider's connection now, not at garbage collection
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                await aclose()
         if done is None:
             raise AgentError(f"{self.model!r} ended its stream without a response")
         return done
 
     async def _run_tools(self, uses: list[ToolUseBlock], tools: dict[str, Tool]) -> list[ToolResultBlock]:
+        if len(uses) == 1:  # nothing to run beside it: no task group to pay for
+            return [await self._run_tool(uses[0], tools)]
         results: list[ToolResultBlock | None] = [None] * len(uses)
 
         async def one(i: int, use: ToolUseBlock) -> None:
@@ -181,16 +196,23 @@ class Run:
             return (f"{use.name} was already called {self.limits.loop_limit} times with these arguments "
                     "in this run; use the results you have or change the arguments"), True
         if self.approve is not None:
-            verdict = self.approve(use.name, dict(use.input))
-            if inspect.isawaitable(verdict):
-                verdict = await verdict
+            try:
+                verdict = self.approve(use.name, dict(use.input))
+                if inspect.isawaitable(verdict):
+                    verdict = await verdict
+            except Exception as exc:  # a broken hook refuses; it does not end the run
+                log.exception("the approve hook raised for %s", use.name)
+                return f"the call to {use.name} was not approved: the approval check failed ({exc})", True
             ok, reason = verdict if isinstance(verdict, tuple) else (bool(verdict), "")
             if not ok:
                 return f"the call to {use.name} was not approved: {reason or 'refused'}", True
         try:
-            with anyio.fail_after(self.limits.tool_timeout):
+            async with asyncio.timeout(self.limits.tool_timeout) as cm:
                 value = await tool.run(dict(use.input))
         except TimeoutError:
+            if not cm.expired():
+                log.exception("tool %s raised", use.name)
+                return f"{use.name} failed: TimeoutError", True
             return f"{use.name} did not finish within tool_timeout={self.limits.tool_timeout}s", True
         except Error as exc:
             return f"{type(exc).__name__}: {exc.message}", True

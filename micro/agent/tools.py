@@ -9,17 +9,22 @@ record cache is dropped on every watch event, and a toolset keeps the tools it
 built for the record objects it last saw.
 
 ``@agent.tool`` functions sit beside them; their schema comes from the
-function's annotations and their arguments are validated the same way.
+function's annotations and their arguments are validated the same way. A plain
+(sync) function runs in a worker thread, so a blocking one cannot stall the loop
+and every other run on it; a thread cannot be interrupted, so a timeout or a
+cancellation waits for the function to return.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import anyio.to_thread
 import msgspec
 
 from micro.ai import ToolSpec
@@ -60,10 +65,14 @@ class Tool:
     run: Callable[[dict[str, Any]], Awaitable[Any]]
     service: str = ""
     endpoint: str = ""
+    _spec: ToolSpec | None = field(default=None, repr=False, compare=False)
 
     @property
     def spec(self) -> ToolSpec:
-        return ToolSpec(self.name, self.description, self.input_schema)
+        """How the model sees this tool (built once)."""
+        if self._spec is None:
+            self._spec = ToolSpec(self.name, self.description, self.input_schema)
+        return self._spec
 
 
 def function_tool(fn: Callable[..., Any], *, name: str | None = None, description: str | None = None) -> Tool:
@@ -81,13 +90,20 @@ def function_tool(fn: Callable[..., Any], *, name: str | None = None, descriptio
     doc = description or inspect.getdoc(fn) or ""
     schema = input_schema(msgspec.json.schema(args_type))
     schema["title"] = tname
+    is_async = inspect.iscoroutinefunction(fn) or (
+        not inspect.isroutine(fn) and inspect.iscoroutinefunction(type(fn).__call__)  # an object with async __call__
+    )
 
     async def run(args: dict[str, Any]) -> Any:
         try:
             parsed = msgspec.convert(args, args_type)
         except msgspec.ValidationError as exc:
             raise BadRequest(f"tool {tname}: {exc}") from None
-        result = fn(**msgspec.structs.asdict(parsed))
+        kwargs = msgspec.structs.asdict(parsed)
+        if is_async:
+            result = fn(**kwargs)
+        else:
+            result = await anyio.to_thread.run_sync(functools.partial(fn, **kwargs))
         if inspect.isawaitable(result):
             result = await result
         return result
@@ -103,10 +119,12 @@ class Toolset:
         self.services = list(services)
         self.functions = functions
         self._built: dict[str, tuple[list[ServiceRecord], list[Tool]]] = {}
+        self._last: tuple[list[object], dict[str, Tool]] = ([], {})
 
     async def tools(self) -> dict[str, Tool]:
         """Every tool available now, by name; services not registered yet are left out."""
         found: list[Tool] = []
+        basis: list[object] = []  # what the result is built from, compared by identity
         for service in self.services:
             try:
                 records = await self.client.lookup(service)
@@ -117,8 +135,15 @@ class Toolset:
                 built = (records, self._service_tools(service, records))
                 self._built[service] = built
             found.extend(built[1])
+            basis.append(records)
         found.extend(self.functions.values())
-        return _dedupe(found)
+        basis.extend(self.functions.values())
+        last_basis, last = self._last
+        if len(basis) == len(last_basis) and all(a is b for a, b in zip(basis, last_basis, strict=True)):
+            return last
+        tools = _dedupe(found)
+        self._last = (basis, tools)
+        return tools
 
     def _service_tools(self, service: str, records: list[ServiceRecord]) -> list[Tool]:
         out: dict[str, Tool] = {}
