@@ -11,7 +11,7 @@ broker and a store, and serve real gRPC endpoints::
         rsp = await service.client.call("task", "Task.ListOverdue", {"user_id": "alice"})
 """
 
-from micro import errors
+from micro import auth, context, errors, telemetry, tls
 from micro.agent import Agent
 from micro.client import Client
 from micro.facade import (
@@ -61,6 +61,10 @@ __all__ = [
     "Runtime",
     "Service",
     "Version",
+    "auth",
+    "context",
     "errors",
     "idempotent",
+    "telemetry",
+    "tls",
 ]

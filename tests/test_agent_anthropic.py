@@ -20,6 +20,7 @@ from fake_anthropic import FakeAnthropic, message, text, tool_use
 
 import micro
 from micro._proto.micro.agent import ChatEvent
+from micro.agent.loop import system_prompt
 from micro.ai.anthropic import AnthropicModel
 
 GUARD = 10.0  # seconds: a deadlock guard, never a timing assertion
@@ -95,7 +96,7 @@ def check_requests(api: FakeAnthropic, streaming: bool) -> None:
     headers = api.requests[0].headers
     assert "test" in headers.get("x-api-key", "") + headers.get("authorization", "")
     assert bool(first.get("stream")) is streaming
-    assert first["system"] == [{"type": "text", "text": PROMPT, "cache_control": EPHEMERAL}]
+    assert first["system"] == [{"type": "text", "text": system_prompt(PROMPT), "cache_control": EPHEMERAL}]
     tools = {t["name"]: t for t in first["tools"]}
     assert sorted(tools) == ["project_Project_List", "task_Task_ListOverdue"]
     overdue = tools["task_Task_ListOverdue"]

@@ -184,6 +184,40 @@ def test_one_shot_chat_routes_to_one_agent(example: subprocess.Popen[str]) -> No
                          "2. Review PR #42 (due June 2)", "3. Update deployment docs (due June 3)"]
 
 
+def test_agent_runs_show_history_and_inspect(example: subprocess.Popen[str]) -> None:
+    def micro_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*MICRO, *args], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                              env={**os.environ, "COLUMNS": "200"})
+
+    res = micro_cli("chat", "--agent", "task-mgr", "--session", "cli-test", "-m", "What tasks are overdue for Alice?")
+    assert res.returncode == 0, res.stderr
+    res = micro_cli("agent", "runs", "task-mgr", "--json")
+    assert res.returncode == 0, res.stderr
+    (run,) = msgspec.json.decode(res.stdout)
+    assert (run["agent"], run["session"], run["status"]) == ("task-mgr", "cli-test", "completed")
+    assert [c["name"] for c in run["tool_calls"]] == ["task_Task_ListOverdue"]
+    assert run["reply"].startswith("Alice has 3 overdue tasks")
+    table = micro_cli("agent", "runs", "task-mgr")
+    assert run["id"] in table.stdout and "task_Task_ListOverdue" in table.stdout
+    shown = msgspec.json.decode(micro_cli("agent", "show", "task-mgr", run["id"]).stdout)
+    assert shown == run
+    history = micro_cli("agent", "history", "task-mgr", "--session", "cli-test")
+    assert history.returncode == 0, history.stderr
+    assert history.stdout.splitlines()[:3] == ["you: What tasks are overdue for Alice?",
+                                               "task-mgr: Checking overdue tasks...",
+                                               '  → task_Task_ListOverdue({"user_id":"alice"})']
+    inspect = micro_cli("agent", "inspect", "task-mgr", "--json")
+    desc = msgspec.json.decode(inspect.stdout)
+    assert desc["services"] == ["task", "project"] and desc["provider"]["model"].startswith("scripted demo model")
+    assert "task_Task_ListOverdue" in {t["name"] for t in desc["tools"]}
+    assert "task_Task_ListOverdue" in micro_cli("agent", "inspect", "task-mgr").stdout
+    res = micro_cli("agent", "runs", "task")
+    assert res.returncode == 1
+    assert res.stderr.strip() == "error: task is not an agent (`micro agent list` shows the agents)"
+    res = micro_cli("agent", "show", "task-mgr", "no-such-run")
+    assert res.returncode == 1 and "has no run 'no-such-run'" in res.stderr
+
+
 def test_chat_reads_messages_from_stdin_and_reaches_two_agents(example: subprocess.Popen[str]) -> None:
     res = subprocess.run([*MICRO, "chat"], input="Reschedule Alice's overdue tasks and notify her\n",
                          capture_output=True, text=True, timeout=60, cwd=ROOT)

@@ -96,3 +96,38 @@ async def test_no_spans_and_no_wrappers_when_disabled() -> None:
             ep = svc.endpoints["Back.Get"]
             assert ep.invoke == ep._call  # no tracing layer on the fast path
     assert exp.get_finished_spans() == ()
+
+
+async def test_a_chat_that_calls_a_tool_that_calls_another_service_is_one_trace(
+        exporter: InMemorySpanExporter) -> None:
+    from micro.ai import scripted
+
+    registry = MemoryRegistry()
+    model = scripted.turns(scripted.call("front_Front_Get", n=1), scripted.reply("the answer is 2"))
+    async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as rt1, \
+            micro.Runtime(registry=registry, store="memory://", broker="memory://") as rt2:
+        agent = micro.NewAgent("helper", services=["front"], provider=model, runtime=rt1)
+        front = micro.New("front", runtime=rt2)  # the agent reaches it over gRPC
+        front.handle(Front(front))
+        back = micro.New("back", runtime=rt2)
+        back.handle(Back())
+        async with agent, front, back:
+            rsp = await rt2.client.call("helper", "Agent.Chat", {"message": "what is 1 + 1?"})
+    assert rsp["reply"] == "the answer is 2"
+    spans = {s.name + ":" + s.kind.name: s for s in exporter.get_finished_spans()}
+    chain = ["helper/Agent.Chat:CLIENT", "helper/Agent.Chat:SERVER", "invoke_agent helper:INTERNAL",
+             "execute_tool front_Front_Get:INTERNAL", "front/Front.Get:CLIENT", "front/Front.Get:SERVER",
+             "back/Back.Get:CLIENT", "back/Back.Get:SERVER"]
+    assert set(chain) <= set(spans), sorted(spans)
+    for parent, child in itertools.pairwise(chain):
+        assert spans[child].parent is not None and spans[child].parent.span_id == spans[parent].context.span_id, \
+            f"{child} is not a child of {parent}"
+    model_span = spans["chat scripted:CLIENT"]
+    assert model_span.parent is not None and model_span.parent.span_id == spans[chain[2]].context.span_id
+    assert model_span.attributes["gen_ai.operation.name"] == "chat"
+    assert model_span.attributes["gen_ai.provider.name"] == "scripted"
+    assert spans[chain[2]].attributes["micro.run_id"] == rsp["run_id"]
+    assert len({spans[k].context.trace_id for k in chain}) == 1
+    # prompts and tool arguments stay out unless record_content=True
+    assert not any("gen_ai.tool.call.arguments" in s.attributes or "gen_ai.output.messages" in s.attributes
+                   for s in exporter.get_finished_spans())

@@ -13,6 +13,7 @@ import pytest
 
 import micro
 from micro import context, idempotency
+from micro.agent.loop import system_prompt
 from micro.codec import codec_for
 from micro.errors import BadRequest, NotFound, ResourceExhausted, UsageError
 from micro.middleware import Next, Request
@@ -223,7 +224,7 @@ async def test_ask_an_agent_object_swaps_its_model_for_the_call_only() -> None:
     rsp = await ask(agent, "hi", model=model)
     assert rsp.reply == "hello from the test model"
     assert agent.model is original
-    assert model.calls[0].system == "You keep notes."
+    assert model.calls[0].system == system_prompt("You keep notes.")
 
 
 async def test_ask_a_running_agent(micro_runtime: micro.Runtime) -> None:  # noqa: F811

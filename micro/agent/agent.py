@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import uuid
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, TypeVar, overload
 
@@ -19,15 +19,18 @@ import anyio
 import anyio.abc
 import msgspec
 
-from micro import context
+from micro import context, telemetry
 from micro._proto.micro.agent import ChatEvent, ChatRequest, ChatResponse, ToolCall
 from micro.ai import Message, Model, from_provider
-from micro.errors import BadRequest, Timeout, Unavailable, UsageError
+from micro.errors import BadRequest, NotFound, Timeout, Unavailable, UsageError
 from micro.service import Service
+from micro.store._base import redact
 
-from .loop import Approve, Event, Limits, Run, ToolCallRecord
+from .delegation import DEFAULT_MAX_DEPTH, delegate_tool
+from .loop import Approve, Event, Limits, Run, ToolCallRecord, system_prompt
 from .memory import History
-from .tools import Tool, Toolset, function_tool
+from .record import AgentRun, AgentRuns, RunToolCall, RunUsage, new_run_id
+from .tools import RUN_ID, Tool, Toolset, function_tool
 
 log = logging.getLogger("micro.agent")
 
@@ -53,6 +56,10 @@ class Agent(Service):
         tool_timeout / model_timeout: seconds per tool call / per model call.
         approve: ``approve(tool, args) -> (ok, reason)`` (sync or async), asked before every tool call.
         history_limit: messages of history sent to the model.
+        agents: other agents this one may ask through its built-in ``delegate(agent, message)``
+            tool (see :mod:`micro.agent.delegation`); ``max_delegation_depth`` bounds the chain.
+        forward: metadata keys of the incoming call passed on to tool calls and delegations,
+            e.g. ``["authorization"]``; nothing else of the caller's metadata is forwarded.
         **service_options: what :class:`micro.Service` takes (``runtime=``, ``address=``, …).
 
     Example::
@@ -69,9 +76,15 @@ class Agent(Service):
                  max_steps: int = 10, loop_limit: int = 3, tool_timeout: float | None = 60.0,
                  model_timeout: float | None = 120.0, max_tokens: int | None = None,
                  approve: Approve | None = None, history_limit: int = 50,
+                 agents: Sequence[str] = (), max_delegation_depth: int = DEFAULT_MAX_DEPTH,
+                 forward: Sequence[str] = (),
                  metadata: Mapping[str, str] | None = None, **service_options: Any) -> None:
         if isinstance(services, str):
             raise UsageError(f"agent {name}: services must be a list of names, e.g. [{services!r}]")
+        if isinstance(agents, str):
+            raise UsageError(f"agent {name}: agents must be a list of names, e.g. [{agents!r}]")
+        if name in agents:
+            raise UsageError(f"agent {name}: an agent cannot delegate to itself")
         provider = provider if provider is not None else os.environ.get(DEFAULT_PROVIDER_ENV, "anthropic")
         self._provider = (provider, model, api_key, base_url)
         self.model: Model = from_provider(provider, model=model, api_key=api_key, base_url=base_url)
@@ -81,6 +94,8 @@ class Agent(Service):
         self.approve = approve
         self.history_limit = history_limit
         self.functions: dict[str, Tool] = {}
+        self.agents = list(agents)
+        self.forward = tuple(k.lower() for k in forward)
         meta = {
             "type": "agent",
             "services": ",".join(self.services),
@@ -92,7 +107,12 @@ class Agent(Service):
         super().__init__(name, metadata=meta, **service_options)
         self._toolset: Toolset | None = None
         self._history: History | None = None
+        self._runs: AgentRuns | None = None
+        if self.agents:
+            self.functions["delegate"] = delegate_tool(
+                lambda: self.client, name, self.agents, max_depth=max_delegation_depth, forward=self.forward)
         self.handle(_AgentHandler(self), name="Agent")
+        self.handle(_AgentInfoHandler(self), name="AgentInfo")
 
     # -- tools --------------------------------------------------------------------------------
 
@@ -128,7 +148,7 @@ class Agent(Service):
     @property
     def toolset(self) -> Toolset:
         if self._toolset is None:
-            self._toolset = Toolset(self.client, self.services, self.functions)
+            self._toolset = Toolset(self.client, self.services, self.functions, forward=self.forward)
         return self._toolset
 
     @property
@@ -137,11 +157,19 @@ class Agent(Service):
             self._history = History(self.runtime.store, self.name)
         return self._history
 
+    @property
+    def runs(self) -> AgentRuns:
+        """The agent's run records (``agent/{name}/runs/…`` in the runtime's store)."""
+        if self._runs is None:
+            self._runs = AgentRuns(self.runtime.store, self.name)
+        return self._runs
+
     async def stop(self) -> None:
         """Stop serving (see :meth:`Service.stop`) and close the model if the agent built it."""
         await super().stop()
         self._toolset = None
         self._history = None
+        self._runs = None
         provider, model, api_key, base_url = self._provider
         if not isinstance(provider, Model):
             await self.model.aclose()
@@ -218,30 +246,147 @@ class Agent(Service):
                    emit: Any) -> ChatResponse:
         if not message.strip():
             raise BadRequest(f"{self.name} Agent.Chat: message is empty")
-        run_id = uuid.uuid4().hex
+        run_id = new_run_id()
         history_store = self.history
         history_store.prefix(session)  # BadRequest for a malformed session id, before any work
         deadline = context.effective_deadline(timeout)
-        tokens = context.enter(deadline, {**context.metadata(), "micro-run-id": run_id})
+        record = AgentRun(run_id, self.name, message, parent_id, session, model=self.model.model, started=time.time())
+        run = Run(self.model, system_prompt(self.prompt), self.toolset.tools, self.limits, self.approve, emit)
+        attrs: dict[str, Any] = {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": self.name,
+                                 "gen_ai.provider.name": self.model.name, "gen_ai.request.model": self.model.model,
+                                 "micro.run_id": run_id, "micro.parent_id": parent_id}
+        if session:
+            attrs["gen_ai.conversation.id"] = session
+        tokens = context.enter(deadline, {**context.metadata(), RUN_ID: run_id})
         try:
-            run = Run(self.model, self.prompt or None, self.toolset.tools, self.limits, self.approve, emit)
-            # The deadline bounds the whole run; tool calls inherit it through the context.
-            try:
-                async with asyncio.timeout_at(deadline) as cm:
-                    history = await history_store.window(session, self.history_limit)
-                    reply = await run(history, Message.user(message))
-            except TimeoutError:
-                if not cm.expired():
-                    raise
-                raise Timeout(f"agent {self.name}: the run did not finish before its deadline "
-                              f"({len(run.calls)} tool calls made); ask with a longer timeout") from None
-            await history_store.append(session, run.new_messages)
+            with telemetry.span(f"invoke_agent {self.name}", "internal", attrs) as span:
+                # The deadline bounds the whole run; tool calls inherit it through the context.
+                try:
+                    async with asyncio.timeout_at(deadline) as cm:
+                        history = await history_store.window(session, self.history_limit)
+                        reply = await run(history, Message.user(message))
+                except TimeoutError:
+                    if not cm.expired():
+                        raise
+                    raise Timeout(f"agent {self.name}: the run did not finish before its deadline "
+                                  f"({len(run.calls)} tool calls made); ask with a longer timeout") from None
+                await history_store.append(session, run.new_messages)
+                if span is not None:
+                    span.set_attribute("gen_ai.usage.input_tokens", run.usage.input_tokens)
+                    span.set_attribute("gen_ai.usage.output_tokens", run.usage.output_tokens)
+        except BaseException as exc:  # cancellation too: the record says how the run ended
+            record.status, record.error_kind = "failed", type(exc).__name__
+            record.error = str(exc) or type(exc).__name__
+            with anyio.move_on_after(5, shield=True):
+                await self._record(record, run)
+            raise
         finally:
             context.leave(tokens)
+        record.reply = reply
+        await self._record(record, run)
+        log.info("agent %s run %s: %d tool calls", self.name, run_id, len(run.calls),
+                 extra={"micro_run_id": run_id, "micro_parent_id": parent_id, "micro_agent": self.name})
         return ChatResponse(
             reply=reply, agent=self.name, run_id=run_id, parent_id=parent_id,
             tool_calls=[_tool_call(c) for c in run.calls],
         )
+
+    async def _record(self, record: AgentRun, run: Run) -> None:
+        """Write the run record; a store that fails is logged, not raised (the reply is worth more)."""
+        record.finished = time.time()
+        record.tool_calls = [RunToolCall(c.id, c.name, c.input, c.result, c.is_error, c.started, c.seconds)
+                             for c in run.calls]
+        u = run.usage
+        record.usage = RunUsage(u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens)
+        try:
+            await self.runs.put(record)
+        except Exception:
+            log.exception("agent %s: could not write the record of run %s", self.name, record.id,
+                          extra={"micro_run_id": record.id, "micro_agent": self.name})
+
+    def describe(self) -> AgentDescription:
+        """What ``micro agent inspect`` shows: prompt, services, tools and provider settings (no key)."""
+        base_url = self._provider[3]  # [2] is the API key: never shown
+        url = base_url or getattr(self.model, "base_url", "") or ""
+        return AgentDescription(
+            name=self.name, prompt=self.prompt, services=self.services, agents=self.agents,
+            provider=ProviderSettings(
+                name=self.model.name, model=self.model.model, base_url=redact(str(url)) if url else "",
+                max_tokens=self.limits.max_tokens,
+            ),
+            limits=LimitSettings(self.limits.max_steps, self.limits.loop_limit, self.limits.tool_timeout,
+                                 self.limits.model_timeout, self.history_limit),
+            forward=list(self.forward),
+            approve=self.approve is not None,
+        )
+
+
+class ProviderSettings(msgspec.Struct):
+    name: str
+    model: str
+    base_url: str = ""
+    max_tokens: int | None = None
+
+
+class LimitSettings(msgspec.Struct):
+    max_steps: int
+    loop_limit: int
+    tool_timeout: float | None
+    model_timeout: float | None
+    history_limit: int
+
+
+class ToolInfo(msgspec.Struct):
+    name: str
+    description: str
+    input_schema: dict[str, Any]
+    service: str = ""
+    endpoint: str = ""
+
+
+class AgentDescription(msgspec.Struct):
+    """An agent's settings as ``Agent.Inspect`` returns them (never its API key)."""
+
+    name: str
+    prompt: str
+    services: list[str]
+    agents: list[str]
+    provider: ProviderSettings
+    limits: LimitSettings
+    forward: list[str]
+    approve: bool
+    tools: list[ToolInfo] = []
+
+
+class RunsRequest(msgspec.Struct):
+    limit: int = 20
+    session: str | None = None
+    parent_id: str | None = None
+
+
+class RunsResponse(msgspec.Struct):
+    runs: list[AgentRun]
+
+
+class RunRequest(msgspec.Struct):
+    id: str
+
+
+class RunResponse(msgspec.Struct):
+    run: AgentRun
+
+
+class HistoryRequest(msgspec.Struct):
+    session: str = ""
+
+
+class HistoryResponse(msgspec.Struct):
+    session: str
+    messages: list[Message]
+
+
+class InspectRequest(msgspec.Struct):
+    pass
 
 
 class _AgentHandler:
@@ -258,6 +403,39 @@ class _AgentHandler:
         """Like Chat, streaming text deltas and tool call events while the agent works."""
         async for ev in self._agent.stream(req.message, session=req.session, parent_id=req.parent_id):
             yield ev
+
+
+class _AgentInfoHandler:
+    """The ``AgentInfo`` handler: the agent's run records, conversations and settings, over RPC.
+
+    (A handler of its own: ``Agent`` keeps exactly the endpoints of ``proto/agent.proto``.)
+    """
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+
+    async def Runs(self, req: RunsRequest) -> RunsResponse:
+        """The agent's most recent run records, newest first (optionally one session's or one parent's)."""
+        return RunsResponse(runs=await self._agent.runs.list(req.limit, session=req.session,
+                                                             parent_id=req.parent_id))
+
+    async def Run(self, req: RunRequest) -> RunResponse:
+        """One run record by id: message, tool calls with timings and results, reply, error, usage."""
+        run = await self._agent.runs.get(req.id)
+        if run is None:
+            raise NotFound(f"agent {self._agent.name} has no run {req.id!r} (AgentInfo.Runs lists them)")
+        return RunResponse(run=run)
+
+    async def History(self, req: HistoryRequest) -> HistoryResponse:
+        """Every stored message of a session ("" is the default conversation), oldest first."""
+        return HistoryResponse(session=req.session, messages=await self._agent.history.messages(req.session))
+
+    async def Inspect(self, req: InspectRequest) -> AgentDescription:
+        """The agent's prompt, services, tools (names and input schemas) and provider settings, without keys."""
+        desc = self._agent.describe()
+        desc.tools = [ToolInfo(t.name, t.description, t.input_schema, t.service, t.endpoint)
+                      for t in (await self._agent.toolset.tools()).values()]
+        return desc
 
 
 def _tool_call(c: ToolCallRecord) -> ToolCall:

@@ -27,6 +27,7 @@ from typing import Any
 import anyio.to_thread
 import msgspec
 
+from micro import context
 from micro.ai import ToolSpec
 from micro.errors import BadRequest, NotFound, UsageError
 from micro.registry import ServiceRecord
@@ -114,10 +115,12 @@ def function_tool(fn: Callable[..., Any], *, name: str | None = None, descriptio
 class Toolset:
     """The tools of one agent: its services' endpoints (from the registry) and its functions."""
 
-    def __init__(self, client: Any, services: Sequence[str], functions: dict[str, Tool]) -> None:
+    def __init__(self, client: Any, services: Sequence[str], functions: dict[str, Tool], *,
+                 forward: Sequence[str] = ()) -> None:
         self.client = client
         self.services = list(services)
         self.functions = functions
+        self.forward = tuple(forward)
         self._built: dict[str, tuple[list[ServiceRecord], list[Tool]]] = {}
         self._last: tuple[list[object], dict[str, Tool]] = ([], {})
 
@@ -163,9 +166,26 @@ class Toolset:
 
     def _caller(self, service: str, endpoint: str) -> Callable[[dict[str, Any]], Awaitable[Any]]:
         async def run(args: dict[str, Any]) -> Any:
-            return await self.client.call(service, endpoint, args)
+            return await self.client.call(service, endpoint, args, metadata=forwarded(self.forward))
 
         return run
+
+
+RUN_ID = "micro-run-id"
+"""Call metadata naming the agent run a tool call belongs to (services may log it)."""
+
+
+def forwarded(keys: Sequence[str]) -> dict[str, str]:
+    """The metadata a tool call carries: the run id, and those of the caller's ``keys`` it sent.
+
+    Nothing else of the caller's metadata goes on: an agent forwards a bearer token to
+    the services it calls only when told to (``NewAgent(..., forward=["authorization"])``).
+    """
+    md = context.metadata()
+    out = {k: v for k in keys if (v := md.get(k))}
+    if run_id := md.get(RUN_ID):
+        out[RUN_ID] = run_id
+    return out
 
 
 def _dedupe(tools: list[Tool]) -> dict[str, Tool]:

@@ -27,7 +27,7 @@ import anyio
 import msgspec
 
 from micro import telemetry
-from micro.agent.loop import Approve, Limits, Run
+from micro.agent.loop import Approve, Limits, Run, system_prompt
 from micro.agent.tools import Toolset
 from micro.ai import Message, Model, from_provider
 from micro.broker import Message as BrokerMessage
@@ -223,7 +223,7 @@ class Flow(Service):
         assert self.model is not None
         if self._toolset is None:
             self._toolset = _CheckpointedToolset(self.client, self.services, {})
-        loop = Run(self.model, self.system, self._toolset.tools, self.limits, self.approve)
+        loop = Run(self.model, system_prompt(self.system), self._toolset.tools, self.limits, self.approve)
         return await loop([], Message.user(run.prompt))
 
 
