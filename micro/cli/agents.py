@@ -4,6 +4,7 @@ they are set up (the last four through each agent's ``AgentInfo`` endpoints)."""
 from __future__ import annotations
 
 import datetime as dt
+from collections import Counter
 from typing import Any
 
 import click
@@ -36,14 +37,13 @@ async def list_agents(as_json: bool) -> None:
         out.print("no agents registered (define one with micro.NewAgent and start it with `micro run`)")
         return
     table = Table.grid(padding=(0, 2))
+    table.add_column(no_wrap=True)
+    table.add_column()
+    table.add_column(no_wrap=True, overflow="ellipsis", max_width=36)
     for a in agents:
         table.add_row(f"[magenta]◆[/magenta] [bold]{a.name}[/bold]", f"manages: {', '.join(a.services) or '-'}",
                       f"[dim]{a.model}[/dim]")
     out.print(table)
-
-
-def _when(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
 
 async def _info(name: str, endpoint: str, request: dict[str, Any]) -> Any:
@@ -70,16 +70,21 @@ async def runs(name: str, limit: int, session: str | None, as_json: bool) -> Non
     if not rsp["runs"]:
         out.print(f"{name} has no runs yet (ask it: micro chat --agent {name})")
         return
-    table = Table("started", "status", "tools", "tokens in/out", "parent", "reply / error")
-    table.add_column("run", no_wrap=True)  # whole, for `micro agent show NAME RUN`
-    table.columns.insert(0, table.columns.pop())
+    width = max(out.width - 4, 40)
     for r in rsp["runs"]:
         usage = r["usage"]
-        table.add_row(r["id"], _when(r["started"]), r["status"],
-                      ", ".join(c["name"] for c in r["tool_calls"]) or "-",
-                      f"{usage['input_tokens']}/{usage['output_tokens']}", r["parent_id"] or "-",
-                      (r["error"] or r["reply"]).replace("\n", " ")[:60])
-    out.print(table)
+        started = dt.datetime.fromtimestamp(r["started"]).strftime("%Y-%m-%d %H:%M:%S")
+        status = "[green]completed[/green]" if r["status"] == "completed" else f"[red]{r['status']}[/red]"
+        parent = f"  parent {r['parent_id']}" if r["parent_id"] else ""
+        session = f"  session {escape(r['session'])}" if r["session"] else ""
+        out.print(f"[bold]{r['id']}[/bold]  {started}  {status}  {len(r['tool_calls'])} tool calls  "
+                  f"{usage['input_tokens']}/{usage['output_tokens']} tokens{session}{parent}")
+        counts = Counter(c["name"] for c in r["tool_calls"])
+        if counts:
+            tools = ", ".join(n if k == 1 else f"{n} ×{k}" for n, k in counts.items())
+            out.print(f"  [cyan]{escape(_short(tools, width))}[/cyan]")
+        answer = f"[red]{escape(_short(r['error'], width))}[/red]" if r["error"] else escape(_short(r["reply"], width))
+        out.print(f"  {answer}")
 
 
 @agent.command("show")
