@@ -11,7 +11,7 @@ broker and a store, and serve real gRPC endpoints::
         rsp = await service.client.call("task", "Task.ListOverdue", {"user_id": "alice"})
 """
 
-from micro import auth, context, errors, telemetry, tls
+from micro import auth, context, errors, logs, telemetry, tls
 from micro.agent import Agent
 from micro.client import Client
 from micro.facade import (
@@ -65,6 +65,7 @@ __all__ = [
     "context",
     "errors",
     "idempotent",
+    "logs",
     "telemetry",
     "tls",
 ]

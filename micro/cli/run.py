@@ -67,9 +67,15 @@ def runnables(module: ModuleType) -> list[Any]:
               help="Where --prompt writes the system (default: a new directory named after the prompt).")
 @click.option("--rounds", type=click.IntRange(0, 20), default=3, show_default=True,
               help="Repair rounds for --prompt: how often validation problems go back to the model.")
+@click.option("--log-level", envvar="MICRO_LOG_LEVEL", default="WARNING", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              help="Log level (or $MICRO_LOG_LEVEL); logs go to stderr.")
+@click.option("--log-format", envvar="MICRO_LOG_FORMAT", default="text", show_default=True,
+              type=click.Choice(["text", "json"]), help="Log lines as text or JSON (or $MICRO_LOG_FORMAT); "
+              "records made inside an agent run carry its run id.")
 @run_async
 async def run(path: Path | None, prompt: str | None, provider: str | None, out_dir: Path | None,
-              rounds: int) -> None:
+              rounds: int, log_level: str, log_format: str) -> None:
     """Run every service, agent and flow defined in PATH (a file, or a directory with app.py; default .).
 
     With --prompt, a model writes the system first (see docs/scaffolding.md); it runs
@@ -80,6 +86,9 @@ async def run(path: Path | None, prompt: str | None, provider: str | None, out_d
       micro run examples/tasks
       micro run --prompt "task management system" --out tasks
     """
+    from micro import logs
+
+    logs.configure(log_level, log_format)
     if prompt is not None:
         if path is not None:
             fail("give PATH or --prompt, not both", 2)
