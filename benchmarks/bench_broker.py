@@ -2,6 +2,8 @@
 
 - memory broker fan-out to 1 and 10 subscribers vs one ``asyncio.Queue`` per
   subscriber drained by one task each (deliveries per second, and the ratio);
+- the ``local://`` broker's in-process path (publisher and subscribers in one
+  runtime, memory registry, no other process) vs the memory broker, same fan-out;
 - the ``nats://`` broker vs raw nats-py, publish -> subscribe on one topic over a
   real nats-server started here on a free loopback port (messages per second, and
   the ratio; the target is >= 0.9x). The broker sends a ``Micro-Id`` header with
@@ -28,9 +30,10 @@ from pathlib import Path
 
 import nats
 
-from micro.broker import Message
+import micro
+from micro.broker import Broker, Message
 from micro.broker._base import new_message_id
-from micro.broker.memory import MemoryBroker
+from micro.broker.memory import MemoryBroker, MemorySubscription
 from micro.broker.nats import NatsBroker
 
 ROUNDS = 5
@@ -41,6 +44,7 @@ JS_BATCH = 16
 PAYLOAD = b'{"id":"u-123","email":"ada@example.com","plan":"pro","created":"2026-07-01"}'
 
 Row = tuple[str, float, str]
+Fanout = Callable[[int, int], Awaitable[float]]
 
 
 async def _best(rounds: int, *sides: Callable[[], Awaitable[float]]) -> list[float]:
@@ -56,16 +60,23 @@ async def _best(rounds: int, *sides: Callable[[], Awaitable[float]]) -> list[flo
 # -- memory ------------------------------------------------------------------------------------
 
 
-async def _queues_fanout(subscribers: int, n: int) -> float:
-    """Deliveries per second through one plain asyncio.Queue per subscriber."""
+def _countdown(total: int) -> tuple[asyncio.Event, Callable[[object], Awaitable[None]]]:
+    """A handler that counts deliveries, and the event it sets at the ``total``-th."""
     done = asyncio.Event()
-    remaining = subscribers * n
+    remaining = total
 
-    async def handler(message: bytes) -> None:
+    async def handler(message: object) -> None:
         nonlocal remaining
         remaining -= 1
         if remaining == 0:
             done.set()
+
+    return done, handler
+
+
+async def _queues_fanout(subscribers: int, n: int) -> float:
+    """Deliveries per second through one plain asyncio.Queue per subscriber."""
+    done, handler = _countdown(subscribers * n)
 
     async def consume(q: asyncio.Queue[bytes]) -> None:
         while True:
@@ -85,45 +96,58 @@ async def _queues_fanout(subscribers: int, n: int) -> float:
     return subscribers * n / elapsed
 
 
-async def _memory_fanout(subscribers: int, n: int) -> float:
-    """Deliveries per second through MemoryBroker."""
-    done = asyncio.Event()
-    remaining = subscribers * n
-
-    async def handler(message: Message) -> None:
-        nonlocal remaining
-        remaining -= 1
-        if remaining == 0:
-            done.set()
-
-    async with MemoryBroker() as broker:
-        subs = [await broker.subscribe("bench.fanout", handler) for _ in range(subscribers)]
-        start = time.perf_counter()
-        for _ in range(n):
-            await broker.publish("bench.fanout", PAYLOAD)
-        await done.wait()
-        elapsed = time.perf_counter() - start
-        dropped = sum(s.dropped for s in subs)
+async def _broker_fanout(broker: Broker, subscribers: int, n: int) -> float:
+    """Deliveries per second through an open broker whose subscriptions are all in this process."""
+    done, handler = _countdown(subscribers * n)
+    subs = [await broker.subscribe("bench.fanout", handler) for _ in range(subscribers)]
+    start = time.perf_counter()
+    for _ in range(n):
+        await broker.publish("bench.fanout", PAYLOAD)
+    await done.wait()
+    elapsed = time.perf_counter() - start
+    dropped = sum(s.dropped for s in subs if isinstance(s, MemorySubscription))
     if dropped:
-        raise RuntimeError(f"memory broker dropped {dropped} messages during the benchmark")
+        raise RuntimeError(f"broker {broker.url} dropped {dropped} messages during the benchmark")
     return subscribers * n / elapsed
 
 
-async def _memory_rows() -> list[Row]:
+async def _memory_fanout(subscribers: int, n: int) -> float:
+    """Deliveries per second through MemoryBroker."""
+    async with MemoryBroker() as broker:
+        return await _broker_fanout(broker, subscribers, n)
+
+
+async def _local_fanout(subscribers: int, n: int) -> float:
+    """Deliveries per second through LocalBroker when every subscriber is in this process."""
+    async with micro.Runtime(registry="memory://", broker="local://", store="memory://") as rt:
+        return await _broker_fanout(rt.broker, subscribers, n)
+
+
+async def _fanout_rows(name: str, ours: Fanout, base: Fanout, *, what: str, against: str,
+                       ratio: str) -> list[Row]:
+    """``ours`` vs ``base`` at 1 and 10 subscribers: deliveries per second, and the ratio."""
     rows: list[Row] = []
     for subscribers in (1, 10):
         n = MEMORY_MESSAGES if subscribers == 1 else MEMORY_MESSAGES // 4
-        ours, plain = await _best(ROUNDS, lambda s=subscribers, n=n: _memory_fanout(s, n),
-                                  lambda s=subscribers, n=n: _queues_fanout(s, n))
-        ratio = ours / plain
-        name = f"broker.memory.fanout{subscribers}"
-        rows.append((f"{name}.deliveries_per_s", ours,
-                     f"memory broker fan-out to {subscribers:>2} subscriber(s): "
-                     f"{ours:>12,.0f} deliveries/s; asyncio.Queue per subscriber "
-                     f"{plain:>12,.0f}/s; ratio {ratio:.2f}x"))
-        rows.append((f"{name}.ratio", ratio, f"memory fan-out {subscribers} vs asyncio.Queue: "
-                     f"{ratio:.2f}x"))
+        mine, theirs = await _best(ROUNDS, lambda s=subscribers, n=n: ours(s, n),
+                                   lambda s=subscribers, n=n: base(s, n))
+        r = mine / theirs
+        key = f"{name}.fanout{subscribers}"
+        rows.append((f"{key}.deliveries_per_s", mine,
+                     f"{what} fan-out to {subscribers:>2} subscriber(s): {mine:>12,.0f} deliveries/s; "
+                     f"{against} {theirs:>12,.0f}/s; ratio {r:.2f}x"))
+        rows.append((f"{key}.{ratio}", r, f"{what} fan-out {subscribers} vs {against}: {r:.2f}x"))
     return rows
+
+
+async def _memory_rows() -> list[Row]:
+    return await _fanout_rows("broker.memory", _memory_fanout, _queues_fanout, what="memory broker",
+                              against="asyncio.Queue per subscriber", ratio="ratio")
+
+
+async def _local_rows() -> list[Row]:
+    return await _fanout_rows("broker.local", _local_fanout, _memory_fanout, what="local broker in-process",
+                              against="memory broker", ratio="vs_memory")
 
 
 # -- NATS ---------------------------------------------------------------------------------------
@@ -304,7 +328,7 @@ async def _nats_rows() -> list[Row]:
 
 async def run() -> list[Row]:
     """All broker benchmarks: ``(name, value, human-readable line)`` rows."""
-    return [*await _memory_rows(), *await _nats_rows()]
+    return [*await _memory_rows(), *await _local_rows(), *await _nats_rows()]
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from micro.client import Client
 from micro.errors import UsageError
 from micro.middleware import Wrapper
 from micro.registry import Registry
+from micro.tasks import BackgroundTasks
 
 if TYPE_CHECKING:
     from micro.broker import Broker
@@ -36,56 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("micro.runtime")
 
-
-class BackgroundTaskGroup:
-    """An anyio task group that runs in a task of its own.
-
-    A Runtime or a Service is often opened by one task and closed by another (a
-    pytest fixture's set-up and teardown, ``start()`` from one coroutine and
-    ``stop()`` from a signal handler's): an anyio task group entered directly could
-    only be left by the task that entered it. :meth:`aclose` cancels what still
-    runs and waits for it; a background task that crashed is logged.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._tg: anyio.abc.TaskGroup | None = None
-        self._host: asyncio.Task[None] | None = None
-        self._stop = asyncio.Event()
-
-    @property
-    def task_group(self) -> anyio.abc.TaskGroup:
-        if self._tg is None or self._stop.is_set():
-            raise UsageError(f"{self.name} is not running")
-        return self._tg
-
-    async def start(self) -> anyio.abc.TaskGroup:
-        """Start the host task; returns the task group once it is open."""
-        ready = asyncio.Event()
-        self._host = asyncio.create_task(self._run(ready), name=self.name)
-        self._host.add_done_callback(self._report)
-        await ready.wait()
-        return self.task_group
-
-    async def _run(self, ready: asyncio.Event) -> None:
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            ready.set()
-            await self._stop.wait()
-            tg.cancel_scope.cancel()
-
-    def _report(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("%s: a background task crashed", self.name, exc_info=task.exception())
-
-    async def aclose(self) -> None:
-        """Cancel the background work and wait for it to end (idempotent)."""
-        self._stop.set()
-        host, self._host = self._host, None
-        if host is not None:
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait([host])
-        self._tg = None
 
 _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Runtime] = weakref.WeakKeyDictionary()
 
@@ -127,7 +78,7 @@ class Runtime:
             attach(self)
         self._users = 0
         self._stack: contextlib.AsyncExitStack | None = None
-        self._background: BackgroundTaskGroup | None = None
+        self._background: BackgroundTasks | None = None
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -175,7 +126,7 @@ class Runtime:
             await stack.enter_async_context(self.registry)
             await stack.enter_async_context(self.broker)
             stack.callback(self.client.close)
-            background = BackgroundTaskGroup(f"runtime {self.registry.url}")
+            background = BackgroundTasks(f"runtime {self.registry.url}", log)
             tg = await background.start()
             stack.push_async_callback(background.aclose)
             watcher = self.registry.watch()

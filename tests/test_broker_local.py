@@ -88,11 +88,33 @@ async def test_queue_group_spans_runtimes_and_each_message_reaches_one_member() 
     assert sorted(plain) == list(range(10))
 
 
+async def test_a_tight_publishing_loop_in_process_loses_nothing() -> None:
+    """As on memory://, publish yields once a buffer is past half full, so the subscriber keeps up."""
+    got = 0
+    done = anyio.Event()
+
+    async def handle(m: Message) -> None:
+        nonlocal got
+        got += 1
+        if got == 5000:
+            done.set()
+
+    async with micro.Runtime(registry=MemoryRegistry(), broker="local://?queue_size=64", store="memory://") as rt:
+        sub = await rt.broker.subscribe("t.tight", handle)
+        for _ in range(5000):
+            await rt.broker.publish("t.tight", b"x")
+        with anyio.fail_after(10):
+            await done.wait()
+        assert sub.dropped == 0  # type: ignore[attr-defined]
+
+
 async def test_needs_a_runtime() -> None:
     broker = LocalBroker()
     async with broker:
         with pytest.raises(BrokerError, match="needs a runtime"):
             await broker.subscribe("t", lambda m: anyio.lowlevel.checkpoint())
+        with pytest.raises(BrokerError, match="needs a runtime"):
+            await broker.publish("t", b"x")
 
 
 def test_micro_subscribe_sees_events_published_by_a_running_app() -> None:

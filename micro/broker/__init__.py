@@ -17,11 +17,9 @@ scheme, value = ``"module:Class"`` of a :class:`Broker` subclass with ``from_url
 
 from __future__ import annotations
 
-import importlib
 import os
-from importlib.metadata import entry_points
-from urllib.parse import urlsplit
 
+from micro._backends import load_backend
 from micro.broker._base import (
     Broker,
     Message,
@@ -59,29 +57,11 @@ def from_url(url: str | None = None) -> Broker:
     Construction does no I/O: enter the broker with ``async with`` to connect.
 
     Raises:
-        ConfigError: the scheme is unknown or the URL's options are bad.
+        ConfigError: the scheme is unknown (the message lists the known ones), the
+            backend's optional dependency is missing, or the URL's options are bad.
     """
     url = url or os.environ.get("MICRO_BROKER") or DEFAULT_URL
-    scheme = urlsplit(url).scheme if "://" in url else ""
-    target = BACKENDS.get(scheme)
-    if target is None:
-        for ep in entry_points(group="micro.broker"):
-            if ep.name == scheme:
-                target = ep.value
-                break
-    if target is None:
-        known = sorted({*BACKENDS, *(ep.name for ep in entry_points(group="micro.broker"))})
-        raise ConfigError(f"unknown broker URL {url!r}: the scheme must be one of "
-                          f"{', '.join(s + '://' for s in known)}")
-    module_name, _, class_name = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name:
-            raise  # the backend's own dependency is missing: its message says what to install
-        raise ConfigError(f"broker URL {url!r}: {module_name} is not available in this "
-                          "version of micro") from None
-    cls = getattr(module, class_name)
+    cls = load_backend("broker", BACKENDS, url)
     if not (isinstance(cls, type) and issubclass(cls, Broker)):
-        raise ConfigError(f"broker URL {url!r}: {target} is not a micro.broker.Broker")
+        raise ConfigError(f"broker URL {url!r}: {cls!r} is not a micro.broker.Broker")
     return cls.from_url(url)

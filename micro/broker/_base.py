@@ -14,25 +14,20 @@ one by URL scheme.
 from __future__ import annotations
 
 import abc
-import asyncio
 import itertools
-import logging
 import os
 import re
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
-import anyio
 import betterproto2
 import msgspec
-from anyio.abc import TaskGroup
 
 from micro.errors import UsageError
 
 __all__ = [
     "ID_HEADER",
-    "BackgroundTasks",
     "Broker",
     "Message",
     "MessageHandler",
@@ -135,52 +130,6 @@ class Broker(abc.ABC):
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
-
-
-class BackgroundTasks:
-    """A broker's task group, run in a task of its own.
-
-    The group is entered by :meth:`start` (from ``connect``) and left by :meth:`aclose`,
-    which may run in another task than ``connect`` did (a fixture's teardown, a
-    signal handler): an anyio task group entered directly in ``__aenter__`` could
-    only be left from the task that entered it. :meth:`aclose` cancels what is
-    still running, waits for it, and re-raises a crash of a background task.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._tg: TaskGroup | None = None
-        self._host: asyncio.Task[None] | None = None
-        self._stop = asyncio.Event()
-
-    async def start(self) -> None:
-        ready = asyncio.Event()
-        self._host = asyncio.create_task(self._run(ready), name=self.name)
-        self._host.add_done_callback(self._report)
-        await ready.wait()
-
-    async def _run(self, ready: asyncio.Event) -> None:
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            ready.set()
-            await self._stop.wait()
-            tg.cancel_scope.cancel()
-
-    def _report(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None and not self._stop.is_set():
-            logging.getLogger("micro.broker").error(
-                "%s: a background task crashed", self.name, exc_info=task.exception())
-
-    def start_soon(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: object, name: str) -> None:
-        if self._tg is None or self._stop.is_set():
-            raise RuntimeError(f"{self.name} is not running")
-        self._tg.start_soon(fn, *args, name=name)
-
-    async def aclose(self) -> None:
-        self._stop.set()
-        if self._host is not None:
-            host, self._host = self._host, None
-            await host
 
 
 def encode_message(message: object) -> bytes:

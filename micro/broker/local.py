@@ -19,6 +19,7 @@ The broker needs a runtime: :class:`micro.Runtime` attaches itself. With the
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -31,7 +32,6 @@ import msgspec
 
 from micro.broker._base import (
     ID_HEADER,
-    BackgroundTasks,
     Message,
     MessageHandler,
     encode_message,
@@ -40,6 +40,7 @@ from micro.broker._base import (
 )
 from micro.broker.memory import MemoryBroker, MemorySubscription, topic_matches
 from micro.errors import BrokerError, Error, NotFound
+from micro.tasks import BackgroundTasks
 
 if TYPE_CHECKING:
     from micro.runtime import Runtime
@@ -139,7 +140,7 @@ class LocalBroker(MemoryBroker):
         await server.start("127.0.0.1", 0)
         self._server = server
         self._address = f"127.0.0.1:{server.port}"
-        beats = BackgroundTasks(f"broker {self.url} heartbeat")
+        beats = BackgroundTasks(f"broker {self.url} heartbeat", log)
         await beats.start()
         self._beats = beats
         beats.start_soon(self._heartbeat, name="micro.broker.local:heartbeat")
@@ -187,6 +188,8 @@ class LocalBroker(MemoryBroker):
     async def publish(self, topic: str, message: object, *, headers: Mapping[str, str] | None = None) -> None:
         if self._closed:
             raise BrokerError(f"cannot publish to {topic!r}: broker {self.url} is closed")
+        if self._runtime is None:
+            raise BrokerError(f"broker {self.url} needs a runtime: create it through micro.Runtime")
         validate_topic(topic, wildcards=False)
         data = message if type(message) is bytes else encode_message(message)
         message_id = new_message_id(headers)
@@ -206,21 +209,25 @@ class LocalBroker(MemoryBroker):
             by_node.setdefault((t.node, t.address), []).append(t.sub.id)
         msg = Message(topic=topic, data=data, headers=hdrs, id=message_id)
         own = by_node.pop((self.node_id, self._address), None)
+        crowded = False
         if own:
-            self._push(own, msg)
+            crowded = self._push(own, msg)[1]
         if by_node:
             async with anyio.create_task_group() as tg:
                 for (node, address), ids in by_node.items():
                     tg.start_soon(self._send, node, address, DeliverRequest(topic, data, hdrs, message_id, ids))
+        elif crowded:
+            await asyncio.sleep(0)  # as the memory broker: let consumers run before their buffers fill
 
-    def _push(self, ids: list[str], msg: Message) -> int:
-        n = 0
+    def _push(self, ids: list[str], msg: Message) -> tuple[int, bool]:
+        """Buffer ``msg`` for these subscriptions: how many took it, and whether a buffer is past half full."""
+        n, crowded = 0, False
         for sid in ids:
             sub = self._by_id.get(sid)
             if sub is not None:
-                sub._push(msg)
+                crowded = sub._push(msg) or crowded
                 n += 1
-        return n
+        return n, crowded
 
     async def _targets(self) -> list[_Target]:
         own = [_Target(self.node_id, self._address, e) for e in self._ids.values()]
@@ -271,4 +278,7 @@ class _Deliverer:
     async def Deliver(self, req: DeliverRequest) -> DeliverResponse:
         """Hand a message to this process's subscriptions (by id)."""
         msg = Message(topic=req.topic, data=req.data, headers=req.headers, id=req.id)
-        return DeliverResponse(self._broker._push(req.subs, msg))
+        delivered, crowded = self._broker._push(req.subs, msg)
+        if crowded:
+            await asyncio.sleep(0)
+        return DeliverResponse(delivered)

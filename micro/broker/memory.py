@@ -24,7 +24,6 @@ import anyio
 
 from micro.broker._base import (
     ID_HEADER,
-    BackgroundTasks,
     Broker,
     Message,
     MessageHandler,
@@ -34,6 +33,7 @@ from micro.broker._base import (
     validate_topic,
 )
 from micro.errors import BrokerError, ConfigError
+from micro.tasks import BackgroundTasks
 
 __all__ = ["DEFAULT_QUEUE_SIZE", "MemoryBroker", "MemorySubscription", "topic_matches"]
 
@@ -197,7 +197,7 @@ class MemoryBroker(Broker):
     async def connect(self) -> None:
         if self._tg is not None or self._closed:
             raise BrokerError(f"broker {self.url} was already started; make a new one")
-        tg = BackgroundTasks(f"broker {self.url}")
+        tg = BackgroundTasks(f"broker {self.url}", log)
         await tg.start()
         self._tg = tg
 

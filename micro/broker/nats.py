@@ -61,11 +61,10 @@ try:
         StreamConfig,
     )
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("the nats broker needs nats-py: pip install 'micro[nats]'") from e
+    raise ImportError("the nats broker needs nats-py: pip install 'micro[nats]'", name=e.name) from e
 
 from micro.broker._base import (
     ID_HEADER,
-    BackgroundTasks,
     Broker,
     Message,
     MessageHandler,
@@ -75,6 +74,7 @@ from micro.broker._base import (
     validate_topic,
 )
 from micro.errors import BrokerError, ConfigError, Unavailable, UsageError
+from micro.tasks import BackgroundTasks
 
 __all__ = ["NatsBroker", "NatsSubscription"]
 
@@ -593,7 +593,7 @@ class NatsBroker(Broker):
                 await self._close_quietly()
                 raise Unavailable(f"broker {self.url}: JetStream is not available on the server "
                                   f"(start nats-server with -js): {_reason(e)}") from None
-        tg = BackgroundTasks(f"broker {self.url}")
+        tg = BackgroundTasks(f"broker {self.url}", log)
         await tg.start()
         self._tg = tg
         if self.jetstream:

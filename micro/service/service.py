@@ -31,9 +31,10 @@ from micro.errors import BadRequest, UsageError
 from micro.limits import Limiter
 from micro.middleware import Wrapper
 from micro.registry import Node, ServiceRecord
-from micro.runtime import BackgroundTaskGroup, Runtime
+from micro.runtime import Runtime
 from micro.server.grpc import DEFAULT_MAX_MESSAGE_SIZE, GrpcServer
 from micro.service.endpoints import Endpoint, endpoints_of
+from micro.tasks import BackgroundTasks
 
 log = logging.getLogger("micro.service")
 
@@ -188,7 +189,7 @@ class Service:
                 sub = await rt.broker.subscribe(topic, _subscriber(fn, f"{self.name} {topic}"),
                                                 queue=queue or self.name, durable=durable)
                 stack.push_async_callback(sub.unsubscribe)
-            background = BackgroundTaskGroup(f"service {self.name}")
+            background = BackgroundTasks(f"service {self.name}", log)
             tg = await background.start()
             stack.push_async_callback(background.aclose)
             await rt.registry.register(self.record, ttl=self.ttl)
