@@ -209,16 +209,42 @@ class Done(msgspec.Struct, frozen=True, tag="done", tag_field="type"):
 StreamEvent = TextDelta | ToolUseStart | ToolUseDelta | Done
 
 
+MAX_TOOL_INPUT_DEPTH = 128
+"""Tool arguments nested deeper than this are refused as invalid (no tool needs them; they would
+overflow the stack of every encoder that writes them into a history or a run record)."""
+
+
 def parse_tool_input(raw: str) -> dict[str, Any]:
     """Tool arguments from the JSON text a model produced; never raises.
 
-    An empty string is ``{}``; text that is not a JSON object becomes the
-    :data:`INVALID_JSON` marker (see :attr:`ToolUseBlock.invalid_json`).
+    An empty string is ``{}``; text that is not a JSON object, or an object that could
+    not be written back as JSON (a lone surrogate such as ``"\\ud800"``, nesting deeper
+    than :data:`MAX_TOOL_INPUT_DEPTH`), becomes the :data:`INVALID_JSON` marker (see
+    :attr:`ToolUseBlock.invalid_json`).
     """
     if not raw.strip():
         return {}
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the stack allows
         return {INVALID_JSON: raw}
-    return value if isinstance(value, dict) else {INVALID_JSON: raw}
+    return value if isinstance(value, dict) and _writable(value) else {INVALID_JSON: raw}
+
+
+def _writable(value: Any) -> bool:
+    """Whether a decoded JSON value encodes back to JSON: no lone surrogates, bounded nesting."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode()
+                except UnicodeEncodeError:
+                    return False
+        elif isinstance(item, dict | list):
+            if depth >= MAX_TOOL_INPUT_DEPTH:
+                return False
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return True

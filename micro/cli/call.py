@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 import msgspec
 
 from micro.cli.main import cli_runtime, fail, main, out, run_async
+from micro.errors import UsageError
+
+_EXAMPLE = "pass an object such as '{\"user_id\": \"alice\"}'"
+
+
+def parse_request(request: str | bytes) -> Any:
+    """The JSON value of a ``micro call`` request (empty: ``{}``), or ``UsageError`` (exit 2) saying why not."""
+    try:
+        data = request.encode() if isinstance(request, str) else request
+    except UnicodeEncodeError:  # argument bytes that are not UTF-8 arrive as lone surrogates
+        raise UsageError(f"the request is not valid UTF-8 text: {_EXAMPLE}") from None
+    try:
+        return msgspec.json.decode(data or b"{}")
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
+        # msgspec raises RecursionError for nesting deeper than the stack, UnicodeDecodeError for non-UTF-8
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise UsageError(f"the request is not valid JSON ({reason}): {_EXAMPLE}") from None
 
 
 @main.command()
@@ -26,11 +44,9 @@ async def call(service: str, endpoint: str, request: str | None, timeout: float,
       micro call task Task.ListOverdue '{"user_id": "alice"}'
     """
     if request is None or request == "-":
-        request = "{}" if request is None and sys.stdin.isatty() else sys.stdin.read()
-    try:
-        body = msgspec.json.decode(request.encode() or b"{}")
-    except msgspec.DecodeError as exc:
-        fail(f"the request is not valid JSON ({exc}): pass an object such as '{{\"user_id\": \"alice\"}}'", 2)
+        body = parse_request("{}" if request is None and sys.stdin.isatty() else sys.stdin.buffer.read())
+    else:
+        body = parse_request(request)
     md = {}
     for item in metadata:
         key, sep, value = item.partition("=")

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from micro.errors import MicroError, UsageError
 
@@ -25,9 +27,18 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+_LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")  # what str.splitlines splits on
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
-    """Print one line on stderr and exit."""
-    err.print(f"[red]error:[/red] {message}", markup=True)
+    """Print one line on stderr and exit.
+
+    The message is printed as it is: a service's error may quote what the caller sent,
+    so rich markup (``[/x]``) and emoji codes in it are not interpreted, and line breaks
+    are escaped (``\\n``) to keep it one line.
+    """
+    line = _LINE_BREAKS.sub(lambda m: m.group().encode("unicode_escape").decode(), message)
+    err.print(f"[red]error:[/red] {escape(line)}", markup=True, emoji=False)
     raise SystemExit(code)
 
 

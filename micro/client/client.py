@@ -242,12 +242,11 @@ class Client:
             data = b"{}"
         elif isinstance(body, bytes | bytearray | memoryview):
             data = bytes(body)
-        elif isinstance(body, str):
-            data = body.encode()
         else:
             try:
-                data = encode_json(body)
-            except (TypeError, msgspec.EncodeError) as exc:
+                data = body.encode() if isinstance(body, str) else encode_json(body)
+            except (TypeError, msgspec.EncodeError, UnicodeEncodeError, RecursionError) as exc:
+                # UnicodeEncodeError: a string with lone surrogates; RecursionError: nested too deeply
                 raise BadRequest(f"{req.service} {req.endpoint}: request is not JSON-serialisable: {exc}") from None
         if len(data) > self.max_message_size:
             raise ResourceExhausted(

@@ -53,6 +53,21 @@ def encode_json(value: object) -> bytes:
     return _encoder.encode(value)
 
 
+_MALFORMED = (msgspec.DecodeError, RecursionError, UnicodeDecodeError)
+
+
+def _malformed(where: str, exc: Exception) -> BadRequest:
+    # msgspec raises RecursionError for JSON nested deeper than the stack allows, and
+    # UnicodeDecodeError for a string that is not UTF-8: not DecodeError
+    if isinstance(exc, RecursionError):
+        reason = "nested too deeply"
+    elif isinstance(exc, UnicodeDecodeError):
+        reason = f"a string is not valid UTF-8 ({exc.reason})"
+    else:
+        reason = str(exc)
+    return BadRequest(f"{where}: malformed JSON: {reason}")
+
+
 def _as_bytes(value: str | bytes | bytearray | memoryview) -> bytes:
     return value.encode() if isinstance(value, str) else bytes(value)
 
@@ -122,8 +137,8 @@ class StructCodec(TypeCodec):
             return self._decoder.decode(data)
         except msgspec.ValidationError as exc:
             raise BadRequest(f"{where}: {exc}") from None
-        except msgspec.DecodeError as exc:
-            raise BadRequest(f"{where}: malformed JSON: {exc}") from None
+        except _MALFORMED as exc:
+            raise _malformed(where, exc) from None
 
     def encode(self, value: Any, wire: str) -> bytes:
         return _encoder.encode(value)
@@ -185,8 +200,8 @@ class ProtoCodec(TypeCodec):
                 raise BadRequest(f"{where}: malformed protobuf for {self.type.__name__}: {exc}") from None
         try:
             value = _any_decoder.decode(data)
-        except msgspec.DecodeError as exc:
-            raise BadRequest(f"{where}: malformed JSON: {exc}") from None
+        except _MALFORMED as exc:
+            raise _malformed(where, exc) from None
         return self.convert(value, where)
 
     def encode(self, value: Any, wire: str) -> bytes:

@@ -231,8 +231,10 @@ class _Gateway:
             body = b"{}"
         try:
             decoded = _decode(body)
-        except msgspec.DecodeError as exc:
-            return _error(400, "INVALID_ARGUMENT", f"the request body is not valid JSON: {exc}")
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
+            # msgspec raises RecursionError for nesting deeper than the stack, UnicodeDecodeError for non-UTF-8
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            return _error(400, "INVALID_ARGUMENT", f"the request body is not valid JSON: {reason}")
         if not isinstance(decoded, dict):
             kind = type(decoded).__name__ if decoded is not None else "null"
             return _error(400, "INVALID_ARGUMENT", f"the request body must be a JSON object, not {kind}")

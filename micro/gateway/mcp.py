@@ -280,15 +280,20 @@ class MCPGateway:
                                            "and go)")
         args = params.arguments or {}
         try:
+            body = _encode(args)  # the validated bytes go on as they are, as the HTTP gateway's do
+        except (UnicodeEncodeError, RecursionError) as exc:  # lone surrogates; nested too deeply
+            return _failed(f"INVALID_ARGUMENT: {tool.name}: the arguments are not valid JSON ({exc})")
+        try:
             if tool.agent:
                 return await self._ask(tool, args)
-            rsp = await self.runtime.client.call(tool.service, tool.endpoint, args, timeout=self.timeout)
+            rsp = await self.runtime.client.call(tool.service, tool.endpoint, body, timeout=self.timeout)
+            text = _encode(rsp).decode()
         except Error as exc:
             return _failed(f"{exc.code}: {exc.message}")
         except Exception:
             log.exception("mcp gateway: %s failed", tool.name)
             return _failed("INTERNAL: the call failed in the gateway (details in its log)")
-        return types.CallToolResult(content=[types.TextContent(text=_encode(rsp).decode())],
+        return types.CallToolResult(content=[types.TextContent(text=text)],
                                     structured_content=rsp if isinstance(rsp, dict) else None)
 
     async def _ask(self, tool: McpTool, args: dict[str, Any]) -> types.CallToolResult:

@@ -156,7 +156,7 @@ class _Server(Server):
 async def _recv(stream: Stream[Any, Any], limit: int, where: str) -> bytes:
     """Read one length-prefixed message, refusing it before reading when it is over ``limit``."""
     h2 = stream._stream
-    meta = await h2.recv_data(5)
+    meta = await _recv_data(h2, 5, where, "its 5-byte length prefix")
     if not meta:
         raise GRPCError(Status.INVALID_ARGUMENT, f"{where}: empty request")
     if meta[0]:
@@ -167,7 +167,16 @@ async def _recv(stream: Stream[Any, Any], limit: int, where: str) -> bytes:
             Status.RESOURCE_EXHAUSTED,
             f"{where}: request of {size} bytes is over the service's {limit}-byte limit",
         )
-    data: bytes = await h2.recv_data(size)
+    return await _recv_data(h2, size, where, f"its {size}-byte message")
+
+
+async def _recv_data(h2: Any, size: int, where: str, what: str) -> bytes:
+    try:
+        data: bytes = await h2.recv_data(size)
+    except AssertionError:  # grpclib's buffer, when the stream ends before `size` bytes came
+        raise GRPCError(
+            Status.INVALID_ARGUMENT, f"{where}: truncated request: the stream ended inside {what}"
+        ) from None
     return data
 
 

@@ -30,6 +30,7 @@ import hashlib
 import math
 import os
 import re
+import stat
 import struct
 import time
 import urllib.parse
@@ -178,25 +179,31 @@ def _decode(path: Path, data: bytes) -> Record:
     return Record(body.key, body.value, body.metadata, None if math.isnan(expiry) else expiry)
 
 
-def _read(path: Path) -> bytes | None:
+def _read(path: Path, size: int = -1) -> bytes | None:
+    """A record file's bytes (the first ``size`` of them), or None if it is gone."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        # O_NONBLOCK: a FIFO in a record's place must not block the open forever
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise _failed("read", path, exc) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO, a device (/dev/zero never ends), a directory
+            raise StoreError(f"file store: {str(path)!r} is damaged: not a regular file")
+        with open(fd, "rb", closefd=False) as f:
+            return f.read(size)
+    except OSError as exc:
+        raise _failed("read", path, exc) from None
+    finally:
+        os.close(fd)
 
 
 def _expiry(path: Path) -> float | None:
     """The expiry in a record file's header (None: never), or NaN if the file is gone."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(_HEAD.size)
-    except FileNotFoundError:
+    head = _read(path, _HEAD.size)
+    if head is None:
         return math.nan
-    except OSError as exc:
-        raise _failed("read", path, exc) from None
     if len(head) < _HEAD.size or head[:4] != _MAGIC:
         raise StoreError(f"file store: record file {str(path)!r} is damaged (bad header)")
     expiry: float = _HEAD.unpack(head)[2]
@@ -317,8 +324,8 @@ def _scan(
             if data is None:
                 continue
             record = _decode(path, data)
-            if not _live(record, now):
-                continue
+            if not _live(record, now) or (record.key != key and not name.startswith(_HASHED)):
+                continue  # expired, or another key's record under this name: hidden, as _get hides it
         else:
             expiry = _expiry(path)
             if expiry is not None and (math.isnan(expiry) or expiry <= now):
