@@ -320,3 +320,12 @@ async def test_a_run_record_store_that_fails_does_not_lose_the_reply(
         rsp = await agent.ask("hello")
     assert rsp.reply == "hi there"
     assert "could not write the record of run" in caplog.text and "disk full" in caplog.text
+
+
+async def test_a_message_that_is_not_unicode_text_is_refused_before_any_work(rt: micro.Runtime) -> None:
+    model = scripted.turns(scripted.reply("never"))
+    agent = micro.NewAgent("user-mgr", provider=model, runtime=rt)
+    async with agent:
+        with pytest.raises(BadRequest, match="not valid Unicode text"):
+            await agent.ask("hello \ud800")
+        assert model.calls == [] and await agent.runs.list() == []

@@ -8,11 +8,11 @@ that are arbitrary JSON objects, objects of the wrong types, valid arguments, or
 JSON, non-objects, lone surrogates, deep nesting); its second turn answers. Each case is
 read off two draws (the calls' kinds and tools, and a seed: see test_fuzz_kit.Seed).
 
-Objects the scripted model passes as they are hold no lone surrogates and nest five levels at
-most: given those, the loop itself fails (micro/agent/loop.py encodes ``use.input`` for its
-loop-limit key outside any ``try``, so the run ends with UnicodeEncodeError / RecursionError
-instead of an ``is_error`` result). A real provider's arguments go through
-``parse_tool_input``, which now refuses both; that path is fuzzed here with them.
+Objects the scripted model passes as they are may also hold lone surrogates or nest far
+past ``MAX_TOOL_INPUT_DEPTH``: the loop turns such a call into an ``is_error`` result
+(``micro.agent.loop._writable_uses``) so the history and the run record stay encodable; a
+real provider's arguments go through ``parse_tool_input``, which refuses both, and that path
+is fuzzed here too.
 
 The property: every run finishes with the model's reply; each tool call has a result, and
 invalid arguments, unknown tools and garbage become ``is_error`` results the model can read;
@@ -169,6 +169,14 @@ def raw_text(seed: Seed) -> str:
 def use_from(kind: int, name: str, seed: Seed) -> Use:
     """One tool call of one of six kinds: the named tool with any arguments, or valid arguments for a tool."""
     if kind == 0:
+        odd = seed.byte() % 8
+        if odd == 0:  # an object no JSON encoder can write: a lone surrogate
+            return Use(name, {"name": seed.text(3) + "\ud800"}, invalid=True)
+        if odd == 1:  # nested past MAX_TOOL_INPUT_DEPTH
+            deep: list[Any] = []
+            for _ in range(int.from_bytes(seed.take(2), "little") % 3000 + 130):
+                deep = [deep]
+            return Use(name, {"name": deep}, invalid=True)
         return Use(name, json_from(seed, FIELDS, obj=True))
     if kind == 1:
         return _raw(name, raw_text(seed))

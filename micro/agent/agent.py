@@ -246,6 +246,10 @@ class Agent(Service):
                    emit: Any) -> ChatResponse:
         if not message.strip():
             raise BadRequest(f"{self.name} Agent.Chat: message is empty")
+        try:
+            message.encode()
+        except UnicodeEncodeError:
+            raise BadRequest(f"{self.name} Agent.Chat: message is not valid Unicode text (a lone surrogate?)") from None
         run_id = new_run_id()
         history_store = self.history
         history_store.prefix(session)  # BadRequest for a malformed session id, before any work

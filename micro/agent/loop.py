@@ -37,6 +37,7 @@ from micro.ai import (
     ToolUseBlock,
     Usage,
 )
+from micro.ai.messages import INVALID_JSON, _writable
 from micro.errors import AgentError, Error, Timeout
 
 from .tools import Tool, result_text
@@ -119,7 +120,7 @@ class Run:
         self.new_messages.append(message)
         for _ in range(self.limits.max_steps):
             tools = await self.tools()
-            rsp = await self._model(messages, [t.spec for t in tools.values()])
+            rsp = _writable_uses(await self._model(messages, [t.spec for t in tools.values()]))
             messages.append(rsp.message)
             self.new_messages.append(rsp.message)
             if not rsp.tool_uses:
@@ -223,7 +224,11 @@ class Run:
         raw = use.invalid_json
         if raw is not None:
             return f"the arguments were not a JSON object ({raw[:200]!r}); call {use.name} again with valid JSON", True
-        key = (use.name, msgspec.json.encode(use.input, order="sorted"))
+        try:
+            key = (use.name, msgspec.json.encode(use.input, order="sorted"))
+        except (msgspec.EncodeError, UnicodeEncodeError, RecursionError, TypeError) as exc:
+            return (f"the arguments of {use.name} cannot be encoded as JSON ({type(exc).__name__}); "
+                    "call it again with plain JSON values"), True
         self._seen[key] += 1
         if self._seen[key] > self.limits.loop_limit:
             return (f"{use.name} was already called {self.limits.loop_limit} times with these arguments "
@@ -253,3 +258,15 @@ class Run:
             log.exception("tool %s raised", use.name)
             return f"{use.name} failed: {type(exc).__name__}: {exc}", True
         return result_text(value), False
+
+
+def _writable_uses(rsp: Response) -> Response:
+    """``rsp`` with any tool input that cannot be written as JSON (a lone surrogate, nesting past
+    ``MAX_TOOL_INPUT_DEPTH``) replaced by the invalid-arguments marker, so the call becomes an
+    ``is_error`` result and the history and run record stay encodable. Providers' inputs went
+    through ``parse_tool_input`` already; this guards models that hand over objects directly."""
+    if all(_writable(u.input) for u in rsp.tool_uses):
+        return rsp
+    content = [ToolUseBlock(b.id, b.name, {INVALID_JSON: "<arguments that cannot be written as JSON>"})
+               if isinstance(b, ToolUseBlock) and not _writable(b.input) else b for b in rsp.content]
+    return Response(content, rsp.stop_reason, rsp.usage, rsp.model)
