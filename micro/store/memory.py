@@ -1,17 +1,22 @@
 """The in-memory store: one dict per database/table, for tests and single-process apps.
 
 It is a real backend, not a mock: it passes the same conformance kit as the file,
-PostgreSQL and NATS stores. Records live as long as the ``MemoryStore`` object
-(closing and re-entering it keeps them); expiry is checked on read, and an expired
-record is dropped when a read meets it.
+PostgreSQL and NATS stores. Keys are kept sorted (``sortedcontainers.SortedDict``), so a
+prefix read costs O(log n + what it returns) however many other records there are: an
+agent's history window does not slow down as other sessions and run records pile up.
+Records live as long as the ``MemoryStore`` object (closing and re-entering it keeps
+them); expiry is checked on read, and an expired record is dropped when a read meets it.
 """
 
 from __future__ import annotations
 
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-from micro.store._base import Record, Store, window
+from sortedcontainers import SortedDict
+
+from micro.store._base import Record, Store
 
 __all__ = ["MemoryStore"]
 
@@ -34,20 +39,36 @@ class MemoryStore(Store):
     ) -> None:
         super().__init__(url, database=database, table=table, clock=clock)
         # Views made by scope() are shallow copies: they share this dict of tables.
-        self._tables: dict[tuple[str, str], dict[str, Record]] = {}
+        self._tables: dict[tuple[str, str], SortedDict[str, Record]] = {}
 
-    def _records(self) -> dict[str, Record]:
-        return self._tables.setdefault((self.database, self.table), {})
+    def _records(self) -> SortedDict[str, Record]:
+        table = self._tables.get((self.database, self.table))
+        if table is None:
+            table = self._tables[(self.database, self.table)] = SortedDict()
+        return table
 
-    def _live(self, prefix: str, now: float) -> list[Record]:
+    def _live(self, prefix: str, now: float, limit: int | None = None, offset: int = 0,
+              reverse: bool = False) -> list[Record]:
+        """The live records under ``prefix`` in key order (descending if ``reverse``), windowed;
+        expired ones met on the way are dropped."""
         records = self._records()
-        found = []
-        for key in sorted(k for k in records if k.startswith(prefix)):
+        found: list[Record] = []
+        expired: list[str] = []
+        skip, room = offset, limit
+        for key in _prefixed(records, prefix, reverse):
             record = records[key]
             if record.expiry is not None and record.expiry <= now:
-                del records[key]
+                expired.append(key)
+            elif skip:
+                skip -= 1
             else:
+                if room is not None:
+                    if room == 0:
+                        break
+                    room -= 1
                 found.append(record)
+        for key in expired:
+            del records[key]
         return found
 
     async def _get(self, key: str, now: float) -> Record | None:
@@ -67,13 +88,24 @@ class MemoryStore(Store):
         self._records().pop(key, None)
 
     async def _list(self, prefix: str, now: float, limit: int | None, offset: int, reverse: bool) -> list[str]:
-        return [r.key for r in window(self._live(prefix, now), limit, offset, reverse)]
+        return [r.key for r in self._live(prefix, now, limit, offset, reverse)]
 
     async def _read_prefix(
         self, prefix: str, now: float, limit: int | None, offset: int, reverse: bool
     ) -> list[Record]:
-        return [_copy(r) for r in window(self._live(prefix, now), limit, offset, reverse)]
+        return [_copy(r) for r in self._live(prefix, now, limit, offset, reverse)]
 
 
 def _copy(record: Record) -> Record:
     return Record(record.key, record.value, dict(record.metadata), record.expiry)
+
+
+def _prefixed(records: SortedDict[str, Record], prefix: str, reverse: bool) -> Iterator[str]:
+    """The keys starting with ``prefix``, in order: one bisection, then only the matches."""
+    if not prefix:
+        return iter(reversed(records.keys()) if reverse else records.keys())
+    last = ord(prefix[-1])
+    if last < sys.maxunicode:  # every key with the prefix sorts in [prefix, prefix with its last char + 1)
+        upper = prefix[:-1] + chr(last + 1)
+        return iter(records.irange(prefix, upper, inclusive=(True, False), reverse=reverse))
+    return (k for k in records.irange(prefix, reverse=reverse) if k.startswith(prefix))
