@@ -264,3 +264,28 @@ def test_interactive_chat_in_a_real_terminal(example: subprocess.Popen[str]) -> 
     assert child.exitstatus == 0
     history = Path(os.environ["MICRO_HOME"]) / "chat_history"
     assert "What tasks are overdue for Bob?" in history.read_text()
+
+
+async def test_chat_without_agents_but_with_a_provider_talks_to_the_services_directly() -> None:
+    from fake_anthropic import FakeAnthropic, message, text, tool_use
+
+    class Echo:
+        async def Upper(self, req: dict[str, str]) -> dict[str, str]:
+            """Upper-case a word."""
+            return {"word": req.get("word", "").upper()}
+
+    async with FakeAnthropic() as api, micro.Runtime(registry="local://", store="memory://",
+                                                     broker="memory://") as rt:
+        api.reply(message(text("Let me check."), tool_use("tu_1", "echo_Echo_Upper", {"word": "micro"})),
+                  message(text("It is MICRO.")))
+        svc = micro.New("echo", runtime=rt)
+        svc.handle(Echo())
+        async with svc:
+            env = {**os.environ, "ANTHROPIC_API_KEY": "test-key", "ANTHROPIC_BASE_URL": api.base_url}
+            proc = await anyio.run_process([*MICRO, "chat", "-m", "shout micro"], env=env, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr.decode()
+    lines = proc.stdout.decode().splitlines()
+    assert lines == ["[services] Let me check.", '→ echo_Echo_Upper({"word":"micro"})', '← {"word":"MICRO"}',
+                     "It is MICRO."]
+    first = api.requests[0].body
+    assert [t["name"] for t in first["tools"]] == ["echo_Echo_Upper"]

@@ -7,6 +7,11 @@ are looked up again for every message, so agents that start or stop while the
 chat runs are seen on the next one. Interactive with a terminal (line editing,
 history in ``$MICRO_HOME/chat_history``, Ctrl-C cancels the turn, Ctrl-D exits);
 one-shot with ``-m`` or when stdin is not a terminal.
+
+No agents registered: with a model provider configured, the chat talks to the
+services directly (one model over every service's endpoints as tools, the
+conversation kept for the chat's lifetime, lines labelled ``[services]``);
+without one, it says how to start an agent.
 """
 
 from __future__ import annotations
@@ -30,6 +35,51 @@ TRUNCATE = 160
 
 class _Routes(Protocol):
     async def route(self, message: str, agents: list[Any]) -> list[Any]: ...
+
+
+DIRECT_LABEL = "services"
+DIRECT_PROMPT = ("You operate a system of services through their endpoints, which are your tools. "
+                 "Answer the user's questions and do what they ask by calling them.")
+
+
+class DirectChat:
+    """The chat with no agents: one model over every registered service's endpoints as tools.
+
+    The conversation is kept in memory for the life of the chat (one ``micro chat`` process).
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.history: list[Any] = []
+
+    async def turn(self, rt: Any, message: str, timeout: float) -> None:
+        from micro.agent import Run, Toolset
+        from micro.agent.loop import Event, Limits, system_prompt
+        from micro.ai import Message
+
+        records = await rt.registry.list()
+        services = sorted(r.name for r in records if r.metadata.get("type", "service") == "service")
+        if not services:
+            fail("no agents and no services are registered: start some with `micro run`")
+        printer = Printer(_write, labelled_lines=False)
+
+        async def emit(ev: Event) -> None:
+            if ev.type == "text":
+                printer.event(DIRECT_LABEL, {"type": "text", "text": ev.text})
+            elif ev.call is not None:
+                import msgspec
+
+                call = {"name": ev.call.name, "input": msgspec.json.encode(ev.call.input).decode(),
+                        "result": ev.call.result, "is_error": ev.call.is_error}
+                printer.event(DIRECT_LABEL, {"type": ev.type, "tool_call": call})
+
+        run = Run(self.model, system_prompt(DIRECT_PROMPT), Toolset(rt.client, services, {}).tools, Limits(),
+                  None, emit)
+        printer.start(DIRECT_LABEL)
+        with anyio.fail_after(timeout):
+            await run(self.history, Message.user(message))
+        self.history.extend(run.new_messages)
+        printer.done(DIRECT_LABEL)
 
 
 def _short(text: str, limit: int = TRUNCATE) -> str:
@@ -106,8 +156,9 @@ def _write(text: str) -> None:
 
 
 async def turn(rt: Any, router: _Routes, message: str, *, only: str | None, session: str,
-               timeout: float) -> int:
-    """Route one message, ask the agents concurrently, print as they stream. Returns agents asked."""
+               timeout: float, direct: DirectChat | None = None) -> int:
+    """Route one message, ask the agents concurrently, print as they stream. Returns agents asked
+    (0 when there were none and ``direct`` talked to the services instead)."""
     from micro.agent.router import Route, discover
 
     agents = await discover(rt.registry)
@@ -119,7 +170,12 @@ async def turn(rt: Any, router: _Routes, message: str, *, only: str | None, sess
         routes = [Route(only, message)]
     else:
         if not agents:
-            fail("no agents are registered: define one with micro.NewAgent(...) and start it with `micro run`")
+            if direct is None:
+                fail("no agents are registered: define one with micro.NewAgent(...) and start it with "
+                     "`micro run` (or configure a model provider, e.g. ANTHROPIC_API_KEY or --provider, "
+                     "to chat with the services directly)")
+            await direct.turn(rt, message, timeout)
+            return 0
         routes = await router.route(message, agents)
     printer = Printer(_write, labelled_lines=len(routes) > 1)
 
@@ -136,7 +192,8 @@ async def turn(rt: Any, router: _Routes, message: str, *, only: str | None, sess
     return len(routes)
 
 
-def _router(provider: str | None, model: str | None) -> _Routes:
+def _router(provider: str | None, model: str | None) -> tuple[_Routes, DirectChat | None]:
+    """The router, and the direct chat used when no agents are registered (None without a model)."""
     from micro.agent.router import KeywordRouter, Router
     from micro.ai import from_provider
 
@@ -144,8 +201,9 @@ def _router(provider: str | None, model: str | None) -> _Routes:
     if name is None:
         name = "anthropic" if os.environ.get("ANTHROPIC_API_KEY") else None
     if name is None or name == "scripted":
-        return KeywordRouter()
-    return Router(from_provider(name, model=model))
+        return KeywordRouter(), None
+    llm = from_provider(name, model=model)
+    return Router(llm), DirectChat(llm)
 
 
 @main.command()
@@ -159,17 +217,18 @@ def _router(provider: str | None, model: str | None) -> _Routes:
 async def chat(only: str | None, provider: str | None, model: str | None, session: str,
                message: str | None, timeout: float) -> None:
     """Chat with the agents in the registry (routed to the right one(s))."""
-    router = _router(provider, model)
+    router, direct = _router(provider, model)
     async with cli_runtime() as rt:
         if message is not None or not sys.stdin.isatty():
             lines = [message] if message is not None else [ln for ln in sys.stdin.read().splitlines() if ln.strip()]
             for line in lines:
-                await turn(rt, router, line, only=only, session=session, timeout=timeout)
+                await turn(rt, router, line, only=only, session=session, timeout=timeout, direct=direct)
             return
-        await _repl(rt, router, only, session, timeout)
+        await _repl(rt, router, only, session, timeout, direct)
 
 
-async def _repl(rt: Any, router: _Routes, only: str | None, session: str, timeout: float) -> None:
+async def _repl(rt: Any, router: _Routes, only: str | None, session: str, timeout: float,
+                direct: DirectChat | None = None) -> None:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory
 
@@ -190,7 +249,8 @@ async def _repl(rt: Any, router: _Routes, only: str | None, session: str, timeou
             continue
         if not text.strip():
             continue
-        task = asyncio.ensure_future(turn(rt, router, text, only=only, session=session, timeout=timeout))
+        task = asyncio.ensure_future(turn(rt, router, text, only=only, session=session, timeout=timeout,
+                                          direct=direct))
         loop.add_signal_handler(signal.SIGINT, task.cancel)
         try:
             await task
