@@ -94,3 +94,47 @@ async def test_a_call_past_the_drain_timeout_is_cancelled_cleanly() -> None:
     (err,) = outcome
     assert isinstance(err, micro.errors.Error)
     assert isinstance(err, Unavailable) and "dropped the call" in str(err)
+
+
+class Gate(msgspec.Struct):
+    job: int = 0
+
+
+class Blocking:
+    def __init__(self) -> None:
+        self.started = anyio.Event()
+        self.release = anyio.Event()
+
+    async def Do(self, req: Gate) -> Gate:
+        """Wait to be released, then answer."""
+        self.started.set()
+        await self.release.wait()
+        return req
+
+
+async def test_stopping_a_flow_lets_the_event_in_flight_finish_and_record() -> None:
+    from micro.ai import scripted
+
+    blocking = Blocking()
+    model = scripted.turns(scripted.call("gate_Blocking_Do", job=1), scripted.reply("done"))
+    async with micro.Runtime(registry="memory://", store="memory://", broker="memory://") as rt:
+        gate = micro.New("gate", runtime=rt)
+        gate.handle(blocking)
+        flow = micro.NewFlow(
+            "jobs", trigger="jobs.created", prompt="Do job {job}.", services=["gate"], provider=model, runtime=rt
+        )
+        async with gate:
+            await flow.start()
+            await rt.client.publish("jobs.created", {"job": 1}, headers={"Micro-Id": "ev-1"})
+            with anyio.fail_after(10):
+                await blocking.started.wait()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(flow.stop)  # the event is mid-run: stop waits for it
+                with anyio.fail_after(10):
+                    while any(r.name == "jobs" for r in await rt.registry.list()):  # deregistered first
+                        await anyio.wait_all_tasks_blocked()
+                assert not any(r.name == "jobs" for r in await rt.registry.list())
+                assert not blocking.release.is_set() and flow.active == 1  # still running its event
+                blocking.release.set()
+            run = await flow.runs.get("ev-1")
+    assert run is not None and run.status == "completed" and run.reply == "done"
