@@ -19,6 +19,7 @@ import betterproto2
 import msgspec
 
 from micro.codec import proto as _proto
+from micro.codec.proto_compiled import compiled
 from micro.errors import BadRequest, UsageError
 
 JSON = "json"
@@ -176,6 +177,7 @@ class ProtoCodec(TypeCodec):
     def __init__(self, tp: type[betterproto2.Message]) -> None:
         super().__init__(tp)
         self.package = proto_package(tp)
+        self._compiled = compiled(tp)  # None: betterproto2 itself, behind check_wire
 
     def convert(self, value: object, where: str) -> Any:
         if type(value) is self.type:
@@ -190,6 +192,13 @@ class ProtoCodec(TypeCodec):
 
     def decode(self, data: bytes, wire: str, where: str) -> Any:
         if wire == PROTO:
+            if self._compiled is not None:
+                try:
+                    return self._compiled.decode(data if type(data) is bytes else bytes(data), "$")
+                except BadRequest as exc:
+                    raise BadRequest(f"{where}: {exc.message}") from None
+                except RecursionError:
+                    raise BadRequest(f"{where}: malformed protobuf: messages nested too deep") from None
             try:
                 _proto.check_wire(self.type, data)
             except BadRequest as exc:
@@ -206,6 +215,8 @@ class ProtoCodec(TypeCodec):
 
     def encode(self, value: Any, wire: str) -> bytes:
         if wire == PROTO:
+            if self._compiled is not None and type(value) is self.type:
+                return self._compiled.encode(value)
             return bytes(value)
         return _encoder.encode(_proto.to_builtins(value))
 
