@@ -275,7 +275,7 @@ async def _grpc() -> list[Result]:
 
     out: list[Result] = []
     labels = {
-        "proto": "micro proto-first (betterproto2, application/grpc)",
+        "proto": "micro proto-first (betterproto2 messages, compiled codec, application/grpc)",
         "json": "micro JSON (msgspec, application/grpc+json)",
     }
     med = {k: statistics.median(v) for k, v in rates.items()}

@@ -237,7 +237,7 @@ class Client:
     def _encode(self, req: Request, wire: str) -> bytes:
         body = req.body
         if wire == PROTO:
-            data = bytes(body)
+            data = codec_for(body.__class__).encode(body, PROTO)  # compiled when the message allows it
         elif body is None:
             data = b"{}"
         elif isinstance(body, bytes | bytearray | memoryview):
