@@ -56,6 +56,7 @@ class Rsp(msgspec.Struct):
 class Tasks:
     def __init__(self) -> None:
         self.started = anyio.Event()
+        self.growing_closed = False
 
     async def Get(self, req: Req) -> Rsp:
         return Rsp(req.user_id, "x" * req.size)
@@ -66,6 +67,15 @@ class Tasks:
     async def BoomLater(self, req: Req) -> AsyncIterator[Rsp]:
         yield Rsp(req.user_id)
         raise RuntimeError(f"stream broke: {SECRET}")
+
+    async def Growing(self, req: Req) -> AsyncIterator[Rsp]:
+        """A small reply, then one of ``size`` bytes, then another small one."""
+        try:
+            yield Rsp(req.user_id)
+            yield Rsp(req.user_id, "x" * req.size)
+            yield Rsp(req.user_id)
+        finally:
+            self.growing_closed = True
 
     async def Missing(self, req: Req) -> Rsp:
         raise NotFound(f"no task for {req.user_id!r}")
@@ -407,6 +417,20 @@ async def test_oversize_request_is_resource_exhausted(system: System, size: int)
 async def test_oversize_response_is_resource_exhausted(system: System) -> None:
     with pytest.raises(ResourceExhausted, match="response of"):
         await system.client("network").call("task", "Tasks.Get", {"user_id": "a", "size": 100_000})
+
+
+async def test_oversize_reply_mid_stream_is_resource_exhausted(system: System) -> None:
+    got: list[Any] = []
+    with anyio.fail_after(10), pytest.raises(ResourceExhausted) as info:
+        async for item in system.client("network").stream("task", "Tasks.Growing",
+                                                           {"user_id": "a", "size": 100_000}):
+            got.append(item)
+    assert got == [{"user_id": "a", "blob": ""}]  # what came before the oversize reply arrived
+    size = len(msgspec.json.encode(Rsp("a", "x" * 100_000)))
+    assert info.value.message == f"task Tasks.Growing: reply 2 of {size} bytes is over the 65536-byte limit"
+    assert system.tasks.growing_closed  # the handler's generator was closed, not left suspended
+    replies = [r async for r in system.client("network").stream("task", "Tasks.Growing", {"user_id": "b"})]
+    assert len(replies) == 3  # under the limit every reply goes out
 
 
 async def test_oversize_request_on_the_wire(system: System) -> None:

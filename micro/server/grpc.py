@@ -25,7 +25,7 @@ from grpclib.server import Handler as _BaseHandler
 from grpclib.server import Server, Stream
 
 from micro.codec import JSON, PROTO
-from micro.errors import Error
+from micro.errors import Error, ResourceExhausted
 
 if TYPE_CHECKING:
     from micro.service.endpoints import Endpoint
@@ -227,8 +227,21 @@ class GrpcServer:
                 data = await _recv(stream, limit, ep.where)
                 body = ep.request.decode(data, wire, ep.where)
                 items = await ep.handle(body, _metadata(stream), _deadline(stream))
-                async for item in items:
-                    await stream.send_message(ep.response.encode(item, wire))
+                try:
+                    sent = 0
+                    async for item in items:
+                        reply = ep.response.encode(item, wire)
+                        if len(reply) > limit:  # what went before was delivered; the stream ends here
+                            raise ResourceExhausted(
+                                f"{ep.where}: reply {sent + 1} of {len(reply)} bytes is over the "
+                                f"{limit}-byte limit"
+                            )
+                        await stream.send_message(reply)
+                        sent += 1
+                finally:
+                    aclose = getattr(items, "aclose", None)
+                    if aclose is not None:
+                        await aclose()  # the handler's generator runs its cleanup now
             except Error as err:
                 raise GRPCError(err.status, err.message) from None
 
