@@ -115,6 +115,10 @@ async def test_agent_info_endpoints_over_the_client(rt: micro.Runtime) -> None:
         history = await rt.client.call("user-mgr", "AgentInfo.History", {"session": "desk"})
         kinds = [[b["type"] for b in m["content"]] for m in history["messages"]]
         assert kinds == [["text"], ["tool_use"], ["tool_result"], ["text"]]
+        last = await rt.client.call("user-mgr", "AgentInfo.History", {"session": "desk", "limit": 2})
+        assert last["messages"] == history["messages"][-2:]
+        with pytest.raises(BadRequest, match="limit"):
+            await rt.client.call("user-mgr", "AgentInfo.History", {"session": "desk", "limit": -1})
         assert (await rt.client.call("user-mgr", "AgentInfo.History", {}))["messages"] == []
         desc = await rt.client.call("user-mgr", "AgentInfo.Inspect", {})
     assert (desc["name"], desc["prompt"], desc["services"]) == ("user-mgr", "You look users up.", ["users"])

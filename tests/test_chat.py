@@ -206,6 +206,9 @@ def test_agent_runs_show_history_and_inspect(example: subprocess.Popen[str]) -> 
     assert history.stdout.splitlines()[:3] == ["you: What tasks are overdue for Alice?",
                                                "task-mgr: Checking overdue tasks...",
                                                '  → task_Task_ListOverdue({"user_id":"alice"})']
+    tail = micro_cli("agent", "history", "task-mgr", "--session", "cli-test", "--limit", "1", "--json")
+    assert msgspec.json.decode(tail.stdout)[0]["content"][0]["text"] == run["reply"]  # the last message only
+    assert len(msgspec.json.decode(tail.stdout)) == 1
     inspect = micro_cli("agent", "inspect", "task-mgr", "--json")
     desc = msgspec.json.decode(inspect.stdout)
     assert desc["services"] == ["task", "project"] and desc["provider"]["model"].startswith("scripted demo model")

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any, TypeVar, overload
+from typing import Annotated, Any, TypeVar, overload
 
 import anyio
 import anyio.abc
@@ -382,6 +382,7 @@ class RunResponse(msgspec.Struct):
 
 class HistoryRequest(msgspec.Struct):
     session: str = ""
+    limit: Annotated[int, msgspec.Meta(ge=0)] = 0  # the last this many messages; 0: all of them
 
 
 class HistoryResponse(msgspec.Struct):
@@ -431,8 +432,9 @@ class _AgentInfoHandler:
         return RunResponse(run=run)
 
     async def History(self, req: HistoryRequest) -> HistoryResponse:
-        """Every stored message of a session ("" is the default conversation), oldest first."""
-        return HistoryResponse(session=req.session, messages=await self._agent.history.messages(req.session))
+        """A session's stored messages ("" is the default conversation), oldest first: all, or the last ``limit``."""
+        messages = await self._agent.history.messages(req.session, req.limit)
+        return HistoryResponse(session=req.session, messages=messages)
 
     async def Inspect(self, req: InspectRequest) -> AgentDescription:
         """The agent's prompt, services, tools (names and input schemas) and provider settings, without keys."""

@@ -81,9 +81,13 @@ class History:
             start += 1
         return messages[start:]
 
-    async def messages(self, session: str = "") -> list[Message]:
-        """Every stored message of a session, oldest first."""
-        records = await self.store.read(self.prefix(session), prefix=True)
+    async def messages(self, session: str = "", limit: int = 0) -> list[Message]:
+        """The stored messages of a session, oldest first: all of them, or the last ``limit``."""
+        if limit:
+            records = await self.store.read(self.prefix(session), prefix=True, limit=limit, reverse=True)
+            records.reverse()
+        else:
+            records = await self.store.read(self.prefix(session), prefix=True)
         return [_decode(r.value) for r in records]
 
     async def clear(self, session: str = "") -> None:

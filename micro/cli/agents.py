@@ -100,11 +100,13 @@ async def show(name: str, run_id: str) -> None:
 @agent.command("history")
 @click.argument("name")
 @click.option("--session", default="", help="The session (default: the agent's default conversation).")
+@click.option("--limit", "-n", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Only the last N messages (0: the whole conversation).")
 @click.option("--json", "as_json", is_flag=True, help="Print the messages as JSON.")
 @run_async
-async def history(name: str, session: str, as_json: bool) -> None:
+async def history(name: str, session: str, limit: int, as_json: bool) -> None:
     """Print the conversation agent NAME remembers, tool calls and results included."""
-    rsp = await _info(name, "History", {"session": session})
+    rsp = await _info(name, "History", {"session": session, "limit": limit})
     if as_json:
         out.print_json(msgspec.json.encode(rsp["messages"]).decode())
         return
