@@ -28,6 +28,7 @@ import msgspec
 
 from micro import context, telemetry
 from micro.codec import JSON, PROTO, codec_for, encode_json, is_proto_message
+from micro.codec.proto_compiled import compiled
 from micro.errors import BadRequest, EndpointNotFound, ResourceExhausted, ServiceNotFound, Timeout, Unavailable
 from micro.middleware import Next, Request, Wrapper, chain
 from micro.registry import Endpoint as EndpointRecord
@@ -237,7 +238,8 @@ class Client:
     def _encode(self, req: Request, wire: str) -> bytes:
         body = req.body
         if wire == PROTO:
-            data = codec_for(body.__class__).encode(body, PROTO)  # compiled when the message allows it
+            codec = compiled(body.__class__)  # None: betterproto2's own encoder
+            data = bytes(body) if codec is None else codec.encode(body)
         elif body is None:
             data = b"{}"
         elif isinstance(body, bytes | bytearray | memoryview):

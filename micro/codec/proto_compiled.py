@@ -19,15 +19,22 @@ generated messages and bytes.
 
 A class is compiled only if every field is one this module knows: the scalar
 types, enums, strings, bytes, nested messages, ``repeated`` and ``optional`` of
-those, oneof members and maps. Messages with well-known wrapper types (fields
-betterproto2 unwraps to ``datetime``, ``timedelta`` or ``str | None``), pydantic
-dataclasses, and anything that refers to such a message are left to betterproto2:
-:func:`compiled` returns ``None`` for them.
+those, oneof members and maps. Left to betterproto2 (:func:`compiled` returns
+``None``): messages with well-known wrapper types (fields betterproto2 unwraps to
+``datetime``, ``timedelta`` or ``str | None``), pydantic dataclasses, classes with
+their own ``__post_init__`` (generated code adds one to warn about deprecated
+messages; decoded objects are built without calling ``__init__``), subclasses that
+add fields (betterproto2 reuses their base's cached metadata), and every class that
+reaches one of those. A class and the classes it reaches are compiled together or
+not at all.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import logging
+import re
 import struct
 import threading
 from collections.abc import Callable
@@ -39,6 +46,9 @@ from betterproto2 import FieldMetadata
 from micro.errors import BadRequest
 
 __all__ = ["CompiledCodec", "compiled"]
+
+log = logging.getLogger("micro.codec")
+_NOT_NAME = re.compile(r"\W")
 
 Decoder = Callable[[bytes, str], Any]
 Encoder = Callable[[Any], bytes]
@@ -144,13 +154,18 @@ _namespace: dict[str, Any] = {
     "_unpack_fixed": _unpack_fixed, "_new": _new, "_Struct": struct.Struct, "_M32": _MASK32, "_M64": _MASK64,
     "_Bad": BadRequest,
 }
-_names: dict[type, str] = {}  # compiled (or being compiled) class -> its suffix in _namespace
-_failed: set[type] = set()
+_serial = itertools.count()
+_names: dict[type, str] = {}  # compiled class -> its suffix in _namespace (only once its code is there)
 _cache: dict[type, CompiledCodec | None] = {}
 
 
 def compiled(tp: type[betterproto2.Message]) -> CompiledCodec | None:
-    """The compiled codec of ``tp``, or ``None`` when it has a field this module leaves to betterproto2."""
+    """The compiled codec of ``tp``, or ``None`` when it (or a message it contains) is left to betterproto2.
+
+    Compiled once per class and kept for the life of the process, like
+    ``codec_for``'s cache: message classes are expected to be defined once, not
+    made per request.
+    """
     try:
         return _cache[tp]
     except KeyError:
@@ -158,10 +173,12 @@ def compiled(tp: type[betterproto2.Message]) -> CompiledCodec | None:
     with _lock:
         if tp not in _cache:
             try:
-                suffix = _compile(tp)
-            except _Unsupported:
+                _compile(tp)
+            except Exception as exc:  # _Unsupported, or a class too odd to introspect: betterproto2 serves it
+                log.debug("protobuf codec of %r left to betterproto2: %s", tp, exc)
                 _cache[tp] = None
             else:
+                suffix = _names[tp]
                 _cache[tp] = CompiledCodec(_namespace[f"_dec_{suffix}"], _namespace[f"_enc_{suffix}"])
     return _cache[tp]
 
@@ -184,12 +201,18 @@ def _fields(tp: type[betterproto2.Message]) -> list[_Field]:
     pydantic = getattr(betterproto2, "pydantic", None)  # betterproto2 imports it when it is installed
     if pydantic is not None and pydantic.dataclasses.is_pydantic_dataclass(tp):
         raise _Unsupported(tp)  # betterproto2 validates pydantic messages on every encode/decode
+    if tp.__post_init__ is not betterproto2.Message.__post_init__:
+        raise _Unsupported(tp)  # e.g. a deprecation warning: decoded objects are built without __init__
     try:
         meta = getattr(tp, "_betterproto")  # noqa: B009 - a classproperty
     except Exception as exc:  # an annotation that does not resolve, an odd base class
         raise _Unsupported(tp) from exc
+    fields = {f.name: f for f in dataclasses.fields(tp)}
+    if list(meta.meta_by_field_name) != list(fields):
+        # a subclass that adds fields inherits the metadata betterproto2 cached on its base first
+        raise _Unsupported(tp)
     out: list[_Field] = []
-    for f in dataclasses.fields(tp):
+    for f in fields.values():
         fm: FieldMetadata = FieldMetadata.get(f)
         if fm.unwrap is not None:
             raise _Unsupported(f"{tp.__name__}.{f.name}")
@@ -199,7 +222,7 @@ def _fields(tp: type[betterproto2.Message]) -> list[_Field]:
         if kind == "map":
             if fm.repeated or field.presence or cls is None or fm.map_meta is None or fm.map_meta[1].unwrap:
                 raise _Unsupported(f"{tp.__name__}.{f.name}")
-            key, value = _fields(cls)
+            key, value = _fields(cls)  # the entry class betterproto2 made
             if key.kind not in _SCALARS or key.repeated or value.repeated or value.kind == "map":
                 raise _Unsupported(f"{tp.__name__}.{f.name}")
             field.cls, field.entry = cls, (key, value)
@@ -209,6 +232,8 @@ def _fields(tp: type[betterproto2.Message]) -> list[_Field]:
             field.cls = cls
         elif kind in _SCALARS:
             if kind == "enum":
+                if not isinstance(cls, type):
+                    raise _Unsupported(f"{tp.__name__}.{f.name}")
                 field.cls = cls
             if not fm.repeated and not field.presence:
                 assert f.default_factory is not dataclasses.MISSING
@@ -237,31 +262,41 @@ def _key_bytes(number: int, wire: int) -> bytes:
     return bytes(out)
 
 
-def _compile(tp: type[betterproto2.Message]) -> str:
-    """Compile ``tp`` and every message class it reaches into ``_namespace``; its suffix."""
-    if tp in _failed:
-        raise _Unsupported(tp)
-    if tp in _names:
-        return _names[tp]
-    suffix = f"{len(_names)}_{tp.__name__}"
-    _names[tp] = suffix  # before recursing: a message may contain itself
-    try:
+def _compile(root: type[betterproto2.Message]) -> None:
+    """Compile ``root`` and every message class it reaches that is not compiled yet: all or nothing.
+
+    Every class of the group is introspected before any code is made, so one
+    unsupported class anywhere leaves the whole group to betterproto2 and nothing
+    half-made behind; code refers to other classes' functions by suffix, and a
+    suffix is unique for the life of the process.
+    """
+    group: dict[type, list[_Field]] = {}
+    todo: list[type] = [root]
+    while todo:
+        tp = todo.pop()
+        if tp in _names or tp in group:
+            continue
+        if tp in _cache:  # compiled() found it unsupported before
+            raise _Unsupported(tp)
         fields = _fields(tp)
+        group[tp] = fields
         for f in fields:
-            if f.kind == "message":
+            if f.kind in ("message", "map"):  # a map's entry class is a message too
                 assert f.cls is not None
-                _compile(f.cls)
-            elif f.entry is not None and f.entry[1].kind == "message":
-                assert f.entry[1].cls is not None
-                _compile(f.entry[1].cls)
+                todo.append(f.cls)
+    names = dict(_names)
+    for tp in group:
+        names[tp] = f"{next(_serial)}_{_NOT_NAME.sub('_', tp.__name__)}"
+    code = []
+    for tp, fields in group.items():
+        suffix = names[tp]
+        source = _decoder_source(suffix, fields, names) + "\n\n" + _encoder_source(suffix, fields, names)
+        code.append((tp, suffix, compile(source, f"<micro.codec.proto_compiled {tp.__qualname__}>", "exec")))
+    for tp, suffix, unit in code:
         _namespace[f"_cls_{suffix}"] = tp
-        source = _decoder_source(suffix, fields) + "\n\n" + _encoder_source(suffix, fields)
-        exec(compile(source, f"<micro.codec.proto_compiled {tp.__qualname__}>", "exec"), _namespace)
-    except _Unsupported:
-        _failed.add(tp)
-        del _names[tp]
-        raise
-    return suffix
+        exec(unit, _namespace)
+    for tp, suffix, _ in code:
+        _names[tp] = suffix
 
 
 def _constant(value: Any, hint: str) -> str:
@@ -324,7 +359,7 @@ def _varint_post(kind: str, v: str) -> list[str]:
     return [f"{v} = {v} > 0"]  # bool
 
 
-def _decoder_source(suffix: str, fields: list[_Field]) -> str:
+def _decoder_source(suffix: str, fields: list[_Field], names: dict[type, str]) -> str:
     known = {f.number: (f.name, f.kind) for f in fields}
     known_name = _constant(known, "known")
     lines = [f"def _dec_{suffix}(data, path):"]
@@ -356,7 +391,7 @@ def _decoder_source(suffix: str, fields: list[_Field]) -> str:
         kind = f.kind
         if kind == "map":
             assert f.entry is not None and f.cls is not None
-            entry = _names_for_entry(f)
+            entry = f"_dec_{names[f.cls]}"
             lines.append(f"        {branch} key == {_key(f.number, _LEN)}:")
             lines += _scalar_read("bytes", "v", where, "            ")
             lines.append(f"            e = {entry}(v, {where})")
@@ -364,7 +399,7 @@ def _decoder_source(suffix: str, fields: list[_Field]) -> str:
         elif kind == "message":
             lines.append(f"        {branch} key == {_key(f.number, _LEN)}:")
             lines += _scalar_read("bytes", "v", where, "            ")
-            sub = f"_dec_{_names[f.cls]}"  # type: ignore[index]
+            sub = f"_dec_{names[f.cls]}"  # type: ignore[index]
             if f.repeated:
                 lines.append(f"            f_{f.name}.append({sub}(v, {where}))")
             else:
@@ -431,16 +466,10 @@ def _decoder_source(suffix: str, fields: list[_Field]) -> str:
     return "\n".join(lines)
 
 
-def _names_for_entry(f: _Field) -> str:
-    """The decoder of a map field's entry class (compiled like any message)."""
-    assert f.cls is not None
-    return f"_dec_{_compile(f.cls)}"
-
-
 # -- encoders --
 
 
-def _scalar_write(kind: str, v: str, indent: str, cls: type | None = None) -> list[str]:
+def _scalar_write(kind: str, v: str, indent: str, names: dict[type, str], cls: type | None = None) -> list[str]:
     """Lines appending the value ``v`` (no key) of ``kind`` to ``b``; ``e`` holds LEN payloads."""
     if kind in ("sint32", "sint64"):
         lines = [f"_put(b, {v} << 1 if {v} >= 0 else ({v} << 1) ^ -1)"]
@@ -456,14 +485,14 @@ def _scalar_write(kind: str, v: str, indent: str, cls: type | None = None) -> li
             lines = [f"e = {v}"]
         else:  # message
             assert cls is not None
-            sub = f"_enc_{_names[cls]}"
-            target = f"_cls_{_names[cls]}"
+            sub = f"_enc_{names[cls]}"
+            target = f"_cls_{names[cls]}"
             lines = [f"e = {sub}({v}) if type({v}) is {target} else bytes({v})"]
         lines += ["n = len(e)", "if n < 0x80: b.append(n)", "else: _put(b, n)", "b += e"]
     return [indent + line for line in lines]
 
 
-def _encoder_source(suffix: str, fields: list[_Field]) -> str:
+def _encoder_source(suffix: str, fields: list[_Field], names: dict[type, str]) -> str:
     lines = [f"def _enc_{suffix}(m):", "    b = bytearray()"]
     for f in fields:  # in declaration order, as betterproto2 writes them
         lines.append(f"    v = m.{f.name}")
@@ -481,9 +510,9 @@ def _encoder_source(suffix: str, fields: list[_Field]) -> str:
                 "            b = bytearray()",
                 f"            b += {tag_k}",
             ]
-            lines += _scalar_write(key.kind, "mk", "            ")
+            lines += _scalar_write(key.kind, "mk", "            ", names)
             lines.append(f"            b += {tag_v}")
-            lines += _scalar_write(value.kind, "mv", "            ", value.cls)
+            lines += _scalar_write(value.kind, "mv", "            ", names, value.cls)
             lines += [
                 "            entry = b",
                 "            b = outer",
@@ -497,13 +526,13 @@ def _encoder_source(suffix: str, fields: list[_Field]) -> str:
             if kind in _SCALARS - {"string", "bytes"}:  # packed
                 tag = _constant(_key_bytes(f.number, _LEN), "tag")
                 lines += ["        outer = b", "        b = bytearray()", "        for item in v:"]
-                lines += _scalar_write(kind, "item", "            ")
+                lines += _scalar_write(kind, "item", "            ", names)
                 lines += ["        packed = b", "        b = outer", f"        b += {tag}",
                           "        _put(b, len(packed))", "        b += packed"]
             else:
                 tag = _constant(_key_bytes(f.number, _LEN), "tag")
                 lines += ["        for item in v:", f"            b += {tag}"]
-                lines += _scalar_write(kind, "item", "            ", f.cls)
+                lines += _scalar_write(kind, "item", "            ", names, f.cls)
             continue
         tag = _constant(_key_bytes(f.number, _wire(kind)), "tag")
         if f.presence or kind == "message":
@@ -511,6 +540,6 @@ def _encoder_source(suffix: str, fields: list[_Field]) -> str:
         else:
             lines.append(f"    if v is not None and v != {_constant(f.default, 'default')}:")
         lines.append(f"        b += {tag}")
-        lines += _scalar_write(kind, "v", "        ", f.cls)
+        lines += _scalar_write(kind, "v", "        ", names, f.cls)
     lines += ["    b += m._unknown_fields", "    return bytes(b)"]
     return "\n".join(lines)
