@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -292,3 +293,29 @@ async def test_chat_without_agents_but_with_a_provider_talks_to_the_services_dir
                      "It is MICRO."]
     first = api.requests[0].body
     assert [t["name"] for t in first["tools"]] == ["echo_Echo_Upper"]
+
+
+def test_flow_list_runs_show_and_replay(example: subprocess.Popen[str]) -> None:
+    def micro_cli(*args: str, columns: str = "80") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*MICRO, *args], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                              env={**os.environ, "COLUMNS": columns})
+
+    flows = msgspec.json.decode(micro_cli("flow", "list", "--json").stdout)
+    assert flows == [{"name": "onboard-user", "trigger": "events.user.created", "services": ["email", "workspace"],
+                      "agent": ""}]
+    res = micro_cli("call", "user", "User.Create", '{"name": "Zoe", "email": "zoe@example.com"}')
+    assert res.returncode == 0, res.stderr
+    give_up = time.monotonic() + 60  # the flow runs after the event is published: watch its run records
+    while not (runs := [r for r in msgspec.json.decode(micro_cli("flow", "runs", "onboard-user", "--json").stdout)
+                        if "Zoe" in msgspec.json.encode(r["event"]).decode() and r["status"] == "completed"]):
+        assert time.monotonic() < give_up, "the flow did not record a completed run for the event"
+    (run,) = runs
+    table = micro_cli("flow", "runs", "onboard-user")  # 80 columns: the run id still whole
+    assert run["id"] in table.stdout
+    shown = msgspec.json.decode(micro_cli("flow", "show", run["id"]).stdout)
+    assert shown["id"] == run["id"]
+    assert [c["name"] for c in shown["tool_calls"]] == [c["name"] for c in run["tool_calls"]]
+    replayed = msgspec.json.decode(micro_cli("flow", "replay", run["id"]).stdout)
+    assert replayed["replay_of"] == run["id"] and replayed["id"] != run["id"] and replayed["status"] == "completed"
+    res = micro_cli("flow", "show", "no-such-run")
+    assert res.returncode == 1 and "no flow has a run 'no-such-run'" in res.stderr

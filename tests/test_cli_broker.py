@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 MICRO = [sys.executable, "-m", "micro.cli"]
 
@@ -46,3 +48,30 @@ def test_publish_rejects_bad_json_and_bad_broker_urls(nats_url: str) -> None:
     res = subprocess.run([*MICRO, "publish", "t", "{}", "--broker", "nats://127.0.0.1:1"], capture_output=True,
                          text=True, cwd=ROOT, timeout=60)
     assert res.returncode == 1 and "Unavailable" in res.stderr and "127.0.0.1:1" in res.stderr
+
+
+@pytest.mark.parametrize("command", [["publish", "events.x", "{}"], ["subscribe", "events.>", "-n", "1"]])
+def test_the_in_process_broker_is_refused_with_what_to_set(command: list[str], tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MICRO_BROKER"}  # the default: memory://
+    env["MICRO_HOME"] = str(tmp_path)
+    res = subprocess.run([*MICRO, *command], capture_output=True, text=True, cwd=ROOT, timeout=60, env=env)
+    assert res.returncode == 2, res
+    assert "the broker is memory://" in res.stderr and "MICRO_BROKER" in res.stderr and "local://" in res.stderr
+    assert "published" not in res.stdout  # nothing claims a delivery that cannot happen
+
+
+def test_publish_on_local_reaches_a_subscriber_in_another_process(tmp_path: Path) -> None:
+    env = {**os.environ, "MICRO_BROKER": "local://", "MICRO_HOME": str(tmp_path), "MICRO_REGISTRY": "local://"}
+    sub = subprocess.Popen([*MICRO, "subscribe", "events.>", "-n", "1"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    try:
+        assert sub.stderr is not None and sub.stderr.readline().strip() == "subscribed to events.>"
+        res = subprocess.run([*MICRO, "publish", "events.user.created", '{"id": "u9"}'], capture_output=True,
+                             text=True, cwd=ROOT, timeout=60, env=env)
+        assert res.returncode == 0, res.stderr
+        out, _ = sub.communicate(timeout=60)
+    finally:
+        if sub.poll() is None:
+            sub.kill()
+    (line,) = out.splitlines()
+    assert json.loads(line)["data"] == {"id": "u9"}

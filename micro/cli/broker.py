@@ -2,7 +2,9 @@
 
 Both use the broker of ``MICRO_BROKER`` (or ``--broker``). ``subscribe`` prints
 each message as one JSON line (``{"topic", "id", "headers", "data"}``) until
-Ctrl-C; ``--queue`` joins a queue group.
+Ctrl-C; ``--queue`` joins a queue group. Both refuse the in-process ``memory://``
+broker (the default): from a terminal of its own, a message published there
+reaches no one and nothing can arrive, so they say which broker to set instead.
 """
 
 from __future__ import annotations
@@ -17,6 +19,14 @@ import msgspec
 from micro.cli.main import cli_runtime, fail, main, out, run_async
 
 _decode = msgspec.json.Decoder().decode
+
+
+def _shared(rt: Any, what: str) -> None:
+    """Refuse a broker that only this process can use."""
+    if str(getattr(rt.broker, "url", "")).startswith("memory:"):  # local:// builds on MemoryBroker: by URL
+        fail(f"cannot {what}: the broker is memory://, which only this process sees. Set MICRO_BROKER to a "
+             "broker other processes share, here and in the app's process: local:// (this machine, no "
+             "server) or nats://HOST:4222 (or pass --broker)", 2)
 
 
 @main.command()
@@ -40,6 +50,7 @@ async def publish(topic: str, message: str | None, broker_url: str | None, heade
             fail(f"header {item!r} is not KEY=VALUE", 2)
         hdrs[key] = value
     async with cli_runtime(broker=broker_url) as rt:
+        _shared(rt, f"publish to {topic}")
         await rt.broker.publish(topic, body, headers=hdrs)
     out.print(f"published to {topic}")
 
@@ -71,6 +82,7 @@ async def subscribe(topic: str, broker_url: str | None, queue: str | None, count
             done.set()
 
     async with cli_runtime(broker=broker_url) as rt:
+        _shared(rt, f"subscribe to {topic}")
         sub = await rt.broker.subscribe(topic, show, queue=queue)
         try:
             async with anyio.create_task_group() as tg:

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 import msgspec
-from rich.table import Table
+from rich.table import Column, Table
 
 from micro.cli.main import cli_runtime, fail, main, out, run_async
 
@@ -61,7 +61,9 @@ async def runs(name: str, limit: int, as_json: bool) -> None:
     if as_json:
         out.print_json(msgspec.json.encode(rsp["runs"]).decode())
         return
-    table = Table("run", "status", "attempts", "tools", "started", "error")
+    widest = max((len(r["id"]) for r in rsp["runs"]), default=3)
+    table = Table(Column("run", no_wrap=True, min_width=widest),  # whole: `micro flow show` takes it
+                  "status", "attempts", "tools", "started", "error")
     for r in rsp["runs"]:
         table.add_row(r["id"], r["status"], str(r["attempts"]), str(len(r["tool_calls"])), _when(r["started"]),
                       r["error"][:60])

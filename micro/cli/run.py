@@ -120,7 +120,8 @@ async def serve(path: Path) -> None:
                 via = f"agent {meta['agent']}" if meta.get("agent") else f"model: {meta.get('model', '?')}"
                 extra = f"on {meta.get('trigger', '?')} over {meta.get('services', '') or '-'}; {via}"
             else:
-                extra = f"{len(item.endpoints)} endpoints"
+                n = len(item.endpoints)
+                extra = f"{n} endpoint{'' if n == 1 else 's'}"
             out.print(f"[green]●[/green] {kind} [bold]{item.name}[/bold] on {item.address} ({extra})")
         if module.__doc__:
             out.print(module.__doc__.strip(), markup=False)
