@@ -26,7 +26,7 @@ import hmac
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from micro.errors import PermissionDenied, Unauthenticated
+from micro.errors import PermissionDenied, Unauthenticated, UsageError
 from micro.middleware import Next, Request, Wrapper
 
 HEADER = "authorization"
@@ -40,6 +40,12 @@ class TokenAuth:
     """Checks ``authorization: Bearer <token>`` against known tokens and their endpoint patterns."""
 
     def __init__(self, tokens: Mapping[str, Iterable[str]], *, public: Iterable[str] = ()) -> None:
+        for t in tokens:
+            if not isinstance(t, str) or not t.strip():
+                raise UsageError("TokenAuth: every token must be a non-empty string (an unset environment "
+                                 "variable gives an empty one, and `Bearer ` with nothing after it would pass)")
+            if t != t.strip():
+                raise UsageError("TokenAuth: a token must not start or end with spaces (the header's are stripped)")
         self._grants = [(_digest(t), tuple(patterns)) for t, patterns in tokens.items()]
         self.public = tuple(public)
 
@@ -57,9 +63,10 @@ class TokenAuth:
             return
         value = metadata.get(HEADER, "")
         scheme, _, token = value.partition(" ")
+        token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated(f"{endpoint} needs a bearer token (metadata authorization: Bearer …)")
-        patterns = self._patterns(token.strip())
+        patterns = self._patterns(token)
         if patterns is None:
             raise Unauthenticated(f"{endpoint}: the bearer token is not valid")
         if not any(fnmatch.fnmatchcase(endpoint, p) for p in patterns):

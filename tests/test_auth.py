@@ -67,6 +67,20 @@ async def test_tokens_and_grants(path: str, caplog: pytest.LogCaptureFixture) ->
     assert OPS not in caplog.text and READER not in caplog.text
 
 
+@pytest.mark.parametrize("token", ["", "  ", " tok-ops", "tok-ops\n"])
+def test_an_empty_or_padded_token_is_refused_at_setup(token: str) -> None:
+    # TokenAuth({os.environ.get("OPS_TOKEN", ""): ["*"]}) with the variable unset: "Bearer " + a space
+    # would have matched the empty token, with its grants
+    with pytest.raises(micro.errors.UsageError, match="TokenAuth"):
+        TokenAuth({token: ["*"], OPS: ["*"]})
+
+
+@pytest.mark.parametrize("header", ["Bearer ", "Bearer  ", "Bearer \t", "bearer"])
+def test_a_bearer_header_without_a_token_is_unauthenticated(header: str) -> None:
+    with pytest.raises(Unauthenticated, match="needs a bearer token"):
+        auth().check("Task.List", {"authorization": header})
+
+
 async def test_bearer_call_wrapper_sends_the_token() -> None:
     registry = MemoryRegistry()
     async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as server, \

@@ -9,6 +9,7 @@ oversize message -> ResourceExhausted. Raw grpclib calls check the statuses on t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -450,3 +451,61 @@ async def test_the_client_refuses_to_send_over_its_own_limit() -> None:
             away.client.max_message_size = 1000
             with pytest.raises(ResourceExhausted, match="1000-byte limit"):
                 await away.client.call("task", "Tasks.Get", {"user_id": "a", "pad": "x" * 2000})
+
+
+# -- hostile grpc-timeout headers (raw HTTP/2: no gRPC client sends these) -----------------------
+
+
+async def _raw_h2_call(address: str, path: str, timeout_header: str) -> dict[str, str]:
+    """One call with ``grpc-timeout: timeout_header``; the response's headers and trailers, merged."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    host, _, port = address.rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", host),
+                            ("content-type", "application/grpc+json"), ("te", "trailers"),
+                            ("grpc-timeout", timeout_header)])
+    body = b'{"user_id": "a"}'
+    conn.send_data(sid, b"\0" + len(body).to_bytes(4, "big") + body, end_stream=True)
+    writer.write(conn.data_to_send())
+    got: dict[str, str] = {}
+    try:
+        with anyio.fail_after(10):  # before the fix a 400-digit timeout got no answer at all
+            while True:
+                data = await reader.read(65536)
+                assert data, "the server closed the connection"
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                        got.update(dict(ev.headers))
+                    elif isinstance(ev, h2.events.DataReceived):
+                        conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    if isinstance(ev, h2.events.StreamEnded | h2.events.StreamReset):
+                        return got
+                writer.write(conn.data_to_send())
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("header", "status", "needle"),
+    [
+        ("9" * 400 + "S", "3", "malformed grpc-timeout header"),  # grpclib overflowed and never answered
+        ("-5S", "3", "at most 8 digits and a unit"),
+        ("12X", "3", "malformed grpc-timeout header"),
+        ("0n", "4", "had passed when it arrived"),  # grpclib answered UNKNOWN "Internal Server Error"
+        ("999u", "4", "had passed when it arrived"),
+        ("99999999H", "0", ""),  # the longest valid one runs
+    ],
+)
+async def test_hostile_grpc_timeout_headers_get_a_clear_status(system: System, header: str, status: str,
+                                                               needle: str) -> None:
+    got = await _raw_h2_call(system.service.address, "/task.Tasks/Get", header)
+    assert got.get("grpc-status") == status, got
+    assert needle in got.get("grpc-message", "")
+    # the service is fine afterwards
+    assert (await system.client("network").call("task", "Tasks.Get", {"user_id": "b"}))["user_id"] == "b"

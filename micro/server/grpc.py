@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -108,16 +109,51 @@ class _Handler(_BaseHandler):
 
     def accept(self, stream: Any, headers: Any, release_stream: Callable[[], Any]) -> None:
         wire = PROTO
+        refusal: GRPCError | None = None
         for key, value in headers:
             if key == "content-type":
                 if value.endswith("+json"):
                     wire = JSON
-                break
+            elif key == "grpc-timeout":
+                refusal = _check_timeout(value)
         # a closing server still sees new calls on connections opened before: refuse
         # them (nothing runs) so the client can go to another node
         self.mapping = _DRAINING if self.closing else self._mappings[wire]
         self.codec = CODECS[wire]
+        if refusal is not None:  # grpclib would hang on some of these, or answer UNKNOWN
+            headers = [(k, v) for k, v in headers if k != "grpc-timeout"]
+            self.mapping = _Refusing(refusal)
         super().accept(stream, headers, release_stream)
+
+
+_TIMEOUT = re.compile(r"([0-9]{1,8})([HMSmun])")  # the gRPC spec: at most 8 digits and a unit
+_UNIT_SECONDS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+_EXPIRED = 1e-3  # seconds: less than this left on arrival is no time to run anything
+
+
+def _check_timeout(value: str) -> GRPCError | None:
+    """The error to answer a call's ``grpc-timeout`` with, or ``None`` if it is a usable deadline."""
+    match = _TIMEOUT.fullmatch(value)
+    if match is None:
+        return GRPCError(Status.INVALID_ARGUMENT, f"malformed grpc-timeout header {value[:24]!r}: "
+                         "send at most 8 digits and a unit (H, M, S, m, u or n)")
+    if int(match[1]) * _UNIT_SECONDS[match[2]] < _EXPIRED:
+        return GRPCError(Status.DEADLINE_EXCEEDED, f"the call's deadline ({value}) had passed when it arrived")
+    return None
+
+
+class _Refusing(dict[str, GrpcHandler]):
+    """The mapping of one call refused before it runs: every path answers ``error``."""
+
+    def __init__(self, error: GRPCError) -> None:
+        super().__init__()
+        self.error = error
+
+    def get(self, key: str, default: Any = None) -> GrpcHandler:
+        async def refuse(stream: Stream[Any, Any]) -> None:
+            raise self.error
+
+        return GrpcHandler(refuse, Cardinality.UNARY_UNARY, bytes, bytes)
 
 
 class _Protocol(H2Protocol):
