@@ -135,7 +135,7 @@ async def test_killed_flow_process_resumes_and_applies_every_event_once(nats_url
     assert len(counter.calls) > EVENTS
 
 
-async def test_poison_event_goes_to_the_dead_letter_topic(nats_url: str) -> None:
+async def test_poison_event_goes_to_the_dead_letter_topic(nats_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     broker_url = nats_url.replace("nats://", "nats+js://") + "?backoff=0.01&max_deliver=3"
     attempts: list[int] = []
 
@@ -156,6 +156,15 @@ async def test_poison_event_goes_to_the_dead_letter_topic(nats_url: str) -> None
         flow = micro.NewFlow("eater", trigger="food.served", steps=[check], runtime=rt)
         sub = await rt.broker.subscribe("dlq.food.served", on_dead)
         async with flow:
+            written: list[str] = []  # the statuses bad-1's record went through
+            put = flow.runs.put
+
+            async def recording_put(run: FlowRun) -> None:
+                if run.id == "bad-1":
+                    written.append(run.status)
+                await put(run)
+
+            monkeypatch.setattr(flow.runs, "put", recording_put)
             await rt.broker.publish("food.served", {"poison": True}, headers={"Micro-Id": "bad-1"})
             await rt.broker.publish("food.served", {"poison": False}, headers={"Micro-Id": "good-1"})
             with anyio.fail_after(30):
@@ -165,6 +174,8 @@ async def test_poison_event_goes_to_the_dead_letter_topic(nats_url: str) -> None
             bad = await flow.runs.get("bad-1")
         await sub.unsubscribe()
     assert bad is not None and bad.status == "failed" and bad.attempts == 3
+    # JetStream delivers a failed event again: retrying until its last attempt
+    assert written == ["running", "retrying", "running", "retrying", "running", "failed"]
     assert "cannot digest this event" in bad.error
     (msg,) = dead
     assert msgspec.json.decode(msg.data) == {"poison": True}

@@ -5,7 +5,8 @@ asks at once and no lock is held across a run. Per turn, every ``tool_use``
 block runs concurrently in an anyio task group, each under its own timeout,
 approval check and loop limit; results go back in the order the model asked.
 Invalid arguments, refusals, timeouts and tool errors become ``is_error``
-results the model can act on; they never end the run. When ``max_steps`` model
+results the model can act on; they never end the run, unless the tool raises
+:class:`EndRun` (a flow's tools do, for a transient failure). When ``max_steps`` model
 calls have asked for tools, the model is asked once more, without tools, to
 answer with what it has.
 """
@@ -57,6 +58,22 @@ DATA_NOTE = (
 def system_prompt(prompt: str | None) -> str:
     """The system prompt a run sends: the domain prompt, then :data:`DATA_NOTE`."""
     return f"{prompt.strip()}\n\n{DATA_NOTE}" if prompt and prompt.strip() else DATA_NOTE
+
+
+class EndRun(AgentError):
+    """Raised by a tool to end the run instead of answering the model with an ``is_error`` result.
+
+    A flow's tools raise it when a call fails transiently (``Unavailable``, ``Timeout``…): the run
+    fails and the broker delivers the event again with backoff, rather than the model carrying on
+    without the call. Concurrent calls of the same turn finish first; then the first ``EndRun``
+    leaves the run as itself. ``tool`` names the call and ``error`` is what it raised.
+    """
+
+    def __init__(self, tool: str, error: BaseException) -> None:
+        detail = error.message if isinstance(error, Error) else str(error)
+        super().__init__(f"tool {tool} failed: {type(error).__name__}: {detail}")
+        self.tool = tool
+        self.error = error
 
 
 SUMMARISE = (
@@ -187,13 +204,19 @@ class Run:
         if len(uses) == 1:  # nothing to run beside it: no task group to pay for
             return [await self._run_tool(uses[0], tools)]
         results: list[ToolResultBlock | None] = [None] * len(uses)
+        ended: list[EndRun] = []
 
         async def one(i: int, use: ToolUseBlock) -> None:
-            results[i] = await self._run_tool(use, tools)
+            try:
+                results[i] = await self._run_tool(use, tools)
+            except EndRun as exc:  # let the other calls finish (and be recorded); raised below, alone
+                ended.append(exc)
 
         async with anyio.create_task_group() as tg:
             for i, use in enumerate(uses):
                 tg.start_soon(one, i, use)
+        if ended:
+            raise ended[0]
         return [r for r in results if r is not None]
 
     async def _run_tool(self, use: ToolUseBlock, tools: dict[str, Tool]) -> ToolResultBlock:
@@ -205,7 +228,13 @@ class Run:
         attrs = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": use.name,
                  "gen_ai.tool.call.id": use.id, "gen_ai.tool.type": "function"}
         with telemetry.span(f"execute_tool {use.name}", "internal", attrs) as span:
-            rec.result, rec.is_error = await self._outcome(use, tools)
+            try:
+                rec.result, rec.is_error = await self._outcome(use, tools)
+            except EndRun as exc:
+                rec.result, rec.is_error, rec.seconds = str(exc), True, time.perf_counter() - t0
+                if span is not None:
+                    span.set_attribute("error.type", type(exc.error).__name__)
+                raise
             if span is not None:
                 if rec.is_error:
                     span.set_attribute("error.type", "tool_error")
@@ -252,6 +281,8 @@ class Run:
                 log.exception("tool %s raised", use.name)
                 return f"{use.name} failed: TimeoutError", True
             return f"{use.name} did not finish within tool_timeout={self.limits.tool_timeout}s", True
+        except EndRun:
+            raise
         except Error as exc:
             return f"{type(exc).__name__}: {exc.message}", True
         except Exception as exc:

@@ -11,11 +11,20 @@ so a service can make the one side effect that may have happened before a
 crash happen only once. On a durable broker (``nats+js://``) the event is
 acknowledged only after its record is written; a failure is retried with
 backoff up to the broker's ``max_deliver``, then lands in ``dlq.<topic>``.
+A tool call that fails transiently (``Unavailable``, ``Timeout``,
+``ResourceExhausted``, ``Internal``, ``Unknown``, ``Cancelled``) ends the run as
+such a failure; other tool errors (``BadRequest``, ``NotFound``…) go back to
+the model as ``is_error`` results. A template error or a step result that
+cannot be recorded is deterministic: the run is ``failed`` and acknowledged,
+not retried. Other brokers never deliver an event twice, so there a failed run
+is ``failed`` at once.
 """
 
 from __future__ import annotations
 
 import contextvars
+import dataclasses
+import functools
 import hashlib
 import inspect
 import logging
@@ -27,11 +36,21 @@ import anyio
 import msgspec
 
 from micro import telemetry
-from micro.agent.loop import Approve, Limits, Run, system_prompt
+from micro.agent.loop import Approve, EndRun, Limits, Run, system_prompt
 from micro.agent.tools import Toolset
 from micro.ai import Message, Model, from_provider
 from micro.broker import Message as BrokerMessage
-from micro.errors import UsageError
+from micro.errors import (
+    BadRequest,
+    Cancelled,
+    Error,
+    Internal,
+    ResourceExhausted,
+    Timeout,
+    Unavailable,
+    Unknown,
+    UsageError,
+)
 from micro.service import Service
 
 from .record import FlowRun, RunStore, ToolCallResult, now
@@ -46,8 +65,16 @@ _current_run: contextvars.ContextVar[tuple[FlowRun, RunStore] | None] = contextv
 _decode_any = msgspec.json.Decoder().decode
 
 
+TRANSIENT: tuple[type[Error], ...] = (Unavailable, Timeout, ResourceExhausted, Internal, Unknown, Cancelled)
+"""Tool errors that end a flow's run so the event is delivered again; other errors go to the model."""
+
+
 class FlowRetry(Exception):
     """The event should be delivered again (its run did not complete)."""
+
+
+class StepResultError(TypeError):
+    """A step returned a value the run record cannot hold (deterministic: the run fails, not retried)."""
 
 
 class Flow(Service):
@@ -56,12 +83,15 @@ class Flow(Service):
     Args:
         name: the flow's service name (also its durable consumer and queue group).
         trigger: the topic that starts a run (wildcards allowed).
-        prompt: the prompt template, filled from the event (``{data}``, ``{field}``, ``{a.b}``).
+        prompt: the prompt template, filled from the event (``{field}``, ``{a.b}``, and ``{data}``: the
+            whole event as JSON, or the event's own ``data`` field if it has one; see :func:`render`).
         services: the services whose endpoints the model step may use.
         provider / model: as for agents (default ``$MICRO_PROVIDER`` or ``"anthropic"``).
         agent: hand the rendered prompt to this agent's ``Agent.Chat`` instead of a model here.
         steps / after: deterministic ``async def step(event, run) -> result`` before / after
-            the model step, each checkpointed under its function name.
+            the model step. Each result (JSON-able data: dict, list, str, number, bool, None or a
+            msgspec Struct) is checkpointed in ``run.steps`` under its place and name
+            (``before[0]:prepare``, ``after[1]:notify``), so a retried event does not run it again.
         max_concurrency: events handled at once by this process (default 4).
         system: an optional system prompt for the model step.
 
@@ -105,7 +135,7 @@ class Flow(Service):
                 "agent": agent or "", "model": self.model.model if self.model else "", **(metadata or {})}
         super().__init__(name, metadata=meta, **service_options)
         self.handle(_FlowRuns(self), name="Flow")
-        self._toolset: Toolset | None = None
+        self._toolset: _CheckpointedToolset | None = None
         self._runs: RunStore | None = None
         self.active = 0
         self.peak = 0
@@ -126,14 +156,22 @@ class Flow(Service):
 
     async def _on_event(self, message: BrokerMessage) -> None:
         event = _event_of(message.data)
-        limit = getattr(self.runtime.broker, "max_deliver", None)
-        last = isinstance(limit, int) and message.delivery >= limit
+        broker = self.runtime.broker
+        limit = getattr(broker, "max_deliver", None)
+        # only JetStream delivers a failed event again; on any other broker this attempt is the last
+        redelivers = getattr(broker, "jetstream", False) is True
+        last = not redelivers or (isinstance(limit, int) and message.delivery >= limit)
         await self.run_event(message.id or hashlib.sha1(message.data).hexdigest(), message.topic, event,
                              last_attempt=last)
 
     async def run_event(self, run_id: str, topic: str, event: Any, *, replay_of: str = "",
                         last_attempt: bool = False) -> FlowRun:
-        """Run (or resume, or skip) the event with this id; returns its record."""
+        """Run (or resume, or skip) the event with this id; returns its record.
+
+        A failure is recorded as ``retrying`` and raised (the caller delivers the event again),
+        or as ``failed`` when ``last_attempt``; a cancellation is recorded as ``cancelled`` and
+        re-raised; a deterministic failure (template, step result) is ``failed`` and returned.
+        """
         runs = self.runs
         busy = self._inflight.get(run_id)
         if busy is not None:
@@ -169,15 +207,27 @@ class Flow(Service):
         token = _current_run.set((run, runs))
         try:
             await self._pipeline(run, event if isinstance(event, dict) else {"data": event})
-        except TemplateError as exc:
-            run.status, run.error, run.error_kind = "failed", str(exc), "template"
+        except (TemplateError, StepResultError) as exc:
+            run.status, run.error = "failed", str(exc)
+            run.error_kind = "template" if isinstance(exc, TemplateError) else "step_result"
             await runs.put(run)  # a deterministic failure: recorded, acknowledged, not retried
             log.warning("flow %s: event %s: %s", self.name, run_id, exc)
             return run
+        except anyio.get_cancelled_exc_class():
+            run.status, run.error_kind = "cancelled", "cancelled"
+            run.error = ("the run was cancelled before it completed (the process stopped, or a replay's "
+                         "deadline ran out); a durable broker delivers the event again, or replay it with "
+                         f"`micro flow replay {run_id}`")
+            with anyio.CancelScope(shield=True):
+                await runs.put(run)
+            raise
         except Exception as exc:
             # the broker retries with backoff; after its last attempt the event goes to its dead-letter topic
             run.status = "failed" if last_attempt else "retrying"
-            run.error, run.error_kind = f"{type(exc).__name__}: {exc}", type(exc).__name__
+            if isinstance(exc, EndRun):  # a tool call failed transiently: say which, and with what
+                run.error, run.error_kind = str(exc), type(exc.error).__name__
+            else:
+                run.error, run.error_kind = f"{type(exc).__name__}: {exc}", type(exc).__name__
             await runs.put(run)
             raise
         finally:
@@ -188,34 +238,39 @@ class Flow(Service):
         return run
 
     async def _pipeline(self, run: FlowRun, event: dict[str, Any]) -> None:
-        for step in self.steps:
-            await self._step(run, step, event)
+        for i, step in enumerate(self.steps):
+            await self._step(run, f"before[{i}]:{_step_name(step)}", step, event)
         if self.prompt or self.agent:
             run.prompt = render(self.prompt, event) if self.prompt else msgspec.json.encode(event).decode()
             if self.agent is not None:
                 run.reply = await self._delegate(run)
             else:
                 run.reply = await self._model_step(run)
-        for step in self.after:
-            await self._step(run, step, event)
+        for i, step in enumerate(self.after):
+            await self._step(run, f"after[{i}]:{_step_name(step)}", step, event)
 
-    async def _step(self, run: FlowRun, step: Step, event: dict[str, Any]) -> None:
-        name = getattr(step, "__name__", repr(step))
-        if name in run.steps:
+    async def _step(self, run: FlowRun, key: str, step: Step, event: dict[str, Any]) -> None:
+        if key in run.steps:
             return  # done in an earlier attempt
         result = step(event, run)
         if inspect.isawaitable(result):
             result = await result
-        run.steps[name] = msgspec.to_builtins(result)
+        try:
+            run.steps[key] = msgspec.to_builtins(result)
+        except (TypeError, ValueError, msgspec.EncodeError, RecursionError) as exc:
+            raise StepResultError(
+                f"step {key} returned a {type(result).__name__} the run record cannot "
+                f"hold ({exc}); a step must return JSON-able data (dict, list, str, number, bool, None or "
+                "a msgspec Struct)") from None
         await self.runs.put(run)
 
     async def _delegate(self, run: FlowRun) -> str:
-        if "agent" in run.steps:
-            return str(run.steps["agent"])
+        if _AGENT_STEP in run.steps:
+            return str(run.steps[_AGENT_STEP])
         rsp = await self.client.call(self.agent, "Agent.Chat", {"message": run.prompt, "parent_id": run.id},
                                      metadata={"idempotency-key": f"{run.id}:agent"})
         reply = str(rsp.get("reply", ""))
-        run.steps["agent"] = reply
+        run.steps[_AGENT_STEP] = reply
         await self.runs.put(run)
         return reply
 
@@ -223,29 +278,64 @@ class Flow(Service):
         assert self.model is not None
         if self._toolset is None:
             self._toolset = _CheckpointedToolset(self.client, self.services, {})
-        loop = Run(self.model, system_prompt(self.system), self._toolset.tools, self.limits, self.approve)
+        # the tools enforce tool_timeout as their call's deadline, so a timeout is a Timeout they can end
+        # the run with (a transient failure), not an is_error result the loop makes up
+        self._toolset.timeout = self.limits.tool_timeout
+        limits = dataclasses.replace(self.limits, tool_timeout=None)
+        loop = Run(self.model, system_prompt(self.system), self._toolset.tools, limits, self.approve)
         return await loop([], Message.user(run.prompt))
 
 
+_AGENT_STEP = "agent"
+"""The checkpoint of the delegated agent's reply (step keys start with ``before[`` or ``after[``)."""
+
+
+def _step_name(step: Step) -> str:
+    """A name for a step that is the same in every process: its function's name."""
+    fn: Any = step
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    name = getattr(fn, "__name__", None)
+    return name if isinstance(name, str) else type(fn).__name__
+
+
 class _CheckpointedToolset(Toolset):
-    """Tools whose results are recorded in the current run and reused when it is retried."""
+    """Tools whose results are recorded in the current run and reused when it is retried.
+
+    A call that fails with a :data:`TRANSIENT` error is recorded and ends the run (:class:`EndRun`),
+    so the event is delivered again and the call made again with the same idempotency key; any
+    other error is recorded and goes back to the model.
+    """
+
+    timeout: float | None = None
 
     def _caller(self, service: str, endpoint: str) -> Callable[[dict[str, Any]], Awaitable[Any]]:
+        name = f"{service}.{endpoint}"
+
         async def run(args: dict[str, Any]) -> Any:
             current = _current_run.get()
             if current is None:
-                return await self.client.call(service, endpoint, args)
+                return await self.client.call(service, endpoint, args, timeout=self.timeout)
             flow_run, runs = current
             digest = hashlib.sha256(msgspec.json.encode(args, order="sorted")).hexdigest()[:16]
-            key = f"{flow_run.id}:{service}.{endpoint}:{digest}"
+            key = f"{flow_run.id}:{name}:{digest}"
             done = flow_run.tool_result(key)
             if done is not None:
                 return _decode_any(done.result) if done.result[:1] in "{[" else done.result
             t0 = time.perf_counter()
-            value = await self.client.call(service, endpoint, args, metadata={"idempotency-key": key})
+            try:
+                value = await self.client.call(service, endpoint, args, metadata={"idempotency-key": key},
+                                               timeout=self.timeout)
+            except Error as exc:
+                flow_run.tool_calls.append(ToolCallResult(
+                    key, name, args, f"{type(exc).__name__}: {exc.message}", is_error=True,
+                    seconds=time.perf_counter() - t0))
+                await runs.put(flow_run)
+                if isinstance(exc, TRANSIENT):
+                    raise EndRun(name, exc) from exc
+                raise
             flow_run.tool_calls.append(ToolCallResult(
-                key, f"{service}.{endpoint}", args, msgspec.json.encode(value).decode(),
-                seconds=time.perf_counter() - t0))
+                key, name, args, msgspec.json.encode(value).decode(), seconds=time.perf_counter() - t0))
             await runs.put(flow_run)
             return value
 
@@ -290,18 +380,25 @@ class _FlowRuns:
         return RunResponse(run=await self._flow.runs.get(req.id))
 
     async def Replay(self, req: RunRequest) -> RunResponse:
-        """Run a recorded event again, as a new run ``{id}-replay-{n}``."""
+        """Run a recorded event again, as a new run ``{id}-replay-{n}``; not while it still runs."""
         from micro.errors import NotFound
 
         old = await self._flow.runs.get(req.id)
         if old is None:
             raise NotFound(f"flow {self._flow.name} has no run {req.id!r}")
+        if old.status in ("running", "retrying"):
+            # a replay now would repeat the side effects the run is making (or will make when redelivered)
+            raise BadRequest(
+                f"flow {self._flow.name}: run {req.id!r} is {old.status}; replaying it now would run its "
+                f"steps and tool calls twice. Wait until it is completed or failed (`micro flow show {req.id}`), "
+                "then replay it")
         n = 1
         while await self._flow.runs.get(f"{req.id}-replay-{n}") is not None:
             n += 1
         try:
+            # nothing delivers a replay again: its first failure is its last
             return RunResponse(run=await self._flow.run_event(f"{req.id}-replay-{n}", old.topic, old.event,
-                                                              replay_of=req.id))
+                                                              replay_of=req.id, last_attempt=True))
         except Exception:  # recorded in the replay's run record
             return RunResponse(run=await self._flow.runs.get(f"{req.id}-replay-{n}"))
 

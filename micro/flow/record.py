@@ -15,7 +15,11 @@ import msgspec
 
 from micro.store import Record, Store
 
-Status = Literal["running", "completed", "failed", "retrying"]
+Status = Literal["running", "completed", "failed", "retrying", "cancelled"]
+"""``running`` now (or its process died; a durable broker delivers it again); ``completed``;
+``failed`` for good (a deterministic error, the broker's last attempt, or a broker that never
+redelivers); ``retrying`` (the broker delivers it again with backoff); ``cancelled`` (stopped
+mid-way: the process shut down or a replay's deadline ran out)."""
 
 
 class ToolCallResult(msgspec.Struct):
