@@ -508,3 +508,65 @@ def test_micro_api_refuses_a_missing_token_variable() -> None:
                          timeout=60, cwd=ROOT, env={k: v for k, v in os.environ.items() if k != "MICRO_NO_SUCH_VAR"})
     assert res.returncode == 2
     assert "MICRO_NO_SUCH_VAR" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+class Waiter:
+    """Handlers that wait until their caller goes away, and say when they were stopped."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.stopped = asyncio.Event()
+
+    async def Hold(self, req: Req) -> Rsp:
+        """Wait for ever."""
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.stopped.set()
+        return Rsp("", 0)
+
+    async def HoldStream(self, req: Req) -> AsyncIterator[Item]:
+        """Wait for ever before the first item."""
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+            yield Item(0)
+        finally:
+            self.stopped.set()
+
+
+@pytest.mark.parametrize("path", ["in-process", "network"])
+@pytest.mark.parametrize("endpoint", ["Waiter.Hold", "Waiter.HoldStream"])
+async def test_a_client_that_leaves_stops_its_call(system: System, path: str, endpoint: str) -> None:
+    # before: the call ran on until the gateway's timeout (60 s by default) with nobody to answer
+    waiter = Waiter()
+    svc = micro.Service("waiter", runtime=system.home)
+    svc.handle(waiter)
+    gateway = app(system.runtime(path), timeout=3600)
+    pending = [{"type": "http.request", "body": b'{"name": "x"}', "more_body": False}]
+    gone = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if pending:
+            return pending.pop()
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": f"/api/waiter/{endpoint}", "raw_path": f"/api/waiter/{endpoint}".encode(), "root_path": "",
+             "query_string": b"", "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8080)}
+    async with svc:
+        async with asyncio.timeout(30):
+            request = asyncio.create_task(gateway(scope, receive, send))
+            await waiter.started.wait()
+            gone.set()  # the client hangs up
+            await waiter.stopped.wait()  # the handler is stopped, not left running
+            await request
+    assert not any(m.get("status") == 200 for m in sent)  # and nothing claims an answer

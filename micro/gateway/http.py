@@ -195,6 +195,7 @@ class _EventStream(Response):
 
 _END = object()
 _NO_METADATA: Mapping[str, str] = {}
+_GONE = Response(status_code=499)  # the client left before the answer: nobody reads this
 
 
 def _chunk(data: bytes) -> Message:
@@ -243,6 +244,16 @@ class _Gateway:
             credentials = request.headers.get("authorization")
             if credentials:
                 metadata = {"authorization": credentials}
+        answer: Response = _GONE
+        # the call runs in this task (its deadline and context belong here); a child task only
+        # watches for the client leaving, and then cancels it: nobody waits for the answer
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_EventStream._watch, request.receive, tg.cancel_scope)
+            answer = await self._answer(service, endpoint, body, metadata)
+            tg.cancel_scope.cancel()
+        return answer
+
+    async def _answer(self, service: str, endpoint: str, body: bytes, metadata: Mapping[str, str]) -> Response:
         try:
             if await self._streaming(service, endpoint):
                 return await self._stream(service, endpoint, body, metadata)
