@@ -36,7 +36,7 @@ from micro.errors import (
     Unauthenticated,
     Unavailable,
 )
-from micro.gateway.http import app
+from micro.gateway.http import LOOPBACK_HOSTS, app
 from micro.registry.memory import MemoryRegistry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -570,3 +570,41 @@ async def test_a_client_that_leaves_stops_its_call(system: System, path: str, en
             await waiter.stopped.wait()  # the handler is stopped, not left running
             await request
     assert not any(m.get("status") == 200 for m in sent)  # and nothing claims an answer
+
+
+# -- pages on other sites (CSRF, DNS rebinding) -------------------------------------------------
+
+
+async def test_a_page_on_another_site_cannot_call_the_gateway(system: System) -> None:
+    gateway = app(system.home, allowed_hosts=LOOPBACK_HOSTS)
+    async with client(gateway) as http:
+        # what fetch(..., {mode: "no-cors", body: '{"name": "x"}'}) sends: text/plain, no preflight
+        rsp = await http.post("http://127.0.0.1:8080/api/box/Box.Get", content=b'{"name": "x"}',
+                              headers={"content-type": "text/plain", "origin": "https://evil.example"})
+        assert rsp.status_code == 403 and rsp.json()["error"]["code"] == "PERMISSION_DENIED"
+        assert "https://evil.example" in rsp.json()["error"]["message"]
+        # a hostile name re-pointed at 127.0.0.1 (DNS rebinding): same-origin for the page, wrong Host
+        rsp = await http.get("http://evil.example:8080/api/services")
+        assert rsp.status_code == 403 and "--allow-host" in rsp.json()["error"]["message"]
+        # curl and SDKs: no Origin, a loopback Host
+        for host in ("127.0.0.1:8080", "localhost:8080", "[::1]:8080", "LOCALHOST"):
+            rsp = await http.post(f"http://{host}/api/box/Box.Get", json={"name": "x"})
+            assert rsp.status_code == 200, (host, rsp.text)
+
+
+async def test_allowed_origins_get_cors_and_still_need_the_token(system: System) -> None:
+    gateway = app(system.home, token="s3cret", allowed_origins=["https://app.example.com"])
+    async with client(gateway) as http:
+        preflight = await http.options("/api/box/Box.Get", headers={
+            "origin": "https://app.example.com", "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization, content-type"})
+        assert preflight.status_code == 200  # answered before the token check: browsers send none here
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example.com"
+        rsp = await http.post("/api/box/Box.Get", json={"name": "x"}, headers={"origin": "https://app.example.com"})
+        assert rsp.status_code == 401
+        rsp = await http.post("/api/box/Box.Get", json={"name": "x"},
+                              headers={"origin": "https://app.example.com", "authorization": "Bearer s3cret"})
+        assert rsp.status_code == 200 and rsp.headers["access-control-allow-origin"] == "https://app.example.com"
+        rsp = await http.post("/api/box/Box.Get", json={"name": "x"},
+                              headers={"origin": "https://other.example", "authorization": "Bearer s3cret"})
+        assert rsp.status_code == 403

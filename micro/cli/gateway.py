@@ -134,8 +134,15 @@ def _say(line: str) -> Callable[[], None]:
               help="Seconds one call (or one whole stream) may take; then 504.")
 @click.option("--max-body", type=click.IntRange(min=1), default=1 << 20, show_default=True,
               help="The largest request body accepted, in bytes; larger gets 413.")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="Also serve requests for this Host name (on loopback only 127.0.0.1, localhost and ::1 are "
+                   "served, against DNS rebinding). Repeatable.")
+@click.option("--allow-origin", "allow_origins", multiple=True, metavar="URL",
+              help="Let browser pages from this origin (https://app.example.com, or *) call the gateway, with CORS; "
+                   "requests from other origins get 403. Repeatable.")
 @run_async
-async def api(address: str, token_env: str | None, timeout: float, max_body: int) -> None:
+async def api(address: str, token_env: str | None, timeout: float, max_body: int, allow_hosts: tuple[str, ...],
+              allow_origins: tuple[str, ...]) -> None:
     """Serve the services in the registry over HTTP (JSON in, JSON out).
 
     \b
@@ -148,10 +155,14 @@ async def api(address: str, token_env: str | None, timeout: float, max_body: int
       micro api &
       curl -s localhost:8080/api/task/Task.ListOverdue -d '{"user_id": "alice"}'
     """
-    from micro.gateway.http import app
+    from micro.gateway.http import LOOPBACK_HOSTS, app
 
     token = _token(token_env, address)
-    gateway = app(cli_runtime(), token=token, max_body=max_body, timeout=timeout)
+    host, _ = parse_address(address)
+    # on loopback only this machine's names are served; elsewhere the name is the operator's to choose
+    hosts = [*LOOPBACK_HOSTS, *allow_hosts] if _loopback(host) else (list(allow_hosts) or None)
+    gateway = app(cli_runtime(), token=token, max_body=max_body, timeout=timeout, allowed_hosts=hosts,
+                  allowed_origins=allow_origins)
     sock = _bind(address)
     url = _url(sock)
     auth = " (bearer token required)" if token else ""

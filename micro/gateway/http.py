@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -45,6 +45,7 @@ import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -56,7 +57,8 @@ from micro.gateway import openapi
 if TYPE_CHECKING:
     from micro.runtime import Runtime
 
-__all__ = ["DEFAULT_MAX_BODY", "DEFAULT_TIMEOUT", "HTTP_STATUS", "BearerAuth", "app", "error_body"]
+__all__ = ["DEFAULT_MAX_BODY", "DEFAULT_TIMEOUT", "HTTP_STATUS", "LOOPBACK_HOSTS", "BearerAuth", "BrowserGuard", "app",
+           "error_body"]
 
 log = logging.getLogger("micro.gateway")
 
@@ -144,6 +146,62 @@ class BearerAuth:
                 # compare_digest takes as long for any wrong token of a given length
                 return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self._token)
         return False
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class BrowserGuard:
+    """ASGI middleware: refuses what a browser sends when a page on another site uses it.
+
+    - A request with an ``Origin`` header that is not one of ``origins`` gets 403: a
+      page elsewhere posting to the gateway (cross-site request forgery; a plain
+      ``fetch`` with a ``text/plain`` body needs no CORS preflight, so browsers send it).
+    - With ``hosts``, a request whose ``Host`` is not one of them gets 403: a hostile
+      name re-pointed at this machine's address (DNS rebinding) would otherwise let
+      that page read the answers too.
+
+    curl, SDKs and other services send no ``Origin`` and the right ``Host``: they
+    pass. ``"*"`` in ``origins`` allows every origin.
+    """
+
+    def __init__(self, app: ASGIApp, *, hosts: Iterable[str] | None = None, origins: Iterable[str] = ()) -> None:
+        self.app = app
+        self.hosts = None if hosts is None else frozenset(h.lower().strip("[]") for h in hosts)
+        self.origins = frozenset(o.lower().rstrip("/") for o in origins)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await _error(403, "PERMISSION_DENIED", refusal)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> str | None:
+        host = origin = None
+        for key, value in scope["headers"]:
+            if key == b"host":
+                host = bytes(value).decode("latin-1")
+            elif key == b"origin":
+                origin = bytes(value).decode("latin-1")
+        if self.hosts is not None:
+            name = _host_name(host or "")
+            if name not in self.hosts:
+                return (f"this gateway does not serve the host {name!r} (it serves {', '.join(sorted(self.hosts))}); "
+                        "add it with `micro api --allow-host`")
+        if origin is not None and "*" not in self.origins and origin.lower().rstrip("/") not in self.origins:
+            return (f"cross-origin request from {origin!r} refused: pages on other sites may not call this "
+                    "gateway; allow an origin with `micro api --allow-origin`")
+        return None
+
+
+def _host_name(host: str) -> str:
+    """The name part of a ``Host`` header: ``[::1]:8080`` -> ``::1``, ``Example.com:80`` -> ``example.com``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
 
 
 class _EventStream(Response):
@@ -330,7 +388,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def app(runtime: Runtime, *, token: str | None = None, max_body: int = DEFAULT_MAX_BODY,
-        timeout: float = DEFAULT_TIMEOUT) -> Starlette:
+        timeout: float = DEFAULT_TIMEOUT, allowed_hosts: Iterable[str] | None = None,
+        allowed_origins: Iterable[str] = ()) -> Starlette:
     """The gateway as an ASGI app on ``runtime``.
 
     Args:
@@ -339,6 +398,10 @@ def app(runtime: Runtime, *, token: str | None = None, max_body: int = DEFAULT_M
             the ``Authorization`` header is passed on to the services as call metadata.
         max_body: the largest request body accepted, in bytes (larger: 413).
         timeout: seconds each call may take (then 504); a stream may take as long in all.
+        allowed_hosts: the ``Host`` names served (others: 403, against DNS rebinding);
+            ``None`` serves any (``micro api`` on loopback passes :data:`LOOPBACK_HOSTS`).
+        allowed_origins: browser origins (``https://app.example.com``) allowed to call the
+            gateway, with CORS headers for them; a request from any other ``Origin`` gets 403.
 
     Example::
 
@@ -351,6 +414,12 @@ def app(runtime: Runtime, *, token: str | None = None, max_body: int = DEFAULT_M
         Route("/api/{service}/{endpoint}", gw.call, methods=["POST"]),
         Route("/openapi.json", gw.openapi, methods=["GET"]),
     ]
-    middleware = [Middleware(BearerAuth, token=token)] if token is not None else []
+    origins = list(allowed_origins)
+    middleware = [Middleware(BrowserGuard, hosts=allowed_hosts, origins=origins)]
+    if origins:  # outermost: a CORS preflight carries no token
+        middleware.insert(0, Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                                        allow_headers=["authorization", "content-type"]))
+    if token is not None:
+        middleware.append(Middleware(BearerAuth, token=token))
     return Starlette(routes=routes, middleware=middleware, lifespan=gw.lifespan,
                      exception_handlers={HTTPException: _http_error})
