@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import anyio
 import msgspec
@@ -138,3 +139,39 @@ async def test_stopping_a_flow_lets_the_event_in_flight_finish_and_record() -> N
                 blocking.release.set()
             run = await flow.runs.get("ev-1")
     assert run is not None and run.status == "completed" and run.reply == "done"
+
+
+async def test_stopping_a_flow_closes_all_its_subscriptions_before_draining_them() -> None:
+    # a flow has max_concurrency subscriptions on its trigger; closed one after another, the later ones
+    # went on starting events while the first one drained
+    started: list[int] = []
+    gates: dict[int, anyio.Event] = {}
+
+    async def work(event: dict[str, Any], run: Any) -> int:
+        started.append(event["n"])
+        gate = gates.setdefault(event["n"], anyio.Event())
+        await gate.wait()
+        return int(event["n"])
+
+    async with micro.Runtime(registry="memory://", store="memory://", broker="memory://") as rt:
+        flow = micro.NewFlow("jobs", trigger="jobs.created", steps=[work], runtime=rt, max_concurrency=3)
+        await flow.start()
+        for n in range(10):
+            await rt.client.publish("jobs.created", {"n": n})
+        with anyio.fail_after(10):
+            while len(started) < 3:
+                await anyio.wait_all_tasks_blocked()
+        assert len(started) == 3  # one event per subscription, each held at its gate
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(flow.stop)
+            with anyio.fail_after(10):
+                while any(r.name == "jobs" for r in await rt.registry.list()):
+                    await anyio.wait_all_tasks_blocked()
+            await anyio.wait_all_tasks_blocked()  # stop() is now waiting for the events in flight
+            first, *others = started
+            for n in others:
+                gates[n].set()  # two of the three finish...
+            await anyio.wait_all_tasks_blocked()
+            assert started == [first, *others]  # ...and no subscription takes another event
+            gates[first].set()
+    assert len(started) == 3

@@ -26,6 +26,7 @@ import anyio.abc
 import msgspec
 
 from micro import telemetry
+from micro.broker import Subscription
 from micro.codec import JSON, codec_for
 from micro.errors import BadRequest, UsageError
 from micro.limits import Limiter
@@ -185,10 +186,11 @@ class Service:
             self.address = f"{_advertise(self._server.host)}:{self._server.port}"
             rt.add_local(self.name, self._endpoints)
             stack.callback(rt.remove_local, self.name, self._endpoints)
+            subs: list[Subscription] = []
+            stack.push_async_callback(_unsubscribe_all, subs)
             for topic, fn, queue, durable in self._subscriptions:
-                sub = await rt.broker.subscribe(topic, _subscriber(fn, f"{self.name} {topic}"),
-                                                queue=queue or self.name, durable=durable)
-                stack.push_async_callback(sub.unsubscribe)
+                subs.append(await rt.broker.subscribe(topic, _subscriber(fn, f"{self.name} {topic}"),
+                                                      queue=queue or self.name, durable=durable))
             background = BackgroundTasks(f"service {self.name}", log)
             tg = await background.start()
             stack.push_async_callback(background.aclose)
@@ -252,6 +254,17 @@ class Service:
     def run(self) -> None:
         """Run the service as a program: ``micro.New("task").run()``. Blocks until a signal."""
         asyncio.run(self.serve())
+
+
+async def _unsubscribe_all(subs: list[Subscription]) -> None:
+    """Every subscription stops taking messages at once, then they drain together.
+
+    One after another, the later ones went on starting messages while the first drained
+    (a flow has ``max_concurrency`` subscriptions on its trigger).
+    """
+    async with anyio.create_task_group() as tg:
+        for sub in subs:
+            tg.start_soon(sub.unsubscribe)
 
 
 def _advertise(host: str) -> str:
