@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from micro.service import Service
     from micro.store import Store
 
-__all__ = ["DEFAULT_TTL", "KEY", "PREFIX", "current_key", "enable", "store_key", "wrapper"]
+__all__ = ["DEFAULT_TTL", "KEY", "PREFIX", "current_key", "derived_key", "enable", "store_key", "wrapper"]
 
 log = logging.getLogger("micro.idempotency")
 
@@ -61,6 +61,16 @@ DEFAULT_TTL = 24 * 3600.0
 def current_key() -> str | None:
     """The idempotency key of the call being handled, if it carries one."""
     return context.metadata().get(KEY) or None
+
+
+def derived_key(key: str, service: str, endpoint: str, args: object) -> str:
+    """The key of one call made on behalf of a keyed call or event: ``{key}:{service}.{endpoint}:{digest}``.
+
+    The same arguments give the same key, so a retried flow event or ``Agent.Chat``
+    repeats none of the calls the first attempt completed (at services that honour keys).
+    """
+    digest = hashlib.sha256(msgspec.json.encode(args, order="sorted")).hexdigest()[:16]
+    return f"{key}:{service}.{endpoint}:{digest}"
 
 
 def store_key(service: str, endpoint: str, key: str) -> str:

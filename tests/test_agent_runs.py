@@ -333,3 +333,57 @@ async def test_a_message_that_is_not_unicode_text_is_refused_before_any_work(rt:
         with pytest.raises(BadRequest, match="not valid Unicode text"):
             await agent.ask("hello \ud800")
         assert model.calls == [] and await agent.runs.list() == []
+
+
+# -- idempotency keys through an agent ------------------------------------------------------------
+
+
+class AddReq(msgspec.Struct):
+    n: int
+
+
+class AddRsp(msgspec.Struct):
+    total: int
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, str | None]] = []
+
+    async def Add(self, req: AddReq) -> AddRsp:
+        """Add n to the count."""
+        self.calls.append((req.n, micro.idempotency.current_key()))
+        return AddRsp(sum(n for n, _ in self.calls))
+
+
+async def test_a_keyed_agent_chat_runs_once_and_keys_its_tool_calls() -> None:
+    # what a flow's `agent=` step relies on: before, Agent.Chat ignored the key, so a retried event
+    # asked the agent again and every tool call it made happened again
+    armed = [True]
+
+    def brain(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | str:
+        if not any(isinstance(b, ToolResultBlock) for b in messages[-1].content):
+            return scripted.turn("Adding. ", scripted.call("counter_Counter_Add", n=2))
+        if armed.pop() if armed else False:
+            raise ConnectionError("the model went away")  # the first attempt dies after its tool call
+        return "Added."
+
+    counter = Counter()
+    async with micro.Runtime(registry="memory://", store="memory://", broker="memory://") as rt:
+        svc = micro.New("counter", runtime=rt)
+        svc.handle(counter)
+        micro.idempotency.enable(svc)
+        agent = micro.NewAgent("adder", services=["counter"], provider=scripted.function(brain), runtime=rt)
+        async with svc, agent:
+            keyed = {"idempotency-key": "order-7"}
+            with pytest.raises(micro.errors.Error):
+                await rt.client.call("adder", "Agent.Chat", {"message": "add two"}, metadata=keyed)
+            first = await rt.client.call("adder", "Agent.Chat", {"message": "add two"}, metadata=keyed)
+            again = await rt.client.call("adder", "Agent.Chat", {"message": "add two"}, metadata=keyed)
+            other = await rt.client.call("adder", "Agent.Chat", {"message": "add two"})  # no key: a new run
+    assert first["reply"].endswith("Added.") and again == first  # the repeat got the first answer
+    assert other["run_id"] != first["run_id"]
+    # the retried run's tool call carried the same derived key as the failed one's: the counter ran it once
+    keys = [k for _, k in counter.calls]
+    assert len(counter.calls) == 2 and keys[0] is not None and keys[0].startswith("order-7:counter.Counter.Add:")
+    assert keys[1] is None  # the unkeyed chat's call

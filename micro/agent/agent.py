@@ -19,7 +19,7 @@ import anyio
 import anyio.abc
 import msgspec
 
-from micro import context, telemetry
+from micro import context, idempotency, telemetry
 from micro._proto.micro.agent import ChatEvent, ChatRequest, ChatResponse, ToolCall
 from micro.ai import Message, Model, from_provider
 from micro.errors import BadRequest, NotFound, Timeout, Unavailable, UsageError
@@ -112,6 +112,9 @@ class Agent(Service):
             self.functions["delegate"] = delegate_tool(
                 lambda: self.client, name, self.agents, max_depth=max_delegation_depth, forward=self.forward)
         self.handle(_AgentHandler(self), name="Agent")
+        # a keyed Agent.Chat (a flow's delegation, a client's retry) answers a repeat from the store,
+        # and the run's own tool calls carry keys derived from it (Toolset)
+        idempotency.enable(self, endpoints=["Agent.Chat"])
         self.handle(_AgentInfoHandler(self), name="AgentInfo")
 
     # -- tools --------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Any
 import anyio.to_thread
 import msgspec
 
-from micro import context
+from micro import context, idempotency
 from micro.ai import ToolSpec
 from micro.errors import BadRequest, NotFound, UsageError
 from micro.registry import ServiceRecord
@@ -166,7 +166,11 @@ class Toolset:
 
     def _caller(self, service: str, endpoint: str) -> Callable[[dict[str, Any]], Awaitable[Any]]:
         async def run(args: dict[str, Any]) -> Any:
-            return await self.client.call(service, endpoint, args, metadata=forwarded(self.forward))
+            metadata = forwarded(self.forward)
+            key = idempotency.current_key()
+            if key:  # a keyed Agent.Chat (a flow's, a retrying client's): its calls are keyed too
+                metadata[idempotency.KEY] = idempotency.derived_key(key, service, endpoint, args)
+            return await self.client.call(service, endpoint, args, metadata=metadata)
 
         return run
 

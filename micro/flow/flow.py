@@ -35,7 +35,7 @@ from typing import Any
 import anyio
 import msgspec
 
-from micro import telemetry
+from micro import idempotency, telemetry
 from micro.agent.loop import Approve, EndRun, Limits, Run, system_prompt
 from micro.agent.tools import Toolset
 from micro.ai import Message, Model, from_provider
@@ -317,8 +317,7 @@ class _CheckpointedToolset(Toolset):
             if current is None:
                 return await self.client.call(service, endpoint, args, timeout=self.timeout)
             flow_run, runs = current
-            digest = hashlib.sha256(msgspec.json.encode(args, order="sorted")).hexdigest()[:16]
-            key = f"{flow_run.id}:{name}:{digest}"
+            key = idempotency.derived_key(flow_run.id, service, endpoint, args)
             done = flow_run.tool_result(key)
             if done is not None:
                 return _decode_any(done.result) if done.result[:1] in "{[" else done.result
