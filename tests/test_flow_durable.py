@@ -180,3 +180,39 @@ async def test_poison_event_goes_to_the_dead_letter_topic(nats_url: str, monkeyp
     (msg,) = dead
     assert msgspec.json.decode(msg.data) == {"poison": True}
     assert "cannot digest this event" in msg.headers.get("Micro-Error", "")
+
+
+async def test_graceful_restarts_do_not_use_up_deliveries_of_events_that_never_ran(nats_url: str) -> None:
+    # a flow used to pull 16 events ahead per subscription; a stop gave the unstarted ones back (nak),
+    # each give-back counted as a delivery, and after max_deliver restarts such events went to the
+    # dead-letter topic without ever running ("process died or hung")
+    broker_url = nats_url.replace("nats://", "nats+js://") + "?backoff=0.01&max_deliver=2"
+    handled: list[int] = []
+    enough = anyio.Event()
+    target = [0]
+
+    async def work(event: dict[str, Any], run: FlowRun) -> str:
+        handled.append(event["n"])
+        if len(handled) >= target[0]:
+            enough.set()
+        return "ok"
+
+    dead: list[Message] = []
+
+    async def on_dead(msg: Message) -> None:
+        dead.append(msg)
+
+    async with micro.Runtime(registry="memory://", broker=broker_url, store="memory://") as rt:
+        sub = await rt.broker.subscribe("dlq.chores.due", on_dead)
+        for n in range(12):
+            await rt.broker.publish("chores.due", {"n": n})
+        for round_ in range(4):  # three stops part-way, then a run to the end
+            target[0] = 12 if round_ == 3 else len(handled) + 2
+            enough = anyio.Event()
+            flow = micro.NewFlow("chores", trigger="chores.due", steps=[work], runtime=rt, max_concurrency=1)
+            async with flow:
+                with anyio.fail_after(30):
+                    await enough.wait()
+        await sub.unsubscribe()
+    assert sorted(set(handled)) == list(range(12))  # every event ran (none was dead-lettered unrun)
+    assert dead == []

@@ -106,12 +106,16 @@ class Broker(abc.ABC):
         *,
         queue: str | None = None,
         durable: str | None = None,
+        prefetch: int | None = None,
     ) -> Subscription:
         """Call ``handler`` for each message on ``topic`` (wildcards allowed).
 
         ``queue`` joins a group of competing consumers. ``durable`` names a consumer
         that outlives the process on backends that persist (JetStream); elsewhere
-        it is accepted and has no effect.
+        it is accepted and has no effect. ``prefetch`` bounds how many messages a
+        pulling backend (JetStream) takes ahead for this subscription (default: the
+        broker's ``fetch_batch``); 1 holds none back, so a stop has none to give back
+        (each one given back counts as a delivery). Elsewhere it has no effect.
         """
 
     @classmethod

@@ -110,7 +110,7 @@ class LocalBroker(MemoryBroker):
     # -- subscribing --------------------------------------------------------------------------
 
     async def subscribe(self, topic: str, handler: MessageHandler, *, queue: str | None = None,
-                        durable: str | None = None) -> MemorySubscription:
+                        durable: str | None = None, prefetch: int | None = None) -> MemorySubscription:
         if self._runtime is None:
             raise BrokerError(f"broker {self.url} needs a runtime: create it through micro.Runtime")
         sub = await super().subscribe(topic, handler, queue=queue, durable=durable)

@@ -246,6 +246,7 @@ class MemoryBroker(Broker):
         *,
         queue: str | None = None,
         durable: str | None = None,
+        prefetch: int | None = None,
     ) -> MemorySubscription:
         validate_topic(topic, wildcards=True)
         if self._tg is None:

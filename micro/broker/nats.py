@@ -144,6 +144,7 @@ class NatsSubscription(Subscription):
         self._fetch_scope: anyio.CancelScope | None = None
         self._busy = False
         self.held: list[Msg] = []  # fetched and not yet acked/nak'ed
+        self.prefetch = broker.fetch_batch  # messages pulled per request while busy
 
     # -- core NATS --------------------------------------------------------------
 
@@ -225,7 +226,7 @@ class NatsSubscription(Subscription):
                 scope.cancel()
             try:
                 if busy:
-                    msgs = await self._pull.fetch(self._broker.fetch_batch, timeout=_BUSY_POLL)
+                    msgs = await self._pull.fetch(self.prefetch, timeout=_BUSY_POLL)
                 else:
                     msgs = await self._pull.fetch(1, timeout=_IDLE_POLL)
                 self._busy = True
@@ -722,14 +723,18 @@ class NatsBroker(Broker):
         *,
         queue: str | None = None,
         durable: str | None = None,
+        prefetch: int | None = None,
     ) -> NatsSubscription:
         validate_topic(topic, wildcards=True)
+        if prefetch is not None and prefetch < 1:
+            raise UsageError(f"prefetch must be at least 1 (got {prefetch}) for {topic!r}")
         if self._tg is None:
             state = "closed" if self._closed else "not started (use `async with`)"
             raise BrokerError(f"cannot subscribe to {topic!r}: broker {self.url} is {state}")
         if not self._nc.is_connected:
             raise self._not_connected(f"cannot subscribe to {topic!r}")
         sub = NatsSubscription(self, topic, handler, queue or None, durable or None)
+        sub.prefetch = prefetch or self.fetch_batch
         if self.jetstream:
             await sub._bind()
             self._tg.start_soon(sub._run, name=f"micro.broker.nats:{topic}")

@@ -141,7 +141,9 @@ class Flow(Service):
         self.peak = 0
         self._inflight: dict[str, anyio.Event] = {}
         for _ in range(max_concurrency):
-            self.subscribe(trigger, self._on_event, queue=name, durable=name)
+            # one event at a time per subscription, none held back: a graceful stop gives nothing back to
+            # JetStream, where every message given back counts as a delivery towards max_deliver
+            self.subscribe(trigger, self._on_event, queue=name, durable=name, prefetch=1)
 
     @property
     def runs(self) -> RunStore:

@@ -89,7 +89,7 @@ class Service:
         self._address = address or os.environ.get("MICRO_ADDRESS") or "127.0.0.1:0"
         self._runtime = runtime
         self._endpoints: dict[str, Endpoint] = {}
-        self._subscriptions: list[tuple[str, Callable[..., Awaitable[Any]], str | None, str | None]] = []
+        self._subscriptions: list[tuple[str, Callable[..., Awaitable[Any]], str | None, str | None, int | None]] = []
         self._server = GrpcServer(max_message_size=max_message_size)
         self._stack: contextlib.AsyncExitStack | None = None
         self._changed = anyio.Event()
@@ -116,7 +116,7 @@ class Service:
         return found
 
     def subscribe(self, topic: str, fn: Callable[[Any], Awaitable[Any]], *, queue: str | None = None,
-                  durable: str | None = None) -> None:
+                  durable: str | None = None, prefetch: int | None = None) -> None:
         """Call ``fn`` for each message on ``topic``.
 
         The message is converted to ``fn``'s annotated type (a msgspec Struct, a
@@ -125,10 +125,11 @@ class Service:
         name) unless ``queue`` says otherwise. ``durable`` names a consumer that
         outlives the process on a durable broker (JetStream): its messages are
         acknowledged only once ``fn`` returns, and redelivered if it raises.
+        ``prefetch``: see :meth:`micro.broker.Broker.subscribe`.
         """
         if self._stack is not None:
             raise UsageError(f"{self.name}: subscribe() before the service starts")
-        self._subscriptions.append((topic, fn, queue, durable))
+        self._subscriptions.append((topic, fn, queue, durable, prefetch))
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -188,9 +189,10 @@ class Service:
             stack.callback(rt.remove_local, self.name, self._endpoints)
             subs: list[Subscription] = []
             stack.push_async_callback(_unsubscribe_all, subs)
-            for topic, fn, queue, durable in self._subscriptions:
+            for topic, fn, queue, durable, prefetch in self._subscriptions:
+                more = {} if prefetch is None else {"prefetch": prefetch}  # brokers of others may not take it
                 subs.append(await rt.broker.subscribe(topic, _subscriber(fn, f"{self.name} {topic}"),
-                                                      queue=queue or self.name, durable=durable))
+                                                      queue=queue or self.name, durable=durable, **more))
             background = BackgroundTasks(f"service {self.name}", log)
             tg = await background.start()
             stack.push_async_callback(background.aclose)
