@@ -528,3 +528,80 @@ async def test_lookups_come_from_the_watched_cache() -> None:
                 for _ in range(4):
                     await away.client.call("users", "Users.Get", {"user_id": "a"})
                 assert registry.gets == before + 2
+
+
+# -- streams stopped early; waiting for a place in flight (found in review) ------------------------
+
+
+class Feed:
+    def __init__(self) -> None:
+        self.closed = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def Items(self, req: Req) -> AsyncIterator[Item]:
+        """Many items."""
+        try:
+            for i in range(1000):
+                yield Item(str(i))
+        finally:
+            self.closed.set()
+
+    async def Hang(self, req: Req) -> Item:
+        """Answer when released."""
+        await self.release.wait()
+        return Item("late")
+
+
+async def _feed_system() -> tuple[micro.Runtime, micro.Runtime, micro.Service, Feed]:
+    registry = MemoryRegistry()
+    home = micro.Runtime(registry=registry, store="memory://", broker="memory://")
+    away = micro.Runtime(registry=registry, store="memory://", broker="memory://")
+    feed = Feed()
+    svc = micro.New("feed", runtime=home)
+    svc.handle(feed)
+    return home, away, svc, feed
+
+
+async def test_an_in_process_stream_keeps_its_context_out_of_the_consumers() -> None:
+    # the stream's deadline and metadata were entered in the consumer's task across yields: after an
+    # early stop they stayed there, and the consumer's later calls timed out at once
+    home, _, svc, feed = await _feed_system()
+    async with home, svc:
+        agen = home.client.stream("feed", "Feed.Items", {"user_id": "a"}, timeout=30, metadata={"tenant": "t1"})
+        async for _ in agen:
+            assert context.deadline() is None and "tenant" not in context.metadata()  # the consumer's own
+            break
+        await agen.aclose()
+        assert feed.closed.is_set()  # stopping ended the handler's generator, not the garbage collector
+        assert context.deadline() is None
+
+
+async def test_closing_a_network_stream_gives_its_place_back_at_once() -> None:
+    home, away, svc, feed = await _feed_system()
+    async with home, away, svc:
+        agen = away.client.stream("feed", "Feed.Items", {"user_id": "a"}, timeout=30)
+        async for _ in agen:
+            break
+        await agen.aclose()
+        (pool,) = away.client._pools.values()
+        assert [c.inflight for c in pool._conns] == [0]  # the pool slot and HTTP/2 stream are released now
+        with anyio.fail_after(10):
+            await feed.closed.wait()  # and the server ends the handler's generator
+
+
+async def test_waiting_for_a_place_in_flight_ends_at_the_deadline() -> None:
+    from micro.client.pool import NodePool
+
+    home, _, svc, feed = await _feed_system()
+    async with home, svc:
+        pool = NodePool(svc.address, max_streams=1, max_connections=1)
+        try:
+            hung = asyncio.create_task(pool.unary("/feed.Feed/Hang", b'{"user_id": "a"}'))
+            await anyio.wait_all_tasks_blocked()
+            loop = asyncio.get_running_loop()
+            with anyio.fail_after(10), pytest.raises(Timeout, match="waited for one of the 1 places"):
+                await pool.unary("/feed.Feed/Hang", b'{"user_id": "b"}', deadline=loop.time() + 0.2)
+            feed.release.set()
+            assert msgspec.json.decode(await hung)["id"] == "late"  # the call that held the place was unharmed
+        finally:
+            pool.close()

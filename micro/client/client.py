@@ -160,21 +160,26 @@ class Client:
     async def _shape_local(self, ep: Endpoint, items: AsyncIterator[Any], req: Request) -> AsyncIterator[Any]:
         rt = req.response_type
         it = aiter(items)
-        while True:
-            try:
-                if req.deadline is None:
-                    item = await anext(it)
-                else:
-                    with self._watchdog.watch(req.deadline, ep.where):
+        try:
+            while True:
+                try:
+                    if req.deadline is None:
                         item = await anext(it)
-            except StopAsyncIteration:
-                return
-            if rt is None:
-                yield ep.response.to_builtins(item)
-            elif rt is ep.response.type:
-                yield item
-            else:
-                yield codec_for(rt).convert(ep.response.to_builtins(item), f"{ep.where} response")
+                    else:
+                        with self._watchdog.watch(req.deadline, ep.where):
+                            item = await anext(it)
+                except StopAsyncIteration:
+                    return
+                if rt is None:
+                    yield ep.response.to_builtins(item)
+                elif rt is ep.response.type:
+                    yield item
+                else:
+                    yield codec_for(rt).convert(ep.response.to_builtins(item), f"{ep.where} response")
+        finally:
+            aclose = getattr(it, "aclose", None)
+            if aclose is not None:  # stopped early: the handler's generator ends now, not when collected
+                await aclose()
 
     # -- network path -------------------------------------------------------------------------
 
@@ -221,10 +226,10 @@ class Client:
         last: Unavailable | None = None
         for node in self._nodes(record):
             started = False
+            replies = self._pool(node).server_stream(ep.path, data, wire=wire, deadline=req.deadline,
+                                                     metadata=req.metadata)
             try:
-                async for reply in self._pool(node).server_stream(
-                    ep.path, data, wire=wire, deadline=req.deadline, metadata=req.metadata
-                ):
+                async for reply in replies:
                     started = True
                     yield self._decode(reply, wire, req, ep)
                 return
@@ -232,6 +237,8 @@ class Client:
                 if started:
                     raise
                 last = exc  # nothing was sent: the next node may answer
+            finally:
+                await replies.aclose()  # stopped early: the network stream and its pool slot go now
         self._records.pop(req.service, None)
         raise Unavailable(f"no node of {req.service!r} answered: {last}")
 

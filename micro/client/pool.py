@@ -12,10 +12,11 @@ on a semaphore.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl as _ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 from grpclib.client import Channel
@@ -112,9 +113,29 @@ class NodePool:
         self.host = host.strip("[]")
         self.port = int(port)
         self.max_streams = max_streams
+        self.max_connections = max_connections
         self._ssl = ssl
         self._conns: list[_Conn] = []
         self._slots = asyncio.Semaphore(max_streams * max_connections)
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, path: str, deadline: float | None) -> AsyncGenerator[None, None]:
+        """A place among the calls in flight to this node, waited for no longer than the call's deadline."""
+        slots = self._slots
+        if deadline is None or not slots.locked():
+            async with slots:
+                yield
+            return
+        try:
+            async with asyncio.timeout_at(deadline):
+                await slots.acquire()
+        except TimeoutError:
+            raise Timeout(f"{path} on {self.address}: the deadline passed while the call waited for one of the "
+                          f"{self.max_streams * self.max_connections} places in flight to this node") from None
+        try:
+            yield
+        finally:
+            slots.release()
 
     def _take(self) -> _Conn:
         best: _Conn | None = None
@@ -147,7 +168,7 @@ class NodePool:
                     deadline: float | None = None,
                     metadata: Mapping[str, str] | None = None) -> bytes:
         """One request, one reply; gRPC status mapped to ``micro.errors``."""
-        async with self._slots:
+        async with self._slot(path, deadline):
             conn = self._take()
             try:
                 stream = self._stream(conn, path, wire, Cardinality.UNARY_UNARY, deadline, metadata)
@@ -166,9 +187,9 @@ class NodePool:
 
     async def server_stream(self, path: str, data: bytes, *, wire: str = JSON,
                             deadline: float | None = None,
-                            metadata: Mapping[str, str] | None = None) -> AsyncIterator[bytes]:
+                            metadata: Mapping[str, str] | None = None) -> AsyncGenerator[bytes, None]:
         """One request, a stream of replies."""
-        async with self._slots:
+        async with self._slot(path, deadline):
             conn = self._take()
             try:
                 stream = self._stream(conn, path, wire, Cardinality.UNARY_STREAM, deadline, metadata)

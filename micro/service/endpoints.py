@@ -117,18 +117,32 @@ class Endpoint:
     async def _checked_stream(
         self, it: AsyncIterator[Any], deadline: float | None, metadata: Mapping[str, str]
     ) -> AsyncIterator[Any]:
-        # the generator body runs as the consumer iterates: give it the call's context
-        tokens = context.enter(deadline, metadata)
+        # the generator body runs as the consumer iterates: it gets the call's context for each step,
+        # and the consumer has its own back between items (entered across a yield, the call's deadline
+        # stayed in the consumer's task after an early stop, and its later calls timed out at once)
         try:
-            async for item in it:
+            while True:
+                tokens = context.enter(deadline, metadata)
+                try:
+                    item = await anext(it)
+                except StopAsyncIteration:
+                    return
+                except Error:
+                    raise
+                except Exception as exc:
+                    log.exception("%s raised while streaming", self.where)
+                    raise Internal(f"{self.where} failed with an internal error (details in the service log)") from exc
+                finally:
+                    context.leave(tokens)
                 yield self.check_response(item)
-        except Error:
-            raise
-        except Exception as exc:
-            log.exception("%s raised while streaming", self.where)
-            raise Internal(f"{self.where} failed with an internal error (details in the service log)") from exc
         finally:
-            context.leave(tokens)
+            aclose = getattr(it, "aclose", None)
+            if aclose is not None:  # a consumer that stops early ends the handler's generator now
+                tokens = context.enter(deadline, metadata)
+                try:
+                    await aclose()
+                finally:
+                    context.leave(tokens)
 
 
 def endpoints_of(handler: object, service: str, *, name: str | None = None) -> list[Endpoint]:
