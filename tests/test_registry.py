@@ -284,3 +284,51 @@ def test_registry_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, micro_ho
     assert isinstance(from_url(None), MemoryRegistry)
     with pytest.raises(ConfigError, match="bogus://"):
         from_url("bogus://x")
+
+
+async def test_long_names_register_on_every_registry(registry: Registry) -> None:
+    # percent-encoded, a 16-character CJK name and its node id passed the 255-byte file name limit,
+    # and the local registry (the default) failed to register it
+    name = "注文処理サービス用のバックエンド"
+    rec = record(name, node=f"{name}-{'a' * 32}", version="v" * 60)
+    await registry.register(rec, ttl=30)
+    (got,) = await registry.get(name)
+    assert got == rec
+    other = record(name + "2", node="n2")  # a name that shares the cut prefix stays apart
+    await registry.register(other, ttl=30)
+    assert [r.nodes[0].id for r in await registry.get(name)] == [rec.nodes[0].id]
+    await registry.deregister(rec)
+    await registry.deregister(other)
+    assert await registry.list() == []
+    if isinstance(registry, LocalRegistry):
+        assert list(registry.path.iterdir()) == []  # no temporary file left behind
+
+
+class HeartbeatWatcher(MemoryRegistry):
+    """Notes whether the service's heartbeat task is still alive when it is deregistered."""
+
+    heartbeat_alive: bool | None = None
+
+    async def deregister(self, record: ServiceRecord) -> None:
+        import asyncio
+
+        beats = [t for t in asyncio.all_tasks() if "Service._heartbeat" in t.get_name()]
+        self.heartbeat_alive = any(not t.done() for t in beats)
+        await super().deregister(record)
+
+
+async def test_a_stopping_service_stops_its_heartbeat_before_it_deregisters() -> None:
+    # a beat that landed after the deregistration put the stopped service's node back (a "ghost")
+    registry = HeartbeatWatcher()
+    async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as rt:
+        svc = micro.New("task", runtime=rt)
+
+        class Task:
+            async def Ping(self, req: dict[str, str]) -> dict[str, str]:
+                """Ping."""
+                return req
+
+        svc.handle(Task())
+        async with svc:
+            pass
+    assert registry.heartbeat_alive is False

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import os
 import socket
 import time
@@ -62,6 +63,21 @@ def _alive(entry: _Entry, now: float) -> bool:
 _Snapshot = dict[str, tuple[int, _Entry]]
 
 
+_PART_MAX = 72  # bytes of one percent-encoded part; three parts and the rest stay under 255 (the name limit)
+
+
+def _part(text: str) -> str:
+    """One part of a registry file name: percent-encoded, and when that is long, cut and hashed.
+
+    Percent-encoding makes a CJK character 9 bytes: a 16-character service name and its node id
+    (which starts with the name) passed the file system's 255-byte limit, and registering failed.
+    """
+    quoted = urllib.parse.quote(text, safe="")
+    if len(quoted) <= _PART_MAX:
+        return quoted
+    return f"{quoted[:_PART_MAX - 17].rstrip('%0123456789ABCDEF')}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
 class LocalRegistry(Registry):
     """Registry shared by every process on this machine with the same ``MICRO_HOME``."""
 
@@ -79,8 +95,7 @@ class LocalRegistry(Registry):
 
     @staticmethod
     def _file(record: ServiceRecord, node_id: str) -> str:
-        q = urllib.parse.quote
-        return f"{q(record.name, safe='')}~{q(record.version, safe='')}~{q(node_id, safe='')}.json"
+        return f"{_part(record.name)}~{_part(record.version)}~{_part(node_id)}.json"
 
     def _write(self, record: ServiceRecord, ttl: float) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -137,7 +152,7 @@ class LocalRegistry(Registry):
         await anyio.to_thread.run_sync(self._remove, record)
 
     async def get(self, name: str) -> list[ServiceRecord]:
-        prefix = urllib.parse.quote(name, safe="") + "~"
+        prefix = _part(name) + "~"
         snap = await anyio.to_thread.run_sync(self._scan, prefix)
         found = merge([e.record for _, e in snap.values()])
         if not found:

@@ -193,11 +193,13 @@ class Service:
                 more = {} if prefetch is None else {"prefetch": prefetch}  # brokers of others may not take it
                 subs.append(await rt.broker.subscribe(topic, _subscriber(fn, f"{self.name} {topic}"),
                                                       queue=queue or self.name, durable=durable, **more))
+            await rt.registry.register(self.record, ttl=self.ttl)
+            stack.push_async_callback(self._deregister)
+            # the heartbeat stops before the record is deregistered (last in, first out): a beat landing
+            # after the deregistration put a stopped service's node back in the registry
             background = BackgroundTasks(f"service {self.name}", log)
             tg = await background.start()
             stack.push_async_callback(background.aclose)
-            await rt.registry.register(self.record, ttl=self.ttl)
-            stack.push_async_callback(self._deregister)
             self._changed = anyio.Event()
             tg.start_soon(self._heartbeat)
         except BaseException:
