@@ -301,6 +301,16 @@ async def test_postgres_unreachable_fails_at_start() -> None:
     assert "\n" not in message
 
 
+async def test_postgres_url_that_cannot_be_read_is_a_config_error() -> None:
+    # asyncpg's own ValueError named neither the URL nor what to write instead
+    with pytest.raises(ConfigError) as info:
+        async with PostgresStore("postgresql://postgres:hunter2@127.0.0.1:abc/postgres"):
+            pass
+    message = str(info.value)
+    assert "postgres:***@127.0.0.1:abc" in message and "hunter2" not in message
+    assert "postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE" in message
+
+
 async def test_postgres_odd_database_names(postgres_url: str) -> None:
     odd = f'we"ird; DROP TABLE x; -- {uuid.uuid4().hex[:6]} ü' + "x" * 80
     async with PostgresStore(postgres_url, database=odd) as store:

@@ -104,8 +104,12 @@ class LocalRegistry(Registry):
             one = msgspec.structs.replace(record, nodes=[node])
             target = self.path / self._file(record, node.id)
             tmp = self.path / f".{uuid.uuid4().hex}.tmp"
-            tmp.write_bytes(_encode(_Entry(one, expires, os.getpid(), _HOST)))
-            os.replace(tmp, target)
+            try:
+                tmp.write_bytes(_encode(_Entry(one, expires, os.getpid(), _HOST)))
+                os.replace(tmp, target)
+            except BaseException:
+                tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind
+                raise
 
     def _remove(self, record: ServiceRecord) -> None:
         for node in record.nodes:

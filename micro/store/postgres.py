@@ -135,6 +135,11 @@ class PostgresStore(Store):
             if pool is not None:
                 pool.terminate()
             raise Unavailable(f"store {redact(self.url)}: cannot connect: {_why(exc)}") from exc
+        except (ValueError, TypeError) as exc:  # asyncpg's reading of the URL: a port that is not a number, …
+            if pool is not None:
+                pool.terminate()
+            raise ConfigError(f"store {redact(self.url)}: the URL is not one PostgreSQL can use ({exc}); "
+                              "write it as postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE") from exc
         if schema is None:
             pool.terminate()
             raise StoreError(f"store {redact(self.url)}: no current schema to create tables in (check search_path)")
