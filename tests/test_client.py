@@ -605,3 +605,13 @@ async def test_waiting_for_a_place_in_flight_ends_at_the_deadline() -> None:
             assert msgspec.json.decode(await hung)["id"] == "late"  # the call that held the place was unharmed
         finally:
             pool.close()
+
+
+async def test_a_stream_whose_deadline_has_passed_is_refused_on_both_paths() -> None:
+    # in-process it used to run (a generator that yields without awaiting never noticed the deadline)
+    home, away, svc, feed = await _feed_system()
+    async with home, away, svc:
+        for rt in (home, away):
+            with pytest.raises(Timeout, match="deadline passed before"):
+                async for _ in rt.client.stream("feed", "Feed.Items", {"user_id": "a"}, timeout=0):
+                    raise AssertionError("no item should come")

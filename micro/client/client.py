@@ -154,6 +154,8 @@ class Client:
 
     async def _local_stream(self, ep: Endpoint, req: Request) -> AsyncIterator[Any]:
         body = ep.request.convert({} if req.body is None else req.body, ep.where)
+        if req.deadline is not None and req.deadline <= asyncio.get_running_loop().time():
+            raise Timeout(f"{ep.where}: deadline passed before the call")  # as on the network, and for calls
         items = await ep.handle(body, req.metadata, req.deadline)
         return self._shape_local(ep, items, req)
 

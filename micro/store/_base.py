@@ -149,6 +149,10 @@ class Store(abc.ABC):
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in record.metadata.items()):
             raise UsageError("Record.metadata must map str to str")
         expiry = record.expiry
+        if expiry is not None and (isinstance(expiry, bool) or not isinstance(expiry, int | float)
+                                   or not math.isfinite(expiry)):
+            # the backends disagreed: nats raised OverflowError on inf, file read nan back as None
+            raise UsageError(f"Record.expiry must be a finite time in seconds or None, not {expiry!r}")
         if ttl is not None:
             if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0 or math.isinf(ttl):
                 raise UsageError(f"ttl must be a positive number of seconds, not {ttl!r}")

@@ -262,6 +262,12 @@ async def check_ttl(make_store: StoreFactory) -> None:
                 raise AssertionError(f"ttl={bad} should raise UsageError")
             except UsageError:
                 pass
+        for odd in (math.nan, math.inf, -math.inf, True):  # every backend refuses them alike
+            try:
+                await store.write(Record("t/bad", b"", expiry=odd))
+                raise AssertionError(f"expiry={odd} should raise UsageError")
+            except UsageError:
+                pass
 
 
 async def check_scope(make_store: StoreFactory) -> None:
