@@ -609,7 +609,7 @@ async def test_waiting_for_a_place_in_flight_ends_at_the_deadline() -> None:
 
 async def test_a_stream_whose_deadline_has_passed_is_refused_on_both_paths() -> None:
     # in-process it used to run (a generator that yields without awaiting never noticed the deadline)
-    home, away, svc, feed = await _feed_system()
+    home, away, svc, _ = await _feed_system()
     async with home, away, svc:
         for rt in (home, away):
             with pytest.raises(Timeout, match="deadline passed before"):
