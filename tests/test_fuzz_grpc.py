@@ -29,7 +29,6 @@ import pytest
 from _proto.greeter import HelloReply, HelloRequest, Person, Tone
 from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
-from grpclib.encoding.base import CodecBase
 from grpclib.exceptions import GRPCError
 from hypothesis import strategies as st
 from test_fuzz_kit import CASES, ErrorLog, Host, Seed, deep, error_log, fuzz, json_from, mutate
@@ -37,6 +36,7 @@ from test_fuzz_kit import CASES, ErrorLog, Host, Seed, deep, error_log, fuzz, js
 import micro
 from micro.errors import Error
 from micro.registry.memory import MemoryRegistry
+from micro.server.grpc import RawCodec
 
 pytestmark = pytest.mark.fuzz
 
@@ -111,23 +111,6 @@ class Greeter:
         """Up to three replies."""
         for i in range(min(req.times, 3)):
             yield HelloReply(message=req.name[:40], index=i)
-
-
-class Raw(CodecBase):
-    """A grpclib codec passing bytes through, for either content subtype."""
-
-    def __init__(self, subtype: str) -> None:
-        self._subtype = subtype
-
-    @property
-    def __content_subtype__(self) -> str:
-        return self._subtype
-
-    def encode(self, message: Any, message_type: Any) -> bytes:
-        return bytes(message)
-
-    def decode(self, data: bytes, message_type: Any) -> Any:
-        return data
 
 
 # -- the cases ---------------------------------------------------------------------------------
@@ -343,7 +326,7 @@ class Target:
     def __init__(self, service: micro.Service, away: micro.Runtime, log: ErrorLog) -> None:
         self.service, self.away, self.log = service, away, log
         host, _, port = service.address.rpartition(":")
-        self.channels = {wire: Channel(host, int(port), codec=Raw(wire)) for wire in ("proto", "json")}
+        self.channels = {wire: Channel(host, int(port), codec=RawCodec(wire)) for wire in ("proto", "json")}
 
     async def send(self, case: Case) -> Outcome:
         seen = len(self.log.records)

@@ -43,6 +43,7 @@ from typing import Any
 import betterproto2
 from betterproto2 import FieldMetadata
 
+from micro.codec.proto import _varint  # check_wire's reader: the same bounds and error
 from micro.errors import BadRequest
 
 __all__ = ["CompiledCodec", "compiled"]
@@ -80,20 +81,6 @@ class _Unsupported(Exception):
 
 def _bad(what: str, where: str) -> BadRequest:
     return BadRequest(f"malformed protobuf: {what} - at `{where}`")
-
-
-def _varint(data: bytes, i: int, where: str) -> tuple[int, int]:
-    """The varint at ``data[i]`` and the index after it (at most 10 bytes)."""
-    result = shift = 0
-    n = len(data)
-    while i < n and shift < 70:
-        b = data[i]
-        i += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, i
-        shift += 7
-    raise _bad("bad varint", where)
 
 
 def _put_varint(out: bytearray, value: int) -> None:
