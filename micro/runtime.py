@@ -17,17 +17,17 @@ import logging
 import ssl
 import weakref
 from collections.abc import Sequence
-from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, ClassVar
 
 import anyio
 import anyio.abc
 
 from micro import registry as _registry
 from micro.client import Client
-from micro.errors import UsageError
+from micro.errors import MicroError, UsageError
 from micro.middleware import Wrapper
 from micro.registry import Registry
+from micro.resource import Resource
 from micro.tasks import BackgroundTasks
 
 if TYPE_CHECKING:
@@ -41,8 +41,12 @@ log = logging.getLogger("micro.runtime")
 _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Runtime] = weakref.WeakKeyDictionary()
 
 
-class Runtime:
+class Runtime(Resource):
     """Registry, broker, store and client shared by everything on one loop.
+
+    A :class:`~micro.resource.Resource`: each ``async with`` (or :meth:`acquire`) takes a
+    reference, the first opens the backends (store, registry, broker, in that order),
+    the last :meth:`release` closes them; :meth:`aclose` closes now.
 
     Args:
         registry: a :class:`~micro.registry.Registry` or URL (default ``$MICRO_REGISTRY`` or ``local://``).
@@ -58,6 +62,9 @@ class Runtime:
             async with micro.New("task", runtime=rt) as svc:
                 ...
     """
+
+    kind: ClassVar[str] = "runtime"
+    error: ClassVar[type[MicroError]] = UsageError
 
     def __init__(self, *, registry: Registry | str | None = None, broker: Broker | str | None = None,
                  store: Store | str | None = None, call_wrappers: Sequence[Wrapper] = (),
@@ -76,10 +83,9 @@ class Runtime:
         attach = getattr(self.broker, "attach", None)
         if attach is not None:  # a broker that delivers through the runtime (local://)
             attach(self)
-        self._users = 0
+        self.url = self.registry.url
         self._stack: contextlib.AsyncExitStack | None = None
         self._background: BackgroundTasks | None = None
-        self._lock = asyncio.Lock()
 
     @classmethod
     def current(cls) -> Runtime:
@@ -96,28 +102,6 @@ class Runtime:
         if self._background is None:
             raise UsageError("the runtime is not open: use `async with` on it or on a service")
         return self._background.task_group
-
-    async def __aenter__(self) -> Self:
-        await self.acquire()
-        return self
-
-    async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.release()
-
-    async def acquire(self) -> None:
-        """Take a reference; the first one opens the backends."""
-        async with self._lock:
-            if self._users == 0:
-                await self._open()
-            self._users += 1
-
-    async def release(self) -> None:
-        """Drop a reference; the last one closes the backends."""
-        async with self._lock:
-            self._users -= 1
-            if self._users == 0:
-                await self._close()
 
     async def _open(self) -> None:
         stack = contextlib.AsyncExitStack()
@@ -146,12 +130,6 @@ class Runtime:
         loop = asyncio.get_running_loop()
         if _by_loop.get(loop) is self:
             del _by_loop[loop]
-
-    async def aclose(self) -> None:
-        """Close the backends now, whatever the reference count (idempotent)."""
-        async with self._lock:
-            self._users = 0
-            await self._close()
 
     def add_local(self, service: str, endpoints: dict[str, Endpoint]) -> None:
         """Make a service's endpoints reachable by the in-process fast path."""

@@ -33,16 +33,15 @@ class _OwnRuntimeBroker(LocalBroker):
         self._rt = micro.Runtime(registry=registry, broker="memory://", store="memory://")
         self.attach(self._rt)
 
-    async def connect(self) -> None:
+    async def _open(self) -> None:
         await self._rt.acquire()
-        await super().connect()
+        await super()._open()
 
-    async def aclose(self) -> None:
+    async def _close(self) -> None:
         try:
-            await super().aclose()
+            await super()._close()
         finally:
-            if self._rt._users:
-                await self._rt.release()
+            await self._rt.release()
 
 
 @pytest.fixture

@@ -23,8 +23,8 @@ from micro import context, idempotency, telemetry
 from micro._proto.micro.agent import ChatEvent, ChatRequest, ChatResponse, ToolCall
 from micro.ai import Message, Model, from_provider
 from micro.errors import BadRequest, NotFound, Timeout, Unavailable, UsageError
+from micro.resource import redact
 from micro.service import Service
-from micro.store._base import redact
 
 from .delegation import DEFAULT_MAX_DEPTH, delegate_tool
 from .loop import Approve, Event, Limits, Run, ToolCallRecord, system_prompt

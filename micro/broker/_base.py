@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import abc
 import itertools
+import logging
 import os
 import re
-from collections.abc import Awaitable, Callable, Mapping
-from types import TracebackType
-from typing import Self
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import ClassVar
 
+import anyio
 import betterproto2
 import msgspec
 
-from micro.errors import UsageError
+from micro.errors import BrokerError, MicroError, UsageError
+from micro.resource import Resource, State
+
+log = logging.getLogger("micro.broker")
 
 __all__ = [
     "ID_HEADER",
@@ -32,6 +36,8 @@ __all__ = [
     "Message",
     "MessageHandler",
     "Subscription",
+    "drain",
+    "drain_then_cancel",
     "encode_message",
     "new_message_id",
     "validate_topic",
@@ -71,34 +77,42 @@ class Subscription(abc.ABC):
         """Stop delivery and let the message in hand finish. Idempotent."""
 
 
-class Broker(abc.ABC):
-    """Publish and subscribe by topic.
+class Broker(Resource, abc.ABC):
+    """Publish and subscribe by topic, a :class:`~micro.resource.Resource`.
 
-    Construction does no I/O; ``async with`` connects (:meth:`connect`) and
-    :meth:`aclose` (idempotent) drains every subscription, then disconnects::
+    Construction does no I/O; ``async with`` connects, and leaving (or :meth:`aclose`,
+    idempotent) drains every subscription, then disconnects::
 
         async with micro.broker.from_url("nats://127.0.0.1:4222") as broker:
             await broker.subscribe("events.>", handle)
             await broker.publish("events.user.created", {"id": 1})
+
+    The public methods check topics, options and the state the same way for every
+    backend, then call its hooks: ``_publish`` (the encoded bytes), ``_subscribe``,
+    and ``_open`` / ``_close`` (which drains with :func:`drain`).
     """
 
+    kind: ClassVar[str] = "broker"
+    error: ClassVar[type[MicroError]] = BrokerError
     url: str = ""
+    _topics: set[str] | None = None  # topics already validated (bounded)
 
-    @abc.abstractmethod
-    async def connect(self) -> None:
-        """Connect and start background work; raise ``Unavailable`` if the server is unreachable."""
-
-    @abc.abstractmethod
-    async def aclose(self) -> None:
-        """Drain subscriptions, stop background work and disconnect. Idempotent."""
-
-    @abc.abstractmethod
     async def publish(
         self, topic: str, message: object, *, headers: Mapping[str, str] | None = None
     ) -> None:
         """Publish ``message`` (see :func:`encode_message`) to ``topic``."""
+        data = message if type(message) is bytes else encode_message(message)
+        topics = self._topics
+        if topics is None or topic not in topics:
+            validate_topic(topic, wildcards=False)
+            if topics is None:
+                topics = self._topics = set()
+            if len(topics) < 4096:
+                topics.add(topic)
+        if self._state is not State.OPEN:
+            self._check_open(f"publish to {topic!r}")
+        await self._publish(topic, data, headers)
 
-    @abc.abstractmethod
     async def subscribe(
         self,
         topic: str,
@@ -117,23 +131,49 @@ class Broker(abc.ABC):
         broker's ``fetch_batch``); 1 holds none back, so a stop has none to give back
         (each one given back counts as a delivery). Elsewhere it has no effect.
         """
+        validate_topic(topic, wildcards=True)
+        if prefetch is not None and (isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1):
+            raise UsageError(f"prefetch must be at least 1 (got {prefetch!r}) for {topic!r}")
+        self._check_open(f"subscribe to {topic!r}")
+        return await self._subscribe(topic, handler, queue=queue or None, durable=durable or None,
+                                     prefetch=prefetch)
 
-    @classmethod
-    def from_url(cls, url: str) -> Self:
-        """Build this backend from its URL; backends with options override this."""
-        return cls()
+    @abc.abstractmethod
+    async def _publish(self, topic: str, data: bytes, headers: Mapping[str, str] | None) -> None:
+        """Send ``data`` (already encoded; ``topic`` already valid) to ``topic``."""
 
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
+    @abc.abstractmethod
+    async def _subscribe(self, topic: str, handler: MessageHandler, *, queue: str | None,
+                         durable: str | None, prefetch: int | None) -> Subscription:
+        """Start delivering ``topic`` (valid; ``queue``/``durable`` None when not given) to ``handler``."""
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+
+async def drain(subscriptions: Iterable[Subscription]) -> None:
+    """Unsubscribe all of them at once and wait until each has let its message in hand finish.
+
+    The one way a broker or a service closes many subscriptions: together, so one
+    slow handler does not hold the others open while they start new messages.
+    """
+    async with anyio.create_task_group() as tg:
+        for sub in list(subscriptions):
+            tg.start_soon(sub.unsubscribe)
+
+
+async def drain_then_cancel(done: anyio.Event, scope: anyio.CancelScope, timeout: float, what: str, *,
+                            running: bool = True) -> None:
+    """Wait up to ``timeout`` seconds for ``done``; then cancel ``scope`` and wait for it to end.
+
+    What a subscription's ``unsubscribe`` does with its worker: the message in hand gets
+    ``timeout`` seconds to finish, then its handler is cancelled. ``running=False`` (the
+    worker never started) does not wait for the cancelled worker to end.
+    """
+    with anyio.move_on_after(timeout):
+        await done.wait()
+    if not done.is_set():
+        log.warning("%s did not drain within %.1f s: cancelled", what, timeout)
+        scope.cancel()
+        if running:
+            await done.wait()
 
 
 def encode_message(message: object) -> bytes:

@@ -34,9 +34,7 @@ from micro.broker._base import (
     ID_HEADER,
     Message,
     MessageHandler,
-    encode_message,
     new_message_id,
-    validate_topic,
 )
 from micro.broker.memory import MemoryBroker, MemorySubscription, topic_matches
 from micro.errors import BrokerError, Error, NotFound
@@ -109,11 +107,11 @@ class LocalBroker(MemoryBroker):
 
     # -- subscribing --------------------------------------------------------------------------
 
-    async def subscribe(self, topic: str, handler: MessageHandler, *, queue: str | None = None,
-                        durable: str | None = None, prefetch: int | None = None) -> MemorySubscription:
+    async def _subscribe(self, topic: str, handler: MessageHandler, *, queue: str | None,
+                         durable: str | None, prefetch: int | None) -> MemorySubscription:
         if self._runtime is None:
             raise BrokerError(f"broker {self.url} needs a runtime: create it through micro.Runtime")
-        sub = await super().subscribe(topic, handler, queue=queue, durable=durable)
+        sub = await super()._subscribe(topic, handler, queue=queue, durable=durable, prefetch=prefetch)
         entry = _Sub(uuid.uuid4().hex[:16], topic, queue or "")
         self._ids[sub] = entry
         self._by_id[entry.id] = sub
@@ -166,9 +164,7 @@ class LocalBroker(MemoryBroker):
             except Exception:
                 log.warning("broker %s: heartbeat to the registry failed", self.url, exc_info=True)
 
-    async def aclose(self) -> None:
-        if self._closed:
-            return
+    async def _close(self) -> None:
         runtime, server, beats = self._runtime, self._server, self._beats
         self._server = self._beats = None
         if beats is not None:
@@ -179,19 +175,15 @@ class LocalBroker(MemoryBroker):
                     await runtime.registry.deregister(self._record())
                 except Exception:
                     log.warning("broker %s: deregistering failed", self.url, exc_info=True)
-        await super().aclose()
+        await super()._close()
         if server is not None:
             await server.stop(1.0)
 
     # -- publishing ---------------------------------------------------------------------------
 
-    async def publish(self, topic: str, message: object, *, headers: Mapping[str, str] | None = None) -> None:
-        if self._closed:
-            raise BrokerError(f"cannot publish to {topic!r}: broker {self.url} is closed")
+    async def _publish(self, topic: str, data: bytes, headers: Mapping[str, str] | None) -> None:
         if self._runtime is None:
             raise BrokerError(f"broker {self.url} needs a runtime: create it through micro.Runtime")
-        validate_topic(topic, wildcards=False)
-        data = message if type(message) is bytes else encode_message(message)
         message_id = new_message_id(headers)
         hdrs = {**(headers or {}), ID_HEADER: message_id}
         targets = [t for t in await self._targets() if topic_matches(t.sub.topic, topic)]

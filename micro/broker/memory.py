@@ -28,11 +28,11 @@ from micro.broker._base import (
     Message,
     MessageHandler,
     Subscription,
-    encode_message,
+    drain,
+    drain_then_cancel,
     new_message_id,
-    validate_topic,
 )
-from micro.errors import BrokerError, ConfigError
+from micro.errors import ConfigError
 from micro.tasks import BackgroundTasks
 
 __all__ = ["DEFAULT_QUEUE_SIZE", "MemoryBroker", "MemorySubscription", "topic_matches"]
@@ -135,14 +135,8 @@ class MemorySubscription(Subscription):
                 self._waiter.set_result(None)
         if self._task is not None and self._task is asyncio.current_task():
             return  # a handler unsubscribing its own subscription: the worker stops after it
-        with anyio.move_on_after(self._broker.drain_timeout):
-            await self._done.wait()
-        if not self._done.is_set():
-            log.warning("subscription %r did not drain within %.1f s: cancelled", self.topic,
-                        self._broker.drain_timeout)
-            self._scope.cancel()
-            if self._task is not None:
-                await self._done.wait()
+        await drain_then_cancel(self._done, self._scope, self._broker.drain_timeout,
+                                f"subscription {self.topic!r}", running=self._task is not None)
 
 
 _Route = tuple[list[MemorySubscription], list[list[MemorySubscription]]]
@@ -194,35 +188,25 @@ class MemoryBroker(Broker):
         broker.url = url
         return broker
 
-    async def connect(self) -> None:
-        if self._tg is not None or self._closed:
-            raise BrokerError(f"broker {self.url} was already started; make a new one")
+    async def _open(self) -> None:
         tg = BackgroundTasks(f"broker {self.url}", log)
         await tg.start()
         self._tg = tg
+        self._closed = False
 
-    async def aclose(self) -> None:
-        if self._closed:
-            return
+    async def _close(self) -> None:
         self._closed = True
-        subs = list(self._subs)
-        if self._tg is None:
-            return
-        async with anyio.create_task_group() as drain:
-            for sub in subs:
-                drain.start_soon(sub.unsubscribe)
-        tg, self._tg = self._tg, None
-        await tg.aclose()
+        try:
+            await drain(self._subs)
+        finally:
+            tg, self._tg = self._tg, None
+            if tg is not None:
+                await tg.aclose()
 
-    async def publish(
-        self, topic: str, message: object, *, headers: Mapping[str, str] | None = None
-    ) -> None:
-        if self._closed:
-            raise BrokerError(f"cannot publish to {topic!r}: broker {self.url} is closed")
-        data = message if type(message) is bytes else encode_message(message)
+    async def _publish(self, topic: str, data: bytes, headers: Mapping[str, str] | None) -> None:
         route = self._routes.get(topic)
         if route is None:
-            route = self._route(validate_topic(topic, wildcards=False))
+            route = self._route(topic)
         if headers:
             message_id = new_message_id(headers)
             hdrs = {**headers, ID_HEADER: message_id}
@@ -239,20 +223,10 @@ class MemoryBroker(Broker):
         if crowded:
             await asyncio.sleep(0)  # let consumers run before the publisher fills their buffers
 
-    async def subscribe(
-        self,
-        topic: str,
-        handler: MessageHandler,
-        *,
-        queue: str | None = None,
-        durable: str | None = None,
-        prefetch: int | None = None,
-    ) -> MemorySubscription:
-        validate_topic(topic, wildcards=True)
-        if self._tg is None:
-            state = "closed" if self._closed else "not started (use `async with`)"
-            raise BrokerError(f"cannot subscribe to {topic!r}: broker {self.url} is {state}")
-        sub = MemorySubscription(self, topic, handler, queue or None, self.queue_size)
+    async def _subscribe(self, topic: str, handler: MessageHandler, *, queue: str | None,
+                         durable: str | None, prefetch: int | None) -> MemorySubscription:
+        assert self._tg is not None
+        sub = MemorySubscription(self, topic, handler, queue, self.queue_size)
         self._subs.append(sub)
         self._routes.clear()
         self._tg.start_soon(sub._run, name=f"micro.broker.memory:{topic}")

@@ -25,11 +25,12 @@ headers goes out bare, at twice the rate, and each subscriber makes up its id).
   slow handler is not redelivered; a crashed process sends nothing and its
   messages come back after ``ack_wait``.
 
-Connecting is bounded by ``connect_timeout`` and fails at the first error with
-``Unavailable``. Afterwards nats-py reconnects on its own (``reconnect_wait``
-between attempts, at most ``max_reconnect``); while disconnected ``publish``
-raises ``Unavailable`` at once (nothing is buffered) and subscriptions resume
-after the reconnect.
+The connection comes from :mod:`micro.nats_connection` (shared with a NATS registry
+or store of the same loop and servers): connecting is bounded by ``connect_timeout``
+and fails at the first error with ``Unavailable``; afterwards it reconnects for ever
+(``reconnect_wait`` between attempts; ``max_reconnect`` to give up). While disconnected
+``publish`` raises ``Unavailable`` at once (nothing is buffered) and subscriptions
+resume after the reconnect.
 """
 
 from __future__ import annotations
@@ -69,11 +70,14 @@ from micro.broker._base import (
     Message,
     MessageHandler,
     Subscription,
-    encode_message,
+    drain,
+    drain_then_cancel,
     new_message_id,
     validate_topic,
 )
 from micro.errors import BrokerError, ConfigError, Unavailable, UsageError
+from micro.nats_connection import UNAVAILABLE, NatsConnection, NatsSettings, connect, describe
+from micro.resource import redact
 from micro.tasks import BackgroundTasks
 
 __all__ = ["NatsBroker", "NatsSubscription"]
@@ -409,13 +413,7 @@ class NatsSubscription(Subscription):
             self._fetch_scope.cancel()
         if in_handler:
             return  # the fetch loop stops after this handler returns
-        with anyio.move_on_after(broker.drain_timeout):
-            await self._done.wait()
-        if not self._done.is_set():
-            log.warning("subscription %r did not drain within %.1f s: cancelled",
-                        self.topic, broker.drain_timeout)
-            self._scope.cancel()
-            await self._done.wait()
+        await drain_then_cancel(self._done, self._scope, broker.drain_timeout, f"subscription {self.topic!r}")
 
     async def _unsubscribe_core(self, sub: CoreSubscription) -> None:
         broker = self._broker
@@ -454,7 +452,8 @@ class NatsBroker(Broker):
         jetstream: the durable mode (what ``nats+js://`` selects).
         connect_timeout: seconds to reach the server at start before ``Unavailable``.
         reconnect_wait: seconds between reconnect attempts after a disconnect.
-        max_reconnect: reconnect attempts before the connection is closed for good.
+        max_reconnect: reconnect attempts before the connection is closed for good
+            (-1, the default: reconnect for ever; see :mod:`micro.nats_connection`).
         drain_timeout: seconds ``unsubscribe``/``aclose`` wait for handlers in progress.
         pending_limit: messages a core subscription buffers before nats-py drops them.
         message_ids: core NATS: send the ``Micro-Id`` header with every message. Off,
@@ -483,7 +482,7 @@ class NatsBroker(Broker):
         jetstream: bool = False,
         connect_timeout: float = 2.0,
         reconnect_wait: float = 1.0,
-        max_reconnect: int = 120,
+        max_reconnect: int = -1,
         drain_timeout: float = 5.0,
         pending_limit: int = 65536,
         message_ids: bool = True,
@@ -516,18 +515,17 @@ class NatsBroker(Broker):
         self.fetch_batch = fetch_batch
         self.max_age = max_age
         self.dead_letter_prefix = dead_letter_prefix
-        self._nc = Client()
-        self._js: JetStreamContext = self._nc.jetstream(timeout=publish_timeout)
-        self._jsm = self._nc.jsm(timeout=publish_timeout)
+        self.settings = NatsSettings(connect_timeout=connect_timeout, reconnect_wait=reconnect_wait,
+                                     max_reconnect=max_reconnect, close_timeout=drain_timeout)
+        self._conn: NatsConnection | None = None
+        self._nc: Client = _CLOSED
+        self._js: JetStreamContext = _CLOSED.jetstream()
+        self._jsm = _CLOSED.jsm()
         self._subs: set[NatsSubscription] = set()
         self._streams: dict[str, str] = {}
-        self._valid: set[str] = set()
         self._tg: BackgroundTasks | None = None
-        self._started = False
         self._closed = False
         self._connected = asyncio.Event()
-        self._connecting: anyio.CancelScope | None = None
-        self._last_error: BaseException | None = None
 
     @classmethod
     def from_url(cls, url: str) -> NatsBroker:
@@ -560,42 +558,24 @@ class NatsBroker(Broker):
 
     # -- lifecycle --------------------------------------------------------------
 
-    async def connect(self) -> None:
-        if self._started:
-            raise BrokerError(f"broker {self.url} was already started; make a new one")
-        self._started = True
-        with anyio.move_on_after(self.connect_timeout) as scope:
-            self._connecting = scope
-            try:
-                await self._nc.connect(
-                    self.servers,
-                    name="micro",
-                    connect_timeout=max(1, round(self.connect_timeout)),
-                    reconnect_time_wait=self.reconnect_wait,  # type: ignore[arg-type]
-                    max_reconnect_attempts=self.max_reconnect,
-                    error_cb=self._on_error,
-                    disconnected_cb=self._on_disconnected,
-                    reconnected_cb=self._on_reconnected,
-                    closed_cb=self._on_closed,
-                )
-            except (OSError, nats.errors.Error, TimeoutError) as e:
-                self._last_error = e
-            finally:
-                self._connecting = None
-        if not self._nc.is_connected:
-            await self._close_quietly()
-            reason = self._last_error or f"no answer within {self.connect_timeout:g} s"
-            raise Unavailable(f"cannot connect to broker {self.url}: {_reason(reason)}")
+    async def _open(self) -> None:
+        conn = await connect(self.url, self.settings, who="broker")
+        try:
+            if self.jetstream:
+                await conn.require_jetstream("broker")
+            tg = BackgroundTasks(f"broker {redact(self.url)}", log)
+            await tg.start()
+        except BaseException:
+            await conn.release()
+            raise
+        self._conn = conn
+        self._nc = conn.client
+        self._js = conn.jetstream(self.publish_timeout)
+        self._jsm = conn.jsm(self.publish_timeout)
+        self._streams.clear()
+        self._closed = False
         self._connected.set()
-        if self.jetstream:
-            try:
-                await self._jsm.account_info()
-            except nats.errors.Error as e:
-                await self._close_quietly()
-                raise Unavailable(f"broker {self.url}: JetStream is not available on the server "
-                                  f"(start nats-server with -js): {_reason(e)}") from None
-        tg = BackgroundTasks(f"broker {self.url}", log)
-        await tg.start()
+        conn.listeners.add(self)
         self._tg = tg
         if self.jetstream:
             tg.start_soon(self._keepalive, name="micro.broker.nats:keepalive")
@@ -614,53 +594,29 @@ class NatsBroker(Broker):
                     except Exception:
                         pass  # settled meanwhile, or the connection dropped: ack_wait decides
 
-    async def aclose(self) -> None:
-        if self._closed:
-            return
+    async def _close(self) -> None:
         self._closed = True
-        if not self._started:
-            return
-        async with anyio.create_task_group() as drain:
-            for sub in list(self._subs):
-                drain.start_soon(sub.unsubscribe)
-        if self._tg is not None:
-            tg, self._tg = self._tg, None
-            await tg.aclose()
-        await self._close_quietly()
+        try:
+            await drain(self._subs)
+            if self._tg is not None:
+                tg, self._tg = self._tg, None
+                await tg.aclose()
+        finally:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.listeners.discard(self)
+                await conn.release()
 
-    async def _close_quietly(self) -> None:
-        with anyio.move_on_after(self.drain_timeout):
-            try:
-                await self._nc.close()
-            except nats.errors.Error as e:
-                log.debug("closing the connection to %s: %s", self.url, e)
-
-    async def _on_error(self, e: Exception) -> None:
-        if self._connecting is not None:
-            self._last_error = e
-            self._connecting.cancel()  # fail at the first error, not after every retry
-        elif isinstance(e, nats.errors.SlowConsumerError):
-            log.warning("broker %s: a subscription is too slow, messages dropped: %s", self.url, e)
-        elif not self._connected.is_set():  # a failed reconnect attempt: expected while down
-            log.debug("broker %s: reconnect attempt failed: %s", self.url, _reason(e))
-        else:
-            log.warning("broker %s: %s", self.url, _reason(e))
-
-    async def _on_disconnected(self) -> None:
-        if self._connected.is_set() and not self._closed:
-            log.warning("broker %s: disconnected, reconnecting", self.url)
+    async def on_disconnected(self) -> None:
         self._connected.clear()
         for sub in self._subs:  # their pull requests died with the connection: stop waiting
             if sub._fetch_scope is not None:
                 sub._fetch_scope.cancel()
 
-    async def _on_reconnected(self) -> None:
-        log.info("broker %s: reconnected", self.url)
+    async def on_reconnected(self) -> None:
         self._connected.set()
 
-    async def _on_closed(self) -> None:
-        if not self._closed and self._tg is not None:
-            log.error("broker %s: connection closed (gave up reconnecting)", self.url)
+    async def on_closed(self) -> None:
         self._connected.set()  # wake fetch loops so they see the closed connection
 
     async def _wait_connected(self, patience: float) -> None:
@@ -671,14 +627,7 @@ class NatsBroker(Broker):
 
     # -- publish / subscribe ----------------------------------------------------
 
-    async def publish(
-        self, topic: str, message: object, *, headers: Mapping[str, str] | None = None
-    ) -> None:
-        data = message if type(message) is bytes else encode_message(message)
-        if topic not in self._valid:
-            validate_topic(topic, wildcards=False)
-            if len(self._valid) < 4096:
-                self._valid.add(topic)
+    async def _publish(self, topic: str, data: bytes, headers: Mapping[str, str] | None) -> None:
         nc = self._nc
         if not nc.is_connected:
             raise self._not_connected(f"cannot publish to {topic!r}")
@@ -716,21 +665,10 @@ class NatsBroker(Broker):
             except nats.errors.Error as e:
                 raise self._error(f"cannot publish to {topic!r}", e) from e
 
-    async def subscribe(
-        self,
-        topic: str,
-        handler: MessageHandler,
-        *,
-        queue: str | None = None,
-        durable: str | None = None,
-        prefetch: int | None = None,
-    ) -> NatsSubscription:
-        validate_topic(topic, wildcards=True)
-        if prefetch is not None and prefetch < 1:
-            raise UsageError(f"prefetch must be at least 1 (got {prefetch}) for {topic!r}")
+    async def _subscribe(self, topic: str, handler: MessageHandler, *, queue: str | None,
+                         durable: str | None, prefetch: int | None) -> NatsSubscription:
         if self._tg is None:
-            state = "closed" if self._closed else "not started (use `async with`)"
-            raise BrokerError(f"cannot subscribe to {topic!r}: broker {self.url} is {state}")
+            raise BrokerError(f"cannot subscribe to {topic!r}: broker {redact(self.url)} is closed")
         if not self._nc.is_connected:
             raise self._not_connected(f"cannot subscribe to {topic!r}")
         sub = NatsSubscription(self, topic, handler, queue or None, durable or None)
@@ -783,16 +721,12 @@ class NatsBroker(Broker):
 
     def _not_connected(self, what: str) -> Unavailable:
         state = "closed" if self._nc.is_closed else "disconnected, reconnecting"
-        if not self._started:
-            state = "not started (use `async with`)"
-        return Unavailable(f"{what}: broker {self.url} is {state}")
+        return Unavailable(f"{what}: broker {redact(self.url)} is {state}")
 
     def _error(self, what: str, e: BaseException) -> BrokerError | Unavailable:
-        if isinstance(e, nats.errors.TimeoutError | nats.errors.ConnectionClosedError
-                      | nats.errors.NoRespondersError | nats.errors.OutboundBufferLimitError
-                      | nats.js.errors.ServiceUnavailableError) or not self._nc.is_connected:
-            return Unavailable(f"{what}: broker {self.url}: {_reason(e)}")
-        return BrokerError(f"{what}: broker {self.url}: {_reason(e)}")
+        if isinstance(e, UNAVAILABLE) or not self._nc.is_connected:
+            return Unavailable(f"{what}: broker {redact(self.url)}: {_reason(e)}")
+        return BrokerError(f"{what}: broker {redact(self.url)}: {_reason(e)}")
 
 
 def _flag(value: str) -> bool:
@@ -803,11 +737,5 @@ def _flag(value: str) -> bool:
     raise ValueError(value)
 
 
-def _reason(e: object) -> str:
-    if isinstance(e, nats.js.errors.APIError):
-        codes = ", ".join(f"{k} {v}" for k, v in (("status", e.code), ("error", e.err_code)) if v)
-        return f"{e.description or type(e).__name__}" + (f" ({codes})" if codes else "")
-    if isinstance(e, BaseException):
-        text = str(e).strip() or type(e).__name__
-        return " ".join(text.split())
-    return str(e)
+_reason = describe
+_CLOSED = Client()  # stands in for the connection while the broker is not open: never connected

@@ -10,8 +10,6 @@ the directory (``poll_interval`` seconds) and reads only files that changed.
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import hashlib
 import os
 import socket
@@ -24,8 +22,7 @@ import anyio
 import anyio.to_thread
 import msgspec
 
-from micro.errors import ServiceNotFound
-from micro.registry._base import Event, Registry, ServiceRecord, Watcher, merge
+from micro.registry._base import PollWatcher, Registry, ServiceRecord, Snapshot, Watcher
 
 _HOST = socket.gethostname()
 
@@ -89,9 +86,8 @@ class LocalRegistry(Registry):
         self.path = Path(where) if where else default_home() / "registry"
         self.poll_interval = poll_interval
 
-    async def __aenter__(self) -> LocalRegistry:
+    async def _open(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        return self
 
     @staticmethod
     def _file(record: ServiceRecord, node_id: str) -> str:
@@ -149,61 +145,25 @@ class LocalRegistry(Registry):
         except OSError:
             pass
 
-    async def register(self, record: ServiceRecord, *, ttl: float) -> None:
+    async def _register(self, record: ServiceRecord, ttl: float) -> None:
         await anyio.to_thread.run_sync(self._write, record, ttl)
 
-    async def deregister(self, record: ServiceRecord) -> None:
+    async def _deregister(self, record: ServiceRecord) -> None:
         await anyio.to_thread.run_sync(self._remove, record)
 
-    async def get(self, name: str) -> list[ServiceRecord]:
-        prefix = _part(name) + "~"
-        snap = await anyio.to_thread.run_sync(self._scan, prefix)
-        found = merge([e.record for _, e in snap.values()])
-        if not found:
-            raise ServiceNotFound(
-                f"service {name!r} is not registered in {self.path}: is it running "
-                "(with the same MICRO_HOME)? `micro services` lists what is"
-            )
-        return found
+    async def _records(self, name: str | None) -> list[ServiceRecord]:
+        snap = await anyio.to_thread.run_sync(self._scan, "" if name is None else _part(name) + "~")
+        return [e.record for _, e in snap.values()]
 
-    async def list(self) -> list[ServiceRecord]:
-        snap = await anyio.to_thread.run_sync(self._scan)
-        return merge([e.record for _, e in snap.values()])
+    def _missing_hint(self) -> str:
+        return f" ({self.path}): is it running (with the same MICRO_HOME)? `micro services` lists what is"
 
-    def watch(self) -> Watcher:
-        return _PollWatcher(self, self._scan())
+    def _watch(self) -> Watcher:
+        state = self._scan()
 
+        async def poll() -> Snapshot:
+            nonlocal state  # files unchanged since the last poll are not read again
+            state = await anyio.to_thread.run_sync(self._scan, "", state)
+            return {name: entry.record for name, (_, entry) in state.items()}
 
-class _PollWatcher(Watcher):
-    def __init__(self, registry: LocalRegistry, snapshot: _Snapshot) -> None:
-        self._registry = registry
-        self._snapshot = snapshot
-        self._pending: collections.deque[Event] = collections.deque()
-        self._closed = asyncio.Event()
-
-    async def __anext__(self) -> Event:
-        while not self._pending:
-            if self._closed.is_set():
-                raise StopAsyncIteration
-            with anyio.move_on_after(self._registry.poll_interval):
-                await self._closed.wait()
-            if self._closed.is_set():
-                raise StopAsyncIteration
-            snap = await anyio.to_thread.run_sync(self._registry._scan, "", self._snapshot)
-            self._diff(self._snapshot, snap)
-            self._snapshot = snap
-        return self._pending.popleft()
-
-    def _diff(self, old: _Snapshot, new: _Snapshot) -> None:
-        for name, (_, entry) in new.items():
-            before = old.get(name)
-            if before is None:
-                self._pending.append(Event(type="create", service=entry.record))
-            elif before[1].record != entry.record:
-                self._pending.append(Event(type="update", service=entry.record))
-        for name, (_, entry) in old.items():
-            if name not in new:
-                self._pending.append(Event(type="delete", service=entry.record))
-
-    async def aclose(self) -> None:
-        self._closed.set()
+        return PollWatcher(poll, self.poll_interval, first={name: e.record for name, (_, e) in state.items()})

@@ -2,7 +2,7 @@
 
 One instance may be shared by several Runtimes of one process (tests do this to
 take the network path between two "processes"): each ``async with`` takes a
-reference and only the last ``aclose()`` ends the watchers. A record that stops
+reference (see :mod:`micro.resource`) and the last one to leave ends the watchers. A record that stops
 heart-beating is dropped when its TTL runs out, and watchers see the ``delete``
 then, not only at the next ``get()``.
 """
@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Self
 
 import msgspec
 
-from micro.errors import ServiceNotFound
-from micro.registry._base import Event, Registry, ServiceRecord, Watcher, merge
+from micro.registry._base import Event, Registry, ServiceRecord, Watcher
 
 _Key = tuple[str, str, str]
 
@@ -48,11 +46,6 @@ class MemoryRegistry(Registry):
         self._nodes: dict[_Key, tuple[ServiceRecord, float]] = {}
         self._timers: dict[_Key, asyncio.TimerHandle] = {}
         self._watchers: set[_QueueWatcher] = set()
-        self._users = 0
-
-    async def __aenter__(self) -> Self:
-        self._users += 1
-        return self
 
     def _emit(self, type_: str, record: ServiceRecord) -> None:
         event = Event(type=type_, service=record)  # type: ignore[arg-type]
@@ -77,7 +70,7 @@ class MemoryRegistry(Registry):
         del self._nodes[key]
         self._emit("delete", entry[0])
 
-    async def register(self, record: ServiceRecord, *, ttl: float) -> None:
+    async def _register(self, record: ServiceRecord, ttl: float) -> None:
         expires = time.monotonic() + ttl
         for node in record.nodes:
             key = (record.name, record.version, node.id)
@@ -88,7 +81,7 @@ class MemoryRegistry(Registry):
             if old is None or old[0] != one:
                 self._emit("create" if old is None else "update", one)
 
-    async def deregister(self, record: ServiceRecord) -> None:
+    async def _deregister(self, record: ServiceRecord) -> None:
         for node in record.nodes:
             key = (record.name, record.version, node.id)
             timer = self._timers.pop(key, None)
@@ -104,26 +97,16 @@ class MemoryRegistry(Registry):
             self._expire(key)
         return [rec for rec, _ in self._nodes.values()]
 
-    async def get(self, name: str) -> list[ServiceRecord]:
-        found = merge([r for r in self._live() if r.name == name])
-        if not found:
-            raise ServiceNotFound(f"service {name!r} is not registered ({self.url})")
-        return found
+    async def _records(self, name: str | None) -> list[ServiceRecord]:
+        return self._live()
 
-    async def list(self) -> list[ServiceRecord]:
-        return merge(self._live())
-
-    def watch(self) -> Watcher:
+    def _watch(self) -> Watcher:
         w = _QueueWatcher(self)
         self._watchers.add(w)
         return w
 
-    async def aclose(self) -> None:
-        """Drop one reference; the last one ends every watcher and expiry timer."""
-        if self._users > 1:
-            self._users -= 1
-            return
-        self._users = 0
+    async def _close(self) -> None:
+        """The last user left: end every watcher and expiry timer."""
         for w in list(self._watchers):
             await w.aclose()
         for timer in self._timers.values():

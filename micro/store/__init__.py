@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 
 from micro._backends import load_backend
-from micro.store._base import MAX_KEY_BYTES, Record, Store, redact
+from micro.resource import redact
+from micro.store._base import MAX_KEY_BYTES, Record, Store
 
 __all__ = ["BACKENDS", "MAX_KEY_BYTES", "Record", "Store", "from_url"]
 

@@ -5,25 +5,24 @@ expiry) in one *table* of one *database*, like go-micro's store; ``scope()`` giv
 a view on another database/table that shares the connection. The public methods
 live here and check their arguments the same way for every backend; a backend
 implements the small ``_get`` / ``_put`` / ``_delete`` / ``_list`` / ``_read_prefix``
-hooks, plus ``_connect`` / ``_disconnect`` if it owns a connection.
+hooks, plus the :class:`~micro.resource.Resource` hooks ``_open`` / ``_close`` if it
+owns a connection (called on the root store, once for all its views).
 """
 
 from __future__ import annotations
 
 import abc
-import asyncio
 import builtins
 import copy
 import math
 import time
-import urllib.parse
 from collections.abc import Callable, Sequence
-from types import TracebackType
-from typing import Self, TypeVar, cast
+from typing import ClassVar, Self, TypeVar, cast
 
 import msgspec
 
-from micro.errors import RecordNotFound, StoreError, UsageError
+from micro.errors import MicroError, RecordNotFound, StoreError, UsageError
+from micro.resource import Resource, redact
 
 MAX_KEY_BYTES = 1024
 """The longest key (UTF-8 bytes) every backend stores; longer keys raise ``UsageError``."""
@@ -40,14 +39,17 @@ class Record(msgspec.Struct):
     expiry: float | None = None
 
 
-class Store(abc.ABC):
-    """Key/value with prefixes. Construction does no I/O; ``async with store:`` connects.
+class Store(Resource, abc.ABC):
+    """Key/value with prefixes, a :class:`~micro.resource.Resource`: construction does no
+    I/O; ``async with store:`` connects.
 
     ``aclose()`` is idempotent. Views from ``scope()`` share the connection: it closes
     when the last entered handle (store or view) closes. A view needs no ``async with``
     of its own while the store it came from is open.
     """
 
+    kind: ClassVar[str] = "store"
+    error: ClassVar[type[MicroError]] = StoreError
     url: str
     database: str
     table: str
@@ -65,9 +67,10 @@ class Store(abc.ABC):
         self.table = _check_name("table", table)
         self._clock = clock
         self._root: Self = cast(Self, self)  # scope() views point here
-        self._users = 0
-        self._lock = asyncio.Lock()
-        self._entered = False
+
+    @property
+    def _resource(self) -> Resource:
+        return self._root
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -81,37 +84,12 @@ class Store(abc.ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({redact(self.url)!r}, database={self.database!r}, table={self.table!r})"
 
-    async def __aenter__(self) -> Self:
-        root = self._root
-        async with root._lock:
-            if not self._entered:
-                if root._users == 0:
-                    await root._connect()
-                root._users += 1
-                self._entered = True
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Release this handle; the connection closes with the last one. Idempotent."""
-        root = self._root
-        async with root._lock:
-            if self._entered:
-                self._entered = False
-                root._users -= 1
-                if root._users == 0:
-                    await root._disconnect()
-
     def scope(self, database: str, table: str | None = None) -> Self:
         """A view on ``database``/``table`` (default ``"default"``) sharing this store's connection."""
         view = copy.copy(self)
         view.database = _check_name("database", database)
         view.table = _check_name("table", table if table is not None else "default")
-        view._entered = False
+        view._held = 0
         return view
 
     async def read(
@@ -176,16 +154,6 @@ class Store(abc.ABC):
             return []
         return await self._list(prefix, self.clock(), limit, offset, reverse)
 
-    def _check_open(self) -> None:
-        if self._root._users == 0:
-            raise StoreError(f"{self!r} is not open: use `async with store:` first")
-
-    async def _connect(self) -> None:  # noqa: B027 - optional hook
-        """Open the connection (called on the root store, under its lock). No-op by default."""
-
-    async def _disconnect(self) -> None:  # noqa: B027 - optional hook
-        """Close the connection (called on the root store, under its lock). No-op by default."""
-
     @abc.abstractmethod
     async def _get(self, key: str, now: float) -> Record | None:
         """The record under ``key`` unless missing or expired at ``now``; a copy the caller may change."""
@@ -214,16 +182,6 @@ def window(items: Sequence[_T], limit: int | None, offset: int, reverse: bool) -
     ordered = items[::-1] if reverse else items
     end = None if limit is None else offset + limit
     return list(ordered[offset:end])
-
-
-def redact(url: str) -> str:
-    """``url`` without its password, for messages and reprs."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 def _check_name(kind: str, name: str) -> str:

@@ -42,7 +42,8 @@ from pathlib import Path
 import msgspec
 
 from micro.errors import ConfigError, StoreError
-from micro.store._base import Record, Store, redact, window
+from micro.resource import redact
+from micro.store._base import Record, Store, window
 
 __all__ = ["FileStore", "decode_name", "encode_name"]
 

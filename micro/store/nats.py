@@ -34,13 +34,15 @@ import math
 import re
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
-from micro.errors import ConfigError, StoreError, Unavailable
-from micro.store._base import Record, Store, redact, window
+from micro.errors import ConfigError, StoreError
+from micro.nats_connection import NatsConnection, NatsSettings, connect, nats_errors, servers_of
+from micro.resource import redact
+from micro.store._base import Record, Store, window
 
 try:
     import nats
@@ -128,73 +130,35 @@ class NatsStore(Store):
         timeout: float = 5.0,
     ) -> None:
         super().__init__(url, database=database, table=table, clock=clock)
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("nats", "tls") or not parts.netloc:
+        if urllib.parse.urlsplit(url).scheme not in ("nats", "tls"):
             raise ConfigError(f"NATS store URL {redact(url)!r} must look like nats://host:4222")
-        # nats://a:4222,b:4222 names several servers of one cluster.
-        self.servers = [f"{parts.scheme}://{host}" for host in parts.netloc.split(",")]
+        self.servers = servers_of(url)  # nats://a:4222,b:4222 names several servers of one cluster
+        self.settings = NatsSettings(connect_timeout=connect_timeout)
         self.connect_timeout = connect_timeout
         self.timeout = timeout
+        self._conn: NatsConnection | None = None
         self._nc: Any = None
         self._js: Any = None
         self._buckets: dict[str, _Bucket] = {}
 
-    async def _connect(self) -> None:
-        last_error: list[BaseException] = []
-
-        async def on_error(exc: Exception) -> None:  # nats-py would log a traceback per retry
-            last_error[:] = [exc]
-
-        nc: Any = None
+    async def _open(self) -> None:
+        conn = await connect(self.url, self.settings, who="store")
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                nc = await nats.connect(
-                    self.servers,
-                    name="micro-store",
-                    connect_timeout=max(1, math.ceil(self.connect_timeout)),
-                    max_reconnect_attempts=-1,  # once up, keep reconnecting; ops time out meanwhile
-                    reconnect_time_wait=0.5,
-                    error_cb=on_error,
-                )
-                js = nc.jetstream(timeout=self.timeout)
-                await js.account_info()
-        except (TimeoutError, OSError, nats.errors.Error) as exc:
-            if nc is not None:
-                await nc.close()
-            reason = _why(last_error[0] if last_error and isinstance(exc, TimeoutError) else exc)
-            if isinstance(exc, nats.js.errors.ServiceUnavailableError | nats.errors.NoRespondersError):
-                reason = "JetStream is not enabled (start nats-server with -js)"
-            raise Unavailable(f"store {redact(self.url)}: cannot connect: {reason}") from exc
-        self._nc, self._js = nc, js
+            await conn.require_jetstream("store")
+        except BaseException:
+            await conn.release()
+            raise
+        self._conn, self._nc, self._js = conn, conn.client, conn.jetstream(self.timeout)
         self._buckets = {}
 
-    async def _disconnect(self) -> None:
-        nc, self._nc, self._js = self._nc, None, None
-        if nc is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await nc.close()
+    async def _close(self) -> None:
+        conn, self._conn, self._nc, self._js = self._conn, None, None, None
+        if conn is not None:
+            await conn.release()
 
-    @contextlib.contextmanager
-    def _errors(self, action: str) -> Iterator[None]:
-        """Translate nats-py errors at the boundary."""
-        where = f"store {redact(self.url)} ({self.database}/{self.table})"
-        try:
-            yield
-        except (
-            TimeoutError,
-            nats.errors.NoRespondersError,
-            nats.errors.ConnectionClosedError,
-            nats.errors.ConnectionReconnectingError,
-            nats.errors.StaleConnectionError,
-            nats.errors.OutboundBufferLimitError,
-        ) as exc:
-            raise Unavailable(f"{where}: {action}: NATS did not answer ({_why(exc)})") from exc
-        except nats.js.errors.ServiceUnavailableError as exc:
-            raise Unavailable(f"{where}: {action}: JetStream unavailable ({_why(exc)})") from exc
-        except nats.errors.MaxPayloadError as exc:
-            raise StoreError(f"{where}: {action}: the record is larger than the server's max_payload") from exc
-        except nats.errors.Error as exc:
-            raise StoreError(f"{where}: {action}: {_why(exc)}") from exc
+    def _errors(self, action: str) -> contextlib.AbstractContextManager[None]:
+        """Translate nats-py errors at the boundary (the one NATS mapping)."""
+        return nats_errors(f"store {redact(self.url)} ({self.database}/{self.table}): {action}", StoreError)
 
     async def _bucket(self) -> _Bucket:
         root = self._root
@@ -368,6 +332,3 @@ def _record(key: str, data: bytes | None, headers: dict[str, str]) -> Record:
     return Record(key, body.value, body.metadata, _expiry(headers))
 
 
-def _why(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

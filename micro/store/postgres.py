@@ -33,7 +33,8 @@ from typing import Any, TypeVar
 import msgspec
 
 from micro.errors import ConfigError, StoreError, Unavailable
-from micro.store._base import Record, Store, redact
+from micro.resource import redact
+from micro.store._base import Record, Store
 
 try:
     import asyncpg
@@ -120,7 +121,7 @@ class PostgresStore(Store):
         self._ready: set[str] = set()  # databases whose table exists
         self._prepare_lock = asyncio.Lock()
 
-    async def _connect(self) -> None:
+    async def _open(self) -> None:
         pool = None
         try:
             pool = await asyncpg.create_pool(
@@ -145,7 +146,7 @@ class PostgresStore(Store):
             raise StoreError(f"store {redact(self.url)}: no current schema to create tables in (check search_path)")
         self._pool, self._schema, self._ready = pool, schema, set()
 
-    async def _disconnect(self) -> None:
+    async def _close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
             try:

@@ -21,7 +21,7 @@ Testing your own services and agents::
 - :mod:`scripted <micro.ai.scripted>` models and tool-call assertions
   (:func:`assert_called`, :func:`assert_not_called`, :func:`assert_offered`, :func:`tool_calls`);
 - :mod:`micro.testing.smoke`: smoke-test a whole app the way ``micro run`` runs it;
-- conformance kits for backends: :func:`check_store`, :func:`check_broker`.
+- conformance kits for backends: :func:`check_store`, :func:`check_broker`, :func:`check_registry`.
 
 The fixtures need ``pytest_plugins = ["micro.testing.pytest_plugin"]`` in your ``conftest.py``.
 """
@@ -29,6 +29,7 @@ The fixtures need ``pytest_plugins = ["micro.testing.pytest_plugin"]`` in your `
 from micro.ai import scripted
 from micro.testing.assertions import ToolUse, assert_called, assert_not_called, assert_offered, tool_calls
 from micro.testing.broker_kit import check_broker
+from micro.testing.registry_kit import check_registry
 from micro.testing.runtime import ask, call, runtime
 from micro.testing.store_kit import check_store
 
@@ -40,6 +41,7 @@ __all__ = [
     "assert_offered",
     "call",
     "check_broker",
+    "check_registry",
     "check_store",
     "runtime",
     "scripted",
