@@ -24,8 +24,9 @@ import pytest
 
 import micro.broker
 from micro.broker import Broker, Message, encode_message, from_url
+from micro.broker.jetstream import JetStreamBroker
 from micro.broker.memory import MemoryBroker, topic_matches
-from micro.broker.nats import NatsBroker
+from micro.broker.nats import ENVELOPE, NatsBroker
 from micro.errors import BrokerError, ConfigError, Unavailable, UsageError
 from micro.testing.broker_kit import CHECKS, Inbox
 
@@ -46,7 +47,8 @@ def make_broker(request: pytest.FixtureRequest) -> Callable[[], Broker]:
         return lambda: from_url("memory://")
     url = request.getfixturevalue("nats_url")
     scheme = request.param
-    return lambda: from_url(url.replace("nats://", f"{scheme}://") + "?backoff=0.05")
+    options = "?backoff=0.05" if scheme == "nats+js" else ""
+    return lambda: from_url(url.replace("nats://", f"{scheme}://") + options)
 
 
 @pytest.mark.parametrize("check", list(CHECKS))
@@ -61,13 +63,18 @@ def test_from_url_default_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(from_url(), MemoryBroker)
     monkeypatch.setenv("MICRO_BROKER", "nats+js://127.0.0.1:4999?max_deliver=3&backoff=1,2")
     broker = from_url()
-    assert isinstance(broker, NatsBroker)
-    assert broker.jetstream and broker.max_deliver == 3 and broker.backoff == (1.0, 2.0)
+    assert isinstance(broker, JetStreamBroker)
+    assert broker.max_deliver == 3 and broker.backoff == (1.0, 2.0) and broker.message_ids == "header"
     core = from_url("nats://a:4222,b:4223")
-    assert isinstance(core, NatsBroker) and not core.jetstream
-    assert core.servers == ["nats://a:4222", "nats://b:4223"]
+    assert isinstance(core, NatsBroker) and not isinstance(core, JetStreamBroker)
+    assert core.servers == ["nats://a:4222", "nats://b:4223"] and core.message_ids == "envelope"
     assert from_url("memory://?queue_size=8").queue_size == 8  # type: ignore[attr-defined]
-    assert not from_url("nats://h:4222?message_ids=false").message_ids  # type: ignore[attr-defined]
+    assert from_url("nats://h:4222?message_ids=false").message_ids == "none"  # type: ignore[attr-defined]
+    assert from_url("nats://h:4222?message_ids=header").message_ids == "header"  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="message_ids"):
+        from_url("nats://h:4222?message_ids=sometimes")
+    with pytest.raises(ConfigError, match="max_deliver"):
+        from_url("nats://h:4222?max_deliver=3")  # a JetStream option on core NATS
 
 
 @pytest.mark.parametrize(
@@ -76,7 +83,7 @@ def test_from_url_default_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
         ("kafka://x:9092", ["kafka://x:9092", "memory://", "nats://", "nats+js://"]),
         ("nats", ["'nats'", "memory://"]),
         ("nats://h:4222?max_deliverr=3", ["max_deliverr", "nats://h:4222"]),
-        ("nats://h:4222?ack_wait=soon", ["soon", "ack_wait"]),
+        ("nats+js://h:4222?ack_wait=soon", ["soon", "ack_wait"]),
         ("memory://?queue_size=0", ["queue_size"]),
         ("memory://?colour=red", ["colour"]),
     ],
@@ -203,6 +210,47 @@ async def test_memory_handler_error_is_logged(caplog: pytest.LogCaptureFixture) 
 # -- core NATS --------------------------------------------------------------------------------
 
 
+async def test_nats_message_ids_ride_in_an_envelope_or_a_header(nats_url: str) -> None:
+    """By default an id goes in front of the payload (no header); ``header`` sends it as ``Micro-Id``.
+    Either way every micro subscriber sees the same id and the payload as published."""
+    import nats
+
+    for mode in ("envelope", "header"):
+        t = topic(mode)
+        raw = await nats.connect(nats_url)
+        seen: list[tuple[bytes, dict[str, str] | None]] = []
+        got = anyio.Event()
+
+        async def on_raw(msg: object, seen: list[tuple[bytes, dict[str, str] | None]] = seen,
+                         got: anyio.Event = got) -> None:
+            seen.append((msg.data, msg.headers))  # type: ignore[attr-defined]
+            got.set()
+
+        try:
+            await raw.subscribe(t, cb=on_raw)
+            await raw.flush()
+            async with NatsBroker(nats_url, message_ids=mode) as broker:
+                a, b = Inbox(), Inbox()
+                await broker.subscribe(t, a)
+                await broker.subscribe(t, b)
+                await broker.publish(t, b"payload")
+                await a.wait_count(1)
+                await b.wait_count(1)
+                with anyio.fail_after(10):
+                    await got.wait()
+        finally:
+            await raw.close()
+        (message,) = a.messages
+        assert message.data == b"payload" == b.messages[0].data
+        assert message.id == b.messages[0].id and len(message.id) == 32
+        assert message.headers == {"Micro-Id": message.id}
+        data, headers = seen[0]
+        if mode == "envelope":
+            assert data == ENVELOPE + message.id.encode() + b"payload" and not headers
+        else:
+            assert data == b"payload" and headers == {"Micro-Id": message.id}
+
+
 async def test_nats_bare_payloads_without_message_ids(nats_url: str) -> None:
     """``message_ids=False``: no header goes out unless the publisher gives one."""
     t = topic("bare")
@@ -224,12 +272,12 @@ async def test_nats_bare_payloads_without_message_ids(nats_url: str) -> None:
 
 
 @pytest.fixture
-async def js(nats_url: str) -> AsyncIterator[Callable[..., NatsBroker]]:
-    """Brokers on the session server in JetStream mode, closed at the end of the test."""
+async def js(nats_url: str) -> AsyncIterator[Callable[..., JetStreamBroker]]:
+    """JetStream brokers on the session server, closed at the end of the test."""
     async with AsyncExitStack() as stack:
-        async def make(**options: object) -> NatsBroker:
+        async def make(**options: object) -> JetStreamBroker:
             options.setdefault("backoff", (0.05,))
-            broker = NatsBroker(nats_url, jetstream=True, **options)  # type: ignore[arg-type]
+            broker = JetStreamBroker(nats_url, **options)  # type: ignore[arg-type]
             return await stack.enter_async_context(broker)
 
         yield make  # type: ignore[misc]
@@ -237,14 +285,14 @@ async def js(nats_url: str) -> AsyncIterator[Callable[..., NatsBroker]]:
 
 async def test_js_durable_consumer_keeps_messages_while_away(js: Callable[..., object]) -> None:
     t, durable = topic("orders"), f"billing-{uuid.uuid4().hex[:6]}"
-    first: NatsBroker = await js()  # type: ignore[misc]
+    first: JetStreamBroker = await js()  # type: ignore[misc]
     sub = await first.subscribe(t, Inbox(), durable=durable)
     await sub.unsubscribe()
-    publisher: NatsBroker = await js()  # type: ignore[misc]
+    publisher: JetStreamBroker = await js()  # type: ignore[misc]
     sent = [str(i).encode() for i in range(10)]
     for data in sent:
         await publisher.publish(t, data)
-    second: NatsBroker = await js()  # type: ignore[misc]
+    second: JetStreamBroker = await js()  # type: ignore[misc]
     inbox = Inbox()
     await second.subscribe(t, inbox, durable=durable)
     await inbox.wait_count(10)
@@ -254,7 +302,7 @@ async def test_js_durable_consumer_keeps_messages_while_away(js: Callable[..., o
 
 async def test_js_redelivers_until_the_handler_succeeds(js: Callable[..., object]) -> None:
     t, job = topic("retry"), f"job-{uuid.uuid4().hex}"  # ids de-duplicate per stream: unique
-    broker: NatsBroker = await js(max_deliver=5)  # type: ignore[misc]
+    broker: JetStreamBroker = await js(max_deliver=5)  # type: ignore[misc]
     attempts: list[Message] = []
     done = Inbox()
 
@@ -273,7 +321,7 @@ async def test_js_redelivers_until_the_handler_succeeds(js: Callable[..., object
 
 async def test_js_poison_message_goes_to_dead_letter(js: Callable[..., object]) -> None:
     t = topic("mail")
-    broker: NatsBroker = await js(max_deliver=3)  # type: ignore[misc]
+    broker: JetStreamBroker = await js(max_deliver=3)  # type: ignore[misc]
     dead, attempts = Inbox(), Inbox()
     await broker.subscribe(f"dlq.{t}", dead)
 
@@ -297,6 +345,52 @@ async def test_js_poison_message_goes_to_dead_letter(js: Callable[..., object]) 
     await attempts.wait_data(b"fine")
 
 
+async def test_js_message_says_its_attempt_and_the_handler_may_settle_it(js: Callable[..., object]) -> None:
+    """``delivery`` and ``last_attempt`` tell a handler where it stands; ``nack`` asks for the message
+    again without raising, ``term`` ends it without a dead letter, ``ack`` then raising keeps the ack."""
+    t = topic("settle")
+    broker: JetStreamBroker = await js(max_deliver=3)  # type: ignore[misc]
+    dead, seen = Inbox(), Inbox()
+    await broker.subscribe(f"dlq.{t}", dead)
+
+    async def handler(message: Message) -> None:
+        await seen(message)
+        if message.data == b"again" and message.delivery == 1:
+            await message.nack(0.01)
+        elif message.data == b"stop":
+            await message.term()
+        elif message.data == b"acked":
+            await message.ack()
+            raise RuntimeError("after the ack")
+
+    await broker.subscribe(t, handler, durable=f"settle-{uuid.uuid4().hex[:6]}")
+    for data in (b"again", b"stop", b"acked", b"last"):
+        await broker.publish(t, data)
+    await seen.wait_for(lambda ms: [m.data for m in ms].count(b"again") == 2 and b"last" in [m.data for m in ms],
+                        "the nacked message twice, and the last one")
+    await broker.publish(t, b"barrier")
+    await seen.wait_data(b"barrier")
+    again = [(m.delivery, m.last_attempt) for m in seen.messages if m.data == b"again"]
+    assert again == [(1, False), (2, False)]
+    assert [m.data for m in seen.messages].count(b"stop") == 1  # terminated: never redelivered
+    assert [m.data for m in seen.messages].count(b"acked") == 1  # its own ack stood, though it raised
+    assert dead.messages == []
+
+
+async def test_at_most_once_messages_are_each_the_last_attempt(nats_url: str) -> None:
+    for broker in (MemoryBroker(), NatsBroker(nats_url)):
+        async with broker:
+            inbox = Inbox()
+            await broker.subscribe("once.t", inbox)
+            await broker.publish("once.t", b"x")
+            await inbox.wait_count(1)
+            (message,) = inbox.messages
+            assert (message.delivery, message.last_attempt) == (1, True)
+            await message.nack()  # nothing to give back to: a no-op, as ack and term
+            await message.term()
+            await message.ack()
+
+
 async def test_js_queue_group_of_durable_members(js: Callable[..., object]) -> None:
     t, durable = topic("work"), f"pool-{uuid.uuid4().hex[:6]}"
     members = [await js(fetch_batch=1), await js(fetch_batch=4)]  # type: ignore[misc]
@@ -317,7 +411,7 @@ async def test_js_queue_group_of_durable_members(js: Callable[..., object]) -> N
 
     for i, broker in enumerate(members):
         await broker.subscribe(t, member(i), queue="pool", durable=durable)  # type: ignore[arg-type]
-    publisher: NatsBroker = await js()  # type: ignore[misc]
+    publisher: JetStreamBroker = await js()  # type: ignore[misc]
     sent = [str(i).encode() for i in range(30)]
     for data in sent:
         await publisher.publish(t, data)
@@ -329,7 +423,7 @@ async def test_js_queue_group_of_durable_members(js: Callable[..., object]) -> N
 
 async def test_js_publish_is_deduplicated_by_id(js: Callable[..., object]) -> None:
     t, same = topic("dedup"), uuid.uuid4().hex
-    broker: NatsBroker = await js()  # type: ignore[misc]
+    broker: JetStreamBroker = await js()  # type: ignore[misc]
     inbox = Inbox()
     await broker.subscribe(t, inbox)
     await broker.publish(t, b"once", headers={"Micro-Id": same})
@@ -342,7 +436,7 @@ async def test_js_publish_is_deduplicated_by_id(js: Callable[..., object]) -> No
 async def test_js_slow_handler_is_not_redelivered(js: Callable[..., object]) -> None:
     """A handler running past ack_wait is kept alive (in-progress acks), not redelivered."""
     t = topic("slow")
-    broker: NatsBroker = await js(ack_wait=0.5)  # type: ignore[misc]
+    broker: JetStreamBroker = await js(ack_wait=0.5)  # type: ignore[misc]
     inbox = Inbox()
 
     async def slow(message: Message) -> None:
@@ -361,14 +455,14 @@ async def test_js_crashed_consumer_is_redelivered_after_ack_wait(
     js: Callable[..., object], nats_url: str
 ) -> None:
     t, durable, work = topic("crash"), f"crash-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
-    publisher: NatsBroker = await js()  # type: ignore[misc]
+    publisher: JetStreamBroker = await js()  # type: ignore[misc]
     await publisher.publish(t, b"work", headers={"Micro-Id": work})
     child = f"""
 import anyio
-from micro.broker.nats import NatsBroker
+from micro.broker.jetstream import JetStreamBroker
 
 async def main():
-    async with NatsBroker({nats_url!r}, jetstream=True, ack_wait=1.0) as broker:
+    async with JetStreamBroker({nats_url!r}, ack_wait=1.0) as broker:
         async def handle(message):
             print("got", message.id, message.delivery, flush=True)
             await anyio.sleep_forever()
@@ -389,7 +483,7 @@ anyio.run(main)
         assert line.split() == [b"got", work.encode(), b"1"], line
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
-    broker: NatsBroker = await js(ack_wait=1.0)  # type: ignore[misc]
+    broker: JetStreamBroker = await js(ack_wait=1.0)  # type: ignore[misc]
     inbox = Inbox()
     await broker.subscribe(t, inbox, durable=durable)
     await inbox.wait_count(1)
@@ -397,7 +491,7 @@ anyio.run(main)
 
 
 async def test_js_topic_rules(js: Callable[..., object]) -> None:
-    broker: NatsBroker = await js()  # type: ignore[misc]
+    broker: JetStreamBroker = await js()  # type: ignore[misc]
     with pytest.raises(UsageError, match="literal"):
         await broker.subscribe("*.created", Inbox())
     durable = f"one-{uuid.uuid4().hex[:6]}"
@@ -460,14 +554,16 @@ async def test_server_restart_while_publishing(own_nats_server: object, jetstrea
     """
     server = own_nats_server
     url: str = server.url  # type: ignore[attr-defined]
-    options = {"jetstream": jetstream, "reconnect_wait": 0.1, "publish_timeout": 2.0,
-               "ack_wait": 2.0, "backoff": (0.1,)}
+    options: dict[str, object] = {"reconnect_wait": 0.1}
+    if jetstream:
+        options.update(publish_timeout=2.0, ack_wait=2.0, backoff=(0.1,))
+    cls = JetStreamBroker if jetstream else NatsBroker
     t = topic("fault")
     gate = anyio.Event()
     if not jetstream:
         gate.set()
-    async with NatsBroker(url, **options) as sub_broker, \
-            NatsBroker(url, **options) as pub_broker:  # type: ignore[arg-type]
+    async with cls(url, **options) as sub_broker, \
+            cls(url, **options) as pub_broker:  # type: ignore[arg-type]
         inbox = Inbox(gate=gate)
         await sub_broker.subscribe(t, inbox, durable="fault" if jetstream else None)
         publisher = Publisher(pub_broker, t)
@@ -495,7 +591,7 @@ async def test_server_restart_while_publishing(own_nats_server: object, jetstrea
 
 async def test_js_consumer_and_stream_deleted_behind_our_back(js: Callable[..., object]) -> None:
     t = topic("gone")
-    broker: NatsBroker = await js()  # type: ignore[misc]
+    broker: JetStreamBroker = await js()  # type: ignore[misc]
     durable, ephemeral = Inbox(), Inbox()
     await broker.subscribe(t, durable, durable=f"gone-{uuid.uuid4().hex[:6]}")
     eph_sub = await broker.subscribe(t, ephemeral)

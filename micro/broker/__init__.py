@@ -4,7 +4,7 @@
 ``memory://``                       one process (:class:`~micro.broker.memory.MemoryBroker`)
 ``local://``                        processes on one machine, no server (``micro.broker.local``)
 ``nats://host:4222``                core NATS, at most once (:class:`~micro.broker.nats.NatsBroker`)
-``nats+js://host:4222``             NATS JetStream, at least once, durable consumers
+``nats+js://host:4222``             JetStream, at least once, durable (:class:`~micro.broker.jetstream.JetStreamBroker`)
 ==================================  ==============================================
 
 Other packages add schemes through the ``micro.broker`` entry-point group (name =
@@ -24,6 +24,7 @@ from micro.broker._base import (
     Broker,
     Message,
     MessageHandler,
+    Settlement,
     Subscription,
     encode_message,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "Broker",
     "Message",
     "MessageHandler",
+    "Settlement",
     "Subscription",
     "encode_message",
     "from_url",
@@ -46,7 +48,7 @@ BACKENDS: dict[str, str] = {
     "memory": "micro.broker.memory:MemoryBroker",
     "local": "micro.broker.local:LocalBroker",
     "nats": "micro.broker.nats:NatsBroker",
-    "nats+js": "micro.broker.nats:NatsBroker",
+    "nats+js": "micro.broker.jetstream:JetStreamBroker",
 }
 """URL scheme -> ``"module:Class"``, imported only when used."""
 

@@ -18,8 +18,8 @@ import itertools
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import ClassVar
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from typing import Any, ClassVar
 
 import anyio
 import betterproto2
@@ -29,12 +29,14 @@ from micro.errors import BrokerError, MicroError, UsageError
 from micro.resource import Resource, State
 
 log = logging.getLogger("micro.broker")
+_OPEN = State.OPEN
 
 __all__ = [
     "ID_HEADER",
     "Broker",
     "Message",
     "MessageHandler",
+    "Settlement",
     "Subscription",
     "drain",
     "drain_then_cancel",
@@ -47,13 +49,37 @@ ID_HEADER = "Micro-Id"
 """The header that carries :attr:`Message.id` between processes."""
 
 
+class Settlement(abc.ABC):
+    """How a durable backend settles one delivery; what :meth:`Message.ack` and friends call."""
+
+    settled: bool = False
+
+    @abc.abstractmethod
+    async def ack(self) -> None: ...
+
+    @abc.abstractmethod
+    async def nack(self, delay: float | None) -> None: ...
+
+    @abc.abstractmethod
+    async def term(self) -> None: ...
+
+
 class Message(msgspec.Struct):
     """One delivered message.
 
-    ``headers`` holds the publisher's headers plus ``Micro-Id``; ``id`` is unique per
-    published message (32 hex digits unless the publisher set ``Micro-Id`` itself)
-    and the same for every subscriber that receives it. ``delivery`` counts attempts:
-    JetStream's ``num_delivered``, always 1 on backends without redelivery.
+    ``headers`` holds the publisher's headers plus ``Micro-Id``; ``id`` is unique per published message
+    (32 hex digits unless the publisher set ``Micro-Id`` itself) and the same for every
+    subscriber that receives it.
+
+    What a delivery offers, on every backend:
+
+    - ``delivery``: the attempt number, from 1 (JetStream counts redeliveries);
+    - ``last_attempt``: no further delivery follows if this one fails: always on
+      at-most-once brokers (memory, local, core NATS); on JetStream, attempt ``max_deliver``;
+    - :meth:`ack`, :meth:`nack`, :meth:`term`: settle it now. A handler need not: the
+      broker acks when it returns and, when it raises, gives the message back
+      (JetStream: redelivered after a backoff, dead-lettered after the last attempt).
+      On brokers without redelivery they do nothing: the message is delivered once.
     """
 
     topic: str
@@ -61,6 +87,23 @@ class Message(msgspec.Struct):
     headers: dict[str, str] = {}
     id: str = ""
     delivery: int = 1
+    last_attempt: bool = True
+    settlement: Settlement | None = None
+
+    async def ack(self) -> None:
+        """Done: never deliver it again."""
+        if self.settlement is not None and not self.settlement.settled:
+            await self.settlement.ack()
+
+    async def nack(self, delay: float | None = None) -> None:
+        """Give it back to be delivered again (after ``delay`` seconds); counts as an attempt."""
+        if self.settlement is not None and not self.settlement.settled:
+            await self.settlement.nack(delay)
+
+    async def term(self) -> None:
+        """Never deliver it again, and do not dead-letter it: it can never succeed."""
+        if self.settlement is not None and not self.settlement.settled:
+            await self.settlement.term()
 
 
 MessageHandler = Callable[[Message], Awaitable[None]]
@@ -97,10 +140,14 @@ class Broker(Resource, abc.ABC):
     url: str = ""
     _topics: set[str] | None = None  # topics already validated (bounded)
 
-    async def publish(
+    def publish(
         self, topic: str, message: object, *, headers: Mapping[str, str] | None = None
-    ) -> None:
-        """Publish ``message`` (see :func:`encode_message`) to ``topic``."""
+    ) -> Coroutine[Any, Any, None]:
+        """Publish ``message`` (see :func:`encode_message`) to ``topic``: ``await broker.publish(...)``.
+
+        The checks run when it is called; the backend's send runs when it is awaited
+        (the coroutine is the backend's own: no extra frame on the hot path).
+        """
         data = message if type(message) is bytes else encode_message(message)
         topics = self._topics
         if topics is None or topic not in topics:
@@ -109,9 +156,9 @@ class Broker(Resource, abc.ABC):
                 topics = self._topics = set()
             if len(topics) < 4096:
                 topics.add(topic)
-        if self._state is not State.OPEN:
+        if self._state is not _OPEN:
             self._check_open(f"publish to {topic!r}")
-        await self._publish(topic, data, headers)
+        return self._publish(topic, data, headers)
 
     async def subscribe(
         self,

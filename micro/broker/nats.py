@@ -1,29 +1,22 @@
-"""The NATS broker: core NATS (at most once) or JetStream (at least once), via nats-py.
+"""The core NATS broker (``nats://host:4222``): at most once, via nats-py.
 
-``nats://host:4222`` is core NATS: subjects are topics, queue groups are native,
-a message published while nobody listens is gone. Each message carries its
-``Micro-Id`` header unless ``message_ids=False`` (then a message published without
-headers goes out bare, at twice the rate, and each subscriber makes up its id).
-``nats+js://host:4222`` is the durable mode on JetStream:
+Subjects are topics, queue groups are native, and a message published while nobody
+listens is gone. The durable sibling, ``nats+js://``, is :mod:`micro.broker.jetstream`.
 
-- **Streams** — one per topic prefix (the topic's first token: ``events.user.created``
-  lives in the stream ``events`` capturing ``events`` and ``events.>``), created on
-  demand, file storage, limits retention (``max_age``; 0 keeps messages for ever). A
-  stream that already captures the topic (made by an operator) is used as it is.
-- **Publish** waits for the server's ack, with ``Nats-Msg-Id`` set to the message
-  id, so a retried publish with the same ``Micro-Id`` is stored once.
-- **Consumers** are pull consumers with explicit ack. ``durable`` names the consumer
-  (one topic per name); ``queue`` without ``durable`` gets one durable consumer per
-  group and topic. Every subscription bound to one consumer shares its messages,
-  each to one member, and the consumer outlives the process. Without either, the
-  consumer is ephemeral and starts at new messages.
-- **Ack** only after the handler returns. If it raises, the message is nak'ed with a
-  delay from ``backoff`` (by attempt) and comes back; when attempt ``max_deliver``
-  fails too, the message is published to ``dlq.<topic>`` (durable as well) with the
-  error in ``Micro-Error``, ``Micro-Topic`` and ``Micro-Deliveries`` headers, then
-  acked. While a handler runs the broker tells the server it is in progress, so a
-  slow handler is not redelivered; a crashed process sends nothing and its
-  messages come back after ``ack_wait``.
+**Message ids.** Every message keeps its ``Micro-Id``, carried where it costs least
+(``message_ids``, a URL option):
+
+- ``envelope`` (the default): a message published without headers goes out as
+  ``b"\\xffMI1"`` + the 32-character id + the payload, and micro subscribers take the
+  id off again. nats-py's header path costs about half the throughput on both ends;
+  this costs a copy of the payload. A subscriber that is not micro sees those 36
+  bytes in front (``\\xff`` never starts UTF-8 text, JSON or a protobuf message);
+  choose ``header`` when such subscribers read your topics.
+- ``header``: the id rides in the ``Micro-Id`` header of every message.
+- ``none``: a message published without headers goes out bare, and each subscriber
+  makes up an id for it (ids then differ between subscribers).
+
+A message published with headers always carries its id in the ``Micro-Id`` header.
 
 The connection comes from :mod:`micro.nats_connection` (shared with a NATS registry
 or store of the same loop and servers): connecting is bounded by ``connect_timeout``
@@ -36,33 +29,20 @@ resume after the reconnect.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import re
-import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar, Self
 from urllib.parse import parse_qsl, urlsplit
-
-import anyio
 
 try:
     import nats.errors
-    import nats.js.errors
     from nats.aio.client import Client
     from nats.aio.msg import Msg
     from nats.aio.subscription import Subscription as CoreSubscription
-    from nats.js import JetStreamContext
-    from nats.js.api import (
-        AckPolicy,
-        ConsumerConfig,
-        DeliverPolicy,
-        RetentionPolicy,
-        StorageType,
-        StreamConfig,
-    )
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("the nats broker needs nats-py: pip install 'micro[nats]'", name=e.name) from e
+
+import anyio
 
 from micro.broker._base import (
     ID_HEADER,
@@ -71,488 +51,181 @@ from micro.broker._base import (
     MessageHandler,
     Subscription,
     drain,
-    drain_then_cancel,
     new_message_id,
-    validate_topic,
 )
-from micro.errors import BrokerError, ConfigError, Unavailable, UsageError
+from micro.errors import BrokerError, ConfigError, Unavailable
 from micro.nats_connection import UNAVAILABLE, NatsConnection, NatsSettings, connect, describe
 from micro.resource import redact
 from micro.tasks import BackgroundTasks
 
-__all__ = ["NatsBroker", "NatsSubscription"]
+__all__ = ["ENVELOPE", "NatsBroker", "NatsSubscription"]
 
 log = logging.getLogger("micro.broker.nats")
 
-ERROR_HEADER = "Micro-Error"
-TOPIC_HEADER = "Micro-Topic"
-DELIVERIES_HEADER = "Micro-Deliveries"
-_MSG_ID = "Nats-Msg-Id"
-_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-_IDLE_POLL = 5.0  # seconds a pull request for the next message lingers on the server
-_BUSY_POLL = 0.05  # seconds a batch pull waits for stragglers while messages flow
-
-_OPTIONS: dict[str, type] = {
-    "connect_timeout": float,
-    "reconnect_wait": float,
-    "max_reconnect": int,
-    "drain_timeout": float,
-    "pending_limit": int,
-    "message_ids": bool,
-    "publish_timeout": float,
-    "max_deliver": int,
-    "ack_wait": float,
-    "backoff": tuple,
-    "fetch_batch": int,
-    "max_age": float,
-    "dead_letter_prefix": str,
-}
-
-
-def _safe_name(name: str) -> str:
-    """A stream or consumer name NATS accepts (no dots, wildcards or spaces)."""
-    return _NAME_UNSAFE.sub("_", name)
-
-
-def _consumer_name(durable: str | None, queue: str | None, topic: str) -> str:
-    """The durable consumer's name: ``durable`` as given, else one per queue group and topic."""
-    if durable:
-        return _safe_name(durable)
-    assert queue is not None
-    digest = hashlib.blake2b(topic.encode(), digest_size=4).hexdigest()
-    return f"{_safe_name(queue)[:48]}_{_safe_name(topic)[:64]}_{digest}"
+ENVELOPE = b"\xffMI1"
+"""The first bytes of a core NATS payload that carries its message id (see the module docstring)."""
+_ID_LEN = 32
+_HEAD = len(ENVELOPE) + _ID_LEN
+_ID_MODES = ("envelope", "header", "none")
+_ID_FLAGS = {"1": "envelope", "true": "envelope", "yes": "envelope", "on": "envelope",
+             "0": "none", "false": "none", "no": "none", "off": "none"}
 
 
 class NatsSubscription(Subscription):
-    """A core NATS subscription, or a JetStream pull consumer and its fetch loop."""
+    """A core NATS subscription; nats-py runs its callbacks in one task of its own."""
 
-    def __init__(self, broker: NatsBroker, topic: str, handler: MessageHandler,
-                 queue: str | None, durable: str | None) -> None:
+    def __init__(self, broker: NatsBroker, topic: str, handler: MessageHandler, queue: str | None) -> None:
         self.topic = topic
         self.queue = queue
-        self.durable = durable
         self._broker = broker
         self._handler = handler
         self._closed = False
-        self._done = anyio.Event()
-        # core NATS
         self._sub: CoreSubscription | None = None
         self._handler_task: asyncio.Task[Any] | None = None
-        # JetStream
-        self._stream = ""
-        self._consumer = ""
-        self._ephemeral = False
-        self._last_seq = 0
-        self._pull: JetStreamContext.PullSubscription | None = None
-        self._scope = anyio.CancelScope()
-        self._fetch_scope: anyio.CancelScope | None = None
-        self._busy = False
-        self.held: list[Msg] = []  # fetched and not yet acked/nak'ed
-        self.prefetch = broker.fetch_batch  # messages pulled per request while busy
 
-    # -- core NATS --------------------------------------------------------------
-
-    async def _on_core(self, msg: Msg) -> None:
+    async def _on_msg(self, msg: Msg) -> None:
         if self._closed:
             return  # unsubscribed: what nats-py still buffers is not delivered
         if self._handler_task is None:
-            self._handler_task = asyncio.current_task()  # nats-py runs each subscription's
-        headers = msg.headers                            # callbacks in one task of its own
+            self._handler_task = asyncio.current_task()
+        headers = msg.headers
+        data = msg.data
         if headers:
-            message = Message(topic=msg.subject, data=msg.data, headers=headers,
+            message = Message(topic=msg.subject, data=data, headers=headers,
                               id=headers.get(ID_HEADER) or new_message_id())
-        else:
-            message = Message(topic=msg.subject, data=msg.data, id=new_message_id())
+        elif data[:4] == ENVELOPE and len(data) >= _HEAD:
+            message_id = data[4:_HEAD].decode("ascii", "replace")
+            message = Message(topic=msg.subject, data=data[_HEAD:], headers={ID_HEADER: message_id}, id=message_id)
+        else:  # a bare payload (message_ids="none", or a publisher that is not micro)
+            message = Message(topic=msg.subject, data=data, id=new_message_id())
         try:
             await self._handler(message)
         except Exception:
             log.exception("handler for %r failed on message %s", self.topic, message.id)
 
-    # -- JetStream --------------------------------------------------------------
-
-    async def _run(self) -> None:
-        broker = self._broker
-        self._handler_task = asyncio.current_task()
-        try:
-            with self._scope:
-                while not self._closed:
-                    if not broker._nc.is_connected:
-                        await broker._wait_connected(1.0)
-                        continue
-                    try:
-                        msgs = await self._fetch()
-                    except TimeoutError:  # nats-py raises its own subclass, and the builtin
-                        continue
-                    except nats.errors.ConnectionClosedError:
-                        log.error("subscription %r stopped: the connection to %s is closed",
-                                  self.topic, broker.url)
-                        return
-                    except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError,
-                            nats.errors.NoRespondersError) as e:
-                        await self._repair(e)
-                        continue
-                    except nats.errors.Error as e:
-                        log.warning("fetching %r from %s failed: %s; retrying", self.topic,
-                                    broker.url, _reason(e))
-                        await anyio.sleep(broker.reconnect_wait)
-                        continue
-                    except Exception:  # a surprise from nats-py must not end the subscription
-                        log.exception("fetching %r from %s failed; retrying", self.topic,
-                                      broker.url)
-                        await anyio.sleep(broker.reconnect_wait)
-                        continue
-                    self.held = msgs
-                    while self.held:
-                        if self._closed:
-                            await self._release_held()
-                            break
-                        try:
-                            await self._deliver(self.held[0])
-                        except Exception:  # unsettled: the server redelivers it after ack_wait
-                            log.exception("delivering a message of %r failed", self.topic)
-                        self.held.pop(0)
-            await self._forget_pull()
-        finally:
-            self._done.set()
-
-    async def _fetch(self) -> list[Msg]:
-        """Long-poll for one message when idle; take what is there, up to a batch, when busy.
-
-        nats-py's ``fetch(n)`` waits for all ``n`` messages (or the timeout) once
-        its request lingers, so a large batch is only asked for while messages are
-        flowing, and then with a short timeout.
-        """
-        assert self._pull is not None
-        busy = self._busy
-        with anyio.CancelScope() as scope:
-            self._fetch_scope = scope
-            if self._closed:
-                scope.cancel()
-            try:
-                if busy:
-                    msgs = await self._pull.fetch(self.prefetch, timeout=_BUSY_POLL)
-                else:
-                    msgs = await self._pull.fetch(1, timeout=_IDLE_POLL)
-                self._busy = True
-                return msgs
-            except TimeoutError:
-                self._busy = False
-                raise
-            finally:
-                self._fetch_scope = None
-        return []
-
-    async def _repair(self, error: Exception) -> None:
-        """Pulls go unanswered: re-create the consumer (and stream) if they are gone."""
-        broker = self._broker
-        try:
-            await broker._jsm.consumer_info(self._stream, self._consumer)
-        except nats.js.errors.NotFoundError:
-            log.warning("consumer %r of %r is gone (%s): re-creating it", self._consumer,
-                        self.topic, _reason(error))
-            broker._streams.pop(self.topic, None)
-            try:
-                await self._bind(restart=True)
-                return
-            except (Unavailable, BrokerError) as e:
-                log.warning("re-creating consumer %r failed: %s", self._consumer, e)
-        except nats.errors.Error:
-            pass  # JetStream itself is not answering yet (just restarted, or leaderless)
-        await anyio.sleep(broker.reconnect_wait)
-
-    async def _bind(self, *, restart: bool = False) -> None:
-        broker = self._broker
-        self._stream = await broker._ensure_stream(self.topic)
-        start = await self._resume_at() if restart else 0
-        existing: ConsumerConfig | None = None
-        if self.durable or self.queue:
-            self._consumer = _consumer_name(self.durable, self.queue, self.topic)
-            existing = await self._existing()
-            config = ConsumerConfig(durable_name=self._consumer, deliver_policy=DeliverPolicy.ALL)
-        else:
-            self._ephemeral = True
-            self._consumer = self._consumer or uuid.uuid4().hex
-            config = ConsumerConfig(name=self._consumer, inactive_threshold=120.0,
-                                    deliver_policy=DeliverPolicy.ALL if restart
-                                    else DeliverPolicy.NEW)
-        if existing is not None:  # the server refuses to change where a consumer starts
-            config.deliver_policy = existing.deliver_policy
-            config.opt_start_seq = existing.opt_start_seq
-            config.opt_start_time = existing.opt_start_time
-        elif start:
-            config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
-            config.opt_start_seq = start
-        config.ack_policy = AckPolicy.EXPLICIT
-        config.ack_wait = broker.ack_wait
-        config.max_deliver = -1  # counted here, so a crash on the last attempt still dead-letters
-        config.filter_subject = self.topic
-        try:
-            await broker._jsm.add_consumer(self._stream, config)
-            if self._pull is None:
-                self._pull = await broker._js.pull_subscribe_bind(
-                    consumer=self._consumer, stream=self._stream)
-        except nats.errors.Error as e:
-            raise broker._error(f"cannot create consumer {self._consumer!r} on stream "
-                                f"{self._stream!r} for {self.topic!r}", e) from e
-
-    async def _resume_at(self) -> int:
-        """Where a re-created consumer starts: after the last message seen, if the stream is the same."""
-        if not self._last_seq:
-            return 0
-        try:
-            info = await self._broker._jsm.stream_info(self._stream)
-        except nats.errors.Error:
-            return 0
-        return self._last_seq + 1 if info.state.last_seq >= self._last_seq else 0
-
-    async def _existing(self) -> ConsumerConfig | None:
-        """The durable consumer's config if it exists; it must filter on our topic."""
-        broker = self._broker
-        try:
-            info = await broker._jsm.consumer_info(self._stream, self._consumer)
-        except nats.js.errors.NotFoundError:
-            return None
-        except nats.errors.Error as e:
-            raise broker._error(f"cannot look up consumer {self._consumer!r}", e) from e
-        config: ConsumerConfig = info.config
-        if config.filter_subject and config.filter_subject != self.topic:
-            raise UsageError(
-                f"durable consumer {self._consumer!r} already consumes {config.filter_subject!r}, "
-                f"not {self.topic!r}: give each topic its own durable name"
-            )
-        return config
-
-    async def _deliver(self, msg: Msg) -> None:
-        broker = self._broker
-        meta = msg.metadata
-        self._last_seq = meta.sequence.stream
-        headers = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")}
-        message_id = (headers.get(ID_HEADER) or (msg.headers or {}).get(_MSG_ID)
-                      or f"{meta.stream}:{meta.sequence.stream}")
-        delivery = meta.num_delivered
-        message = Message(topic=msg.subject, data=msg.data, headers=headers, id=message_id,
-                          delivery=delivery)
-        if delivery > broker.max_deliver:  # earlier attempts died without an ack or nak
-            await self._dead_letter(msg, message, f"not acknowledged after {delivery - 1} "
-                                    "deliveries (the handler's process died or hung)")
-            return
-        settled = False
-        try:
-            await self._handler(message)
-            settled = True
-        except Exception as e:
-            settled = True
-            if delivery >= broker.max_deliver:
-                log.exception("handler for %r failed on message %s (attempt %d of %d)",
-                              self.topic, message_id, delivery, broker.max_deliver)
-                await self._dead_letter(msg, message, f"{type(e).__name__}: {e}")
-            else:
-                delay = broker.backoff[min(delivery, len(broker.backoff)) - 1]
-                log.warning("handler for %r failed on message %s (attempt %d of %d): %s: %s; "
-                            "redelivery in %.1f s", self.topic, message_id, delivery,
-                            broker.max_deliver, type(e).__name__, e, delay)
-                await self._settle(msg.nak(delay=delay))
-            return
-        finally:
-            if not settled:  # cancelled mid-handler: hand the message back at once
-                with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
-                    await self._settle(msg.nak())
-        await self._settle(msg.ack())
-
-    async def _settle(self, op: Any) -> None:
-        try:
-            await op
-        except nats.errors.Error as e:  # the server redelivers after ack_wait
-            log.warning("could not ack/nak a message of %r: %s", self.topic, e)
-
-    async def _dead_letter(self, msg: Msg, message: Message, error: str) -> None:
-        broker = self._broker
-        if msg.subject.startswith(broker.dead_letter_prefix + "."):
-            log.error("dead letter %s on %r failed again (%s): terminated",
-                      message.id, msg.subject, error)
-            await self._settle(msg.term())
-            return
-        target = f"{broker.dead_letter_prefix}.{msg.subject}"
-        headers = dict(message.headers)
-        headers.update({ID_HEADER: message.id, ERROR_HEADER: " ".join(error.split())[:1024],
-                        TOPIC_HEADER: msg.subject, DELIVERIES_HEADER: str(message.delivery)})
-        try:
-            await broker.publish(target, message.data, headers=headers)
-        except (Unavailable, BrokerError) as e:
-            log.warning("could not dead-letter %s to %r: %s; retrying later", message.id, target, e)
-            await self._settle(msg.nak(delay=broker.backoff[-1]))
-            return
-        log.error("message %s on %r dead-lettered to %r after %d deliveries: %s",
-                  message.id, msg.subject, target, message.delivery, error)
-        await self._settle(msg.ack())
-
-    async def _release_held(self) -> None:
-        held, self.held = self.held, []
-        for msg in held:
-            await self._settle(msg.nak())
-
-    # -- both -------------------------------------------------------------------
-
     async def unsubscribe(self) -> None:
-        broker = self._broker
-        first = not self._closed
-        self._closed = True
-        if first:
-            broker._subs.discard(self)
-        in_handler = asyncio.current_task() is self._handler_task
-        if self._sub is not None:
-            if not first:
-                return
-            if in_handler and broker._tg is not None:  # drain it from outside the handler
-                broker._tg.start_soon(self._unsubscribe_core, self._sub,
-                                      name=f"micro.broker.nats:unsubscribe:{self.topic}")
-            else:
-                await self._unsubscribe_core(self._sub)
+        """Stop delivery and let the message in hand finish (up to ``drain_timeout``). Idempotent."""
+        if self._closed:
             return
-        if self._fetch_scope is not None:
-            self._fetch_scope.cancel()
-        if in_handler:
-            return  # the fetch loop stops after this handler returns
-        await drain_then_cancel(self._done, self._scope, broker.drain_timeout, f"subscription {self.topic!r}")
-
-    async def _unsubscribe_core(self, sub: CoreSubscription) -> None:
+        self._closed = True
         broker = self._broker
-        with anyio.move_on_after(broker.drain_timeout) as scope:
+        broker._subs.discard(self)
+        if self._sub is None:
+            return
+        if asyncio.current_task() is self._handler_task and broker._tg is not None:
+            # a handler unsubscribing its own subscription: drain from outside the handler
+            broker._tg.start_soon(self._drain, self._sub, name=f"micro.broker.nats:unsubscribe:{self.topic}")
+        else:
+            await self._drain(self._sub)
+
+    async def _drain(self, sub: CoreSubscription) -> None:
+        timeout = self._broker.drain_timeout
+        with anyio.move_on_after(timeout) as scope:
             try:
                 await sub.drain()  # type: ignore[no-untyped-call]
                 return
             except nats.errors.Error:
                 pass
         if scope.cancelled_caught:
-            log.warning("subscription %r did not drain within %.1f s", self.topic,
-                        broker.drain_timeout)
+            log.warning("subscription %r did not drain within %.1f s", self.topic, timeout)
         try:
             await sub.unsubscribe()
         except nats.errors.Error:
             pass  # already gone with the connection
 
-    async def _forget_pull(self) -> None:
-        if self._pull is None:
-            return
-        broker = self._broker
-        with anyio.move_on_after(broker.drain_timeout):
-            try:
-                await self._pull.unsubscribe()
-                if self._ephemeral and broker._nc.is_connected:
-                    await broker._jsm.delete_consumer(self._stream, self._consumer)
-            except nats.errors.Error:
-                pass
-
 
 class NatsBroker(Broker):
-    """Core NATS or JetStream through nats-py.
+    """Core NATS through nats-py (``nats://host:4222``; several: ``nats://a:4222,b:4222``).
 
     Args:
         servers: one ``nats://host:port`` URL or several.
-        jetstream: the durable mode (what ``nats+js://`` selects).
         connect_timeout: seconds to reach the server at start before ``Unavailable``.
         reconnect_wait: seconds between reconnect attempts after a disconnect.
         max_reconnect: reconnect attempts before the connection is closed for good
             (-1, the default: reconnect for ever; see :mod:`micro.nats_connection`).
         drain_timeout: seconds ``unsubscribe``/``aclose`` wait for handlers in progress.
-        pending_limit: messages a core subscription buffers before nats-py drops them.
-        message_ids: core NATS: send the ``Micro-Id`` header with every message. Off,
-            a message published without headers goes out as the bare payload (about
-            twice the throughput: nats-py's header path is slow) and each subscriber
-            makes up its own id for it. JetStream always sends ids.
-        publish_timeout: JetStream: seconds to wait for the server's publish ack.
-        max_deliver: JetStream: attempts before a message goes to the dead-letter topic.
-        ack_wait: JetStream: seconds without an ack before the server redelivers.
-        backoff: JetStream: nak delays in seconds by attempt (the last one repeats).
-        fetch_batch: JetStream: messages pulled per request (held ones are kept alive).
-        max_age: JetStream: seconds streams created here keep messages (0 = for ever).
-        dead_letter_prefix: JetStream: the dead-letter topic is ``<prefix>.<topic>``.
+        pending_limit: messages a subscription buffers before nats-py drops them.
+        message_ids: where a message published without headers carries its id:
+            ``"envelope"`` (default), ``"header"`` or ``"none"`` (see the module docstring);
+            ``True``/``False`` mean ``"envelope"``/``"none"``.
 
     Example::
 
-        async with NatsBroker("nats://127.0.0.1:4222", jetstream=True) as broker:
-            await broker.subscribe("orders.created", handle, durable="billing")
+        async with NatsBroker("nats://127.0.0.1:4222") as broker:
+            await broker.subscribe("orders.created", handle, queue="billing")
             await broker.publish("orders.created", {"id": 7})
     """
+
+    SCHEME: ClassVar[str] = "nats"
+    OPTIONS: ClassVar[dict[str, type]] = {
+        "connect_timeout": float,
+        "reconnect_wait": float,
+        "max_reconnect": int,
+        "drain_timeout": float,
+        "pending_limit": int,
+        "message_ids": str,
+    }
+    """URL query options (the constructor's keyword arguments) and their types."""
 
     def __init__(
         self,
         servers: str | Sequence[str] = "nats://127.0.0.1:4222",
         *,
-        jetstream: bool = False,
         connect_timeout: float = 2.0,
         reconnect_wait: float = 1.0,
         max_reconnect: int = -1,
         drain_timeout: float = 5.0,
         pending_limit: int = 65536,
-        message_ids: bool = True,
-        publish_timeout: float = 5.0,
-        max_deliver: int = 5,
-        ack_wait: float = 30.0,
-        backoff: Sequence[float] = (1.0, 5.0, 30.0),
-        fetch_batch: int = 16,
-        max_age: float = 0.0,
-        dead_letter_prefix: str = "dlq",
+        message_ids: str | bool = "envelope",
     ) -> None:
         self.servers = [servers] if isinstance(servers, str) else list(servers)
-        self.jetstream = jetstream
-        scheme = "nats+js" if jetstream else "nats"
-        self.url = ",".join(s.replace("nats://", f"{scheme}://", 1) for s in self.servers)
-        if max_deliver < 1 or fetch_batch < 1 or not backoff or ack_wait <= 0:
-            raise ConfigError(f"broker {self.url}: max_deliver and fetch_batch must be >= 1, "
-                              "backoff must not be empty and ack_wait must be positive")
-        validate_topic(dead_letter_prefix, wildcards=False)
+        self.url = ",".join(s.replace("nats://", f"{self.SCHEME}://", 1) for s in self.servers)
+        if isinstance(message_ids, bool):
+            mode = "envelope" if message_ids else "none"
+        else:
+            mode = _ID_FLAGS.get(str(message_ids).lower(), str(message_ids).lower())
+        if mode not in _ID_MODES:
+            raise ConfigError(f"broker {redact(self.url)}: message_ids must be one of {', '.join(_ID_MODES)}, "
+                              f"not {message_ids!r}")
+        self.message_ids = mode
         self.connect_timeout = connect_timeout
         self.reconnect_wait = reconnect_wait
         self.max_reconnect = max_reconnect
         self.drain_timeout = drain_timeout
         self.pending_limit = pending_limit
-        self.message_ids = message_ids
-        self.publish_timeout = publish_timeout
-        self.max_deliver = max_deliver
-        self.ack_wait = ack_wait
-        self.backoff = tuple(backoff)
-        self.fetch_batch = fetch_batch
-        self.max_age = max_age
-        self.dead_letter_prefix = dead_letter_prefix
         self.settings = NatsSettings(connect_timeout=connect_timeout, reconnect_wait=reconnect_wait,
                                      max_reconnect=max_reconnect, close_timeout=drain_timeout)
         self._conn: NatsConnection | None = None
         self._nc: Client = _CLOSED
-        self._js: JetStreamContext = _CLOSED.jetstream()
-        self._jsm = _CLOSED.jsm()
-        self._subs: set[NatsSubscription] = set()
-        self._streams: dict[str, str] = {}
+        self._subs: set[Subscription] = set()
+        self._id_header = mode == "header"
+        self._id_envelope = mode == "envelope"
         self._tg: BackgroundTasks | None = None
         self._closed = False
         self._connected = asyncio.Event()
 
     @classmethod
-    def from_url(cls, url: str) -> NatsBroker:
-        """``nats://host:4222`` (core) or ``nats+js://host:4222`` (JetStream).
+    def from_url(cls, url: str) -> Self:
+        """``nats://host:4222`` (core NATS); ``nats+js://`` is :class:`~micro.broker.jetstream.JetStreamBroker`.
 
         Several servers are comma-separated (``nats://a:4222,b:4222``); options go in
-        the query (``?max_deliver=3&ack_wait=10&backoff=1,5``) under the names of the
+        the query (``?drain_timeout=10&message_ids=header``) under the names of the
         constructor's keyword arguments.
         """
         parts = urlsplit(url)
-        if parts.scheme not in ("nats", "nats+js") or not parts.netloc:
-            raise ConfigError(f"bad broker URL {url!r}: expected nats://host:port or "
-                              "nats+js://host:port")
+        if parts.scheme != cls.SCHEME or not parts.netloc:
+            raise ConfigError(f"bad broker URL {redact(url)!r}: expected {cls.SCHEME}://host:port")
         kwargs: dict[str, Any] = {}
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
-            kind = _OPTIONS.get(key)
+            kind = cls.OPTIONS.get(key)
             if kind is None:
-                raise ConfigError(f"unknown option {key!r} in broker URL {url!r}; known: "
-                                  f"{', '.join(sorted(_OPTIONS))}")
+                raise ConfigError(f"unknown option {key!r} in broker URL {redact(url)!r}; known: "
+                                  f"{', '.join(sorted(cls.OPTIONS))}")
             try:
-                kwargs[key] = (tuple(float(v) for v in value.split(",")) if kind is tuple
-                               else _flag(value) if kind is bool else kind(value))
+                kwargs[key] = tuple(float(v) for v in value.split(",")) if kind is tuple else kind(value)
             except ValueError:
-                raise ConfigError(
-                    f"bad value {value!r} for {key!r} in broker URL {url!r}") from None
-        servers = [f"nats://{host}" for host in parts.netloc.split(",")]
-        broker = cls(servers, jetstream=parts.scheme == "nats+js", **kwargs)
+                raise ConfigError(f"bad value {value!r} for {key!r} in broker URL {redact(url)!r}") from None
+        broker = cls([f"nats://{host}" for host in parts.netloc.split(",")], **kwargs)
         broker.url = url
         return broker
 
@@ -561,8 +234,7 @@ class NatsBroker(Broker):
     async def _open(self) -> None:
         conn = await connect(self.url, self.settings, who="broker")
         try:
-            if self.jetstream:
-                await conn.require_jetstream("broker")
+            await self._ready(conn)
             tg = BackgroundTasks(f"broker {redact(self.url)}", log)
             await tg.start()
         except BaseException:
@@ -570,29 +242,13 @@ class NatsBroker(Broker):
             raise
         self._conn = conn
         self._nc = conn.client
-        self._js = conn.jetstream(self.publish_timeout)
-        self._jsm = conn.jsm(self.publish_timeout)
-        self._streams.clear()
         self._closed = False
         self._connected.set()
         conn.listeners.add(self)
         self._tg = tg
-        if self.jetstream:
-            tg.start_soon(self._keepalive, name="micro.broker.nats:keepalive")
 
-    async def _keepalive(self) -> None:
-        """Mark held messages as in progress, so only a crash lets ``ack_wait`` run out."""
-        interval = self.ack_wait / 3
-        while True:
-            await anyio.sleep(interval)
-            if not self._nc.is_connected:
-                continue
-            for sub in list(self._subs):
-                for msg in list(sub.held):
-                    try:
-                        await msg.in_progress()
-                    except Exception:
-                        pass  # settled meanwhile, or the connection dropped: ack_wait decides
+    async def _ready(self, conn: NatsConnection) -> None:
+        """Check what the broker needs of the server, once connected (JetStream: that it is on)."""
 
     async def _close(self) -> None:
         self._closed = True
@@ -606,24 +262,16 @@ class NatsBroker(Broker):
             if conn is not None:
                 conn.listeners.discard(self)
                 await conn.release()
+            self._nc = _CLOSED
 
     async def on_disconnected(self) -> None:
         self._connected.clear()
-        for sub in self._subs:  # their pull requests died with the connection: stop waiting
-            if sub._fetch_scope is not None:
-                sub._fetch_scope.cancel()
 
     async def on_reconnected(self) -> None:
         self._connected.set()
 
     async def on_closed(self) -> None:
-        self._connected.set()  # wake fetch loops so they see the closed connection
-
-    async def _wait_connected(self, patience: float) -> None:
-        with anyio.move_on_after(patience):
-            await self._connected.wait()
-        if self._nc.is_closed:
-            raise nats.errors.ConnectionClosedError
+        self._connected.set()  # wake whoever waits, so they see the closed connection
 
     # -- publish / subscribe ----------------------------------------------------
 
@@ -631,93 +279,29 @@ class NatsBroker(Broker):
         nc = self._nc
         if not nc.is_connected:
             raise self._not_connected(f"cannot publish to {topic!r}")
-        if not self.jetstream and not headers and not self.message_ids:
-            try:
-                await nc.publish(topic, data)  # the bare payload: nats-py's fastest path
-            except nats.errors.Error as e:
-                raise self._error(f"cannot publish to {topic!r}", e) from e
-            return
-        message_id = new_message_id(headers)
-        hdrs = dict(headers) if headers else {}
-        hdrs[ID_HEADER] = message_id
-        if not self.jetstream:
-            try:
-                await nc.publish(topic, data, headers=hdrs)
-            except nats.errors.Error as e:
-                raise self._error(f"cannot publish to {topic!r}", e) from e
-            return
-        hdrs[_MSG_ID] = message_id
-        for attempt in (1, 2):
-            if topic not in self._streams:
-                await self._ensure_stream(topic)
-            try:
-                await self._js.publish(topic, data, timeout=self.publish_timeout, headers=hdrs)
-                return
-            except nats.js.errors.NoStreamResponseError as e:
-                self._streams.pop(topic, None)  # deleted behind our back: create it again
-                if attempt == 2:
-                    raise self._error(f"no JetStream stream captures {topic!r}", e) from e
-            except nats.errors.TimeoutError as e:
-                raise Unavailable(
-                    f"no publish ack for {topic!r} from {self.url} within "
-                    f"{self.publish_timeout:g} s; message {message_id} may or may not be stored "
-                    f"(republishing it with the same {ID_HEADER} header is de-duplicated)") from e
-            except nats.errors.Error as e:
-                raise self._error(f"cannot publish to {topic!r}", e) from e
+        try:
+            if headers or self._id_header:
+                message_id = new_message_id(headers)
+                await nc.publish(topic, data, headers={**(headers or {}), ID_HEADER: message_id})
+            elif self._id_envelope:
+                await nc.publish(topic, ENVELOPE + new_message_id().encode() + data)
+            else:
+                await nc.publish(topic, data)  # the bare payload
+        except nats.errors.Error as e:
+            raise self._error(f"cannot publish to {topic!r}", e) from e
 
     async def _subscribe(self, topic: str, handler: MessageHandler, *, queue: str | None,
-                         durable: str | None, prefetch: int | None) -> NatsSubscription:
-        if self._tg is None:
-            raise BrokerError(f"cannot subscribe to {topic!r}: broker {redact(self.url)} is closed")
+                         durable: str | None, prefetch: int | None) -> Subscription:
         if not self._nc.is_connected:
             raise self._not_connected(f"cannot subscribe to {topic!r}")
-        sub = NatsSubscription(self, topic, handler, queue or None, durable or None)
-        sub.prefetch = prefetch or self.fetch_batch
-        if self.jetstream:
-            await sub._bind()
-            self._tg.start_soon(sub._run, name=f"micro.broker.nats:{topic}")
-        else:
-            try:
-                sub._sub = await self._nc.subscribe(topic, queue=queue or "", cb=sub._on_core,
-                                                    pending_msgs_limit=self.pending_limit)
-            except nats.errors.Error as e:
-                raise self._error(f"cannot subscribe to {topic!r}", e) from e
+        sub = NatsSubscription(self, topic, handler, queue)
+        try:
+            sub._sub = await self._nc.subscribe(topic, queue=queue or "", cb=sub._on_msg,
+                                                pending_msgs_limit=self.pending_limit)
+        except nats.errors.Error as e:
+            raise self._error(f"cannot subscribe to {topic!r}", e) from e
         self._subs.add(sub)
         return sub
-
-    async def _ensure_stream(self, topic: str) -> str:
-        """The stream that captures ``topic``: an existing one, or ``<first token>`` made here."""
-        name = self._streams.get(topic)
-        if name is not None:
-            return name
-        first = topic.split(".", 1)[0]
-        if first in ("*", ">"):
-            raise UsageError(f"JetStream topic {topic!r} must start with a literal token: "
-                             "streams are made per first token")
-        jsm = self._jsm
-        try:
-            try:
-                name = await jsm.find_stream_name_by_subject(topic)
-            except nats.js.errors.NotFoundError:
-                config = StreamConfig(
-                    name=_safe_name(first), subjects=[first, f"{first}.>"],
-                    retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
-                    max_age=self.max_age or None, duplicate_window=120.0)
-                try:
-                    name = (await jsm.add_stream(config)).config.name
-                except nats.js.errors.BadRequestError as e:
-                    try:  # raced with another creator, or an operator's stream overlaps
-                        name = await jsm.find_stream_name_by_subject(topic)
-                    except nats.js.errors.NotFoundError:
-                        raise BrokerError(f"cannot create JetStream stream {config.name!r} for "
-                                          f"{topic!r} on {self.url}: {e.description}") from e
-        except nats.errors.Error as e:
-            raise self._error(f"cannot find or create the stream for {topic!r}", e) from e
-        assert name is not None
-        if len(self._streams) >= 4096:
-            self._streams.clear()
-        self._streams[topic] = name
-        return name
 
     def _not_connected(self, what: str) -> Unavailable:
         state = "closed" if self._nc.is_closed else "disconnected, reconnecting"
@@ -725,17 +309,8 @@ class NatsBroker(Broker):
 
     def _error(self, what: str, e: BaseException) -> BrokerError | Unavailable:
         if isinstance(e, UNAVAILABLE) or not self._nc.is_connected:
-            return Unavailable(f"{what}: broker {redact(self.url)}: {_reason(e)}")
-        return BrokerError(f"{what}: broker {redact(self.url)}: {_reason(e)}")
+            return Unavailable(f"{what}: broker {redact(self.url)}: {describe(e)}")
+        return BrokerError(f"{what}: broker {redact(self.url)}: {describe(e)}")
 
 
-def _flag(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(value)
-
-
-_reason = describe
 _CLOSED = Client()  # stands in for the connection while the broker is not open: never connected

@@ -158,13 +158,8 @@ class Flow(Service):
 
     async def _on_event(self, message: BrokerMessage) -> None:
         event = _event_of(message.data)
-        broker = self.runtime.broker
-        limit = getattr(broker, "max_deliver", None)
-        # only JetStream delivers a failed event again; on any other broker this attempt is the last
-        redelivers = getattr(broker, "jetstream", False) is True
-        last = not redelivers or (isinstance(limit, int) and message.delivery >= limit)
         await self.run_event(message.id or hashlib.sha1(message.data).hexdigest(), message.topic, event,
-                             last_attempt=last)
+                             last_attempt=message.last_attempt)
 
     async def run_event(self, run_id: str, topic: str, event: Any, *, replay_of: str = "",
                         last_attempt: bool = False) -> FlowRun:
