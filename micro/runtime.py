@@ -16,7 +16,7 @@ import contextlib
 import logging
 import ssl
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import anyio
@@ -80,9 +80,7 @@ class Runtime(Resource):
             self.registry, local=self.local, wrappers=call_wrappers,
             default_timeout=default_timeout, publish=self.broker.publish, tls=tls,
         )
-        attach = getattr(self.broker, "attach", None)
-        if attach is not None:  # a broker that delivers through the runtime (local://)
-            attach(self)
+        self.broker.attach(self)
         self.url = self.registry.url
         self._stack: contextlib.AsyncExitStack | None = None
         self._background: BackgroundTasks | None = None
@@ -95,6 +93,26 @@ class Runtime(Resource):
         if rt is None:
             rt = _by_loop[loop] = cls()
         return rt
+
+    @classmethod
+    def installed(cls) -> Runtime | None:
+        """The running loop's shared runtime if there is one yet (this does not create it)."""
+        return _by_loop.get(asyncio.get_running_loop())
+
+    @contextlib.contextmanager
+    def install(self) -> Iterator[None]:
+        """Make this the running loop's shared runtime inside the block (what :meth:`current` returns,
+        and so what services built without ``runtime=`` join); the previous one comes back after."""
+        loop = asyncio.get_running_loop()
+        previous = _by_loop.get(loop)
+        _by_loop[loop] = self
+        try:
+            yield
+        finally:
+            if previous is not None:
+                _by_loop[loop] = previous
+            elif _by_loop.get(loop) is self:
+                del _by_loop[loop]
 
     @property
     def task_group(self) -> anyio.abc.TaskGroup:

@@ -237,7 +237,7 @@ def test_entry_point_providers(monkeypatch: pytest.MonkeyPatch) -> None:
     def fake_entry_points(*, group: str, name: str | None = None) -> list[importlib.metadata.EntryPoint]:
         return [ep] if group == "micro.ai" and name in (None, "echo") else []
 
-    monkeypatch.setattr("micro.ai._base.entry_points", fake_entry_points)
+    monkeypatch.setattr("micro.backends.entry_points", fake_entry_points)  # the one scheme-table lookup
     assert isinstance(from_provider("echo"), scripted.ScriptedModel)
     assert "echo" in micro.ai.known_providers()
     with pytest.raises(ConfigError, match="echo"):

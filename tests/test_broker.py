@@ -20,6 +20,7 @@ from pathlib import Path
 
 import anyio
 import betterproto2
+import msgspec
 import pytest
 
 import micro.broker
@@ -27,6 +28,7 @@ from micro.broker import Broker, Message, encode_message, from_url
 from micro.broker.jetstream import JetStreamBroker
 from micro.broker.memory import MemoryBroker, topic_matches
 from micro.broker.nats import ENVELOPE, NatsBroker
+from micro.codec import encode_json
 from micro.errors import BrokerError, ConfigError, Unavailable, UsageError
 from micro.testing.broker_kit import CHECKS, Inbox
 
@@ -135,7 +137,9 @@ def test_encode_message() -> None:
     assert encode_message(b"x") == b"x"
     assert encode_message(bytearray(b"y")) == b"y"
     assert encode_message({"k": [1, 2]}) == b'{"k":[1,2]}'
-    assert encode_message(Greeting(text="hi", count=3)) == b'{"text": "hi", "count": "3"}'
+    # a message is the same JSON published and sent in a call (proto3 JSON, field names kept)
+    assert encode_message(Greeting(text="hi", count=3)) == encode_json(Greeting(text="hi", count=3))
+    assert msgspec.json.decode(encode_message(Greeting(text="hi", count=3))) == {"text": "hi", "count": "3"}
     for bad in ("text", 3, [1]):
         with pytest.raises(TypeError, match=type(bad).__qualname__):
             encode_message(bad)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import os
+import subprocess
+import sys
 import textwrap
 import uuid
 from pathlib import Path
@@ -422,3 +425,49 @@ async def test_check_app_reports_import_errors(tmp_path: Path) -> None:
     assert problem.stage == "import"
     assert "RuntimeError: boom" in problem.message and "app.py:2" in problem.message
 
+
+
+_PLUGIN_USER = '''
+import os
+from pathlib import Path
+
+import pytest
+
+import micro
+from micro.registry.local import default_home
+
+pytest_plugins = ["micro.testing.pytest_plugin"]
+
+
+async def test_forgot_a_runtime(micro_home):
+    assert Path(os.environ["MICRO_HOME"]) == micro_home == default_home()
+    async with micro.New("forgetful") as svc:  # no runtime=: the loop's shared one, machine-wide registry
+        assert svc.address
+        assert micro_home.joinpath("registry").is_dir()  # the machine-wide registry lives in this test's home
+
+
+def test_each_test_its_own(micro_home):
+    assert Path(os.environ["MICRO_HOME"]) == micro_home and micro_home.name.startswith("micro-home")
+
+
+@pytest.mark.micro_home_shared
+def test_asks_for_the_shared_one(micro_home):
+    assert os.environ["MICRO_HOME"] == os.environ["OUTER_HOME"] and str(micro_home) == os.environ["OUTER_HOME"]
+'''
+
+
+def test_plugin_gives_each_test_its_own_micro_home(tmp_path: Path) -> None:
+    """Under the plugin a test that forgets a runtime writes nowhere near the process's MICRO_HOME."""
+    outer = tmp_path / "outer-home"
+    outer.mkdir()
+    (tmp_path / "test_user.py").write_text(_PLUGIN_USER)
+    env = {**os.environ, "MICRO_HOME": str(outer), "OUTER_HOME": str(outer)}
+    env.pop("PYTEST_ADDOPTS", None)
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "asyncio_mode=auto",
+         "--rootdir", str(tmp_path), str(tmp_path / "test_user.py")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "3 passed" in run.stdout
+    assert list(outer.iterdir()) == []  # nothing was written under the process's MICRO_HOME

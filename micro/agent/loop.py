@@ -38,7 +38,7 @@ from micro.ai import (
     ToolUseBlock,
     Usage,
 )
-from micro.ai.messages import INVALID_JSON, _writable
+from micro.ai.messages import INVALID_JSON, writable
 from micro.errors import AgentError, Error, Timeout
 
 from .tools import Tool, result_text
@@ -296,8 +296,8 @@ def _writable_uses(rsp: Response) -> Response:
     ``MAX_TOOL_INPUT_DEPTH``) replaced by the invalid-arguments marker, so the call becomes an
     ``is_error`` result and the history and run record stay encodable. Providers' inputs went
     through ``parse_tool_input`` already; this guards models that hand over objects directly."""
-    if all(_writable(u.input) for u in rsp.tool_uses):
+    if all(writable(u.input) for u in rsp.tool_uses):
         return rsp
     content = [ToolUseBlock(b.id, b.name, {INVALID_JSON: "<arguments that cannot be written as JSON>"})
-               if isinstance(b, ToolUseBlock) and not _writable(b.input) else b for b in rsp.content]
+               if isinstance(b, ToolUseBlock) and not writable(b.input) else b for b in rsp.content]
     return Response(content, rsp.stop_reason, rsp.usage, rsp.model)

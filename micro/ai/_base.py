@@ -19,16 +19,15 @@ that is not loopback (tests set it, so no test can reach a real API).
 from __future__ import annotations
 
 import abc
-import importlib
 import inspect
 import ipaddress
 import os
 from collections.abc import AsyncIterator, Sequence
-from importlib.metadata import entry_points
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import urlsplit
 
+from micro import backends
 from micro.errors import (
     BadRequest,
     ConfigError,
@@ -178,16 +177,13 @@ def from_provider(
 
 def known_providers() -> list[str]:
     """Every provider name: the built-in table and the ``micro.ai`` entry points."""
-    return sorted({*PROVIDERS, *(ep.name for ep in entry_points(group="micro.ai"))})
+    return backends.known("ai", PROVIDERS)
 
 
 def _lookup(name: str) -> Any:
-    target = PROVIDERS.get(name)
-    if target is not None:
-        module, _, attr = target.partition(":")
-        return getattr(importlib.import_module(module), attr)
-    for ep in entry_points(group="micro.ai", name=name):
-        return ep.load()
+    found = backends.load("ai", PROVIDERS, name, where=f"provider {name!r}")
+    if found is not None:
+        return found
     raise ConfigError(
         f"unknown model provider {name!r}: known providers are {', '.join(known_providers())} "
         "(a package can add one through the 'micro.ai' entry-point group)"

@@ -55,7 +55,8 @@ try:
         ToolUseBlockParam,
     )
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ConfigError("the anthropic provider needs the anthropic SDK: pip install 'micro[anthropic]'") from exc
+    raise ImportError("the anthropic provider needs the anthropic SDK: pip install 'micro[anthropic]'",
+                      name=exc.name) from exc
 
 # The SDK's HTTP client (httpx2 in current SDKs, httpx before): its errors escape
 # while a stream is read, so they are translated here too.

@@ -44,6 +44,7 @@ __all__ = [
     "ToolUseStart",
     "Usage",
     "parse_tool_input",
+    "writable",
 ]
 
 INVALID_JSON = "__invalid_json__"
@@ -228,10 +229,10 @@ def parse_tool_input(raw: str) -> dict[str, Any]:
         value = json.loads(raw)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than the stack allows
         return {INVALID_JSON: raw}
-    return value if isinstance(value, dict) and _writable(value) else {INVALID_JSON: raw}
+    return value if isinstance(value, dict) and writable(value) else {INVALID_JSON: raw}
 
 
-def _writable(value: Any) -> bool:
+def writable(value: Any) -> bool:
     """Whether a decoded JSON value encodes back to JSON: no lone surrogates, bounded nesting."""
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:

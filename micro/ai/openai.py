@@ -55,7 +55,8 @@ from .messages import (
 try:
     import openai
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ConfigError("the openai provider needs the openai SDK: pip install 'micro[openai]'") from exc
+    raise ImportError("the openai provider needs the openai SDK: pip install 'micro[openai]'",
+                      name=exc.name) from exc
 
 __all__ = ["DEFAULT_MODEL", "OpenAIModel"]
 

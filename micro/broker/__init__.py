@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 
-from micro._backends import load_backend
+from micro.backends import load_backend
 from micro.broker._base import (
     Broker,
     Message,
@@ -29,6 +29,7 @@ from micro.broker._base import (
     encode_message,
 )
 from micro.errors import ConfigError
+from micro.resource import redact
 
 __all__ = [
     "BACKENDS",
@@ -63,7 +64,7 @@ def from_url(url: str | None = None) -> Broker:
             backend's optional dependency is missing, or the URL's options are bad.
     """
     url = url or os.environ.get("MICRO_BROKER") or DEFAULT_URL
-    cls = load_backend("broker", BACKENDS, url)
+    cls = load_backend("broker", BACKENDS, redact(url))
     if not (isinstance(cls, type) and issubclass(cls, Broker)):
-        raise ConfigError(f"broker URL {url!r}: {cls!r} is not a micro.broker.Broker")
+        raise ConfigError(f"broker URL {redact(url)!r}: {cls!r} is not a micro.broker.Broker")
     return cls.from_url(url)

@@ -19,14 +19,18 @@ import logging
 import os
 import re
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
 import betterproto2
 import msgspec
 
+from micro.codec import encode_json
 from micro.errors import BrokerError, MicroError, UsageError
 from micro.resource import Resource, State
+
+if TYPE_CHECKING:
+    from micro.runtime import Runtime
 
 log = logging.getLogger("micro.broker")
 _OPEN = State.OPEN
@@ -185,6 +189,13 @@ class Broker(Resource, abc.ABC):
         return await self._subscribe(topic, handler, queue=queue or None, durable=durable or None,
                                      prefetch=prefetch)
 
+    def attach(self, runtime: Runtime) -> None:
+        """Called by the :class:`~micro.Runtime` that holds this broker, before it opens it.
+
+        A broker that delivers through the runtime (``local://``: its registry and client)
+        keeps it; the others need nothing from it.
+        """
+
     @abc.abstractmethod
     async def _publish(self, topic: str, data: bytes, headers: Mapping[str, str] | None) -> None:
         """Send ``data`` (already encoded; ``topic`` already valid) to ``topic``."""
@@ -226,17 +237,17 @@ async def drain_then_cancel(done: anyio.Event, scope: anyio.CancelScope, timeout
 def encode_message(message: object) -> bytes:
     """The wire bytes of ``message``.
 
-    Bytes pass as they are; dicts and msgspec Structs become msgspec JSON; a
-    betterproto2 message becomes its proto3 JSON. Anything else is a ``TypeError``.
+    Bytes pass as they are; dicts, msgspec Structs and betterproto2 messages become
+    JSON through :func:`micro.codec.encode_json`, the encoding a call's JSON wire uses,
+    so a message looks the same published and sent in a call (proto3 JSON with field
+    names kept). Anything else is a ``TypeError``.
     """
     if isinstance(message, bytes):
         return message
     if isinstance(message, bytearray | memoryview):
         return bytes(message)
-    if isinstance(message, dict | msgspec.Struct):
-        return msgspec.json.encode(message)
-    if isinstance(message, betterproto2.Message):
-        return message.to_json().encode()
+    if isinstance(message, dict | msgspec.Struct | betterproto2.Message):
+        return encode_json(message)
     raise TypeError(
         f"cannot publish a {type(message).__qualname__}: "
         "pass bytes, a dict, a msgspec.Struct or a betterproto2 message"

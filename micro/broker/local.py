@@ -254,7 +254,7 @@ class LocalBroker(MemoryBroker):
         assert self._runtime is not None
         client = self._runtime.client
         try:
-            await client._pool(Node(node, address)).unary(
+            await client.channel(Node(node, address)).unary(
                 f"/{SERVICE}.Broker/Deliver", msgspec.json.encode(req), deadline=anyio.current_time() + 5.0)
         except Error as exc:
             log.warning("broker %s: %s at %s missed %r (%s)", self.url, node, address, req.topic, exc)

@@ -54,7 +54,7 @@ async def call(service: str, endpoint: str, request: str | None, timeout: float,
             fail(f"metadata {item!r} is not KEY=VALUE", 2)
         md[key.lower()] = value
     async with cli_runtime() as rt:
-        _, ep = await rt.client._resolve(service, endpoint)
+        _, ep = await rt.client.resolve(service, endpoint)
         if ep.streaming:
             async for item in rt.client.stream(service, endpoint, body, timeout=timeout, metadata=md):
                 out.print(msgspec.json.encode(item).decode(), markup=False)

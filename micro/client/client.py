@@ -272,6 +272,11 @@ class Client:
             return _decode_any(reply)
         return codec_for(req.response_type).decode(reply, wire, f"{req.service} {ep.name} response")
 
+    async def resolve(self, service: str, endpoint: str) -> tuple[ServiceRecord, EndpointRecord]:
+        """The registry record of ``service`` that has ``endpoint``, and that endpoint (from the watched
+        cache; ``NotFound`` naming what is missing). ``micro call`` uses it to tell streams from calls."""
+        return await self._resolve(service, endpoint)
+
     async def _resolve(self, service: str, endpoint: str) -> tuple[ServiceRecord, EndpointRecord]:
         records = self._records.get(service)
         cached = records is not None
@@ -299,6 +304,10 @@ class Client:
         if self.breakers._nodes:
             order.sort(key=lambda n: self.breakers.is_open(n.address))
         return order
+
+    def channel(self, node: Node) -> NodePool:
+        """The pooled connection to one node, for a caller that must reach that node (the local broker)."""
+        return self._pool(node)
 
     def _pool(self, node: Node) -> NodePool:
         pool = self._pools.get(node.address)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 
-from micro._backends import load_backend
+from micro.backends import load_backend
 from micro.registry._base import Endpoint, Event, Node, Registry, ServiceRecord, Watcher, merge
+from micro.resource import redact
 
 __all__ = ["Endpoint", "Event", "Node", "Registry", "ServiceRecord", "Watcher", "from_url", "merge"]
 
@@ -24,6 +25,6 @@ BACKENDS: dict[str, str] = {
 def from_url(url: str | None = None) -> Registry:
     """A registry for ``url`` (default: ``$MICRO_REGISTRY`` or ``local://``). No I/O."""
     url = url or os.environ.get("MICRO_REGISTRY") or "local://"
-    cls = load_backend("registry", BACKENDS, url)
-    backend: Registry = cls(url)
+    cls = load_backend("registry", BACKENDS, redact(url))
+    backend: Registry = cls.from_url(url)
     return backend

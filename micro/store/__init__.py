@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from micro._backends import load_backend
+from micro.backends import load_backend
 from micro.resource import redact
 from micro.store._base import MAX_KEY_BYTES, Record, Store
 
@@ -40,5 +40,5 @@ def from_url(url: str | None = None) -> Store:
     url = url or os.environ.get("MICRO_STORE") or "file://"
     # The lookup only needs the scheme; it gets the URL without its password for messages.
     cls = load_backend("store", BACKENDS, redact(url))
-    store: Store = cls(url)
+    store: Store = cls.from_url(url)
     return store

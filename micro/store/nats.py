@@ -50,7 +50,7 @@ try:
     import nats.js.errors
     from nats.js import api
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ConfigError("the nats store needs nats-py: pip install 'micro[nats]'") from exc
+    raise ImportError("the nats store needs nats-py: pip install 'micro[nats]'", name=exc.name) from exc
 
 __all__ = ["NatsStore", "bucket_name", "decode_key", "encode_key"]
 

@@ -39,7 +39,7 @@ from micro.store._base import Record, Store
 try:
     import asyncpg
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ConfigError("the postgres store needs asyncpg: pip install 'micro[postgres]'") from exc
+    raise ImportError("the postgres store needs asyncpg: pip install 'micro[postgres]'", name=exc.name) from exc
 
 __all__ = ["PostgresStore", "table_name"]
 

@@ -19,12 +19,10 @@ running yet in such a runtime, call, and stop it again::
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, TypeAlias
 
-from micro import runtime as _runtime_module
 from micro._proto.micro.agent import ChatResponse
 from micro.agent import Agent
 from micro.ai import Model
@@ -66,20 +64,9 @@ async def runtime(*, registry: Registry | str = "memory://", broker: Broker | st
                 assert (await rt.client.call("task", "Task.List", {}))["total"] == 7
     """
     rt = Runtime(registry=registry, broker=broker, store=store, **options)
-    loop = asyncio.get_running_loop()
-    # Runtime.current() reads this table; taking its slot is how module-level services join us.
-    previous = _runtime_module._by_loop.get(loop) if install else None
-    if install:
-        _runtime_module._by_loop[loop] = rt
-    try:
+    with rt.install() if install else contextlib.nullcontext():  # how module-level services join us
         async with rt:
             yield rt
-    finally:
-        if install:
-            if previous is not None:
-                _runtime_module._by_loop[loop] = previous
-            elif _runtime_module._by_loop.get(loop) is rt:
-                del _runtime_module._by_loop[loop]
 
 
 def _running(service: Service) -> bool:
@@ -90,19 +77,11 @@ def _running(service: Service) -> bool:
     return service.name in rt.local and bool(service.address)
 
 
-def _is_open(rt: Runtime) -> bool:
-    try:
-        _ = rt.task_group
-    except UsageError:
-        return False
-    return True
-
-
 @contextlib.asynccontextmanager
 async def _ensure_runtime() -> AsyncIterator[Runtime]:
     """The loop's shared runtime when one is open (a test's ``runtime()``), else a new memory one."""
-    current = _runtime_module._by_loop.get(asyncio.get_running_loop())
-    if current is not None and _is_open(current):
+    current = Runtime.installed()
+    if current is not None and current.is_open:
         yield current
         return
     async with runtime() as rt:
