@@ -6,23 +6,79 @@ they do in Go and return keyword arguments::
     micro.New("task", micro.Version("1.2.0"), micro.Address("127.0.0.1:9090"))
 
 is ``micro.Service("task", version="1.2.0", address="127.0.0.1:9090")``.
+
+The classes are the canonical spelling; these are aliases whose keyword arguments are
+typed from them (:class:`NewServiceOptions` and siblings, checked against the
+constructors by a test), so ``micro.New("task", adress="…")`` is a mypy error too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Unpack
 
 from micro.agent import Agent
+from micro.agent.loop import Approve
+from micro.ai import Model
 from micro.flow import Flow
-from micro.service import Service
+from micro.flow.flow import Step
+from micro.service import AgentServiceOptions, Service, ServiceOptions
 
 
 class Option(dict[str, Any]):
     """One keyword argument, written the Go way."""
 
 
-def New(name: str, *options: Option, **kwargs: Any) -> Service:
+class NewServiceOptions(AgentServiceOptions, total=False):
+    """The keyword arguments of :class:`~micro.Service` (after the name)."""
+
+    metadata: Mapping[str, str] | None
+
+
+class NewAgentOptions(AgentServiceOptions, total=False):
+    """The keyword arguments of :class:`~micro.Agent` (after the name)."""
+
+    services: Sequence[str]
+    prompt: str
+    provider: str | Model | None
+    model: str | None
+    api_key: str | None
+    base_url: str | None
+    max_steps: int
+    loop_limit: int
+    tool_timeout: float | None
+    model_timeout: float | None
+    max_tokens: int | None
+    approve: Approve | None
+    history_limit: int
+    agents: Sequence[str]
+    max_delegation_depth: int
+    forward: Sequence[str]
+    metadata: Mapping[str, str] | None
+
+
+class NewFlowOptions(ServiceOptions, total=False):
+    """The keyword arguments of :class:`~micro.Flow` (after the name)."""
+
+    trigger: str
+    prompt: str
+    services: Sequence[str]
+    provider: str | Model | None
+    model: str | None
+    agent: str | None
+    steps: Sequence[Step]
+    after: Sequence[Step]
+    max_concurrency: int
+    system: str | None
+    max_steps: int
+    loop_limit: int
+    tool_timeout: float | None
+    model_timeout: float | None
+    approve: Approve | None
+    metadata: Mapping[str, str] | None
+
+
+def New(name: str, *options: Option, **kwargs: Unpack[NewServiceOptions]) -> Service:
     """A new :class:`~micro.Service` (Go Micro's ``micro.New``)."""
     return Service(name, **_fold(options, kwargs))
 
@@ -50,7 +106,7 @@ def RegisterTTL(ttl: float) -> Option:
     return Option(ttl=ttl)
 
 
-def NewAgent(name: str, *options: Option, **kwargs: Any) -> Agent:
+def NewAgent(name: str, *options: Option, **kwargs: Unpack[NewAgentOptions]) -> Agent:
     """A new :class:`~micro.Agent` (Go Micro's ``micro.NewAgent``)."""
     return Agent(name, **_fold(options, kwargs))
 
@@ -75,7 +131,7 @@ def AgentModel(model: str) -> Option:
     return Option(model=model)
 
 
-def NewFlow(name: str, *options: Option, **kwargs: Any) -> Flow:
+def NewFlow(name: str, *options: Option, **kwargs: Unpack[NewFlowOptions]) -> Flow:
     """A new :class:`~micro.Flow` (Go Micro's ``micro.NewFlow``)."""
     return Flow(name, **_fold(options, kwargs))
 
@@ -95,7 +151,7 @@ def FlowServices(*services: str) -> Option:
     return Option(services=list(services))
 
 
-def _fold(options: tuple[Option, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+def _fold(options: tuple[Option, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for opt in options:
         if not isinstance(opt, Option):

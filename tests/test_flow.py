@@ -99,7 +99,7 @@ async def test_event_runs_the_tool_loop_and_is_recorded() -> None:
             assert run.status == "completed" and run.reply == "done 1" and run.attempts == 1
             assert run.prompt == "Process job 7."
             (call,) = run.tool_calls
-            assert call.name == "counter.Counter.Add" and call.input == {"job": 7}
+            assert call.name == "counter_Counter_Add" and call.input == {"job": 7}
             assert call.key.startswith("ev-1:counter.Counter.Add:")
             assert counter.calls == [(7, call.key)]  # the service saw the idempotency key
             stored = await flow.runs.get("ev-1")
@@ -165,13 +165,13 @@ async def test_a_transient_tool_failure_ends_the_run_and_is_retried_with_the_sam
                              provider=model, runtime=rt)
         async with svc, flow:
             # Unavailable is transient: the run fails (the broker redelivers), the model does not carry on
-            with pytest.raises(EndRun, match=r"tool counter\.Counter\.Add failed: Unavailable: counter is having"):
+            with pytest.raises(EndRun, match=r"tool counter_Counter_Add failed: Unavailable: counter is having"):
                 await flow.run_event("ev-3", "jobs.created", {"n": 5})
             first = await flow.runs.get("ev-3")
             assert first is not None and first.status == "retrying" and first.error_kind == "Unavailable"
-            assert first.error == "tool counter.Counter.Add failed: Unavailable: counter is having a bad day"
+            assert first.error == "tool counter_Counter_Add failed: Unavailable: counter is having a bad day"
             (failed,) = first.tool_calls
-            assert failed.is_error and failed.name == "counter.Counter.Add"
+            assert failed.is_error and failed.name == "counter_Counter_Add"
             assert failed.result == "Unavailable: counter is having a bad day"
             assert len(model.calls) == 1  # the model never saw the failure
 
@@ -219,7 +219,7 @@ async def test_a_tool_call_past_tool_timeout_ends_the_run_as_a_timeout() -> None
         flow = micro.NewFlow("jobs", trigger="jobs.created", prompt="Process job {n}.", services=["counter"],
                              provider=job_model(), tool_timeout=0.2, runtime=rt)
         async with svc, flow:
-            with pytest.raises(EndRun, match=r"counter\.Counter\.Add failed: Timeout"):
+            with pytest.raises(EndRun, match=r"counter_Counter_Add failed: Timeout"):
                 await flow.run_event("ev-99", "jobs.created", {"n": 99})
             picky.release.set()
             run = await flow.runs.get("ev-99")

@@ -117,3 +117,30 @@ def test_options_must_be_options() -> None:
         micro.New("task", micro.Option(no_such_option=1))
     with pytest.raises(UsageError):
         micro.New("bad name")
+
+
+def _keywords(cls: type) -> set[str]:
+    params = inspect.signature(cls).parameters.values()
+    return {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+
+
+def test_the_go_style_aliases_are_typed_from_their_classes() -> None:
+    """``micro.New``/``NewAgent``/``NewFlow`` take exactly their class's keywords, typed (a typo is a mypy
+    error, not ``**kwargs: Any``); Agent and Flow pass the rest on to Service through typed dicts too."""
+    from micro.service import AgentServiceOptions, ServiceOptions
+
+    service = _keywords(micro.Service)
+    assert set(facade.NewServiceOptions.__annotations__) | set(AgentServiceOptions.__annotations__) \
+        | set(ServiceOptions.__annotations__) == service
+    assert facade.NewServiceOptions.__optional_keys__ == service
+    assert facade.NewAgentOptions.__optional_keys__ == _keywords(micro.Agent) | (service - {"metadata"})
+    flow_own = {"metadata", "max_concurrency"}
+    assert facade.NewFlowOptions.__optional_keys__ == _keywords(micro.Flow) | (service - flow_own)
+    assert AgentServiceOptions.__optional_keys__ == service - {"metadata"}
+    for alias, options in ((micro.New, facade.NewServiceOptions), (micro.NewAgent, facade.NewAgentOptions),
+                           (micro.NewFlow, facade.NewFlowOptions)):
+        kwargs = inspect.signature(alias).parameters["kwargs"]
+        assert kwargs.annotation == f"Unpack[{options.__name__}]", alias
+    for cls in (micro.Agent, micro.Flow):
+        rest = [p for p in inspect.signature(cls).parameters.values() if p.kind is p.VAR_KEYWORD]
+        assert [p.annotation for p in rest] in (["Unpack[AgentServiceOptions]"], ["Unpack[ServiceOptions]"]), cls

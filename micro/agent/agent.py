@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Annotated, Any, TypeVar, overload
+from typing import Annotated, Any, TypeVar, Unpack, overload
 
 import anyio
 import anyio.abc
@@ -24,7 +24,7 @@ from micro._proto.micro.agent import ChatEvent, ChatRequest, ChatResponse, ToolC
 from micro.ai import Message, Model, from_provider
 from micro.errors import BadRequest, NotFound, Timeout, Unavailable, UsageError
 from micro.resource import redact
-from micro.service import Service
+from micro.service import AgentServiceOptions, Service
 
 from .delegation import DEFAULT_MAX_DEPTH, delegate_tool
 from .loop import Approve, Event, Limits, Run, ToolCallRecord, system_prompt
@@ -78,7 +78,8 @@ class Agent(Service):
                  approve: Approve | None = None, history_limit: int = 50,
                  agents: Sequence[str] = (), max_delegation_depth: int = DEFAULT_MAX_DEPTH,
                  forward: Sequence[str] = (),
-                 metadata: Mapping[str, str] | None = None, **service_options: Any) -> None:
+                 metadata: Mapping[str, str] | None = None,
+                 **service_options: Unpack[AgentServiceOptions]) -> None:
         if isinstance(services, str):
             raise UsageError(f"agent {name}: services must be a list of names, e.g. [{services!r}]")
         if isinstance(agents, str):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,16 +192,27 @@ def forwarded(keys: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _dedupe(tools: list[Tool]) -> dict[str, Tool]:
-    out: dict[str, Tool] = {}
-    for t in sorted(tools, key=lambda t: (t.name, t.service, t.endpoint)):
-        name, n = t.name, 2
-        while name in out:
+def unique_names(names: Iterable[str]) -> list[str]:
+    """``names`` (in the caller's stable order) made unique: a name already taken gets ``_2``,
+    ``_3``… (64 characters at most). Agents and the MCP gateway name their tools with
+    :func:`tool_name`, sort them by (name, service, endpoint), then pass them through this."""
+    out: list[str] = []
+    taken: set[str] = set()
+    for base in names:
+        name, n = base, 2
+        while name in taken:
             suffix = f"_{n}"
-            name, n = t.name[: 64 - len(suffix)] + suffix, n + 1
-        if name != t.name:
-            t = Tool(name, t.description, t.input_schema, t.run, t.service, t.endpoint)
-        out[name] = t
+            name, n = base[: 64 - len(suffix)] + suffix, n + 1
+        taken.add(name)
+        out.append(name)
+    return out
+
+
+def _dedupe(tools: list[Tool]) -> dict[str, Tool]:
+    ordered = sorted(tools, key=lambda t: (t.name, t.service, t.endpoint))
+    out: dict[str, Tool] = {}
+    for t, name in zip(ordered, unique_names(t.name for t in ordered), strict=True):
+        out[name] = t if name == t.name else Tool(name, t.description, t.input_schema, t.run, t.service, t.endpoint)
     return out
 
 

@@ -30,14 +30,14 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Unpack
 
 import anyio
 import msgspec
 
 from micro import idempotency, telemetry
 from micro.agent.loop import Approve, EndRun, Limits, Run, system_prompt
-from micro.agent.tools import Toolset
+from micro.agent.tools import Toolset, tool_name
 from micro.ai import Message, Model, from_provider
 from micro.broker import Message as BrokerMessage
 from micro.errors import (
@@ -51,7 +51,7 @@ from micro.errors import (
     Unknown,
     UsageError,
 )
-from micro.service import Service
+from micro.service import Service, ServiceOptions
 
 from .record import FlowRun, RunStore, ToolCallResult, now
 from .template import TemplateError, render
@@ -108,7 +108,7 @@ class Flow(Service):
                  system: str | None = None, max_steps: int = 10, loop_limit: int = 3,
                  tool_timeout: float | None = 60.0, model_timeout: float | None = 120.0,
                  approve: Approve | None = None, metadata: Mapping[str, str] | None = None,
-                 **service_options: Any) -> None:
+                 **service_options: Unpack[ServiceOptions]) -> None:
         if not trigger:
             raise UsageError(f"flow {name}: give it a trigger topic, e.g. trigger='events.user.created'")
         if not prompt and agent is None and not steps and not after:
@@ -307,7 +307,7 @@ class _CheckpointedToolset(Toolset):
     timeout: float | None = None
 
     def _caller(self, service: str, endpoint: str) -> Callable[[dict[str, Any]], Awaitable[Any]]:
-        name = f"{service}.{endpoint}"
+        name = tool_name(service, endpoint)  # as agents and the MCP gateway name it
 
         async def run(args: dict[str, Any]) -> Any:
             current = _current_run.get()

@@ -46,7 +46,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types.jsonrpc import INVALID_PARAMS
 from starlette.applications import Starlette
 
-from micro.agent.tools import input_schema, tool_name
+from micro.agent.tools import input_schema, tool_name, unique_names
 from micro.errors import Error, UsageError
 from micro.gateway import micro_version
 from micro.gateway.http import BearerAuth
@@ -116,12 +116,9 @@ def tools_of(records: Sequence[ServiceRecord], services: frozenset[str] | None =
                 tool_name(rec.name, ep.name), ep.description or f"{ep.name} of the {rec.name} service",
                 input_schema(ep.request), rec.name, ep.name,
             )
+    ordered = sorted(found.values(), key=lambda t: (t.name, t.service, t.endpoint))
     out: dict[str, McpTool] = {}
-    for tool in sorted(found.values(), key=lambda t: (t.name, t.service, t.endpoint)):
-        name, n = tool.name, 2
-        while name in out:
-            suffix = f"_{n}"
-            name, n = tool.name[: 64 - len(suffix)] + suffix, n + 1
+    for tool, name in zip(ordered, unique_names(t.name for t in ordered), strict=True):
         out[name] = tool if name == tool.name else McpTool(
             name, tool.description, tool.input_schema, tool.service, tool.endpoint, tool.agent)
     return out

@@ -10,10 +10,22 @@ from __future__ import annotations
 import os
 
 from micro.backends import load_backend
-from micro.registry._base import Endpoint, Event, Node, Registry, ServiceRecord, Watcher, merge
+from micro.registry._base import (
+    Endpoint,
+    Event,
+    Node,
+    PollWatcher,
+    Registry,
+    ServiceRecord,
+    Snapshot,
+    Watcher,
+    diff,
+    merge,
+)
 from micro.resource import redact
 
-__all__ = ["Endpoint", "Event", "Node", "Registry", "ServiceRecord", "Watcher", "from_url", "merge"]
+__all__ = ["BACKENDS", "Endpoint", "Event", "Node", "PollWatcher", "Registry", "ServiceRecord", "Snapshot", "Watcher",
+           "diff", "from_url", "merge"]
 
 BACKENDS: dict[str, str] = {
     "memory": "micro.registry.memory:MemoryRegistry",

@@ -40,6 +40,28 @@ from micro.tasks import BackgroundTasks
 log = logging.getLogger("micro.service")
 
 
+class ServiceOptions(typing.TypedDict, total=False):
+    """The :class:`Service` keyword arguments an :class:`~micro.Agent` or a :class:`~micro.Flow`
+    passes on (they take ``metadata`` themselves, a flow its own ``max_concurrency``)."""
+
+    version: str
+    address: str | None
+    runtime: Runtime | None
+    ttl: float
+    heartbeat: float | None
+    handler_wrappers: Sequence[Wrapper]
+    max_message_size: int
+    drain_timeout: float
+    max_queue: int
+    tls: ssl.SSLContext | None
+
+
+class AgentServiceOptions(ServiceOptions, total=False):
+    """:class:`ServiceOptions` and the limiter's ``max_concurrency`` (an agent passes it on)."""
+
+    max_concurrency: int | None
+
+
 class Service:
     """A service: endpoints that handle requests.
 
