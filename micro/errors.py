@@ -8,6 +8,8 @@
     │   ├── NotFound               NOT_FOUND         (unknown service)
     │   │   ├── ServiceNotFound    NOT_FOUND         (also a RegistryError)
     │   │   └── EndpointNotFound   UNIMPLEMENTED     (unknown endpoint)
+    │   ├── Conflict               ABORTED           (it changed under you; read again and retry)
+    │   │   └── VersionConflict    ABORTED           (also a StoreError: a conditional write lost)
     │   ├── Timeout                DEADLINE_EXCEEDED
     │   ├── Unavailable            UNAVAILABLE       (no reachable node, backend gone)
     │   ├── ResourceExhausted      RESOURCE_EXHAUSTED (oversize message, overload)
@@ -42,6 +44,7 @@ __all__ = [
     "BrokerError",
     "Cancelled",
     "ConfigError",
+    "Conflict",
     "EndpointNotFound",
     "Error",
     "Internal",
@@ -59,6 +62,7 @@ __all__ = [
     "Unavailable",
     "Unknown",
     "UsageError",
+    "VersionConflict",
 ]
 
 
@@ -111,6 +115,15 @@ class EndpointNotFound(NotFound):
     """The service exists but has no such endpoint (UNIMPLEMENTED)."""
 
     status = Status.UNIMPLEMENTED
+
+
+class Conflict(Error):
+    """The thing changed under you, or is not in the state the request needs (ABORTED).
+
+    Read it again and retry; the request changed nothing.
+    """
+
+    status = Status.ABORTED
 
 
 class Timeout(Error):
@@ -176,6 +189,20 @@ class RecordNotFound(StoreError, KeyError):
         return str(self.args[0]) if self.args else "record not found"
 
 
+class VersionConflict(Conflict, StoreError):
+    """A conditional write (``store.write(..., if_version=n)``) found another version; nothing changed.
+
+    ``expected`` is the version the caller named (0: no record); ``current`` the one the
+    store holds (0: none; None where the backend does not know it).
+    """
+
+    def __init__(
+        self, message: str, *, store: str = "", key: str = "", expected: int | None = None, current: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.store, self.key, self.expected, self.current = store, key, expected, current
+
+
 class AgentError(MicroError):
     """An agent run failed in a way the model could not recover from."""
 
@@ -192,6 +219,7 @@ _BY_STATUS: dict[Status, type[Error]] = {
     Status.INVALID_ARGUMENT: BadRequest,
     Status.NOT_FOUND: NotFound,
     Status.UNIMPLEMENTED: EndpointNotFound,
+    Status.ABORTED: Conflict,
     Status.DEADLINE_EXCEEDED: Timeout,
     Status.UNAVAILABLE: Unavailable,
     Status.RESOURCE_EXHAUSTED: ResourceExhausted,

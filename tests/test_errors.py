@@ -157,6 +157,7 @@ async def system() -> AsyncIterator[System]:
         (errors.BadRequest, Status.INVALID_ARGUMENT),
         (errors.NotFound, Status.NOT_FOUND),
         (errors.EndpointNotFound, Status.UNIMPLEMENTED),
+        (errors.Conflict, Status.ABORTED),
         (errors.Timeout, Status.DEADLINE_EXCEEDED),
         (errors.Unavailable, Status.UNAVAILABLE),
         (errors.ResourceExhausted, Status.RESOURCE_EXHAUSTED),
@@ -186,6 +187,10 @@ def test_the_tree() -> None:
     assert ServiceNotFound.status is Status.NOT_FOUND
     assert issubclass(EndpointNotFound, NotFound)
     assert issubclass(errors.RecordNotFound, errors.StoreError)
+    assert issubclass(errors.VersionConflict, errors.Conflict) and issubclass(errors.VersionConflict, errors.StoreError)
+    assert errors.VersionConflict.status is Status.ABORTED
+    lost = errors.VersionConflict("lost", store="memory://", key="k", expected=3, current=4)
+    assert (lost.store, lost.key, lost.expected, lost.current, lost.message) == ("memory://", "k", 3, 4, "lost")
     assert issubclass(errors.ConfigError, errors.UsageError)
     for name in errors.__all__:
         obj = getattr(errors, name)

@@ -14,18 +14,21 @@ import hashlib
 import logging
 import os
 import signal
+import struct
 import subprocess
 import sys
 import uuid
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 from _servers import NatsServer, PostgresServer, free_port
 from hypothesis import given
 from hypothesis import strategies as st
 
-from micro.errors import ConfigError, RecordNotFound, StoreError, Unavailable
+from micro.errors import ConfigError, RecordNotFound, StoreError, Unavailable, VersionConflict
 from micro.store import Record, Store, from_url
 from micro.store.file import FileStore, decode_name, encode_name
 from micro.store.memory import MemoryStore
@@ -234,17 +237,67 @@ async def test_file_store_removes_stale_temporary_files(tmp_path: Path) -> None:
 async def test_file_store_reports_a_damaged_record(tmp_path: Path) -> None:
     async with FileStore(tmp_path.as_uri()) as store:
         await store.write(Record("k", b"value"))
-        [path] = (tmp_path / "micro" / "default").iterdir()
+        [path] = [p for p in (tmp_path / "micro" / "default").iterdir() if p.name != ".lock"]
         path.write_bytes(path.read_bytes()[:-2] + b"xx")
         with pytest.raises(StoreError, match="damaged"):
             await store.read("k")
+        await store.write(Record("k", b"new"))  # an unconditional write replaces it
+        assert (await store.read("k"))[0].value == b"new"
+
+
+async def test_file_store_reads_records_written_before_versions(tmp_path: Path) -> None:
+    """A record file in the first format (no version field) reads as version 1 and can be updated."""
+    table = tmp_path / "micro" / "default"
+    table.mkdir(parents=True)
+    body = msgspec.msgpack.encode(["old", b"value", {"m": "1"}])
+    expiry = struct.pack("<d", float("nan"))
+    (table / "old").write_bytes(b"MSR1" + struct.pack("<I", zlib.crc32(body, zlib.crc32(expiry))) + expiry + body)
+    async with FileStore(tmp_path.as_uri()) as store:
+        [record] = await store.read("old")
+        assert (record.value, record.metadata, record.expiry, record.version) == (b"value", {"m": "1"}, None, 1)
+        with pytest.raises(VersionConflict):
+            await store.write(Record("old", b"x"), if_version=0)
+        version = await store.write(Record("old", b"updated"), if_version=1)
+        assert version > 1 and (await store.read("old"))[0].version == version
+
+
+_INCREMENTER = """
+import asyncio, sys
+from micro.errors import VersionConflict
+from micro.store import Record
+from micro.store.file import FileStore
+
+async def main(root, n):
+    async with FileStore(root) as store:
+        for _ in range(n):
+            while True:
+                [rec] = await store.read("counter")
+                try:
+                    await store.write(Record("counter", b"%d" % (int(rec.value) + 1)), if_version=rec.version)
+                    break
+                except VersionConflict:
+                    continue
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+async def test_file_store_conditional_writes_are_atomic_across_processes(tmp_path: Path) -> None:
+    """Three processes increment one counter with compare-and-set: no increment is lost."""
+    root = (tmp_path / "store").as_uri()
+    async with FileStore(root) as store:
+        await store.write(Record("counter", b"0"))
+    procs = [await asyncio.create_subprocess_exec(sys.executable, "-c", _INCREMENTER, root, "40") for _ in range(3)]
+    assert [await asyncio.wait_for(p.wait(), 120) for p in procs] == [0, 0, 0]
+    async with FileStore(root) as store:
+        assert (await store.read("counter"))[0].value == b"120"
 
 
 async def test_file_store_long_keys_are_hashed_and_listed(tmp_path: Path) -> None:
     key = "long/" + "ü" * 400
     async with FileStore(tmp_path.as_uri()) as store:
         await store.write(Record(key, b"v"))
-        names = [p.name for p in (tmp_path / "micro" / "default").iterdir()]
+        names = [p.name for p in (tmp_path / "micro" / "default").iterdir() if p.name != ".lock"]
         assert len(names) == 1 and names[0].startswith("#") and len(names[0]) < 100
         assert await store.list("long/") == [key]
 
@@ -278,6 +331,34 @@ async def test_postgres_retries_a_dropped_connection(postgres_url: str, caplog: 
             await store.write(Record("k", b"after"))
         assert "retrying once" in caplog.text
         assert (await store.read("k"))[0].value == b"after"
+
+
+async def test_postgres_table_made_before_versions_is_upgraded(postgres_url: str) -> None:
+    """A table in the schema without the version column keeps working: old rows read as version 1."""
+    import asyncpg
+
+    from micro.store.postgres import table_name
+
+    database = _unique()
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(
+            f'CREATE TABLE "{table_name(database)}" (tbl text NOT NULL, key text COLLATE "C" NOT NULL,'
+            " value bytea NOT NULL, metadata jsonb NOT NULL DEFAULT '{}', expiry double precision,"
+            " PRIMARY KEY (tbl, key))"
+        )
+        await conn.execute(f'INSERT INTO "{table_name(database)}" VALUES (\'default\', \'old\', \'v\', \'{{}}\', NULL)')
+    finally:
+        await conn.close()
+    async with PostgresStore(postgres_url, database=database) as store:
+        [old] = await store.read("old")
+        assert (old.value, old.version) == (b"v", 1)
+        with pytest.raises(VersionConflict):
+            await store.write(Record("old", b"x"), if_version=0)
+        version = await store.write(Record("old", b"new"), if_version=1)
+        assert version > 1 and [r.version for r in await store.read("", prefix=True)] == [version]
+    async with PostgresStore(postgres_url, database=database) as again:  # a second upgrade is a no-op
+        assert (await again.read("old"))[0].value == b"new"
 
 
 @pytest.mark.slow

@@ -7,6 +7,12 @@ live here and check their arguments the same way for every backend; a backend
 implements the small ``_get`` / ``_put`` / ``_delete`` / ``_list`` / ``_read_prefix``
 hooks, plus the :class:`~micro.resource.Resource` hooks ``_open`` / ``_close`` if it
 owns a connection (called on the root store, once for all its views).
+
+Every stored record has a *version*, a positive integer that changes on every write
+of its key. ``write(record, if_version=n)`` is a compare-and-set: the backend's
+``_put`` checks and writes in one atomic step (a conditional SQL statement, a NATS
+expected-last-sequence header, a file lock around check-and-rename, or no await
+between check and set in memory) and raises ``VersionConflict`` when the check fails.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import ClassVar, Self, TypeVar, cast
 
 import msgspec
 
-from micro.errors import MicroError, RecordNotFound, StoreError, UsageError
+from micro.errors import MicroError, RecordNotFound, StoreError, UsageError, VersionConflict
 from micro.resource import Resource, redact
 
 MAX_KEY_BYTES = 1024
@@ -31,12 +37,17 @@ _T = TypeVar("_T")
 
 
 class Record(msgspec.Struct):
-    """One value under one key. ``expiry`` is unix time (set by ``write(ttl=...)``), None = never."""
+    """One value under one key. ``expiry`` is unix time (set by ``write(ttl=...)``), None = never.
+
+    ``version`` is set by reads: the stored record's version, a positive integer that
+    changes on every write of the key. ``write`` ignores it (pass ``if_version=``).
+    """
 
     key: str
     value: bytes
     metadata: dict[str, str] = {}
     expiry: float | None = None
+    version: int = 0
 
 
 class Store(Resource, abc.ABC):
@@ -114,10 +125,27 @@ class Store(Resource, abc.ABC):
             return []
         return await self._read_prefix(key, self.clock(), limit, offset, reverse)
 
-    async def write(self, record: Record, *, ttl: float | None = None) -> None:
-        """Store ``record`` under its key, replacing any record there. With ``ttl`` (seconds,
+    async def write(self, record: Record, *, ttl: float | None = None, if_version: int | None = None) -> int:
+        """Store ``record`` under its key and return its new version. With ``ttl`` (seconds,
         > 0) it expires at ``clock() + ttl``; without, the record's own ``expiry`` is kept.
-        The caller's record is not changed."""
+        The caller's record is not changed.
+
+        ``if_version`` makes the write conditional: ``None`` replaces whatever is there;
+        ``0`` writes only if no live record is there (an expired one counts as absent);
+        ``n > 0`` only if the live record's version is ``n``. Otherwise it raises
+        ``VersionConflict`` (naming the key, the expected and the current version) and
+        changes nothing.
+
+        Example: an increment that is safe across processes::
+
+            while True:
+                [rec] = await store.read("counter")
+                try:
+                    await store.write(Record("counter", b"%d" % (int(rec.value) + 1)), if_version=rec.version)
+                    break
+                except VersionConflict:
+                    continue  # someone else wrote first: read again
+        """
         self._check_open()
         if not isinstance(record, Record):
             raise UsageError(f"store.write takes a Record, not {type(record).__name__}")
@@ -135,7 +163,10 @@ class Store(Resource, abc.ABC):
             if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0 or math.isinf(ttl):
                 raise UsageError(f"ttl must be a positive number of seconds, not {ttl!r}")
             expiry = self.clock() + ttl
-        await self._put(Record(record.key, record.value, dict(record.metadata), expiry))
+        if if_version is not None and (isinstance(if_version, bool) or not isinstance(if_version, int)
+                                       or if_version < 0):
+            raise UsageError(f"if_version must be None, 0 (create only) or a version > 0, not {if_version!r}")
+        return await self._put(Record(record.key, record.value, dict(record.metadata), expiry), if_version)
 
     async def delete(self, key: str) -> None:
         """Remove the record under ``key``. A missing key is not an error."""
@@ -154,13 +185,26 @@ class Store(Resource, abc.ABC):
             return []
         return await self._list(prefix, self.clock(), limit, offset, reverse)
 
+    def _conflict(self, key: str, expected: int, current: int | None) -> VersionConflict:
+        """The error a failed conditional write raises; ``current`` 0 = no live record, None = unknown."""
+        want = "no record" if expected == 0 else f"version {expected}"
+        found = "an unknown version" if current is None else "no record" if current == 0 else f"version {current}"
+        where = f"{redact(self.url)} ({self.database}/{self.table})"
+        return VersionConflict(
+            f"store {where}: conditional write of {key!r} expected {want} but found {found}; "
+            "nothing was written: read the record again and retry",
+            store=where, key=key, expected=expected, current=current,
+        )
+
     @abc.abstractmethod
     async def _get(self, key: str, now: float) -> Record | None:
         """The record under ``key`` unless missing or expired at ``now``; a copy the caller may change."""
 
     @abc.abstractmethod
-    async def _put(self, record: Record) -> None:
-        """Replace the record under ``record.key`` (its expiry is final)."""
+    async def _put(self, record: Record, if_version: int | None) -> int:
+        """Replace the record under ``record.key`` (its expiry is final) and return the new
+        version; with ``if_version`` (see ``write``) check and write atomically, raising
+        ``self._conflict(...)`` if the check fails."""
 
     @abc.abstractmethod
     async def _delete(self, key: str) -> None:

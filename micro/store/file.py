@@ -10,7 +10,16 @@ A write goes to a fresh temporary file in the same directory, is fsynced, rename
 over the record (``os.replace`` is atomic) and the directory is fsynced: a reader
 sees the old record or the new one, never a torn one, even when the writer is
 killed mid-write, and a write that returned survives a power cut. Each file starts
-with a header (magic, CRC-32, expiry) so damage is reported, not returned.
+with a header (magic, CRC-32, expiry, version) so damage is reported, not returned
+(files written before versions existed have no version field and read as version 1).
+
+Writes and deletes of a key hold an exclusive lock on that key while they check the
+version, write and rename: an open-file-description lock (``fcntl``) on one byte of
+``<table>/.lock`` chosen by the key's hash, so writers in other processes on this
+machine and in other threads of this one wait for each other, and writers of other
+keys do not (platforms without OFD locks lock the whole file). A conditional write
+is therefore atomic across processes. A new version is the larger of the old one + 1
+and the time in microseconds, so a key deleted and written again gets a new number.
 
 Each operation runs as one call in a worker thread (``asyncio.to_thread``): that is
 a third of the executor round trips that aiofiles' per-call wrappers would cost,
@@ -25,6 +34,8 @@ record). Temporary files left by a killed writer are hidden, and removed by
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import functools
 import hashlib
 import math
@@ -36,19 +47,22 @@ import time
 import urllib.parse
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
 
-from micro.errors import ConfigError, StoreError
+from micro.errors import ConfigError, StoreError, VersionConflict
 from micro.resource import redact
 from micro.store._base import Record, Store, window
 
 __all__ = ["FileStore", "decode_name", "encode_name"]
 
-_MAGIC = b"MSR1"
-_HEAD = struct.Struct("<4sId")  # magic, CRC-32 of everything after it, expiry (NaN: never)
+_MAGIC = b"MSR2"
+_HEAD = struct.Struct("<4sIdQ")  # magic, CRC-32 of everything after it, expiry (NaN: never), version
+_MAGIC_V1 = b"MSR1"
+_HEAD_V1 = struct.Struct("<4sId")  # before versions: read as version 1
+_LOCK = ".lock"  # starts with a dot, so no key's file can have this name
 _TEMP = ".tmp-"  # temporary files start with a dot, which no encoded name does
 _HASHED = "#"  # a name too long for the filesystem is stored under "#<sha256>"
 _MAX_NAME = 200
@@ -144,8 +158,11 @@ class FileStore(Store):
     async def _get(self, key: str, now: float) -> Record | None:
         return await asyncio.to_thread(_get, self._dir(), key, now)
 
-    async def _put(self, record: Record) -> None:
-        await asyncio.to_thread(_put, self._dir(), record)
+    async def _put(self, record: Record, if_version: int | None) -> int:
+        try:
+            return await asyncio.to_thread(_put, self._dir(), record, if_version, self.clock())
+        except VersionConflict as exc:  # raised in the thread without the store's name
+            raise self._conflict(record.key, if_version or 0, exc.current) from None
 
     async def _delete(self, key: str) -> None:
         await asyncio.to_thread(_delete, self._dir(), key)
@@ -167,17 +184,28 @@ def _failed(action: str, path: Path, exc: OSError) -> StoreError:
     return StoreError(f"file store: cannot {action} {str(path)!r}: {exc.strerror or exc}")
 
 
+def _header(path: Path, data: bytes) -> tuple[float | None, int, int]:
+    """``(expiry, version, header size)`` from the start of a record file."""
+    if data[:4] == _MAGIC and len(data) >= _HEAD.size:
+        _, _, expiry, version = _HEAD.unpack_from(data)
+        size = _HEAD.size
+    elif data[:4] == _MAGIC_V1 and len(data) >= _HEAD_V1.size:
+        _, _, expiry = _HEAD_V1.unpack_from(data)
+        version, size = 1, _HEAD_V1.size
+    else:
+        raise StoreError(f"file store: record file {str(path)!r} is damaged (bad header or truncated)")
+    return (None if math.isnan(expiry) else expiry), version, size
+
+
 def _decode(path: Path, data: bytes) -> Record:
-    if len(data) < _HEAD.size:
-        raise StoreError(f"file store: record file {str(path)!r} is truncated")
-    magic, crc, expiry = _HEAD.unpack_from(data)
-    if magic != _MAGIC or zlib.crc32(memoryview(data)[8:]) != crc:
+    expiry, version, size = _header(path, data)
+    if zlib.crc32(memoryview(data)[8:]) != struct.unpack_from("<I", data, 4)[0]:  # after magic, both formats
         raise StoreError(f"file store: record file {str(path)!r} is damaged (bad header or checksum)")
     try:
-        body = _DECODER.decode(memoryview(data)[_HEAD.size :])
+        body = _DECODER.decode(memoryview(data)[size:])
     except msgspec.DecodeError as exc:
         raise StoreError(f"file store: record file {str(path)!r} is damaged: {exc}") from None
-    return Record(body.key, body.value, body.metadata, None if math.isnan(expiry) else expiry)
+    return Record(body.key, body.value, body.metadata, expiry, version)
 
 
 def _read(path: Path, size: int = -1) -> bytes | None:
@@ -205,10 +233,7 @@ def _expiry(path: Path) -> float | None:
     head = _read(path, _HEAD.size)
     if head is None:
         return math.nan
-    if len(head) < _HEAD.size or head[:4] != _MAGIC:
-        raise StoreError(f"file store: record file {str(path)!r} is damaged (bad header)")
-    expiry: float = _HEAD.unpack(head)[2]
-    return None if math.isnan(expiry) else expiry
+    return _header(path, head)[0]
 
 
 def _live(record: Record, now: float) -> bool:
@@ -243,36 +268,86 @@ def _make_dirs(directory: Path) -> None:
         _fsync_dir(path.parent)
 
 
-def _put(directory: Path, record: Record) -> None:
-    body = _ENCODER.encode(_Body(record.key, record.value, record.metadata))
-    expiry = struct.pack("<d", math.nan if record.expiry is None else record.expiry)
-    data = b"".join((_MAGIC, struct.pack("<I", zlib.crc32(body, zlib.crc32(expiry))), expiry, body))
-    path = directory / _filename(record.key)
-    temp = directory / f"{_TEMP}{uuid.uuid4().hex}"
+@contextlib.contextmanager
+def _locked(directory: Path, name: str) -> Iterator[None]:
+    """Hold the exclusive lock of record file ``name`` (see the module docstring)."""
+    lock = directory / _LOCK
     try:
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except FileNotFoundError:
             _make_dirs(directory)
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise _failed("lock", lock, exc) from None
+    try:
+        if _OFD_LOCK is not None:  # one byte per key: fcntl.lockf's process-wide locks would not stop threads
+            byte = zlib.crc32(name.encode())
+            fcntl.fcntl(fd, _OFD_LOCK, struct.pack("hhqqixxxx", fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0))
+        else:  # pragma: no cover - platforms without OFD locks
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield  # closing the descriptor releases the lock
+    finally:
+        os.close(fd)
+
+
+_OFD_LOCK: int | None = getattr(fcntl, "F_OFD_SETLKW", None)
+
+
+def _stored(path: Path, now: float) -> tuple[int, int]:
+    """``(live version or 0, last version written or 0)`` of the record file at ``path``."""
+    head = _read(path, _HEAD.size)
+    if head is None:
+        return 0, 0
+    expiry, version, _ = _header(path, head)
+    return (version if expiry is None or expiry > now else 0), version
+
+
+def _put(directory: Path, record: Record, if_version: int | None, now: float) -> int:
+    body = _ENCODER.encode(_Body(record.key, record.value, record.metadata))
+    name = _filename(record.key)
+    path = directory / name
+    temp = directory / f"{_TEMP}{uuid.uuid4().hex}"
+    with _locked(directory, name):
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, path)
+            live, last = _stored(path, now)
+        except StoreError:
+            if if_version is not None:
+                raise  # a damaged record has no version to compare
+            live = last = 0  # an unconditional write replaces it, as before versions
+        if if_version is not None and live != if_version:
+            raise VersionConflict("", key=record.key, expected=if_version, current=live)
+        version = max(last + 1, time.time_ns() // 1000)
+        tail = struct.pack("<dQ", math.nan if record.expiry is None else record.expiry, version)
+        data = b"".join((_MAGIC, struct.pack("<I", zlib.crc32(body, zlib.crc32(tail))), tail, body))
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, path)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise _failed("write", path, exc) from None
+    try:
         _fsync_dir(directory)
     except OSError as exc:
-        temp.unlink(missing_ok=True)
         raise _failed("write", path, exc) from None
+    return version
 
 
 def _delete(directory: Path, key: str) -> None:
-    path = directory / _filename(key)
+    name = _filename(key)
+    path = directory / name
     try:
-        path.unlink()
+        if not path.exists():
+            return
+        with _locked(directory, name):
+            path.unlink()
         _fsync_dir(directory)
     except FileNotFoundError:
         pass

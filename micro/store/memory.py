@@ -6,10 +6,14 @@ prefix read costs O(log n + what it returns) however many other records there ar
 agent's history window does not slow down as other sessions and run records pile up.
 Records live as long as the ``MemoryStore`` object (closing and re-entering it keeps
 them); expiry is checked on read, and an expired record is dropped when a read meets it.
+Versions come from one counter per store (shared by its views), so a key deleted and
+written again never gets a version it had before. A conditional write checks and sets
+with no await in between: nothing else in the process can run in the middle.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +44,7 @@ class MemoryStore(Store):
         super().__init__(url, database=database, table=table, clock=clock)
         # Views made by scope() are shallow copies: they share this dict of tables.
         self._tables: dict[tuple[str, str], SortedDict[str, Record]] = {}
+        self._versions = itertools.count(1)  # shared by views too
 
     def _records(self) -> SortedDict[str, Record]:
         table = self._tables.get((self.database, self.table))
@@ -81,8 +86,16 @@ class MemoryStore(Store):
             return None
         return _copy(record)
 
-    async def _put(self, record: Record) -> None:
-        self._records()[record.key] = record  # already a private copy (Store.write made it)
+    async def _put(self, record: Record, if_version: int | None) -> int:
+        records = self._records()
+        if if_version is not None:
+            old = records.get(record.key)
+            current = 0 if old is None or (old.expiry is not None and old.expiry <= self.clock()) else old.version
+            if current != if_version:
+                raise self._conflict(record.key, if_version, current)
+        record.version = next(self._versions)
+        records[record.key] = record  # already a private copy (Store.write made it)
+        return record.version
 
     async def _delete(self, key: str) -> None:
         self._records().pop(key, None)
@@ -97,7 +110,7 @@ class MemoryStore(Store):
 
 
 def _copy(record: Record) -> Record:
-    return Record(record.key, record.value, dict(record.metadata), record.expiry)
+    return Record(record.key, record.value, dict(record.metadata), record.expiry, record.version)
 
 
 def _prefixed(records: SortedDict[str, Record], prefix: str, reverse: bool) -> Iterator[str]:

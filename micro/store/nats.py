@@ -20,7 +20,14 @@ creates allow per-message TTLs; on a bucket made elsewhere without them, expired
 records are only hidden. ``delete`` writes a purge marker that itself expires
 after a minute, so deleted keys do not pile up as tombstones.
 
-A write is one publish, whatever the bucket holds. Reading a window (``limit``)
+Versions are KV revisions: the stream sequence of the record's message. A
+conditional write looks at the key's last message (one direct get: a delete marker or
+an expired record counts as no record), then publishes with the
+``Nats-Expected-Last-Subject-Sequence`` header, so the server refuses it if anything
+was written in between; only a write that lost to a delete marker or an expiring
+record looks again (a few times at most).
+
+An unconditional write is one publish, whatever the bucket holds. Reading a window (``limit``)
 under a prefix lists the subjects there with one stream-info request, then fetches
 the values it needs with direct gets; reading or listing a whole prefix streams the
 last message of each subject through an ordered consumer (headers only for keys).
@@ -57,6 +64,8 @@ __all__ = ["NatsStore", "bucket_name", "decode_key", "encode_key"]
 EXPIRY_HEADER = "Micro-Expiry"
 _TOMBSTONE_TTL = 60.0
 _KV_OP = "KV-Operation"
+_WRONG_LAST = (10071, 10164)  # JetStream's "wrong last sequence" error codes
+_LOOKS = 5
 _MARKER = "Nats-Marker-Reason"
 _TOKEN_UNSAFE = re.compile(r"[^a-zA-Z0-9_-]")
 _BUCKET_UNSAFE = re.compile(r"[^a-z0-9-]")
@@ -196,19 +205,48 @@ class NatsStore(Store):
         expiry = _expiry(headers)
         if expiry is not None and expiry <= now:
             return None
-        return _record(key, msg.data, headers)
+        return _record(key, msg.data, headers, msg.seq or 0)
 
-    async def _put(self, record: Record) -> None:
+    async def _last(self, bucket: _Bucket, subject: str, now: float) -> tuple[int, int]:
+        """``(sequence of the subject's last message, live version)``, 0 for none."""
+        try:
+            msg = await self._root._js.get_msg(bucket.stream, subject=subject, direct=bucket.direct)
+        except nats.js.errors.NotFoundError:
+            return 0, 0
+        headers = msg.headers or {}
+        expiry = _expiry(headers)
+        if _KV_OP in headers or _MARKER in headers or (expiry is not None and expiry <= now):
+            return msg.seq or 0, 0
+        return msg.seq or 0, msg.seq or 0
+
+    async def _put(self, record: Record, if_version: int | None) -> int:
         with self._errors(f"write {record.key!r}"):
             bucket = await self._bucket()
-            headers = None
+            js = self._root._js
+            subject = self._subject(bucket, record.key)
+            headers: dict[str, str] = {}
             ttl = None
             if record.expiry is not None:
-                headers = {EXPIRY_HEADER: repr(record.expiry)}
+                headers[EXPIRY_HEADER] = repr(record.expiry)
                 if bucket.msg_ttl:
                     ttl = max(1, math.ceil(record.expiry - self.clock()))
             payload = _ENCODER.encode(_Body(record.value, record.metadata))
-            await self._root._js.publish(self._subject(bucket, record.key), payload, headers=headers, msg_ttl=ttl)
+            if if_version is None:
+                ack = await js.publish(subject, payload, headers=headers or None, msg_ttl=ttl)
+                return int(ack.seq)
+            for _ in range(_LOOKS):
+                last, live = await self._last(bucket, subject, self.clock())
+                if live != if_version:
+                    raise self._conflict(record.key, if_version, live)
+                headers[api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value] = str(last)
+                try:
+                    ack = await js.publish(subject, payload, headers=headers, msg_ttl=ttl)
+                    return int(ack.seq)
+                except nats.js.errors.APIError as exc:
+                    if exc.err_code not in _WRONG_LAST:
+                        raise
+                # written in between: look again (a live record there now is a conflict)
+            raise self._conflict(record.key, if_version, None)
 
     async def _delete(self, key: str) -> None:
         with self._errors(f"delete {key!r}"):
@@ -316,7 +354,7 @@ class NatsStore(Store):
             if limit is not None:
                 return await self._window(prefix, now, limit, offset, reverse)
             live = window(await self._scan(prefix, now, values=True), None, offset, reverse)
-        return [_record(key, msg.data, msg.headers or {}) for key, msg in live]
+        return [_record(key, msg.data, msg.headers or {}, msg.metadata.sequence.stream) for key, msg in live]
 
 
 def _expiry(headers: dict[str, str]) -> float | None:
@@ -324,11 +362,11 @@ def _expiry(headers: dict[str, str]) -> float | None:
     return None if raw is None else float(raw)
 
 
-def _record(key: str, data: bytes | None, headers: dict[str, str]) -> Record:
+def _record(key: str, data: bytes | None, headers: dict[str, str], version: int) -> Record:
     try:
         body = _DECODER.decode(data or b"")
     except msgspec.DecodeError:
         raise StoreError(f"the NATS KV entry for {key!r} was not written by a micro store") from None
-    return Record(key, body.value, body.metadata, _expiry(headers))
+    return Record(key, body.value, body.metadata, _expiry(headers), version)
 
 

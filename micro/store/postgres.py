@@ -4,12 +4,22 @@ Database ``agent`` lives in the table ``micro_store_agent`` (in the connection's
 current schema), created on first use::
 
     tbl text, key text COLLATE "C", value bytea, metadata jsonb, expiry double precision,
-    PRIMARY KEY (tbl, key)
+    version bigint, PRIMARY KEY (tbl, key)
 
 ``COLLATE "C"`` orders keys by code point, as Python sorts them, and lets a prefix
 become an index range (``key >= 'abc' AND key < 'abd'``), so no ``LIKE`` pattern
 needs escaping and reading the last N records under a prefix is an index scan.
 A write is one upsert (``INSERT … ON CONFLICT … DO UPDATE``).
+
+Versions: every write sets ``version`` to its transaction's id (``txid_current()``,
+64-bit and never reused), so it changes on every write and a key deleted and written
+again never gets an old version back. A conditional write is one statement: create
+only (``if_version=0``) is an insert whose ``ON CONFLICT`` branch updates only an
+expired row; ``if_version=n`` is ``UPDATE … WHERE version = n`` on a live row. Tables
+made before versions existed get the column on first use (``ALTER TABLE … ADD COLUMN
+version bigint NOT NULL DEFAULT 1``: no rewrite, old rows read as version 1). Clients
+of older micro versions still writing to the table leave the version as it was: upgrade
+all writers before relying on conditional writes.
 
 TTL: ``expiry`` (unix time by the store's clock) is compared on every read; expired
 rows are deleted lazily: when a read meets one, and once per table when the store
@@ -63,8 +73,16 @@ CREATE TABLE IF NOT EXISTS {t} (
     value bytea NOT NULL,
     metadata jsonb NOT NULL DEFAULT '{{}}',
     expiry double precision,
+    version bigint NOT NULL DEFAULT 1,
     PRIMARY KEY (tbl, key)
 )"""
+
+# Tables made before versions existed: add the column (once; catalog lookup first, so an
+# up-to-date table is never locked for it).
+_HAS_VERSION = """
+SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = $1::text::regclass AND attname = 'version' AND NOT attisdropped)
+"""
+_ADD_VERSION = "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS version bigint NOT NULL DEFAULT 1"
 
 
 def table_name(database: str) -> str:
@@ -170,6 +188,8 @@ class PostgresStore(Store):
                 await conn.execute(_SCHEMA.format(t=self._table()))
             except (asyncpg.UniqueViolationError, asyncpg.DuplicateTableError):
                 pass  # another client created it at the same moment
+            if not await conn.fetchval(_HAS_VERSION, self._table()):
+                await conn.execute(_ADD_VERSION.format(t=self._table()))
             await conn.execute(f"DELETE FROM {self._table()} WHERE expiry <= $1", self.clock())
             root._ready.add(self.database)
 
@@ -198,7 +218,7 @@ class PostgresStore(Store):
         raise AssertionError("unreachable")
 
     async def _get(self, key: str, now: float) -> Record | None:
-        sql = f"SELECT value, metadata::text, expiry FROM {self._table()} WHERE tbl = $1 AND key = $2"
+        sql = f"SELECT value, metadata::text, expiry, version FROM {self._table()} WHERE tbl = $1 AND key = $2"
         row = await self._run(f"read {key!r}", lambda c: c.fetchrow(sql, self.table, key))
         if row is None:
             return None
@@ -207,19 +227,30 @@ class PostgresStore(Store):
             sql = f"DELETE FROM {self._table()} WHERE tbl = $1 AND key = $2 AND expiry <= $3"
             await self._run(f"expire {key!r}", lambda c: c.execute(sql, self.table, key, now))
             return None
-        return Record(key, row[0], msgspec.json.decode(row[1], type=dict[str, str]), row[2])
+        return Record(key, row[0], msgspec.json.decode(row[1], type=dict[str, str]), row[2], row[3])
 
-    async def _put(self, record: Record) -> None:
-        sql = (
-            f"INSERT INTO {self._table()} (tbl, key, value, metadata, expiry) VALUES ($1, $2, $3, $4::jsonb, $5)"
-            " ON CONFLICT (tbl, key) DO UPDATE"
-            " SET value = EXCLUDED.value, metadata = EXCLUDED.metadata, expiry = EXCLUDED.expiry"
-        )
-        metadata = msgspec.json.encode(record.metadata).decode()
-        await self._run(
-            f"write {record.key!r}",
-            lambda c: c.execute(sql, self.table, record.key, record.value, metadata, record.expiry),
-        )
+    async def _put(self, record: Record, if_version: int | None) -> int:
+        t = self._table()
+        args: list[Any] = [self.table, record.key, record.value, msgspec.json.encode(record.metadata).decode(),
+                           record.expiry]
+        update = ("SET value = EXCLUDED.value, metadata = EXCLUDED.metadata, expiry = EXCLUDED.expiry,"
+                  " version = EXCLUDED.version")
+        insert = (f"INSERT INTO {t} AS r (tbl, key, value, metadata, expiry, version)"
+                  " VALUES ($1, $2, $3, $4::jsonb, $5, txid_current())")
+        if if_version is None:
+            sql = f"{insert} ON CONFLICT (tbl, key) DO UPDATE {update} RETURNING version"
+        elif if_version == 0:  # create: over nothing, or over an expired row
+            sql = f"{insert} ON CONFLICT (tbl, key) DO UPDATE {update} WHERE r.expiry <= $6 RETURNING version"
+            args.append(self.clock())
+        else:
+            sql = (f"UPDATE {t} SET value = $3, metadata = $4::jsonb, expiry = $5, version = txid_current()"
+                   " WHERE tbl = $1 AND key = $2 AND version = $6 AND (expiry IS NULL OR expiry > $7) RETURNING version")
+            args += [if_version, self.clock()]
+        version: int | None = await self._run(f"write {record.key!r}", lambda c: c.fetchval(sql, *args))
+        if version is None:
+            current = await self._get(record.key, self.clock())
+            raise self._conflict(record.key, if_version or 0, 0 if current is None else current.version)
+        return version
 
     async def _delete(self, key: str) -> None:
         sql = f"DELETE FROM {self._table()} WHERE tbl = $1 AND key = $2"
@@ -245,8 +276,8 @@ class PostgresStore(Store):
     async def _read_prefix(
         self, prefix: str, now: float, limit: int | None, offset: int, reverse: bool
     ) -> list[Record]:
-        rows = await self._select("key, value, metadata::text, expiry", prefix, now, limit, offset, reverse)
-        return [Record(r[0], r[1], msgspec.json.decode(r[2], type=dict[str, str]), r[3]) for r in rows]
+        rows = await self._select("key, value, metadata::text, expiry, version", prefix, now, limit, offset, reverse)
+        return [Record(r[0], r[1], msgspec.json.decode(r[2], type=dict[str, str]), r[3], r[4]) for r in rows]
 
 
 def _why(exc: BaseException) -> str:

@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 
-from micro.errors import RecordNotFound, StoreError, UsageError
+from micro.errors import Conflict, RecordNotFound, StoreError, UsageError, VersionConflict
 from micro.store import MAX_KEY_BYTES, Record, Store
 
 __all__ = ["CHECKS", "Clock", "StoreFactory", "check_store"]
@@ -368,6 +368,94 @@ async def check_concurrency(make_store: StoreFactory) -> None:
         assert [r[0].value for r in got] == [bytes([i]) * 100 for i in range(50)]
 
 
+async def _conflicts(write: Awaitable[int], key: str, expected: int, current: int | None) -> VersionConflict:
+    try:
+        await write
+    except VersionConflict as exc:
+        assert isinstance(exc, Conflict) and isinstance(exc, StoreError), exc
+        assert (exc.key, exc.expected) == (key, expected), exc
+        assert exc.current in (current, None), (exc.current, current)  # None: the backend does not know
+        assert repr(key) in str(exc), exc
+        return exc
+    raise AssertionError(f"write of {key!r} with if_version={expected} should raise VersionConflict")
+
+
+async def check_versions(make_store: StoreFactory) -> None:
+    """Every write returns the record's new version, reads return it, ``if_version`` checks it."""
+    store, clock = _open(make_store)
+    async with store:
+        first = await store.write(Record("v/k", b"1"))
+        assert isinstance(first, int) and not isinstance(first, bool) and first > 0, first
+        [read] = await store.read("v/k")
+        assert read.version == first
+        second = await store.write(Record("v/k", b"2", version=12345))  # a record's own version is ignored
+        assert second != first and (await store.read("v/k"))[0].version == second
+        assert [r.version for r in await store.read("v/", prefix=True)] == [second]
+        # if_version=n: only over version n; a stale version changes nothing
+        await _conflicts(store.write(Record("v/k", b"stale"), if_version=first), "v/k", first, second)
+        assert await _value(store, "v/k") == b"2"
+        third = await store.write(Record("v/k", b"3", {"m": "x"}), if_version=second)
+        [read] = await store.read("v/k")
+        assert (read.value, read.metadata, read.version) == (b"3", {"m": "x"}, third) and third not in (first, second)
+        await _conflicts(store.write(Record("v/none", b""), if_version=third), "v/none", third, 0)
+        # if_version=0: create only
+        created = await store.write(Record("v/new", b"a"), if_version=0)
+        assert (await store.read("v/new"))[0].version == created
+        await _conflicts(store.write(Record("v/new", b"b"), if_version=0), "v/new", 0, created)
+        assert await _value(store, "v/new") == b"a"
+        # deleted, then written again: absent for if_version=0, and never an old version back
+        await store.delete("v/new")
+        await _conflicts(store.write(Record("v/new", b"c"), if_version=created), "v/new", created, 0)
+        again = await store.write(Record("v/new", b"c"), if_version=0)
+        assert again != created and await _value(store, "v/new") == b"c"
+        # an expired record counts as absent: if_version=0 creates, its old version no longer matches
+        short = await store.write(Record("v/ttl", b"old"), ttl=5)
+        await _conflicts(store.write(Record("v/ttl", b"x"), if_version=0, ttl=5), "v/ttl", 0, short)
+        clock.advance(6)
+        await _conflicts(store.write(Record("v/ttl", b"x"), if_version=short), "v/ttl", short, 0)
+        fresh = await store.write(Record("v/ttl", b"new"), if_version=0, ttl=50)
+        [read] = await store.read("v/ttl")
+        assert (read.value, read.version) == (b"new", fresh) and read.expiry is not None
+        assert await store.write(Record("v/ttl", b"newer"), if_version=fresh) != fresh
+        for bad in (-1, True, 1.0, "1"):
+            try:
+                await store.write(Record("v/k", b"bad"), if_version=bad)  # type: ignore[arg-type]
+                raise AssertionError(f"if_version={bad!r} should raise UsageError")
+            except UsageError:
+                pass
+        assert await _value(store, "v/k") == b"3"
+
+
+async def check_compare_and_set(make_store: StoreFactory) -> None:
+    """Concurrent read-modify-write with ``if_version`` loses no update; one create wins."""
+    store, _ = _open(make_store)
+    async with store:
+        await store.write(Record("cas/counter", b"0"))
+
+        async def increment() -> None:
+            while True:
+                [rec] = await store.read("cas/counter")
+                try:
+                    await store.write(Record("cas/counter", b"%d" % (int(rec.value) + 1)), if_version=rec.version)
+                    return
+                except VersionConflict:
+                    continue  # another increment won: read again
+
+        await asyncio.gather(*(increment() for _ in range(50)))
+        assert await _value(store, "cas/counter") == b"50"
+
+        async def create(i: int) -> int | None:
+            try:
+                return await store.write(Record("cas/once", b"%d" % i), if_version=0)
+            except VersionConflict:
+                return None
+
+        won = [(i, v) for i, v in enumerate(await asyncio.gather(*(create(i) for i in range(20)))) if v is not None]
+        assert len(won) == 1, won
+        [read] = await store.read("cas/once")
+        assert (read.value, read.version) == (b"%d" % won[0][0], won[0][1])
+
+
 CHECKS: dict[str, Callable[[StoreFactory], Awaitable[None]]] = {
     "lifecycle": check_lifecycle,
     "round_trip": check_round_trip,
@@ -382,6 +470,8 @@ CHECKS: dict[str, Callable[[StoreFactory], Awaitable[None]]] = {
     "copies": check_copies,
     "validation": check_validation,
     "concurrency": check_concurrency,
+    "versions": check_versions,
+    "compare_and_set": check_compare_and_set,
 }
 """Every check by name; each takes the store factory."""
 
