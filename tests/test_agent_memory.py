@@ -39,9 +39,9 @@ class CountingStore(MemoryStore):
         self.prefix_reads: list[int | None] = []  # the limit of each prefix read
         self.lists = 0
 
-    async def _put(self, record: Record) -> None:
+    async def _put(self, record: Record, if_version: int | None) -> int:
         self.writes += 1
-        await super()._put(record)
+        return await super()._put(record, if_version)
 
     async def _read_prefix(self, prefix: str, now: float, limit: int | None, offset: int,
                            reverse: bool) -> list[Record]:

@@ -99,8 +99,8 @@ class NullStore(Store):
     async def _get(self, key: str, now: float) -> Record | None:
         return None
 
-    async def _put(self, record: Record) -> None:
-        pass
+    async def _put(self, record: Record, if_version: int | None) -> int:
+        return 1
 
     async def _delete(self, key: str) -> None:
         pass

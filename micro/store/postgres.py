@@ -80,8 +80,9 @@ CREATE TABLE IF NOT EXISTS {t} (
 # Tables made before versions existed: add the column (once; catalog lookup first, so an
 # up-to-date table is never locked for it).
 _HAS_VERSION = """
-SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = $1::text::regclass AND attname = 'version' AND NOT attisdropped)
-"""
+SELECT EXISTS (
+    SELECT 1 FROM pg_attribute WHERE attrelid = $1::text::regclass AND attname = 'version' AND NOT attisdropped
+)"""
 _ADD_VERSION = "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS version bigint NOT NULL DEFAULT 1"
 
 
@@ -244,7 +245,8 @@ class PostgresStore(Store):
             args.append(self.clock())
         else:
             sql = (f"UPDATE {t} SET value = $3, metadata = $4::jsonb, expiry = $5, version = txid_current()"
-                   " WHERE tbl = $1 AND key = $2 AND version = $6 AND (expiry IS NULL OR expiry > $7) RETURNING version")
+                   " WHERE tbl = $1 AND key = $2 AND version = $6 AND (expiry IS NULL OR expiry > $7)"
+                   " RETURNING version")
             args += [if_version, self.clock()]
         version: int | None = await self._run(f"write {record.key!r}", lambda c: c.fetchval(sql, *args))
         if version is None:
