@@ -11,6 +11,14 @@
 (c) **concurrent asks**: 200 asks at once on one agent whose model takes 50 ms
     per turn (two turns per ask: a tool call, then the answer; one session per
     asker) vs one ask alone. Target: ≤ 1.5×.
+(e) **checkpoints on the file store** (issue 15: every run is checkpointed at each step):
+    the loop of (a) with the agent's store on the file store (write, fsync, rename per
+    checkpoint) vs on the memory store. No target: it says what durability costs.
+(f) **resume latency**: resuming a run paused for approval (the approved call, then the
+    model's answer) vs a plain ask doing the same work (the call, then the answer), on
+    the memory store and on the file store. The resume reads the record, checks the
+    decisions, claims the run with a conditional write and drives it from its
+    checkpoint. No target; a ratio near 1 says resuming costs about what running does.
 (d) **history append**: appending one turn (a user and an assistant message,
     one record each) to a conversation of 1000 turns vs one of 10, both on the
     file store (write, fsync, rename, fsync the directory). Target: ≤ 1.5×. The
@@ -47,6 +55,10 @@ FANOUT_REPS = 11
 CONCURRENT_REPS = 7
 CONCURRENT_ASKS = 200
 APPEND_REPS = 41
+FILE_REPS = 7
+FILE_RUNS = 50
+RESUME_REPS = 7
+RESUME_RUNS = 100
 
 
 class GetUser(msgspec.Struct):
@@ -282,6 +294,89 @@ async def _append() -> list[Result]:
     ]
 
 
+# -- (e) checkpoints on the file store, (f) resume latency -------------------------------------
+
+
+async def _per_run(agent: micro.Agent, runs: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(runs):
+        await agent.ask("who is alice?")
+    return (time.perf_counter() - t0) / runs
+
+
+async def _resume_vs_ask(rt: micro.Runtime, runs: int) -> tuple[list[float], list[float]]:
+    """Per repetition: seconds per resume (of a run paused for approval) and per plain ask."""
+    model = scripted.function(one_tool)
+    waits = micro.Agent("waits", services=["users"], provider=model, runtime=rt, needs_approval=["users_*"])
+    plain = micro.Agent("plain", services=["users"], provider=scripted.function(one_tool), runtime=rt)
+    resumes: list[float] = []
+    asks: list[float] = []
+    async with waits, plain:
+        for rep in range(RESUME_REPS):
+            paused = [await waits.ask("who is alice?", session=f"r{rep}-{i}") for i in range(runs)]
+            assert all(p.status == "paused" for p in paused), paused[0]
+
+            async def resume_all(paused: list[Any] = paused) -> None:
+                for p in paused:
+                    done = await waits.resume(p.run_id, approve=True)
+                    assert done.status == "completed", done
+
+            async def ask_all() -> None:
+                for _ in range(runs):
+                    await plain.ask("who is alice?")
+
+            gc.collect()
+            if rep % 2 == 0:
+                asks.append(await _timed(ask_all) / runs)
+                resumes.append(await _timed(resume_all) / runs)
+            else:
+                resumes.append(await _timed(resume_all) / runs)
+                asks.append(await _timed(ask_all) / runs)
+    return resumes, asks
+
+
+async def _checkpoints(memory_rt: micro.Runtime) -> list[Result]:
+    out: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="micro-bench-runs-") as tmp:
+        async with micro.Runtime(registry="memory://", store=f"file://{tmp}", broker="memory://") as file_rt:
+            service = micro.Service("users", runtime=file_rt)
+            service.handle(Users())
+            async with service, \
+                    micro.Agent("bench", services=["users"], provider=scripted.function(one_tool),
+                                runtime=memory_rt) as in_memory, \
+                    micro.Agent("bench", services=["users"], provider=scripted.function(one_tool),
+                                runtime=file_rt) as on_file:
+                await _per_run(in_memory, 20)
+                await _per_run(on_file, 20)
+                mem_s: list[float] = []
+                file_s: list[float] = []
+                for rep in range(FILE_REPS):
+                    pairs = [(in_memory, mem_s), (on_file, file_s)]
+                    for agent, out_s in pairs if rep % 2 == 0 else pairs[::-1]:
+                        await agent.history.clear()
+                        gc.collect()
+                        out_s.append(await _per_run(agent, FILE_RUNS))
+                r, lo, hi = _median_ratio(file_s, mem_s)
+                out.append((
+                    "loop.file_vs_memory", round(r, 3),
+                    f"agent loop of loop.vs_pydantic_ai with its store (3 checkpoint writes, 4 history writes per run) "
+                    f"on the file store vs the memory store: {statistics.median(file_s) * 1e3:.2f} ms vs "
+                    f"{statistics.median(mem_s) * 1e3:.2f} ms per run -> {r:.2f}x ({FILE_REPS} reps of {FILE_RUNS}: "
+                    f"{lo:.2f}-{hi:.2f}; no target: what durable checkpoints cost)",
+                ))
+                for label, rt, runs in (("memory", memory_rt, RESUME_RUNS), ("file", file_rt, RESUME_RUNS // 4)):
+                    resumes, asks = await _resume_vs_ask(rt, runs)
+                    r, lo, hi = _median_ratio(resumes, asks)
+                    out.append((
+                        f"resume.vs_ask.{label}", round(r, 3),
+                        f"resume of a run paused for approval (the approved call + the answer) vs a plain ask "
+                        f"doing the same, {label} store: {statistics.median(resumes) * 1e6:.0f} µs vs "
+                        f"{statistics.median(asks) * 1e6:.0f} µs -> {r:.2f}x ({RESUME_REPS} reps of {runs}: "
+                        f"{lo:.2f}-{hi:.2f}; no target)",
+                    ))
+    return out
+
+
 async def run() -> list[Result]:
     out: list[Result] = []
     async with micro.Runtime(registry="memory://", store="memory://", broker="memory://") as rt:
@@ -291,5 +386,6 @@ async def run() -> list[Result]:
             out += await _loop_overhead(rt)
             out += await _fanout(rt)
             out += await _concurrent(rt)
+            out += await _checkpoints(rt)
     out += await _append()
     return out

@@ -54,6 +54,10 @@ class NewAgentOptions(AgentServiceOptions, total=False):
     agents: Sequence[str]
     max_delegation_depth: int
     forward: Sequence[str]
+    needs_approval: Sequence[str]
+    builtins: Sequence[str] | None
+    pause_ttl: float
+    resume_interrupted: bool
     metadata: Mapping[str, str] | None
 
 
@@ -75,6 +79,9 @@ class NewFlowOptions(ServiceOptions, total=False):
     tool_timeout: float | None
     model_timeout: float | None
     approve: Approve | None
+    needs_approval: Sequence[str]
+    builtins: Sequence[str]
+    pause_ttl: float
     metadata: Mapping[str, str] | None
 
 

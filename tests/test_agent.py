@@ -188,7 +188,8 @@ async def test_endpoints_become_tools_with_full_schemas_and_docstrings(rt: micro
     async with agent_on(rt, model) as agent:
         await agent.ask("what can you do?")
     tools = {t.name: t for t in model.calls[0].tools}
-    assert model.calls[0].tool_names == ["notes_Notes_Create", "notes_Notes_Fail", "notes_Notes_Get"]  # no stream
+    # no stream; request_input is the built-in question tool
+    assert model.calls[0].tool_names == ["notes_Notes_Create", "notes_Notes_Fail", "notes_Notes_Get", "request_input"]
     create = tools["notes_Notes_Create"]
     assert create.description == "Create a note with a title, a priority and an optional owner."
     schema = create.input_schema
@@ -238,8 +239,8 @@ async def test_a_service_started_after_the_agent_is_a_tool_on_the_next_model_cal
             rsp = await agent.ask("start it, then use it")
         finally:
             await late.stop()
-    assert model.calls[0].tool_names == ["start_late"]
-    assert model.calls[1].tool_names == ["late_Probe_Sleep", "late_Probe_Wait", "start_late"]
+    assert model.calls[0].tool_names == ["request_input", "start_late"]
+    assert model.calls[1].tool_names == ["late_Probe_Sleep", "late_Probe_Wait", "request_input", "start_late"]
     assert [(c.name, c.is_error) for c in rsp.tool_calls] == [("start_late", False), ("late_Probe_Sleep", False)]
     assert rsp.reply == "done"
 
@@ -312,7 +313,7 @@ async def test_function_tools_sync_and_async_with_schemas_from_annotations(rt: m
 
         rsp = await agent.ask("add and forecast")
     specs = {t.name: t for t in model.calls[0].tools}
-    assert sorted(specs) == ["add", "weather"]
+    assert sorted(specs) == ["add", "request_input", "weather"]
     assert specs["add"].description == "Add two integers."
     assert specs["add"].input_schema["properties"] == {"a": {"type": "integer"}, "b": {"type": "integer", "default": 2}}
     assert specs["add"].input_schema["required"] == ["a"]

@@ -98,7 +98,7 @@ def check_requests(api: FakeAnthropic, streaming: bool) -> None:
     assert bool(first.get("stream")) is streaming
     assert first["system"] == [{"type": "text", "text": system_prompt(PROMPT), "cache_control": EPHEMERAL}]
     tools = {t["name"]: t for t in first["tools"]}
-    assert sorted(tools) == ["project_Project_List", "task_Task_ListOverdue"]
+    assert sorted(tools) == ["project_Project_List", "request_input", "task_Task_ListOverdue"]
     overdue = tools["task_Task_ListOverdue"]
     assert overdue["description"] == "List the open tasks of a user that are past their due date."
     assert overdue["input_schema"]["type"] == "object"

@@ -116,8 +116,10 @@ async def test_every_message_is_one_record_appended_per_ask(rt: micro.Runtime) -
             await agent.ask(f"note item {i}")
         writes, reads, lists = store.writes, len(store.prefix_reads), store.lists
         await agent.ask("note one more")
-        # the 22nd ask costs what the 2nd did: four message writes, one run record, one windowed read
-        assert (store.writes - writes, len(store.prefix_reads) - reads, store.lists - lists) == (5, 1, 0)
+        # the 22nd ask costs what the 2nd did: four message writes, three of the run record (its checkpoint:
+        # after the turn that asked for the tool, at the tool's result, at the end), one windowed read, and
+        # one listing of the session's waiting runs (none)
+        assert (store.writes - writes, len(store.prefix_reads) - reads, store.lists - lists) == (7, 1, 1)
         assert store.prefix_reads[-1] == 50  # history_limit, not the whole history
 
 

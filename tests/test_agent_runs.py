@@ -123,7 +123,8 @@ async def test_agent_info_endpoints_over_the_client(rt: micro.Runtime) -> None:
         desc = await rt.client.call("user-mgr", "AgentInfo.Inspect", {})
     assert (desc["name"], desc["prompt"], desc["services"]) == ("user-mgr", "You look users up.", ["users"])
     assert desc["provider"]["name"] == "scripted" and desc["limits"]["max_steps"] == 4
-    (tool,) = desc["tools"]
+    builtin, tool = desc["tools"]
+    assert builtin["name"] == "request_input"  # on by default (builtins=[] leaves it out)
     assert tool["name"] == "users_Users_Get" and tool["description"] == "Look a user up by id."
     assert tool["input_schema"]["required"] == ["user_id"]
 
@@ -316,14 +317,14 @@ async def test_a_run_record_store_that_fails_does_not_lose_the_reply(
     agent = micro.NewAgent("user-mgr", provider=scripted.turns(scripted.reply("hi there")), runtime=rt)
 
     class Broken(AgentRuns):
-        async def put(self, run: Any) -> None:
+        async def save(self, run: Any, version: int) -> int:
             raise OSError("disk full")
 
     async with agent:
         agent._runs = Broken(rt.store, "user-mgr")
         rsp = await agent.ask("hello")
     assert rsp.reply == "hi there"
-    assert "could not write the record of run" in caplog.text and "disk full" in caplog.text
+    assert "could not write the checkpoint of run" in caplog.text and "disk full" in caplog.text
 
 
 async def test_a_message_that_is_not_unicode_text_is_refused_before_any_work(rt: micro.Runtime) -> None:
@@ -386,4 +387,5 @@ async def test_a_keyed_agent_chat_runs_once_and_keys_its_tool_calls() -> None:
     # the retried run's tool call carried the same derived key as the failed one's: the counter ran it once
     keys = [k for _, k in counter.calls]
     assert len(counter.calls) == 2 and keys[0] is not None and keys[0].startswith("order-7:counter.Counter.Add:")
-    assert keys[1] is None  # the unkeyed chat's call
+    # an unkeyed chat's calls are keyed by its run, so a crash's re-issued call is recognised too
+    assert keys[1] == micro.idempotency.derived_key(f"adder/{other['run_id']}", "counter", "Counter.Add", {"n": 2})

@@ -230,7 +230,8 @@ async def test_stdio_handshake_client_with_a_services_filter(tasks_app: Program,
                           message_handler=seen) as client:
             assert client.protocol_version != "2026-07-28"
             assert names(await client.list_tools()) == {
-                "task_Task_Create", "task_Task_List", "task_Task_ListOverdue", "task_Task_Update", "ask_task-mgr"}
+                "task_Task_Create", "task_Task_Delete", "task_Task_List", "task_Task_ListOverdue", "task_Task_Update",
+                "ask_task-mgr"}
             async with extra_service():
                 await seen.wait_for_tool(client, "extra_Extra_Ping")
                 assert text(await client.call_tool("extra_Extra_Ping", {"word": "yo"})) == '{"echo":"YO"}'

@@ -7,6 +7,9 @@ Run it with `make run` (or `micro run examples/tasks`), then from another termin
     micro call task-mgr Agent.Chat '{"message": "What tasks are overdue for Alice?"}'
     micro agent list
     micro chat -m "Reschedule Alice's overdue tasks and notify her"
+    micro chat --agent task-mgr -m "Delete task t7"      # waits for a person's approval
+    micro agent pending task-mgr
+    micro agent approve task-mgr RUN_ID                  # or --deny --reason "keep it"
     micro call user User.Create '{"name": "Dana", "email": "dana@example.com"}'   # triggers onboard-user
     micro flow runs onboard-user
 
@@ -32,6 +35,7 @@ task_mgr = micro.NewAgent(
     micro.AgentServices("task", "project"),
     micro.AgentPrompt("You manage tasks and projects. You understand deadlines, priorities, and assignments."),
     provider=model_for_example(),
+    needs_approval=["task_Task_Delete"],  # deleting a task waits for a person: micro agent approve task-mgr RUN
 )
 
 project_mgr = micro.NewAgent(

@@ -43,6 +43,9 @@ def _brain(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | st
             return scripted.turn(f"Moving {len(calls)} tasks to {new_due}...", *calls)
     if results:
         return "\n\n".join(_summary(use, res) for use, res in zip(asked, results, strict=False))
+    task_id = next((w for w in request.replace(".", " ").split() if w[:1] == "t" and w[1:].isdigit()), "")
+    if "delete" in request and task_id and "task_Task_Delete" in names:
+        return scripted.turn(f"Deleting task {task_id}...", scripted.call("task_Task_Delete", id=task_id))
     if request.startswith("new user created") and "email_Email_Send" in names:
         event = json.loads(request.split(":", 1)[1].rsplit(". ", 1)[0]) if ":" in request else {}
         who = event.get("email") or event.get("name", "the new user")
@@ -78,6 +81,8 @@ def _summary(use: ToolUseBlock, res: ToolResultBlock) -> str:
         return res.content
     if use.name == "task_Task_Update":
         return f"Rescheduled: {_label(body['record'])}"
+    if use.name == "task_Task_Delete":
+        return f"Deleted: {_label(body['record'])}"
     if use.name == "email_Email_Send":
         return f"Emailed {body['record']['to']}: {body['record']['subject']}"
     if use.name == "workspace_Workspace_Create":

@@ -65,6 +65,10 @@ class TaskResponse(msgspec.Struct):
     record: TaskRecord
 
 
+class DeleteTaskRequest(msgspec.Struct):
+    id: str
+
+
 def _date(value: str, field: str) -> dt.date:
     try:
         return dt.date.fromisoformat(value)
@@ -132,6 +136,13 @@ class Task:
             task.status = req.status
         if req.assignee:
             task.assignee = req.assignee
+        return TaskResponse(record=task)
+
+    async def Delete(self, req: DeleteTaskRequest) -> TaskResponse:
+        """Delete a task for good (the task-mgr agent asks a person first)."""
+        task = self.tasks.pop(req.id, None)
+        if task is None:
+            raise NotFound(f"no task {req.id!r}")
         return TaskResponse(record=task)
 
 

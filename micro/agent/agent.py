@@ -20,17 +20,38 @@ import anyio.abc
 import msgspec
 
 from micro import context, idempotency, telemetry
-from micro._proto.micro.agent import ChatEvent, ChatRequest, ChatResponse, ToolCall
+from micro._proto.micro.agent import (
+    CancelRequest,
+    ChatEvent,
+    ChatRequest,
+    ChatResponse,
+    ResumeInterruptedRequest,
+    ResumeInterruptedResponse,
+    ResumeRequest,
+    ToolCall,
+)
 from micro.ai import Message, Model, from_provider
-from micro.errors import BadRequest, NotFound, Timeout, Unavailable, UsageError
+from micro.errors import BadRequest, Conflict, NotFound, ServiceNotFound, Timeout, Unavailable, UsageError
 from micro.resource import redact
 from micro.service import AgentServiceOptions, Service
+from micro.tasks import BackgroundTasks
 
 from .delegation import DEFAULT_MAX_DEPTH, delegate_tool
-from .loop import Approve, Event, Limits, Run, ToolCallRecord, system_prompt
+from .engine import (
+    DEFAULT_PAUSE_TTL,
+    Answer,
+    Approval,
+    Checkpoint,
+    RunEngine,
+    decisions_of,
+    request_decisions,
+    response_of,
+    restore,
+)
+from .loop import Approve, Decision, Event, Limits, Run, system_prompt
 from .memory import History
-from .record import AgentRun, AgentRuns, RunToolCall, RunUsage, new_run_id
-from .tools import RUN_ID, Tool, Toolset, function_tool
+from .record import STATUSES, AgentRun, AgentRuns, RunToolCall, new_run_id
+from .tools import REQUEST_INPUT, RUN_ID, Tool, Toolset, function_tool, request_input_tool
 
 log = logging.getLogger("micro.agent")
 
@@ -54,7 +75,17 @@ class Agent(Service):
         max_steps: model calls that may ask for tools in one run.
         loop_limit: calls of one tool with the same arguments allowed in one run.
         tool_timeout / model_timeout: seconds per tool call / per model call.
-        approve: ``approve(tool, args) -> (ok, reason)`` (sync or async), asked before every tool call.
+        approve: ``approve(tool, args)`` (sync or async), asked before every tool call: ``True`` allows,
+            ``False`` / ``(False, reason)`` refuses, ``"ask"`` / ``("ask", reason)`` pauses the run until
+            a person decides (:meth:`resume`).
+        needs_approval: tool-name patterns (``fnmatch``: ``"ledger_*_Delete*"``) whose calls wait for a
+            person's approval: the run pauses (``status="paused"``, ``pending``) and :meth:`resume`
+            continues it, in this process or any other sharing the store.
+        builtins: the built-in tools to offer (default ``["request_input"]``: the model may ask the
+            person a question; the run becomes ``input_required`` until :meth:`resume` answers).
+        pause_ttl: seconds a run may wait for a person before it expires (default 7 days).
+        resume_interrupted: on start, continue the runs a crash of this agent's process left
+            unfinished (see :meth:`resume_interrupted`).
         history_limit: messages of history sent to the model.
         agents: other agents this one may ask through its built-in ``delegate(agent, message)``
             tool (see :mod:`micro.agent.delegation`); ``max_delegation_depth`` bounds the chain.
@@ -77,7 +108,9 @@ class Agent(Service):
                  model_timeout: float | None = 120.0, max_tokens: int | None = None,
                  approve: Approve | None = None, history_limit: int = 50,
                  agents: Sequence[str] = (), max_delegation_depth: int = DEFAULT_MAX_DEPTH,
-                 forward: Sequence[str] = (),
+                 forward: Sequence[str] = (), needs_approval: Sequence[str] = (),
+                 builtins: Sequence[str] | None = None, pause_ttl: float = DEFAULT_PAUSE_TTL,
+                 resume_interrupted: bool = False,
                  metadata: Mapping[str, str] | None = None,
                  **service_options: Unpack[AgentServiceOptions]) -> None:
         if isinstance(services, str):
@@ -86,6 +119,15 @@ class Agent(Service):
             raise UsageError(f"agent {name}: agents must be a list of names, e.g. [{agents!r}]")
         if name in agents:
             raise UsageError(f"agent {name}: an agent cannot delegate to itself")
+        if isinstance(needs_approval, str):
+            raise UsageError(f"agent {name}: needs_approval must be a list of tool-name patterns, "
+                             f"e.g. [{needs_approval!r}]")
+        chosen = [REQUEST_INPUT] if builtins is None else list(builtins)
+        if isinstance(builtins, str) or set(chosen) - {REQUEST_INPUT}:
+            raise UsageError(f"agent {name}: builtins must be a list of built-in tools ({REQUEST_INPUT!r}), "
+                             f"not {builtins!r}")
+        if not pause_ttl > 0:
+            raise UsageError(f"agent {name}: pause_ttl must be a positive number of seconds, not {pause_ttl!r}")
         provider = provider if provider is not None else os.environ.get(DEFAULT_PROVIDER_ENV, "anthropic")
         self._provider = (provider, model, api_key, base_url)
         self.model: Model = from_provider(provider, model=model, api_key=api_key, base_url=base_url)
@@ -97,6 +139,11 @@ class Agent(Service):
         self.functions: dict[str, Tool] = {}
         self.agents = list(agents)
         self.forward = tuple(k.lower() for k in forward)
+        self.needs_approval = tuple(needs_approval)
+        self.pause_ttl = pause_ttl
+        self.recover = resume_interrupted
+        if REQUEST_INPUT in chosen:
+            self.functions[REQUEST_INPUT] = request_input_tool()
         meta = {
             "type": "agent",
             "services": ",".join(self.services),
@@ -109,6 +156,8 @@ class Agent(Service):
         self._toolset: Toolset | None = None
         self._history: History | None = None
         self._runs: AgentRuns | None = None
+        self._engine: RunEngine | None = None
+        self._background: BackgroundTasks | None = None
         if self.agents:
             self.functions["delegate"] = delegate_tool(
                 lambda: self.client, name, self.agents, max_depth=max_delegation_depth, forward=self.forward)
@@ -168,12 +217,49 @@ class Agent(Service):
             self._runs = AgentRuns(self.runtime.store, self.name)
         return self._runs
 
+    @property
+    def engine(self) -> RunEngine:
+        """The run engine over :attr:`runs` (claims, decisions, expiry, liveness)."""
+        if self._engine is None:
+            self._engine = RunEngine(self.name, self.runs, owner=lambda: self.id, nodes=self._nodes,
+                                     pause_ttl=self.pause_ttl)
+        return self._engine
+
+    async def _nodes(self) -> set[str]:
+        try:
+            records = await self.runtime.registry.get(self.name)
+        except ServiceNotFound:
+            return set()
+        return {n.id for r in records for n in r.nodes}
+
+    async def start(self) -> None:
+        """Start serving (see :meth:`Service.start`); with ``resume_interrupted=True``, then continue the
+        runs a crash left unfinished, in the background."""
+        await super().start()
+        if self.recover:
+            self._background = BackgroundTasks(f"agent {self.name} recovery", log)
+            await self._background.start()
+            self._background.start_soon(self._recover)
+
+    async def _recover(self) -> None:
+        try:
+            done = await self.resume_interrupted()
+        except Exception:
+            log.exception("agent %s: resuming interrupted runs failed", self.name)
+            return
+        if done:
+            log.info("agent %s: resumed %d interrupted runs", self.name, len(done))
+
     async def stop(self) -> None:
         """Stop serving (see :meth:`Service.stop`) and close the model if the agent built it."""
+        background, self._background = self._background, None
+        if background is not None:
+            await background.aclose()
         await super().stop()
         self._toolset = None
         self._history = None
         self._runs = None
+        self._engine = None
         provider, model, api_key, base_url = self._provider
         if not isinstance(provider, Model):
             await self.model.aclose()
@@ -186,12 +272,85 @@ class Agent(Service):
                   timeout: float | None = None) -> ChatResponse:
         """Run the agent on one message and return its reply, tool calls and run id.
 
+        When the run waits for a person, ``status`` is ``"paused"`` (tool calls that need approval)
+        or ``"input_required"`` (the model asked a question) and ``pending`` lists them; continue
+        it with :meth:`resume`. A session with a waiting run refuses new messages (``BadRequest``).
+
         Example::
 
             rsp = await agent.ask("What tasks are overdue for Alice?")
             print(rsp.reply, [c.name for c in rsp.tool_calls])
         """
         return await self._ask(message, session, parent_id, timeout, None)
+
+    async def resume(self, run_id: str, *, approve: Approval = None, answer: Answer = None, reason: str = "",
+                     partial: bool = False, timeout: float | None = None) -> ChatResponse:
+        """Continue a run that waits for a person, here, whichever process paused it.
+
+        Args:
+            approve: ``True`` / ``False`` for every pending call, or ``{call_id: True | False | "reason"}``
+                (a string denies with that reason). A denied call's result tells the model it was
+                refused and why; the run goes on.
+            answer: the answer to the run's question (``{call_id: text}`` if it asked several).
+            reason: the reason given with a denial.
+            partial: record decisions on some pending calls only; the run keeps waiting for the rest.
+
+        Raises ``NotFound`` for an unknown run, ``Conflict`` for a run that does not wait (another
+        resumer won, it completed, it expired), ``BadRequest`` for decisions that do not fit what it
+        waits for; in each case nothing in the run changed.
+
+        Example::
+
+            rsp = await agent.ask("Transfer 5 EUR to Bob")
+            if rsp.status == "paused":
+                rsp = await agent.resume(rsp.run_id, approve={rsp.pending[0].call_id: True})
+        """
+        return await self._resume(run_id, approve, answer, reason, partial, timeout, None)
+
+    async def stream_resume(self, run_id: str, *, approve: Approval = None, answer: Answer = None,
+                            reason: str = "", partial: bool = False,
+                            timeout: float | None = None) -> AsyncIterator[ChatEvent]:
+        """:meth:`resume`, yielding events as :meth:`stream` does."""
+        async for ev in self._streamed(lambda emit: self._resume(run_id, approve, answer, reason, partial, timeout,
+                                                                 emit)):
+            yield ev
+
+    async def cancel(self, run_id: str, *, reason: str = "") -> ChatResponse:
+        """End a run that waits (or that a crash interrupted) as ``cancelled``; its pending calls are refused."""
+        return self._response(await self.engine.cancel(run_id, reason))
+
+    async def pending(self) -> list[AgentRun]:
+        """The runs that wait for a person (paused or input_required), oldest first."""
+        return await self.engine.pending()
+
+    async def resume_interrupted(self, *, timeout: float | None = None) -> list[ChatResponse]:
+        """Continue every run whose process died mid-way (its owner is gone from the registry).
+
+        Each continues from its checkpoint: completed tool calls are not made again (their results
+        come from the record); calls that were in flight are made again with the same idempotency
+        key, so a service that honours keys does the work once. A run another process claims first
+        is left to it. Returns the responses of the runs resumed here.
+        """
+        found = await self.engine.interrupted()
+        out: list[ChatResponse] = []
+
+        async def one(run: AgentRun, version: int) -> None:
+            decisions = decisions_of(run)
+            try:
+                version = await self.engine.claim(run, version, "interrupted", decisions)
+            except Conflict:
+                return  # another process resumed it first
+            try:
+                out.append(await self._execute(Checkpoint(self.runs, run, version), None, timeout, decisions))
+            except Exception as exc:  # its record says how it ended
+                log.warning("agent %s: resumed run %s failed: %s", self.name, run.id, exc)
+                latest = await self.runs.get(run.id)
+                out.append(self._response(latest or run))
+
+        async with anyio.create_task_group() as tg:
+            for run, version in found:
+                tg.start_soon(one, run, version)
+        return out
 
     async def stream(self, message: str, *, session: str = "", parent_id: str = "",
                      timeout: float | None = None) -> AsyncIterator[ChatEvent]:
@@ -205,6 +364,10 @@ class Agent(Service):
                 if ev.type == "text":
                     print(ev.text, end="")
         """
+        async for ev in self._streamed(lambda emit: self._ask(message, session, parent_id, timeout, emit)):
+            yield ev
+
+    async def _streamed(self, start: Callable[[Any], Any]) -> AsyncIterator[ChatEvent]:
         send, recv = anyio.create_memory_object_stream[ChatEvent](64)
         scope = anyio.CancelScope()
         agent = self.name
@@ -219,8 +382,9 @@ class Agent(Service):
             # no cancel scope spans a yield; leaving the generator cancels it.
             with scope, send:
                 try:
-                    rsp = await self._ask(message, session, parent_id, timeout, emit)
-                    final = ChatEvent(type="done", response=rsp, agent=agent)
+                    rsp = await start(emit)
+                    kind = rsp.status if rsp.status in ("paused", "input_required") else "done"
+                    final = ChatEvent(type=kind, response=rsp, agent=agent)
                 except Exception as exc:
                     failure.append(exc)  # before `send` closes: the consumer raises it
                     final = ChatEvent(type="error", text=str(exc), agent=agent)
@@ -233,7 +397,7 @@ class Agent(Service):
         try:
             with recv:
                 async for ev in recv:
-                    finished = ev.type in ("done", "error")
+                    finished = ev.type in ("done", "error", "paused", "input_required")
                     yield ev
         finally:
             scope.cancel()
@@ -254,63 +418,77 @@ class Agent(Service):
             message.encode()
         except UnicodeEncodeError:
             raise BadRequest(f"{self.name} Agent.Chat: message is not valid Unicode text (a lone surrogate?)") from None
+        self.history.prefix(session)  # BadRequest for a malformed session id, before any work
+        await self.engine.check_session(session)
         run_id = new_run_id()
-        history_store = self.history
-        history_store.prefix(session)  # BadRequest for a malformed session id, before any work
+        # the base of the run's tool calls' idempotency keys: the caller's key, or the run's own
+        key = idempotency.current_key() or f"{self.name}/{run_id}"
+        record = AgentRun(run_id, self.name, message, parent_id, session, status="running", model=self.model.model,
+                          started=time.time(), messages=[Message.user(message)], key=key, owner=self.id)
+        # first written at the first step boundary (the model's first turn asking for tools), or at the end:
+        # a run that dies before made no call, so there is nothing to recover (its caller saw the error)
+        checkpoint = Checkpoint(self.runs, record, 0)
+        return await self._execute(checkpoint, emit, timeout, {})
+
+    async def _resume(self, run_id: str, approve: Approval, answer: Answer, reason: str, partial: bool,
+                      timeout: float | None, emit: Any) -> ChatResponse:
+        engine = self.engine
+        run, version = await engine.claimable(run_id)
+        decisions = engine.decide(run, approve, answer, reason, partial)
+        if len(decisions) < len(run.pending):
+            return self._response(await engine.record_decisions(run, version, decisions))
+        version = await engine.claim(run, version, run.status, decisions)
+        await self.runs.unmark_waiting(run)
+        return await self._execute(Checkpoint(self.runs, run, version), emit, timeout, decisions)
+
+    async def _execute(self, checkpoint: Checkpoint, emit: Any, timeout: float | None,
+                       decisions: dict[str, Decision]) -> ChatResponse:
+        """Drive the run in ``checkpoint`` (claimed by this process) until it answers, waits or fails."""
+        record = checkpoint.record
+        run = Run(self.model, system_prompt(self.prompt), self.toolset.tools, self.limits, self.approve, emit,
+                  needs_approval=self.needs_approval, checkpoint=checkpoint.save, decisions=decisions)
+        restore(record, run)
+        checkpoint.run = run
         deadline = context.effective_deadline(timeout)
-        record = AgentRun(run_id, self.name, message, parent_id, session, model=self.model.model, started=time.time())
-        run = Run(self.model, system_prompt(self.prompt), self.toolset.tools, self.limits, self.approve, emit)
         attrs: dict[str, Any] = {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": self.name,
                                  "gen_ai.provider.name": self.model.name, "gen_ai.request.model": self.model.model,
-                                 "micro.run_id": run_id, "micro.parent_id": parent_id}
-        if session:
-            attrs["gen_ai.conversation.id"] = session
-        tokens = context.enter(deadline, {**context.metadata(), RUN_ID: run_id})
+                                 "micro.run_id": record.id, "micro.parent_id": record.parent_id}
+        if record.session:
+            attrs["gen_ai.conversation.id"] = record.session
+        # tool calls carry keys derived from the run's key (Toolset), the same after a pause or a crash
+        tokens = context.enter(deadline, {**context.metadata(), RUN_ID: record.id, idempotency.KEY: record.key})
         try:
             with telemetry.span(f"invoke_agent {self.name}", "internal", attrs) as span:
                 # The deadline bounds the whole run; tool calls inherit it through the context.
                 try:
                     async with asyncio.timeout_at(deadline) as cm:
-                        history = await history_store.window(session, self.history_limit)
-                        reply = await run(history, Message.user(message))
+                        history = await self.history.window(record.session, self.history_limit)
+                        reply = await run.drive(history)
                 except TimeoutError:
                     if not cm.expired():
                         raise
                     raise Timeout(f"agent {self.name}: the run did not finish before its deadline "
                                   f"({len(run.calls)} tool calls made); ask with a longer timeout") from None
-                await history_store.append(session, run.new_messages)
+                if not run.pending:
+                    await self.history.append(record.session, run.new_messages)
                 if span is not None:
                     span.set_attribute("gen_ai.usage.input_tokens", run.usage.input_tokens)
                     span.set_attribute("gen_ai.usage.output_tokens", run.usage.output_tokens)
         except BaseException as exc:  # cancellation too: the record says how the run ended
-            record.status, record.error_kind = "failed", type(exc).__name__
-            record.error = str(exc) or type(exc).__name__
-            with anyio.move_on_after(5, shield=True):
-                await self._record(record, run)
+            await self.engine.fail(checkpoint, exc)
             raise
         finally:
             context.leave(tokens)
-        record.reply = reply
-        await self._record(record, run)
-        log.info("agent %s run %s: %d tool calls", self.name, run_id, len(run.calls),
-                 extra={"micro_run_id": run_id, "micro_parent_id": parent_id, "micro_agent": self.name})
-        return ChatResponse(
-            reply=reply, agent=self.name, run_id=run_id, parent_id=parent_id,
-            tool_calls=[_tool_call(c) for c in run.calls],
-        )
+        if run.pending:
+            await self.engine.park(checkpoint)
+        else:
+            await self.engine.finish(checkpoint, reply)
+            log.info("agent %s run %s: %d tool calls", self.name, record.id, len(run.calls),
+                     extra={"micro_run_id": record.id, "micro_parent_id": record.parent_id, "micro_agent": self.name})
+        return self._response(record)
 
-    async def _record(self, record: AgentRun, run: Run) -> None:
-        """Write the run record; a store that fails is logged, not raised (the reply is worth more)."""
-        record.finished = time.time()
-        record.tool_calls = [RunToolCall(c.id, c.name, c.input, c.result, c.is_error, c.started, c.seconds)
-                             for c in run.calls]
-        u = run.usage
-        record.usage = RunUsage(u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens)
-        try:
-            await self.runs.put(record)
-        except Exception:
-            log.exception("agent %s: could not write the record of run %s", self.name, record.id,
-                          extra={"micro_run_id": record.id, "micro_agent": self.name})
+    def _response(self, record: AgentRun) -> ChatResponse:
+        return response_of(record)
 
     def describe(self) -> AgentDescription:
         """What ``micro agent inspect`` shows: prompt, services, tools and provider settings (no key)."""
@@ -326,6 +504,8 @@ class Agent(Service):
                                  self.limits.model_timeout, self.history_limit),
             forward=list(self.forward),
             approve=self.approve is not None,
+            needs_approval=list(self.needs_approval),
+            pause_ttl=self.pause_ttl,
         )
 
 
@@ -364,12 +544,19 @@ class AgentDescription(msgspec.Struct):
     forward: list[str]
     approve: bool
     tools: list[ToolInfo] = []
+    needs_approval: list[str] = []
+    pause_ttl: float = DEFAULT_PAUSE_TTL
 
 
 class RunsRequest(msgspec.Struct):
     limit: int = 20
     session: str | None = None
     parent_id: str | None = None
+    status: list[str] | None = None
+
+
+class PendingRequest(msgspec.Struct):
+    pass
 
 
 class RunsResponse(msgspec.Struct):
@@ -413,6 +600,27 @@ class _AgentHandler:
         async for ev in self._agent.stream(req.message, session=req.session, parent_id=req.parent_id):
             yield ev
 
+    async def Resume(self, req: ResumeRequest) -> ChatResponse:
+        """Continue a paused or input_required run: decisions on its pending calls, or the answer to its question."""
+        approve, answer = request_decisions(self._agent.name, req)
+        return await self._agent.resume(req.run_id, approve=approve, answer=answer, reason=req.reason,
+                                        partial=req.partial)
+
+    async def StreamResume(self, req: ResumeRequest) -> AsyncIterator[ChatEvent]:
+        """Like Resume, streaming text deltas and tool call events as the run goes on."""
+        approve, answer = request_decisions(self._agent.name, req)
+        async for ev in self._agent.stream_resume(req.run_id, approve=approve, answer=answer, reason=req.reason,
+                                                  partial=req.partial):
+            yield ev
+
+    async def Cancel(self, req: CancelRequest) -> ChatResponse:
+        """End a run that waits (or that a crash interrupted); its pending calls are refused."""
+        return await self._agent.cancel(req.run_id, reason=req.reason)
+
+    async def ResumeInterrupted(self, req: ResumeInterruptedRequest) -> ResumeInterruptedResponse:
+        """Continue, from their checkpoints, the runs whose process died mid-way; their responses."""
+        return ResumeInterruptedResponse(runs=await self._agent.resume_interrupted())
+
 
 class _AgentInfoHandler:
     """The ``AgentInfo`` handler: the agent's run records, conversations and settings, over RPC.
@@ -424,16 +632,30 @@ class _AgentInfoHandler:
         self._agent = agent
 
     async def Runs(self, req: RunsRequest) -> RunsResponse:
-        """The agent's most recent run records, newest first (optionally one session's or one parent's)."""
-        return RunsResponse(runs=await self._agent.runs.list(req.limit, session=req.session,
-                                                             parent_id=req.parent_id))
+        """The agent's most recent run records, newest first (optionally one session's, one parent's, or
+        those with some statuses: a running run whose process is gone is ``interrupted``)."""
+        if req.status is not None:
+            unknown = sorted(set(req.status) - set(STATUSES))
+            if unknown:
+                raise BadRequest(f"agent {self._agent.name}: no run status {', '.join(map(repr, unknown))}; "
+                                 f"the statuses are {', '.join(STATUSES)}")
+        engine = self._agent.engine
+        owners = await engine.owners()
+        return RunsResponse(runs=await self._agent.runs.list(
+            req.limit, session=req.session, parent_id=req.parent_id, status=req.status,
+            effective=lambda r: engine.effective(r, owners)))
+
+    async def Pending(self, req: PendingRequest) -> RunsResponse:
+        """The runs that wait for a person (approval or an answer), oldest first, with what they wait for."""
+        return RunsResponse(runs=await self._agent.pending())
 
     async def Run(self, req: RunRequest) -> RunResponse:
-        """One run record by id: message, tool calls with timings and results, reply, error, usage."""
+        """One run record by id: message, tool calls with timings and results, reply, error, usage, status."""
         run = await self._agent.runs.get(req.id)
         if run is None:
             raise NotFound(f"agent {self._agent.name} has no run {req.id!r} (AgentInfo.Runs lists them)")
-        return RunResponse(run=run)
+        engine = self._agent.engine
+        return RunResponse(run=engine.effective(run, await engine.owners()))
 
     async def History(self, req: HistoryRequest) -> HistoryResponse:
         """A session's stored messages ("" is the default conversation), oldest first: all, or the last ``limit``."""
@@ -448,7 +670,7 @@ class _AgentInfoHandler:
         return desc
 
 
-def _tool_call(c: ToolCallRecord) -> ToolCall:
+def _tool_call(c: RunToolCall | Any) -> ToolCall:
     return ToolCall(id=c.id, name=c.name, input=msgspec.json.encode(c.input).decode(),
                     result=c.result, is_error=c.is_error)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from micro import context
+from micro import context, idempotency
 from micro.errors import BadRequest, PermissionDenied
 
 from .tools import RUN_ID, Tool, forwarded
@@ -68,12 +68,17 @@ def delegate_tool(client: Callable[[], Any], me: str, agents: Sequence[str], *, 
             raise PermissionDenied(f"delegation refused: {path} is deeper than the limit of {max_depth} agents; "
                                    "answer with what you have")
         metadata = {**forwarded(forward), CHAIN: ",".join(chain)}
-        rsp = await client().call(
-            req.agent, "Agent.Chat",
-            {"message": req.message, "parent_id": md.get(RUN_ID, ""), "session": f"from-{me}"},
-            metadata=metadata, timeout=timeout,
-        )
-        return {"agent": req.agent, "reply": rsp["reply"], "run_id": rsp["run_id"]}
+        request = {"message": req.message, "parent_id": md.get(RUN_ID, ""), "session": f"from-{me}"}
+        key = idempotency.current_key()
+        if key:  # a delegation re-issued after a crash is answered by the other agent from its store
+            metadata[idempotency.KEY] = idempotency.derived_key(key, req.agent, "Agent.Chat", request)
+        rsp = await client().call(req.agent, "Agent.Chat", request, metadata=metadata, timeout=timeout)
+        out = {"agent": req.agent, "reply": rsp["reply"], "run_id": rsp["run_id"]}
+        status = rsp.get("status", "completed")
+        if status and status != "completed":  # the other agent waits for a person: say so, and for what
+            out["status"] = status
+            out["pending"] = rsp.get("pending", [])
+        return out
 
     return Tool(
         name="delegate",

@@ -1,4 +1,4 @@
-"""Agent run records: one per ask, in the store under ``agent/{name}/runs/{run id}``.
+"""Agent run records: one per run, in the store under ``agent/{name}/runs/{run id}``; the run's checkpoint.
 
 A record says what a run was asked, which tools it called with what arguments,
 results and timings, what it answered or why it failed, and the tokens it used;
@@ -8,33 +8,87 @@ hex, so the store's key order is the order runs started and the newest runs are
 one reverse prefix read. Records hold what the run saw, never call metadata, so
 a caller's bearer token cannot end up in one.
 
-``micro agent runs NAME`` lists them through the agent's ``Agent.Runs`` endpoint.
+The record is also the run's **checkpoint** (see :mod:`micro.agent.engine`): the
+engine rewrites it at every step boundary (after each model turn, and as each
+tool call's result comes in), with the run's own messages so far, every tool
+call's state (``running`` while in flight, ``done`` with its result, ``pending``
+while it waits for a person), and its status:
+
+=================  ==========================================================
+``running``        a process is working on it (``owner`` names the node)
+``paused``         a tool call waits for a person's approval (``pending``)
+``input_required`` the model asked the person a question (``pending``)
+``waiting``        waits for an event or a clock (flows; not used by agents yet)
+``completed``      answered (``reply``)
+``failed``         ended with an error (``error``, ``error_kind``)
+``cancelled``      cancelled by its caller or ``micro agent cancel``
+``expired``        waited longer than ``pause_ttl``; its pending calls were refused
+``interrupted``    its process died mid-run; ``resume_interrupted`` continues it
+=================  ==========================================================
+
+Writes are conditional on the version read (the store's compare-and-set), so of
+two processes resuming one run exactly one wins. A run that waits is also
+indexed under ``agent/{name}/waiting/{session}#{run id}``: a new message to a
+session with a waiting run is refused, and ``micro agent pending`` is one prefix
+read.
+
+``micro agent runs NAME`` lists them through the agent's ``AgentInfo.Runs`` endpoint.
 """
 
 from __future__ import annotations
 
+import builtins
 import time
 import uuid
+from collections.abc import Callable, Collection
 from typing import Any, Literal
 
 import msgspec
 
+from micro.ai import Message
 from micro.errors import BadRequest, RecordNotFound
 from micro.store import Record, Store
 
-Status = Literal["completed", "failed"]
+Status = Literal["running", "paused", "input_required", "waiting", "completed", "failed", "cancelled",
+                 "expired", "interrupted"]
+STATUSES: tuple[str, ...] = ("running", "paused", "input_required", "waiting", "completed", "failed",
+                             "cancelled", "expired", "interrupted")
+WAITING: frozenset[str] = frozenset({"paused", "input_required", "waiting"})
+"""Statuses of a run that waits for a person (or an event): a session with one refuses new messages."""
+FINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled", "expired"})
+
+CallState = Literal["running", "done", "pending"]
 
 
 class RunToolCall(msgspec.Struct):
-    """One tool call of a run."""
+    """One tool call of a run: ``running`` (in flight), ``done`` (with its result) or ``pending``."""
 
     id: str
     name: str
     input: dict[str, Any]
-    result: str
+    result: str = ""
     is_error: bool = False
     started: float = 0.0
     seconds: float = 0.0
+    state: CallState = "done"
+
+
+class PendingCall(msgspec.Struct):
+    """A tool call that waits for a person: an approval (``kind="approval"``) or an answer (``"question"``).
+
+    ``decided`` is set by a partial decision (``resume(..., partial=True)``); the run resumes once
+    every pending call of it is decided.
+    """
+
+    call_id: str
+    tool: str
+    input: dict[str, Any]
+    reason: str = ""
+    kind: Literal["approval", "question"] = "approval"
+    question: str = ""
+    decided: bool = False
+    approved: bool = False
+    answer: str = ""
 
 
 class RunUsage(msgspec.Struct):
@@ -47,7 +101,7 @@ class RunUsage(msgspec.Struct):
 
 
 class AgentRun(msgspec.Struct):
-    """What one ask did: its message, tool calls, reply or error, timings and token usage."""
+    """What one run did and where it is: its message, messages so far, tool calls, status, reply or error."""
 
     id: str
     agent: str
@@ -63,6 +117,26 @@ class AgentRun(msgspec.Struct):
     model: str = ""
     started: float = 0.0
     finished: float = 0.0
+    messages: list[Message] = []
+    pending: list[PendingCall] = []
+    key: str = ""
+    owner: str = ""
+    updated: float = 0.0
+    expires: float = 0.0
+    resumes: int = 0
+
+    def waits_for(self) -> str:
+        """What the run waits for, in words (for errors and listings)."""
+        if not self.pending:
+            return "nothing"
+        parts = []
+        for p in self.pending:
+            if p.kind == "question":
+                parts.append(f"an answer to {p.question!r} (call {p.call_id})")
+            else:
+                state = " (decided)" if p.decided else ""
+                parts.append(f"approval of {p.tool} (call {p.call_id}){state}")
+        return "; ".join(parts)
 
 
 _encode = msgspec.json.Encoder().encode
@@ -75,7 +149,7 @@ def new_run_id() -> str:
 
 
 class AgentRuns:
-    """Reads and writes the run records of one agent.
+    """Reads and writes the run records of one agent (conditionally: see :meth:`save`).
 
     Example::
 
@@ -86,36 +160,85 @@ class AgentRuns:
 
     def __init__(self, store: Store, agent: str) -> None:
         self.store = store
+        self.agent = agent
         self.prefix = f"agent/{agent}/runs/"
+        self.waiting_prefix = f"agent/{agent}/waiting/"
 
     def key(self, run_id: str) -> str:
-        if not run_id or "/" in run_id:
-            raise BadRequest(f"run id {run_id!r}: expected the id of a run (`micro agent runs NAME` lists them)")
+        if not isinstance(run_id, str) or not run_id or "/" in run_id or "#" in run_id:
+            raise BadRequest(f"run id {run_id!r}: expected the id of a run (`micro agent runs {self.agent}` "
+                             "lists them)")
         return self.prefix + run_id
 
+    async def save(self, run: AgentRun, version: int) -> int:
+        """Write ``run`` if its record is still at ``version`` (0: only if there is none); the new version.
+
+        Raises :class:`micro.errors.VersionConflict` when another writer got there first.
+        """
+        run.updated = time.time()
+        return await self.store.write(Record(self.key(run.id), _encode(run), metadata={"status": run.status}),
+                                      if_version=version)
+
     async def put(self, run: AgentRun) -> None:
+        """Write ``run`` whatever is stored (for records no one else writes)."""
         await self.store.write(Record(self.key(run.id), _encode(run), metadata={"status": run.status}))
 
-    async def get(self, run_id: str) -> AgentRun | None:
+    async def load(self, run_id: str) -> tuple[AgentRun, int] | None:
+        """The run and the version of its record, or None."""
         try:
             (rec,) = await self.store.read(self.key(run_id))
         except RecordNotFound:
             return None
-        return _decode(rec.value)
+        return _decode(rec.value), rec.version
 
-    async def list(self, limit: int = 20, *, session: str | None = None,
-                   parent_id: str | None = None) -> list[AgentRun]:
-        """The most recent runs, newest first; optionally only one session's or one parent's."""
+    async def get(self, run_id: str) -> AgentRun | None:
+        found = await self.load(run_id)
+        return None if found is None else found[0]
+
+    async def list(self, limit: int = 20, *, session: str | None = None, parent_id: str | None = None,
+                   status: Collection[str] | None = None,
+                   effective: Callable[[AgentRun], AgentRun] | None = None) -> list[AgentRun]:
+        """The most recent runs, newest first; optionally only one session's, one parent's, or some statuses'.
+
+        ``effective`` maps a stored run to what it is now (a ``running`` run whose process is gone
+        is ``interrupted``; a paused one past its expiry ``expired``) before the status filter.
+        """
         if limit <= 0:
             return []
-        if session is None and parent_id is None:
+        if session is None and parent_id is None and status is None:
             records = await self.store.read(self.prefix, prefix=True, limit=limit, reverse=True)
-            return [_decode(r.value) for r in records]
+            runs = [_decode(r.value) for r in records]
+            return [effective(r) for r in runs] if effective is not None else runs
         out: list[AgentRun] = []
         for rec in await self.store.read(self.prefix, prefix=True, reverse=True):
             run = _decode(rec.value)
-            if (session is None or run.session == session) and (parent_id is None or run.parent_id == parent_id):
+            if effective is not None:
+                run = effective(run)
+            if ((session is None or run.session == session) and (parent_id is None or run.parent_id == parent_id)
+                    and (status is None or run.status in status)):
                 out.append(run)
                 if len(out) == limit:
                     break
         return out
+
+    # -- the index of waiting runs ----------------------------------------------------------------
+
+    def _waiting_key(self, session: str, run_id: str = "") -> str:
+        return f"{self.waiting_prefix}{session}#{run_id}"
+
+    async def mark_waiting(self, run: AgentRun) -> None:
+        await self.store.write(Record(self._waiting_key(run.session, run.id), run.id.encode(),
+                                      metadata={"status": run.status}))
+
+    async def unmark_waiting(self, run: AgentRun) -> None:
+        await self.store.delete(self._waiting_key(run.session, run.id))
+
+    async def waiting_in(self, session: str) -> builtins.list[str]:
+        """Ids of the runs of ``session`` that wait (for a decision, an answer or an event)."""
+        keys = await self.store.list(self._waiting_key(session))
+        return [k.rsplit("#", 1)[1] for k in keys]
+
+    async def waiting(self) -> builtins.list[str]:
+        """Ids of every waiting run of the agent, oldest first."""
+        keys = await self.store.list(self.waiting_prefix)
+        return sorted(k.rsplit("#", 1)[1] for k in keys)

@@ -66,6 +66,8 @@ class Tool:
     run: Callable[[dict[str, Any]], Awaitable[Any]]
     service: str = ""
     endpoint: str = ""
+    asks: bool = False
+    """True for a tool that asks the person (``request_input``): calling it pauses the run."""
     _spec: ToolSpec | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -175,6 +177,27 @@ class Toolset:
         return run
 
 
+REQUEST_INPUT = "request_input"
+
+
+def request_input_tool() -> Tool:
+    """The built-in ``request_input(question)`` tool: the run waits (``input_required``) until a person
+    answers, and the answer is the tool's result. The loop pauses on it; ``run`` is never called."""
+
+    async def never(args: dict[str, Any]) -> Any:
+        raise RuntimeError("request_input is answered by a person, not run")  # the loop pauses instead
+
+    schema: dict[str, Any] = {
+        "type": "object",
+        "title": REQUEST_INPUT,
+        "properties": {"question": {"type": "string", "description": "the question, in the person's language"}},
+        "required": ["question"],
+    }
+    return Tool(REQUEST_INPUT, ("Ask the person you work for a question and wait for the answer. Use it when "
+                                "you need a fact or a choice only they can give; do not guess."),
+                schema, never, asks=True)
+
+
 RUN_ID = "micro-run-id"
 """Call metadata naming the agent run a tool call belongs to (services may log it)."""
 
@@ -212,7 +235,8 @@ def _dedupe(tools: list[Tool]) -> dict[str, Tool]:
     ordered = sorted(tools, key=lambda t: (t.name, t.service, t.endpoint))
     out: dict[str, Tool] = {}
     for t, name in zip(ordered, unique_names(t.name for t in ordered), strict=True):
-        out[name] = t if name == t.name else Tool(name, t.description, t.input_schema, t.run, t.service, t.endpoint)
+        out[name] = t if name == t.name else Tool(name, t.description, t.input_schema, t.run, t.service, t.endpoint,
+                                                  t.asks)
     return out
 
 

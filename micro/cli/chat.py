@@ -8,6 +8,12 @@ chat runs are seen on the next one. Interactive with a terminal (line editing,
 history in ``$MICRO_HOME/chat_history``, Ctrl-C cancels the turn, Ctrl-D exits);
 one-shot with ``-m`` or when stdin is not a terminal.
 
+A run that waits for a person (a tool call that needs approval, or the model's
+question) ends its stream with a ``paused`` / ``input_required`` event. The REPL
+shows the pending call(s) and asks ``approve? [y/N/reason]`` (or shows the question
+and reads the answer), then continues the run (``Agent.StreamResume``); one-shot
+mode prints what the run waits for and the commands that continue it.
+
 No agents registered: with a model provider configured, the chat talks to the
 services directly (one model over every service's endpoints as tools, the
 conversation kept for the chat's lifetime, lines labelled ``[services]``);
@@ -21,7 +27,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -119,6 +125,16 @@ class Printer:
             self._line(agent, line)
         elif kind == "error":
             self._line(agent, f"error: {ev.get('text', '')}")
+        elif kind in ("paused", "input_required"):
+            self.waiting(agent, ev.get("response") or {})
+
+    def waiting(self, agent: str, rsp: dict[str, Any]) -> None:
+        """What a run waits for (one line per pending call)."""
+        for p in rsp.get("pending", []):
+            if p.get("kind") == "question":
+                self._line(agent, f"? {p.get('question', '')}")
+            else:
+                self._line(agent, f"⏸ {p.get('tool', '?')}({_short(p.get('input', ''), 120)}) needs approval")
 
     def _text(self, agent: str, text: str) -> None:
         if not self.labelled_lines:
@@ -155,10 +171,15 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+Decide = Callable[[str, dict[str, Any]], Awaitable["dict[str, Any] | None"]]
+"""``decide(agent, response)`` -> the ``Agent.Resume`` request for a waiting run, or None to leave it."""
+
+
 async def turn(rt: Any, router: _Routes, message: str, *, only: str | None, session: str,
-               timeout: float, direct: DirectChat | None = None) -> int:
+               timeout: float, direct: DirectChat | None = None, decide: Decide | None = None) -> int:
     """Route one message, ask the agents concurrently, print as they stream. Returns agents asked
-    (0 when there were none and ``direct`` talked to the services instead)."""
+    (0 when there were none and ``direct`` talked to the services instead). A run that waits for a
+    person is then put to ``decide`` (the REPL asks inline) and continued, or its commands printed."""
     from micro.agent.router import Route, discover
 
     agents = await discover(rt.registry)
@@ -177,19 +198,46 @@ async def turn(rt: Any, router: _Routes, message: str, *, only: str | None, sess
             await direct.turn(rt, message, timeout)
             return 0
         routes = await router.route(message, agents)
-    printer = Printer(_write, labelled_lines=len(routes) > 1)
+    from micro.errors import Error
 
-    async def ask(route: Route) -> None:
-        printer.start(route.agent)
-        req = {"message": route.message, "session": session}
-        async for ev in rt.client.stream(route.agent, "Agent.StreamChat", req, timeout=timeout):
-            printer.event(route.agent, ev)
-        printer.done(route.agent)
+    printer = Printer(_write, labelled_lines=len(routes) > 1)
+    waiting: list[tuple[str, dict[str, Any]]] = []
+    refused: list[str] = []
+
+    async def run(agent: str, endpoint: str, req: dict[str, Any]) -> None:
+        printer.start(agent)
+        try:
+            async for ev in rt.client.stream(agent, endpoint, req, timeout=timeout):
+                printer.event(agent, ev)
+                if ev.get("type") in ("paused", "input_required"):
+                    waiting.append((agent, ev.get("response") or {}))
+        except Error as exc:  # e.g. the session has a run that waits: one line, not a traceback
+            refused.append(f"{agent}: {exc.message}" if len(routes) > 1 else exc.message)
+        printer.done(agent)
 
     async with anyio.create_task_group() as tg:
         for r in routes:
-            tg.start_soon(ask, r)
+            tg.start_soon(run, r.agent, "Agent.StreamChat", {"message": r.message, "session": session})
+    # one at a time: a person answers one question at a time
+    while waiting:
+        agent, rsp = waiting.pop(0)
+        resume = await decide(agent, rsp) if decide is not None else None
+        if resume is None:
+            _continue_with(agent, rsp)
+            continue
+        await run(agent, "Agent.StreamResume", resume)
+    if refused:
+        fail("\n".join(refused))
     return len(routes)
+
+
+def _continue_with(agent: str, rsp: dict[str, Any]) -> None:
+    run_id = rsp.get("run_id", "")
+    if rsp.get("status") == "input_required":
+        _write(f"[{agent}] waiting for your answer: micro agent answer {agent} {run_id} \"…\"\n")
+    else:
+        _write(f"[{agent}] waiting for approval: micro agent approve {agent} {run_id}  "
+               f"(or --deny --reason \"…\"; micro agent cancel {agent} {run_id})\n")
 
 
 def _router(provider: str | None, model: str | None) -> tuple[_Routes, DirectChat | None]:
@@ -237,6 +285,27 @@ async def _repl(rt: Any, router: _Routes, only: str | None, session: str, timeou
     home = default_home()
     home.mkdir(parents=True, exist_ok=True)
     prompt: PromptSession[str] = PromptSession(history=FileHistory(str(Path(home) / "chat_history")))
+    async def decide(agent: str, rsp: dict[str, Any]) -> dict[str, Any] | None:
+        """Ask the person, inline, for a decision on each pending call (or the answer to a question)."""
+        decisions = []
+        for p in rsp.get("pending", []):
+            try:
+                if p.get("kind") == "question":
+                    text = await prompt.prompt_async(f"[{agent}] answer: ")
+                    if not text.strip():
+                        return None  # left waiting: the commands are printed
+                    decisions.append({"call_id": p["call_id"], "answer": text})
+                    continue
+                text = (await prompt.prompt_async(f"[{agent}] approve {p.get('tool')}? [y/N/reason] ")).strip()
+            except (EOFError, KeyboardInterrupt):
+                return None
+            if text.lower() in ("y", "yes"):
+                decisions.append({"call_id": p["call_id"], "approve": True})
+            else:
+                why = "" if text.lower() in ("", "n", "no") else text
+                decisions.append({"call_id": p["call_id"], "approve": False, "reason": why or "denied in micro chat"})
+        return {"run_id": rsp.get("run_id", ""), "decisions": decisions}
+
     label = getattr(router, "label", "")
     out.print(f"[dim]micro chat — Ctrl-C cancels a turn, Ctrl-D exits{f'; routing: {label}' if label else ''}[/dim]")
     loop = asyncio.get_running_loop()
@@ -250,7 +319,7 @@ async def _repl(rt: Any, router: _Routes, only: str | None, session: str, timeou
         if not text.strip():
             continue
         task = asyncio.ensure_future(turn(rt, router, text, only=only, session=session, timeout=timeout,
-                                          direct=direct))
+                                          direct=direct, decide=decide))
         loop.add_signal_handler(signal.SIGINT, task.cancel)
         try:
             await task

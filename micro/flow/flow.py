@@ -18,6 +18,15 @@ the model as ``is_error`` results. A template error or a step result that
 cannot be recorded is deterministic: the run is ``failed`` and acknowledged,
 not retried. Other brokers never deliver an event twice, so there a failed run
 is ``failed`` at once.
+
+The model step runs on the agents' run engine (:mod:`micro.agent.engine`): its run
+is an agent run record, ``agent/{flow}/runs/{event id}``. With ``needs_approval``
+(or an ``approve`` hook answering ``"ask"``, or the model's ``request_input``
+question) it can wait for a person: the flow run is then ``paused`` (or
+``input_required``), the event acknowledged once that is recorded, and the same
+commands as for agents continue it (``micro agent pending|approve|answer|cancel
+FLOW``, ``Agent.Resume`` on the flow's service): the model step goes on from its
+checkpoint, then the ``after`` steps run and the flow run completes.
 """
 
 from __future__ import annotations
@@ -36,8 +45,21 @@ import anyio
 import msgspec
 
 from micro import idempotency, telemetry
-from micro.agent.loop import Approve, EndRun, Limits, Run, system_prompt
-from micro.agent.tools import Toolset, tool_name
+from micro._proto.micro.agent import CancelRequest, ChatResponse, ResumeRequest
+from micro.agent import agent as _agent_api
+from micro.agent.engine import (
+    DEFAULT_PAUSE_TTL,
+    Answer,
+    Approval,
+    Checkpoint,
+    RunEngine,
+    request_decisions,
+    response_of,
+    restore,
+)
+from micro.agent.loop import Approve, Decision, EndRun, Limits, Run, system_prompt
+from micro.agent.record import STATUSES, WAITING, AgentRun, AgentRuns
+from micro.agent.tools import REQUEST_INPUT, Toolset, request_input_tool, tool_name
 from micro.ai import Message, Model, from_provider
 from micro.broker import Message as BrokerMessage
 from micro.errors import (
@@ -45,7 +67,9 @@ from micro.errors import (
     Cancelled,
     Error,
     Internal,
+    NotFound,
     ResourceExhausted,
+    ServiceNotFound,
     Timeout,
     Unavailable,
     Unknown,
@@ -77,6 +101,14 @@ class StepResultError(TypeError):
     """A step returned a value the run record cannot hold (deterministic: the run fails, not retried)."""
 
 
+class FlowPaused(Exception):
+    """The model step waits for a person (its agent run record says for what)."""
+
+    def __init__(self, run: AgentRun) -> None:
+        super().__init__(f"run {run.id} waits for {run.waits_for()}")
+        self.run = run
+
+
 class Flow(Service):
     """Event-driven orchestration: every message on ``trigger`` runs one model step.
 
@@ -94,6 +126,11 @@ class Flow(Service):
             (``before[0]:prepare``, ``after[1]:notify``), so a retried event does not run it again.
         max_concurrency: events handled at once by this process (default 4).
         system: an optional system prompt for the model step.
+        needs_approval: tool-name patterns whose calls wait for a person (as for agents); the
+            run is then ``paused`` until ``micro agent approve FLOW RUN_ID`` (or ``Flow.resume``).
+        builtins: the built-in tools of the model step (default none; ``["request_input"]`` lets
+            the model ask a person a question).
+        pause_ttl: seconds a run may wait for a person before it expires (default 7 days).
 
     Example::
 
@@ -107,7 +144,9 @@ class Flow(Service):
                  steps: Sequence[Step] = (), after: Sequence[Step] = (), max_concurrency: int = 4,
                  system: str | None = None, max_steps: int = 10, loop_limit: int = 3,
                  tool_timeout: float | None = 60.0, model_timeout: float | None = 120.0,
-                 approve: Approve | None = None, metadata: Mapping[str, str] | None = None,
+                 approve: Approve | None = None, needs_approval: Sequence[str] = (),
+                 builtins: Sequence[str] = (), pause_ttl: float = DEFAULT_PAUSE_TTL,
+                 metadata: Mapping[str, str] | None = None,
                  **service_options: Unpack[ServiceOptions]) -> None:
         if not trigger:
             raise UsageError(f"flow {name}: give it a trigger topic, e.g. trigger='events.user.created'")
@@ -115,6 +154,12 @@ class Flow(Service):
             raise UsageError(f"flow {name}: give it a prompt (and services), an agent, or steps")
         if max_concurrency < 1:
             raise UsageError(f"flow {name}: max_concurrency must be at least 1")
+        if isinstance(needs_approval, str):
+            raise UsageError(f"flow {name}: needs_approval must be a list of tool-name patterns, "
+                             f"e.g. [{needs_approval!r}]")
+        if isinstance(builtins, str) or set(builtins) - {REQUEST_INPUT}:
+            raise UsageError(f"flow {name}: builtins must be a list of built-in tools ({REQUEST_INPUT!r}), "
+                             f"not {builtins!r}")
         self.trigger = trigger
         self.prompt = prompt
         self.services = list(services)
@@ -125,6 +170,9 @@ class Flow(Service):
         self.max_concurrency = max_concurrency
         self.limits = Limits(max_steps, loop_limit, tool_timeout, model_timeout)
         self.approve = approve
+        self.needs_approval = tuple(needs_approval)
+        self.builtins = tuple(builtins)
+        self.pause_ttl = pause_ttl
         self.model: Model | None = None
         if prompt and agent is None:
             import os
@@ -135,8 +183,14 @@ class Flow(Service):
                 "agent": agent or "", "model": self.model.model if self.model else "", **(metadata or {})}
         super().__init__(name, metadata=meta, **service_options)
         self.handle(_FlowRuns(self), name="Flow")
+        if self.model is not None:  # its model step's runs can wait: the agents' commands reach them
+            self.handle(_FlowWaits(self), name="Agent")
+            self.handle(_FlowWaitsInfo(self), name="AgentInfo")
         self._toolset: _CheckpointedToolset | None = None
         self._runs: RunStore | None = None
+        self._model_runs: AgentRuns | None = None
+        self._engine: RunEngine | None = None
+        self._claimed: dict[str, tuple[Checkpoint, dict[str, Decision]]] = {}
         self.active = 0
         self.peak = 0
         self._inflight: dict[str, anyio.Event] = {}
@@ -151,10 +205,69 @@ class Flow(Service):
             self._runs = RunStore(self.runtime.store, self.name)
         return self._runs
 
+    @property
+    def model_runs(self) -> AgentRuns:
+        """The agent run records of the model step (``agent/{flow}/runs/{event id}``)."""
+        if self._model_runs is None:
+            self._model_runs = AgentRuns(self.runtime.store, self.name)
+        return self._model_runs
+
+    @property
+    def engine(self) -> RunEngine:
+        """The run engine of the model step (the agents')."""
+        if self._engine is None:
+            self._engine = RunEngine(self.name, self.model_runs, owner=lambda: self.id, nodes=self._nodes,
+                                     pause_ttl=self.pause_ttl)
+        return self._engine
+
+    async def _nodes(self) -> set[str]:
+        try:
+            records = await self.runtime.registry.get(self.name)
+        except ServiceNotFound:
+            return set()
+        return {n.id for r in records for n in r.nodes}
+
     async def stop(self) -> None:
         await super().stop()
         self._toolset = None
         self._runs = None
+        self._model_runs = None
+        self._engine = None
+
+    async def resume(self, run_id: str, *, approve: Approval = None, answer: Answer = None, reason: str = "",
+                     partial: bool = False) -> ChatResponse:
+        """Continue a run whose model step waits for a person (as :meth:`micro.Agent.resume`); then its
+        ``after`` steps run and the flow run completes. Returns where the model step's run is."""
+        engine = self.engine
+        record, version = await engine.claimable(run_id)
+        decisions = engine.decide(record, approve, answer, reason, partial)
+        if len(decisions) < len(record.pending):
+            return response_of(await engine.record_decisions(record, version, decisions))
+        flow_run = await self.runs.get(run_id)
+        if flow_run is None:
+            raise NotFound(f"flow {self.name} has no run {run_id!r} (`micro flow runs {self.name}` lists them)")
+        version = await engine.claim(record, version, record.status, decisions)
+        await self.model_runs.unmark_waiting(record)
+        self._claimed[run_id] = (Checkpoint(self.model_runs, record, version), decisions)
+        try:
+            # nothing delivers it again: this attempt is its last
+            await self.run_event(run_id, flow_run.topic, flow_run.event, last_attempt=True)
+        except Exception:
+            pass  # recorded in the flow run and the model step's run
+        finally:
+            self._claimed.pop(run_id, None)
+        latest = await self.model_runs.get(run_id)
+        return response_of(latest or record)
+
+    async def cancel(self, run_id: str, *, reason: str = "") -> ChatResponse:
+        """Cancel a run whose model step waits; the flow run is ``cancelled`` too."""
+        record = await self.engine.cancel(run_id, reason)
+        flow_run = await self.runs.get(run_id)
+        if flow_run is not None:
+            flow_run.status, flow_run.error_kind, flow_run.error = "cancelled", "cancelled", record.error
+            flow_run.finished = now()
+            await self.runs.put(flow_run)
+        return response_of(record)
 
     async def _on_event(self, message: BrokerMessage) -> None:
         event = _event_of(message.data)
@@ -193,6 +306,9 @@ class Flow(Service):
         if run is not None and run.status == "completed":
             log.info("flow %s: event %s already completed; skipping", self.name, run_id)
             return run
+        if run is not None and run.status in WAITING and run_id not in self._claimed:
+            log.info("flow %s: event %s waits for a person; skipping", self.name, run_id)
+            return run
         if run is None:
             run = FlowRun(id=run_id, flow=self.name, topic=topic, event=event, started=now(), replay_of=replay_of)
         run.attempts += 1
@@ -204,6 +320,10 @@ class Flow(Service):
         token = _current_run.set((run, runs))
         try:
             await self._pipeline(run, event if isinstance(event, dict) else {"data": event})
+        except FlowPaused as paused:
+            run.status = paused.run.status  # type: ignore[assignment]
+            await runs.put(run)  # recorded: now the event may be acknowledged
+            return run
         except (TemplateError, StepResultError) as exc:
             run.status, run.error = "failed", str(exc)
             run.error_kind = "template" if isinstance(exc, TemplateError) else "step_result"
@@ -274,13 +394,42 @@ class Flow(Service):
     async def _model_step(self, run: FlowRun) -> str:
         assert self.model is not None
         if self._toolset is None:
-            self._toolset = _CheckpointedToolset(self.client, self.services, {})
+            functions = {REQUEST_INPUT: request_input_tool()} if REQUEST_INPUT in self.builtins else {}
+            self._toolset = _CheckpointedToolset(self.client, self.services, functions)
         # the tools enforce tool_timeout as their call's deadline, so a timeout is a Timeout they can end
         # the run with (a transient failure), not an is_error result the loop makes up
         self._toolset.timeout = self.limits.tool_timeout
         limits = dataclasses.replace(self.limits, tool_timeout=None)
-        loop = Run(self.model, system_prompt(self.system), self._toolset.tools, limits, self.approve)
-        return await loop([], Message.user(run.prompt))
+        claimed = self._claimed.get(run.id)
+        if claimed is not None:  # resumed by a person's decision
+            checkpoint, decisions = claimed
+        else:
+            found = await self.model_runs.load(run.id)
+            if found is not None and found[0].status == "completed":
+                return found[0].reply  # done in an earlier attempt
+            if found is not None and found[0].status in WAITING:
+                raise FlowPaused(found[0])
+            # a new model step, or one an earlier attempt left failed or unfinished: it starts again (its
+            # completed tool calls are answered from the flow run's checkpoint, in-flight ones keyed alike)
+            record = AgentRun(run.id, self.name, run.prompt, status="running", model=self.model.model,
+                              started=now(), messages=[Message.user(run.prompt)], key=run.id, owner=self.id)
+            checkpoint = Checkpoint(self.model_runs, record, found[1] if found is not None else 0)
+            await checkpoint.save()
+            decisions = {}
+        loop = Run(self.model, system_prompt(self.system), self._toolset.tools, limits, self.approve,
+                   needs_approval=self.needs_approval, checkpoint=checkpoint.save, decisions=decisions)
+        restore(checkpoint.record, loop)
+        checkpoint.run = loop
+        try:
+            reply = await loop.drive([])
+        except BaseException as exc:
+            await self.engine.fail(checkpoint, exc)
+            raise
+        if loop.pending:
+            await self.engine.park(checkpoint)
+            raise FlowPaused(checkpoint.record)
+        await self.engine.finish(checkpoint, reply)
+        return reply
 
 
 _AGENT_STEP = "agent"
@@ -382,7 +531,7 @@ class _FlowRuns:
         old = await self._flow.runs.get(req.id)
         if old is None:
             raise NotFound(f"flow {self._flow.name} has no run {req.id!r}")
-        if old.status in ("running", "retrying"):
+        if old.status in ("running", "retrying", "paused", "input_required"):
             # a replay now would repeat the side effects the run is making (or will make when redelivered)
             raise BadRequest(
                 f"flow {self._flow.name}: run {req.id!r} is {old.status}; replaying it now would run its "
@@ -399,3 +548,40 @@ class _FlowRuns:
             return RunResponse(run=await self._flow.runs.get(f"{req.id}-replay-{n}"))
 
 
+
+
+class _FlowWaits:
+    """The ``Agent`` handler of a flow: its model step's waiting runs, decided as an agent's are."""
+
+    def __init__(self, flow: Flow) -> None:
+        self._flow = flow
+
+    async def Resume(self, req: ResumeRequest) -> ChatResponse:
+        """Continue a run whose model step waits for a person: decisions on its pending calls, or the answer."""
+        approve, answer = request_decisions(self._flow.name, req)
+        return await self._flow.resume(req.run_id, approve=approve, answer=answer, reason=req.reason,
+                                       partial=req.partial)
+
+    async def Cancel(self, req: CancelRequest) -> ChatResponse:
+        """Cancel a run whose model step waits; its pending calls are refused and the flow run is cancelled."""
+        return await self._flow.cancel(req.run_id, reason=req.reason)
+
+
+class _FlowWaitsInfo:
+    """The ``AgentInfo`` handler of a flow: its model step's runs (``micro agent pending|runs FLOW``)."""
+
+    def __init__(self, flow: Flow) -> None:
+        self._flow = flow
+
+    async def Pending(self, req: _agent_api.PendingRequest) -> _agent_api.RunsResponse:
+        """The runs whose model step waits for a person, oldest first."""
+        return _agent_api.RunsResponse(runs=await self._flow.engine.pending())
+
+    async def Runs(self, req: _agent_api.RunsRequest) -> _agent_api.RunsResponse:
+        """The model step's most recent runs, newest first (optionally with some statuses)."""
+        if req.status is not None and set(req.status) - set(STATUSES):
+            raise BadRequest(f"flow {self._flow.name}: the run statuses are {', '.join(STATUSES)}")
+        engine = self._flow.engine
+        owners = await engine.owners()
+        return _agent_api.RunsResponse(runs=await self._flow.model_runs.list(
+            req.limit, status=req.status, effective=lambda r: engine.effective(r, owners)))

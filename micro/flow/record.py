@@ -15,11 +15,13 @@ import msgspec
 
 from micro.store import Record, Store
 
-Status = Literal["running", "completed", "failed", "retrying", "cancelled"]
+Status = Literal["running", "completed", "failed", "retrying", "cancelled", "paused", "input_required"]
 """``running`` now (or its process died; a durable broker delivers it again); ``completed``;
 ``failed`` for good (a deterministic error, the broker's last attempt, or a broker that never
 redelivers); ``retrying`` (the broker delivers it again with backoff); ``cancelled`` (stopped
-mid-way: the process shut down or a replay's deadline ran out)."""
+mid-way: the process shut down, a replay's deadline ran out, or a person cancelled it while it
+waited); ``paused`` / ``input_required`` (its model step waits for a person: the event is
+acknowledged, and ``micro agent approve|answer FLOW RUN_ID`` continues it)."""
 
 
 class ToolCallResult(msgspec.Struct):

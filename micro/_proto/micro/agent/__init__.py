@@ -3,7 +3,20 @@
 # plugin: python-betterproto2
 # This file has been @generated
 
-__all__ = ("AgentBase", "AgentStub", "ChatEvent", "ChatRequest", "ChatResponse", "ToolCall")
+__all__ = (
+    "AgentBase",
+    "AgentStub",
+    "CancelRequest",
+    "ChatEvent",
+    "ChatRequest",
+    "ChatResponse",
+    "Decision",
+    "PendingCall",
+    "ResumeInterruptedRequest",
+    "ResumeInterruptedResponse",
+    "ResumeRequest",
+    "ToolCall",
+)
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,19 +38,28 @@ betterproto2.check_compiler_version(_COMPILER_VERSION)
 
 
 @dataclass(eq=False, repr=False)
+class CancelRequest(betterproto2.Message):
+    run_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    reason: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message("micro.agent", "CancelRequest", CancelRequest)
+
+
+@dataclass(eq=False, repr=False)
 class ChatEvent(betterproto2.Message):
     type: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
     """
-    one of: "text", "tool_start", "tool_end", "done", "error"
+    one of: "text", "tool_start", "tool_end", "done", "error",
+    "paused", "input_required" (the run waits: `response` has its pending calls)
     """
 
     text: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
 
     tool_call: "ToolCall | None" = betterproto2.field(3, betterproto2.TYPE_MESSAGE, optional=True)
 
-    response: "ChatResponse | None" = betterproto2.field(
-        4, betterproto2.TYPE_MESSAGE, optional=True
-    )
+    response: "ChatResponse | None" = betterproto2.field(4, betterproto2.TYPE_MESSAGE, optional=True)
 
     agent: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
 
@@ -69,8 +91,115 @@ class ChatResponse(betterproto2.Message):
 
     parent_id: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
 
+    status: "str" = betterproto2.field(6, betterproto2.TYPE_STRING)
+    """
+    "completed", or "paused" (pending approvals) / "input_required" (a pending question)
+    """
+
+    pending: "list[PendingCall]" = betterproto2.field(7, betterproto2.TYPE_MESSAGE, repeated=True)
+
 
 default_message_pool.register_message("micro.agent", "ChatResponse", ChatResponse)
+
+
+@dataclass(eq=False, repr=False)
+class Decision(betterproto2.Message):
+    """
+    A person's decision on one pending call: approve (or deny, with a reason), or answer a question.
+    """
+
+    call_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    approve: "bool" = betterproto2.field(2, betterproto2.TYPE_BOOL)
+
+    reason: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+
+    answer: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message("micro.agent", "Decision", Decision)
+
+
+@dataclass(eq=False, repr=False)
+class PendingCall(betterproto2.Message):
+    """
+    A tool call that waits for a person: approval of the call, or an answer to the model's question.
+    """
+
+    call_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    tool: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+    input: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+    """
+    JSON
+    """
+
+    reason: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
+    """
+    why it needs approval
+    """
+
+    kind: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
+    """
+    "approval" or "question"
+    """
+
+    question: "str" = betterproto2.field(6, betterproto2.TYPE_STRING)
+    """
+    the model's question (kind "question")
+    """
+
+
+default_message_pool.register_message("micro.agent", "PendingCall", PendingCall)
+
+
+@dataclass(eq=False, repr=False)
+class ResumeInterruptedRequest(betterproto2.Message):
+    pass
+
+
+default_message_pool.register_message("micro.agent", "ResumeInterruptedRequest", ResumeInterruptedRequest)
+
+
+@dataclass(eq=False, repr=False)
+class ResumeInterruptedResponse(betterproto2.Message):
+    runs: "list[ChatResponse]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+
+
+default_message_pool.register_message("micro.agent", "ResumeInterruptedResponse", ResumeInterruptedResponse)
+
+
+@dataclass(eq=False, repr=False)
+class ResumeRequest(betterproto2.Message):
+    run_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    decisions: "list[Decision]" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, repeated=True)
+
+    answer: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+    """
+    the answer to the run's one question
+    """
+
+    approve_all: "bool" = betterproto2.field(4, betterproto2.TYPE_BOOL)
+    """
+    approve every pending call
+    """
+
+    deny_all: "bool" = betterproto2.field(5, betterproto2.TYPE_BOOL)
+    """
+    deny every pending call (with `reason`)
+    """
+
+    reason: "str" = betterproto2.field(6, betterproto2.TYPE_STRING)
+
+    partial: "bool" = betterproto2.field(7, betterproto2.TYPE_BOOL)
+    """
+    record these decisions; resume once every pending call is decided
+    """
+
+
+default_message_pool.register_message("micro.agent", "ResumeRequest", ResumeRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -105,7 +234,8 @@ class AgentStub(betterproto2_grpclib.ServiceStub):
         metadata: "MetadataLike | None" = None,
     ) -> "ChatResponse":
         """
-        Chat sends one message to the agent and returns its reply once the run is over.
+        Chat sends one message to the agent and returns its reply once the run is over,
+        or, when the run waits for a person, its status ("paused", "input_required") and pending calls.
         """
 
         return await self._unary_unary(
@@ -139,11 +269,100 @@ class AgentStub(betterproto2_grpclib.ServiceStub):
         ):
             yield response
 
+    async def resume(
+        self,
+        message: "ResumeRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "ChatResponse":
+        """
+        Resume continues a paused or input_required run with decisions on its pending calls or an answer.
+        """
+
+        return await self._unary_unary(
+            "/micro.agent.Agent/Resume",
+            message,
+            ChatResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def stream_resume(
+        self,
+        message: "ResumeRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "AsyncIterator[ChatEvent]":
+        """
+        StreamResume is Resume, streaming events as the run goes.
+        """
+
+        async for response in self._unary_stream(
+            "/micro.agent.Agent/StreamResume",
+            message,
+            ChatEvent,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        ):
+            yield response
+
+    async def cancel(
+        self,
+        message: "CancelRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "ChatResponse":
+        """
+        Cancel ends a run that waits (or that a crash interrupted); its pending calls are refused.
+        """
+
+        return await self._unary_unary(
+            "/micro.agent.Agent/Cancel",
+            message,
+            ChatResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def resume_interrupted(
+        self,
+        message: "ResumeInterruptedRequest | None" = None,
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "ResumeInterruptedResponse":
+        """
+        ResumeInterrupted continues, from their checkpoints, the runs whose process died mid-way.
+        """
+
+        if message is None:
+            message = ResumeInterruptedRequest()
+
+        return await self._unary_unary(
+            "/micro.agent.Agent/ResumeInterrupted",
+            message,
+            ResumeInterruptedResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
 
 class AgentBase(betterproto2_grpclib.ServiceBase):
     async def chat(self, message: "ChatRequest") -> "ChatResponse":
         """
-        Chat sends one message to the agent and returns its reply once the run is over.
+        Chat sends one message to the agent and returns its reply once the run is over,
+        or, when the run waits for a person, its status ("paused", "input_required") and pending calls.
         """
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
@@ -156,15 +375,42 @@ class AgentBase(betterproto2_grpclib.ServiceBase):
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
         yield ChatEvent()
 
+    async def resume(self, message: "ResumeRequest") -> "ChatResponse":
+        """
+        Resume continues a paused or input_required run with decisions on its pending calls or an answer.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def stream_resume(self, message: "ResumeRequest") -> "AsyncIterator[ChatEvent]":
+        """
+        StreamResume is Resume, streaming events as the run goes.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+        yield ChatEvent()
+
+    async def cancel(self, message: "CancelRequest") -> "ChatResponse":
+        """
+        Cancel ends a run that waits (or that a crash interrupted); its pending calls are refused.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def resume_interrupted(self, message: "ResumeInterruptedRequest") -> "ResumeInterruptedResponse":
+        """
+        ResumeInterrupted continues, from their checkpoints, the runs whose process died mid-way.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
     async def __rpc_chat(self, stream: "grpclib.server.Stream[ChatRequest, ChatResponse]") -> None:
         request = await stream.recv_message()
         assert request is not None
         response = await self.chat(request)
         await stream.send_message(response)
 
-    async def __rpc_stream_chat(
-        self, stream: "grpclib.server.Stream[ChatRequest, ChatEvent]"
-    ) -> None:
+    async def __rpc_stream_chat(self, stream: "grpclib.server.Stream[ChatRequest, ChatEvent]") -> None:
         request = await stream.recv_message()
         assert request is not None
         await self._call_rpc_handler_server_stream(
@@ -172,6 +418,35 @@ class AgentBase(betterproto2_grpclib.ServiceBase):
             stream,
             request,
         )
+
+    async def __rpc_resume(self, stream: "grpclib.server.Stream[ResumeRequest, ChatResponse]") -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.resume(request)
+        await stream.send_message(response)
+
+    async def __rpc_stream_resume(self, stream: "grpclib.server.Stream[ResumeRequest, ChatEvent]") -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        await self._call_rpc_handler_server_stream(
+            self.stream_resume,
+            stream,
+            request,
+        )
+
+    async def __rpc_cancel(self, stream: "grpclib.server.Stream[CancelRequest, ChatResponse]") -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.cancel(request)
+        await stream.send_message(response)
+
+    async def __rpc_resume_interrupted(
+        self, stream: "grpclib.server.Stream[ResumeInterruptedRequest, ResumeInterruptedResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.resume_interrupted(request)
+        await stream.send_message(response)
 
     def __mapping__(self) -> "dict[str, grpclib.const.Handler]":
         return {
@@ -186,5 +461,29 @@ class AgentBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_STREAM,
                 ChatRequest,
                 ChatEvent,
+            ),
+            "/micro.agent.Agent/Resume": grpclib.const.Handler(
+                self.__rpc_resume,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ResumeRequest,
+                ChatResponse,
+            ),
+            "/micro.agent.Agent/StreamResume": grpclib.const.Handler(
+                self.__rpc_stream_resume,
+                grpclib.const.Cardinality.UNARY_STREAM,
+                ResumeRequest,
+                ChatEvent,
+            ),
+            "/micro.agent.Agent/Cancel": grpclib.const.Handler(
+                self.__rpc_cancel,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                CancelRequest,
+                ChatResponse,
+            ),
+            "/micro.agent.Agent/ResumeInterrupted": grpclib.const.Handler(
+                self.__rpc_resume_interrupted,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ResumeInterruptedRequest,
+                ResumeInterruptedResponse,
             ),
         }
