@@ -37,7 +37,7 @@ from typing import ClassVar, Self
 
 from micro.errors import MicroError
 
-__all__ = ["ErrorMap", "Resource", "State", "map_errors", "reason", "redact"]
+__all__ = ["ErrorMap", "Resource", "State", "aclose", "map_errors", "reason", "redact"]
 
 
 class State(enum.Enum):
@@ -154,6 +154,16 @@ class Resource:
 
     async def _close(self) -> None:
         """Stop background work and disconnect (last reference, under the lifecycle lock)."""
+
+
+async def aclose(thing: object) -> None:
+    """Close an async iterator (or anything) now if it can be closed: what ``contextlib.aclosing``
+    does on exit, for an object that may have no ``aclose`` (a handler may return any async
+    iterator). The one way micro ends a stream its consumer stopped early: the generator runs
+    its ``finally`` now, not when it is collected."""
+    close = getattr(thing, "aclose", None)
+    if close is not None:
+        await close()
 
 
 def redact(url: str) -> str:

@@ -51,6 +51,7 @@ from micro.ai import (
 )
 from micro.ai.messages import INVALID_JSON, writable
 from micro.errors import AgentError, Error, Timeout
+from micro.resource import aclose
 
 from .tools import Tool, result_text
 
@@ -267,9 +268,7 @@ class Run:
                 elif isinstance(ev, Done):
                     done = ev.response
         finally:  # a cancelled run releases the provider's connection now, not at garbage collection
-            aclose = getattr(events, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await aclose(events)
         if done is None:
             raise AgentError(f"{self.model!r} ended its stream without a response")
         return done

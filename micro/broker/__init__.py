@@ -26,6 +26,7 @@ from micro.broker._base import (
     MessageHandler,
     Settlement,
     Subscription,
+    drain,
     encode_message,
 )
 from micro.errors import ConfigError
@@ -39,6 +40,7 @@ __all__ = [
     "MessageHandler",
     "Settlement",
     "Subscription",
+    "drain",
     "encode_message",
     "from_url",
 ]

@@ -33,6 +33,7 @@ from micro.errors import BadRequest, EndpointNotFound, ResourceExhausted, Servic
 from micro.middleware import Next, Request, Wrapper, chain
 from micro.registry import Endpoint as EndpointRecord
 from micro.registry import Node, Registry, ServiceRecord, Watcher
+from micro.resource import aclose
 from micro.server.grpc import DEFAULT_MAX_MESSAGE_SIZE
 
 from .deadlines import Watchdog
@@ -105,9 +106,7 @@ class Client:
             async for item in items:
                 yield item
         finally:  # a caller that stops early ends the call now (the network stream is reset)
-            aclose = getattr(items, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await aclose(items)
 
     async def publish(self, topic: str, message: Any, *, headers: Mapping[str, str] | None = None) -> None:
         """Publish a message on the runtime's broker."""
@@ -178,10 +177,8 @@ class Client:
                     yield item
                 else:
                     yield codec_for(rt).convert(ep.response.to_builtins(item), f"{ep.where} response")
-        finally:
-            aclose = getattr(it, "aclose", None)
-            if aclose is not None:  # stopped early: the handler's generator ends now, not when collected
-                await aclose()
+        finally:  # stopped early: the handler's generator ends now, not when collected
+            await aclose(it)
 
     # -- network path -------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from grpclib.server import Server, Stream
 
 from micro.codec import JSON, PROTO
 from micro.errors import Error, ResourceExhausted
+from micro.resource import aclose
 
 if TYPE_CHECKING:
     from micro.service.endpoints import Endpoint
@@ -275,9 +276,7 @@ class GrpcServer:
                         await stream.send_message(reply)
                         sent += 1
                 finally:
-                    aclose = getattr(items, "aclose", None)
-                    if aclose is not None:
-                        await aclose()  # the handler's generator runs its cleanup now
+                    await aclose(items)  # the handler's generator runs its cleanup now
             except Error as err:
                 raise GRPCError(err.status, err.message) from None
 

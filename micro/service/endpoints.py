@@ -26,6 +26,7 @@ from micro.codec import JSON, PROTO, ProtoCodec, TypeCodec, codec_for
 from micro.errors import Error, Internal, UsageError
 from micro.middleware import Next, Request, Wrapper, chain
 from micro.registry import Endpoint as EndpointRecord
+from micro.resource import aclose
 
 log = logging.getLogger("micro.service")
 
@@ -135,14 +136,12 @@ class Endpoint:
                 finally:
                     context.leave(tokens)
                 yield self.check_response(item)
-        finally:
-            aclose = getattr(it, "aclose", None)
-            if aclose is not None:  # a consumer that stops early ends the handler's generator now
-                tokens = context.enter(deadline, metadata)
-                try:
-                    await aclose()
-                finally:
-                    context.leave(tokens)
+        finally:  # a consumer that stops early ends the handler's generator now, in the call's context
+            tokens = context.enter(deadline, metadata)
+            try:
+                await aclose(it)
+            finally:
+                context.leave(tokens)
 
 
 def endpoints_of(handler: object, service: str, *, name: str | None = None) -> list[Endpoint]:

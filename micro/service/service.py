@@ -26,7 +26,7 @@ import anyio.abc
 import msgspec
 
 from micro import telemetry
-from micro.broker import Subscription
+from micro.broker import Subscription, drain
 from micro.codec import JSON, codec_for
 from micro.errors import BadRequest, UsageError
 from micro.limits import Limiter
@@ -210,7 +210,7 @@ class Service:
             rt.add_local(self.name, self._endpoints)
             stack.callback(rt.remove_local, self.name, self._endpoints)
             subs: list[Subscription] = []
-            stack.push_async_callback(_unsubscribe_all, subs)
+            stack.push_async_callback(drain, subs)  # all at once, then they drain together
             for topic, fn, queue, durable, prefetch in self._subscriptions:
                 more = {} if prefetch is None else {"prefetch": prefetch}  # brokers of others may not take it
                 subs.append(await rt.broker.subscribe(topic, _subscriber(fn, f"{self.name} {topic}"),
@@ -280,17 +280,6 @@ class Service:
     def run(self) -> None:
         """Run the service as a program: ``micro.New("task").run()``. Blocks until a signal."""
         asyncio.run(self.serve())
-
-
-async def _unsubscribe_all(subs: list[Subscription]) -> None:
-    """Every subscription stops taking messages at once, then they drain together.
-
-    One after another, the later ones went on starting messages while the first drained
-    (a flow has ``max_concurrency`` subscriptions on its trigger).
-    """
-    async with anyio.create_task_group() as tg:
-        for sub in subs:
-            tg.start_soon(sub.unsubscribe)
 
 
 def _advertise(host: str) -> str:
