@@ -24,6 +24,7 @@ import anyio.abc
 
 from micro import registry as _registry
 from micro.client import Client
+from micro.delivery import RuntimeDelivery
 from micro.errors import MicroError, UsageError
 from micro.middleware import Wrapper
 from micro.registry import Registry
@@ -80,6 +81,8 @@ class Runtime(Resource):
             self.registry, local=self.local, wrappers=call_wrappers,
             default_timeout=default_timeout, publish=self.broker.publish, tls=tls,
         )
+        self.delivery = RuntimeDelivery(self.registry, self.client)
+        """What a broker that delivers through the runtime (``local://``) uses."""
         self.broker.attach(self)
         self.url = self.registry.url
         self._stack: contextlib.AsyncExitStack | None = None

@@ -267,13 +267,23 @@ class _Ids:
 
     def reseed(self) -> None:
         self.prefix = os.urandom(8).hex()
+        self.prefix_bytes = self.prefix.encode()
         self.counter = itertools.count(int.from_bytes(os.urandom(4), "big"))
 
     def next(self) -> str:
         return f"{self.prefix}{next(self.counter):016x}"  # starts below 2**32: never wraps
 
+    def next_bytes(self, head: bytes) -> bytes:
+        """``head`` + a fresh id, as ASCII bytes (the core NATS envelope's front, in one step)."""
+        return b"%s%s%016x" % (head, self.prefix_bytes, next(self.counter))
+
 
 _ids = _Ids()
+
+
+def new_message_id_bytes(head: bytes = b"") -> bytes:
+    """``head`` followed by a fresh message id (32 ASCII hex digits): no ``str`` on the way."""
+    return _ids.next_bytes(head)
 
 
 def new_message_id(headers: Mapping[str, str] | None = None) -> str:

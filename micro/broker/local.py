@@ -13,8 +13,10 @@ a process that is unreachable misses the message (and its record expires), and
 a subscriber in another process may miss what is published in the first second
 after it subscribes if, just before, no process had subscribed at all.
 
-The broker needs a runtime: :class:`micro.Runtime` attaches itself. With the
-``local`` registry this spans the machine; with ``memory`` it is one process.
+The broker needs a runtime: :class:`micro.Runtime` attaches itself, and the broker takes
+from it a :class:`Delivery` (the registry, the watched lookup, serving its endpoint,
+reaching one node; :mod:`micro.delivery`) — it builds no server and touches no client
+itself. With the ``local`` registry this spans the machine; with ``memory`` it is one process.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import logging
 import os
 import uuid
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import msgspec
@@ -36,8 +38,9 @@ from micro.broker._base import (
     MessageHandler,
     new_message_id,
 )
-from micro.broker.memory import MemoryBroker, MemorySubscription, topic_matches
+from micro.broker.memory import DEFAULT_QUEUE_SIZE, MemoryBroker, MemorySubscription, topic_matches
 from micro.errors import BrokerError, Error, NotFound
+from micro.registry import Node, Registry, ServiceRecord
 from micro.tasks import BackgroundTasks
 
 if TYPE_CHECKING:
@@ -71,6 +74,29 @@ class DeliverResponse(msgspec.Struct):
 _subs_decoder = msgspec.json.Decoder(list[_Sub])
 
 
+class Served(Protocol):
+    """An endpoint a :class:`Delivery` serves: where, and how to stop it."""
+
+    address: str
+
+    async def stop(self, grace: float) -> None: ...
+
+
+class Delivery(Protocol):
+    """What the local broker needs from the runtime that holds it (:class:`micro.delivery.RuntimeDelivery`):
+    the registry, the watched lookup, serving its one endpoint, and reaching one node."""
+
+    registry: Registry
+
+    async def lookup(self, service: str) -> list[ServiceRecord]: ...
+
+    def forget(self, service: str) -> None: ...
+
+    async def serve(self, service: str, handler: object, name: str) -> Served: ...
+
+    async def send(self, node: Node, path: str, payload: bytes, *, timeout: float) -> None: ...
+
+
 class _Target(msgspec.Struct, frozen=True):
     node: str
     address: str
@@ -80,18 +106,19 @@ class _Target(msgspec.Struct, frozen=True):
 class LocalBroker(MemoryBroker):
     """Topics across the processes that share a registry (``local://``)."""
 
-    def __init__(self, url: str = "local://", **options: Any) -> None:
-        super().__init__(**options)
+    def __init__(self, url: str = "local://", *, queue_size: int = DEFAULT_QUEUE_SIZE,
+                 drain_timeout: float = 5.0) -> None:
+        super().__init__(queue_size=queue_size, drain_timeout=drain_timeout)
         self.url = url
         self.node_id = f"{SERVICE}-{uuid.uuid4().hex[:12]}"
-        self._runtime: Runtime | None = None
+        self._delivery: Delivery | None = None
         self._ids: dict[MemorySubscription, _Sub] = {}
         self._by_id: dict[str, MemorySubscription] = {}
-        self._server: Any = None
+        self._server: Served | None = None
         self._address = ""
         self._beats: BackgroundTasks | None = None
         self._changed = anyio.Event()
-        self._parsed: dict[int, tuple[Any, list[_Target]]] = {}
+        self._parsed: dict[int, tuple[list[ServiceRecord], list[_Target]]] = {}
         self._turns = itertools.count()
         self._absent_until = 0.0
 
@@ -102,14 +129,14 @@ class LocalBroker(MemoryBroker):
         return cls(url, queue_size=inner.queue_size, drain_timeout=inner.drain_timeout)
 
     def attach(self, runtime: Runtime) -> None:
-        """Use this runtime's registry and client (called by ``Runtime``)."""
-        self._runtime = runtime
+        """Deliver through this runtime's :class:`Delivery` (called by ``Runtime``)."""
+        self._delivery = runtime.delivery
 
     # -- subscribing --------------------------------------------------------------------------
 
     async def _subscribe(self, topic: str, handler: MessageHandler, *, queue: str | None,
                          durable: str | None, prefetch: int | None) -> MemorySubscription:
-        if self._runtime is None:
+        if self._delivery is None:
             raise BrokerError(f"broker {self.url} needs a runtime: create it through micro.Runtime")
         sub = await super()._subscribe(topic, handler, queue=queue, durable=durable, prefetch=prefetch)
         entry = _Sub(uuid.uuid4().hex[:16], topic, queue or "")
@@ -129,30 +156,23 @@ class LocalBroker(MemoryBroker):
     async def _serve(self) -> None:
         if self._server is not None:
             return
-        from micro.server.grpc import GrpcServer
-        from micro.service.endpoints import endpoints_of
-
-        server = GrpcServer()
-        for ep in endpoints_of(_Deliverer(self), SERVICE, name="Broker"):
-            server.add(ep)
-        await server.start("127.0.0.1", 0)
+        assert self._delivery is not None
+        server = await self._delivery.serve(SERVICE, _Deliverer(self), "Broker")
         self._server = server
-        self._address = f"127.0.0.1:{server.port}"
+        self._address = server.address
         beats = BackgroundTasks(f"broker {self.url} heartbeat", log)
         await beats.start()
         self._beats = beats
         beats.start_soon(self._heartbeat, name="micro.broker.local:heartbeat")
 
-    def _record(self) -> Any:
-        from micro.registry import Node, ServiceRecord
-
+    def _record(self) -> ServiceRecord:
         subs = msgspec.json.encode(list(self._ids.values())).decode()
         return ServiceRecord(SERVICE, metadata={"type": "internal"},
                              nodes=[Node(self.node_id, self._address, {"subs": subs, "pid": str(os.getpid())})])
 
     async def _register(self) -> None:
-        assert self._runtime is not None
-        await self._runtime.registry.register(self._record(), ttl=15.0)
+        assert self._delivery is not None
+        await self._delivery.registry.register(self._record(), ttl=15.0)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -165,14 +185,14 @@ class LocalBroker(MemoryBroker):
                 log.warning("broker %s: heartbeat to the registry failed", self.url, exc_info=True)
 
     async def _close(self) -> None:
-        runtime, server, beats = self._runtime, self._server, self._beats
+        delivery, server, beats = self._delivery, self._server, self._beats
         self._server = self._beats = None
         if beats is not None:
             await beats.aclose()
-        if server is not None and runtime is not None:
+        if server is not None and delivery is not None:
             with anyio.CancelScope(shield=True):
                 try:
-                    await runtime.registry.deregister(self._record())
+                    await delivery.registry.deregister(self._record())
                 except Exception:
                     log.warning("broker %s: deregistering failed", self.url, exc_info=True)
         await super()._close()
@@ -182,7 +202,7 @@ class LocalBroker(MemoryBroker):
     # -- publishing ---------------------------------------------------------------------------
 
     async def _publish(self, topic: str, data: bytes, headers: Mapping[str, str] | None) -> None:
-        if self._runtime is None:
+        if self._delivery is None:
             raise BrokerError(f"broker {self.url} needs a runtime: create it through micro.Runtime")
         message_id = new_message_id(headers)
         hdrs = {**(headers or {}), ID_HEADER: message_id}
@@ -223,12 +243,12 @@ class LocalBroker(MemoryBroker):
 
     async def _targets(self) -> list[_Target]:
         own = [_Target(self.node_id, self._address, e) for e in self._ids.values()]
-        assert self._runtime is not None
+        assert self._delivery is not None
         now = anyio.current_time()
         if now < self._absent_until:
             return own
         try:
-            records = await self._runtime.client.lookup(SERVICE)
+            records = await self._delivery.lookup(SERVICE)
         except NotFound:
             self._absent_until = now + ABSENT_CACHE  # nobody subscribes anywhere: do not ask on every publish
             return own
@@ -249,16 +269,13 @@ class LocalBroker(MemoryBroker):
         return own + cached[1]
 
     async def _send(self, node: str, address: str, req: DeliverRequest) -> None:
-        from micro.registry import Node
-
-        assert self._runtime is not None
-        client = self._runtime.client
+        assert self._delivery is not None
         try:
-            await client.channel(Node(node, address)).unary(
-                f"/{SERVICE}.Broker/Deliver", msgspec.json.encode(req), deadline=anyio.current_time() + 5.0)
+            await self._delivery.send(Node(node, address), f"/{SERVICE}.Broker/Deliver", msgspec.json.encode(req),
+                                     timeout=5.0)
         except Error as exc:
             log.warning("broker %s: %s at %s missed %r (%s)", self.url, node, address, req.topic, exc)
-            client.forget(SERVICE)
+            self._delivery.forget(SERVICE)
 
 
 class _Deliverer:

@@ -52,6 +52,7 @@ from micro.broker._base import (
     Subscription,
     drain,
     new_message_id,
+    new_message_id_bytes,
 )
 from micro.errors import BrokerError, ConfigError, Unavailable
 from micro.nats_connection import UNAVAILABLE, NatsConnection, NatsSettings, connect, describe
@@ -93,7 +94,7 @@ class NatsSubscription(Subscription):
         if headers:
             message = Message(topic=msg.subject, data=data, headers=headers,
                               id=headers.get(ID_HEADER) or new_message_id())
-        elif data[:4] == ENVELOPE and len(data) >= _HEAD:
+        elif data.startswith(ENVELOPE) and len(data) >= _HEAD:
             message_id = data[4:_HEAD].decode("ascii", "replace")
             message = Message(topic=msg.subject, data=data[_HEAD:], headers={ID_HEADER: message_id}, id=message_id)
         else:  # a bare payload (message_ids="none", or a publisher that is not micro)
@@ -284,7 +285,7 @@ class NatsBroker(Broker):
                 message_id = new_message_id(headers)
                 await nc.publish(topic, data, headers={**(headers or {}), ID_HEADER: message_id})
             elif self._id_envelope:
-                await nc.publish(topic, ENVELOPE + new_message_id().encode() + data)
+                await nc.publish(topic, new_message_id_bytes(ENVELOPE) + data)
             else:
                 await nc.publish(topic, data)  # the bare payload
         except nats.errors.Error as e:

@@ -1,0 +1,62 @@
+"""The delivery transport a runtime gives the ``local://`` broker.
+
+The local broker (:mod:`micro.broker.local`) keeps subscriptions in-process and
+hands messages to other processes' subscriptions. What it needs for that — the
+registry, a cached lookup, one small served endpoint and a way to reach one node —
+belongs to the runtime, which holds the registry, the client and the servers. The
+broker gets it through :meth:`micro.broker.Broker.attach` as a
+:class:`~micro.broker.local.Delivery` and builds no server and touches no client of
+its own.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import anyio
+
+from micro.registry import Node, Registry, ServiceRecord
+from micro.server.grpc import GrpcServer
+from micro.service.endpoints import endpoints_of
+
+if TYPE_CHECKING:
+    from micro.client import Client
+
+__all__ = ["RuntimeDelivery"]
+
+
+class _Served:
+    def __init__(self, server: GrpcServer) -> None:
+        self._server = server
+        self.address = f"127.0.0.1:{server.port}"
+
+    async def stop(self, grace: float) -> None:
+        await self._server.stop(grace)
+
+
+class RuntimeDelivery:
+    """A runtime's registry, client and servers, as the local broker uses them."""
+
+    def __init__(self, registry: Registry, client: Client) -> None:
+        self.registry = registry
+        self._client = client
+
+    async def lookup(self, service: str) -> list[ServiceRecord]:
+        """The records of ``service`` from the client's watched cache (``NotFound`` if none)."""
+        return await self._client.lookup(service)
+
+    def forget(self, service: str) -> None:
+        """Drop the cached records of ``service`` (a node did not answer)."""
+        self._client.forget(service)
+
+    async def serve(self, service: str, handler: object, name: str) -> _Served:
+        """Serve ``handler``'s endpoints as ``service`` (handler ``name``) on a loopback port."""
+        server = GrpcServer()
+        for ep in endpoints_of(handler, service, name=name):
+            server.add(ep)
+        await server.start("127.0.0.1", 0)
+        return _Served(server)
+
+    async def send(self, node: Node, path: str, payload: bytes, *, timeout: float) -> None:
+        """One unary JSON call to ``path`` on that node (``micro.errors.Error`` when it fails)."""
+        await self._client.channel(node).unary(path, payload, deadline=anyio.current_time() + timeout)
