@@ -181,13 +181,14 @@ class StoreMemory:
         self._reserving: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         self._compacting: set[str] = set()
         self._scopes: set[anyio.CancelScope] = set()
+        self._running: set[anyio.Event] = set()
 
     def bind(self, store: Store, agent: str, model: Model, task_group: anyio.abc.TaskGroup | None = None) -> Self:
         """A copy of this memory for agent ``agent`` (no I/O); compactions run in ``task_group``
         (None: on the appending caller's time)."""
         bound = copy.copy(self)
         bound._store, bound._agent, bound._model, bound._task_group = store, agent, model, task_group
-        bound._reserving, bound._compacting, bound._scopes = {}, set(), set()
+        bound._reserving, bound._compacting, bound._scopes, bound._running = {}, set(), set(), set()
         return bound
 
     @property
@@ -273,7 +274,9 @@ class StoreMemory:
                 await self._compact_logged(session)
             else:
                 self._compacting.add(session)  # one compaction per session per process at a time
-                self._task_group.start_soon(self._compact_owned, session)
+                done = anyio.Event()
+                self._running.add(done)
+                self._task_group.start_soon(self._compact_owned, session, done)
 
     async def _reserve(self, session: str, count: int) -> _Head:
         """Move the head ``count`` on by compare-and-set; the head after it (the block ends at ``next``)."""
@@ -298,7 +301,7 @@ class StoreMemory:
             if not users[0]:
                 del self._reserving[session]
 
-    async def _compact_owned(self, session: str) -> None:
+    async def _compact_owned(self, session: str, done: anyio.Event) -> None:
         scope = anyio.CancelScope()
         self._scopes.add(scope)
         try:
@@ -307,6 +310,13 @@ class StoreMemory:
         finally:
             self._scopes.discard(scope)
             self._compacting.discard(session)
+            self._running.discard(done)
+            done.set()
+
+    async def settle(self) -> None:
+        """Wait for the background compactions started so far to end (done, failed or cancelled)."""
+        for done in list(self._running):
+            await done.wait()
 
     async def _compact_logged(self, session: str) -> None:
         try:
