@@ -242,6 +242,39 @@ async def test_the_cut_never_separates_a_tool_call_from_its_result() -> None:
         assert live[0].text.endswith("8 folded") and live[1:] == run_of(2)
 
 
+async def test_two_replicas_compacting_at_once_leave_one_summary() -> None:
+    async with MemoryStore() as store:
+        writer = bound(store, compact_at=0)
+        for i in range(3):
+            await writer.append("", run_of(i))
+        entered = [anyio.Event(), anyio.Event()]
+        go = anyio.Event()
+
+        def replica(n: int) -> StoreMemory:
+            async def summariser(messages: list[Message]) -> str:
+                entered[n].set()
+                await go.wait()  # both have read the head before either commits
+                return f"replica {n}"
+            return bound(store, compact_at=9, keep=4, summariser=summariser)
+
+        done: list[bool] = []
+
+        async def compact(memory: StoreMemory) -> None:
+            done.append(await memory.compact(""))
+
+        with anyio.fail_after(GUARD):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(compact, replica(0))
+                tg.start_soon(compact, replica(1))
+                await entered[0].wait()
+                await entered[1].wait()
+                go.set()
+        assert sorted(done) == [False, True]
+        live = await writer.messages()
+        assert live[0].text.split("\n", 1)[1] in ("replica 0", "replica 1") and live[1:] == run_of(2)
+        assert len(await store.list("agent/memo/memory/#/summary/")) == 1
+
+
 # -- forget, retention -----------------------------------------------------------------------------
 
 

@@ -348,8 +348,9 @@ class StoreMemory:
         await self.store.write(Record(key, _encode(message), {"first": str(first)}), ttl=self.retention)
         while True:  # commit: move the head's start, unless another compaction got there first
             now, version = await self._head(session)
-            if now.start != head.start or version == 0:
-                await self.store.delete(key)
+            if now.start != head.start or version == 0:  # compacted elsewhere, or forgotten
+                if now.summary != cut:  # (a replica that cut at the same place wrote the same key)
+                    await self.store.delete(key)
                 return False
             now.start, now.summary = cut, cut
             try:
