@@ -346,6 +346,50 @@ async def test_bad_sessions_and_options_are_refused_clearly() -> None:
     assert isinstance(StoreMemory(), Memory)
 
 
+class Recent:
+    """The docs' example of a memory of your own: the last 20 messages per session, in this process."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, list[Message]] = {}
+
+    def bind(self, store: Store, agent: str, model: Any, task_group: Any) -> Recent:
+        return self
+
+    async def window(self, session: str) -> list[Message]:
+        return self.sessions.get(session, [])[-20:]
+
+    async def append(self, session: str, messages: Any) -> None:
+        self.sessions.setdefault(session, []).extend(messages)
+
+    async def compact(self, session: str) -> bool:
+        return False
+
+    async def forget(self, session: str) -> None:
+        self.sessions.pop(session, None)
+
+    async def messages(self, session: str = "", limit: int = 0, *, archived: bool = False) -> list[Message]:
+        return self.sessions.get(session, [])[-limit:] if limit else self.sessions.get(session, [])
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_an_agent_uses_a_memory_of_your_own() -> None:
+    model = scripted.function(remembering)
+    recent = Recent()
+    async with micro.Runtime(registry="memory://", store="memory://", broker="memory://") as rt:
+        async with memo_agent(rt, model, memory=recent) as agent:
+            await agent.ask("first", session="x")
+            await agent.ask("second", session="x")
+            assert [m.text for m in model.calls[-1].messages] == ["first", "reply to first", "second"]
+            assert await rt.store.list("agent/memo/history/") == []  # nothing went to the store
+            history = await rt.client.call("memo", "AgentInfo.History", {"session": "x"})
+            assert [m["content"][0]["text"] for m in history["messages"]] == [
+                "first", "reply to first", "second", "reply to second"]
+            await agent.forget("x")
+            assert recent.sessions == {}
+
+
 async def test_an_unbound_store_memory_says_how_to_bind_it() -> None:
     with pytest.raises(UsageError, match="bind"):
         await StoreMemory().window("")
