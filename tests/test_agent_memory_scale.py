@@ -341,6 +341,9 @@ async def test_bad_sessions_and_options_are_refused_clearly() -> None:
                            ({"summariser": "cheap"}, "summariser")]:
         with pytest.raises(UsageError, match=field):
             StoreMemory(**options)
+    for limit in (0, -5, True, "50"):
+        with pytest.raises(UsageError, match="agent x: history_limit must be a number of messages >= 1"):
+            micro.Agent("x", provider=scripted.function(remembering), history_limit=limit)  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="memory must implement"):
         micro.Agent("x", provider=scripted.function(remembering), memory=object())  # type: ignore[arg-type]
     assert isinstance(StoreMemory(), Memory)
