@@ -3,7 +3,8 @@ compaction, forgetting, retention and bad input, on every store backend.
 
 The replica test runs two OS processes serving one agent over real PostgreSQL and real
 NATS (the session fixtures in ``_servers.py``): 200 concurrent chats into one session and
-200 into the default conversation, split across both processes, which start together.
+200 into the default conversation, split across both processes, which start together (and
+50 + 50 over the file store, across processes of one machine).
 """
 
 from __future__ import annotations
@@ -424,15 +425,16 @@ REPLICA = textwrap.dedent('''
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["postgres", "nats"])
+@pytest.mark.parametrize(("backend", "n"), [("postgres", 100), ("nats", 100), ("file", 25)])
 async def test_two_processes_chat_into_one_session_and_the_default_conversation(
-    backend: str, request: pytest.FixtureRequest, tmp_path: Path,
+    backend: str, n: int, request: pytest.FixtureRequest, tmp_path: Path,
 ) -> None:
-    url = request.getfixturevalue(f"{backend}_url")
+    """n chats per process and conversation: on PostgreSQL and NATS 200 into "s" and 200 into the
+    default, 800 messages; on the file store (one machine; every write fsyncs) 50 and 50."""
+    url = (tmp_path / "store").as_uri() if backend == "file" else request.getfixturevalue(f"{backend}_url")
     script = tmp_path / "replica.py"
     script.write_text(REPLICA)
     name = f"shared-{uuid.uuid4().hex[:8]}"
-    n = 100  # per process and conversation: 200 chats into "s" and 200 into the default, 800 messages
     with anyio.fail_after(300):
         procs = [await anyio.open_process([sys.executable, str(script), url, name, me, str(n)]) for me in ("p1", "p2")]
         try:
@@ -456,7 +458,7 @@ async def test_two_processes_chat_into_one_session_and_the_default_conversation(
         for session in ("s", ""):
             stored = await memory.messages(session)
             asked = [m.text for m in stored[0::2]]
-            assert len(stored) == 400 and len(set(asked)) == 200  # all present, none twice
+            assert len(stored) == 4 * n and len(set(asked)) == 2 * n  # all present, none twice
             assert sorted(asked) == sorted(f"{me}-{session or 'default'}-{i}" for me in ("p1", "p2")
                                            for i in range(n))
             for question, answer in zip(stored[0::2], stored[1::2], strict=True):  # each run contiguous
