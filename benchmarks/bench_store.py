@@ -79,7 +79,7 @@ def _free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def _nats_url() -> AsyncIterator[str]:
+async def nats_url() -> AsyncIterator[str]:
     binary = Path(sys.executable).parent / "nats-server"
     if not binary.exists():
         found = shutil.which("nats-server")
@@ -115,7 +115,7 @@ async def _nats_url() -> AsyncIterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def _postgres_url() -> AsyncIterator[str]:
+async def postgres_url() -> AsyncIterator[str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
         try:
@@ -152,14 +152,14 @@ async def run() -> list[Row]:
             try:
                 from micro.store.postgres import PostgresStore
 
-                pg = await stack.enter_async_context(_postgres_url())
+                pg = await stack.enter_async_context(postgres_url())
                 makers["postgres"] = lambda: PostgresStore(pg)
             except Exception as exc:  # a benchmark reports a missing backend and goes on
                 makers["postgres"] = f"skipped: {exc}"
             try:
                 from micro.store.nats import NatsStore
 
-                url = await stack.enter_async_context(_nats_url())
+                url = await stack.enter_async_context(nats_url())
                 makers["nats"] = lambda: NatsStore(url)
             except Exception as exc:
                 makers["nats"] = f"skipped: {exc}"

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Unpack
 
-from micro.agent import Agent
+from micro.agent import Agent, Memory
 from micro.agent.loop import Approve
 from micro.ai import Model
 from micro.flow import Flow
@@ -58,6 +58,7 @@ class NewAgentOptions(AgentServiceOptions, total=False):
     builtins: Sequence[str] | None
     pause_ttl: float
     resume_interrupted: bool
+    memory: Memory | None
     metadata: Mapping[str, str] | None
 
 

@@ -19,7 +19,7 @@ import msgspec
 import pytest
 
 import micro
-from micro.agent import History
+from micro.agent import StoreMemory
 from micro.ai import Message, TextBlock, ToolResultBlock, ToolUseBlock, scripted
 from micro.ai.scripted import ScriptedModel
 from micro.store import Record, Store
@@ -36,8 +36,13 @@ class CountingStore(MemoryStore):
     def __init__(self) -> None:
         super().__init__()
         self.writes = 0
+        self.gets = 0
         self.prefix_reads: list[int | None] = []  # the limit of each prefix read
         self.lists = 0
+
+    async def _get(self, key: str, now: float) -> Record | None:
+        self.gets += 1
+        return await super()._get(key, now)
 
     async def _put(self, record: Record, if_version: int | None) -> int:
         self.writes += 1
@@ -114,13 +119,14 @@ async def test_every_message_is_one_record_appended_per_ask(rt: micro.Runtime) -
 
         for i in range(20):
             await agent.ask(f"note item {i}")
-        writes, reads, lists = store.writes, len(store.prefix_reads), store.lists
+        writes, gets, reads, lists = store.writes, store.gets, len(store.prefix_reads), store.lists
         await agent.ask("note one more")
-        # the 22nd ask costs what the 2nd did: four message writes, three of the run record (its checkpoint:
-        # after the turn that asked for the tool, at the tool's result, at the end), one windowed read, and
-        # one listing of the session's waiting runs (none)
-        assert (store.writes - writes, len(store.prefix_reads) - reads, store.lists - lists) == (7, 1, 1)
-        assert store.prefix_reads[-1] == 50  # history_limit, not the whole history
+        # the 22nd ask costs what a short conversation's does: four message writes, the head, three of the
+        # run record (its checkpoint: after the turn that asked for the tool, at the tool's result, at the
+        # end); reads: the head and the 50 messages of the window (history_limit), the head again for the
+        # append; one listing of the session's waiting runs (none); nothing lists or scans the conversation
+        assert (store.writes - writes, len(store.prefix_reads) - reads, store.lists - lists) == (8, 0, 1)
+        assert store.gets - gets == 1 + 50 + 1
 
 
 async def test_the_window_holds_history_limit_messages_and_never_starts_on_a_tool_result(
@@ -161,7 +167,7 @@ async def test_sessions_are_separate_conversations(rt: micro.Runtime) -> None:
         assert len(await rt.store.list(f"{BASE}/a/#")) == 4
         assert len(await rt.store.list(f"{BASE}/b/#")) == 2
         assert len(await rt.store.list(f"{BASE}/#")) == 4
-        await agent.history.clear("a")
+        await agent.forget("a")
         assert await agent.history.messages("a") == []
         assert len(await agent.history.messages("b")) == 2
 
@@ -190,9 +196,13 @@ async def test_concurrent_asks_in_one_session_neither_clobber_nor_interleave() -
     assert seen == {f"n{i}" for i in range(8)}
 
 
+def bound(store: Store, agent: str = "memo", **options: Any) -> StoreMemory:
+    return StoreMemory(**options).bind(store, agent, scripted.function(remembering))
+
+
 async def test_the_window_drops_a_tool_call_whose_result_was_never_stored(rt: micro.Runtime) -> None:
     # what a process killed between two writes of an append leaves behind
-    history = History(rt.store, "memo")
+    history = bound(rt.store)
     await history.append("", [
         Message.user("note x"),
         Message.assistant("Writing it down.", ToolUseBlock("call_9", "note", {"text": "x"})),
@@ -206,10 +216,10 @@ async def test_the_window_drops_a_tool_call_whose_result_was_never_stored(rt: mi
 
 
 async def test_history_is_appended_after_existing_records(rt: micro.Runtime) -> None:
-    # a new History (a restarted agent) continues the numbering it finds in the store
-    first = History(rt.store, "memo")
+    # a new memory (a restarted agent) continues the numbering it finds in the store
+    first = bound(rt.store)
     await first.append("s", [Message.user("one"), Message.assistant("two")])
-    second = History(rt.store, "memo")
+    second = bound(rt.store)
     await second.append("s", [Message.user("three")])
     assert await rt.store.list(f"{BASE}/s/") == [f"{BASE}/s/#{n:012d}" for n in (1, 2, 3)]
     assert [m.text for m in await second.window("s", 2)] == ["three"]  # "two" is an assistant turn

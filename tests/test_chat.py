@@ -220,6 +220,15 @@ def test_agent_runs_show_history_and_inspect(example: subprocess.Popen[str]) -> 
     assert res.stderr.strip() == "error: task is not an agent (`micro agent list` shows the agents)"
     res = micro_cli("agent", "show", "task-mgr", "no-such-run")
     assert res.returncode == 1 and "has no run 'no-such-run'" in res.stderr
+    everything = micro_cli("agent", "history", "task-mgr", "--session", "cli-test", "--all", "--json")
+    assert msgspec.json.decode(everything.stdout)[-1]["content"][0]["text"] == run["reply"]  # nothing compacted
+    forgot = micro_cli("agent", "forget", "task-mgr", "--session", "cli-test")
+    assert forgot.returncode == 0 and forgot.stdout.strip() == "task-mgr forgot session 'cli-test'", forgot.stderr
+    for args in (("history", "task-mgr", "--session", "cli-test", "--all"),
+                 ("runs", "task-mgr", "--session", "cli-test")):
+        assert msgspec.json.decode(micro_cli("agent", *args, "--json").stdout) == []
+    res = micro_cli("agent", "forget", "task-mgr", "--session", "a/b")
+    assert res.returncode == 1 and "'/' and '#' are not allowed" in res.stderr
 
 
 def test_chat_reads_messages_from_stdin_and_reaches_two_agents(example: subprocess.Popen[str]) -> None:

@@ -49,7 +49,7 @@ from .engine import (
     restore,
 )
 from .loop import Approve, Decision, Event, Limits, Run, system_prompt
-from .memory import History
+from .memory import Memory, StoreMemory, check_session
 from .record import STATUSES, AgentRun, AgentRuns, RunToolCall, new_run_id
 from .tools import REQUEST_INPUT, RUN_ID, Tool, Toolset, function_tool, request_input_tool
 
@@ -86,7 +86,10 @@ class Agent(Service):
         pause_ttl: seconds a run may wait for a person before it expires (default 7 days).
         resume_interrupted: on start, continue the runs a crash of this agent's process left
             unfinished (see :meth:`resume_interrupted`).
-        history_limit: messages of history sent to the model.
+        history_limit: messages of history sent to the model (the window of the default memory).
+        memory: the conversation memory (:class:`~micro.agent.memory.Memory`); default
+            ``StoreMemory(window=history_limit)``: the runtime's store, compacted past 400
+            messages (see :mod:`micro.agent.memory`).
         agents: other agents this one may ask through its built-in ``delegate(agent, message)``
             tool (see :mod:`micro.agent.delegation`); ``max_delegation_depth`` bounds the chain.
         forward: metadata keys of the incoming call passed on to tool calls and delegations,
@@ -110,7 +113,7 @@ class Agent(Service):
                  agents: Sequence[str] = (), max_delegation_depth: int = DEFAULT_MAX_DEPTH,
                  forward: Sequence[str] = (), needs_approval: Sequence[str] = (),
                  builtins: Sequence[str] | None = None, pause_ttl: float = DEFAULT_PAUSE_TTL,
-                 resume_interrupted: bool = False,
+                 resume_interrupted: bool = False, memory: Memory | None = None,
                  metadata: Mapping[str, str] | None = None,
                  **service_options: Unpack[AgentServiceOptions]) -> None:
         if isinstance(services, str):
@@ -136,6 +139,11 @@ class Agent(Service):
         self.limits = Limits(max_steps, loop_limit, tool_timeout, model_timeout, max_tokens)
         self.approve = approve
         self.history_limit = history_limit
+        if memory is not None and not isinstance(memory, Memory):
+            raise UsageError(f"agent {name}: memory must implement micro.agent.Memory, not {memory!r}")
+        if isinstance(history_limit, bool) or not isinstance(history_limit, int) or history_limit < 1:
+            raise UsageError(f"agent {name}: history_limit must be a number of messages >= 1, not {history_limit!r}")
+        self.memory: Memory = memory if memory is not None else StoreMemory(history_limit)
         self.functions: dict[str, Tool] = {}
         self.agents = list(agents)
         self.forward = tuple(k.lower() for k in forward)
@@ -154,7 +162,7 @@ class Agent(Service):
         }
         super().__init__(name, metadata=meta, **service_options)
         self._toolset: Toolset | None = None
-        self._history: History | None = None
+        self._history: Memory | None = None
         self._runs: AgentRuns | None = None
         self._engine: RunEngine | None = None
         self._background: BackgroundTasks | None = None
@@ -205,10 +213,26 @@ class Agent(Service):
         return self._toolset
 
     @property
-    def history(self) -> History:
+    def history(self) -> Memory:
+        """The agent's memory, bound to its store, name, model and task group."""
         if self._history is None:
-            self._history = History(self.runtime.store, self.name)
+            self._history = self.memory.bind(self.runtime.store, self.name, self.model, self._task_group)
         return self._history
+
+    async def forget(self, session: str) -> None:
+        """Delete everything of ``session`` (``""``: the default conversation): its messages,
+        summaries and archives, and its run records.
+
+        Example::
+
+            await agent.forget("alice")
+        """
+        check_session(session)
+        await self.history.forget(session)
+        runs = self.runs
+        for run in await runs.list(1_000_000_000, session=session):
+            await runs.unmark_waiting(run)
+            await runs.store.delete(runs.key(run.id))
 
     @property
     def runs(self) -> AgentRuns:
@@ -257,6 +281,8 @@ class Agent(Service):
             await background.aclose()
         await super().stop()
         self._toolset = None
+        if self._history is not None:
+            await self._history.aclose()
         self._history = None
         self._runs = None
         self._engine = None
@@ -418,7 +444,7 @@ class Agent(Service):
             message.encode()
         except UnicodeEncodeError:
             raise BadRequest(f"{self.name} Agent.Chat: message is not valid Unicode text (a lone surrogate?)") from None
-        self.history.prefix(session)  # BadRequest for a malformed session id, before any work
+        check_session(session)  # BadRequest for a malformed session id, before any work
         await self.engine.check_session(session)
         run_id = new_run_id()
         # the base of the run's tool calls' idempotency keys: the caller's key, or the run's own
@@ -462,7 +488,7 @@ class Agent(Service):
                 # The deadline bounds the whole run; tool calls inherit it through the context.
                 try:
                     async with asyncio.timeout_at(deadline) as cm:
-                        history = await self.history.window(record.session, self.history_limit)
+                        history = await self.history.window(record.session)
                         reply = await run.drive(history)
                 except TimeoutError:
                     if not cm.expired():
@@ -574,6 +600,15 @@ class RunResponse(msgspec.Struct):
 class HistoryRequest(msgspec.Struct):
     session: str = ""
     limit: Annotated[int, msgspec.Meta(ge=0)] = 0  # the last this many messages; 0: all of them
+    archived: bool = False  # every message kept, compacted ones and summaries too
+
+
+class ForgetRequest(msgspec.Struct):
+    session: str = ""
+
+
+class ForgetResponse(msgspec.Struct):
+    session: str
 
 
 class HistoryResponse(msgspec.Struct):
@@ -659,8 +694,14 @@ class _AgentInfoHandler:
 
     async def History(self, req: HistoryRequest) -> HistoryResponse:
         """A session's stored messages ("" is the default conversation), oldest first: all, or the last ``limit``."""
-        messages = await self._agent.history.messages(req.session, req.limit)
+        check_session(req.session)
+        messages = await self._agent.history.messages(req.session, req.limit, archived=req.archived)
         return HistoryResponse(session=req.session, messages=messages)
+
+    async def Forget(self, req: ForgetRequest) -> ForgetResponse:
+        """Delete everything of a session ("" is the default conversation): messages, summaries, run records."""
+        await self._agent.forget(req.session)
+        return ForgetResponse(session=req.session)
 
     async def Inspect(self, req: InspectRequest) -> AgentDescription:
         """The agent's prompt, services, tools (names and input schemas) and provider settings, without keys."""

@@ -1,100 +1,448 @@
-"""Conversation history in the store, appended per message.
+"""Conversation memory: the ``Memory`` protocol and ``StoreMemory``, the store-backed default.
 
-Messages of an agent's default conversation live under ``agent/{name}/history``,
-those of a session under ``agent/{name}/history/{session}``; each message is one
-record keyed ``…/#{seq:012d}``, so appending costs one write per message whatever
-the length of the history, and reading the window is one prefix read of the last
-N records.
+``StoreMemory`` keeps one store record per message, keyed ``…/#{seq:012d}`` (messages
+of an agent's default conversation under ``agent/{name}/history/``, those of a session
+under ``agent/{name}/history/{session}/``), and one small *head* record per session,
+``agent/{name}/memory/{session}`` (``#`` for the default conversation), holding the
+next sequence number, where the live window starts and which summary comes first.
 
-The messages of one run get one contiguous block of sequence numbers, reserved
-before the first write, so concurrent runs in one session never interleave their
-messages. The writes go in order, so a process killed mid-append leaves a prefix
-of the run; :meth:`History.window` drops what such a cut leaves dangling (a tool
-call without its result) and never starts on a tool result, since a model API
-rejects a conversation that does.
+Replicas: any number of processes serving one agent over a shared store append to one
+session safely. An append reserves a block of sequence numbers by a compare-and-set of
+the head (``store.write(..., if_version=)``, retried on ``VersionConflict``; no lock is
+held across a model call), then writes its messages in order: each run's messages are
+one contiguous block, blocks in the order the runs *finished*. Appends of one process
+to one session take turns for the reservation only, so they do not fight each other.
 
-The sequence counter is kept in memory once read: one process should own an
-agent's history (replicas of an agent sharing a store should use sessions).
+Cost: a window read is one head read plus one point read per message of the window,
+made together; nothing lists the conversation, so it costs O(window) on every backend
+however long the session is. A run killed between its writes leaves a prefix of its
+block (the window drops a tool call left without its result) or holes, which are skipped.
+
+Compaction: when a session holds more than ``compact_at`` live messages, the oldest are
+folded into one summary by a summariser (the agent's model by default) in the
+background, after the reply; the cut always falls at the start of a run, so a tool call
+is never separated from its result; the folded messages stay where they are (archived,
+``messages(archived=True)``); the head's compare-and-set is the commit point, so a
+failure or a cancellation leaves the history as it was.
 """
 
 from __future__ import annotations
 
+import asyncio
+import copy
+import inspect
+import logging
+import unicodedata
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol, Self, runtime_checkable
+
+import anyio
+import anyio.abc
 import msgspec
 
-from micro.ai import Message, ToolResultBlock, ToolUseBlock
-from micro.errors import BadRequest
+from micro.ai import Message, Model, TextBlock, ToolResultBlock, ToolUseBlock
+from micro.ai.messages import SUMMARISE_PROMPT
+from micro.errors import AgentError, BadRequest, RecordNotFound, UsageError, VersionConflict
 from micro.store import Record, Store
+
+__all__ = ["MAX_SESSION_BYTES", "Memory", "StoreMemory", "Summariser", "check_session"]
+
+log = logging.getLogger("micro.agent")
+
+MAX_SESSION_BYTES = 256
+"""The longest session id (UTF-8 bytes): keys built from it fit every store backend."""
+
+Summariser = Callable[[list[Message]], str | Awaitable[str]]
+"""A function from the messages to fold (a previous summary first, if any) to the summary text."""
+
+_MAX_SUMMARY = 100_000
+SUMMARY_HEADER = "[Summary of the earlier conversation, messages {first}-{last}]\n"
+"""How a summary message starts (its text follows): the model and ``micro agent history`` see it as such."""
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(Message).decode
 
 
-class History:
-    """The conversation memory of one agent.
+class _Head(msgspec.Struct):
+    next: int = 1  # the sequence number the next message gets
+    start: int = 1  # the first live (not archived) message
+    summary: int = 0  # the summary made when `start` was set (0: none)
+
+
+_decode_head = msgspec.json.Decoder(_Head).decode
+
+
+def check_session(session: str) -> str:
+    """``session`` if it can name a conversation, else ``BadRequest`` saying why."""
+    if not isinstance(session, str):
+        raise BadRequest(f"session must be a string, not {type(session).__name__}")
+    if "/" in session or "#" in session:
+        raise BadRequest(f"session {session[:80]!r}: '/' and '#' are not allowed in a session id")
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in session):
+        raise BadRequest(f"session {session[:80]!r}: control characters are not allowed in a session id")
+    if len(session.encode()) > MAX_SESSION_BYTES:
+        raise BadRequest(f"session {session[:40]!r}…: a session id is at most {MAX_SESSION_BYTES} UTF-8 bytes")
+    return session
+
+
+@runtime_checkable
+class Memory(Protocol):
+    """What an agent needs of a conversation memory. ``StoreMemory`` is the default.
+
+    The agent calls ``bind`` once when it starts and uses what it returns. A memory of
+    your own (a vector store, a memory service) implements these methods; ``session``
+    ``""`` is the agent's default conversation.
 
     Example::
 
-        history = History(runtime.store, "task-mgr")
-        await history.append("", [Message.user("Hi"), Message.assistant("Hello")])
-        assert len(await history.window("", 50)) == 2
+        class Recent:  # keeps the last 20 messages per session in this process
+            def __init__(self): self.sessions = {}
+            def bind(self, store, agent, model, task_group): return self
+            async def window(self, session): return self.sessions.get(session, [])[-20:]
+            async def append(self, session, messages): self.sessions.setdefault(session, []).extend(messages)
+            async def compact(self, session): return False
+            async def forget(self, session): self.sessions.pop(session, None)
+            async def messages(self, session="", limit=0, *, archived=False):
+                return self.sessions.get(session, [])[-limit:] if limit else self.sessions.get(session, [])
+            async def aclose(self): pass
+
+        agent = micro.Agent("bot", memory=Recent())
     """
 
-    def __init__(self, store: Store, agent: str) -> None:
-        self.store = store
-        self.base = f"agent/{agent}/history"
-        self._next: dict[str, int] = {}
+    def bind(self, store: Store, agent: str, model: Model, task_group: anyio.abc.TaskGroup) -> Memory:
+        """This memory for one agent: its store, name, model and a task group for background work."""
+        ...
+
+    async def window(self, session: str) -> list[Message]:
+        """The messages to send the model before a new one (starting with a user message)."""
+        ...
+
+    async def append(self, session: str, messages: Sequence[Message]) -> None:
+        """Remember one run's new messages, as one block."""
+        ...
+
+    async def compact(self, session: str) -> bool:
+        """Fold old messages into a summary if the session is due; True if it did."""
+        ...
+
+    async def forget(self, session: str) -> None:
+        """Delete everything remembered of ``session``."""
+        ...
+
+    async def messages(self, session: str = "", limit: int = 0, *, archived: bool = False) -> list[Message]:
+        """The stored messages, oldest first: all live ones (a summary first), the last ``limit``,
+        or with ``archived`` everything ever kept, summaries at their places."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop background work (the agent calls it when it stops)."""
+        ...
+
+
+class StoreMemory:
+    """Conversation memory in the agent's store (see the module docstring).
+
+    Args:
+        window: messages of history sent to the model with each ask (after the summary).
+        compact_at: live messages in a session above which old ones are folded into a
+            summary (0: never).
+        keep: messages left live after a compaction (the cut moves back to a run's start).
+        summariser: makes the summary: a ``Model``, a function ``(messages) -> str`` (sync
+            or async), or None for the agent's own model.
+        retention: seconds a message, summary or session head is kept after it was
+            written (None: for ever); an idle session is gone ``retention`` after its last ask.
+
+    Example::
+
+        agent = micro.Agent("support", memory=StoreMemory(window=50, compact_at=400, keep=60))
+    """
+
+    def __init__(self, window: int = 50, *, compact_at: int = 400, keep: int = 60,
+                 summariser: Summariser | Model | None = None, retention: float | None = None) -> None:
+        for name, value in (("window", window), ("compact_at", compact_at), ("keep", keep)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UsageError(f"StoreMemory: {name} must be an int, not {value!r}")
+        if window <= 0:
+            raise UsageError(f"StoreMemory: window must be at least 1 message, not {window}")
+        if compact_at < 0 or keep < 1 or (compact_at and compact_at <= keep):
+            raise UsageError(f"StoreMemory: need compact_at > keep >= 1 (or compact_at=0 for never), "
+                             f"not compact_at={compact_at}, keep={keep}")
+        if retention is not None and (isinstance(retention, bool) or not isinstance(retention, int | float)
+                                      or not 0 < retention < float("inf")):
+            raise UsageError(f"StoreMemory: retention must be a positive number of seconds or None, not {retention!r}")
+        if summariser is not None and not (isinstance(summariser, Model) or callable(summariser)):
+            raise UsageError(f"StoreMemory: summariser must be a Model or a function, not {summariser!r}")
+        self.window_size, self.compact_at, self.keep = window, compact_at, keep
+        self.summariser, self.retention = summariser, retention
+        self._store: Store | None = None
+        self._agent = ""
+        self._model: Model | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._reserving: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        self._compacting: set[str] = set()
+        self._scopes: set[anyio.CancelScope] = set()
+        self._running: set[anyio.Event] = set()
+
+    def bind(self, store: Store, agent: str, model: Model, task_group: anyio.abc.TaskGroup | None = None) -> Self:
+        """A copy of this memory for agent ``agent`` (no I/O); compactions run in ``task_group``
+        (None: on the appending caller's time)."""
+        bound = copy.copy(self)
+        bound._store, bound._agent, bound._model, bound._task_group = store, agent, model, task_group
+        bound._reserving, bound._compacting, bound._scopes, bound._running = {}, set(), set(), set()
+        return bound
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise UsageError("StoreMemory is not bound to an agent: use memory.bind(store, agent, model)")
+        return self._store
+
+    # -- keys -----------------------------------------------------------------------------------
 
     def prefix(self, session: str = "") -> str:
         """The key prefix of a session's messages (``""`` is the default conversation)."""
-        if "/" in session or "#" in session:
-            raise BadRequest(f"session {session!r}: '/' and '#' are not allowed in a session id")
-        return f"{self.base}/{session}/#" if session else f"{self.base}/#"
+        check_session(session)
+        base = f"agent/{self._agent}/history"
+        return f"{base}/{session}/#" if session else f"{base}/#"
 
-    async def _reserve(self, session: str, count: int) -> int:
-        """The first of ``count`` consecutive sequence numbers, reserved for one caller."""
-        nxt = self._next.get(session)
-        if nxt is None:
+    def _head_key(self, session: str) -> str:
+        return f"agent/{self._agent}/memory/{session or '#'}"
+
+    def _summary_key(self, session: str, at: int) -> str:
+        return f"{self._head_key(session)}/summary/{at:012d}"
+
+    async def _head(self, session: str) -> tuple[_Head, int]:
+        """The session's head and its version (0: none stored yet)."""
+        try:
+            [rec] = await self.store.read(self._head_key(session))
+        except RecordNotFound:
+            # a conversation written before heads existed: continue after its last message (one look)
             last = await self.store.list(self.prefix(session), limit=1, reverse=True)
-            found = int(last[0].rsplit("#", 1)[1]) + 1 if last else 1
-            # another append (or a window read) may have set it while this one waited for the store
-            nxt = self._next.get(session, found)
-        self._next[session] = nxt + count
-        return nxt
+            return _Head(next=int(last[0].rsplit("#", 1)[1]) + 1 if last else 1), 0
+        return _decode_head(rec.value), rec.version
 
-    async def append(self, session: str, messages: list[Message]) -> None:
-        """Append messages (one record each, in order)."""
-        if not messages:
-            return
+    async def _read(self, keys: Sequence[str]) -> list[Record | None]:
+        """The records under ``keys`` (None where there is none), read together."""
+
+        async def one(key: str) -> Record | None:
+            try:
+                return (await self.store.read(key))[0]
+            except RecordNotFound:
+                return None
+
+        if not keys:
+            return []
+        return list(await asyncio.gather(*(one(k) for k in keys)))
+
+    async def _range(self, session: str, first: int, end: int) -> list[tuple[int, Message]]:
         prefix = self.prefix(session)
-        first = await self._reserve(session, len(messages))
-        for seq, m in enumerate(messages, first):
-            await self.store.write(Record(f"{prefix}{seq:012d}", _encode(m)))
+        records = await self._read([f"{prefix}{seq:012d}" for seq in range(first, end)])
+        return [(seq, _decode(r.value)) for seq, r in zip(range(first, end), records, strict=True) if r is not None]
 
-    async def window(self, session: str, limit: int) -> list[Message]:
-        """At most the last ``limit`` messages, starting at a user message that is not a tool result."""
-        records = await self.store.read(self.prefix(session), prefix=True, limit=limit, reverse=True)
-        if limit:  # the newest key is the last sequence number: the next append need not look it up
-            self._next.setdefault(session, int(records[0].key.rsplit("#", 1)[1]) + 1 if records else 1)
-        messages = _paired([_decode(r.value) for r in reversed(records)])
+    async def _summary(self, session: str, head: _Head) -> Record | None:
+        if not head.summary:
+            return None
+        [rec] = await self._read([self._summary_key(session, head.summary)])
+        return rec
+
+    # -- the protocol -------------------------------------------------------------------------
+
+    async def window(self, session: str, limit: int | None = None) -> list[Message]:
+        """The summary (if any), then at most the last ``limit`` (default ``window``) live
+        messages, starting at a user message that is not a tool result."""
+        limit = self.window_size if limit is None else limit
+        head, _ = await self._head(session)
+        first = max(head.start, head.next - limit)
+        summary, found = await asyncio.gather(self._summary(session, head), self._range(session, first, head.next))
+        messages = _paired([m for _, m in found])
         start = 0
         while start < len(messages) and (messages[start].role != "user" or _results(messages[start])):
             start += 1
-        return messages[start:]
+        return ([_decode(summary.value)] if summary is not None else []) + messages[start:]
 
-    async def messages(self, session: str = "", limit: int = 0) -> list[Message]:
-        """The stored messages of a session, oldest first: all of them, or the last ``limit``."""
-        if limit:
-            records = await self.store.read(self.prefix(session), prefix=True, limit=limit, reverse=True)
-            records.reverse()
-        else:
-            records = await self.store.read(self.prefix(session), prefix=True)
-        return [_decode(r.value) for r in records]
+    async def append(self, session: str, messages: Sequence[Message]) -> None:
+        """Append one run's messages as one block (one record each, in order); then, if the
+        session is due, start a compaction in the background."""
+        if not messages:
+            return
+        prefix = self.prefix(session)
+        head = await self._reserve(session, len(messages))
+        for seq, m in enumerate(messages, head.next - len(messages)):
+            await self.store.write(Record(f"{prefix}{seq:012d}", _encode(m)), ttl=self.retention)
+        if self.compact_at and head.next - head.start > self.compact_at and session not in self._compacting:
+            if self._task_group is None:
+                await self._compact_logged(session)
+            else:
+                self._compacting.add(session)  # one compaction per session per process at a time
+                done = anyio.Event()
+                self._running.add(done)
+                self._task_group.start_soon(self._compact_owned, session, done)
+
+    async def _reserve(self, session: str, count: int) -> _Head:
+        """Move the head ``count`` on by compare-and-set; the head after it (the block ends at ``next``)."""
+        entry = self._reserving.get(session)
+        if entry is None:
+            entry = self._reserving[session] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:  # appends of this process take turns here: only other processes conflict
+                while True:
+                    head, version = await self._head(session)
+                    head.next += count
+                    try:
+                        await self.store.write(Record(self._head_key(session), _encode(head)),
+                                               ttl=self.retention, if_version=version)
+                        return head
+                    except VersionConflict:
+                        continue  # another replica appended first: read the head again
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._reserving[session]
+
+    async def _compact_owned(self, session: str, done: anyio.Event) -> None:
+        scope = anyio.CancelScope()
+        self._scopes.add(scope)
+        try:
+            with scope:
+                await self._compact_logged(session)
+        finally:
+            self._scopes.discard(scope)
+            self._compacting.discard(session)
+            self._running.discard(done)
+            done.set()
+
+    async def settle(self) -> None:
+        """Wait for the background compactions started so far to end (done, failed or cancelled)."""
+        for done in list(self._running):
+            await done.wait()
+
+    async def _compact_logged(self, session: str) -> None:
+        try:
+            await self.compact(session)
+        except Exception as exc:  # background work: the history is unchanged, say why
+            log.error("agent %s: compacting session %r failed, the history is unchanged: %s",
+                      self._agent, session, exc, extra={"micro_agent": self._agent})
+
+    async def compact(self, session: str) -> bool:
+        """Fold the session's oldest live messages into a summary if it holds more than
+        ``compact_at``; True if it did. Raises ``AgentError`` if the summariser fails or
+        returns no text; the history is then unchanged."""
+        if not self.compact_at:
+            return False
+        head, _ = await self._head(session)
+        if head.next - head.start <= self.compact_at:
+            return False
+        found = await self._range(session, head.start, head.next)
+        cut = _run_start(found, head.next - self.keep)
+        if cut is None or cut <= head.start:
+            return False
+        folded = [m for seq, m in found if seq < cut]
+        summary = await self._summary(session, head)
+        before = [_decode(summary.value)] if summary is not None else []
+        text = await self._summarise(before + folded, session)
+        first = int(summary.metadata.get("first", head.start)) if summary is not None else head.start
+        message = Message.user(SUMMARY_HEADER.format(first=first, last=cut - 1) + text)
+        key = self._summary_key(session, cut)
+        await self.store.write(Record(key, _encode(message), {"first": str(first)}), ttl=self.retention)
+        while True:  # commit: move the head's start, unless another compaction got there first
+            now, version = await self._head(session)
+            if now.start != head.start or version == 0:  # compacted elsewhere, or forgotten
+                if now.summary != cut:  # (a replica that cut at the same place wrote the same key)
+                    await self.store.delete(key)
+                return False
+            now.start, now.summary = cut, cut
+            try:
+                await self.store.write(Record(self._head_key(session), _encode(now)),
+                                       ttl=self.retention, if_version=version)
+                return True
+            except VersionConflict:
+                continue
+
+    async def _summarise(self, messages: list[Message], session: str) -> str:
+        how = self.summariser if self.summariser is not None else self._model
+        where = f"agent {self._agent} session {session!r}: the summariser"
+        try:
+            if isinstance(how, Model):
+                text: object = (await how.generate([Message.user(transcript(messages))], system=SUMMARISE_PROMPT)).text
+            elif how is not None:
+                text = how(messages)
+                if inspect.isawaitable(text):
+                    text = await text
+            else:
+                raise UsageError("StoreMemory is not bound to an agent: use memory.bind(store, agent, model)")
+        except (AgentError, UsageError):
+            raise
+        except Exception as exc:
+            raise AgentError(f"{where} failed: {exc}") from exc
+        if not isinstance(text, str) or not text.strip():
+            raise AgentError(f"{where} returned {text!r:.80}, not a summary text: nothing was compacted")
+        if len(text) > _MAX_SUMMARY or any(unicodedata.category(c) == "Cs" for c in text):
+            raise AgentError(f"{where} returned {len(text)} characters that are not a usable summary "
+                             f"(over {_MAX_SUMMARY}, or not valid Unicode): nothing was compacted")
+        return text.strip()
+
+    async def forget(self, session: str) -> None:
+        """Delete the session's messages (live and archived), summaries and head."""
+        prefix = self.prefix(session)
+        head_key = self._head_key(session)
+        for key in [*await self.store.list(prefix), *await self.store.list(head_key + "/")]:
+            await self.store.delete(key)
+        await self.store.delete(head_key)
 
     async def clear(self, session: str = "") -> None:
-        """Forget a session's messages."""
-        for key in await self.store.list(self.prefix(session)):
-            await self.store.delete(key)
-        self._next.pop(session, None)
+        """Same as :meth:`forget`."""
+        await self.forget(session)
+
+    async def messages(self, session: str = "", limit: int = 0, *, archived: bool = False) -> list[Message]:
+        """The stored messages, oldest first: the live ones (the summary first), the last
+        ``limit`` live ones, or with ``archived`` every one kept, each summary before the
+        first message it did not fold."""
+        if limit < 0:
+            raise BadRequest(f"limit must be >= 0, not {limit}")
+        head, _ = await self._head(session)
+        if archived:
+            records = await self.store.read(self.prefix(session), prefix=True)
+            summaries = await self.store.read(self._head_key(session) + "/summary/", prefix=True)
+            at = {int(r.key.rsplit("/", 1)[1]): _decode(r.value) for r in summaries}
+            out: list[Message] = []
+            for r in records:
+                seq = int(r.key.rsplit("#", 1)[1])
+                if seq in at:
+                    out.append(at.pop(seq))
+                out.append(_decode(r.value))
+            return out + [at[k] for k in sorted(at)]
+        first = max(head.start, head.next - limit) if limit else head.start
+        found = await self._range(session, first, head.next)
+        summary = None if limit else await self._summary(session, head)
+        return ([_decode(summary.value)] if summary is not None else []) + [m for _, m in found]
+
+    async def aclose(self) -> None:
+        """Cancel compactions under way (each leaves the history as it was)."""
+        for scope in list(self._scopes):
+            scope.cancel()
+
+
+def transcript(messages: Sequence[Message]) -> str:
+    """The messages as plain text for a summariser: one line per block."""
+    lines = []
+    for m in messages:
+        for b in m.content:
+            if isinstance(b, TextBlock):
+                lines.append(f"{m.role}: {b.text}")
+            elif isinstance(b, ToolUseBlock):
+                lines.append(f"{m.role} called {b.name}({msgspec.json.encode(b.input).decode()})")
+            elif isinstance(b, ToolResultBlock):
+                lines.append(f"tool result: {b.content}")
+    return "\n".join(lines)
+
+
+def _run_start(found: list[tuple[int, Message]], at: int) -> int | None:
+    """The sequence number of the first run start (a user message that is not a tool
+    result) at or before ``at``: a cut there separates no tool call from its result."""
+    starts = [seq for seq, m in found if seq <= at and m.role == "user" and not _results(m)]
+    return starts[-1] if starts else None
 
 
 def _results(m: Message) -> set[str]:
@@ -122,3 +470,4 @@ def _paired(messages: list[Message]) -> list[Message]:
         if m.content:
             out.append(m)
     return out
+

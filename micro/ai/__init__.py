@@ -27,6 +27,7 @@ from . import scripted
 from ._base import OFFLINE_ENV, PROVIDERS, Model, from_provider, known_providers
 from .messages import (
     INVALID_JSON,
+    SUMMARISE_PROMPT,
     Block,
     Done,
     Message,
@@ -48,6 +49,7 @@ __all__ = [
     "INVALID_JSON",
     "OFFLINE_ENV",
     "PROVIDERS",
+    "SUMMARISE_PROMPT",
     "Block",
     "Done",
     "Message",

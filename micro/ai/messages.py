@@ -29,6 +29,7 @@ import msgspec
 
 __all__ = [
     "INVALID_JSON",
+    "SUMMARISE_PROMPT",
     "Block",
     "Done",
     "Message",
@@ -51,6 +52,14 @@ INVALID_JSON = "__invalid_json__"
 """Key of the marker input a :class:`ToolUseBlock` carries when its arguments were not JSON."""
 
 Role = Literal["user", "assistant"]
+
+SUMMARISE_PROMPT = (
+    "Summarise the conversation below for your own later use: the user's goals, facts and "
+    "decisions, what tools were called and what they returned that still matters, and what is "
+    "still open. Be concise; write the summary only."
+)
+"""The system prompt of a summarisation request (agent memory compaction); the scripted model
+answers it with a deterministic digest."""
 
 
 class TextBlock(msgspec.Struct, frozen=True, tag="text", tag_field="type"):

@@ -18,6 +18,10 @@ A turn with several calls asks for them in parallel::
 
     scripted.turn("Checking both.", scripted.call("a"), scripted.call("b"))
 
+A summarisation request (``system=micro.ai.SUMMARISE_PROMPT``, what agent memory
+compaction sends) is answered with a deterministic digest of the user's lines,
+without using a turn of the script, so a demo or test with a list script can compact.
+
 A function script gets ``(messages, tools)`` and returns a ``Response``, a turn
 or a string; it may be async. ``delay`` simulates model latency per call. When
 a list script runs out, the call raises ``micro.errors.AgentError``.
@@ -40,6 +44,7 @@ from micro.errors import AgentError, Timeout
 
 from ._base import Model
 from .messages import (
+    SUMMARISE_PROMPT,
     Block,
     Done,
     Message,
@@ -174,6 +179,8 @@ class ScriptedModel(Model):
     ) -> Response:
         received = ScriptedCall(list(messages), list(tools), system, max_tokens)
         self.calls.append(received)
+        if system == SUMMARISE_PROMPT:
+            return self._response(_digest(received.messages), received)
         if self._fn is None and not self._turns:
             raise AgentError(
                 f"scripted model: the script has no more turns (it had {self._total}, "
@@ -231,6 +238,13 @@ class ScriptedModel(Model):
 def _echo(messages: list[Message], tools: list[ToolSpec]) -> str:
     last = next((m.text for m in reversed(messages) if m.role == "user" and m.text), "")
     return f"[scripted model: no script, echoing] {last}"
+
+
+def _digest(messages: list[Message]) -> str:
+    """The scripted summary: the transcript's user lines, each cut to 60 characters."""
+    text = "\n".join(m.text for m in messages)
+    said = [line.removeprefix("user: ")[:60] for line in text.splitlines() if line.startswith("user: ")]
+    return f"[scripted summary of {len(said)} user lines] " + " | ".join(said)
 
 
 def _size(m: Message) -> int:

@@ -1,6 +1,7 @@
-"""``micro agent list | runs | show | history | inspect``: the agents in the registry, what they did and how
-they are set up (the last four through each agent's ``AgentInfo`` endpoints); ``micro agent pending | approve |
-answer | cancel | resume``: the runs that wait for a person, and deciding them (``Agent.Resume`` and friends)."""
+"""``micro agent list | runs | show | history | forget | inspect``: the agents in the registry, what they did
+and how they are set up (all but ``list`` through each agent's ``AgentInfo`` endpoints); ``micro agent pending |
+approve | answer | cancel | resume``: the runs that wait for a person, and deciding them (``Agent.Resume`` and
+friends)."""
 
 from __future__ import annotations
 
@@ -114,11 +115,15 @@ async def show(name: str, run_id: str) -> None:
 @click.option("--session", default="", help="The session (default: the agent's default conversation).")
 @click.option("--limit", "-n", type=click.IntRange(min=0), default=0, show_default=True,
               help="Only the last N messages (0: the whole conversation).")
+@click.option("--all", "archived", is_flag=True, help="Also the messages compaction folded into summaries.")
 @click.option("--json", "as_json", is_flag=True, help="Print the messages as JSON.")
 @run_async
-async def history(name: str, session: str, limit: int, as_json: bool) -> None:
-    """Print the conversation agent NAME remembers, tool calls and results included."""
-    rsp = await _info(name, "History", {"session": session, "limit": limit})
+async def history(name: str, session: str, limit: int, archived: bool, as_json: bool) -> None:
+    """Print the conversation agent NAME remembers, tool calls and results included; summaries marked."""
+    from micro.agent.memory import SUMMARY_HEADER
+
+    summary_mark = SUMMARY_HEADER.split("{", 1)[0]
+    rsp = await _info(name, "History", {"session": session, "limit": limit, "archived": archived})
     if as_json:
         out.print_json(msgspec.json.encode(rsp["messages"]).decode())
         return
@@ -128,7 +133,9 @@ async def history(name: str, session: str, limit: int, as_json: bool) -> None:
     for m in rsp["messages"]:
         for block in m["content"]:
             kind = block["type"]
-            if kind == "text":
+            if kind == "text" and block["text"].startswith(summary_mark):
+                out.print(f"[yellow]summary:[/yellow] {escape(block['text'])}")
+            elif kind == "text":
                 who = "you" if m["role"] == "user" else name
                 out.print(f"[bold]{who}:[/bold] {escape(block['text'])}")
             elif kind == "tool_use":
@@ -137,6 +144,16 @@ async def history(name: str, session: str, limit: int, as_json: bool) -> None:
             else:
                 mark = "[red]✗[/red]" if block["is_error"] else "←"
                 out.print(f"  {mark} {escape(_short(block['content']))}")
+
+
+@agent.command("forget")
+@click.argument("name")
+@click.option("--session", default="", help="The session (default: the agent's default conversation).")
+@run_async
+async def forget(name: str, session: str) -> None:
+    """Delete everything agent NAME keeps of a session: messages, summaries, archives and run records."""
+    await _info(name, "Forget", {"session": session})
+    out.print(f"{name} forgot {f'session {session!r}' if session else 'its default conversation'}")
 
 
 def _short(text: str, limit: int = 160) -> str:
