@@ -91,3 +91,19 @@ async def test_a_flow_run_record_of_the_model_step_is_an_agent_run() -> None:
     run = msgspec.json.decode(rec.value, type=AgentRun)
     assert (run.status, run.agent, run.message, run.reply) == ("completed", "jobs", "Run job 4.", "done 1")
     assert [c.state for c in run.tool_calls] == ["done"]
+
+
+async def test_a_flow_whose_agent_pauses_fails_for_good_naming_the_agents_waiting_run() -> None:
+    counter = Counter()
+    async with runtime() as rt:
+        svc = micro.New("counter", runtime=rt)
+        svc.handle(counter)
+        agent = micro.NewAgent("job-mgr", services=["counter"], provider=job_model(), runtime=rt,
+                               needs_approval=["counter_*"])
+        flow = micro.NewFlow("jobs", trigger="jobs.new", prompt="Run job {job}.", agent="job-mgr", runtime=rt)
+        async with svc, agent, flow:
+            run = await flow.run_event("ev-5", "jobs.new", {"job": 5})
+            (waiting,) = await agent.pending()
+    assert (run.status, run.error_kind) == ("failed", "agent_waits")
+    assert f"agent job-mgr paused its run {waiting.id} (waiting for a person)" in run.error
+    assert counter.calls == [] and "agent" not in run.steps  # no reply checkpointed for the step

@@ -101,6 +101,11 @@ class StepResultError(TypeError):
     """A step returned a value the run record cannot hold (deterministic: the run fails, not retried)."""
 
 
+class AgentWaits(Exception):
+    """The agent a flow hands its prompt to paused its run for a person (deterministic: the flow run
+    fails, and says which agent run waits; the agent's own commands decide that run)."""
+
+
 class FlowPaused(Exception):
     """The model step waits for a person (its agent run record says for what)."""
 
@@ -324,9 +329,10 @@ class Flow(Service):
             run.status = paused.run.status  # type: ignore[assignment]
             await runs.put(run)  # recorded: now the event may be acknowledged
             return run
-        except (TemplateError, StepResultError) as exc:
+        except (TemplateError, StepResultError, AgentWaits) as exc:
             run.status, run.error = "failed", str(exc)
-            run.error_kind = "template" if isinstance(exc, TemplateError) else "step_result"
+            run.error_kind = ("template" if isinstance(exc, TemplateError)
+                              else "agent_waits" if isinstance(exc, AgentWaits) else "step_result")
             await runs.put(run)  # a deterministic failure: recorded, acknowledged, not retried
             log.warning("flow %s: event %s: %s", self.name, run_id, exc)
             return run
@@ -386,6 +392,13 @@ class Flow(Service):
             return str(run.steps[_AGENT_STEP])
         rsp = await self.client.call(self.agent, "Agent.Chat", {"message": run.prompt, "parent_id": run.id},
                                      metadata={"idempotency-key": f"{run.id}:agent"})
+        status, agent_run = rsp.get("status") or "completed", rsp.get("run_id", "")
+        if status != "completed":
+            # a flow waits through its own model step (needs_approval=), not through another agent's run
+            raise AgentWaits(
+                f"flow {self.name}: agent {self.agent} {status} its run {agent_run} (waiting for a person); the "
+                f"flow run cannot continue from it. Decide it with `micro agent pending {self.agent}`, or give "
+                "the flow its own prompt and needs_approval= so that it waits itself")
         reply = str(rsp.get("reply", ""))
         run.steps[_AGENT_STEP] = reply
         await self.runs.put(run)
