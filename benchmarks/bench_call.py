@@ -35,6 +35,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 import micro
 from benchmarks._call_server import SERVICE, ListOverdueRequest, ListOverdueResponse, Task
 from benchmarks._proto import benchcall as bp
@@ -206,102 +208,147 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
                 await proc.wait()
 
 
-async def _grpc() -> list[Result]:
+async def _network() -> list[Result]:
     from grpclib.client import Channel
+
+    from benchmarks._bare import BareClient
 
     procs: list[asyncio.subprocess.Process] = []
     reps = 0
     saved = os.environ.get("MICRO_HOME")
+    loop = asyncio.get_running_loop()
     with tempfile.TemporaryDirectory(prefix="micro-bench-") as home:
-        env = {k: v for k, v in os.environ.items() if k != "MICRO_REGISTRY"}
+        env = {k: v for k, v in os.environ.items() if k not in ("MICRO_REGISTRY", "MICRO_TRANSPORT")}
         env["MICRO_HOME"] = home
         channel: Channel | None = None
+        bare_transport: asyncio.BaseTransport | None = None
         try:
             proc, _ = await _spawn("micro", env)
             procs.append(proc)
             proc, raw_addr = await _spawn("raw", env)
             procs.append(proc)
+            proc, bare_addr = await _spawn("bare", env)
+            procs.append(proc)
             host, _, port = raw_addr.rpartition(":")
             channel = Channel(host, int(port))
             stub = TaskStub(channel)
-            os.environ["MICRO_HOME"] = home  # the client runtime's local registry reads it
-            async with micro.Runtime(registry="local://", store="memory://", broker="memory://") as rt:
-                assert SERVICE not in rt.local  # the network path, not the in-process one
-                call = rt.client.call
+            host, _, port = bare_addr.rpartition(":")
+            bare_transport, bare = await loop.create_connection(BareClient, host, int(port))
+            os.environ["MICRO_HOME"] = home  # the client runtimes' local registry reads it
+            async with micro.Runtime(registry="local://", store="memory://", broker="memory://",
+                                     transport="grpc") as rt_grpc, \
+                    micro.Runtime(registry="local://", store="memory://", broker="memory://",
+                                  transport="native") as rt_native:
+                assert SERVICE not in rt_grpc.local and SERVICE not in rt_native.local  # the network path
                 raw_req = pb.ListOverdueRequest(user_id="alice")
                 bp_req = bp.ListOverdueRequest(user_id="alice")
                 json_req = ListOverdueRequest("alice")
+                bare_payload = msgspec.json.encode(json_req)
+                bare_decode = msgspec.json.Decoder(ListOverdueResponse).decode
 
                 def raw() -> Awaitable[Any]:
                     return stub.ListOverdue(raw_req, timeout=DEADLINE)
 
-                def micro_proto() -> Awaitable[Any]:
-                    return call(SERVICE, "Task.ListOverdue", bp_req, response_type=bp.ListOverdueResponse,
-                                timeout=DEADLINE)
+                async def bare_echo() -> Any:
+                    return bare_decode(await bare.call("/benchcall.TaskJSON/ListOverdue", bare_payload))
 
-                def micro_json() -> Awaitable[Any]:
-                    return call(SERVICE, "TaskJSON.ListOverdue", json_req, response_type=ListOverdueResponse,
-                                timeout=DEADLINE)
+                def caller(rt: micro.Runtime, endpoint: str, req: Any, rsp: Any) -> Call:
+                    call = rt.client.call
 
-                systems: dict[str, Call] = {"raw": raw, "proto": micro_proto, "json": micro_json}
+                    def fn() -> Awaitable[Any]:
+                        return call(SERVICE, endpoint, req, response_type=rsp, timeout=DEADLINE)
+
+                    return fn
+
+                systems: dict[str, Call] = {
+                    "raw": raw,
+                    "grpc.proto": caller(rt_grpc, "Task.ListOverdue", bp_req, bp.ListOverdueResponse),
+                    "grpc.json": caller(rt_grpc, "TaskJSON.ListOverdue", json_req, ListOverdueResponse),
+                    "bare": bare_echo,
+                    "native.proto": caller(rt_native, "Task.ListOverdue", bp_req, bp.ListOverdueResponse),
+                    "native.json": caller(rt_native, "TaskJSON.ListOverdue", json_req, ListOverdueResponse),
+                }
+                # each group's call counts are sized from its own baseline's warm-up rate
+                baseline = {"raw": "raw", "grpc.proto": "raw", "grpc.json": "raw",
+                            "bare": "bare", "native.proto": "bare", "native.json": "bare"}
                 for name, fn in systems.items():
                     rsp = await fn()
                     assert rsp.total == 3 and len(rsp.records) == 3, (name, rsp)
                     await _rate(fn, 256, 2_048)  # warm up: connections open, code paths hot
-                # one call count per concurrency, the same for every side and repetition, sized from
-                # the baseline's rate so that the run stays short on a slow or busy machine
-                counts: dict[int, int] = {}
+                counts: dict[tuple[str, int], int] = {}
                 per_rep = 0.0
-                for n in GRPC_INFLIGHT:
-                    warm = await _rate(raw, n, n * GRPC_MIN_EACH[n])
-                    counts[n] = n * max(GRPC_MIN_EACH[n], round(warm * GRPC_TARGET_S / n))
-                    per_rep += counts[n] / warm * len(systems) * 1.3  # micro's sides are a bit slower
+                for base in ("raw", "bare"):
+                    for n in GRPC_INFLIGHT:
+                        warm = await _rate(systems[base], n, n * GRPC_MIN_EACH[n])
+                        counts[base, n] = n * max(GRPC_MIN_EACH[n], round(warm * GRPC_TARGET_S / n))
+                        per_rep += counts[base, n] / warm * 3 * 1.3  # micro's sides are a bit slower
                 reps = max(GRPC_MIN_REPS, min(GRPC_REPS, int(GRPC_BUDGET_S / per_rep)))
                 rates: dict[tuple[str, int], list[float]] = {}
                 order = list(systems)
                 for rep in range(reps):
                     for n in GRPC_INFLIGHT:
-                        for name in order[rep % 3:] + order[:rep % 3]:  # rotate: no side always goes first
-                            rates.setdefault((name, n), []).append(await _rate(systems[name], n, counts[n]))
+                        k = rep % len(order)
+                        for name in order[k:] + order[:k]:  # rotate: no side always goes first
+                            count = counts[baseline[name], n]
+                            rates.setdefault((name, n), []).append(await _rate(systems[name], n, count))
         finally:
             if channel is not None:
                 channel.close()
+            if bare_transport is not None:
+                bare_transport.close()
             if saved is None:
                 os.environ.pop("MICRO_HOME", None)
             else:
                 os.environ["MICRO_HOME"] = saved
             for proc in procs:
                 await _stop(proc)
+    return _network_figures(rates, reps)
 
+
+def _network_figures(rates: dict[tuple[str, int], list[float]], reps: int) -> list[Result]:
     out: list[Result] = []
     labels = {
-        "proto": "micro proto-first (betterproto2 messages, compiled codec, application/grpc)",
-        "json": "micro JSON (msgspec, application/grpc+json)",
+        "grpc.proto": "micro gRPC, proto-first (betterproto2 messages, compiled codec, application/grpc)",
+        "grpc.json": "micro gRPC, JSON (msgspec, application/grpc+json)",
+        "native.proto": "micro native wire, proto-first (betterproto2 messages, compiled codec)",
+        "native.json": "micro native wire, JSON (msgspec)",
+        "raw": "raw grpclib+upb (baseline, one connection)",
+        "bare": "bare framed echo (micro's framing, no semantics)",
     }
     med = {k: statistics.median(v) for k, v in rates.items()}
+
+    def ratio(name: str, num: tuple[str, int], den: tuple[str, int], what: str, target: str,
+              ok: bool | None) -> None:
+        r, lo, hi = _median_ratio(rates[num], rates[den])
+        verdict = f"; target {target}: {_verdict(r >= float(target.split()[-1].rstrip('x')))}" if ok is None \
+            and target else ""
+        out.append((name, round(r, 3), f"{what}: {med[num]:,.0f} vs {med[den]:,.0f} calls/s -> {r:.2f}x "
+                                       f"({reps} reps: {lo:.2f}-{hi:.2f}{verdict})"))
+
     for wire in ("proto", "json"):
         for n in GRPC_INFLIGHT:
-            r, lo, hi = _median_ratio(rates[wire, n], rates["raw", n])
-            target = f"; target >= 1.0x: {_verdict(r >= 1.0)}" if n == 64 else ""
-            out.append((
-                f"grpc.{wire}.c{n}.ratio", round(r, 3),
-                f"gRPC 2 processes, {n} in flight, {labels[wire]}: {med[wire, n]:,.0f} calls/s vs raw "
-                f"grpclib+upb {med['raw', n]:,.0f} calls/s -> {r:.2f}x ({reps} reps: {lo:.2f}-{hi:.2f}{target})",
-            ))
-    for name in ("proto", "json", "raw"):
-        r, lo, hi = _median_ratio(rates[name, 256], rates[name, 64])
-        who = labels.get(name, "raw grpclib+upb (baseline, one connection)")
-        target = f"; target >= 1.0x: {_verdict(r >= 1.0)}" if name != "raw" else ""
-        out.append((
-            f"grpc.{name}.256_vs_64", round(r, 3),
-            f"gRPC 256 vs 64 in flight, {who}: {med[name, 256]:,.0f} vs {med[name, 64]:,.0f} calls/s -> "
-            f"{r:.2f}x ({reps} reps: {lo:.2f}-{hi:.2f}{target})",
-        ))
+            target = ">= 0.9x" if n == 64 else ""
+            ratio(f"grpc.{wire}.c{n}.ratio", (f"grpc.{wire}", n), ("raw", n),
+                  f"2 processes, {n} in flight, {labels['grpc.' + wire]} vs raw grpclib+upb", target, None)
+    for wire in ("proto", "json"):
+        for n in GRPC_INFLIGHT:
+            target = {1: ">= 3.0x", 64: ">= 5.0x"}.get(n, "")
+            ratio(f"native.{wire}.c{n}.vs_raw", (f"native.{wire}", n), ("raw", n),
+                  f"2 processes, {n} in flight, {labels['native.' + wire]} vs raw grpclib+upb", target, None)
+        ratio(f"native.{wire}.c64.vs_bare", (f"native.{wire}", 64), ("bare", 64),
+              f"2 processes, 64 in flight, {labels['native.' + wire]} vs the bare framed echo", ">= 0.4x", None)
+    for name in ("native.proto", "native.json", "grpc.proto", "grpc.json", "raw", "bare"):
+        target = ">= 1.0x" if name.startswith("native") else ""
+        ratio(f"{name}.256_vs_64", (name, 256), (name, 64), f"256 vs 64 in flight, {labels[name]}", target, None)
+    for name in ("bare", "raw"):
+        for n in GRPC_INFLIGHT:
+            out.append((f"{name}.c{n}.calls_per_s", round(med[name, n]),
+                        f"(context) {labels[name]}, {n} in flight: {med[name, n]:,.0f} calls/s"))
     return out
 
 
 async def run() -> list[Result]:
-    return await _inproc() + await _grpc()
+    return await _inproc() + await _network()
 
 
 if __name__ == "__main__":

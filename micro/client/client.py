@@ -32,6 +32,7 @@ import msgspec
 from micro import context, telemetry
 from micro.codec import JSON, PROTO, codec_for, encode_json, is_proto_message
 from micro.codec.proto_compiled import compiled
+from micro.deadlines import Watchdog
 from micro.errors import (
     BadRequest,
     ConfigError,
@@ -46,7 +47,6 @@ from micro.registry import Endpoint as EndpointRecord
 from micro.registry import Node, Registry, ServiceRecord, Watcher
 from micro.server.grpc import DEFAULT_MAX_MESSAGE_SIZE
 
-from .deadlines import Watchdog
 from .native import NativePool
 from .pool import NodePool, NodeUnreachable
 from .retry import Breakers, RetryPolicy

@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, Mapping
 
 from micro.codec import JSON, PROTO
+from micro.deadlines import Watchdog
 from micro.errors import Error, ResourceExhausted, Status, Timeout, Unavailable
 from micro.wire import frames as f
 from micro.wire.server import DRAINING
@@ -255,7 +256,10 @@ class NativePool:
         self._ssl = ssl
         self._conns: list[_Connection] = []
         self._connecting: asyncio.Future[_Connection] | None = None
-        self._slots = asyncio.Semaphore(max_streams * max_connections)
+        self._capacity = max_streams * max_connections
+        self._inflight = 0  # calls in flight to this node (streams and unary calls)
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._watchdog = Watchdog()
         self._keeper: asyncio.TimerHandle | None = None
 
     # -- connections ------------------------------------------------------------------------------
@@ -320,21 +324,43 @@ class NativePool:
 
     @contextlib.asynccontextmanager
     async def _slot(self, path: str, deadline: float | None) -> AsyncGenerator[None, None]:
-        slots = self._slots
-        if deadline is None or not slots.locked():
-            async with slots:
-                yield
-            return
-        try:
-            async with asyncio.timeout_at(deadline):
-                await slots.acquire()
-        except TimeoutError:
-            raise Timeout(f"{path} on {self.address}: the deadline passed while the call waited for one of the "
-                          f"{self.max_streams * self.max_connections} places in flight to this node") from None
+        """A place among the calls in flight to this node, waited for (first come, first served) no longer
+        than the call's deadline."""
+        if self._inflight < self._capacity and not self._waiters:
+            self._inflight += 1
+        else:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            placed = False
+            try:
+                if deadline is None:
+                    await waiter
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        await waiter
+                placed = True
+            except TimeoutError:
+                raise Timeout(f"{path} on {self.address}: the deadline passed while the call waited for one of "
+                              f"the {self._capacity} places in flight to this node") from None
+            finally:
+                if not placed:
+                    if waiter.done() and not waiter.cancelled():
+                        self._release()  # handed a place it will not use: pass it on
+                    elif waiter in self._waiters:
+                        self._waiters.remove(waiter)
         try:
             yield
         finally:
-            slots.release()
+            self._release()
+
+    def _release(self) -> None:
+        """Give a place back: to the first caller still waiting for one, else to the pool."""
+        while self._waiters:
+            w = self._waiters.popleft()
+            if not w.done():
+                w.set_result(None)  # the place passes to it: calls in flight stay the same
+                return
+        self._inflight -= 1
 
     # -- calls ------------------------------------------------------------------------------------
 
@@ -343,15 +369,14 @@ class NativePool:
         """One request, one reply; statuses as ``micro.errors``."""
         loop = asyncio.get_running_loop()
         timeout_us = self._timeout(path, deadline, loop)
-        slots = self._slots
-        if slots.locked():
-            async with self._slot(path, deadline):
+        if self._inflight < self._capacity and not self._waiters:  # the usual case: take a place at once
+            self._inflight += 1
+            try:
                 return await self._unary(path, data, wire, deadline, timeout_us, metadata, loop)
-        await slots.acquire()
-        try:
+            finally:
+                self._release()
+        async with self._slot(path, deadline):
             return await self._unary(path, data, wire, deadline, timeout_us, metadata, loop)
-        finally:
-            slots.release()
 
     async def _unary(self, path: str, data: bytes, wire: str, deadline: float | None, timeout_us: int | None,
                      metadata: Mapping[str, str] | None, loop: asyncio.AbstractEventLoop) -> bytes:
@@ -362,18 +387,14 @@ class NativePool:
         fut: asyncio.Future[bytes] = loop.create_future()
         conn.calls[rid] = fut
         conn.send(self._frame(path, rid, data, wire, 0, timeout_us, metadata))
-        timer = None if deadline is None else loop.call_at(deadline, _expire, fut, path, self.address)
         try:
-            return await fut
-        except asyncio.CancelledError:
-            self._cancel(conn, rid)
+            if deadline is None:
+                return await fut
+            with self._watchdog.watch(deadline, f"{path} on {self.address}"):  # Timeout when it passes
+                return await fut
+        except (asyncio.CancelledError, Timeout):
+            self._cancel(conn, rid)  # the handler stops too
             raise
-        except Timeout:
-            self._cancel(conn, rid)
-            raise
-        finally:
-            if timer is not None:
-                timer.cancel()
 
     async def server_stream(self, path: str, data: bytes, *, wire: str = JSON, deadline: float | None = None,
                             metadata: Mapping[str, str] | None = None) -> AsyncGenerator[bytes, None]:
@@ -441,11 +462,6 @@ class NativePool:
         for c in list(self._conns):
             c.close(Unavailable(f"the connection to {self.address} was closed by this client"))
         self._conns.clear()
-
-
-def _expire(fut: asyncio.Future[bytes], path: str, address: str) -> None:
-    if not fut.done():
-        fut.set_exception(Timeout(f"{path} on {address}: deadline exceeded"))
 
 
 def _expire_stream(call: _Stream, path: str, address: str) -> None:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from micro.codec import JSON, PROTO
+from micro.deadlines import Watchdog
 from micro.errors import Error, ResourceExhausted, Status
 from micro.tasks import BackgroundTasks
 
@@ -41,19 +42,12 @@ _EXPIRED_US = 1000  # less than 1 ms left on arrival is no time to run anything 
 
 
 class _Call:
-    __slots__ = ("credit", "expired", "task", "timer", "waiter")
+    __slots__ = ("credit", "task", "waiter")
 
     def __init__(self) -> None:
         self.task: asyncio.Task[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.expired = False
         self.credit = f.STREAM_WINDOW
         self.waiter: asyncio.Future[None] | None = None
-
-    def expire(self) -> None:
-        self.expired = True
-        if self.task is not None:
-            self.task.cancel()
 
     def grant(self, n: int) -> None:
         self.credit += n
@@ -169,12 +163,13 @@ class _Connection(asyncio.Protocol):
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self.send(f.error(rid, Status.INVALID_ARGUMENT.value, f"malformed request head: {exc}"))
             return
-        ep = server.endpoints.get(path)
+        found = server.endpoints.get(path)
         wire = PROTO if flags & f.PROTO else JSON
-        if ep is None or wire not in ep.wires:
-            hint = " (this service serves it as JSON only)" if ep is not None else ""
+        if found is None or wire not in found[1]:
+            hint = " (this service serves it as JSON only)" if found is not None else ""
             self.send(f.error(rid, Status.UNIMPLEMENTED.value, f"unknown method {path}{hint}"))
             return
+        ep = found[0]
         streaming = bool(flags & f.STREAM)
         if streaming != ep.streaming:
             how = "client.stream()" if ep.streaming else "client.call()"
@@ -187,21 +182,18 @@ class _Connection(asyncio.Protocol):
                               f"{server.max_message_size}-byte limit"))
             return
         deadline: float | None = None
-        call = _Call()
         if timeout_us is not None:
             if timeout_us < _EXPIRED_US:
                 self.send(f.error(rid, Status.DEADLINE_EXCEEDED.value,
                                   f"the call's deadline ({timeout_us} µs) had passed when it arrived"))
                 return
             deadline = self.loop.time() + timeout_us / 1e6
-            call.timer = self.loop.call_at(deadline, call.expire)
+        call = _Call()
         payload = body[aux:]
         coro = self._stream(rid, call, ep, wire, payload, metadata or {}, deadline) if streaming else \
             self._unary(rid, call, ep, wire, payload, metadata or {}, deadline)
         self.calls[rid] = call
         call.task = self.loop.create_task(coro)
-        server.tasks.add(call.task)
-        call.task.add_done_callback(server.tasks.discard)
 
     async def _unary(self, rid: int, call: _Call, ep: Endpoint, wire: str, payload: bytes,
                      metadata: dict[str, str], deadline: float | None) -> None:
@@ -209,15 +201,16 @@ class _Connection(asyncio.Protocol):
         try:
             try:
                 body = ep.request.decode(payload, wire, ep.where)
-                result = await ep.handle(body, metadata, deadline)
+                if deadline is None:
+                    result = await ep.handle(body, metadata, None)
+                else:
+                    with self.server.watchdog.watch(deadline, ep.where):  # Timeout when it passes
+                        result = await ep.handle(body, metadata, deadline)
                 reply = ep.response.encode(result, wire)
             except Error as err:
                 self.send(f.error(rid, err.status.value, err.message))
                 return
             except asyncio.CancelledError:
-                if self._expired(call):
-                    self.send(f.error(rid, Status.DEADLINE_EXCEEDED.value, f"{ep.where}: deadline exceeded"))
-                    return
                 if self.server.closing:  # cancelled by stop() past the drain timeout: say so, then go
                     self.send(f.error(rid, Status.UNAVAILABLE.value, f"{ep.where}: the node dropped the call: "
                                       "it stopped before the call finished"))
@@ -243,29 +236,15 @@ class _Connection(asyncio.Protocol):
             try:
                 body = ep.request.decode(payload, wire, ep.where)
                 items = await ep.handle(body, metadata, deadline)
-                sent = 0
-                async for item in items:
-                    reply = ep.response.encode(item, wire)
-                    if len(reply) > limit:  # what went before was delivered; the stream ends here
-                        raise ResourceExhausted(f"{ep.where}: reply {sent + 1} of {len(reply)} bytes is over "
-                                                f"the {limit}-byte limit")
-                    while call.credit <= 0:  # the client has not read what it was sent: wait
-                        call.waiter = self.loop.create_future()
-                        await call.waiter
-                    if self._writable is not None and not self._writable.done():
-                        await self._writable  # the socket's buffer is full: wait for it to drain
-                    if self.transport is None:
-                        return
-                    call.credit -= 1
-                    self.send(f.HEADER.pack(len(reply), rid, f.ITEM, 0, 0) + reply)
-                    sent += 1
+                if deadline is None:
+                    await self._send_items(rid, call, ep, wire, items, limit)
+                else:
+                    with self.server.watchdog.watch(deadline, ep.where):  # Timeout when it passes
+                        await self._send_items(rid, call, ep, wire, items, limit)
                 self.send(f.frame(f.END, rid))
             except Error as err:
                 self.send(f.error(rid, err.status.value, err.message))
             except asyncio.CancelledError:
-                if self._expired(call):
-                    self.send(f.error(rid, Status.DEADLINE_EXCEEDED.value, f"{ep.where}: deadline exceeded"))
-                    return
                 if self.server.closing:  # cancelled by stop() past the drain timeout: say so, then go
                     self.send(f.error(rid, Status.UNAVAILABLE.value, f"{ep.where}: the node dropped the call: "
                                       "it stopped before the call finished"))
@@ -281,17 +260,27 @@ class _Connection(asyncio.Protocol):
         finally:
             self._done(rid, call)
 
-    @staticmethod
-    def _expired(call: _Call) -> bool:
-        """Whether the cancellation being handled is the call's own deadline (then it is taken back)."""
-        if not call.expired:
-            return False
-        task = asyncio.current_task()
-        return task is None or task.uncancel() == 0
+    async def _send_items(self, rid: int, call: _Call, ep: Endpoint, wire: str, items: AsyncIterator[Any],
+                          limit: int) -> None:
+        """Send each item as the client's credit and the socket allow."""
+        sent = 0
+        async for item in items:
+            reply = ep.response.encode(item, wire)
+            if len(reply) > limit:  # what went before was delivered; the stream ends here
+                raise ResourceExhausted(f"{ep.where}: reply {sent + 1} of {len(reply)} bytes is over "
+                                        f"the {limit}-byte limit")
+            while call.credit <= 0:  # the client has not read what it was sent: wait
+                call.waiter = self.loop.create_future()
+                await call.waiter
+            if self._writable is not None and not self._writable.done():
+                await self._writable  # the socket's buffer is full: wait for it to drain
+            if self.transport is None:
+                return
+            call.credit -= 1
+            self.send(f.HEADER.pack(len(reply), rid, f.ITEM, 0, 0) + reply)
+            sent += 1
 
     def _done(self, rid: int, call: _Call) -> None:
-        if call.timer is not None:
-            call.timer.cancel()
         if self.calls.get(rid) is call:
             del self.calls[rid]
 
@@ -339,9 +328,9 @@ class NativeServer:
     def __init__(self, *, max_message_size: int, idle_timeout: float = 300.0) -> None:
         self.max_message_size = max_message_size
         self.idle_timeout = idle_timeout
-        self.endpoints: dict[str, Endpoint] = {}
+        self.endpoints: dict[str, tuple[Endpoint, tuple[str, ...]]] = {}
         self.connections: set[_Connection] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.watchdog = Watchdog()
         self.closing = False
         self.host = ""
         self.port = 0
@@ -350,7 +339,7 @@ class NativeServer:
 
     def add(self, ep: Endpoint) -> None:
         """Serve ``ep`` (also after start)."""
-        self.endpoints[ep.path] = ep
+        self.endpoints[ep.path] = (ep, ep.wires)
 
     async def start(self, host: str, port: int = 0, *, ssl: _ssl.SSLContext | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -383,7 +372,8 @@ class NativeServer:
         server.close()
         for conn in list(self.connections):
             conn.goaway()
-        pending = [t for t in self.tasks if not t.done()]
+        pending = [c.task for conn in self.connections for c in conn.calls.values()
+                   if c.task is not None and not c.task.done()]
         if pending:
             await asyncio.wait(pending, timeout=grace)
         for t in pending:
