@@ -22,11 +22,12 @@ from hypothesis import strategies as st
 from test_fuzz_kit import CASES, Seed, fuzz
 
 import micro
+from micro import eventloop
 from micro.client.native import NativePool
+from micro.client.pool import NodeUnreachable
 from micro.errors import ResourceExhausted, Status, Timeout, Unavailable
 from micro.registry.memory import MemoryRegistry
 from micro.wire import frames as f
-from micro.client.pool import NodeUnreachable
 from micro.wire.server import DRAINING, NativeServer
 
 LIMIT = 64 * 1024
@@ -647,3 +648,38 @@ def test_request_heads_over_64_kib_are_refused() -> None:
     with pytest.raises(ValueError, match="over the wire's 65535"):
         f.request(1, "/x", None, {"k": "v" * 70_000}, b"", 0)
     assert struct.calcsize(">IIBBH") == f.HEADER_SIZE == 12
+
+
+# -- uvloop -----------------------------------------------------------------------------------
+
+
+def test_the_native_wire_on_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """micro[fast]: programs run on uvloop (MICRO_LOOP=asyncio keeps the stock loop); the wire's
+    calls, streams, deadlines and errors behave the same on it."""
+    monkeypatch.setenv("MICRO_LOOP", "asyncio")
+    assert eventloop.name() == "asyncio"
+    monkeypatch.setenv("MICRO_LOOP", "tokio")
+    with pytest.raises(micro.errors.ConfigError, match="MICRO_LOOP='tokio'"):
+        eventloop.name()
+    monkeypatch.delenv("MICRO_LOOP")
+    assert eventloop.name() == "uvloop"  # installed by the dev extras (micro[fast], in micro[all])
+
+    async def main() -> list[Any]:
+        assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+        registry = MemoryRegistry()
+        async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as home, \
+                micro.Runtime(registry=registry, store="memory://", broker="memory://", transport="native") as away:
+            service = micro.Service("wire", runtime=home)
+            svc = Svc()
+            service.handle(svc)
+            async with service:
+                got: list[Any] = [await away.client.call("wire", "Svc.Echo", {"text": "uv"})]
+                got.append([i["n"] async for i in away.client.stream("wire", "Svc.Count", {"n": 40})])
+                with pytest.raises(Timeout):
+                    await away.client.call("wire", "Svc.Slow", {}, timeout=0.1)
+                with anyio.fail_after(10):
+                    await svc.slow_ended.wait()
+                got.append(type(away.client._pools[service.record.nodes[0].metadata["native"]]).__name__)
+                return got
+
+    assert eventloop.run(main()) == [{"text": "uv", "n": 0}, list(range(40)), "NativePool"]

@@ -23,6 +23,7 @@ import itertools
 import ssl as _ssl
 from collections import deque
 from collections.abc import AsyncGenerator, Mapping
+from typing import cast
 
 from micro.codec import JSON, PROTO
 from micro.deadlines import Watchdog
@@ -78,9 +79,8 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(f.preface())
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
+        self.transport.write(f.preface())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None

@@ -13,7 +13,6 @@ rest and closes (last in, first out).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -29,7 +28,7 @@ import anyio
 import anyio.abc
 import msgspec
 
-from micro import telemetry
+from micro import eventloop, telemetry
 from micro.broker import Subscription
 from micro.client.client import NATIVE
 from micro.codec import JSON, codec_for
@@ -305,8 +304,11 @@ class Service:
                 tg.cancel_scope.cancel()
 
     def run(self) -> None:
-        """Run the service as a program: ``micro.New("task").run()``. Blocks until a signal."""
-        asyncio.run(self.serve())
+        """Run the service as a program: ``micro.New("task").run()``. Blocks until a signal.
+
+        Runs on uvloop when it is installed (``micro[fast]``; see :mod:`micro.eventloop`).
+        """
+        eventloop.run(self.serve())
 
 
 async def _unsubscribe_all(subs: list[Subscription]) -> None:
