@@ -1,21 +1,26 @@
-"""Issue 2's call benchmarks: every figure is a ratio against a baseline run in the same process.
+"""Issues 2 and 23: the call benchmarks. Every figure is a ratio against a baseline run in the same process.
 
 (a) **in-process** ``client.call``: a micro service and its caller on one
     Runtime (memory backends) vs an asyncio Queue+Future request/response
     between two tasks running the same handler. Typed (msgspec in, msgspec out)
     and dict-in/dict-out. Sequential calls from one task; µs/call. Target: ≤ 1.0×.
-(b) **gRPC over loopback, two processes**: micro's client (a Runtime that does
-    not host the service, finding it through the ``local`` registry under a
-    temporary ``MICRO_HOME``) against a micro service in a subprocess, vs raw
-    grpclib with upb ``_pb2`` messages and hand-written stubs against a raw
-    grpclib server in a subprocess. N workers each make a fixed number of
-    sequential calls (the count per N is sized once from the baseline's warm-up
-    rate, then the same for every side and repetition); calls/s at N = 1, 64 and
-    256. micro is measured on both of its wires: proto-first (betterproto2
-    messages, ``application/grpc``: the like-for-like comparison) and JSON
-    (msgspec Structs, ``application/grpc+json``). Every call on both sides
-    carries a 60 s deadline (micro always sends one). Targets: ≥ 1.0× at 64, and
-    micro at 256 no slower than at 64.
+(b) **the network, two processes**: micro's client (Runtimes that do not host the
+    service, finding it through the ``local`` registry under a temporary
+    ``MICRO_HOME``) against a micro service in a subprocess, on both of micro's wires
+    (``transport="grpc"`` and ``"native"``), each with proto-first betterproto2
+    messages (the like-for-like comparison with raw gRPC) and msgspec Structs (JSON);
+    vs raw grpclib with upb ``_pb2`` messages and hand-written stubs against a raw
+    grpclib server in a subprocess, and vs the **bare framed echo**
+    (``benchmarks/_bare.py``: micro's framing with none of its semantics, the same
+    handler, answered straight from ``data_received``: the Python limit). N workers
+    each make a fixed number of sequential calls (the count per N sized once from the
+    warm-up rate of each group's baseline: raw grpclib for the gRPC sides, the bare
+    echo for the native ones); calls/s at N = 1, 64 and 256. Every call carries a 60 s
+    deadline. Targets: micro gRPC >= 0.9x raw at 64; native >= 5x raw at 64 and >= 3x
+    at 1; native at 256 no slower than at 64; native >= 0.4x the bare echo at 64.
+(c) **agent tool-call fan-out across processes**: an agent in this process whose
+    scripted model asks for 10 tool calls per turn, all on the service in the other
+    process; agent runs/s with the tools over the native wire vs over gRPC. Target >= 3x.
 
 Repetitions are interleaved (baseline, micro, baseline, …) so that drift on a
 noisy machine hits both sides; a ratio is the median of the per-repetition
@@ -283,6 +288,7 @@ async def _network() -> list[Result]:
                         counts[base, n] = n * max(GRPC_MIN_EACH[n], round(warm * GRPC_TARGET_S / n))
                         per_rep += counts[base, n] / warm * 3 * 1.3  # micro's sides are a bit slower
                 reps = max(GRPC_MIN_REPS, min(GRPC_REPS, int(GRPC_BUDGET_S / per_rep)))
+                fanout = await _agent_fanout(rt_native, rt_grpc)
                 rates: dict[tuple[str, int], list[float]] = {}
                 order = list(systems)
                 for rep in range(reps):
@@ -302,7 +308,59 @@ async def _network() -> list[Result]:
                 os.environ["MICRO_HOME"] = saved
             for proc in procs:
                 await _stop(proc)
-    return _network_figures(rates, reps)
+    return _network_figures(rates, reps) + fanout
+
+
+FANOUT_TOOLS = 10
+FANOUT_REPS = 9
+FANOUT_RUNS = 30  # agent runs per measurement
+
+
+async def _agent_fanout(rt_native: micro.Runtime, rt_grpc: micro.Runtime) -> list[Result]:
+    """An agent here whose model asks for 10 tool calls per turn, all on the service in the other process:
+    runs/s with the tools called over the native wire vs over gRPC."""
+    from micro.ai import Message, ToolResultBlock, ToolSpec, scripted
+
+    tool = f"{SERVICE}_TaskJSON_ListOverdue"
+
+    def brain(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | str:
+        if any(isinstance(b, ToolResultBlock) for b in messages[-1].content):
+            return "done"
+        return scripted.turn(*(scripted.call(tool, user_id="alice") for _ in range(FANOUT_TOOLS)))
+
+    agents = {}
+    for wire, rt in (("native", rt_native), ("grpc", rt_grpc)):
+        agent = micro.NewAgent(f"bench-fanout-{wire}", services=[SERVICE], provider=scripted.function(brain),
+                               runtime=rt)
+        await agent.start()
+        agents[wire] = agent
+    try:
+        async def runs_per_s(wire: str, n: int) -> float:
+            ask = agents[wire].ask
+            gc.collect()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                rsp = await ask("list the overdue tasks ten times")
+                assert len(rsp.tool_calls) == FANOUT_TOOLS and not any(c.is_error for c in rsp.tool_calls), rsp
+            return n / (time.perf_counter() - t0)
+
+        for wire in agents:
+            await runs_per_s(wire, 5)  # warm up
+        rates: dict[str, list[float]] = {"native": [], "grpc": []}
+        for rep in range(FANOUT_REPS):
+            for wire in (["native", "grpc"] if rep % 2 == 0 else ["grpc", "native"]):
+                rates[wire].append(await runs_per_s(wire, FANOUT_RUNS))
+    finally:
+        for agent in agents.values():
+            await agent.stop()
+    r, lo, hi = _median_ratio(rates["native"], rates["grpc"])
+    nat, grpc = statistics.median(rates["native"]), statistics.median(rates["grpc"])
+    return [(
+        "agent.fanout10.native_vs_grpc", round(r, 3),
+        f"agent runs with {FANOUT_TOOLS} tool calls per turn on a service in another process: {nat:,.1f} runs/s "
+        f"with the tools over the native wire vs {grpc:,.1f} over gRPC -> {r:.2f}x ({FANOUT_REPS} reps: "
+        f"{lo:.2f}-{hi:.2f}; target >= 3.0x: {_verdict(r >= 3.0)})",
+    )]
 
 
 def _network_figures(rates: dict[tuple[str, int], list[float]], reps: int) -> list[Result]:

@@ -23,6 +23,7 @@ from test_fuzz_kit import CASES, Seed, fuzz
 
 import micro
 from micro import eventloop
+from micro.broker.local import SERVICE as BROKER_SERVICE
 from micro.client.native import NativePool
 from micro.client.pool import NodeUnreachable
 from micro.errors import ResourceExhausted, Status, Timeout, Unavailable
@@ -683,3 +684,33 @@ def test_the_native_wire_on_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
                 return got
 
     assert eventloop.run(main()) == [{"text": "uv", "n": 0}, list(range(40)), "NativePool"]
+
+
+# -- where micro calls micro nodes, it rides the native wire ------------------------------------
+
+
+@pytest.mark.parametrize("wire", ["auto", "grpc"])
+async def test_local_broker_deliveries_ride_the_client_s_wire(wire: str) -> None:
+    registry = MemoryRegistry()
+    got: list[int] = []
+    done = anyio.Event()
+
+    async def handle(m: micro.broker.Message) -> None:
+        got.append(msgspec.json.decode(m.data)["i"])
+        if len(got) == 5:
+            done.set()
+
+    async with micro.Runtime(registry=registry, broker="local://", store="memory://") as sub, \
+            micro.Runtime(registry=registry, broker="local://", store="memory://", transport=wire) as pub:
+        await sub.broker.subscribe("jobs.run", handle)
+        for i in range(5):
+            await pub.broker.publish("jobs.run", {"i": i})
+        with anyio.fail_after(10):
+            await done.wait()
+        (node,) = [n for r in await registry.get(BROKER_SERVICE) for n in r.nodes if n.metadata["subs"] != "[]"]
+        pools = pub.client._pools
+        if wire == "auto":
+            assert isinstance(pools[node.metadata["native"]], NativePool)
+        else:
+            assert node.address in pools and not any(isinstance(p, NativePool) for p in pools.values())
+    assert sorted(got) == list(range(5))

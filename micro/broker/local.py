@@ -75,6 +75,7 @@ class _Target(msgspec.Struct, frozen=True):
     node: str
     address: str
     sub: _Sub
+    native: str = ""  # the node's native wire address, when it has one
 
 
 class LocalBroker(MemoryBroker):
@@ -88,6 +89,7 @@ class LocalBroker(MemoryBroker):
         self._ids: dict[MemorySubscription, _Sub] = {}
         self._by_id: dict[str, MemorySubscription] = {}
         self._server: Any = None
+        self._native: Any = None
         self._address = ""
         self._beats: BackgroundTasks | None = None
         self._changed = anyio.Event()
@@ -129,14 +131,22 @@ class LocalBroker(MemoryBroker):
     async def _serve(self) -> None:
         if self._server is not None:
             return
-        from micro.server.grpc import GrpcServer
+        from micro.server.grpc import DEFAULT_MAX_MESSAGE_SIZE, GrpcServer
         from micro.service.endpoints import endpoints_of
+        from micro.wire.server import NativeServer
 
         server = GrpcServer()
+        native = NativeServer(max_message_size=DEFAULT_MAX_MESSAGE_SIZE)  # deliveries ride micro's native wire
         for ep in endpoints_of(_Deliverer(self), SERVICE, name="Broker"):
             server.add(ep)
+            native.add(ep)
         await server.start("127.0.0.1", 0)
-        self._server = server
+        try:
+            await native.start("127.0.0.1", 0)
+        except BaseException:
+            await server.stop(0)
+            raise
+        self._server, self._native = server, native
         self._address = f"127.0.0.1:{server.port}"
         beats = BackgroundTasks(f"broker {self.url} heartbeat", log)
         await beats.start()
@@ -147,8 +157,10 @@ class LocalBroker(MemoryBroker):
         from micro.registry import Node, ServiceRecord
 
         subs = msgspec.json.encode(list(self._ids.values())).decode()
-        return ServiceRecord(SERVICE, metadata={"type": "internal"},
-                             nodes=[Node(self.node_id, self._address, {"subs": subs, "pid": str(os.getpid())})])
+        md = {"subs": subs, "pid": str(os.getpid())}
+        if self._native is not None:
+            md["native"] = f"127.0.0.1:{self._native.port}"
+        return ServiceRecord(SERVICE, metadata={"type": "internal"}, nodes=[Node(self.node_id, self._address, md)])
 
     async def _register(self) -> None:
         assert self._runtime is not None
@@ -165,8 +177,8 @@ class LocalBroker(MemoryBroker):
                 log.warning("broker %s: heartbeat to the registry failed", self.url, exc_info=True)
 
     async def _close(self) -> None:
-        runtime, server, beats = self._runtime, self._server, self._beats
-        self._server = self._beats = None
+        runtime, server, beats, native = self._runtime, self._server, self._beats, self._native
+        self._server = self._beats = self._native = None
         if beats is not None:
             await beats.aclose()
         if server is not None and runtime is not None:
@@ -178,6 +190,8 @@ class LocalBroker(MemoryBroker):
         await super()._close()
         if server is not None:
             await server.stop(1.0)
+        if native is not None:
+            await native.stop(1.0)
 
     # -- publishing ---------------------------------------------------------------------------
 
@@ -196,18 +210,19 @@ class LocalBroker(MemoryBroker):
         for members in groups.values():
             members.sort(key=lambda t: (t.node, t.sub.id))
             chosen.append(members[turn % len(members)])
-        by_node: dict[tuple[str, str], list[str]] = {}
+        by_node: dict[tuple[str, str, str], list[str]] = {}
         for t in chosen:
-            by_node.setdefault((t.node, t.address), []).append(t.sub.id)
+            by_node.setdefault((t.node, t.address, t.native), []).append(t.sub.id)
         msg = Message(topic=topic, data=data, headers=hdrs, id=message_id)
-        own = by_node.pop((self.node_id, self._address), None)
+        own = by_node.pop((self.node_id, self._address, ""), None)
         crowded = False
         if own:
             crowded = self._push(own, msg)[1]
         if by_node:
             async with anyio.create_task_group() as tg:
-                for (node, address), ids in by_node.items():
-                    tg.start_soon(self._send, node, address, DeliverRequest(topic, data, hdrs, message_id, ids))
+                for (node, address, native), ids in by_node.items():
+                    tg.start_soon(self._send, node, address, native,
+                                  DeliverRequest(topic, data, hdrs, message_id, ids))
         elif crowded:
             await asyncio.sleep(0)  # as the memory broker: let consumers run before their buffers fill
 
@@ -243,18 +258,19 @@ class LocalBroker(MemoryBroker):
                         subs = _subs_decoder.decode(node.metadata.get("subs", "[]"))
                     except msgspec.DecodeError:
                         continue
-                    remote += [_Target(node.id, node.address, s) for s in subs]
+                    native = node.metadata.get("native", "")
+                    remote += [_Target(node.id, node.address, s, native) for s in subs]
             self._parsed = {id(records): (records, remote)}
             cached = self._parsed[id(records)]
         return own + cached[1]
 
-    async def _send(self, node: str, address: str, req: DeliverRequest) -> None:
+    async def _send(self, node: str, address: str, native: str, req: DeliverRequest) -> None:
         from micro.registry import Node
 
         assert self._runtime is not None
         client = self._runtime.client
         try:
-            await client.channel(Node(node, address)).unary(
+            await client.channel(Node(node, address, {"native": native} if native else {})).unary(
                 f"/{SERVICE}.Broker/Deliver", msgspec.json.encode(req), deadline=anyio.current_time() + 5.0)
         except Error as exc:
             log.warning("broker %s: %s at %s missed %r (%s)", self.url, node, address, req.topic, exc)

@@ -79,7 +79,18 @@ def main() -> None:
 
 
 def _register() -> None:
-    from micro.cli import agents, broker, call, chat, flows, gateway, new, run, services  # noqa: F401  (commands register themselves)
+    from micro.cli import (  # noqa: F401  (commands register themselves)
+        agents,
+        bench,
+        broker,
+        call,
+        chat,
+        flows,
+        gateway,
+        new,
+        run,
+        services,
+    )
 
 
 _register()

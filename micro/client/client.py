@@ -23,7 +23,7 @@ import itertools
 import os
 import re
 import ssl
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import betterproto2
@@ -136,7 +136,8 @@ class Client:
 
     # -- dispatch -----------------------------------------------------------------------------
 
-    async def _dispatch(self, req: Request) -> Any:
+    def _dispatch(self, req: Request) -> Awaitable[Any]:
+        # a plain function returning the path's coroutine: one coroutine frame less per call
         if req.metadata:  # after the call wrappers, which may add some: both paths alike
             req.metadata = _checked_metadata(req.metadata)
         endpoints = self._local.get(req.service)
@@ -146,8 +147,8 @@ class Client:
                 raise _no_endpoint(req.service, req.endpoint, list(endpoints))
             if ep.streaming != req.streaming:
                 raise _wrong_kind(req, ep.streaming)
-            return await (self._local_stream(ep, req) if req.streaming else self._local_call(ep, req))
-        return await self._remote(req)
+            return self._local_stream(ep, req) if req.streaming else self._local_call(ep, req)
+        return self._remote(req)
 
     async def _local_call(self, ep: Endpoint, req: Request) -> Any:
         body = ep.request.convert({} if req.body is None else req.body, ep.where)
@@ -199,7 +200,8 @@ class Client:
     # -- network path -------------------------------------------------------------------------
 
     async def _remote(self, req: Request) -> Any:
-        record, ep = await self._resolve(req.service, req.endpoint)
+        found = self._cached(req.service, req.endpoint)
+        record, ep = found if found is not None else await self._resolve(req.service, req.endpoint)
         if ep.streaming != req.streaming:
             raise _wrong_kind(req, ep.streaming)
         wire = PROTO if _speaks_proto(req, ep) else JSON
@@ -293,6 +295,14 @@ class Client:
         """The registry record of ``service`` that has ``endpoint``, and that endpoint (from the watched
         cache; ``NotFound`` naming what is missing). ``micro call`` uses it to tell streams from calls."""
         return await self._resolve(service, endpoint)
+
+    def _cached(self, service: str, endpoint: str) -> tuple[ServiceRecord, EndpointRecord] | None:
+        """The record and endpoint from the watched cache, without awaiting (the usual case)."""
+        for rec in self._records.get(service, ()):
+            ep = rec.endpoint(endpoint)
+            if ep is not None and rec.nodes:
+                return rec, ep
+        return None
 
     async def _resolve(self, service: str, endpoint: str) -> tuple[ServiceRecord, EndpointRecord]:
         records = self._records.get(service)

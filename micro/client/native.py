@@ -260,16 +260,29 @@ class NativePool:
         self._inflight = 0  # calls in flight to this node (streams and unary calls)
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._watchdog = Watchdog()
+        self._where: dict[str, str] = {}
         self._keeper: asyncio.TimerHandle | None = None
 
     # -- connections ------------------------------------------------------------------------------
 
-    async def _conn(self, path: str, deadline: float | None) -> _Connection:
+    def _best(self) -> _Connection | None:
+        """The least busy open connection, unless all are full and another may be opened."""
+        conns = self._conns
+        if len(conns) == 1:  # the usual case
+            c = conns[0]
+            if c.usable and (len(c.calls) < self.max_streams or self.max_connections == 1):
+                return c
         best: _Connection | None = None
-        for c in self._conns:
+        for c in conns:
             if c.usable and (best is None or len(c.calls) < len(best.calls)):
                 best = c
-        if best is not None and (len(best.calls) < self.max_streams or len(self._conns) >= self.max_connections):
+        if best is not None and (len(best.calls) < self.max_streams or len(conns) >= self.max_connections):
+            return best
+        return None
+
+    async def _conn(self, path: str, deadline: float | None) -> _Connection:
+        best = self._best()
+        if best is not None:
             return best
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._open())
@@ -367,31 +380,33 @@ class NativePool:
     async def unary(self, path: str, data: bytes, *, wire: str = JSON, deadline: float | None = None,
                     metadata: Mapping[str, str] | None = None) -> bytes:
         """One request, one reply; statuses as ``micro.errors``."""
-        loop = asyncio.get_running_loop()
-        timeout_us = self._timeout(path, deadline, loop)
-        if self._inflight < self._capacity and not self._waiters:  # the usual case: take a place at once
-            self._inflight += 1
-            try:
-                return await self._unary(path, data, wire, deadline, timeout_us, metadata, loop)
-            finally:
-                self._release()
-        async with self._slot(path, deadline):
-            return await self._unary(path, data, wire, deadline, timeout_us, metadata, loop)
+        conn = self._best()
+        if conn is None or self._inflight >= self._capacity or self._waiters:
+            async with self._slot(path, deadline):
+                return await self._unary(await self._conn(path, deadline), path, data, wire, deadline, metadata)
+        self._inflight += 1  # the usual case: a connection is open and a place is free; take it at once
+        try:
+            return await self._unary(conn, path, data, wire, deadline, metadata)
+        finally:
+            self._release()
 
-    async def _unary(self, path: str, data: bytes, wire: str, deadline: float | None, timeout_us: int | None,
-                     metadata: Mapping[str, str] | None, loop: asyncio.AbstractEventLoop) -> bytes:
-        conn = await self._conn(path, deadline)
+    async def _unary(self, conn: _Connection, path: str, data: bytes, wire: str, deadline: float | None,
+                     metadata: Mapping[str, str] | None) -> bytes:
         if not conn.usable:
             raise NodeUnreachable(f"{path}: node {self.address} is shutting down")
+        loop = conn.loop
+        timeout_us = self._timeout(path, deadline, loop)
         rid = next(conn.ids)
         fut: asyncio.Future[bytes] = loop.create_future()
         conn.calls[rid] = fut
         conn.send(self._frame(path, rid, data, wire, 0, timeout_us, metadata))
+        if deadline is not None:
+            where = self._where.get(path)
+            if where is None:
+                where = self._where[path] = f"{path} on {self.address}"
+            self._watchdog.expire(fut, deadline, where)  # fails with Timeout when the deadline passes
         try:
-            if deadline is None:
-                return await fut
-            with self._watchdog.watch(deadline, f"{path} on {self.address}"):  # Timeout when it passes
-                return await fut
+            return await fut
         except (asyncio.CancelledError, Timeout):
             self._cancel(conn, rid)  # the handler stops too
             raise

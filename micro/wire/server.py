@@ -168,7 +168,7 @@ class _Connection(asyncio.Protocol):
             hint = " (this service serves it as JSON only)" if found is not None else ""
             self.send(f.error(rid, Status.UNIMPLEMENTED.value, f"unknown method {path}{hint}"))
             return
-        ep = found[0]
+        ep, _, where = found
         streaming = bool(flags & f.STREAM)
         if streaming != ep.streaming:
             how = "client.stream()" if ep.streaming else "client.call()"
@@ -189,21 +189,21 @@ class _Connection(asyncio.Protocol):
             deadline = self.loop.time() + timeout_us / 1e6
         call = _Call()
         payload = body[aux:]
-        coro = self._stream(rid, call, ep, wire, payload, metadata or {}, deadline) if streaming else \
-            self._unary(rid, call, ep, wire, payload, metadata or {}, deadline)
+        coro = self._stream(rid, call, ep, where, wire, payload, metadata or {}, deadline) if streaming else \
+            self._unary(rid, call, ep, where, wire, payload, metadata or {}, deadline)
         self.calls[rid] = call
         call.task = self.loop.create_task(coro)
 
-    async def _unary(self, rid: int, call: _Call, ep: Endpoint, wire: str, payload: bytes,
+    async def _unary(self, rid: int, call: _Call, ep: Endpoint, where: str, wire: str, payload: bytes,
                      metadata: dict[str, str], deadline: float | None) -> None:
         limit = self.server.max_message_size
         try:
             try:
-                body = ep.request.decode(payload, wire, ep.where)
+                body = ep.request.decode(payload, wire, where)
                 if deadline is None:
                     result = await ep.handle(body, metadata, None)
                 else:
-                    with self.server.watchdog.watch(deadline, ep.where):  # Timeout when it passes
+                    with self.server.watchdog.watch(deadline, where, call.task):  # Timeout when it passes
                         result = await ep.handle(body, metadata, deadline)
                 reply = ep.response.encode(result, wire)
             except Error as err:
@@ -227,18 +227,18 @@ class _Connection(asyncio.Protocol):
         finally:
             self._done(rid, call)
 
-    async def _stream(self, rid: int, call: _Call, ep: Endpoint, wire: str, payload: bytes,
+    async def _stream(self, rid: int, call: _Call, ep: Endpoint, where: str, wire: str, payload: bytes,
                       metadata: dict[str, str], deadline: float | None) -> None:
         limit = self.server.max_message_size
         items: AsyncIterator[Any] | None = None
         try:
             try:
-                body = ep.request.decode(payload, wire, ep.where)
+                body = ep.request.decode(payload, wire, where)
                 items = await ep.handle(body, metadata, deadline)
                 if deadline is None:
                     await self._send_items(rid, call, ep, wire, items, limit)
                 else:
-                    with self.server.watchdog.watch(deadline, ep.where):  # Timeout when it passes
+                    with self.server.watchdog.watch(deadline, where, call.task):  # Timeout when it passes
                         await self._send_items(rid, call, ep, wire, items, limit)
                 self.send(f.frame(f.END, rid))
             except Error as err:
@@ -327,7 +327,7 @@ class NativeServer:
     def __init__(self, *, max_message_size: int, idle_timeout: float = 300.0) -> None:
         self.max_message_size = max_message_size
         self.idle_timeout = idle_timeout
-        self.endpoints: dict[str, tuple[Endpoint, tuple[str, ...]]] = {}
+        self.endpoints: dict[str, tuple[Endpoint, tuple[str, ...], str]] = {}  # path: endpoint, wires, where
         self.connections: set[_Connection] = set()
         self.watchdog = Watchdog()
         self.closing = False
@@ -338,7 +338,7 @@ class NativeServer:
 
     def add(self, ep: Endpoint) -> None:
         """Serve ``ep`` (also after start)."""
-        self.endpoints[ep.path] = (ep, ep.wires)
+        self.endpoints[ep.path] = (ep, ep.wires, ep.where)
 
     async def start(self, host: str, port: int = 0, *, ssl: _ssl.SSLContext | None = None) -> None:
         loop = asyncio.get_running_loop()
