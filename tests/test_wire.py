@@ -11,6 +11,7 @@ node answers the next, well-behaved caller.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +20,7 @@ import anyio
 import msgspec
 import pytest
 from hypothesis import strategies as st
-from test_fuzz_kit import CASES, Seed, fuzz
+from test_fuzz_kit import CASES, Host, Seed, error_log, fuzz
 
 import micro
 from micro import eventloop
@@ -430,8 +431,10 @@ async def test_malformed_heads_and_unknown_paths_get_statuses(node: Node) -> Non
     peer.call(2, "/wire.Svc/Nope", {})
     peer.call(3, "/wire.Svc/Echo", {}, flags=f.PROTO)  # a msgspec endpoint has no protobuf form
     peer.call(4, "/wire.Svc/Count", {"n": 1})  # a streaming endpoint called as unary
+    head = b"\x93\xa1\x80\xc0\xc0"  # [path, nil, nil] with a path that is not UTF-8 (found by fuzzing)
+    peer.send(f.HEADER.pack(len(head), 5, f.REQUEST, 0, len(head)) + head)
     got = {}
-    for _ in range(4):
+    for _ in range(5):
         kind, rid, _, _, body, _ = await peer.next()
         assert kind == f.ERROR
         got[rid] = f.read_error(body)
@@ -439,6 +442,7 @@ async def test_malformed_heads_and_unknown_paths_get_statuses(node: Node) -> Non
     assert got[2] == (Status.UNIMPLEMENTED.value, "unknown method /wire.Svc/Nope")
     assert got[3] == (Status.UNIMPLEMENTED.value, "unknown method /wire.Svc/Echo (this service serves it as JSON only)")
     assert got[4] == (Status.INVALID_ARGUMENT.value, "wire Svc.Count: call it with client.stream()")
+    assert got[5][0] == Status.INVALID_ARGUMENT.value and "malformed request head" in got[5][1]
     peer.close()
 
 
@@ -714,3 +718,177 @@ async def test_local_broker_deliveries_ride_the_client_s_wire(wire: str) -> None
         else:
             assert node.address in pools and not any(isinstance(p, NativePool) for p in pools.values())
     assert sorted(got) == list(range(5))
+
+
+IDLE_PEERS = r'''
+import socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+socks = []
+for _ in range(n):
+    s = socket.create_connection((host, port))
+    s.sendall(b"MICROW\x00\x01")  # the preface, then silence
+    socks.append(s)
+for s in socks:
+    assert s.recv(8) == b"MICROW\x00\x01"
+print("idle", len(socks), flush=True)
+sys.stdin.read()  # hold them until told to go
+'''
+
+
+async def test_ten_thousand_idle_connections_harm_no_one(node: Node) -> None:
+    """10,000 greeted, silent connections from another process: the node still answers at once, and
+    counts them all; when they go, it lets them go."""
+    import sys
+
+    peers = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", IDLE_PEERS, node.host, str(node.port), "10000",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    try:
+        assert peers.stdout is not None and peers.stdin is not None
+        with anyio.fail_after(120):
+            assert await peers.stdout.readline() == b"idle 10000\n"
+        assert len(node.native.connections) >= 10_000
+        await node.still_answers()
+        items = [i["n"] async for i in node.client.client.stream("wire", "Svc.Count", {"n": 20})]
+        assert items == list(range(20))
+        peers.stdin.close()
+        with anyio.fail_after(60):
+            await peers.wait()
+            while len(node.native.connections) > 1:  # only the client's own connection stays
+                await anyio.wait_all_tasks_blocked()
+    finally:
+        if peers.returncode is None:
+            peers.kill()
+            await peers.wait()
+    await node.still_answers()
+
+
+# -- whole connections, fuzzed ----------------------------------------------------------------
+
+CONNECTION_CASES = 500
+
+
+class Served:
+    def __init__(self, service: micro.Service, client: micro.Runtime) -> None:
+        self.service, self.client = service, client
+        host, _, port = service.record.nodes[0].metadata["native"].rpartition(":")
+        self.host, self.port = host, int(port)
+
+    async def session(self, data: bytes) -> list[f.Frame]:
+        """Greet, send ``data``, stop sending; every frame the node sent until it closed."""
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        try:
+            writer.write(f.preface() + data)
+            writer.write_eof()
+            got = await reader.read()
+        finally:
+            writer.close()
+            await writer.wait_closed()
+        assert got[:f.PREFACE_SIZE] == f.preface()
+        return f.FrameReader(1 << 22).feed(got[f.PREFACE_SIZE:])
+
+    async def answers(self) -> Any:
+        return await self.client.client.call("wire", "Svc.Echo", {"text": "still"}, timeout=10)
+
+
+@contextlib.asynccontextmanager
+async def _served() -> AsyncIterator[Served]:
+    registry = MemoryRegistry()
+    async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as home, \
+            micro.Runtime(registry=registry, store="memory://", broker="memory://", transport="native") as away:
+        service = micro.Service("wire", runtime=home, max_message_size=LIMIT)
+        service.handle(Svc())
+        async with service:
+            yield Served(service, away)
+
+
+_PATHS = ["/wire.Svc/Echo", "/wire.Svc/Count", "/wire.Svc/Hold", "/wire.Svc/Nope", ""]
+
+
+def _session_bytes(seed: Seed) -> bytes:
+    """A client's bytes: requests (some malformed), cancels, credits, pings, junk; maybe cut short."""
+    out: list[bytes] = []
+    for _ in range(seed.byte() % 6):
+        rid = seed.byte() % 4
+        how = seed.byte() % 8
+        if how <= 2:
+            body = seed.pick([b'{"text": "a"}', b'{"n": 3}', b"{}", b"[]", b"\xff", seed.take(seed.byte() % 12)])
+            timeout = seed.pick([None, 5_000_000, 10, 0])
+            md = seed.pick([None, {"k": "v"}, {"authorization": "Bearer x"}])
+            out.append(f.request(rid, seed.pick(_PATHS), timeout, md, body, seed.pick([0, f.STREAM, f.PROTO])))
+        elif how == 3:
+            out.append(f.frame(f.CANCEL, rid))
+        elif how == 4:
+            out.append(f.frame(f.CREDIT, rid, aux=seed.byte()))
+        elif how == 5:
+            out.append(f.frame(f.PING, rid, seed.take(seed.byte() % 10)))
+        elif how == 6:
+            frame = f.request(rid, "/wire.Svc/Echo", None, None, b"{}", 0)
+            at = seed.byte() % len(frame)
+            out.append(frame[:at] + bytes([seed.byte()]) + frame[at + 1:])
+        else:
+            out.append(seed.take(seed.byte() % 24))
+    data = b"".join(out)
+    if data and seed.byte() % 4 == 0:
+        data = data[: seed.byte() * 3 % len(data)]  # the peer stops mid-frame
+    return data
+
+
+@pytest.mark.fuzz
+def test_fuzz_whole_connections() -> None:
+    """500 sessions of valid, malformed and truncated frames: the node answers with frames it may send
+    (or closes after an ERROR on request id 0), never logs an error, and answers a well-behaved caller
+    after every session."""
+    with error_log() as errors, Host(_served()) as host:
+
+        def case(data: tuple[int, bytes]) -> None:
+            frames = host.run(host.system.session(_session_bytes(Seed(data[1]))))
+            for kind, _rid, _flags, _aux, body, _length in frames:
+                assert kind in (f.RESPONSE, f.ITEM, f.END, f.ERROR, f.PONG, f.GOAWAY)
+                if kind == f.ERROR:
+                    status, message = f.read_error(body)
+                    assert status in {s.value for s in Status} and message
+            assert host.run(host.system.answers()) == {"text": "still", "n": 0}
+            assert errors.records == []
+
+        ran = fuzz(st.tuples(st.just(0), st.binary(max_size=120)), case, max_examples=CONNECTION_CASES)
+    assert ran == CONNECTION_CASES
+
+
+# -- the wire choice --------------------------------------------------------------------------
+
+
+async def test_the_client_picks_the_wire_per_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto: native where a node advertises it, gRPC where it does not (native=False, an older micro);
+    MICRO_TRANSPORT=native refuses a node without a native address, naming the setting; grpc never
+    uses the native wire; anything else is a ConfigError."""
+    registry = MemoryRegistry()
+    async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as home:
+        modern = micro.Service("modern", runtime=home)
+        modern.handle(Svc())
+        older = micro.Service("older", runtime=home, native=False)
+        older.handle(Svc())
+        async with modern, older:
+            assert "native" not in older.record.nodes[0].metadata
+            monkeypatch.setenv("MICRO_TRANSPORT", "native")
+            async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as native, \
+                    micro.Runtime(registry=registry, store="memory://", broker="memory://",
+                                  transport="auto") as auto:
+                assert (native.client.transport, auto.client.transport) == ("native", "auto")  # argument wins
+                for rt in (native, auto):
+                    assert await rt.client.call("modern", "Svc.Echo", {"text": "m"}) == {"text": "m", "n": 0}
+                assert await auto.client.call("older", "Svc.Echo", {"text": "o"}) == {"text": "o", "n": 0}
+                only = r"has no native address .* uses the native wire only \(transport='native' or MICRO_TRANSPORT"
+                with pytest.raises(Unavailable, match=only):
+                    await native.client.call("older", "Svc.Echo", {})
+                kinds = {type(p).__name__ for p in auto.client._pools.values()}
+                assert kinds == {"NativePool", "NodePool"}
+            monkeypatch.setenv("MICRO_TRANSPORT", "grpc")
+            async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as grpc:
+                assert await grpc.client.call("modern", "Svc.Echo", {"text": "g"}) == {"text": "g", "n": 0}
+                assert {type(p).__name__ for p in grpc.client._pools.values()} == {"NodePool"}
+    monkeypatch.setenv("MICRO_TRANSPORT", "carrier-pigeon")
+    with pytest.raises(micro.errors.ConfigError, match="MICRO_TRANSPORT='carrier-pigeon' is not a transport"):
+        micro.Runtime(registry="memory://", store="memory://", broker="memory://")
+    with pytest.raises(micro.errors.ConfigError, match="transport='h3' is not a transport"):
+        micro.Runtime(registry="memory://", store="memory://", broker="memory://", transport="h3")

@@ -343,8 +343,8 @@ class Client:
         if native is None and self.transport == "native":
             raise NodeUnreachable(
                 f"node {node.id} at {node.address} has no native address (an older micro, or a gRPC-only "
-                "server) and this client is set to the native wire only (MICRO_TRANSPORT=native): unset it, "
-                "or set MICRO_TRANSPORT=grpc"
+                "server) and this client uses the native wire only (transport='native' or MICRO_TRANSPORT=native): "
+                "use 'auto' to reach such nodes over gRPC"
             )
         key = native or node.address
         pool = self._pools.get(key)

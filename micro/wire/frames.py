@@ -92,7 +92,8 @@ def request(rid: int, path: str, timeout_us: int | None, metadata: dict[str, str
 
 
 def read_head(head: bytes) -> tuple[str, int | None, dict[str, str] | None]:
-    """The path, timeout (µs) and metadata of a REQUEST; ``msgspec.DecodeError`` / ``ValidationError``."""
+    """The path, timeout (µs) and metadata of a REQUEST; ``msgspec.DecodeError`` (``ValidationError``
+    included) or ``UnicodeDecodeError`` when the head is not one."""
     return _head_decoder.decode(head)
 
 
@@ -104,7 +105,7 @@ def read_error(body: bytes) -> tuple[int, str]:
     """The status and message of an ERROR body (``(2, …)`` UNKNOWN when it does not decode)."""
     try:
         return _error_decoder.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         return 2, f"an error frame that does not decode ({len(body)} bytes)"
 
 
