@@ -59,6 +59,7 @@ class ServiceOptions(typing.TypedDict, total=False):
     drain_timeout: float
     max_queue: int
     tls: ssl.SSLContext | None
+    native: bool
 
 
 class AgentServiceOptions(ServiceOptions, total=False):
