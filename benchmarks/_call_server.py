@@ -9,6 +9,9 @@ overdue ones and build a three-record reply.
 registered in the ``local`` registry under ``$MICRO_HOME``.
 ``python -m benchmarks._call_server raw`` serves ``/benchcall.Task/ListOverdue``
 with plain grpclib and the upb messages of ``benchmarks/_rawpb``.
+``python -m benchmarks._call_server bare`` serves the JSON handler as the bare framed
+echo of ``benchmarks/_bare.py`` (micro's framing, none of its semantics).
+``--uvloop`` runs any of them on uvloop.
 
 Either prints ``ready HOST:PORT`` once it can be called, and exits when its stdin
 closes (so it never outlives the benchmark that started it).
@@ -118,11 +121,31 @@ async def _serve_raw() -> None:
         await server.wait_closed()
 
 
+async def _serve_bare() -> None:
+    from benchmarks._bare import BareServer, json_handler
+
+    handle = json_handler(Task().ListOverdue, ListOverdueRequest)
+    server = await asyncio.get_running_loop().create_server(lambda: BareServer(handle), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    print(f"ready 127.0.0.1:{port}", flush=True)
+    try:
+        await _stdin_closed()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 def main() -> None:
     kind = sys.argv[1] if len(sys.argv) > 1 else ""
-    if kind not in ("micro", "raw"):
-        sys.exit("usage: python -m benchmarks._call_server micro|raw")
-    asyncio.run(_serve_micro() if kind == "micro" else _serve_raw())
+    serve = {"micro": _serve_micro, "raw": _serve_raw, "bare": _serve_bare}.get(kind)
+    if serve is None:
+        sys.exit("usage: python -m benchmarks._call_server micro|raw|bare")
+    if "--uvloop" in sys.argv:
+        import uvloop
+
+        uvloop.run(serve())
+    else:
+        asyncio.run(serve())
 
 
 if __name__ == "__main__":

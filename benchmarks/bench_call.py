@@ -1,28 +1,26 @@
-"""Issue 2's call benchmarks: every figure is a ratio against a baseline run in the same process.
+"""Issues 2 and 23: the call benchmarks. Every figure is a ratio against a baseline run in the same process.
 
 (a) **in-process** ``client.call``: a micro service and its caller on one
     Runtime (memory backends) vs an asyncio Queue+Future request/response
     between two tasks running the same handler. Typed (msgspec in, msgspec out)
     and dict-in/dict-out. Sequential calls from one task; µs/call. Target: ≤ 1.0×.
-(b) **gRPC over loopback, two processes**: micro's client (a Runtime that does
-    not host the service, finding it through the ``local`` registry under a
-    temporary ``MICRO_HOME``) against a micro service in a subprocess, vs raw
-    grpclib with upb ``_pb2`` messages and hand-written stubs against a raw
-    grpclib server in a subprocess. N workers each make a fixed number of
-    sequential calls (the count per N is sized once from the baseline's warm-up
-    rate, then the same for every side and repetition); calls/s at N = 1, 64 and
-    256. micro is measured on both of its wires: proto-first (betterproto2
-    messages, ``application/grpc``: the like-for-like comparison) and JSON
-    (msgspec Structs, ``application/grpc+json``). Every call on both sides
-    carries a 60 s deadline (micro always sends one). Targets: ≥ 1.0× at 64, and
-    micro at 256 no slower than at 64.
-(c) **any gRPC client**: the raw grpclib+upb client (the baseline's) calling
-    micro's code-first endpoint over protobuf (the ``.proto`` micro derives from
-    the msgspec Structs) and, for comparison, micro's proto-first endpoint, both
-    ÷ raw. Target: code-first protobuf ≥ the proto-first figure (ratio of the two
-    ≥ 1.0 at 64 in flight, within noise).
-(d) **metrics**: the in-process typed call with ``micro.metrics.enable()`` ÷
-    the same call with metrics off. Target: ≤ 1.10×.
+(b) **the network, two processes**: micro's client (Runtimes that do not host the
+    service, finding it through the ``local`` registry under a temporary
+    ``MICRO_HOME``) against a micro service in a subprocess, on both of micro's wires
+    (``transport="grpc"`` and ``"native"``), each with proto-first betterproto2
+    messages (the like-for-like comparison with raw gRPC) and msgspec Structs (JSON);
+    vs raw grpclib with upb ``_pb2`` messages and hand-written stubs against a raw
+    grpclib server in a subprocess, and vs the **bare framed echo**
+    (``benchmarks/_bare.py``: micro's framing with none of its semantics, the same
+    handler, answered straight from ``data_received``: the Python limit). N workers
+    each make a fixed number of sequential calls (the count per N sized once from the
+    warm-up rate of each group's baseline: raw grpclib for the gRPC sides, the bare
+    echo for the native ones); calls/s at N = 1, 64 and 256. Every call carries a 60 s
+    deadline. Targets: micro gRPC >= 0.9x raw at 64; native >= 5x raw at 64 and >= 3x
+    at 1; native at 256 no slower than at 64; native >= 0.4x the bare echo at 64.
+(c) **agent tool-call fan-out across processes**: an agent in this process whose
+    scripted model asks for 10 tool calls per turn, all on the service in the other
+    process; agent runs/s with the tools over the native wire vs over gRPC. Target >= 3x.
 
 Repetitions are interleaved (baseline, micro, baseline, …) so that drift on a
 noisy machine hits both sides; a ratio is the median of the per-repetition
@@ -42,12 +40,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 import micro
 from benchmarks._call_server import SERVICE, ListOverdueRequest, ListOverdueResponse, Task
 from benchmarks._proto import benchcall as bp
 from benchmarks._rawpb import benchcall_pb2 as pb
 from benchmarks._rawpb.benchcall_grpc import TaskStub
-from micro import metrics
 
 Result = tuple[str, float, str]
 Call = Callable[[], Awaitable[Any]]
@@ -138,18 +137,6 @@ async def _inproc() -> list[Result]:
                 def typed() -> Awaitable[Any]:
                     return call("benchtask", "Task.ListOverdue", typed_req, response_type=ListOverdueResponse)
 
-                # the same service and call with metrics on: hooks are set up when runtimes and services are made
-                metrics.enable()
-                try:
-                    metered = micro.Runtime(registry="memory://", store="memory://", broker="memory://")
-                    async with metered:
-                        on_service = micro.New("benchtask", runtime=metered)
-                        on_service.handle(handler)
-                        async with on_service:
-                            on_us, off_us = await _metrics_cost(metered.client.call, call, typed_req)
-                finally:
-                    metrics.disable()
-
                 def as_dict() -> Awaitable[Any]:
                     return call("benchtask", "Task.ListOverdue", dict_req)
 
@@ -174,13 +161,6 @@ async def _inproc() -> list[Result]:
         await asyncio.gather(server, return_exceptions=True)
 
     out: list[Result] = []
-    r, lo, hi = _median_ratio(on_us, off_us)
-    out.append((
-        "inproc.metrics.ratio", round(r, 3),
-        f"in-process typed call with metrics on (prometheus_client) vs off: {statistics.median(on_us):.1f} vs "
-        f"{statistics.median(off_us):.1f} µs/call -> {r:.2f}x ({INPROC_REPS} reps: {lo:.2f}-{hi:.2f}; "
-        f"target <= 1.10x: {_verdict(r <= 1.10)})",
-    ))
     base = statistics.median(base_us)
     for label, name, us in (("typed msgspec in/out", "typed", typed_us), ("dict in/dict out", "dict", dict_us)):
         r, lo, hi = _median_ratio(us, base_us)
@@ -191,32 +171,6 @@ async def _inproc() -> list[Result]:
             f"{_verdict(r <= 1.0)})",
         ))
     return out
-
-
-async def _metrics_cost(on_call: Any, off_call: Any, req: Any) -> tuple[list[float], list[float]]:
-    """µs/call with metrics on (a runtime made with them on) and off (one made with them off, the flag off)."""
-    def on() -> Awaitable[Any]:
-        return on_call("benchtask", "Task.ListOverdue", req, response_type=ListOverdueResponse)
-
-    def off() -> Awaitable[Any]:
-        return off_call("benchtask", "Task.ListOverdue", req, response_type=ListOverdueResponse)
-
-    async def measure(fn: Call, enabled: bool, n: int) -> float:
-        if enabled:
-            metrics.enable()
-        else:
-            metrics.disable()
-        return await _seq_us(fn, n)
-
-    await measure(on, True, 2_000)
-    await measure(off, False, 2_000)
-    on_us: list[float] = []
-    off_us: list[float] = []
-    for rep in range(INPROC_REPS):
-        pair = [(on, True, on_us), (off, False, off_us)]
-        for fn, enabled, into in pair if rep % 2 == 0 else pair[::-1]:
-            into.append(await measure(fn, enabled, INPROC_CALLS))
-    return on_us, off_us
 
 
 # -- (b) gRPC, two processes -----------------------------------------------------------------
@@ -259,137 +213,200 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
                 await proc.wait()
 
 
-async def _grpc() -> list[Result]:
-    from grpclib.client import Channel, UnaryUnaryMethod
+async def _network() -> list[Result]:
+    from grpclib.client import Channel
+
+    from benchmarks._bare import BareClient
 
     procs: list[asyncio.subprocess.Process] = []
     reps = 0
     saved = os.environ.get("MICRO_HOME")
+    loop = asyncio.get_running_loop()
     with tempfile.TemporaryDirectory(prefix="micro-bench-") as home:
-        env = {k: v for k, v in os.environ.items() if k != "MICRO_REGISTRY"}
+        env = {k: v for k, v in os.environ.items() if k not in ("MICRO_REGISTRY", "MICRO_TRANSPORT")}
         env["MICRO_HOME"] = home
         channel: Channel | None = None
-        to_micro: Channel | None = None
+        bare_transport: asyncio.BaseTransport | None = None
         try:
-            proc, micro_addr = await _spawn("micro", env)
+            proc, _ = await _spawn("micro", env)
             procs.append(proc)
-            m_host, _, m_port = micro_addr.rpartition(":")
-            to_micro = Channel(m_host, int(m_port))  # the raw grpclib+upb client, at micro's port
-            upb_code_first = UnaryUnaryMethod(to_micro, "/benchcall.TaskJSON/ListOverdue",
-                                              pb.ListOverdueRequest, pb.ListOverdueResponse)
-            upb_proto_first = UnaryUnaryMethod(to_micro, "/benchcall.Task/ListOverdue",
-                                               pb.ListOverdueRequest, pb.ListOverdueResponse)
             proc, raw_addr = await _spawn("raw", env)
+            procs.append(proc)
+            proc, bare_addr = await _spawn("bare", env)
             procs.append(proc)
             host, _, port = raw_addr.rpartition(":")
             channel = Channel(host, int(port))
             stub = TaskStub(channel)
-            os.environ["MICRO_HOME"] = home  # the client runtime's local registry reads it
-            async with micro.Runtime(registry="local://", store="memory://", broker="memory://") as rt:
-                assert SERVICE not in rt.local  # the network path, not the in-process one
-                call = rt.client.call
+            host, _, port = bare_addr.rpartition(":")
+            bare_transport, bare = await loop.create_connection(BareClient, host, int(port))
+            os.environ["MICRO_HOME"] = home  # the client runtimes' local registry reads it
+            async with micro.Runtime(registry="local://", store="memory://", broker="memory://",
+                                     transport="grpc") as rt_grpc, \
+                    micro.Runtime(registry="local://", store="memory://", broker="memory://",
+                                  transport="native") as rt_native:
+                assert SERVICE not in rt_grpc.local and SERVICE not in rt_native.local  # the network path
                 raw_req = pb.ListOverdueRequest(user_id="alice")
                 bp_req = bp.ListOverdueRequest(user_id="alice")
                 json_req = ListOverdueRequest("alice")
+                bare_payload = msgspec.json.encode(json_req)
+                bare_decode = msgspec.json.Decoder(ListOverdueResponse).decode
 
                 def raw() -> Awaitable[Any]:
                     return stub.ListOverdue(raw_req, timeout=DEADLINE)
 
-                def micro_proto() -> Awaitable[Any]:
-                    return call(SERVICE, "Task.ListOverdue", bp_req, response_type=bp.ListOverdueResponse,
-                                timeout=DEADLINE)
+                async def bare_echo() -> Any:
+                    return bare_decode(await bare.call("/benchcall.TaskJSON/ListOverdue", bare_payload))
 
-                def micro_json() -> Awaitable[Any]:
-                    return call(SERVICE, "TaskJSON.ListOverdue", json_req, response_type=ListOverdueResponse,
-                                timeout=DEADLINE)
+                def caller(rt: micro.Runtime, endpoint: str, req: Any, rsp: Any) -> Call:
+                    call = rt.client.call
 
-                def code_first() -> Awaitable[Any]:
-                    return upb_code_first(raw_req, timeout=DEADLINE)
+                    def fn() -> Awaitable[Any]:
+                        return call(SERVICE, endpoint, req, response_type=rsp, timeout=DEADLINE)
 
-                def proto_first() -> Awaitable[Any]:
-                    return upb_proto_first(raw_req, timeout=DEADLINE)
+                    return fn
 
-                systems: dict[str, Call] = {"raw": raw, "proto": micro_proto, "json": micro_json,
-                                            "upb_code_first": code_first, "upb_proto_first": proto_first}
+                systems: dict[str, Call] = {
+                    "raw": raw,
+                    "grpc.proto": caller(rt_grpc, "Task.ListOverdue", bp_req, bp.ListOverdueResponse),
+                    "grpc.json": caller(rt_grpc, "TaskJSON.ListOverdue", json_req, ListOverdueResponse),
+                    "bare": bare_echo,
+                    "native.proto": caller(rt_native, "Task.ListOverdue", bp_req, bp.ListOverdueResponse),
+                    "native.json": caller(rt_native, "TaskJSON.ListOverdue", json_req, ListOverdueResponse),
+                }
+                # each group's call counts are sized from its own baseline's warm-up rate
+                baseline = {"raw": "raw", "grpc.proto": "raw", "grpc.json": "raw",
+                            "bare": "bare", "native.proto": "bare", "native.json": "bare"}
                 for name, fn in systems.items():
                     rsp = await fn()
                     assert rsp.total == 3 and len(rsp.records) == 3, (name, rsp)
                     await _rate(fn, 256, 2_048)  # warm up: connections open, code paths hot
-                # one call count per concurrency, the same for every side and repetition, sized from
-                # the baseline's rate so that the run stays short on a slow or busy machine
-                counts: dict[int, int] = {}
+                counts: dict[tuple[str, int], int] = {}
                 per_rep = 0.0
-                for n in GRPC_INFLIGHT:
-                    warm = await _rate(raw, n, n * GRPC_MIN_EACH[n])
-                    counts[n] = n * max(GRPC_MIN_EACH[n], round(warm * GRPC_TARGET_S / n))
-                    per_rep += counts[n] / warm * len(systems) * 1.3  # micro's sides are a bit slower
+                for base in ("raw", "bare"):
+                    for n in GRPC_INFLIGHT:
+                        warm = await _rate(systems[base], n, n * GRPC_MIN_EACH[n])
+                        counts[base, n] = n * max(GRPC_MIN_EACH[n], round(warm * GRPC_TARGET_S / n))
+                        per_rep += counts[base, n] / warm * 3 * 1.3  # micro's sides are a bit slower
                 reps = max(GRPC_MIN_REPS, min(GRPC_REPS, int(GRPC_BUDGET_S / per_rep)))
+                fanout = await _agent_fanout(rt_native, rt_grpc)
                 rates: dict[tuple[str, int], list[float]] = {}
                 order = list(systems)
                 for rep in range(reps):
                     for n in GRPC_INFLIGHT:
                         k = rep % len(order)
                         for name in order[k:] + order[:k]:  # rotate: no side always goes first
-                            rates.setdefault((name, n), []).append(await _rate(systems[name], n, counts[n]))
+                            count = counts[baseline[name], n]
+                            rates.setdefault((name, n), []).append(await _rate(systems[name], n, count))
         finally:
-            for ch in (channel, to_micro):
-                if ch is not None:
-                    ch.close()
+            if channel is not None:
+                channel.close()
+            if bare_transport is not None:
+                bare_transport.close()
             if saved is None:
                 os.environ.pop("MICRO_HOME", None)
             else:
                 os.environ["MICRO_HOME"] = saved
             for proc in procs:
                 await _stop(proc)
+    return _network_figures(rates, reps) + fanout
 
+
+FANOUT_TOOLS = 10
+FANOUT_REPS = 9
+FANOUT_RUNS = 30  # agent runs per measurement
+
+
+async def _agent_fanout(rt_native: micro.Runtime, rt_grpc: micro.Runtime) -> list[Result]:
+    """An agent here whose model asks for 10 tool calls per turn, all on the service in the other process:
+    runs/s with the tools called over the native wire vs over gRPC."""
+    from micro.ai import Message, ToolResultBlock, ToolSpec, scripted
+
+    tool = f"{SERVICE}_TaskJSON_ListOverdue"
+
+    def brain(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | str:
+        if any(isinstance(b, ToolResultBlock) for b in messages[-1].content):
+            return "done"
+        return scripted.turn(*(scripted.call(tool, user_id="alice") for _ in range(FANOUT_TOOLS)))
+
+    agents = {}
+    for wire, rt in (("native", rt_native), ("grpc", rt_grpc)):
+        agent = micro.NewAgent(f"bench-fanout-{wire}", services=[SERVICE], provider=scripted.function(brain),
+                               runtime=rt)
+        await agent.start()
+        agents[wire] = agent
+    try:
+        async def runs_per_s(wire: str, n: int) -> float:
+            ask = agents[wire].ask
+            gc.collect()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                rsp = await ask("list the overdue tasks ten times")
+                assert len(rsp.tool_calls) == FANOUT_TOOLS and not any(c.is_error for c in rsp.tool_calls), rsp
+            return n / (time.perf_counter() - t0)
+
+        for wire in agents:
+            await runs_per_s(wire, 5)  # warm up
+        rates: dict[str, list[float]] = {"native": [], "grpc": []}
+        for rep in range(FANOUT_REPS):
+            for wire in (["native", "grpc"] if rep % 2 == 0 else ["grpc", "native"]):
+                rates[wire].append(await runs_per_s(wire, FANOUT_RUNS))
+    finally:
+        for agent in agents.values():
+            await agent.stop()
+    r, lo, hi = _median_ratio(rates["native"], rates["grpc"])
+    nat, grpc = statistics.median(rates["native"]), statistics.median(rates["grpc"])
+    return [(
+        "agent.fanout10.native_vs_grpc", round(r, 3),
+        f"agent runs with {FANOUT_TOOLS} tool calls per turn on a service in another process: {nat:,.1f} runs/s "
+        f"with the tools over the native wire vs {grpc:,.1f} over gRPC -> {r:.2f}x ({FANOUT_REPS} reps: "
+        f"{lo:.2f}-{hi:.2f}; target >= 3.0x: {_verdict(r >= 3.0)})",
+    )]
+
+
+def _network_figures(rates: dict[tuple[str, int], list[float]], reps: int) -> list[Result]:
     out: list[Result] = []
     labels = {
-        "proto": "micro proto-first (betterproto2 messages, compiled codec, application/grpc)",
-        "json": "micro JSON (msgspec, application/grpc+json)",
+        "grpc.proto": "micro gRPC, proto-first (betterproto2 messages, compiled codec, application/grpc)",
+        "grpc.json": "micro gRPC, JSON (msgspec, application/grpc+json)",
+        "native.proto": "micro native wire, proto-first (betterproto2 messages, compiled codec)",
+        "native.json": "micro native wire, JSON (msgspec)",
+        "raw": "raw grpclib+upb (baseline, one connection)",
+        "bare": "bare framed echo (micro's framing, no semantics)",
     }
     med = {k: statistics.median(v) for k, v in rates.items()}
+
+    def ratio(name: str, num: tuple[str, int], den: tuple[str, int], what: str, target: str,
+              ok: bool | None) -> None:
+        r, lo, hi = _median_ratio(rates[num], rates[den])
+        verdict = f"; target {target}: {_verdict(r >= float(target.split()[-1].rstrip('x')))}" if ok is None \
+            and target else ""
+        out.append((name, round(r, 3), f"{what}: {med[num]:,.0f} vs {med[den]:,.0f} calls/s -> {r:.2f}x "
+                                       f"({reps} reps: {lo:.2f}-{hi:.2f}{verdict})"))
+
     for wire in ("proto", "json"):
         for n in GRPC_INFLIGHT:
-            r, lo, hi = _median_ratio(rates[wire, n], rates["raw", n])
-            target = f"; target >= 1.0x: {_verdict(r >= 1.0)}" if n == 64 else ""
-            out.append((
-                f"grpc.{wire}.c{n}.ratio", round(r, 3),
-                f"gRPC 2 processes, {n} in flight, {labels[wire]}: {med[wire, n]:,.0f} calls/s vs raw "
-                f"grpclib+upb {med['raw', n]:,.0f} calls/s -> {r:.2f}x ({reps} reps: {lo:.2f}-{hi:.2f}{target})",
-            ))
-    for name, label in (("upb_code_first", "micro code-first (msgspec, protobuf from the derived .proto)"),
-                        ("upb_proto_first", "micro proto-first (betterproto2)")):
+            target = ">= 0.9x" if n == 64 else ""
+            ratio(f"grpc.{wire}.c{n}.ratio", (f"grpc.{wire}", n), ("raw", n),
+                  f"2 processes, {n} in flight, {labels['grpc.' + wire]} vs raw grpclib+upb", target, None)
+    for wire in ("proto", "json"):
         for n in GRPC_INFLIGHT:
-            r, lo, hi = _median_ratio(rates[name, n], rates["raw", n])
-            out.append((
-                f"grpc.{name}.c{n}.ratio", round(r, 3),
-                f"gRPC 2 processes, {n} in flight, a grpclib+upb client calling {label}: {med[name, n]:,.0f} "
-                f"calls/s vs the raw grpclib+upb server {med['raw', n]:,.0f} -> {r:.2f}x "
-                f"({reps} reps: {lo:.2f}-{hi:.2f})",
-            ))
-    for n in GRPC_INFLIGHT:
-        r, lo, hi = _median_ratio(rates["upb_code_first", n], rates["upb_proto_first", n])
-        target = f"; target >= 1.0x: {_verdict(r >= 0.97)} (within 3% noise)" if n == 64 else ""
-        out.append((
-            f"grpc.code_first_vs_proto_first.c{n}", round(r, 3),
-            f"gRPC {n} in flight, protobuf to a code-first endpoint vs to a proto-first one (same upb client): "
-            f"{med['upb_code_first', n]:,.0f} vs {med['upb_proto_first', n]:,.0f} calls/s -> {r:.2f}x "
-            f"({reps} reps: {lo:.2f}-{hi:.2f}{target})",
-        ))
-    for name in ("proto", "json", "raw"):
-        r, lo, hi = _median_ratio(rates[name, 256], rates[name, 64])
-        who = labels.get(name, "raw grpclib+upb (baseline, one connection)")
-        target = f"; target >= 1.0x: {_verdict(r >= 1.0)}" if name != "raw" else ""
-        out.append((
-            f"grpc.{name}.256_vs_64", round(r, 3),
-            f"gRPC 256 vs 64 in flight, {who}: {med[name, 256]:,.0f} vs {med[name, 64]:,.0f} calls/s -> "
-            f"{r:.2f}x ({reps} reps: {lo:.2f}-{hi:.2f}{target})",
-        ))
+            target = {1: ">= 3.0x", 64: ">= 5.0x"}.get(n, "")
+            ratio(f"native.{wire}.c{n}.vs_raw", (f"native.{wire}", n), ("raw", n),
+                  f"2 processes, {n} in flight, {labels['native.' + wire]} vs raw grpclib+upb", target, None)
+        ratio(f"native.{wire}.c64.vs_bare", (f"native.{wire}", 64), ("bare", 64),
+              f"2 processes, 64 in flight, {labels['native.' + wire]} vs the bare framed echo", ">= 0.4x", None)
+    for name in ("native.proto", "native.json", "grpc.proto", "grpc.json", "raw", "bare"):
+        target = ">= 1.0x" if name.startswith("native") else ""
+        ratio(f"{name}.256_vs_64", (name, 256), (name, 64), f"256 vs 64 in flight, {labels[name]}", target, None)
+    for name in ("bare", "raw"):
+        for n in GRPC_INFLIGHT:
+            out.append((f"{name}.c{n}.calls_per_s", round(med[name, n]),
+                        f"(context) {labels[name]}, {n} in flight: {med[name, n]:,.0f} calls/s"))
     return out
 
 
 async def run() -> list[Result]:
-    return await _inproc() + await _grpc()
+    return await _inproc() + await _network()
 
 
 if __name__ == "__main__":

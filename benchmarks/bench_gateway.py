@@ -1,6 +1,6 @@
-"""Issue 6's gateway benchmark: HTTP gateway requests/s as a ratio of direct micro client calls/s.
+"""Issues 6 and 23's gateway benchmark: the HTTP gateway against the HTTP server under it, and against a direct call.
 
-Three processes share a temporary ``MICRO_HOME``: the ``benchcall`` service
+Four processes share a temporary ``MICRO_HOME``: the ``benchcall`` service
 (``benchmarks._call_server micro``: ``TaskJSON.ListOverdue``, msgspec Structs),
 ``micro api`` (the HTTP gateway, uvicorn) on a free loopback port, and this one,
 which drives both sides with N workers each making sequential requests:
@@ -11,9 +11,13 @@ which drives both sides with N workers each making sequential requests:
   does not hide the gateway's;
 - **direct**: ``client.call("benchcall", "TaskJSON.ListOverdue", {...})`` from a
   Runtime that does not host the service (dict in, dict out: what the gateway
-  itself does, one hop less).
+  itself does, one hop less);
+- **uvicorn**: the same POST to uvicorn + httptools answering the same JSON body
+  from a trivial ASGI app (``benchmarks/_http_baseline.py``, the settings and loop
+  of ``micro api``): the HTTP server's own limit. Target (issue 23): the gateway,
+  whose upstream rides micro's native wire, >= 0.7x of it at 32 in flight.
 
-The gateway adds a hop, so the ratio is below 1.0; it says what that hop costs.
+The gateway adds a hop, so its ratio to a direct call is below 1.0; it says what that hop costs.
 Repetitions alternate which side goes first; a ratio is the median of the
 per-repetition ratios, the absolute rates the medians of their repetitions.
 """
@@ -36,6 +40,7 @@ from typing import Any
 
 import micro
 from benchmarks._call_server import SERVICE
+from micro import eventloop
 
 Result = tuple[str, float, str]
 Call = Callable[[], Awaitable[Any]]
@@ -138,6 +143,9 @@ async def run() -> list[Result]:
             proc, banner = await _spawn(["-m", "micro.cli", "api", "--address", "127.0.0.1:0"], env, "micro api on")
             procs.append(proc)
             host, _, port = banner.split()[3].rstrip(":").removeprefix("http://").rpartition(":")
+            proc, banner = await _spawn(["-m", "benchmarks._http_baseline"], env, "ready ")
+            procs.append(proc)
+            plain_host, _, plain_port = banner.removeprefix("ready ").rpartition(":")
             os.environ["MICRO_HOME"] = home  # this runtime's local registry reads it
             async with micro.Runtime(registry="local://", store="memory://", broker="memory://") as rt:
                 call = rt.client.call
@@ -150,13 +158,20 @@ async def run() -> list[Result]:
                 conns.extend(HttpConnection(host, int(port), f"/api/{SERVICE}/TaskJSON.ListOverdue", BODY)
                              for _ in range(max(INFLIGHT)))
                 pool = itertools.cycle(conns)
+                plain_conns = [HttpConnection(plain_host, int(plain_port), "/x", BODY) for _ in range(max(INFLIGHT))]
+                conns.extend(plain_conns)
+                plain_pool = itertools.cycle(plain_conns)
 
                 def gateway() -> Call:
                     return next(pool).post
 
+                def uvicorn_plain() -> Call:
+                    return next(plain_pool).post
+
                 assert (await direct()())["total"] == 3
                 assert b'"total":3' in await gateway()()
-                sides = {"direct": direct, "gateway": gateway}
+                assert await uvicorn_plain()() == await gateway()()  # the same reply, byte for byte
+                sides = {"direct": direct, "gateway": gateway, "uvicorn": uvicorn_plain}
                 for make in sides.values():
                     await _rate(make, max(INFLIGHT), 640)  # warm up: connections open, code paths hot
                 counts: dict[int, int] = {}
@@ -166,7 +181,7 @@ async def run() -> list[Result]:
                 rates: dict[tuple[str, int], list[float]] = {}
                 for rep in range(REPS):
                     for n in INFLIGHT:
-                        order = ["direct", "gateway"] if rep % 2 == 0 else ["gateway", "direct"]
+                        order = ["direct", "gateway", "uvicorn"][rep % 3:] + ["direct", "gateway", "uvicorn"][:rep % 3]
                         for name in order:
                             rates.setdefault((name, n), []).append(await _rate(sides[name], n, counts[n]))
         finally:
@@ -180,7 +195,19 @@ async def run() -> list[Result]:
                 await _stop(proc)
 
     parser = "httptools" if importlib.util.find_spec("httptools") else "h11"  # what uvicorn picks in `micro api`
+    loop = eventloop.name()
     out: list[Result] = []
+    for n in INFLIGHT:
+        ratios = [g / u for g, u in zip(rates["gateway", n], rates["uvicorn", n], strict=True)]
+        r = statistics.median(ratios)
+        gw, uv = statistics.median(rates["gateway", n]), statistics.median(rates["uvicorn", n])
+        target = f"; target >= 0.7x: {'met' if r >= 0.7 else 'MISSED'}" if n == 32 else ""
+        out.append((
+            f"gateway.c{n}.vs_uvicorn", round(r, 3),
+            f"HTTP gateway (micro api, upstream on micro's native wire) {n} in flight: {gw:,.0f} req/s vs uvicorn + "
+            f"{parser} answering a fixed JSON body {uv:,.0f} req/s (both on {loop}) -> {r:.2f}x "
+            f"(reps {min(ratios):.2f}-{max(ratios):.2f}{target})",
+        ))
     for n in INFLIGHT:
         ratios = [g / d for g, d in zip(rates["gateway", n], rates["direct", n], strict=True)]
         r = statistics.median(ratios)
@@ -188,7 +215,7 @@ async def run() -> list[Result]:
         out.append((
             f"gateway.c{n}.ratio", round(r, 3),
             f"HTTP gateway (micro api, uvicorn + {parser}) {n} in flight: {gw:,.0f} req/s (POST JSON, keep-alive) "
-            f"vs direct micro client.call over gRPC {dr:,.0f} calls/s -> {r:.2f}x "
+            f"vs direct micro client.call (native wire) {dr:,.0f} calls/s -> {r:.2f}x "
             f"(reps {min(ratios):.2f}-{max(ratios):.2f}; the gateway adds one hop: no target)",
         ))
     return out

@@ -56,6 +56,9 @@ class Runtime(Resource):
         call_wrappers: client middleware applied to every call made through this runtime.
         default_timeout: seconds a call may take when the caller gives no timeout.
         tls: the client TLS context for services that serve TLS (see :mod:`micro.tls`).
+        transport: the wire to other processes' nodes: ``"auto"`` (micro's native wire where a
+            node advertises it, gRPC elsewhere), ``"grpc"`` or ``"native"`` (default ``$MICRO_TRANSPORT``
+            or ``"auto"``; see ``docs/wire.md``).
 
     Example::
 
@@ -69,7 +72,8 @@ class Runtime(Resource):
 
     def __init__(self, *, registry: Registry | str | None = None, broker: Broker | str | None = None,
                  store: Store | str | None = None, call_wrappers: Sequence[Wrapper] = (),
-                 default_timeout: float | None = 60.0, tls: ssl.SSLContext | None = None) -> None:
+                 default_timeout: float | None = 60.0, tls: ssl.SSLContext | None = None,
+                 transport: str | None = None) -> None:
         from micro import broker as _broker
         from micro import store as _store
 
@@ -79,7 +83,7 @@ class Runtime(Resource):
         self.local: dict[str, dict[str, Endpoint]] = {}
         self.client = Client(
             self.registry, local=self.local, wrappers=call_wrappers,
-            default_timeout=default_timeout, publish=self.broker.publish, tls=tls,
+            default_timeout=default_timeout, publish=self.broker.publish, tls=tls, transport=transport,
         )
         self.delivery = RuntimeDelivery(self.registry, self.client)
         """What a broker that delivers through the runtime (``local://``) uses."""

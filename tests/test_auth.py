@@ -39,13 +39,13 @@ def auth() -> TokenAuth:
     return TokenAuth({OPS: ["*"], READER: ["Task.List*"]}, public=["Task.Health"])
 
 
-@pytest.mark.parametrize("path", ["in-process", "network"])
+@pytest.mark.parametrize("path", ["in-process", "grpc", "native"])
 async def test_tokens_and_grants(path: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     registry = MemoryRegistry()
     server = micro.Runtime(registry=registry, store="memory://", broker="memory://")
     plain = server if path == "in-process" else micro.Runtime(registry=registry, store="memory://",
-                                                               broker="memory://")
+                                                               broker="memory://", transport=path)
     async with server, plain:
         svc = micro.New("task", runtime=server, handler_wrappers=[auth()])
         svc.handle(Task())
@@ -81,11 +81,12 @@ def test_a_bearer_header_without_a_token_is_unauthenticated(header: str) -> None
         auth().check("Task.List", {"authorization": header})
 
 
-async def test_bearer_call_wrapper_sends_the_token() -> None:
+@pytest.mark.parametrize("wire", ["grpc", "native"])
+async def test_bearer_call_wrapper_sends_the_token(wire: str) -> None:
     registry = MemoryRegistry()
     async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as server, \
             micro.Runtime(registry=registry, store="memory://", broker="memory://",
-                          call_wrappers=[bearer(READER)]) as client:
+                          call_wrappers=[bearer(READER)], transport=wire) as client:
         svc = micro.New("task", runtime=server, handler_wrappers=[auth()])
         svc.handle(Task())
         async with svc:

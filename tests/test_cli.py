@@ -110,6 +110,12 @@ def test_services_and_describe_json(tasks_app: Running) -> None:
     assert ep["request"]["required"] == ["user_id"]
     assert ep["request"]["properties"]["user_id"] == {"type": "string"}
 
+    (node,) = task["nodes"]
+    assert node["metadata"]["native"].startswith("127.0.0.1:") and node["metadata"]["native"] != node["address"]
+    res = micro("describe", "task")
+    assert res.returncode == 0, res.stderr
+    assert f"(gRPC {node['address']}, native {node['metadata']['native']})" in res.stdout
+
     res = micro("describe", "task", "--proto")
     assert res.returncode == 0, res.stderr
     assert "rpc ListOverdue(ListOverdueRequest) returns (ListOverdueResponse);" in res.stdout

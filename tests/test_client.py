@@ -1,8 +1,10 @@
-"""The client: one call path whether the service runs in this Runtime or behind gRPC.
+"""The client: one call path whether the service runs in this Runtime or in another process.
 
-Two Runtimes share one MemoryRegistry: the service lives in ``home``; ``home.client``
-takes the in-process fast path and ``away.client`` the network path. Most tests run
-on both (``path`` parameter) and must see the same values and the same errors.
+Runtimes share one MemoryRegistry: the service lives in ``home``; ``home.client``
+takes the in-process fast path, and the other runtimes' clients the network path,
+over gRPC or over micro's native wire (``transport=``). Most tests run on all three
+(``path`` parameter) and must see the same values and the same errors; tests of the
+network path alone run on both wires (``wire`` parameter).
 """
 
 from __future__ import annotations
@@ -21,12 +23,15 @@ from _proto.greeter import HelloReply, HelloRequest, Person, Tone
 import micro
 from micro import context
 from micro.client import Client
+from micro.client.native import NativePool
+from micro.client.pool import NodePool
 from micro.errors import BadRequest, Timeout, Unavailable
 from micro.middleware import Next, Request
 from micro.registry import Event, Registry, Watcher
 from micro.registry.memory import MemoryRegistry
 
-PATHS = ["in-process", "network"]
+WIRES = ["grpc", "native"]
+PATHS = ["in-process", *WIRES]
 
 
 class Req(msgspec.Struct):
@@ -90,23 +95,24 @@ def memory_runtime(registry: Registry, **kwargs: Any) -> micro.Runtime:
 
 
 class Pair:
-    def __init__(self, home: micro.Runtime, away: micro.Runtime, registry: MemoryRegistry) -> None:
-        self.home, self.away, self.registry = home, away, registry
+    def __init__(self, runtimes: dict[str, micro.Runtime], registry: MemoryRegistry) -> None:
+        self.runtimes, self.registry = runtimes, registry
 
     def client(self, path: str) -> Client:
-        client: Client = (self.home if path == "in-process" else self.away).client
+        client: Client = self.runtimes[path].client
         return client
 
 
 @pytest.fixture
 async def pair() -> AsyncIterator[Pair]:
     registry = MemoryRegistry()
-    async with memory_runtime(registry) as home, memory_runtime(registry) as away:
+    async with memory_runtime(registry) as home, memory_runtime(registry, transport="grpc") as grpc, \
+            memory_runtime(registry, transport="native") as native:
         service = micro.Service("users", runtime=home)
         service.handle(Users())
         service.handle(Greeter())
         async with service:
-            yield Pair(home, away, registry)
+            yield Pair({"in-process": home, "grpc": grpc, "native": native}, registry)
 
 
 # -- values -----------------------------------------------------------------------------------
@@ -147,10 +153,10 @@ async def test_both_paths_return_the_same_values(pair: Pair) -> None:
     for endpoint, request, response_type in cases:
         here = await pair.client("in-process").call("users", endpoint, request,
                                                     response_type=response_type)
-        there = await pair.client("network").call("users", endpoint, request,
-                                                  response_type=response_type)
-        assert here == there, (endpoint, request, response_type)
-        assert type(here) is type(there)
+        for wire in WIRES:
+            there = await pair.client(wire).call("users", endpoint, request, response_type=response_type)
+            assert here == there, (wire, endpoint, request, response_type)
+            assert type(here) is type(there)
         if response_type is not None:
             assert isinstance(here, response_type)
 
@@ -253,13 +259,14 @@ class Back:
         raise AssertionError("unreachable")
 
 
-@pytest.fixture(params=["in-process", "network"])
+@pytest.fixture(params=PATHS)
 async def chain(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Client, Back]]:
-    """front -> back: in one Runtime (fast path all the way) or in three (gRPC all the way)."""
+    """front -> back: in one Runtime (fast path all the way) or in three (one wire all the way)."""
     registry = MemoryRegistry()
-    async with memory_runtime(registry) as a, memory_runtime(registry) as b, \
-            memory_runtime(registry) as c:
-        network = request.param == "network"
+    wire = None if request.param == "in-process" else request.param
+    async with memory_runtime(registry, transport=wire) as a, memory_runtime(registry, transport=wire) as b, \
+            memory_runtime(registry, transport=wire) as c:
+        network = wire is not None
         front_rt, back_rt, caller = (a, b, c) if network else (a, a, a)
         back = Back()
         front = micro.Service("front", runtime=front_rt)
@@ -283,7 +290,7 @@ async def test_deadline_propagates_to_inner_calls(
     assert seen.deadline is not None and seen.inner.deadline is not None
     if "in-process" in request.node.name:
         assert seen.inner.deadline == seen.deadline  # the very same deadline, inherited
-    # (over gRPC a deadline travels as a relative grpc-timeout, so it is re-based per hop)
+    # (over a network a deadline travels as a relative timeout, so it is re-based per hop)
 
 
 async def test_no_deadline_outside_a_call() -> None:
@@ -304,11 +311,12 @@ async def test_a_slow_inner_handler_times_out_the_outer_call(chain: tuple[Client
     assert seen.inner is not None
 
 
-async def test_a_call_that_timed_out_leaves_the_task_able_to_stop_services() -> None:
+@pytest.mark.parametrize("wire", WIRES)
+async def test_a_call_that_timed_out_leaves_the_task_able_to_stop_services(wire: str) -> None:
     """grpclib cancels the waiting task on a deadline and never uncancels it: the pool
     must take that back, or the next ``async with`` exit in the task raises CancelledError."""
     registry = MemoryRegistry()
-    async with memory_runtime(registry) as home, memory_runtime(registry) as away:
+    async with memory_runtime(registry) as home, memory_runtime(registry, transport=wire) as away:
         back = Back()
         service = micro.Service("back", runtime=home)
         service.handle(back)
@@ -347,7 +355,7 @@ async def test_call_and_handler_wrappers_run_on_both_paths(path: str) -> None:
 
     registry = MemoryRegistry()
     async with memory_runtime(registry, call_wrappers=[call_wrapper]) as home, \
-            memory_runtime(registry, call_wrappers=[call_wrapper]) as away:
+            memory_runtime(registry, call_wrappers=[call_wrapper], transport=path if path in WIRES else None) as away:
         service = micro.Service("users", runtime=home, handler_wrappers=[handler_wrapper])
         service.handle(Users())
         async with service:
@@ -375,10 +383,11 @@ async def wait_for(watcher: Watcher, type_: str, name: str) -> Event:
     raise AssertionError("watcher ended")
 
 
-async def test_round_robin_over_two_nodes() -> None:
+@pytest.mark.parametrize("wire", WIRES)
+async def test_round_robin_over_two_nodes(wire: str) -> None:
     registry = MemoryRegistry()
     async with memory_runtime(registry) as a, memory_runtime(registry) as b, \
-            memory_runtime(registry) as caller:
+            memory_runtime(registry, transport=wire) as caller:
         users_a, users_b = Users(), Users()
         one = micro.Service("users", runtime=a)
         one.handle(users_a)
@@ -392,11 +401,12 @@ async def test_round_robin_over_two_nodes() -> None:
             assert one.address != two.address
 
 
-async def test_a_dead_node_is_skipped() -> None:
+@pytest.mark.parametrize("wire", WIRES)
+async def test_a_dead_node_is_skipped(wire: str) -> None:
     """A node whose process died without deregistering: the call reaches the live node."""
     registry = MemoryRegistry()
     async with memory_runtime(registry) as a, memory_runtime(registry) as b, \
-            memory_runtime(registry) as caller:
+            memory_runtime(registry, transport=wire) as caller:
         live, doomed = Users(), Users()
         one = micro.Service("users", runtime=a)
         one.handle(live)
@@ -424,7 +434,8 @@ async def test_a_dead_node_is_skipped() -> None:
     assert (live.calls, doomed.calls) == (12, 2)
 
 
-async def test_no_reachable_node_is_unavailable() -> None:
+@pytest.mark.parametrize("wire", WIRES)
+async def test_no_reachable_node_is_unavailable(wire: str) -> None:
     registry = MemoryRegistry()
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -433,8 +444,10 @@ async def test_no_reachable_node_is_unavailable() -> None:
         service = micro.Service("users", runtime=a)
         service.handle(Users())
         record = service.record
-    record.nodes = [msgspec.structs.replace(record.nodes[0], id="gone", address=f"127.0.0.1:{port}")]
-    async with memory_runtime(registry) as caller:
+    node = record.nodes[0]
+    record.nodes = [msgspec.structs.replace(node, id="gone", address=f"127.0.0.1:{port}",
+                                            metadata={**node.metadata, "native": f"127.0.0.1:{port}"})]
+    async with memory_runtime(registry, transport=wire) as caller:
         await registry.register(record, ttl=60)
         with pytest.raises(Unavailable) as info:
             await caller.client.call("users", "Users.Get", {"user_id": "a"})
@@ -459,10 +472,11 @@ class Gate:
         return req
 
 
-async def test_more_than_100_calls_in_flight_on_one_node() -> None:
+@pytest.mark.parametrize("wire", WIRES)
+async def test_more_than_100_calls_in_flight_on_one_node(wire: str) -> None:
     registry = MemoryRegistry()
     gate = Gate(300)
-    async with memory_runtime(registry) as home, memory_runtime(registry) as away:
+    async with memory_runtime(registry) as home, memory_runtime(registry, transport=wire) as away:
         service = micro.Service("gate", runtime=home)
         service.handle(gate)
         async with service:
@@ -479,10 +493,11 @@ async def test_more_than_100_calls_in_flight_on_one_node() -> None:
     assert [r["n"] for r in results] == list(range(300))
 
 
-async def test_registry_changes_reach_the_client_cache() -> None:
+@pytest.mark.parametrize("wire", WIRES)
+async def test_registry_changes_reach_the_client_cache(wire: str) -> None:
     """A service that appears after a failed lookup, and one that leaves, are seen at once."""
     registry = MemoryRegistry()
-    async with memory_runtime(registry) as home, memory_runtime(registry) as away:
+    async with memory_runtime(registry) as home, memory_runtime(registry, transport=wire) as away:
         with pytest.raises(micro.errors.ServiceNotFound):
             await away.client.call("users", "Users.Get", {"user_id": "a"})
         service = micro.Service("users", runtime=home)
@@ -553,10 +568,10 @@ class Feed:
         return Item("late")
 
 
-async def _feed_system() -> tuple[micro.Runtime, micro.Runtime, micro.Service, Feed]:
+async def _feed_system(wire: str | None = None) -> tuple[micro.Runtime, micro.Runtime, micro.Service, Feed]:
     registry = MemoryRegistry()
     home = micro.Runtime(registry=registry, store="memory://", broker="memory://")
-    away = micro.Runtime(registry=registry, store="memory://", broker="memory://")
+    away = micro.Runtime(registry=registry, store="memory://", broker="memory://", transport=wire)
     feed = Feed()
     svc = micro.New("feed", runtime=home)
     svc.handle(feed)
@@ -577,25 +592,33 @@ async def test_an_in_process_stream_keeps_its_context_out_of_the_consumers() -> 
         assert context.deadline() is None
 
 
-async def test_closing_a_network_stream_gives_its_place_back_at_once() -> None:
-    home, away, svc, feed = await _feed_system()
+@pytest.mark.parametrize("wire", WIRES)
+async def test_closing_a_network_stream_gives_its_place_back_at_once(wire: str) -> None:
+    home, away, svc, feed = await _feed_system(wire)
     async with home, away, svc:
         agen = away.client.stream("feed", "Feed.Items", {"user_id": "a"}, timeout=30)
         async for _ in agen:
             break
         await agen.aclose()
         (pool,) = away.client._pools.values()
-        assert [c.inflight for c in pool._conns] == [0]  # the pool slot and HTTP/2 stream are released now
+        # the pool slot and the HTTP/2 stream (or the native call) are released now
+        if isinstance(pool, NativePool):
+            assert [len(c.calls) for c in pool._conns] == [0]
+            assert pool._inflight == 0
+        else:
+            assert [c.inflight for c in pool._conns] == [0]
+            assert pool._slots._value == pool.max_streams * pool.max_connections
         with anyio.fail_after(10):
             await feed.closed.wait()  # and the server ends the handler's generator
 
 
-async def test_waiting_for_a_place_in_flight_ends_at_the_deadline() -> None:
-    from micro.client.pool import NodePool
-
+@pytest.mark.parametrize("wire", WIRES)
+async def test_waiting_for_a_place_in_flight_ends_at_the_deadline(wire: str) -> None:
     home, _, svc, feed = await _feed_system()
     async with home, svc:
-        pool = NodePool(svc.address, max_streams=1, max_connections=1)
+        pool: NodePool | NativePool = (
+            NodePool(svc.address, max_streams=1, max_connections=1) if wire == "grpc"
+            else NativePool(svc.record.nodes[0].metadata["native"], max_streams=1, max_connections=1))
         try:
             hung = asyncio.create_task(pool.unary("/feed.Feed/Hang", b'{"user_id": "a"}'))
             await anyio.wait_all_tasks_blocked()
@@ -608,9 +631,10 @@ async def test_waiting_for_a_place_in_flight_ends_at_the_deadline() -> None:
             pool.close()
 
 
-async def test_a_stream_whose_deadline_has_passed_is_refused_on_both_paths() -> None:
+@pytest.mark.parametrize("wire", WIRES)
+async def test_a_stream_whose_deadline_has_passed_is_refused_on_both_paths(wire: str) -> None:
     # in-process it used to run (a generator that yields without awaiting never noticed the deadline)
-    home, away, svc, _ = await _feed_system()
+    home, away, svc, _ = await _feed_system(wire)
     async with home, away, svc:
         for rt in (home, away):
             with pytest.raises(Timeout, match="deadline passed before"):

@@ -7,7 +7,7 @@ import msgspec
 import pytest
 
 import micro
-from micro.client.deadlines import Watchdog
+from micro.deadlines import Watchdog
 from micro.errors import Timeout
 
 

@@ -1,4 +1,4 @@
-"""Every error row of the service runtime, on the in-process path and over gRPC.
+"""Every error row of the service runtime, on the in-process path, over gRPC and over the native wire.
 
 malformed request -> BadRequest (INVALID_ARGUMENT, naming the field); unknown service
 -> ServiceNotFound (NOT_FOUND); unknown endpoint -> EndpointNotFound (UNIMPLEMENTED);
@@ -39,7 +39,8 @@ from micro.errors import (
 )
 from micro.registry.memory import MemoryRegistry
 
-PATHS = ["in-process", "network"]
+WIRES = ["grpc", "native"]
+PATHS = ["in-process", *WIRES]
 SECRET = "db-password=hunter2"
 
 
@@ -98,12 +99,12 @@ class Greeter:
 
 
 class System:
-    def __init__(self, home: micro.Runtime, away: micro.Runtime, service: micro.Service,
-                 tasks: Tasks) -> None:
-        self.home, self.away, self.service, self.tasks = home, away, service, tasks
+    def __init__(self, runtimes: dict[str, micro.Runtime], service: micro.Service, tasks: Tasks) -> None:
+        self.runtimes, self.service, self.tasks = runtimes, service, tasks
+        self.home = runtimes["in-process"]
 
     def client(self, path: str) -> micro.Client:
-        client: micro.Client = (self.home if path == "in-process" else self.away).client
+        client: micro.Client = self.runtimes[path].client
         return client
 
     def channel(self, subtype: str = "json") -> Channel:
@@ -139,13 +140,14 @@ async def raw_call(channel: Channel, path: str, data: bytes) -> bytes:
 async def system() -> AsyncIterator[System]:
     registry = MemoryRegistry()
     async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as home, \
-            micro.Runtime(registry=registry, store="memory://", broker="memory://") as away:
+            micro.Runtime(registry=registry, store="memory://", broker="memory://", transport="grpc") as grpc, \
+            micro.Runtime(registry=registry, store="memory://", broker="memory://", transport="native") as native:
         tasks = Tasks()
         service = micro.Service("task", runtime=home, max_message_size=64 * 1024)
         service.handle(tasks)
         service.handle(Greeter())
         async with service:
-            yield System(home, away, service, tasks)
+            yield System({"in-process": home, "grpc": grpc, "native": native}, service, tasks)
 
 
 # -- the mapping ------------------------------------------------------------------------------
@@ -275,7 +277,8 @@ async def test_unknown_path_on_the_wire_is_unimplemented(system: System) -> None
         channel.close()
 
 
-async def test_a_stale_record_naming_a_gone_endpoint_is_endpoint_not_found(system: System) -> None:
+@pytest.mark.parametrize("wire", WIRES)
+async def test_a_stale_record_naming_a_gone_endpoint_is_endpoint_not_found(system: System, wire: str) -> None:
     """The registry says the node serves an endpoint it does not (an older record)."""
     record = system.service.record
     extra = msgspec.structs.replace(record.endpoints[0], name="Tasks.Gone", path="/task.Tasks/Gone")
@@ -284,7 +287,7 @@ async def test_a_stale_record_naming_a_gone_endpoint_is_endpoint_not_found(syste
     await registry.register(record, ttl=60)
     await anyio.wait_all_tasks_blocked()
     with pytest.raises(EndpointNotFound) as info:
-        await system.client("network").call("task", "Tasks.Gone", {"user_id": "a"})
+        await system.client(wire).call("task", "Tasks.Gone", {"user_id": "a"})
     assert info.value.code == "UNIMPLEMENTED"
     assert "/task.Tasks/Gone" in info.value.message
 
@@ -408,32 +411,36 @@ async def test_micro_errors_raised_by_a_handler_keep_their_class_and_message(
 # -- ResourceExhausted ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("wire", WIRES)
 @pytest.mark.parametrize("size", [70 * 1024, 2 * 1024 * 1024])  # under and over the h2 window
-async def test_oversize_request_is_resource_exhausted(system: System, size: int) -> None:
+async def test_oversize_request_is_resource_exhausted(system: System, size: int, wire: str) -> None:
     with anyio.fail_after(10), pytest.raises(ResourceExhausted) as info:
-        await system.client("network").call("task", "Tasks.Get", {"user_id": "a", "pad": "x" * size})
+        await system.client(wire).call("task", "Tasks.Get", {"user_id": "a", "pad": "x" * size})
     assert info.value.code == "RESOURCE_EXHAUSTED"
-    assert "65536-byte limit" in info.value.message
+    assert "task Tasks.Get: request of" in info.value.message
+    assert "over the service's 65536-byte limit" in info.value.message
     # the service is fine afterwards
-    assert (await system.client("network").call("task", "Tasks.Get", {"user_id": "b"}))["user_id"] == "b"
+    assert (await system.client(wire).call("task", "Tasks.Get", {"user_id": "b"}))["user_id"] == "b"
 
 
-async def test_oversize_response_is_resource_exhausted(system: System) -> None:
+@pytest.mark.parametrize("wire", WIRES)
+async def test_oversize_response_is_resource_exhausted(system: System, wire: str) -> None:
     with pytest.raises(ResourceExhausted, match="response of"):
-        await system.client("network").call("task", "Tasks.Get", {"user_id": "a", "size": 100_000})
+        await system.client(wire).call("task", "Tasks.Get", {"user_id": "a", "size": 100_000})
 
 
-async def test_oversize_reply_mid_stream_is_resource_exhausted(system: System) -> None:
+@pytest.mark.parametrize("wire", WIRES)
+async def test_oversize_reply_mid_stream_is_resource_exhausted(system: System, wire: str) -> None:
     got: list[Any] = []
     with anyio.fail_after(10), pytest.raises(ResourceExhausted) as info:
-        async for item in system.client("network").stream("task", "Tasks.Growing",
+        async for item in system.client(wire).stream("task", "Tasks.Growing",
                                                            {"user_id": "a", "size": 100_000}):
             got.append(item)
     assert got == [{"user_id": "a", "blob": ""}]  # what came before the oversize reply arrived
     size = len(msgspec.json.encode(Rsp("a", "x" * 100_000)))
     assert info.value.message == f"task Tasks.Growing: reply 2 of {size} bytes is over the 65536-byte limit"
     assert system.tasks.growing_closed  # the handler's generator was closed, not left suspended
-    replies = [r async for r in system.client("network").stream("task", "Tasks.Growing", {"user_id": "b"})]
+    replies = [r async for r in system.client(wire).stream("task", "Tasks.Growing", {"user_id": "b"})]
     assert len(replies) == 3  # under the limit every reply goes out
 
 
@@ -444,10 +451,11 @@ async def test_oversize_request_on_the_wire(system: System) -> None:
     assert info.value.status is Status.RESOURCE_EXHAUSTED
 
 
-async def test_the_client_refuses_to_send_over_its_own_limit() -> None:
+@pytest.mark.parametrize("wire", WIRES)
+async def test_the_client_refuses_to_send_over_its_own_limit(wire: str) -> None:
     registry = MemoryRegistry()
     async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as home, \
-            micro.Runtime(registry=registry, store="memory://", broker="memory://") as away:
+            micro.Runtime(registry=registry, store="memory://", broker="memory://", transport=wire) as away:
         service = micro.Service("task", runtime=home)
         service.handle(Tasks())
         async with service:
@@ -511,4 +519,4 @@ async def test_hostile_grpc_timeout_headers_get_a_clear_status(system: System, h
     assert got.get("grpc-status") == status, got
     assert needle in got.get("grpc-message", "")
     # the service is fine afterwards
-    assert (await system.client("network").call("task", "Tasks.Get", {"user_id": "b"}))["user_id"] == "b"
+    assert (await system.client("grpc").call("task", "Tasks.Get", {"user_id": "b"}))["user_id"] == "b"

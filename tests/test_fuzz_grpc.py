@@ -421,6 +421,7 @@ def check(case: Case, got: Outcome) -> None:
         assert got.message.startswith("fuzz "), got.message  # names the service and endpoint
 
 
+@pytest.mark.timeout(600)  # 10,000 cases: ~1 min alone, past the global 120 s on a machine shared by many runs
 def test_fuzz_grpc_bodies() -> None:
     """Protobuf and JSON bodies, framing, paths and sizes against a running service."""
     with error_log() as log, Host(serving(log)) as host:

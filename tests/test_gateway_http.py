@@ -2,7 +2,8 @@
 
 In-process tests drive the ASGI app with ``httpx.ASGITransport``. Most run on both
 call paths: the gateway's runtime hosts the services (in-process fast path), or
-another runtime sharing the same MemoryRegistry does (gRPC over loopback).
+another runtime sharing the same MemoryRegistry does (over loopback, on micro's native
+wire or on gRPC: the gateway's upstream is the runtime's client).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from micro.registry.memory import MemoryRegistry
 
 ROOT = Path(__file__).resolve().parent.parent
 MICRO = [sys.executable, "-m", "micro.cli"]
-PATHS = ["in-process", "network"]
+PATHS = ["in-process", "native", "grpc"]
 TOKEN = "t0ken-for-the-gateway-tests"
 
 
@@ -116,27 +117,28 @@ def _brain(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | st
 
 
 class System:
-    def __init__(self, home: micro.Runtime, away: micro.Runtime) -> None:
-        self.home, self.away = home, away
+    def __init__(self, home: micro.Runtime, away: micro.Runtime, away_grpc: micro.Runtime) -> None:
+        self.home, self.away, self.away_grpc = home, away, away_grpc
 
     def runtime(self, path: str) -> micro.Runtime:
-        return self.home if path == "in-process" else self.away
+        return {"in-process": self.home, "native": self.away, "grpc": self.away_grpc}[path]
 
 
-def memory_runtime(registry: MemoryRegistry) -> micro.Runtime:
-    return micro.Runtime(registry=registry, store="memory://", broker="memory://")
+def memory_runtime(registry: MemoryRegistry, transport: str | None = None) -> micro.Runtime:
+    return micro.Runtime(registry=registry, store="memory://", broker="memory://", transport=transport)
 
 
 @pytest.fixture
 async def system() -> AsyncIterator[System]:
     registry = MemoryRegistry()
-    async with memory_runtime(registry) as home, memory_runtime(registry) as away:
+    async with memory_runtime(registry) as home, memory_runtime(registry, "native") as away, \
+            memory_runtime(registry, "grpc") as away_grpc:
         box = micro.Service("box", runtime=home)
         box.handle(Box())
         helper = micro.Agent("helper", services=["box"], prompt="You greet people through the box.",
                              provider=scripted.function(_brain), runtime=home)
         async with box, helper:
-            yield System(home, away)
+            yield System(home, away, away_grpc)
 
 
 def client(gateway: Any, **headers: str) -> httpx.AsyncClient:
@@ -536,7 +538,7 @@ class Waiter:
             self.stopped.set()
 
 
-@pytest.mark.parametrize("path", ["in-process", "network"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("endpoint", ["Waiter.Hold", "Waiter.HoldStream"])
 async def test_a_client_that_leaves_stops_its_call(system: System, path: str, endpoint: str) -> None:
     # before: the call ran on until the gateway's timeout (60 s by default) with nobody to answer

@@ -235,3 +235,37 @@ async def test_protobuf_and_json_on_one_port(grpcio_stubs: SimpleNamespace, serv
     typed = await served.away.client.call("greeter", "Greeter.SayHello", HelloRequest(name="eve"),
                                           response_type=HelloReply)
     assert typed == HelloReply(message="hello eve from - tone=UNSPECIFIED tags= counts=")
+
+
+async def test_grpcio_and_micro_native_clients_call_one_node_at_once(grpcio_stubs: SimpleNamespace,
+                                                                     served: Served,
+                                                                     channel: grpc.aio.Channel) -> None:
+    """The node's gRPC address serves grpcio while micro's client (the default transport) rides the native
+    wire to the same node, both at the same time, with the same answers."""
+    from micro.client.native import NativePool
+
+    (node,) = served.service.record.nodes
+    assert node.address == served.service.address  # the node's address stays the gRPC one
+    assert node.metadata["native"] != node.address  # the native listener is advertised beside it
+    stub = grpcio_stubs.grpc.GreeterStub(channel)
+    grpcio_replies: list[str] = []
+    micro_replies: list[str] = []
+
+    async def by_grpcio(i: int) -> None:
+        reply = await stub.SayHello(grpcio_stubs.pb2.HelloRequest(name=f"g{i}", times=i), timeout=10)
+        grpcio_replies.append(reply.message)
+
+    async def by_micro(i: int) -> None:
+        reply = await served.away.client.call("greeter", "Greeter.SayHello", HelloRequest(name=f"m{i}", times=i),
+                                              response_type=HelloReply, timeout=10)
+        micro_replies.append(reply.message)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(by_grpcio, i)
+                tg.start_soon(by_micro, i)
+    assert sorted(grpcio_replies) == sorted(f"hello g{i} from - tone=UNSPECIFIED tags= counts=" for i in range(20))
+    assert sorted(micro_replies) == sorted(f"hello m{i} from - tone=UNSPECIFIED tags= counts=" for i in range(20))
+    (pool,) = served.away.client._pools.values()
+    assert isinstance(pool, NativePool) and pool.address == node.metadata["native"]

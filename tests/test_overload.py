@@ -34,7 +34,7 @@ class Gate:
         return req
 
 
-@pytest.mark.parametrize("path", ["in-process", "network"])
+@pytest.mark.parametrize("path", ["in-process", "grpc", "native"])
 async def test_ten_thousand_calls_against_a_limit_of_one_hundred(path: str) -> None:
     registry = MemoryRegistry()
     gate = Gate()
@@ -43,7 +43,7 @@ async def test_ten_thousand_calls_against_a_limit_of_one_hundred(path: str) -> N
     all_rejected = anyio.Event()
     server_rt = micro.Runtime(registry=registry, store="memory://", broker="memory://")
     client_rt = server_rt if path == "in-process" else micro.Runtime(registry=registry, store="memory://",
-                                                                      broker="memory://")
+                                                                      broker="memory://", transport=path)
     async with server_rt, client_rt:
         svc = micro.New("busy", runtime=server_rt, max_concurrency=LIMIT, max_queue=QUEUE)
         svc.handle(gate)

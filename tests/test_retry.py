@@ -36,11 +36,15 @@ class Flaky:
         return req
 
 
-async def test_idempotent_endpoints_are_retried_and_others_are_not() -> None:
+WIRES = ["grpc", "native"]
+
+
+@pytest.mark.parametrize("wire", WIRES)
+async def test_idempotent_endpoints_are_retried_and_others_are_not(wire: str) -> None:
     registry = MemoryRegistry()
     flaky = Flaky(failures=2)
     async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as server, \
-            micro.Runtime(registry=registry, store="memory://", broker="memory://") as client:
+            micro.Runtime(registry=registry, store="memory://", broker="memory://", transport=wire) as client:
         svc = micro.New("pay", runtime=server)
         svc.handle(flaky)
         async with svc:
@@ -54,11 +58,12 @@ async def test_idempotent_endpoints_are_retried_and_others_are_not() -> None:
             assert flaky.calls["Charge"] == 1
 
 
-async def test_retries_stop_after_the_policy_attempts() -> None:
+@pytest.mark.parametrize("wire", WIRES)
+async def test_retries_stop_after_the_policy_attempts(wire: str) -> None:
     registry = MemoryRegistry()
     flaky = Flaky(failures=100)
     async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as server, \
-            micro.Runtime(registry=registry, store="memory://", broker="memory://") as client:
+            micro.Runtime(registry=registry, store="memory://", broker="memory://", transport=wire) as client:
         svc = micro.New("pay", runtime=server)
         svc.handle(flaky)
         async with svc:
@@ -67,11 +72,12 @@ async def test_retries_stop_after_the_policy_attempts() -> None:
             assert flaky.calls["Get"] == RetryPolicy().attempts
 
 
-async def test_a_dead_node_is_skipped_once_its_breaker_opens() -> None:
+@pytest.mark.parametrize("wire", WIRES)
+async def test_a_dead_node_is_skipped_once_its_breaker_opens(wire: str) -> None:
     registry = MemoryRegistry()
     async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as a, \
             micro.Runtime(registry=registry, store="memory://", broker="memory://") as b, \
-            micro.Runtime(registry=registry, store="memory://", broker="memory://") as client:
+            micro.Runtime(registry=registry, store="memory://", broker="memory://", transport=wire) as client:
         live = micro.New("svc", runtime=a)
         live.handle(Flaky(0))
         dead = micro.New("svc", runtime=b)
@@ -79,7 +85,7 @@ async def test_a_dead_node_is_skipped_once_its_breaker_opens() -> None:
         async with live:
             await dead.start()
             dead_record = dead.record
-            await dead._server.stop(0)  # the process is gone, its record is not
+            await dead._stop_servers()  # the process is gone (both its wires), its record is not
             await registry.register(dead_record, ttl=60)
             dead_address = dead_record.nodes[0].address
             for _ in range(6):

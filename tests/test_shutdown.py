@@ -7,6 +7,7 @@ from typing import Any
 
 import anyio
 import msgspec
+import pytest
 
 import micro
 from micro.errors import Unavailable
@@ -29,12 +30,13 @@ class Slow:
         return Q(req.n + 1)
 
 
-async def test_in_flight_calls_finish_and_no_task_is_left() -> None:
+@pytest.mark.parametrize("wire", ["grpc", "native"])
+async def test_in_flight_calls_finish_and_no_task_is_left(wire: str) -> None:
     before = asyncio.all_tasks()
     registry = MemoryRegistry()
     slow = Slow()
     results: list[object] = []
-    async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as client_rt:
+    async with micro.Runtime(registry=registry, store="memory://", broker="memory://", transport=wire) as client_rt:
         server_rt = micro.Runtime(registry=registry, store="memory://", broker="memory://")
         async with server_rt:
             svc = micro.New("slow", runtime=server_rt, drain_timeout=30)
@@ -69,10 +71,11 @@ async def test_in_flight_calls_finish_and_no_task_is_left() -> None:
     assert leftover == [], leftover
 
 
-async def test_a_call_past_the_drain_timeout_is_cancelled_cleanly() -> None:
+@pytest.mark.parametrize("wire", ["grpc", "native"])
+async def test_a_call_past_the_drain_timeout_is_cancelled_cleanly(wire: str) -> None:
     registry = MemoryRegistry()
     slow = Slow()
-    async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as client_rt:
+    async with micro.Runtime(registry=registry, store="memory://", broker="memory://", transport=wire) as client_rt:
         server_rt = micro.Runtime(registry=registry, store="memory://", broker="memory://")
         async with server_rt:
             svc = micro.New("slow", runtime=server_rt, drain_timeout=0.2)

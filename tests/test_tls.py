@@ -47,7 +47,11 @@ def pki(tmp_path: Path) -> Iterator[Pki]:
     yield Pki(tmp_path)
 
 
-async def test_tls_and_mutual_tls(pki: Pki) -> None:
+WIRES = ["grpc", "native"]
+
+
+@pytest.mark.parametrize("wire", WIRES)
+async def test_tls_and_mutual_tls(pki: Pki, wire: str) -> None:
     registry = MemoryRegistry()
     server_tls = server_context(pki.server_cert, pki.server_key, ca=pki.ca, require_client_cert=True)
     async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as server_rt:
@@ -56,22 +60,25 @@ async def test_tls_and_mutual_tls(pki: Pki) -> None:
         async with svc:
             assert svc.record.nodes[0].metadata["tls"] == "true"
             good = client_context(pki.ca, cert=pki.client_cert)
-            async with micro.Runtime(registry=registry, store="memory://", broker="memory://", tls=good) as rt:
+            async with micro.Runtime(registry=registry, store="memory://", broker="memory://", tls=good,
+                                     transport=wire) as rt:
                 assert await rt.client.call("secure", "Say.Echo", {"text": "hi"}) == {"text": "hi"}
 
             no_cert = client_context(pki.ca)  # the server requires a client certificate
-            async with micro.Runtime(registry=registry, store="memory://", broker="memory://", tls=no_cert) as rt:
+            async with micro.Runtime(registry=registry, store="memory://", broker="memory://", tls=no_cert,
+                                     transport=wire) as rt:
                 with pytest.raises(Unavailable):
                     await rt.client.call("secure", "Say.Echo", {"text": "hi"}, timeout=10)
 
             wrong_ca = client_context(pki.other_ca, cert=pki.client_cert)  # cannot verify the server
             async with micro.Runtime(registry=registry, store="memory://", broker="memory://",
-                                     tls=wrong_ca) as rt:
+                                     tls=wrong_ca, transport=wire) as rt:
                 with pytest.raises(Unavailable):
                     await rt.client.call("secure", "Say.Echo", {"text": "hi"}, timeout=10)
 
 
-async def test_server_tls_without_client_certificates(pki: Pki) -> None:
+@pytest.mark.parametrize("wire", WIRES)
+async def test_server_tls_without_client_certificates(pki: Pki, wire: str) -> None:
     registry = MemoryRegistry()
     async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as server_rt:
         svc = micro.New("secure", runtime=server_rt, tls=server_context(pki.server_cert, pki.server_key))
@@ -80,7 +87,7 @@ async def test_server_tls_without_client_certificates(pki: Pki) -> None:
         plain.handle(Say())
         async with svc, plain:
             async with micro.Runtime(registry=registry, store="memory://", broker="memory://",
-                                     tls=client_context(pki.ca)) as rt:
+                                     tls=client_context(pki.ca), transport=wire) as rt:
                 assert await rt.client.call("secure", "Say.Echo", {"text": "a"}) == {"text": "a"}
                 # the same runtime still reaches plaintext services
                 assert await rt.client.call("plain", "Say.Echo", {"text": "b"}) == {"text": "b"}

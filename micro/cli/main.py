@@ -8,7 +8,6 @@ with one line on stderr and exit code 1; bad arguments exit with 2.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import re
 from collections.abc import Awaitable, Callable
@@ -18,6 +17,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
+from micro import eventloop
 from micro.errors import MicroError, UsageError
 
 P = ParamSpec("P")
@@ -48,7 +48,7 @@ def run_async(fn: Callable[P, Awaitable[T]]) -> Callable[P, T | None]:
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T | None:
         try:
-            return asyncio.run(fn(*args, **kwargs))  # type: ignore[arg-type]
+            return eventloop.run(fn(*args, **kwargs))  # type: ignore[arg-type]
         except UsageError as exc:
             fail(str(exc), 2)
         except MicroError as exc:
@@ -79,7 +79,18 @@ def main() -> None:
 
 
 def _register() -> None:
-    from micro.cli import agents, broker, call, chat, flows, gateway, new, run, services  # noqa: F401  (commands register themselves)
+    from micro.cli import (  # noqa: F401  (commands register themselves)
+        agents,
+        bench,
+        broker,
+        call,
+        chat,
+        flows,
+        gateway,
+        new,
+        run,
+        services,
+    )
 
 
 _register()

@@ -56,7 +56,9 @@ async def describe(service: str, as_json: bool, as_proto: bool) -> None:
         for k, v in sorted(rec.metadata.items()):
             out.print(f"  {k}: {v}")
         for node in rec.nodes:
-            out.print(f"  node {node.id} at {node.address}")
+            native = node.metadata.get("native")
+            wires = f"gRPC {node.address}" + (f", native {native}" if native else " (no native wire)")
+            out.print(f"  node {node.id} at {node.address} ({wires})", markup=False)
         for ep in rec.endpoints:
             kind = " (stream)" if ep.streaming else ""
             out.print(f"\n  [cyan]{ep.name}[/cyan]{kind}  {ep.path}")

@@ -1,5 +1,9 @@
 """``Service``: a named set of endpoints with a gRPC server, a registry record and a heartbeat.
 
+Beside the gRPC server (the node's ``address``, for any gRPC client) a service
+listens on micro's native wire (the node's ``native`` metadata; ``docs/wire.md``),
+which micro clients in other processes prefer. Both end in the same endpoints.
+
 Lifecycle: constructing does no I/O. ``async with service`` joins the loop's
 runtime, binds the server, registers the record and starts the heartbeat, and
 returns once the service can be called. Leaving deregisters first, then stops
@@ -9,7 +13,6 @@ rest and closes (last in, first out).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -25,8 +28,9 @@ import anyio
 import anyio.abc
 import msgspec
 
-from micro import telemetry
+from micro import eventloop, telemetry
 from micro.broker import Subscription, drain
+from micro.client.client import NATIVE
 from micro.codec import JSON, codec_for
 from micro.codec.proto_file import renumbered
 from micro.errors import BadRequest, ServiceNotFound, UsageError
@@ -37,6 +41,7 @@ from micro.runtime import Runtime
 from micro.server.grpc import DEFAULT_MAX_MESSAGE_SIZE, GrpcServer
 from micro.service.endpoints import Endpoint, endpoints_of
 from micro.tasks import BackgroundTasks
+from micro.wire.server import NativeServer
 
 log = logging.getLogger("micro.service")
 
@@ -56,6 +61,7 @@ class ServiceOptions(typing.TypedDict, total=False):
     max_queue: int
     tls: ssl.SSLContext | None
     reflection: bool
+    native: bool
 
 
 class AgentServiceOptions(ServiceOptions, total=False):
@@ -82,6 +88,8 @@ class Service:
         max_message_size: largest request or response in bytes (RESOURCE_EXHAUSTED beyond).
         drain_timeout: seconds in-flight calls get to finish on shutdown.
         reflection: serve gRPC server reflection (v1 and v1alpha) on the port (on by default).
+        native: also serve micro's native wire on a free port of the same host (default on;
+            ``False`` serves gRPC only).
 
     Example::
 
@@ -96,7 +104,7 @@ class Service:
                  handler_wrappers: Sequence[Wrapper] = (),
                  max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, drain_timeout: float = 10.0,
                  max_concurrency: int | None = None, max_queue: int = 0,
-                 tls: ssl.SSLContext | None = None, reflection: bool = True) -> None:
+                 tls: ssl.SSLContext | None = None, reflection: bool = True, native: bool = True) -> None:
         if not name or any(c.isspace() or c in "/~" for c in name):
             raise UsageError(f"invalid service name {name!r}: use letters, digits, '-', '_' or '.'")
         self.name = name
@@ -116,6 +124,7 @@ class Service:
         self._endpoints: dict[str, Endpoint] = {}
         self._subscriptions: list[tuple[str, Callable[..., Awaitable[Any]], str | None, str | None, int | None]] = []
         self._server = GrpcServer(max_message_size=max_message_size, reflection=reflection)
+        self._native = NativeServer(max_message_size=max_message_size) if native else None
         self._stack: contextlib.AsyncExitStack | None = None
         self._changed = anyio.Event()
         self._stopped = anyio.Event()
@@ -137,6 +146,8 @@ class Service:
             ep.wrap(self.handler_wrappers)
             self._endpoints[ep.name] = ep
             self._server.add(ep)
+            if self._native is not None:
+                self._native.add(ep)
         self._changed.set()
         return found
 
@@ -187,10 +198,18 @@ class Service:
             version=self.version,
             metadata=self.metadata,
             endpoints=[ep.record() for ep in self._endpoints.values()],
-            nodes=[Node(id=self.id, address=self.address,
-                        metadata={"pid": str(os.getpid()), **({"tls": "true"} if self.tls else {}),
-                                  **({"proto": proto} if proto else {})})],
+            nodes=[Node(id=self.id, address=self.address, metadata=self._node_metadata(proto))],
         )
+
+    def _node_metadata(self, proto: str | None) -> dict[str, str]:
+        md = {"pid": str(os.getpid())}
+        if self.tls:
+            md["tls"] = "true"
+        if proto:
+            md["proto"] = proto
+        if self._native is not None and self._native.port:
+            md[NATIVE] = f"{_advertise(self._native.host)}:{self._native.port}"
+        return md
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -215,7 +234,9 @@ class Service:
             stack.push_async_callback(rt.release)
             host, _, port = self._address.rpartition(":")
             await self._server.start(host or "127.0.0.1", int(port or 0), ssl=self.tls)
-            stack.push_async_callback(self._server.stop, self.drain_timeout)
+            if self._native is not None:
+                await self._native.start(host or "127.0.0.1", 0, ssl=self.tls)
+            stack.push_async_callback(self._stop_servers)
             self.address = f"{_advertise(self._server.host)}:{self._server.port}"
             rt.add_local(self.name, self._endpoints)
             stack.callback(rt.remove_local, self.name, self._endpoints)
@@ -244,6 +265,13 @@ class Service:
         self._stopped = anyio.Event()
         self._stack = stack
         log.info("service %s listening on %s", self.name, self.address)
+
+    async def _stop_servers(self) -> None:
+        """Drain both wires at once (one after the other, a drain would take twice as long)."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._server.stop, self.drain_timeout)
+            if self._native is not None:
+                tg.start_soon(self._native.stop, self.drain_timeout)
 
     async def _deregister(self) -> None:
         with anyio.CancelScope(shield=True):
@@ -292,8 +320,11 @@ class Service:
                 tg.cancel_scope.cancel()
 
     def run(self) -> None:
-        """Run the service as a program: ``micro.New("task").run()``. Blocks until a signal."""
-        asyncio.run(self.serve())
+        """Run the service as a program: ``micro.New("task").run()``. Blocks until a signal.
+
+        Runs on uvloop when it is installed (``micro[fast]``; see :mod:`micro.eventloop`).
+        """
+        eventloop.run(self.serve())
 
 
 async def _warn_renumbered(rt: Runtime, record: ServiceRecord) -> None:

@@ -1,0 +1,489 @@
+"""Pooled connections to one node on micro's native wire.
+
+The native twin of :class:`~micro.client.pool.NodePool`, with the same two calls
+(``unary`` and ``server_stream``) and the same errors, so the client's retries,
+breakers and node selection treat both wires alike. One connection carries many
+calls, matched by request id; a pool opens another only when every connection
+carries ``max_streams`` calls, up to ``max_connections``, and past that calls wait
+for a place (never past their deadline).
+
+Deadlines are enforced here (the call fails with ``Timeout`` and a CANCEL frame
+stops the handler) and sent as a relative timeout that the server enforces too. A
+caller that is cancelled cancels the handler the same way. Stream items are read
+under a credit window: the server sends at most ``STREAM_WINDOW`` items the caller
+has not taken, so a slow consumer holds the server back instead of growing either
+side's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import ssl as _ssl
+from collections import deque
+from collections.abc import AsyncGenerator, Mapping
+from typing import cast
+
+from micro.codec import JSON, PROTO
+from micro.deadlines import Watchdog
+from micro.errors import Error, ResourceExhausted, Status, Timeout, Unavailable
+from micro.wire import frames as f
+from micro.wire.server import DRAINING
+
+from .pool import NodeUnreachable
+
+_PING_BODY = b"keepaliv"
+
+
+class _Stream:
+    """The items of one stream call as they arrive; the consumer takes them in order."""
+
+    __slots__ = ("done", "error", "items", "taken", "waiter")
+
+    def __init__(self) -> None:
+        self.items: deque[bytes] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.done = False
+        self.error: Exception | None = None
+        self.taken = 0
+
+    def wake(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+
+class _Connection(asyncio.Protocol):
+    """One connection to a node: calls in flight by request id."""
+
+    def __init__(self, pool: NativePool) -> None:
+        self.pool = pool
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.reader = f.FrameReader(pool.max_message_size)
+        self.calls: dict[int, asyncio.Future[bytes] | _Stream] = {}
+        self.ids = itertools.count(1)
+        self.ready: asyncio.Future[None] = self.loop.create_future()
+        self.draining = False
+        self.lost: Exception | None = None
+        self.last_seen = self.loop.time()
+        self._preface = b""
+        self._out: list[bytes] = []
+        self._flushing = False
+
+    @property
+    def usable(self) -> bool:
+        return self.lost is None and not self.draining and self.transport is not None
+
+    # -- asyncio.Protocol -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
+        self.transport.write(f.preface())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.lost is None:
+            detail = f" ({exc})" if exc else ""
+            self.lost = Unavailable(f"node {self.pool.address} dropped the call: the connection closed{detail}")
+        if not self.ready.done():
+            self.ready.set_exception(NodeUnreachable(str(self.lost)))
+            self.ready.exception()  # retrieved: nobody may be waiting for it
+        self._fail_all(self.lost)
+        self.pool.forget(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_seen = self.loop.time()
+        if not self.ready.done():
+            data = self._greet(data)
+            if not data:
+                return
+        try:
+            frames = self.reader.feed(data)
+        except f.ProtocolError as exc:
+            self.close(Unavailable(f"node {self.pool.address} broke the native wire: {exc}"))
+            return
+        calls = self.calls
+        for kind, rid, flags, _, body, length in frames:
+            call = calls.get(rid)
+            if kind == f.RESPONSE:
+                if call is not None and not isinstance(call, _Stream):
+                    del calls[rid]
+                    if not call.done():
+                        if flags & f.OVERSIZE:
+                            call.set_exception(ResourceExhausted(
+                                f"response of {length} bytes from {self.pool.address} is over the client's "
+                                f"{self.pool.max_message_size}-byte limit"))
+                        else:
+                            call.set_result(body)
+                # a reply to a call that is gone (cancelled, timed out): nothing waits for it
+            elif kind == f.ITEM:
+                if isinstance(call, _Stream) and not call.done:
+                    if flags & f.OVERSIZE:
+                        self._end(rid, call, ResourceExhausted(
+                            f"stream item of {length} bytes from {self.pool.address} is over the client's "
+                            f"{self.pool.max_message_size}-byte limit"))
+                        self.send(f.frame(f.CANCEL, rid))
+                    else:
+                        call.items.append(body)
+                        call.wake()
+            elif kind == f.END:
+                if isinstance(call, _Stream):
+                    self._end(rid, call, None)
+            elif kind == f.ERROR:
+                status, message = f.read_error(body)
+                if rid == 0:
+                    self.close(_error(status, message, self.pool.address))
+                    return
+                err = _error(status, message, self.pool.address)
+                if isinstance(call, _Stream):
+                    self._end(rid, call, err)
+                elif call is not None:
+                    del calls[rid]
+                    if not call.done():
+                        call.set_exception(err)
+            elif kind == f.GOAWAY:
+                self.draining = True  # calls in flight finish; new ones go to another connection
+            elif kind == f.PING:
+                self.send(f.frame(f.PONG, rid, body[:8]))
+            elif kind == f.PONG:
+                pass
+            else:
+                self.close(Unavailable(f"node {self.pool.address} sent a {f.NAMES[kind]} frame, "
+                                       "which servers do not send"))
+                return
+
+    def _greet(self, data: bytes) -> bytes:
+        need = f.PREFACE_SIZE - len(self._preface)
+        self._preface += data[:need]
+        if len(self._preface) < f.PREFACE_SIZE:
+            return b""
+        try:
+            version = f.read_preface(self._preface)
+        except f.ProtocolError as exc:
+            # an ERROR frame instead of the preface: the server refused us (a version it does not speak)
+            try:
+                kind = f.HEADER.unpack_from(self._preface + data[need:])[2]
+            except Exception:
+                kind = 0
+            if kind == f.ERROR:
+                try:
+                    frames = f.FrameReader(self.pool.max_message_size).feed(self._preface + data[need:])
+                    _, message = f.read_error(frames[0][4])
+                except (f.ProtocolError, IndexError):
+                    message = str(exc)
+            else:
+                message = str(exc)
+            self.close(NodeUnreachable(f"node {self.pool.address} refused the native wire: {message}"))
+            return b""
+        if version != f.VERSION:
+            self.close(NodeUnreachable(f"node {self.pool.address} speaks micro wire version {version}; this client "
+                                       f"speaks {f.VERSION}: upgrade the older side or use MICRO_TRANSPORT=grpc"))
+            return b""
+        self.ready.set_result(None)
+        return data[need:]
+
+    # -- calls ------------------------------------------------------------------------------------
+
+    def _end(self, rid: int, call: _Stream, err: Exception | None) -> None:
+        call.done = True
+        call.error = err
+        self.calls.pop(rid, None)
+        call.wake()
+
+    def _fail_all(self, err: Exception) -> None:
+        calls, self.calls = self.calls, {}
+        for call in calls.values():
+            if isinstance(call, _Stream):
+                if not call.done:
+                    call.done, call.error = True, err
+                    call.wake()
+            elif not call.done():
+                call.set_exception(err)
+                call.exception()
+
+    def send(self, data: bytes) -> None:
+        self._out.append(data)
+        if not self._flushing:
+            self._flushing = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flushing = False
+        out, self._out = self._out, []
+        t = self.transport
+        if t is None or t.is_closing() or not out:
+            return
+        t.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def close(self, err: Exception) -> None:
+        if self.lost is None:
+            self.lost = err
+        t = self.transport
+        if t is not None:
+            t.close()
+        if not self.ready.done():
+            self.ready.set_exception(err if isinstance(err, NodeUnreachable) else NodeUnreachable(str(err)))
+            self.ready.exception()
+        self._fail_all(err)
+
+
+def _error(status: int, message: str, address: str) -> Error:
+    try:
+        st = Status(status)
+    except ValueError:
+        st = Status.UNKNOWN
+    if st is Status.UNAVAILABLE and message == DRAINING:
+        return NodeUnreachable(f"node {address} is shutting down")
+    return Error.from_status(st, message)
+
+
+class NativePool:
+    """Connections to one node's native address (``host:port``)."""
+
+    def __init__(self, address: str, *, ssl: _ssl.SSLContext | None = None, max_streams: int = 1000,
+                 max_connections: int = 4, max_message_size: int = 4 * 1024 * 1024,
+                 keepalive: float = 30.0) -> None:
+        host, _, port = address.rpartition(":")
+        self.address = address
+        self.host = host.strip("[]")
+        self.port = int(port)
+        self.max_streams = max_streams
+        self.max_connections = max_connections
+        self.max_message_size = max_message_size
+        self.keepalive = keepalive
+        self._ssl = ssl
+        self._conns: list[_Connection] = []
+        self._connecting: asyncio.Future[_Connection] | None = None
+        self._capacity = max_streams * max_connections
+        self._inflight = 0  # calls in flight to this node (streams and unary calls)
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._watchdog = Watchdog()
+        self._where: dict[str, str] = {}
+        self._keeper: asyncio.TimerHandle | None = None
+
+    # -- connections ------------------------------------------------------------------------------
+
+    def _best(self) -> _Connection | None:
+        """The least busy open connection, unless all are full and another may be opened."""
+        conns = self._conns
+        if len(conns) == 1:  # the usual case
+            c = conns[0]
+            if c.usable and (len(c.calls) < self.max_streams or self.max_connections == 1):
+                return c
+        best: _Connection | None = None
+        for c in conns:
+            if c.usable and (best is None or len(c.calls) < len(best.calls)):
+                best = c
+        if best is not None and (len(best.calls) < self.max_streams or len(conns) >= self.max_connections):
+            return best
+        return None
+
+    async def _conn(self, path: str, deadline: float | None) -> _Connection:
+        best = self._best()
+        if best is not None:
+            return best
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._open())
+        connecting = self._connecting
+        try:
+            if deadline is None:
+                return await asyncio.shield(connecting)
+            async with asyncio.timeout_at(deadline):
+                return await asyncio.shield(connecting)
+        except TimeoutError:
+            raise Timeout(f"{path} on {self.address}: the deadline passed while connecting") from None
+
+    async def _open(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            try:
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self), self.host, self.port, ssl=self._ssl,
+                    server_hostname=self.host if self._ssl is not None else None,
+                )
+            except (OSError, _ssl.SSLError) as exc:
+                raise NodeUnreachable(f"node {self.address} is unreachable on the native wire "
+                                      f"({exc or type(exc).__name__})") from None
+            await conn.ready
+            self._conns.append(conn)
+            self._arm_keepalive()
+            return conn
+        finally:
+            self._connecting = None
+
+    def forget(self, conn: _Connection) -> None:
+        if conn in self._conns:
+            self._conns.remove(conn)
+
+    def _arm_keepalive(self) -> None:
+        if self._keeper is None and self.keepalive > 0:
+            self._keeper = asyncio.get_running_loop().call_later(self.keepalive, self._keepalive)
+
+    def _keepalive(self) -> None:
+        """Ping connections that carry calls but heard nothing for a while; drop those that stayed silent."""
+        self._keeper = None
+        now = asyncio.get_running_loop().time()
+        for c in list(self._conns):
+            silent = now - c.last_seen
+            if c.calls and silent > 2 * self.keepalive:
+                c.close(Unavailable(f"node {self.address} stopped answering on the native wire "
+                                    f"(nothing for {silent:.0f} s, not even a keepalive PONG)"))
+            elif c.calls and silent > self.keepalive:
+                c.send(f.frame(f.PING, 0, _PING_BODY))
+        if self._conns:
+            self._arm_keepalive()
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, path: str, deadline: float | None) -> AsyncGenerator[None, None]:
+        """A place among the calls in flight to this node, waited for (first come, first served) no longer
+        than the call's deadline."""
+        if self._inflight < self._capacity and not self._waiters:
+            self._inflight += 1
+        else:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            placed = False
+            try:
+                if deadline is None:
+                    await waiter
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        await waiter
+                placed = True
+            except TimeoutError:
+                raise Timeout(f"{path} on {self.address}: the deadline passed while the call waited for one of "
+                              f"the {self._capacity} places in flight to this node") from None
+            finally:
+                if not placed:
+                    if waiter.done() and not waiter.cancelled():
+                        self._release()  # handed a place it will not use: pass it on
+                    elif waiter in self._waiters:
+                        self._waiters.remove(waiter)
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Give a place back: to the first caller still waiting for one, else to the pool."""
+        while self._waiters:
+            w = self._waiters.popleft()
+            if not w.done():
+                w.set_result(None)  # the place passes to it: calls in flight stay the same
+                return
+        self._inflight -= 1
+
+    # -- calls ------------------------------------------------------------------------------------
+
+    async def unary(self, path: str, data: bytes, *, wire: str = JSON, deadline: float | None = None,
+                    metadata: Mapping[str, str] | None = None) -> bytes:
+        """One request, one reply; statuses as ``micro.errors``."""
+        conn = self._best()
+        if conn is None or self._inflight >= self._capacity or self._waiters:
+            async with self._slot(path, deadline):
+                return await self._unary(await self._conn(path, deadline), path, data, wire, deadline, metadata)
+        self._inflight += 1  # the usual case: a connection is open and a place is free; take it at once
+        try:
+            return await self._unary(conn, path, data, wire, deadline, metadata)
+        finally:
+            self._release()
+
+    async def _unary(self, conn: _Connection, path: str, data: bytes, wire: str, deadline: float | None,
+                     metadata: Mapping[str, str] | None) -> bytes:
+        if not conn.usable:
+            raise NodeUnreachable(f"{path}: node {self.address} is shutting down")
+        loop = conn.loop
+        timeout_us = self._timeout(path, deadline, loop)
+        rid = next(conn.ids)
+        fut: asyncio.Future[bytes] = loop.create_future()
+        conn.calls[rid] = fut
+        conn.send(self._frame(path, rid, data, wire, 0, timeout_us, metadata))
+        if deadline is not None:
+            where = self._where.get(path)
+            if where is None:
+                where = self._where[path] = f"{path} on {self.address}"
+            self._watchdog.expire(fut, deadline, where)  # fails with Timeout when the deadline passes
+        try:
+            return await fut
+        except (asyncio.CancelledError, Timeout):
+            self._cancel(conn, rid)  # the handler stops too
+            raise
+
+    async def server_stream(self, path: str, data: bytes, *, wire: str = JSON, deadline: float | None = None,
+                            metadata: Mapping[str, str] | None = None) -> AsyncGenerator[bytes, None]:
+        """One request, a stream of replies, read under the credit window."""
+        loop = asyncio.get_running_loop()
+        timeout_us = self._timeout(path, deadline, loop)
+        async with self._slot(path, deadline):
+            conn = await self._conn(path, deadline)
+            if not conn.usable:
+                raise NodeUnreachable(f"{path}: node {self.address} is shutting down")
+            rid = next(conn.ids)
+            call = _Stream()
+            conn.calls[rid] = call
+            conn.send(self._frame(path, rid, data, wire, f.STREAM, timeout_us, metadata))
+            timer = None if deadline is None else loop.call_at(deadline, _expire_stream, call, path, self.address)
+            try:
+                while True:
+                    if call.items:
+                        item = call.items.popleft()
+                        call.taken += 1
+                        if call.taken >= f.STREAM_WINDOW // 2 and not call.done:
+                            conn.send(f.frame(f.CREDIT, rid, aux=call.taken))
+                            call.taken = 0
+                        yield item
+                        continue
+                    if call.done:
+                        if call.error is not None:
+                            raise call.error
+                        return
+                    call.waiter = loop.create_future()
+                    await call.waiter
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                self._cancel(conn, rid)  # stopped early or timed out: the handler stops (a no-op once ended)
+
+    def _frame(self, path: str, rid: int, data: bytes, wire: str, flags: int, timeout_us: int | None,
+               metadata: Mapping[str, str] | None) -> bytes:
+        if wire == PROTO:
+            flags |= f.PROTO
+        try:
+            return f.request(rid, path, timeout_us, dict(metadata) if metadata else None, data, flags)
+        except ValueError as exc:
+            from micro.errors import BadRequest
+
+            raise BadRequest(f"{path}: {exc}") from None
+
+    def _timeout(self, path: str, deadline: float | None, loop: asyncio.AbstractEventLoop) -> int | None:
+        if deadline is None:
+            return None
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise Timeout(f"deadline passed before calling {path} on {self.address}")
+        return int(remaining * 1e6)
+
+    @staticmethod
+    def _cancel(conn: _Connection, rid: int) -> None:
+        if conn.calls.pop(rid, None) is not None and conn.transport is not None:
+            conn.send(f.frame(f.CANCEL, rid))
+
+    def close(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            self._keeper = None
+        for c in list(self._conns):
+            c.close(Unavailable(f"the connection to {self.address} was closed by this client"))
+        self._conns.clear()
+
+
+def _expire_stream(call: _Stream, path: str, address: str) -> None:
+    if not call.done:
+        call.done = True
+        call.error = Timeout(f"{path} on {address}: deadline exceeded")
+        call.wake()
+
+
+__all__ = ["NativePool"]

@@ -1,0 +1,391 @@
+"""The native listener of a service: micro's own wire, served beside its gRPC server.
+
+One :class:`NativeServer` per service serves the same endpoints as its gRPC server,
+through the same :meth:`Endpoint.handle <micro.service.endpoints.Endpoint.handle>`:
+a request's payload is decoded once by the endpoint's codec, the handler chain runs
+under the call's deadline and metadata, and errors travel as the same statuses and
+messages. Each connection is an ``asyncio.Protocol``: frames are cut by
+:class:`~micro.wire.frames.FrameReader`, each call runs in its own task, replies
+written in one ``transport.write`` per loop iteration.
+
+Stopping drains as the gRPC server does: no new connections, a GOAWAY on the open
+ones, new calls refused with UNAVAILABLE (the client tries another node), calls in
+flight given ``grace`` seconds, then cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl as _ssl
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, cast
+
+import msgspec
+
+from micro.codec import JSON, PROTO
+from micro.deadlines import Watchdog
+from micro.errors import Error, ResourceExhausted, Status
+from micro.tasks import BackgroundTasks
+
+from . import frames as f
+
+if TYPE_CHECKING:
+    from micro.service.endpoints import Endpoint
+
+log = logging.getLogger("micro.wire")
+
+DRAINING = "the node is shutting down: call another node"
+"""The UNAVAILABLE message of a call refused while draining (the same as on gRPC)."""
+
+_EXPIRED_US = 1000  # less than 1 ms left on arrival is no time to run anything (as on gRPC)
+
+
+class _Call:
+    __slots__ = ("credit", "task", "waiter")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[None] | None = None
+        self.credit = f.STREAM_WINDOW
+        self.waiter: asyncio.Future[None] | None = None
+
+    def grant(self, n: int) -> None:
+        self.credit += n
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: many calls in flight, each answered by request id."""
+
+    def __init__(self, server: NativeServer) -> None:
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.reader = f.FrameReader(server.max_message_size)
+        self.calls: dict[int, _Call] = {}
+        self.greeted = False
+        self._preface = b""
+        self._out: list[bytes] = []
+        self._flushing = False
+        self._writable: asyncio.Future[None] | None = None
+        self.last_seen = self.loop.time()
+
+    # -- asyncio.Protocol -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.server.connections.discard(self)
+        for call in list(self.calls.values()):
+            if call.task is not None:
+                call.task.cancel()  # nobody is left to answer: the handlers stop
+        w = self._writable
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._writable is None or self._writable.done():
+            self._writable = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        w = self._writable
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_seen = self.loop.time()
+        if not self.greeted:
+            data = self._greet(data)
+            if not data:
+                return
+        try:
+            for kind, rid, flags, aux, body, length in self.reader.feed(data):
+                if kind == f.REQUEST:
+                    self._request(rid, flags, aux, body, length)
+                elif kind == f.CANCEL:
+                    call = self.calls.get(rid)
+                    if call is not None and call.task is not None:
+                        call.task.cancel()
+                elif kind == f.CREDIT:
+                    call = self.calls.get(rid)
+                    if call is not None:
+                        call.grant(aux)
+                elif kind == f.PING:
+                    if flags & f.OVERSIZE or length > 8:
+                        raise f.ProtocolError("a PING carries at most 8 bytes")
+                    self.send(f.frame(f.PONG, rid, body))
+                elif kind == f.PONG:
+                    pass
+                else:
+                    raise f.ProtocolError(f"a client does not send {f.NAMES[kind]} frames (request id {rid})")
+        except f.ProtocolError as exc:
+            self.abort(str(exc))
+
+    def eof_received(self) -> bool | None:
+        return None  # close: a client that stops sending is gone
+
+    # -- frames -----------------------------------------------------------------------------------
+
+    def _greet(self, data: bytes) -> bytes:
+        need = f.PREFACE_SIZE - len(self._preface)
+        self._preface += data[:need]
+        if len(self._preface) < f.PREFACE_SIZE:
+            return b""
+        try:
+            version = f.read_preface(self._preface)
+        except f.ProtocolError:
+            assert self.transport is not None
+            self.transport.close()  # not our wire: nothing it would understand to say
+            return b""
+        if version != f.VERSION:
+            self.abort(f"the client speaks micro wire version {version}; this node speaks version {f.VERSION}: "
+                       "upgrade the older side, or call with MICRO_TRANSPORT=grpc", Status.FAILED_PRECONDITION)
+            return b""
+        self.greeted = True
+        self.send(f.preface())
+        return data[need:]
+
+    def _request(self, rid: int, flags: int, aux: int, body: bytes, length: int) -> None:
+        if rid in self.calls:
+            raise f.ProtocolError(f"request id {rid} was reused while its call is in flight")
+        server = self.server
+        if server.closing:
+            self.send(f.error(rid, Status.UNAVAILABLE.value, DRAINING))
+            return
+        try:
+            path, timeout_us, metadata = f.read_head(body[:aux])
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec: UnicodeDecodeError for bad UTF-8
+            self.send(f.error(rid, Status.INVALID_ARGUMENT.value, f"malformed request head: {exc}"))
+            return
+        found = server.endpoints.get(path)
+        wire = PROTO if flags & f.PROTO else JSON
+        if found is None or wire not in found[1]:
+            hint = " (this service serves it as JSON only)" if found is not None else ""
+            self.send(f.error(rid, Status.UNIMPLEMENTED.value, f"unknown method {path}{hint}"))
+            return
+        ep, _, where = found
+        streaming = bool(flags & f.STREAM)
+        if streaming != ep.streaming:
+            how = "client.stream()" if ep.streaming else "client.call()"
+            self.send(f.error(rid, Status.INVALID_ARGUMENT.value, f"{ep.where}: call it with {how}"))
+            return
+        if flags & f.OVERSIZE:
+            size = length - aux
+            self.send(f.error(rid, Status.RESOURCE_EXHAUSTED.value,
+                              f"{ep.where}: request of {size} bytes is over the service's "
+                              f"{server.max_message_size}-byte limit"))
+            return
+        deadline: float | None = None
+        if timeout_us is not None:
+            if timeout_us < _EXPIRED_US:
+                self.send(f.error(rid, Status.DEADLINE_EXCEEDED.value,
+                                  f"the call's deadline ({timeout_us} µs) had passed when it arrived"))
+                return
+            deadline = self.loop.time() + timeout_us / 1e6
+        call = _Call()
+        payload = body[aux:]
+        coro = self._stream(rid, call, ep, where, wire, payload, metadata or {}, deadline) if streaming else \
+            self._unary(rid, call, ep, where, wire, payload, metadata or {}, deadline)
+        self.calls[rid] = call
+        call.task = self.loop.create_task(coro)
+
+    async def _unary(self, rid: int, call: _Call, ep: Endpoint, where: str, wire: str, payload: bytes,
+                     metadata: dict[str, str], deadline: float | None) -> None:
+        limit = self.server.max_message_size
+        try:
+            try:
+                body = ep.request.decode(payload, wire, where)
+                if deadline is None:
+                    result = await ep.handle(body, metadata, None)
+                else:
+                    with self.server.watchdog.watch(deadline, where, call.task):  # Timeout when it passes
+                        result = await ep.handle(body, metadata, deadline)
+                reply = ep.response.encode(result, wire)
+            except Error as err:
+                self.send(f.error(rid, err.status.value, err.message))
+                return
+            except asyncio.CancelledError:
+                if self.server.closing:  # cancelled by stop() past the drain timeout: say so, then go
+                    self.send(f.error(rid, Status.UNAVAILABLE.value, f"{ep.where}: the node dropped the call: "
+                                      "it stopped before the call finished"))
+                raise
+            except Exception:
+                log.exception("%s: the reply could not be encoded", ep.where)
+                self.send(f.error(rid, Status.INTERNAL.value,
+                                  f"{ep.where} failed with an internal error (details in the service log)"))
+                return
+            if len(reply) > limit:
+                self.send(f.error(rid, Status.RESOURCE_EXHAUSTED.value,
+                                  f"{ep.where}: response of {len(reply)} bytes is over the {limit}-byte limit"))
+            else:
+                self.send(f.HEADER.pack(len(reply), rid, f.RESPONSE, 0, 0) + reply)
+        finally:
+            self._done(rid, call)
+
+    async def _stream(self, rid: int, call: _Call, ep: Endpoint, where: str, wire: str, payload: bytes,
+                      metadata: dict[str, str], deadline: float | None) -> None:
+        limit = self.server.max_message_size
+        items: AsyncIterator[Any] | None = None
+        try:
+            try:
+                body = ep.request.decode(payload, wire, where)
+                items = await ep.handle(body, metadata, deadline)
+                if deadline is None:
+                    await self._send_items(rid, call, ep, wire, items, limit)
+                else:
+                    with self.server.watchdog.watch(deadline, where, call.task):  # Timeout when it passes
+                        await self._send_items(rid, call, ep, wire, items, limit)
+                self.send(f.frame(f.END, rid))
+            except Error as err:
+                self.send(f.error(rid, err.status.value, err.message))
+            except asyncio.CancelledError:
+                if self.server.closing:  # cancelled by stop() past the drain timeout: say so, then go
+                    self.send(f.error(rid, Status.UNAVAILABLE.value, f"{ep.where}: the node dropped the call: "
+                                      "it stopped before the call finished"))
+                raise
+            except Exception:
+                log.exception("%s: a stream item could not be encoded", ep.where)
+                self.send(f.error(rid, Status.INTERNAL.value,
+                                  f"{ep.where} failed with an internal error (details in the service log)"))
+            finally:
+                aclose = getattr(items, "aclose", None)
+                if aclose is not None:
+                    await aclose()  # the handler's generator runs its cleanup now
+        finally:
+            self._done(rid, call)
+
+    async def _send_items(self, rid: int, call: _Call, ep: Endpoint, wire: str, items: AsyncIterator[Any],
+                          limit: int) -> None:
+        """Send each item as the client's credit and the socket allow."""
+        sent = 0
+        async for item in items:
+            reply = ep.response.encode(item, wire)
+            if len(reply) > limit:  # what went before was delivered; the stream ends here
+                raise ResourceExhausted(f"{ep.where}: reply {sent + 1} of {len(reply)} bytes is over "
+                                        f"the {limit}-byte limit")
+            while call.credit <= 0:  # the client has not read what it was sent: wait
+                call.waiter = self.loop.create_future()
+                await call.waiter
+            if self._writable is not None and not self._writable.done():
+                await self._writable  # the socket's buffer is full: wait for it to drain
+            if self.transport is None:
+                return
+            call.credit -= 1
+            self.send(f.HEADER.pack(len(reply), rid, f.ITEM, 0, 0) + reply)
+            sent += 1
+
+    def _done(self, rid: int, call: _Call) -> None:
+        if self.calls.get(rid) is call:
+            del self.calls[rid]
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """Queue ``data``; everything queued in one loop iteration goes out in one write."""
+        self._out.append(data)
+        if not self._flushing:
+            self._flushing = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flushing = False
+        out, self._out = self._out, []
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        t.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def abort(self, message: str, status: Status = Status.INVALID_ARGUMENT) -> None:
+        """Tell the client why (an ERROR frame for request id 0), then close the connection."""
+        log.warning("native wire: closing a connection: %s", message)
+        t = self.transport
+        if t is None:
+            return
+        self._flush()
+        if not t.is_closing():
+            t.write(f.error(0, status.value, message))
+            t.close()
+
+    def goaway(self) -> None:
+        self.send(f.frame(f.GOAWAY, 0))
+
+
+class NativeServer:
+    """Serves endpoints on micro's native wire. ``start()`` binds; ``stop()`` drains.
+
+    Args:
+        max_message_size: largest request or response payload in bytes.
+        idle_timeout: seconds a connection with no call in flight may stay silent
+            before it is closed (a half-open connection whose peer vanished).
+    """
+
+    def __init__(self, *, max_message_size: int, idle_timeout: float = 300.0) -> None:
+        self.max_message_size = max_message_size
+        self.idle_timeout = idle_timeout
+        self.endpoints: dict[str, tuple[Endpoint, tuple[str, ...], str]] = {}  # path: endpoint, wires, where
+        self.connections: set[_Connection] = set()
+        self.watchdog = Watchdog()
+        self.closing = False
+        self.host = ""
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._background: BackgroundTasks | None = None
+
+    def add(self, ep: Endpoint) -> None:
+        """Serve ``ep`` (also after start)."""
+        self.endpoints[ep.path] = (ep, ep.wires, ep.where)
+
+    async def start(self, host: str, port: int = 0, *, ssl: _ssl.SSLContext | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        self.closing = False
+        # a deep accept backlog: with asyncio's 100, a burst of connections overflows it and the kernel
+        # drops SYNs, which the peers resend after a second (10,000 connections took 80 s instead of 2)
+        self._server = await loop.create_server(lambda: _Connection(self), host, port, ssl=ssl,
+                                                reuse_address=True, backlog=4096)
+        sock = self._server.sockets[0]
+        self.host, self.port = sock.getsockname()[:2]
+        background = BackgroundTasks("native wire server", log)
+        tg = await background.start()
+        self._background = background
+        tg.start_soon(self._sweep)
+
+    async def _sweep(self) -> None:
+        """Close connections silent for ``idle_timeout`` with nothing in flight."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.idle_timeout / 4)
+            now = loop.time()
+            for conn in list(self.connections):
+                if not conn.calls and now - conn.last_seen > self.idle_timeout and conn.transport is not None:
+                    conn.transport.close()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting, refuse new calls, let in-flight calls finish within ``grace``, cancel the rest."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self.closing = True
+        server.close()
+        for conn in list(self.connections):
+            conn.goaway()
+        pending = [c.task for conn in self.connections for c in conn.calls.values()
+                   if c.task is not None and not c.task.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=grace)
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        for conn in list(self.connections):
+            conn._flush()
+            if conn.transport is not None:
+                conn.transport.close()
+        if self._background is not None:
+            await self._background.aclose()
+            self._background = None
+        await server.wait_closed()
