@@ -29,7 +29,15 @@ import msgspec
 from micro import context, telemetry
 from micro.codec import JSON, PROTO, codec_for, encode_json, is_proto_message
 from micro.codec.proto_compiled import compiled
-from micro.errors import BadRequest, EndpointNotFound, ResourceExhausted, ServiceNotFound, Timeout, Unavailable
+from micro.errors import (
+    BadRequest,
+    EndpointNotFound,
+    ResourceExhausted,
+    ServiceNotFound,
+    Timeout,
+    Unavailable,
+    closest,
+)
 from micro.middleware import Next, Request, Wrapper, chain
 from micro.registry import Endpoint as EndpointRecord
 from micro.registry import Node, Registry, ServiceRecord, Watcher
@@ -383,7 +391,9 @@ def _default_tls() -> ssl.SSLContext:
 
 def _no_endpoint(service: str, endpoint: str, have: Sequence[str]) -> EndpointNotFound:
     listing = ", ".join(have) if have else "none"
-    return EndpointNotFound(f"service {service!r} has no endpoint {endpoint!r} (it has: {listing})")
+    guess = closest(endpoint, have)
+    hint = f"; did you mean {guess}?" if guess else ""
+    return EndpointNotFound(f"service {service!r} has no endpoint {endpoint!r} (it has: {listing}){hint}")
 
 
 def _wrong_kind(req: Request, streaming: bool) -> BadRequest:
