@@ -378,7 +378,8 @@ def test_flow_list_runs_show_and_replay(example: subprocess.Popen[str]) -> None:
                                 *dt.datetime.fromtimestamp(run["started"]).strftime("%Y-%m-%d %H:%M:%S").split()]
     res = micro_cli("flow", "runs", "onboard")
     assert res.returncode == 1
-    assert res.stderr.strip() == "error: no flow 'onboard' is registered (flows: onboard-user); did you mean onboard-user?"
+    assert res.stderr.strip() == ("error: no flow 'onboard' is registered (flows: onboard-user); "
+                                  "did you mean onboard-user?")
     shown = msgspec.json.decode(micro_cli("flow", "show", run["id"]).stdout)
     assert shown["id"] == run["id"]
     assert [c["name"] for c in shown["tool_calls"]] == [c["name"] for c in run["tool_calls"]]
