@@ -176,3 +176,27 @@ def test_bad_arguments_read_like_every_other_error(args: tuple[str, ...], messag
     assert res.stderr.splitlines()[-1] == message
     assert "Error:" not in res.stderr  # one spelling: error:
 
+
+
+def test_an_error_in_the_apps_code_shows_the_apps_frames(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text("import helper\n")
+    (tmp_path / "helper.py").write_text("def f():\n    return undefined_name\n\n\nf()\n")
+    res = micro("run", str(tmp_path))
+    assert res.returncode == 1
+    assert res.stderr.splitlines() == [
+        f"error: {tmp_path / 'app.py'}: importing: NameError: name 'undefined_name' is not defined",
+        f'  File "{tmp_path / "app.py"}", line 1, in <module>', "    import helper",
+        f'  File "{tmp_path / "helper.py"}", line 5, in <module>', "    f()",
+        f'  File "{tmp_path / "helper.py"}", line 2, in f', "    return undefined_name", "           ^^^^^^^^^^^^^^",
+        "(micro run --traceback shows every frame)",
+    ]  # not click's, asyncio's or importlib's
+    full = micro("run", str(tmp_path), "--traceback")
+    assert full.returncode == 1
+    assert "Traceback (most recent call last)" in full.stderr and "click" in full.stderr and "importlib" in full.stderr
+    (tmp_path / "helper.py").write_text("def f(:\n    pass\n")
+    res = micro("run", str(tmp_path))
+    assert res.returncode == 1
+    assert res.stderr.splitlines()[0] == (f"error: {tmp_path / 'app.py'}: importing: SyntaxError: invalid syntax "
+                                          f"(helper.py, line 1)")
+    assert res.stderr.splitlines()[3:6] == [f'  File "{tmp_path / "helper.py"}", line 1', "    def f(:",
+                                            "          ^"]

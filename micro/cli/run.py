@@ -12,15 +12,18 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import sys
+import traceback
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import anyio
 import click
+from rich.markup import escape
 
-from micro.cli.main import fail, main, out, run_async
-from micro.errors import UsageError
+from micro.cli.main import err, fail, main, out, run_async
+from micro.errors import MicroError, UsageError
 
 ENTRY_FILES = ("app.py", "main.py", "__main__.py")
 
@@ -42,8 +45,45 @@ def load_app(path: Path) -> ModuleType:
         raise UsageError(f"cannot import {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise AppError(path, "importing", exc) from exc
     return module
+
+
+class AppError(Exception):
+    """The app's own code raised while ``micro run`` imported or started it."""
+
+    def __init__(self, path: Path, doing: str, error: Exception) -> None:
+        super().__init__(f"{path}: {doing}: {type(error).__name__}: {error}")
+        self.path, self.doing, self.error = path, doing, error
+
+    def report(self) -> str:
+        """One line, then the app's own frames (not click's, asyncio's or importlib's)."""
+        exc = self.error
+        head = f"{self.path}: {self.doing}: {type(exc).__name__}: {exc}"
+        if isinstance(exc, RuntimeError) and "cannot be called from a running event loop" in str(exc):
+            head += (" (micro run imports the file and serves what it defines at top level on its own loop: "
+                     "put the asyncio.run(...) under `if __name__ == \"__main__\":`)")
+        root = (self.path if self.path.is_dir() else self.path.parent).resolve()
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if _is_users(f.filename, root)]
+        lines = traceback.format_list(frames)
+        if isinstance(exc, SyntaxError):  # where the parser stopped: file, line and a caret
+            lines += traceback.format_exception_only(exc)[:-1]
+        body = "".join(lines).rstrip("\n")
+        return head + ("\n" + body if body else "") + "\n(micro run --traceback shows every frame)"
+
+
+def _is_users(filename: str, root: Path) -> bool:
+    """A frame of the app's code: under its directory, not in a virtualenv or installed package there."""
+    if filename.startswith("<"):  # <frozen importlib._bootstrap>, <string>
+        return False
+    try:
+        rel = Path(filename).resolve().relative_to(root)
+    except ValueError:
+        return False
+    return not any(part in (".venv", "venv", "site-packages") for part in rel.parts)
 
 
 def runnables(module: ModuleType) -> list[Any]:
@@ -73,9 +113,11 @@ def runnables(module: ModuleType) -> list[Any]:
 @click.option("--log-format", envvar="MICRO_LOG_FORMAT", default="text", show_default=True,
               type=click.Choice(["text", "json"]), help="Log lines as text or JSON (or $MICRO_LOG_FORMAT); "
               "records made inside an agent run carry its run id.")
+@click.option("--traceback", "full_traceback", is_flag=True,
+              help="When the app's code raises on import or start, print every frame (default: the app's own).")
 @run_async
 async def run(path: Path | None, prompt: str | None, provider: str | None, out_dir: Path | None,
-              rounds: int, log_level: str, log_format: str) -> None:
+              rounds: int, log_level: str, log_format: str, full_traceback: bool) -> None:
     """Run every service, agent and flow defined in PATH (a file, or a directory with app.py; default .).
 
     With --prompt, a model writes the system first (see docs/scaffolding.md); it runs
@@ -97,7 +139,15 @@ async def run(path: Path | None, prompt: str | None, provider: str | None, out_d
         path = await generate_for_cli(prompt, provider, out_dir, rounds)
     elif provider is not None or out_dir is not None:
         fail("--provider and --out go with --prompt", 2)
-    await serve(path if path is not None else Path("."))
+    try:
+        await serve(path if path is not None else Path("."))
+    except AppError as exc:
+        if full_traceback:
+            raise exc.error from None
+        err.print(f"[red]error:[/red] {escape(exc.report())}", emoji=False)
+        # an app that called asyncio.run(main()) on import left main() unawaited: said above already
+        warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+        raise SystemExit(1) from None
 
 
 async def serve(path: Path) -> None:
@@ -110,7 +160,12 @@ async def serve(path: Path) -> None:
 
     async with contextlib.AsyncExitStack() as stack:
         for item in items:
-            await stack.enter_async_context(item)
+            try:
+                await stack.enter_async_context(item)
+            except MicroError:
+                raise
+            except Exception as exc:
+                raise AppError(path, f"starting {item.name}", exc) from exc
         for item in items:
             meta = item.metadata
             kind = meta.get("type", "service")
