@@ -28,8 +28,8 @@ from micro.errors import MicroError, UsageError
 ENTRY_FILES = ("app.py", "main.py", "__main__.py")
 
 
-def load_app(path: Path) -> ModuleType:
-    """Import the app at ``path`` (a file, or a directory with an entry file)."""
+def entry(path: Path) -> Path:
+    """The file ``micro run PATH`` imports: PATH, or the first of ``ENTRY_FILES`` in the directory PATH."""
     if path.is_dir():
         for name in ENTRY_FILES:
             if (path / name).is_file():
@@ -39,16 +39,19 @@ def load_app(path: Path) -> ModuleType:
             raise UsageError(f"{path} has none of {', '.join(ENTRY_FILES)}: point micro run at a Python file")
     if not path.is_file():
         raise UsageError(f"{path} does not exist")
+    return path
+
+
+def load_app(path: Path) -> ModuleType:
+    """Import the app at ``path`` (a file, or a directory with an entry file)."""
+    path = entry(path)
     sys.path.insert(0, str(path.parent.resolve()))
     spec = importlib.util.spec_from_file_location(f"micro_app_{path.stem}", path)
     if spec is None or spec.loader is None:
         raise UsageError(f"cannot import {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        raise AppError(path, "importing", exc) from exc
+    spec.loader.exec_module(module)
     return module
 
 
@@ -67,23 +70,27 @@ class AppError(Exception):
             head += (" (micro run imports the file and serves what it defines at top level on its own loop: "
                      "put the asyncio.run(...) under `if __name__ == \"__main__\":`)")
         root = (self.path if self.path.is_dir() else self.path.parent).resolve()
-        frames = [f for f in traceback.extract_tb(exc.__traceback__) if _is_users(f.filename, root)]
-        lines = traceback.format_list(frames)
+        lines = traceback.format_list(app_frames(exc, root))
         if isinstance(exc, SyntaxError):  # where the parser stopped: file, line and a caret
             lines += traceback.format_exception_only(exc)[:-1]
         body = "".join(lines).rstrip("\n")
         return head + ("\n" + body if body else "") + "\n(micro run --traceback shows every frame)"
 
 
-def _is_users(filename: str, root: Path) -> bool:
-    """A frame of the app's code: under its directory, not in a virtualenv or installed package there."""
-    if filename.startswith("<"):  # <frozen importlib._bootstrap>, <string>
-        return False
-    try:
-        rel = Path(filename).resolve().relative_to(root)
-    except ValueError:
-        return False
-    return not any(part in (".venv", "venv", "site-packages") for part in rel.parts)
+def app_frames(exc: BaseException, root: Path) -> list[traceback.FrameSummary]:
+    """The frames of ``exc``'s traceback in the app's own files: under ``root``, not in a virtualenv there
+    (not click's, asyncio's, importlib's or micro's)."""
+    frames = []
+    for f in traceback.extract_tb(exc.__traceback__):
+        if f.filename.startswith("<"):  # <frozen importlib._bootstrap>, <string>
+            continue
+        try:
+            rel = Path(f.filename).resolve().relative_to(root)
+        except ValueError:
+            continue
+        if not any(part in (".venv", "venv", "site-packages") for part in rel.parts):
+            frames.append(f)
+    return frames
 
 
 def runnables(module: ModuleType) -> list[Any]:
@@ -152,7 +159,12 @@ async def run(path: Path | None, prompt: str | None, provider: str | None, out_d
 
 async def serve(path: Path) -> None:
     """Import the app at ``path`` and run what it defines until SIGINT/SIGTERM (what ``micro run PATH`` does)."""
-    module = load_app(path)
+    try:
+        module = load_app(path)
+    except MicroError:
+        raise
+    except Exception as exc:
+        raise AppError(entry(path), "importing", exc) from exc
     items = runnables(module)
     if not items:
         fail(f"{path} defines no services, agents or flows at top level")
