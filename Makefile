@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml
 venv: $(STAMP) ## create .venv and install micro with its dev extras
 
 run: $(STAMP) ## run the example system (services, agents, a flow) with `micro run examples/tasks`
-	$(VENV)/bin/micro run examples/tasks
+	@echo "In another terminal: cd $(CURDIR) && . $(VENV)/bin/activate   (puts micro on PATH)"
+	@echo "then: micro services, micro chat, micro agent list -- the tour in README.md"
+	MICRO_BROKER=$${MICRO_BROKER:-local://} $(VENV)/bin/micro run examples/tasks
 
 test: $(STAMP) ## run the whole test suite (real NATS and PostgreSQL servers are started by fixtures)
 	$(PY) -m pytest -q

@@ -34,6 +34,8 @@ the service ran in this process or another.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from typing import ClassVar
 
 from grpclib.const import Status
@@ -63,6 +65,7 @@ __all__ = [
     "Unknown",
     "UsageError",
     "VersionConflict",
+    "closest",
 ]
 
 
@@ -228,3 +231,19 @@ _BY_STATUS: dict[Status, type[Error]] = {
     Status.CANCELLED: Cancelled,
     Status.INTERNAL: Internal,
 }
+
+
+def closest(name: str, names: Iterable[str]) -> str | None:
+    """The name in ``names`` most like ``name`` (a prefix either way, or a near spelling), or None:
+    what a not-found error suggests ("did you mean task?").
+
+    Example::
+
+        closest("tsk", ["task", "project"])  # "task"
+    """
+    names = sorted(set(names))
+    starts = [n for n in names if name and (n.startswith(name) or name.startswith(n))]
+    if starts:
+        return min(starts, key=lambda n: (abs(len(n) - len(name)), n))
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    return close[0] if close else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import signal
 import subprocess
@@ -37,7 +38,8 @@ async def test_keyword_router_picks_the_specific_agents() -> None:
     routes = await r.route("Reschedule Alice's tasks and notify her", AGENTS)
     assert [x.agent for x in routes] == ["task-mgr", "comms-mgr"]
     assert [x.agent for x in await r.route("How are the milestones?", AGENTS)] == ["project-mgr"]
-    assert [x.agent for x in await r.route("hello", AGENTS)] == ["comms-mgr"]  # no match: the first agent
+    assert await r.route("hello", AGENTS) == [Route("project-mgr", "hello", guessed=True)]  # the broadest, said
+    assert not any(x.guessed for x in await r.route("Email Bob", AGENTS))
     assert [x.agent for x in await r.route("anything", AGENTS[:1])] == ["comms-mgr"]
 
 
@@ -74,6 +76,17 @@ def test_printer_labels_lines_when_several_agents_answer() -> None:
     assert text.splitlines()[:4] == ["[b] Other", "[a] Hello", "[a] World", '[a] → t_X_Y({"k":1})']
     assert text.splitlines()[4].startswith("[a] ← xxx") and text.splitlines()[4].endswith("…")
     assert len(text.splitlines()[4]) < 200
+
+
+def test_printer_puts_the_label_on_the_first_line_the_agent_writes() -> None:
+    out: list[str] = []
+    p = Printer(out.append, labelled_lines=False)
+    p.start("notes-agent")
+    p.event("notes-agent", {"type": "tool_start", "tool_call": {"name": "f", "input": "{}"}})
+    p.event("notes-agent", {"type": "tool_end", "tool_call": {"result": "[]", "is_error": False}})
+    p.event("notes-agent", {"type": "text", "text": "No notes."})
+    p.done("notes-agent")
+    assert "".join(out) == "[notes-agent] → f({})\n← []\nNo notes.\n"  # no empty "[notes-agent] " line
 
 
 def test_printer_streams_inline_for_one_agent() -> None:
@@ -164,9 +177,14 @@ def example() -> Iterator[subprocess.Popen[str]]:
 
 
 def test_agent_list(example: subprocess.Popen[str]) -> None:
-    res = subprocess.run([*MICRO, "agent", "list"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    res = subprocess.run([*MICRO, "agent", "list"], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                         env={**os.environ, "COLUMNS": "80"})
     assert res.returncode == 0, res.stderr
-    assert "◆ task-mgr" in res.stdout and "manages: task, project" in res.stdout
+    lines = [line.rstrip() for line in res.stdout.splitlines()]
+    assert lines[4:6] == ["◆ task-mgr     manages: task, project",  # at 80 columns: nothing wrapped or cut
+                          "               model: scripted demo model (set ANTHROPIC_API_KEY to use Claude)"]
+    assert lines[2] == "◆ project-mgr  manages: task, project, milestone"
+    assert len(lines) == 6 and all(len(line) <= 80 for line in lines)
     res = subprocess.run([*MICRO, "agent", "list", "--json"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     agents = {a["name"]: a["services"] for a in msgspec.json.decode(res.stdout)}
     assert agents == {"comms-mgr": ["notification", "email"], "project-mgr": ["task", "project", "milestone"],
@@ -183,6 +201,24 @@ def test_one_shot_chat_routes_to_one_agent(example: subprocess.Popen[str]) -> No
     assert lines[2].startswith('← {"records":[{"id":"t1"')
     assert lines[3:] == ["Alice has 3 overdue tasks:", "1. Write quarterly report (due June 1)",
                          "2. Review PR #42 (due June 2)", "3. Update deployment docs (due June 3)"]
+    assert res.stderr == ""  # the router did not guess
+
+
+def test_chat_says_when_the_keyword_router_guessed(example: subprocess.Popen[str]) -> None:
+    res = subprocess.run([*MICRO, "chat", "-m", "Good morning"], capture_output=True, text=True, timeout=60,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("[project-mgr] ")
+    assert " ".join(res.stderr.split()) == (
+        "(no agent's name or services in the message: asking project-mgr, which manages task, project, "
+        "milestone; name a service, or choose with --agent NAME)")
+
+
+@pytest.mark.parametrize("message", ["", "   "])
+def test_an_empty_message_is_one_line(message: str) -> None:
+    res = subprocess.run([*MICRO, "chat", "-m", message], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert res.returncode == 1
+    assert res.stderr == "error: BadRequest: micro chat: the message is empty (-m takes the text to send)\n"
 
 
 def test_agent_runs_show_history_and_inspect(example: subprocess.Popen[str]) -> None:
@@ -200,16 +236,31 @@ def test_agent_runs_show_history_and_inspect(example: subprocess.Popen[str]) -> 
     assert run["reply"].startswith("Alice has 3 overdue tasks")
     table = micro_cli("agent", "runs", "task-mgr")
     assert run["id"] in table.stdout and "task_Task_ListOverdue" in table.stdout
+    assert "  completed  1 tool call  " in table.stdout  # not "1 tool calls"
+    assert msgspec.json.decode(micro_cli("agent", "show", "task-mgr", run["id"], "--json").stdout) == run
     shown = msgspec.json.decode(micro_cli("agent", "show", "task-mgr", run["id"]).stdout)
-    assert shown == run
+    started = dt.datetime.fromtimestamp(run["started"])  # a local date-time, not seconds since the epoch
+    assert shown["started"] == started.isoformat(" ", "milliseconds")
+    assert shown["tool_calls"][0]["started"].startswith(started.strftime("%Y-%m-%d "))
+    assert {k: v for k, v in shown.items() if k not in ("started", "finished", "tool_calls")} == \
+           {k: v for k, v in run.items() if k not in ("started", "finished", "tool_calls")}
     history = micro_cli("agent", "history", "task-mgr", "--session", "cli-test")
     assert history.returncode == 0, history.stderr
     assert history.stdout.splitlines()[:3] == ["you: What tasks are overdue for Alice?",
                                                "task-mgr: Checking overdue tasks...",
                                                '  → task_Task_ListOverdue({"user_id":"alice"})']
-    tail = micro_cli("agent", "history", "task-mgr", "--session", "cli-test", "--limit", "1", "--json")
-    assert msgspec.json.decode(tail.stdout)[0]["content"][0]["text"] == run["reply"]  # the last message only
-    assert len(msgspec.json.decode(tail.stdout)) == 1
+    res = micro_cli("chat", "--agent", "task-mgr", "--session", "cli-test", "-m", "What tasks are overdue for Bob?")
+    assert res.returncode == 0, res.stderr
+    tail = micro_cli("agent", "history", "task-mgr", "--session", "cli-test", "--limit", "1")
+    assert tail.stdout.splitlines() == [  # the last turn, from the question on (it ended on 3 messages of 4)
+        "you: What tasks are overdue for Bob?", "task-mgr: Checking overdue tasks...",
+        '  → task_Task_ListOverdue({"user_id":"bob"})',
+        '  ← {"records":[{"id":"t6","title":"Fix login bug","due":"2026-05-28","assignee":"bob","project_id":"p1",'
+        '"status":"open"}],"total":1}',
+        "task-mgr: Bob has 1 overdue task:", "1. Fix login bug (due May 28)"]
+    two = msgspec.json.decode(micro_cli("agent", "history", "task-mgr", "--session", "cli-test", "-n", "2",
+                                        "--json").stdout)
+    assert [m["role"] for m in two] == ["user", "assistant", "user", "assistant"] * 2
     inspect = micro_cli("agent", "inspect", "task-mgr", "--json")
     desc = msgspec.json.decode(inspect.stdout)
     assert desc["services"] == ["task", "project"] and desc["provider"]["model"].startswith("scripted demo model")
@@ -217,7 +268,14 @@ def test_agent_runs_show_history_and_inspect(example: subprocess.Popen[str]) -> 
     assert "task_Task_ListOverdue" in micro_cli("agent", "inspect", "task-mgr").stdout
     res = micro_cli("agent", "runs", "task")
     assert res.returncode == 1
-    assert res.stderr.strip() == "error: task is not an agent (`micro agent list` shows the agents)"
+    assert res.stderr.strip() == ("error: task is a service, not an agent (agents: comms-mgr, project-mgr, task-mgr); "
+                                  "did you mean task-mgr?")
+    res = micro_cli("agent", "inspect", "nosuch")
+    assert res.returncode == 1
+    assert res.stderr.strip() == ("error: no agent 'nosuch' is registered (agents: comms-mgr, project-mgr, task-mgr) "
+                                  "(`micro agent list` lists them)")
+    res = micro_cli("agent", "history", "comms")
+    assert res.returncode == 1 and res.stderr.strip().endswith("; did you mean comms-mgr?")
     res = micro_cli("agent", "show", "task-mgr", "no-such-run")
     assert res.returncode == 1 and "has no run 'no-such-run'" in res.stderr
     everything = micro_cli("agent", "history", "task-mgr", "--session", "cli-test", "--all", "--json")
@@ -248,7 +306,11 @@ def test_chat_with_an_unknown_agent_fails_in_one_line(example: subprocess.Popen[
     res = subprocess.run([*MICRO, "chat", "--agent", "nope", "-m", "hi"], capture_output=True, text=True,
                          timeout=60, cwd=ROOT)
     assert res.returncode == 1
-    assert res.stderr.strip() == "error: no agent 'nope' in the registry (agents: comms-mgr, project-mgr, task-mgr)"
+    assert res.stderr.strip() == ("error: no agent 'nope' is registered (agents: comms-mgr, project-mgr, task-mgr) "
+                                  "(`micro agent list` lists them)")
+    res = subprocess.run([*MICRO, "chat", "--agent", "task", "-m", "hi"], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert res.returncode == 1 and res.stderr.strip().endswith("did you mean task-mgr?")
 
 
 def test_chat_without_agents_says_how_to_start_one() -> None:
@@ -267,7 +329,7 @@ def test_interactive_chat_in_a_real_terminal(example: subprocess.Popen[str]) -> 
         child.sendline("What tasks are overdue for Bob?")
         child.expect(r"\[task-mgr\] Checking overdue tasks\.\.\.")
         child.expect(r"→ task_Task_ListOverdue\(\{\"user_id\":\"bob\"\}\)")
-        child.expect("Bob has 1 overdue tasks:")
+        child.expect("Bob has 1 overdue task:")
         child.expect("1. Fix login bug")
         child.expect(">")
         child.sendcontrol("d")
@@ -319,8 +381,14 @@ def test_flow_list_runs_show_and_replay(example: subprocess.Popen[str]) -> None:
                         if "Zoe" in msgspec.json.encode(r["event"]).decode() and r["status"] == "completed"]):
         assert time.monotonic() < give_up, "the flow did not record a completed run for the event"
     (run,) = runs
-    table = micro_cli("flow", "runs", "onboard-user")  # 80 columns: the run id still whole
-    assert run["id"] in table.stdout
+    table = micro_cli("flow", "runs", "onboard-user")  # 80 columns: the run id, status and time whole
+    (row,) = [line for line in table.stdout.splitlines() if run["id"] in line]
+    assert row.split()[1:6] == ["completed", str(run["attempts"]), str(len(run["tool_calls"])),
+                                *dt.datetime.fromtimestamp(run["started"]).strftime("%Y-%m-%d %H:%M:%S").split()]
+    res = micro_cli("flow", "runs", "onboard")
+    assert res.returncode == 1
+    assert res.stderr.strip() == ("error: no flow 'onboard' is registered (flows: onboard-user); "
+                                  "did you mean onboard-user?")
     shown = msgspec.json.decode(micro_cli("flow", "show", run["id"]).stdout)
     assert shown["id"] == run["id"]
     assert [c["name"] for c in shown["tool_calls"]] == [c["name"] for c in run["tool_calls"]]
@@ -328,3 +396,39 @@ def test_flow_list_runs_show_and_replay(example: subprocess.Popen[str]) -> None:
     assert replayed["replay_of"] == run["id"] and replayed["id"] != run["id"] and replayed["status"] == "completed"
     res = micro_cli("flow", "show", "no-such-run")
     assert res.returncode == 1 and "no flow has a run 'no-such-run'" in res.stderr
+
+
+def test_ctrl_c_during_a_turn_records_the_run_as_cancelled() -> None:
+    app = _start("tests/apps/waiter.py")
+    env = {**os.environ, "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
+    child = pexpect.spawn(MICRO[0], [*MICRO[1:], "chat"], cwd=str(ROOT), env=env, encoding="utf-8", timeout=30,
+                          dimensions=(40, 200))
+    try:
+        child.expect("Ctrl-D exits")
+        child.expect(">")
+        child.sendline("wait for me")
+        child.expect(r"→ wait_Wait_Forever\(\{\}\)")  # the tool is running: the turn is mid-way
+        child.sendintr()
+        child.expect(r"\[cancelled\]")
+        child.expect(">")  # the REPL goes on
+        child.sendcontrol("d")
+        child.expect(pexpect.EOF)
+        give_up = time.monotonic() + 30  # the agent writes the record as its run unwinds: watch for it
+        while not (runs := msgspec.json.decode(subprocess.run(
+                [*MICRO, "agent", "runs", "waiter", "--json"], capture_output=True, text=True, timeout=60,
+                cwd=ROOT).stdout)):
+            assert time.monotonic() < give_up, "the cancelled run was not recorded"
+        (run,) = runs
+        assert (run["status"], run["error_kind"]) == ("cancelled", "cancelled")
+        assert "scope" not in run["error"] and "Task" not in run["error"] and "grpclib" not in run["error"]
+        assert [c["name"] for c in run["tool_calls"]] == ["wait_Wait_Forever"]
+        table = subprocess.run([*MICRO, "agent", "runs", "waiter"], capture_output=True, text=True, timeout=60,
+                               cwd=ROOT)
+        assert "  cancelled  1 tool call  " in table.stdout
+    finally:
+        child.close(force=True)
+        app.send_signal(signal.SIGINT)
+        app.wait(20)
+        assert app.stdout is not None
+        app.stdout.close()
+    assert child.exitstatus == 0

@@ -198,7 +198,13 @@ def test_describe_proto_of_every_example_service_compiles_with_protoc(tasks_app:
             "BadRequest: task Task.ListOverdue: Expected `str`, got `int` - at `$.user_id`",
         ),
         (("task", "Task.Nope", "{}"), 1, "EndpointNotFound: service 'task' has no endpoint 'Task.Nope'"),
-        (("nope", "X.Y", "{}"), 1, "ServiceNotFound: service 'nope' is not registered"),
+        (("task", "Task.Lst", "{}"), 1, "(it has: Task.Create, Task.List, Task.ListOverdue, Task.Update); "
+                                        "did you mean Task.List?"),
+        (("nope", "X.Y", "{}"), 1, "error: no service 'nope' is registered (services: comms-mgr, email, milestone, "
+                                   "notification, onboard-user, project, project-mgr, task, task-mgr, user, "
+                                   "workspace) (`micro services` lists them)"),
+        (("tsk", "Task.List", "{}"), 1, "error: no service 'tsk' is registered (services: comms-mgr, "),
+        (("tsk", "Task.List", "{}"), 1, "workspace); did you mean task?"),
         (("task", "Task.List", "{oops"), 2, "the request is not valid JSON"),
     ],
 )
@@ -227,3 +233,48 @@ def test_run_refuses_a_path_without_services(tmp_path: Path) -> None:
     res = micro("run", str(tmp_path / "missing"))
     assert res.returncode == 2
     assert "does not exist" in res.stderr
+
+
+def test_describe_an_unknown_service_suggests_one(tasks_app: Running) -> None:
+    res = micro("describe", "taks")
+    assert res.returncode == 1
+    assert res.stderr.startswith("error: no service 'taks' is registered (services: comms-mgr, email")
+    assert res.stderr.endswith("; did you mean task?\n")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("nosuch",), "error: No such command 'nosuch'."),
+    (("call",), "error: Missing argument 'SERVICE'."),
+    (("chat", "--nope"), "error: No such option '--nope'. Did you mean '--model'?"),
+])
+def test_bad_arguments_read_like_every_other_error(args: tuple[str, ...], message: str) -> None:
+    res = micro(*args)
+    assert res.returncode == 2
+    assert res.stderr.splitlines()[0].startswith("Usage: micro")  # how to call it, then the error
+    assert res.stderr.splitlines()[-1] == message
+    assert "Error:" not in res.stderr  # one spelling: error:
+
+
+
+def test_an_error_in_the_apps_code_shows_the_apps_frames(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text("import helper\n")
+    (tmp_path / "helper.py").write_text("def f():\n    return undefined_name\n\n\nf()\n")
+    res = micro("run", str(tmp_path))
+    assert res.returncode == 1
+    assert res.stderr.splitlines() == [
+        f"error: {tmp_path / 'app.py'}: importing: NameError: name 'undefined_name' is not defined",
+        f'  File "{tmp_path / "app.py"}", line 1, in <module>', "    import helper",
+        f'  File "{tmp_path / "helper.py"}", line 5, in <module>', "    f()",
+        f'  File "{tmp_path / "helper.py"}", line 2, in f', "    return undefined_name", "           ^^^^^^^^^^^^^^",
+        "(micro run --traceback shows every frame)",
+    ]  # not click's, asyncio's or importlib's
+    full = micro("run", str(tmp_path), "--traceback")
+    assert full.returncode == 1
+    assert "Traceback (most recent call last)" in full.stderr and "click" in full.stderr and "importlib" in full.stderr
+    (tmp_path / "helper.py").write_text("def f(:\n    pass\n")
+    res = micro("run", str(tmp_path))
+    assert res.returncode == 1
+    assert res.stderr.splitlines()[0] == (f"error: {tmp_path / 'app.py'}: importing: SyntaxError: invalid syntax "
+                                          f"(helper.py, line 1)")
+    assert res.stderr.splitlines()[3:6] == [f'  File "{tmp_path / "helper.py"}", line 1', "    def f(:",
+                                            "          ^"]

@@ -52,8 +52,7 @@ def test_publish_rejects_bad_json_and_bad_broker_urls(nats_url: str) -> None:
 
 @pytest.mark.parametrize("command", [["publish", "events.x", "{}"], ["subscribe", "events.>", "-n", "1"]])
 def test_the_in_process_broker_is_refused_with_what_to_set(command: list[str], tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "MICRO_BROKER"}  # the default: memory://
-    env["MICRO_HOME"] = str(tmp_path)
+    env = {**os.environ, "MICRO_BROKER": "memory://", "MICRO_HOME": str(tmp_path)}  # an app's default
     res = subprocess.run([*MICRO, *command], capture_output=True, text=True, cwd=ROOT, timeout=60, env=env)
     assert res.returncode == 2, res
     assert "the broker is memory://" in res.stderr and "MICRO_BROKER" in res.stderr and "local://" in res.stderr
@@ -61,7 +60,8 @@ def test_the_in_process_broker_is_refused_with_what_to_set(command: list[str], t
 
 
 def test_publish_on_local_reaches_a_subscriber_in_another_process(tmp_path: Path) -> None:
-    env = {**os.environ, "MICRO_BROKER": "local://", "MICRO_HOME": str(tmp_path), "MICRO_REGISTRY": "local://"}
+    env = {**os.environ, "MICRO_HOME": str(tmp_path), "MICRO_REGISTRY": "local://"}  # no MICRO_BROKER: local://
+    env.pop("MICRO_BROKER", None)
     sub = subprocess.Popen([*MICRO, "subscribe", "events.>", "-n", "1"], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     try:

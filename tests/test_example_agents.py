@@ -68,7 +68,7 @@ async def test_the_example_agents_answer_agent_chat(app: ModuleType) -> None:
     with anyio.fail_after(GUARD):
         rsp = await client.call("task-mgr", "Agent.Chat", {"message": "What tasks are overdue for Bob?"})
         milestones = await client.call("project-mgr", "Agent.Chat", {"message": "Show me the milestones"})
-    assert rsp["reply"].startswith("Bob has 1 overdue tasks:")
+    assert rsp["reply"].startswith("Bob has 1 overdue task:")
     assert [c["name"] for c in milestones["tool_calls"]] == ["milestone_Milestone_List"]
     assert milestones["reply"].startswith("Found 3:")
     # task-mgr does not manage milestones: the demo model says what it can do instead

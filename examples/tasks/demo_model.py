@@ -40,7 +40,7 @@ def _brain(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | st
         new_due = (dt.date.today() + dt.timedelta(days=7)).isoformat()
         calls = [scripted.call("task_Task_Update", id=r["id"], due=new_due) for r in overdue]
         if calls:  # one turn, several calls: they run concurrently
-            return scripted.turn(f"Moving {len(calls)} tasks to {new_due}...", *calls)
+            return scripted.turn(f"Moving {_count(len(calls), 'task')} to {new_due}...", *calls)
     if results:
         return "\n\n".join(_summary(use, res) for use, res in zip(asked, results, strict=False))
     task_id = next((w for w in request.replace(".", " ").split() if w[:1] == "t" and w[1:].isdigit()), "")
@@ -94,11 +94,15 @@ def _summary(use: ToolUseBlock, res: ToolResultBlock) -> str:
         return json.dumps(body)
     if use.name == "task_Task_ListOverdue":
         who = str(use.input.get("user_id", "")).title()
-        head = f"{who} has {len(records)} overdue tasks:"
+        head = f"{who} has {_count(len(records), 'overdue task')}" + (":" if records else ".")
     else:
         head = f"Found {len(records)}:"
     lines = [f"{i}. {_label(r)}" for i, r in enumerate(records, 1)]
     return "\n".join([head, *lines])
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _label(r: dict[str, Any]) -> str:

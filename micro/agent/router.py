@@ -38,10 +38,11 @@ class AgentInfo(msgspec.Struct, frozen=True):
 
 
 class Route(msgspec.Struct, frozen=True):
-    """One agent to ask, and what to ask it."""
+    """One agent to ask, and what to ask it; ``guessed`` when nothing in the message chose it."""
 
     agent: str
     message: str
+    guessed: bool = False
 
 
 async def discover(registry: Registry) -> list[AgentInfo]:
@@ -126,7 +127,8 @@ class KeywordRouter:
 
     An agent is chosen when a word of the message shares its first five letters
     with the agent's name or one of its services ("notify" reaches an agent that
-    manages ``notification``); with no match, the first agent answers.
+    manages ``notification``). With no match it guesses, and says so
+    (``Route.guessed``): the agent that manages the most services answers.
     """
 
     label = KEYWORD_LABEL
@@ -143,7 +145,10 @@ class KeywordRouter:
                                                    len(a.services), a.name))
                 if best not in chosen:
                     chosen.append(best)
-        return [Route(a.name, message) for a in (chosen or agents[:1])]
+        if not chosen:
+            broadest = min(agents, key=lambda a: (-len(a.services), a.name))
+            return [Route(broadest.name, message, guessed=True)]
+        return [Route(a.name, message) for a in chosen]
 
 
 def _terms(agent: AgentInfo, *, services: bool = True) -> list[str]:

@@ -2,4 +2,4 @@
 
 from micro.cli import main
 
-main()
+main(prog_name="micro")

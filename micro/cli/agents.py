@@ -15,8 +15,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from micro.agent.record import STATUSES
-from micro.cli.main import cli_runtime, fail, main, out, run_async
-from micro.errors import EndpointNotFound, Error
+from micro.cli.main import cli_runtime, fail, main, missing, out, run_async
+from micro.errors import EndpointNotFound, Error, ServiceNotFound
 
 
 @main.group()
@@ -39,23 +39,27 @@ async def list_agents(as_json: bool) -> None:
     if not agents:
         out.print("no agents registered (define one with micro.NewAgent and start it with `micro run`)")
         return
-    table = Table.grid(padding=(0, 2))
+    table = Table.grid(padding=(0, 2))  # the model on a line of its own: whole at 80 columns
     table.add_column(no_wrap=True)
-    table.add_column()
-    table.add_column(no_wrap=True, overflow="ellipsis", max_width=36)
+    table.add_column(overflow="fold")
     for a in agents:
-        table.add_row(f"[magenta]◆[/magenta] [bold]{a.name}[/bold]", f"manages: {', '.join(a.services) or '-'}",
-                      f"[dim]{a.model}[/dim]")
+        table.add_row(f"[magenta]◆[/magenta] [bold]{a.name}[/bold]", f"manages: {', '.join(a.services) or '-'}")
+        table.add_row("", f"[dim]model: {escape(a.model or '?')}[/dim]")
     out.print(table)
 
 
+def plural(n: int, noun: str) -> str:
+    """``1 tool call``, ``2 tool calls``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 async def _info(name: str, endpoint: str, request: dict[str, Any]) -> Any:
-    """Call ``AgentInfo.*`` on agent NAME, with a one-line error when NAME is not an agent."""
+    """Call ``AgentInfo.*`` on agent NAME, with a one-line error naming the agents when NAME is not one."""
     async with cli_runtime() as rt:
         try:
             return await rt.client.call(name, f"AgentInfo.{endpoint}", request)
-        except EndpointNotFound:
-            fail(f"{name} is not an agent (`micro agent list` shows the agents)")
+        except (EndpointNotFound, ServiceNotFound):
+            await missing(rt, name, "agent")
 
 
 @agent.command("runs")
@@ -83,11 +87,11 @@ async def runs(name: str, limit: int, session: str | None, statuses: tuple[str, 
         usage = r["usage"]
         started = dt.datetime.fromtimestamp(r["started"]).strftime("%Y-%m-%d %H:%M:%S")
         status = {"completed": "[green]completed[/green]", "paused": "[yellow]paused[/yellow]",
-                  "input_required": "[yellow]input_required[/yellow]",
+                  "input_required": "[yellow]input_required[/yellow]", "cancelled": "[yellow]cancelled[/yellow]",
                   "running": "[cyan]running[/cyan]"}.get(r["status"], f"[red]{r['status']}[/red]")
         parent = f"  parent {r['parent_id']}" if r["parent_id"] else ""
         session = f"  session {escape(r['session'])}" if r["session"] else ""
-        out.print(f"[bold]{r['id']}[/bold]  {started}  {status}  {len(r['tool_calls'])} tool calls  "
+        out.print(f"[bold]{r['id']}[/bold]  {started}  {status}  {plural(len(r['tool_calls']), 'tool call')}  "
                   f"{usage['input_tokens']}/{usage['output_tokens']} tokens{session}{parent}")
         counts = Counter(c["name"] for c in r["tool_calls"])
         if counts:
@@ -103,18 +107,31 @@ async def runs(name: str, limit: int, session: str | None, statuses: tuple[str, 
 @agent.command("show")
 @click.argument("name")
 @click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="The record as stored (times in seconds since the epoch).")
 @run_async
-async def show(name: str, run_id: str) -> None:
-    """Show one run of agent NAME as JSON: message, tool calls with timings and results, reply, usage."""
+async def show(name: str, run_id: str, as_json: bool) -> None:
+    """Show one run of agent NAME as JSON: message, tool calls with timings and results, reply, usage.
+
+    Times are local date-times (``started``) and durations in seconds; ``--json`` prints the record as stored.
+    """
     rsp = await _info(name, "Run", {"id": run_id})
-    out.print_json(msgspec.json.encode(rsp["run"]).decode())
+    run = rsp["run"]
+    if not as_json:
+        run = {**run, "started": _when(run["started"]), "finished": _when(run["finished"]),
+               "tool_calls": [{**c, "started": _when(c["started"])} for c in run["tool_calls"]]}
+    out.print_json(msgspec.json.encode(run).decode())
+
+
+def _when(ts: float) -> str:
+    """A local date-time to the millisecond; ``-`` for an unset time."""
+    return dt.datetime.fromtimestamp(ts).isoformat(" ", "milliseconds") if ts else "-"
 
 
 @agent.command("history")
 @click.argument("name")
 @click.option("--session", default="", help="The session (default: the agent's default conversation).")
 @click.option("--limit", "-n", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Only the last N messages (0: the whole conversation).")
+              help="Only the last N turns, each from the user's message on (0: the whole conversation).")
 @click.option("--all", "archived", is_flag=True, help="Also the messages compaction folded into summaries.")
 @click.option("--json", "as_json", is_flag=True, help="Print the messages as JSON.")
 @run_async
@@ -123,14 +140,15 @@ async def history(name: str, session: str, limit: int, archived: bool, as_json: 
     from micro.agent.memory import SUMMARY_HEADER
 
     summary_mark = SUMMARY_HEADER.split("{", 1)[0]
-    rsp = await _info(name, "History", {"session": session, "limit": limit, "archived": archived})
+    rsp = await _info(name, "History", {"session": session, "limit": 0, "archived": archived})
+    messages = last_turns(rsp["messages"], limit)
     if as_json:
-        out.print_json(msgspec.json.encode(rsp["messages"]).decode())
+        out.print_json(msgspec.json.encode(messages).decode())
         return
-    if not rsp["messages"]:
+    if not messages:
         out.print(f"{name} has no history{f' in session {session!r}' if session else ''}")
         return
-    for m in rsp["messages"]:
+    for m in messages:
         for block in m["content"]:
             kind = block["type"]
             if kind == "text" and block["text"].startswith(summary_mark):
@@ -154,6 +172,16 @@ async def forget(name: str, session: str) -> None:
     """Delete everything agent NAME keeps of a session: messages, summaries, archives and run records."""
     await _info(name, "Forget", {"session": session})
     out.print(f"{name} forgot {f'session {session!r}' if session else 'its default conversation'}")
+
+
+def last_turns(messages: list[dict[str, Any]], turns: int) -> list[dict[str, Any]]:
+    """The messages of the last ``turns`` turns (all with 0). A turn starts at a user message
+    with text, so the cut never starts at a tool result or mid-answer."""
+    if turns <= 0:
+        return messages
+    starts = [i for i, m in enumerate(messages)
+              if m["role"] == "user" and any(b["type"] == "text" for b in m["content"])]
+    return messages[starts[-turns]:] if len(starts) >= turns else messages
 
 
 def _short(text: str, limit: int = 160) -> str:

@@ -1,14 +1,17 @@
 """``micro publish TOPIC JSON`` and ``micro subscribe TOPIC``: the message bus from a terminal.
 
-Both use the broker of ``MICRO_BROKER`` (or ``--broker``). ``subscribe`` prints
-each message as one JSON line (``{"topic", "id", "headers", "data"}``) until
-Ctrl-C; ``--queue`` joins a queue group. Both refuse the in-process ``memory://``
-broker (the default): from a terminal of its own, a message published there
-reaches no one and nothing can arrive, so they say which broker to set instead.
+Both use the broker of ``--broker``, else ``MICRO_BROKER``, else ``local://`` (the
+machine-wide broker ``make run`` starts the example on): the in-process ``memory://``
+default of apps reaches no other process. ``subscribe`` prints each message as one
+JSON line (``{"topic", "id", "headers", "data"}``) until Ctrl-C; ``--queue`` joins a
+queue group. Both refuse ``memory://`` when it is asked for: from a terminal of its
+own, a message published there reaches no one and nothing can arrive, so they say
+which broker to set instead.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -19,6 +22,11 @@ import msgspec
 from micro.cli.main import cli_runtime, fail, main, out, run_async
 
 _decode = msgspec.json.Decoder().decode
+
+
+def _url(broker_url: str | None) -> str:
+    """``--broker``, else ``MICRO_BROKER``, else ``local://``: a broker other processes on this machine share."""
+    return broker_url or os.environ.get("MICRO_BROKER") or "local://"
 
 
 def _shared(rt: Any, what: str) -> None:
@@ -32,7 +40,7 @@ def _shared(rt: Any, what: str) -> None:
 @main.command()
 @click.argument("topic")
 @click.argument("message", required=False)
-@click.option("--broker", "broker_url", help="Broker URL (default: $MICRO_BROKER).")
+@click.option("--broker", "broker_url", help="Broker URL (default: $MICRO_BROKER, else local://).")
 @click.option("-H", "--header", "headers", multiple=True, metavar="KEY=VALUE", help="Message header (repeatable).")
 @run_async
 async def publish(topic: str, message: str | None, broker_url: str | None, headers: tuple[str, ...]) -> None:
@@ -49,7 +57,7 @@ async def publish(topic: str, message: str | None, broker_url: str | None, heade
         if not sep:
             fail(f"header {item!r} is not KEY=VALUE", 2)
         hdrs[key] = value
-    async with cli_runtime(broker=broker_url) as rt:
+    async with cli_runtime(broker=_url(broker_url)) as rt:
         _shared(rt, f"publish to {topic}")
         await rt.broker.publish(topic, body, headers=hdrs)
     out.print(f"published to {topic}")
@@ -57,7 +65,7 @@ async def publish(topic: str, message: str | None, broker_url: str | None, heade
 
 @main.command()
 @click.argument("topic")
-@click.option("--broker", "broker_url", help="Broker URL (default: $MICRO_BROKER).")
+@click.option("--broker", "broker_url", help="Broker URL (default: $MICRO_BROKER, else local://).")
 @click.option("--queue", help="Join this queue group (each message to one member).")
 @click.option("-n", "--count", type=int, default=0, help="Exit after this many messages (0: run until Ctrl-C).")
 @run_async
@@ -81,7 +89,7 @@ async def subscribe(topic: str, broker_url: str | None, queue: str | None, count
         if count and seen >= count:
             done.set()
 
-    async with cli_runtime(broker=broker_url) as rt:
+    async with cli_runtime(broker=_url(broker_url)) as rt:
         _shared(rt, f"subscribe to {topic}")
         sub = await rt.broker.subscribe(topic, show, queue=queue)
         try:

@@ -8,8 +8,8 @@ from typing import Any
 import click
 import msgspec
 
-from micro.cli.main import cli_runtime, fail, main, out, run_async
-from micro.errors import UsageError
+from micro.cli.main import cli_runtime, fail, main, missing, out, run_async
+from micro.errors import ServiceNotFound, UsageError
 
 _EXAMPLE = "pass an object such as '{\"user_id\": \"alice\"}'"
 
@@ -54,7 +54,10 @@ async def call(service: str, endpoint: str, request: str | None, timeout: float,
             fail(f"metadata {item!r} is not KEY=VALUE", 2)
         md[key.lower()] = value
     async with cli_runtime() as rt:
-        _, ep = await rt.client.resolve(service, endpoint)
+        try:
+            _, ep = await rt.client.resolve(service, endpoint)
+        except ServiceNotFound:
+            await missing(rt, service)
         if ep.streaming:
             async for item in rt.client.stream(service, endpoint, body, timeout=timeout, metadata=md):
                 out.print(msgspec.json.encode(item).decode(), markup=False)

@@ -34,7 +34,8 @@ from typing import Any, Protocol
 import anyio
 import click
 
-from micro.cli.main import cli_runtime, fail, main, out, run_async
+from micro.cli.main import cli_runtime, err, fail, main, missing, out, run_async
+from micro.errors import BadRequest
 
 TRUNCATE = 160
 
@@ -101,15 +102,17 @@ class Printer:
         self.labelled_lines = labelled_lines
         self._buffers: dict[str, str] = {}
         self._fresh_line = True  # single-agent mode: nothing written on the current line yet
+        self._label = ""  # single-agent mode: the label, written with the first thing the agent says
 
     def _inline(self, text: str) -> None:
         if text:
-            self.write(text)
+            self.write(self._label + text)
+            self._label = ""
             self._fresh_line = text.endswith("\n")
 
     def start(self, agent: str) -> None:
         if not self.labelled_lines:
-            self._inline(f"[{agent}] ")
+            self._label = f"[{agent}] "
 
     def event(self, agent: str, ev: dict[str, Any]) -> None:
         kind = ev.get("type")
@@ -184,10 +187,8 @@ async def turn(rt: Any, router: _Routes, message: str, *, only: str | None, sess
 
     agents = await discover(rt.registry)
     if only is not None:
-        chosen = [a for a in agents if a.name == only]
-        if not chosen:
-            names = ", ".join(a.name for a in agents) or "none"
-            fail(f"no agent {only!r} in the registry (agents: {names})")
+        if all(a.name != only for a in agents):
+            await missing(rt, only, "agent")
         routes = [Route(only, message)]
     else:
         if not agents:
@@ -198,6 +199,11 @@ async def turn(rt: Any, router: _Routes, message: str, *, only: str | None, sess
             await direct.turn(rt, message, timeout)
             return 0
         routes = await router.route(message, agents)
+        for r in routes:
+            if r.guessed:
+                services = ", ".join(s for a in agents for s in a.services if a.name == r.agent)
+                err.print(f"[dim](no agent's name or services in the message: asking {r.agent}, which manages "
+                          f"{services or 'nothing'}; name a service, or choose with --agent NAME)[/dim]")
     from micro.errors import Error
 
     printer = Printer(_write, labelled_lines=len(routes) > 1)
@@ -265,6 +271,8 @@ def _router(provider: str | None, model: str | None) -> tuple[_Routes, DirectCha
 async def chat(only: str | None, provider: str | None, model: str | None, session: str,
                message: str | None, timeout: float) -> None:
     """Chat with the agents in the registry (routed to the right one(s))."""
+    if message is not None and not message.strip():
+        raise BadRequest("micro chat: the message is empty (-m takes the text to send)")
     router, direct = _router(provider, model)
     async with cli_runtime() as rt:
         if message is not None or not sys.stdin.isatty():

@@ -9,7 +9,8 @@ import click
 import msgspec
 from rich.table import Column, Table
 
-from micro.cli.main import cli_runtime, fail, main, out, run_async
+from micro.cli.main import cli_runtime, fail, main, missing, out, run_async
+from micro.errors import EndpointNotFound, ServiceNotFound
 
 
 @main.group()
@@ -57,13 +58,19 @@ def _when(ts: float) -> str:
 async def runs(name: str, limit: int, as_json: bool) -> None:
     """List the most recent runs of flow NAME."""
     async with cli_runtime() as rt:
-        rsp = await rt.client.call(name, "Flow.Runs", {"limit": limit})
+        try:
+            rsp = await rt.client.call(name, "Flow.Runs", {"limit": limit})
+        except (EndpointNotFound, ServiceNotFound):
+            await missing(rt, name, "flow")
     if as_json:
         out.print_json(msgspec.json.encode(rsp["runs"]).decode())
         return
     widest = max((len(r["id"]) for r in rsp["runs"]), default=3)
-    table = Table(Column("run", no_wrap=True, min_width=widest),  # whole: `micro flow show` takes it
-                  "status", "attempts", "tools", "started", "error")
+    # run id, status and time whole at 80 columns (`micro flow show` takes the id); the error folds
+    table = Table(Column("run", no_wrap=True, min_width=widest), Column("status", no_wrap=True),
+                  Column("tries", no_wrap=True, justify="right"), Column("tools", no_wrap=True, justify="right"),
+                  Column("started", no_wrap=True), Column("error", overflow="fold"),
+                  box=None, pad_edge=False, header_style="bold")
     for r in rsp["runs"]:
         table.add_row(r["id"], r["status"], str(r["attempts"]), str(len(r["tool_calls"])), _when(r["started"]),
                       r["error"][:60])

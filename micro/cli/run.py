@@ -12,21 +12,24 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import sys
+import traceback
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import anyio
 import click
+from rich.markup import escape
 
-from micro.cli.main import fail, main, out, run_async
-from micro.errors import UsageError
+from micro.cli.main import err, fail, main, out, run_async
+from micro.errors import MicroError, UsageError
 
 ENTRY_FILES = ("app.py", "main.py", "__main__.py")
 
 
-def load_app(path: Path) -> ModuleType:
-    """Import the app at ``path`` (a file, or a directory with an entry file)."""
+def entry(path: Path) -> Path:
+    """The file ``micro run PATH`` imports: PATH, or the first of ``ENTRY_FILES`` in the directory PATH."""
     if path.is_dir():
         for name in ENTRY_FILES:
             if (path / name).is_file():
@@ -36,6 +39,12 @@ def load_app(path: Path) -> ModuleType:
             raise UsageError(f"{path} has none of {', '.join(ENTRY_FILES)}: point micro run at a Python file")
     if not path.is_file():
         raise UsageError(f"{path} does not exist")
+    return path
+
+
+def load_app(path: Path) -> ModuleType:
+    """Import the app at ``path`` (a file, or a directory with an entry file)."""
+    path = entry(path)
     sys.path.insert(0, str(path.parent.resolve()))
     spec = importlib.util.spec_from_file_location(f"micro_app_{path.stem}", path)
     if spec is None or spec.loader is None:
@@ -44,6 +53,44 @@ def load_app(path: Path) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+class AppError(Exception):
+    """The app's own code raised while ``micro run`` imported or started it."""
+
+    def __init__(self, path: Path, doing: str, error: Exception) -> None:
+        super().__init__(f"{path}: {doing}: {type(error).__name__}: {error}")
+        self.path, self.doing, self.error = path, doing, error
+
+    def report(self) -> str:
+        """One line, then the app's own frames (not click's, asyncio's or importlib's)."""
+        exc = self.error
+        head = f"{self.path}: {self.doing}: {type(exc).__name__}: {exc}"
+        if isinstance(exc, RuntimeError) and "cannot be called from a running event loop" in str(exc):
+            head += (" (micro run imports the file and serves what it defines at top level on its own loop: "
+                     "put the asyncio.run(...) under `if __name__ == \"__main__\":`)")
+        root = (self.path if self.path.is_dir() else self.path.parent).resolve()
+        lines = traceback.format_list(app_frames(exc, root))
+        if isinstance(exc, SyntaxError):  # where the parser stopped: file, line and a caret
+            lines += traceback.format_exception_only(exc)[:-1]
+        body = "".join(lines).rstrip("\n")
+        return head + ("\n" + body if body else "") + "\n(micro run --traceback shows every frame)"
+
+
+def app_frames(exc: BaseException, root: Path) -> list[traceback.FrameSummary]:
+    """The frames of ``exc``'s traceback in the app's own files: under ``root``, not in a virtualenv there
+    (not click's, asyncio's, importlib's or micro's)."""
+    frames = []
+    for f in traceback.extract_tb(exc.__traceback__):
+        if f.filename.startswith("<"):  # <frozen importlib._bootstrap>, <string>
+            continue
+        try:
+            rel = Path(f.filename).resolve().relative_to(root)
+        except ValueError:
+            continue
+        if not any(part in (".venv", "venv", "site-packages") for part in rel.parts):
+            frames.append(f)
+    return frames
 
 
 def runnables(module: ModuleType) -> list[Any]:
@@ -76,9 +123,12 @@ def runnables(module: ModuleType) -> list[Any]:
 @click.option("--metrics-address", metavar="HOST:PORT", envvar="MICRO_METRICS_ADDRESS",
               help="Serve Prometheus /metrics, /health/live and /health/ready here (or $MICRO_METRICS_ADDRESS; "
               "off by default; needs micro[metrics]).")
+@click.option("--traceback", "full_traceback", is_flag=True,
+              help="When the app's code raises on import or start, print every frame (default: the app's own).")
 @run_async
 async def run(path: Path | None, prompt: str | None, provider: str | None, out_dir: Path | None,
-              rounds: int, log_level: str, log_format: str, metrics_address: str | None = None) -> None:
+              rounds: int, log_level: str, log_format: str, metrics_address: str | None = None,
+              full_traceback: bool = False) -> None:
     """Run every service, agent and flow defined in PATH (a file, or a directory with app.py; default .).
 
     With --prompt, a model writes the system first (see docs/scaffolding.md); it runs
@@ -102,7 +152,15 @@ async def run(path: Path | None, prompt: str | None, provider: str | None, out_d
         fail("--provider and --out go with --prompt", 2)
     if metrics_address is not None:
         _enable_metrics()  # before the app is imported: its services and runtimes set up their hooks when made
-    await serve(path if path is not None else Path("."), metrics_address=metrics_address)
+    try:
+        await serve(path if path is not None else Path("."), metrics_address=metrics_address)
+    except AppError as exc:
+        if full_traceback:
+            raise exc.error from None
+        err.print(f"[red]error:[/red] {escape(exc.report())}", emoji=False)
+        # an app that called asyncio.run(main()) on import left main() unawaited: said above already
+        warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+        raise SystemExit(1) from None
 
 
 def _enable_metrics() -> None:
@@ -116,7 +174,12 @@ def _enable_metrics() -> None:
 
 async def serve(path: Path, *, metrics_address: str | None = None) -> None:
     """Import the app at ``path`` and run what it defines until SIGINT/SIGTERM (what ``micro run PATH`` does)."""
-    module = load_app(path)
+    try:
+        module = load_app(path)
+    except MicroError:
+        raise
+    except Exception as exc:
+        raise AppError(entry(path), "importing", exc) from exc
     items = runnables(module)
     if not items:
         fail(f"{path} defines no services, agents or flows at top level")
@@ -130,7 +193,12 @@ async def serve(path: Path, *, metrics_address: str | None = None) -> None:
             stack.push_async_callback(probes.aclose)
             out.print(f"[green]●[/green] metrics on {probes.url}/metrics (and /health/live, /health/ready)")
         for item in items:
-            await stack.enter_async_context(item)
+            try:
+                await stack.enter_async_context(item)
+            except MicroError:
+                raise
+            except Exception as exc:
+                raise AppError(path, f"starting {item.name}", exc) from exc
         for item in items:
             meta = item.metadata
             kind = meta.get("type", "service")

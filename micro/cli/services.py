@@ -8,7 +8,8 @@ import click
 import msgspec
 from rich.table import Table
 
-from micro.cli.main import cli_runtime, main, out, run_async
+from micro.cli.main import cli_runtime, main, missing, out, run_async
+from micro.errors import ServiceNotFound
 from micro.registry import ServiceRecord
 
 
@@ -43,7 +44,10 @@ async def services(as_json: bool) -> None:
 async def describe(service: str, as_json: bool, as_proto: bool) -> None:
     """Show a service's endpoints, schemas and nodes."""
     async with cli_runtime() as rt:
-        records = await rt.registry.get(service)
+        try:
+            records = await rt.registry.get(service)
+        except ServiceNotFound:
+            await missing(rt, service)
     if as_json:
         out.print_json(msgspec.json.encode(records).decode())
         return

@@ -41,6 +41,7 @@ from micro.errors import (
     ServiceNotFound,
     Timeout,
     Unavailable,
+    closest,
 )
 from micro.middleware import Next, Request, Wrapper, chain
 from micro.registry import Endpoint as EndpointRecord
@@ -437,7 +438,9 @@ def _default_tls() -> ssl.SSLContext:
 
 def _no_endpoint(service: str, endpoint: str, have: Sequence[str]) -> EndpointNotFound:
     listing = ", ".join(have) if have else "none"
-    return EndpointNotFound(f"service {service!r} has no endpoint {endpoint!r} (it has: {listing})")
+    guess = closest(endpoint, have)
+    hint = f"; did you mean {guess}?" if guess else ""
+    return EndpointNotFound(f"service {service!r} has no endpoint {endpoint!r} (it has: {listing}){hint}")
 
 
 def _wrong_kind(req: Request, streaming: bool) -> BadRequest:

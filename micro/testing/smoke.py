@@ -251,15 +251,10 @@ def _captured() -> Iterator[list[BaseException]]:
 
 def _trace(exc: BaseException, root: Path) -> str:
     """The exception and the frames of it that are in the app's own files."""
-    frames = []
-    for f in traceback.extract_tb(exc.__traceback__):
-        if f.filename.startswith("<"):
-            continue
-        try:
-            rel = Path(f.filename).resolve().relative_to(root)
-        except ValueError:
-            continue
-        frames.append(f"{rel}:{f.lineno} in {f.name}: {(f.line or '').strip()}")
+    from micro.cli.run import app_frames
+
+    frames = [f"{Path(f.filename).resolve().relative_to(root)}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+              for f in app_frames(exc, root)]
     head = "".join(traceback.format_exception_only(type(exc), exc)).strip()
     return head if not frames else f"{head} (at {' <- '.join(reversed(frames[-3:]))})"
 
