@@ -21,7 +21,7 @@ from micro.agent import Agent, Memory
 from micro.agent.loop import Approve
 from micro.ai import Model
 from micro.flow import Flow
-from micro.flow.flow import Step
+from micro.flow.flow import FlowStep, Step
 from micro.service import AgentServiceOptions, Service, ServiceOptions
 
 
@@ -71,7 +71,7 @@ class NewFlowOptions(ServiceOptions, total=False):
     provider: str | Model | None
     model: str | None
     agent: str | None
-    steps: Sequence[Step]
+    steps: Sequence[FlowStep]
     after: Sequence[Step]
     max_concurrency: int
     system: str | None
@@ -83,6 +83,9 @@ class NewFlowOptions(ServiceOptions, total=False):
     needs_approval: Sequence[str]
     builtins: Sequence[str]
     pause_ttl: float
+    schedule: str | None
+    every: str | float | None
+    catch_up: str
     metadata: Mapping[str, str] | None
 
 

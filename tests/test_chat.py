@@ -371,9 +371,9 @@ def test_flow_list_runs_show_and_replay(example: subprocess.Popen[str]) -> None:
         return subprocess.run([*MICRO, *args], capture_output=True, text=True, timeout=60, cwd=ROOT,
                               env={**os.environ, "COLUMNS": columns})
 
-    flows = msgspec.json.decode(micro_cli("flow", "list", "--json").stdout)
-    assert flows == [{"name": "onboard-user", "trigger": "events.user.created", "services": ["email", "workspace"],
-                      "agent": ""}]
+    flows = {f["name"]: f for f in msgspec.json.decode(micro_cli("flow", "list", "--json").stdout)}
+    assert flows["onboard-user"] == {"name": "onboard-user", "trigger": "events.user.created",
+                                     "services": ["email", "workspace"], "agent": ""}
     res = micro_cli("call", "user", "User.Create", '{"name": "Zoe", "email": "zoe@example.com"}')
     assert res.returncode == 0, res.stderr
     give_up = time.monotonic() + 60  # the flow runs after the event is published: watch its run records
@@ -383,13 +383,13 @@ def test_flow_list_runs_show_and_replay(example: subprocess.Popen[str]) -> None:
     (run,) = runs
     table = micro_cli("flow", "runs", "onboard-user")  # 80 columns: the run id, status and time whole
     (row,) = [line for line in table.stdout.splitlines() if run["id"] in line]
-    assert row.split()[1:6] == ["completed", str(run["attempts"]), str(len(run["tool_calls"])),
-                                *dt.datetime.fromtimestamp(run["started"]).strftime("%Y-%m-%d %H:%M:%S").split()]
+    assert row.split()[1:5] == ["completed", str(run["attempts"]),
+                                *dt.datetime.fromtimestamp(run["started"]).strftime("%m-%d %H:%M:%S").split()]
     res = micro_cli("flow", "runs", "onboard")
     assert res.returncode == 1
     assert res.stderr.strip() == ("error: no flow 'onboard' is registered (flows: onboard-user); "
                                   "did you mean onboard-user?")
-    shown = msgspec.json.decode(micro_cli("flow", "show", run["id"]).stdout)
+    shown = msgspec.json.decode(micro_cli("flow", "show", run["id"], "--json").stdout)
     assert shown["id"] == run["id"]
     assert [c["name"] for c in shown["tool_calls"]] == [c["name"] for c in run["tool_calls"]]
     replayed = msgspec.json.decode(micro_cli("flow", "replay", run["id"]).stdout)

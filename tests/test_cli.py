@@ -96,8 +96,9 @@ def test_services_and_describe_json(tasks_app: Running) -> None:
     res = micro("services", "--json")
     assert res.returncode == 0, res.stderr
     records = json.loads(res.stdout)
-    assert [r["name"] for r in records] == ["comms-mgr", "email", "milestone", "notification", "onboard-user",
-                                            "project", "project-mgr", "task", "task-mgr", "user", "workspace"]
+    assert [r["name"] for r in records] == ["close-task", "comms-mgr", "email", "milestone", "notification",
+                                            "onboard-user", "project", "project-mgr", "task", "task-mgr", "user",
+                                            "workspace"]
     assert {r["name"]: r["metadata"].get("type") for r in records}["task-mgr"] == "agent"
     assert all(r["nodes"][0]["address"].startswith("127.0.0.1:") for r in records)
 

@@ -1,4 +1,4 @@
-"""The example system: seven services, three agents and a flow.
+"""The example system: seven services, three agents and two flows.
 
 Run it with `make run` (or `micro run examples/tasks`), then from another terminal:
 
@@ -12,14 +12,22 @@ Run it with `make run` (or `micro run examples/tasks`), then from another termin
     micro agent approve task-mgr RUN_ID                  # or --deny --reason "keep it"
     micro call user User.Create '{"name": "Dana", "email": "dana@example.com"}'   # triggers onboard-user
     micro flow runs onboard-user
+    micro flow run close-task '{"task_id": "t2", "reason": "merged"}'   # waits for the lead's decision
+    micro flow runs close-task --status waiting
+    micro flow resume RUN_ID --input '{"approved": true, "note": "thanks!"}'
+    micro flow show RUN_ID
 
 Without ANTHROPIC_API_KEY the agents run on a scripted demo model (labelled as such).
 """
 
+from typing import Any
+
+import msgspec
 from demo_model import model_for_example
 from services import Email, Milestone, Notification, Project, Task, User, Workspace
 
 import micro
+from micro.flow import Await, Call, State
 
 task = micro.New("task", metadata={"description": "tasks with assignees, due dates and status"})
 task.handle(Task())
@@ -70,4 +78,33 @@ onboard_user = micro.NewFlow(
     micro.FlowPrompt("New user created: {data}. Send a welcome email and create their workspace."),
     micro.FlowServices("email", "workspace"),
     provider=model_for_example(),
+)
+
+
+class CloseDecision(msgspec.Struct):
+    """What the lead answers when a task is to be closed."""
+
+    approved: bool
+    note: str = ""
+
+
+def approved(state: State) -> dict[str, Any]:
+    """Go on only if the lead approved (a refusal ends the run as failed, naming this step)."""
+    if not state["lead"]["approved"]:
+        raise micro.errors.BadRequest(f"the lead did not approve closing task {state.event['task_id']}: "
+                                      f"{state['lead']['note'] or 'no reason given'}")
+    return {"task_id": state.event["task_id"]}
+
+
+close_task = micro.NewFlow(  # a stepped flow: it waits for a person, durably, then acts
+    "close-task",
+    trigger="events.task.close_requested",
+    steps=[
+        Await("lead", prompt="Close task {task_id} ({reason})?", timeout="2d", schema=CloseDecision),
+        approved,
+        Call("task", "Task.Update", name="closed", request={"id": "{task_id}", "status": "done"}),
+        Call("notification", "Notification.Send", name="notified",
+             request={"user_id": "{closed.record.assignee}",
+                      "message": "Your task {closed.record.title} was closed: {lead.note}"}),
+    ],
 )

@@ -37,9 +37,10 @@ import functools
 import hashlib
 import inspect
 import logging
+import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Unpack
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import Any, Unpack, cast, overload
 
 import anyio
 import msgspec
@@ -58,13 +59,14 @@ from micro.agent.engine import (
     restore,
 )
 from micro.agent.loop import Approve, Decision, EndRun, Limits, Run, system_prompt
-from micro.agent.record import STATUSES, WAITING, AgentRun, AgentRuns
+from micro.agent.record import STATUSES, WAITING, AgentRun, AgentRuns, PendingCall, new_run_id
 from micro.agent.tools import REQUEST_INPUT, Toolset, request_input_tool, tool_name
 from micro.ai import Message, Model, from_provider
 from micro.broker import Message as BrokerMessage
 from micro.errors import (
     BadRequest,
     Cancelled,
+    Conflict,
     Error,
     Internal,
     NotFound,
@@ -74,19 +76,31 @@ from micro.errors import (
     Unavailable,
     Unknown,
     UsageError,
+    VersionConflict,
 )
 from micro.service import Service, ServiceOptions
+from micro.store import Record
+from micro.tasks import BackgroundTasks
 
-from .record import FlowRun, RunStore, ToolCallResult, now
+from .record import STATUSES as RUN_STATUSES
+from .record import FlowRun, RunStore, StepInfo, ToolCallResult, Waiting, now
+from .schedule import Schedule, tick_id
+from .steps import LLM, Await, Call, Dispatch, Fn, Loop, State, Verify, as_steps, check_steps, is_stepped
+from .steps import Step as StepKind
 from .template import TemplateError, render
 
 log = logging.getLogger("micro.flow")
 
 Step = Callable[[dict[str, Any], FlowRun], Awaitable[Any] | Any]
+FlowStep = Step | StepKind | Callable[[State], Awaitable[Any] | Any]
+"""What ``steps=`` takes: ``(event, run)`` functions around a model step, or a stepped flow's steps
+(:mod:`micro.flow.steps`) and ``(state)`` functions."""
 
 _current_run: contextvars.ContextVar[tuple[FlowRun, RunStore] | None] = contextvars.ContextVar(
     "micro_flow_run", default=None)
+_key_base: contextvars.ContextVar[str | None] = contextvars.ContextVar("micro_flow_key_base", default=None)
 _decode_any = msgspec.json.Decoder().decode
+_NO_INPUT: Any = object()
 
 
 TRANSIENT: tuple[type[Error], ...] = (Unavailable, Timeout, ResourceExhausted, Internal, Unknown, Cancelled)
@@ -104,6 +118,15 @@ class StepResultError(TypeError):
 class AgentWaits(Exception):
     """The agent a flow hands its prompt to paused its run for a person (deterministic: the flow run
     fails, and says which agent run waits; the agent's own commands decide that run)."""
+
+
+class StepFailed(Exception):
+    """A step failed deterministically (a service refused its call, a Verify ran out of attempts, an Await
+    timed out…): the run is ``failed`` with the step named, not retried."""
+
+
+class FlowWaiting(Exception):
+    """An ``Await`` step suspended the run (its record says for what)."""
 
 
 class FlowPaused(Exception):
@@ -136,6 +159,18 @@ class Flow(Service):
         builtins: the built-in tools of the model step (default none; ``["request_input"]`` lets
             the model ask a person a question).
         pause_ttl: seconds a run may wait for a person before it expires (default 7 days).
+        schedule / every: run the flow on a schedule too: a cron expression (UTC; ``"0 2 * * *"``)
+            or a period (``"15m"``); exactly one replica fires each tick (see :mod:`micro.flow.schedule`).
+            A scheduled flow needs no ``trigger``.
+        catch_up: ``"one"`` (default): after downtime, fire the most recent missed tick once at start;
+            ``"none"``: wait for the next tick.
+
+    A **stepped flow** gives ``steps`` as step kinds (:mod:`micro.flow.steps`: ``Call``, ``LLM``,
+    ``Dispatch``, ``Await``, ``Loop``, ``Verify``, and plain functions ``(state) -> output``) instead of
+    a prompt: each step's output is checkpointed in ``run.steps`` under its name before the next
+    starts, so a redelivered, resumed or replayed run continues at its first unfinished step. An
+    ``Await`` records the run as ``waiting`` on the agents' run engine and acknowledges the event;
+    :meth:`resume` (``Flow.Resume``, ``micro flow resume``) continues it, with exactly one winner.
 
     Example::
 
@@ -144,17 +179,35 @@ class Flow(Service):
                              services=["email"], provider="anthropic")
     """
 
-    def __init__(self, name: str, *, trigger: str, prompt: str = "", services: Sequence[str] = (),
+    def __init__(self, name: str, *, trigger: str = "", prompt: str = "", services: Sequence[str] = (),
                  provider: str | Model | None = None, model: str | None = None, agent: str | None = None,
-                 steps: Sequence[Step] = (), after: Sequence[Step] = (), max_concurrency: int = 4,
+                 steps: Sequence[FlowStep] = (), after: Sequence[Step] = (), max_concurrency: int = 4,
                  system: str | None = None, max_steps: int = 10, loop_limit: int = 3,
                  tool_timeout: float | None = 60.0, model_timeout: float | None = 120.0,
                  approve: Approve | None = None, needs_approval: Sequence[str] = (),
                  builtins: Sequence[str] = (), pause_ttl: float = DEFAULT_PAUSE_TTL,
+                 schedule: str | None = None, every: str | float | None = None, catch_up: str = "one",
                  metadata: Mapping[str, str] | None = None,
                  **service_options: Unpack[ServiceOptions]) -> None:
-        if not trigger:
-            raise UsageError(f"flow {name}: give it a trigger topic, e.g. trigger='events.user.created'")
+        self.schedule = (Schedule(name, cron=schedule, every=every, catch_up=catch_up)
+                         if schedule is not None or every is not None else None)
+        if not trigger and self.schedule is None:
+            raise UsageError(f"flow {name}: give it a trigger topic, e.g. trigger='events.user.created', "
+                             "or a schedule (schedule='0 2 * * *' or every='15m')")
+        # a scheduled flow of plain functions is stepped too: there is no event for (event, run) functions
+        self.stepped = is_stepped(steps) or (self.schedule is not None and not prompt and agent is None
+                                             and not after and bool(steps))
+        self.plan: list[StepKind] = []
+        if self.stepped:
+            if prompt or agent is not None or after:
+                raise UsageError(f"flow {name}: a flow with step kinds takes all its work as steps: put the prompt "
+                                 "in an LLM step, the agent in a Dispatch step, and the after functions at the end "
+                                 "of steps")
+            if approve is not None or needs_approval or builtins:
+                raise UsageError(f"flow {name}: in a flow with step kinds, wait for a person with an Await step "
+                                 "(approve=, needs_approval= and builtins= are for the single model step)")
+            self.plan = as_steps(steps)
+            check_steps(name, self.plan)
         if not prompt and agent is None and not steps and not after:
             raise UsageError(f"flow {name}: give it a prompt (and services), an agent, or steps")
         if max_concurrency < 1:
@@ -170,7 +223,7 @@ class Flow(Service):
         self.services = list(services)
         self.agent = agent
         self.system = system
-        self.steps = list(steps)
+        self.steps: list[Step] = [] if self.stepped else [cast(Step, s) for s in steps]
         self.after = list(after)
         self.max_concurrency = max_concurrency
         self.limits = Limits(max_steps, loop_limit, tool_timeout, model_timeout)
@@ -179,13 +232,15 @@ class Flow(Service):
         self.builtins = tuple(builtins)
         self.pause_ttl = pause_ttl
         self.model: Model | None = None
-        if prompt and agent is None:
+        if (prompt and agent is None) or (self.stepped and _any(self.plan, lambda s: s.needs_model())):
             import os
 
             chosen = provider if provider is not None else os.environ.get("MICRO_PROVIDER", "anthropic")
             self.model = from_provider(chosen, model=model)
         meta = {"type": "flow", "trigger": trigger, "services": ",".join(self.services),
-                "agent": agent or "", "model": self.model.model if self.model else "", **(metadata or {})}
+                "agent": agent or "", "model": self.model.model if self.model else "",
+                "schedule": schedule or "", "every": f"{self.schedule.every:g}" if self.schedule and
+                self.schedule.every else "", "steps": ",".join(s.name for s in self.plan), **(metadata or {})}
         super().__init__(name, metadata=meta, **service_options)
         self.handle(_FlowRuns(self), name="Flow")
         if self.model is not None:  # its model step's runs can wait: the agents' commands reach them
@@ -196,13 +251,22 @@ class Flow(Service):
         self._model_runs: AgentRuns | None = None
         self._engine: RunEngine | None = None
         self._claimed: dict[str, tuple[Checkpoint, dict[str, Decision]]] = {}
+        self._toolsets: dict[tuple[str, ...], _CheckpointedToolset] = {}
+        self._controls: dict[str, tuple[AgentRun, int]] = {}
+        self._background: BackgroundTasks | None = None
+        self.wait_check_interval = 5.0
+        """Seconds between looks for ``Await`` steps whose timeout passed (when the flow has such steps)."""
         self.active = 0
         self.peak = 0
         self._inflight: dict[str, anyio.Event] = {}
-        for _ in range(max_concurrency):
+        for _ in range(max_concurrency if trigger else 0):
             # one event at a time per subscription, none held back: a graceful stop gives nothing back to
             # JetStream, where every message given back counts as a delivery towards max_deliver
             self.subscribe(trigger, self._on_event, queue=name, durable=name, prefetch=1)
+        for step in _walk(self.plan):
+            if isinstance(step, Await) and step.topic is not None:
+                self.subscribe(step.topic, self._await_subscriber(step), queue=f"{name}-{step.name}",
+                               durable=f"{name}-{step.name}", prefetch=1)
 
     @property
     def runs(self) -> RunStore:
@@ -232,17 +296,59 @@ class Flow(Service):
             return set()
         return {n.id for r in records for n in r.nodes}
 
+    async def start(self) -> None:
+        """Start the service, and the schedule and the Await timeouts' watch when the flow has them."""
+        await super().start()
+        timeouts = any(isinstance(s, Await) and s.timeout is not None for s in _walk(self.plan))
+        if self.schedule is None and not timeouts:
+            return
+        background = BackgroundTasks(f"flow {self.name}", log)
+        try:
+            tg = await background.start()
+            if self.schedule is not None:
+                tg.start_soon(self._schedule_loop, self.schedule)
+            if timeouts:
+                tg.start_soon(self._timeout_loop)
+        except BaseException:
+            await background.aclose()
+            await super().stop()
+            raise
+        self._background = background
+
     async def stop(self) -> None:
+        background, self._background = self._background, None
+        if background is not None:
+            await background.aclose()
         await super().stop()
         self._toolset = None
+        self._toolsets = {}
         self._runs = None
         self._model_runs = None
         self._engine = None
 
+    @overload
+    async def resume(self, run_id: str, input: Any) -> FlowRun: ...
+
+    @overload
     async def resume(self, run_id: str, *, approve: Approval = None, answer: Answer = None, reason: str = "",
-                     partial: bool = False) -> ChatResponse:
-        """Continue a run whose model step waits for a person (as :meth:`micro.Agent.resume`); then its
-        ``after`` steps run and the flow run completes. Returns where the model step's run is."""
+                     partial: bool = False) -> ChatResponse: ...
+
+    async def resume(self, run_id: str, input: Any = _NO_INPUT, *, approve: Approval = None,
+                     answer: Answer = None, reason: str = "", partial: bool = False) -> FlowRun | ChatResponse:
+        """Continue a waiting run.
+
+        ``resume(run_id, input)``: a stepped flow's run waiting at an ``Await`` step; ``input`` (checked
+        against the step's ``schema``) becomes the step's output and the run goes on here, to its end or
+        its next ``Await``. Returns the flow run. ``BadRequest`` for input that does not fit (the run
+        still waits), ``Conflict`` for a run that is not waiting (or that another resumer took first),
+        ``NotFound`` for an unknown run.
+
+        ``resume(run_id, approve=… | answer=…)``: a run whose model step waits for a person (as
+        :meth:`micro.Agent.resume`); then its ``after`` steps run and the flow run completes. Returns
+        where the model step's run is.
+        """
+        if input is not _NO_INPUT:
+            return await self._resume_await(run_id, input)
         engine = self.engine
         record, version = await engine.claimable(run_id)
         decisions = engine.decide(record, approve, answer, reason, partial)
@@ -274,6 +380,198 @@ class Flow(Service):
             await self.runs.put(flow_run)
         return response_of(record)
 
+    # -- direct runs, waits, timeouts and schedules (stepped flows) ---------------------------------------
+
+    @overload
+    def run(self) -> None: ...
+
+    @overload
+    def run(self, data: Any) -> Coroutine[Any, Any, FlowRun]: ...
+
+    def run(self, data: Any = _NO_INPUT) -> Coroutine[Any, Any, FlowRun] | None:
+        """``await flow.run(data)``: run the flow now on ``data`` (as if it were an event), with the same
+        records and durability; returns the run (``completed``, ``waiting`` or ``failed`` with its error).
+
+        ``flow.run()`` without data runs the flow's service as a program (as :meth:`Service.run`).
+        """
+        if data is _NO_INPUT:
+            super().run()
+            return None
+        return self._run_now(new_run_id(), "direct", data)
+
+    async def _run_now(self, run_id: str, topic: str, data: Any) -> FlowRun:
+        try:
+            return await self.run_event(run_id, topic, data, last_attempt=True)
+        except Exception:
+            found = await self.runs.get(run_id)
+            if found is None:
+                raise
+            return found  # its record says how it failed
+
+    def _await_at(self, path: str) -> Await:
+        """The ``Await`` step a run waits at, from its path (``refine[2].approve``)."""
+        steps: Sequence[StepKind] = self.plan
+        found: StepKind | None = None
+        for part in path.split("."):
+            base = part.split("[")[0]
+            if base == "on_timeout" and isinstance(found, Await):
+                steps = found.on_timeout
+                continue
+            found = next((s for s in steps if s.name == base), None)
+            if found is None:
+                break
+            bodies = found.bodies()
+            steps = bodies[0][1] if bodies else []
+        if not isinstance(found, Await):
+            raise Conflict(f"flow {self.name}: the run waits at step {path!r}, which this version of the flow does "
+                           "not have as an Await; deploy the flow that started it to continue it")
+        return found
+
+    async def _waiting_run(self, run_id: str) -> tuple[FlowRun, Waiting, AgentRun, int]:
+        found = await self.model_runs.load(run_id)
+        flow_run = await self.runs.get(run_id)
+        if flow_run is None:
+            raise NotFound(f"flow {self.name} has no run {run_id!r} (`micro flow runs {self.name}` lists them)")
+        if found is None or found[0].status != "waiting" or flow_run.waiting is None:
+            raise Conflict(f"flow {self.name}: run {run_id} is {flow_run.status}, not waiting for input; "
+                           "nothing was changed")
+        return flow_run, flow_run.waiting, found[0], found[1]
+
+    async def _resume_await(self, run_id: str, value: Any) -> FlowRun:
+        flow_run, waiting, record, version = await self._waiting_run(run_id)
+        step = self._await_at(waiting.step)
+        value = step.validate(self.name, run_id, value)  # before anything changes
+        if waiting.until and self.engine.clock() >= waiting.until:
+            await self._time_out(run_id)
+            raise Conflict(f"flow {self.name}: run {run_id} waited at {waiting.step} past its timeout; it took its "
+                           f"timeout path instead (`micro flow show {run_id}`); the input was not used")
+        version = await self.engine.claim(record, version, "waiting")  # exactly one resumer gets past here
+        flow_run.steps[waiting.step] = value
+        return await self._continue(flow_run, waiting, record, version)
+
+    async def _continue(self, flow_run: FlowRun, waiting: Waiting, record: AgentRun, version: int) -> FlowRun:
+        """Go on with a run this process has claimed (resumed, or timed out)."""
+        await self.model_runs.unmark_waiting(record)
+        if waiting.topic:
+            await self.runtime.store.delete(self._await_key(waiting.name, waiting.value, flow_run.id))
+        info = flow_run.trace.get(waiting.step)
+        if info is not None and waiting.step in flow_run.steps:
+            info.status, info.seconds = "completed", self.engine.clock() - waiting.since
+        flow_run.status = "running"
+        if waiting.step in flow_run.steps:
+            flow_run.waiting = None
+        await self.runs.put(flow_run)
+        self._controls[flow_run.id] = (record, version)
+        try:
+            return await self._run_now(flow_run.id, flow_run.topic, flow_run.event)
+        finally:
+            self._controls.pop(flow_run.id, None)
+
+    async def _time_out(self, run_id: str) -> bool:
+        """Take a run whose ``Await`` timed out on its timeout path (``on_timeout`` steps, or failing);
+        False if another process took it first."""
+        try:
+            flow_run, waiting, record, version = await self._waiting_run(run_id)
+            version = await self.engine.claim(record, version, "waiting")
+        except (Conflict, NotFound):
+            return False
+        waiting.timed_out = True
+        await self._continue(flow_run, waiting, record, version)
+        return True
+
+    async def expire_waits(self) -> list[str]:
+        """Take every run whose ``Await`` timeout has passed (by the store's clock) on its timeout path;
+        the ids of those this process took. The flow calls it every ``wait_check_interval`` seconds."""
+        taken = []
+        clock = self.engine.clock()
+        for run_id in await self.model_runs.waiting():
+            record = await self.model_runs.get(run_id)
+            if (record is not None and record.status == "waiting" and record.expires and clock >= record.expires
+                    and await self._time_out(run_id)):
+                taken.append(run_id)
+        return taken
+
+    async def _timeout_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.wait_check_interval)
+            try:
+                await self.expire_waits()
+            except Exception:
+                log.exception("flow %s: looking for timed-out waits failed", self.name)
+
+    def _await_key(self, name: str, value: str, run_id: str = "") -> str:
+        digest = hashlib.sha256(value.encode()).hexdigest()[:24]
+        return f"flow/{self.name}/awaits/{name}/{digest}#{run_id}"
+
+    def _await_subscriber(self, step: Await) -> Callable[[BrokerMessage], Awaitable[None]]:
+        async def on_event(message: BrokerMessage) -> None:
+            await self._on_await_event(step, message)
+
+        return on_event
+
+    async def _on_await_event(self, step: Await, message: BrokerMessage) -> None:
+        event = _event_of(message.data)
+        value = event.get(step.match) if isinstance(event, dict) and step.match else None
+        if value is None:
+            log.warning("flow %s: an event on %s has no field %r to pair it with a run waiting at %s; ignored",
+                        self.name, message.topic, step.match, step.name)
+            return
+        keys = await self.runtime.store.list(self._await_key(step.name, _match_value(value)))
+        for key in keys:
+            run_id = key.rsplit("#", 1)[1]
+            try:
+                await self._resume_await(run_id, event)
+            except (Conflict, NotFound):
+                continue  # resumed by another replica or another event meanwhile
+            except BadRequest as exc:
+                log.warning("flow %s: an event on %s does not fit %s: %s", self.name, message.topic, step.name, exc)
+
+    async def fire(self, tick: float, *, wait: bool = True) -> bool:
+        """Fire the schedule's ``tick`` (unix seconds) if no replica has: a create-if-absent write of the
+        tick's key decides. True if this process fired it; with ``wait``, after the run ended (or waits)."""
+        assert self.schedule is not None, "fire() is for scheduled flows"
+        store = self.runtime.store
+        period = self.schedule.next_after(tick) - tick
+        try:
+            await store.write(Record(f"flow/{self.name}/ticks/{tick_id(tick)}", f"{tick}".encode()),
+                              ttl=max(3600.0, 10 * period), if_version=0)
+        except VersionConflict:
+            return False  # another replica fired it
+        await store.write(Record(f"flow/{self.name}/schedule/last", f"{tick}".encode()))
+        event = {"tick": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(tick)), "scheduled": tick}
+        if wait or self._background is None:
+            await self._run_now(tick_id(tick), "schedule", event)
+        else:
+            self._background.start_soon(self._run_now, tick_id(tick), "schedule", event)
+        return True
+
+    async def last_tick(self) -> float | None:
+        """The last tick any replica fired (None if none has)."""
+        from micro.errors import RecordNotFound
+
+        try:
+            (rec,) = await self.runtime.store.read(f"flow/{self.name}/schedule/last")
+        except RecordNotFound:
+            return None
+        return float(rec.value)
+
+    async def _schedule_loop(self, schedule: Schedule) -> None:
+        start = time.time()
+        if schedule.catch_up == "one":
+            last = await self.last_tick()
+            missed = schedule.latest(start)
+            if last is not None and missed > last:
+                log.info("flow %s: catching up the tick of %s", self.name, time.ctime(missed))
+                await self.fire(missed, wait=False)
+        tick = schedule.next_after(start)
+        while True:
+            await anyio.sleep(max(0.0, tick - time.time()))
+            try:
+                await self.fire(tick, wait=False)
+            except Exception:
+                log.exception("flow %s: firing the tick of %s failed", self.name, time.ctime(tick))
+            tick = schedule.next_after(max(tick, time.time()))  # fell behind: the next tick to come
+
     async def _on_event(self, message: BrokerMessage) -> None:
         event = _event_of(message.data)
         await self.run_event(message.id or hashlib.sha1(message.data).hexdigest(), message.topic, event,
@@ -301,9 +599,30 @@ class Flow(Service):
         try:
             with telemetry.span(f"flow {self.name}", "internal", {"micro.flow": self.name, "micro.run_id": run_id,
                                                                   "messaging.destination.name": topic}):
-                return await self._run_event(runs, run_id, topic, event, replay_of, last_attempt)
+                run = await self._run_event(runs, run_id, topic, event, replay_of, last_attempt)
+            await self._settle(run)
+            return run
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                latest = await runs.get(run_id)
+                if latest is not None:
+                    await self._settle(latest)
+            raise
         finally:
             self._inflight.pop(run_id).set()
+
+    async def _settle(self, run: FlowRun) -> None:
+        """A resumed run ended (or waits again): its engine record says so (unless another process took it)."""
+        claimed = self._controls.pop(run.id, None)
+        if claimed is None or run.status == "waiting":
+            return  # not resumed here; or waiting again: the Await rewrote the engine record
+        record, version = claimed
+        record.status = run.status if run.status in ("completed", "failed", "cancelled") else "failed"
+        record.error, record.error_kind, record.pending, record.finished = run.error, run.error_kind, [], now()
+        try:
+            await self.model_runs.save(record, version)
+        except VersionConflict:
+            log.warning("flow %s: run %s was taken by another process meanwhile", self.name, run.id)
 
     async def _run_event(self, runs: RunStore, run_id: str, topic: str, event: Any, replay_of: str,
                          last_attempt: bool) -> FlowRun:
@@ -329,9 +648,13 @@ class Flow(Service):
             run.status = paused.run.status  # type: ignore[assignment]
             await runs.put(run)  # recorded: now the event may be acknowledged
             return run
-        except (TemplateError, StepResultError, AgentWaits) as exc:
+        except FlowWaiting:
+            run.status = "waiting"
+            await runs.put(run)  # recorded: now the event may be acknowledged
+            return run
+        except (TemplateError, StepResultError, StepFailed, AgentWaits) as exc:
             run.status, run.error = "failed", str(exc)
-            run.error_kind = ("template" if isinstance(exc, TemplateError)
+            run.error_kind = ("template" if isinstance(exc, TemplateError) else "step" if isinstance(exc, StepFailed)
                               else "agent_waits" if isinstance(exc, AgentWaits) else "step_result")
             await runs.put(run)  # a deterministic failure: recorded, acknowledged, not retried
             log.warning("flow %s: event %s: %s", self.name, run_id, exc)
@@ -361,6 +684,9 @@ class Flow(Service):
         return run
 
     async def _pipeline(self, run: FlowRun, event: dict[str, Any]) -> None:
+        if self.stepped:
+            await self._steps(run, self.plan, {}, "", run.event)
+            return
         for i, step in enumerate(self.steps):
             await self._step(run, f"before[{i}]:{_step_name(step)}", step, event)
         if self.prompt or self.agent:
@@ -404,33 +730,44 @@ class Flow(Service):
         await self.runs.put(run)
         return reply
 
-    async def _model_step(self, run: FlowRun) -> str:
+    async def _model_step(self, run: FlowRun, *, record_id: str | None = None, prompt: str | None = None,
+                          services: Sequence[str] | None = None, system: str | None = None) -> str:
+        """The model loop (on the run engine) of the flow's model step, or of an ``LLM`` step (``record_id``,
+        ``prompt``, ``services``, ``system`` given: its own agent run record, no waiting for a person)."""
         assert self.model is not None
-        if self._toolset is None:
-            functions = {REQUEST_INPUT: request_input_tool()} if REQUEST_INPUT in self.builtins else {}
-            self._toolset = _CheckpointedToolset(self.client, self.services, functions)
+        if services is None:
+            if self._toolset is None:
+                functions = {REQUEST_INPUT: request_input_tool()} if REQUEST_INPUT in self.builtins else {}
+                self._toolset = _CheckpointedToolset(self.client, self.services, functions)
+            toolset = self._toolset
+        else:
+            toolset = self._toolsets.get(tuple(services)) or _CheckpointedToolset(self.client, list(services), {})
+            self._toolsets[tuple(services)] = toolset
         # the tools enforce tool_timeout as their call's deadline, so a timeout is a Timeout they can end
         # the run with (a transient failure), not an is_error result the loop makes up
-        self._toolset.timeout = self.limits.tool_timeout
+        toolset.timeout = self.limits.tool_timeout
         limits = dataclasses.replace(self.limits, tool_timeout=None)
-        claimed = self._claimed.get(run.id)
+        rid = record_id or run.id
+        text = prompt if prompt is not None else run.prompt
+        claimed = self._claimed.get(run.id) if record_id is None else None
         if claimed is not None:  # resumed by a person's decision
             checkpoint, decisions = claimed
         else:
-            found = await self.model_runs.load(run.id)
+            found = await self.model_runs.load(rid)
             if found is not None and found[0].status == "completed":
                 return found[0].reply  # done in an earlier attempt
             if found is not None and found[0].status in WAITING:
                 raise FlowPaused(found[0])
             # a new model step, or one an earlier attempt left failed or unfinished: it starts again (its
             # completed tool calls are answered from the flow run's checkpoint, in-flight ones keyed alike)
-            record = AgentRun(run.id, self.name, run.prompt, status="running", model=self.model.model,
-                              started=now(), messages=[Message.user(run.prompt)], key=run.id, owner=self.id)
+            record = AgentRun(rid, self.name, text, status="running", model=self.model.model, started=now(),
+                              messages=[Message.user(text)], key=rid, owner=self.id,
+                              parent_id=run.id if record_id is not None else "")
             checkpoint = Checkpoint(self.model_runs, record, found[1] if found is not None else 0)
             await checkpoint.save()
             decisions = {}
-        loop = Run(self.model, system_prompt(self.system), self._toolset.tools, limits, self.approve,
-                   needs_approval=self.needs_approval, checkpoint=checkpoint.save, decisions=decisions)
+        loop = Run(self.model, system_prompt(system if record_id is not None else self.system), toolset.tools, limits,
+                   self.approve, needs_approval=self.needs_approval, checkpoint=checkpoint.save, decisions=decisions)
         restore(checkpoint.record, loop)
         checkpoint.run = loop
         try:
@@ -443,6 +780,263 @@ class Flow(Service):
             raise FlowPaused(checkpoint.record)
         await self.engine.finish(checkpoint, reply)
         return reply
+
+
+    # -- stepped flows ------------------------------------------------------------------------------------
+
+    async def _steps(self, run: FlowRun, steps: Sequence[StepKind], scope: dict[str, Any], prefix: str, data: Any,
+                     feedback: str | None = None, iteration: int = 0, verifying: bool = False) -> Any:
+        """Run ``steps`` in order from the first unfinished one; the last one's output."""
+        for step in steps:
+            path = prefix + step.name
+            if path in run.steps:
+                out = run.steps[path]  # done in an earlier attempt, or the input a resume gave it
+            else:
+                out = await self._do_step(run, step, path, State(run.id, run.event, scope, data, feedback, iteration,
+                                                                      verifying))
+            scope[step.name] = out
+            data = out
+        return data
+
+    async def _do_step(self, run: FlowRun, step: StepKind, path: str, state: State) -> Any:
+        info = run.trace.get(path)
+        if info is None:
+            info = run.trace[path] = StepInfo(kind=step.kind, started=now())
+        info.status, info.error = "running", ""
+        delay = 0.2
+        retries = 0
+        while True:
+            info.attempts += 1
+            t0 = time.perf_counter()
+            try:
+                out = await self._execute(run, step, path, state)
+                break
+            except FlowWaiting:
+                info.status = "waiting"
+                raise
+            except (TemplateError, StepResultError, StepFailed) as exc:
+                info.status, info.error, info.seconds = "failed", str(exc), time.perf_counter() - t0
+                raise
+            except Error as exc:
+                info.seconds = time.perf_counter() - t0
+                if not isinstance(exc, TRANSIENT):  # the service refused the request: it would refuse it again
+                    info.status = "failed"
+                    info.error = f"step {path}: {type(exc).__name__}: {exc.message}"
+                    raise StepFailed(info.error) from exc
+                if retries < step.retry:
+                    retries += 1
+                    log.info("flow %s: run %s: step %s failed (%s); retry %d of %d", self.name, run.id, path,
+                             type(exc).__name__, retries, step.retry)
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+                    continue
+                info.status, info.error = "failed", f"step {path}: {type(exc).__name__}: {exc.message}"
+                raise EndRun(path, exc) from exc
+            except Exception as exc:
+                info.status, info.error = "failed", f"step {path}: {type(exc).__name__}: {exc}"
+                info.seconds = time.perf_counter() - t0
+                raise
+        try:
+            value = msgspec.to_builtins(out)
+        except (TypeError, ValueError, msgspec.EncodeError, RecursionError) as exc:
+            info.status = "failed"
+            info.error = (f"step {path} returned a {type(out).__name__} the run record cannot hold ({exc}); a step "
+                          "must return JSON-able data (dict, list, str, number, bool, None or a msgspec Struct)")
+            raise StepResultError(info.error) from None
+        run.steps[path] = value
+        info.status, info.seconds = "completed", time.perf_counter() - t0
+        await self.runs.put(run)  # the checkpoint: this step never runs again for this run
+        return value
+
+    async def _execute(self, run: FlowRun, step: StepKind, path: str, state: State) -> Any:
+        key = f"{run.id}:{path}"
+        if isinstance(step, Fn):
+            out = step.fn(state)
+            return await out if inspect.isawaitable(out) else out
+        if isinstance(step, Call):
+            req: Any
+            if callable(step.request):
+                req = step.request(state)
+                if inspect.isawaitable(req):
+                    req = await req
+            elif step.request is None:
+                req = state.data
+            elif isinstance(step.request, str):
+                text = state.render(step.request, f"step {path}: request")
+                try:
+                    req = _decode_any(text)
+                except msgspec.DecodeError:
+                    raise TemplateError(f"step {path}: the request template gave {text[:80]!r}, which is not "
+                                        "JSON; use a dict template or a function") from None
+            else:
+                req = state.render_value(step.request, f"step {path}: request")
+            return await self.client.call(step.service, step.endpoint, req, metadata={idempotency.KEY: key},
+                                          timeout=step.timeout)
+        if isinstance(step, Dispatch):
+            message = state.render(step.message, f"step {path}: message")
+            rsp = await self.client.call(step.agent, "Agent.Chat", {"message": message, "parent_id": run.id},
+                                         metadata={idempotency.KEY: key})
+            return str(rsp.get("reply", ""))
+        if isinstance(step, LLM):
+            prompt = state.render(step.prompt, f"step {path}: prompt")
+            reply = await self._llm(run, path, prompt, step.services, step.system)
+            if step.output is None:
+                return reply
+            try:
+                return msgspec.json.decode(_json_part(reply), type=step.output)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise StepFailed(f"step {path}: the model's reply does not fit "
+                                 f"{getattr(step.output, '__name__', step.output)}: {exc}; it answered "
+                                 f"{reply[:200]!r}") from None
+        if isinstance(step, Await):
+            return await self._await(run, step, path, state)
+        if isinstance(step, Loop):
+            return await self._loop(run, step, path, state)
+        if isinstance(step, Verify):
+            return await self._verify(run, step, path, state)
+        raise StepFailed(f"step {path}: unknown step kind {type(step).__name__}")
+
+    async def _llm(self, run: FlowRun, path: str, prompt: str, services: Sequence[str], system: str | None) -> str:
+        token = _key_base.set(f"{run.id}:{path}")  # tool calls keyed per (run, step, attempt)
+        try:
+            return await self._model_step(run, record_id=f"{run.id}.{re.sub(r'[^A-Za-z0-9_-]', '-', path)}",
+                                          prompt=prompt, services=services, system=system)
+        finally:
+            _key_base.reset(token)
+
+    async def _ask(self, run: FlowRun, path: str, question: str) -> bool:
+        """A yes/no question to the model (a Loop's ``until``)."""
+        reply = await self._llm(run, path, f"{question}\n\nAnswer with one word: yes or no.", (), None)
+        return reply.strip().lower().lstrip("*\"' ").startswith("yes")
+
+    async def _loop(self, run: FlowRun, step: Loop, path: str, state: State) -> Any:
+        out: Any = state.data
+        for i in range(step.max):
+            scope = dict(state.steps)
+            out = await self._steps(run, step.body, scope, f"{path}[{i}].", out, iteration=i)
+            if step.until is None:
+                continue
+            check_key = f"{path}[{i}]:until"
+            if check_key in run.steps:
+                stop = bool(run.steps[check_key])
+            else:
+                inner = State(run.id, run.event, scope, out, iteration=i)
+                if isinstance(step.until, str):
+                    stop = await self._ask(run, check_key, inner.render(step.until, f"step {path}: until"))
+                else:
+                    verdict = step.until(inner)
+                    stop = bool(await verdict if inspect.isawaitable(verdict) else verdict)
+                run.steps[check_key] = stop
+                await self.runs.put(run)
+            if stop:
+                return out
+        if step.until is not None:
+            raise StepFailed(f"step {path}: the loop ran its max={step.max} iterations and its until condition never "
+                             "held; raise max, or check the body")
+        return out
+
+    async def _verify(self, run: FlowRun, step: Verify, path: str, state: State) -> Any:
+        feedback: str | None = None
+        for i in range(step.attempts):
+            scope = dict(state.steps)
+            out = await self._steps(run, step.body, scope, f"{path}[{i}].", state.data, feedback, i, verifying=True)
+            check_key = f"{path}[{i}]:check"
+            if check_key in run.steps:
+                verdict = run.steps[check_key]
+            else:
+                inner = State(run.id, run.event, scope, out, feedback, i, verifying=True)
+                ok, fb = await self._grade(run, step, check_key, inner)
+                verdict = run.steps[check_key] = {"ok": ok, "feedback": fb}
+                await self.runs.put(run)
+            if verdict["ok"]:
+                return out
+            feedback = verdict["feedback"] or f"attempt {i + 1} did not pass the check"
+        raise StepFailed(f"step {path}: no attempt passed the check in {step.attempts} attempts; the last feedback: "
+                         f"{feedback}")
+
+    async def _grade(self, run: FlowRun, step: Verify, key: str, state: State) -> tuple[bool, str]:
+        if isinstance(step.check, str):
+            shown = state.data if isinstance(state.data, str) else msgspec.json.encode(state.data).decode()
+            instructions = state.render(step.check, f"step {step.name}: check")
+            reply = await self._llm(run, key, f"{instructions}\n\nThe output to grade:\n{shown}\n\nAnswer only "
+                                    'with JSON: {"ok": true or false, "feedback": "what to change"}', (), None)
+            try:
+                graded = _decode_any(_json_part(reply))
+                return bool(graded["ok"]), str(graded.get("feedback", ""))
+            except (msgspec.DecodeError, KeyError, TypeError):
+                return False, reply
+        verdict = step.check(state)
+        if inspect.isawaitable(verdict):
+            verdict = await verdict
+        if isinstance(verdict, bool):
+            return verdict, ""
+        if isinstance(verdict, tuple) and len(verdict) == 2 and isinstance(verdict[0], bool):
+            return verdict[0], str(verdict[1] or "")
+        raise StepFailed(f"step {step.name}: check returned {verdict!r}; it must return a bool or (bool, feedback)")
+
+    async def _await(self, run: FlowRun, step: Await, path: str, state: State) -> Any:
+        waiting = run.waiting
+        if waiting is not None and waiting.step == path and waiting.timed_out:
+            if not step.on_timeout:
+                raise StepFailed(f"step {path}: nobody gave it input within its timeout of {step.timeout:g}s (waiting "
+                                 f"since {time.ctime(waiting.since)}); give the Await on_timeout= steps to go on "
+                                 "instead of failing")
+            out = await self._steps(run, step.on_timeout, dict(state.steps), f"{path}.on_timeout.", state.data)
+            run.waiting = None
+            return out
+        prompt = state.render(step.prompt, f"step {path}: prompt") if step.prompt else ""
+        value = ""
+        if step.match is not None:
+            found = run.event.get(step.match) if isinstance(run.event, dict) else None
+            if found is None:
+                raise StepFailed(f"step {path}: the run's event has no field {step.match!r} to pair it with an event "
+                                 f"on {step.topic}")
+            value = _match_value(found)
+        since = self.engine.clock()
+        until = since + step.timeout if step.timeout is not None else 0.0
+        run.waiting = Waiting(step=path, name=step.name, prompt=prompt, since=since, until=until,
+                              topic=step.topic or "", match=step.match or "", value=value)
+        found_rec = await self.model_runs.load(run.id)
+        record = found_rec[0] if found_rec is not None else AgentRun(run.id, self.name, prompt, started=now(),
+                                                                      key=run.id)
+        record.status, record.owner, record.expires, record.message = "waiting", self.id, until, prompt
+        record.pending = [PendingCall(path, f"await:{step.name}", {}, kind="question",
+                                      question=prompt or f"input for {step.name}")]
+        await self.model_runs.mark_waiting(record)  # before the record: a listing checks the record's status
+        if step.topic is not None:
+            await self.runtime.store.write(Record(self._await_key(step.name, value, run.id), run.id.encode()))
+        try:
+            await self.model_runs.save(record, found_rec[1] if found_rec is not None else 0)
+        except VersionConflict:
+            raise Conflict(f"flow {self.name}: run {run.id} was taken by another process while it came to "
+                           f"{path}") from None
+        await self.runs.put(run)  # waiting is recorded before the event is acknowledged
+        log.info("flow %s: run %s waits at %s", self.name, run.id, path,
+                 extra={"micro_run_id": run.id, "micro_flow": self.name})
+        raise FlowWaiting(path)
+
+
+def _json_part(text: str) -> str:
+    """The JSON in a model's reply (inside a ```json fence, or the reply)."""
+    m = re.search(r"```(?:json)?\s*(.*?)```", text, re.S)
+    return (m.group(1) if m else text).strip()
+
+
+def _match_value(value: Any) -> str:
+    return value if isinstance(value, str) else msgspec.json.encode(value).decode()
+
+
+def _walk(steps: Sequence[StepKind]) -> list[StepKind]:
+    out: list[StepKind] = []
+    for s in steps:
+        out.append(s)
+        for _, body in s.bodies():
+            out.extend(_walk(body))
+    return out
+
+
+def _any(steps: Sequence[StepKind], test: Callable[[StepKind], bool]) -> bool:
+    return any(test(s) for s in _walk(steps))
 
 
 _AGENT_STEP = "agent"
@@ -476,7 +1070,7 @@ class _CheckpointedToolset(Toolset):
             if current is None:
                 return await self.client.call(service, endpoint, args, timeout=self.timeout)
             flow_run, runs = current
-            key = idempotency.derived_key(flow_run.id, service, endpoint, args)
+            key = idempotency.derived_key(_key_base.get() or flow_run.id, service, endpoint, args)
             done = flow_run.tool_result(key)
             if done is not None:
                 return _decode_any(done.result) if done.result[:1] in "{[" else done.result
@@ -509,6 +1103,16 @@ def _event_of(data: bytes) -> Any:
 
 class RunsRequest(msgspec.Struct):
     limit: int = 20
+    status: list[str] | None = None
+
+
+class StartRequest(msgspec.Struct):
+    data: Any = None
+
+
+class ResumeFlowRequest(msgspec.Struct):
+    id: str
+    input: Any = None
 
 
 class RunRequest(msgspec.Struct):
@@ -530,8 +1134,19 @@ class _FlowRuns:
         self._flow = flow
 
     async def Runs(self, req: RunsRequest) -> RunsResponse:
-        """The flow's most recent runs, newest first."""
-        return RunsResponse(runs=await self._flow.runs.list(req.limit))
+        """The flow's most recent runs, newest first (optionally only some statuses)."""
+        if req.status is not None and set(req.status) - set(RUN_STATUSES):
+            raise BadRequest(f"flow {self._flow.name}: unknown status {sorted(set(req.status) - set(RUN_STATUSES))}; "
+                             f"the run statuses are {', '.join(RUN_STATUSES)}")
+        return RunsResponse(runs=await self._flow.runs.list(req.limit, status=req.status))
+
+    async def Run(self, req: StartRequest) -> RunResponse:
+        """Run the flow now on ``data`` (as if it were an event); the run as it ended (or waits)."""
+        return RunResponse(run=await self._flow.run(req.data))
+
+    async def Resume(self, req: ResumeFlowRequest) -> RunResponse:
+        """Continue a run waiting at an ``Await`` step with ``input`` (its output); the run as it ended (or waits)."""
+        return RunResponse(run=await self._flow.resume(req.id, req.input))
 
     async def Show(self, req: RunRequest) -> RunResponse:
         """One run by id (the event id)."""

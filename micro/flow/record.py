@@ -9,6 +9,7 @@ acknowledged without running again.
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from typing import Any, Literal
 
 import msgspec
@@ -16,13 +17,44 @@ import msgspec
 from micro import metrics
 from micro.store import Record, Store
 
-Status = Literal["running", "completed", "failed", "retrying", "cancelled", "paused", "input_required"]
+Status = Literal["running", "completed", "failed", "retrying", "cancelled", "paused", "input_required", "waiting"]
 """``running`` now (or its process died; a durable broker delivers it again); ``completed``;
 ``failed`` for good (a deterministic error, the broker's last attempt, or a broker that never
 redelivers); ``retrying`` (the broker delivers it again with backoff); ``cancelled`` (stopped
 mid-way: the process shut down, a replay's deadline ran out, or a person cancelled it while it
 waited); ``paused`` / ``input_required`` (its model step waits for a person: the event is
-acknowledged, and ``micro agent approve|answer FLOW RUN_ID`` continues it)."""
+acknowledged, and ``micro agent approve|answer FLOW RUN_ID`` continues it); ``waiting`` (a stepped
+flow's ``Await`` step waits for input: the event is acknowledged, ``micro flow resume RUN_ID`` continues
+it)."""
+STATUSES: tuple[str, ...] = ("running", "completed", "failed", "retrying", "cancelled", "paused", "input_required",
+                             "waiting")
+
+
+class StepInfo(msgspec.Struct):
+    """How one step of a stepped flow ran: ``running``, ``completed``, ``waiting`` or ``failed``; how many
+    attempts it took (deliveries and in-place retries); when it started and how long its last attempt took."""
+
+    kind: str
+    status: str = "running"
+    attempts: int = 0
+    started: float = 0.0
+    seconds: float = 0.0
+    error: str = ""
+
+
+class Waiting(msgspec.Struct):
+    """What a waiting run waits for: its ``Await`` step (path), a prompt, since and until when (0: no
+    timeout), and the event that can satisfy it (``topic`` / ``match`` = ``value``)."""
+
+    step: str
+    name: str
+    prompt: str = ""
+    since: float = 0.0
+    until: float = 0.0
+    topic: str = ""
+    match: str = ""
+    value: str = ""
+    timed_out: bool = False
 
 
 class ToolCallResult(msgspec.Struct):
@@ -52,6 +84,8 @@ class FlowRun(msgspec.Struct):
     started: float = 0.0
     finished: float = 0.0
     replay_of: str = ""
+    trace: dict[str, StepInfo] = {}
+    waiting: Waiting | None = None
 
     def tool_result(self, key: str) -> ToolCallResult | None:
         for call in self.tool_calls:
@@ -87,9 +121,12 @@ class RunStore:
         metrics.flow_run(run.flow, run.status)
         await self.store.write(Record(self.key(run.id), _encode(run), metadata={"status": run.status}))
 
-    async def list(self, limit: int = 50) -> list[FlowRun]:
+    async def list(self, limit: int = 50, status: Collection[str] | None = None) -> list[FlowRun]:
+        """The most recent runs (by start time), newest first; optionally only those with some statuses."""
         records = await self.store.read(self.prefix, prefix=True)
         runs = [_decode(r.value) for r in records]
+        if status is not None:
+            runs = [r for r in runs if r.status in status]
         runs.sort(key=lambda r: r.started, reverse=True)
         return runs[:limit]
 

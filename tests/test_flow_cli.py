@@ -1,0 +1,73 @@
+"""A stepped flow from the command line (issue 16): the example's close-task flow waits for the lead.
+
+``micro flow run`` starts it without its trigger, ``runs --status waiting`` lists it (the id whole at 80
+columns), ``resume --input`` continues it (bad input: one line, the run unchanged), ``show`` prints each step.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import msgspec
+from test_chat import MICRO, ROOT, example
+
+__all__ = ["example"]  # the fixture: the example system under `micro run`
+
+
+def micro_cli(*args: str, columns: str = "80") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*MICRO, *args], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          env={**os.environ, "COLUMNS": columns})
+
+
+def test_run_wait_resume_and_show_a_stepped_flow(example: subprocess.Popen[str]) -> None:
+    listed = micro_cli("flow", "list", columns="200")
+    assert "close-task" in listed.stdout and "steps: lead → approved → closed → notified" in listed.stdout
+
+    res = micro_cli("flow", "run", "close-task", '{"task_id": "t2", "reason": "merged"}', "--json")
+    assert res.returncode == 0, res.stderr
+    run = msgspec.json.decode(res.stdout)
+    run_id = run["id"]
+    assert run["status"] == "waiting" and run["waiting"]["prompt"] == "Close task t2 (merged)?"
+
+    table = micro_cli("flow", "runs", "close-task", "--status", "waiting")
+    assert table.returncode == 0, table.stderr
+    (row,) = [line for line in table.stdout.splitlines() if run_id in line]
+    assert row.split()[:3] == [run_id, "waiting", "1"] and len(row) <= 80  # id, status and time whole
+    assert "waits at lead" in row
+    shown = micro_cli("flow", "show", run_id, columns="200")
+    assert "waits at lead: Close task t2 (merged)?" in shown.stdout
+    assert f"micro flow resume {run_id} --input" in shown.stdout
+
+    # bad input: one line, exit 1, the run still waits
+    res = micro_cli("flow", "resume", run_id, "--input", '{"approved": "yes"}')
+    assert res.returncode == 1 and res.stderr.count("\n") == 1
+    assert f"run {run_id} waits at lead: the input does not fit its schema CloseDecision" in res.stderr
+    res = micro_cli("flow", "resume", run_id, "--input", "{nope")
+    assert res.returncode == 2 and "--input is not JSON" in res.stderr
+    assert msgspec.json.decode(micro_cli("flow", "show", run_id, "--json").stdout)["status"] == "waiting"
+
+    res = micro_cli("flow", "resume", run_id, "--input", '{"approved": true, "note": "merged, thanks"}', "--json")
+    assert res.returncode == 0, res.stderr
+    done = msgspec.json.decode(res.stdout)
+    assert done["status"] == "completed"
+    assert done["steps"]["closed"]["record"] == {"id": "t2", "title": "Review PR #42", "due": "2026-06-02",
+                                                  "assignee": "alice", "project_id": "p1", "status": "done"}
+    assert done["steps"]["notified"]["record"]["message"] == "Your task Review PR #42 was closed: merged, thanks"
+
+    shown = micro_cli("flow", "show", run_id, columns="200")
+    lines = shown.stdout.splitlines()
+    for step in ("lead", "approved", "closed", "notified"):
+        (line,) = [ln for ln in lines if ln.split()[:1] == [step]]
+        assert "completed" in line
+    res = micro_cli("flow", "resume", run_id, "--input", '{"approved": true}')
+    assert res.returncode == 1
+    assert f"run {run_id} is completed, not waiting for input; nothing was changed" in res.stderr
+
+    # a refusal fails the run naming the step and the lead's reason
+    run2 = msgspec.json.decode(micro_cli("flow", "run", "close-task", '{"task_id": "t3", "reason": "x"}',
+                                         "--json").stdout)
+    res = micro_cli("flow", "resume", run2["id"], "--input", '{"approved": false, "note": "not yet"}', "--json")
+    refused = msgspec.json.decode(res.stdout)
+    assert refused["status"] == "failed"
+    assert refused["error"] == "step approved: BadRequest: the lead did not approve closing task t3: not yet"
