@@ -7,12 +7,19 @@ the same settings share one connection: it opens with the first of them and clos
 with the last (a :class:`~micro.resource.Resource`, reference-counted).
 
 Connecting is bounded by ``connect_timeout`` and fails at the first error with
-``Unavailable`` naming the redacted URL. Once up, the connection **reconnects for
-ever** (``max_reconnect=-1``), waiting ``reconnect_wait`` seconds between attempts on
-each server (nats-py adds a little jitter): a service outlives a NATS restart of any
-length. While it is down, operations fail fast with ``Unavailable`` and nothing is
-buffered; subscriptions resume after the reconnect. A backend that wants to hear
-about disconnects and reconnects registers a :class:`Listener`.
+``Unavailable`` naming the redacted URL. Once up, the connection **reconnects for as
+long as it is open**: nats-py retries every ``reconnect_wait`` seconds (with a little
+jitter), by default for ever (``max_reconnect=-1``). When a bounded ``max_reconnect``
+runs out, nats-py closes its client; this module then starts over with a fresh client,
+retrying with a capped exponential backoff (``reconnect_wait`` doubling up to
+``max_reconnect_wait``, each wait jittered by ±20 %), and tells the backends
+(:meth:`Listener.on_new_client`), which re-create their subscriptions and contexts on
+it. ``generation`` counts the clients, so a backend can see that its contexts are stale.
+A service outlives a NATS outage of any length.
+
+While it is down, operations fail fast with ``Unavailable`` and nothing is buffered.
+Each change of state is logged once (disconnected, reconnected, gave up and starting
+over, connected again), never once per operation or attempt.
 """
 
 from __future__ import annotations
@@ -20,10 +27,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import weakref
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit
 
 import anyio
@@ -55,15 +63,23 @@ class NatsSettings:
     Args:
         connect_timeout: seconds to reach a server at start before ``Unavailable``.
         reconnect_wait: seconds between reconnect attempts on each server after a disconnect.
-        max_reconnect: reconnect attempts before the connection gives up and closes;
-            -1 (the default) reconnects for ever.
+        max_reconnect: reconnect attempts of one nats-py client before it is replaced
+            by a fresh one; -1 (the default) lets one client retry for ever. The
+            connection never gives up either way.
         close_timeout: seconds closing may take (flushing what is buffered).
+        max_reconnect_wait: the cap on the backoff between fresh clients (seconds).
     """
 
     connect_timeout: float = 2.0
     reconnect_wait: float = 1.0
     max_reconnect: int = -1
     close_timeout: float = 5.0
+    max_reconnect_wait: float = 30.0
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait before fresh client ``attempt`` (1, 2, ...): capped, doubling, ±20 % jitter."""
+        base = min(self.max_reconnect_wait, self.reconnect_wait * 2.0 ** min(attempt - 1, 30))
+        return base * random.uniform(0.8, 1.2)
 
 
 class Listener(Protocol):
@@ -74,6 +90,9 @@ class Listener(Protocol):
     async def on_reconnected(self) -> None: ...
 
     async def on_closed(self) -> None: ...
+
+    async def on_new_client(self) -> None:
+        """The connection has a fresh nats-py client (the old one gave up): re-create what used it."""
 
 
 def servers_of(url: str) -> list[str]:
@@ -108,6 +127,11 @@ class NatsConnection(Resource):
         self._connecting: anyio.CancelScope | None = None
         self._first_error: BaseException | None = None
         self._up = False
+        self._renewal: asyncio.Task[None] | None = None
+        self._pending: Client | None = None
+        self._lost: BaseException | None = None
+        self.generation = 0
+        """Counts the nats-py clients this connection has had (contexts made on an older one are stale)."""
 
     @property
     def client(self) -> Client:
@@ -122,8 +146,8 @@ class NatsConnection(Resource):
 
     @property
     def is_closed(self) -> bool:
-        """Closed for good: by the last user, or by nats-py after ``max_reconnect`` attempts."""
-        return self._client is None or self._client.is_closed
+        """Closed by its last user (a client that gave up is being replaced: not closed)."""
+        return self._client is None
 
     def jetstream(self, timeout: float) -> JetStreamContext:
         """A JetStream context whose API requests time out after ``timeout`` seconds."""
@@ -142,10 +166,15 @@ class NatsConnection(Resource):
                               f"(start nats-server with -js): {describe(e)}") from None
 
     async def _open(self) -> None:
+        self._client = await self._connect()
+        self.generation += 1
+        self._up = True
+
+    async def _connect(self) -> Client:
+        """A connected nats-py client, or ``Unavailable`` at the first error."""
         settings = self.settings
-        client = Client()
+        client = self._pending = Client()
         self._first_error = None
-        self._up = False
         with anyio.move_on_after(settings.connect_timeout) as scope:
             self._connecting = scope
             try:
@@ -155,28 +184,68 @@ class NatsConnection(Resource):
                     connect_timeout=max(1, round(settings.connect_timeout)),
                     reconnect_time_wait=settings.reconnect_wait,  # type: ignore[arg-type]
                     max_reconnect_attempts=settings.max_reconnect,
-                    error_cb=self._on_error,
-                    disconnected_cb=self._on_disconnected,
-                    reconnected_cb=self._on_reconnected,
-                    closed_cb=self._on_closed,
+                    error_cb=self._only(client, self._on_error),
+                    disconnected_cb=self._only(client, self._on_disconnected),
+                    reconnected_cb=self._only(client, self._on_reconnected),
+                    closed_cb=self._only(client, self._on_closed),
                 )
             except (OSError, nats.errors.Error, TimeoutError) as e:
                 self._first_error = self._first_error or e
             finally:
                 self._connecting = None
+                self._pending = None
         if not client.is_connected:
             await _close_client(client, settings.close_timeout, self.url)
             why = self._first_error or f"no answer within {settings.connect_timeout:g} s"
             raise Unavailable(f"cannot connect to {redact(self.url)}: {describe(why)}")
-        self._client = client
-        self._up = True
+        return client
 
     async def _close(self) -> None:
         client, self._client = self._client, None
         self._up = False
         forget(self)
+        renewal, self._renewal = self._renewal, None
+        if renewal is not None:
+            renewal.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([renewal])
         if client is not None:
             await _close_client(client, self.settings.close_timeout, self.url)
+
+    async def _renew(self) -> None:
+        """Replace a client that gave up with fresh ones until one connects (the connection owns this task)."""
+        attempt = 0
+        while self._client is not None:
+            attempt += 1
+            await anyio.sleep(self.settings.backoff(attempt))
+            try:
+                client = await self._connect()
+            except Unavailable as e:
+                log.debug("%s: a fresh connection failed (attempt %d): %s", redact(self.url), attempt, e)
+                continue
+            if self._client is None:  # closed meanwhile
+                await _close_client(client, self.settings.close_timeout, self.url)
+                return
+            self._client = client
+            self.generation += 1
+            self._up = True
+            log.warning("%s: connected again (fresh connection after %d attempts)", redact(self.url), attempt)
+            self._renewal = None
+            for listener in list(self.listeners):
+                try:
+                    await listener.on_new_client()
+                except Exception:
+                    log.exception("%s: %r could not resume on the fresh connection", redact(self.url), listener)
+            return
+
+    def _only(self, client: Client, callback: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+        """``callback`` for ``client``'s events while it is this connection's (a replaced one is ignored)."""
+
+        async def relay(*args: Any) -> None:
+            if client is self._client or client is self._pending:
+                await callback(*args)
+
+        return relay
 
     async def _on_error(self, e: Exception) -> None:
         if self._connecting is not None:
@@ -186,12 +255,17 @@ class NatsConnection(Resource):
             log.warning("%s: a subscription is too slow, messages dropped: %s", redact(self.url), e)
         elif not self._up:  # a failed reconnect attempt: expected while the server is down
             log.debug("%s: reconnect attempt failed: %s", redact(self.url), describe(e))
+        elif isinstance(e, _LOST):  # the cause of the disconnect that follows: said in its one line
+            self._lost = e
+            log.debug("%s: %s", redact(self.url), describe(e))
         else:
             log.warning("%s: %s", redact(self.url), describe(e))
 
     async def _on_disconnected(self) -> None:
         if self._up and self._client is not None:
-            log.warning("%s: disconnected, reconnecting", redact(self.url))
+            why = f" ({describe(self._lost)})" if self._lost is not None else ""
+            log.warning("%s: disconnected%s, reconnecting", redact(self.url), why)
+        self._lost = None
         self._up = False
         for listener in list(self.listeners):
             await listener.on_disconnected()
@@ -203,8 +277,14 @@ class NatsConnection(Resource):
             await listener.on_reconnected()
 
     async def _on_closed(self) -> None:
-        if self._client is not None:
-            log.error("%s: connection closed (gave up reconnecting)", redact(self.url))
+        client = self._client
+        if client is None or not client.is_closed or self._renewal is not None:
+            return  # closed by us, or a replaced client closing late
+        self._up = False
+        log.error("%s: connection closed after %d reconnect attempts; starting over with a fresh connection "
+                  "(backoff up to %g s)", redact(self.url), self.settings.max_reconnect,
+                  self.settings.max_reconnect_wait)
+        self._renewal = asyncio.create_task(self._renew(), name=f"micro.nats:renew:{redact(self.url)}")
         for listener in list(self.listeners):
             await listener.on_closed()
 
@@ -252,6 +332,10 @@ def describe(e: object) -> str:
         return reason(e)
     return str(e)
 
+
+_LOST: tuple[type[BaseException], ...] = (
+    OSError, nats.errors.UnexpectedEOF, nats.errors.StaleConnectionError, nats.errors.ConnectionClosedError)
+"""Errors nats-py reports as a connection drops."""
 
 UNAVAILABLE: tuple[type[BaseException], ...] = (
     TimeoutError,  # nats.errors.TimeoutError subclasses it

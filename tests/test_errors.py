@@ -520,3 +520,50 @@ async def test_hostile_grpc_timeout_headers_get_a_clear_status(system: System, h
     assert needle in got.get("grpc-message", "")
     # the service is fine afterwards
     assert (await system.client("grpc").call("task", "Tasks.Get", {"user_id": "b"}))["user_id"] == "b"
+
+
+async def test_a_non_ascii_metadata_value_fails_its_call_not_the_connection(system: System) -> None:
+    """Two calls on one HTTP/2 connection, the first with a UTF-8 metadata value: it gets
+    INVALID_ARGUMENT, the second is answered (before, h2 failed to decode the header inside
+    the connection's data_received and reset every call on it)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    host, _, port = system.service.address.rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    body = b'{"user_id": "a"}'
+    streams: list[int] = []
+    for extra in ([(b"x-name", "Zoë".encode())], []):
+        sid = conn.get_next_available_stream_id()
+        streams.append(sid)
+        conn.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/task.Tasks/Get"),
+                                (b":authority", host.encode()), (b"content-type", b"application/grpc+json"),
+                                (b"te", b"trailers"), *extra])
+        conn.send_data(sid, b"\0" + len(body).to_bytes(4, "big") + body, end_stream=True)
+    writer.write(conn.data_to_send())
+    got: dict[int, dict[str, str]] = {sid: {} for sid in streams}
+    ended: set[int] = set()
+    try:
+        with anyio.fail_after(10):
+            while ended != set(streams):
+                data = await reader.read(65536)
+                assert data, f"the server closed the connection; answered so far: {got}"
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                        got[ev.stream_id].update(dict(ev.headers))
+                    elif isinstance(ev, h2.events.DataReceived):
+                        conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    elif isinstance(ev, h2.events.StreamReset):
+                        pytest.fail(f"stream {ev.stream_id} was reset: {got}")
+                    if isinstance(ev, h2.events.StreamEnded):
+                        ended.add(ev.stream_id)
+                writer.write(conn.data_to_send())
+    finally:
+        writer.close()
+    bad, good = (got[sid] for sid in streams)
+    assert bad.get("grpc-status") == "3", bad
+    assert "x-name" in bad.get("grpc-message", "") and "ASCII" in bad.get("grpc-message", "")
+    assert good.get("grpc-status") == "0", good

@@ -140,6 +140,7 @@ class JetStreamSubscription(Subscription):
         self._fetch_scope: anyio.CancelScope | None = None
         self._busy = False
         self.held: list[Msg] = []  # fetched and not yet acked/nak'ed
+        self._gen = 0  # the client generation the pull subscription belongs to
         self.prefetch = prefetch  # messages pulled per request while busy
 
     async def _run(self) -> None:
@@ -151,14 +152,22 @@ class JetStreamSubscription(Subscription):
                     if not broker._nc.is_connected:
                         await broker._wait_connected(1.0)
                         continue
+                    if self._gen != broker._gen:  # a fresh client: the pull subscription died with the old one
+                        try:
+                            self._pull = None
+                            await self._bind(restart=True)
+                        except (Unavailable, BrokerError) as e:
+                            log.warning("re-binding %r on the fresh connection failed: %s; retrying",
+                                        self.topic, e)
+                            await anyio.sleep(broker.reconnect_wait)
+                        continue
                     try:
                         msgs = await self._fetch()
                     except TimeoutError:  # nats-py raises its own subclass, and the builtin
                         continue
-                    except nats.errors.ConnectionClosedError:
-                        log.error("subscription %r stopped: the connection to %s is closed",
-                                  self.topic, broker.url)
-                        return
+                    except nats.errors.ConnectionClosedError:  # gave up: a fresh client comes
+                        await anyio.sleep(broker.reconnect_wait)
+                        continue
                     except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError,
                             nats.errors.NoRespondersError) as e:
                         await self._repair(e)
@@ -263,6 +272,7 @@ class JetStreamSubscription(Subscription):
             if self._pull is None:
                 self._pull = await broker._js.pull_subscribe_bind(
                     consumer=self._consumer, stream=self._stream)
+                self._gen = broker._gen
         except nats.errors.Error as e:
             raise broker._error(f"cannot create consumer {self._consumer!r} on stream "
                                 f"{self._stream!r} for {self.topic!r}", e) from e
@@ -434,6 +444,7 @@ class JetStreamBroker(NatsBroker):
         connect_timeout: float = 2.0,
         reconnect_wait: float = 1.0,
         max_reconnect: int = -1,
+        max_reconnect_wait: float = 30.0,
         drain_timeout: float = 5.0,
         pending_limit: int = 65536,
         message_ids: str | bool = "header",
@@ -446,7 +457,8 @@ class JetStreamBroker(NatsBroker):
         dead_letter_prefix: str = "dlq",
     ) -> None:
         super().__init__(servers, connect_timeout=connect_timeout, reconnect_wait=reconnect_wait,
-                         max_reconnect=max_reconnect, drain_timeout=drain_timeout, pending_limit=pending_limit,
+                         max_reconnect=max_reconnect, max_reconnect_wait=max_reconnect_wait,
+                         drain_timeout=drain_timeout, pending_limit=pending_limit,
                          message_ids=message_ids)
         self.message_ids = "header"  # Nats-Msg-Id de-duplicates, so ids are always headers here
         self._id_header, self._id_envelope = True, False
@@ -499,8 +511,14 @@ class JetStreamBroker(NatsBroker):
     async def _wait_connected(self, patience: float) -> None:
         with anyio.move_on_after(patience):
             await self._connected.wait()
-        if self._nc.is_closed:
-            raise nats.errors.ConnectionClosedError
+
+    async def on_new_client(self) -> None:
+        conn = self._conn
+        if conn is not None and not self._closed:
+            self._js = conn.jetstream(self.publish_timeout)
+            self._jsm = conn.jsm(self.publish_timeout)
+            self._streams.clear()
+        await super().on_new_client()  # the subscriptions re-bind on the new generation
 
     async def _publish(self, topic: str, data: bytes, headers: Mapping[str, str] | None) -> None:
         if not self._nc.is_connected:

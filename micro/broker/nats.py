@@ -23,7 +23,8 @@ or store of the same loop and servers): connecting is bounded by ``connect_timeo
 and fails at the first error with ``Unavailable``; afterwards it reconnects for ever
 (``reconnect_wait`` between attempts; ``max_reconnect`` to give up). While disconnected
 ``publish`` raises ``Unavailable`` at once (nothing is buffered) and subscriptions
-resume after the reconnect.
+resume after the reconnect (on a fresh client too, when nats-py gave up: see
+:mod:`micro.nats_connection`).
 """
 
 from __future__ import annotations
@@ -142,8 +143,10 @@ class NatsBroker(Broker):
         servers: one ``nats://host:port`` URL or several.
         connect_timeout: seconds to reach the server at start before ``Unavailable``.
         reconnect_wait: seconds between reconnect attempts after a disconnect.
-        max_reconnect: reconnect attempts before the connection is closed for good
-            (-1, the default: reconnect for ever; see :mod:`micro.nats_connection`).
+        max_reconnect: reconnect attempts of one nats-py client before micro replaces it
+            with a fresh one (-1, the default: one client retries for ever); the broker
+            never gives up (see :mod:`micro.nats_connection`).
+        max_reconnect_wait: the cap (seconds) of the backoff between fresh clients.
         drain_timeout: seconds ``unsubscribe``/``aclose`` wait for handlers in progress.
         pending_limit: messages a subscription buffers before nats-py drops them.
         message_ids: where a message published without headers carries its id:
@@ -162,6 +165,7 @@ class NatsBroker(Broker):
         "connect_timeout": float,
         "reconnect_wait": float,
         "max_reconnect": int,
+        "max_reconnect_wait": float,
         "drain_timeout": float,
         "pending_limit": int,
         "message_ids": str,
@@ -175,6 +179,7 @@ class NatsBroker(Broker):
         connect_timeout: float = 2.0,
         reconnect_wait: float = 1.0,
         max_reconnect: int = -1,
+        max_reconnect_wait: float = 30.0,
         drain_timeout: float = 5.0,
         pending_limit: int = 65536,
         message_ids: str | bool = "envelope",
@@ -195,9 +200,11 @@ class NatsBroker(Broker):
         self.drain_timeout = drain_timeout
         self.pending_limit = pending_limit
         self.settings = NatsSettings(connect_timeout=connect_timeout, reconnect_wait=reconnect_wait,
-                                     max_reconnect=max_reconnect, close_timeout=drain_timeout)
+                                     max_reconnect=max_reconnect, close_timeout=drain_timeout,
+                                     max_reconnect_wait=max_reconnect_wait)
         self._conn: NatsConnection | None = None
         self._nc: Client = _CLOSED
+        self._gen = 0  # the connection's client generation that _nc (and JetStream contexts) belong to
         self._subs: set[Subscription] = set()
         self._id_header = mode == "header"
         self._id_envelope = mode == "envelope"
@@ -243,6 +250,7 @@ class NatsBroker(Broker):
             raise
         self._conn = conn
         self._nc = conn.client
+        self._gen = conn.generation
         self._closed = False
         self._connected.set()
         conn.listeners.add(self)
@@ -272,7 +280,23 @@ class NatsBroker(Broker):
         self._connected.set()
 
     async def on_closed(self) -> None:
-        self._connected.set()  # wake whoever waits, so they see the closed connection
+        self._connected.clear()  # the connection starts over with a fresh client: on_new_client
+
+    async def on_new_client(self) -> None:
+        conn = self._conn
+        if conn is None or self._closed:
+            return
+        self._nc = conn.client
+        self._gen = conn.generation
+        for sub in list(self._subs):
+            if isinstance(sub, NatsSubscription) and not sub._closed:
+                try:
+                    sub._sub = await self._nc.subscribe(sub.topic, queue=sub.queue or "", cb=sub._on_msg,
+                                                        pending_msgs_limit=self.pending_limit)
+                except nats.errors.Error as e:
+                    log.error("subscription %r on %s not resumed on the fresh connection: %s",
+                              sub.topic, redact(self.url), describe(e))
+        self._connected.set()
 
     # -- publish / subscribe ----------------------------------------------------
 

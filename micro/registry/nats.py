@@ -62,6 +62,7 @@ class NatsRegistry(Registry):
         self._conn: NatsConnection | None = None
         self._js: Any = None
         self._kv: Any = None
+        self._gen = 0
 
     async def _open(self) -> None:
         conn = await connect(self.url, self.settings, who="registry")
@@ -75,7 +76,17 @@ class NatsRegistry(Registry):
         except BaseException:
             await conn.release()
             raise
-        self._conn, self._js, self._kv = conn, js, kv
+        self._conn, self._js, self._kv, self._gen = conn, js, kv, conn.generation
+
+    async def _fresh(self) -> None:
+        """Re-open the bucket on the connection's fresh client after the old one gave up."""
+        conn = self._conn
+        if conn is None or conn.generation == self._gen:
+            return
+        js = conn.jetstream(self.timeout)
+        with self._errors(f"opening bucket {self.bucket!r}"):
+            self._kv = await js.key_value(self.bucket)
+        self._js, self._gen = js, conn.generation
 
     async def _close(self) -> None:
         conn, self._conn, self._js, self._kv = self._conn, None, None, None
@@ -90,6 +101,7 @@ class NatsRegistry(Registry):
         return f"{_token(record.name)}.{_token(record.version)}.{_token(node_id)}"
 
     async def _register(self, record: ServiceRecord, ttl: float) -> None:
+        await self._fresh()
         now = time.time()
         for node in record.nodes:
             one = msgspec.structs.replace(record, nodes=[node])
@@ -97,6 +109,7 @@ class NatsRegistry(Registry):
                 await self._kv.put(self._key(record, node.id), _encode(_Entry(one, now + ttl, now)))
 
     async def _deregister(self, record: ServiceRecord) -> None:
+        await self._fresh()
         for node in record.nodes:
             with self._errors(f"deregister {record.name!r}"):
                 await self._kv.delete(self._key(record, node.id))
@@ -109,6 +122,7 @@ class NatsRegistry(Registry):
         """
         if self._kv is None:
             raise Unavailable(f"registry {redact(self.url)} is closed")
+        await self._fresh()
         pattern = f"{_token(name)}.>" if name is not None else ">"
         prefix = f"$KV.{self.bucket}."
         kv = self._kv

@@ -19,6 +19,7 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import h2.config
 from grpclib.const import Cardinality, Status
 from grpclib.const import Handler as GrpcHandler
 from grpclib.encoding.base import CodecBase
@@ -138,6 +139,10 @@ class _Handler(_BaseHandler):
                 refusal = _check_timeout(value)
             elif key == ":path":
                 standard = value in self._standard
+            if not (key.isascii() and value.isascii()):  # decoded as latin-1: see _Server
+                refusal = _not_ascii(key)
+                headers = [(k, v) for k, v in headers if k.isascii() and v.isascii()]
+                break
         # a closing server still sees new calls on connections opened before: refuse
         # them (nothing runs) so the client can go to another node
         if self.closing:
@@ -172,6 +177,13 @@ def _check_timeout(value: str) -> GRPCError | None:
 _PROTOBUF = GrpclibProtoCodec()
 
 
+def _not_ascii(key: str) -> GRPCError:
+    """The per-call answer to a header that is not ASCII (it used to reset the whole connection)."""
+    log.debug("refused a call: header %r is not ASCII", key[:64])
+    return GRPCError(Status.INVALID_ARGUMENT, f"metadata {key[:64]!r}: gRPC text metadata must be printable "
+                     "ASCII (send other bytes base64-encoded under a key ending in -bin)")
+
+
 class _Refusing(dict[str, GrpcHandler]):
     """The mapping of one call refused before it runs: every path answers ``error``."""
 
@@ -199,6 +211,12 @@ class _Protocol(H2Protocol):
 class _Server(Server):
     def __init__(self, mappings: dict[str, dict[str, GrpcHandler]], standard: dict[str, GrpcHandler]) -> None:
         super().__init__([], codec=CODECS[PROTO])
+        # h2 decodes headers as grpclib asks (ASCII) and a non-ASCII byte raised inside the
+        # connection's data_received, resetting every call on it. latin-1 decodes any byte;
+        # _Handler.accept then refuses the one call whose headers are not ASCII.
+        self._h2_config = h2.config.H2Configuration(
+            client_side=False, header_encoding="latin-1", validate_inbound_headers=False,
+            validate_outbound_headers=False, normalize_inbound_headers=False, normalize_outbound_headers=False)
         self._mappings = mappings
         self._standard = standard
         self.protocols: set[_Protocol] = set()

@@ -149,6 +149,7 @@ class NatsStore(Store):
         self._nc: Any = None
         self._js: Any = None
         self._buckets: dict[str, _Bucket] = {}
+        self._gen = 0
 
     async def _open(self) -> None:
         conn = await connect(self.url, self.settings, who="store")
@@ -158,6 +159,7 @@ class NatsStore(Store):
             await conn.release()
             raise
         self._conn, self._nc, self._js = conn, conn.client, conn.jetstream(self.timeout)
+        self._gen = conn.generation
         self._buckets = {}
 
     async def _close(self) -> None:
@@ -171,6 +173,10 @@ class NatsStore(Store):
 
     async def _bucket(self) -> _Bucket:
         root = self._root
+        conn = root._conn
+        if conn is not None and conn.generation != root._gen:  # a fresh client: contexts on the old one are dead
+            root._nc, root._js, root._buckets = conn.client, conn.jetstream(self.timeout), {}
+            root._gen = conn.generation
         bucket: _Bucket | None = root._buckets.get(self.database)
         if bucket is not None:
             return bucket
