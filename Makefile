@@ -22,11 +22,14 @@ test: $(STAMP) ## run the whole test suite (real NATS and PostgreSQL servers are
 bench: $(STAMP) ## run benchmarks/ and write benchmarks/RESULTS.md
 	$(PY) -m benchmarks
 
-proto: $(STAMP) ## regenerate micro/_proto from proto/*.proto (betterproto2, grpclib stubs)
+proto: $(STAMP) ## regenerate micro/_proto from proto/ (betterproto2 for ours; a descriptor set for grpc's health and reflection)
 	rm -rf micro/_proto && mkdir -p micro/_proto
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m grpc_tools.protoc -I proto --python_betterproto2_out=micro/_proto \
 		--python_betterproto2_opt=client_generation=async \
 		--python_betterproto2_opt=server_generation=async proto/*.proto
+	$(PY) -m grpc_tools.protoc -I proto --descriptor_set_out=micro/_proto/standard.binpb \
+		proto/grpc/health/v1/health.proto proto/grpc/reflection/v1/reflection.proto \
+		proto/grpc/reflection/v1alpha/reflection.proto
 
 lint: $(STAMP) ## ruff + mypy (strict) on micro/
 	$(VENV)/bin/ruff check micro tests benchmarks examples

@@ -14,6 +14,7 @@ broker and a store, and serve real gRPC endpoints::
 from micro import auth, context, errors, logs, telemetry, tls
 from micro.agent import Agent
 from micro.client import Client
+from micro.codec.layout import field
 from micro.facade import (
     Address,
     AgentModel,
@@ -64,6 +65,7 @@ __all__ = [
     "auth",
     "context",
     "errors",
+    "field",
     "idempotent",
     "logs",
     "telemetry",

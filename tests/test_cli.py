@@ -112,6 +112,47 @@ def test_services_and_describe_json(tasks_app: Running) -> None:
     assert "repeated TaskRecord records = 1;" in res.stdout
 
 
+def test_grpcio_calls_a_code_first_endpoint_with_stubs_from_describe_proto(tasks_app: Running, tmp_path: Path) -> None:
+    import grpc
+
+    (task,) = json.loads(micro("describe", "task", "--json").stdout)
+    (tmp_path / "task.proto").write_text(micro("describe", "task", "--proto").stdout)
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{tmp_path}", f"--python_out={tmp_path}",
+                    f"--grpc_python_out={tmp_path}", str(tmp_path / "task.proto")], check=True, capture_output=True)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import task_pb2
+        import task_pb2_grpc
+    finally:
+        sys.path.remove(str(tmp_path))
+    with grpc.insecure_channel(task["nodes"][0]["address"]) as channel:
+        rsp = task_pb2_grpc.TaskStub(channel).ListOverdue(task_pb2.ListOverdueRequest(user_id="alice"), timeout=10)
+        assert rsp.total == 3
+        assert [r.title for r in rsp.records] == ["Write quarterly report", "Review PR #42", "Update deployment docs"]
+        raw = channel.unary_unary("/task.Task/ListOverdue")  # bytes in, bytes out
+        with pytest.raises(grpc.RpcError) as err:
+            raw(b"\x0a\x03\xff\xfe\xfd", timeout=10)  # user_id is not UTF-8
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "task Task.ListOverdue: malformed protobuf: a string that is not UTF-8 - at `$.user_id`" \
+            in err.value.details()
+
+
+def test_describe_proto_of_every_example_service_compiles_with_protoc(tasks_app: Running, tmp_path: Path) -> None:
+    names = [r["name"] for r in json.loads(micro("services", "--json").stdout)]
+    assert len(names) == 11
+    for name in names:
+        res = micro("describe", name, "--proto")
+        assert res.returncode == 0, res.stderr
+        out = tmp_path / name
+        out.mkdir()
+        (out / f"{name.replace('-', '_')}.proto").write_text(res.stdout)
+        protoc = subprocess.run(
+            [sys.executable, "-m", "grpc_tools.protoc", f"-I{out}", f"--python_out={out}",
+             str(out / f"{name.replace('-', '_')}.proto")], capture_output=True, text=True)
+        assert protoc.returncode == 0, f"{name}: {protoc.stderr}\n{res.stdout}"
+        assert list(out.glob("*_pb2.py")), name
+
+
 @pytest.mark.parametrize(
     ("args", "code", "needle"),
     [

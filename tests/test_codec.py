@@ -139,9 +139,10 @@ def test_struct_dict_form_is_what_its_json_decodes_to() -> None:
     assert codec.from_builtins(wire, "w") == value
 
 
-def test_struct_codec_refuses_protobuf_wire() -> None:
-    with pytest.raises(BadRequest, match="takes JSON"):
-        codec_for(Address).decode(b"\x0a\x01x", PROTO, "w")
+def test_struct_codec_speaks_protobuf_and_refuses_it_for_types_without_a_message() -> None:
+    assert codec_for(Address).decode(b"\x0a\x01x", PROTO, "w") == Address("x")
+    with pytest.raises(BadRequest, match="takes JSON, not proto"):
+        codec_for(dict[str, int]).decode(b"\x0a\x01x", PROTO, "w")
 
 
 def test_types_msgspec_cannot_handle_are_a_usage_error() -> None:
@@ -252,7 +253,8 @@ def test_struct_and_proto_convert_into_each_other() -> None:
 
 def test_codec_kinds() -> None:
     assert isinstance(codec_for(Address), StructCodec)
-    assert codec_for(Address).wires == (JSON,)
+    assert codec_for(Address).wires == (JSON, PROTO)
+    assert codec_for(dict[str, int]).wires == (JSON,)
     assert isinstance(codec_for(HelloRequest), ProtoCodec)
     assert codec_for(HelloRequest).wires == (PROTO, JSON)
     assert codec_for(Address) is codec_for(Address)
@@ -294,7 +296,7 @@ async def test_registry_record_carries_schemas_descriptions_and_wires() -> None:
     assert create.request["required"] == ["user_id", "age", "color", "address"]
     assert create.response == codec_for(Address).schema()
     assert create.description == "Create a user."
-    assert create.wires == ["json"]
+    assert create.wires == ["proto", "json"]  # code-first: protobuf (the derived .proto) and JSON
     assert greet.request == codec_for(HelloRequest).schema()
     assert greet.response["properties"]["message"] == {"type": "string"}
     assert greet.wires == ["proto", "json"]

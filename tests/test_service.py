@@ -82,7 +82,7 @@ def test_public_async_methods_become_endpoints() -> None:
                               "Second paragraph, kept.")
     assert ep.streaming is False
     assert ep.request.type is Req and ep.response.type is Rsp
-    assert ep.wires == ("json",)
+    assert ep.wires == ("proto", "json")
     assert found["Task.Watch"].streaming is True
     assert found["Task.Watch"].response.type is Rsp  # the item type, not AsyncIterator[Rsp]
     assert found["Task.Watch"].description == "Stream a user's tasks as they change."

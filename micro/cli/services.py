@@ -37,7 +37,8 @@ async def services(as_json: bool) -> None:
 @main.command()
 @click.argument("service")
 @click.option("--json", "as_json", is_flag=True, help="Print the registry records as JSON.")
-@click.option("--proto", "as_proto", is_flag=True, help="Print the service as a .proto sketch.")
+@click.option("--proto", "as_proto", is_flag=True,
+              help="Print the service's .proto (the protobuf contract of its code-first endpoints).")
 @run_async
 async def describe(service: str, as_json: bool, as_proto: bool) -> None:
     """Show a service's endpoints, schemas and nodes."""
@@ -48,7 +49,7 @@ async def describe(service: str, as_json: bool, as_proto: bool) -> None:
         return
     if as_proto:
         for rec in records:
-            out.print(to_proto(rec), markup=False)
+            out.print(service_proto(rec), markup=False)
         return
     for rec in records:
         out.print(f"[bold]{rec.name}[/bold] {rec.version}")
@@ -94,6 +95,29 @@ def _type(node: dict[str, Any], root: dict[str, Any]) -> str:
 
 
 _PROTO_SCALARS = {"string": "string", "integer": "int64", "number": "double", "boolean": "bool"}
+
+
+def service_proto(rec: ServiceRecord) -> str:
+    """The ``.proto`` a service's nodes registered: the wire contract of its code-first endpoints.
+
+    Nodes of one version that disagree each get theirs printed. Proto-first endpoints
+    (and nodes of micro versions that registered none) get a sketch from the JSON Schemas.
+    """
+    texts = list(dict.fromkeys(n.metadata["proto"] for n in rec.nodes if n.metadata.get("proto")))
+    if not texts:
+        return to_proto(rec)
+    out = texts[0] if len(texts) == 1 else "\n".join(
+        f"// node {n.id}\n{n.metadata['proto']}" for n in rec.nodes if n.metadata.get("proto"))
+    others = [ep for ep in rec.endpoints if "proto" in ep.wires and not _in_text(ep.path, texts[0])]
+    if others:
+        names = ", ".join(f"{ep.name} ({ep.path})" for ep in others)
+        out += f"\n// also served as protobuf, from their own .proto files: {names}\n"
+    return out
+
+
+def _in_text(path: str, text: str) -> bool:
+    service, _, method = path.strip("/").partition("/")
+    return f"service {service.rsplit('.', 1)[-1]} {{" in text and f"rpc {method}(" in text
 
 
 def to_proto(rec: ServiceRecord) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import struct
 import sys
 from typing import Any, ClassVar
 
@@ -19,8 +20,10 @@ import betterproto2
 import msgspec
 
 from micro.codec import proto as _proto
+from micro.codec.layout import Message, NotMappable, layout_of
 from micro.codec.proto_compiled import compiled
-from micro.errors import BadRequest, UsageError
+from micro.codec.struct_compiled import StructProto, compile_layout
+from micro.errors import BadRequest, Error, Internal, UsageError
 
 JSON = "json"
 PROTO = "proto"
@@ -108,14 +111,29 @@ class TypeCodec(abc.ABC):
 
 
 class StructCodec(TypeCodec):
-    """msgspec Structs (and any type msgspec can validate): JSON on the wire."""
+    """msgspec Structs (and any type msgspec can validate): JSON on the wire, and protobuf
+    for Structs and dataclasses (the layout of :mod:`micro.codec.layout`)."""
 
     kind = "struct"
-    wires = (JSON,)
 
     def __init__(self, tp: type[Any]) -> None:
         super().__init__(tp)
         self._decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(tp)
+        try:
+            self.layout: Message | None = layout_of(tp)
+        except NotMappable:
+            self.layout = None  # not a Struct or dataclass: JSON only
+        self.wires = (JSON,) if self.layout is None else (JSON, PROTO)
+        self._proto: StructProto | None = None
+
+    @property
+    def proto(self) -> StructProto:
+        """The compiled protobuf codec (made on first use: JSON-only callers never pay for it)."""
+        if self._proto is None:
+            if self.layout is None:
+                raise UsageError(f"{self.type!r} has no protobuf form: it is not a msgspec Struct or a dataclass")
+            self._proto = compile_layout(self.layout)
+        return self._proto
 
     def convert(self, value: object, where: str) -> Any:
         cls = type(value)
@@ -133,7 +151,18 @@ class StructCodec(TypeCodec):
 
     def decode(self, data: bytes, wire: str, where: str) -> Any:
         if wire != JSON:
-            raise BadRequest(f"{where}: takes JSON, not {wire} (it is a msgspec endpoint)")
+            if self.layout is None:
+                raise BadRequest(f"{where}: takes JSON, not {wire} ({self.type!r} has no protobuf form)")
+            try:
+                value = self.proto.decode(data if type(data) is bytes else bytes(data), "$")
+            except BadRequest as exc:
+                raise BadRequest(f"{where}: {exc.message}") from None
+            except RecursionError:
+                raise BadRequest(f"{where}: malformed protobuf: messages nested too deep") from None
+            try:
+                return msgspec.convert(value, self.type)
+            except msgspec.ValidationError as exc:
+                raise BadRequest(f"{where}: {exc}") from None
         try:
             return self._decoder.decode(data)
         except msgspec.ValidationError as exc:
@@ -142,7 +171,15 @@ class StructCodec(TypeCodec):
             raise _malformed(where, exc) from None
 
     def encode(self, value: Any, wire: str) -> bytes:
-        return _encoder.encode(value)
+        if wire == JSON:
+            return _encoder.encode(value)
+        try:
+            return self.proto.encode(value)
+        except Error:
+            raise
+        except (AttributeError, TypeError, ValueError, OverflowError, struct.error, RecursionError) as exc:
+            # a Struct is not validated when it is made: a field may hold a value of another type
+            raise Internal(f"cannot encode a {self.type.__name__} as protobuf: {exc!r}") from None
 
     def to_builtins(self, value: Any) -> Any:
         # str_keys: a dict with int keys must come out as its JSON would decode

@@ -4,8 +4,10 @@ grpclib checks the request's content subtype against one codec inside
 ``request_handler``; its per-connection ``Handler.accept`` is the one place a codec
 can be chosen per request. :class:`_Handler` picks ``application/grpc`` (protobuf)
 or ``application/grpc+json`` there, with a pass-through :class:`RawCodec`: bytes
-are decoded by the endpoint's own codec, once. grpclib is pinned (0.4.9) because
-this leans on ``Handler.accept`` and the server stream's ``_stream``.
+are decoded by the endpoint's own codec, once. The standard services every port
+serves (``grpc.health.v1.Health``, server reflection v1 and v1alpha) get grpclib's
+protobuf codec instead. grpclib is pinned (0.4.9) because this leans on
+``Handler.accept`` and the server stream's ``_stream``.
 """
 
 from __future__ import annotations
@@ -20,13 +22,17 @@ from typing import TYPE_CHECKING, Any
 from grpclib.const import Cardinality, Status
 from grpclib.const import Handler as GrpcHandler
 from grpclib.encoding.base import CodecBase
+from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 from grpclib.protocol import H2Protocol
 from grpclib.server import Handler as _BaseHandler
 from grpclib.server import Server, Stream
 
-from micro.codec import JSON, PROTO
+from micro.codec import JSON, PROTO, StructCodec
+from micro.codec.proto_file import Method, service_file, to_text, well_known_files
 from micro.errors import Error, ResourceExhausted
+from micro.server.health import Health
+from micro.server.reflection import Reflection
 
 if TYPE_CHECKING:
     from micro.service.endpoints import Endpoint
@@ -103,23 +109,33 @@ class _Mapping(dict[str, GrpcHandler]):
 class _Handler(_BaseHandler):
     """grpclib's connection handler, choosing codec and mapping per request."""
 
-    def __init__(self, mappings: dict[str, dict[str, GrpcHandler]], dispatch: Any) -> None:
+    def __init__(self, mappings: dict[str, dict[str, GrpcHandler]], standard: dict[str, GrpcHandler],
+                 dispatch: Any) -> None:
         super().__init__(mappings[PROTO], CODECS[PROTO], None, dispatch)
         self._mappings = mappings
+        self._standard = standard
 
     def accept(self, stream: Any, headers: Any, release_stream: Callable[[], Any]) -> None:
         wire = PROTO
         refusal: GRPCError | None = None
+        standard = False
         for key, value in headers:
             if key == "content-type":
                 if value.endswith("+json"):
                     wire = JSON
             elif key == "grpc-timeout":
                 refusal = _check_timeout(value)
+            elif key == ":path":
+                standard = value in self._standard
         # a closing server still sees new calls on connections opened before: refuse
         # them (nothing runs) so the client can go to another node
-        self.mapping = _DRAINING if self.closing else self._mappings[wire]
-        self.codec = CODECS[wire]
+        if self.closing:
+            self.mapping = _DRAINING
+        elif standard:
+            self.mapping = self._standard
+        else:
+            self.mapping = self._mappings[wire]
+        self.codec = _PROTOBUF if standard else CODECS[wire]
         if refusal is not None:  # grpclib would hang on some of these, or answer UNKNOWN
             headers = [(k, v) for k, v in headers if k != "grpc-timeout"]
             self.mapping = _Refusing(refusal)
@@ -140,6 +156,9 @@ def _check_timeout(value: str) -> GRPCError | None:
     if int(match[1]) * _UNIT_SECONDS[match[2]] < _EXPIRED:
         return GRPCError(Status.DEADLINE_EXCEEDED, f"the call's deadline ({value}) had passed when it arrived")
     return None
+
+
+_PROTOBUF = ProtoCodec()
 
 
 class _Refusing(dict[str, GrpcHandler]):
@@ -167,14 +186,15 @@ class _Protocol(H2Protocol):
 
 
 class _Server(Server):
-    def __init__(self, mappings: dict[str, dict[str, GrpcHandler]]) -> None:
+    def __init__(self, mappings: dict[str, dict[str, GrpcHandler]], standard: dict[str, GrpcHandler]) -> None:
         super().__init__([], codec=CODECS[PROTO])
         self._mappings = mappings
+        self._standard = standard
         self.protocols: set[_Protocol] = set()
 
     def _protocol_factory(self) -> H2Protocol:
         self.__gc_step__()
-        handler = _Handler(self._mappings, self.__dispatch__)
+        handler = _Handler(self._mappings, self._standard, self.__dispatch__)
         self._handlers.add(handler)
         protocol = _Protocol(self, handler, self._config, self._h2_config)
         self.protocols.add(protocol)
@@ -217,13 +237,25 @@ async def _recv_data(h2: Any, size: int, where: str, what: str) -> bytes:
 
 
 class GrpcServer:
-    """Serves a set of endpoints on one host:port. ``start()`` binds; ``stop()`` drains."""
+    """Serves a set of endpoints on one host:port. ``start()`` binds; ``stop()`` drains.
 
-    def __init__(self, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+    Every port also serves ``grpc.health.v1.Health`` (:attr:`health`) and, unless
+    ``reflection=False``, server reflection (v1 and v1alpha) with the derived
+    ``.proto`` of the code-first endpoints.
+    """
+
+    def __init__(self, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, reflection: bool = True) -> None:
         self.max_message_size = max_message_size
         proto, json = _Mapping(PROTO), _Mapping(JSON)
         proto.others, json.others = json, proto
         self._mappings: dict[str, dict[str, GrpcHandler]] = {PROTO: proto, JSON: json}
+        self.health = Health()
+        self.reflection = Reflection() if reflection else None
+        self._standard: dict[str, GrpcHandler] = dict(self.health.__mapping__())
+        if self.reflection is not None:
+            self._standard.update(self.reflection.__mapping__())
+        self._methods: dict[str, list[Method]] = {}  # service -> its code-first methods
+        self._text: tuple[tuple[str, int], str] | None = None
         self._server: _Server | None = None
         self.port = 0
         self.host = ""
@@ -234,6 +266,32 @@ class GrpcServer:
         for wire in ep.wires:
             func = self._streaming(ep, wire) if ep.streaming else self._unary(ep, wire)
             self._mappings[wire][ep.path] = GrpcHandler(func, card, bytes, bytes)
+        grpc_service, method = ep.path[1:].split("/", 1)
+        self.health.add(grpc_service, ep.service)
+        req, rsp = ep.request, ep.response
+        if isinstance(req, StructCodec) and isinstance(rsp, StructCodec) and req.layout and rsp.layout:
+            handler = grpc_service.rsplit(".", 1)[-1]
+            self._methods.setdefault(ep.service, []).append(
+                Method(handler, method, req.layout, rsp.layout, ep.streaming, ep.description))
+        if self.reflection is not None:
+            names = {p[1:].split("/", 1)[0] for m in self._mappings.values() for p in m}
+            files = [f.SerializeToString() for f in self.proto_files().values()]
+            self.reflection.update(names, [*well_known_files(), *files])
+
+    def proto_files(self) -> dict[str, Any]:
+        """The ``FileDescriptorProto`` of each service's code-first endpoints, by service name."""
+        return {name: service_file(name, methods) for name, methods in self._methods.items()}
+
+    def proto_text(self, service: str) -> str | None:
+        """The ``.proto`` of a service's code-first endpoints (what ``micro describe --proto`` prints)."""
+        methods = self._methods.get(service)
+        if not methods:
+            return None
+        key = (service, len(methods))
+        if self._text is None or self._text[0] != key:
+            comments = {f"{m.handler}.{m.name}": m.description for m in methods}
+            self._text = (key, to_text(service_file(service, methods), comments))
+        return self._text[1]
 
     def _unary(self, ep: Endpoint, wire: str) -> Callable[[Stream[Any, Any]], Any]:
         limit = self.max_message_size
@@ -284,7 +342,7 @@ class GrpcServer:
         return serve
 
     async def start(self, host: str, port: int, *, ssl: Any = None) -> None:
-        self._server = _Server(self._mappings)
+        self._server = _Server(self._mappings, self._standard)
         await self._server.start(host, port, ssl=ssl, reuse_address=True)
         sock = self._server._server.sockets[0]  # type: ignore[union-attr]
         self.host, self.port = sock.getsockname()[:2]
@@ -294,6 +352,7 @@ class GrpcServer:
         server, self._server = self._server, None
         if server is None:
             return
+        self.health.close()  # NOT_SERVING, and open Watch streams end: they are not in-flight work
         assert server._server is not None
         server._server.close()  # no new connections
         for h in server._handlers:

@@ -3,8 +3,9 @@
 ``class Task: async def ListOverdue(self, req: Req) -> Rsp`` is the endpoint
 ``Task.ListOverdue`` at the gRPC path ``/{package}.Task/ListOverdue``, where the
 package is the protobuf package of proto-first types and the service name for
-msgspec types. A method that returns ``AsyncIterator[Rsp]`` (an ``async def`` with
-``yield``) is a server-streaming endpoint. The docstring is its description: it
+msgspec types (what a package cannot hold, such as ``-``, becomes ``_``). A
+method that returns ``AsyncIterator[Rsp]`` (an ``async def`` with ``yield``) is a
+server-streaming endpoint. The docstring is its description: it
 reaches models as the tool description.
 
 :class:`Endpoint` also holds the one place where a request is handled, shared by
@@ -23,6 +24,7 @@ from typing import Any
 
 from micro import context
 from micro.codec import JSON, PROTO, ProtoCodec, TypeCodec, codec_for
+from micro.codec.proto_file import package_name
 from micro.errors import Error, Internal, UsageError
 from micro.middleware import Next, Request, Wrapper, chain
 from micro.registry import Endpoint as EndpointRecord
@@ -60,7 +62,7 @@ class Endpoint:
 
     @property
     def wires(self) -> tuple[str, ...]:
-        if isinstance(self.request, ProtoCodec) and isinstance(self.response, ProtoCodec):
+        if PROTO in self.request.wires and PROTO in self.response.wires:
             return (PROTO, JSON)
         return (JSON,)
 
@@ -193,7 +195,7 @@ def _endpoint(handler: object, hname: str, attr: str, func: Any, streaming: bool
     elif streaming:
         raise UsageError(f"{where} yields: annotate it -> AsyncIterator[{getattr(rsp_t, '__name__', rsp_t)}]")
     req_c, rsp_c = codec_for(req_t), codec_for(rsp_t)
-    package = req_c.package if isinstance(req_c, ProtoCodec) else service
+    package = req_c.package if isinstance(req_c, ProtoCodec) else package_name(service)
     doc = inspect.getdoc(func) or ""
     return Endpoint(
         service=service,

@@ -28,7 +28,8 @@ import msgspec
 from micro import telemetry
 from micro.broker import Subscription
 from micro.codec import JSON, codec_for
-from micro.errors import BadRequest, UsageError
+from micro.codec.proto_file import renumbered
+from micro.errors import BadRequest, ServiceNotFound, UsageError
 from micro.limits import Limiter
 from micro.middleware import Wrapper
 from micro.registry import Node, ServiceRecord
@@ -79,6 +80,7 @@ class Service:
         tls: serve over TLS with this context (see :mod:`micro.tls`).
         max_message_size: largest request or response in bytes (RESOURCE_EXHAUSTED beyond).
         drain_timeout: seconds in-flight calls get to finish on shutdown.
+        reflection: serve gRPC server reflection (v1 and v1alpha) on the port (on by default).
 
     Example::
 
@@ -93,7 +95,7 @@ class Service:
                  handler_wrappers: Sequence[Wrapper] = (),
                  max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, drain_timeout: float = 10.0,
                  max_concurrency: int | None = None, max_queue: int = 0,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, reflection: bool = True) -> None:
         if not name or any(c.isspace() or c in "/~" for c in name):
             raise UsageError(f"invalid service name {name!r}: use letters, digits, '-', '_' or '.'")
         self.name = name
@@ -112,7 +114,7 @@ class Service:
         self._runtime = runtime
         self._endpoints: dict[str, Endpoint] = {}
         self._subscriptions: list[tuple[str, Callable[..., Awaitable[Any]], str | None, str | None, int | None]] = []
-        self._server = GrpcServer(max_message_size=max_message_size)
+        self._server = GrpcServer(max_message_size=max_message_size, reflection=reflection)
         self._stack: contextlib.AsyncExitStack | None = None
         self._changed = anyio.Event()
         self._stopped = anyio.Event()
@@ -173,13 +175,15 @@ class Service:
     @property
     def record(self) -> ServiceRecord:
         """The registry record of this node."""
+        proto = self._server.proto_text(self.name)  # the wire contract of the code-first endpoints
         return ServiceRecord(
             name=self.name,
             version=self.version,
             metadata=self.metadata,
             endpoints=[ep.record() for ep in self._endpoints.values()],
             nodes=[Node(id=self.id, address=self.address,
-                        metadata={"pid": str(os.getpid()), **({"tls": "true"} if self.tls else {})})],
+                        metadata={"pid": str(os.getpid()), **({"tls": "true"} if self.tls else {}),
+                                  **({"proto": proto} if proto else {})})],
         )
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -215,6 +219,7 @@ class Service:
                 more = {} if prefetch is None else {"prefetch": prefetch}  # brokers of others may not take it
                 subs.append(await rt.broker.subscribe(topic, _subscriber(fn, f"{self.name} {topic}"),
                                                       queue=queue or self.name, durable=durable, **more))
+            await _warn_renumbered(rt, self.record)
             await rt.registry.register(self.record, ttl=self.ttl)
             stack.push_async_callback(self._deregister)
             # the heartbeat stops before the record is deregistered (last in, first out): a beat landing
@@ -224,6 +229,9 @@ class Service:
             stack.push_async_callback(background.aclose)
             self._changed = anyio.Event()
             tg.start_soon(self._heartbeat)
+            self._server.health.set_serving(True)
+            # first thing on the way out: health probes see NOT_SERVING before the node deregisters
+            stack.callback(self._server.health.set_serving, False)
         except BaseException:
             await stack.aclose()
             raise
@@ -291,6 +299,23 @@ async def _unsubscribe_all(subs: list[Subscription]) -> None:
     async with anyio.create_task_group() as tg:
         for sub in subs:
             tg.start_soon(sub.unsubscribe)
+
+
+async def _warn_renumbered(rt: Runtime, record: ServiceRecord) -> None:
+    """Warn when running nodes of this service number the protobuf fields of its messages otherwise."""
+    mine = record.nodes[0].metadata.get("proto")
+    if not mine:
+        return
+    try:
+        others = await rt.registry.get(record.name)
+    except ServiceNotFound:
+        return
+    for rec in others:
+        for node in rec.nodes:
+            theirs = node.metadata.get("proto")
+            for problem in renumbered(mine, theirs) if theirs and node.id != record.nodes[0].id else ():
+                log.warning("service %s: the protobuf layout differs from node %s (%s, running): %s; gRPC clients "
+                            "built from one version misread the other", record.name, node.id, rec.version, problem)
 
 
 def _advertise(host: str) -> str:
