@@ -56,11 +56,11 @@ class HeldRegistry(MemoryRegistry):
     def __init__(self) -> None:
         super().__init__()
         self.deregistering = asyncio.Event()
-        self.release = asyncio.Event()
+        self.let_go = asyncio.Event()
 
     async def deregister(self, record: ServiceRecord) -> None:
         self.deregistering.set()
-        await self.release.wait()
+        await self.let_go.wait()
         await super().deregister(record)
 
 
@@ -71,7 +71,7 @@ async def shop() -> AsyncIterator[micro.Service]:
         service.handle(Shop())
         async with service:
             yield service
-            rt.registry.release.set()
+            rt.registry.let_go.set()
 
 
 async def test_health_check_overall_per_grpc_service_and_per_micro_service(shop: micro.Service) -> None:
@@ -101,11 +101,11 @@ async def test_watch_sees_not_serving_before_the_node_deregisters_then_ends(shop
         stopping = asyncio.create_task(shop.stop())
         assert (await anext(updates)).status == health_pb2.HealthCheckResponse.NOT_SERVING
         await registry.deregistering.wait()
-        assert not registry.release.is_set()  # NOT_SERVING arrived while the node was still registered
+        assert not registry.let_go.is_set()  # NOT_SERVING arrived while the node was still registered
         # a Check during the drain (before the port closes) says so too
         check = await stub.Check(health_pb2.HealthCheckRequest(service=""))
         assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
-        registry.release.set()
+        registry.let_go.set()
         await stopping
         with pytest.raises(StopAsyncIteration):  # the server ended the stream when it stopped
             await anext(updates)

@@ -29,7 +29,7 @@ from grpclib.server import Handler as _BaseHandler
 from grpclib.server import Server, Stream
 
 from micro.codec import JSON, PROTO, StructCodec
-from micro.codec.proto_file import Method, service_file, to_text, well_known_files
+from micro.codec.proto_file import Method, package_name, service_file, to_text, well_known_files
 from micro.errors import Error, ResourceExhausted
 from micro.server.health import Health
 from micro.server.reflection import Reflection
@@ -255,6 +255,7 @@ class GrpcServer:
         if self.reflection is not None:
             self._standard.update(self.reflection.__mapping__())
         self._methods: dict[str, list[Method]] = {}  # service -> its code-first methods
+        self._grpc_services: set[str] = set()  # as gRPC clients name them (reflection lists them)
         self._text: tuple[tuple[str, int], str] | None = None
         self._server: _Server | None = None
         self.port = 0
@@ -263,20 +264,25 @@ class GrpcServer:
     def add(self, ep: Endpoint) -> None:
         """Serve ``ep`` (also after start: the mapping is read per request)."""
         card = Cardinality.UNARY_STREAM if ep.streaming else Cardinality.UNARY_UNARY
-        for wire in ep.wires:
-            func = self._streaming(ep, wire) if ep.streaming else self._unary(ep, wire)
-            self._mappings[wire][ep.path] = GrpcHandler(func, card, bytes, bytes)
         grpc_service, method = ep.path[1:].split("/", 1)
-        self.health.add(grpc_service, ep.service)
+        handler = grpc_service.rsplit(".", 1)[-1]
+        paths = [ep.path]
         req, rsp = ep.request, ep.response
         if isinstance(req, StructCodec) and isinstance(rsp, StructCodec) and req.layout and rsp.layout:
-            handler = grpc_service.rsplit(".", 1)[-1]
             self._methods.setdefault(ep.service, []).append(
                 Method(handler, method, req.layout, rsp.layout, ep.streaming, ep.description))
+            # the derived .proto's package: service `task-api` is called at /task_api.Task/... by gRPC clients
+            grpc_service = f"{package_name(ep.service)}.{handler}"
+            paths.append(f"/{grpc_service}/{method}")
+        for wire in ep.wires:
+            func = self._streaming(ep, wire) if ep.streaming else self._unary(ep, wire)
+            for path in dict.fromkeys(paths):
+                self._mappings[wire][path] = GrpcHandler(func, card, bytes, bytes)
+        self.health.add(grpc_service, ep.service)
+        self._grpc_services.add(grpc_service)
         if self.reflection is not None:
-            names = {p[1:].split("/", 1)[0] for m in self._mappings.values() for p in m}
             files = [f.SerializeToString() for f in self.proto_files().values()]
-            self.reflection.update(names, [*well_known_files(), *files])
+            self.reflection.update(self._grpc_services, [*well_known_files(), *files])
 
     def proto_files(self) -> dict[str, Any]:
         """The ``FileDescriptorProto`` of each service's code-first endpoints, by service name."""

@@ -3,8 +3,9 @@
 ``class Task: async def ListOverdue(self, req: Req) -> Rsp`` is the endpoint
 ``Task.ListOverdue`` at the gRPC path ``/{package}.Task/ListOverdue``, where the
 package is the protobuf package of proto-first types and the service name for
-msgspec types (what a package cannot hold, such as ``-``, becomes ``_``). A
-method that returns ``AsyncIterator[Rsp]`` (an ``async def`` with ``yield``) is a
+msgspec types (gRPC clients built from the derived ``.proto`` call it under its
+package name, where ``-`` and what else a package cannot hold become ``_``; the
+server answers both). A method that returns ``AsyncIterator[Rsp]`` (an ``async def`` with ``yield``) is a
 server-streaming endpoint. The docstring is its description: it
 reaches models as the tool description.
 
@@ -24,7 +25,6 @@ from typing import Any
 
 from micro import context
 from micro.codec import JSON, PROTO, ProtoCodec, TypeCodec, codec_for
-from micro.codec.proto_file import package_name
 from micro.errors import Error, Internal, UsageError
 from micro.middleware import Next, Request, Wrapper, chain
 from micro.registry import Endpoint as EndpointRecord
@@ -195,7 +195,7 @@ def _endpoint(handler: object, hname: str, attr: str, func: Any, streaming: bool
     elif streaming:
         raise UsageError(f"{where} yields: annotate it -> AsyncIterator[{getattr(rsp_t, '__name__', rsp_t)}]")
     req_c, rsp_c = codec_for(req_t), codec_for(rsp_t)
-    package = req_c.package if isinstance(req_c, ProtoCodec) else package_name(service)
+    package = req_c.package if isinstance(req_c, ProtoCodec) else service
     doc = inspect.getdoc(func) or ""
     return Endpoint(
         service=service,
