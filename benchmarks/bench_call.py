@@ -16,6 +16,13 @@
     (msgspec Structs, ``application/grpc+json``). Every call on both sides
     carries a 60 s deadline (micro always sends one). Targets: ≥ 1.0× at 64, and
     micro at 256 no slower than at 64.
+(c) **any gRPC client**: the raw grpclib+upb client (the baseline's) calling
+    micro's code-first endpoint over protobuf (the ``.proto`` micro derives from
+    the msgspec Structs) and, for comparison, micro's proto-first endpoint, both
+    ÷ raw. Target: code-first protobuf ≥ the proto-first figure (ratio of the two
+    ≥ 1.0 at 64 in flight, within noise).
+(d) **metrics**: the in-process typed call with ``micro.metrics.enable()`` ÷
+    the same call with metrics off. Target: ≤ 1.10×.
 
 Repetitions are interleaved (baseline, micro, baseline, …) so that drift on a
 noisy machine hits both sides; a ratio is the median of the per-repetition
@@ -40,6 +47,7 @@ from benchmarks._call_server import SERVICE, ListOverdueRequest, ListOverdueResp
 from benchmarks._proto import benchcall as bp
 from benchmarks._rawpb import benchcall_pb2 as pb
 from benchmarks._rawpb.benchcall_grpc import TaskStub
+from micro import metrics
 
 Result = tuple[str, float, str]
 Call = Callable[[], Awaitable[Any]]
@@ -130,6 +138,18 @@ async def _inproc() -> list[Result]:
                 def typed() -> Awaitable[Any]:
                     return call("benchtask", "Task.ListOverdue", typed_req, response_type=ListOverdueResponse)
 
+                # the same service and call with metrics on: hooks are set up when runtimes and services are made
+                metrics.enable()
+                try:
+                    metered = micro.Runtime(registry="memory://", store="memory://", broker="memory://")
+                    async with metered:
+                        on_service = micro.New("benchtask", runtime=metered)
+                        on_service.handle(handler)
+                        async with on_service:
+                            on_us, off_us = await _metrics_cost(metered.client.call, call, typed_req)
+                finally:
+                    metrics.disable()
+
                 def as_dict() -> Awaitable[Any]:
                     return call("benchtask", "Task.ListOverdue", dict_req)
 
@@ -154,6 +174,13 @@ async def _inproc() -> list[Result]:
         await asyncio.gather(server, return_exceptions=True)
 
     out: list[Result] = []
+    r, lo, hi = _median_ratio(on_us, off_us)
+    out.append((
+        "inproc.metrics.ratio", round(r, 3),
+        f"in-process typed call with metrics on (prometheus_client) vs off: {statistics.median(on_us):.1f} vs "
+        f"{statistics.median(off_us):.1f} µs/call -> {r:.2f}x ({INPROC_REPS} reps: {lo:.2f}-{hi:.2f}; "
+        f"target <= 1.10x: {_verdict(r <= 1.10)})",
+    ))
     base = statistics.median(base_us)
     for label, name, us in (("typed msgspec in/out", "typed", typed_us), ("dict in/dict out", "dict", dict_us)):
         r, lo, hi = _median_ratio(us, base_us)
@@ -164,6 +191,32 @@ async def _inproc() -> list[Result]:
             f"{_verdict(r <= 1.0)})",
         ))
     return out
+
+
+async def _metrics_cost(on_call: Any, off_call: Any, req: Any) -> tuple[list[float], list[float]]:
+    """µs/call with metrics on (a runtime made with them on) and off (one made with them off, the flag off)."""
+    def on() -> Awaitable[Any]:
+        return on_call("benchtask", "Task.ListOverdue", req, response_type=ListOverdueResponse)
+
+    def off() -> Awaitable[Any]:
+        return off_call("benchtask", "Task.ListOverdue", req, response_type=ListOverdueResponse)
+
+    async def measure(fn: Call, enabled: bool, n: int) -> float:
+        if enabled:
+            metrics.enable()
+        else:
+            metrics.disable()
+        return await _seq_us(fn, n)
+
+    await measure(on, True, 2_000)
+    await measure(off, False, 2_000)
+    on_us: list[float] = []
+    off_us: list[float] = []
+    for rep in range(INPROC_REPS):
+        pair = [(on, True, on_us), (off, False, off_us)]
+        for fn, enabled, into in pair if rep % 2 == 0 else pair[::-1]:
+            into.append(await measure(fn, enabled, INPROC_CALLS))
+    return on_us, off_us
 
 
 # -- (b) gRPC, two processes -----------------------------------------------------------------
@@ -207,7 +260,7 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
 
 
 async def _grpc() -> list[Result]:
-    from grpclib.client import Channel
+    from grpclib.client import Channel, UnaryUnaryMethod
 
     procs: list[asyncio.subprocess.Process] = []
     reps = 0
@@ -216,9 +269,16 @@ async def _grpc() -> list[Result]:
         env = {k: v for k, v in os.environ.items() if k != "MICRO_REGISTRY"}
         env["MICRO_HOME"] = home
         channel: Channel | None = None
+        to_micro: Channel | None = None
         try:
-            proc, _ = await _spawn("micro", env)
+            proc, micro_addr = await _spawn("micro", env)
             procs.append(proc)
+            m_host, _, m_port = micro_addr.rpartition(":")
+            to_micro = Channel(m_host, int(m_port))  # the raw grpclib+upb client, at micro's port
+            upb_code_first = UnaryUnaryMethod(to_micro, "/benchcall.TaskJSON/ListOverdue",
+                                              pb.ListOverdueRequest, pb.ListOverdueResponse)
+            upb_proto_first = UnaryUnaryMethod(to_micro, "/benchcall.Task/ListOverdue",
+                                               pb.ListOverdueRequest, pb.ListOverdueResponse)
             proc, raw_addr = await _spawn("raw", env)
             procs.append(proc)
             host, _, port = raw_addr.rpartition(":")
@@ -243,7 +303,14 @@ async def _grpc() -> list[Result]:
                     return call(SERVICE, "TaskJSON.ListOverdue", json_req, response_type=ListOverdueResponse,
                                 timeout=DEADLINE)
 
-                systems: dict[str, Call] = {"raw": raw, "proto": micro_proto, "json": micro_json}
+                def code_first() -> Awaitable[Any]:
+                    return upb_code_first(raw_req, timeout=DEADLINE)
+
+                def proto_first() -> Awaitable[Any]:
+                    return upb_proto_first(raw_req, timeout=DEADLINE)
+
+                systems: dict[str, Call] = {"raw": raw, "proto": micro_proto, "json": micro_json,
+                                            "upb_code_first": code_first, "upb_proto_first": proto_first}
                 for name, fn in systems.items():
                     rsp = await fn()
                     assert rsp.total == 3 and len(rsp.records) == 3, (name, rsp)
@@ -261,11 +328,13 @@ async def _grpc() -> list[Result]:
                 order = list(systems)
                 for rep in range(reps):
                     for n in GRPC_INFLIGHT:
-                        for name in order[rep % 3:] + order[:rep % 3]:  # rotate: no side always goes first
+                        k = rep % len(order)
+                        for name in order[k:] + order[:k]:  # rotate: no side always goes first
                             rates.setdefault((name, n), []).append(await _rate(systems[name], n, counts[n]))
         finally:
-            if channel is not None:
-                channel.close()
+            for ch in (channel, to_micro):
+                if ch is not None:
+                    ch.close()
             if saved is None:
                 os.environ.pop("MICRO_HOME", None)
             else:
@@ -288,6 +357,25 @@ async def _grpc() -> list[Result]:
                 f"gRPC 2 processes, {n} in flight, {labels[wire]}: {med[wire, n]:,.0f} calls/s vs raw "
                 f"grpclib+upb {med['raw', n]:,.0f} calls/s -> {r:.2f}x ({reps} reps: {lo:.2f}-{hi:.2f}{target})",
             ))
+    for name, label in (("upb_code_first", "micro code-first (msgspec, protobuf from the derived .proto)"),
+                        ("upb_proto_first", "micro proto-first (betterproto2)")):
+        for n in GRPC_INFLIGHT:
+            r, lo, hi = _median_ratio(rates[name, n], rates["raw", n])
+            out.append((
+                f"grpc.{name}.c{n}.ratio", round(r, 3),
+                f"gRPC 2 processes, {n} in flight, a grpclib+upb client calling {label}: {med[name, n]:,.0f} "
+                f"calls/s vs the raw grpclib+upb server {med['raw', n]:,.0f} -> {r:.2f}x "
+                f"({reps} reps: {lo:.2f}-{hi:.2f})",
+            ))
+    for n in GRPC_INFLIGHT:
+        r, lo, hi = _median_ratio(rates["upb_code_first", n], rates["upb_proto_first", n])
+        target = f"; target >= 1.0x: {_verdict(r >= 0.97)} (within 3% noise)" if n == 64 else ""
+        out.append((
+            f"grpc.code_first_vs_proto_first.c{n}", round(r, 3),
+            f"gRPC {n} in flight, protobuf to a code-first endpoint vs to a proto-first one (same upb client): "
+            f"{med['upb_code_first', n]:,.0f} vs {med['upb_proto_first', n]:,.0f} calls/s -> {r:.2f}x "
+            f"({reps} reps: {lo:.2f}-{hi:.2f}{target})",
+        ))
     for name in ("proto", "json", "raw"):
         r, lo, hi = _median_ratio(rates[name, 256], rates[name, 64])
         who = labels.get(name, "raw grpclib+upb (baseline, one connection)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from micro import metrics
 from micro.errors import ResourceExhausted, UsageError
 from micro.middleware import Next, Request
 
@@ -37,6 +38,7 @@ class Limiter:
             if self._slots.locked():
                 if self.waiting >= self.max_queue:
                     self.rejected += 1
+                    metrics.count("overload", self.service)
                     raise ResourceExhausted(
                         f"{self.service} is at its limit of {self.max_concurrency} calls in flight "
                         f"and {self.max_queue} queued: retry later"

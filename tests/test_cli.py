@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,8 +28,8 @@ class Running:
         self.banner = banner
 
 
-def start_app(path: str) -> Running:
-    proc = subprocess.Popen([*MICRO, "run", path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+def start_app(path: str, *options: str) -> Running:
+    proc = subprocess.Popen([*MICRO, "run", path, *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=os.environ.copy(), cwd=ROOT)
     banner: list[str] = []
     assert proc.stdout is not None
@@ -45,6 +46,10 @@ def start_app(path: str) -> Running:
 def tasks_app() -> Iterator[Running]:
     app = start_app("examples/tasks")
     yield app
+    stop_app(app)
+
+
+def stop_app(app: Running) -> None:
     assert app.proc.stdout is not None
     if app.proc.poll() is None:
         app.proc.send_signal(signal.SIGINT)
@@ -135,6 +140,32 @@ def test_grpcio_calls_a_code_first_endpoint_with_stubs_from_describe_proto(tasks
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "task Task.ListOverdue: malformed protobuf: a string that is not UTF-8 - at `$.user_id`" \
             in err.value.details()
+
+
+def test_micro_run_metrics_address_serves_metrics_and_health() -> None:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    app = start_app("examples/tasks", "--metrics-address", "127.0.0.1:0")
+    try:
+        found = re.search(r"metrics on (http://\S+)/metrics", "".join(app.banner))
+        assert found, app.banner
+        url = found[1]
+        assert httpx.get(f"{url}/health/live").text == "live\n"
+        assert httpx.get(f"{url}/health/ready").status_code == 200
+
+        def served() -> float:
+            text = httpx.get(f"{url}/metrics").text
+            wanted = {"service": "task", "endpoint": "Task.ListOverdue", "path": "grpc", "code": "OK"}
+            return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                       if s.name == "micro_rpc_server_calls_total" and s.labels == wanted)
+
+        before = served()
+        for _ in range(3):
+            assert micro("call", "task", "Task.ListOverdue", '{"user_id": "alice"}').returncode == 0
+        assert served() == before + 3
+    finally:
+        stop_app(app)
 
 
 def test_describe_proto_of_every_example_service_compiles_with_protoc(tasks_app: Running, tmp_path: Path) -> None:

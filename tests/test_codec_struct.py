@@ -377,3 +377,43 @@ def test_a_response_field_of_the_wrong_type_is_an_internal_error_not_a_crash() -
         codec_for(Inner).encode(Inner(label=5), PROTO)  # type: ignore[arg-type]
     with pytest.raises(Internal, match="int64"):
         codec_for(Reply).encode(Reply([], 2**70), PROTO)
+
+
+# -- proto-first: descriptors rebuilt from betterproto2 classes ------------------------------------
+
+
+def _normalized(fdp: descriptor_pb2.FileDescriptorProto) -> descriptor_pb2.FileDescriptorProto:
+    """Without what betterproto2 does not keep: the file name, options, comments; messages by name."""
+    out = descriptor_pb2.FileDescriptorProto.FromString(fdp.SerializeToString())
+    for name in ("name", "options", "source_code_info"):
+        out.ClearField(name)
+    for svc in out.service:
+        for method in svc.method:
+            method.ClearField("options")
+    for repeated in (out.message_type, out.enum_type):
+        items = sorted(repeated, key=lambda m: m.name)
+        del repeated[:]
+        repeated.extend(items)
+    return out
+
+
+@pytest.mark.parametrize("which", ["greeter", "agent"])
+def test_proto_first_descriptors_rebuilt_from_betterproto2_equal_protocs(which: str, tmp_path: Path) -> None:
+    from _proto.greeter import HelloReply, HelloRequest
+
+    from micro._proto.micro.agent import ChatEvent, ChatRequest, ChatResponse
+    from micro.codec.proto_file import ProtoMethod, betterproto_file
+
+    root = Path(__file__).parent.parent
+    if which == "greeter":
+        source, package = root / "tests" / "proto" / "greeter.proto", "greeter"
+        methods = [ProtoMethod("Greeter", "SayHello", HelloRequest, HelloReply, False),
+                   ProtoMethod("Greeter", "SayMany", HelloRequest, HelloReply, True)]
+    else:
+        source, package = root / "proto" / "agent.proto", "micro.agent"
+        methods = [ProtoMethod("Agent", "Chat", ChatRequest, ChatResponse, False),
+                   ProtoMethod("Agent", "StreamChat", ChatRequest, ChatEvent, True)]
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{source.parent}",
+                    f"--descriptor_set_out={tmp_path / 'set.binpb'}", str(source)], check=True, capture_output=True)
+    (theirs,) = descriptor_pb2.FileDescriptorSet.FromString((tmp_path / "set.binpb").read_bytes()).file
+    assert _normalized(betterproto_file(package, methods)) == _normalized(theirs)

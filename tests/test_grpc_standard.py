@@ -17,6 +17,7 @@ import grpc
 import grpc.aio
 import msgspec
 import pytest
+from _proto.greeter import HelloReply, HelloRequest
 from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
@@ -50,6 +51,12 @@ class Shop:
         return OrderReply(f"{req.customer}-1", sum(line.qty for line in req.lines), req.deliver_by)
 
 
+class Greeter:
+    async def SayHello(self, req: HelloRequest) -> HelloReply:
+        """Greet."""
+        return HelloReply(message=f"hello {req.name}, {len(req.counts)} counts", index=req.times)
+
+
 class HeldRegistry(MemoryRegistry):
     """A registry whose deregistration waits for the test: what a drain does before it is visible."""
 
@@ -69,6 +76,7 @@ async def shop() -> AsyncIterator[micro.Service]:
     async with micro.Runtime(registry=HeldRegistry(), store="memory://", broker="memory://") as rt:
         service = micro.Service("shop-api", runtime=rt)
         service.handle(Shop())
+        service.handle(Greeter())  # proto-first, package greeter
         async with service:
             yield service
             rt.registry.let_go.set()
@@ -84,9 +92,9 @@ async def test_health_check_overall_per_grpc_service_and_per_micro_service(shop:
             await stub.Check(health_pb2.HealthCheckRequest(service="nope.Nope"))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         listed = await stub.List(health_pb2.HealthListRequest())
-        assert {k: v.status for k, v in listed.statuses.items()} == {
-            "": health_pb2.HealthCheckResponse.SERVING, "shop_api.Shop": health_pb2.HealthCheckResponse.SERVING,
-            "shop-api": health_pb2.HealthCheckResponse.SERVING}
+        names = ("", "shop_api.Shop", "greeter.Greeter", "shop-api")
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert {k: v.status for k, v in listed.statuses.items()} == dict.fromkeys(names, serving)
 
 
 async def test_watch_sees_not_serving_before_the_node_deregisters_then_ends(shop: micro.Service) -> None:
@@ -126,13 +134,20 @@ def _reflect(address: str) -> tuple[list[str], Any, Any]:
         call = channel.unary_unary("/shop_api.Shop/Order", request_serializer=request_cls.SerializeToString,
                                    response_deserializer=reply_cls.FromString)
         reply = call(request, timeout=10)
-        return services, reply, [m.name for m in health.methods]
+        # a proto-first endpoint: its descriptor rebuilt from the betterproto2 classes
+        hello = pool.FindMethodByName("greeter.Greeter.SayHello")
+        hello_cls = message_factory.GetMessageClass(hello.input_type)
+        greet = channel.unary_unary("/greeter.Greeter/SayHello", request_serializer=hello_cls.SerializeToString,
+                                    response_deserializer=message_factory.GetMessageClass(hello.output_type).FromString)
+        greeted = greet(hello_cls(name="ann", times=2, tone="TONE_WARM", counts={"a": 1}), timeout=10)
+        return services, (reply, greeted), [m.name for m in health.methods]
 
 
 async def test_reflection_lists_and_resolves_and_a_dynamic_request_calls_the_endpoint(shop: micro.Service) -> None:
-    services, reply, health_methods = await asyncio.to_thread(_reflect, shop.address)
-    assert services == ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
+    services, (reply, greeted), health_methods = await asyncio.to_thread(_reflect, shop.address)
+    assert services == ["greeter.Greeter", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
                         "grpc.reflection.v1alpha.ServerReflection", "shop_api.Shop"]
+    assert (greeted.message, greeted.index) == ("hello ann, 1 counts", 2)
     assert (reply.id, reply.items) == ("ann-1", 5)
     assert reply.deliver_by.ToDatetime(tzinfo=dt.UTC) == dt.datetime(2030, 5, 6, 7, 8, 9, tzinfo=dt.UTC)
     assert health_methods == ["Check", "List", "Watch"]

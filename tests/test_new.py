@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -76,6 +77,24 @@ def call_json(env: dict[str, str], *args: str) -> Any:
     return json.loads(res.stdout)
 
 
+def grpcurl_like(address: str, method: str, body: str) -> Any:
+    """``grpcurl -plaintext -d BODY ADDRESS SERVICE/METHOD``: the request type from reflection, JSON in and out."""
+    import grpc
+    from google.protobuf import descriptor_pool, json_format, message_factory
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    service, _, name = method.partition("/")
+    with grpc.insecure_channel(address) as channel:
+        pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+        desc = pool.FindMethodByName(f"{service}.{name}")
+        request_cls = message_factory.GetMessageClass(desc.input_type)
+        reply_cls = message_factory.GetMessageClass(desc.output_type)
+        call = channel.unary_unary(f"/{method}", request_serializer=request_cls.SerializeToString,
+                                   response_deserializer=reply_cls.FromString)
+        reply = call(json_format.Parse(body, request_cls()), timeout=10)
+    return json_format.MessageToDict(reply, preserving_proto_field_name=True)
+
+
 def run_pytest(env: dict[str, str], project: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=project,
                           env=env, capture_output=True, text=True, timeout=120)
@@ -129,6 +148,11 @@ def test_micro_run_in_the_project_answers_micro_call(project: tuple[str, Path], 
         assert created == {"item": {"id": "1", "title": "Write the docs", "done": False}}
         listed = call_json(env, name, f"{cls}.List", "{}")
         assert listed == {"items": [created["item"]], "total": 1}
+        # the README's grpcurl line, done as grpcurl does it: reflection, JSON -> protobuf -> JSON
+        readme = (path / "README.md").read_text()
+        body, method = re.findall(r"grpcurl -plaintext -d '(.+?)' 127\.0\.0\.1:PORT (\S+)", readme)[0]
+        port = re.findall(rf"service {name} on 127\.0\.0\.1:(\d+)", app.banner)[0]
+        assert grpcurl_like(f"127.0.0.1:{port}", method, body) == {"item": {"id": "2", "title": "Write the docs"}}
         if (path / "agent.py").exists():
             assert f"agent {name}-agent on 127.0.0.1:" in app.banner
             assert "scripted demo model" in app.banner

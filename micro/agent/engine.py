@@ -30,6 +30,7 @@ from typing import Any
 import anyio
 import msgspec
 
+from micro import metrics
 from micro._proto.micro.agent import ChatResponse, ResumeRequest, ToolCall
 from micro._proto.micro.agent import PendingCall as PendingMessage
 from micro.ai import Usage
@@ -421,6 +422,7 @@ class RunEngine:
         record.expires = self.clock() + self.pause_ttl
         await self.runs.mark_waiting(record)  # before the record: a listing checks the record's status
         await checkpoint.save(strict=True)
+        metrics.agent_run(record.agent, record.status, ())
         log.info("%s run %s %s: waits for %s", self.name, record.id, record.status, record.waits_for(),
                  extra={"micro_run_id": record.id, "micro_agent": self.name})
 
@@ -430,6 +432,7 @@ class RunEngine:
         record.status, record.reply, record.pending = "completed", reply, []
         record.finished = time.time()
         await checkpoint.save()
+        metrics.agent_run(record.agent, record.status, record.tool_calls)
 
     async def fail(self, checkpoint: Checkpoint, exc: BaseException) -> None:
         """The drive raised (or was cancelled): write how the run ended, unless another process owns it now."""
@@ -447,6 +450,7 @@ class RunEngine:
                 await checkpoint.save()
             except Conflict:
                 pass
+        metrics.agent_run(record.agent, record.status, record.tool_calls)
 
     async def pending(self) -> list[AgentRun]:
         """The runs that wait for a person (paused or input_required), oldest first."""

@@ -36,7 +36,7 @@ from typing import Any, TypeAlias
 import anyio
 import msgspec
 
-from micro import telemetry
+from micro import metrics, telemetry
 from micro.ai import (
     Done,
     Message,
@@ -231,7 +231,8 @@ class Run:
     async def _model(self, messages: list[Message], tools: list[ToolSpec]) -> Response:
         attrs = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": self.model.name,
                  "gen_ai.request.model": self.model.model}
-        with telemetry.span(f"chat {self.model.model}", "client", attrs) as span:
+        with telemetry.span(f"chat {self.model.model}", "client", attrs) as span, \
+                metrics.model_call(self.model) as seen:
             try:
                 async with asyncio.timeout(self.limits.model_timeout) as cm:
                     if self.emit is None:
@@ -246,6 +247,7 @@ class Run:
                 raise Timeout(
                     f"{self.model!r} did not answer within model_timeout={self.limits.model_timeout}s"
                 ) from None
+            seen(rsp)
             if span is not None:
                 span.set_attribute("gen_ai.response.model", rsp.model)
                 span.set_attribute("gen_ai.response.finish_reasons", [rsp.stop_reason])

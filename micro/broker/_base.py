@@ -25,6 +25,7 @@ import anyio
 import betterproto2
 import msgspec
 
+from micro import metrics
 from micro.codec import encode_json
 from micro.errors import BrokerError, MicroError, UsageError
 from micro.resource import Resource, State
@@ -162,6 +163,8 @@ class Broker(Resource, abc.ABC):
                 topics.add(topic)
         if self._state is not _OPEN:
             self._check_open(f"publish to {topic!r}")
+        if metrics.ON:
+            metrics.count("published", type(self).__name__, topic, bounded=1)
         return self._publish(topic, data, headers)
 
     async def subscribe(
@@ -186,6 +189,7 @@ class Broker(Resource, abc.ABC):
         if prefetch is not None and (isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1):
             raise UsageError(f"prefetch must be at least 1 (got {prefetch!r}) for {topic!r}")
         self._check_open(f"subscribe to {topic!r}")
+        handler = metrics.subscriber(type(self).__name__, topic, handler) if metrics.ON else handler
         return await self._subscribe(topic, handler, queue=queue or None, durable=durable or None,
                                      prefetch=prefetch)
 

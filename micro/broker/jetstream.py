@@ -53,6 +53,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("the nats+js broker needs nats-py: pip install 'micro[nats]'", name=e.name) from e
 
+from micro import metrics
 from micro.broker._base import (
     ID_HEADER,
     Message,
@@ -348,6 +349,7 @@ class JetStreamSubscription(Subscription):
             await self._settle(msg.term())
             return
         target = f"{broker.dead_letter_prefix}.{msg.subject}"
+        metrics.count("dead_letters", type(broker).__name__, msg.subject, bounded=1)
         headers = dict(message.headers)
         headers.update({ID_HEADER: message.id, ERROR_HEADER: " ".join(error.split())[:1024],
                         TOPIC_HEADER: msg.subject, DELIVERIES_HEADER: str(message.delivery)})

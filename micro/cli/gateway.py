@@ -24,6 +24,7 @@ import anyio
 import anyio.abc
 import click
 
+from micro import metrics
 from micro.cli.main import cli_runtime, err, fail, main, out, run_async
 
 
@@ -157,6 +158,7 @@ async def api(address: str, token_env: str | None, timeout: float, max_body: int
     """
     from micro.gateway.http import LOOPBACK_HOSTS, app
 
+    metrics.enable_if_installed()  # before the runtime: its client counts the calls made through the gateway
     token = _token(token_env, address)
     host, _ = parse_address(address)
     # on loopback only this machine's names are served; elsewhere the name is the operator's to choose
@@ -195,6 +197,8 @@ async def mcp(transport: str, services: str | None, address: str, token_env: str
     from micro.gateway.mcp import MCPGateway
 
     names = [s.strip() for s in services.split(",") if s.strip()] if services else None
+    if transport == "http":
+        metrics.enable_if_installed()  # served at /metrics beside /mcp
     gateway = MCPGateway(cli_runtime(), services=names, timeout=timeout)
     if transport == "stdio":
         if token_env is not None:

@@ -32,6 +32,7 @@ import click
 
 from micro.agent.tools import tool_name
 from micro.cli.main import fail, main, out
+from micro.codec.proto_file import package_name
 from micro.errors import UsageError
 
 __all__ = ["Project", "render", "scaffold"]
@@ -122,6 +123,8 @@ def render(project: Project) -> dict[str, str]:
         files.append(("handler.py.tmpl", "handler.py"))
         rows.append("| `Makefile` | `make run`, `make test` |")
         v["proto_target"] = v["proto_phony"] = ""
+    v["grpc_service"] = f"{project.package if project.proto else package_name(project.name)}.{project.cls}"
+    sections.append(_template("readme_grpc.md.tmpl", v))
     if project.agent:
         files += [("agent.py.tmpl", "agent.py"), ("test_agent.py.tmpl", "tests/test_agent.py")]
         rows.append(f"| `agent.py` | the `{project.agent_name}` agent over the service |")

@@ -73,9 +73,12 @@ def runnables(module: ModuleType) -> list[Any]:
 @click.option("--log-format", envvar="MICRO_LOG_FORMAT", default="text", show_default=True,
               type=click.Choice(["text", "json"]), help="Log lines as text or JSON (or $MICRO_LOG_FORMAT); "
               "records made inside an agent run carry its run id.")
+@click.option("--metrics-address", metavar="HOST:PORT", envvar="MICRO_METRICS_ADDRESS",
+              help="Serve Prometheus /metrics, /health/live and /health/ready here (or $MICRO_METRICS_ADDRESS; "
+              "off by default; needs micro[metrics]).")
 @run_async
 async def run(path: Path | None, prompt: str | None, provider: str | None, out_dir: Path | None,
-              rounds: int, log_level: str, log_format: str) -> None:
+              rounds: int, log_level: str, log_format: str, metrics_address: str | None = None) -> None:
     """Run every service, agent and flow defined in PATH (a file, or a directory with app.py; default .).
 
     With --prompt, a model writes the system first (see docs/scaffolding.md); it runs
@@ -97,10 +100,21 @@ async def run(path: Path | None, prompt: str | None, provider: str | None, out_d
         path = await generate_for_cli(prompt, provider, out_dir, rounds)
     elif provider is not None or out_dir is not None:
         fail("--provider and --out go with --prompt", 2)
-    await serve(path if path is not None else Path("."))
+    if metrics_address is not None:
+        _enable_metrics()  # before the app is imported: its services and runtimes set up their hooks when made
+    await serve(path if path is not None else Path("."), metrics_address=metrics_address)
 
 
-async def serve(path: Path) -> None:
+def _enable_metrics() -> None:
+    from micro import metrics
+
+    try:
+        metrics.enable()
+    except ImportError:
+        fail("--metrics-address needs prometheus_client: pip install 'micro[metrics]'", 2)
+
+
+async def serve(path: Path, *, metrics_address: str | None = None) -> None:
     """Import the app at ``path`` and run what it defines until SIGINT/SIGTERM (what ``micro run PATH`` does)."""
     module = load_app(path)
     items = runnables(module)
@@ -109,6 +123,12 @@ async def serve(path: Path) -> None:
     from micro.service.service import stop_on_signals
 
     async with contextlib.AsyncExitStack() as stack:
+        if metrics_address is not None:  # first in, last out: probes answer (503) while the services drain
+            from micro.server.probes import start_probes
+
+            probes = await start_probes(metrics_address, items)
+            stack.push_async_callback(probes.aclose)
+            out.print(f"[green]●[/green] metrics on {probes.url}/metrics (and /health/live, /health/ready)")
         for item in items:
             await stack.enter_async_context(item)
         for item in items:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import betterproto2
 import msgspec
 
-from micro import context, telemetry
+from micro import context, metrics, telemetry
 from micro.codec import JSON, PROTO, codec_for, encode_json, is_proto_message
 from micro.codec.proto_compiled import compiled
 from micro.errors import BadRequest, EndpointNotFound, ResourceExhausted, ServiceNotFound, Timeout, Unavailable
@@ -63,7 +63,7 @@ class Client:
         self._rr: dict[str, itertools.count[int]] = {}
         self._pools: dict[str, NodePool] = {}
         self._watchdog = Watchdog()
-        self._call: Next = chain([telemetry.call_wrapper, *wrappers], self._dispatch)
+        self._call: Next = chain([telemetry.call_wrapper, metrics.call_wrapper(self._local), *wrappers], self._dispatch)
         self._publish = publish
 
     # -- public API ---------------------------------------------------------------------------

@@ -14,14 +14,17 @@ a number (``Item2``).
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf import descriptor_pb2 as pb
 
 from micro.codec import layout as L
 
-__all__ = ["Method", "package_name", "service_file", "to_text", "well_known_files"]
+__all__ = ["Method", "NoDescriptor", "ProtoMethod", "betterproto_file", "package_name", "renumbered", "service_file",
+           "to_text", "well_known_files"]
 
 _F = pb.FieldDescriptorProto
 _TYPES = {L.STRING: _F.TYPE_STRING, L.BYTES: _F.TYPE_BYTES, L.BOOL: _F.TYPE_BOOL, L.INT64: _F.TYPE_INT64,
@@ -268,3 +271,144 @@ def renumbered(mine: str, theirs: str) -> list[str]:
             problems.append(f"field {num} of {msg} is {name} here and {by_number[(msg, num)]} there: "
                             f"pin the fields' numbers with micro.field(n)")
     return problems
+
+
+# -- proto-first: the descriptor of betterproto2 classes ------------------------------------------
+
+_BP_TYPES = {
+    "double": _F.TYPE_DOUBLE, "float": _F.TYPE_FLOAT, "int64": _F.TYPE_INT64, "uint64": _F.TYPE_UINT64,
+    "int32": _F.TYPE_INT32, "fixed64": _F.TYPE_FIXED64, "fixed32": _F.TYPE_FIXED32, "bool": _F.TYPE_BOOL,
+    "string": _F.TYPE_STRING, "bytes": _F.TYPE_BYTES, "uint32": _F.TYPE_UINT32, "sfixed32": _F.TYPE_SFIXED32,
+    "sfixed64": _F.TYPE_SFIXED64, "sint32": _F.TYPE_SINT32, "sint64": _F.TYPE_SINT64,
+}
+
+
+class NoDescriptor(Exception):
+    """A betterproto2 class whose descriptor cannot be rebuilt (a well-known type it unwraps, a foreign package)."""
+
+
+@dataclass(frozen=True)
+class ProtoMethod:
+    """One proto-first endpoint: betterproto2 request and response classes."""
+
+    handler: str
+    name: str
+    request: type
+    response: type
+    streaming: bool
+
+
+def betterproto_file(package: str, methods: Sequence[ProtoMethod]) -> pb.FileDescriptorProto:
+    """The file descriptor of proto-first endpoints, rebuilt from their betterproto2 classes.
+
+    betterproto2 does not keep the descriptors it was generated from; the field
+    numbers, types, labels, oneofs, maps and names it keeps are what the wire and
+    proto3 JSON depend on, so the rebuilt file is wire-equal to the original (its
+    comments and options are gone, and enums nested in a message move to the top
+    level, as betterproto2 names them). Raises :class:`NoDescriptor` for classes of
+    other packages or fields betterproto2 unwraps to Python types.
+    """
+    import dataclasses
+
+    from betterproto2 import FieldMetadata
+
+    fdp = pb.FileDescriptorProto(name=f"{package.replace('.', '/')}.proto", package=package, syntax="proto3")
+    names: dict[Any, str] = {}  # class -> full name
+    todo: list[Any] = [c for m in methods for c in (m.request, m.response)]
+    while todo:
+        cls = todo.pop()
+        if cls in names:
+            continue
+        full = _pool_name(cls)
+        if not full.startswith(f"{package}."):
+            raise NoDescriptor(f"{cls.__qualname__} is in another package ({full})")
+        names[cls] = full
+        classes = cls._betterproto.cls_by_field
+        for f in dataclasses.fields(cls):
+            fm = FieldMetadata.get(f)
+            if fm.proto_type == "message":
+                todo.append(classes[f.name])
+            elif fm.proto_type == "map" and fm.map_meta is not None and fm.map_meta[1].proto_type == "message":
+                todo.append(classes[f"{f.name}.value"])
+    enums: dict[Any, str] = {}
+    by_full: dict[str, pb.DescriptorProto] = {}
+    for cls, full in sorted(names.items(), key=lambda kv: kv[1].count(".")):
+        parent, _, short = full.rpartition(".")
+        holder = by_full.get(parent)
+        msg = (holder.nested_type if holder is not None else fdp.message_type).add(name=short)
+        by_full[full] = msg
+        _betterproto_fields(cls, msg, names, enums, package, full)
+    for cls, full in enums.items():
+        en = fdp.enum_type.add(name=full.rsplit(".", 1)[-1])
+        renamed = cls.betterproto_value_to_renamed_proto_names()
+        for member in cls:
+            en.value.add(name=renamed.get(int(member), member.name), number=int(member))
+    services: dict[str, pb.ServiceDescriptorProto] = {}
+    for m in methods:
+        svc = services.get(m.handler)
+        if svc is None:
+            svc = services[m.handler] = fdp.service.add(name=m.handler)
+        svc.method.add(name=m.name, input_type=f".{names[m.request]}", output_type=f".{names[m.response]}",
+                       server_streaming=m.streaming or None)
+    return fdp
+
+
+def _pool_name(cls: type) -> str:
+    pool = getattr(sys.modules.get(cls.__module__), "default_message_pool", None)
+    url: str | None = pool.type_to_url.get(cls) if pool is not None else None
+    if url is None:
+        raise NoDescriptor(f"{cls.__qualname__} is not in its module's message pool")
+    return url.rsplit("/", 1)[-1]
+
+
+def _betterproto_fields(cls: Any, msg: pb.DescriptorProto, names: Mapping[type, str], enums: dict[Any, str],
+                        package: str, full: str) -> None:
+    import dataclasses
+
+    from betterproto2 import FieldMetadata
+
+    classes = cls._betterproto.cls_by_field
+    oneofs: dict[str, int] = {}
+    for f in dataclasses.fields(cls):
+        fm = FieldMetadata.get(f)
+        if fm.unwrap is not None:
+            raise NoDescriptor(f"{cls.__qualname__}.{f.name} is unwrapped to a Python type")
+        fd = msg.field.add(name=f.name, number=fm.number, json_name=_json_name(f.name))
+        if fm.proto_type == "map":
+            assert fm.map_meta is not None
+            entry_name = "".join(p[:1].upper() + p[1:] for p in f.name.split("_")) + "Entry"
+            entry = msg.nested_type.add(name=entry_name)
+            entry.options.map_entry = True
+            for sub_meta, sub_name in zip(fm.map_meta, ("key", "value"), strict=True):
+                sd = entry.field.add(name=sub_name, number=sub_meta.number, json_name=sub_name,
+                                     label=_F.LABEL_OPTIONAL)
+                _bp_type(sd, sub_meta.proto_type, classes.get(f"{f.name}.value"), names, enums, package)
+            fd.label, fd.type, fd.type_name = _F.LABEL_REPEATED, _F.TYPE_MESSAGE, f".{full}.{entry_name}"
+            continue
+        fd.label = _F.LABEL_REPEATED if fm.repeated else _F.LABEL_OPTIONAL
+        _bp_type(fd, fm.proto_type, classes.get(f.name), names, enums, package)
+        if fm.group:
+            fd.oneof_index = oneofs.setdefault(fm.group, len(oneofs))
+        elif fm.optional and fm.proto_type != "message":
+            fd.proto3_optional = True
+    for group in oneofs:
+        msg.oneof_decl.add(name=group)
+    for fd in msg.field:  # synthetic oneofs after the real ones
+        if fd.proto3_optional:
+            fd.oneof_index = len(msg.oneof_decl)
+            msg.oneof_decl.add(name=f"_{fd.name}")
+
+
+def _bp_type(fd: pb.FieldDescriptorProto, proto_type: str, cls: Any, names: Mapping[type, str],
+             enums: dict[Any, str], package: str) -> None:
+    if proto_type in _BP_TYPES:
+        fd.type = _BP_TYPES[proto_type]
+    elif proto_type == "enum":
+        fd.type = _F.TYPE_ENUM
+        fd.type_name = "." + enums.setdefault(cls, f"{package}.{cls.__name__}")
+    elif proto_type == "message":
+        if cls not in names:
+            raise NoDescriptor(f"{getattr(cls, '__qualname__', cls)} is not a message of this package")
+        fd.type, fd.type_name = _F.TYPE_MESSAGE, f".{names[cls]}"
+    else:
+        raise NoDescriptor(f"a field of type {proto_type}")

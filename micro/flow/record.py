@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from micro import metrics
 from micro.store import Record, Store
 
 Status = Literal["running", "completed", "failed", "retrying", "cancelled", "paused", "input_required", "waiting"]
@@ -117,6 +118,7 @@ class RunStore:
         return _decode(rec.value)
 
     async def put(self, run: FlowRun) -> None:
+        metrics.flow_run(run.flow, run.status)
         await self.store.write(Record(self.key(run.id), _encode(run), metadata={"status": run.status}))
 
     async def list(self, limit: int = 50, status: Collection[str] | None = None) -> list[FlowRun]:

@@ -47,10 +47,11 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from micro import metrics
 from micro.errors import Error, Status, UsageError
 from micro.gateway import openapi
 
@@ -132,7 +133,7 @@ class BearerAuth:
         self._token = token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self._accepts(scope):
+        if scope["type"] != "http" or scope.get("path") in PUBLIC or self._accepts(scope):
             await self.app(scope, receive, send)
             return
         rsp = _error(401, "UNAUTHENTICATED", "this gateway needs an `Authorization: Bearer <token>` header "
@@ -149,6 +150,32 @@ class BearerAuth:
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+PUBLIC = frozenset({"/health/live", "/health/ready"})
+"""Paths served without the token: Kubernetes probes and load balancers carry none (``/metrics`` needs it)."""
+
+
+def probe_routes(runtime: Runtime) -> list[Route]:
+    """``GET /metrics`` (Prometheus text, when :mod:`micro.metrics` is enabled), ``/health/live`` and
+    ``/health/ready`` (200 when the runtime's registry and store answer, 503 with the reasons if not)."""
+    from micro.server.probes import backends
+
+    async def scrape(request: Request) -> Response:
+        if not metrics.enabled():
+            return PlainTextResponse("metrics are not enabled: pip install 'micro[metrics]'\n", 404)
+        body, content_type = metrics.exposition()
+        return Response(body, headers={"Content-Type": content_type})
+
+    async def live(request: Request) -> Response:
+        return PlainTextResponse("live\n")
+
+    async def ready(request: Request) -> Response:
+        problems = await backends(runtime)
+        if problems:
+            return PlainTextResponse("not ready:\n" + "\n".join(problems) + "\n", 503)
+        return PlainTextResponse("ready\n")
+
+    return [Route("/metrics", scrape, methods=["GET"]), Route("/health/live", live, methods=["GET"]),
+            Route("/health/ready", ready, methods=["GET"])]
 
 
 class BrowserGuard:
@@ -413,6 +440,7 @@ def app(runtime: Runtime, *, token: str | None = None, max_body: int = DEFAULT_M
         Route("/api/services/{service}", gw.service, methods=["GET"]),
         Route("/api/{service}/{endpoint}", gw.call, methods=["POST"]),
         Route("/openapi.json", gw.openapi, methods=["GET"]),
+        *probe_routes(runtime),
     ]
     origins = list(allowed_origins)
     middleware = [Middleware(BrowserGuard, hosts=allowed_hosts, origins=origins)]

@@ -49,7 +49,7 @@ from starlette.applications import Starlette
 from micro.agent.tools import input_schema, tool_name, unique_names
 from micro.errors import Error, UsageError
 from micro.gateway import micro_version
-from micro.gateway.http import BearerAuth
+from micro.gateway.http import BearerAuth, probe_routes
 from micro.registry import ServiceRecord, Watcher
 from micro.runtime import Runtime
 
@@ -214,6 +214,7 @@ class MCPGateway:
             token: when given, every request needs ``Authorization: Bearer <token>``.
         """
         app = self.server.streamable_http_app(streamable_http_path=path, host=host)
+        app.router.routes.extend(probe_routes(self.runtime))  # /metrics, /health/live, /health/ready
         if token is not None:
             app.add_middleware(BearerAuth, token=token)
         return app

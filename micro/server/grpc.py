@@ -22,15 +22,25 @@ from typing import TYPE_CHECKING, Any
 from grpclib.const import Cardinality, Status
 from grpclib.const import Handler as GrpcHandler
 from grpclib.encoding.base import CodecBase
-from grpclib.encoding.proto import ProtoCodec
+from grpclib.encoding.proto import ProtoCodec as GrpclibProtoCodec
 from grpclib.exceptions import GRPCError
 from grpclib.protocol import H2Protocol
 from grpclib.server import Handler as _BaseHandler
 from grpclib.server import Server, Stream
 
-from micro.codec import JSON, PROTO, StructCodec
-from micro.codec.proto_file import Method, package_name, service_file, to_text, well_known_files
+from micro.codec import JSON, PROTO, ProtoCodec, StructCodec
+from micro.codec.proto_file import (
+    Method,
+    NoDescriptor,
+    ProtoMethod,
+    betterproto_file,
+    package_name,
+    service_file,
+    to_text,
+    well_known_files,
+)
 from micro.errors import Error, ResourceExhausted
+from micro.metrics import GRPC
 from micro.server.health import Health
 from micro.server.reflection import Reflection
 
@@ -158,7 +168,7 @@ def _check_timeout(value: str) -> GRPCError | None:
     return None
 
 
-_PROTOBUF = ProtoCodec()
+_PROTOBUF = GrpclibProtoCodec()
 
 
 class _Refusing(dict[str, GrpcHandler]):
@@ -256,6 +266,7 @@ class GrpcServer:
             self._standard.update(self.reflection.__mapping__())
         self._methods: dict[str, list[Method]] = {}  # service -> its code-first methods
         self._grpc_services: set[str] = set()  # as gRPC clients name them (reflection lists them)
+        self._proto_first: dict[str, list[ProtoMethod]] = {}  # package -> its proto-first methods
         self._text: tuple[tuple[str, int], str] | None = None
         self._server: _Server | None = None
         self.port = 0
@@ -274,6 +285,9 @@ class GrpcServer:
             # the derived .proto's package: service `task-api` is called at /task_api.Task/... by gRPC clients
             grpc_service = f"{package_name(ep.service)}.{handler}"
             paths.append(f"/{grpc_service}/{method}")
+        elif isinstance(req, ProtoCodec) and isinstance(rsp, ProtoCodec):
+            self._proto_first.setdefault(req.package, []).append(
+                ProtoMethod(handler, method, req.type, rsp.type, ep.streaming))
         for wire in ep.wires:
             func = self._streaming(ep, wire) if ep.streaming else self._unary(ep, wire)
             for path in dict.fromkeys(paths):
@@ -281,8 +295,21 @@ class GrpcServer:
         self.health.add(grpc_service, ep.service)
         self._grpc_services.add(grpc_service)
         if self.reflection is not None:
-            files = [f.SerializeToString() for f in self.proto_files().values()]
-            self.reflection.update(self._grpc_services, [*well_known_files(), *files])
+            self.reflection.update(self._grpc_services, [*well_known_files(), *self._files()])
+
+    def _files(self) -> list[bytes]:
+        """The descriptors reflection serves: derived for code-first endpoints, rebuilt for proto-first ones."""
+        files = {f.name: f for f in self.proto_files().values()}
+        for package, methods in self._proto_first.items():
+            try:
+                fdp = betterproto_file(package, methods)
+            except NoDescriptor as exc:  # listed, but reflection cannot describe it
+                log.info("reflection: no descriptor for package %s: %s", package, exc)
+                continue
+            if fdp.name in files:  # a code-first service named like the package
+                fdp.name = fdp.name.removesuffix(".proto") + ".messages.proto"
+            files[fdp.name] = fdp
+        return [f.SerializeToString() for f in files.values()]
 
     def proto_files(self) -> dict[str, Any]:
         """The ``FileDescriptorProto`` of each service's code-first endpoints, by service name."""
@@ -306,7 +333,7 @@ class GrpcServer:
             try:
                 data = await _recv(stream, limit, ep.where)
                 body = ep.request.decode(data, wire, ep.where)
-                result = await ep.handle(body, _metadata(stream), _deadline(stream))
+                result = await ep.handle(body, _metadata(stream), _deadline(stream), GRPC)
                 reply = ep.response.encode(result, wire)
             except Error as err:
                 raise GRPCError(err.status, err.message) from None
@@ -326,7 +353,7 @@ class GrpcServer:
             try:
                 data = await _recv(stream, limit, ep.where)
                 body = ep.request.decode(data, wire, ep.where)
-                items = await ep.handle(body, _metadata(stream), _deadline(stream))
+                items = await ep.handle(body, _metadata(stream), _deadline(stream), GRPC)
                 try:
                     sent = 0
                     async for item in items:

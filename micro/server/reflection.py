@@ -3,11 +3,11 @@
 grpcurl, Postman and grpcio-reflection's ``ProtoReflectionDescriptorDatabase``
 list a port's services and fetch the file descriptors of their messages, so a
 client needs no ``.proto`` file. The files served: the derived ``.proto`` of the
-code-first endpoints (:mod:`micro.codec.proto_file`), the well-known types they
-import, and the standard services' own (health, reflection). A file is sent with
-the files it imports that this stream has not sent yet, as grpc-go does.
-Proto-first (betterproto2) endpoints are listed, but their files are not served:
-betterproto2 does not keep the descriptors it was generated from.
+code-first endpoints, the descriptors of proto-first endpoints rebuilt from their
+betterproto2 classes (:mod:`micro.codec.proto_file`; betterproto2 does not keep the
+ones it was generated from), the well-known types they import, and the standard
+services' own (health, reflection). A file is sent with the files it imports that
+this stream has not sent yet, as grpc-go does.
 
 grpclib has ``grpclib.reflection``, but it reads protobuf's default descriptor
 pool, where nothing of a code-first service is, and its messages collide there

@@ -18,12 +18,13 @@ from __future__ import annotations
 import collections.abc
 import inspect
 import logging
+import time
 import typing
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from micro import context
+from micro import context, metrics
 from micro.codec import JSON, PROTO, ProtoCodec, TypeCodec, codec_for
 from micro.errors import Error, Internal, UsageError
 from micro.middleware import Next, Request, Wrapper, chain
@@ -53,8 +54,17 @@ class Endpoint:
     idempotent: bool = False
     invoke: Next = field(init=False)
 
+    _metrics: dict[str, Any] = field(init=False, default_factory=dict)  # transport -> its metrics child
+    _metrics_of: object = field(init=False, default=None)  # the metric set they belong to
+
     def __post_init__(self) -> None:
         self.invoke = self._call
+
+    def _child(self, transport: str) -> Any:
+        if self._metrics_of is not metrics.current():
+            self._metrics, self._metrics_of = {}, metrics.current()
+        child = self._metrics[transport] = metrics.rpc("server", self.service, self.name, transport)
+        return child
 
     @property
     def where(self) -> str:
@@ -84,27 +94,44 @@ class Endpoint:
             metadata={"idempotent": "true"} if self.idempotent else {},
         )
 
-    async def handle(self, body: Any, metadata: Mapping[str, str], deadline: float | None) -> Any:
+    async def handle(self, body: Any, metadata: Mapping[str, str], deadline: float | None,
+                     transport: str = metrics.IN_PROCESS) -> Any:
         """Run the handler chain for a decoded request; the response as the declared type.
 
         micro errors pass through with their status; any other exception is logged
-        here and becomes ``Internal`` (no traceback leaves the service).
+        here and becomes ``Internal`` (no traceback leaves the service). ``transport``
+        (``in-process`` or ``grpc``) labels the call's metrics.
         """
+        child = None
+        if metrics.ON:
+            child = self._metrics.get(transport) if self._metrics_of is metrics.current() else None
+            if child is None:
+                child = self._child(transport)
+            child.in_flight += 1
+            start = time.perf_counter()
+        code = "CANCELLED"  # unless it ends otherwise
         tokens = context.enter(deadline, metadata)
         try:
             result = await self.invoke(
                 Request(self.service, self.name, body, metadata, deadline, self.streaming)
             )
             if self.streaming:
+                code = "OK"
                 return self._checked_stream(result, deadline, metadata)
-            return self.check_response(result)
-        except Error:
+            checked = self.check_response(result)
+            code = "OK"
+            return checked
+        except Error as err:
+            code = err.status.name
             raise
         except Exception as exc:
+            code = "INTERNAL"
             log.exception("%s raised", self.where)
             raise Internal(f"{self.where} failed with an internal error (details in the service log)") from exc
         finally:
             context.leave(tokens)
+            if child is not None:
+                child.done(code, time.perf_counter() - start)
 
     def check_response(self, result: Any) -> Any:
         if type(result) is self.response.type:

@@ -169,6 +169,11 @@ class Service:
         return self.runtime.client
 
     @property
+    def serving(self) -> bool:
+        """Started, registered and not draining: what its gRPC health service reports as SERVING."""
+        return self._server.health.serving
+
+    @property
     def endpoints(self) -> dict[str, Endpoint]:
         return dict(self._endpoints)
 

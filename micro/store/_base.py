@@ -27,6 +27,7 @@ from typing import ClassVar, Self, TypeVar, cast
 
 import msgspec
 
+from micro import metrics
 from micro.errors import MicroError, RecordNotFound, StoreError, UsageError, VersionConflict
 from micro.resource import Resource, redact
 
@@ -115,7 +116,8 @@ class Store(Resource, abc.ABC):
         self._check_open()
         if not prefix:
             _check_key(key)
-            found = await self._get(key, self.clock())
+            get = self._get(key, self.clock())
+            found = await (metrics.store_op(self, "read", get) if metrics.ON else get)
             if found is None:
                 raise RecordNotFound(f"no record {key!r} in store {self.database}/{self.table}")
             return [found]
@@ -123,7 +125,8 @@ class Store(Resource, abc.ABC):
         _check_window(limit, offset)
         if limit == 0:
             return []
-        return await self._read_prefix(key, self.clock(), limit, offset, reverse)
+        read = self._read_prefix(key, self.clock(), limit, offset, reverse)
+        return await (metrics.store_op(self, "read", read) if metrics.ON else read)
 
     async def write(self, record: Record, *, ttl: float | None = None, if_version: int | None = None) -> int:
         """Store ``record`` under its key and return its new version. With ``ttl`` (seconds,
@@ -166,13 +169,15 @@ class Store(Resource, abc.ABC):
         if if_version is not None and (isinstance(if_version, bool) or not isinstance(if_version, int)
                                        or if_version < 0):
             raise UsageError(f"if_version must be None, 0 (create only) or a version > 0, not {if_version!r}")
-        return await self._put(Record(record.key, record.value, dict(record.metadata), expiry), if_version)
+        put = self._put(Record(record.key, record.value, dict(record.metadata), expiry), if_version)
+        return await (metrics.store_op(self, "write", put) if metrics.ON else put)
 
     async def delete(self, key: str) -> None:
         """Remove the record under ``key``. A missing key is not an error."""
         self._check_open()
         _check_key(key)
-        await self._delete(key)
+        delete = self._delete(key)
+        await (metrics.store_op(self, "delete", delete) if metrics.ON else delete)
 
     async def list(
         self, prefix: str = "", *, limit: int | None = None, offset: int = 0, reverse: bool = False
@@ -183,7 +188,8 @@ class Store(Resource, abc.ABC):
         _check_window(limit, offset)
         if limit == 0:
             return []
-        return await self._list(prefix, self.clock(), limit, offset, reverse)
+        keys = self._list(prefix, self.clock(), limit, offset, reverse)
+        return await (metrics.store_op(self, "list", keys) if metrics.ON else keys)
 
     def _conflict(self, key: str, expected: int, current: int | None) -> VersionConflict:
         """The error a failed conditional write raises; ``current`` 0 = no live record, None = unknown."""

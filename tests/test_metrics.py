@@ -1,0 +1,238 @@
+"""Prometheus metrics: counters move by exactly the calls made, read back with prometheus_client's parser.
+
+Metrics are process-wide and hooks are set up when runtimes and services are made,
+so every test enables them on a fresh ``CollectorRegistry`` before making anything,
+and turns them off after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import httpx
+import msgspec
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+import micro
+from micro import metrics
+from micro.ai import scripted
+from micro.errors import BadRequest, ResourceExhausted
+from micro.flow.record import FlowRun
+from micro.registry.memory import MemoryRegistry
+from micro.server.probes import ProbeServer, readiness
+
+
+class Req(msgspec.Struct):
+    name: str
+
+
+class Rsp(msgspec.Struct):
+    greeting: str
+
+
+class Greeter:
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def Hello(self, req: Req) -> Rsp:
+        if req.name == "bad":
+            raise BadRequest("no bad names")
+        if req.name == "hold":
+            self.entered.set()
+            await self.release.wait()
+        return Rsp(f"hello {req.name}")
+
+
+@pytest.fixture
+def fresh() -> Iterator[CollectorRegistry]:
+    registry = CollectorRegistry()
+    metrics.enable(registry)
+    try:
+        yield registry
+    finally:
+        metrics.disable()
+
+
+def samples(text: bytes) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    return found.get((name, frozenset(labels.items())), 0.0)
+
+
+async def test_rpc_counters_move_by_exactly_the_calls_made(fresh: CollectorRegistry) -> None:
+    registry = MemoryRegistry()
+    async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as home, \
+            micro.Runtime(registry=registry, store="memory://", broker="memory://") as away:
+        service = micro.Service("greet", runtime=home)
+        service.handle(Greeter())
+        async with service:
+            for _ in range(3):
+                await home.client.call("greet", "Greeter.Hello", {"name": "a"})
+            for _ in range(2):
+                await away.client.call("greet", "Greeter.Hello", {"name": "b"})
+            with pytest.raises(BadRequest):
+                await away.client.call("greet", "Greeter.Hello", {"name": "bad"})
+            with pytest.raises(BadRequest):  # refused before it reaches the service: a client-side count only
+                await home.client.call("greet", "Greeter.Hello", {"name": 5})
+            body, ctype = metrics.exposition()
+    assert ctype.startswith("text/plain")
+    found = samples(body)
+    ep = {"service": "greet", "endpoint": "Greeter.Hello"}
+    assert value(found, "micro_rpc_server_calls_total", **ep, path="in-process", code="OK") == 3
+    assert value(found, "micro_rpc_server_calls_total", **ep, path="grpc", code="OK") == 2
+    assert value(found, "micro_rpc_server_calls_total", **ep, path="grpc", code="INVALID_ARGUMENT") == 1
+    assert value(found, "micro_rpc_server_duration_seconds_count", **ep, path="in-process") == 3
+    assert value(found, "micro_rpc_server_duration_seconds_count", **ep, path="grpc") == 3
+    assert value(found, "micro_rpc_server_in_flight", **ep, path="grpc") == 0
+    assert value(found, "micro_rpc_client_calls_total", **ep, path="in-process", code="OK") == 3
+    assert value(found, "micro_rpc_client_calls_total", **ep, path="in-process", code="INVALID_ARGUMENT") == 1
+    assert value(found, "micro_rpc_client_calls_total", **ep, path="grpc", code="OK") == 2
+    assert value(found, "micro_rpc_client_calls_total", **ep, path="grpc", code="INVALID_ARGUMENT") == 1
+    assert value(found, "micro_rpc_client_duration_seconds_count", **ep, path="grpc") == 3
+
+
+async def test_in_flight_and_overload_refusals(fresh: CollectorRegistry) -> None:
+    async with micro.Runtime(registry=MemoryRegistry(), store="memory://", broker="memory://") as rt:
+        greeter = Greeter()
+        service = micro.Service("busy", runtime=rt, max_concurrency=1)
+        service.handle(greeter)
+        async with service, anyio.create_task_group() as tg:
+            tg.start_soon(rt.client.call, "busy", "Greeter.Hello", {"name": "hold"})
+            await greeter.entered.wait()
+            held = samples(metrics.exposition()[0])
+            for _ in range(2):
+                with pytest.raises(ResourceExhausted):
+                    await rt.client.call("busy", "Greeter.Hello", {"name": "x"})
+            greeter.release.set()
+        found = samples(metrics.exposition()[0])
+    ep = {"service": "busy", "endpoint": "Greeter.Hello", "path": "in-process"}
+    assert value(held, "micro_rpc_server_in_flight", **ep) == 1
+    assert value(held, "micro_rpc_client_in_flight", **ep) == 1
+    assert value(found, "micro_rpc_server_in_flight", **ep) == 0
+    assert value(found, "micro_overload_refusals_total", service="busy") == 2
+    assert value(found, "micro_rpc_server_calls_total", **ep, code="RESOURCE_EXHAUSTED") == 2
+    assert value(found, "micro_rpc_server_calls_total", **ep, code="OK") == 1
+
+
+async def test_off_means_nothing_is_recorded() -> None:
+    registry = CollectorRegistry()
+    metrics.enable(registry)
+    metrics.disable()
+    async with micro.Runtime(registry=MemoryRegistry(), store="memory://", broker="memory://") as rt:
+        service = micro.Service("quiet", runtime=rt)
+        service.handle(Greeter())
+        async with service:
+            await rt.client.call("quiet", "Greeter.Hello", {"name": "a"})
+    found = samples(metrics.exposition()[0])
+    assert not [k for k in found if k[0].startswith("micro_rpc") and k[0].endswith("_total")]
+
+
+async def test_probe_server_serves_metrics_and_health(fresh: CollectorRegistry) -> None:
+    async with micro.Runtime(registry=MemoryRegistry(), store="memory://", broker="memory://") as rt:
+        service = micro.Service("probed", runtime=rt)
+        service.handle(Greeter())
+        probes = ProbeServer(lambda: readiness([service]))
+        await probes.start("127.0.0.1", 0)
+        base = f"http://127.0.0.1:{probes.port}"
+        try:
+            async with httpx.AsyncClient(base_url=base) as http:
+                assert (await http.get("/health/live")).status_code == 200
+                not_yet = await http.get("/health/ready")
+                assert not_yet.status_code == 503
+                assert "probed: not serving" in not_yet.text
+                async with service:
+                    assert (await http.get("/health/ready")).status_code == 200
+                    await rt.client.call("probed", "Greeter.Hello", {"name": "a"})
+                    scraped = samples((await http.get("/metrics")).content)
+                assert (await http.get("/health/ready")).status_code == 503  # stopped
+                assert (await http.get("/nope")).status_code == 404
+                assert (await http.post("/metrics")).status_code == 405
+        finally:
+            await probes.aclose()
+    assert value(scraped, "micro_rpc_server_calls_total", service="probed", endpoint="Greeter.Hello",
+                 path="in-process", code="OK") == 1
+
+
+async def test_agent_model_tool_flow_broker_and_store_metrics(fresh: CollectorRegistry) -> None:
+    model = scripted.turns(scripted.call("greet_Greeter_Hello", name="x"), scripted.call("nope"), "done")
+    done = anyio.Event()
+
+    async def step(event: dict[str, Any], run: FlowRun) -> int:
+        if event["n"] == 2:
+            done.set()
+        return int(event["n"])
+
+    async with micro.Runtime(registry=MemoryRegistry(), store="memory://", broker="memory://") as rt:
+        service = micro.Service("greet", runtime=rt)
+        service.handle(Greeter())
+        agent = micro.Agent("helper", services=["greet"], provider=model, runtime=rt)
+        flow = micro.NewFlow("jobs", trigger="jobs.created", steps=[step], runtime=rt)
+        async with service, agent, flow:
+            rsp = await agent.ask("greet x")
+            for n in (1, 2):
+                await rt.client.publish("jobs.created", {"n": n}, headers={"Micro-Id": f"e{n}"})
+            with anyio.fail_after(10):
+                await done.wait()
+                while len([r for r in await flow.runs.list(10) if r.status == "completed"]) < 2:
+                    await anyio.wait_all_tasks_blocked()
+            found = samples(metrics.exposition()[0])
+            record = await agent.runs.get(rsp.run_id)
+    assert rsp.reply == "done" and record is not None
+    labels = {"provider": model.name, "model": model.model}
+    assert value(found, "micro_agent_runs_total", agent="helper", status="completed") == 1
+    assert value(found, "micro_agent_tool_calls_total", agent="helper", tool="greet_Greeter_Hello", outcome="ok") == 1
+    assert value(found, "micro_agent_tool_calls_total", agent="helper", tool="nope", outcome="error") == 1
+    assert value(found, "micro_model_calls_total", **labels, outcome="ok") == 3
+    assert value(found, "micro_model_call_duration_seconds_count", **labels) == 3
+    assert value(found, "micro_model_tokens_total", **labels, kind="output") == record.usage.output_tokens > 0
+    assert value(found, "micro_model_tokens_total", **labels, kind="input") == record.usage.input_tokens > 0
+    assert value(found, "micro_flow_events_total", flow="jobs", outcome="completed") == 2
+    assert value(found, "micro_broker_published_total", broker="MemoryBroker", topic="jobs.created") == 2
+    assert value(found, "micro_broker_consumed_total", broker="MemoryBroker", topic="jobs.created", outcome="ok") == 2
+    store = {"backend": "MemoryStore"}
+    assert value(found, "micro_store_operations_total", **store, operation="write", outcome="ok") >= 4
+    assert value(found, "micro_store_operation_duration_seconds_count", **store, operation="write") == value(
+        found, "micro_store_operations_total", **store, operation="write", outcome="ok")
+
+
+def test_labels_from_outside_the_code_keep_at_most_max_values(fresh: CollectorRegistry) -> None:
+    for i in range(metrics.MAX_VALUES + 5):
+        metrics.count("published", "MemoryBroker", f"topic.{i}", bounded=1)
+    found = samples(metrics.exposition()[0])
+    topics = {dict(k[1])["topic"] for k in found if k[0] == "micro_broker_published_total"}
+    assert len(topics) == metrics.MAX_VALUES + 1
+    assert value(found, "micro_broker_published_total", broker="MemoryBroker", topic="other") == 5
+
+
+async def test_the_gateways_serve_metrics_behind_their_token_and_health_without(fresh: CollectorRegistry) -> None:
+    from micro.gateway.http import app
+    from micro.gateway.mcp import MCPGateway
+
+    async with micro.Runtime(registry=MemoryRegistry(), store="memory://", broker="memory://") as rt:
+        service = micro.Service("greet", runtime=rt)
+        service.handle(Greeter())
+        async with service:
+            await rt.client.call("greet", "Greeter.Hello", {"name": "a"})
+            for asgi in (app(rt, token="s3cret"), MCPGateway(rt).http_app(token="s3cret")):
+                transport = httpx.ASGITransport(asgi)
+                async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+                    assert (await http.get("/health/live")).text == "live\n"
+                    assert (await http.get("/health/ready")).text == "ready\n"
+                    assert (await http.get("/metrics")).status_code == 401
+                    scraped = await http.get("/metrics", headers={"Authorization": "Bearer s3cret"})
+                    assert scraped.status_code == 200
+                    found = samples(scraped.content)
+                    assert value(found, "micro_rpc_server_calls_total", service="greet", endpoint="Greeter.Hello",
+                                 path="in-process", code="OK") == 1
