@@ -55,6 +55,7 @@ class ServiceOptions(typing.TypedDict, total=False):
     drain_timeout: float
     max_queue: int
     tls: ssl.SSLContext | None
+    reflection: bool
 
 
 class AgentServiceOptions(ServiceOptions, total=False):
