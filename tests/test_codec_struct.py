@@ -401,7 +401,7 @@ def _normalized(fdp: descriptor_pb2.FileDescriptorProto) -> descriptor_pb2.FileD
 def test_proto_first_descriptors_rebuilt_from_betterproto2_equal_protocs(which: str, tmp_path: Path) -> None:
     from _proto.greeter import HelloReply, HelloRequest
 
-    from micro._proto.micro.agent import ChatEvent, ChatRequest, ChatResponse
+    import micro._proto.micro.agent as agent_messages
     from micro.codec.proto_file import ProtoMethod, betterproto_file
 
     root = Path(__file__).parent.parent
@@ -411,9 +411,15 @@ def test_proto_first_descriptors_rebuilt_from_betterproto2_equal_protocs(which: 
                    ProtoMethod("Greeter", "SayMany", HelloRequest, HelloReply, True)]
     else:
         source, package = root / "proto" / "agent.proto", "micro.agent"
-        methods = [ProtoMethod("Agent", "Chat", ChatRequest, ChatResponse, False),
-                   ProtoMethod("Agent", "StreamChat", ChatRequest, ChatEvent, True)]
+        methods = []  # every rpc of agent.proto, with the betterproto2 classes of its messages
     subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{source.parent}",
                     f"--descriptor_set_out={tmp_path / 'set.binpb'}", str(source)], check=True, capture_output=True)
     (theirs,) = descriptor_pb2.FileDescriptorSet.FromString((tmp_path / "set.binpb").read_bytes()).file
+    if which == "agent":
+        classes = vars(agent_messages)
+        for svc in theirs.service:
+            for m in svc.method:
+                methods.append(ProtoMethod(svc.name, m.name, classes[m.input_type.rsplit(".", 1)[-1]],
+                                           classes[m.output_type.rsplit(".", 1)[-1]], m.server_streaming))
+        assert len(methods) >= 2
     assert _normalized(betterproto_file(package, methods)) == _normalized(theirs)
