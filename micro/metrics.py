@@ -15,7 +15,8 @@ and labels whose values come from outside the code, such as topics, keep at most
 
 - ``micro_rpc_server_calls_total`` [service, endpoint, path, code], ``micro_rpc_server_duration_seconds``
   [service, endpoint, path], ``micro_rpc_server_in_flight`` [service, endpoint, path]:
-  every call a service handles; ``path`` is ``in-process`` or ``grpc``, ``code`` the gRPC status
+  every call a service handles; ``path`` is ``in-process``, ``grpc`` or ``native`` (micro's own wire),
+  ``code`` the gRPC status
   (a server-streaming call is counted, and timed, until its stream starts).
 - ``micro_rpc_client_calls_total``, ``micro_rpc_client_duration_seconds``, ``micro_rpc_client_in_flight``
   (the same labels): every unary call a client makes.
@@ -48,7 +49,7 @@ ON = False
 """Whether metrics are collected (read by the hooks; change it with :func:`enable` / :func:`disable`)."""
 
 MAX_VALUES = 200
-IN_PROCESS, GRPC = "in-process", "grpc"
+IN_PROCESS, GRPC, NATIVE = "in-process", "grpc", "native"
 _BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
             10.0, 30.0, 60.0)
 _BUCKET_NAMES = [*(repr(b) for b in _BUCKETS), "+Inf"]

@@ -74,7 +74,8 @@ def value(found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
 async def test_rpc_counters_move_by_exactly_the_calls_made(fresh: CollectorRegistry) -> None:
     registry = MemoryRegistry()
     async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as home, \
-            micro.Runtime(registry=registry, store="memory://", broker="memory://") as away:
+            micro.Runtime(registry=registry, store="memory://", broker="memory://", transport="grpc") as away, \
+            micro.Runtime(registry=registry, store="memory://", broker="memory://", transport="native") as native:
         service = micro.Service("greet", runtime=home)
         service.handle(Greeter())
         async with service:
@@ -84,6 +85,8 @@ async def test_rpc_counters_move_by_exactly_the_calls_made(fresh: CollectorRegis
                 await away.client.call("greet", "Greeter.Hello", {"name": "b"})
             with pytest.raises(BadRequest):
                 await away.client.call("greet", "Greeter.Hello", {"name": "bad"})
+            for _ in range(4):
+                await native.client.call("greet", "Greeter.Hello", {"name": "c"})
             with pytest.raises(BadRequest):  # refused before it reaches the service: a client-side count only
                 await home.client.call("greet", "Greeter.Hello", {"name": 5})
             body, ctype = metrics.exposition()
@@ -93,6 +96,7 @@ async def test_rpc_counters_move_by_exactly_the_calls_made(fresh: CollectorRegis
     assert value(found, "micro_rpc_server_calls_total", **ep, path="in-process", code="OK") == 3
     assert value(found, "micro_rpc_server_calls_total", **ep, path="grpc", code="OK") == 2
     assert value(found, "micro_rpc_server_calls_total", **ep, path="grpc", code="INVALID_ARGUMENT") == 1
+    assert value(found, "micro_rpc_server_calls_total", **ep, path="native", code="OK") == 4
     assert value(found, "micro_rpc_server_duration_seconds_count", **ep, path="in-process") == 3
     assert value(found, "micro_rpc_server_duration_seconds_count", **ep, path="grpc") == 3
     assert value(found, "micro_rpc_server_in_flight", **ep, path="grpc") == 0

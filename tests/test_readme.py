@@ -131,15 +131,23 @@ _VARYING = [  # what changes from run to run: ids, dates, times (and token count
     (re.compile(r"\b[0-9a-f]{32}\b"), "<id>"),
     (re.compile(r"\b\d{4}-\d{2}-\d{2}\b"), "<date>"),
     (re.compile(r"\b\d{2}:\d{2}:\d{2}\b"), "<time>"),
+    (re.compile(r"\b\d{2}-\d{2} <time>"), "<date> <time>"),
+    (re.compile(r"\bcall_\d+\b"), "call_<n>"),
+    (re.compile(r"\b\d+\.\d\d\b"), "<secs>"),
+    (re.compile(r"\b\d+s ago\b"), "<n>s ago"),
     (re.compile(r"\b(January|February|March|April|May|June|July|August|September|October|November|December) "
                 r"\d{1,2}\b"), "<day>"),
 ]
 
 
+_RUN_ID = re.compile(r"\b[0-9a-f]{32}\b")
+
+
 def _normal(text: str) -> str:
     for pattern, token in _VARYING:
         text = pattern.sub(token, text)
-    return "\n".join(line.rstrip() for line in text.strip("\n").splitlines())
+    # columns are aligned to the widest value, which varies: compare the cells, not the padding
+    return "\n".join(re.sub(r"(?<=\S) {2,}", "  ", line.rstrip()) for line in text.strip("\n").splitlines())
 
 
 def _matches(expected: list[str], actual: str) -> bool:
@@ -173,24 +181,31 @@ def example_system(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 def test_the_transcripts_are_what_a_user_sees_top_to_bottom(example_system: dict[str, str]) -> None:
     ran = 0
+    last_id = ""  # a run id in a command is the one the commands before printed (ids differ per run)
     for command, expected in transcripts():
         args = shlex.split(command, comments=True)
         if any(re.fullmatch(r"[A-Z_]+", a) for a in args):
             continue
+        if last_id:
+            args = [_RUN_ID.sub(last_id, a) for a in args]
+        wide = max((len(line) for line in expected), default=0) > 80  # shown at the width it needs
         res = subprocess.run([*MICRO, *args[1:]], capture_output=True, text=True, timeout=60, cwd=ROOT,
-                             env=example_system)
-        assert res.returncode == 0, f"$ {command}\n{res.stderr}"
+                             env={**example_system, "COLUMNS": "160"} if wide else example_system)
+        refused = bool(expected) and expected[0].startswith("error:")  # the README shows a refusal
+        assert (res.returncode != 0) == refused, f"$ {command}\n{res.stdout}{res.stderr}"
+        printed = res.stderr if refused else res.stdout
         ran += 1
+        last_id = next(iter(_RUN_ID.findall(res.stdout)), last_id)
         if not expected:
             continue  # the README shows no output for it
         if all(line.startswith("[") for line in expected) and len(_by_label(expected)) > 1:
-            want, got = _by_label(expected), _by_label(res.stdout.splitlines())
-            assert want.keys() == got.keys(), f"$ {command}\n{res.stdout}"
+            want, got = _by_label(expected), _by_label(printed.splitlines())
+            assert want.keys() == got.keys(), f"$ {command}\n{printed}"
             for label, lines in want.items():
                 assert _matches(lines, "\n".join(got[label])), f"$ {command}\n{label}:\n" + "\n".join(got[label])
         else:
-            assert _matches(expected, res.stdout), f"$ {command}\nREADME:\n" + "\n".join(expected) + \
-                f"\nactual:\n{res.stdout}"
+            assert _matches(expected, printed), f"$ {command}\nREADME:\n" + "\n".join(expected) + \
+                f"\nactual:\n{printed}"
     assert ran >= 8
 
 

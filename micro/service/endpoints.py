@@ -101,7 +101,7 @@ class Endpoint:
 
         micro errors pass through with their status; any other exception is logged
         here and becomes ``Internal`` (no traceback leaves the service). ``transport``
-        (``in-process`` or ``grpc``) labels the call's metrics.
+        (``in-process``, ``grpc`` or ``native``) labels the call's metrics.
         """
         child = None
         if metrics.ON:

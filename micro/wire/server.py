@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 
+from micro import metrics
 from micro.codec import JSON, PROTO
 from micro.deadlines import Watchdog
 from micro.errors import Error, ResourceExhausted, Status
@@ -201,10 +202,10 @@ class _Connection(asyncio.Protocol):
             try:
                 body = ep.request.decode(payload, wire, where)
                 if deadline is None:
-                    result = await ep.handle(body, metadata, None)
+                    result = await ep.handle(body, metadata, None, transport=metrics.NATIVE)
                 else:
                     with self.server.watchdog.watch(deadline, where, call.task):  # Timeout when it passes
-                        result = await ep.handle(body, metadata, deadline)
+                        result = await ep.handle(body, metadata, deadline, transport=metrics.NATIVE)
                 reply = ep.response.encode(result, wire)
             except Error as err:
                 self.send(f.error(rid, err.status.value, err.message))
@@ -234,7 +235,7 @@ class _Connection(asyncio.Protocol):
         try:
             try:
                 body = ep.request.decode(payload, wire, where)
-                items = await ep.handle(body, metadata, deadline)
+                items = await ep.handle(body, metadata, deadline, transport=metrics.NATIVE)
                 if deadline is None:
                     await self._send_items(rid, call, ep, wire, items, limit)
                 else:
