@@ -11,13 +11,16 @@ its own.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import anyio
 
+from micro.client.client import NATIVE
 from micro.registry import Node, Registry, ServiceRecord
 from micro.server.grpc import GrpcServer
 from micro.service.endpoints import endpoints_of
+from micro.wire.server import NativeServer
 
 if TYPE_CHECKING:
     from micro.client import Client
@@ -26,12 +29,19 @@ __all__ = ["RuntimeDelivery"]
 
 
 class _Served:
-    def __init__(self, server: GrpcServer) -> None:
-        self._server = server
-        self.address = f"127.0.0.1:{server.port}"
+    """The broker's endpoint on both wires: gRPC at ``address`` for any client, and micro's
+    native wire, advertised in ``metadata`` the way a service node advertises it."""
+
+    def __init__(self, grpc: GrpcServer, native: NativeServer) -> None:
+        self._grpc = grpc
+        self._native = native
+        self.address = f"127.0.0.1:{grpc.port}"
+        self.metadata: Mapping[str, str] = {NATIVE: f"127.0.0.1:{native.port}"}
 
     async def stop(self, grace: float) -> None:
-        await self._server.stop(grace)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._grpc.stop, grace)
+            tg.start_soon(self._native.stop, grace)
 
 
 class RuntimeDelivery:
@@ -50,13 +60,22 @@ class RuntimeDelivery:
         self._client.forget(service)
 
     async def serve(self, service: str, handler: object, name: str) -> _Served:
-        """Serve ``handler``'s endpoints as ``service`` (handler ``name``) on a loopback port."""
-        server = GrpcServer()
+        """Serve ``handler``'s endpoints as ``service`` (handler ``name``) on loopback ports, over gRPC and
+        over the native wire (the client picks by its transport, as for any service node)."""
+        grpc = GrpcServer()
+        native = NativeServer(max_message_size=self._client.max_message_size)
         for ep in endpoints_of(handler, service, name=name):
-            server.add(ep)
-        await server.start("127.0.0.1", 0)
-        return _Served(server)
+            grpc.add(ep)
+            native.add(ep)
+        await grpc.start("127.0.0.1", 0)
+        try:
+            await native.start("127.0.0.1", 0)
+        except BaseException:
+            await grpc.stop(0)
+            raise
+        return _Served(grpc, native)
 
     async def send(self, node: Node, path: str, payload: bytes, *, timeout: float) -> None:
-        """One unary JSON call to ``path`` on that node (``micro.errors.Error`` when it fails)."""
+        """One unary JSON call to ``path`` on that node, on the wire its record and the client's transport
+        choose (``micro.errors.Error`` when it fails)."""
         await self._client.channel(node).unary(path, payload, deadline=anyio.current_time() + timeout)

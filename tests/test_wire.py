@@ -713,10 +713,11 @@ async def test_local_broker_deliveries_reach_subscribers_whatever_the_client_s_w
         with anyio.fail_after(10):
             await done.wait()
         (node,) = [n for r in await registry.get(BROKER_SERVICE) for n in r.nodes if n.metadata["subs"] != "[]"]
-        # the runtime's delivery transport serves the broker's endpoint over gRPC only (no native address yet):
-        # every transport setting reaches it there
-        assert "native" not in node.metadata
-        assert node.address in pub.client._pools
+        # the runtime's delivery transport serves the broker's endpoint on both wires, advertised as a service
+        # node's: the publisher reaches it on the one its transport picks
+        assert set(pub.client._pools) == {node.metadata["native"] if wire == "auto" else node.address}
+        assert type(pub.client._pools[next(iter(pub.client._pools))]).__name__ == (
+            "NativePool" if wire == "auto" else "NodePool")
     assert sorted(got) == list(range(5))
 
 

@@ -2,7 +2,7 @@
 
 Subscriptions live in the process that made them, with the memory broker's
 buffers and workers (a slow subscriber never blocks a publisher). A process
-that subscribes also serves one small gRPC endpoint, ``Broker.Deliver``, and
+that subscribes also serves one small endpoint, ``Broker.Deliver`` (gRPC and the native wire), and
 registers it in the runtime's registry as a node of ``micro-broker`` whose
 metadata lists its subscriptions. A publisher reads those nodes (from the
 client's watched cache: no I/O per publish), applies NATS rules — every plain
@@ -75,9 +75,11 @@ _subs_decoder = msgspec.json.Decoder(list[_Sub])
 
 
 class Served(Protocol):
-    """An endpoint a :class:`Delivery` serves: where, and how to stop it."""
+    """An endpoint a :class:`Delivery` serves: where, what its node record advertises beside the
+    address (e.g. another wire's address), and how to stop it."""
 
     address: str
+    metadata: Mapping[str, str]
 
     async def stop(self, grace: float) -> None: ...
 
@@ -98,8 +100,7 @@ class Delivery(Protocol):
 
 
 class _Target(msgspec.Struct, frozen=True):
-    node: str
-    address: str
+    node: Node  # its registry record, less the subscription list (how to reach it: address, wires)
     sub: _Sub
 
 
@@ -115,7 +116,7 @@ class LocalBroker(MemoryBroker):
         self._ids: dict[MemorySubscription, _Sub] = {}
         self._by_id: dict[str, MemorySubscription] = {}
         self._server: Served | None = None
-        self._address = ""
+        self._node = Node(self.node_id, "")
         self._beats: BackgroundTasks | None = None
         self._changed = anyio.Event()
         self._parsed: dict[int, tuple[list[ServiceRecord], list[_Target]]] = {}
@@ -159,7 +160,7 @@ class LocalBroker(MemoryBroker):
         assert self._delivery is not None
         server = await self._delivery.serve(SERVICE, _Deliverer(self), "Broker")
         self._server = server
-        self._address = server.address
+        self._node = Node(self.node_id, server.address, dict(server.metadata))
         beats = BackgroundTasks(f"broker {self.url} heartbeat", log)
         await beats.start()
         self._beats = beats
@@ -168,7 +169,8 @@ class LocalBroker(MemoryBroker):
     def _record(self) -> ServiceRecord:
         subs = msgspec.json.encode(list(self._ids.values())).decode()
         return ServiceRecord(SERVICE, metadata={"type": "internal"},
-                             nodes=[Node(self.node_id, self._address, {"subs": subs, "pid": str(os.getpid())})])
+                             nodes=[Node(self.node_id, self._node.address,
+                                         {**self._node.metadata, "subs": subs, "pid": str(os.getpid())})])
 
     async def _register(self) -> None:
         assert self._delivery is not None
@@ -214,20 +216,20 @@ class LocalBroker(MemoryBroker):
                 groups.setdefault((t.sub.topic, t.sub.queue), []).append(t)
         turn = next(self._turns)
         for members in groups.values():
-            members.sort(key=lambda t: (t.node, t.sub.id))
+            members.sort(key=lambda t: (t.node.id, t.sub.id))
             chosen.append(members[turn % len(members)])
-        by_node: dict[tuple[str, str], list[str]] = {}
+        by_node: dict[str, tuple[Node, list[str]]] = {}
         for t in chosen:
-            by_node.setdefault((t.node, t.address), []).append(t.sub.id)
+            by_node.setdefault(t.node.id, (t.node, []))[1].append(t.sub.id)
         msg = Message(topic=topic, data=data, headers=hdrs, id=message_id)
-        own = by_node.pop((self.node_id, self._address), None)
+        own = by_node.pop(self.node_id, (self._node, None))[1]
         crowded = False
         if own:
             crowded = self._push(own, msg)[1]
         if by_node:
             async with anyio.create_task_group() as tg:
-                for (node, address), ids in by_node.items():
-                    tg.start_soon(self._send, node, address, DeliverRequest(topic, data, hdrs, message_id, ids))
+                for node, ids in by_node.values():
+                    tg.start_soon(self._send, node, DeliverRequest(topic, data, hdrs, message_id, ids))
         elif crowded:
             await asyncio.sleep(0)  # as the memory broker: let consumers run before their buffers fill
 
@@ -242,7 +244,7 @@ class LocalBroker(MemoryBroker):
         return n, crowded
 
     async def _targets(self) -> list[_Target]:
-        own = [_Target(self.node_id, self._address, e) for e in self._ids.values()]
+        own = [_Target(self._node, e) for e in self._ids.values()]
         assert self._delivery is not None
         now = anyio.current_time()
         if now < self._absent_until:
@@ -263,18 +265,18 @@ class LocalBroker(MemoryBroker):
                         subs = _subs_decoder.decode(node.metadata.get("subs", "[]"))
                     except msgspec.DecodeError:
                         continue
-                    remote += [_Target(node.id, node.address, s) for s in subs]
+                    reach = Node(node.id, node.address, {k: v for k, v in node.metadata.items() if k != "subs"})
+                    remote += [_Target(reach, s) for s in subs]
             self._parsed = {id(records): (records, remote)}
             cached = self._parsed[id(records)]
         return own + cached[1]
 
-    async def _send(self, node: str, address: str, req: DeliverRequest) -> None:
+    async def _send(self, node: Node, req: DeliverRequest) -> None:
         assert self._delivery is not None
         try:
-            await self._delivery.send(Node(node, address), f"/{SERVICE}.Broker/Deliver", msgspec.json.encode(req),
-                                     timeout=5.0)
+            await self._delivery.send(node, f"/{SERVICE}.Broker/Deliver", msgspec.json.encode(req), timeout=5.0)
         except Error as exc:
-            log.warning("broker %s: %s at %s missed %r (%s)", self.url, node, address, req.topic, exc)
+            log.warning("broker %s: %s at %s missed %r (%s)", self.url, node.id, node.address, req.topic, exc)
             self._delivery.forget(SERVICE)
 
 
