@@ -19,7 +19,7 @@ and labels whose values come from outside the code, such as topics, keep at most
   ``code`` the gRPC status
   (a server-streaming call is counted, and timed, until its stream starts).
 - ``micro_rpc_client_calls_total``, ``micro_rpc_client_duration_seconds``, ``micro_rpc_client_in_flight``
-  (the same labels): every unary call a client makes.
+  (the same labels): every unary call a client makes, by the wire that carried it.
 - ``micro_overload_refusals_total`` [service]: calls refused by ``max_concurrency`` / ``max_queue``.
 - ``micro_agent_runs_total`` [agent, status]: runs reaching ``completed``, ``failed``, ``cancelled``,
   ``paused`` or ``input_required``; ``micro_agent_tool_calls_total`` [agent, tool, outcome]: the tool
@@ -249,12 +249,16 @@ def call_wrapper(local: Any) -> Any:
     def wrap(next: Any) -> Any:
         if not ON:
             return next
+        # a call's path is known once the client sends it (``req.wire``); while in flight it counts under
+        # the path the service's last call took
+        last: dict[str, str] = {}
 
         async def measured(req: Any) -> Any:
             m = _m
             if req.streaming or not ON or m is None:
                 return await next(req)
-            child = m.client.get(req.service, req.endpoint, IN_PROCESS if req.service in local else GRPC)
+            path = IN_PROCESS if req.service in local else last.get(req.service, GRPC)
+            child = m.client.get(req.service, req.endpoint, path)
             child.in_flight += 1
             start = time.perf_counter()
             code = "CANCELLED"  # unless it ends otherwise
@@ -269,6 +273,11 @@ def call_wrapper(local: Any) -> Any:
                 code = "UNKNOWN"
                 raise
             finally:
+                if req.wire and req.wire != path:
+                    child.in_flight -= 1
+                    last[req.service] = req.wire
+                    child = m.client.get(req.service, req.endpoint, req.wire)
+                    child.in_flight += 1
                 child.done(code, time.perf_counter() - start)
 
         return measured

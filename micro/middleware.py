@@ -37,6 +37,9 @@ class Request:
     deadline: float | None = None
     streaming: bool = False
     response_type: Any = None
+    wire: str = ""
+    """Client side: what carried the call, set by the client as it sends (``in-process``, ``grpc`` or
+    ``native``; empty if it was refused before that). A wrapper reads it after ``await next(req)``."""
 
 
 Next = Callable[[Request], Awaitable[Any]]

@@ -147,6 +147,7 @@ class Client:
                 raise _no_endpoint(req.service, req.endpoint, list(endpoints))
             if ep.streaming != req.streaming:
                 raise _wrong_kind(req, ep.streaming)
+            req.wire = "in-process"
             return self._local_stream(ep, req) if req.streaming else self._local_call(ep, req)
         return self._remote(req)
 
@@ -212,8 +213,9 @@ class Client:
         for attempt in range(1, attempts + 1):
             for node in self._nodes(record):
                 try:
-                    reply = await self._pool(node).unary(ep.path, data, wire=wire, deadline=req.deadline,
-                                                         metadata=req.metadata)
+                    pool = self._pool(node)
+                    req.wire = pool.wire
+                    reply = await pool.unary(ep.path, data, wire=wire, deadline=req.deadline, metadata=req.metadata)
                 except NodeUnreachable as exc:
                     self.breakers.failure(node.address)
                     last = exc  # nothing was sent: the next node may answer

@@ -242,6 +242,8 @@ def _error(status: int, message: str, address: str) -> Error:
 class NativePool:
     """Connections to one node's native address (``host:port``)."""
 
+    wire = "native"
+
     def __init__(self, address: str, *, ssl: _ssl.SSLContext | None = None, max_streams: int = 1000,
                  max_connections: int = 4, max_message_size: int = 4 * 1024 * 1024,
                  keepalive: float = 30.0) -> None:

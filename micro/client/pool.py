@@ -106,6 +106,8 @@ class _Conn:
 class NodePool:
     """Connections to one ``host:port``."""
 
+    wire = "grpc"
+
     def __init__(self, address: str, *, max_streams: int = 100, max_connections: int = 16,
                  ssl: _ssl.SSLContext | None = None) -> None:
         host, _, port = address.rpartition(":")
