@@ -21,6 +21,13 @@
 (c) **agent tool-call fan-out across processes**: an agent in this process whose
     scripted model asks for 10 tool calls per turn, all on the service in the other
     process; agent runs/s with the tools over the native wire vs over gRPC. Target >= 3x.
+(d) **any gRPC client** (issue 17): the raw grpclib+upb client (the baseline's) calling
+    micro's code-first endpoint over protobuf (the ``.proto`` micro derives from the
+    msgspec Structs) and micro's proto-first endpoint, both ÷ the raw server. Target:
+    code-first protobuf no slower than proto-first (ratio of the two ≥ 0.97 at 64 in
+    flight: within noise).
+(e) **metrics** (issue 17): the in-process typed call with ``micro.metrics.enable()`` ÷
+    the same call with metrics off. Target: ≤ 1.10×.
 
 Repetitions are interleaved (baseline, micro, baseline, …) so that drift on a
 noisy machine hits both sides; a ratio is the median of the per-repetition
@@ -47,6 +54,7 @@ from benchmarks._call_server import SERVICE, ListOverdueRequest, ListOverdueResp
 from benchmarks._proto import benchcall as bp
 from benchmarks._rawpb import benchcall_pb2 as pb
 from benchmarks._rawpb.benchcall_grpc import TaskStub
+from micro import metrics
 
 Result = tuple[str, float, str]
 Call = Callable[[], Awaitable[Any]]
@@ -156,11 +164,30 @@ async def _inproc() -> list[Result]:
                     dict_us.append(await _seq_us(as_dict, INPROC_CALLS))
                     if not first:
                         base_us.append(await _seq_us(baseline, INPROC_CALLS))
+
+                # the same service and call with metrics on: hooks are set up when runtimes and services are made
+                metrics.enable()
+                try:
+                    metered = micro.Runtime(registry="memory://", store="memory://", broker="memory://")
+                    async with metered:
+                        on_service = micro.New("benchtask", runtime=metered)
+                        on_service.handle(handler)
+                        async with on_service:
+                            on_us, off_us = await _metrics_cost(metered.client.call, call, typed_req)
+                finally:
+                    metrics.disable()
     finally:
         server.cancel()
         await asyncio.gather(server, return_exceptions=True)
 
     out: list[Result] = []
+    r, lo, hi = _median_ratio(on_us, off_us)
+    out.append((
+        "inproc.metrics.ratio", round(r, 3),
+        f"in-process typed call with metrics on (prometheus_client) vs off: {statistics.median(on_us):.1f} vs "
+        f"{statistics.median(off_us):.1f} µs/call -> {r:.2f}x ({INPROC_REPS} reps: {lo:.2f}-{hi:.2f}; "
+        f"target <= 1.10x: {_verdict(r <= 1.10)})",
+    ))
     base = statistics.median(base_us)
     for label, name, us in (("typed msgspec in/out", "typed", typed_us), ("dict in/dict out", "dict", dict_us)):
         r, lo, hi = _median_ratio(us, base_us)
@@ -171,6 +198,32 @@ async def _inproc() -> list[Result]:
             f"{_verdict(r <= 1.0)})",
         ))
     return out
+
+
+async def _metrics_cost(on_call: Any, off_call: Any, req: Any) -> tuple[list[float], list[float]]:
+    """µs/call with metrics on (a runtime made with them on) and off (one made with them off, the flag off)."""
+    def on() -> Awaitable[Any]:
+        return on_call("benchtask", "Task.ListOverdue", req, response_type=ListOverdueResponse)
+
+    def off() -> Awaitable[Any]:
+        return off_call("benchtask", "Task.ListOverdue", req, response_type=ListOverdueResponse)
+
+    async def measure(fn: Call, enabled: bool, n: int) -> float:
+        if enabled:
+            metrics.enable()
+        else:
+            metrics.disable()
+        return await _seq_us(fn, n)
+
+    await measure(on, True, 2_000)
+    await measure(off, False, 2_000)
+    on_us: list[float] = []
+    off_us: list[float] = []
+    for rep in range(INPROC_REPS):
+        pair = [(on, True, on_us), (off, False, off_us)]
+        for fn, enabled, into in pair if rep % 2 == 0 else pair[::-1]:
+            into.append(await measure(fn, enabled, INPROC_CALLS))
+    return on_us, off_us
 
 
 # -- (b) gRPC, two processes -----------------------------------------------------------------
@@ -214,7 +267,7 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
 
 
 async def _network() -> list[Result]:
-    from grpclib.client import Channel
+    from grpclib.client import Channel, UnaryUnaryMethod
 
     from benchmarks._bare import BareClient
 
@@ -226,10 +279,17 @@ async def _network() -> list[Result]:
         env = {k: v for k, v in os.environ.items() if k not in ("MICRO_REGISTRY", "MICRO_TRANSPORT")}
         env["MICRO_HOME"] = home
         channel: Channel | None = None
+        to_micro: Channel | None = None
         bare_transport: asyncio.BaseTransport | None = None
         try:
-            proc, _ = await _spawn("micro", env)
+            proc, micro_addr = await _spawn("micro", env)
             procs.append(proc)
+            m_host, _, m_port = micro_addr.rpartition(":")
+            to_micro = Channel(m_host, int(m_port))  # the raw grpclib+upb client, at micro's gRPC port
+            upb_code_first = UnaryUnaryMethod(to_micro, "/benchcall.TaskJSON/ListOverdue",
+                                              pb.ListOverdueRequest, pb.ListOverdueResponse)
+            upb_proto_first = UnaryUnaryMethod(to_micro, "/benchcall.Task/ListOverdue",
+                                               pb.ListOverdueRequest, pb.ListOverdueResponse)
             proc, raw_addr = await _spawn("raw", env)
             procs.append(proc)
             proc, bare_addr = await _spawn("bare", env)
@@ -257,6 +317,12 @@ async def _network() -> list[Result]:
                 async def bare_echo() -> Any:
                     return bare_decode(await bare.call("/benchcall.TaskJSON/ListOverdue", bare_payload))
 
+                def code_first() -> Awaitable[Any]:
+                    return upb_code_first(raw_req, timeout=DEADLINE)
+
+                def proto_first() -> Awaitable[Any]:
+                    return upb_proto_first(raw_req, timeout=DEADLINE)
+
                 def caller(rt: micro.Runtime, endpoint: str, req: Any, rsp: Any) -> Call:
                     call = rt.client.call
 
@@ -272,10 +338,13 @@ async def _network() -> list[Result]:
                     "bare": bare_echo,
                     "native.proto": caller(rt_native, "Task.ListOverdue", bp_req, bp.ListOverdueResponse),
                     "native.json": caller(rt_native, "TaskJSON.ListOverdue", json_req, ListOverdueResponse),
+                    "upb.code_first": code_first,
+                    "upb.proto_first": proto_first,
                 }
                 # each group's call counts are sized from its own baseline's warm-up rate
                 baseline = {"raw": "raw", "grpc.proto": "raw", "grpc.json": "raw",
-                            "bare": "bare", "native.proto": "bare", "native.json": "bare"}
+                            "bare": "bare", "native.proto": "bare", "native.json": "bare",
+                            "upb.code_first": "raw", "upb.proto_first": "raw"}
                 for name, fn in systems.items():
                     rsp = await fn()
                     assert rsp.total == 3 and len(rsp.records) == 3, (name, rsp)
@@ -286,7 +355,8 @@ async def _network() -> list[Result]:
                     for n in GRPC_INFLIGHT:
                         warm = await _rate(systems[base], n, n * GRPC_MIN_EACH[n])
                         counts[base, n] = n * max(GRPC_MIN_EACH[n], round(warm * GRPC_TARGET_S / n))
-                        per_rep += counts[base, n] / warm * 3 * 1.3  # micro's sides are a bit slower
+                        sides = sum(1 for b in baseline.values() if b == base)
+                        per_rep += counts[base, n] / warm * sides * 1.3  # micro's sides are a bit slower
                 reps = max(GRPC_MIN_REPS, min(GRPC_REPS, int(GRPC_BUDGET_S / per_rep)))
                 fanout = await _agent_fanout(rt_native, rt_grpc)
                 rates: dict[tuple[str, int], list[float]] = {}
@@ -298,8 +368,9 @@ async def _network() -> list[Result]:
                             count = counts[baseline[name], n]
                             rates.setdefault((name, n), []).append(await _rate(systems[name], n, count))
         finally:
-            if channel is not None:
-                channel.close()
+            for ch in (channel, to_micro):
+                if ch is not None:
+                    ch.close()
             if bare_transport is not None:
                 bare_transport.close()
             if saved is None:
@@ -326,7 +397,8 @@ async def _agent_fanout(rt_native: micro.Runtime, rt_grpc: micro.Runtime) -> lis
     def brain(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | str:
         if any(isinstance(b, ToolResultBlock) for b in messages[-1].content):
             return "done"
-        return scripted.turn(*(scripted.call(tool, user_id="alice") for _ in range(FANOUT_TOOLS)))
+        # distinct arguments: the loop refuses a fourth identical call in one run
+        return scripted.turn(*(scripted.call(tool, user_id=f"user-{i}") for i in range(FANOUT_TOOLS)))
 
     agents = {}
     for wire, rt in (("native", rt_native), ("grpc", rt_grpc)):
@@ -372,6 +444,8 @@ def _network_figures(rates: dict[tuple[str, int], list[float]], reps: int) -> li
         "native.json": "micro native wire, JSON (msgspec)",
         "raw": "raw grpclib+upb (baseline, one connection)",
         "bare": "bare framed echo (micro's framing, no semantics)",
+        "upb.code_first": "a grpclib+upb client calling micro's code-first endpoint (protobuf from the derived .proto)",
+        "upb.proto_first": "a grpclib+upb client calling micro's proto-first endpoint (betterproto2)",
     }
     med = {k: statistics.median(v) for k, v in rates.items()}
 
@@ -398,6 +472,19 @@ def _network_figures(rates: dict[tuple[str, int], list[float]], reps: int) -> li
     for name in ("native.proto", "native.json", "grpc.proto", "grpc.json", "raw", "bare"):
         target = ">= 1.0x" if name.startswith("native") else ""
         ratio(f"{name}.256_vs_64", (name, 256), (name, 64), f"256 vs 64 in flight, {labels[name]}", target, None)
+    for side in ("code_first", "proto_first"):
+        for n in GRPC_INFLIGHT:
+            ratio(f"upb.{side}.c{n}.vs_raw", (f"upb.{side}", n), ("raw", n),
+                  f"2 processes, {n} in flight, {labels['upb.' + side]} vs the raw grpclib+upb server", "", None)
+    for n in GRPC_INFLIGHT:
+        r, lo, hi = _median_ratio(rates["upb.code_first", n], rates["upb.proto_first", n])
+        target = f"; target >= 0.97x (within noise): {_verdict(r >= 0.97)}" if n == 64 else ""
+        out.append((
+            f"upb.code_first_vs_proto_first.c{n}", round(r, 3),
+            f"gRPC {n} in flight, protobuf to a code-first endpoint vs to a proto-first one (same upb client): "
+            f"{med['upb.code_first', n]:,.0f} vs {med['upb.proto_first', n]:,.0f} calls/s -> {r:.2f}x "
+            f"({reps} reps: {lo:.2f}-{hi:.2f}{target})",
+        ))
     for name in ("bare", "raw"):
         for n in GRPC_INFLIGHT:
             out.append((f"{name}.c{n}.calls_per_s", round(med[name, n]),
