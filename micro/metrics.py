@@ -19,7 +19,9 @@ and labels whose values come from outside the code, such as topics, keep at most
   ``code`` the gRPC status
   (a server-streaming call is counted, and timed, until its stream starts).
 - ``micro_rpc_client_calls_total``, ``micro_rpc_client_duration_seconds``, ``micro_rpc_client_in_flight``
-  (the same labels): every unary call a client makes, by the wire that carried it.
+  (the same labels): every unary call a client makes, by the wire that carried it. A call to a service
+  in the same process is measured once, by the endpoint, and reported on both sides (path ``in-process``);
+  the client side adds the calls it refused before the endpoint saw them (a bad body, a passed deadline).
 - ``micro_overload_refusals_total`` [service]: calls refused by ``max_concurrency`` / ``max_queue``.
 - ``micro_agent_runs_total`` [agent, status]: runs reaching ``completed``, ``failed``, ``cancelled``,
   ``paused`` or ``input_required``; ``micro_agent_tool_calls_total`` [agent, tool, outcome]: the tool
@@ -56,6 +58,8 @@ _BUCKET_NAMES = [*(repr(b) for b in _BUCKETS), "+Inf"]
 _MODEL_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 
 _m: _Metrics | None = None
+SET: object = None
+"""The metric set now in use (a new one after ``enable(registry)``): what a hook's cached children belong to."""
 
 
 def enable(registry: Any = None) -> None:
@@ -65,13 +69,13 @@ def enable(registry: Any = None) -> None:
     they are made. Enabling again keeps the metrics collected so far unless a new
     registry is given.
     """
-    global ON, _m
+    global ON, SET, _m
     try:
         import prometheus_client
     except ImportError as exc:
         raise ImportError("metrics need prometheus_client: pip install 'micro[metrics]'") from exc
     if _m is None or registry is not None:
-        _m = _Metrics(registry if registry is not None else prometheus_client.CollectorRegistry())
+        _m = SET = _Metrics(registry if registry is not None else prometheus_client.CollectorRegistry())
     ON = True
 
 
@@ -181,7 +185,9 @@ class _RpcFamily:
             rpc = self.children[key] = _Rpc()
         return rpc
 
-    def collect(self) -> Any:
+    def collect(self, in_process: _RpcFamily | None = None) -> Any:
+        """The three metric families; ``in_process``: a family whose in-process children are added to
+        this one's (the server side's, for the client side: an in-process call is measured once)."""
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         labels = ["service", "endpoint", "path"]
@@ -189,15 +195,24 @@ class _RpcFamily:
         calls = CounterMetricFamily(f"{name}_calls", self.helps[0], labels=[*labels, "code"])
         seconds = HistogramMetricFamily(f"{name}_duration_seconds", self.helps[1], labels=labels)
         in_flight = GaugeMetricFamily(f"{name}_in_flight", self.helps[2], labels=labels)
-        for key, rpc in list(self.children.items()):
-            for code, n in list(rpc.codes.items()):
+        rows: dict[tuple[str, str, str], list[_Rpc]] = {key: [rpc] for key, rpc in list(self.children.items())}
+        if in_process is not None:
+            for key, rpc in list(in_process.children.items()):
+                if key[2] == IN_PROCESS:
+                    rows.setdefault(key, []).append(rpc)
+        for key, rpcs in rows.items():
+            codes: dict[str, int] = {}
+            for rpc in rpcs:
+                for code, n in list(rpc.codes.items()):
+                    codes[code] = codes.get(code, 0) + n
+            for code, n in codes.items():
                 calls.add_metric([*key, code], n)
             cumulative, buckets = 0, []
-            for bound, n in zip(_BUCKET_NAMES, rpc.buckets, strict=True):
-                cumulative += n
+            for i, bound in enumerate(_BUCKET_NAMES):
+                cumulative += sum(rpc.buckets[i] for rpc in rpcs)
                 buckets.append((bound, cumulative))
-            seconds.add_metric(list(key), buckets, rpc.total)
-            in_flight.add_metric(list(key), rpc.in_flight)
+            seconds.add_metric(list(key), buckets, sum(rpc.total for rpc in rpcs))
+            in_flight.add_metric(list(key), sum(rpc.in_flight for rpc in rpcs))
         return [calls, seconds, in_flight]
 
 
@@ -220,17 +235,13 @@ class _Rpc:
 
 
 class _Collector:
-    def __init__(self, *families: _RpcFamily) -> None:
-        self.families = families
+    def __init__(self, server: _RpcFamily, client: _RpcFamily) -> None:
+        self.server = server
+        self.client = client
 
     def collect(self) -> Any:
-        for family in self.families:
-            yield from family.collect()
-
-
-def current() -> object:
-    """The metric set now in use (a new one after ``enable(registry)``): what cached children belong to."""
-    return _m
+        yield from self.server.collect()
+        yield from self.client.collect(in_process=self.server)
 
 
 def rpc(side: str, service: str, endpoint: str, path: str) -> _Rpc:
@@ -240,8 +251,20 @@ def rpc(side: str, service: str, endpoint: str, path: str) -> _Rpc:
     return (m.server if side == "server" else m.client).get(service, endpoint, path)
 
 
+def refused(service: str, endpoint: str, code: str) -> None:
+    """Count a call to an in-process service that the client refused before its endpoint saw it (the
+    endpoint measures the others, for both sides)."""
+    m = _m
+    if m is None or not ON:
+        return
+    child = m.client.get(service, endpoint, IN_PROCESS)
+    child.in_flight += 1
+    child.done(code, 0.0)
+
+
 def call_wrapper(local: Any) -> Any:
-    """Client middleware recording every unary call (``local``: the client's in-process services, for the path).
+    """Client middleware recording every unary call to another process (``local``: the client's in-process
+    services, whose calls the endpoint measures once for both sides; see :func:`refused`).
 
     Made when the client is made: with metrics off then, the chain has nothing of it.
     """
@@ -253,11 +276,15 @@ def call_wrapper(local: Any) -> Any:
         # the path the service's last call took
         last: dict[str, str] = {}
 
-        async def measured(req: Any) -> Any:
+        def measured(req: Any) -> Any:
+            if req.streaming or not ON or _m is None or req.service in local:
+                return next(req)  # no coroutine frame of ours on the in-process path
+            return remote(req)
+
+        async def remote(req: Any) -> Any:
             m = _m
-            if req.streaming or not ON or m is None:
-                return await next(req)
-            path = IN_PROCESS if req.service in local else last.get(req.service, GRPC)
+            assert m is not None
+            path = last.get(req.service, GRPC)
             child = m.client.get(req.service, req.endpoint, path)
             child.in_flight += 1
             start = time.perf_counter()

@@ -37,6 +37,7 @@ from micro.errors import (
     BadRequest,
     ConfigError,
     EndpointNotFound,
+    Error,
     ResourceExhausted,
     ServiceNotFound,
     Timeout,
@@ -152,11 +153,16 @@ class Client:
         return self._remote(req)
 
     async def _local_call(self, ep: Endpoint, req: Request) -> Any:
-        body = ep.request.convert({} if req.body is None else req.body, ep.where)
+        try:
+            body = ep.request.convert({} if req.body is None else req.body, ep.where)
+        except Error as err:
+            metrics.refused(ep.service, ep.name, err.status.name)  # the endpoint counts every other call
+            raise
         if req.deadline is None:
             result = await ep.handle(body, req.metadata, None)
         else:
             if req.deadline <= asyncio.get_running_loop().time():
+                metrics.refused(ep.service, ep.name, "DEADLINE_EXCEEDED")
                 raise Timeout(f"{ep.where}: deadline passed before the call")  # as on the network
             with self._watchdog.watch(req.deadline, ep.where):
                 result = await ep.handle(body, req.metadata, req.deadline)

@@ -18,10 +18,10 @@ from __future__ import annotations
 import collections.abc
 import inspect
 import logging
-import time
 import typing
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from time import perf_counter
 from typing import Any
 
 from micro import context, metrics
@@ -62,8 +62,8 @@ class Endpoint:
         self.invoke = self._call
 
     def _child(self, transport: str) -> Any:
-        if self._metrics_of is not metrics.current():
-            self._metrics, self._metrics_of = {}, metrics.current()
+        if self._metrics_of is not metrics.SET:
+            self._metrics, self._metrics_of = {}, metrics.SET
         child = self._metrics[transport] = metrics.rpc("server", self.service, self.name, transport)
         return child
 
@@ -105,11 +105,11 @@ class Endpoint:
         """
         child = None
         if metrics.ON:
-            child = self._metrics.get(transport) if self._metrics_of is metrics.current() else None
+            child = self._metrics.get(transport) if self._metrics_of is metrics.SET else None
             if child is None:
                 child = self._child(transport)
             child.in_flight += 1
-            start = time.perf_counter()
+            start = perf_counter()
         code = "CANCELLED"  # unless it ends otherwise
         tokens = context.enter(deadline, metadata)
         try:
@@ -132,7 +132,7 @@ class Endpoint:
         finally:
             context.leave(tokens)
             if child is not None:
-                child.done(code, time.perf_counter() - start)
+                child.done(code, perf_counter() - start)
 
     def check_response(self, result: Any) -> Any:
         if type(result) is self.response.type:
