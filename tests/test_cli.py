@@ -178,17 +178,22 @@ def test_micro_run_metrics_address_serves_metrics_and_health() -> None:
 def test_describe_proto_of_every_example_service_compiles_with_protoc(tasks_app: Running, tmp_path: Path) -> None:
     names = [r["name"] for r in json.loads(micro("services", "--json").stdout)]
     assert len(names) == 12
+    agents = {r["name"] for r in json.loads(micro("services", "--json").stdout) if r["metadata"].get("type") == "agent"}
+    assert agents
     for name in names:
-        res = micro("describe", name, "--proto")
-        assert res.returncode == 0, res.stderr
         out = tmp_path / name
-        out.mkdir()
-        (out / f"{name.replace('-', '_')}.proto").write_text(res.stdout)
+        res = micro("describe", name, "--proto", "--out", str(out))
+        assert res.returncode == 0, res.stderr
+        files = [Path(line) for line in res.stdout.split()]
+        assert files and all(f.is_file() and f.is_relative_to(out) for f in files), res.stdout
         protoc = subprocess.run(
-            [sys.executable, "-m", "grpc_tools.protoc", f"-I{out}", f"--python_out={out}",
-             str(out / f"{name.replace('-', '_')}.proto")], capture_output=True, text=True)
+            [sys.executable, "-m", "grpc_tools.protoc", f"-I{out}", f"--python_out={out}", *map(str, files)],
+            capture_output=True, text=True)
         assert protoc.returncode == 0, f"{name}: {protoc.stderr}\n{res.stdout}"
-        assert list(out.glob("*_pb2.py")), name
+        assert len(list(out.rglob("*_pb2.py"))) == len(files), name
+        if name in agents:  # its proto-first Agent service, as rebuilt from the betterproto2 classes: not a sketch
+            text = "\n".join(f.read_text() for f in files)
+            assert "service Agent {" in text and "rpc Chat(" in text, text
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -11,6 +12,7 @@ from rich.table import Table
 from micro.cli.main import cli_runtime, main, missing, out, run_async
 from micro.errors import ServiceNotFound
 from micro.registry import ServiceRecord
+from micro.server.grpc import FILE_MARK
 
 
 @main.command()
@@ -39,10 +41,14 @@ async def services(as_json: bool) -> None:
 @click.argument("service")
 @click.option("--json", "as_json", is_flag=True, help="Print the registry records as JSON.")
 @click.option("--proto", "as_proto", is_flag=True,
-              help="Print the service's .proto (the protobuf contract of its code-first endpoints).")
+              help="Print the service's .proto files (the protobuf contract of its endpoints, for any gRPC client).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="With --proto: write each .proto file into this directory (ready for protoc -I DIR).")
 @run_async
-async def describe(service: str, as_json: bool, as_proto: bool) -> None:
+async def describe(service: str, as_json: bool, as_proto: bool, out_dir: Path | None) -> None:
     """Show a service's endpoints, schemas and nodes."""
+    if out_dir is not None and not as_proto:
+        raise click.UsageError("--out writes the .proto files: use it with --proto")
     async with cli_runtime() as rt:
         try:
             records = await rt.registry.get(service)
@@ -50,6 +56,14 @@ async def describe(service: str, as_json: bool, as_proto: bool) -> None:
             await missing(rt, service)
     if as_json:
         out.print_json(msgspec.json.encode(records).decode())
+        return
+    if as_proto and out_dir is not None:
+        for rec in records:
+            for name, text in proto_files(rec):
+                path = out_dir / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+                out.print(str(path), markup=False)
         return
     if as_proto:
         for rec in records:
@@ -103,11 +117,26 @@ def _type(node: dict[str, Any], root: dict[str, Any]) -> str:
 _PROTO_SCALARS = {"string": "string", "integer": "int64", "number": "double", "boolean": "bool"}
 
 
-def service_proto(rec: ServiceRecord) -> str:
-    """The ``.proto`` a service's nodes registered: the wire contract of its code-first endpoints.
+def proto_files(rec: ServiceRecord) -> list[tuple[str, str]]:
+    """The ``.proto`` files of a service as (file name, text): what its first node registered (the files
+    of its code-first and proto-first endpoints), or a sketch from the JSON Schemas for nodes that
+    registered none (older micro versions)."""
+    text = next((n.metadata["proto"] for n in rec.nodes if n.metadata.get("proto")), None)
+    if text is None:
+        return [(f"{rec.name.replace('-', '_')}.proto", to_proto(rec))]
+    files: list[tuple[str, str]] = []
+    for chunk in text.split(FILE_MARK):
+        if chunk.strip():
+            files.append((chunk.partition("\n")[0].strip(), FILE_MARK + chunk))
+    return files or [(f"{rec.name.replace('-', '_')}.proto", text)]
 
-    Nodes of one version that disagree each get theirs printed. Proto-first endpoints
-    (and nodes of micro versions that registered none) get a sketch from the JSON Schemas.
+
+def service_proto(rec: ServiceRecord) -> str:
+    """The ``.proto`` files a service's nodes registered (each headed ``// file: NAME``): the wire contract of
+    its code-first endpoints, and its proto-first ones' as rebuilt from their betterproto2 classes.
+
+    Nodes of one version that disagree each get theirs printed. Nodes of micro versions that
+    registered none get a sketch from the JSON Schemas.
     """
     texts = list(dict.fromkeys(n.metadata["proto"] for n in rec.nodes if n.metadata.get("proto")))
     if not texts:

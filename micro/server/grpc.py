@@ -265,6 +265,10 @@ async def _recv_data(h2: Any, size: int, where: str, what: str) -> bytes:
     return data
 
 
+FILE_MARK = "// file: "
+"""The line that starts each file in :meth:`GrpcServer.proto_text` (then the file's name)."""
+
+
 class GrpcServer:
     """Serves a set of endpoints on one host:port. ``start()`` binds; ``stop()`` drains.
 
@@ -286,7 +290,8 @@ class GrpcServer:
         self._methods: dict[str, list[Method]] = {}  # service -> its code-first methods
         self._grpc_services: set[str] = set()  # as gRPC clients name them (reflection lists them)
         self._proto_first: dict[str, list[ProtoMethod]] = {}  # package -> its proto-first methods
-        self._text: tuple[tuple[str, int], str] | None = None
+        self._packages: dict[str, dict[str, None]] = {}  # service -> the packages of its proto-first endpoints
+        self._text: tuple[tuple[str, int, int], str] | None = None
         self._server: _Server | None = None
         self.port = 0
         self.host = ""
@@ -307,6 +312,7 @@ class GrpcServer:
         elif isinstance(req, ProtoCodec) and isinstance(rsp, ProtoCodec):
             self._proto_first.setdefault(req.package, []).append(
                 ProtoMethod(handler, method, req.type, rsp.type, ep.streaming))
+            self._packages.setdefault(ep.service, {})[req.package] = None
         for wire in ep.wires:
             func = self._streaming(ep, wire) if ep.streaming else self._unary(ep, wire)
             for path in dict.fromkeys(paths):
@@ -335,15 +341,27 @@ class GrpcServer:
         return {name: service_file(name, methods) for name, methods in self._methods.items()}
 
     def proto_text(self, service: str) -> str | None:
-        """The ``.proto`` of a service's code-first endpoints (what ``micro describe --proto`` prints)."""
-        methods = self._methods.get(service)
-        if not methods:
-            return None
-        key = (service, len(methods))
+        """The ``.proto`` of a service (what ``micro describe --proto`` prints): the one derived for its
+        code-first endpoints, and the files of its proto-first ones as rebuilt from their betterproto2
+        classes; each file starts with a ``// file: NAME`` line (``micro describe --proto --out`` splits them)."""
+        methods = self._methods.get(service, [])
+        packages = list(self._packages.get(service, ()))
+        key = (service, len(methods), sum(len(self._proto_first[p]) for p in packages))
         if self._text is None or self._text[0] != key:
-            comments = {f"{m.handler}.{m.name}": m.description for m in methods}
-            self._text = (key, to_text(service_file(service, methods), comments))
-        return self._text[1]
+            files: list[tuple[str, str]] = []
+            if methods:
+                comments = {f"{m.handler}.{m.name}": m.description for m in methods}
+                fdp = service_file(service, methods)
+                files.append((fdp.name, to_text(fdp, comments)))
+            for package in packages:
+                try:
+                    fdp = betterproto_file(package, self._proto_first[package])
+                except NoDescriptor:  # listed by describe from the JSON Schemas instead
+                    continue
+                files.append((fdp.name, to_text(fdp)))
+            text = "\n".join(f"{FILE_MARK}{n}\n{t}" for n, t in files)
+            self._text = (key, text)
+        return self._text[1] or None
 
     def _unary(self, ep: Endpoint, wire: str) -> Callable[[Stream[Any, Any]], Any]:
         limit = self.max_message_size
