@@ -30,6 +30,10 @@ and labels whose values come from outside the code, such as topics, keep at most
   [provider, model], ``micro_model_tokens_total`` [provider, model, kind] (``input`` / ``output``).
 - ``micro_flow_events_total`` [flow, outcome] (``completed``, ``failed``, ``retrying``, ``cancelled``),
   ``micro_flow_retries_total`` [flow].
+- ``micro_runs_waiting`` [owner, status]: runs of an agent or a flow (``owner``) that wait now —
+  ``paused`` or ``input_required`` (for a person), ``waiting`` (a flow's ``Await``) — counted from the
+  run engine's index in the store every 15 s by each process serving it (every replica reports the
+  same number: aggregate with ``max``).
 - ``micro_broker_published_total`` [broker, topic], ``micro_broker_consumed_total`` [broker, topic, outcome],
   ``micro_broker_dead_letters_total`` [broker, topic] (JetStream: flow events that failed their last delivery).
 - ``micro_store_operation_duration_seconds`` [backend, operation] and
@@ -116,7 +120,7 @@ def _metrics() -> _Metrics:
 
 class _Metrics:
     def __init__(self, registry: Any) -> None:
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         self.registry = registry
         self.server = _RpcFamily("server", "Calls a service handled, by gRPC status code.",
@@ -140,6 +144,9 @@ class _Metrics:
                                    registry=registry)
         self.flow_retries = Counter("micro_flow_retries", "Flow events given back to be tried again.", ["flow"],
                                     registry=registry)
+        self.runs_waiting = Gauge("micro_runs_waiting", "Runs of an agent or flow that wait now (for a person, "
+                                  "an answer or an event), from the store's index.", ["owner", "status"],
+                                  registry=registry)
         self.dead_letters = Counter("micro_broker_dead_letters", "Messages (flow events) moved to the dead-letter "
                                     "topic after their last delivery failed (JetStream).", ["broker", "topic"],
                                     registry=registry)

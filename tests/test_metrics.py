@@ -216,6 +216,35 @@ async def test_agent_model_tool_flow_broker_and_store_metrics(fresh: CollectorRe
         found, "micro_store_operations_total", **store, operation="write", outcome="ok")
 
 
+async def test_runs_waiting_gauge_follows_a_run_that_waits_for_approval(fresh: CollectorRegistry) -> None:
+    """micro_runs_waiting counts the agent's paused runs from the store's index: 1 while the approval is
+    pending, 0 once it is given (updated on each change in this process, not only every 15 s)."""
+    model = scripted.turns(scripted.call("greet_Greeter_Hello", name="x"), "done")
+
+    async def gauge_reads(n: float) -> None:
+        with anyio.fail_after(10):
+            while value(samples(metrics.exposition()[0]), "micro_runs_waiting", owner="careful",
+                        status="paused") != n:
+                await anyio.wait_all_tasks_blocked()
+
+    async with micro.Runtime(registry=MemoryRegistry(), store="memory://", broker="memory://") as rt:
+        service = micro.Service("greet", runtime=rt)
+        service.handle(Greeter())
+        agent = micro.Agent("careful", services=["greet"], provider=model, runtime=rt,
+                            needs_approval=["greet_Greeter_Hello"])
+        async with service, agent:
+            await gauge_reads(0)
+            rsp = await agent.ask("greet x")
+            assert rsp.status == "paused"
+            await gauge_reads(1)
+            done = await agent.resume(rsp.run_id, approve=True)
+            assert done.status == "completed"
+            await gauge_reads(0)
+            found = samples(metrics.exposition()[0])
+    assert value(found, "micro_runs_waiting", owner="careful", status="input_required") == 0
+    assert ("micro_runs_waiting", frozenset({("owner", "careful"), ("status", "waiting")})) in found
+
+
 def test_labels_from_outside_the_code_keep_at_most_max_values(fresh: CollectorRegistry) -> None:
     for i in range(metrics.MAX_VALUES + 5):
         metrics.count("published", "MemoryBroker", f"topic.{i}", bounded=1)

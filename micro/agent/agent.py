@@ -19,7 +19,7 @@ import anyio
 import anyio.abc
 import msgspec
 
-from micro import context, idempotency, telemetry
+from micro import context, idempotency, metrics, telemetry
 from micro._proto.micro.agent import (
     CancelRequest,
     ChatEvent,
@@ -31,7 +31,7 @@ from micro._proto.micro.agent import (
     ToolCall,
 )
 from micro.ai import Message, Model, from_provider
-from micro.errors import BadRequest, Conflict, NotFound, ServiceNotFound, Timeout, Unavailable, UsageError
+from micro.errors import BadRequest, Conflict, NotFound, Timeout, Unavailable, UsageError
 from micro.resource import redact
 from micro.service import AgentServiceOptions, Service
 from micro.tasks import BackgroundTasks
@@ -245,25 +245,21 @@ class Agent(Service):
     def engine(self) -> RunEngine:
         """The run engine over :attr:`runs` (claims, decisions, expiry, liveness)."""
         if self._engine is None:
-            self._engine = RunEngine(self.name, self.runs, owner=lambda: self.id, nodes=self._nodes,
+            self._engine = RunEngine(self.name, self.runs, owner=lambda: self.id, nodes=self.node_ids,
                                      pause_ttl=self.pause_ttl)
         return self._engine
 
-    async def _nodes(self) -> set[str]:
-        try:
-            records = await self.runtime.registry.get(self.name)
-        except ServiceNotFound:
-            return set()
-        return {n.id for r in records for n in r.nodes}
-
     async def start(self) -> None:
         """Start serving (see :meth:`Service.start`); with ``resume_interrupted=True``, then continue the
-        runs a crash left unfinished, in the background."""
+        runs a crash left unfinished, in the background; with metrics on, report its waiting runs."""
         await super().start()
-        if self.recover:
-            self._background = BackgroundTasks(f"agent {self.name} recovery", log)
+        if self.recover or metrics.enabled():
+            self._background = BackgroundTasks(f"agent {self.name}", log)
             await self._background.start()
-            self._background.start_soon(self._recover)
+            if self.recover:
+                self._background.start_soon(self._recover)
+            if metrics.enabled():
+                self._background.start_soon(self.engine.report_waiting)
 
     async def _recover(self) -> None:
         try:

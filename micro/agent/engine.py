@@ -463,6 +463,23 @@ class RunEngine:
                     out.append(run)
         return out
 
+    async def report_waiting(self, every: float = 15.0) -> None:
+        """While metrics are on, set ``micro_runs_waiting`` for this agent or flow from the index: now, when
+        this process marks or unmarks a waiting run, and every ``every`` seconds for the other processes'
+        (its owner's background task; a failed read is logged and tried next time)."""
+        while True:
+            changed = self.runs.changed
+            if metrics.enabled():
+                try:
+                    counts = await self.runs.waiting_counts()
+                except Exception:
+                    log.warning("%s: counting the waiting runs failed", self.name, exc_info=True)
+                else:
+                    for status in WAITING:
+                        metrics.gauge("runs_waiting", counts.get(status, 0), self.name, status)
+            with anyio.move_on_after(every):
+                await changed.wait()
+
     async def interrupted(self) -> list[tuple[AgentRun, int]]:
         """The runs whose owner is gone while they ran, oldest first, with their versions."""
         owners = await self.owners()

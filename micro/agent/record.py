@@ -43,6 +43,7 @@ import uuid
 from collections.abc import Callable, Collection
 from typing import Any, Literal
 
+import anyio
 import msgspec
 
 from micro.ai import Message
@@ -163,6 +164,19 @@ class AgentRuns:
         self.agent = agent
         self.prefix = f"agent/{agent}/runs/"
         self.waiting_prefix = f"agent/{agent}/waiting/"
+        self._changed: anyio.Event | None = None
+
+    @property
+    def changed(self) -> anyio.Event:
+        """Set when this process next marks or unmarks a waiting run (a fresh event after each)."""
+        if self._changed is None:
+            self._changed = anyio.Event()
+        return self._changed
+
+    def _touch(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     def key(self, run_id: str) -> str:
         if not isinstance(run_id, str) or not run_id or "/" in run_id or "#" in run_id:
@@ -229,14 +243,24 @@ class AgentRuns:
     async def mark_waiting(self, run: AgentRun) -> None:
         await self.store.write(Record(self._waiting_key(run.session, run.id), run.id.encode(),
                                       metadata={"status": run.status}))
+        self._touch()
 
     async def unmark_waiting(self, run: AgentRun) -> None:
         await self.store.delete(self._waiting_key(run.session, run.id))
+        self._touch()
 
     async def waiting_in(self, session: str) -> builtins.list[str]:
         """Ids of the runs of ``session`` that wait (for a decision, an answer or an event)."""
         keys = await self.store.list(self._waiting_key(session))
         return [k.rsplit("#", 1)[1] for k in keys]
+
+    async def waiting_counts(self) -> dict[str, int]:
+        """How many runs wait now, by status (``paused``, ``input_required``, ``waiting``): one read of the index."""
+        counts: dict[str, int] = {}
+        for rec in await self.store.read(self.waiting_prefix, prefix=True):
+            status = rec.metadata.get("status", "")
+            counts[status] = counts.get(status, 0) + 1
+        return counts
 
     async def waiting(self) -> builtins.list[str]:
         """Ids of every waiting run of the agent, oldest first."""

@@ -45,7 +45,7 @@ from typing import Any, Unpack, cast, overload
 import anyio
 import msgspec
 
-from micro import idempotency, telemetry
+from micro import idempotency, metrics, telemetry
 from micro._proto.micro.agent import CancelRequest, ChatResponse, ResumeRequest
 from micro.agent import agent as _agent_api
 from micro.agent.engine import (
@@ -71,7 +71,6 @@ from micro.errors import (
     Internal,
     NotFound,
     ResourceExhausted,
-    ServiceNotFound,
     Timeout,
     Unavailable,
     Unknown,
@@ -285,22 +284,16 @@ class Flow(Service):
     def engine(self) -> RunEngine:
         """The run engine of the model step (the agents')."""
         if self._engine is None:
-            self._engine = RunEngine(self.name, self.model_runs, owner=lambda: self.id, nodes=self._nodes,
+            self._engine = RunEngine(self.name, self.model_runs, owner=lambda: self.id, nodes=self.node_ids,
                                      pause_ttl=self.pause_ttl)
         return self._engine
 
-    async def _nodes(self) -> set[str]:
-        try:
-            records = await self.runtime.registry.get(self.name)
-        except ServiceNotFound:
-            return set()
-        return {n.id for r in records for n in r.nodes}
-
     async def start(self) -> None:
-        """Start the service, and the schedule and the Await timeouts' watch when the flow has them."""
+        """Start the service, and the schedule and the Await timeouts' watch when the flow has them; with
+        metrics on, report its waiting runs."""
         await super().start()
         timeouts = any(isinstance(s, Await) and s.timeout is not None for s in _walk(self.plan))
-        if self.schedule is None and not timeouts:
+        if self.schedule is None and not timeouts and not metrics.enabled():
             return
         background = BackgroundTasks(f"flow {self.name}", log)
         try:
@@ -309,6 +302,8 @@ class Flow(Service):
                 tg.start_soon(self._schedule_loop, self.schedule)
             if timeouts:
                 tg.start_soon(self._timeout_loop)
+            if metrics.enabled():
+                tg.start_soon(self.engine.report_waiting)
         except BaseException:
             await background.aclose()
             await super().stop()

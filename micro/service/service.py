@@ -192,7 +192,7 @@ class Service:
     @property
     def record(self) -> ServiceRecord:
         """The registry record of this node."""
-        proto = self._server.proto_text(self.name)  # the wire contract of the code-first endpoints
+        proto = self._server.proto_text(self.name)  # its .proto files: the protobuf contract of its endpoints
         return ServiceRecord(
             name=self.name,
             version=self.version,
@@ -200,6 +200,14 @@ class Service:
             endpoints=[ep.record() for ep in self._endpoints.values()],
             nodes=[Node(id=self.id, address=self.address, metadata=self._node_metadata(proto))],
         )
+
+    async def node_ids(self) -> set[str]:
+        """The ids of this service's running nodes, in every process, as the registry lists them now."""
+        try:
+            records = await self.runtime.registry.get(self.name)
+        except ServiceNotFound:
+            return set()
+        return {n.id for r in records for n in r.nodes}
 
     def _node_metadata(self, proto: str | None) -> dict[str, str]:
         md = {"pid": str(os.getpid())}
