@@ -423,3 +423,28 @@ def test_proto_first_descriptors_rebuilt_from_betterproto2_equal_protocs(which: 
                                            classes[m.output_type.rsplit(".", 1)[-1]], m.server_streaming))
         assert len(methods) >= 2
     assert _normalized(betterproto_file(package, methods)) == _normalized(theirs)
+
+
+def test_unwrapped_well_known_fields_rebuild_as_their_types_equal_to_protocs(tmp_path: Path) -> None:
+    """betterproto2 reads a Timestamp field as a datetime: the rebuilt descriptor still says
+    google.protobuf.Timestamp and imports its file, message for message as protoc has it (reflection
+    serves proto-first services whose messages hold well-known types)."""
+    from _proto.kinds import HoldsStamped, Stamped
+
+    from micro.codec.proto_file import ProtoMethod, betterproto_file, to_text
+
+    source = Path(__file__).parent / "proto" / "kinds.proto"
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{source.parent}",
+                    f"--descriptor_set_out={tmp_path / 'set.binpb'}", str(source)], check=True, capture_output=True)
+    (theirs,) = descriptor_pb2.FileDescriptorSet.FromString((tmp_path / "set.binpb").read_bytes()).file
+    ours = betterproto_file("kinds", [ProtoMethod("Stamps", "Get", Stamped, HoldsStamped, False)])
+    assert list(ours.dependency) == ["google/protobuf/timestamp.proto"]
+    by_name = {m.name: m for m in theirs.message_type}
+    assert sorted(m.name for m in ours.message_type) == ["HoldsStamped", "Stamped"]
+    for msg in ours.message_type:
+        assert msg == by_name[msg.name], msg.name
+    # and its text compiles back with protoc
+    (tmp_path / "kinds_rebuilt.proto").write_text(to_text(ours))
+    protoc = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{tmp_path}", f"--python_out={tmp_path}",
+                             str(tmp_path / "kinds_rebuilt.proto")], capture_output=True, text=True)
+    assert protoc.returncode == 0, protoc.stderr

@@ -157,9 +157,24 @@ def _json_name(name: str) -> str:
 
 def well_known_files() -> list[bytes]:
     """The serialized descriptors of the well-known types code-first messages use."""
-    from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
+    from google.protobuf import any_pb2, duration_pb2, empty_pb2, struct_pb2, timestamp_pb2, wrappers_pb2
 
-    return [m.DESCRIPTOR.serialized_pb for m in (timestamp_pb2, duration_pb2, struct_pb2)]
+    return [m.DESCRIPTOR.serialized_pb for m in (timestamp_pb2, duration_pb2, struct_pb2, wrappers_pb2, any_pb2,
+                                                  empty_pb2)]
+
+
+_WELL_KNOWN_FILES = {  # the well-known types betterproto2 unwraps to Python types, and their files
+    **{f"google.protobuf.{n}": "google/protobuf/wrappers.proto" for n in (
+        "DoubleValue", "FloatValue", "Int64Value", "UInt64Value", "Int32Value", "UInt32Value", "BoolValue",
+        "StringValue", "BytesValue")},
+    "google.protobuf.Timestamp": "google/protobuf/timestamp.proto",
+    "google.protobuf.Duration": "google/protobuf/duration.proto",
+    "google.protobuf.Struct": "google/protobuf/struct.proto",
+    "google.protobuf.Value": "google/protobuf/struct.proto",
+    "google.protobuf.ListValue": "google/protobuf/struct.proto",
+    "google.protobuf.Any": "google/protobuf/any.proto",
+    "google.protobuf.Empty": "google/protobuf/empty.proto",
+}
 
 
 # -- printing ---------------------------------------------------------------------------------
@@ -306,7 +321,8 @@ def betterproto_file(package: str, methods: Sequence[ProtoMethod]) -> pb.FileDes
     proto3 JSON depend on, so the rebuilt file is wire-equal to the original (its
     comments and options are gone, and enums nested in a message move to the top
     level, as betterproto2 names them). Raises :class:`NoDescriptor` for classes of
-    other packages or fields betterproto2 unwraps to Python types.
+    other packages. Fields betterproto2 unwraps to Python types (a ``Timestamp`` read as a
+    ``datetime``, a ``StringValue`` as ``str | None``) are their well-known types, imported.
     """
     import dataclasses
 
@@ -326,18 +342,21 @@ def betterproto_file(package: str, methods: Sequence[ProtoMethod]) -> pb.FileDes
         classes = cls._betterproto.cls_by_field
         for f in dataclasses.fields(cls):
             fm = FieldMetadata.get(f)
-            if fm.proto_type == "message":
+            if fm.proto_type == "message" and fm.unwrap is None:
                 todo.append(classes[f.name])
-            elif fm.proto_type == "map" and fm.map_meta is not None and fm.map_meta[1].proto_type == "message":
+            elif fm.proto_type == "map" and fm.map_meta is not None and fm.map_meta[1].proto_type == "message" \
+                    and fm.map_meta[1].unwrap is None:
                 todo.append(classes[f"{f.name}.value"])
     enums: dict[Any, str] = {}
+    imports: set[str] = set()
     by_full: dict[str, pb.DescriptorProto] = {}
     for cls, full in sorted(names.items(), key=lambda kv: kv[1].count(".")):
         parent, _, short = full.rpartition(".")
         holder = by_full.get(parent)
         msg = (holder.nested_type if holder is not None else fdp.message_type).add(name=short)
         by_full[full] = msg
-        _betterproto_fields(cls, msg, names, enums, package, full)
+        _betterproto_fields(cls, msg, names, enums, package, full, imports)
+    fdp.dependency.extend(sorted(imports))
     for cls, full in enums.items():
         en = fdp.enum_type.add(name=full.rsplit(".", 1)[-1])
         renamed = cls.betterproto_value_to_renamed_proto_names()
@@ -362,7 +381,7 @@ def _pool_name(cls: type) -> str:
 
 
 def _betterproto_fields(cls: Any, msg: pb.DescriptorProto, names: Mapping[type, str], enums: dict[Any, str],
-                        package: str, full: str) -> None:
+                        package: str, full: str, imports: set[str]) -> None:
     import dataclasses
 
     from betterproto2 import FieldMetadata
@@ -371,8 +390,6 @@ def _betterproto_fields(cls: Any, msg: pb.DescriptorProto, names: Mapping[type, 
     oneofs: dict[str, int] = {}
     for f in dataclasses.fields(cls):
         fm = FieldMetadata.get(f)
-        if fm.unwrap is not None:
-            raise NoDescriptor(f"{cls.__qualname__}.{f.name} is unwrapped to a Python type")
         fd = msg.field.add(name=f.name, number=fm.number, json_name=_json_name(f.name))
         if fm.proto_type == "map":
             assert fm.map_meta is not None
@@ -382,11 +399,17 @@ def _betterproto_fields(cls: Any, msg: pb.DescriptorProto, names: Mapping[type, 
             for sub_meta, sub_name in zip(fm.map_meta, ("key", "value"), strict=True):
                 sd = entry.field.add(name=sub_name, number=sub_meta.number, json_name=sub_name,
                                      label=_F.LABEL_OPTIONAL)
-                _bp_type(sd, sub_meta.proto_type, classes.get(f"{f.name}.value"), names, enums, package)
+                if sub_meta.unwrap is not None:
+                    _well_known(sd, sub_meta.unwrap(), imports)
+                else:
+                    _bp_type(sd, sub_meta.proto_type, classes.get(f"{f.name}.value"), names, enums, package)
             fd.label, fd.type, fd.type_name = _F.LABEL_REPEATED, _F.TYPE_MESSAGE, f".{full}.{entry_name}"
             continue
         fd.label = _F.LABEL_REPEATED if fm.repeated else _F.LABEL_OPTIONAL
-        _bp_type(fd, fm.proto_type, classes.get(f.name), names, enums, package)
+        if fm.unwrap is not None:
+            _well_known(fd, fm.unwrap(), imports)
+        else:
+            _bp_type(fd, fm.proto_type, classes.get(f.name), names, enums, package)
         if fm.group:
             fd.oneof_index = oneofs.setdefault(fm.group, len(oneofs))
         elif fm.optional and fm.proto_type != "message":
@@ -397,6 +420,16 @@ def _betterproto_fields(cls: Any, msg: pb.DescriptorProto, names: Mapping[type, 
         if fd.proto3_optional:
             fd.oneof_index = len(msg.oneof_decl)
             msg.oneof_decl.add(name=f"_{fd.name}")
+
+
+def _well_known(fd: pb.FieldDescriptorProto, cls: type, imports: set[str]) -> None:
+    """A field betterproto2 unwraps: the well-known message type it is on the wire."""
+    full = _pool_name(cls)
+    file = _WELL_KNOWN_FILES.get(full)
+    if file is None:
+        raise NoDescriptor(f"{full}: an unwrapped type that is not a well-known one")
+    fd.type, fd.type_name = _F.TYPE_MESSAGE, f".{full}"
+    imports.add(file)
 
 
 def _bp_type(fd: pb.FieldDescriptorProto, proto_type: str, cls: Any, names: Mapping[type, str],
