@@ -62,6 +62,7 @@ _BUCKET_NAMES = [*(repr(b) for b in _BUCKETS), "+Inf"]
 _MODEL_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 
 _m: _Metrics | None = None
+_bisect = bisect.bisect_left
 SET: object = None
 """The metric set now in use (a new one after ``enable(registry)``): what a hook's cached children belong to."""
 
@@ -210,7 +211,7 @@ class _RpcFamily:
         for key, rpcs in rows.items():
             codes: dict[str, int] = {}
             for rpc in rpcs:
-                for code, n in list(rpc.codes.items()):
+                for code, n in rpc.by_code().items():
                     codes[code] = codes.get(code, 0) + n
             for code, n in codes.items():
                 calls.add_metric([*key, code], n)
@@ -226,10 +227,11 @@ class _RpcFamily:
 class _Rpc:
     """One (service, endpoint, path): calls by code, a histogram of seconds, calls in flight."""
 
-    __slots__ = ("buckets", "codes", "in_flight", "total")
+    __slots__ = ("buckets", "codes", "in_flight", "ok", "total")
 
     def __init__(self) -> None:
-        self.codes: dict[str, int] = {}
+        self.ok = 0  # calls answered OK (the common case, kept out of the dict)
+        self.codes: dict[str, int] = {}  # the others, by status
         self.buckets = [0] * (len(_BUCKETS) + 1)  # the last one: above every bound (+Inf)
         self.total = 0.0
         self.in_flight = 0
@@ -237,8 +239,18 @@ class _Rpc:
     def done(self, code: str, elapsed: float) -> None:
         self.in_flight -= 1
         self.total += elapsed
-        self.buckets[bisect.bisect_left(_BUCKETS, elapsed)] += 1
-        self.codes[code] = self.codes.get(code, 0) + 1
+        self.buckets[_bisect(_BUCKETS, elapsed)] += 1
+        if code == "OK":
+            self.ok += 1
+        else:
+            self.codes[code] = self.codes.get(code, 0) + 1
+
+    def by_code(self) -> dict[str, int]:
+        """Calls by status code."""
+        out = dict(self.codes)
+        if self.ok:
+            out["OK"] = self.ok
+        return out
 
 
 class _Collector:
