@@ -26,7 +26,7 @@ import anyio.lowlevel
 import msgspec
 
 from micro.broker import Broker, Message, Subscription, encode_message
-from micro.errors import MicroError, UsageError
+from micro.errors import BrokerError, MicroError, UsageError
 
 __all__ = ["CHECKS", "TIMEOUT", "BrokerFactory", "Inbox", "check_broker"]
 
@@ -283,6 +283,40 @@ async def close_drains(make_broker: BrokerFactory) -> None:
         raise AssertionError("publish after aclose did not raise")
 
 
+async def _refuses(action: Callable[[], Awaitable[object]], what: str) -> None:
+    try:
+        await action()
+    except BrokerError:
+        return
+    raise AssertionError(f"{what} should raise BrokerError")
+
+
+async def lifecycle(make_broker: BrokerFactory) -> None:
+    """Use before ``async with`` and after the last exit fails with ``BrokerError``; entering twice takes
+    two references; ``aclose`` is idempotent; a closed broker opens again and delivers."""
+    topic = _topic()
+    broker = make_broker()
+    await _refuses(lambda: broker.publish(topic, b"early"), "publish() before async with")
+    async with broker as entered:
+        assert entered is broker
+        async with broker:  # a second reference
+            pass
+        inbox = Inbox()
+        await broker.subscribe(topic, inbox)  # still open: leaving the inner block did not close it
+        await broker.publish(topic, b"1")
+        await inbox.wait_data(b"1")
+    await _refuses(lambda: broker.publish(topic, b"late"), "publish() after the last exit")
+    await broker.aclose()
+    await broker.aclose()
+    async with broker:  # opens again
+        again = Inbox()
+        await broker.subscribe(topic, again)
+        await broker.publish(topic, b"2")
+        await again.wait_data(b"2")
+        assert b"1" not in again.data, "a subscription of the closed broker came back"
+    await _refuses(lambda: broker.subscribe(topic, Inbox()), "subscribe() after aclose")
+
+
 async def bad_input(make_broker: BrokerFactory) -> None:
     """Bad topics are ``UsageError``; unsupported payloads are ``TypeError``."""
     async with make_broker() as broker:
@@ -307,6 +341,7 @@ async def bad_input(make_broker: BrokerFactory) -> None:
 
 
 CHECKS: dict[str, Callable[[BrokerFactory], Awaitable[None]]] = {
+    "lifecycle": lifecycle,
     "roundtrip": roundtrip,
     "message_id": message_id,
     "fan_out": fan_out,
