@@ -70,7 +70,16 @@ class HttpConnection:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
         self.writer.write(self.request)
-        head = await self.reader.readuntil(b"\r\n\r\n")
+        try:
+            head = await self.reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:
+                raise
+            # the server closed the kept-alive connection while it was idle (its keep-alive timeout, while
+            # the other sides were measured): as any HTTP client, send the request again on a new one
+            self.close()
+            self.writer = None
+            return await self.post()
         status = head[9:12]
         if status != b"200":
             raise RuntimeError(f"the gateway answered {head.decode(errors='replace')!r}")
