@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ import anyio
 
 from micro.errors import ConfigError, MicroError, Unavailable
 from micro.resource import Resource, map_errors, reason, redact
+from micro.tasks import backoff
 
 try:
     import nats.errors
@@ -76,10 +76,6 @@ class NatsSettings:
     close_timeout: float = 5.0
     max_reconnect_wait: float = 30.0
 
-    def backoff(self, attempt: int) -> float:
-        """Seconds to wait before fresh client ``attempt`` (1, 2, ...): capped, doubling, ±20 % jitter."""
-        base = min(self.max_reconnect_wait, self.reconnect_wait * 2.0 ** min(attempt - 1, 30))
-        return base * random.uniform(0.8, 1.2)
 
 
 class Listener(Protocol):
@@ -217,7 +213,7 @@ class NatsConnection(Resource):
         attempt = 0
         while self._client is not None:
             attempt += 1
-            await anyio.sleep(self.settings.backoff(attempt))
+            await anyio.sleep(backoff(attempt, self.settings.reconnect_wait, self.settings.max_reconnect_wait))
             try:
                 client = await self._connect()
             except Unavailable as e:

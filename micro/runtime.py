@@ -136,16 +136,22 @@ class Runtime(Resource):
             await stack.enter_async_context(self.broker)
             stack.callback(self.client.close)
             background = BackgroundTasks(f"runtime {self.registry.url}", log)
-            tg = await background.start()
+            await background.start()
             stack.push_async_callback(background.aclose)
-            watcher = self.registry.watch()
-            stack.push_async_callback(watcher.aclose)
-            tg.start_soon(self.client.follow, watcher)
+            background.supervise(self._follow, name="registry watch")
         except BaseException:
             await stack.aclose()
             raise
         self._background = background
         self._stack = stack
+
+    async def _follow(self) -> None:
+        """Keep the client's cache in step with the registry (supervised: a failed watch starts anew)."""
+        watcher = self.registry.watch()
+        try:
+            await self.client.follow(watcher)
+        finally:
+            await watcher.aclose()
 
     async def _close(self) -> None:
         stack, self._stack = self._stack, None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -20,7 +21,41 @@ import anyio.abc
 
 from micro.errors import UsageError
 
-__all__ = ["BackgroundTasks"]
+__all__ = ["BackgroundTasks", "Streak", "backoff"]
+
+
+def backoff(attempt: int, first: float, cap: float) -> float:
+    """Seconds to wait before retry ``attempt`` (1, 2, ...): ``first`` doubling up to ``cap``, ±20 % jitter."""
+    return min(cap, first * 2.0 ** min(attempt - 1, 30)) * random.uniform(0.8, 1.2)
+
+
+class Streak:
+    """Logs a repeated failure once per streak: the first failure, then its end.
+
+    For loops that catch their own errors (a heartbeat): ``failed(e)`` logs a warning
+    the first time and at debug level after; ``ok()`` logs once that it works again.
+
+    Args:
+        what: names the work in messages (``"service task: heartbeat to the registry"``).
+        logger: where to log.
+    """
+
+    def __init__(self, what: str, logger: logging.Logger) -> None:
+        self.what = what
+        self.failures = 0
+        self._log = logger
+
+    def failed(self, error: BaseException) -> None:
+        self.failures += 1
+        if self.failures == 1:
+            self._log.warning("%s failed: %s (logged again when it works)", self.what, error, exc_info=error)
+        else:
+            self._log.debug("%s failed again (%d in a row): %s", self.what, self.failures, error)
+
+    def ok(self) -> None:
+        if self.failures:
+            self._log.info("%s works again (after %d failures)", self.what, self.failures)
+            self.failures = 0
 
 
 class BackgroundTasks:
@@ -44,6 +79,8 @@ class BackgroundTasks:
         self._tg: anyio.abc.TaskGroup | None = None
         self._host: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
+        self.failing: set[str] = set()
+        """Names of supervised tasks in a streak of failures (see :meth:`supervise`)."""
 
     @property
     def task_group(self) -> anyio.abc.TaskGroup:
@@ -64,6 +101,50 @@ class BackgroundTasks:
                    name: object = None) -> None:
         """Run ``fn(*args)`` in the group (``UsageError`` if it is not running)."""
         self.task_group.start_soon(fn, *args, name=name)
+
+    def supervise(self, fn: Callable[[], Coroutine[Any, Any, Any]], *, name: str,
+                  first_wait: float = 0.1, max_wait: float = 30.0) -> None:
+        """Run ``fn()`` for as long as the group is open, starting it again when it fails or ends.
+
+        The waits between starts double from ``first_wait`` up to ``max_wait`` (with
+        jitter). A streak of failures is logged once (error, with the traceback) and its
+        end once (info) when a run has lasted ``max_wait`` seconds; while it lasts,
+        ``name`` is in :attr:`failing`. ``fn`` is a factory: each start makes its state
+        anew (a fresh registry watch, not the broken one).
+        """
+        self.start_soon(self._supervised, fn, name, first_wait, max_wait, name=f"{self.name}: {name}")
+
+    async def _supervised(self, fn: Callable[[], Coroutine[Any, Any, Any]], name: str,
+                          first_wait: float, max_wait: float) -> None:
+        streak = 0
+        while True:
+            async with anyio.create_task_group() as tg:
+                if streak:
+                    tg.start_soon(self._recovered, name, streak, max_wait)
+                try:
+                    await fn()
+                    error: Exception | None = None
+                except Exception as e:
+                    error = e
+                tg.cancel_scope.cancel()
+            if name not in self.failing:
+                streak = 0  # it ran long enough to count as recovered
+            streak += 1
+            what = f"failed: {error!r}" if error is not None else "ended"
+            if streak == 1:
+                self.failing.add(name)
+                self._log.error("%s: %s %s; starting it again (backoff up to %g s; logged again when it "
+                                "has run %g s without failing)", self.name, name, what, max_wait, max_wait,
+                                exc_info=error)
+            else:
+                self._log.debug("%s: %s %s again (%d in a row)", self.name, name, what, streak)
+            await anyio.sleep(backoff(streak, first_wait, max_wait))
+
+    async def _recovered(self, name: str, failures: int, after: float) -> None:
+        await anyio.sleep(after)
+        self.failing.discard(name)
+        self._log.info("%s: %s recovered: ran %g s without failing (after %d failures)", self.name, name, after,
+                       failures)
 
     async def _run(self, ready: asyncio.Event) -> None:
         async with anyio.create_task_group() as tg:

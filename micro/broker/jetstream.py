@@ -486,7 +486,7 @@ class JetStreamBroker(NatsBroker):
     async def _open(self) -> None:
         await super()._open()
         assert self._tg is not None
-        self._tg.start_soon(self._keepalive, name="micro.broker.jetstream:keepalive")
+        self._tg.supervise(self._keepalive, name="keepalive")
 
     async def _keepalive(self) -> None:
         """Mark held messages as in progress, so only a crash lets ``ack_wait`` run out."""

@@ -41,7 +41,7 @@ from micro.broker._base import (
 from micro.broker.memory import DEFAULT_QUEUE_SIZE, MemoryBroker, MemorySubscription, topic_matches
 from micro.errors import BrokerError, Error, NotFound
 from micro.registry import Node, Registry, ServiceRecord
-from micro.tasks import BackgroundTasks
+from micro.tasks import BackgroundTasks, Streak
 
 if TYPE_CHECKING:
     from micro.runtime import Runtime
@@ -164,7 +164,7 @@ class LocalBroker(MemoryBroker):
         beats = BackgroundTasks(f"broker {self.url} heartbeat", log)
         await beats.start()
         self._beats = beats
-        beats.start_soon(self._heartbeat, name="micro.broker.local:heartbeat")
+        beats.supervise(self._heartbeat, name="heartbeat")
 
     def _record(self) -> ServiceRecord:
         subs = msgspec.json.encode(list(self._ids.values())).decode()
@@ -177,14 +177,17 @@ class LocalBroker(MemoryBroker):
         await self._delivery.registry.register(self._record(), ttl=15.0)
 
     async def _heartbeat(self) -> None:
+        streak = Streak(f"broker {self.url}: heartbeat to the registry", log)
         while True:
             with anyio.move_on_after(5.0):
                 await self._changed.wait()
             self._changed = anyio.Event()
             try:
                 await self._register()
-            except Exception:
-                log.warning("broker %s: heartbeat to the registry failed", self.url, exc_info=True)
+            except Exception as e:
+                streak.failed(e)
+            else:
+                streak.ok()
 
     async def _close(self) -> None:
         delivery, server, beats = self._delivery, self._server, self._beats

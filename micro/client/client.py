@@ -374,7 +374,11 @@ class Client:
     # -- cache upkeep -------------------------------------------------------------------------
 
     async def follow(self, watcher: Watcher) -> None:
-        """Drop cached records as the registry reports changes (run by the runtime)."""
+        """Drop cached records as the registry reports changes (run by the runtime).
+
+        A new watch starts with an empty cache: changes made while no watch ran are not reported.
+        """
+        self._records.clear()
         async for event in watcher:
             self._records.pop(event.service.name, None)
 

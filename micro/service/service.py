@@ -40,7 +40,7 @@ from micro.registry import Node, ServiceRecord
 from micro.runtime import Runtime
 from micro.server.grpc import DEFAULT_MAX_MESSAGE_SIZE, GrpcServer
 from micro.service.endpoints import Endpoint, endpoints_of
-from micro.tasks import BackgroundTasks
+from micro.tasks import BackgroundTasks, Streak, backoff
 from micro.wire.server import NativeServer
 
 log = logging.getLogger("micro.service")
@@ -260,10 +260,10 @@ class Service:
             # the heartbeat stops before the record is deregistered (last in, first out): a beat landing
             # after the deregistration put a stopped service's node back in the registry
             background = BackgroundTasks(f"service {self.name}", log)
-            tg = await background.start()
+            await background.start()
             stack.push_async_callback(background.aclose)
             self._changed = anyio.Event()
-            tg.start_soon(self._heartbeat)
+            background.supervise(self._heartbeat, name="heartbeat")
             self._server.health.set_serving(True)
             # first thing on the way out: health probes see NOT_SERVING before the node deregisters
             stack.callback(self._server.health.set_serving, False)
@@ -289,14 +289,20 @@ class Service:
                 log.warning("service %s: deregistering failed", self.name, exc_info=True)
 
     async def _heartbeat(self) -> None:
+        streak = Streak(f"service {self.name}: heartbeat to the registry", log)
         while True:
-            with anyio.move_on_after(self.heartbeat):
+            # after a failure, beat again sooner: the record must not expire while the registry
+            # (or this process's descriptors) recover
+            wait = self.heartbeat if not streak.failures else min(self.heartbeat, backoff(streak.failures, 0.2, 5.0))
+            with anyio.move_on_after(wait):
                 await self._changed.wait()
             self._changed = anyio.Event()
             try:
                 await self.runtime.registry.register(self.record, ttl=self.ttl)
-            except Exception:
-                log.warning("service %s: heartbeat to the registry failed", self.name, exc_info=True)
+            except Exception as e:
+                streak.failed(e)
+            else:
+                streak.ok()
 
     async def stop(self) -> None:
         """Deregister, stop accepting, drain in-flight calls, close (idempotent)."""
