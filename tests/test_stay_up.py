@@ -13,21 +13,28 @@ that fails is started again (``BackgroundTasks.supervise``) and logged once per 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
+import h2.config
+import h2.connection
+import h2.events
 import msgspec
 import pytest
 
 import micro
-from micro.errors import Unavailable
+from micro.errors import ResourceExhausted, Unavailable
 from micro.flow import FlowRun
 from micro.registry import Event as RegistryEvent
 from micro.registry import Watcher
 from micro.registry.memory import MemoryRegistry
+from micro.server.grpc import GrpcServer
+from micro.service import endpoints_of
 from micro.tasks import BackgroundTasks
 from tests._servers import NatsServer
 
@@ -231,3 +238,122 @@ async def test_a_failed_registry_watch_starts_again_and_still_delivers_changes(r
                 while [n.id for n in (await rt.client.resolve("echo", "Echo.Ping"))[0].nodes] != [second.id]:
                     await anyio.wait_all_tasks_blocked()
     assert len(runtime_log.seen("registry watch failed")) == 1
+
+
+# -- held request bodies (raw HTTP/2: a client that announces a body and never finishes it) ----
+
+
+class HeldBodies:
+    """One HTTP/2 connection whose calls announce ``size``-byte messages and send one byte of them."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.conn.initiate_connection()
+        self.answers: dict[int, dict[str, str]] = {}
+        self.ended: set[int] = set()
+
+    @classmethod
+    async def open(cls, address: str) -> HeldBodies:
+        host, _, port = address.rpartition(":")
+        return cls(*await asyncio.open_connection(host, int(port)))
+
+    def start(self, calls: int, size: int) -> None:
+        for _ in range(calls):
+            sid = self.conn.get_next_available_stream_id()
+            self.conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", "/echo.Echo/Ping"),
+                                         (":authority", "x"), ("content-type", "application/grpc+json"),
+                                         ("te", "trailers")])
+            self.conn.send_data(sid, b"\0" + size.to_bytes(4, "big") + b"{")  # and never the rest
+        self.writer.write(self.conn.data_to_send())
+
+    async def read_until(self, done: Callable[[], bool]) -> None:
+        while not done():
+            data = await self.reader.read(65536)
+            assert data, "the server closed the connection"
+            for ev in self.conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                    self.answers.setdefault(ev.stream_id, {}).update(dict(ev.headers))
+                elif isinstance(ev, h2.events.StreamEnded | h2.events.StreamReset):
+                    self.ended.add(ev.stream_id)
+            self.writer.write(self.conn.data_to_send())
+
+    def statuses(self) -> list[str]:
+        return [self.answers.get(sid, {}).get("grpc-status", "reset") for sid in sorted(self.ended)]
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@contextlib.asynccontextmanager
+async def echo_server(**options: Any) -> AsyncIterator[GrpcServer]:
+    server = GrpcServer(**options)
+    for ep in endpoints_of(Echo(), "echo"):
+        server.add(ep)
+    await server.start("127.0.0.1", 0)
+    try:
+        yield server
+    finally:
+        await server.stop(grace=0)
+
+
+async def wait_until(check: Callable[[], bool]) -> None:
+    with anyio.fail_after(10):
+        while not check():
+            await anyio.wait_all_tasks_blocked()
+
+
+async def test_200_held_bodies_are_bounded_by_the_buffered_bytes_accounting() -> None:
+    """Four connections, 50 calls each, every one announcing 4 MiB and sending 1 byte: the
+    server holds at most its bounds (16 MiB a connection, 64 MiB in all) and refuses the
+    rest at once with RESOURCE_EXHAUSTED; when the clients go, nothing stays held."""
+    size = 4 * 1024 * 1024
+    async with echo_server() as server:
+        budget = server.budget
+        assert (budget.max_bytes, budget.max_connection_bytes) == (64 * 1024 * 1024, 16 * 1024 * 1024)
+        clients = [await HeldBodies.open(f"127.0.0.1:{server.port}") for _ in range(4)]
+        try:
+            for client in clients:
+                client.start(50, size)
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    for client in clients:  # 46 refused on each: 4 of 4 MiB fit in a connection's 16 MiB
+                        tg.start_soon(client.read_until, lambda c=client: len(c.ended) >= 46)
+            statuses = [s for client in clients for s in client.statuses()]
+            assert statuses == ["8"] * 184  # RESOURCE_EXHAUSTED, answered, not reset
+            assert budget.buffered == budget.peak == 64 * 1024 * 1024
+            assert budget.refused == 184
+        finally:
+            for client in clients:
+                client.close()
+        await wait_until(lambda: budget.buffered == 0)
+
+
+async def test_a_body_that_does_not_arrive_ends_its_call_and_is_released() -> None:
+    async with echo_server(body_timeout=0.2) as server:
+        client = await HeldBodies.open(f"127.0.0.1:{server.port}")
+        try:
+            client.start(1, 1000)
+            with anyio.fail_after(10):
+                await client.read_until(lambda: len(client.ended) == 1)
+        finally:
+            client.close()
+        assert client.statuses() == ["4"]  # DEADLINE_EXCEEDED
+        assert "did not arrive within 0.2 s" in next(iter(client.answers.values()))["grpc-message"]
+        assert server.budget.buffered == 0 and server.budget.peak == 1000
+
+
+async def test_an_overloaded_server_refuses_before_reading_the_body() -> None:
+    def full() -> None:
+        raise ResourceExhausted("echo is at its limit")
+
+    async with echo_server(admit=full) as server:
+        client = await HeldBodies.open(f"127.0.0.1:{server.port}")
+        try:
+            client.start(3, 1_000_000)
+            with anyio.fail_after(10):
+                await client.read_until(lambda: len(client.ended) == 3)
+        finally:
+            client.close()
+        assert client.statuses() == ["8"] * 3
+        assert server.budget.peak == 0  # nothing was held for them

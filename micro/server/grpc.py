@@ -19,6 +19,7 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import h2.config
 from grpclib.const import Cardinality, Status
 from grpclib.const import Handler as GrpcHandler
@@ -45,6 +46,12 @@ from micro.metrics import GRPC
 from micro.resource import aclose
 from micro.server.health import Health
 from micro.server.reflection import Reflection
+from micro.limits import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_MAX_BUFFERED_BYTES,
+    DEFAULT_MAX_CONNECTION_BUFFERED_BYTES,
+    BodyBudget,
+)
 
 if TYPE_CHECKING:
     from micro.service.endpoints import Endpoint
@@ -238,21 +245,27 @@ class _Server(Server):
         self.protocols.clear()
 
 
-async def _recv(stream: Stream[Any, Any], limit: int, where: str) -> bytes:
-    """Read one length-prefixed message, refusing it before reading when it is over ``limit``."""
+async def _recv(stream: Stream[Any, Any], limit: int, where: str, budget: BodyBudget, timeout: float,
+                decode: Callable[[bytes], Any]) -> Any:
+    """Read one length-prefixed message and decode it, refusing it before reading when it is over
+    ``limit`` or ``budget``; a body that does not arrive within ``timeout`` seconds ends the call."""
     h2 = stream._stream
-    meta = await _recv_data(h2, 5, where, "its 5-byte length prefix")
-    if not meta:
-        raise GRPCError(Status.INVALID_ARGUMENT, f"{where}: empty request")
-    if meta[0]:
-        raise GRPCError(Status.UNIMPLEMENTED, f"{where}: compressed messages are not supported")
-    size = struct.unpack(">I", meta[1:])[0]
-    if size > limit:
-        raise GRPCError(
-            Status.RESOURCE_EXHAUSTED,
-            f"{where}: request of {size} bytes is over the service's {limit}-byte limit",
-        )
-    return await _recv_data(h2, size, where, f"its {size}-byte message")
+    with anyio.move_on_after(timeout) as scope:
+        meta = await _recv_data(h2, 5, where, "its 5-byte length prefix")
+        if not meta:
+            raise GRPCError(Status.INVALID_ARGUMENT, f"{where}: empty request")
+        if meta[0]:
+            raise GRPCError(Status.UNIMPLEMENTED, f"{where}: compressed messages are not supported")
+        size = struct.unpack(">I", meta[1:])[0]
+        if size > limit:
+            raise GRPCError(
+                Status.RESOURCE_EXHAUSTED,
+                f"{where}: request of {size} bytes is over the service's {limit}-byte limit",
+            )
+        with budget.hold(size, h2.connection):
+            return decode(await _recv_data(h2, size, where, f"its {size}-byte message"))
+    assert scope.cancelled_caught
+    raise GRPCError(Status.DEADLINE_EXCEEDED, f"{where}: the request did not arrive within {timeout:g} s")
 
 
 async def _recv_data(h2: Any, size: int, where: str, what: str) -> bytes:
@@ -277,8 +290,16 @@ class GrpcServer:
     ``.proto`` of the code-first endpoints.
     """
 
-    def __init__(self, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, reflection: bool = True) -> None:
+    def __init__(self, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, reflection: bool = True,
+                 max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
+                 max_connection_buffered_bytes: int = DEFAULT_MAX_CONNECTION_BUFFERED_BYTES,
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT, admit: Callable[[], None] | None = None) -> None:
         self.max_message_size = max_message_size
+        self.budget = BodyBudget("server", max_buffered_bytes, max_connection_buffered_bytes)
+        """The request bytes held while bodies arrive (see :class:`micro.limits.BodyBudget`)."""
+        self.body_timeout = body_timeout
+        self.admit = admit
+        """Called before a unary call's body is read: raises ``ResourceExhausted`` when overloaded."""
         proto, json = _Mapping(PROTO), _Mapping(JSON)
         proto.others, json.others = json, proto
         self._mappings: dict[str, dict[str, GrpcHandler]] = {PROTO: proto, JSON: json}
@@ -368,8 +389,10 @@ class GrpcServer:
 
         async def serve(stream: Stream[Any, Any]) -> None:
             try:
-                data = await _recv(stream, limit, ep.where)
-                body = ep.request.decode(data, wire, ep.where)
+                if self.admit is not None:
+                    self.admit()  # the overload check, before the body is read
+                body = await _recv(stream, limit, ep.where, self.budget, self.body_timeout,
+                                   lambda data: ep.request.decode(data, wire, ep.where))
                 result = await ep.handle(body, _metadata(stream), _deadline(stream), GRPC)
                 reply = ep.response.encode(result, wire)
             except Error as err:
@@ -388,8 +411,8 @@ class GrpcServer:
 
         async def serve(stream: Stream[Any, Any]) -> None:
             try:
-                data = await _recv(stream, limit, ep.where)
-                body = ep.request.decode(data, wire, ep.where)
+                body = await _recv(stream, limit, ep.where, self.budget, self.body_timeout,
+                                   lambda data: ep.request.decode(data, wire, ep.where))
                 items = await ep.handle(body, _metadata(stream), _deadline(stream), GRPC)
                 try:
                     sent = 0

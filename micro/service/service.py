@@ -123,7 +123,8 @@ class Service:
         self._runtime = runtime
         self._endpoints: dict[str, Endpoint] = {}
         self._subscriptions: list[tuple[str, Callable[..., Awaitable[Any]], str | None, str | None, int | None]] = []
-        self._server = GrpcServer(max_message_size=max_message_size, reflection=reflection)
+        self._server = GrpcServer(max_message_size=max_message_size, reflection=reflection,
+                                  admit=self.limiter.check if self.limiter is not None else None)
         self._native = NativeServer(max_message_size=max_message_size) if native else None
         self._stack: contextlib.AsyncExitStack | None = None
         self._changed = anyio.Event()
