@@ -190,8 +190,10 @@ class NatsConnection(Resource):
             finally:
                 self._connecting = None
                 self._pending = None
+                if not client.is_connected:  # failed, or cancelled (closed while starting over): no client left behind
+                    with anyio.CancelScope(shield=True):
+                        await _close_client(client, settings.close_timeout, self.url)
         if not client.is_connected:
-            await _close_client(client, settings.close_timeout, self.url)
             why = self._first_error or f"no answer within {settings.connect_timeout:g} s"
             raise Unavailable(f"cannot connect to {redact(self.url)}: {describe(why)}")
         return client
