@@ -104,8 +104,8 @@ class BodyBudget:
         self.refused = 0
         self._by_connection: dict[Hashable, int] = {}
 
-    @contextlib.contextmanager
-    def hold(self, size: int, connection: Hashable) -> Iterator[None]:
+    def reserve(self, size: int, connection: Hashable) -> None:
+        """Count ``size`` bytes held for ``connection``, or raise ``ResourceExhausted`` past a bound."""
         used = self._by_connection.get(connection, 0)
         if self.buffered + size > self.max_bytes or used + size > self.max_connection_bytes:
             self.refused += 1
@@ -116,12 +116,21 @@ class BodyBudget:
         self.buffered += size
         self.peak = max(self.peak, self.buffered)
         self._by_connection[connection] = used + size
+
+    def release(self, size: int, connection: Hashable) -> None:
+        """Give back what :meth:`reserve` counted."""
+        self.buffered -= size
+        left = self._by_connection[connection] - size
+        if left:
+            self._by_connection[connection] = left
+        else:
+            del self._by_connection[connection]
+
+    @contextlib.contextmanager
+    def hold(self, size: int, connection: Hashable) -> Iterator[None]:
+        """:meth:`reserve` ``size`` bytes for as long as the ``with`` block runs."""
+        self.reserve(size, connection)
         try:
             yield
         finally:
-            self.buffered -= size
-            left = self._by_connection[connection] - size
-            if left:
-                self._by_connection[connection] = left
-            else:
-                del self._by_connection[connection]
+            self.release(size, connection)

@@ -28,7 +28,7 @@ import msgspec
 import pytest
 
 import micro
-from micro.errors import ResourceExhausted, Unavailable
+from micro.errors import ResourceExhausted, Status, Unavailable
 from micro.flow import FlowRun
 from micro.registry import Event as RegistryEvent
 from micro.registry import Watcher
@@ -36,6 +36,8 @@ from micro.registry.memory import MemoryRegistry
 from micro.server.grpc import GrpcServer
 from micro.service import endpoints_of
 from micro.tasks import BackgroundTasks
+from micro.wire import frames as wire
+from micro.wire.server import NativeServer
 from tests._servers import NatsServer
 
 
@@ -357,3 +359,122 @@ async def test_an_overloaded_server_refuses_before_reading_the_body() -> None:
             client.close()
         assert client.statuses() == ["8"] * 3
         assert server.budget.peak == 0  # nothing was held for them
+
+
+# -- held request bodies on the native wire (one frame arrives at a time per connection) -----
+
+
+@contextlib.asynccontextmanager
+async def native_echo_server(**options: Any) -> AsyncIterator[NativeServer]:
+    server = NativeServer(max_message_size=4 * 1024 * 1024, **options)
+    for ep in endpoints_of(Echo(), "echo"):
+        server.add(ep)
+    await server.start("127.0.0.1")
+    try:
+        yield server
+    finally:
+        await server.stop(grace=0)
+
+
+class HeldFrame:
+    """A native-wire connection that sends a REQUEST's header, head and first payload byte only."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.frames = wire.FrameReader(1 << 22)
+
+    @classmethod
+    async def open(cls, server: NativeServer) -> HeldFrame:
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        writer.write(wire.preface())
+        assert wire.read_preface(await reader.readexactly(wire.PREFACE_SIZE)) == wire.VERSION
+        return cls(reader, writer)
+
+    def start(self, rid: int, size: int) -> None:
+        whole = wire.request(rid, "/echo.Echo/Ping", None, None, b"{", 0)
+        head = whole[wire.HEADER_SIZE:-1]
+        self.writer.write(wire.HEADER.pack(len(head) + size, rid, wire.REQUEST, 0, len(head)) + head + b"{")
+
+    async def answer(self) -> wire.Frame:
+        while True:
+            data = await self.reader.read(65536)
+            assert data, "the server closed the connection"
+            got = self.frames.feed(data)
+            if got:
+                return got[0]
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def test_200_held_frames_on_the_native_wire_are_bounded_by_the_same_accounting() -> None:
+    """200 native connections each announcing a 4 MiB request and sending 1 byte: 15 are held
+    (each frame is 4 MiB and its header and head: 16 would pass 64 MiB), 185 are refused at once
+    with RESOURCE_EXHAUSTED; a refused connection goes on (its body is skipped, its next call
+    answered), and nothing stays held when the clients go."""
+    size = 4 * 1024 * 1024
+    frame = size + len(wire.request(1, "/echo.Echo/Ping", None, None, b"", 0))
+    assert (64 * 1024 * 1024) // frame == 15
+    async with native_echo_server() as server:
+        budget = server.budget
+        clients = [await HeldFrame.open(server) for _ in range(200)]
+        refused: list[HeldFrame] = []
+        try:
+            for client in clients:
+                client.start(1, size)
+
+            async def answered(client: HeldFrame) -> None:
+                kind, rid, _, _, body, _ = await client.answer()
+                assert (kind, rid, wire.read_error(body)[0]) == (wire.ERROR, 1, Status.RESOURCE_EXHAUSTED.value)
+                refused.append(client)
+                if len(refused) == 185:
+                    tg.cancel_scope.cancel()  # the other 15 are held: they will not answer
+
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    for client in clients:
+                        tg.start_soon(answered, client)
+            assert len(refused) == 185 and budget.refused == 185
+            assert budget.buffered == budget.peak == 15 * frame
+            # the refused request's remaining bytes are skipped; the connection's next call is answered
+            client = refused[0]
+            client.writer.write(b" " * (size - 1) + wire.request(2, "/echo.Echo/Ping", None, None, b'{"text":"on"}', 0))
+            with anyio.fail_after(10):
+                kind, rid, _, _, body, _ = await client.answer()
+            assert (kind, rid, msgspec.json.decode(body)) == (wire.RESPONSE, 2, {"text": "on"})
+        finally:
+            for client in clients:
+                client.close()
+        await wait_until(lambda: budget.buffered == 0)
+
+
+async def test_a_native_request_that_does_not_arrive_ends_its_call_and_is_released() -> None:
+    async with native_echo_server(body_timeout=0.2) as server:
+        client = await HeldFrame.open(server)
+        try:
+            client.start(7, 1000)
+            with anyio.fail_after(10):
+                kind, rid, _, _, body, _ = await client.answer()
+        finally:
+            client.close()
+        assert (kind, rid) == (wire.ERROR, 7)
+        assert wire.read_error(body) == (Status.DEADLINE_EXCEEDED.value,
+                                         "request 7: the request did not arrive within 0.2 s")
+        assert server.budget.buffered == 0 and server.budget.peak > 1000
+
+
+async def test_an_overloaded_native_server_refuses_before_reading_the_body() -> None:
+    def full() -> None:
+        raise ResourceExhausted("echo is at its limit")
+
+    async with native_echo_server(admit=full) as server:
+        client = await HeldFrame.open(server)
+        try:
+            client.start(3, 1_000_000)
+            with anyio.fail_after(10):
+                kind, rid, _, _, body, _ = await client.answer()
+        finally:
+            client.close()
+        assert (kind, rid, wire.read_error(body)) == (wire.ERROR, 3, (Status.RESOURCE_EXHAUSTED.value,
+                                                                      "echo is at its limit"))
+        assert server.budget.peak == 0  # nothing was held for it

@@ -42,16 +42,16 @@ from micro.codec.proto_file import (
     well_known_files,
 )
 from micro.errors import Error, ResourceExhausted
-from micro.metrics import GRPC
-from micro.resource import aclose
-from micro.server.health import Health
-from micro.server.reflection import Reflection
 from micro.limits import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_MAX_BUFFERED_BYTES,
     DEFAULT_MAX_CONNECTION_BUFFERED_BYTES,
     BodyBudget,
 )
+from micro.metrics import GRPC
+from micro.resource import aclose
+from micro.server.health import Health
+from micro.server.reflection import Reflection
 
 if TYPE_CHECKING:
     from micro.service.endpoints import Endpoint

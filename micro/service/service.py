@@ -125,7 +125,10 @@ class Service:
         self._subscriptions: list[tuple[str, Callable[..., Awaitable[Any]], str | None, str | None, int | None]] = []
         self._server = GrpcServer(max_message_size=max_message_size, reflection=reflection,
                                   admit=self.limiter.check if self.limiter is not None else None)
-        self._native = NativeServer(max_message_size=max_message_size) if native else None
+        # one budget for both wires: the bound on held request bytes is the service's
+        self._native = NativeServer(max_message_size=max_message_size, budget=self._server.budget,
+                                    body_timeout=self._server.body_timeout,
+                                    admit=self._server.admit) if native else None
         self._stack: contextlib.AsyncExitStack | None = None
         self._changed = anyio.Event()
         self._stopped = anyio.Event()

@@ -117,12 +117,33 @@ class FrameReader:
     REQUEST) as the body; its payload is skipped without being kept.
     """
 
-    __slots__ = ("_buf", "_skip", "limit")
+    __slots__ = ("_buf", "_skip", "frames", "limit")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._buf = bytearray()
         self._skip = 0
+        self.frames = 0
+        """Frames cut so far (with the frames dropped): names the one whose bytes are held."""
+
+    def pending(self) -> tuple[int, int, int, int] | None:
+        """``(kind, request id, flags, size)`` of the incomplete frame whose bytes are held, once its
+        header has arrived: ``size`` is what holding it whole takes (for a payload over the limit,
+        only its head is kept)."""
+        buf = self._buf
+        if len(buf) < HEADER_SIZE:
+            return None
+        length, rid, kind, flags, aux = HEADER.unpack_from(buf, 0)
+        head = aux if kind == REQUEST else 0
+        return kind, rid, flags, HEADER_SIZE + (head if length - head > self.limit else length)
+
+    def drop(self) -> None:
+        """Skip the rest of the incomplete frame as it arrives, keeping none of it."""
+        buf = self._buf
+        if len(buf) >= HEADER_SIZE:
+            self._skip = HEADER_SIZE + HEADER.unpack_from(buf, 0)[0] - len(buf)
+            self.frames += 1
+        buf.clear()
 
     @property
     def buffered(self) -> int:
@@ -180,4 +201,5 @@ class FrameReader:
             del buf[:pos]
         elif pos < end:
             buf += src[pos:]
+        self.frames += len(out)
         return out

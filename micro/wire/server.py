@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl as _ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
@@ -27,6 +27,7 @@ from micro import metrics
 from micro.codec import JSON, PROTO
 from micro.deadlines import Watchdog
 from micro.errors import Error, ResourceExhausted, Status
+from micro.limits import DEFAULT_BODY_TIMEOUT, BodyBudget
 from micro.tasks import BackgroundTasks
 
 from . import frames as f
@@ -72,6 +73,8 @@ class _Connection(asyncio.Protocol):
         self._flushing = False
         self._writable: asyncio.Future[None] | None = None
         self.last_seen = self.loop.time()
+        # the frame arriving in pieces: (its number in the reader, bytes counted in the budget, body timer)
+        self._held: tuple[int, int, asyncio.TimerHandle] | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -82,6 +85,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.server.connections.discard(self)
+        if self._held is not None:
+            self._release()
         for call in list(self.calls.values()):
             if call.task is not None:
                 call.task.cancel()  # nobody is left to answer: the handlers stop
@@ -124,11 +129,62 @@ class _Connection(asyncio.Protocol):
                     pass
                 else:
                     raise f.ProtocolError(f"a client does not send {f.NAMES[kind]} frames (request id {rid})")
+            self._account()
         except f.ProtocolError as exc:
             self.abort(str(exc))
 
     def eof_received(self) -> bool | None:
         return None  # close: a client that stops sending is gone
+
+    # -- the bytes of a frame arriving in pieces --------------------------------------------------
+
+    def _account(self) -> None:
+        """Count the frame that is arriving in pieces against the server's budget, or refuse it.
+
+        A REQUEST is refused before its body arrives (RESOURCE_EXHAUSTED) when the service is
+        overloaded or the bytes it announces are over the budget; its bytes are then skipped.
+        One that takes longer than ``body_timeout`` to arrive ends with DEADLINE_EXCEEDED.
+        """
+        reader = self.reader
+        if self._held is not None:
+            if self._held[0] == reader.frames:
+                return  # still arriving, already counted
+            self._release()  # it arrived (or was dropped)
+        pending = reader.pending()
+        if pending is None:
+            return
+        kind, rid, flags, size = pending
+        server = self.server
+        try:
+            if kind == f.REQUEST and not flags & f.STREAM and server.admit is not None:
+                server.admit()  # the overload check, before the body is read
+            server.budget.reserve(size, self)
+        except ResourceExhausted as exc:
+            if kind != f.REQUEST:
+                raise f.ProtocolError(f"a {f.NAMES[kind]} frame of {size} bytes: {exc.message}") from None
+            reader.drop()
+            self.send(f.error(rid, Status.RESOURCE_EXHAUSTED.value, exc.message))
+            return
+        timer = self.loop.call_later(server.body_timeout, self._late, reader.frames, kind, rid)
+        self._held = (reader.frames, size, timer)
+
+    def _release(self) -> None:
+        assert self._held is not None
+        _, size, timer = self._held
+        self._held = None
+        timer.cancel()
+        self.server.budget.release(size, self)
+
+    def _late(self, number: int, kind: int, rid: int) -> None:
+        if self._held is None or self._held[0] != number:
+            return
+        self._release()
+        self.reader.drop()
+        message = f"the request did not arrive within {self.server.body_timeout:g} s"
+        if kind == f.REQUEST:
+            self.send(f.error(rid, Status.DEADLINE_EXCEEDED.value, f"request {rid}: {message}"))
+        else:
+            self.abort(f"a {f.NAMES[kind]} frame did not arrive within {self.server.body_timeout:g} s")
 
     # -- frames -----------------------------------------------------------------------------------
 
@@ -323,11 +379,21 @@ class NativeServer:
         max_message_size: largest request or response payload in bytes.
         idle_timeout: seconds a connection with no call in flight may stay silent
             before it is closed (a half-open connection whose peer vanished).
+        budget: bounds the request bytes held while frames arrive in pieces (a service
+            shares its gRPC server's, so the bound is per service); a new one with the
+            defaults when not given.
+        body_timeout: seconds a request may take to arrive once its header has.
+        admit: called before a unary request's body is read; raises ``ResourceExhausted``
+            when the service is overloaded.
     """
 
-    def __init__(self, *, max_message_size: int, idle_timeout: float = 300.0) -> None:
+    def __init__(self, *, max_message_size: int, idle_timeout: float = 300.0, budget: BodyBudget | None = None,
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT, admit: Callable[[], None] | None = None) -> None:
         self.max_message_size = max_message_size
         self.idle_timeout = idle_timeout
+        self.budget = budget if budget is not None else BodyBudget("native wire server")
+        self.body_timeout = body_timeout
+        self.admit = admit
         self.endpoints: dict[str, tuple[Endpoint, tuple[str, ...], str]] = {}  # path: endpoint, wires, where
         self.connections: set[_Connection] = set()
         self.watchdog = Watchdog()
