@@ -23,11 +23,14 @@ from typing import Any
 import anyio
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import msgspec
 import pytest
 
 import micro
+from micro.client.pool import NodePool
+from micro.connections import ConnectionLimit
 from micro.errors import ResourceExhausted, Status, Unavailable
 from micro.flow import FlowRun
 from micro.registry import Event as RegistryEvent
@@ -86,6 +89,11 @@ def nats_log() -> Iterator[Watch]:
 @pytest.fixture
 def runtime_log() -> Iterator[Watch]:
     yield from watching("micro.runtime")
+
+
+@pytest.fixture
+def connections_log() -> Iterator[Watch]:
+    yield from watching("micro.connections")
 
 
 async def publish(rt: micro.Runtime, n: int) -> None:
@@ -478,3 +486,110 @@ async def test_an_overloaded_native_server_refuses_before_reading_the_body() -> 
         assert (kind, rid, wire.read_error(body)) == (wire.ERROR, 3, (Status.RESOURCE_EXHAUSTED.value,
                                                                       "echo is at its limit"))
         assert server.budget.peak == 0  # nothing was held for it
+
+
+# -- connections: a bound, an idle timeout, keepalive pings --------------------------------------
+
+
+class RawH2:
+    """A raw HTTP/2 client connection that reads frames as events and never answers anything."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        writer.write(self.conn.data_to_send())
+        self.events: list[h2.events.Event] = []
+
+    @classmethod
+    async def open(cls, port: int) -> RawH2:
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    async def until_closed(self) -> list[h2.events.Event]:
+        """Every event until the server closes the connection (nothing is sent back: no PING ack)."""
+        with anyio.fail_after(10):
+            while data := await self.reader.read(65536):
+                self.events += self.conn.receive_data(data)
+        return self.events
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def test_past_max_connections_a_connection_is_refused_with_a_goaway_that_says_why(
+        connections_log: Watch) -> None:
+    limit = ConnectionLimit("service echo", max_connections=2)
+    async with echo_server(connection_limit=limit) as server:
+        held = [await RawH2.open(server.port) for _ in range(2)]
+        refused: list[RawH2] = []
+        try:
+            await wait_until(lambda: limit.open == 2)
+            refused += [await RawH2.open(server.port) for _ in range(3)]
+            for client in refused:
+                (goaway,) = [e for e in await client.until_closed() if isinstance(e, h2.events.ConnectionTerminated)]
+                assert goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+                assert goaway.additional_data == (b"service echo has 2 connections open, its limit "
+                                                  b"(max_connections): try another node or later")
+            assert (limit.open, limit.refused, limit.peak) == (2, 3, 2)
+            assert len(connections_log.seen("refusing new connections")) == 1  # once per episode
+            held[0].close()
+            await wait_until(lambda: limit.open == 1)
+            pool = NodePool(f"127.0.0.1:{server.port}")
+            try:
+                assert await pool.unary("/echo.Echo/Ping", b'{"text":"again"}') == b'{"text":"again"}'
+            finally:
+                pool.close()
+            assert connections_log.seen("accepting connections again (3 refused)")
+        finally:
+            for client in held + refused:
+                client.close()
+
+
+async def test_past_max_connections_a_native_connection_is_refused_with_an_error_frame() -> None:
+    limit = ConnectionLimit("service echo", max_connections=1)
+    async with native_echo_server(connection_limit=limit) as server:
+        first = await HeldFrame.open(server)
+        try:
+            await wait_until(lambda: limit.open == 1)
+            reader, writer = await asyncio.open_connection(server.host, server.port)
+            writer.write(wire.preface())
+            with anyio.fail_after(10):
+                sent = await reader.read()  # everything until the server closes
+            writer.close()
+            (kind, rid, _, _, body, _), = wire.FrameReader(1 << 20).feed(sent)
+            assert (kind, rid) == (wire.ERROR, 0)
+            assert wire.read_error(body) == (Status.UNAVAILABLE.value, "service echo has 1 connections open, its "
+                                             "limit (max_connections): try another node or later")
+        finally:
+            first.close()
+
+
+async def test_an_idle_grpc_connection_is_closed_and_a_busy_one_is_not() -> None:
+    limit = ConnectionLimit("service echo", idle_timeout=0.05)
+    async with echo_server(connection_limit=limit) as server:
+        busy = await HeldBodies.open(f"127.0.0.1:{server.port}")
+        busy.start(1, 15)  # a call whose body has not all arrived: in flight
+        await wait_until(lambda: server.budget.buffered == 15)
+        idle = await RawH2.open(server.port)
+        await idle.until_closed()  # closed by the sweep, although it was opened after the busy one
+        idle.close()
+        # the busy connection survived the same sweep: its call completes on it
+        busy.conn.send_data(1, b'"text":"done"}', end_stream=True)  # the other 14 of the 15 bytes
+        busy.writer.write(busy.conn.data_to_send())
+        with anyio.fail_after(10):
+            await busy.read_until(lambda: 1 in busy.ended)
+        assert busy.statuses() == ["0"]
+        busy.close()
+
+
+async def test_keepalive_pings_close_a_connection_whose_peer_stopped_answering() -> None:
+    async with echo_server(keepalive_time=0.05, keepalive_timeout=0.05) as server:
+        silent = await HeldBodies.open(f"127.0.0.1:{server.port}")
+        silent.start(1, 10)  # a call in flight, then the peer never answers again (a half-open connection)
+        events = []
+        with anyio.fail_after(10):
+            while data := await silent.reader.read(65536):  # read, but never write back the PING ack
+                events += silent.conn.receive_data(data)
+        assert any(isinstance(e, h2.events.PingReceived) for e in events)
+        await wait_until(lambda: server.budget.buffered == 0)  # the call went with the connection
+        silent.close()

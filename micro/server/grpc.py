@@ -17,10 +17,13 @@ import logging
 import re
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import h2.config
+import h2.connection
+import h2.errors
+from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
 from grpclib.const import Handler as GrpcHandler
 from grpclib.encoding.base import CodecBase
@@ -41,6 +44,7 @@ from micro.codec.proto_file import (
     to_text,
     well_known_files,
 )
+from micro.connections import ConnectionLimit, quiet_accept_errors
 from micro.errors import Error, ResourceExhausted
 from micro.limits import (
     DEFAULT_BODY_TIMEOUT,
@@ -52,6 +56,7 @@ from micro.metrics import GRPC
 from micro.resource import aclose
 from micro.server.health import Health
 from micro.server.reflection import Reflection
+from micro.tasks import BackgroundTasks
 
 if TYPE_CHECKING:
     from micro.service.endpoints import Endpoint
@@ -59,6 +64,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("micro.server")
 
 DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024
+DEFAULT_KEEPALIVE_TIME = 60.0
+"""Seconds between the server's HTTP/2 pings on a connection with calls in flight."""
+DEFAULT_KEEPALIVE_TIMEOUT = 20.0
+"""Seconds a ping may go unanswered before the server closes the connection."""
 
 
 class RawCodec(CodecBase):
@@ -206,18 +215,60 @@ class _Refusing(dict[str, GrpcHandler]):
 
 
 class _Protocol(H2Protocol):
+    """grpclib's connection, counted against the service's :class:`~micro.connections.ConnectionLimit`:
+    past the limit it is refused with a GOAWAY that says why, and it is closed when idle."""
+
     def __init__(self, server: _Server, handler: _Handler, config: Any, h2_config: Any) -> None:
         super().__init__(handler, config, h2_config)
         self._owner = server
+        self._transport: asyncio.BaseTransport | None = None
+        self._refused = False
+        self._last_seen = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self._last_seen = asyncio.get_running_loop().time()
+        refusal = self._owner.connection_limit.admit(self)
+        if refusal is None:
+            super().connection_made(transport)
+            return
+        self._refused = True
+        self.handler.close()
+        conn = h2.connection.H2Connection(self.h2_config)
+        conn.initiate_connection()
+        conn.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, additional_data=refusal.encode())
+        cast(asyncio.Transport, transport).write(conn.data_to_send())
+        transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._last_seen = asyncio.get_running_loop().time()
+        super().data_received(data)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._owner.protocols.discard(self)
-        super().connection_lost(exc)
+        self._owner.connection_limit.discard(self)
+        self._transport = None
+        if not self._refused:
+            super().connection_lost(exc)
+
+    def idle_since(self) -> float | None:
+        handler = cast(_Handler, self.handler)
+        if any(not t.done() for t in handler._tasks.values()):
+            return None
+        return self._last_seen
+
+    def drop(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
 
 
 class _Server(Server):
-    def __init__(self, mappings: dict[str, dict[str, GrpcHandler]], standard: dict[str, GrpcHandler]) -> None:
-        super().__init__([], codec=CODECS[PROTO])
+    def __init__(self, mappings: dict[str, dict[str, GrpcHandler]], standard: dict[str, GrpcHandler],
+                 connection_limit: ConnectionLimit, config: Configuration) -> None:
+        super().__init__([], codec=CODECS[PROTO], config=config)
+        self.connection_limit = connection_limit
         # h2 decodes headers as grpclib asks (ASCII) and a non-ASCII byte raised inside the
         # connection's data_received, resetting every call on it. latin-1 decodes any byte;
         # _Handler.accept then refuses the one call whose headers are not ASCII.
@@ -293,8 +344,17 @@ class GrpcServer:
     def __init__(self, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, reflection: bool = True,
                  max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
                  max_connection_buffered_bytes: int = DEFAULT_MAX_CONNECTION_BUFFERED_BYTES,
-                 body_timeout: float = DEFAULT_BODY_TIMEOUT, admit: Callable[[], None] | None = None) -> None:
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT, admit: Callable[[], None] | None = None,
+                 connection_limit: ConnectionLimit | None = None,
+                 keepalive_time: float | None = DEFAULT_KEEPALIVE_TIME,
+                 keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT) -> None:
         self.max_message_size = max_message_size
+        self.connection_limit = connection_limit if connection_limit is not None else ConnectionLimit("server")
+        """The open connections: bounded, closed when idle (see :class:`micro.connections.ConnectionLimit`)."""
+        self.keepalive_time = keepalive_time
+        """Seconds between HTTP/2 pings on a connection with calls in flight (``None``: no pings)."""
+        self.keepalive_timeout = keepalive_timeout
+        """Seconds a ping may go unanswered before the connection is closed (a half-open peer)."""
         self.budget = BodyBudget("server", max_buffered_bytes, max_connection_buffered_bytes)
         """The request bytes held while bodies arrive (see :class:`micro.limits.BodyBudget`)."""
         self.body_timeout = body_timeout
@@ -314,6 +374,7 @@ class GrpcServer:
         self._packages: dict[str, dict[str, None]] = {}  # service -> the packages of its proto-first endpoints
         self._text: tuple[tuple[str, int, int], str] | None = None
         self._server: _Server | None = None
+        self._background: BackgroundTasks | None = None
         self.port = 0
         self.host = ""
 
@@ -433,16 +494,25 @@ class GrpcServer:
         return serve
 
     async def start(self, host: str, port: int, *, ssl: Any = None) -> None:
-        self._server = _Server(self._mappings, self._standard)
+        quiet_accept_errors()
+        config = Configuration(_keepalive_time=self.keepalive_time, _keepalive_timeout=self.keepalive_timeout)
+        self._server = _Server(self._mappings, self._standard, self.connection_limit, config)
         await self._server.start(host, port, ssl=ssl, reuse_address=True)
         sock = self._server._server.sockets[0]  # type: ignore[union-attr]
         self.host, self.port = sock.getsockname()[:2]
+        background = BackgroundTasks("grpc server", log)
+        tg = await background.start()
+        self._background = background
+        tg.start_soon(self.connection_limit.sweep)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, let in-flight requests finish within ``grace``, cancel the rest."""
         server, self._server = self._server, None
         if server is None:
             return
+        background, self._background = self._background, None
+        if background is not None:
+            await background.aclose()
         self.health.close()  # NOT_SERVING, and open Watch streams end: they are not in-flight work
         assert server._server is not None
         server._server.close()  # no new connections

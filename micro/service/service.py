@@ -33,6 +33,7 @@ from micro.broker import Subscription, drain
 from micro.client.client import NATIVE
 from micro.codec import JSON, codec_for
 from micro.codec.proto_file import renumbered
+from micro.connections import DEFAULT_IDLE_TIMEOUT, ConnectionLimit
 from micro.errors import BadRequest, ServiceNotFound, UsageError
 from micro.limits import Limiter
 from micro.middleware import Wrapper
@@ -62,6 +63,8 @@ class ServiceOptions(typing.TypedDict, total=False):
     tls: ssl.SSLContext | None
     reflection: bool
     native: bool
+    max_connections: int | None
+    idle_timeout: float
 
 
 class AgentServiceOptions(ServiceOptions, total=False):
@@ -90,6 +93,11 @@ class Service:
         reflection: serve gRPC server reflection (v1 and v1alpha) on the port (on by default).
         native: also serve micro's native wire on a free port of the same host (default on;
             ``False`` serves gRPC only).
+        max_connections: client connections open at once on both wires together; past it
+            a new one is refused (default: derived from the descriptor limit, leaving
+            an eighth of it for the service's own work; see :mod:`micro.connections`).
+        idle_timeout: seconds a connection with nothing in flight may stay silent
+            before it is closed (300).
 
     Example::
 
@@ -104,7 +112,8 @@ class Service:
                  handler_wrappers: Sequence[Wrapper] = (),
                  max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, drain_timeout: float = 10.0,
                  max_concurrency: int | None = None, max_queue: int = 0,
-                 tls: ssl.SSLContext | None = None, reflection: bool = True, native: bool = True) -> None:
+                 tls: ssl.SSLContext | None = None, reflection: bool = True, native: bool = True,
+                 max_connections: int | None = None, idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
         if not name or any(c.isspace() or c in "/~" for c in name):
             raise UsageError(f"invalid service name {name!r}: use letters, digits, '-', '_' or '.'")
         self.name = name
@@ -123,12 +132,16 @@ class Service:
         self._runtime = runtime
         self._endpoints: dict[str, Endpoint] = {}
         self._subscriptions: list[tuple[str, Callable[..., Awaitable[Any]], str | None, str | None, int | None]] = []
+        # one bound on connections and one budget of held request bytes for both wires: they are the service's
+        self.connections = ConnectionLimit(f"service {name}", max_connections, idle_timeout)
+        """The client connections open on both wires: ``open``, ``peak``, ``refused``, ``max_connections``."""
+        connection_limit = self.connections
         self._server = GrpcServer(max_message_size=max_message_size, reflection=reflection,
-                                  admit=self.limiter.check if self.limiter is not None else None)
-        # one budget for both wires: the bound on held request bytes is the service's
+                                  admit=self.limiter.check if self.limiter is not None else None,
+                                  connection_limit=connection_limit)
         self._native = NativeServer(max_message_size=max_message_size, budget=self._server.budget,
-                                    body_timeout=self._server.body_timeout,
-                                    admit=self._server.admit) if native else None
+                                    body_timeout=self._server.body_timeout, admit=self._server.admit,
+                                    connection_limit=connection_limit) if native else None
         self._stack: contextlib.AsyncExitStack | None = None
         self._changed = anyio.Event()
         self._stopped = anyio.Event()

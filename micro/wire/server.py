@@ -25,6 +25,7 @@ import msgspec
 
 from micro import metrics
 from micro.codec import JSON, PROTO
+from micro.connections import DEFAULT_IDLE_TIMEOUT, ConnectionLimit, quiet_accept_errors
 from micro.deadlines import Watchdog
 from micro.errors import Error, ResourceExhausted, Status
 from micro.limits import DEFAULT_BODY_TIMEOUT, BodyBudget
@@ -80,11 +81,18 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
+        refusal = self.server.connection_limit.admit(self)
+        if refusal is not None:  # an ERROR instead of the preface: the client says why and tries another node
+            self.transport.write(f.error(0, Status.UNAVAILABLE.value, refusal))
+            self.transport.close()
+            self.transport = None
+            return
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.server.connections.discard(self)
+        self.server.connection_limit.discard(self)
         if self._held is not None:
             self._release()
         for call in list(self.calls.values()):
@@ -103,7 +111,16 @@ class _Connection(asyncio.Protocol):
         if w is not None and not w.done():
             w.set_result(None)
 
+    def idle_since(self) -> float | None:
+        return None if self.calls else self.last_seen
+
+    def drop(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
     def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            return  # refused
         self.last_seen = self.loop.time()
         if not self.greeted:
             data = self._greet(data)
@@ -379,6 +396,10 @@ class NativeServer:
         max_message_size: largest request or response payload in bytes.
         idle_timeout: seconds a connection with no call in flight may stay silent
             before it is closed (a half-open connection whose peer vanished).
+        max_connections: most connections open at once; past it one is refused
+            (``None``: derived from the descriptor limit, see :mod:`micro.connections`).
+        connection_limit: the bound and idle timeout shared with other listeners (a
+            service shares its gRPC server's); made from the two above when not given.
         budget: bounds the request bytes held while frames arrive in pieces (a service
             shares its gRPC server's, so the bound is per service); a new one with the
             defaults when not given.
@@ -387,10 +408,13 @@ class NativeServer:
             when the service is overloaded.
     """
 
-    def __init__(self, *, max_message_size: int, idle_timeout: float = 300.0, budget: BodyBudget | None = None,
-                 body_timeout: float = DEFAULT_BODY_TIMEOUT, admit: Callable[[], None] | None = None) -> None:
+    def __init__(self, *, max_message_size: int, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                 max_connections: int | None = None, connection_limit: ConnectionLimit | None = None,
+                 budget: BodyBudget | None = None, body_timeout: float = DEFAULT_BODY_TIMEOUT,
+                 admit: Callable[[], None] | None = None) -> None:
         self.max_message_size = max_message_size
-        self.idle_timeout = idle_timeout
+        self.connection_limit = connection_limit if connection_limit is not None else \
+            ConnectionLimit("native wire server", max_connections, idle_timeout)
         self.budget = budget if budget is not None else BodyBudget("native wire server")
         self.body_timeout = body_timeout
         self.admit = admit
@@ -409,6 +433,7 @@ class NativeServer:
 
     async def start(self, host: str, port: int = 0, *, ssl: _ssl.SSLContext | None = None) -> None:
         loop = asyncio.get_running_loop()
+        quiet_accept_errors(loop)
         self.closing = False
         # a deep accept backlog: with asyncio's 100, a burst of connections overflows it and the kernel
         # drops SYNs, which the peers resend after a second (10,000 connections took 80 s instead of 2)
@@ -419,17 +444,7 @@ class NativeServer:
         background = BackgroundTasks("native wire server", log)
         tg = await background.start()
         self._background = background
-        tg.start_soon(self._sweep)
-
-    async def _sweep(self) -> None:
-        """Close connections silent for ``idle_timeout`` with nothing in flight."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self.idle_timeout / 4)
-            now = loop.time()
-            for conn in list(self.connections):
-                if not conn.calls and now - conn.last_seen > self.idle_timeout and conn.transport is not None:
-                    conn.transport.close()
+        tg.start_soon(self.connection_limit.sweep)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, refuse new calls, let in-flight calls finish within ``grace``, cancel the rest."""
