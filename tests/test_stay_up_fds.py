@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -160,10 +160,11 @@ async def open_many(address: str, n: int) -> list[asyncio.StreamWriter]:
     return writers
 
 
-async def eventually(check: str, child: Child, want: list[str]) -> None:
-    with anyio.fail_after(15):
-        while await child.ask(check) != want:
-            await anyio.sleep(0.02)  # pacing a poll of the child's state
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15) -> None:
+    """Poll ``check`` (another process's state: nothing here to wait on) until it holds."""
+    with anyio.fail_after(timeout):
+        while not await check():  # noqa: ASYNC110 - another process changes what is checked
+            await anyio.sleep(0.02)
 
 
 def heartbeat_file(home: Path) -> Path:
@@ -186,11 +187,16 @@ async def test_a_service_out_of_descriptors_stays_registered_logs_once_and_serve
         # 1. more connections than the bound: the excess is refused; the heartbeat still lands
         clients = await open_many(address, max_connections + 40)
         try:
-            await eventually("stats", c, ["stats", str(max_connections), "40"])
+            async def saturated() -> bool:
+                return await c.ask("stats") == ["stats", str(max_connections), "40"]
+
+            await eventually(saturated)
             before = heartbeat_file(micro_home).stat().st_mtime_ns
-            with anyio.fail_after(10):
-                while heartbeat_file(micro_home).stat().st_mtime_ns == before:
-                    await anyio.sleep(0.05)  # pacing a poll of the registry file
+
+            async def beaten() -> bool:  # the heartbeat rewrote the record while saturated
+                return heartbeat_file(micro_home).stat().st_mtime_ns != before
+
+            await eventually(beaten)
             assert [n.address for r in await rt.registry.get("fdsvc") for n in r.nodes] == [address]
             assert len(c.lines("refusing new connections")) == 1
 
@@ -213,14 +219,19 @@ async def test_a_service_out_of_descriptors_stays_registered_logs_once_and_serve
                 writer.close()
 
         # 3. the connections gone, it serves again, and its client knows the other service's new node
-        with anyio.fail_after(15):
-            while (stats := await c.ask("stats"))[1] != "0":
-                await anyio.sleep(0.02)  # pacing a poll of the child's state
+        stats: list[str] = []
+
+        async def all_closed() -> bool:
+            stats[:] = await c.ask("stats")
+            return stats[1] == "0"
+
+        await eventually(all_closed)
         with anyio.fail_after(10):
             assert await rt.client.call("fdsvc", "Echo.Ping", {"text": "back"}) == {"text": "back"}
-        with anyio.fail_after(15):
-            while await c.ask("lookup other") != ["nodes", other.address]:
-                await anyio.sleep(0.05)  # pacing: the watch polls every 0.25 s
+        async def replaced() -> bool:
+            return await c.ask("lookup other") == ["nodes", other.address]
+
+        await eventually(replaced)
         assert [n.address for r in await rt.registry.get("fdsvc") for n in r.nodes] == [address]
         await other.stop()
     assert int(stats[2]) >= 40
