@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import sys
+import time
 from typing import IO, Any, Literal
 
 import msgspec
@@ -46,6 +47,40 @@ class RunIdFilter(logging.Filter):
             if run_id:
                 record.micro_run_id = run_id
         return True
+
+
+class RateLimit(logging.Filter):
+    """Lets a message through at most once per ``period`` seconds; the next one says how many were held back.
+
+    Messages are told apart by logger and template (``record.msg``, before its
+    arguments), so a flood of one error from many clients is one line per period.
+    The gateways put it on their loggers and uvicorn's (``micro api``, ``micro mcp``).
+    """
+
+    def __init__(self, period: float = 10.0) -> None:
+        super().__init__()
+        self.period = period
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.msg if isinstance(record.msg, str) else type(record.msg).__name__)
+        now = time.monotonic()
+        last, held = self._seen.get(key, (None, 0))
+        if last is not None and now - last < self.period:
+            self._seen[key] = (last, held + 1)
+            return False
+        self._seen[key] = (now, 0)
+        if held and isinstance(record.msg, str):
+            record.msg = f"{record.msg} ({held} more like it in the last {self.period:g} s were not logged)"
+        return True
+
+
+def rate_limit(*names: str, period: float = 10.0) -> None:
+    """Put one :class:`RateLimit` on each named logger (idempotent)."""
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RateLimit) for f in logger.filters):
+            logger.addFilter(RateLimit(period))
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:

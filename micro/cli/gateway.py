@@ -83,9 +83,27 @@ def _token(var: str | None, address: str) -> str | None:
     return token
 
 
-async def _serve(app: Any, sock: socket.socket, ready: Callable[[], None]) -> None:
-    """Run an ASGI app with uvicorn on ``sock``; SIGINT or SIGTERM stops it gracefully (twice: at once)."""
+def _limits(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options bounding slow and numerous clients (see :mod:`micro.gateway.server`)."""
+    from micro.gateway.server import DEFAULT_BODY_TIMEOUT, DEFAULT_HEAD_TIMEOUT
+
+    fn = click.option("--max-connections", type=click.IntRange(min=1), default=None,
+                      help="Connections open at once; past it a new one gets 503 "
+                           "[default: the descriptor limit less an eighth].")(fn)
+    fn = click.option("--body-timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_BODY_TIMEOUT,
+                      show_default=True, help="Seconds a client has to send a request's body.")(fn)
+    fn = click.option("--head-timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_HEAD_TIMEOUT,
+                      show_default=True, help="Seconds a client has to send a request's head; then 408.")(fn)
+    return fn
+
+
+async def _serve(app: Any, sock: socket.socket, ready: Callable[[], None], limits: dict[str, Any]) -> None:
+    """Run an ASGI app with uvicorn on ``sock``, bounded by ``limits`` (head_timeout, body_timeout,
+    max_connections); SIGINT or SIGTERM stops it gracefully (twice: at once)."""
     import uvicorn
+
+    from micro.connections import quiet_accept_errors
+    from micro.gateway.server import config
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -97,8 +115,9 @@ async def _serve(app: Any, sock: socket.socket, ready: Callable[[], None]) -> No
             if self.started:
                 ready()
 
-    server = Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                                   timeout_graceful_shutdown=10))
+    server = Server(config(app, **limits, log_level="warning", access_log=False, lifespan="on",
+                           timeout_graceful_shutdown=10))
+    quiet_accept_errors()
 
     async def stop_on_signals(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -141,9 +160,11 @@ def _say(line: str) -> Callable[[], None]:
 @click.option("--allow-origin", "allow_origins", multiple=True, metavar="URL",
               help="Let browser pages from this origin (https://app.example.com, or *) call the gateway, with CORS; "
                    "requests from other origins get 403. Repeatable.")
+@_limits
 @run_async
 async def api(address: str, token_env: str | None, timeout: float, max_body: int, allow_hosts: tuple[str, ...],
-              allow_origins: tuple[str, ...]) -> None:
+              allow_origins: tuple[str, ...], head_timeout: float, body_timeout: float,
+              max_connections: int | None) -> None:
     """Serve the services in the registry over HTTP (JSON in, JSON out).
 
     \b
@@ -168,8 +189,9 @@ async def api(address: str, token_env: str | None, timeout: float, max_body: int
     sock = _bind(address)
     url = _url(sock)
     auth = " (bearer token required)" if token else ""
+    limits = {"head_timeout": head_timeout, "body_timeout": body_timeout, "max_connections": max_connections}
     await _serve(gateway, sock, _say(f"micro api on {url}{auth}: POST {url}/api/{{service}}/{{Handler.Method}}, "
-                                     f"GET {url}/api/services, GET {url}/openapi.json"))
+                                     f"GET {url}/api/services, GET {url}/openapi.json"), limits)
     out.print("stopped")
 
 
@@ -183,8 +205,10 @@ async def api(address: str, token_env: str | None, timeout: float, max_body: int
               help="With --transport http: require `Authorization: Bearer $VAR` on every request.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
               help="Seconds one tool call may take.")
+@_limits
 @run_async
-async def mcp(transport: str, services: str | None, address: str, token_env: str | None, timeout: float) -> None:
+async def mcp(transport: str, services: str | None, address: str, token_env: str | None, timeout: float,
+              head_timeout: float, body_timeout: float, max_connections: int | None) -> None:
     """Serve the services and agents in the registry as MCP tools.
 
     Each endpoint is a tool named SERVICE_Handler_Method; each agent is a tool
@@ -210,6 +234,7 @@ async def mcp(transport: str, services: str | None, address: str, token_env: str
     sock = _bind(address)
     url = _url(sock)
     auth = " (bearer token required)" if token else ""
+    limits = {"head_timeout": head_timeout, "body_timeout": body_timeout, "max_connections": max_connections}
     await _serve(gateway.http_app(host=host, token=token), sock,
-                 _say(f"micro mcp on {url}/mcp (streamable HTTP){auth}"))
+                 _say(f"micro mcp on {url}/mcp (streamable HTTP){auth}"), limits)
     out.print("stopped")
