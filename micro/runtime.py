@@ -26,6 +26,7 @@ from micro import registry as _registry
 from micro.client import Client
 from micro.delivery import RuntimeDelivery
 from micro.errors import MicroError, UsageError
+from micro.health import DEFAULT_INTERVAL, Backends
 from micro.middleware import Wrapper
 from micro.registry import Registry
 from micro.resource import Resource
@@ -59,6 +60,8 @@ class Runtime(Resource):
         transport: the wire to other processes' nodes: ``"auto"`` (micro's native wire where a
             node advertises it, gRPC elsewhere), ``"grpc"`` or ``"native"`` (default ``$MICRO_TRANSPORT``
             or ``"auto"``; see ``docs/wire.md``).
+        health_interval: seconds between the checks of the backends (:attr:`backends`, see
+            :mod:`micro.health`): while one does not answer, the runtime's services are NOT_SERVING.
 
     Example::
 
@@ -73,7 +76,7 @@ class Runtime(Resource):
     def __init__(self, *, registry: Registry | str | None = None, broker: Broker | str | None = None,
                  store: Store | str | None = None, call_wrappers: Sequence[Wrapper] = (),
                  default_timeout: float | None = 60.0, tls: ssl.SSLContext | None = None,
-                 transport: str | None = None) -> None:
+                 transport: str | None = None, health_interval: float = DEFAULT_INTERVAL) -> None:
         from micro import broker as _broker
         from micro import store as _store
 
@@ -88,6 +91,8 @@ class Runtime(Resource):
         self.delivery = RuntimeDelivery(self.registry, self.client)
         """What a broker that delivers through the runtime (``local://``) uses."""
         self.broker.attach(self)
+        self.backends = Backends(self, health_interval)
+        """Whether the registry, store and broker answer (checked while the runtime is open)."""
         self.url = self.registry.url
         self._stack: contextlib.AsyncExitStack | None = None
         self._background: BackgroundTasks | None = None
@@ -139,6 +144,7 @@ class Runtime(Resource):
             await background.start()
             stack.push_async_callback(background.aclose)
             background.supervise(self._follow, name="registry watch")
+            background.supervise(self.backends.watch, name="backend checks")
         except BaseException:
             await stack.aclose()
             raise

@@ -593,3 +593,43 @@ async def test_keepalive_pings_close_a_connection_whose_peer_stopped_answering()
         assert any(isinstance(e, h2.events.PingReceived) for e in events)
         await wait_until(lambda: server.budget.buffered == 0)  # the call went with the connection
         silent.close()
+
+
+# -- a backend that is down: NOT_SERVING, /health/ready 503, a line per change, calls fail fast ----
+
+
+@pytest.fixture
+def health_log() -> Iterator[Watch]:
+    yield from watching("micro.health")
+
+
+async def test_while_the_broker_is_down_the_service_is_not_serving_and_not_ready(
+        own_nats_server: NatsServer, health_log: Watch) -> None:
+    from grpc import aio
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from micro.server.probes import readiness
+
+    server = own_nats_server
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    async with micro.Runtime(registry="memory://", store="memory://", broker=server.url + "?reconnect_wait=0.05",
+                             health_interval=0.05) as rt:
+        service = micro.Service("echo", runtime=rt)
+        service.handle(Echo())
+        async with service, aio.insecure_channel(service.address) as channel:
+            updates = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="")).__aiter__()
+            with anyio.fail_after(10):
+                assert (await anext(updates)).status == serving
+                await anyio.to_thread.run_sync(server.stop)
+                assert (await anext(updates)).status == not_serving
+            (problem,) = await readiness([service])
+            assert problem.startswith(f"broker unavailable: cannot deliver: broker {server.url}")
+            with pytest.raises(Unavailable, match=f"broker {server.url}"):
+                await rt.broker.publish("jobs.created", {"n": 1})  # fails at once, naming the backend
+            with anyio.fail_after(10):
+                await anyio.to_thread.run_sync(server.start)
+                assert (await anext(updates)).status == serving
+            assert await readiness([service]) == []
+    # many checks while it was down, one line each way
+    assert len(health_log.seen("broker is unavailable")) == 1
+    assert len(health_log.seen("answers again")) == 1

@@ -362,14 +362,22 @@ async def test_postgres_table_made_before_versions_is_upgraded(postgres_url: str
 
 
 @pytest.mark.slow
-async def test_postgres_gone_raises_unavailable(own_postgres_server: PostgresServer) -> None:
+async def test_postgres_gone_raises_unavailable(own_postgres_server: PostgresServer,
+                                                caplog: pytest.LogCaptureFixture) -> None:
     async with PostgresStore(own_postgres_server.url, database=_unique()) as store:
         await store.write(Record("k", b"v"))
         own_postgres_server.stop()  # blocks the loop while pg_ctl stops the server: fine here
-        with pytest.raises(Unavailable) as info:
-            await store.read("k")
-        message = str(info.value)
-        assert "\n" not in message and "postgresql://" in message and "connection lost twice" in message
+        caplog.set_level(logging.DEBUG, logger="micro.store.postgres")
+        for _ in range(5):
+            with pytest.raises(Unavailable) as info:
+                await store.read("k")
+            message = str(info.value)
+            assert "\n" not in message and "postgresql://" in message and "connection lost twice" in message
+    # five failed reads while it is down: the first read's retry and failure are warnings, the rest at debug
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == "micro.store.postgres" and r.levelno >= logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert "retrying once" in warnings[0] and "the connection to PostgreSQL failed" in warnings[1]
 
 
 async def test_postgres_unreachable_fails_at_start() -> None:

@@ -193,6 +193,11 @@ class Broker(Resource, abc.ABC):
         return await self._subscribe(topic, handler, queue=queue or None, durable=durable or None,
                                      prefetch=prefetch)
 
+    async def check(self) -> None:
+        """Raise ``Unavailable`` (naming the broker) when it cannot deliver now; the runtime's
+        health checks ask (:mod:`micro.health`). In-process brokers always can while open."""
+        self._check_open("check it")
+
     def attach(self, runtime: Runtime) -> None:
         """Called by the :class:`~micro.Runtime` that holds this broker, before it opens it.
 

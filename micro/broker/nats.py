@@ -328,6 +328,11 @@ class NatsBroker(Broker):
         self._subs.add(sub)
         return sub
 
+    async def check(self) -> None:
+        await super().check()
+        if not self._nc.is_connected:
+            raise self._not_connected("cannot deliver")
+
     def _not_connected(self, what: str) -> Unavailable:
         state = "closed" if self._nc.is_closed else "disconnected, reconnecting"
         return Unavailable(f"{what}: broker {redact(self.url)} is {state}")

@@ -4,7 +4,9 @@ Kubernetes gRPC probes, grpc-health-probe and load balancers ask ``Check`` (or
 keep a ``Watch`` open) for the overall status (service ``""``), a gRPC service
 (``task.Task``) or a micro service name (``task``). A node is SERVING once it is
 started and registered, and NOT_SERVING from the moment it starts draining,
-before it deregisters, so a balancer takes it out before its calls are refused.
+before it deregisters, so a balancer takes it out before its calls are refused;
+also NOT_SERVING while one of its runtime's backends (registry, store, broker)
+does not answer (:mod:`micro.health`).
 
 grpclib has a ``grpclib.health`` service, but it is built around polled checks,
 its ``Watch`` never ends (a draining server would wait its whole grace period
@@ -40,6 +42,7 @@ class Health:
     def __init__(self) -> None:
         self.names: set[str] = {""}
         self.serving = False
+        self.backends_ok = True
         self._changed = asyncio.Event()
         self._closed = False
 
@@ -61,6 +64,12 @@ class Health:
             self.serving = serving
             self._notify()
 
+    def set_backends(self, ok: bool) -> None:
+        """Whether the runtime's backends answer (:attr:`micro.health.Backends.listeners`)."""
+        if ok != self.backends_ok:
+            self.backends_ok = ok
+            self._notify()
+
     def close(self) -> None:
         """NOT_SERVING, and every open ``Watch`` ends (the server is stopping)."""
         self.serving = False
@@ -70,7 +79,7 @@ class Health:
     def status(self, name: str) -> int:
         if name not in self.names:
             return SERVICE_UNKNOWN
-        return SERVING if self.serving else NOT_SERVING
+        return SERVING if self.serving and self.backends_ok else NOT_SERVING
 
     def _notify(self) -> None:
         self._changed.set()

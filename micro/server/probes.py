@@ -4,8 +4,8 @@
 default). A small asyncio HTTP/1.1 server with no dependency beyond the metrics
 extra: Prometheus scrapes ``/metrics``; Kubernetes probes ask ``/health/live``
 (the process answers) and ``/health/ready`` (200 when every service of the process
-is registered and serving, not draining, and the registry and store answer within
-two seconds; 503 with the reasons otherwise).
+is registered and serving, not draining, and the registry, store and broker answer
+within two seconds; 503 with the reasons otherwise).
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
-
-import anyio
 
 from micro import metrics
 
@@ -40,17 +38,8 @@ async def readiness(services: Sequence[Any]) -> list[str]:
 
 
 async def backends(rt: Any) -> list[str]:
-    """Which of a runtime's registry and store do not answer within :data:`BACKEND_TIMEOUT` seconds."""
-    problems = []
-    for name in ("registry", "store"):
-        try:
-            with anyio.fail_after(BACKEND_TIMEOUT):
-                if name == "registry":
-                    await rt.registry.list()
-                else:
-                    await rt.store.list("micro/", limit=1)
-        except Exception as exc:
-            problems.append(f"{name} unreachable: {type(exc).__name__}: {exc}"[:300])
+    """Which of a runtime's registry, store and broker do not answer now (:meth:`micro.health.Backends.check`)."""
+    problems: list[str] = await rt.backends.check()
     return problems
 
 

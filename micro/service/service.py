@@ -284,6 +284,10 @@ class Service:
             self._server.health.set_serving(True)
             # first thing on the way out: health probes see NOT_SERVING before the node deregisters
             stack.callback(self._server.health.set_serving, False)
+            health = self._server.health  # NOT_SERVING while a backend of the runtime does not answer
+            health.set_backends(rt.backends.ok)
+            rt.backends.listeners.add(health.set_backends)
+            stack.callback(rt.backends.listeners.discard, health.set_backends)
         except BaseException:
             await stack.aclose()
             raise

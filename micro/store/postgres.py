@@ -27,7 +27,8 @@ first touches it.
 
 A query that fails because its connection dropped (server restart, failover,
 ``pg_terminate_backend``) is retried once on a fresh connection; if that fails too
-the store raises ``Unavailable`` naming the URL and the reason.
+the store raises ``Unavailable`` naming the URL and the reason. While the server is
+down that is logged once (a warning), and once more when a query works again.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import msgspec
 from micro.errors import ConfigError, StoreError, Unavailable
 from micro.resource import redact
 from micro.store._base import Record, Store
+from micro.tasks import Streak
 
 try:
     import asyncpg
@@ -139,6 +141,8 @@ class PostgresStore(Store):
         self._schema = ""
         self._ready: set[str] = set()  # databases whose table exists
         self._prepare_lock = asyncio.Lock()
+        # a server that is down is logged once (and once when it answers again), not per query
+        self._streak = Streak(f"store {redact(url)}: the connection to PostgreSQL", log)
 
     async def _open(self) -> None:
         pool = None
@@ -204,15 +208,20 @@ class PostgresStore(Store):
             try:
                 async with pool.acquire() as conn:
                     await self._prepare(conn)
-                    return await query(conn)
+                    result = await query(conn)
+                self._root._streak.ok()
+                return result
             except asyncpg.UndefinedTableError as exc:  # dropped behind our back: create it again
                 self._root._ready.discard(self.database)
                 if attempt == 2:
                     raise StoreError(f"{where}: {action}: {_why(exc)}") from exc
             except _DROPPED as exc:
                 if attempt == 2:
+                    self._root._streak.failed(exc)
                     raise Unavailable(f"{where}: {action}: connection lost twice: {_why(exc)}") from exc
-                log.warning("%s: %s: connection lost (%s); retrying once", where, action, _why(exc))
+                # a warning while the server was thought up; at debug while it is known down
+                level = logging.DEBUG if self._root._streak.failures else logging.WARNING
+                log.log(level, "%s: %s: connection lost (%s); retrying once", where, action, _why(exc))
                 await pool.expire_connections()  # the others may be dead too
             except asyncpg.PostgresError as exc:
                 raise StoreError(f"{where}: {action}: {_why(exc)}") from exc
