@@ -208,15 +208,17 @@ class _BrokenWatcher(Watcher):
 
 
 class FlakyWatchRegistry(MemoryRegistry):
-    """The first watch fails as a watch did when the process ran out of descriptors."""
+    """The watch number ``broken`` (the first by default) fails as a watch did when the process ran
+    out of descriptors."""
 
-    def __init__(self) -> None:
+    def __init__(self, broken: int = 1) -> None:
         super().__init__()
         self.watches = 0
+        self.broken = broken
 
     def _watch(self) -> Watcher:
         self.watches += 1
-        return _BrokenWatcher() if self.watches == 1 else super()._watch()
+        return _BrokenWatcher() if self.watches == self.broken else super()._watch()
 
 
 class PingRequest(msgspec.Struct):
@@ -633,3 +635,31 @@ async def test_while_the_broker_is_down_the_service_is_not_serving_and_not_ready
     # many checks while it was down, one line each way
     assert len(health_log.seen("broker is unavailable")) == 1
     assert len(health_log.seen("answers again")) == 1
+
+
+async def test_the_mcp_gateway_follows_the_registry_again_after_its_watch_failed() -> None:
+    from mcp import Client
+
+    from micro.gateway.mcp import MCPGateway
+
+    registry = FlakyWatchRegistry(broken=0)
+    watched = watching("micro.gateway.mcp")
+    log = next(watched)
+    try:
+        async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as rt:
+            await wait_until(lambda: registry.watches == 1)  # the runtime's own watch
+            registry.broken = 2  # the gateway's is the next
+            gateway = MCPGateway(rt)
+            async with Client(gateway.server) as client:
+                await log.wait_for("the registry watch failed")  # the first watch failed (EMFILE)
+                async with client.listen(tools_list_changed=True) as changes:
+                    service = micro.Service("late", runtime=rt)
+                    service.handle(Echo())
+                    async with service:
+                        with anyio.fail_after(30):
+                            async for _ in changes:
+                                if "late_Echo_Ping" in {t.name for t in (await client.list_tools()).tools}:
+                                    break
+        assert len(log.seen("the registry watch failed")) == 1
+    finally:
+        next(watched, None)

@@ -52,6 +52,7 @@ from micro.gateway import micro_version
 from micro.gateway.http import BearerAuth, probe_routes
 from micro.registry import ServiceRecord, Watcher
 from micro.runtime import Runtime
+from micro.tasks import Streak, backoff
 
 __all__ = ["DEFAULT_TIMEOUT", "MCPGateway", "McpTool", "ask_tool_name"]
 
@@ -180,6 +181,8 @@ class MCPGateway:
         self.timeout = timeout
         self._tools: dict[str, McpTool] = {}  # the latest listing
         self._announced: dict[str, McpTool] = {}  # what clients were last told about
+        self._watcher: Watcher | None = None
+        self._stopping = False
         self._bus = InMemorySubscriptionBus()
         self._listen = ListenHandler(self._bus)
         self._legacy: dict[int, ServerSession] = {}  # handshake-era connections, by id
@@ -223,29 +226,54 @@ class MCPGateway:
     async def _lifespan(self, _server: Server[Any]) -> AsyncIterator[dict[str, Any]]:
         await self.runtime.acquire()
         try:
-            watcher = self.runtime.registry.watch()  # events from now on: list after it
+            self._stopping = False
+            self._watcher = self.runtime.registry.watch()  # events from now on: list after it
             try:
                 self._announced = await self.tools()
-                self.runtime.task_group.start_soon(self._follow, watcher)
+                self.runtime.task_group.start_soon(self._follow)
                 yield {}
             finally:
+                self._stopping = True
                 self._listen.close()
-                await watcher.aclose()
+                if self._watcher is not None:
+                    await self._watcher.aclose()
         finally:
             await self.runtime.release()
 
     # -- following the registry -----------------------------------------------------------
 
-    async def _follow(self, watcher: Watcher) -> None:
-        async for _event in watcher:
+    async def _follow(self) -> None:
+        """Announce each change of the tool list until the gateway stops. A watch that fails starts
+        anew after a backoff (and the list is compared again: changes meanwhile were not reported);
+        failures are logged once per streak."""
+        watching = Streak("mcp gateway: the registry watch", log)
+        listing = Streak("mcp gateway: listing the registry", log)
+        while not self._stopping:
             try:
-                tools = await self.tools()
-            except Exception:  # a registry hiccup: the next event lists again
-                log.warning("mcp gateway: listing the registry failed", exc_info=True)
-                continue
-            if tools != self._announced:
-                self._announced = tools
-                await self._announce()
+                if self._watcher is None:
+                    self._watcher = self.runtime.registry.watch()
+                    await self._refresh(listing)
+                async for _event in self._watcher:
+                    watching.ok()
+                    await self._refresh(listing)
+                return  # closed: the gateway is stopping
+            except Exception as exc:
+                watching.failed(exc)
+                watcher, self._watcher = self._watcher, None
+                if watcher is not None:
+                    await watcher.aclose()
+            await anyio.sleep(backoff(watching.failures, 0.1, 30.0))
+
+    async def _refresh(self, listing: Streak) -> None:
+        try:
+            tools = await self.tools()
+        except Exception as exc:  # a registry hiccup: the next event lists again
+            listing.failed(exc)
+            return
+        listing.ok()
+        if tools != self._announced:
+            self._announced = tools
+            await self._announce()
 
     async def _announce(self) -> None:
         await self._bus.publish(ToolsListChanged())
