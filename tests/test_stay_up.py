@@ -663,3 +663,37 @@ async def test_the_mcp_gateway_follows_the_registry_again_after_its_watch_failed
         assert len(log.seen("the registry watch failed")) == 1
     finally:
         next(watched, None)
+
+
+class Stuck:
+    def __init__(self) -> None:
+        self.cancelled = anyio.Event()
+
+    async def Wait(self, req: PingRequest) -> PingRequest:
+        """Never answers; says when it is cancelled."""
+        try:
+            await anyio.sleep_forever()
+        finally:
+            self.cancelled.set()
+        raise AssertionError("unreachable")
+
+
+async def test_native_keepalive_pings_close_a_connection_whose_peer_stopped_answering() -> None:
+    stuck = Stuck()
+    server = NativeServer(max_message_size=1 << 20, keepalive_time=0.05, keepalive_timeout=0.05)
+    for ep in endpoints_of(stuck, "stuck"):
+        server.add(ep)
+    await server.start("127.0.0.1")
+    try:
+        client = await HeldFrame.open(server)
+        client.writer.write(wire.request(1, "/stuck.Stuck/Wait", None, None, b"{}", 0))  # then silence
+        got: list[wire.Frame] = []
+        with anyio.fail_after(10):
+            while data := await client.reader.read(65536):  # read, never answer the PING
+                got += client.frames.feed(data)
+            await stuck.cancelled.wait()  # the call went with the connection
+        client.close()
+        assert [(kind, rid) for kind, rid, *_ in got] == [(wire.PING, 0), (wire.ERROR, 0)]
+        assert wire.read_error(got[1][4]) == (Status.UNAVAILABLE.value, "no answer to a keepalive PING within 0.05 s")
+    finally:
+        await server.stop(grace=0)

@@ -38,6 +38,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("micro.wire")
 
+DEFAULT_KEEPALIVE_TIME = 60.0
+"""Seconds a connection with calls in flight may stay silent before the server PINGs it."""
+DEFAULT_KEEPALIVE_TIMEOUT = 20.0
+"""Seconds the peer has to answer that PING."""
+
 DRAINING = "the node is shutting down: call another node"
 """The UNAVAILABLE message of a call refused while draining (the same as on gRPC)."""
 
@@ -74,6 +79,7 @@ class _Connection(asyncio.Protocol):
         self._flushing = False
         self._writable: asyncio.Future[None] | None = None
         self.last_seen = self.loop.time()
+        self.pinged = False  # a keepalive PING is unanswered
         # the frame arriving in pieces: (its number in the reader, bytes counted in the budget, body timer)
         self._held: tuple[int, int, asyncio.TimerHandle] | None = None
 
@@ -122,6 +128,7 @@ class _Connection(asyncio.Protocol):
         if self.transport is None:
             return  # refused
         self.last_seen = self.loop.time()
+        self.pinged = False
         if not self.greeted:
             data = self._greet(data)
             if not data:
@@ -374,9 +381,9 @@ class _Connection(asyncio.Protocol):
             return
         t.write(out[0] if len(out) == 1 else b"".join(out))
 
-    def abort(self, message: str, status: Status = Status.INVALID_ARGUMENT) -> None:
+    def abort(self, message: str, status: Status = Status.INVALID_ARGUMENT, level: int = logging.WARNING) -> None:
         """Tell the client why (an ERROR frame for request id 0), then close the connection."""
-        log.warning("native wire: closing a connection: %s", message)
+        log.log(level, "native wire: closing a connection: %s", message)
         t = self.transport
         if t is None:
             return
@@ -406,13 +413,21 @@ class NativeServer:
         body_timeout: seconds a request may take to arrive once its header has.
         admit: called before a unary request's body is read; raises ``ResourceExhausted``
             when the service is overloaded.
+        keepalive_time: seconds a connection with calls in flight may stay silent before
+            the server sends a PING (``None``: never).
+        keepalive_timeout: seconds after that PING within which the peer must send
+            something (its PONG); then the connection is closed and its calls cancelled
+            (a half-open connection whose peer vanished mid-call).
     """
 
     def __init__(self, *, max_message_size: int, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                  max_connections: int | None = None, connection_limit: ConnectionLimit | None = None,
                  budget: BodyBudget | None = None, body_timeout: float = DEFAULT_BODY_TIMEOUT,
-                 admit: Callable[[], None] | None = None) -> None:
+                 admit: Callable[[], None] | None = None, keepalive_time: float | None = DEFAULT_KEEPALIVE_TIME,
+                 keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT) -> None:
         self.max_message_size = max_message_size
+        self.keepalive_time = keepalive_time
+        self.keepalive_timeout = keepalive_timeout
         self.connection_limit = connection_limit if connection_limit is not None else \
             ConnectionLimit("native wire server", max_connections, idle_timeout)
         self.budget = budget if budget is not None else BodyBudget("native wire server")
@@ -445,6 +460,25 @@ class NativeServer:
         tg = await background.start()
         self._background = background
         tg.start_soon(self.connection_limit.sweep)
+        if self.keepalive_time is not None:
+            tg.start_soon(self._keepalive, self.keepalive_time, self.keepalive_timeout)
+
+    async def _keepalive(self, every: float, timeout: float) -> None:
+        """PING connections with calls in flight that went silent; close those that stay silent."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(every, timeout) / 2)
+            now = loop.time()
+            for conn in list(self.connections):
+                silent = now - conn.last_seen
+                if not conn.calls or silent <= every:
+                    continue
+                if silent > every + timeout:
+                    conn.abort(f"no answer to a keepalive PING within {timeout:g} s", Status.UNAVAILABLE,
+                               logging.DEBUG)  # a peer that vanished: nothing to act on
+                elif not conn.pinged:
+                    conn.pinged = True
+                    conn.send(f.frame(f.PING, 0, b"keepaliv"))
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, refuse new calls, let in-flight calls finish within ``grace``, cancel the rest."""
