@@ -281,54 +281,47 @@ def refused(service: str, endpoint: str, code: str) -> None:
     child.done(code, 0.0)
 
 
-def call_wrapper(local: Any) -> Any:
-    """Client middleware recording every unary call to another process (``local``: the client's in-process
-    services, whose calls the endpoint measures once for both sides; see :func:`refused`).
+def remote_wrapper(next: Any) -> Any:
+    """``next`` (the client's call to another process) measured: every unary call by the wire that carried
+    it (``req.wire``). Calls to in-process services are measured once, by the endpoint, for both sides
+    (see :func:`refused`), so the in-process path has nothing of this.
 
-    Made when the client is made: with metrics off then, the chain has nothing of it.
+    Made when the client is made: with metrics off then, it is ``next`` itself.
     """
+    if not ON:
+        return next
+    # a call's path is known once the client sends it (``req.wire``); while in flight it counts under
+    # the path the service's last call took
+    last: dict[str, str] = {}
 
-    def wrap(next: Any) -> Any:
-        if not ON:
-            return next
-        # a call's path is known once the client sends it (``req.wire``); while in flight it counts under
-        # the path the service's last call took
-        last: dict[str, str] = {}
+    async def measured(req: Any) -> Any:
+        m = _m
+        if req.streaming or not ON or m is None:
+            return await next(req)
+        path = last.get(req.service, GRPC)
+        child = m.client.get(req.service, req.endpoint, path)
+        child.in_flight += 1
+        start = time.perf_counter()
+        code = "CANCELLED"  # unless it ends otherwise
+        try:
+            result = await next(req)
+            code = "OK"
+            return result
+        except Error as exc:
+            code = exc.status.name
+            raise
+        except Exception:
+            code = "UNKNOWN"
+            raise
+        finally:
+            if req.wire and req.wire != path:
+                child.in_flight -= 1
+                last[req.service] = req.wire
+                child = m.client.get(req.service, req.endpoint, req.wire)
+                child.in_flight += 1
+            child.done(code, time.perf_counter() - start)
 
-        def measured(req: Any) -> Any:
-            if req.streaming or not ON or _m is None or req.service in local:
-                return next(req)  # no coroutine frame of ours on the in-process path
-            return remote(req)
-
-        async def remote(req: Any) -> Any:
-            m = _m
-            assert m is not None
-            path = last.get(req.service, GRPC)
-            child = m.client.get(req.service, req.endpoint, path)
-            child.in_flight += 1
-            start = time.perf_counter()
-            code = "CANCELLED"  # unless it ends otherwise
-            try:
-                result = await next(req)
-                code = "OK"
-                return result
-            except Error as exc:
-                code = exc.status.name
-                raise
-            except Exception:
-                code = "UNKNOWN"
-                raise
-            finally:
-                if req.wire and req.wire != path:
-                    child.in_flight -= 1
-                    last[req.service] = req.wire
-                    child = m.client.get(req.service, req.endpoint, req.wire)
-                    child.in_flight += 1
-                child.done(code, time.perf_counter() - start)
-
-        return measured
-
-    return wrap
+    return measured
 
 
 def count(name: str, *labels: str, by: float = 1.0, bounded: int | None = None) -> None:

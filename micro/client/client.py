@@ -79,7 +79,8 @@ class Client:
         self._rr: dict[str, itertools.count[int]] = {}
         self._pools: dict[str, NodePool | NativePool] = {}
         self._watchdog = Watchdog()
-        self._call: Next = chain([telemetry.call_wrapper, metrics.call_wrapper(self._local), *wrappers], self._dispatch)
+        self._call: Next = chain([telemetry.call_wrapper, *wrappers], self._dispatch)
+        self._remote_call: Next = metrics.remote_wrapper(self._remote)
         self._publish = publish
 
     # -- public API ---------------------------------------------------------------------------
@@ -150,7 +151,7 @@ class Client:
                 raise _wrong_kind(req, ep.streaming)
             req.wire = "in-process"
             return self._local_stream(ep, req) if req.streaming else self._local_call(ep, req)
-        return self._remote(req)
+        return self._remote_call(req)
 
     async def _local_call(self, ep: Endpoint, req: Request) -> Any:
         try:
