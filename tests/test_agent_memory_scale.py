@@ -322,6 +322,29 @@ async def test_retention_expires_old_messages_and_idle_sessions(make_store: Call
         assert await memory.window("s") == run_of(3)
 
 
+async def test_retention_expires_finished_run_records_and_keeps_waiting_ones() -> None:
+    """A run record holds the run's messages: with retention, a finished one goes as the history does;
+    one that waits for approval stays until it ends (then it is kept ``retention`` more)."""
+    store = MemoryStore()
+    clock = Clock()
+    store.clock = clock
+    async with micro.Runtime(registry="memory://", store=store, broker="memory://") as rt:
+        async with memo_agent(rt, scripted.function(remembering), needs_approval=["note"],
+                              memory=StoreMemory(retention=100)) as agent:
+            done = await agent.ask("hello")
+            waiting = await agent.ask("note milk")
+            assert (done.status, waiting.status) == ("completed", "paused")
+            clock.advance(110)
+            assert await agent.runs.get(done.run_id) is None
+            assert (await agent.runs.get(waiting.run_id)).status == "paused"  # type: ignore[union-attr]
+            finished = await agent.resume(waiting.run_id, approve=True)
+            assert finished.reply == "noted: MILK"
+            clock.advance(90)
+            assert await agent.runs.get(waiting.run_id) is not None
+            clock.advance(20)
+            assert await agent.runs.get(waiting.run_id) is None
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 

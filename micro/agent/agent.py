@@ -238,7 +238,9 @@ class Agent(Service):
     def runs(self) -> AgentRuns:
         """The agent's run records (``agent/{name}/runs/…`` in the runtime's store)."""
         if self._runs is None:
-            self._runs = AgentRuns(self.runtime.store, self.name)
+            # the memory's retention covers the run records too: they hold the conversation's messages
+            retention = self.memory.retention if isinstance(self.memory, StoreMemory) else None
+            self._runs = AgentRuns(self.runtime.store, self.name, retention=retention)
         return self._runs
 
     @property

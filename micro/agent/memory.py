@@ -151,6 +151,8 @@ class StoreMemory:
             or async), or None for the agent's own model.
         retention: seconds a message, summary or session head is kept after it was
             written (None: for ever); an idle session is gone ``retention`` after its last ask.
+            The agent keeps its finished run records (which hold the run's messages) as long;
+            a run that waits or runs is kept until it ends.
 
     Example::
 

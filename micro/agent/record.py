@@ -159,9 +159,10 @@ class AgentRuns:
             print(run.id, run.status, [c.name for c in run.tool_calls])
     """
 
-    def __init__(self, store: Store, agent: str) -> None:
+    def __init__(self, store: Store, agent: str, *, retention: float | None = None) -> None:
         self.store = store
         self.agent = agent
+        self.retention = retention  # seconds a finished run's record is kept (None: for ever)
         self.prefix = f"agent/{agent}/runs/"
         self.waiting_prefix = f"agent/{agent}/waiting/"
         self._changed: anyio.Event | None = None
@@ -191,11 +192,16 @@ class AgentRuns:
         """
         run.updated = time.time()
         return await self.store.write(Record(self.key(run.id), _encode(run), metadata={"status": run.status}),
-                                      if_version=version)
+                                      ttl=self._ttl(run), if_version=version)
+
+    def _ttl(self, run: AgentRun) -> float | None:
+        """A finished run (it holds the conversation's messages) is kept ``retention``; a live one for ever."""
+        return self.retention if run.status in FINAL else None
 
     async def put(self, run: AgentRun) -> None:
         """Write ``run`` whatever is stored (for records no one else writes)."""
-        await self.store.write(Record(self.key(run.id), _encode(run), metadata={"status": run.status}))
+        await self.store.write(Record(self.key(run.id), _encode(run), metadata={"status": run.status}),
+                               ttl=self._ttl(run))
 
     async def load(self, run_id: str) -> tuple[AgentRun, int] | None:
         """The run and the version of its record, or None."""
