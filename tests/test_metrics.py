@@ -237,6 +237,11 @@ async def test_runs_waiting_gauge_follows_a_run_that_waits_for_approval(fresh: C
             rsp = await agent.ask("greet x")
             assert rsp.status == "paused"
             await gauge_reads(1)
+            record = await agent.runs.get(rsp.run_id)
+            assert record is not None and record.expires > 0
+            # past its pause_ttl a run no longer waits: the index counts it as expired
+            assert await agent.runs.waiting_counts(record.expires) == {"expired": 1}
+            assert await agent.runs.waiting_counts(record.expires - 1) == {"paused": 1}
             done = await agent.resume(rsp.run_id, approve=True)
             assert done.status == "completed"
             await gauge_reads(0)

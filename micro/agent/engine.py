@@ -471,7 +471,7 @@ class RunEngine:
             changed = self.runs.changed
             if metrics.enabled():
                 try:
-                    counts = await self.runs.waiting_counts()
+                    counts = await self.runs.waiting_counts(self.clock())
                 except Exception:
                     log.warning("%s: counting the waiting runs failed", self.name, exc_info=True)
                 else:

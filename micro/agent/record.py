@@ -248,7 +248,7 @@ class AgentRuns:
 
     async def mark_waiting(self, run: AgentRun) -> None:
         await self.store.write(Record(self._waiting_key(run.session, run.id), run.id.encode(),
-                                      metadata={"status": run.status}))
+                                      metadata={"status": run.status, "expires": repr(run.expires)}))
         self._touch()
 
     async def unmark_waiting(self, run: AgentRun) -> None:
@@ -260,11 +260,19 @@ class AgentRuns:
         keys = await self.store.list(self._waiting_key(session))
         return [k.rsplit("#", 1)[1] for k in keys]
 
-    async def waiting_counts(self) -> dict[str, int]:
-        """How many runs wait now, by status (``paused``, ``input_required``, ``waiting``): one read of the index."""
+    async def waiting_counts(self, now: float | None = None) -> dict[str, int]:
+        """How many runs wait now, by status (``paused``, ``input_required``, ``waiting``): one read of the
+        index; a run past its ``expires`` (``pause_ttl``) is counted as ``expired``."""
+        now = time.time() if now is None else now
         counts: dict[str, int] = {}
         for rec in await self.store.read(self.waiting_prefix, prefix=True):
             status = rec.metadata.get("status", "")
+            try:
+                expires = float(rec.metadata.get("expires", "0"))
+            except ValueError:
+                expires = 0.0
+            if expires and now >= expires:
+                status = "expired"
             counts[status] = counts.get(status, 0) + 1
         return counts
 
