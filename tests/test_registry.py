@@ -312,7 +312,7 @@ class HeartbeatWatcher(MemoryRegistry):
     async def deregister(self, record: ServiceRecord) -> None:
         import asyncio
 
-        beats = [t for t in asyncio.all_tasks() if "Service._heartbeat" in t.get_name()]
+        beats = [t for t in asyncio.all_tasks() if "Heartbeat.run" in t.get_name()]
         self.heartbeat_alive = any(not t.done() for t in beats)
         await super().deregister(record)
 

@@ -41,7 +41,8 @@ from micro.broker._base import (
 from micro.broker.memory import DEFAULT_QUEUE_SIZE, MemoryBroker, MemorySubscription, topic_matches
 from micro.errors import BrokerError, Error, NotFound
 from micro.registry import Node, Registry, ServiceRecord
-from micro.tasks import BackgroundTasks, Streak
+from micro.registry.heartbeat import Heartbeat
+from micro.tasks import BackgroundTasks
 
 if TYPE_CHECKING:
     from micro.runtime import Runtime
@@ -118,7 +119,7 @@ class LocalBroker(MemoryBroker):
         self._server: Served | None = None
         self._node = Node(self.node_id, "")
         self._beats: BackgroundTasks | None = None
-        self._changed = anyio.Event()
+        self._heartbeat: Heartbeat | None = None
         self._parsed: dict[int, tuple[list[ServiceRecord], list[_Target]]] = {}
         self._turns = itertools.count()
         self._absent_until = 0.0
@@ -152,7 +153,8 @@ class LocalBroker(MemoryBroker):
         entry = self._ids.pop(sub, None)
         if entry is not None:
             self._by_id.pop(entry.id, None)
-            self._changed.set()  # the heartbeat re-registers without it
+            if self._heartbeat is not None:
+                self._heartbeat.beat()  # registers the record without it
 
     async def _serve(self) -> None:
         if self._server is not None:
@@ -164,7 +166,9 @@ class LocalBroker(MemoryBroker):
         beats = BackgroundTasks(f"broker {self.url} heartbeat", log)
         await beats.start()
         self._beats = beats
-        beats.supervise(self._heartbeat, name="heartbeat")
+        self._heartbeat = Heartbeat(self._delivery.registry, self._record, ttl=15.0, every=5.0,
+                                    what=f"broker {self.url}", log=log)
+        beats.supervise(self._heartbeat.run, name="heartbeat")
 
     def _record(self) -> ServiceRecord:
         subs = msgspec.json.encode(list(self._ids.values())).decode()
@@ -176,22 +180,9 @@ class LocalBroker(MemoryBroker):
         assert self._delivery is not None
         await self._delivery.registry.register(self._record(), ttl=15.0)
 
-    async def _heartbeat(self) -> None:
-        streak = Streak(f"broker {self.url}: heartbeat to the registry", log)
-        while True:
-            with anyio.move_on_after(5.0):
-                await self._changed.wait()
-            self._changed = anyio.Event()
-            try:
-                await self._register()
-            except Exception as e:
-                streak.failed(e)
-            else:
-                streak.ok()
-
     async def _close(self) -> None:
         delivery, server, beats = self._delivery, self._server, self._beats
-        self._server = self._beats = None
+        self._server = self._beats = self._heartbeat = None
         if beats is not None:
             await beats.aclose()
         if server is not None and delivery is not None:

@@ -38,10 +38,11 @@ from micro.errors import BadRequest, ServiceNotFound, UsageError
 from micro.limits import Limiter
 from micro.middleware import Wrapper
 from micro.registry import Node, ServiceRecord
+from micro.registry.heartbeat import Heartbeat
 from micro.runtime import Runtime
 from micro.server.grpc import DEFAULT_MAX_MESSAGE_SIZE, GrpcServer
 from micro.service.endpoints import Endpoint, endpoints_of
-from micro.tasks import BackgroundTasks, Streak, backoff
+from micro.tasks import BackgroundTasks
 from micro.wire.server import NativeServer
 
 log = logging.getLogger("micro.service")
@@ -143,7 +144,7 @@ class Service:
                                     body_timeout=self._server.body_timeout, admit=self._server.admit,
                                     connection_limit=connection_limit) if native else None
         self._stack: contextlib.AsyncExitStack | None = None
-        self._changed = anyio.Event()
+        self._beats: Heartbeat | None = None
         self._stopped = anyio.Event()
         self.address = ""
 
@@ -165,7 +166,8 @@ class Service:
             self._server.add(ep)
             if self._native is not None:
                 self._native.add(ep)
-        self._changed.set()
+        if self._beats is not None:
+            self._beats.beat()
         return found
 
     def subscribe(self, topic: str, fn: Callable[[Any], Awaitable[Any]], *, queue: str | None = None,
@@ -279,8 +281,10 @@ class Service:
             background = BackgroundTasks(f"service {self.name}", log)
             await background.start()
             stack.push_async_callback(background.aclose)
-            self._changed = anyio.Event()
-            background.supervise(self._heartbeat, name="heartbeat")
+            self._beats = Heartbeat(rt.registry, lambda: self.record, ttl=self.ttl, every=self.heartbeat,
+                                    what=f"service {self.name}", log=log)
+            stack.callback(setattr, self, "_beats", None)
+            background.supervise(self._beats.run, name="heartbeat")
             self._server.health.set_serving(True)
             # first thing on the way out: health probes see NOT_SERVING before the node deregisters
             stack.callback(self._server.health.set_serving, False)
@@ -308,22 +312,6 @@ class Service:
                 await self.runtime.registry.deregister(self.record)
             except Exception:
                 log.warning("service %s: deregistering failed", self.name, exc_info=True)
-
-    async def _heartbeat(self) -> None:
-        streak = Streak(f"service {self.name}: heartbeat to the registry", log)
-        while True:
-            # after a failure, beat again sooner: the record must not expire while the registry
-            # (or this process's descriptors) recover
-            wait = self.heartbeat if not streak.failures else min(self.heartbeat, backoff(streak.failures, 0.2, 5.0))
-            with anyio.move_on_after(wait):
-                await self._changed.wait()
-            self._changed = anyio.Event()
-            try:
-                await self.runtime.registry.register(self.record, ttl=self.ttl)
-            except Exception as e:
-                streak.failed(e)
-            else:
-                streak.ok()
 
     async def stop(self) -> None:
         """Deregister, stop accepting, drain in-flight calls, close (idempotent)."""
