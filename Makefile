@@ -1,19 +1,28 @@
 # micro — every target creates .venv itself when it is missing or stale.
-VENV   ?= .venv
-PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-stamp
-PYTHON ?= python3
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+RUN_STAMP := $(VENV)/.installed-run
+STAMP     := $(VENV)/.installed-dev
+PYTHON    ?= python3
+DIST      ?= dist
+PIP       := $(PY) -m pip install --disable-pip-version-check --progress-bar on
 
 .DEFAULT_GOAL := help
 
-$(STAMP): pyproject.toml
+$(RUN_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
-	touch $(STAMP)
+	@echo "Installing micro and what running needs (micro[all]) into $(VENV): a minute or two the first time"
+	$(PIP) -e '.[all]'
+	touch $@
 
-venv: $(STAMP) ## create .venv and install micro with its dev extras
+$(STAMP): $(RUN_STAMP)
+	@echo "Adding the test and lint tools (micro[dev]) to $(VENV)"
+	$(PIP) -e '.[dev]'
+	touch $@
 
-run: $(STAMP) ## run the example system (services, agents, a flow) with `micro run examples/tasks`
+venv: $(STAMP) ## create .venv and install micro with its dev extras (test and lint tools)
+
+run: $(RUN_STAMP) ## run the example system (services, agents, a flow) with `micro run examples/tasks`
 	@echo "In another terminal: cd $(CURDIR) && . $(VENV)/bin/activate   (puts micro on PATH)"
 	@echo "then: micro services, micro chat, micro agent list -- the tour in README.md"
 	MICRO_BROKER=$${MICRO_BROKER:-local://} $(VENV)/bin/micro run examples/tasks
@@ -23,6 +32,9 @@ test: $(STAMP) ## run the whole test suite (real NATS and PostgreSQL servers are
 
 bench: $(STAMP) ## run benchmarks/ and write benchmarks/RESULTS.md
 	$(PY) -m benchmarks
+
+dist: $(RUN_STAMP) ## build the wheel into dist/ (pip install 'dist/micro-0.1.0-py3-none-any.whl[all]')
+	$(PY) -m pip wheel --disable-pip-version-check --no-deps --wheel-dir $(DIST) .
 
 proto: $(STAMP) ## regenerate micro/_proto from proto/ (betterproto2 for ours; a descriptor set for grpc's health and reflection)
 	rm -rf micro/_proto && mkdir -p micro/_proto
@@ -40,4 +52,4 @@ lint: $(STAMP) ## ruff + mypy (strict) on micro/
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 10
 
-.PHONY: venv run test bench proto lint help
+.PHONY: venv run test bench dist proto lint help

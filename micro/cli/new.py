@@ -85,8 +85,24 @@ class Project:
             "tool_list": tool_name(self.name, f"{self.cls}.List"),
             "agent_doc": " and an agent over it" if self.agent else "",
             "variant": " --proto" if self.proto else "",
-            "proto_deps": "; grpcio-tools and betterproto2-compiler for `make proto`" if self.proto else "",
+            "proto_extra": ('\nproto = ["grpcio-tools>=1.60", "betterproto2-compiler==0.10.1"]  # for `make proto`'
+                            if self.proto else ""),
+            "micro_requirement": micro_requirement(),
         }
+
+
+def micro_requirement() -> str:
+    """How a new project depends on micro: on this checkout (a path dependency) when micro runs from one,
+    else on the installed version by name."""
+    import micro
+
+    root = Path(micro.__file__).resolve().parent.parent
+    meta = root / "pyproject.toml"
+    if meta.is_file() and re.search(r'^name = "micro"$', meta.read_text(encoding="utf-8"), re.M):
+        return f"micro[all] @ {root.as_uri()}"
+    from importlib.metadata import version
+
+    return f"micro[all]>={version('micro')}"
 
 
 def _template(name: str, values: dict[str, str]) -> str:
@@ -221,4 +237,5 @@ def new(name: str, agent: bool, proto: bool, directory: Path | None, as_json: bo
     if proto:
         out.print("  _proto/ (generated)", markup=False)
     out.print(f"\nnext:\n  cd {dest}\n  micro run .          # then: micro call {name} {project.cls}.List '{{}}'"
-              "\n  python -m pytest", markup=False)
+              "\n  python -m pytest\nin a virtualenv of its own (micro comes from pyproject.toml's dependency):"
+              "\n  python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test]'", markup=False)

@@ -23,7 +23,7 @@ import click
 from rich.markup import escape
 
 from micro.cli.main import err, fail, main, out, run_async
-from micro.errors import MicroError, UsageError
+from micro.errors import MicroError, ServiceNotFound, UsageError
 
 ENTRY_FILES = ("app.py", "main.py", "__main__.py")
 
@@ -104,6 +104,28 @@ def runnables(module: ModuleType) -> list[Any]:
     return found
 
 
+async def warn_if_served(runtime: Any, items: list[Any]) -> None:
+    """Say so when live nodes already serve some of these services: a second ``micro run`` of an app.
+
+    The registry holds only live nodes (each heart-beats; a stopped or dead process's
+    record goes), so a name found there is being served right now.
+    """
+    served = []
+    for item in items:
+        try:
+            records = await runtime.registry.get(item.name)
+        except ServiceNotFound:
+            continue
+        nodes = [n.address for r in records for n in r.nodes]
+        if nodes:
+            served.append(f"{item.name} ({', '.join(nodes)})")
+    if served:
+        err.print(f"[yellow]warning:[/yellow] already served by a running process: {escape(', '.join(served))}. "
+                  "This one adds a second node of each: calls go round-robin between the two, and each keeps "
+                  "its own in-memory data. Stop the other (Ctrl-C in its terminal), or pass --replica to run "
+                  "a replica on purpose without this warning.", emoji=False)
+
+
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path), required=False)
 @click.option("--prompt", help="Generate a system of services and an agent from this description, "
@@ -125,10 +147,16 @@ def runnables(module: ModuleType) -> list[Any]:
               "off by default; needs micro[metrics]).")
 @click.option("--traceback", "full_traceback", is_flag=True,
               help="When the app's code raises on import or start, print every frame (default: the app's own).")
+@click.option("--reload", is_flag=True,
+              help="Watch the app's directory; on a change, start the new version, wait until it is registered, "
+              "then stop the old one (a version that fails to start leaves the old one running).")
+@click.option("--replica", is_flag=True,
+              help="Run even though a process on this machine already serves these services, without a warning: "
+              "a second node of each (calls go round-robin; in-memory data is not shared).")
 @run_async
 async def run(path: Path | None, prompt: str | None, provider: str | None, out_dir: Path | None,
               rounds: int, log_level: str, log_format: str, metrics_address: str | None = None,
-              full_traceback: bool = False) -> None:
+              full_traceback: bool = False, reload: bool = False, replica: bool = False) -> None:
     """Run every service, agent and flow defined in PATH (a file, or a directory with app.py; default .).
 
     With --prompt, a model writes the system first (see docs/scaffolding.md); it runs
@@ -150,10 +178,20 @@ async def run(path: Path | None, prompt: str | None, provider: str | None, out_d
         path = await generate_for_cli(prompt, provider, out_dir, rounds)
     elif provider is not None or out_dir is not None:
         fail("--provider and --out go with --prompt", 2)
+    path = path if path is not None else Path(".")
+    if reload:
+        if metrics_address is not None:
+            fail("--metrics-address does not go with --reload: the old and the new version would both bind it "
+                 "during a swap (unset $MICRO_METRICS_ADDRESS, or run without --reload)", 2)
+        from micro.cli.reload import serve_reloading
+
+        passed = ["--log-level", log_level, "--log-format", log_format, *(["--traceback"] if full_traceback else [])]
+        await serve_reloading(path, passed)
+        return
     if metrics_address is not None:
         _enable_metrics()  # before the app is imported: its services and runtimes set up their hooks when made
     try:
-        await serve(path if path is not None else Path("."), metrics_address=metrics_address)
+        await serve(path, metrics_address=metrics_address, replica=replica)
     except AppError as exc:
         if full_traceback:
             raise exc.error from None
@@ -172,8 +210,11 @@ def _enable_metrics() -> None:
         fail("--metrics-address needs prometheus_client: pip install 'micro[metrics]'", 2)
 
 
-async def serve(path: Path, *, metrics_address: str | None = None) -> None:
-    """Import the app at ``path`` and run what it defines until SIGINT/SIGTERM (what ``micro run PATH`` does)."""
+async def serve(path: Path, *, metrics_address: str | None = None, replica: bool = False) -> None:
+    """Import the app at ``path`` and run what it defines until SIGINT/SIGTERM (what ``micro run PATH`` does).
+
+    Unless ``replica``, warns when a live process already serves one of its services.
+    """
     try:
         module = load_app(path)
     except MicroError:
@@ -183,6 +224,7 @@ async def serve(path: Path, *, metrics_address: str | None = None) -> None:
     items = runnables(module)
     if not items:
         fail(f"{path} defines no services, agents or flows at top level")
+    from micro.cli.reload import report_ready
     from micro.service.service import stop_on_signals
 
     async with contextlib.AsyncExitStack() as stack:
@@ -192,6 +234,11 @@ async def serve(path: Path, *, metrics_address: str | None = None) -> None:
             probes = await start_probes(metrics_address, items)
             stack.push_async_callback(probes.aclose)
             out.print(f"[green]●[/green] metrics on {probes.url}/metrics (and /health/live, /health/ready)")
+        if not replica:
+            from micro.runtime import Runtime
+
+            runtime = await stack.enter_async_context(Runtime.current())  # the services' own, unless they name one
+            await warn_if_served(runtime, items)
         for item in items:
             try:
                 await stack.enter_async_context(item)
@@ -213,6 +260,7 @@ async def serve(path: Path, *, metrics_address: str | None = None) -> None:
             out.print(f"[green]●[/green] {kind} [bold]{item.name}[/bold] on {item.address} ({extra})")
         if module.__doc__:
             out.print(module.__doc__.strip(), markup=False)
+        report_ready(items)
         async with anyio.create_task_group() as tg:  # cancelled by a signal; services stop after it
             await tg.start(stop_on_signals, tg.cancel_scope)
             out.print("[dim]Ctrl-C to stop[/dim]")

@@ -217,8 +217,12 @@ class Client:
         idempotent = ep.metadata.get("idempotent") == "true"
         attempts = self.retry.attempts if idempotent else 1
         last: Unavailable | None = None
+        tried: set[str] = set()
         for attempt in range(1, attempts + 1):
-            for node in self._nodes(record):
+            nodes = self._nodes(record)
+            while nodes:
+                node = nodes.pop(0)
+                tried.add(node.id)
                 try:
                     pool = self._pool(node)
                     req.wire = pool.wire
@@ -226,6 +230,8 @@ class Client:
                 except NodeUnreachable as exc:
                     self.breakers.failure(node.address)
                     last = exc  # nothing was sent: the next node may answer
+                    if not nodes:
+                        nodes = await self._replaced(req, tried)
                     continue
                 except Unavailable as exc:
                     self.breakers.failure(node.address)
@@ -245,10 +251,25 @@ class Client:
         self._records.pop(req.service, None)
         raise Unavailable(f"no node of {req.service!r} answered: {last}")
 
+    async def _replaced(self, req: Request, tried: set[str]) -> list[Node]:
+        """Nodes the registry lists now that were not tried, asked for once every cached node refused a call
+        before anything was sent (a redeploy, ``micro run --reload``: the nodes were replaced since the cache
+        was filled; the registry's watch may not have said so yet)."""
+        self._records.pop(req.service, None)
+        try:
+            record, _ = await self._resolve(req.service, req.endpoint)
+        except (ServiceNotFound, EndpointNotFound):
+            return []
+        return [n for n in self._nodes(record) if n.id not in tried]
+
     async def _remote_stream(self, record: ServiceRecord, ep: EndpointRecord, req: Request,
                              data: bytes, wire: str) -> AsyncIterator[Any]:
         last: Unavailable | None = None
-        for node in self._nodes(record):
+        nodes = self._nodes(record)
+        tried: set[str] = set()
+        while nodes:
+            node = nodes.pop(0)
+            tried.add(node.id)
             started = False
             try:
                 pool = self._pool(node)
@@ -265,6 +286,8 @@ class Client:
                 if started:
                     raise
                 last = exc  # nothing was sent: the next node may answer
+                if not nodes:
+                    nodes = await self._replaced(req, tried)
             finally:
                 await replies.aclose()  # stopped early: the network stream and its pool slot go now
         self._records.pop(req.service, None)
