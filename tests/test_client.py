@@ -434,6 +434,49 @@ async def test_a_dead_node_is_skipped(wire: str) -> None:
     assert (live.calls, doomed.calls) == (12, 2)
 
 
+class _Deaf(Watcher):
+    """A watch that reports nothing until closed: the caller's cache goes stale, as behind a slow poll."""
+
+    def __init__(self) -> None:
+        self._closed = anyio.Event()
+
+    async def __anext__(self) -> Event:
+        await self._closed.wait()
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        self._closed.set()
+
+
+class _DeafRegistry(MemoryRegistry):
+    def _watch(self) -> Watcher:
+        return _Deaf()
+
+
+@pytest.mark.parametrize("wire", WIRES)
+async def test_a_replaced_node_is_found_in_the_registry_when_the_cached_one_refuses(wire: str) -> None:
+    """A redeploy (micro run --reload): the cached node is gone and the registry has a new one; nothing was
+    sent to the old, so the call asks the registry again and reaches the new node, unary and streaming."""
+    registry = _DeafRegistry()
+    async with memory_runtime(registry) as a, memory_runtime(registry) as b, \
+            memory_runtime(registry, transport=wire) as caller:
+        old, new = Users(), Users()
+        one = micro.Service("users", runtime=a)
+        one.handle(old)
+        async with one:
+            for _ in range(2):
+                await caller.client.call("users", "Users.Get", {"user_id": "a"})
+            (cached,) = await caller.client.lookup("users")
+            assert len(cached.nodes) == 1  # calls leave the cached record's nodes alone
+        two = micro.Service("users", runtime=b)
+        two.handle(new)
+        async with two:
+            assert (await caller.client.call("users", "Users.Get", {"user_id": "b"}))["user_id"] == "b"
+            streamed = [i async for i in caller.client.stream("users", "Users.List", {"user_id": "s", "n": 1})]
+            assert len(streamed) == 1
+    assert (old.calls, new.calls) == (2, 1)
+
+
 @pytest.mark.parametrize("wire", WIRES)
 async def test_no_reachable_node_is_unavailable(wire: str) -> None:
     registry = MemoryRegistry()

@@ -219,7 +219,7 @@ class Client:
         last: Unavailable | None = None
         tried: set[str] = set()
         for attempt in range(1, attempts + 1):
-            nodes = self._nodes(record)
+            nodes = list(self._nodes(record))  # a copy: _nodes may return the record's own list
             while nodes:
                 node = nodes.pop(0)
                 tried.add(node.id)
@@ -265,7 +265,7 @@ class Client:
     async def _remote_stream(self, record: ServiceRecord, ep: EndpointRecord, req: Request,
                              data: bytes, wire: str) -> AsyncIterator[Any]:
         last: Unavailable | None = None
-        nodes = self._nodes(record)
+        nodes = list(self._nodes(record))  # a copy: _nodes may return the record's own list
         tried: set[str] = set()
         while nodes:
             node = nodes.pop(0)
