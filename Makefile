@@ -33,7 +33,8 @@ test: $(STAMP) ## run the whole test suite (real NATS and PostgreSQL servers are
 bench: $(STAMP) ## run benchmarks/ and write benchmarks/RESULTS.md
 	$(PY) -m benchmarks
 
-dist: $(RUN_STAMP) ## build the wheel into dist/ (pip install 'dist/micro-0.1.0-py3-none-any.whl[all]')
+dist: ## build the wheel into dist/ (pip install 'dist/micro-0.1.0-py3-none-any.whl[all]')
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip wheel --disable-pip-version-check --no-deps --wheel-dir $(DIST) .
 
 proto: $(STAMP) ## regenerate micro/_proto from proto/ (betterproto2 for ours; a descriptor set for grpc's health and reflection)
