@@ -242,8 +242,12 @@ def test_agent_runs_show_history_and_inspect(example: subprocess.Popen[str]) -> 
     started = dt.datetime.fromtimestamp(run["started"])  # a local date-time, not seconds since the epoch
     assert shown["started"] == started.isoformat(" ", "milliseconds")
     assert shown["tool_calls"][0]["started"].startswith(started.strftime("%Y-%m-%d "))
-    assert {k: v for k, v in shown.items() if k not in ("started", "finished", "tool_calls")} == \
-           {k: v for k, v in run.items() if k not in ("started", "finished", "tool_calls")}
+    assert shown["updated"] == dt.datetime.fromtimestamp(run["updated"]).isoformat(" ", "milliseconds")
+    assert (run["expires"], shown["expires"]) == (0.0, "-")  # a completed run does not expire
+    assert shown["tool_calls"][0]["seconds"] == round(run["tool_calls"][0]["seconds"], 3)
+    times = ("started", "finished", "updated", "expires", "tool_calls")
+    assert not any(isinstance(v, float) and v > 1e9 for v in shown.values())  # no epoch seconds left
+    assert {k: v for k, v in shown.items() if k not in times} == {k: v for k, v in run.items() if k not in times}
     history = micro_cli("agent", "history", "task-mgr", "--session", "cli-test")
     assert history.returncode == 0, history.stderr
     assert history.stdout.splitlines()[:3] == ["you: What tasks are overdue for Alice?",

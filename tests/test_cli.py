@@ -66,6 +66,25 @@ def test_run_prints_services_and_how_to_call(tasks_app: Running) -> None:
     assert "service task on 127.0.0.1:" in text
     assert "service project on 127.0.0.1:" in text
     assert "micro call task Task.ListOverdue" in text
+    flows = {line.split()[2]: line.split(" (", 1)[1] for line in tasks_app.banner if line.startswith("● flow ")}
+    assert flows == {  # what each flow has, and nothing it lacks (a stepped flow has no model: no "model: ")
+        "onboard-user": "on events.user.created over email,workspace; model: scripted demo model (set "
+                        "ANTHROPIC_API_KEY to use Claude))\n",
+        "close-task": "on events.task.close_requested; steps: lead → approved → closed → notified)\n",
+    }
+
+
+@pytest.mark.parametrize(("meta", "summary"), [
+    ({"trigger": "t", "services": "a,b", "model": "m"}, "on t over a,b; model: m"),
+    ({"trigger": "t", "agent": "x", "model": ""}, "on t; agent x"),
+    ({"schedule": "0 2 * * *", "trigger": "", "steps": "a,b", "model": "m"},
+     "schedule 0 2 * * *; steps: a → b; model: m"),
+    ({"every": "900", "trigger": "t", "steps": "a", "model": ""}, "on t and every 900s; steps: a"),
+])
+def test_the_banner_says_what_a_flow_has(meta: dict[str, str], summary: str) -> None:
+    from micro.cli.run import flow_summary
+
+    assert flow_summary(meta) == summary
 
 
 def test_call_list_overdue_from_another_process(tasks_app: Running) -> None:

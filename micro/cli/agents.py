@@ -112,14 +112,19 @@ async def runs(name: str, limit: int, session: str | None, statuses: tuple[str, 
 async def show(name: str, run_id: str, as_json: bool) -> None:
     """Show one run of agent NAME as JSON: message, tool calls with timings and results, reply, usage.
 
-    Times are local date-times (``started``) and durations in seconds; ``--json`` prints the record as stored.
+    Times are local date-times (``started``, ``finished``, ``updated``, ``expires``; ``-`` when unset) and
+    durations in seconds to the millisecond; ``--json`` prints the record as stored.
     """
     rsp = await _info(name, "Run", {"id": run_id})
     run = rsp["run"]
     if not as_json:
-        run = {**run, "started": _when(run["started"]), "finished": _when(run["finished"]),
-               "tool_calls": [{**c, "started": _when(c["started"])} for c in run["tool_calls"]]}
+        run = {**run, **{k: _when(run[k]) for k in _TIMES if k in run},
+               "tool_calls": [{**c, "started": _when(c["started"]), "seconds": round(c["seconds"], 3)}
+                              for c in run["tool_calls"]]}
     out.print_json(msgspec.json.encode(run).decode())
+
+
+_TIMES = ("started", "finished", "updated", "expires")  # a run record's times, in seconds since the epoch
 
 
 def _when(ts: float) -> str:

@@ -126,6 +126,25 @@ async def warn_if_served(runtime: Any, items: list[Any]) -> None:
                   "a replica on purpose without this warning.", emoji=False)
 
 
+def flow_summary(meta: dict[str, str]) -> str:
+    """What a flow's banner line says of it: its trigger or schedule, its steps or services, and what it runs
+    on (an agent, a model); a part the flow does not have is left out."""
+    when = [f"on {meta['trigger']}" if meta.get("trigger") else "",
+            f"schedule {meta['schedule']}" if meta.get("schedule") else "",
+            f"every {meta['every']}s" if meta.get("every") else ""]
+    head = " and ".join(w for w in when if w)
+    parts = [head]
+    if meta.get("steps"):
+        parts.append("steps: " + " → ".join(meta["steps"].split(",")))
+    elif meta.get("services"):
+        parts[0] = f"{head} over {meta['services']}".strip()
+    if meta.get("agent"):
+        parts.append(f"agent {meta['agent']}")
+    if meta.get("model"):
+        parts.append(f"model: {meta['model']}")
+    return "; ".join(p for p in parts if p)
+
+
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path), required=False)
 @click.option("--prompt", help="Generate a system of services and an agent from this description, "
@@ -252,8 +271,7 @@ async def serve(path: Path, *, metrics_address: str | None = None, replica: bool
             if kind == "agent":
                 extra = f"manages {meta.get('services', '')}; model: {meta.get('model', '?')}"
             elif kind == "flow":
-                via = f"agent {meta['agent']}" if meta.get("agent") else f"model: {meta.get('model', '?')}"
-                extra = f"on {meta.get('trigger', '?')} over {meta.get('services', '') or '-'}; {via}"
+                extra = flow_summary(meta)
             else:
                 n = len(item.endpoints)
                 extra = f"{n} endpoint{'' if n == 1 else 's'}"
