@@ -532,6 +532,53 @@ async def test_a_draining_node_finishes_its_calls_and_sends_new_ones_elsewhere()
             assert held == [{"text": "held", "n": 0}]
 
 
+async def test_a_request_on_its_way_when_the_goaway_left_is_answered_not_cut_off() -> None:
+    """A draining server closes a connection once its client has (or at the end of the drain time), not at
+    once: a request the client sent before it read the GOAWAY is answered "shutting down" (nothing ran: try
+    another node) instead of meeting a reset the client cannot tell from a call that ran (a failed call
+    during a `micro run --reload` swap)."""
+    server = NativeServer(max_message_size=LIMIT)
+    await server.start("127.0.0.1")
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(f.preface())
+    await reader.readexactly(f.PREFACE_SIZE)
+    stopping = asyncio.ensure_future(server.stop(grace=60))
+    frames = f.FrameReader(LIMIT)
+    got: list[f.Frame] = []
+    try:
+        with anyio.fail_after(10):
+            while not got:
+                got += frames.feed(await reader.read(65536))
+            assert [g[:2] for g in got] == [(f.GOAWAY, 0)]
+            writer.write(f.request(1, "/wire.Svc/Echo", None, None, b"{}", 0))  # already on its way
+            while len(got) < 2:
+                data = await reader.read(65536)
+                assert data, "the server closed the connection with a request on its way"
+                got += frames.feed(data)
+        assert got[1][:2] == (f.ERROR, 1)
+        assert f.read_error(got[1][4]) == (Status.UNAVAILABLE.value, DRAINING)
+        assert not stopping.done()  # the connection is open: the server waits for its client
+    finally:
+        writer.close()
+    with anyio.fail_after(10):
+        await stopping  # the client closed: the stop does not wait out its 60 s
+
+
+async def test_a_client_closes_its_connection_to_a_draining_node_once_its_calls_are_answered() -> None:
+    server = NativeServer(max_message_size=LIMIT)
+    await server.start("127.0.0.1")
+    pool = NativePool(f"{server.host}:{server.port}")
+    try:
+        with pytest.raises(Exception, match=r"unknown method /x\.Y/Z"):
+            await pool.unary("/x.Y/Z", b"{}")  # a connection is open, and idle
+        assert len(pool._conns) == 1
+        with anyio.fail_after(10):
+            await server.stop(grace=60)  # ends once the client closed its connection after the GOAWAY
+        assert pool._conns == []
+    finally:
+        pool.close()
+
+
 # -- a client facing a misbehaving server -----------------------------------------------------
 
 

@@ -13,11 +13,14 @@ aside):
    calls, close).
 
 A caller that still holds the old node gets "shutting down" or a refused connection,
-nothing was sent, and the client asks the registry again and reaches the new node. A call
-sent in the instant the old process closes its connections is cut off ("dropped the call",
-it may have run): an idempotent endpoint retries it, a non-idempotent call fails. A new
-version that fails to import or start exits before it is ready; its error (one line and
-the app's own frames) is printed and the old version keeps serving.
+nothing ran, and the client asks the registry again and reaches the new node. On micro's
+native wire (the default between micro processes) the old node keeps each connection open
+until its client has closed it, so no request is cut off on its way. Over gRPC
+(``MICRO_TRANSPORT=grpc``) a call sent in the instant the old process closes its
+connections can be cut off ("dropped the call", it may have run): an idempotent endpoint
+retries it, a non-idempotent call fails. A new version that fails to import or start exits
+before it is ready; its error (one line and the app's own frames) is printed and the old
+version keeps serving.
 """
 
 from __future__ import annotations

@@ -153,6 +153,16 @@ class _Connection(asyncio.Protocol):
                 self.close(Unavailable(f"node {self.pool.address} sent a {f.NAMES[kind]} frame, "
                                        "which servers do not send"))
                 return
+        if self.draining:
+            self.close_drained()
+
+    def close_drained(self) -> None:
+        """After the server's GOAWAY, close the connection once no call on it waits for an answer: the
+        server waits for that before it closes, so no request of ours is cut off on the way."""
+        t = self.transport
+        if not self.calls and t is not None and not t.is_closing():
+            self._flush()
+            t.close()
 
     def _greet(self, data: bytes) -> bytes:
         need = f.PREFACE_SIZE - len(self._preface)
@@ -471,6 +481,8 @@ class NativePool:
     def _cancel(conn: _Connection, rid: int) -> None:
         if conn.calls.pop(rid, None) is not None and conn.transport is not None:
             conn.send(f.frame(f.CANCEL, rid))
+            if conn.draining:
+                conn.close_drained()
 
     def close(self) -> None:
         if self._keeper is not None:

@@ -16,6 +16,7 @@ flight given ``grace`` seconds, then cancelled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl as _ssl
 from collections.abc import AsyncIterator, Callable
@@ -101,6 +102,9 @@ class _Connection(asyncio.Protocol):
         self.server.connection_limit.discard(self)
         if self._held is not None:
             self._release()
+        emptied = self.server._emptied
+        if emptied is not None and not self.server.connections:
+            emptied.set()  # stop() waits for the clients to close, once they have their answers
         for call in list(self.calls.values()):
             if call.task is not None:
                 call.task.cancel()  # nobody is left to answer: the handlers stop
@@ -441,6 +445,7 @@ class NativeServer:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._background: BackgroundTasks | None = None
+        self._emptied: asyncio.Event | None = None  # set by the last connection to close while stopping
 
     def add(self, ep: Endpoint) -> None:
         """Serve ``ep`` (also after start)."""
@@ -481,11 +486,21 @@ class NativeServer:
                     conn.send(f.frame(f.PING, 0, b"keepaliv"))
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Stop accepting, refuse new calls, let in-flight calls finish within ``grace``, cancel the rest."""
+        """Stop accepting, refuse new calls, let in-flight calls finish within ``grace``, cancel the rest.
+
+        Then, within what is left of ``grace``, wait for the clients to close their connections (a micro
+        client closes one once its calls on it are answered after the ``GOAWAY``) before closing the rest:
+        a request already on its way when the ``GOAWAY`` left is answered "shutting down" (nothing ran,
+        the client tries another node) instead of being cut off by a reset it could not tell from a
+        call that ran.
+        """
         server, self._server = self._server, None
         if server is None:
             return
+        loop = asyncio.get_running_loop()
+        until = loop.time() + grace
         self.closing = True
+        self._emptied = asyncio.Event()
         server.close()
         for conn in list(self.connections):
             conn.goaway()
@@ -497,6 +512,10 @@ class NativeServer:
             t.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+        if self.connections and until > loop.time():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._emptied.wait(), until - loop.time())
+        self._emptied = None
         for conn in list(self.connections):
             conn._flush()
             if conn.transport is not None:
