@@ -8,6 +8,7 @@ backends chosen through the ``MICRO_*`` environment variables.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import sys
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ import anyio
 import pytest
 
 import micro
+from micro.ai import Message, ToolSpec, scripted
 from micro.cli.run import load_app, runnables
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tasks"
@@ -74,3 +76,32 @@ async def test_the_example_agents_answer_agent_chat(app: ModuleType) -> None:
     # task-mgr does not manage milestones: the demo model says what it can do instead
     unmanaged = await client.call("task-mgr", "Agent.Chat", {"message": "Show me the milestones"})
     assert unmanaged["tool_calls"] == [] and "milestone" not in unmanaged["reply"].split("tools:")[1]
+
+
+def _demo_model() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("demo_model_phrases", EXAMPLE / "demo_model.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _listed(text: str, start: str, end: str) -> list[str]:
+    """The phrases a text lists between ``start`` and ``end`` ("a, b and c", markdown emphasis aside)."""
+    part = " ".join(text.split(start, 1)[1].split(end, 1)[0].replace("*", "").split())
+    return [p.strip() for p in part.replace(" and ", ", ").split(",") if p.strip()]
+
+
+def test_the_demo_model_understands_what_the_readme_and_micro_run_say() -> None:
+    demo = _demo_model()
+    readme = (EXAMPLE.parent.parent / "README.md").read_text()
+    assert _listed(readme, "The demo model understands", ", for") == list(demo.PHRASES)
+    docstring = (EXAMPLE / "app.py").read_text()  # micro run prints the app's docstring
+    assert _listed(docstring, "It\nunderstands", ",\nfor") == list(demo.PHRASES)
+    tools = [ToolSpec(name, "", {"type": "object"}) for name in (
+        "task_Task_List", "task_Task_ListOverdue", "task_Task_Update", "task_Task_Delete", "project_Project_List",
+        "milestone_Milestone_List", "notification_Notification_Send", "email_Email_Send")]
+    for phrase in demo.PHRASES:
+        said = demo._brain([Message.user(f"{phrase.replace('tN', 't7')} for bob")], tools)
+        assert isinstance(said, scripted.Turn) and said.calls, phrase  # a tool call, not the list of tools
+    assert "I only understand a few requests" in demo._brain([Message.user("good morning")], tools)

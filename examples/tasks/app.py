@@ -17,7 +17,9 @@ Run it with `make run` (or `micro run examples/tasks`), then from another termin
     micro flow resume RUN_ID --input '{"approved": true, "note": "thanks!"}'
     micro flow show RUN_ID
 
-Without ANTHROPIC_API_KEY the agents run on a scripted demo model (labelled as such).
+Without ANTHROPIC_API_KEY the agents run on a scripted demo model (labelled as such). It
+understands overdue, reschedule, notify, delete task tN, tasks, projects, milestones and email,
+for alice or bob; anything else gets its list of tools.
 """
 
 from typing import Any

@@ -17,6 +17,9 @@ from micro.ai import Message, Model, ToolResultBlock, ToolSpec, ToolUseBlock, fr
 
 LABEL = "scripted demo model (set ANTHROPIC_API_KEY to use Claude)"
 USERS = ("alice", "bob")
+PHRASES = ("overdue", "reschedule", "notify", "delete task tN", "tasks", "projects", "milestones", "email")
+"""What the demo model understands: a message with one of these (tN: a task id such as t7), for alice or bob.
+Anything else gets its list of tools. The README and the app's docstring (printed by micro run) list them."""
 
 
 def model_for_example() -> Model:
