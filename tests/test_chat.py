@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 import os
 import signal
 import subprocess
@@ -328,8 +329,11 @@ def test_interactive_chat_in_a_real_terminal(example: subprocess.Popen[str]) -> 
     env = {**os.environ, "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
     child = pexpect.spawn(MICRO[0], [*MICRO[1:], "chat", "--agent", "task-mgr"], cwd=str(ROOT), env=env,
                           encoding="utf-8", timeout=30, dimensions=(40, 200))
+    child.logfile_read = seen = io.StringIO()
     try:
         child.expect("Ctrl-D exits")
+        child.expect(">")
+        child.sendline("   ")  # a blank line sends nothing: no turn, no error, the prompt again
         child.expect(">")
         child.sendline("What tasks are overdue for Bob?")
         child.expect(r"\[task-mgr\] Checking overdue tasks\.\.\.")
@@ -342,6 +346,8 @@ def test_interactive_chat_in_a_real_terminal(example: subprocess.Popen[str]) -> 
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
+    assert "error" not in seen.getvalue() and "Traceback" not in seen.getvalue()
+    assert seen.getvalue().count("Checking overdue tasks") == 1  # one turn: the blank line was none
     history = Path(os.environ["MICRO_HOME"]) / "chat_history"
     assert "What tasks are overdue for Bob?" in history.read_text()
 
