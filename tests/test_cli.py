@@ -251,6 +251,13 @@ def test_sigint_deregisters(tasks_app: Running) -> None:
     assert json.loads(res.stdout) == []
 
 
+def test_reload_refuses_a_metrics_address(tmp_path: Path) -> None:
+    res = micro("run", "--reload", "--metrics-address", "127.0.0.1:0", "examples/tasks")
+    assert res.returncode == 2
+    assert res.stderr.startswith("error: --metrics-address does not go with --reload: the old and the new version "
+                                 "would both bind it")
+
+
 def test_run_refuses_a_path_without_services(tmp_path: Path) -> None:
     (tmp_path / "app.py").write_text("x = 1\n")
     res = micro("run", str(tmp_path))

@@ -181,6 +181,20 @@ def test_the_watch_ignores_virtualenvs_caches_and_the_store(tmp_path: Path, monk
         assert not keep(Change.modified, str(root / ignored)), ignored
 
 
+def test_a_file_that_came_and_went_within_a_batch_is_no_change(tmp_path: Path) -> None:
+    from watchfiles import Change
+
+    from micro.cli.reload import changed
+
+    root = tmp_path.resolve()
+    sed_tmp, app = str(root / "sedQDt4AY"), str(root / "app.py")
+    assert changed({(Change.added, sed_tmp), (Change.modified, sed_tmp), (Change.deleted, sed_tmp),
+                    (Change.modified, app)}, root) == ["app.py"]
+    assert changed({(Change.added, sed_tmp), (Change.deleted, sed_tmp)}, root) == []  # nothing to reload
+    assert changed({(Change.deleted, app), (Change.added, str(root / "pkg" / "new.py"))}, root) == \
+        ["app.py", "pkg/new.py"]
+
+
 def _run(*args: str, cwd: Path) -> tuple[subprocess.Popen[str], list[str]]:
     proc = subprocess.Popen([*MICRO, "run", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=cwd)
@@ -212,6 +226,9 @@ def test_a_second_run_of_the_same_app_warns_unless_it_is_a_replica(tmp_path: Pat
         third, banner = _run("app.py", "--replica", cwd=tmp_path)
         procs.append(third)
         assert not any("warning" in line for line in banner), banner
+        reloading, banner = _run("--reload", "app.py", cwd=tmp_path)  # its first version warns too
+        procs.append(reloading)
+        assert any("warning: already served by a running process: reloaded (" in line for line in banner), banner
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGINT)

@@ -35,6 +35,7 @@ from typing import Any
 
 import anyio
 import msgspec
+from rich.markup import escape
 
 from micro.cli.main import cli_runtime, err, out
 
@@ -83,12 +84,16 @@ def _read_line(fd: int) -> bytes:
         return pipe.readline()
 
 
-async def start(path: Path, args: list[str]) -> Child | None:
-    """Start the app in a child; the child once it serves, or None when it exited first (its error printed)."""
+async def start(path: Path, args: list[str], *, replica: bool = True) -> Child | None:
+    """Start the app in a child; the child once it serves, or None when it exited first (its error printed).
+
+    A new version runs beside the old one on purpose (``--replica``); the first one warns, as ``micro run``
+    does, when another process already serves the app, unless ``replica``.
+    """
     r, w = os.pipe()
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "micro.cli", "run", str(path), "--replica", *args,
+            sys.executable, "-m", "micro.cli", "run", str(path), *(["--replica"] if replica else []), *args,
             env={**os.environ, READY_FD: str(w)}, pass_fds=(w,),
         )
     finally:
@@ -133,8 +138,23 @@ def _watched(path: Path) -> tuple[Path, Any]:
     return root, watchfiles.DefaultFilter(ignore_paths=[str(Path(default_home()).resolve())])
 
 
-async def serve_reloading(path: Path, args: list[str], *, grace: float = 15.0) -> None:
-    """Run the app at ``path`` in a child, and swap in a new child on every change (what ``--reload`` does)."""
+def changed(changes: set[tuple[Any, str]], root: Path) -> list[str]:
+    """The files under ``root`` a batch of watch events changed, leaving out any that came and went within
+    it (an editor's or sed's temporary file): nothing left means nothing to reload."""
+    from watchfiles import Change
+
+    kinds: dict[str, set[Any]] = {}
+    for change, p in changes:
+        kinds.setdefault(str(PurePath(p).relative_to(root)), set()).add(change)
+    transient = {Change.added, Change.deleted}
+    return sorted(name for name, seen in kinds.items() if not transient <= seen)
+
+
+async def serve_reloading(path: Path, args: list[str], *, grace: float = 15.0, replica: bool = False) -> None:
+    """Run the app at ``path`` in a child, and swap in a new child on every change (what ``--reload`` does).
+
+    Unless ``replica``, the first version warns when another process already serves the app.
+    """
     try:
         import watchfiles
     except ImportError:
@@ -153,16 +173,18 @@ async def serve_reloading(path: Path, args: list[str], *, grace: float = 15.0) -
                              "local://, the default, or nats://…): memory:// is one process's own")
         await tg.start(stop_on_signals, tg.cancel_scope)
         try:
-            current = await start(path, args)
+            current = await start(path, args, replica=replica)
             if current is not None:
                 await registered(rt, current.ready.nodes)
             else:
                 err.print("[yellow]micro run --reload:[/yellow] the app did not start; waiting for a change")
-            out.print(f"[dim]reloading on changes under {root}[/dim]")
+            out.print(f"[dim]reloading on changes under {escape(str(root))}[/dim]")
             sys.stdout.flush()
             async for changes in watchfiles.awatch(root, watch_filter=watch_filter, debounce=DEBOUNCE_MS):
-                names = sorted({str(PurePath(p).relative_to(root)) for _, p in changes})
-                out.print(f"[dim]changed: {', '.join(names)}; starting the new version[/dim]")
+                names = changed(changes, root)
+                if not names:
+                    continue
+                out.print(f"[dim]changed: {escape(', '.join(names))}; starting the new version[/dim]")
                 new = await start(path, args)
                 if new is None:
                     kept = f" (pid {current.proc.pid})" if current is not None else ""

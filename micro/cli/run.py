@@ -205,7 +205,7 @@ async def run(path: Path | None, prompt: str | None, provider: str | None, out_d
         from micro.cli.reload import serve_reloading
 
         passed = ["--log-level", log_level, "--log-format", log_format, *(["--traceback"] if full_traceback else [])]
-        await serve_reloading(path, passed)
+        await serve_reloading(path, passed, replica=replica)
         return
     if metrics_address is not None:
         _enable_metrics()  # before the app is imported: its services and runtimes set up their hooks when made
