@@ -281,6 +281,11 @@ def test_agent_runs_show_history_and_inspect(example: subprocess.Popen[str]) -> 
                                   "(`micro agent list` lists them)")
     res = micro_cli("agent", "history", "comms")
     assert res.returncode == 1 and res.stderr.strip().endswith("; did you mean comms-mgr?")
+    for command in (("cancel", "tsk-mgr", "some-run"), ("resume", "tsk-mgr", "--interrupted")):
+        res = micro_cli("agent", *command)
+        assert res.returncode == 1 and res.stderr.strip() == (
+            "error: no agent 'tsk-mgr' is registered (agents: comms-mgr, project-mgr, task-mgr); did you mean "
+            "task-mgr?"), res.stderr
     res = micro_cli("agent", "show", "task-mgr", "no-such-run")
     assert res.returncode == 1 and "has no run 'no-such-run'" in res.stderr
     everything = micro_cli("agent", "history", "task-mgr", "--session", "cli-test", "--all", "--json")

@@ -273,6 +273,10 @@ def test_describe_an_unknown_service_suggests_one(tasks_app: Running) -> None:
     assert res.returncode == 1
     assert res.stderr.startswith("error: no service 'taks' is registered (services: close-task, comms-mgr, email")
     assert res.stderr.endswith("; did you mean task?\n")
+    res = micro("bench", "taks", "Task.List", '{"user_id": "bob"}')
+    assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith("error: no service 'taks' is registered (services: ")
+    assert res.stderr.endswith("; did you mean task?\n")
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -64,6 +64,13 @@ def test_run_wait_resume_and_show_a_stepped_flow(example: subprocess.Popen[str])
     assert res.returncode == 1
     assert f"run {run_id} is completed, not waiting for input; nothing was changed" in res.stderr
 
+    # a flow that is not there: one line naming the flows, and the closest (also for a service)
+    for name in ("close-tsk", "task"):
+        res = micro_cli("flow", "run", name, "{}")
+        assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+        assert res.stderr.startswith("error: ") and "(flows: close-task, onboard-user)" in res.stderr
+    assert res.stderr.startswith("error: task is a service, not a flow")
+
     # a refusal fails the run naming the step and the lead's reason
     run2 = msgspec.json.decode(micro_cli("flow", "run", "close-task", '{"task_id": "t3", "reason": "x"}',
                                          "--json").stdout)

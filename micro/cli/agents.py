@@ -238,6 +238,8 @@ async def _agent_call(name: str, endpoint: str, request: dict[str, Any]) -> Any:
     async with cli_runtime() as rt:
         try:
             return await rt.client.call(name, f"Agent.{endpoint}", request, timeout=600)
+        except ServiceNotFound:
+            await missing(rt, name, "agent")
         except EndpointNotFound:
             fail(f"{name} is not an agent that keeps runs (`micro agent list` shows the agents)")
         except Error as exc:

@@ -26,8 +26,8 @@ from rich.live import Live
 from rich.table import Table
 
 from micro.cli.call import parse_request
-from micro.cli.main import cli_runtime, main, out, run_async
-from micro.errors import Error, UsageError
+from micro.cli.main import cli_runtime, main, missing, out, run_async
+from micro.errors import Error, ServiceNotFound, UsageError
 
 _BOUNDS_MS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 
@@ -139,7 +139,10 @@ async def run_bench(service: str, endpoint: str, requests: list[Any], *, concurr
     """Run the load and return the summary (what ``--json`` prints)."""
     stats = Stats()
     async with cli_runtime(transport=wire) as rt:
-        _, ep = await rt.client.resolve(service, endpoint)
+        try:
+            _, ep = await rt.client.resolve(service, endpoint)
+        except ServiceNotFound:
+            await missing(rt, service)
         if ep.streaming:
             raise UsageError(f"{service} {endpoint} streams its responses: micro bench calls unary endpoints")
         call = rt.client.call

@@ -196,6 +196,8 @@ async def run_now(name: str, data: str, as_json: bool) -> None:
     """Run flow NAME now on DATA (JSON; as if it were an event), without its trigger; show how it ended."""
     payload = _json_arg(data, "DATA")
     async with cli_runtime() as rt:
+        if not any(f.name == name for f in await _flows(rt)):
+            await missing(rt, name, "flow")
         rsp = await rt.client.call(name, "Flow.Run", {"data": payload})
     if as_json:
         out.print_json(msgspec.json.encode(rsp["run"]).decode())
