@@ -564,6 +564,30 @@ async def test_a_request_on_its_way_when_the_goaway_left_is_answered_not_cut_off
         await stopping  # the client closed: the stop does not wait out its 60 s
 
 
+async def test_a_connection_greeted_while_draining_gets_the_preface_then_the_goaway() -> None:
+    server = NativeServer(max_message_size=LIMIT)
+    await server.start("127.0.0.1")
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        with anyio.fail_after(10):
+            while not server.connections:  # accepted, not greeted yet
+                await anyio.wait_all_tasks_blocked()
+            stopping = asyncio.ensure_future(server.stop(grace=60))
+            while not server.closing:
+                await anyio.wait_all_tasks_blocked()
+            writer.write(f.preface())
+            assert await reader.readexactly(f.PREFACE_SIZE) == f.preface()  # not a GOAWAY read as a preface
+            frames = f.FrameReader(LIMIT)
+            got: list[f.Frame] = []
+            while not got:
+                got += frames.feed(await reader.read(65536))
+            assert [g[:2] for g in got] == [(f.GOAWAY, 0)]
+    finally:
+        writer.close()
+    with anyio.fail_after(10):
+        await stopping
+
+
 async def test_a_client_closes_its_connection_to_a_draining_node_once_its_calls_are_answered() -> None:
     server = NativeServer(max_message_size=LIMIT)
     await server.start("127.0.0.1")

@@ -233,6 +233,8 @@ class _Connection(asyncio.Protocol):
             return b""
         self.greeted = True
         self.send(f.preface())
+        if self.server.closing:  # greeted while draining: the GOAWAY it was not sent before the preface
+            self.goaway()
         return data[need:]
 
     def _request(self, rid: int, flags: int, aux: int, body: bytes, length: int) -> None:
@@ -397,7 +399,9 @@ class _Connection(asyncio.Protocol):
             t.close()
 
     def goaway(self) -> None:
-        self.send(f.frame(f.GOAWAY, 0))
+        """Tell the client this node is draining (after the preface: an ungreeted connection gets it then)."""
+        if self.greeted:
+            self.send(f.frame(f.GOAWAY, 0))
 
 
 class NativeServer:
