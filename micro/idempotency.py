@@ -18,7 +18,9 @@ runtime's store under ``idempotency/{service}/{endpoint}/{sha256(key)}`` for
 endpoint gets that response back without running the handler. Calls without a
 key run as usual. A handler that needs the key itself reads :func:`current_key`.
 
-What it does not do: errors are not remembered (a retry runs again); streaming
+Once the handler has answered, its answer is stored even if the caller has gone away meanwhile
+(shielded from the call's cancellation, for up to :data:`REMEMBER_TIMEOUT`): the retry of a
+crashed caller finds it. What it does not do: errors are not remembered (a retry runs again); streaming
 endpoints are passed through; concurrent calls with one key in one process wait
 for the first, but two processes racing with one key before the first answer is
 stored both run (the store has no compare-and-set). Flows deliver one event at a
@@ -33,6 +35,7 @@ import logging
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import msgspec
 
 from micro import context
@@ -44,9 +47,13 @@ if TYPE_CHECKING:
     from micro.service import Service
     from micro.store import Store
 
-__all__ = ["DEFAULT_TTL", "KEY", "PREFIX", "current_key", "derived_key", "enable", "store_key", "wrapper"]
+__all__ = ["DEFAULT_TTL", "KEY", "PREFIX", "REMEMBER_TIMEOUT", "current_key", "derived_key", "enable", "store_key",
+           "wrapper"]
 
 log = logging.getLogger("micro.idempotency")
+
+REMEMBER_TIMEOUT = 10.0
+"""Seconds storing an answer may take once its caller has gone (then it is given up, logged)."""
 
 KEY = "idempotency-key"
 """The call metadata key that carries the idempotency key."""
@@ -108,7 +115,13 @@ def wrapper(store: Store | Callable[[], Store], *, ttl: float | None = DEFAULT_T
                 else:
                     return msgspec.json.decode(record.value)  # converted to the response type by the endpoint
                 result = await next_(req)
-                await _remember(st, skey, result, ttl, req)
+                # the work is done: remember its answer even if the caller goes away now (a crashed agent's
+                # connection cancels the call), or its retry with this key would do the work again
+                with anyio.CancelScope(shield=True), anyio.move_on_after(REMEMBER_TIMEOUT) as scope:
+                    await _remember(st, skey, result, ttl, req)
+                if scope.cancelled_caught:
+                    log.warning("%s %s: the response of an idempotent call was not stored within %g s",
+                                req.service, req.endpoint, REMEMBER_TIMEOUT)
                 return result
             finally:
                 del inflight[skey]

@@ -333,6 +333,45 @@ async def test_idempotency_concurrent_duplicates_wait_for_the_first() -> None:
     assert results == [{"note": {"id": "1", "title": "a"}}] * 2
 
 
+async def test_idempotency_remembers_an_answer_whose_caller_left_while_it_was_being_stored() -> None:
+    """The handler ran (its side effect happened): the answer is stored even if the caller is cancelled
+    meanwhile (a crashed agent's connection), so the retry with the same key does not run it again."""
+    from micro.store import Record
+    from micro.store.memory import MemoryStore
+
+    class GatedStore(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.entered = anyio.Event()
+            self.gate = anyio.Event()
+
+        async def _put(self, record: Record, if_version: int | None) -> int:
+            if not self.gate.is_set():
+                self.entered.set()
+                await self.gate.wait()
+            return await super()._put(record, if_version)
+
+    store = GatedStore()
+    async with runtime(store=store):
+        svc, notes = notes_service()
+        idempotency.enable(svc)
+        async with svc:
+            md = {"idempotency-key": "k"}
+
+            async def first() -> None:
+                await call(svc, "Notes.Add", {"title": "a"}, metadata=md)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(first)
+                with anyio.fail_after(10):
+                    await store.entered.wait()  # the handler ran; its answer is being stored
+                tg.cancel_scope.cancel()  # the caller goes away
+                store.gate.set()
+            again = await call(svc, "Notes.Add", {"title": "a"}, metadata=md)
+    assert notes.runs == 1
+    assert again == {"note": {"id": "1", "title": "a"}}
+
+
 async def test_idempotency_current_key_in_a_handler() -> None:
     class Echo:
         async def Key(self, req: ListRequest) -> ListRequest:
