@@ -31,7 +31,7 @@ from micro._proto.micro.agent import (
     ToolCall,
 )
 from micro.ai import Message, Model, from_provider
-from micro.errors import BadRequest, Conflict, NotFound, Timeout, Unavailable, UsageError
+from micro.errors import BadRequest, Conflict, NotFound, Timeout, Unavailable, UsageError, VersionConflict
 from micro.resource import redact
 from micro.service import AgentServiceOptions, Service
 from micro.tasks import BackgroundTasks
@@ -50,7 +50,7 @@ from .engine import (
 )
 from .loop import Approve, Decision, Event, Limits, Run, system_prompt
 from .memory import Memory, StoreMemory, check_session
-from .record import STATUSES, AgentRun, AgentRuns, RunToolCall, new_run_id
+from .record import STATUSES, AgentRun, AgentRuns, RunToolCall, check_run_id, new_run_id
 from .tools import REQUEST_INPUT, RUN_ID, Tool, Toolset, function_tool, request_input_tool
 
 log = logging.getLogger("micro.agent")
@@ -293,19 +293,23 @@ class Agent(Service):
     # -- asking -------------------------------------------------------------------------------
 
     async def ask(self, message: str, *, session: str = "", parent_id: str = "",
-                  timeout: float | None = None) -> ChatResponse:
+                  timeout: float | None = None, run_id: str = "") -> ChatResponse:
         """Run the agent on one message and return its reply, tool calls and run id.
 
         When the run waits for a person, ``status`` is ``"paused"`` (tool calls that need approval)
         or ``"input_required"`` (the model asked a question) and ``pending`` lists them; continue
         it with :meth:`resume`. A session with a waiting run refuses new messages (``BadRequest``).
 
+        ``run_id`` names the new run (:func:`micro.agent.record.new_run_id`'s form; the A2A
+        gateway's task ids are run ids): its record is written at once, so the run is visible
+        as ``running`` from the start, and only if no run has that id (else ``Conflict``).
+
         Example::
 
             rsp = await agent.ask("What tasks are overdue for Alice?")
             print(rsp.reply, [c.name for c in rsp.tool_calls])
         """
-        return await self._ask(message, session, parent_id, timeout, None)
+        return await self._ask(message, session, parent_id, timeout, None, run_id)
 
     async def resume(self, run_id: str, *, approve: Approval = None, answer: Answer = None, reason: str = "",
                      partial: bool = False, timeout: float | None = None) -> ChatResponse:
@@ -377,7 +381,7 @@ class Agent(Service):
         return out
 
     async def stream(self, message: str, *, session: str = "", parent_id: str = "",
-                     timeout: float | None = None) -> AsyncIterator[ChatEvent]:
+                     timeout: float | None = None, run_id: str = "") -> AsyncIterator[ChatEvent]:
         """Like :meth:`ask`, yielding events as the run goes: ``text`` deltas from the model,
         ``tool_start`` / ``tool_end`` around each tool call, then ``done`` with the response
         (or ``error``, after which the error is raised).
@@ -388,7 +392,8 @@ class Agent(Service):
                 if ev.type == "text":
                     print(ev.text, end="")
         """
-        async for ev in self._streamed(lambda emit: self._ask(message, session, parent_id, timeout, emit)):
+        async for ev in self._streamed(lambda emit: self._ask(message, session, parent_id, timeout, emit,
+                                                                         run_id)):
             yield ev
 
     async def _streamed(self, start: Callable[[Any], Any]) -> AsyncIterator[ChatEvent]:
@@ -435,7 +440,7 @@ class Agent(Service):
         return self.runtime.task_group
 
     async def _ask(self, message: str, session: str, parent_id: str, timeout: float | None,
-                   emit: Any) -> ChatResponse:
+                   emit: Any, run_id: str = "") -> ChatResponse:
         if not message.strip():
             raise BadRequest(f"{self.name} Agent.Chat: message is empty")
         try:
@@ -443,15 +448,25 @@ class Agent(Service):
         except UnicodeEncodeError:
             raise BadRequest(f"{self.name} Agent.Chat: message is not valid Unicode text (a lone surrogate?)") from None
         check_session(session)  # BadRequest for a malformed session id, before any work
+        if run_id:
+            check_run_id(self.name, run_id)
         await self.engine.check_session(session)
-        run_id = new_run_id()
+        chosen = bool(run_id)
+        run_id = run_id or new_run_id()
         # the base of the run's tool calls' idempotency keys: the caller's key, or the run's own
         key = idempotency.current_key() or f"{self.name}/{run_id}"
         record = AgentRun(run_id, self.name, message, parent_id, session, status="running", model=self.model.model,
                           started=time.time(), messages=[Message.user(message)], key=key, owner=self.id)
         # first written at the first step boundary (the model's first turn asking for tools), or at the end:
         # a run that dies before made no call, so there is nothing to recover (its caller saw the error)
-        checkpoint = Checkpoint(self.runs, record, 0)
+        version = 0
+        if chosen:  # the caller will look the run up by its id at once (an A2A task): write it now
+            try:
+                version = await self.runs.save(record, 0)
+            except VersionConflict:
+                raise Conflict(f"agent {self.name}: a run {run_id} exists already; a new run needs a new id "
+                               "(or none: the agent picks one)") from None
+        checkpoint = Checkpoint(self.runs, record, version)
         return await self._execute(checkpoint, emit, timeout, {})
 
     async def _resume(self, run_id: str, approve: Approval, answer: Answer, reason: str, partial: bool,
@@ -626,11 +641,12 @@ class _AgentHandler:
 
     async def Chat(self, req: ChatRequest) -> ChatResponse:
         """Send a message to the agent; it answers using its services' endpoints as tools."""
-        return await self._agent.ask(req.message, session=req.session, parent_id=req.parent_id)
+        return await self._agent.ask(req.message, session=req.session, parent_id=req.parent_id, run_id=req.run_id)
 
     async def StreamChat(self, req: ChatRequest) -> AsyncIterator[ChatEvent]:
         """Like Chat, streaming text deltas and tool call events while the agent works."""
-        async for ev in self._agent.stream(req.message, session=req.session, parent_id=req.parent_id):
+        async for ev in self._agent.stream(req.message, session=req.session, parent_id=req.parent_id,
+                                           run_id=req.run_id):
             yield ev
 
     async def Resume(self, req: ResumeRequest) -> ChatResponse:

@@ -1,0 +1,359 @@
+"""The A2A gateway (issue 18), driven by the official `a2a-sdk` client against the example system.
+
+One example system per module (examples/tasks on memory backends, its agents on the
+key-free scripted demo model) runs in a thread of its own (an anyio blocking portal),
+with the gateway served by uvicorn on a free loopback port. The tests speak HTTP to it
+through the SDK's client, as any A2A client would, and ask the portal to restart the
+gateway or start a second one. Waiting is on events, never sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import httpx
+import pytest
+import uvicorn
+from a2a.client import A2ACardResolver, Client, ClientConfig, ClientFactory
+from a2a.types import a2a_pb2 as pb
+from a2a.utils.errors import InvalidParamsError, TaskNotCancelableError, UnsupportedOperationError
+
+import micro
+from micro.cli.run import load_app, runnables
+from micro.gateway.a2a import app
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tasks"
+TOKEN = "a2a-test-token"
+GUARD = 30.0  # seconds: a deadlock guard, never a timing assertion
+
+
+class Gateway:
+    """One gateway (uvicorn + the A2A app) in the system's loop."""
+
+    def __init__(self, runtime: micro.Runtime, token: str | None = None, max_body: int = 1 << 20) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app(runtime, token=token, max_body=max_body),
+                                                    log_level="warning", lifespan="on"))
+        self.stopped = anyio.Event()
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        started = anyio.Event()
+        server = self.server
+        original = server.startup
+
+        async def startup(sockets: Any = None) -> None:
+            await original(sockets=sockets)
+            started.set()
+
+        server.startup = startup  # type: ignore[method-assign]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._run)
+            await started.wait()
+            task_status.started()
+
+    async def _run(self) -> None:
+        try:
+            await self.server.serve(sockets=[self.sock])
+        finally:
+            self.sock.close()
+            self.stopped.set()
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        await self.stopped.wait()
+
+
+class System:
+    def __init__(self, module: ModuleType, tg: anyio.abc.TaskGroup) -> None:
+        self.module = module
+        self.tg = tg
+        self.runtime: micro.Runtime = module.task_mgr.runtime
+        self.gateway: Gateway | None = None
+
+    async def start_gateway(self, runtime: micro.Runtime | None = None, **options: Any) -> Gateway:
+        gw = Gateway(runtime or self.runtime, **options)
+        await self.tg.start(gw.serve)
+        return gw
+
+
+@contextlib.asynccontextmanager
+async def _system() -> AsyncIterator[System]:
+    saved = {v: os.environ.get(v) for v in ("MICRO_REGISTRY", "MICRO_STORE", "MICRO_BROKER", "ANTHROPIC_API_KEY")}
+    for var in ("MICRO_REGISTRY", "MICRO_STORE", "MICRO_BROKER"):
+        os.environ[var] = "memory://"
+    os.environ.pop("ANTHROPIC_API_KEY", None)  # the labelled demo model, not Claude
+    before, path = set(sys.modules), list(sys.path)
+    try:
+        module = load_app(EXAMPLE)
+        async with contextlib.AsyncExitStack() as stack, anyio.create_task_group() as tg:
+            for item in runnables(module):
+                await stack.enter_async_context(item)
+            system = System(module, tg)
+            system.gateway = await system.start_gateway()
+            yield system
+            await system.gateway.stop()
+            tg.cancel_scope.cancel()
+    finally:
+        sys.path[:] = path
+        for name in set(sys.modules) - before:
+            del sys.modules[name]
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+
+
+@pytest.fixture(scope="module")
+def portal() -> Iterator[anyio.from_thread.BlockingPortal]:
+    with anyio.from_thread.start_blocking_portal() as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def system(portal: anyio.from_thread.BlockingPortal) -> Iterator[System]:
+    with portal.wrap_async_context_manager(_system()) as s:
+        yield s
+
+
+@pytest.fixture
+def url(system: System) -> str:
+    assert system.gateway is not None
+    return system.gateway.url
+
+
+@contextlib.asynccontextmanager
+async def a2a_client(agent_url: str, *, streaming: bool = False, token: str | None = None) -> AsyncIterator[Client]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient(headers=headers, timeout=GUARD) as http:
+        client = await ClientFactory(ClientConfig(streaming=streaming, httpx_client=http)).create_from_url(agent_url)
+        yield client
+
+
+def message(text: str = "", *, task_id: str = "", context_id: str = "", parts: list[pb.Part] | None = None
+            ) -> pb.SendMessageRequest:
+    return pb.SendMessageRequest(message=pb.Message(
+        role=pb.ROLE_USER, message_id=uuid.uuid4().hex, task_id=task_id, context_id=context_id,
+        parts=parts if parts is not None else [pb.Part(text=text)]))
+
+
+async def send(client: Client, request: pb.SendMessageRequest) -> list[pb.StreamResponse]:
+    with anyio.fail_after(GUARD):
+        return [ev async for ev in client.send_message(request)]
+
+
+def reply_of(task: pb.Task) -> str:
+    (artifact,) = task.artifacts
+    return "".join(p.text for p in artifact.parts)
+
+
+def status_text(status: pb.TaskStatus) -> str:
+    return "\n".join(p.text for p in status.message.parts if p.text)
+
+
+OVERDUE = ["Alice has 3 overdue tasks:", "1. Write quarterly report (due June 1)", "2. Review PR #42 (due June 2)",
+           "3. Update deployment docs (due June 3)"]
+
+
+# -- cards ----------------------------------------------------------------------------------------
+
+
+async def test_every_agent_of_the_registry_has_a_card(url: str) -> None:
+    async with httpx.AsyncClient() as http:
+        cards = (await http.get(f"{url}/agents")).json()
+        assert [c["name"] for c in cards] == ["comms-mgr", "project-mgr", "task-mgr"]
+        card = (await http.get(f"{url}/agents/task-mgr/.well-known/agent-card.json")).json()
+    assert card == next(c for c in cards if c["name"] == "task-mgr")
+    assert card["description"].startswith("You manage tasks and projects.")
+    assert card["capabilities"]["streaming"] is True
+    (interface,) = card["supportedInterfaces"]
+    assert interface == {"url": f"{url}/agents/task-mgr", "protocolBinding": "JSONRPC", "protocolVersion": "1.0"}
+    skills = {s["id"] for s in card["skills"]}
+    assert {"task.Task.ListOverdue", "task.Task.Delete", "project.Project.List"} <= skills
+    assert not any(s.startswith("milestone.") for s in skills)  # task-mgr does not manage milestones
+    assert "securitySchemes" not in card  # no token: nothing to declare
+
+
+async def test_the_sdk_resolves_a_card_and_an_unknown_agent_is_a_clear_404(url: str) -> None:
+    async with httpx.AsyncClient() as http:
+        card = await A2ACardResolver(http, f"{url}/agents/project-mgr").get_agent_card()
+        assert card.name == "project-mgr" and card.capabilities.streaming
+        assert card.supported_interfaces[0].url == f"{url}/agents/project-mgr"
+        rsp = await http.get(f"{url}/agents/nobody/.well-known/agent-card.json")
+        assert rsp.status_code == 404
+        assert "no agent 'nobody'" in rsp.json()["error"]["message"]
+        assert "task-mgr" in rsp.json()["error"]["message"]
+        rpc = await http.post(f"{url}/agents/nobody", json={"jsonrpc": "2.0", "id": 1, "method": "GetTask",
+                                                              "params": {"id": "x"}})
+        assert rpc.status_code == 404
+
+
+# -- send, get, list, stream ---------------------------------------------------------------------
+
+
+async def test_send_message_is_a_run_and_get_task_reads_its_record(url: str, system: System,
+                                                                   portal: anyio.from_thread.BlockingPortal) -> None:
+    async with a2a_client(f"{url}/agents/task-mgr") as client:
+        (ev,) = await send(client, message("What tasks are overdue for Alice?", context_id="ctx-send"))
+        task = ev.task
+        assert task.status.state == pb.TASK_STATE_COMPLETED
+        assert reply_of(task).splitlines() == OVERDUE
+        assert task.context_id == "ctx-send"
+        fetched = await client.get_task(pb.GetTaskRequest(id=task.id))
+    assert fetched == task
+    # the task is the agent's run: same id, the context is its session, visible as `micro agent runs` shows it
+    run = portal.call(system.module.task_mgr.runs.get, task.id)
+    assert run is not None and run.status == "completed" and run.session == "ctx-send"
+    assert [c.name for c in run.tool_calls] == ["task_Task_ListOverdue"]
+    assert fetched.history[0].parts[0].text == "What tasks are overdue for Alice?"
+
+
+async def test_streaming_sends_the_task_then_tool_activity_and_reply_chunks(url: str) -> None:
+    async with a2a_client(f"{url}/agents/task-mgr", streaming=True) as client:
+        events = await send(client, message("What tasks are overdue for Alice?"))
+        first = events[0]
+        assert first.HasField("task") and first.task.status.state == pb.TASK_STATE_WORKING
+        tool_lines = [status_text(e.status_update.status) for e in events if e.HasField("status_update")
+                      and e.status_update.status.state == pb.TASK_STATE_WORKING]
+        assert tool_lines[0] == '→ task_Task_ListOverdue({"user_id": "alice"})'
+        assert tool_lines[1].startswith("← task_Task_ListOverdue: ")
+        chunks = [e.artifact_update for e in events if e.HasField("artifact_update")]
+        assert len(chunks) > 3 and all(c.artifact.artifact_id == "reply" for c in chunks)
+        assert chunks[-1].last_chunk and not chunks[-1].append  # the whole reply, last
+        assert "".join(p.text for p in chunks[-1].artifact.parts).splitlines() == OVERDUE
+        assert not any(c.last_chunk for c in chunks[:-1])
+        last = events[-1].status_update
+        assert last.status.state == pb.TASK_STATE_COMPLETED
+        task = await client.get_task(pb.GetTaskRequest(id=first.task.id))
+    assert task.status.state == pb.TASK_STATE_COMPLETED and reply_of(task).splitlines() == OVERDUE
+
+
+async def test_list_tasks_by_context_and_state(url: str) -> None:
+    context = uuid.uuid4().hex
+    async with a2a_client(f"{url}/agents/project-mgr") as client:
+        ids = []
+        for text in ("What projects are there?", "What milestones are there?"):
+            (ev,) = await send(client, message(text, context_id=context))
+            ids.append(ev.task.id)
+        page = await client.list_tasks(pb.ListTasksRequest(context_id=context))
+        assert [t.id for t in page.tasks] == ids[::-1]  # newest first
+        assert all(t.context_id == context for t in page.tasks)
+        one = await client.list_tasks(pb.ListTasksRequest(context_id=context, page_size=1))
+        assert [t.id for t in one.tasks] == [ids[1]] and one.next_page_token
+        two = await client.list_tasks(pb.ListTasksRequest(context_id=context, page_size=1,
+                                                          page_token=one.next_page_token))
+        assert [t.id for t in two.tasks] == [ids[0]]
+        waiting = await client.list_tasks(pb.ListTasksRequest(context_id=context,
+                                                              status=pb.TASK_STATE_INPUT_REQUIRED))
+        assert list(waiting.tasks) == []
+
+
+# -- input required: an approval answered over A2A ------------------------------------------------
+
+
+async def _delete_request(client: Client, task_id: str, context: str) -> pb.Task:
+    (ev,) = await send(client, message(f"Delete task {task_id}", context_id=context))
+    assert ev.task.status.state == pb.TASK_STATE_INPUT_REQUIRED
+    return ev.task
+
+
+async def test_an_approval_is_an_input_required_task_answered_by_a_message(url: str) -> None:
+    context = uuid.uuid4().hex
+    async with a2a_client(f"{url}/agents/task-mgr") as client:
+        task = await _delete_request(client, "t7", context)
+        text = status_text(task.status)
+        assert text.startswith('Approve task_Task_Delete({"id": "t7"})?')
+        assert 'Reply "approve"' in text
+        (data,) = [p.data for p in task.status.message.parts if p.HasField("data")]
+        (pending,) = data.struct_value.fields["pending"].list_value.values
+        assert pending.struct_value.fields["tool"].string_value == "task_Task_Delete"
+        # a message that decides nothing is refused, and the task still waits
+        with pytest.raises(InvalidParamsError, match="reply \"approve\" or \"deny: <reason>\""):
+            await send(client, message("maybe later", task_id=task.id))
+        assert (await client.get_task(pb.GetTaskRequest(id=task.id))).status.state == pb.TASK_STATE_INPUT_REQUIRED
+        # a new message in the same context is refused while the run waits
+        with pytest.raises(InvalidParamsError, match="waiting for approval of task_Task_Delete"):
+            await send(client, message("What tasks are overdue for Alice?", context_id=context))
+        (ev,) = await send(client, message("approve", task_id=task.id))
+    assert ev.task.id == task.id and ev.task.status.state == pb.TASK_STATE_COMPLETED
+    assert reply_of(ev.task) == "Deleted: Write release notes (due February 1)"
+
+
+async def test_a_denial_reaches_the_model_and_streams(url: str) -> None:
+    async with a2a_client(f"{url}/agents/task-mgr", streaming=True) as client:
+        events = await send(client, message("Delete task t5", context_id=uuid.uuid4().hex))
+        waiting = events[-1].status_update
+        assert waiting.status.state == pb.TASK_STATE_INPUT_REQUIRED
+        events = await send(client, message("deny: keep it for the audit", task_id=waiting.task_id))
+    assert events[0].task.id == waiting.task_id
+    ended = [e.status_update for e in events if e.HasField("status_update")]
+    refused = [status_text(s.status) for s in ended if status_text(s.status).startswith("✗ task_Task_Delete")]
+    assert refused and "keep it for the audit" in refused[0]
+    assert ended[-1].status.state == pb.TASK_STATE_COMPLETED
+
+
+async def test_cancel_ends_a_waiting_task_and_its_run(url: str, system: System,
+                                                      portal: anyio.from_thread.BlockingPortal) -> None:
+    async with a2a_client(f"{url}/agents/task-mgr") as client:
+        task = await _delete_request(client, "t6", uuid.uuid4().hex)
+        cancelled = await client.cancel_task(pb.CancelTaskRequest(id=task.id))
+        assert cancelled.status.state == pb.TASK_STATE_CANCELED
+        assert (await client.get_task(pb.GetTaskRequest(id=task.id))).status.state == pb.TASK_STATE_CANCELED
+        with pytest.raises(TaskNotCancelableError, match="it has ended"):
+            await client.cancel_task(pb.CancelTaskRequest(id=task.id))
+        with pytest.raises(UnsupportedOperationError, match="only a task that needs input takes a message"):
+            await send(client, message("approve", task_id=task.id))
+    run = portal.call(system.module.task_mgr.runs.get, task.id)
+    assert run is not None and run.status == "cancelled"
+    assert portal.call(system.module.task_mgr.runs.get, task.id) == run
+
+
+async def test_the_gateway_restarted_mid_task_still_answers_it(system: System,
+                                                               portal: anyio.from_thread.BlockingPortal) -> None:
+    first = portal.call(system.start_gateway)
+    async with a2a_client(f"{first.url}/agents/task-mgr") as client:
+        task = await _delete_request(client, "t4", uuid.uuid4().hex)
+    portal.call(first.stop)
+    second = portal.call(system.start_gateway)  # a new gateway: nothing of the first one's memory
+    try:
+        async with a2a_client(f"{second.url}/agents/task-mgr") as client:
+            assert (await client.get_task(pb.GetTaskRequest(id=task.id))).status.state == pb.TASK_STATE_INPUT_REQUIRED
+            (ev,) = await send(client, message("approve", task_id=task.id))
+    finally:
+        portal.call(second.stop)
+    assert ev.task.status.state == pb.TASK_STATE_COMPLETED
+    assert reply_of(ev.task).startswith("Deleted: ")
+
+
+async def test_a_second_gateway_replica_serves_the_same_task(system: System, url: str,
+                                                             portal: anyio.from_thread.BlockingPortal) -> None:
+    async def replica() -> tuple[micro.Runtime, Gateway]:
+        # its own runtime (registry view, client): it reaches the agents over the network, as a replica would
+        rt = micro.Runtime(registry=system.runtime.registry, store="memory://", broker="memory://")
+        await rt.acquire()
+        return rt, await system.start_gateway(rt)
+
+    rt, other = portal.call(replica)
+    try:
+        async with a2a_client(f"{url}/agents/task-mgr") as a, a2a_client(f"{other.url}/agents/task-mgr") as b:
+            task = await _delete_request(a, "t3", uuid.uuid4().hex)
+            assert await b.get_task(pb.GetTaskRequest(id=task.id)) == await a.get_task(pb.GetTaskRequest(id=task.id))
+            (ev,) = await send(b, message("approve", task_id=task.id))
+            assert ev.task.status.state == pb.TASK_STATE_COMPLETED
+            assert (await a.get_task(pb.GetTaskRequest(id=task.id))).status.state == pb.TASK_STATE_COMPLETED
+    finally:
+        portal.call(other.stop)
+        portal.call(rt.release)
