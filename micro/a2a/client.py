@@ -78,9 +78,18 @@ def _translated(url: str) -> Iterator[None]:
         raise
     except AgentCardResolutionError as exc:
         status = getattr(exc, "status_code", None)
+        card_url = f"{url}/.well-known/agent-card.json"
+        if isinstance(exc.__cause__, httpx.TimeoutException):
+            raise Timeout(f"{where}: its card at {card_url} did not come in time") from None
+        if isinstance(exc.__cause__, httpx.RequestError):
+            raise Unavailable(f"{where} cannot be reached ({exc.__cause__ or type(exc.__cause__).__name__}); "
+                              "is the URL right and the agent up?") from None
         if status == 401:
-            raise Unauthenticated(f"{where}: its card needs a token: {exc}") from None
-        raise BadRequest(f"{where} serves no A2A agent card at {url}/.well-known/agent-card.json: {exc}") from None
+            raise Unauthenticated(f"{where}: its card needs a token (--token-env)") from None
+        if status is not None:
+            raise BadRequest(f"{where}: no A2A agent card at {card_url} (HTTP {status}); is the URL the agent's?"
+                             ) from None
+        raise BadRequest(f"{where}: {card_url} is not an A2A agent card: {exc}") from None
     except a2a_errors.TaskNotFoundError as exc:
         raise NotFound(f"{where}: {exc.message}") from None
     except (a2a_errors.InvalidParamsError, a2a_errors.InvalidRequestError, a2a_errors.ContentTypeNotSupportedError,

@@ -36,7 +36,7 @@ from micro.resource import redact
 from micro.service import AgentServiceOptions, Service
 from micro.tasks import BackgroundTasks
 
-from .delegation import DEFAULT_MAX_DEPTH, delegate_tool
+from .delegation import DEFAULT_MAX_DEPTH, delegate_tool, describe_remote, is_remote
 from .engine import (
     DEFAULT_PAUSE_TTL,
     Answer,
@@ -91,7 +91,8 @@ class Agent(Service):
             ``StoreMemory(window=history_limit)``: the runtime's store, compacted past 400
             messages (see :mod:`micro.agent.memory`).
         agents: other agents this one may ask through its built-in ``delegate(agent, message)``
-            tool (see :mod:`micro.agent.delegation`); ``max_delegation_depth`` bounds the chain.
+            tool (see :mod:`micro.agent.delegation`): registry names, or ``http(s)://`` URLs of
+            remote A2A agents; ``max_delegation_depth`` bounds the chain.
         forward: metadata keys of the incoming call passed on to tool calls and delegations,
             e.g. ``["authorization"]``; nothing else of the caller's metadata is forwarded.
         **service_options: what :class:`micro.Service` takes (``runtime=``, ``address=``, …).
@@ -166,6 +167,7 @@ class Agent(Service):
         self._runs: AgentRuns | None = None
         self._engine: RunEngine | None = None
         self._background: BackgroundTasks | None = None
+        self._max_depth = max_delegation_depth
         if self.agents:
             self.functions["delegate"] = delegate_tool(
                 lambda: self.client, name, self.agents, max_depth=max_delegation_depth, forward=self.forward)
@@ -255,6 +257,12 @@ class Agent(Service):
         """Start serving (see :meth:`Service.start`); with ``resume_interrupted=True``, then continue the
         runs a crash left unfinished, in the background; with metrics on, report its waiting runs."""
         await super().start()
+        urls = [a for a in self.agents if is_remote(a)]
+        if urls:  # the remote agents' cards tell the model what each does
+            described = await describe_remote(urls)
+            self.functions["delegate"] = delegate_tool(
+                lambda: self.client, self.name, self.agents, max_depth=self._max_depth, forward=self.forward,
+                remote=described)
         if self.recover or metrics.enabled():
             self._background = BackgroundTasks(f"agent {self.name}", log)
             await self._background.start()

@@ -1,0 +1,197 @@
+"""A micro agent delegating to a remote A2A agent (issue 18): an `agents=[…]` entry that is a URL.
+
+The remote agent is a plain `a2a-sdk` server written here (not micro): the SDK's
+DefaultRequestHandler over its in-memory task store, an AgentExecutor that answers
+billing questions, streams its answer in two chunks, asks which order to refund
+(input-required), or fails. It runs in a thread of its own for the whole module; the
+micro agent runs on memory backends with a scripted model in each test's loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import pytest
+import uvicorn
+from a2a.helpers.proto_helpers import new_task_from_user_message
+from a2a.server.agent_execution import AgentExecutor, RequestContext
+from a2a.server.events import EventQueue
+from a2a.server.request_handlers import DefaultRequestHandler
+from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
+from a2a.server.tasks import InMemoryTaskStore, TaskUpdater
+from a2a.types import a2a_pb2 as pb
+from starlette.applications import Starlette
+
+import micro
+from micro.ai import Message, ToolResultBlock, ToolSpec, scripted
+
+GUARD = 30.0  # a deadlock guard, never a timing assertion
+
+
+class Billing(AgentExecutor):
+    """The remote agent: plain a2a-sdk, nothing of micro."""
+
+    def __init__(self) -> None:
+        self.headers: list[dict[str, str]] = []
+
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        self.headers.append(dict(context.call_context.state.get("headers", {})))
+        assert context.message is not None and context.task_id and context.context_id
+        text = context.get_user_input()
+        task = context.current_task
+        if task is None:
+            await event_queue.enqueue_event(new_task_from_user_message(context.message))
+        updater = TaskUpdater(event_queue, context.task_id, context.context_id)
+        if task is not None and task.status.state == pb.TASK_STATE_INPUT_REQUIRED:  # the answer to our question
+            await updater.add_artifact([pb.Part(text=f"Refunded {text.strip()}.")], artifact_id="answer")
+            await updater.complete()
+        elif "invoice" in text:
+            await updater.add_artifact([pb.Part(text="Invoice 42 ")], artifact_id="answer", last_chunk=False)
+            await updater.add_artifact([pb.Part(text="is paid.")], artifact_id="answer", append=True, last_chunk=True)
+            await updater.complete()
+        elif "refund" in text:
+            await updater.requires_input(updater.new_agent_message([pb.Part(text="Which order should I refund?")]))
+        else:
+            await updater.failed(updater.new_agent_message([pb.Part(text="the ledger is down")]))
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        raise NotImplementedError
+
+
+class Remote:
+    def __init__(self, url: str, executor: Billing) -> None:
+        self.url = url
+        self.executor = executor
+
+
+@contextlib.asynccontextmanager
+async def _remote() -> AsyncIterator[Remote]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    card = pb.AgentCard(
+        name="billing", description="Answers questions about invoices and refunds.", version="1.0",
+        supported_interfaces=[pb.AgentInterface(url=url, protocol_binding="JSONRPC", protocol_version="1.0")],
+        capabilities=pb.AgentCapabilities(streaming=True), default_input_modes=["text/plain"],
+        default_output_modes=["text/plain"],
+        skills=[pb.AgentSkill(id="invoices", name="invoices", description="invoice status", tags=["billing"])])
+    executor = Billing()
+    handler = DefaultRequestHandler(executor, InMemoryTaskStore(), card)
+    app = Starlette(routes=[*create_agent_card_routes(card), *create_jsonrpc_routes(handler, "/")])
+    started = anyio.Event()
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            started.set()
+
+    server = Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: server.serve(sockets=[sock]))
+        await started.wait()
+        yield Remote(url, executor)
+        server.should_exit = True
+
+
+@pytest.fixture(scope="module")
+def remote() -> Iterator[Remote]:
+    with anyio.from_thread.start_blocking_portal() as portal, portal.wrap_async_context_manager(_remote()) as r:
+        yield r
+
+
+def planner_brain(url: str) -> Any:
+    """Delegate the user's request to the remote agent, then answer with what came back."""
+
+    def brain(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | str:
+        last = messages[-1]
+        results = [b for b in last.content if isinstance(b, ToolResultBlock)]
+        if results:
+            (res,) = results
+            return f"{'FAILED: ' if res.is_error else ''}{res.content}"
+        return scripted.turn("Asking billing...", scripted.call("delegate", agent=url, message=last.text))
+
+    return brain
+
+
+@pytest.fixture
+async def planner(remote: Remote) -> AsyncIterator[micro.Agent]:
+    async with micro.Runtime(registry="memory://", store="memory://", broker="memory://") as rt:
+        agent = micro.Agent("planner", agents=["comms-mgr", remote.url],
+                            provider=scripted.function(planner_brain(remote.url)), forward=["authorization"],
+                            runtime=rt)
+        async with agent:
+            yield agent
+
+
+async def test_the_remote_agents_card_describes_it_to_the_model(planner: micro.Agent, remote: Remote) -> None:
+    tool = (await planner.toolset.tools())["delegate"]
+    assert tool.input_schema["properties"]["agent"]["enum"] == sorted(["comms-mgr", remote.url])
+    assert f"{remote.url} (billing: Answers questions about invoices and refunds.)" in tool.description
+    assert "Agents you can ask: comms-mgr." in tool.description
+
+
+async def test_a_remote_agents_streamed_answer_is_the_tool_result(planner: micro.Agent, remote: Remote) -> None:
+    # the caller's token (which this agent forwards to its own tools) must not reach a remote agent
+    tokens = micro.context.enter(None, {"authorization": "Bearer caller-secret"})
+    try:
+        with anyio.fail_after(GUARD):
+            rsp = await planner.ask("Is invoice 42 paid?")
+    finally:
+        micro.context.leave(tokens)
+    (call,) = rsp.tool_calls
+    assert call.name == "delegate" and not call.is_error
+    result = json.loads(call.result)
+    assert result["agent"] == remote.url and result["reply"] == "Invoice 42 is paid."
+    assert json.loads(rsp.reply)["reply"] == "Invoice 42 is paid."
+    # A2A carries the message only: no token, no run id, nothing of the caller's
+    seen = remote.executor.headers[-1]
+    assert "authorization" not in {k.lower() for k in seen}
+    assert seen.get("a2a-version") == "1.0"
+
+
+async def test_a_remote_question_becomes_this_runs_question_and_the_answer_goes_back(planner: micro.Agent,
+                                                                                   remote: Remote) -> None:
+    with anyio.fail_after(GUARD):
+        rsp = await planner.ask("I want a refund")
+    assert rsp.status == "input_required"
+    (pending,) = rsp.pending
+    assert pending.kind == "question" and pending.tool == "delegate"
+    assert pending.question == f"{remote.url} asks: Which order should I refund?"
+    with anyio.fail_after(GUARD):
+        done = await planner.resume(rsp.run_id, answer="order 7")
+    assert done.status == "completed"
+    (call,) = done.tool_calls
+    assert json.loads(call.result)["reply"] == "Refunded order 7."
+    run = await planner.runs.get(rsp.run_id)
+    assert run is not None and run.status == "completed" and run.resumes == 1
+
+
+async def test_a_remote_failure_is_a_tool_error_the_model_reads(planner: micro.Agent, remote: Remote) -> None:
+    with anyio.fail_after(GUARD):
+        rsp = await planner.ask("Close the books")
+    (call,) = rsp.tool_calls
+    assert call.is_error
+    assert f"remote agent {remote.url} ended task" in call.result and "as failed: the ledger is down" in call.result
+    assert rsp.reply.startswith("FAILED: ")
+
+
+async def test_an_unreachable_remote_agent_is_a_tool_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once closed
+    async with micro.Runtime(registry="memory://", store="memory://", broker="memory://") as rt:
+        agent = micro.Agent("planner", agents=[url], provider=scripted.function(planner_brain(url)), runtime=rt)
+        async with agent:
+            tool = (await agent.toolset.tools())["delegate"]
+            assert url in tool.description  # the card could not be read: the URL alone
+            with anyio.fail_after(GUARD):
+                rsp = await agent.ask("Is invoice 42 paid?")
+    (call,) = rsp.tool_calls
+    assert call.is_error and call.result.startswith("Unavailable: ") and "cannot be reached" in call.result
