@@ -10,8 +10,10 @@ gateway or start a second one. Waiting is on events, never sleeps.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
+import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -22,6 +24,7 @@ from typing import Any
 import anyio
 import anyio.from_thread
 import httpx
+import msgspec
 import pytest
 import uvicorn
 from a2a.client import A2ACardResolver, Client, ClientConfig, ClientFactory
@@ -29,6 +32,8 @@ from a2a.types import a2a_pb2 as pb
 from a2a.utils.errors import InvalidParamsError, TaskNotCancelableError, UnsupportedOperationError
 
 import micro
+import micro.a2a
+from micro.ai import Message, ToolResultBlock, ToolSpec, scripted
 from micro.cli.run import load_app, runnables
 from micro.gateway.a2a import app
 
@@ -76,12 +81,52 @@ class Gateway:
         await self.stopped.wait()
 
 
+class WaitReq(msgspec.Struct):
+    key: str
+
+
+class WaitRsp(msgspec.Struct):
+    opened: str
+
+
+class Gate:
+    """A service whose Wait returns when the test opens the gate: a run that is working until then."""
+
+    def __init__(self) -> None:
+        self.events: dict[str, anyio.Event] = {}
+        self.entered: dict[str, anyio.Event] = {}
+
+    def _event(self, table: dict[str, anyio.Event], key: str) -> anyio.Event:
+        return table.setdefault(key, anyio.Event())
+
+    async def Wait(self, req: WaitReq) -> WaitRsp:
+        """Wait until the gate named key opens."""
+        self._event(self.entered, req.key).set()
+        await self._event(self.events, req.key).wait()
+        return WaitRsp(f"gate {req.key} opened")
+
+    async def entered_gate(self, key: str) -> None:
+        await self._event(self.entered, key).wait()
+
+    def open(self, key: str) -> None:
+        self._event(self.events, key).set()
+
+
+def _waiter_brain(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | str:
+    last = messages[-1]
+    results = [b for b in last.content if isinstance(b, ToolResultBlock)]
+    if results:
+        return json.loads(results[0].content)["opened"]
+    return scripted.turn("Waiting at the gate...", scripted.call("gate_Gate_Wait", key=last.text.split()[-1]))
+
+
 class System:
     def __init__(self, module: ModuleType, tg: anyio.abc.TaskGroup) -> None:
         self.module = module
         self.tg = tg
         self.runtime: micro.Runtime = module.task_mgr.runtime
         self.gateway: Gateway | None = None
+        self.gate = Gate()
 
     async def start_gateway(self, runtime: micro.Runtime | None = None, **options: Any) -> Gateway:
         gw = Gateway(runtime or self.runtime, **options)
@@ -102,6 +147,12 @@ async def _system() -> AsyncIterator[System]:
             for item in runnables(module):
                 await stack.enter_async_context(item)
             system = System(module, tg)
+            gate = micro.Service("gate", runtime=system.runtime)
+            gate.handle(system.gate)
+            waiter = micro.Agent("waiter", services=["gate"], prompt="You wait at gates.",
+                                 provider=scripted.function(_waiter_brain), runtime=system.runtime)
+            await stack.enter_async_context(gate)
+            await stack.enter_async_context(waiter)
             system.gateway = await system.start_gateway()
             yield system
             await system.gateway.stop()
@@ -174,7 +225,7 @@ OVERDUE = ["Alice has 3 overdue tasks:", "1. Write quarterly report (due June 1)
 async def test_every_agent_of_the_registry_has_a_card(url: str) -> None:
     async with httpx.AsyncClient() as http:
         cards = (await http.get(f"{url}/agents")).json()
-        assert [c["name"] for c in cards] == ["comms-mgr", "project-mgr", "task-mgr"]
+        assert [c["name"] for c in cards] == ["comms-mgr", "project-mgr", "task-mgr", "waiter"]
         card = (await http.get(f"{url}/agents/task-mgr/.well-known/agent-card.json")).json()
     assert card == next(c for c in cards if c["name"] == "task-mgr")
     assert card["description"].startswith("You manage tasks and projects.")
@@ -349,7 +400,7 @@ async def test_a_second_gateway_replica_serves_the_same_task(system: System, url
     rt, other = portal.call(replica)
     try:
         async with a2a_client(f"{url}/agents/task-mgr") as a, a2a_client(f"{other.url}/agents/task-mgr") as b:
-            task = await _delete_request(a, "t3", uuid.uuid4().hex)
+            task = await _delete_request(a, "t6", uuid.uuid4().hex)
             assert await b.get_task(pb.GetTaskRequest(id=task.id)) == await a.get_task(pb.GetTaskRequest(id=task.id))
             (ev,) = await send(b, message("approve", task_id=task.id))
             assert ev.task.status.state == pb.TASK_STATE_COMPLETED
@@ -357,3 +408,165 @@ async def test_a_second_gateway_replica_serves_the_same_task(system: System, url
     finally:
         portal.call(other.stop)
         portal.call(rt.release)
+
+
+# -- a task that is still working: resubscribe after the client drops, cancel -----------------------
+
+
+async def _until_tool_started(client: Client, key: str, system: System,
+                              portal: anyio.from_thread.BlockingPortal) -> str:
+    """Stream `wait at KEY` until the run is inside the gate's Wait; the task id (the stream is dropped)."""
+    task_id = ""
+    with anyio.fail_after(GUARD):
+        async for ev in client.send_message(message(f"wait at {key}")):
+            if ev.HasField("task"):
+                task_id = ev.task.id
+            if ev.HasField("status_update") and status_text(ev.status_update.status).startswith("→ gate_Gate_Wait"):
+                break  # the client drops the stream here
+    portal.call(system.gate.entered_gate, key)
+    return task_id
+
+
+async def test_resubscribe_after_the_client_dropped_follows_the_task_to_its_end(
+        url: str, system: System, portal: anyio.from_thread.BlockingPortal) -> None:
+    async with a2a_client(f"{url}/agents/waiter", streaming=True) as client:
+        task_id = await _until_tool_started(client, "g1", system, portal)
+        assert (await client.get_task(pb.GetTaskRequest(id=task_id))).status.state == pb.TASK_STATE_WORKING
+        events = []
+        with anyio.fail_after(GUARD):
+            async for ev in client.subscribe(pb.SubscribeToTaskRequest(id=task_id)):
+                events.append(ev)
+                if len(events) == 1:
+                    assert ev.task.id == task_id and ev.task.status.state == pb.TASK_STATE_WORKING
+                    portal.call(system.gate.open, "g1")  # only now does the run go on
+        assert status_text(events[1].status_update.status).startswith("← gate_Gate_Wait")
+        assert events[-1].status_update.status.state == pb.TASK_STATE_COMPLETED
+        final = [e.artifact_update for e in events if e.HasField("artifact_update") and e.artifact_update.last_chunk]
+        assert final[0].artifact.parts[0].text == "gate g1 opened"
+        # an ended task has nothing more to stream
+        with pytest.raises(UnsupportedOperationError, match="nothing more to stream"):
+            async for _ in client.subscribe(pb.SubscribeToTaskRequest(id=task_id)):
+                pass
+
+
+async def test_cancel_stops_a_working_task(url: str, system: System,
+                                           portal: anyio.from_thread.BlockingPortal) -> None:
+    async with a2a_client(f"{url}/agents/waiter", streaming=True) as client:
+        task_id = await _until_tool_started(client, "g2", system, portal)
+        with anyio.fail_after(GUARD):
+            cancelled = await client.cancel_task(pb.CancelTaskRequest(id=task_id))
+        assert cancelled.status.state == pb.TASK_STATE_CANCELED
+        assert (await client.get_task(pb.GetTaskRequest(id=task_id))).status.state == pb.TASK_STATE_CANCELED
+    run = portal.call(system.module.task_mgr.runtime.client.call, "waiter", "AgentInfo.Run", {"id": task_id})
+    assert run["run"]["status"] == "cancelled"
+
+
+# -- bad input: protocol errors, never a 500 -------------------------------------------------------
+
+
+def rpc(method: str, params: Any, request_id: Any = 1) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+
+
+V1 = {"A2A-Version": "1.0"}
+
+
+async def test_bad_input_gets_the_protocols_errors(url: str) -> None:
+    endpoint = f"{url}/agents/task-mgr"
+    text_message = {"message": {"role": "ROLE_USER", "messageId": "m1", "parts": [{"text": "hi"}]}}
+
+    async def error_of(body: Any, **kwargs: Any) -> dict[str, Any]:
+        rsp = await http.post(endpoint, headers=V1, **({"json": body} if "content" not in kwargs else {}), **kwargs)
+        assert rsp.status_code in (200, 413), rsp.text
+        error: dict[str, Any] = rsp.json()["error"]
+        return error
+
+    async with httpx.AsyncClient(timeout=GUARD) as http:
+        assert (await error_of(None, content=b"{not json"))["code"] == -32700
+        assert (await error_of({"id": 1, "method": "GetTask"}))["code"] == -32600  # no "jsonrpc": "2.0"
+        assert (await error_of(rpc("tasks/explode", {})))["code"] == -32601
+        unknown = await error_of(rpc("GetTask", {"id": "18ee0000000000000000000000000000"}))
+        assert unknown["code"] == -32001 and "has no run '18ee0000000000000000000000000000'" in unknown["message"]
+        assert (await error_of(rpc("GetTask", {"id": "../etc"})))["code"] == -32602
+        file_part = {"message": {"role": "ROLE_USER", "messageId": "m2",
+                                 "parts": [{"url": "https://example.com/x.png", "mediaType": "image/png"}]}}
+        refused = await error_of(rpc("SendMessage", file_part))
+        assert refused["code"] == -32005 and "part 0 is a file (image/png)" in refused["message"]
+        empty = {"message": {"role": "ROLE_USER", "messageId": "m3", "parts": [{"text": "  "}]}}
+        assert "has no text" in (await error_of(rpc("SendMessage", empty)))["message"]
+        not_push = await error_of(rpc("CreateTaskPushNotificationConfig", {"taskId": "t", "url": "http://127.0.0.1/"}))
+        assert not_push["code"] == -32003
+        huge = {"message": {"role": "ROLE_USER", "messageId": "m4", "parts": [{"text": "x" * (2 << 20)}]}}
+        too_big = await http.post(endpoint, headers=V1, json=rpc("SendMessage", huge))
+        assert too_big.status_code == 413
+        assert "over this gateway's 1048576-byte limit" in too_big.json()["error"]["message"]
+        # a JSON data part maps to text: the agent gets it as JSON
+        data = {"message": {"role": "ROLE_USER", "messageId": "m5", "contextId": uuid.uuid4().hex,
+                            "parts": [{"data": {"question": "What tasks are overdue for Alice?"}}]}}
+        ok = (await http.post(endpoint, headers=V1, json=rpc("SendMessage", data))).json()
+        assert ok["result"]["task"]["status"]["state"] == "TASK_STATE_COMPLETED"
+        assert (await http.post(endpoint, headers=V1, json=rpc("SendMessage", text_message))).status_code == 200
+
+
+# -- security: the card declares the token; browsers and rebinding are refused ------------------------
+
+
+async def test_a_token_is_required_and_declared_in_the_cards(system: System,
+                                                             portal: anyio.from_thread.BlockingPortal) -> None:
+    gw = portal.call(lambda: system.start_gateway(token=TOKEN))
+    try:
+        async with httpx.AsyncClient(timeout=GUARD) as http:
+            card = (await http.get(f"{gw.url}/agents/task-mgr/.well-known/agent-card.json")).json()  # public
+            assert card["securitySchemes"] == {"bearer": {"httpAuthSecurityScheme": {
+                "scheme": "Bearer", "description": "the gateway's token (micro a2a --token-env)"}}}
+            assert card["securityRequirements"] == [{"schemes": {"bearer": {}}}]
+            refused = await http.post(f"{gw.url}/agents/task-mgr", headers=V1, json=rpc("GetTask", {"id": "x"}))
+            assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+            wrong = await http.post(f"{gw.url}/agents/task-mgr", json=rpc("GetTask", {"id": "x"}),
+                                    headers={**V1, "Authorization": "Bearer nope"})
+            assert wrong.status_code == 401
+            foreign = await http.get(f"{gw.url}/agents", headers={"Origin": "https://evil.example"})
+            assert foreign.status_code == 403 and "cross-origin request" in foreign.json()["error"]["message"]
+        async with a2a_client(f"{gw.url}/agents/task-mgr", token=TOKEN) as client:
+            (ev,) = await send(client, message("What tasks are overdue for Alice?"))
+            assert reply_of(ev.task).splitlines() == OVERDUE
+    finally:
+        portal.call(gw.stop)
+
+
+# -- micro's own client and CLI --------------------------------------------------------------------
+
+
+async def test_micro_a2a_client_sends_streams_gets_and_translates_errors(url: str) -> None:
+    async with micro.a2a.Client(f"{url}/agents/task-mgr") as agent:
+        assert agent.card.name == "task-mgr"
+        task = await agent.send("What tasks are overdue for Alice?")
+        assert isinstance(task, pb.Task) and micro.a2a.Client.text(task).splitlines() == OVERDUE
+        assert (await agent.get(task.id)).status.state == pb.TASK_STATE_COMPLETED
+        assert task.id in [t.id for t in await agent.list(context_id=task.context_id)]
+        events = [ev async for ev in agent.stream("What tasks are overdue for Bob?")]
+        assert events[-1].status_update.status.state == pb.TASK_STATE_COMPLETED
+        with pytest.raises(micro.errors.NotFound, match="has no run"):
+            await agent.get("18ee0000000000000000000000000000")
+        with pytest.raises(micro.errors.Conflict, match="it has ended"):
+            await agent.cancel(task.id)
+    with pytest.raises(micro.errors.BadRequest, match="no A2A agent card"):
+        await micro.a2a.Client(f"{url}/agents/nobody").open()
+    with pytest.raises(micro.errors.BadRequest, match="is not an A2A agent's URL"):
+        micro.a2a.Client("ftp://example.com")
+
+
+def test_micro_a2a_card_and_send_from_the_command_line(url: str) -> None:
+    micro_cmd = [sys.executable, "-m", "micro.cli"]
+    card = subprocess.run([*micro_cmd, "a2a", "card", f"{url}/agents/task-mgr"], capture_output=True, text=True,
+                          timeout=GUARD, check=True).stdout
+    assert card.splitlines()[0].startswith("task-mgr ")
+    assert "  skill task.Task.ListOverdue: List the open tasks of a user" in card
+    sent = subprocess.run([*micro_cmd, "a2a", "send", f"{url}/agents/task-mgr", "What tasks are overdue for Alice?"],
+                          capture_output=True, text=True, timeout=GUARD, check=True)
+    assert sent.stdout.splitlines() == OVERDUE
+    assert "(completed), context " in sent.stderr
+    bad = subprocess.run([*micro_cmd, "a2a", "send", "not-a-url", "hi"], capture_output=True, text=True,
+                         timeout=GUARD)
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == "error: BadRequest: 'not-a-url' is not an A2A agent's URL: expected http(s)://host[:port]/path"
