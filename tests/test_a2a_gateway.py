@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -30,6 +32,8 @@ import uvicorn
 from a2a.client import A2ACardResolver, Client, ClientConfig, ClientFactory
 from a2a.types import a2a_pb2 as pb
 from a2a.utils.errors import InvalidParamsError, TaskNotCancelableError, UnsupportedOperationError
+from test_readme import README
+from test_readme import _matches as readme_matches
 
 import micro
 import micro.a2a
@@ -39,6 +43,7 @@ from micro.gateway.a2a import app
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tasks"
 TOKEN = "a2a-test-token"
+_TASK_ID = re.compile(r"\b[0-9a-f]{32}\b")
 GUARD = 30.0  # seconds: a deadlock guard, never a timing assertion
 
 
@@ -556,17 +561,40 @@ async def test_micro_a2a_client_sends_streams_gets_and_translates_errors(url: st
         micro.a2a.Client("ftp://example.com")
 
 
-def test_micro_a2a_card_and_send_from_the_command_line(url: str) -> None:
-    micro_cmd = [sys.executable, "-m", "micro.cli"]
-    card = subprocess.run([*micro_cmd, "a2a", "card", f"{url}/agents/task-mgr"], capture_output=True, text=True,
-                          timeout=GUARD, check=True).stdout
-    assert card.splitlines()[0].startswith("task-mgr ")
-    assert "  skill task.Task.ListOverdue: List the open tasks of a user" in card
-    sent = subprocess.run([*micro_cmd, "a2a", "send", f"{url}/agents/task-mgr", "What tasks are overdue for Alice?"],
-                          capture_output=True, text=True, timeout=GUARD, check=True)
-    assert sent.stdout.splitlines() == OVERDUE
-    assert "(completed), context " in sent.stderr
-    bad = subprocess.run([*micro_cmd, "a2a", "send", "not-a-url", "hi"], capture_output=True, text=True,
-                         timeout=GUARD)
+def _readme_a2a() -> list[tuple[str, list[str]]]:
+    """The `micro a2a card|send` commands of README's A2A transcript, each with the lines printed under it."""
+    section = README.split("## A2A\n", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```console\n(.*?)```", section, re.S)
+    assert block is not None
+    out: list[tuple[str, list[str]]] = []
+    for line in block.group(1).splitlines():
+        if line.startswith("$ "):
+            out.append((line[2:], []))
+        elif out:
+            out[-1][1].append(line)
+    return [(c, lines) for c, lines in out if c.startswith(("micro a2a card", "micro a2a send"))]
+
+
+def test_the_readme_a2a_transcript_is_what_the_commands_print(url: str) -> None:
+    commands = _readme_a2a()
+    assert [c.split()[2] for c, _ in commands] == ["card", "send", "send", "send"]
+    last_task = ""
+    for command, expected in commands:
+        args = [a.replace("http://127.0.0.1:4000", url) for a in shlex.split(command)]
+        if last_task:  # the task id the command before printed
+            args = [_TASK_ID.sub(last_task, a) for a in args]
+        res = subprocess.run([sys.executable, "-m", "micro.cli", *args[1:]], capture_output=True, text=True,
+                             timeout=GUARD, env={**os.environ, "COLUMNS": "200"})
+        assert res.returncode == 0, res.stderr
+        printed = res.stdout + res.stderr
+        expected = [line.replace("http://127.0.0.1:4000", url) for line in expected]
+        assert readme_matches(expected, printed), f"$ {command}\n{printed}"
+        last_task = next(iter(_TASK_ID.findall(res.stderr)), last_task)
+
+
+def test_micro_a2a_refuses_a_bad_url_in_one_line() -> None:
+    bad = subprocess.run([sys.executable, "-m", "micro.cli", "a2a", "send", "not-a-url", "hi"], capture_output=True,
+                         text=True, timeout=GUARD)
     assert bad.returncode == 1
-    assert bad.stderr.strip() == "error: BadRequest: 'not-a-url' is not an A2A agent's URL: expected http(s)://host[:port]/path"
+    assert bad.stderr.strip() == ("error: BadRequest: 'not-a-url' is not an A2A agent's URL: expected "
+                                  "http(s)://host[:port]/path")
