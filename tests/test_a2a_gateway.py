@@ -52,6 +52,7 @@ class Gateway:
 
     def __init__(self, runtime: micro.Runtime, token: str | None = None, max_body: int = 1 << 20) -> None:
         self.sock = socket.socket()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as micro a2a's socket (Nagle)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen()
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"

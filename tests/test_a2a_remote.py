@@ -73,6 +73,7 @@ class Remote:
 @contextlib.asynccontextmanager
 async def _remote() -> AsyncIterator[Remote]:
     sock = socket.socket()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -184,8 +185,12 @@ async def test_a_remote_failure_is_a_tool_error_the_model_reads(planner: micro.A
 
 async def test_an_unreachable_remote_agent_is_a_tool_error() -> None:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once closed
+        s.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused, and nobody else gets the port
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        await _ask_unreachable(url)
+
+
+async def _ask_unreachable(url: str) -> None:
     async with micro.Runtime(registry="memory://", store="memory://", broker="memory://") as rt:
         agent = micro.Agent("planner", agents=[url], provider=scripted.function(planner_brain(url)), runtime=rt)
         async with agent:
@@ -194,4 +199,4 @@ async def test_an_unreachable_remote_agent_is_a_tool_error() -> None:
             with anyio.fail_after(GUARD):
                 rsp = await agent.ask("Is invoice 42 paid?")
     (call,) = rsp.tool_calls
-    assert call.is_error and call.result.startswith("Unavailable: ") and "cannot be reached" in call.result
+    assert call.is_error and call.result.startswith("Unavailable: ") and "cannot be reached" in call.result, call
