@@ -25,6 +25,7 @@ from typing import Any
 
 import anyio
 import anyio.from_thread
+import anyio.to_thread
 import httpx
 import msgspec
 import pytest
@@ -32,6 +33,7 @@ import uvicorn
 from a2a.client import A2ACardResolver, Client, ClientConfig, ClientFactory
 from a2a.types import a2a_pb2 as pb
 from a2a.utils.errors import InvalidParamsError, TaskNotCancelableError, UnsupportedOperationError
+from test_gateway_http import Program
 from test_readme import README
 from test_readme import _matches as readme_matches
 
@@ -147,8 +149,13 @@ async def _system() -> AsyncIterator[System]:
         os.environ[var] = "memory://"
     os.environ.pop("ANTHROPIC_API_KEY", None)  # the labelled demo model, not Claude
     before, path = set(sys.modules), list(sys.path)
+    loaded: set[str] = set()
     try:
         module = load_app(EXAMPLE)
+        # the app's own modules (app, services, demo_model), and no others: a library imported meanwhile
+        # must stay, or its classes would exist twice (an `except httpx.HTTPError` missing a new ConnectError)
+        loaded = {n for n in set(sys.modules) - before
+                  if str(getattr(sys.modules[n], "__file__", "") or "").startswith(str(EXAMPLE))}
         async with contextlib.AsyncExitStack() as stack, anyio.create_task_group() as tg:
             for item in runnables(module):
                 await stack.enter_async_context(item)
@@ -165,8 +172,8 @@ async def _system() -> AsyncIterator[System]:
             tg.cancel_scope.cancel()
     finally:
         sys.path[:] = path
-        for name in set(sys.modules) - before:
-            del sys.modules[name]
+        for name in loaded:
+            sys.modules.pop(name, None)
         for var, value in saved.items():
             if value is None:
                 os.environ.pop(var, None)
@@ -599,3 +606,29 @@ def test_micro_a2a_refuses_a_bad_url_in_one_line() -> None:
     assert bad.returncode == 1
     assert bad.stderr.strip() == ("error: BadRequest: 'not-a-url' is not an A2A agent's URL: expected "
                                   "http(s)://host[:port]/path")
+
+
+async def test_micro_a2a_serves_the_agents_of_the_machine_registry_as_a_program() -> None:
+    """`micro a2a` as a user runs it: it finds an agent of another process through the machine-local
+    registry (this test's MICRO_HOME) and drives its runs over the network."""
+    async with micro.Runtime(registry="local://", store="memory://", broker="memory://") as rt:
+        helper = micro.Agent("helper", prompt="You say hello.", runtime=rt,
+                             provider=scripted.function(lambda messages, tools: f"hello, {messages[-1].text}"))
+        async with helper:
+            program = Program("a2a", "--address", "127.0.0.1:0")
+            try:
+                banner = await anyio.to_thread.run_sync(program.wait_for, "micro a2a on")
+                base = banner.split(" on ", 1)[1].split(":", 2)
+                url = f"{base[0]}:{base[1]}:{base[2].split(':')[0]}"
+                async with httpx.AsyncClient(timeout=GUARD) as http:
+                    cards = (await http.get(f"{url}/agents")).json()
+                assert [c["name"] for c in cards] == ["helper"]
+                assert cards[0]["description"] == "You say hello."
+                async with micro.a2a.Client(f"{url}/agents/helper") as agent:
+                    task = await agent.send("Ada")
+                assert micro.a2a.Client.text(task) == "hello, Ada"
+                run = await helper.runs.get(task.id)  # the task is the agent's run, in the agent's store
+                assert run is not None and run.status == "completed"
+            finally:
+                rest = await anyio.to_thread.run_sync(program.stop)
+    assert rest.rstrip().endswith("stopped")

@@ -17,7 +17,8 @@ unreachable, timeouts, anything else   ``Unavailable`` / ``Timeout`` / ``Interna
 =====================================  ==========================================
 
 Nothing of the caller's is sent but the message and, when given, ``token`` (as
-``Authorization: Bearer``) and ``headers``.
+``Authorization: Bearer``) and ``headers``. It depends on nothing of micro but its errors, so
+agents (:mod:`micro.agent.delegation`) use it from below the gateways.
 
 Example::
 
@@ -29,16 +30,12 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import httpx
-from a2a.client import A2ACardResolver, A2AClientError, AgentCardResolutionError, ClientConfig, ClientFactory
-from a2a.client import Client as SDKClient
-from a2a.client.errors import A2AClientTimeoutError
-from a2a.types import a2a_pb2 as pb
-from a2a.utils import errors as a2a_errors
 
 from micro.errors import (
     BadRequest,
@@ -51,6 +48,16 @@ from micro.errors import (
     Unauthenticated,
     Unavailable,
 )
+
+try:
+    from a2a.client import A2ACardResolver, A2AClientError, AgentCardResolutionError, ClientConfig, ClientFactory
+    from a2a.client import Client as SDKClient
+    from a2a.client.errors import A2AClientTimeoutError
+    from a2a.types import a2a_pb2 as pb
+    from a2a.utils import errors as a2a_errors
+    from google.protobuf import json_format
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError("the A2A client needs the a2a-sdk: pip install 'micro[a2a]'", name=exc.name) from exc
 
 __all__ = ["Client", "card", "text_of"]
 
@@ -208,11 +215,11 @@ class Client:
     @staticmethod
     def message(text: str, *, context_id: str = "", task_id: str = "", data: Any = None) -> pb.SendMessageRequest:
         """The request that sends ``text`` (and ``data`` as a JSON data part) on a context or task."""
-        from micro.a2a.tasks import data_part, text_part
-
-        parts = [text_part(text)] if text else []
+        parts = [pb.Part(text=text)] if text else []
         if data is not None:
-            parts.append(data_part(data))
+            part = pb.Part(media_type="application/json")
+            json_format.Parse(json.dumps(data), part.data)
+            parts.append(part)
         return pb.SendMessageRequest(message=pb.Message(role=pb.ROLE_USER, message_id=uuid.uuid4().hex,
                                                         context_id=context_id, task_id=task_id, parts=parts))
 

@@ -26,12 +26,16 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from a2a.types import a2a_pb2 as pb
 from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from micro.agent.record import AgentRun, PendingCall
 from micro.registry import ServiceRecord
+
+try:
+    from a2a.types import a2a_pb2 as pb
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError("A2A needs the a2a-sdk: pip install 'micro[a2a]'", name=exc.name) from exc
 
 REPLY_ARTIFACT = "reply"
 """The id of the artifact that holds an agent's reply (streamed in chunks, whole in the task)."""
