@@ -27,8 +27,12 @@ from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
 from a2a.server.tasks import InMemoryTaskStore, TaskUpdater
 from a2a.types import a2a_pb2 as pb
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 import micro
+import micro.a2a
 from micro.ai import Message, ToolResultBlock, ToolSpec, scripted
 
 GUARD = 30.0  # a deadlock guard, never a timing assertion
@@ -85,7 +89,11 @@ async def _remote() -> AsyncIterator[Remote]:
         skills=[pb.AgentSkill(id="invoices", name="invoices", description="invoice status", tags=["billing"])])
     executor = Billing()
     handler = DefaultRequestHandler(executor, InMemoryTaskStore(), card)
-    app = Starlette(routes=[*create_agent_card_routes(card), *create_jsonrpc_routes(handler, "/")])
+    async def not_a_card(request: Request) -> JSONResponse:
+        return JSONResponse({"hello": "world"})
+
+    app = Starlette(routes=[*create_agent_card_routes(card), *create_jsonrpc_routes(handler, "/"),
+                            Route("/other/.well-known/agent-card.json", not_a_card)])
     started = anyio.Event()
 
     class Server(uvicorn.Server):
@@ -200,3 +208,13 @@ async def _ask_unreachable(url: str) -> None:
                 rsp = await agent.ask("Is invoice 42 paid?")
     (call,) = rsp.tool_calls
     assert call.is_error and call.result.startswith("Unavailable: ") and "cannot be reached" in call.result, call
+
+
+async def test_a_url_that_serves_no_card_is_a_clear_bad_request(remote: Remote) -> None:
+    with pytest.raises(micro.errors.BadRequest, match=r"agent-card\.json is not an A2A agent card: it has no name"):
+        await micro.a2a.Client(f"{remote.url}/other").open()
+    with pytest.raises(micro.errors.BadRequest, match=r"no A2A agent card at .*/nothing/.well-known/agent-card.json "
+                                                      r"\(HTTP 404\)"):
+        await micro.a2a.client.card(f"{remote.url}/nothing")
+    found = await micro.a2a.client.card(remote.url)
+    assert found.name == "billing" and found.capabilities.streaming

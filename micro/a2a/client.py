@@ -133,7 +133,16 @@ async def card(url: str, *, token: str | None = None, timeout: float = 30.0) -> 
     url = _check_url(url)
     async with httpx.AsyncClient(headers=_headers(token, None), timeout=timeout) as http:
         with _translated(url):
-            return await A2ACardResolver(http, url).get_agent_card()
+            return _checked_card(url, await A2ACardResolver(http, url).get_agent_card())
+
+
+def _checked_card(url: str, found: pb.AgentCard) -> pb.AgentCard:
+    """``found`` if it is a card an agent could have (a name and an interface), else ``BadRequest``."""
+    if not found.name or not found.supported_interfaces:
+        missing = "name" if not found.name else "interface (supportedInterfaces)"
+        raise BadRequest(f"A2A agent {url}: {url}/.well-known/agent-card.json is not an A2A agent card: it has "
+                         f"no {missing}")
+    return found
 
 
 def _check_url(url: str) -> str:
@@ -185,9 +194,14 @@ class Client:
         http = httpx.AsyncClient(headers=self._headers, timeout=self._timeout)
         try:
             with _translated(self.url):
-                found = await A2ACardResolver(http, self.url).get_agent_card()
-                self._unary = ClientFactory(ClientConfig(streaming=False, httpx_client=http)).create(found)
-                self._streaming = ClientFactory(ClientConfig(streaming=True, httpx_client=http)).create(found)
+                found = _checked_card(self.url, await A2ACardResolver(http, self.url).get_agent_card())
+                try:
+                    self._unary = ClientFactory(ClientConfig(streaming=False, httpx_client=http)).create(found)
+                    self._streaming = ClientFactory(ClientConfig(streaming=True, httpx_client=http)).create(found)
+                except ValueError as exc:  # the SDK's "no compatible transports found"
+                    bindings = ", ".join(i.protocol_binding for i in found.supported_interfaces)
+                    raise BadRequest(f"A2A agent {self.url} offers {bindings}; this client speaks JSONRPC ({exc})"
+                                     ) from None
         except BaseException:
             await http.aclose()
             raise
