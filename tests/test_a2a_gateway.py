@@ -32,7 +32,12 @@ import pytest
 import uvicorn
 from a2a.client import A2ACardResolver, Client, ClientConfig, ClientFactory
 from a2a.types import a2a_pb2 as pb
-from a2a.utils.errors import InvalidParamsError, TaskNotCancelableError, UnsupportedOperationError
+from a2a.utils.errors import (
+    InvalidParamsError,
+    TaskNotCancelableError,
+    TaskNotFoundError,
+    UnsupportedOperationError,
+)
 from test_gateway_http import Program
 from test_readme import README
 from test_readme import _matches as readme_matches
@@ -200,10 +205,12 @@ def url(system: System) -> str:
 
 
 @contextlib.asynccontextmanager
-async def a2a_client(agent_url: str, *, streaming: bool = False, token: str | None = None) -> AsyncIterator[Client]:
+async def a2a_client(agent_url: str, *, streaming: bool = False, token: str | None = None,
+                     binding: str = "JSONRPC") -> AsyncIterator[Client]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with httpx.AsyncClient(headers=headers, timeout=GUARD) as http:
-        client = await ClientFactory(ClientConfig(streaming=streaming, httpx_client=http)).create_from_url(agent_url)
+        config = ClientConfig(streaming=streaming, httpx_client=http, supported_protocol_bindings=[binding])
+        client = await ClientFactory(config).create_from_url(agent_url)
         yield client
 
 
@@ -243,8 +250,9 @@ async def test_every_agent_of_the_registry_has_a_card(url: str) -> None:
     assert card == next(c for c in cards if c["name"] == "task-mgr")
     assert card["description"].startswith("You manage tasks and projects.")
     assert card["capabilities"]["streaming"] is True
-    (interface,) = card["supportedInterfaces"]
-    assert interface == {"url": f"{url}/agents/task-mgr", "protocolBinding": "JSONRPC", "protocolVersion": "1.0"}
+    assert card["supportedInterfaces"] == [
+        {"url": f"{url}/agents/task-mgr", "protocolBinding": "JSONRPC", "protocolVersion": "1.0"},
+        {"url": f"{url}/agents/task-mgr/rest", "protocolBinding": "HTTP+JSON", "protocolVersion": "1.0"}]
     skills = {s["id"] for s in card["skills"]}
     assert {"task.Task.ListOverdue", "task.Task.Delete", "project.Project.List"} <= skills
     assert not any(s.startswith("milestone.") for s in skills)  # task-mgr does not manage milestones
@@ -323,6 +331,23 @@ async def test_list_tasks_by_context_and_state(url: str) -> None:
         waiting = await client.list_tasks(pb.ListTasksRequest(context_id=context,
                                                               status=pb.TASK_STATE_INPUT_REQUIRED))
         assert list(waiting.tasks) == []
+
+
+async def test_the_http_json_binding_serves_the_same_tasks(url: str) -> None:
+    context = uuid.uuid4().hex
+    async with a2a_client(f"{url}/agents/task-mgr", binding="HTTP+JSON") as rest, \
+            a2a_client(f"{url}/agents/task-mgr", binding="HTTP+JSON", streaming=True) as streaming, \
+            a2a_client(f"{url}/agents/task-mgr") as jsonrpc:
+        (ev,) = await send(rest, message("What tasks are overdue for Alice?", context_id=context))
+        assert reply_of(ev.task).splitlines() == OVERDUE
+        assert await jsonrpc.get_task(pb.GetTaskRequest(id=ev.task.id)) == await rest.get_task(
+            pb.GetTaskRequest(id=ev.task.id))
+        events = await send(streaming, message("What tasks are overdue for Bob?", context_id=context))
+        assert events[0].HasField("task") and events[-1].status_update.status.state == pb.TASK_STATE_COMPLETED
+        listed = await rest.list_tasks(pb.ListTasksRequest(context_id=context))
+        assert [t.id for t in listed.tasks] == [events[0].task.id, ev.task.id]
+        with pytest.raises(TaskNotFoundError):
+            await rest.get_task(pb.GetTaskRequest(id="18ee0000000000000000000000000000"))
 
 
 # -- input required: an approval answered over A2A ------------------------------------------------
@@ -513,6 +538,14 @@ async def test_bad_input_gets_the_protocols_errors(url: str) -> None:
         too_big = await http.post(endpoint, headers=V1, json=rpc("SendMessage", huge))
         assert too_big.status_code == 413
         assert "over this gateway's 1048576-byte limit" in too_big.json()["error"]["message"]
+
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the limit counts what comes
+            for _ in range(3):
+                yield b" " * (512 << 10)
+
+        chunked = await http.post(f"{endpoint}/rest/message:send", headers=V1, content=chunks())
+        assert chunked.status_code == 413
+        assert chunked.json()["error"]["message"] == "the request body is over this gateway's 1048576-byte limit"
         # a JSON data part maps to text: the agent gets it as JSON
         data = {"message": {"role": "ROLE_USER", "messageId": "m5", "contextId": uuid.uuid4().hex,
                             "parts": [{"data": {"question": "What tasks are overdue for Alice?"}}]}}

@@ -193,7 +193,9 @@ def card_of(agent: ServiceRecord, services: Sequence[ServiceRecord], url: str, v
         description += f" It manages: {', '.join(managed)}."
     card = pb.AgentCard(
         name=agent.name, description=description, version=version,
-        supported_interfaces=[pb.AgentInterface(url=url, protocol_binding="JSONRPC", protocol_version="1.0")],
+        supported_interfaces=[pb.AgentInterface(url=url, protocol_binding="JSONRPC", protocol_version="1.0"),
+                              pb.AgentInterface(url=f"{url}/rest", protocol_binding="HTTP+JSON",
+                                                protocol_version="1.0")],
         capabilities=pb.AgentCapabilities(streaming=True),
         default_input_modes=["text/plain", "application/json"], default_output_modes=["text/plain"],
         provider=pb.AgentProvider(organization="micro", url=url),

@@ -8,7 +8,10 @@ Routes (an ASGI app, :func:`app`; ``micro a2a`` serves it):
   interface ``/agents/{name}``, and the bearer scheme when the gateway has a token);
 - ``POST /agents/{name}``: the JSON-RPC binding, dispatched by the official ``a2a-sdk``
   (``SendMessage``, ``SendStreamingMessage`` over SSE, ``GetTask``, ``ListTasks``, ``CancelTask``,
-  ``SubscribeToTask``); push notifications are not offered (the card says so).
+  ``SubscribeToTask``); push notifications are not offered (the card says so);
+- ``/agents/{name}/rest/…``: the HTTP+JSON binding of the same (``POST message:send``,
+  ``message:stream``, ``GET tasks/{id}``, ``tasks``, ``POST tasks/{id}:cancel``, ``tasks/{id}:subscribe``),
+  by the SDK's REST dispatcher over the same handler.
 
 **Tasks are runs** (:mod:`micro.a2a.tasks`): a new message starts a run of the agent whose id the
 gateway chooses (``ChatRequest.run_id``), so the task id *is* the run id, and the context id is
@@ -53,7 +56,7 @@ import msgspec
 from a2a.server.context import ServerCallContext
 from a2a.server.request_handlers import RequestHandler
 from a2a.server.request_handlers.response_helpers import agent_card_to_dict, build_error_response
-from a2a.server.routes import DefaultServerCallContextBuilder
+from a2a.server.routes import DefaultServerCallContextBuilder, create_rest_routes
 from a2a.server.routes.jsonrpc_dispatcher import JsonRpcDispatcher
 from a2a.types import a2a_pb2 as pb
 from a2a.utils import errors as a2a_errors
@@ -65,7 +68,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Message
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from micro._proto.micro.agent import ChatEvent
 from micro.a2a import tasks
@@ -582,7 +585,6 @@ class _A2AGateway:
         if timeout <= 0:
             raise UsageError(f"timeout must be a positive number of seconds, not {timeout}")
         self.runtime = runtime
-        self.max_body = max_body
         self.token = token
         self.public_url = public_url.rstrip("/") if public_url else None
         self.handler = A2AHandler(runtime, timeout=timeout)
@@ -656,21 +658,7 @@ class _A2AGateway:
         name = request.path_params["name"]
         if await self._card_record(name) is None:
             return await self._unknown(name)
-        try:
-            body = await self._body(request)
-        except _TooLarge as exc:
-            return JSONResponse(build_error_response(None, a2a_errors.InvalidRequestError(message=str(exc))),
-                                status_code=413)
-        replayed = False
-
-        async def receive() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await request.receive()  # then the client's own: a stream sees it leave
-
-        return await self.dispatcher.handle_requests(Request(request.scope, receive))
+        return await self.dispatcher.handle_requests(request)
 
     async def _card_record(self, name: str) -> Any:
         try:
@@ -679,21 +667,52 @@ class _A2AGateway:
             return None
         return next((r for r in records if r.metadata.get("type") == "agent"), None)
 
-    async def _body(self, request: Request) -> bytes:
-        limit = self.max_body
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise _TooLarge(f"the request body of {int(declared)} bytes is over this gateway's {limit}-byte limit")
-        data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > limit:
-                raise _TooLarge(f"the request body is over this gateway's {limit}-byte limit")
-        return bytes(data)
 
+class _BodyLimit:
+    """ASGI middleware: a POST body over ``limit`` bytes gets 413 (with a JSON-RPC error body) before the
+    app sees any of it; a body within the limit is read first, then handed to the app as it came."""
 
-class _TooLarge(Exception):
-    pass
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit
+        declared = next((bytes(v) for k, v in scope["headers"] if k == b"content-length"), b"")
+        if declared.isdigit() and int(declared) > limit:
+            await self._refuse(f"the request body of {int(declared)} bytes is over this gateway's {limit}-byte "
+                               "limit", scope, receive, send)
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its body
+            body += message.get("body", b"")
+            if len(body) > limit:
+                await self._refuse(f"the request body is over this gateway's {limit}-byte limit", scope, receive,
+                                   send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # then the client's own: a stream sees it leave
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(text: str, scope: Scope, receive: Receive, send: Send) -> None:
+        rsp = JSONResponse(build_error_response(None, a2a_errors.InvalidRequestError(message=text)), status_code=413)
+        await rsp(scope, receive, send)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -736,10 +755,13 @@ def app(runtime: Runtime, *, token: str | None = None, max_body: int = DEFAULT_M
         gateway = app(micro.Runtime(), token=os.environ["MICRO_A2A_TOKEN"])
     """
     gw = _A2AGateway(runtime, max_body=max_body, timeout=timeout, token=token is not None, public_url=public_url)
+    rest = [r for r in create_rest_routes(gw.handler, context_builder=_Context(), path_prefix="/agents/{name}/rest")
+            if isinstance(r, Route)]  # the SDK's /{tenant} mount left out: micro has no tenants
     routes = [
         Route("/agents", gw.list_cards, methods=["GET"]),
         Route("/agents/{name}" + CARD_PATH, gw.card, methods=["GET"]),
         Route("/agents/{name}", gw.rpc, methods=["POST"]),
+        *rest,
         *probe_routes(runtime),
     ]
     origins = list(allowed_origins)
@@ -749,6 +771,7 @@ def app(runtime: Runtime, *, token: str | None = None, max_body: int = DEFAULT_M
                                         allow_headers=["authorization", "content-type", "a2a-version"]))
     if token is not None:
         middleware.append(Middleware(BearerAuth, token=token, public=_public))
+    middleware.append(Middleware(_BodyLimit, limit=max_body))
     return Starlette(routes=routes, middleware=middleware, lifespan=gw.lifespan,
                      exception_handlers={HTTPException: _http_error})
 
