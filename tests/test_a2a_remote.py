@@ -33,6 +33,7 @@ from starlette.routing import Route
 
 import micro
 import micro.a2a
+from micro.agent.tools import AskPerson
 from micro.ai import Message, ToolResultBlock, ToolSpec, scripted
 
 GUARD = 30.0  # a deadlock guard, never a timing assertion
@@ -218,3 +219,30 @@ async def test_a_url_that_serves_no_card_is_a_clear_bad_request(remote: Remote) 
         await micro.a2a.client.card(f"{remote.url}/nothing")
     found = await micro.a2a.client.card(remote.url)
     assert found.name == "billing" and found.capabilities.streaming
+
+
+async def test_any_tool_may_ask_the_person_through_ask_person() -> None:
+    """The mechanism under a remote agent's question: a tool raises AskPerson; the answer is its result."""
+
+    def brain(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | str:
+        results = [b for b in messages[-1].content if isinstance(b, ToolResultBlock)]
+        if results:
+            return f"booked for {results[0].content}"
+        return scripted.turn(scripted.call("book", room="blue"))
+
+    async with micro.Runtime(registry="memory://", store="memory://", broker="memory://") as rt:
+        agent = micro.Agent("desk", provider=scripted.function(brain), runtime=rt)
+
+        @agent.tool
+        async def book(room: str) -> str:
+            """Book a room."""
+            raise AskPerson(f"For how many people is the {room} room?")
+
+        async with agent:
+            with anyio.fail_after(GUARD):
+                rsp = await agent.ask("book the blue room")
+                assert rsp.status == "input_required"
+                (pending,) = rsp.pending
+                assert (pending.tool, pending.question) == ("book", "For how many people is the blue room?")
+                done = await agent.resume(rsp.run_id, answer="4")
+    assert done.reply == "booked for 4"
