@@ -133,6 +133,13 @@ def _waiter_brain(messages: list[Message], tools: list[ToolSpec]) -> scripted.Tu
     return scripted.turn("Waiting at the gate...", scripted.call("gate_Gate_Wait", key=last.text.split()[-1]))
 
 
+def _asker_brain(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | str:
+    results = [b for b in messages[-1].content if isinstance(b, ToolResultBlock)]
+    if results:
+        return f"Looking at {results[0].content}'s tasks."
+    return scripted.turn(scripted.call("request_input", question="Whose tasks?"))
+
+
 class System:
     def __init__(self, module: ModuleType, tg: anyio.abc.TaskGroup) -> None:
         self.module = module
@@ -169,8 +176,11 @@ async def _system() -> AsyncIterator[System]:
             gate.handle(system.gate)
             waiter = micro.Agent("waiter", services=["gate"], prompt="You wait at gates.",
                                  provider=scripted.function(_waiter_brain), runtime=system.runtime)
+            asker = micro.Agent("asker", prompt="You ask first.", provider=scripted.function(_asker_brain),
+                                runtime=system.runtime)
             await stack.enter_async_context(gate)
             await stack.enter_async_context(waiter)
+            await stack.enter_async_context(asker)
             system.gateway = await system.start_gateway()
             yield system
             await system.gateway.stop()
@@ -245,7 +255,7 @@ OVERDUE = ["Alice has 3 overdue tasks:", "1. Write quarterly report (due June 1)
 async def test_every_agent_of_the_registry_has_a_card(url: str) -> None:
     async with httpx.AsyncClient() as http:
         cards = (await http.get(f"{url}/agents")).json()
-        assert [c["name"] for c in cards] == ["comms-mgr", "project-mgr", "task-mgr", "waiter"]
+        assert [c["name"] for c in cards] == ["asker", "comms-mgr", "project-mgr", "task-mgr", "waiter"]
         card = (await http.get(f"{url}/agents/task-mgr/.well-known/agent-card.json")).json()
     assert card == next(c for c in cards if c["name"] == "task-mgr")
     assert card["description"].startswith("You manage tasks and projects.")
@@ -379,6 +389,19 @@ async def test_an_approval_is_an_input_required_task_answered_by_a_message(url: 
         (ev,) = await send(client, message("approve", task_id=task.id))
     assert ev.task.id == task.id and ev.task.status.state == pb.TASK_STATE_COMPLETED
     assert reply_of(ev.task) == "Deleted: Write release notes (due February 1)"
+
+
+async def test_a_question_is_answered_by_the_text_of_a_message_on_the_task(url: str) -> None:
+    async with a2a_client(f"{url}/agents/asker") as client:
+        (ev,) = await send(client, message("show me some tasks"))
+        assert ev.task.status.state == pb.TASK_STATE_INPUT_REQUIRED
+        assert status_text(ev.task.status) == "Whose tasks?"
+        waiting = await client.list_tasks(pb.ListTasksRequest(status=pb.TASK_STATE_INPUT_REQUIRED))
+        assert ev.task.id in [t.id for t in waiting.tasks]
+        (done,) = await send(client, message("bob", task_id=ev.task.id, context_id=ev.task.context_id))
+    assert done.task.status.state == pb.TASK_STATE_COMPLETED
+    assert reply_of(done.task) == "Looking at bob's tasks."
+    assert next(m.parts[0].text for m in done.task.history if m.role == pb.ROLE_USER) == "show me some tasks"
 
 
 async def test_a_denial_reaches_the_model_and_streams(url: str) -> None:
