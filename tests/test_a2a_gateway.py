@@ -688,3 +688,30 @@ async def test_micro_a2a_serves_the_agents_of_the_machine_registry_as_a_program(
             finally:
                 rest = await anyio.to_thread.run_sync(program.stop)
     assert rest.rstrip().endswith("stopped")
+
+
+async def test_the_gateway_mounts_in_another_asgi_app() -> None:
+    """Mounted under /a2a of an app whose lifespan runs the gateway's: cards name the mounted URLs."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    async with micro.Runtime(registry="memory://", store="memory://", broker="memory://") as rt:
+        helper = micro.Agent("helper", prompt="You say hello.", runtime=rt,
+                             provider=scripted.function(lambda messages, tools: "hello"))
+        gateway = app(rt)
+
+        @contextlib.asynccontextmanager
+        async def lifespan(parent: Starlette) -> AsyncIterator[None]:
+            async with gateway.router.lifespan_context(gateway):  # Mount does not run a sub-app's lifespan
+                yield
+
+        parent = Starlette(routes=[Mount("/a2a", gateway)], lifespan=lifespan)
+        async with helper, lifespan(parent), httpx.AsyncClient(transport=httpx.ASGITransport(parent),
+                                                                base_url="http://testserver") as http:
+            card = (await http.get("/a2a/agents/helper/.well-known/agent-card.json")).json()
+            assert card["supportedInterfaces"][0]["url"] == "http://testserver/a2a/agents/helper"
+            sent = await http.post("/a2a/agents/helper", headers=V1, json=rpc("SendMessage", {
+                "message": {"role": "ROLE_USER", "messageId": "m1", "parts": [{"text": "hi"}]}}))
+            task = sent.json()["result"]["task"]
+            assert task["status"]["state"] == "TASK_STATE_COMPLETED"
+            assert task["artifacts"][0]["parts"][0]["text"] == "hello"

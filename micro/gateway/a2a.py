@@ -32,6 +32,10 @@ Security is the HTTP gateway's (:mod:`micro.gateway.http`): ``token`` requires
 discover the scheme, which the cards declare), ``Origin`` and ``Host`` checks against browsers and
 DNS rebinding, a body limit, and no caller metadata is passed on to the agents.
 
+Its lifespan runs the runtime and the task group the runs it drives live in: mounted in
+another Starlette app (``Mount("/a2a", gateway)``, which does not run a sub-app's lifespan),
+enter ``gateway.router.lifespan_context(gateway)`` from the parent's lifespan.
+
 Example::
 
     import uvicorn
@@ -605,7 +609,10 @@ class _A2AGateway:
             await self.runtime.release()
 
     def _base(self, request: Request) -> str:
-        return self.public_url or str(request.base_url).rstrip("/")
+        if self.public_url:
+            return self.public_url
+        # root_path: where the app is mounted (Mount("/a2a", gateway)), which base_url leaves out
+        return f"{request.url.scheme}://{request.url.netloc}{request.scope.get('root_path', '')}".rstrip("/")
 
     async def _agents(self) -> list[Any]:
         records = await self.runtime.registry.list()
