@@ -4,6 +4,7 @@ One agent on a zero-latency scripted model (it answers at once: no tool), memory
 the A2A gateway (``micro.gateway.a2a``, uvicorn on a free loopback port) in this process:
 
 - **direct**: ``client.call(agent, "Agent.Chat", {...})`` in process (what a micro caller does);
+- **network**: the same call from another runtime (its own client), over micro's wire on loopback;
 - **a2a send**: :class:`micro.a2a.Client` ``send`` (the official ``a2a-sdk`` client, JSON-RPC
   ``SendMessage`` over HTTP): the gateway starts the run through ``Agent.StreamChat`` with its
   own run id, relays its events, then reads the run record back (``AgentInfo.Run``) as the task;
@@ -73,16 +74,23 @@ async def run() -> list[Result]:
             tg.start_soon(lambda: server.serve(sockets=[sock]))
             await started.wait()
             url = f"http://127.0.0.1:{sock.getsockname()[1]}/agents/bench"
-            async with Client(url) as a2a:
-                out += await _measure(rt, a2a)
+            # a caller in another runtime (its own client, the agent's registry): the network path
+            async with Client(url) as a2a, micro.Runtime(registry=rt.registry, store="memory://",
+                                                         broker="memory://") as other:
+                out += await _measure(rt, other, a2a)
             server.should_exit = True
     return out
 
 
-async def _measure(rt: micro.Runtime, a2a: Client) -> list[Result]:
+async def _measure(rt: micro.Runtime, other: micro.Runtime, a2a: Client) -> list[Result]:
     async def direct() -> None:
         for _ in range(RUNS):
             rsp = await rt.client.call("bench", "Agent.Chat", {"message": "hi", "session": uuid.uuid4().hex})
+            assert rsp["reply"] == "done"
+
+    async def network() -> None:
+        for _ in range(RUNS):
+            rsp = await other.client.call("bench", "Agent.Chat", {"message": "hi", "session": uuid.uuid4().hex})
             assert rsp["reply"] == "done"
 
     async def send() -> None:
@@ -95,10 +103,10 @@ async def _measure(rt: micro.Runtime, a2a: Client) -> list[Result]:
             events = [ev async for ev in a2a.stream("hi", context_id=uuid.uuid4().hex)]
             assert events[-1].status_update.status.state == 3  # TASK_STATE_COMPLETED
 
-    for fn in (direct, send, stream):  # warm up every path
+    for fn in (direct, network, send, stream):  # warm up every path
         await fn()
-    times: dict[str, list[float]] = {"direct": [], "send": [], "stream": []}
-    sides = [("direct", direct), ("send", send), ("stream", stream)]
+    times: dict[str, list[float]] = {"direct": [], "network": [], "send": [], "stream": []}
+    sides = [("direct", direct), ("network", network), ("send", send), ("stream", stream)]
     for rep in range(REPS):
         gc.collect()
         for name, fn in (sides if rep % 2 == 0 else sides[::-1]):
@@ -114,4 +122,11 @@ async def _measure(rt: micro.Runtime, a2a: Client) -> list[Result]:
             f"Agent.Chat {base * 1e3:.3f} ms, zero-latency scripted model -> {r:.1f}x ({REPS} reps of {RUNS}: "
             f"{lo:.1f}-{hi:.1f})",
         ))
+    r, lo, hi = _median_ratio(times["send"], times["network"])
+    out.append((
+        "a2a.send_vs_agent_chat_network", round(r, 2),
+        f"A2A SendMessage round trip {statistics.median(times['send']) * 1e3:.2f} ms vs Agent.Chat from another "
+        f"runtime over micro's wire {statistics.median(times['network']) * 1e3:.2f} ms -> {r:.1f}x ({REPS} reps of "
+        f"{RUNS}: {lo:.1f}-{hi:.1f})",
+    ))
     return out
