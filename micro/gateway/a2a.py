@@ -360,11 +360,11 @@ class A2AHandler(RequestHandler):
 
     async def _drive(self, drive: _Drive, endpoint: str, request: dict[str, Any]) -> None:
         first = True
+        items = self.runtime.client.stream(drive.agent, endpoint, request, response_type=ChatEvent,
+                                           timeout=self.timeout)
         try:
             with drive.scope:
                 try:
-                    items = self.runtime.client.stream(drive.agent, endpoint, request, response_type=ChatEvent,
-                                                       timeout=self.timeout)
                     async for ev in items:
                         if first and ev.type == "error":
                             continue  # a refusal before the run started: the stream raises it next
@@ -391,6 +391,10 @@ class A2AHandler(RequestHandler):
             if drive.cancelled and not first:
                 drive.publish(self._status(drive, pb.TASK_STATE_CANCELED, "cancelled over A2A"))
         finally:
+            with anyio.CancelScope(shield=True):  # closing the stream is what stops the run (in process too)
+                aclose = getattr(items, "aclose", None)
+                if aclose is not None:
+                    await aclose()
             self.drives.pop(drive.task_id, None)
             drive.close()
 
