@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from micro import metrics
-from micro.cli.gateway import _bind, _loopback, _serve, _token, _url, parse_address
+from micro.cli.gateway import _bind, _limits, _loopback, _serve, _token, _url, parse_address
 from micro.cli.main import cli_runtime, err, fail, main, out, run_async
 
 
@@ -34,9 +34,11 @@ from micro.cli.main import cli_runtime, err, fail, main, out, run_async
               help="Let browser pages from this origin call the gateway, with CORS. Repeatable.")
 @click.option("--public-url", metavar="URL",
               help="The URL clients reach this gateway at, for the cards (default: the URL each request came to).")
+@_limits
 @click.pass_context
 def a2a(ctx: click.Context, address: str, token_env: str | None, timeout: float, max_body: int,
-        allow_hosts: tuple[str, ...], allow_origins: tuple[str, ...], public_url: str | None) -> None:
+        allow_hosts: tuple[str, ...], allow_origins: tuple[str, ...], public_url: str | None, head_timeout: float,
+        body_timeout: float, max_connections: int | None) -> None:
     """Serve every agent in the registry over A2A (Agent2Agent protocol v1.0).
 
     \b
@@ -52,12 +54,14 @@ def a2a(ctx: click.Context, address: str, token_env: str | None, timeout: float,
     """
     if ctx.invoked_subcommand is not None:
         return
-    _gateway(address, token_env, timeout, max_body, allow_hosts, allow_origins, public_url)
+    limits = {"head_timeout": head_timeout, "body_timeout": body_timeout, "max_connections": max_connections}
+    _gateway(address, token_env, timeout, max_body, allow_hosts, allow_origins, public_url, limits)
 
 
 @run_async
 async def _gateway(address: str, token_env: str | None, timeout: float, max_body: int,
-                   allow_hosts: tuple[str, ...], allow_origins: tuple[str, ...], public_url: str | None) -> None:
+                   allow_hosts: tuple[str, ...], allow_origins: tuple[str, ...], public_url: str | None,
+                   limits: dict[str, Any]) -> None:
     from micro.gateway.a2a import app
     from micro.gateway.http import LOOPBACK_HOSTS
 
@@ -71,7 +75,7 @@ async def _gateway(address: str, token_env: str | None, timeout: float, max_body
     url = _url(sock)
     auth = " (bearer token required)" if token else ""
     await _serve(gateway, sock, lambda: _ready(f"micro a2a on {url}{auth}: GET {url}/agents, "
-                                              f"JSON-RPC at {url}/agents/{{name}}"))
+                                              f"JSON-RPC at {url}/agents/{{name}}"), limits)
     out.print("stopped")
 
 
