@@ -450,25 +450,32 @@ async def test_the_gateway_restarted_mid_task_still_answers_it(system: System,
     assert reply_of(ev.task).startswith("Deleted: ")
 
 
-async def test_a_second_gateway_replica_serves_the_same_task(system: System, url: str,
-                                                             portal: anyio.from_thread.BlockingPortal) -> None:
-    async def replica() -> tuple[micro.Runtime, Gateway]:
-        # its own runtime (registry view, client): it reaches the agents over the network, as a replica would
+@contextlib.contextmanager
+def replica_of(system: System, portal: anyio.from_thread.BlockingPortal) -> Iterator[Gateway]:
+    """A second gateway with its own runtime (registry view, client): it reaches the agents over the network."""
+
+    async def start() -> tuple[micro.Runtime, Gateway]:
         rt = micro.Runtime(registry=system.runtime.registry, store="memory://", broker="memory://")
         await rt.acquire()
         return rt, await system.start_gateway(rt)
 
-    rt, other = portal.call(replica)
+    rt, other = portal.call(start)
     try:
+        yield other
+    finally:
+        portal.call(other.stop)
+        portal.call(rt.release)
+
+
+async def test_a_second_gateway_replica_serves_the_same_task(system: System, url: str,
+                                                             portal: anyio.from_thread.BlockingPortal) -> None:
+    with replica_of(system, portal) as other:
         async with a2a_client(f"{url}/agents/task-mgr") as a, a2a_client(f"{other.url}/agents/task-mgr") as b:
             task = await _delete_request(a, "t6", uuid.uuid4().hex)
             assert await b.get_task(pb.GetTaskRequest(id=task.id)) == await a.get_task(pb.GetTaskRequest(id=task.id))
             (ev,) = await send(b, message("approve", task_id=task.id))
             assert ev.task.status.state == pb.TASK_STATE_COMPLETED
             assert (await a.get_task(pb.GetTaskRequest(id=task.id))).status.state == pb.TASK_STATE_COMPLETED
-    finally:
-        portal.call(other.stop)
-        portal.call(rt.release)
 
 
 # -- a task that is still working: resubscribe after the client drops, cancel -----------------------
@@ -715,3 +722,22 @@ async def test_the_gateway_mounts_in_another_asgi_app() -> None:
             task = sent.json()["result"]["task"]
             assert task["status"]["state"] == "TASK_STATE_COMPLETED"
             assert task["artifacts"][0]["parts"][0]["text"] == "hello"
+
+
+async def test_a_replica_follows_a_task_another_gateway_drives(url: str, system: System,
+                                                               portal: anyio.from_thread.BlockingPortal) -> None:
+    with replica_of(system, portal) as other:
+        async with a2a_client(f"{url}/agents/waiter", streaming=True) as a, \
+                a2a_client(f"{other.url}/agents/waiter", streaming=True) as b:
+            task_id = await _until_tool_started(a, "g3", system, portal)
+            with pytest.raises(TaskNotCancelableError, match="working in another gateway or process"):
+                await b.cancel_task(pb.CancelTaskRequest(id=task_id))
+            events = []
+            with anyio.fail_after(GUARD):
+                async for ev in b.subscribe(pb.SubscribeToTaskRequest(id=task_id)):  # B does not drive it
+                    events.append(ev)
+                    if len(events) == 1:
+                        assert ev.task.status.state == pb.TASK_STATE_WORKING
+                        portal.call(system.gate.open, "g3")
+    assert events[-2].artifact_update.artifact.parts[0].text == "gate g3 opened"
+    assert events[-1].status_update.status.state == pb.TASK_STATE_COMPLETED
