@@ -33,6 +33,7 @@ from starlette.routing import Route
 
 import micro
 import micro.a2a
+from micro.agent.record import new_run_id
 from micro.agent.tools import AskPerson
 from micro.ai import Message, ToolResultBlock, ToolSpec, scripted
 
@@ -246,3 +247,19 @@ async def test_any_tool_may_ask_the_person_through_ask_person() -> None:
                 assert (pending.tool, pending.question) == ("book", "For how many people is the blue room?")
                 done = await agent.resume(rsp.run_id, answer="4")
     assert done.reply == "booked for 4"
+
+
+async def test_a_caller_chosen_run_id_is_checked_and_used_once() -> None:
+    """ChatRequest.run_id (how the gateway makes a task id a run id): its form is checked, and it is new."""
+    async with micro.Runtime(registry="memory://", store="memory://", broker="memory://") as rt:
+        agent = micro.Agent("echo", provider=scripted.function(lambda messages, tools: "ok"), runtime=rt)
+        async with agent:
+            run_id = new_run_id()
+            rsp = await rt.client.call("echo", "Agent.Chat", {"message": "hi", "run_id": run_id})
+            assert rsp["run_id"] == run_id and rsp["reply"] == "ok"
+            with pytest.raises(micro.errors.Conflict, match=f"a run {run_id} exists already"):
+                await agent.ask("again", run_id=run_id)
+            with pytest.raises(micro.errors.BadRequest, match=r"run_id '\.\./x' is not a run id"):
+                await rt.client.call("echo", "Agent.Chat", {"message": "hi", "run_id": "../x"})
+            run = await agent.runs.get(run_id)
+    assert run is not None and run.message == "hi" and run.status == "completed"
