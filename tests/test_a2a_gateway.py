@@ -341,6 +341,10 @@ async def test_list_tasks_by_context_and_state(url: str) -> None:
         waiting = await client.list_tasks(pb.ListTasksRequest(context_id=context,
                                                               status=pb.TASK_STATE_INPUT_REQUIRED))
         assert list(waiting.tasks) == []
+        done = await client.list_tasks(pb.ListTasksRequest(context_id=context, status=pb.TASK_STATE_COMPLETED))
+        assert [t.id for t in done.tasks] == ids[::-1]
+        rejected = await client.list_tasks(pb.ListTasksRequest(status=pb.TASK_STATE_REJECTED))  # no run ever is
+        assert list(rejected.tasks) == [] and rejected.total_size == 0
 
 
 async def test_the_http_json_binding_serves_the_same_tasks(url: str) -> None:

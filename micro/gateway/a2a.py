@@ -202,7 +202,9 @@ class A2AHandler(RequestHandler):
         if params.context_id:
             request["session"] = params.context_id
         if params.status:
-            request["status"] = list(tasks.STATUSES_OF.get(params.status, ("none",)))
+            if params.status not in tasks.STATUSES_OF:  # submitted, rejected, auth-required: no run is
+                return pb.ListTasksResponse(page_size=size, total_size=0)
+            request["status"] = list(tasks.STATUSES_OF[params.status])
         try:
             rsp = await self.runtime.client.call(agent, "AgentInfo.Runs", request, response_type=RunsResponse,
                                                  timeout=30)
