@@ -588,6 +588,18 @@ async def test_bad_input_gets_the_protocols_errors(url: str) -> None:
         assert (await http.post(endpoint, headers=V1, json=rpc("SendMessage", text_message))).status_code == 200
 
 
+async def test_a_protocol_v0_3_client_is_served_through_the_sdks_adapter(url: str) -> None:
+    """No A2A-Version header, v0.3 method names and part kinds: older clients (ADK's, Go's) still work."""
+    parts = [{"kind": "text", "text": "What tasks are overdue for Alice?"}]
+    send_03 = rpc("message/send", {"message": {"role": "user", "messageId": "m03", "kind": "message", "parts": parts}})
+    async with httpx.AsyncClient(timeout=GUARD) as http:
+        task = (await http.post(f"{url}/agents/task-mgr", json=send_03)).json()["result"]
+        assert task["kind"] == "task" and task["status"]["state"] == "completed"
+        assert task["artifacts"][0]["parts"][0] == {"kind": "text", "text": "\n".join(OVERDUE)}
+        got = (await http.post(f"{url}/agents/task-mgr", json=rpc("tasks/get", {"id": task["id"]}))).json()
+        assert got["result"]["id"] == task["id"] and got["result"]["status"]["state"] == "completed"
+
+
 # -- security: the card declares the token; browsers and rebinding are refused ------------------------
 
 

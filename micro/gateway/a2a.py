@@ -8,7 +8,9 @@ Routes (an ASGI app, :func:`app`; ``micro a2a`` serves it):
   interface ``/agents/{name}``, and the bearer scheme when the gateway has a token);
 - ``POST /agents/{name}``: the JSON-RPC binding, dispatched by the official ``a2a-sdk``
   (``SendMessage``, ``SendStreamingMessage`` over SSE, ``GetTask``, ``ListTasks``, ``CancelTask``,
-  ``SubscribeToTask``); push notifications are not offered (the card says so);
+  ``SubscribeToTask``); push notifications are not offered (the card says so); protocol v0.3
+  clients (``message/send``, ``tasks/get``, … without an ``A2A-Version`` header) are served too,
+  through the SDK's compatibility adapter;
 - ``/agents/{name}/rest/…``: the HTTP+JSON binding of the same (``POST message:send``,
   ``message:stream``, ``GET tasks/{id}``, ``tasks``, ``POST tasks/{id}:cancel``, ``tasks/{id}:subscribe``),
   by the SDK's REST dispatcher over the same handler.
@@ -401,11 +403,15 @@ class A2AHandler(RequestHandler):
             drive.close()
 
     async def _snapshot(self, drive: _Drive) -> pb.Task:
+        """The task a stream starts with: working (the record's history, not its status, which the run
+        may already have moved past: the events that follow say what it did)."""
         try:
-            return tasks.task_of(await self._record(drive.agent, drive.task_id))
+            task = tasks.task_of(await self._record(drive.agent, drive.task_id), artifacts=False)
         except a2a_errors.A2AError:  # the record is the agent's to write; the task is working meanwhile
-            return pb.Task(id=drive.task_id, context_id=drive.context_id,
-                           status=pb.TaskStatus(state=pb.TASK_STATE_WORKING))
+            task = pb.Task(id=drive.task_id, context_id=drive.context_id)
+        task.status.CopyFrom(pb.TaskStatus(state=pb.TASK_STATE_WORKING))
+        task.status.timestamp.GetCurrentTime()
+        return task
 
     def _status(self, drive: _Drive, state: int, text: str = "", data: Any = None) -> pb.TaskStatusUpdateEvent:
         status = pb.TaskStatus(state=state)  # type: ignore[arg-type]
@@ -598,7 +604,7 @@ class _A2AGateway:
         self.token = token
         self.public_url = public_url.rstrip("/") if public_url else None
         self.handler = A2AHandler(runtime, timeout=timeout)
-        self.dispatcher = JsonRpcDispatcher(self.handler, context_builder=_Context())
+        self.dispatcher = JsonRpcDispatcher(self.handler, context_builder=_Context(), enable_v0_3_compat=True)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
