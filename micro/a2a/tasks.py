@@ -17,7 +17,9 @@ the run's user / assistant text        the task's history (user / agent messages
 =====================================  =======================================================
 
 Nothing here does I/O: :mod:`micro.gateway.a2a` reads the records through the agents'
-``AgentInfo.Run`` / ``AgentInfo.Runs`` endpoints and maps them with these functions.
+``AgentInfo.Run`` / ``AgentInfo.Runs`` endpoints and maps them with these functions, and maps a
+message back: its text (:func:`message_content`) and, on a task that waits, the resume it asks
+for (:func:`resume_request`: ``approve``, ``deny: reason``, data-part decisions, an answer).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from micro.agent.record import AgentRun, PendingCall
@@ -34,6 +36,7 @@ from micro.registry import ServiceRecord
 
 try:
     from a2a.types import a2a_pb2 as pb
+    from a2a.utils import errors as a2a_errors
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError("A2A needs the a2a-sdk: pip install 'micro[a2a]'", name=exc.name) from exc
 
@@ -92,8 +95,6 @@ def data_part(value: Any) -> pb.Part:
 def _value(value: Any) -> struct_pb2.Value:
     v = struct_pb2.Value()
     # through JSON: the protobuf Value's own mapping of dicts, lists, numbers, strings, bools and null
-    from google.protobuf import json_format
-
     json_format.Parse(json.dumps(value), v)
     return v
 
@@ -170,6 +171,83 @@ def task_of(run: AgentRun, *, history_length: int | None = None, artifacts: bool
     task.metadata.CopyFrom(struct({"micro": {"agent": run.agent, "run_status": run.status,
                                              "tool_calls": len(run.tool_calls)}}))
     return task
+
+
+# -- messages ---------------------------------------------------------------------------------------
+
+_APPROVE = frozenset({"approve", "approved", "yes", "y", "ok", "allow"})
+_DENY = frozenset({"deny", "denied", "no", "n", "reject", "refuse"})
+
+
+def message_content(message: pb.Message) -> tuple[str, list[Any]]:
+    """The text of a message and its data parts; a part that is not text refuses the message."""
+    if not message.parts:
+        raise a2a_errors.InvalidParamsError(message="the message has no parts: send a text part")
+    texts: list[str] = []
+    data: list[Any] = []
+    for i, part in enumerate(message.parts):
+        kind = part.WhichOneof("content")
+        if kind == "text":
+            texts.append(part.text)
+        elif kind == "data":
+            value = json_format.MessageToDict(part.data)
+            data.append(value)
+            texts.append(json.dumps(value, ensure_ascii=False))
+        elif kind == "raw" and (part.media_type.startswith("text/") or part.media_type == "application/json"):
+            try:
+                texts.append(part.raw.decode())
+            except UnicodeDecodeError:
+                raise a2a_errors.ContentTypeNotSupportedError(
+                    message=f"part {i} ({part.media_type}) is not UTF-8 text") from None
+        else:
+            what = f"a file ({part.media_type or 'no media type'})" if kind in ("raw", "url") else "empty"
+            raise a2a_errors.ContentTypeNotSupportedError(
+                message=f"part {i} is {what}: micro's agents take text parts, text files and JSON data parts")
+    return "\n".join(texts), data
+
+
+def resume_request(run: AgentRun, text: str, data: list[Any]) -> dict[str, Any]:
+    """The ``Agent.StreamResume`` request a message on a waiting task makes (``InvalidParams`` if unclear)."""
+    where = f"task {run.id} waits for {run.waits_for()}"
+    questions = [p for p in run.pending if p.kind == "question"]
+    approvals = [p for p in run.pending if p.kind == "approval"]
+    decided = next((d for d in data if isinstance(d, dict) and ({"approve", "decisions", "answers"} & d.keys())), None)
+    if decided is not None:
+        out: dict[str, Any] = {"run_id": run.id, "reason": str(decided.get("reason", ""))}
+        if "approve" in decided:
+            if not isinstance(decided["approve"], bool):
+                raise a2a_errors.InvalidParamsError(message=f"{where}; `approve` must be true or false")
+            out["approve_all" if decided["approve"] else "deny_all"] = True
+        decisions = []
+        for call_id, verdict in dict(decided.get("decisions") or {}).items():
+            if isinstance(verdict, bool):
+                decisions.append({"call_id": call_id, "approve": verdict})
+            elif isinstance(verdict, str) and verdict:
+                decisions.append({"call_id": call_id, "approve": False, "reason": verdict})
+            else:
+                raise a2a_errors.InvalidParamsError(
+                    message=f"{where}; the decision on {call_id!r} must be true, false or a reason (text)")
+        for call_id, answer in dict(decided.get("answers") or {}).items():
+            decisions.append({"call_id": call_id, "answer": str(answer)})
+        out["decisions"] = decisions
+        return out
+    if questions and not approvals:
+        if not text.strip():
+            raise a2a_errors.InvalidParamsError(message=f"{where}; the answer is empty")
+        return {"run_id": run.id, "answer": text}
+    if approvals and not questions:
+        word, _, rest = text.strip().partition(" ")
+        word, _, after = word.partition(":")
+        verb = word.strip().lower().rstrip(".!,")
+        reason = (after + " " + rest).strip().lstrip(":").strip()
+        if verb in _APPROVE:
+            return {"run_id": run.id, "approve_all": True}
+        if verb in _DENY:
+            return {"run_id": run.id, "deny_all": True, "reason": reason}
+    raise a2a_errors.InvalidParamsError(
+        message=f'{where}; reply "approve" or "deny: <reason>" to decide its approvals, the answer text to its '
+                'question, or a data part {"approve": true|false, "reason": "…"}, {"decisions": {"<call_id>": '
+                'true|false|"<reason>"}, "answers": {"<call_id>": "<text>"}}')
 
 
 # -- cards --------------------------------------------------------------------------------------

@@ -59,13 +59,6 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 import msgspec
-from a2a.server.context import ServerCallContext
-from a2a.server.request_handlers import RequestHandler
-from a2a.server.request_handlers.response_helpers import agent_card_to_dict, build_error_response
-from a2a.server.routes import DefaultServerCallContextBuilder, create_rest_routes
-from a2a.server.routes.jsonrpc_dispatcher import JsonRpcDispatcher
-from a2a.types import a2a_pb2 as pb
-from a2a.utils import errors as a2a_errors
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -84,6 +77,17 @@ from micro.errors import BadRequest, Conflict, Error, NotFound, ServiceNotFound,
 from micro.gateway import micro_version
 from micro.gateway.http import DEFAULT_MAX_BODY, BearerAuth, BrowserGuard, error_body, probe_routes
 
+try:
+    from a2a.server.context import ServerCallContext
+    from a2a.server.request_handlers import RequestHandler
+    from a2a.server.request_handlers.response_helpers import agent_card_to_dict, build_error_response
+    from a2a.server.routes import DefaultServerCallContextBuilder, create_rest_routes
+    from a2a.server.routes.jsonrpc_dispatcher import JsonRpcDispatcher
+    from a2a.types import a2a_pb2 as pb
+    from a2a.utils import errors as a2a_errors
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError("the A2A gateway needs the a2a-sdk: pip install 'micro[a2a]'", name=exc.name) from exc
+
 if TYPE_CHECKING:
     from micro.runtime import Runtime
 
@@ -97,9 +101,6 @@ DEFAULT_TIMEOUT = 300.0
 CARD_PATH = "/.well-known/agent-card.json"
 _BUFFER = 256  # events a subscriber may lag behind before it is dropped (it can resubscribe)
 _FOLLOW_EVERY = 0.25  # seconds between reads of a record driven by another gateway
-
-_APPROVE = frozenset({"approve", "approved", "yes", "y", "ok", "allow"})
-_DENY = frozenset({"deny", "denied", "no", "n", "reject", "refuse"})
 
 Event = pb.Task | pb.Message | pb.TaskStatusUpdateEvent | pb.TaskArtifactUpdateEvent
 
@@ -330,7 +331,7 @@ class A2AHandler(RequestHandler):
         if self.task_group is None:
             raise a2a_errors.InternalError(message="the A2A gateway is not started (its app's lifespan did not run)")
         message = params.message
-        text, data = _content(message)
+        text, data = tasks.message_content(message)
         if message.task_id:
             if message.task_id in self.drives:
                 raise a2a_errors.UnsupportedOperationError(
@@ -343,7 +344,7 @@ class A2AHandler(RequestHandler):
                 raise a2a_errors.UnsupportedOperationError(
                     message=f"task {run.id} is {run.status}: only a task that needs input takes a message; send a "
                             "new message without taskId (the same contextId continues the conversation)")
-            endpoint, request = "Agent.StreamResume", _resume_request(run, text, data)
+            endpoint, request = "Agent.StreamResume", tasks.resume_request(run, text, data)
             task_id, context_id = run.id, run.session
         else:
             if not text.strip():
@@ -506,79 +507,6 @@ def _json(text: str) -> Any:
 
 def _short(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
-
-
-def _content(message: pb.Message) -> tuple[str, list[Any]]:
-    """The text of a message and its data parts; a part that is not text refuses the message."""
-    if not message.parts:
-        raise a2a_errors.InvalidParamsError(message="the message has no parts: send a text part")
-    texts: list[str] = []
-    data: list[Any] = []
-    for i, part in enumerate(message.parts):
-        kind = part.WhichOneof("content")
-        if kind == "text":
-            texts.append(part.text)
-        elif kind == "data":
-            from google.protobuf.json_format import MessageToDict
-
-            value = MessageToDict(part.data)
-            data.append(value)
-            texts.append(json.dumps(value, ensure_ascii=False))
-        elif kind == "raw" and (part.media_type.startswith("text/") or part.media_type == "application/json"):
-            try:
-                texts.append(part.raw.decode())
-            except UnicodeDecodeError:
-                raise a2a_errors.ContentTypeNotSupportedError(
-                    message=f"part {i} ({part.media_type}) is not UTF-8 text") from None
-        else:
-            what = f"a file ({part.media_type or 'no media type'})" if kind in ("raw", "url") else "empty"
-            raise a2a_errors.ContentTypeNotSupportedError(
-                message=f"part {i} is {what}: micro's agents take text parts, text files and JSON data parts")
-    return "\n".join(texts), data
-
-
-def _resume_request(run: AgentRun, text: str, data: list[Any]) -> dict[str, Any]:
-    """The ``Agent.StreamResume`` request a message on a waiting task makes (``InvalidParams`` if unclear)."""
-    where = f"task {run.id} waits for {run.waits_for()}"
-    questions = [p for p in run.pending if p.kind == "question"]
-    approvals = [p for p in run.pending if p.kind == "approval"]
-    decided = next((d for d in data if isinstance(d, dict) and ({"approve", "decisions", "answers"} & d.keys())), None)
-    if decided is not None:
-        out: dict[str, Any] = {"run_id": run.id, "reason": str(decided.get("reason", ""))}
-        if "approve" in decided:
-            if not isinstance(decided["approve"], bool):
-                raise a2a_errors.InvalidParamsError(message=f"{where}; `approve` must be true or false")
-            out["approve_all" if decided["approve"] else "deny_all"] = True
-        decisions = []
-        for call_id, verdict in dict(decided.get("decisions") or {}).items():
-            if isinstance(verdict, bool):
-                decisions.append({"call_id": call_id, "approve": verdict})
-            elif isinstance(verdict, str) and verdict:
-                decisions.append({"call_id": call_id, "approve": False, "reason": verdict})
-            else:
-                raise a2a_errors.InvalidParamsError(
-                    message=f"{where}; the decision on {call_id!r} must be true, false or a reason (text)")
-        for call_id, answer in dict(decided.get("answers") or {}).items():
-            decisions.append({"call_id": call_id, "answer": str(answer)})
-        out["decisions"] = decisions
-        return out
-    if questions and not approvals:
-        if not text.strip():
-            raise a2a_errors.InvalidParamsError(message=f"{where}; the answer is empty")
-        return {"run_id": run.id, "answer": text}
-    if approvals and not questions:
-        word, _, rest = text.strip().partition(" ")
-        word, _, after = word.partition(":")
-        verb = word.strip().lower().rstrip(".!,")
-        reason = (after + " " + rest).strip().lstrip(":").strip()
-        if verb in _APPROVE:
-            return {"run_id": run.id, "approve_all": True}
-        if verb in _DENY:
-            return {"run_id": run.id, "deny_all": True, "reason": reason}
-    raise a2a_errors.InvalidParamsError(
-        message=f'{where}; reply "approve" or "deny: <reason>" to decide its approvals, the answer text to its '
-                'question, or a data part {"approve": true|false, "reason": "…"}, {"decisions": {"<call_id>": '
-                'true|false|"<reason>"}, "answers": {"<call_id>": "<text>"}}')
 
 
 # -- the app ----------------------------------------------------------------------------------------
