@@ -136,7 +136,7 @@ async def planner(remote: Remote) -> AsyncIterator[micro.Agent]:
     async with micro.Runtime(registry="memory://", store="memory://", broker="memory://") as rt:
         agent = micro.Agent("planner", agents=["comms-mgr", remote.url],
                             provider=scripted.function(planner_brain(remote.url)), forward=["authorization"],
-                            runtime=rt)
+                            remote_headers={remote.url: {"X-Partner-Key": "partner-k1"}}, runtime=rt)
         async with agent:
             yield agent
 
@@ -161,10 +161,17 @@ async def test_a_remote_agents_streamed_answer_is_the_tool_result(planner: micro
     result = json.loads(call.result)
     assert result["agent"] == remote.url and result["reply"] == "Invoice 42 is paid."
     assert json.loads(rsp.reply)["reply"] == "Invoice 42 is paid."
-    # A2A carries the message only: no token, no run id, nothing of the caller's
+    # A2A carries the message and the headers configured for this agent: no token, nothing of the caller's
     seen = remote.executor.headers[-1]
     assert "authorization" not in {k.lower() for k in seen}
-    assert seen.get("a2a-version") == "1.0"
+    assert seen.get("a2a-version") == "1.0" and seen.get("x-partner-key") == "partner-k1"
+
+
+def test_remote_headers_name_remote_agents_only() -> None:
+    with pytest.raises(micro.errors.UsageError, match=r"remote_headers names https://elsewhere\.example, which are "
+                                                      r"not among its agents"):
+        micro.Agent("p", agents=["comms-mgr"], remote_headers={"https://elsewhere.example": {"X": "1"}},
+                    provider=scripted.function(lambda messages, tools: "ok"))
 
 
 async def test_a_remote_question_becomes_this_runs_question_and_the_answer_goes_back(planner: micro.Agent,

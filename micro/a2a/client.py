@@ -122,7 +122,8 @@ def _translated(url: str) -> Iterator[None]:
         raise Unavailable(f"{where} cannot be reached: {exc}") from None
 
 
-async def card(url: str, *, token: str | None = None, timeout: float = 30.0) -> pb.AgentCard:
+async def card(url: str, *, token: str | None = None, headers: Mapping[str, str] | None = None,
+               timeout: float = 30.0) -> pb.AgentCard:
     """The Agent Card at ``url`` (``BadRequest`` if the URL serves none).
 
     Example::
@@ -131,7 +132,7 @@ async def card(url: str, *, token: str | None = None, timeout: float = 30.0) -> 
         print(c.name, c.description)
     """
     url = _check_url(url)
-    async with httpx.AsyncClient(headers=_headers(token, None), timeout=timeout) as http:
+    async with httpx.AsyncClient(headers=_headers(token, headers), timeout=timeout) as http:
         with _translated(url):
             return _checked_card(url, await A2ACardResolver(http, url).get_agent_card())
 

@@ -94,7 +94,10 @@ class Agent(Service):
             tool (see :mod:`micro.agent.delegation`): registry names, or ``http(s)://`` URLs of
             remote A2A agents; ``max_delegation_depth`` bounds the chain.
         forward: metadata keys of the incoming call passed on to tool calls and delegations,
-            e.g. ``["authorization"]``; nothing else of the caller's metadata is forwarded.
+            e.g. ``["authorization"]``; nothing else of the caller's metadata is forwarded (and
+            none of it to remote A2A agents).
+        remote_headers: HTTP headers to send to a remote A2A agent among ``agents``, by its URL
+            (``{"https://partner.example.com/agents/billing": {"Authorization": "Bearer …"}}``).
         **service_options: what :class:`micro.Service` takes (``runtime=``, ``address=``, …).
 
     Example::
@@ -115,6 +118,7 @@ class Agent(Service):
                  forward: Sequence[str] = (), needs_approval: Sequence[str] = (),
                  builtins: Sequence[str] | None = None, pause_ttl: float = DEFAULT_PAUSE_TTL,
                  resume_interrupted: bool = False, memory: Memory | None = None,
+                 remote_headers: Mapping[str, Mapping[str, str]] | None = None,
                  metadata: Mapping[str, str] | None = None,
                  **service_options: Unpack[AgentServiceOptions]) -> None:
         if isinstance(services, str):
@@ -168,9 +172,15 @@ class Agent(Service):
         self._engine: RunEngine | None = None
         self._background: BackgroundTasks | None = None
         self._max_depth = max_delegation_depth
+        self.remote_headers = {url: dict(h) for url, h in (remote_headers or {}).items()}
+        unknown = sorted(set(self.remote_headers) - set(self.agents))
+        if unknown:
+            raise UsageError(f"agent {name}: remote_headers names {', '.join(unknown)}, which are not among its "
+                             "agents")
         if self.agents:
             self.functions["delegate"] = delegate_tool(
-                lambda: self.client, name, self.agents, max_depth=max_delegation_depth, forward=self.forward)
+                lambda: self.client, name, self.agents, max_depth=max_delegation_depth, forward=self.forward,
+                remote_headers=self.remote_headers)
         self.handle(_AgentHandler(self), name="Agent")
         # a keyed Agent.Chat (a flow's delegation, a client's retry) answers a repeat from the store,
         # and the run's own tool calls carry keys derived from it (Toolset)
@@ -259,10 +269,10 @@ class Agent(Service):
         await super().start()
         urls = [a for a in self.agents if is_remote(a)]
         if urls:  # the remote agents' cards tell the model what each does
-            described = await describe_remote(urls)
+            described = await describe_remote(urls, headers=self.remote_headers)
             self.functions["delegate"] = delegate_tool(
                 lambda: self.client, self.name, self.agents, max_depth=self._max_depth, forward=self.forward,
-                remote=described)
+                remote=described, remote_headers=self.remote_headers)
         if self.recover or metrics.enabled():
             self._background = BackgroundTasks(f"agent {self.name}", log)
             await self._background.start()

@@ -25,7 +25,8 @@ joins the tool's description when the agent starts. What comes back:
   reads (and can answer around).
 
 No metadata of the caller's (tokens included) goes to a remote agent: A2A carries only
-the message.
+the message, and the headers configured for that URL (``Agent(remote_headers={url: {...}})``,
+e.g. the partner's own token).
 """
 
 from __future__ import annotations
@@ -61,11 +62,14 @@ def is_remote(agent: str) -> bool:
 
 def delegate_tool(client: Callable[[], Any], me: str, agents: Sequence[str], *, max_depth: int = DEFAULT_MAX_DEPTH,
                   forward: Sequence[str] = (), timeout: float | None = None,
-                  remote: Mapping[str, str] | None = None) -> Tool:
+                  remote: Mapping[str, str] | None = None,
+                  remote_headers: Mapping[str, Mapping[str, str]] | None = None) -> Tool:
     """The ``delegate`` tool of agent ``me``, able to ask any of ``agents`` (``client()`` gives the client).
 
-    ``remote`` maps the URLs among ``agents`` to their cards' descriptions (for the model).
+    ``remote`` maps the URLs among ``agents`` to their cards' descriptions (for the model);
+    ``remote_headers`` to the HTTP headers sent to each (its credentials: nothing else is sent).
     """
+    headers = dict(remote_headers or {})
     names = sorted(set(agents))
     local = [n for n in names if not is_remote(n)]
     urls = [n for n in names if is_remote(n)]
@@ -102,7 +106,7 @@ def delegate_tool(client: Callable[[], Any], me: str, agents: Sequence[str], *, 
             raise PermissionDenied(f"delegation refused: {path} is deeper than the limit of {max_depth} agents; "
                                    "answer with what you have")
         if is_remote(req.agent):
-            return await _remote(req.agent, me, req.message, md.get(RUN_ID, ""), timeout)
+            return await _remote(req.agent, me, req.message, md.get(RUN_ID, ""), timeout, headers.get(req.agent))
         metadata = {**forwarded(forward), CHAIN: ",".join(chain)}
         request = {"message": req.message, "parent_id": md.get(RUN_ID, ""), "session": f"from-{me}"}
         key = idempotency.current_key()
@@ -120,7 +124,8 @@ def delegate_tool(client: Callable[[], Any], me: str, agents: Sequence[str], *, 
         req = checked(args)
         if not is_remote(req.agent):
             return text
-        return await _remote(req.agent, me, text, context.metadata().get(RUN_ID, ""), timeout, answering=True)
+        return await _remote(req.agent, me, text, context.metadata().get(RUN_ID, ""), timeout, headers.get(req.agent),
+                             answering=True)
 
     described = []
     if local:
@@ -139,7 +144,8 @@ def delegate_tool(client: Callable[[], Any], me: str, agents: Sequence[str], *, 
     )
 
 
-async def describe_remote(urls: Sequence[str], *, timeout: float = 10.0) -> dict[str, str]:
+async def describe_remote(urls: Sequence[str], *, timeout: float = 10.0,
+                          headers: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, str]:
     """The card descriptions of remote A2A agents, fetched concurrently (an unreachable one is left out)."""
     import anyio
 
@@ -150,7 +156,7 @@ async def describe_remote(urls: Sequence[str], *, timeout: float = 10.0) -> dict
     async def one(url: str) -> None:
         try:
             with anyio.fail_after(timeout):
-                c = await card(url)
+                c = await card(url, headers=(headers or {}).get(url))
         except Exception as exc:  # the agent still starts; the model sees the URL without a description
             log.warning("remote agent %s: its card could not be read (%s); the model sees only its URL", url, exc)
             return
@@ -162,15 +168,15 @@ async def describe_remote(urls: Sequence[str], *, timeout: float = 10.0) -> dict
     return found
 
 
-async def _remote(url: str, me: str, message: str, run_id: str, timeout: float | None, *,
-                  answering: bool = False) -> dict[str, Any]:
+async def _remote(url: str, me: str, message: str, run_id: str, timeout: float | None,
+                  headers: Mapping[str, str] | None, *, answering: bool = False) -> dict[str, Any]:
     """Ask the A2A agent at ``url`` (or answer its question); its reply, or :class:`AskPerson` for its question."""
     from a2a.types import a2a_pb2 as pb
 
     from micro.a2a.client import Client, text_of
 
     context_id = f"{me}-{run_id}" if run_id else f"from-{me}"
-    async with Client(url, timeout=timeout or 300.0) as agent:
+    async with Client(url, headers=headers, timeout=timeout or 300.0) as agent:
         task_id = ""
         if answering:  # the remote task that asked: the one of this run's context that needs input
             waiting = [t for t in await agent.list(context_id=context_id)
