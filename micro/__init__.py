@@ -11,7 +11,7 @@ broker and a store, and serve real gRPC endpoints::
         rsp = await service.client.call("task", "Task.ListOverdue", {"user_id": "alice"})
 """
 
-from micro import auth, context, errors, logs, telemetry, tls
+from micro import a2a, auth, context, errors, logs, telemetry, tls
 from micro.agent import Agent
 from micro.client import Client
 from micro.codec.layout import field
@@ -62,6 +62,7 @@ __all__ = [
     "Runtime",
     "Service",
     "Version",
+    "a2a",
     "auth",
     "context",
     "errors",

@@ -59,6 +59,7 @@ class NewAgentOptions(AgentServiceOptions, total=False):
     pause_ttl: float
     resume_interrupted: bool
     memory: Memory | None
+    remote_headers: Mapping[str, Mapping[str, str]] | None
     metadata: Mapping[str, str] | None
 
 

@@ -31,12 +31,12 @@ from micro._proto.micro.agent import (
     ToolCall,
 )
 from micro.ai import Message, Model, from_provider
-from micro.errors import BadRequest, Conflict, NotFound, Timeout, Unavailable, UsageError
+from micro.errors import BadRequest, Conflict, NotFound, Timeout, Unavailable, UsageError, VersionConflict
 from micro.resource import redact
 from micro.service import AgentServiceOptions, Service
 from micro.tasks import BackgroundTasks
 
-from .delegation import DEFAULT_MAX_DEPTH, delegate_tool
+from .delegation import DEFAULT_MAX_DEPTH, delegate_tool, describe_remote, is_remote
 from .engine import (
     DEFAULT_PAUSE_TTL,
     Answer,
@@ -50,7 +50,7 @@ from .engine import (
 )
 from .loop import Approve, Decision, Event, Limits, Run, system_prompt
 from .memory import Memory, StoreMemory, check_session
-from .record import STATUSES, AgentRun, AgentRuns, RunToolCall, new_run_id
+from .record import STATUSES, AgentRun, AgentRuns, RunToolCall, check_run_id, new_run_id
 from .tools import REQUEST_INPUT, RUN_ID, Tool, Toolset, function_tool, request_input_tool
 
 log = logging.getLogger("micro.agent")
@@ -91,9 +91,13 @@ class Agent(Service):
             ``StoreMemory(window=history_limit)``: the runtime's store, compacted past 400
             messages (see :mod:`micro.agent.memory`).
         agents: other agents this one may ask through its built-in ``delegate(agent, message)``
-            tool (see :mod:`micro.agent.delegation`); ``max_delegation_depth`` bounds the chain.
+            tool (see :mod:`micro.agent.delegation`): registry names, or ``http(s)://`` URLs of
+            remote A2A agents; ``max_delegation_depth`` bounds the chain.
         forward: metadata keys of the incoming call passed on to tool calls and delegations,
-            e.g. ``["authorization"]``; nothing else of the caller's metadata is forwarded.
+            e.g. ``["authorization"]``; nothing else of the caller's metadata is forwarded (and
+            none of it to remote A2A agents).
+        remote_headers: HTTP headers to send to a remote A2A agent among ``agents``, by its URL
+            (``{"https://partner.example.com/agents/billing": {"Authorization": "Bearer …"}}``).
         **service_options: what :class:`micro.Service` takes (``runtime=``, ``address=``, …).
 
     Example::
@@ -114,6 +118,7 @@ class Agent(Service):
                  forward: Sequence[str] = (), needs_approval: Sequence[str] = (),
                  builtins: Sequence[str] | None = None, pause_ttl: float = DEFAULT_PAUSE_TTL,
                  resume_interrupted: bool = False, memory: Memory | None = None,
+                 remote_headers: Mapping[str, Mapping[str, str]] | None = None,
                  metadata: Mapping[str, str] | None = None,
                  **service_options: Unpack[AgentServiceOptions]) -> None:
         if isinstance(services, str):
@@ -166,9 +171,16 @@ class Agent(Service):
         self._runs: AgentRuns | None = None
         self._engine: RunEngine | None = None
         self._background: BackgroundTasks | None = None
+        self._max_depth = max_delegation_depth
+        self.remote_headers = {url: dict(h) for url, h in (remote_headers or {}).items()}
+        unknown = sorted(set(self.remote_headers) - set(self.agents))
+        if unknown:
+            raise UsageError(f"agent {name}: remote_headers names {', '.join(unknown)}, which are not among its "
+                             "agents")
         if self.agents:
             self.functions["delegate"] = delegate_tool(
-                lambda: self.client, name, self.agents, max_depth=max_delegation_depth, forward=self.forward)
+                lambda: self.client, name, self.agents, max_depth=max_delegation_depth, forward=self.forward,
+                remote_headers=self.remote_headers)
         self.handle(_AgentHandler(self), name="Agent")
         # a keyed Agent.Chat (a flow's delegation, a client's retry) answers a repeat from the store,
         # and the run's own tool calls carry keys derived from it (Toolset)
@@ -255,6 +267,12 @@ class Agent(Service):
         """Start serving (see :meth:`Service.start`); with ``resume_interrupted=True``, then continue the
         runs a crash left unfinished, in the background; with metrics on, report its waiting runs."""
         await super().start()
+        urls = [a for a in self.agents if is_remote(a)]
+        if urls:  # the remote agents' cards tell the model what each does
+            described = await describe_remote(urls, headers=self.remote_headers)
+            self.functions["delegate"] = delegate_tool(
+                lambda: self.client, self.name, self.agents, max_depth=self._max_depth, forward=self.forward,
+                remote=described, remote_headers=self.remote_headers)
         if self.recover or metrics.enabled():
             self._background = BackgroundTasks(f"agent {self.name}", log)
             await self._background.start()
@@ -293,19 +311,23 @@ class Agent(Service):
     # -- asking -------------------------------------------------------------------------------
 
     async def ask(self, message: str, *, session: str = "", parent_id: str = "",
-                  timeout: float | None = None) -> ChatResponse:
+                  timeout: float | None = None, run_id: str = "") -> ChatResponse:
         """Run the agent on one message and return its reply, tool calls and run id.
 
         When the run waits for a person, ``status`` is ``"paused"`` (tool calls that need approval)
         or ``"input_required"`` (the model asked a question) and ``pending`` lists them; continue
         it with :meth:`resume`. A session with a waiting run refuses new messages (``BadRequest``).
 
+        ``run_id`` names the new run (:func:`micro.agent.record.new_run_id`'s form; the A2A
+        gateway's task ids are run ids): its record is written at once, so the run is visible
+        as ``running`` from the start, and only if no run has that id (else ``Conflict``).
+
         Example::
 
             rsp = await agent.ask("What tasks are overdue for Alice?")
             print(rsp.reply, [c.name for c in rsp.tool_calls])
         """
-        return await self._ask(message, session, parent_id, timeout, None)
+        return await self._ask(message, session, parent_id, timeout, None, run_id)
 
     async def resume(self, run_id: str, *, approve: Approval = None, answer: Answer = None, reason: str = "",
                      partial: bool = False, timeout: float | None = None) -> ChatResponse:
@@ -377,7 +399,7 @@ class Agent(Service):
         return out
 
     async def stream(self, message: str, *, session: str = "", parent_id: str = "",
-                     timeout: float | None = None) -> AsyncIterator[ChatEvent]:
+                     timeout: float | None = None, run_id: str = "") -> AsyncIterator[ChatEvent]:
         """Like :meth:`ask`, yielding events as the run goes: ``text`` deltas from the model,
         ``tool_start`` / ``tool_end`` around each tool call, then ``done`` with the response
         (or ``error``, after which the error is raised).
@@ -388,7 +410,8 @@ class Agent(Service):
                 if ev.type == "text":
                     print(ev.text, end="")
         """
-        async for ev in self._streamed(lambda emit: self._ask(message, session, parent_id, timeout, emit)):
+        async for ev in self._streamed(lambda emit: self._ask(message, session, parent_id, timeout, emit,
+                                                                         run_id)):
             yield ev
 
     async def _streamed(self, start: Callable[[Any], Any]) -> AsyncIterator[ChatEvent]:
@@ -435,7 +458,7 @@ class Agent(Service):
         return self.runtime.task_group
 
     async def _ask(self, message: str, session: str, parent_id: str, timeout: float | None,
-                   emit: Any) -> ChatResponse:
+                   emit: Any, run_id: str = "") -> ChatResponse:
         if not message.strip():
             raise BadRequest(f"{self.name} Agent.Chat: message is empty")
         try:
@@ -443,15 +466,25 @@ class Agent(Service):
         except UnicodeEncodeError:
             raise BadRequest(f"{self.name} Agent.Chat: message is not valid Unicode text (a lone surrogate?)") from None
         check_session(session)  # BadRequest for a malformed session id, before any work
+        if run_id:
+            check_run_id(self.name, run_id)
         await self.engine.check_session(session)
-        run_id = new_run_id()
+        chosen = bool(run_id)
+        run_id = run_id or new_run_id()
         # the base of the run's tool calls' idempotency keys: the caller's key, or the run's own
         key = idempotency.current_key() or f"{self.name}/{run_id}"
         record = AgentRun(run_id, self.name, message, parent_id, session, status="running", model=self.model.model,
                           started=time.time(), messages=[Message.user(message)], key=key, owner=self.id)
         # first written at the first step boundary (the model's first turn asking for tools), or at the end:
         # a run that dies before made no call, so there is nothing to recover (its caller saw the error)
-        checkpoint = Checkpoint(self.runs, record, 0)
+        version = 0
+        if chosen:  # the caller will look the run up by its id at once (an A2A task): write it now
+            try:
+                version = await self.runs.save(record, 0)
+            except VersionConflict:
+                raise Conflict(f"agent {self.name}: a run {run_id} exists already; a new run needs a new id "
+                               "(or none: the agent picks one)") from None
+        checkpoint = Checkpoint(self.runs, record, version)
         return await self._execute(checkpoint, emit, timeout, {})
 
     async def _resume(self, run_id: str, approve: Approval, answer: Answer, reason: str, partial: bool,
@@ -626,11 +659,12 @@ class _AgentHandler:
 
     async def Chat(self, req: ChatRequest) -> ChatResponse:
         """Send a message to the agent; it answers using its services' endpoints as tools."""
-        return await self._agent.ask(req.message, session=req.session, parent_id=req.parent_id)
+        return await self._agent.ask(req.message, session=req.session, parent_id=req.parent_id, run_id=req.run_id)
 
     async def StreamChat(self, req: ChatRequest) -> AsyncIterator[ChatEvent]:
         """Like Chat, streaming text deltas and tool call events while the agent works."""
-        async for ev in self._agent.stream(req.message, session=req.session, parent_id=req.parent_id):
+        async for ev in self._agent.stream(req.message, session=req.session, parent_id=req.parent_id,
+                                           run_id=req.run_id):
             yield ev
 
     async def Resume(self, req: ResumeRequest) -> ChatResponse:

@@ -10,19 +10,39 @@ The chain of agents above a run travels in the ``micro-delegation`` call
 metadata. A delegation is refused with a tool error the model can read (and
 answer around) when the target is already in the chain (a cycle: A → B → A)
 or when the chain is ``max_depth`` agents long.
+
+An entry of ``agents`` that is an ``http(s)://`` URL is a **remote A2A agent** (any
+Agent2Agent v1.0 server, micro's gateway or not), asked through
+:class:`micro.a2a.Client` (the ``a2a`` extra): streaming when its card offers it, in
+the context ``{agent}-{run id}`` (one conversation per run). Its card's description
+joins the tool's description when the agent starts. What comes back:
+
+- a completed task: its reply (the artifacts' text), as for a local agent;
+- a task that needs input: the remote agent's question becomes **this run's own**
+  (``input_required``, via :class:`~micro.agent.tools.AskPerson`); the person's answer
+  is sent on the remote task, and what it answers then is the call's result;
+- a failed, rejected or cancelled task, or an unreachable agent: a tool error the model
+  reads (and can answer around).
+
+No metadata of the caller's (tokens included) goes to a remote agent: A2A carries only
+the message, and the headers configured for that URL (``Agent(remote_headers={url: {...}})``,
+e.g. the partner's own token).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgspec
 
 from micro import context, idempotency
-from micro.errors import BadRequest, PermissionDenied
+from micro.errors import BadRequest, Conflict, Internal, PermissionDenied
 
-from .tools import RUN_ID, Tool, forwarded
+from .tools import RUN_ID, AskPerson, Tool, forwarded
+
+log = logging.getLogger("micro.agent")
 
 CHAIN = "micro-delegation"
 """Call metadata: the agents above the current run, outermost first, comma-separated."""
@@ -35,22 +55,36 @@ class DelegateArgs(msgspec.Struct, forbid_unknown_fields=True):
     message: str
 
 
+def is_remote(agent: str) -> bool:
+    """Whether an ``agents=[…]`` entry is a remote A2A agent (an ``http(s)://`` URL)."""
+    return agent.startswith(("http://", "https://"))
+
+
 def delegate_tool(client: Callable[[], Any], me: str, agents: Sequence[str], *, max_depth: int = DEFAULT_MAX_DEPTH,
-                  forward: Sequence[str] = (), timeout: float | None = None) -> Tool:
-    """The ``delegate`` tool of agent ``me``, able to ask any of ``agents`` (``client()`` gives the client)."""
+                  forward: Sequence[str] = (), timeout: float | None = None,
+                  remote: Mapping[str, str] | None = None,
+                  remote_headers: Mapping[str, Mapping[str, str]] | None = None) -> Tool:
+    """The ``delegate`` tool of agent ``me``, able to ask any of ``agents`` (``client()`` gives the client).
+
+    ``remote`` maps the URLs among ``agents`` to their cards' descriptions (for the model);
+    ``remote_headers`` to the HTTP headers sent to each (its credentials: nothing else is sent).
+    """
+    headers = dict(remote_headers or {})
     names = sorted(set(agents))
+    local = [n for n in names if not is_remote(n)]
+    urls = [n for n in names if is_remote(n)]
     schema: dict[str, Any] = {
         "type": "object",
         "title": "delegate",
         "properties": {
-            "agent": {"type": "string", "enum": names, "description": "the agent to ask"},
+            "agent": {"type": "string", "enum": names, "description": "the agent to ask (its name, or its URL)"},
             "message": {"type": "string", "description": "what to ask it, with everything it needs to know"},
         },
         "required": ["agent", "message"],
         "additionalProperties": False,
     }
 
-    async def run(args: dict[str, Any]) -> Any:
+    def checked(args: dict[str, Any]) -> DelegateArgs:
         try:
             req = msgspec.convert(args, DelegateArgs)
         except msgspec.ValidationError as exc:
@@ -59,6 +93,10 @@ def delegate_tool(client: Callable[[], Any], me: str, agents: Sequence[str], *, 
             raise BadRequest(f"tool delegate: {me} may not ask {req.agent!r}; it may ask: {', '.join(names)}")
         if not req.message.strip():
             raise BadRequest("tool delegate: `message` is empty; say what the other agent should do")
+        return req
+
+    async def run(args: dict[str, Any]) -> Any:
+        req = checked(args)
         md = context.metadata()
         chain = [a for a in md.get(CHAIN, "").split(",") if a] + [me]
         path = " → ".join([*chain, req.agent])
@@ -67,6 +105,8 @@ def delegate_tool(client: Callable[[], Any], me: str, agents: Sequence[str], *, 
         if len(chain) >= max_depth:
             raise PermissionDenied(f"delegation refused: {path} is deeper than the limit of {max_depth} agents; "
                                    "answer with what you have")
+        if is_remote(req.agent):
+            return await _remote(req.agent, me, req.message, md.get(RUN_ID, ""), timeout, headers.get(req.agent))
         metadata = {**forwarded(forward), CHAIN: ",".join(chain)}
         request = {"message": req.message, "parent_id": md.get(RUN_ID, ""), "session": f"from-{me}"}
         key = idempotency.current_key()
@@ -80,10 +120,105 @@ def delegate_tool(client: Callable[[], Any], me: str, agents: Sequence[str], *, 
             out["pending"] = rsp.get("pending", [])
         return out
 
+    async def answer(args: dict[str, Any], text: str) -> Any:
+        req = checked(args)
+        if not is_remote(req.agent):
+            return text
+        return await _remote(req.agent, me, text, context.metadata().get(RUN_ID, ""), timeout, headers.get(req.agent),
+                             answering=True)
+
+    described = []
+    if local:
+        described.append(f"Agents you can ask: {', '.join(local)}.")
+    if urls:
+        cards = remote or {}
+        described.append("Remote agents (A2A), asked by URL: " + "; ".join(
+            f"{u}" + (f" ({cards[u]})" if cards.get(u) else "") for u in urls) + ".")
     return Tool(
         name="delegate",
         description=("Ask another agent to do part of the work in its own domain and return its answer. "
-                     f"Agents you can ask: {', '.join(names)}."),
+                     + " ".join(described)),
         input_schema=schema,
         run=run,
+        answer=answer if urls else None,
     )
+
+
+async def describe_remote(urls: Sequence[str], *, timeout: float = 10.0,
+                          headers: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, str]:
+    """The card descriptions of remote A2A agents, fetched concurrently (an unreachable one is left out)."""
+    import anyio
+
+    from micro.a2a.client import card
+
+    found: dict[str, str] = {}
+
+    async def one(url: str) -> None:
+        try:
+            with anyio.fail_after(timeout):
+                c = await card(url, headers=(headers or {}).get(url))
+        except Exception as exc:  # the agent still starts; the model sees the URL without a description
+            log.warning("remote agent %s: its card could not be read (%s); the model sees only its URL", url, exc)
+            return
+        found[url] = f"{c.name}: {c.description}" if c.description else c.name
+
+    async with anyio.create_task_group() as tg:
+        for url in urls:
+            tg.start_soon(one, url)
+    return found
+
+
+async def _remote(url: str, me: str, message: str, run_id: str, timeout: float | None,
+                  headers: Mapping[str, str] | None, *, answering: bool = False) -> dict[str, Any]:
+    """Ask the A2A agent at ``url`` (or answer its question); its reply, or :class:`AskPerson` for its question."""
+    from a2a.types import a2a_pb2 as pb
+
+    from micro.a2a.client import Client, text_of
+
+    context_id = f"{me}-{run_id}" if run_id else f"from-{me}"
+    async with Client(url, headers=headers, timeout=timeout or 300.0) as agent:
+        task_id = ""
+        if answering:  # the remote task that asked: the one of this run's context that needs input
+            waiting = [t for t in await agent.list(context_id=context_id)
+                       if t.status.state == pb.TASK_STATE_INPUT_REQUIRED]
+            if not waiting:
+                raise Conflict(f"remote agent {url}: no task of context {context_id} waits for input any more")
+            task_id = waiting[0].id
+        if agent.card.capabilities.streaming:
+            result: pb.Task | pb.Message = await _streamed(agent, message, context_id, task_id)
+        else:
+            result = await agent.send(message, context_id=context_id, task_id=task_id)
+    if isinstance(result, pb.Message):
+        return {"agent": url, "reply": text_of(result)}
+    state = result.status.state
+    said = text_of(result)
+    if state == pb.TASK_STATE_COMPLETED:
+        return {"agent": url, "reply": said, "task_id": result.id}
+    if state in (pb.TASK_STATE_INPUT_REQUIRED, pb.TASK_STATE_AUTH_REQUIRED):
+        raise AskPerson(f"{url} asks: {text_of(result.status) or 'it needs more input'}")
+    name = pb.TaskState.Name(state).removeprefix("TASK_STATE_").lower()
+    raise Internal(f"remote agent {url} ended task {result.id} as {name}: {text_of(result.status) or 'no reason'}")
+
+
+async def _streamed(agent: Any, message: str, context_id: str, task_id: str) -> Any:
+    """The task a stream ends with: its snapshot, with the status and artifact updates applied."""
+    from a2a.types import a2a_pb2 as pb
+
+    task = pb.Task(id=task_id, context_id=context_id)
+    async for ev in agent.stream(message, context_id=context_id, task_id=task_id):
+        if ev.HasField("message"):
+            return ev.message
+        if ev.HasField("task"):
+            task.CopyFrom(ev.task)
+        elif ev.HasField("status_update"):
+            task.status.CopyFrom(ev.status_update.status)
+        elif ev.HasField("artifact_update"):
+            up = ev.artifact_update
+            same = next((a for a in task.artifacts if a.artifact_id == up.artifact.artifact_id), None)
+            if same is not None and up.append:
+                same.parts.extend(up.artifact.parts)
+            elif same is not None:
+                same.CopyFrom(up.artifact)
+            else:
+                task.artifacts.append(up.artifact)
+    return task

@@ -180,7 +180,7 @@ def restore(record: AgentRun, run: Run) -> None:
     for p in record.pending:
         for c in reversed(run.calls):
             if c.id == p.call_id and c.state == "pending":
-                c.kind, c.reason = p.kind, p.reason
+                c.kind, c.reason = p.kind, (p.question if p.kind == "question" else p.reason)
                 break
     u = record.usage
     run.usage = Usage(u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens)
@@ -190,7 +190,8 @@ def pending_of(run: Run) -> list[PendingCall]:
     """The pending calls of a loop that stopped to wait, as the record keeps them."""
     out = []
     for c in run.pending:
-        question = str(c.input.get("question", "")) if c.kind == "question" else ""
+        # the question a tool asked (AskPerson), or request_input's argument
+        question = (c.reason or str(c.input.get("question", ""))) if c.kind == "question" else ""
         out.append(PendingCall(c.id, c.name, dict(c.input), c.reason if c.kind != "question" else "",
                                "question" if c.kind == "question" else "approval", question))
     return out

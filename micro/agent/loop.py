@@ -53,7 +53,7 @@ from micro.ai.messages import INVALID_JSON, writable
 from micro.errors import AgentError, Error, Timeout
 from micro.resource import aclose
 
-from .tools import Tool, result_text
+from .tools import AskPerson, Tool, result_text
 
 log = logging.getLogger("micro.agent")
 
@@ -393,12 +393,16 @@ class Run:
             if verdict is not None:
                 return verdict
         elif decision.answer is not None:
-            return decision.answer, False
+            if tool.answer is None:
+                return decision.answer, False
         elif not decision.approved:
             return f"the call to {use.name} was not approved by a person: {decision.reason or 'denied'}", True
         try:
             async with asyncio.timeout(self.limits.tool_timeout) as cm:
-                value = await tool.run(dict(use.input))
+                if decision is not None and decision.answer is not None and tool.answer is not None:
+                    value = await tool.answer(dict(use.input), decision.answer)  # the answer goes on (to an agent)
+                else:
+                    value = await tool.run(dict(use.input))
         except TimeoutError:
             if not cm.expired():
                 log.exception("tool %s raised", use.name)
@@ -406,6 +410,8 @@ class Run:
             return f"{use.name} did not finish within tool_timeout={self.limits.tool_timeout}s", True
         except EndRun:
             raise
+        except AskPerson as exc:
+            return _Ask("question", exc.question)
         except Error as exc:
             return f"{type(exc).__name__}: {exc.message}", True
         except Exception as exc:

@@ -38,6 +38,7 @@ read.
 from __future__ import annotations
 
 import builtins
+import re
 import time
 import uuid
 from collections.abc import Callable, Collection
@@ -147,6 +148,16 @@ _decode = msgspec.json.Decoder(AgentRun).decode
 def new_run_id() -> str:
     """A run id that sorts by start time: 16 hex digits of nanoseconds, then 16 random ones."""
     return f"{time.time_ns():016x}{uuid.uuid4().hex[:16]}"
+
+
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def check_run_id(agent: str, run_id: str) -> None:
+    """Refuse (``BadRequest``) a caller's run id that is not of :func:`new_run_id`'s form."""
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+        raise BadRequest(f"agent {agent}: run_id {run_id!r} is not a run id (32 lowercase hex digits, the time "
+                         "first: micro.agent.record.new_run_id()); leave it empty and the agent picks one")
 
 
 class AgentRuns:

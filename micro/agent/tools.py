@@ -29,7 +29,7 @@ import msgspec
 
 from micro import context, idempotency
 from micro.ai import ToolSpec
-from micro.errors import BadRequest, NotFound, UsageError
+from micro.errors import AgentError, BadRequest, NotFound, UsageError
 from micro.registry import ServiceRecord
 
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_-]")
@@ -68,6 +68,9 @@ class Tool:
     endpoint: str = ""
     asks: bool = False
     """True for a tool that asks the person (``request_input``): calling it pauses the run."""
+    answer: Callable[[dict[str, Any], str], Awaitable[Any]] | None = None
+    """For a tool whose ``run`` may raise :class:`AskPerson`: ``answer(args, text)`` carries the person's
+    answer on (a remote agent's question goes back to it); its value is the call's result."""
     _spec: ToolSpec | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -178,6 +181,19 @@ class Toolset:
 
 
 REQUEST_INPUT = "request_input"
+
+
+class AskPerson(AgentError):
+    """Raised by a tool's ``run`` to ask the person a question instead of answering: the run waits
+    (``input_required``) with the call pending, and the answer goes to the tool's ``answer``.
+
+    A remote A2A agent that needs input raises it through ``delegate``, so its question
+    becomes this run's own.
+    """
+
+    def __init__(self, question: str) -> None:
+        super().__init__(question)
+        self.question = question
 
 
 def request_input_tool() -> Tool:

@@ -154,6 +154,7 @@ def main() -> None:
 
 def _register() -> None:
     from micro.cli import (  # noqa: F401  (commands register themselves)
+        a2a,
         agents,
         bench,
         broker,

@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -123,17 +123,21 @@ class BearerAuth:
     """ASGI middleware: every HTTP request needs ``Authorization: Bearer <token>``.
 
     The token is compared in constant time and never logged; a missing or wrong one
-    gets 401 with ``WWW-Authenticate: Bearer`` and the JSON error body.
+    gets 401 with ``WWW-Authenticate: Bearer`` and the JSON error body. The probes
+    (:data:`PUBLIC`) and the paths ``public(path)`` accepts are served without it.
     """
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(self, app: ASGIApp, token: str, public: Callable[[str], bool] | None = None) -> None:
         if not token:
             raise UsageError("the gateway token is empty: pass a non-empty token, or none to turn auth off")
         self.app = app
         self._token = token.encode()
+        self._public = public
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") in PUBLIC or self._accepts(scope):
+        path = scope.get("path", "")
+        if (scope["type"] != "http" or path in PUBLIC or (self._public is not None and self._public(path))
+                or self._accepts(scope)):
             await self.app(scope, receive, send)
             return
         rsp = _error(401, "UNAUTHENTICATED", "this gateway needs an `Authorization: Bearer <token>` header "

@@ -75,6 +75,12 @@ class ChatRequest(betterproto2.Message):
 
     session: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
 
+    run_id: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
+    """
+    The id of the new run, chosen by the caller (the A2A gateway: a task id is a run id); empty: the
+    agent picks one. Its record is written at once, and only if no run has that id.
+    """
+
 
 default_message_pool.register_message("micro.agent", "ChatRequest", ChatRequest)
 
