@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from micro import metrics
-from micro.cli.gateway import _bind, _limits, _loopback, _serve, _token, _url, parse_address
+from micro.cli.gateway import _bind, _limits, _serve, loopback, parse_address, token_from, url_of
 from micro.cli.main import cli_runtime, err, fail, main, out, run_async
 
 
@@ -66,13 +66,13 @@ async def _gateway(address: str, token_env: str | None, timeout: float, max_body
     from micro.gateway.http import LOOPBACK_HOSTS
 
     metrics.enable_if_installed()
-    token = _token(token_env, address)
+    token = token_from(token_env, address)
     host, _ = parse_address(address)
-    hosts = [*LOOPBACK_HOSTS, *allow_hosts] if _loopback(host) else (list(allow_hosts) or None)
+    hosts = [*LOOPBACK_HOSTS, *allow_hosts] if loopback(host) else (list(allow_hosts) or None)
     gateway = app(cli_runtime(), token=token, max_body=max_body, timeout=timeout, allowed_hosts=hosts,
                   allowed_origins=allow_origins, public_url=public_url)
     sock = _bind(address)
-    url = _url(sock)
+    url = url_of(sock)
     auth = " (bearer token required)" if token else ""
     await _serve(gateway, sock, lambda: _ready(f"micro a2a on {url}{auth}: GET {url}/agents, "
                                               f"JSON-RPC at {url}/agents/{{name}}"), limits)

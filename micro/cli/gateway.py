@@ -11,6 +11,7 @@ SIGINT or SIGTERM stops the server gracefully.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import os
@@ -37,7 +38,8 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _loopback(host: str) -> bool:
+def loopback(host: str) -> bool:
+    """Whether HOST names this machine only (127.0.0.0/8, ::1, localhost)."""
     if host == "localhost":
         return True
     try:
@@ -46,15 +48,13 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def _bind(address: str) -> socket.socket:
-    """A listening socket: connections queue from now on, before the server runs."""
+def bind(address: str) -> socket.socket:
+    """A listening socket on HOST:PORT (connections queue from now on, before a server runs); ``OSError``
+    when it cannot listen there."""
     host, port = parse_address(address)
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _, where = infos[0]
-        sock = socket.socket(family, kind, proto)
-    except OSError as exc:
-        fail(f"cannot listen on {address}: {exc}")
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, where = infos[0]
+    sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         # accepted connections inherit it: a response's head and body go out at once, instead of the
@@ -62,21 +62,30 @@ def _bind(address: str) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind(where)
         sock.listen(2048)
-    except OSError as exc:
+    except OSError:
         sock.close()
-        fail(f"cannot listen on {address}: {exc.strerror or exc}")
+        raise
     return sock
 
 
-def _url(sock: socket.socket) -> str:
+def _bind(address: str) -> socket.socket:
+    try:
+        return bind(address)
+    except OSError as exc:
+        fail(f"cannot listen on {address}: {exc.strerror or exc}")
+
+
+def url_of(sock: socket.socket) -> str:
+    """``http://HOST:PORT`` of a listening socket."""
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _token(var: str | None, address: str) -> str | None:
+def token_from(var: str | None, address: str) -> str | None:
+    """The token in environment variable VAR (``--token-env``); without one, a warning off loopback."""
     if var is None:
         host, _ = parse_address(address)
-        if not _loopback(host):
+        if not loopback(host):
             err.print(f"[yellow]warning:[/yellow] listening on {host} without --token-env: anyone who can reach "
                       "it can call every service", markup=True)
         return None
@@ -100,7 +109,8 @@ def _limits(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-async def _serve(app: Any, sock: socket.socket, ready: Callable[[], None], limits: dict[str, Any]) -> None:
+async def _serve(app: Any, sock: socket.socket, ready: Callable[[], None], limits: dict[str, Any],
+                 on_stop: Callable[[], None] | None = None) -> None:
     """Run an ASGI app with uvicorn on ``sock``, bounded by ``limits`` (head_timeout, body_timeout,
     max_connections); SIGINT or SIGTERM stops it gracefully (twice: at once)."""
     import uvicorn
@@ -129,6 +139,8 @@ async def _serve(app: Any, sock: socket.socket, ready: Callable[[], None], limit
                 if server.should_exit:
                     server.force_exit = True
                 server.should_exit = True
+                if on_stop is not None:
+                    on_stop()
 
     async with anyio.create_task_group() as tg:
         await tg.start(stop_on_signals)
@@ -139,6 +151,77 @@ async def _serve(app: Any, sock: socket.socket, ready: Callable[[], None], limit
             sock.close()
     if server.lifespan.should_exit and not server.started:  # the app could not start: uvicorn logged why
         fail("the server did not start")
+
+
+class HttpServer:
+    """The dashboard and JSON API of ``micro run``: uvicorn on a socket bound before, in a task it owns.
+
+    Nothing of the HTTP stack is imported before the services are up: :meth:`start` starts a task
+    that imports starlette, uvicorn and the dashboard in a worker thread, then serves; connections
+    that arrive meanwhile wait in the socket's backlog. :meth:`aclose` ends the dashboard's live
+    streams, stops the server gracefully and awaits the task.
+    """
+
+    def __init__(self, sock: socket.socket, runtime: Any, *, token: str | None, hosts: list[str] | None) -> None:
+        self.sock = sock
+        self.url = url_of(sock)
+        self._runtime = runtime
+        self._token = token
+        self._hosts = hosts
+        self._server: Any = None
+        self._app: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._serve(), name="micro http")
+
+    async def _serve(self) -> None:
+        import importlib
+
+        def load() -> None:  # off the loop: the services answer calls meanwhile
+            for name in ("uvicorn", "starlette.applications", "micro.gateway.http", "micro.gateway.server",
+                         "micro.dashboard.pages"):
+                importlib.import_module(name)
+
+        await anyio.to_thread.run_sync(load)
+        import uvicorn
+
+        from micro.gateway.http import app
+
+        self._app = app(self._runtime, token=self._token, allowed_hosts=self._hosts, dashboard=True)
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                yield  # micro run handles the signals
+
+        from micro.connections import quiet_accept_errors
+        from micro.gateway.server import config
+
+        # the gateway's bounds on slow and numerous clients, at their defaults
+        self._server = Server(config(self._app, log_level="warning", access_log=False, lifespan="on",
+                                     timeout_graceful_shutdown=5))
+        quiet_accept_errors()
+        if self._stopping:
+            return
+        try:
+            await self._server.serve(sockets=[self.sock])
+        finally:
+            self.sock.close()
+
+    async def aclose(self) -> None:
+        self._stopping = True
+        if self._app is not None and self._app.state.dashboard is not None:
+            self._app.state.dashboard.close()
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._task is not None:
+            try:
+                await self._task
+            except Exception:
+                err.print("[yellow]warning:[/yellow] the dashboard's server failed as it stopped", markup=True)
+        self.sock.close()
 
 
 def _say(line: str) -> Callable[[], None]:
@@ -183,18 +266,58 @@ async def api(address: str, token_env: str | None, timeout: float, max_body: int
     from micro.gateway.http import LOOPBACK_HOSTS, app
 
     metrics.enable_if_installed()  # before the runtime: its client counts the calls made through the gateway
-    token = _token(token_env, address)
+    token = token_from(token_env, address)
     host, _ = parse_address(address)
     # on loopback only this machine's names are served; elsewhere the name is the operator's to choose
-    hosts = [*LOOPBACK_HOSTS, *allow_hosts] if _loopback(host) else (list(allow_hosts) or None)
+    hosts = [*LOOPBACK_HOSTS, *allow_hosts] if loopback(host) else (list(allow_hosts) or None)
     gateway = app(cli_runtime(), token=token, max_body=max_body, timeout=timeout, allowed_hosts=hosts,
                   allowed_origins=allow_origins)
     sock = _bind(address)
-    url = _url(sock)
+    url = url_of(sock)
     auth = " (bearer token required)" if token else ""
     limits = {"head_timeout": head_timeout, "body_timeout": body_timeout, "max_connections": max_connections}
     await _serve(gateway, sock, _say(f"micro api on {url}{auth}: POST {url}/api/{{service}}/{{Handler.Method}}, "
                                      f"GET {url}/api/services, GET {url}/openapi.json"), limits)
+    out.print("stopped")
+
+
+@main.command()
+@click.option("--address", default="127.0.0.1:8080", show_default=True,
+              help="HOST:PORT to listen on (port 0 picks a free one).")
+@click.option("--token-env", metavar="VAR",
+              help="Require the token in $VAR: pages ask for it once (a login form), API calls send "
+                   "`Authorization: Bearer $VAR`.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="Seconds one call (or one streamed chat) may take.")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="Also serve requests for this Host name (on loopback only 127.0.0.1, localhost and ::1). "
+                   "Repeatable.")
+@_limits
+@run_async
+async def dashboard(address: str, token_env: str | None, timeout: float, allow_hosts: tuple[str, ...],
+                    head_timeout: float, body_timeout: float, max_connections: int | None) -> None:
+    """Serve the dashboard (and the JSON API) for the services, agents and flows in the registry.
+
+    \b
+    /              services, agents and flows, live
+    /api/...       the JSON API of `micro api`
+
+    \b
+    Example:
+      micro dashboard --address 127.0.0.1:8090
+    """
+    from micro.gateway.http import LOOPBACK_HOSTS, app
+
+    metrics.enable_if_installed()
+    token = token_from(token_env, address)
+    host, _ = parse_address(address)
+    hosts = [*LOOPBACK_HOSTS, *allow_hosts] if loopback(host) else (list(allow_hosts) or None)
+    served = app(cli_runtime(), token=token, timeout=timeout, allowed_hosts=hosts, dashboard=True)
+    sock = _bind(address)
+    url = url_of(sock)
+    auth = " (log in with the token)" if token else ""
+    limits = {"head_timeout": head_timeout, "body_timeout": body_timeout, "max_connections": max_connections}
+    await _serve(served, sock, _say(f"dashboard: {url}{auth}"), limits, on_stop=served.state.dashboard.close)
     out.print("stopped")
 
 
@@ -232,10 +355,10 @@ async def mcp(transport: str, services: str | None, address: str, token_env: str
             fail("--token-env applies to --transport http (stdio is as private as the process that starts it)", 2)
         await gateway.run_stdio()
         return
-    token = _token(token_env, address)
+    token = token_from(token_env, address)
     host, _ = parse_address(address)
     sock = _bind(address)
-    url = _url(sock)
+    url = url_of(sock)
     auth = " (bearer token required)" if token else ""
     limits = {"head_timeout": head_timeout, "body_timeout": body_timeout, "max_connections": max_connections}
     await _serve(gateway.http_app(host=host, token=token), sock,

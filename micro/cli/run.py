@@ -20,6 +20,7 @@ from typing import Any
 
 import anyio
 import click
+import msgspec
 from rich.markup import escape
 
 from micro.cli.main import err, fail, main, out, run_async
@@ -164,6 +165,12 @@ def flow_summary(meta: dict[str, str]) -> str:
 @click.option("--metrics-address", metavar="HOST:PORT", envvar="MICRO_METRICS_ADDRESS",
               help="Serve Prometheus /metrics, /health/live and /health/ready here (or $MICRO_METRICS_ADDRESS; "
               "off by default; needs micro[metrics]).")
+@click.option("--http-address", metavar="HOST:PORT", envvar="MICRO_HTTP_ADDRESS",
+              help="Serve the dashboard and the JSON API here (or $MICRO_HTTP_ADDRESS; default 127.0.0.1:8080, "
+              "and when that port is taken micro run goes on without them; port 0 picks a free one).")
+@click.option("--no-http", is_flag=True, help="Serve no dashboard and no JSON API.")
+@click.option("--token-env", metavar="VAR",
+              help="The dashboard and API need the token in $VAR (pages ask once; API calls send a bearer header).")
 @click.option("--traceback", "full_traceback", is_flag=True,
               help="When the app's code raises on import or start, print every frame (default: the app's own).")
 @click.option("--reload", is_flag=True,
@@ -175,6 +182,7 @@ def flow_summary(meta: dict[str, str]) -> str:
 @run_async
 async def run(path: Path | None, prompt: str | None, provider: str | None, out_dir: Path | None,
               rounds: int, log_level: str, log_format: str, metrics_address: str | None = None,
+              http_address: str | None = None, no_http: bool = False, token_env: str | None = None,
               full_traceback: bool = False, reload: bool = False, replica: bool = False) -> None:
     """Run every service, agent and flow defined in PATH (a file, or a directory with app.py; default .).
 
@@ -204,13 +212,19 @@ async def run(path: Path | None, prompt: str | None, provider: str | None, out_d
                  "during a swap (unset $MICRO_METRICS_ADDRESS, or run without --reload)", 2)
         from micro.cli.reload import serve_reloading
 
-        passed = ["--log-level", log_level, "--log-format", log_format, *(["--traceback"] if full_traceback else [])]
+        # the versions overlap during a swap: they cannot both hold the dashboard's port
+        passed = ["--log-level", log_level, "--log-format", log_format, "--no-http",
+                  *(["--traceback"] if full_traceback else [])]
         await serve_reloading(path, passed, replica=replica)
         return
     if metrics_address is not None:
         _enable_metrics()  # before the app is imported: its services and runtimes set up their hooks when made
+    if no_http and (http_address is not None or token_env is not None):
+        fail("--no-http serves no dashboard: drop --http-address and --token-env, or --no-http", 2)
+    http = None if no_http else Http(http_address or DEFAULT_HTTP_ADDRESS, explicit=http_address is not None,
+                                     token_env=token_env)
     try:
-        await serve(path, metrics_address=metrics_address, replica=replica)
+        await serve(path, metrics_address=metrics_address, replica=replica, http=http)
     except AppError as exc:
         if full_traceback:
             raise exc.error from None
@@ -218,6 +232,18 @@ async def run(path: Path | None, prompt: str | None, provider: str | None, out_d
         # an app that called asyncio.run(main()) on import left main() unawaited: said above already
         warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
         raise SystemExit(1) from None
+
+
+DEFAULT_HTTP_ADDRESS = "127.0.0.1:8080"
+
+
+class Http(msgspec.Struct, frozen=True):
+    """Where ``micro run`` serves the dashboard and JSON API: the address, whether it was asked for (then a
+    taken port is an error, not a warning), and the ``--token-env`` variable."""
+
+    address: str
+    explicit: bool = True
+    token_env: str | None = None
 
 
 def _enable_metrics() -> None:
@@ -229,8 +255,10 @@ def _enable_metrics() -> None:
         fail("--metrics-address needs prometheus_client: pip install 'micro[metrics]'", 2)
 
 
-async def serve(path: Path, *, metrics_address: str | None = None, replica: bool = False) -> None:
-    """Import the app at ``path`` and run what it defines until SIGINT/SIGTERM (what ``micro run PATH`` does).
+async def serve(path: Path, *, metrics_address: str | None = None, replica: bool = False,
+                http: Http | None = None) -> None:
+    """Import the app at ``path`` and run what it defines until SIGINT/SIGTERM (what ``micro run PATH`` does);
+    with ``http``, the dashboard and the JSON API on one HTTP server beside them.
 
     Unless ``replica``, warns when a live process already serves one of its services.
     """
@@ -276,6 +304,12 @@ async def serve(path: Path, *, metrics_address: str | None = None, replica: bool
                 n = len(item.endpoints)
                 extra = f"{n} endpoint{'' if n == 1 else 's'}"
             out.print(f"[green]●[/green] {kind} [bold]{item.name}[/bold] on {item.address} ({extra})")
+        if http is not None:  # last in, first out: the dashboard stops before the services drain
+            server = _http_server(http, items[0].runtime)
+            if server is not None:
+                stack.push_async_callback(server.aclose)
+                server.start()
+                out.print(f"dashboard: {server.url}", markup=False)
         if module.__doc__:
             out.print(module.__doc__.strip(), markup=False)
         report_ready(items)
@@ -285,3 +319,21 @@ async def serve(path: Path, *, metrics_address: str | None = None, replica: bool
             sys.stdout.flush()
             await anyio.sleep_forever()
     out.print("stopped")
+
+
+def _http_server(http: Http, runtime: Any) -> Any:
+    """The bound (not yet serving) dashboard server, or None when the default port is taken."""
+    from micro.cli.gateway import HttpServer, bind, loopback, parse_address, token_from
+    from micro.gateway.http import LOOPBACK_HOSTS
+
+    token = token_from(http.token_env, http.address)
+    host, _ = parse_address(http.address)
+    try:
+        sock = bind(http.address)
+    except OSError as exc:
+        if http.explicit:
+            fail(f"--http-address {http.address}: cannot listen there: {exc.strerror or exc}")
+        err.print(f"[yellow]warning:[/yellow] no dashboard: cannot listen on {http.address} ({exc.strerror or exc}); "
+                  "pass --http-address HOST:PORT (port 0 picks a free one), or --no-http", markup=True)
+        return None
+    return HttpServer(sock, runtime, token=token, hosts=list(LOOPBACK_HOSTS) if loopback(host) else None)

@@ -990,7 +990,8 @@ class Flow(Service):
         since = self.engine.clock()
         until = since + step.timeout if step.timeout is not None else 0.0
         run.waiting = Waiting(step=path, name=step.name, prompt=prompt, since=since, until=until,
-                              topic=step.topic or "", match=step.match or "", value=value)
+                              topic=step.topic or "", match=step.match or "", value=value,
+                              schema=step.input_schema())
         found_rec = await self.model_runs.load(run.id)
         record = found_rec[0] if found_rec is not None else AgentRun(run.id, self.name, prompt, started=now(),
                                                                       key=run.id)

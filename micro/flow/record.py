@@ -44,7 +44,8 @@ class StepInfo(msgspec.Struct):
 
 class Waiting(msgspec.Struct):
     """What a waiting run waits for: its ``Await`` step (path), a prompt, since and until when (0: no
-    timeout), and the event that can satisfy it (``topic`` / ``match`` = ``value``)."""
+    timeout), the event that can satisfy it (``topic`` / ``match`` = ``value``), and the JSON Schema of
+    the input it takes (``{}`` when the step has no ``schema=``; the dashboard's input form is made from it)."""
 
     step: str
     name: str
@@ -55,6 +56,7 @@ class Waiting(msgspec.Struct):
     match: str = ""
     value: str = ""
     timed_out: bool = False
+    schema: dict[str, Any] = {}
 
 
 class ToolCallResult(msgspec.Struct):

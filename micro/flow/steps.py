@@ -300,6 +300,17 @@ class Await(Step):
     def bodies(self) -> list[tuple[str, Sequence[Step]]]:
         return [("on_timeout", self.on_timeout)] if self.on_timeout else []
 
+    def input_schema(self) -> dict[str, Any]:
+        """The JSON Schema of the input (``{}`` without ``schema=``), recorded with a waiting run."""
+        if self.schema is None:
+            return {}
+        from micro.codec import codec_for
+
+        try:
+            return codec_for(self.schema).schema()
+        except (UsageError, TypeError, ValueError):  # a type msgspec converts to but cannot describe
+            return {}
+
     def validate(self, flow: str, run_id: str, value: Any) -> Any:
         """The input as the run stores it, or ``BadRequest`` naming the run, the step and the field."""
         if self.schema is not None:

@@ -39,6 +39,7 @@ import hmac
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, unquote_to_bytes
 
 import anyio
 import msgspec
@@ -47,8 +48,8 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from micro import metrics
@@ -58,8 +59,8 @@ from micro.gateway import openapi
 if TYPE_CHECKING:
     from micro.runtime import Runtime
 
-__all__ = ["DEFAULT_MAX_BODY", "DEFAULT_TIMEOUT", "HTTP_STATUS", "LOOPBACK_HOSTS", "BearerAuth", "BrowserGuard", "app",
-           "error_body"]
+__all__ = ["DEFAULT_MAX_BODY", "DEFAULT_TIMEOUT", "HTTP_STATUS", "LOOPBACK_HOSTS", "BearerAuth", "BrowserGuard",
+           "EventStream", "app", "error_body", "stream"]
 
 log = logging.getLogger("micro.gateway")
 
@@ -125,23 +126,37 @@ class BearerAuth:
     The token is compared in constant time and never logged; a missing or wrong one
     gets 401 with ``WWW-Authenticate: Bearer`` and the JSON error body. The probes
     (:data:`PUBLIC`) and the paths ``public(path)`` accepts are served without it.
+
+    With ``cookie`` (the dashboard's), the token may come in that cookie instead (set
+    HttpOnly and SameSite=Strict by the dashboard's login form), and a page request
+    (``GET`` asking for HTML) without it is redirected to ``login`` rather than refused.
     """
 
-    def __init__(self, app: ASGIApp, token: str, public: Callable[[str], bool] | None = None) -> None:
+    def __init__(self, app: ASGIApp, token: str, public: Callable[[str], bool] | None = None, *,
+                 cookie: str | None = None, login: str | None = None) -> None:
         if not token:
             raise UsageError("the gateway token is empty: pass a non-empty token, or none to turn auth off")
         self.app = app
         self._token = token.encode()
         self._public = public
+        self._cookie = cookie.encode() if cookie else None
+        self._login = login
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        root = scope.get("root_path", "")
         path = scope.get("path", "")
+        if root and path.startswith(root):  # mounted: starlette's path includes the mount's
+            path = path[len(root):]
         if (scope["type"] != "http" or path in PUBLIC or (self._public is not None and self._public(path))
                 or self._accepts(scope)):
             await self.app(scope, receive, send)
             return
-        rsp = _error(401, "UNAUTHENTICATED", "this gateway needs an `Authorization: Bearer <token>` header "
-                     "with its token", headers={"WWW-Authenticate": "Bearer"})
+        if self._login is not None and scope.get("method") == "GET" and self._wants_html(scope):
+            root = scope.get("root_path", "")
+            rsp: Response = RedirectResponse(f"{root}{self._login}?next={quote(root + path)}", status_code=303)
+        else:
+            rsp = _error(401, "UNAUTHENTICATED", "this gateway needs an `Authorization: Bearer <token>` header "
+                         "with its token", headers={"WWW-Authenticate": "Bearer"})
         await rsp(scope, receive, send)
 
     def _accepts(self, scope: Scope) -> bool:
@@ -149,8 +164,31 @@ class BearerAuth:
             if key == b"authorization":
                 scheme, _, given = bytes(value).partition(b" ")
                 # compare_digest takes as long for any wrong token of a given length
-                return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self._token)
+                if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self._token):
+                    return True
+            elif key == b"cookie" and self._cookie is not None:
+                kept = _cookie(bytes(value), self._cookie)
+                if kept is not None and hmac.compare_digest(kept, self._token):
+                    return True
         return False
+
+    @staticmethod
+    def _wants_html(scope: Scope) -> bool:
+        return any(key == b"accept" and b"text/html" in value for key, value in scope["headers"])
+
+
+def _dashboard_public(path: str) -> bool:
+    """The dashboard's paths served without the token: its login form and its static files."""
+    return path == "/login" or path.startswith("/static/")
+
+
+def _cookie(header: bytes, name: bytes) -> bytes | None:
+    """The value of cookie ``name`` in a ``Cookie`` header (URL-quoted as the dashboard sets it)."""
+    for part in header.split(b";"):
+        key, sep, value = part.strip().partition(b"=")
+        if sep and key == name:
+            return unquote_to_bytes(value)
+    return None
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -235,8 +273,8 @@ def _host_name(host: str) -> str:
     return host.rpartition(":")[0] if host.count(":") == 1 else host
 
 
-class _EventStream(Response):
-    """Server-Sent Events: each item of a call's stream as one ``data:`` event.
+class EventStream(Response):
+    """Server-Sent Events: each item of a call's stream as one ``data:`` event (made by :func:`stream`).
 
     The stream is consumed by the task that serves the request: a network stream's
     deadline and the call's context variables belong to the task that opened them.
@@ -291,6 +329,26 @@ def _chunk(data: bytes) -> Message:
     return {"type": "http.response.body", "body": data, "more_body": True}
 
 
+async def stream(runtime: Runtime, service: str, endpoint: str, request: Any, *, timeout: float,
+                 metadata: Mapping[str, str] = _NO_METADATA) -> EventStream:
+    """Start a server-streaming call and answer with its items as Server-Sent Events.
+
+    The first item is awaited here, so an error before it (a bad request, an unknown
+    service) raises :class:`micro.errors.Error` for the caller to answer as a plain error.
+    """
+    items = runtime.client.stream(service, endpoint, request, timeout=timeout, metadata=metadata)
+    assert isinstance(items, AsyncGenerator)
+    try:
+        first = await anext(items)
+    except StopAsyncIteration:
+        first = _END
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await items.aclose()
+        raise
+    return EventStream(first, items)
+
+
 class _Gateway:
     def __init__(self, runtime: Runtime, *, max_body: int, timeout: float, auth: bool) -> None:
         if max_body <= 0:
@@ -337,7 +395,7 @@ class _Gateway:
         # the call runs in this task (its deadline and context belong here); a child task only
         # watches for the client leaving, and then cancels it: nobody waits for the answer
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_EventStream._watch, request.receive, tg.cancel_scope)
+            tg.start_soon(EventStream._watch, request.receive, tg.cancel_scope)
             answer = await self._answer(service, endpoint, body, metadata)
             tg.cancel_scope.cancel()
         return answer
@@ -375,18 +433,7 @@ class _Gateway:
         return False  # the call names the endpoints the service does have
 
     async def _stream(self, service: str, endpoint: str, body: bytes, metadata: Mapping[str, str]) -> Response:
-        items = self.runtime.client.stream(service, endpoint, body, timeout=self.timeout, metadata=metadata)
-        assert isinstance(items, AsyncGenerator)
-        try:
-            # the first item decides the status: an error before it is a plain error response
-            first = await anext(items)
-        except StopAsyncIteration:
-            first = _END
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await items.aclose()
-            raise
-        return _EventStream(first, items)
+        return await stream(self.runtime, service, endpoint, body, timeout=self.timeout, metadata=metadata)
 
     async def services(self, request: Request) -> Response:
         records = await self.runtime.registry.list()
@@ -420,7 +467,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 def app(runtime: Runtime, *, token: str | None = None, max_body: int = DEFAULT_MAX_BODY,
         timeout: float = DEFAULT_TIMEOUT, allowed_hosts: Iterable[str] | None = None,
-        allowed_origins: Iterable[str] = ()) -> Starlette:
+        allowed_origins: Iterable[str] = (), dashboard: bool = False) -> Starlette:
     """The gateway as an ASGI app on ``runtime``.
 
     Args:
@@ -433,25 +480,38 @@ def app(runtime: Runtime, *, token: str | None = None, max_body: int = DEFAULT_M
             ``None`` serves any (``micro api`` on loopback passes :data:`LOOPBACK_HOSTS`).
         allowed_origins: browser origins (``https://app.example.com``) allowed to call the
             gateway, with CORS headers for them; a request from any other ``Origin`` gets 403.
+        dashboard: also serve the dashboard (:mod:`micro.dashboard`) at ``/``; with ``token``,
+            its pages ask for the token once (a login form) and keep it in a cookie.
 
     Example::
 
         gateway = app(micro.Runtime(), token=os.environ["MICRO_API_TOKEN"])
     """
     gw = _Gateway(runtime, max_body=max_body, timeout=timeout, auth=token is not None)
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/api/services", gw.services, methods=["GET"]),
         Route("/api/services/{service}", gw.service, methods=["GET"]),
         Route("/api/{service}/{endpoint}", gw.call, methods=["POST"]),
         Route("/openapi.json", gw.openapi, methods=["GET"]),
         *probe_routes(runtime),
     ]
+    board = None
+    if dashboard:
+        from micro.dashboard.pages import Dashboard
+
+        board = Dashboard(runtime, timeout=timeout, token=token)
+        routes += board.routes()
     origins = list(allowed_origins)
     middleware = [Middleware(BrowserGuard, hosts=allowed_hosts, origins=origins)]
     if origins:  # outermost: a CORS preflight carries no token
         middleware.insert(0, Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                                         allow_headers=["authorization", "content-type"]))
-    if token is not None:
+    if token is not None and board is not None:
+        middleware.append(Middleware(BearerAuth, token=token, public=_dashboard_public, cookie="micro_token",
+                                     login="/login"))
+    elif token is not None:
         middleware.append(Middleware(BearerAuth, token=token))
-    return Starlette(routes=routes, middleware=middleware, lifespan=gw.lifespan,
-                     exception_handlers={HTTPException: _http_error})
+    served = Starlette(routes=routes, middleware=middleware, lifespan=gw.lifespan,
+                       exception_handlers={HTTPException: _http_error})
+    served.state.dashboard = board  # `micro run` ends its live streams when it stops
+    return served

@@ -1,0 +1,63 @@
+"""The dashboard: see and drive a registry's services, agents and flows in a browser.
+
+Server-rendered pages (Jinja2, autoescaped) on the HTTP gateway's Starlette app, so
+one server answers the JSON API (``/api/...``, ``/openapi.json``) and the pages at
+``/``; live parts (the service list, an agent's streamed replies) are Server-Sent
+Events, swapped in by htmx, which is vendored under ``static/`` with its SSE
+extension (no CDN, no build step). Pages:
+
+- ``/``: every service, agent and flow in the registry, with its nodes, live;
+- ``/services/{name}``: endpoints, descriptions, schemas and a try-it form made from
+  each request's JSON Schema;
+- ``/agents/{name}``: a playground (streamed replies, ``→ tool(args)`` / ``← result``
+  lines), the runs that wait for a person, and the run list with filters;
+  ``/agents/{name}/runs/{id}``: the run's timeline (SVG), calls, reply, and
+  approve / deny / answer forms;
+- ``/flows/{name}``: runs with status filters and waiting runs;
+  ``/flows/{name}/runs/{id}``: steps with timings and outputs, the waiting run's
+  input form, replay of a failed run.
+
+``micro run`` serves it (``dashboard: http://127.0.0.1:8080``), ``micro dashboard``
+serves it against any registry, and :func:`app` mounts it in any ASGI app. Security
+is the gateway's (loopback by default, token, Origin/Host checks) plus a login form
+and CSRF tokens (:mod:`micro.dashboard.security`). See docs/dashboard.md.
+
+Example::
+
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+    import micro
+    from micro.dashboard import app as dashboard
+
+    site = Starlette(routes=[Mount("/micro", dashboard(micro.Runtime()))])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
+    from micro.runtime import Runtime
+
+__all__ = ["app"]
+
+
+def app(runtime: Runtime, *, token: str | None = None, timeout: float = 60.0,
+        allowed_hosts: Iterable[str] | None = None, allowed_origins: Iterable[str] = ()) -> Starlette:
+    """The dashboard and the JSON API as one ASGI app on ``runtime`` (:func:`micro.gateway.http.app`
+    with ``dashboard=True``).
+
+    Args:
+        runtime: whose registry the pages show and whose client makes the calls.
+        token: when given, pages need a login with it and API calls a bearer header.
+        timeout: seconds one call (or one streamed chat) may take.
+        allowed_hosts: ``Host`` names served (others: 403, against DNS rebinding).
+        allowed_origins: other sites' origins whose pages may call the API.
+    """
+    from micro.gateway.http import app as gateway
+
+    return gateway(runtime, token=token, timeout=timeout, allowed_hosts=allowed_hosts,
+                   allowed_origins=allowed_origins, dashboard=True)

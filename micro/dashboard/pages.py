@@ -1,0 +1,426 @@
+"""The dashboard's pages and actions: Starlette routes over a runtime's registry and client.
+
+Every page is rendered on the server (Jinja2, autoescaped); live parts are
+Server-Sent Events that htmx swaps in. Every action calls the same endpoints the
+CLI calls: ``Agent.StreamChat`` / ``Agent.Resume`` / ``Agent.Cancel`` and
+``AgentInfo.Runs|Run|Pending`` for agents, ``Flow.Runs|Show|Resume|Replay`` for
+flows, and the endpoint itself for the try-it form, so the dashboard has no second
+path to anything. Actions are POSTs that carry the CSRF token (:mod:`.security`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from micro.errors import Error
+from micro.gateway.http import error_body, stream
+
+from . import forms, security, timeline
+
+if TYPE_CHECKING:
+    from jinja2 import Environment
+
+    from micro.registry import ServiceRecord
+    from micro.runtime import Runtime
+
+_encode = msgspec.json.Encoder().encode
+_PRETTY = msgspec.json.Encoder()
+
+AGENT_STATUSES = ("running", "paused", "input_required", "waiting", "completed", "failed", "cancelled", "expired",
+                  "interrupted")
+FLOW_STATUSES = ("running", "completed", "failed", "retrying", "cancelled", "paused", "input_required", "waiting")
+
+
+def pretty(value: Any) -> str:
+    """JSON, indented, for a ``<pre>``."""
+    return msgspec.json.format(_PRETTY.encode(value), indent=2).decode()
+
+
+def kind_of(record: ServiceRecord) -> str:
+    """``agent``, ``flow`` or ``service``: what the registry record's metadata says it is."""
+    return record.metadata.get("type", "service")
+
+
+class Dashboard:
+    """The pages, partials and actions of one dashboard (one per ASGI app).
+
+    Args:
+        runtime: whose registry is shown and whose client makes the calls.
+        timeout: seconds each call (or a whole streamed chat) may take.
+        token: the server's token, when it has one (the login form checks it; pages need it).
+    """
+
+    def __init__(self, runtime: Runtime, *, timeout: float, token: str | None = None) -> None:
+        self.runtime = runtime
+        self.timeout = timeout
+        self._token = token.encode() if token is not None else None
+        self._env: Environment | None = None
+        self._closing = False
+        self._closed: anyio.Event | None = None
+
+    def close(self) -> None:
+        """End the live streams (the server is stopping: they would hold it up)."""
+        self._closing = True
+        if self._closed is not None:
+            self._closed.set()
+
+    async def _until_closed(self) -> None:
+        if self._closed is None:
+            self._closed = anyio.Event()
+        if self._closing:
+            return
+        await self._closed.wait()
+
+    # ------------------------------------------------------------------ rendering
+    @property
+    def env(self) -> Environment:
+        """The Jinja2 environment, made on first use (so start-up does not import or compile templates)."""
+        if self._env is None:
+            from jinja2 import Environment, PackageLoader, select_autoescape
+
+            env = Environment(loader=PackageLoader("micro.dashboard", "templates"),
+                              autoescape=select_autoescape(default=True, default_for_string=True))
+            env.filters["pretty"] = pretty
+            env.filters["when"] = security.when
+            env.globals["kind_of"] = kind_of
+            self._env = env
+        return self._env
+
+    def render(self, request: Request, name: str, status: int = 200, **context: Any) -> Response:
+        token, fresh = security.csrf_token(request)
+        base = request.scope.get("root_path", "")
+        body = self.env.get_template(name).render(request=request, base=base, csrf=token,
+                                                  login=self._token is not None, **context)
+        rsp = Response(body, status_code=status, media_type="text/html")
+        if fresh:
+            security.set_csrf(rsp, token, base)
+        return rsp
+
+    def _fragment(self, name: str, **context: Any) -> str:
+        return self.env.get_template(name).render(**context)
+
+    # ------------------------------------------------------------------ registry
+    async def records(self) -> list[ServiceRecord]:
+        order = {"service": 0, "agent": 1, "flow": 2}
+        return sorted(await self.runtime.registry.list(), key=lambda r: (order.get(kind_of(r), 3), r.name))
+
+    async def record(self, name: str) -> ServiceRecord:
+        from micro.registry import merge
+
+        return merge(await self.runtime.registry.get(name))[0]
+
+    # ------------------------------------------------------------------ pages
+    async def index(self, request: Request) -> Response:
+        return self.render(request, "index.html", records=await self.records())
+
+    async def events_services(self, request: Request) -> Response:
+        """SSE: the service table, again each time the registry changes (htmx swaps it in)."""
+        base = request.scope.get("root_path", "")
+        return _SSE(self._service_updates(base), self._until_closed)
+
+    async def _service_updates(self, base: str) -> AsyncIterator[bytes]:
+        from micro.registry import Event
+
+        send, receive = anyio.create_memory_object_stream[Event | None](16)
+
+        async def watch() -> None:
+            async with contextlib.aclosing(self.runtime.registry.watch()) as watcher:
+                async for event in watcher:
+                    with contextlib.suppress(anyio.WouldBlock):  # a table is coming anyway
+                        send.send_nowait(event)
+
+        async with anyio.create_task_group() as tg, receive:
+            tg.start_soon(watch)
+            try:
+                while True:
+                    html = self._fragment("_services.html", records=await self.records(), base=base)
+                    yield _event("services", html)
+                    await receive.receive()
+                    await anyio.sleep(0.05)  # fold a burst of changes (a system starting) into one table
+                    while True:
+                        try:
+                            receive.receive_nowait()
+                        except anyio.WouldBlock:
+                            break
+            finally:
+                tg.cancel_scope.cancel()
+
+    async def service(self, request: Request) -> Response:
+        name = request.path_params["service"]
+        try:
+            record = await self.record(name)
+        except Error as exc:
+            return self.render(request, "error.html", 404, title=name, error=exc.message)
+        endpoints = [(ep, forms.fields(ep.request)) for ep in record.endpoints]
+        return self.render(request, "service.html", record=record, endpoints=endpoints)
+
+    async def call(self, request: Request) -> Response:
+        """The try-it form: convert the form by the request schema, call, show the response (an htmx fragment)."""
+        service, endpoint = request.path_params["service"], request.path_params["endpoint"]
+        try:
+            form = await security.posted(request)
+            record = await self.record(service)
+            ep = record.endpoint(endpoint)
+            schema = ep.request if ep is not None else {}
+            data = forms.values(schema, form, where=f"{service} {endpoint}")
+            if ep is not None and ep.streaming:
+                items = [item async for item in self.runtime.client.stream(service, endpoint, data,
+                                                                             timeout=self.timeout)]
+                result: Any = items
+            else:
+                result = await self.runtime.client.call(service, endpoint, data, timeout=self.timeout)
+        except security.CsrfError as exc:
+            return Response(self._fragment("_result.html", error=str(exc), code="PERMISSION_DENIED"), 403,
+                            media_type="text/html")
+        except Error as exc:
+            return Response(self._fragment("_result.html", error=exc.message, code=exc.code), 200,
+                            media_type="text/html")
+        return Response(self._fragment("_result.html", result=result), media_type="text/html")
+
+    # ------------------------------------------------------------------ agents
+    async def _info(self, name: str, endpoint: str, req: Mapping[str, Any]) -> Any:
+        return await self.runtime.client.call(name, f"AgentInfo.{endpoint}", dict(req), timeout=self.timeout)
+
+    async def agent(self, request: Request, *, error: str = "", status: int = 200) -> Response:
+        name = request.path_params["agent"]
+        q = request.query_params
+        statuses = [s for s in q.getlist("status") if s]
+        session = q.get("session") or ""
+        try:
+            record = await self.record(name)
+            runs = await self._info(name, "Runs", {"limit": 30, "session": session or None,
+                                                   "status": statuses or None})
+            pending = await self._info(name, "Pending", {})
+        except Error as exc:
+            return self.render(request, "error.html", 404, title=name, error=exc.message)
+        return self.render(request, "agent.html", status, record=record, runs=runs["runs"],
+                           pending=pending["runs"], statuses=AGENT_STATUSES, chosen=statuses, session=session,
+                           chat_session=q.get("chat_session") or f"dashboard-{secrets.token_hex(3)}", error=error)
+
+    async def chat(self, request: Request) -> Response:
+        """The playground: ``Agent.StreamChat`` as Server-Sent Events (the page's script renders them)."""
+        name = request.path_params["agent"]
+        try:
+            form = await security.posted(request)
+            message = form.get("message", "")
+            session = form.get("session", "")
+            return await stream(self.runtime, name, "Agent.StreamChat", {"message": message, "session": session},
+                                timeout=self.timeout)
+        except security.CsrfError as exc:
+            return Response(error_body("PERMISSION_DENIED", str(exc)), 403, media_type="application/json")
+        except Error as exc:
+            return Response(error_body(exc.code, exc.message), 400, media_type="application/json")
+
+    async def agent_run(self, request: Request, *, error: str = "", status: int = 200) -> Response:
+        name, run_id = request.path_params["agent"], request.path_params["run"]
+        try:
+            run = (await self._info(name, "Run", {"id": run_id}))["run"]
+        except Error as exc:
+            return self.render(request, "error.html", 404, title=f"{name} run {run_id}", error=exc.message)
+        bars = timeline.agent_bars(run)
+        tl = timeline.layout(bars)
+        return self.render(request, "agent_run.html", status, agent=name, run=run, timeline=tl, error=error)
+
+    async def resume(self, request: Request) -> Response:
+        """Approve / deny (with a reason) / answer a waiting run: ``Agent.Resume``, as ``micro agent approve``."""
+        name, run_id = request.path_params["agent"], request.path_params["run"]
+        try:
+            form = await security.posted(request)
+            action = form.get("action", "")
+            reason = form.get("reason", "")
+            req: dict[str, Any] = {"run_id": run_id, "reason": reason}
+            call = form.get("call_id", "")
+            if action == "answer":
+                req["answer"] = form.get("answer", "")
+                if call:
+                    req["answers"] = {call: req.pop("answer")}
+            elif action in ("approve", "deny"):
+                if call:
+                    req["decisions"] = [{"call_id": call, "approve": action == "approve", "reason": reason}]
+                    req["partial"] = True
+                else:
+                    req["approve_all" if action == "approve" else "deny_all"] = True
+            elif action == "cancel":
+                await self.runtime.client.call(name, "Agent.Cancel", {"run_id": run_id, "reason": reason},
+                                               timeout=self.timeout)
+                return _see(request, f"/agents/{name}/runs/{run_id}")
+            else:
+                return await self.agent_run(request, error=f"unknown action {action!r}: approve, deny, answer or "
+                                            "cancel", status=400)
+            await self.runtime.client.call(name, "Agent.Resume", req, timeout=self.timeout)
+        except security.CsrfError as exc:
+            return await self.agent_run(request, error=str(exc), status=403)
+        except Error as exc:
+            return await self.agent_run(request, error=exc.message, status=400)
+        return _see(request, f"/agents/{name}/runs/{run_id}")
+
+    # ------------------------------------------------------------------ flows
+    async def flow(self, request: Request) -> Response:
+        name = request.path_params["flow"]
+        statuses = [s for s in request.query_params.getlist("status") if s]
+        try:
+            record = await self.record(name)
+            runs = await self.runtime.client.call(name, "Flow.Runs", {"limit": 30, "status": statuses or None},
+                                                  timeout=self.timeout)
+            waiting = await self.runtime.client.call(name, "Flow.Runs", {"limit": 30, "status": ["waiting"]},
+                                                     timeout=self.timeout)
+        except Error as exc:
+            return self.render(request, "error.html", 404, title=name, error=exc.message)
+        return self.render(request, "flow.html", record=record, runs=runs["runs"], waiting=waiting["runs"],
+                           statuses=FLOW_STATUSES, chosen=statuses)
+
+    async def flow_run(self, request: Request, *, error: str = "", status: int = 200) -> Response:
+        name, run_id = request.path_params["flow"], request.path_params["run"]
+        try:
+            run = (await self.runtime.client.call(name, "Flow.Show", {"id": run_id}, timeout=self.timeout))["run"]
+        except Error as exc:
+            return self.render(request, "error.html", 404, title=f"{name} run {run_id}", error=exc.message)
+        if run is None:
+            return self.render(request, "error.html", 404, title=f"{name} run {run_id}",
+                               error=f"flow {name} has no run {run_id}")
+        waiting = run.get("waiting") or {}
+        input_fields = forms.fields(waiting.get("schema") or {}) if waiting else []
+        names = list(run.get("trace") or {})
+        tl = timeline.layout(timeline.flow_bars(run), names) if names else None
+        return self.render(request, "flow_run.html", status, flow=name, run=run, timeline=tl, fields=input_fields,
+                           error=error)
+
+    async def flow_resume(self, request: Request) -> Response:
+        """A waiting run's input form: ``Flow.Resume`` (the flow validates it against the step's schema)."""
+        name, run_id = request.path_params["flow"], request.path_params["run"]
+        try:
+            form = await security.posted(request)
+            run = (await self.runtime.client.call(name, "Flow.Show", {"id": run_id}, timeout=self.timeout))["run"]
+            schema = ((run or {}).get("waiting") or {}).get("schema") or {}
+            if schema.get("properties"):
+                value: Any = forms.values(schema, form, where=f"flow {name} run {run_id}")
+            else:
+                value = forms.values({"properties": {"input": {}}, "required": ["input"]}, form,
+                                     where=f"flow {name} run {run_id}")["input"]
+            await self.runtime.client.call(name, "Flow.Resume", {"id": run_id, "input": value}, timeout=self.timeout)
+        except security.CsrfError as exc:
+            return await self.flow_run(request, error=str(exc), status=403)
+        except Error as exc:
+            return await self.flow_run(request, error=exc.message, status=400)
+        return _see(request, f"/flows/{name}/runs/{run_id}")
+
+    async def flow_replay(self, request: Request) -> Response:
+        """Run a recorded (failed) event again: ``Flow.Replay``, as ``micro flow replay``."""
+        name, run_id = request.path_params["flow"], request.path_params["run"]
+        try:
+            await security.posted(request)
+            rsp = await self.runtime.client.call(name, "Flow.Replay", {"id": run_id}, timeout=self.timeout)
+        except security.CsrfError as exc:
+            return await self.flow_run(request, error=str(exc), status=403)
+        except Error as exc:
+            return await self.flow_run(request, error=exc.message, status=400)
+        return _see(request, f"/flows/{name}/runs/{rsp['run']['id']}")
+
+    # ------------------------------------------------------------------ login
+    async def login(self, request: Request) -> Response:
+        target = security.safe_next(request.query_params.get("next", ""), request.scope.get("root_path", ""))
+        if request.method == "GET":
+            return self.render(request, "login.html", target=target, error="")
+        try:
+            form = await security.posted(request)
+        except security.CsrfError as exc:
+            return self.render(request, "login.html", 403, target=target, error=str(exc))
+        token = form.get("token", "")
+        if self._token is None or not token or not hmac.compare_digest(token.encode(), self._token):
+            return self.render(request, "login.html", 401, target=target, error="that is not this server's token")
+        rsp = RedirectResponse(target, status_code=303)
+        security.set_login(rsp, token, request.scope.get("root_path", ""), https=request.url.scheme == "https")
+        return rsp
+
+    async def logout(self, request: Request) -> Response:
+        try:
+            await security.posted(request)
+        except security.CsrfError as exc:
+            return self.render(request, "error.html", 403, title="log out", error=str(exc))
+        base = request.scope.get("root_path", "")
+        rsp = RedirectResponse(f"{base}/login", status_code=303)
+        security.clear_login(rsp, base)
+        return rsp
+
+    def routes(self) -> list[BaseRoute]:
+        """The dashboard's routes: pages at ``/``, actions and live data under ``/ui/``, files under ``/static/``."""
+        from importlib.resources import files
+
+        static = StaticFiles(directory=str(files("micro.dashboard") / "static"))
+        return [
+            Route("/", self.index, methods=["GET"]),
+            Route("/services/{service}", self.service, methods=["GET"]),
+            Route("/agents/{agent}", self.agent, methods=["GET"]),
+            Route("/agents/{agent}/runs/{run}", self.agent_run, methods=["GET"]),
+            Route("/flows/{flow}", self.flow, methods=["GET"]),
+            Route("/flows/{flow}/runs/{run}", self.flow_run, methods=["GET"]),
+            Route("/ui/events/services", self.events_services, methods=["GET"]),
+            Route("/ui/call/{service}/{endpoint}", self.call, methods=["POST"]),
+            Route("/ui/agents/{agent}/chat", self.chat, methods=["POST"]),
+            Route("/ui/agents/{agent}/runs/{run}/resume", self.resume, methods=["POST"]),
+            Route("/ui/flows/{flow}/runs/{run}/resume", self.flow_resume, methods=["POST"]),
+            Route("/ui/flows/{flow}/runs/{run}/replay", self.flow_replay, methods=["POST"]),
+            Route("/login", self.login, methods=["GET", "POST"]),
+            Route("/logout", self.logout, methods=["POST"]),
+            Mount("/static", static, name="static"),
+        ]
+
+
+def _see(request: Request, path: str) -> Response:
+    """Post/redirect/get: after an action, the page that shows its outcome."""
+    return RedirectResponse(request.scope.get("root_path", "") + path, status_code=303)
+
+
+def _event(name: str, html: str) -> bytes:
+    lines = html.replace("\r", "").split("\n")
+    return (f"event: {name}\n" + "".join(f"data: {line}\n" for line in lines) + "\n").encode()
+
+
+class _SSE(Response):
+    """A stream of ready-made Server-Sent Events that stops when the client leaves."""
+
+    def __init__(self, events: AsyncIterator[bytes], closed: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(media_type="text/event-stream")
+        self._events = events
+        self._closed = closed
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
+                                (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
+
+        async def pump() -> None:
+            async for chunk in self._events:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+        async def left() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        try:
+            async with anyio.create_task_group() as tg:
+                async def first(fn: Any) -> None:
+                    await fn()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(first, pump)
+                tg.start_soon(first, left)
+                tg.start_soon(first, self._closed)
+        except OSError:
+            pass  # the client went away mid-write
+        finally:
+            with anyio.CancelScope(shield=True):
+                aclose = getattr(self._events, "aclose", None)
+                if aclose is not None:
+                    await aclose()

@@ -1,0 +1,153 @@
+"""A run's timeline: bars on a time axis, laid out for the dashboard's SVG.
+
+An agent run's record holds each tool call's start and duration, not the model's
+turns; the model's turns are the stretches of the run in which no tool call ran
+(from the start to the first call, between one turn's calls and the next, from the
+last call to the end), and they are drawn as such, on the first lane. Tool calls
+that overlap (a turn's calls run concurrently) go side by side on lanes of their
+own. A flow run's steps each get a lane from their recorded start and duration.
+The template (``_timeline.html``) draws the bars; this module only measures them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgspec
+
+WIDTH = 880  # px: the drawing area of the SVG (the page scales it)
+LANE = 26    # px per lane
+LABELS = 170  # px left of the axis for lane labels
+
+
+class Bar(msgspec.Struct, frozen=True):
+    """One bar: its lane, start and length in seconds from the run's start, label, kind and hover text."""
+
+    lane: int
+    start: float
+    seconds: float
+    label: str
+    kind: str  # model | tool | error | pending | step | failed | waiting
+    title: str
+
+
+class Drawn(msgspec.Struct, frozen=True):
+    """A bar placed in pixels."""
+
+    x: float
+    y: float
+    w: float
+    label: str
+    kind: str
+    title: str
+
+
+class Timeline(msgspec.Struct, frozen=True):
+    """What the SVG template draws: bars, lane names, ticks, the total in seconds and the SVG's size."""
+
+    bars: list[Drawn]
+    lanes: list[str]
+    ticks: list[tuple[float, str]]
+    total: float
+    width: int
+    height: int
+
+
+def _lanes(calls: Sequence[tuple[float, float]]) -> list[int]:
+    """Greedy interval lanes: each call takes the first lane whose last call has ended."""
+    ends: list[float] = []
+    out = []
+    for start, seconds in calls:
+        for i, end in enumerate(ends):
+            if end <= start + 1e-9:
+                ends[i] = start + seconds
+                out.append(i)
+                break
+        else:
+            ends.append(start + seconds)
+            out.append(len(ends) - 1)
+    return out
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def agent_bars(run: Mapping[str, Any], now: float | None = None) -> list[Bar]:
+    """The bars of an agent run record (``AgentInfo.Run``'s ``run``, as JSON)."""
+    t0 = float(run.get("started") or 0.0)
+    end = float(run.get("finished") or 0.0) or float(run.get("updated") or 0.0) or (now or time.time())
+    calls = sorted(run.get("tool_calls") or [], key=lambda c: float(c.get("started") or t0))
+    spans = []
+    for c in calls:
+        start = max(float(c.get("started") or t0) - t0, 0.0)
+        seconds = float(c.get("seconds") or 0.0)
+        if c.get("state") in ("running", "pending"):
+            seconds = max(end - t0 - start, 0.0)
+        spans.append((start, seconds))
+    lanes = _lanes(spans)
+    bars = []
+    for c, (start, seconds), lane in zip(calls, spans, lanes, strict=True):
+        kind = "pending" if c.get("state") == "pending" else "error" if c.get("is_error") else "tool"
+        args = msgspec.json.encode(c.get("input") or {}).decode()
+        title = f"{c.get('name', '?')}({_short(args, 200)}) {seconds * 1000:.1f} ms"
+        if c.get("result"):
+            title += f" → {_short(str(c['result']), 200)}"
+        bars.append(Bar(lane + 1, start, seconds, str(c.get("name", "?")), kind, title))
+    # the model's turns: the gaps in the union of the tool calls
+    cursor, turn = 0.0, 0
+    total = max(end - t0, max((s + d for s, d in spans), default=0.0))
+    for start, seconds in [*sorted(spans), (total, 0.0)]:
+        if start > cursor + 1e-6:
+            turn += 1
+            bars.append(Bar(0, cursor, start - cursor, f"model turn {turn}", "model",
+                            f"model turn {turn}: {(start - cursor) * 1000:.1f} ms"))
+        cursor = max(cursor, start + seconds)
+    return bars
+
+
+def flow_bars(run: Mapping[str, Any], now: float | None = None) -> list[Bar]:
+    """The bars of a stepped flow run record (``Flow.Show``'s ``run``, as JSON): one lane per step."""
+    t0 = float(run.get("started") or 0.0)
+    end = float(run.get("finished") or 0.0) or (now or time.time())
+    bars = []
+    for lane, (name, info) in enumerate((run.get("trace") or {}).items()):
+        start = max(float(info.get("started") or t0) - t0, 0.0)
+        status = str(info.get("status", ""))
+        seconds = float(info.get("seconds") or 0.0)
+        if status in ("running", "waiting"):
+            seconds = max(end - t0 - start, 0.0)
+        kind = {"failed": "failed", "waiting": "waiting"}.get(status, "step")
+        title = f"{name} ({info.get('kind', '')}) {status}, {seconds * 1000:.1f} ms, {info.get('attempts', 0)} attempts"
+        if info.get("error"):
+            title += f": {_short(str(info['error']), 200)}"
+        bars.append(Bar(lane, start, seconds, str(name), kind, title))
+    return bars
+
+
+def layout(bars: Sequence[Bar], lane_names: Sequence[str] | None = None) -> Timeline:
+    """Place ``bars`` in pixels, with about six round ticks on the axis."""
+    total = max((b.start + b.seconds for b in bars), default=0.0) or 0.001
+    lanes = max((b.lane for b in bars), default=-1) + 1
+    names = list(lane_names) if lane_names is not None else ["model"] + [f"tools {i}" for i in range(1, lanes)]
+    if len(names) < lanes:
+        names += [""] * (lanes - len(names))
+    scale = WIDTH / total
+    drawn = [Drawn(LABELS + b.start * scale, 20 + b.lane * LANE, max(b.seconds * scale, 2.0), b.label, b.kind,
+                   b.title) for b in bars]
+    step = _tick(total)
+    ticks = []
+    t = 0.0
+    while t <= total + 1e-9:
+        ticks.append((LABELS + t * scale, f"{t * 1000:.0f} ms" if step < 1 else f"{t:g} s"))
+        t += step
+    return Timeline(drawn, names[:lanes], ticks, total, LABELS + WIDTH + 20, 20 + lanes * LANE + 24)
+
+
+def _tick(total: float) -> float:
+    for step in (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 300, 600, 3600):
+        if total / step <= 6:
+            return float(step)
+    return 86400.0
