@@ -1,0 +1,295 @@
+"""The dashboard in a real browser (issue 20): Debian's Chromium, driven by Selenium, against the example
+system under ``micro run`` (one system and one browser for the module).
+
+Each test saves a screenshot (PNG) in its own output directory; the README shows two of them
+(docs/img/dashboard-services.png, docs/img/dashboard-run.png).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
+
+ROOT = Path(__file__).resolve().parent.parent
+MICRO = [sys.executable, "-m", "micro.cli"]
+CHROMIUM = "/usr/bin/chromium"
+DRIVER = "/usr/bin/chromedriver"
+WAIT = 30  # seconds a page may take to show what a test waits for
+
+EXTRA = '''
+import msgspec
+import micro
+
+class Hello(msgspec.Struct):
+    name: str
+
+class Greeter:
+    async def Greet(self, req: Hello) -> Hello:
+        """Says hello."""
+        return Hello(name=f"hello {req.name}")
+
+extra = micro.New("extra-greeter")
+extra.handle(Greeter())
+'''
+
+
+def _start(args: list[str], env: dict[str, str], ready: str) -> tuple[subprocess.Popen[str], list[str]]:
+    proc = subprocess.Popen([*MICRO, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=ROOT)
+    assert proc.stdout is not None
+    seen: list[str] = []
+    for line in proc.stdout:
+        seen.append(line)
+        if ready in line:
+            return proc, seen
+    proc.wait(10)
+    pytest.fail(f"micro {' '.join(args)} exited early:\n" + "".join(seen))
+
+
+def _stop(proc: subprocess.Popen[str]) -> str:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    assert proc.stdout is not None
+    rest = proc.stdout.read()
+    proc.stdout.close()
+    return rest
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    home = tmp_path_factory.mktemp("dashboard-home")
+    return {**os.environ, "MICRO_HOME": str(home), "MICRO_BROKER": "local://", "DASH_TOKEN": "s3cret-token"}
+
+
+@pytest.fixture(scope="module")
+def system(env: dict[str, str]) -> Iterator[str]:
+    """The example system under ``micro run``, its dashboard on a free port; yields the dashboard's URL."""
+    proc, seen = _start(["run", "examples/tasks", "--http-address", "127.0.0.1:0"], env, "Ctrl-C to stop")
+    urls = [m.group(1) for line in seen if (m := re.match(r"dashboard: (http://\S+)", line))]
+    assert len(urls) == 1, "".join(seen)
+    yield urls[0]
+    rest = _stop(proc)
+    assert "stopped" in rest, rest  # the open live streams did not hold the server up
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[WebDriver]:
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,800",
+                 "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=DRIVER))
+    driver.set_page_load_timeout(WAIT)
+    yield driver
+    driver.quit()
+
+
+def _wait(driver: WebDriver, what: object, message: str) -> object:
+    return WebDriverWait(driver, WAIT).until(what, message)  # type: ignore[arg-type]
+
+
+def _table(driver: WebDriver) -> list[list[str]]:
+    """[name, kind] per row of the service table, read at once (the live table may be swapped any time)."""
+    rows: list[list[str]] = driver.execute_script(
+        "return [...document.querySelectorAll('tr[data-service]')]"
+        ".map(tr => [tr.dataset.service, tr.querySelector('.kind').textContent])")
+    return rows
+
+
+def _rows(driver: WebDriver) -> list[str]:
+    return [name for name, _ in _table(driver)]
+
+
+def test_the_service_list_shows_the_example_and_follows_the_registry(system: str, browser: WebDriver,
+                                                                       env: dict[str, str], tmp_path: Path) -> None:
+    browser.get(system + "/")
+    rows = _rows(browser)
+    assert {"task", "project", "milestone", "notification", "email", "user", "workspace", "task-mgr",
+            "project-mgr", "comms-mgr", "onboard-user", "close-task"} <= set(rows)
+    assert rows.index("task") < rows.index("task-mgr") < rows.index("close-task")  # services, agents, flows
+    kinds = dict(_table(browser))
+    assert kinds["task"] == "service" and kinds["task-mgr"] == "agent" and kinds["close-task"] == "flow"
+    browser.save_screenshot(str(tmp_path / "services.png"))
+    # live: a service that starts elsewhere appears without a reload, and goes when it stops
+    app = tmp_path / "extra.py"
+    app.write_text(EXTRA)
+    proc, _ = _start(["run", str(app), "--no-http"], env, "Ctrl-C to stop")
+    try:
+        _wait(browser, lambda d: "extra-greeter" in _rows(d), "the new service never appeared on the page")
+    finally:
+        _stop(proc)
+    _wait(browser, lambda d: "extra-greeter" not in _rows(d), "the stopped service stayed on the page")
+    assert "task" in _rows(browser)
+
+
+def test_try_it_calls_list_overdue_for_alice(system: str, browser: WebDriver, tmp_path: Path) -> None:
+    browser.get(system + "/services/task")
+    section = browser.find_element(By.ID, "ep-Task-ListOverdue")
+    assert "Task.ListOverdue" in section.find_element(By.TAG_NAME, "h3").text
+    field = section.find_element(By.ID, "f-Task-ListOverdue-user_id")  # labelled: the label's for= names it
+    assert section.find_element(By.CSS_SELECTOR, "label[for='f-Task-ListOverdue-user_id']").text.startswith("user_id")
+    field.send_keys("alice")
+    section.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    shown = _wait(browser, lambda d: d.find_element(By.ID, "result-Task-ListOverdue").text, "no response shown")
+    rsp = msgspec.json.decode(str(shown))
+    assert rsp["total"] == 3 and len(rsp["records"]) == 3
+    assert {r["assignee"] for r in rsp["records"]} == {"alice"}
+    browser.save_screenshot(str(tmp_path / "try-it.png"))
+    # a bad value is the endpoint's error, shown in place
+    section = browser.find_element(By.ID, "ep-Task-Create")
+    section.find_element(By.CSS_SELECTOR, "button[type=submit]").click()  # required fields empty: the browser stops it
+    assert browser.find_element(By.ID, "result-Task-Create").text == ""
+
+
+def test_the_playground_streams_a_reply_with_tool_lines(system: str, browser: WebDriver, tmp_path: Path) -> None:
+    browser.get(system + "/agents/task-mgr")
+    browser.find_element(By.ID, "chat-message").send_keys("What tasks are overdue for Alice?")
+    browser.find_element(By.CSS_SELECTOR, "#chat button[type=submit]").click()
+    log = browser.find_element(By.ID, "chat-log")
+    _wait(browser, lambda d: log.get_attribute("data-turns") == "1", "the chat turn never ended")
+    tools = [e.text for e in log.find_elements(By.CSS_SELECTOR, ".tool")]
+    results = [e.text for e in log.find_elements(By.CSS_SELECTOR, ".result")]
+    assert tools == ['→ task_Task_ListOverdue({"user_id":"alice"})']
+    assert len(results) == 1 and results[0].startswith('← {"records":[{"id":"t1"')
+    reply = " ".join(e.text for e in log.find_elements(By.CSS_SELECTOR, ".reply-text"))
+    assert "alice" in reply.lower() or "Alice" in reply
+    browser.save_screenshot(str(tmp_path / "playground.png"))
+    # the run is listed, and its page draws the timeline: model turns and the tool call as bars
+    browser.get(system + "/agents/task-mgr?status=completed")
+    browser.find_element(By.CSS_SELECTOR, "table.runs tbody a").click()
+    bars = browser.find_elements(By.CSS_SELECTOR, "svg g.bar")
+    kinds = [b.get_attribute("class") for b in bars]
+    assert "bar tool" in kinds and "bar model" in kinds
+    labels = [b.find_element(By.TAG_NAME, "text").text for b in bars]
+    assert "task_Task_ListOverdue" in labels
+    browser.save_screenshot(str(tmp_path / "run.png"))
+
+
+def test_a_paused_run_is_approved_from_the_page_and_completes(system: str, browser: WebDriver,
+                                                             tmp_path: Path) -> None:
+    browser.get(system + "/agents/task-mgr")
+    browser.find_element(By.ID, "chat-message").send_keys("Delete task t7")
+    browser.find_element(By.CSS_SELECTOR, "#chat button[type=submit]").click()
+    link = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#chat-log a.decide-link"),
+                 "the paused run was never shown")
+    waits = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#chat-log .waits")]
+    assert waits == ['⏸ task_Task_Delete({"id":"t7"}) needs approval']
+    link[0].click()  # type: ignore[index]
+    assert browser.find_element(By.ID, "run-status").text == "paused"
+    browser.save_screenshot(str(tmp_path / "paused.png"))
+    browser.find_element(By.CSS_SELECTOR, "button[name=action][value=approve]").click()
+    _wait(browser, lambda d: d.find_element(By.ID, "run-status").text == "completed", "the run did not complete")
+    calls = [td.text for td in browser.find_elements(By.CSS_SELECTOR, "table.calls td code")]
+    assert "task_Task_Delete" in calls
+    browser.get(system + "/agents/task-mgr")
+    assert browser.find_element(By.ID, "h-pending").find_element(By.XPATH, "..").text.endswith("No run waits.")
+
+
+def test_a_waiting_flow_run_is_resumed_from_its_form(system: str, browser: WebDriver, tmp_path: Path) -> None:
+    browser.get(system + "/services/close-task")  # the flow's own Flow.Run endpoint, from its try-it form
+    section = browser.find_element(By.ID, "ep-Flow-Run")
+    section.find_element(By.ID, "f-Flow-Run-data").send_keys('{"task_id": "t2", "reason": "merged"}')
+    section.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    shown = _wait(browser, lambda d: d.find_element(By.ID, "result-Flow-Run").text, "no response shown")
+    run = msgspec.json.decode(str(shown))["run"]
+    assert run["status"] == "waiting"
+    browser.get(system + "/flows/close-task")
+    browser.find_element(By.LINK_TEXT, run["id"]).click()
+    assert browser.find_element(By.ID, "run-status").text == "waiting"
+    assert browser.find_element(By.CSS_SELECTOR, "label[for='in-approved']").text == "approved"
+    browser.find_element(By.ID, "in-approved").click()
+    browser.find_element(By.ID, "in-note").send_keys("thanks!")
+    browser.save_screenshot(str(tmp_path / "flow-waiting.png"))
+    browser.find_element(By.CSS_SELECTOR, "form.resume button[type=submit]").click()
+    _wait(browser, lambda d: d.find_element(By.ID, "run-status").text == "completed", "the run did not complete")
+    steps = {tr.find_element(By.TAG_NAME, "code").text: tr.find_element(By.CSS_SELECTOR, ".status").text
+             for tr in browser.find_elements(By.CSS_SELECTOR, "table.steps tbody tr")}
+    assert steps == {"lead": "completed", "approved": "completed", "closed": "completed", "notified": "completed"}
+    assert len(browser.find_elements(By.CSS_SELECTOR, "svg g.bar")) == 4
+
+
+XSS = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 2">'
+
+
+def test_data_that_holds_markup_shows_as_text(system: str, browser: WebDriver, tmp_path: Path) -> None:
+    browser.get(system + "/services/task")
+    section = browser.find_element(By.ID, "ep-Task-Create")
+    section.find_element(By.ID, "f-Task-Create-title").send_keys(XSS)
+    section.find_element(By.ID, "f-Task-Create-due").send_keys("2020-01-01")
+    section.find_element(By.ID, "f-Task-Create-assignee").send_keys("mallory")
+    section.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    shown = _wait(browser, lambda d: d.find_element(By.ID, "result-Task-Create").text, "no response shown")
+    assert msgspec.json.decode(str(shown))["record"]["title"] == XSS
+    # the agent's run page shows its message, and the playground the reply: as text
+    browser.get(system + "/agents/task-mgr")
+    browser.find_element(By.ID, "chat-message").send_keys(f"What tasks are overdue for mallory? {XSS}")
+    browser.find_element(By.CSS_SELECTOR, "#chat button[type=submit]").click()
+    log = browser.find_element(By.ID, "chat-log")
+    _wait(browser, lambda d: log.get_attribute("data-turns") == "1", "the chat turn never ended")
+    assert XSS in log.text
+    browser.get(system + "/agents/task-mgr")
+    assert XSS in browser.find_element(By.CSS_SELECTOR, "table.runs").text
+    browser.find_element(By.CSS_SELECTOR, "table.runs tbody a").click()
+    assert browser.find_element(By.CSS_SELECTOR, ".facts dd").text == f"What tasks are overdue for mallory? {XSS}"
+    assert browser.find_elements(By.CSS_SELECTOR, "img[src=x]") == []
+    assert browser.execute_script("return window.__xss === undefined") is True
+    browser.save_screenshot(str(tmp_path / "xss.png"))
+
+
+def test_with_a_token_pages_need_a_login(system: str, browser: WebDriver, env: dict[str, str],
+                                         tmp_path: Path) -> None:
+    proc, seen = _start(["dashboard", "--address", "127.0.0.1:0", "--token-env", "DASH_TOKEN"], env, "dashboard: ")
+    try:
+        url = seen[-1].split("dashboard: ")[1].split()[0]
+        browser.delete_all_cookies()
+        browser.get(url + "/services/task")
+        assert browser.current_url.startswith(url + "/login")
+        assert browser.find_elements(By.CSS_SELECTOR, "tr[data-service]") == []
+        browser.find_element(By.ID, "token").send_keys("wrong")
+        browser.find_element(By.CSS_SELECTOR, "form.login button").click()
+        assert "not this server's token" in browser.find_element(By.CSS_SELECTOR, ".error").text
+        browser.find_element(By.ID, "token").send_keys("s3cret-token")
+        browser.find_element(By.CSS_SELECTOR, "form.login button").click()
+        assert browser.current_url == url + "/services/task"  # back where it was going
+        assert browser.find_element(By.ID, "ep-Task-ListOverdue")
+        cookie = browser.get_cookie("micro_token")
+        assert cookie is not None and cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
+        browser.save_screenshot(str(tmp_path / "logged-in.png"))
+        # without the cookie: the API wants the bearer token, and the pages the login
+        assert httpx.get(url + "/api/services").status_code == 401
+        assert httpx.get(url + "/api/services", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
+        assert httpx.get(url + "/", headers={"Accept": "text/html"}).headers.get("location", "").startswith("/login")
+        # logged in but without the page's CSRF token, an action is refused
+        jar = {"micro_token": "s3cret-token", "micro_csrf": "x" * 43}
+        rsp = httpx.post(url + "/ui/call/task/Task.ListOverdue", data={"user_id": "alice"}, cookies=jar)
+        assert rsp.status_code == 403 and "CSRF" in rsp.text
+        rsp = httpx.post(url + "/ui/call/task/Task.ListOverdue", data={"user_id": "alice", "csrf": "x" * 43},
+                         cookies=jar)
+        assert rsp.status_code == 200 and "&#34;records&#34;" in rsp.text  # the call went through
+        # and a page of another site may not post at all
+        rsp = httpx.post(url + "/ui/call/task/Task.ListOverdue", data={"user_id": "alice", "csrf": "x" * 43},
+                         cookies=jar, headers={"Origin": "https://evil.example"})
+        assert rsp.status_code == 403
+    finally:
+        _stop(proc)
