@@ -162,12 +162,12 @@ class HttpServer:
     streams, stops the server gracefully and awaits the task.
     """
 
-    def __init__(self, sock: socket.socket, runtime: Any, *, token: str | None, hosts: list[str] | None) -> None:
+    def __init__(self, sock: socket.socket, runtime: Any, *, token: str | None, loopback_only: bool) -> None:
         self.sock = sock
         self.url = url_of(sock)
         self._runtime = runtime
         self._token = token
-        self._hosts = hosts
+        self._loopback_only = loopback_only  # then only this machine's names are served (DNS rebinding)
         self._server: Any = None
         self._app: Any = None
         self._task: asyncio.Task[None] | None = None
@@ -187,9 +187,10 @@ class HttpServer:
         await anyio.to_thread.run_sync(load)
         import uvicorn
 
-        from micro.gateway.http import app
+        from micro.gateway.http import LOOPBACK_HOSTS, app
 
-        self._app = app(self._runtime, token=self._token, allowed_hosts=self._hosts, dashboard=True)
+        hosts = list(LOOPBACK_HOSTS) if self._loopback_only else None
+        self._app = app(self._runtime, token=self._token, allowed_hosts=hosts, dashboard=True)
 
         class Server(uvicorn.Server):
             @contextlib.contextmanager

@@ -304,12 +304,12 @@ async def serve(path: Path, *, metrics_address: str | None = None, replica: bool
                 n = len(item.endpoints)
                 extra = f"{n} endpoint{'' if n == 1 else 's'}"
             out.print(f"[green]●[/green] {kind} [bold]{item.name}[/bold] on {item.address} ({extra})")
+        server = None
         if http is not None:  # last in, first out: the dashboard stops before the services drain
             server = _http_server(http, items[0].runtime)
             if server is not None:
                 stack.push_async_callback(server.aclose)
-                server.start()
-                out.print(f"dashboard: {server.url}", markup=False)
+                out.print(f"dashboard: {server.url}", markup=False)  # bound: connections wait in its backlog
         if module.__doc__:
             out.print(module.__doc__.strip(), markup=False)
         report_ready(items)
@@ -317,6 +317,8 @@ async def serve(path: Path, *, metrics_address: str | None = None, replica: bool
             await tg.start(stop_on_signals, tg.cancel_scope)
             out.print("[dim]Ctrl-C to stop[/dim]")
             sys.stdout.flush()
+            if server is not None:
+                server.start()  # only now: the HTTP stack loads while the services already answer
             await anyio.sleep_forever()
     out.print("stopped")
 
@@ -324,7 +326,6 @@ async def serve(path: Path, *, metrics_address: str | None = None, replica: bool
 def _http_server(http: Http, runtime: Any) -> Any:
     """The bound (not yet serving) dashboard server, or None when the default port is taken."""
     from micro.cli.gateway import HttpServer, bind, loopback, parse_address, token_from
-    from micro.gateway.http import LOOPBACK_HOSTS
 
     token = token_from(http.token_env, http.address)
     host, _ = parse_address(http.address)
@@ -336,4 +337,4 @@ def _http_server(http: Http, runtime: Any) -> Any:
         err.print(f"[yellow]warning:[/yellow] no dashboard: cannot listen on {http.address} ({exc.strerror or exc}); "
                   "pass --http-address HOST:PORT (port 0 picks a free one), or --no-http", markup=True)
         return None
-    return HttpServer(sock, runtime, token=token, hosts=list(LOOPBACK_HOSTS) if loopback(host) else None)
+    return HttpServer(sock, runtime, token=token, loopback_only=loopback(host))
