@@ -152,7 +152,6 @@ class BearerAuth:
             await self.app(scope, receive, send)
             return
         if self._login is not None and scope.get("method") == "GET" and self._wants_html(scope):
-            root = scope.get("root_path", "")
             rsp: Response = RedirectResponse(f"{root}{self._login}?next={quote(root + path)}", status_code=303)
         else:
             rsp = _error(401, "UNAUTHENTICATED", "this gateway needs an `Authorization: Bearer <token>` header "

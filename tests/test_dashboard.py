@@ -1,0 +1,218 @@
+"""The dashboard without a browser (issue 20): forms from schemas, the timeline's layout, escaping, CSRF,
+the login cookie, deny-with-reason through ``Agent.Resume``, and mounting under a path.
+
+In-process: the ASGI app on a memory runtime, driven by ``httpx.ASGITransport``. The browser tests
+(tests/test_dashboard_browser.py) drive the same pages in Chromium against ``micro run``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+import micro
+from micro.ai import Message, ToolResultBlock, ToolSpec, scripted
+from micro.dashboard import app as dashboard
+from micro.dashboard import forms, timeline
+from micro.errors import BadRequest
+
+TOKEN = "dashboard-t0ken"
+MARKUP = '<script>alert("x")</script>'
+
+
+class Color(msgspec.Struct):
+    name: str
+
+
+class Paint(msgspec.Struct):
+    """What to paint."""
+
+    wall: str
+    coats: int = 1
+    finish: str | None = None
+    glossy: bool = False
+    color: Color | None = None
+    ratio: float = 0.5
+
+
+class Painted(msgspec.Struct):
+    note: str
+
+
+class Painter:
+    async def Paint(self, req: Paint) -> Painted:
+        """Paints a wall. <b>Carefully</b>."""
+        return Painted(note=f"{req.wall} painted {req.coats}x {MARKUP}")
+
+
+def _brain(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | str:
+    results = [b for b in messages[-1].content if isinstance(b, ToolResultBlock)]
+    if results:
+        return f"The painter said: {results[0].content}"
+    return scripted.turn("Painting. ", scripted.call("painter_Painter_Paint", wall=messages[-1].text))
+
+
+@pytest.fixture
+async def runtime() -> AsyncIterator[micro.Runtime]:
+    async with micro.Runtime(registry="memory://", store="memory://", broker="memory://") as rt:
+        painter = micro.Service("painter", runtime=rt, metadata={"description": f"paints {MARKUP}"})
+        painter.handle(Painter())
+        helper = micro.Agent("helper", services=["painter"], prompt="You paint.", runtime=rt,
+                             provider=scripted.function(_brain), needs_approval=["painter_Painter_Paint"])
+        async with painter, helper:
+            yield rt
+
+
+def _client(asgi: Any, base: str = "http://127.0.0.1:8080") -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(asgi), base_url=base, headers={"Accept": "text/html"})
+
+
+def _csrf(html: str) -> str:
+    found = re.search(r'<meta name="csrf-token" content="([^"]+)">', html)
+    assert found is not None
+    return found.group(1)
+
+
+def test_form_fields_follow_the_request_schema() -> None:
+    schema = micro.codec.codec_for(Paint).schema()
+    fields = {f.name: f for f in forms.fields(schema)}
+    assert list(fields) == ["wall", "coats", "finish", "glossy", "color", "ratio"]
+    assert (fields["wall"].kind, fields["wall"].required) == ("string", True)
+    assert (fields["coats"].kind, fields["coats"].required, fields["coats"].default) == ("integer", False, "1")
+    assert fields["finish"].kind == "string"  # Optional[str]: a text field
+    assert fields["glossy"].kind == "boolean" and fields["color"].kind == "json" and fields["ratio"].kind == "number"
+    got = forms.values(schema, {"wall": "north", "coats": "2", "glossy": "true", "color": '{"name": "red"}',
+                                "ratio": "", "finish": ""}, where="painter Painter.Paint")
+    assert got == {"wall": "north", "coats": 2, "glossy": True, "color": {"name": "red"}}
+    assert msgspec.convert(got, Paint) == Paint("north", 2, None, True, Color("red"))
+    with pytest.raises(BadRequest, match=r"painter Painter.Paint: field 'coats' must be a whole number, not 'two'"):
+        forms.values(schema, {"wall": "n", "coats": "two"}, where="painter Painter.Paint")
+    with pytest.raises(BadRequest, match=r"field 'color' must be JSON"):
+        forms.values(schema, {"wall": "n", "color": "{red"}, where="w")
+    with pytest.raises(BadRequest, match=r"field 'wall' is required"):
+        forms.values({"properties": {"wall": {"type": "integer"}}, "required": ["wall"]}, {}, where="w")
+    enum = {"properties": {"size": {"enum": ["s", "m"]}}, "required": ["size"]}
+    assert forms.fields(enum)[0].choices == ("s", "m")
+    with pytest.raises(BadRequest, match=r"field 'size' must be one of s, m, not 'xl'"):
+        forms.values(enum, {"size": "xl"}, where="w")
+
+
+def test_the_timeline_puts_overlapping_calls_side_by_side_and_the_model_in_the_gaps() -> None:
+    run = {"started": 100.0, "finished": 100.1, "tool_calls": [
+        {"name": "a", "input": {}, "started": 100.01, "seconds": 0.02, "state": "done"},
+        {"name": "b", "input": {}, "started": 100.015, "seconds": 0.01, "state": "done", "is_error": True},
+        {"name": "c", "input": {}, "started": 100.05, "seconds": 0.01, "state": "pending"},
+    ]}
+    bars = timeline.agent_bars(run)
+    tools = {b.label: (b.lane, b.kind, round(b.start, 3), round(b.seconds, 3)) for b in bars if b.lane}
+    # c waits for approval: its bar runs to the end of what is known of the run
+    assert tools == {"a": (1, "tool", 0.01, 0.02), "b": (2, "error", 0.015, 0.01), "c": (1, "pending", 0.05, 0.05)}
+    model = [(round(b.start, 3), round(b.seconds, 3)) for b in bars if b.lane == 0]
+    assert model == [(0.0, 0.01), (0.03, 0.02)]  # before the first call; between the turns' calls
+    drawn = timeline.layout(bars)
+    assert drawn.lanes == ["model", "tools 1", "tools 2"]
+    assert [t for _, t in drawn.ticks] == ["0 ms", "20 ms", "40 ms", "60 ms", "80 ms", "100 ms"]
+    by_label = {d.label: d for d in drawn.bars}
+    assert by_label["a"].x < by_label["b"].x < by_label["a"].x + by_label["a"].w  # side by side, overlapping
+    assert by_label["a"].y != by_label["b"].y
+    flow = timeline.flow_bars({"started": 10.0, "finished": 10.5, "trace": {
+        "lead": {"kind": "await", "status": "completed", "started": 10.0, "seconds": 0.1},
+        "closed": {"kind": "call", "status": "failed", "started": 10.2, "seconds": 0.3, "error": "no"}}})
+    assert [(b.lane, b.label, b.kind) for b in flow] == [(0, "lead", "step"), (1, "closed", "failed")]
+
+
+async def test_pages_escape_what_services_and_runs_hold(runtime: micro.Runtime) -> None:
+    async with _client(dashboard(runtime)) as http:
+        page = await http.get("/")
+        assert page.status_code == 200 and "micro_csrf=" in page.headers["set-cookie"]
+        assert MARKUP not in page.text and "paints &lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in page.text
+        page = await http.get("/services/painter")
+        assert "<b>Carefully</b>" not in page.text and "&lt;b&gt;Carefully&lt;/b&gt;" in page.text
+        assert re.search(r'<input type="text" id="f-Painter-Paint-wall" name="wall" value="" +required>', page.text)
+        assert '<label for="f-Painter-Paint-wall">' in page.text
+        rsp = await http.post("/ui/call/painter/Painter.Paint", data={"wall": MARKUP, "csrf": _csrf(page.text)})
+        assert rsp.status_code == 200 and "<script>" not in rsp.text and "&lt;script&gt;" in rsp.text
+        rsp = await http.post("/ui/call/painter/Painter.Paint",
+                              data={"wall": "w", "coats": "two", "csrf": _csrf(page.text)})
+        assert "field &#39;coats&#39; must be a whole number" in rsp.text and "INVALID_ARGUMENT" in rsp.text
+
+
+async def test_actions_need_the_pages_csrf_token(runtime: micro.Runtime) -> None:
+    async with _client(dashboard(runtime)) as http:
+        token = _csrf((await http.get("/services/painter")).text)
+        for data, headers in (({"wall": "w"}, {}), ({"wall": "w", "csrf": "x" * 43}, {}),
+                              ({"wall": "w"}, {"X-CSRF-Token": token[:-1]})):
+            rsp = await http.post("/ui/call/painter/Painter.Paint", data=data, headers=headers)
+            assert rsp.status_code == 403 and "CSRF token is missing or stale" in rsp.text
+        rsp = await http.post("/ui/call/painter/Painter.Paint", data={"wall": "w"}, headers={"X-CSRF-Token": token})
+        assert rsp.status_code == 200 and "w painted 1x" in rsp.text
+        http.cookies.clear()  # a cookie-less POST (another site's form) carries the field but not the cookie
+        rsp = await http.post("/ui/call/painter/Painter.Paint", data={"wall": "w", "csrf": token})
+        assert rsp.status_code == 403
+        rsp = await http.post("/ui/call/painter/Painter.Paint", data={"wall": "w", "csrf": token},
+                              headers={"Origin": "https://evil.example"})
+        assert rsp.status_code == 403 and "cross-origin request" in rsp.text
+
+
+async def test_a_denial_with_a_reason_reaches_the_model(runtime: micro.Runtime) -> None:
+    rsp = await runtime.client.call("helper", "Agent.Chat", {"message": "north"})
+    assert rsp["status"] == "paused"
+    run_id = rsp["run_id"]
+    async with _client(dashboard(runtime)) as http:
+        page = await http.get("/agents/helper")
+        assert f'data-run="{run_id}"' in page.text and 'value="deny"' in page.text
+        rsp = await http.post(f"/ui/agents/helper/runs/{run_id}/resume",
+                              data={"action": "deny", "reason": "not today", "csrf": _csrf(page.text)})
+        assert rsp.status_code == 303 and rsp.headers["location"] == f"/agents/helper/runs/{run_id}"
+        run = (await runtime.client.call("helper", "AgentInfo.Run", {"id": run_id}))["run"]
+        assert run["status"] == "completed" and "not today" in run["reply"]
+        assert run["tool_calls"][0]["is_error"] is True
+        page = await http.get(f"/agents/helper/runs/{run_id}")
+        assert 'id="run-status">completed<' in page.text and 'class="bar error"' in page.text
+        # deciding again: the engine's answer, on the page, nothing changed
+        again = await http.post(f"/ui/agents/helper/runs/{run_id}/resume",
+                                data={"action": "approve", "csrf": _csrf(page.text)})
+        assert again.status_code == 400 and run_id in again.text and "completed" in again.text
+        assert (await runtime.client.call("helper", "AgentInfo.Run", {"id": run_id}))["run"] == run
+
+
+async def test_with_a_token_pages_need_the_login_cookie(runtime: micro.Runtime) -> None:
+    async with _client(dashboard(runtime, token=TOKEN)) as http:
+        rsp = await http.get("/agents/helper")
+        assert rsp.status_code == 303 and rsp.headers["location"] == "/login?next=/agents/helper"
+        assert (await http.get("/api/services", headers={"Accept": "application/json"})).status_code == 401
+        assert (await http.get("/static/htmx.min.js")).status_code == 200
+        login = await http.get("/login?next=/agents/helper")
+        wrong = await http.post("/login?next=/agents/helper", data={"token": "nope", "csrf": _csrf(login.text)})
+        assert wrong.status_code == 401 and "micro_token" not in wrong.headers.get("set-cookie", "")
+        rsp = await http.post("/login?next=/agents/helper", data={"token": TOKEN, "csrf": _csrf(login.text)})
+        assert rsp.status_code == 303 and rsp.headers["location"] == "/agents/helper"
+        cookie = rsp.headers["set-cookie"]
+        assert cookie.startswith("micro_token=") and "HttpOnly" in cookie and "SameSite=strict" in cookie
+        assert (await http.get("/agents/helper")).status_code == 200
+        page = await http.post("/logout", data={"csrf": _csrf(login.text)})
+        assert page.status_code == 303 and (await http.get("/")).status_code == 303
+        # after login, only a path on this server: never another site
+        rsp = await http.post("/login?next=//evil.example/x", data={"token": TOKEN, "csrf": _csrf(login.text)})
+        assert rsp.headers["location"] == "/"
+
+
+async def test_mounted_under_a_path_links_and_logins_follow_it(runtime: micro.Runtime) -> None:
+    site = Starlette(routes=[Mount("/micro", dashboard(runtime, token=TOKEN))])
+    async with _client(site) as http:
+        rsp = await http.get("/micro/services/painter")
+        assert rsp.status_code == 303 and rsp.headers["location"] == "/micro/login?next=/micro/services/painter"
+        login = await http.get("/micro/login")
+        assert 'action="/micro/login?next=' in login.text and 'src="/micro/static/htmx.min.js"' in login.text
+        rsp = await http.post("/micro/login?next=/micro/", data={"token": TOKEN, "csrf": _csrf(login.text)})
+        assert rsp.headers["location"] == "/micro/" and "Path=/micro" in rsp.headers["set-cookie"]
+        page = await http.get("/micro/")
+        assert 'href="/micro/services/painter"' in page.text and 'sse-connect="/micro/ui/events/services"' in page.text
+        assert (await http.get("/micro/static/dashboard.js")).status_code == 200
