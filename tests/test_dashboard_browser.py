@@ -22,6 +22,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -131,6 +132,12 @@ def test_the_service_list_shows_the_example_and_follows_the_registry(system: str
     kinds = dict(_table(browser))
     assert kinds["task"] == "service" and kinds["task-mgr"] == "agent" and kinds["close-task"] == "flow"
     browser.save_screenshot(str(tmp_path / "services.png"))
+    browser.set_window_size(390, 844)  # a phone's width: nothing wider than the screen
+    try:
+        assert browser.execute_script("return document.documentElement.scrollWidth") <= 390
+        browser.save_screenshot(str(tmp_path / "services-phone.png"))
+    finally:
+        browser.set_window_size(1280, 800)
     # live: a service that starts elsewhere appears without a reload, and goes when it stops
     app = tmp_path / "extra.py"
     app.write_text(EXTRA)
@@ -149,8 +156,7 @@ def test_try_it_calls_list_overdue_for_alice(system: str, browser: WebDriver, tm
     assert "Task.ListOverdue" in section.find_element(By.TAG_NAME, "h3").text
     field = section.find_element(By.ID, "f-Task-ListOverdue-user_id")  # labelled: the label's for= names it
     assert section.find_element(By.CSS_SELECTOR, "label[for='f-Task-ListOverdue-user_id']").text.startswith("user_id")
-    field.send_keys("alice")
-    section.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    field.send_keys("alice" + Keys.ENTER)  # the keyboard submits the form
     shown = _wait(browser, lambda d: d.find_element(By.ID, "result-Task-ListOverdue").text, "no response shown")
     rsp = msgspec.json.decode(str(shown))
     assert rsp["total"] == 3 and len(rsp["records"]) == 3
@@ -293,3 +299,11 @@ def test_with_a_token_pages_need_a_login(system: str, browser: WebDriver, env: d
         assert rsp.status_code == 403
     finally:
         _stop(proc)
+
+
+def test_swagger_ui_shows_the_openapi_document(system: str, browser: WebDriver, tmp_path: Path) -> None:
+    browser.get(system + "/docs")
+    paths = _wait(browser, lambda d: [e.text for e in d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")],
+                  "Swagger UI showed no operations")
+    assert "/api/task/Task.ListOverdue" in paths  # type: ignore[operator]
+    browser.save_screenshot(str(tmp_path / "swagger.png"))

@@ -327,6 +327,10 @@ class Dashboard:
             return await self.flow_run(request, error=exc.message, status=400)
         return _see(request, f"/flows/{name}/runs/{rsp['run']['id']}")
 
+    async def docs(self, request: Request) -> Response:
+        """Swagger UI (vendored) over this server's ``/openapi.json``."""
+        return self.render(request, "swagger.html")
+
     # ------------------------------------------------------------------ login
     async def login(self, request: Request) -> Response:
         target = security.safe_next(request.query_params.get("next", ""), request.scope.get("root_path", ""))
@@ -360,6 +364,7 @@ class Dashboard:
         static = StaticFiles(directory=str(files("micro.dashboard") / "static"))
         return [
             Route("/", self.index, methods=["GET"]),
+            Route("/docs", self.docs, methods=["GET"]),
             Route("/services/{service}", self.service, methods=["GET"]),
             Route("/agents/{agent}", self.agent, methods=["GET"]),
             Route("/agents/{agent}/runs/{run}", self.agent_run, methods=["GET"]),

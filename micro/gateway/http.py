@@ -456,7 +456,11 @@ class _Gateway:
 
     async def openapi(self, request: Request) -> Response:
         records = await self.runtime.registry.list()
-        return Response(_encode(openapi.document(records, bearer=self.auth)), media_type=_JSON)
+        doc = openapi.document(records, bearer=self.auth)
+        root = request.scope.get("root_path", "")
+        if root:  # mounted under a path: the API's routes are under it too
+            doc["servers"] = [{"url": root}]
+        return Response(_encode(doc), media_type=_JSON)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
