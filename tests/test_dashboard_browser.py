@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import httpx
 import msgspec
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -88,8 +90,18 @@ def system(env: dict[str, str]) -> Iterator[str]:
     urls = [m.group(1) for line in seen if (m := re.match(r"dashboard: (http://\S+)", line))]
     assert len(urls) == 1, "".join(seen)
     yield urls[0]
-    rest = _stop(proc)
-    assert "stopped" in rest, rest  # the open live streams did not hold the server up
+    # a page left open: its live stream must neither hold micro run up nor end as a broken response
+    host, port = urls[0].removeprefix("http://").split(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=WAIT) as live:
+            live.sendall(f"GET /ui/events/services HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            first = b""
+            while b"event: services" not in first and (chunk := live.recv(65536)):
+                first += chunk
+            assert first.startswith(b"HTTP/1.1 200") and b"event: services" in first
+    finally:
+        rest = _stop(proc)
+    assert "stopped" in rest and "ASGI callable returned without completing" not in rest, rest
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +119,9 @@ def browser() -> Iterator[WebDriver]:
 
 
 def _wait(driver: WebDriver, what: object, message: str) -> object:
-    return WebDriverWait(driver, WAIT).until(what, message)  # type: ignore[arg-type]
+    # an element read while the page navigates (a form's POST, then its redirect) may be gone: read again
+    wait = WebDriverWait(driver, WAIT, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException))
+    return wait.until(what, message)  # type: ignore[arg-type]
 
 
 def _table(driver: WebDriver) -> list[list[str]]:
@@ -184,7 +198,7 @@ def test_the_playground_streams_a_reply_with_tool_lines(system: str, browser: We
     # the run is listed, and its page draws the timeline: model turns and the tool call as bars
     browser.get(system + "/agents/task-mgr?status=completed")
     browser.find_element(By.CSS_SELECTOR, "table.runs tbody a").click()
-    bars = browser.find_elements(By.CSS_SELECTOR, "svg g.bar")
+    bars = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "svg g.bar"), "no timeline")
     kinds = [b.get_attribute("class") for b in bars]
     assert "bar tool" in kinds and "bar model" in kinds
     labels = [b.find_element(By.TAG_NAME, "text").text for b in bars]
@@ -202,7 +216,7 @@ def test_a_paused_run_is_approved_from_the_page_and_completes(system: str, brows
     waits = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#chat-log .waits")]
     assert waits == ['⏸ task_Task_Delete({"id":"t7"}) needs approval']
     link[0].click()  # type: ignore[index]
-    assert browser.find_element(By.ID, "run-status").text == "paused"
+    _wait(browser, lambda d: d.find_element(By.ID, "run-status").text == "paused", "the run page did not open")
     browser.save_screenshot(str(tmp_path / "paused.png"))
     browser.find_element(By.CSS_SELECTOR, "button[name=action][value=approve]").click()
     _wait(browser, lambda d: d.find_element(By.ID, "run-status").text == "completed", "the run did not complete")
@@ -222,7 +236,7 @@ def test_a_waiting_flow_run_is_resumed_from_its_form(system: str, browser: WebDr
     assert run["status"] == "waiting"
     browser.get(system + "/flows/close-task")
     browser.find_element(By.LINK_TEXT, run["id"]).click()
-    assert browser.find_element(By.ID, "run-status").text == "waiting"
+    _wait(browser, lambda d: d.find_element(By.ID, "run-status").text == "waiting", "the run page did not open")
     assert browser.find_element(By.CSS_SELECTOR, "label[for='in-approved']").text == "approved"
     browser.find_element(By.ID, "in-approved").click()
     browser.find_element(By.ID, "in-note").send_keys("thanks!")
@@ -257,6 +271,7 @@ def test_data_that_holds_markup_shows_as_text(system: str, browser: WebDriver, t
     browser.get(system + "/agents/task-mgr")
     assert XSS in browser.find_element(By.CSS_SELECTOR, "table.runs").text
     browser.find_element(By.CSS_SELECTOR, "table.runs tbody a").click()
+    _wait(browser, lambda d: d.find_elements(By.ID, "run-status"), "the run page did not open")
     assert browser.find_element(By.CSS_SELECTOR, ".facts dd").text == f"What tasks are overdue for mallory? {XSS}"
     assert browser.find_elements(By.CSS_SELECTOR, "img[src=x]") == []
     assert browser.execute_script("return window.__xss === undefined") is True
@@ -274,10 +289,11 @@ def test_with_a_token_pages_need_a_login(system: str, browser: WebDriver, env: d
         assert browser.find_elements(By.CSS_SELECTOR, "tr[data-service]") == []
         browser.find_element(By.ID, "token").send_keys("wrong")
         browser.find_element(By.CSS_SELECTOR, "form.login button").click()
-        assert "not this server's token" in browser.find_element(By.CSS_SELECTOR, ".error").text
+        _wait(browser, lambda d: "not this server's token" in d.find_element(By.CSS_SELECTOR, ".error").text,
+              "the wrong token was not refused")
         browser.find_element(By.ID, "token").send_keys("s3cret-token")
         browser.find_element(By.CSS_SELECTOR, "form.login button").click()
-        assert browser.current_url == url + "/services/task"  # back where it was going
+        _wait(browser, lambda d: d.current_url == url + "/services/task", "not back where it was going")
         assert browser.find_element(By.ID, "ep-Task-ListOverdue")
         cookie = browser.get_cookie("micro_token")
         assert cookie is not None and cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"

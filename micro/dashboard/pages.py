@@ -422,6 +422,7 @@ class _SSE(Response):
                 tg.start_soon(first, pump)
                 tg.start_soon(first, left)
                 tg.start_soon(first, self._closed)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             pass  # the client went away mid-write
         finally:
