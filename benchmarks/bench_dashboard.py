@@ -9,12 +9,16 @@ imported in a worker thread after the services are up; connections wait in the s
 backlog until then): that one is context, not a target.
 
 The dashboard is not on the call path: calls between services never pass through the HTTP
-server (it is one more client of the runtime); nothing here measures it.
+server (it is one more client of the runtime). To check that it costs the services nothing
+while it runs, ``micro bench task Task.ListOverdue`` (16 callers, CALL_SECONDS each) loads the
+example system with the dashboard serving an open page's live stream, and with ``--no-http``,
+alternating; the figure is the ratio of their throughputs (target: 1.0 within the noise).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -29,6 +33,8 @@ Result = tuple[str, float, str]
 ROOT = Path(__file__).resolve().parent.parent
 REPS = 15
 PAGE_REPS = 5
+CALL_REPS = 4
+CALL_SECONDS = 3
 READY = b"Ctrl-C to stop"
 
 
@@ -81,6 +87,42 @@ async def _start(http: bool, *, page: bool = False) -> tuple[float, float | None
         return ready, shown
 
 
+async def _throughput(http: bool) -> float:
+    """Calls/s of ``micro bench`` against the example's Task.ListOverdue, with or without the dashboard (and
+    then one open page's live stream)."""
+    with tempfile.TemporaryDirectory(prefix="micro-bench-dash-") as home:
+        env = {**os.environ, "MICRO_HOME": home, "MICRO_BROKER": "local://"}
+        args = ["--http-address", "127.0.0.1:0"] if http else ["--no-http"]
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "micro.cli", "run", "examples/tasks", *args,
+                                                    cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.STDOUT)
+        assert proc.stdout is not None
+        live = None
+        try:
+            url = None
+            while READY not in (line := await asyncio.wait_for(proc.stdout.readline(), 60)):
+                if not line:
+                    raise RuntimeError("micro run exited before it was ready")
+                if found := re.match(rb"dashboard: (http://\S+)", line):
+                    url = found.group(1).decode()
+            if url is not None:  # a page left open: its live stream
+                host, _, port = url.removeprefix("http://").rpartition(":")
+                await _page(url, time.perf_counter() + 60)
+                live = await asyncio.open_connection(host, int(port))
+                live[1].write(f"GET /ui/events/services HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                await live[0].readuntil(b"event: services")
+            bench = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "micro.cli", "bench", "task", "Task.ListOverdue", '{"user_id": "alice"}',
+                "-c", "16", "-d", f"{CALL_SECONDS}s", "--json", cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE)
+            out, _ = await bench.communicate()
+            return float(json.loads(out)["calls_per_s"])
+        finally:
+            if live is not None:
+                live[1].close()
+            proc.send_signal(signal.SIGINT)
+            await proc.communicate()
+
+
 async def run() -> list[Result]:
     await _start(False)  # warm the file cache (imports) for both sides
     await _start(True)
@@ -92,6 +134,12 @@ async def run() -> list[Result]:
             ready, _ = await _start(http)
             (on if http else off).append(ready)
     pages = [page for _ in range(PAGE_REPS) if (page := (await _start(True, page=True))[1]) is not None]
+    rates_on: list[float] = []
+    rates_off: list[float] = []
+    for rep in range(CALL_REPS):
+        for http in ((False, True) if rep % 2 == 0 else (True, False)):
+            (rates_on if http else rates_off).append(await _throughput(http))
+    call_ratio = statistics.median(a / b for a, b in zip(rates_on, rates_off, strict=True))
     added = [b - a for a, b in zip(off, on, strict=True)]
     med_off, med_on, med_added = statistics.median(off), statistics.median(on), statistics.median(added)
     best = min(on) - min(off)
@@ -104,6 +152,10 @@ async def run() -> list[Result]:
         ("dashboard.startup_added_best_ms", round(best * 1000, 1),
          f"the fastest of each side: {min(on) * 1000:.0f} vs {min(off) * 1000:.0f} ms, {best * 1000:+.1f} ms "
          "(the least disturbed by other load on the machine)"),
+        ("dashboard.call_path_ratio", round(call_ratio, 3),
+         f"micro bench task Task.ListOverdue (16 callers, {CALL_SECONDS} s): {statistics.median(rates_on):,.0f} "
+         f"calls/s with the dashboard serving an open page vs {statistics.median(rates_off):,.0f} with --no-http: "
+         f"{call_ratio:.3f}x (median of {CALL_REPS} alternating pairs; target 1.0: nothing on the call path)"),
         ("dashboard.first_page_ms", round(statistics.median(pages) * 1000, 1),
          f"(context) spawn to the dashboard's first page answered: {statistics.median(pages) * 1000:.0f} ms "
          f"(median of {len(pages)}): the HTTP stack loads after the services are up"),

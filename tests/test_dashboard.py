@@ -59,6 +59,13 @@ def _brain(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | st
     return scripted.turn("Painting. ", scripted.call("painter_Painter_Paint", wall=messages[-1].text))
 
 
+def _asker(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | str:
+    results = [b for b in messages[-1].content if isinstance(b, ToolResultBlock)]
+    if results:
+        return f"Painting the {results[0].content} wall."
+    return scripted.turn("", scripted.call("request_input", question=f"Which wall? {MARKUP}"))
+
+
 @pytest.fixture
 async def runtime() -> AsyncIterator[micro.Runtime]:
     async with micro.Runtime(registry="memory://", store="memory://", broker="memory://") as rt:
@@ -66,7 +73,8 @@ async def runtime() -> AsyncIterator[micro.Runtime]:
         painter.handle(Painter())
         helper = micro.Agent("helper", services=["painter"], prompt="You paint.", runtime=rt,
                              provider=scripted.function(_brain), needs_approval=["painter_Painter_Paint"])
-        async with painter, helper:
+        asker = micro.Agent("asker", services=[], prompt="You ask.", runtime=rt, provider=scripted.function(_asker))
+        async with painter, helper, asker:
             yield rt
 
 
@@ -216,3 +224,21 @@ async def test_mounted_under_a_path_links_and_logins_follow_it(runtime: micro.Ru
         page = await http.get("/micro/")
         assert 'href="/micro/services/painter"' in page.text and 'sse-connect="/micro/ui/events/services"' in page.text
         assert (await http.get("/micro/static/dashboard.js")).status_code == 200
+
+
+async def test_a_question_is_answered_from_the_page(runtime: micro.Runtime) -> None:
+    rsp = await runtime.client.call("asker", "Agent.Chat", {"message": "paint"})
+    assert rsp["status"] == "input_required"
+    run_id, call_id = rsp["run_id"], rsp["pending"][0]["call_id"]
+    async with _client(dashboard(runtime)) as http:
+        page = await http.get(f"/agents/asker/runs/{run_id}")
+        assert MARKUP not in page.text and "Which wall? &lt;script&gt;" in page.text  # the question, escaped
+        assert f'name="call_id" value="{call_id}"' in page.text and '<label for="answer-' in page.text
+        rsp = await http.post(f"/ui/agents/asker/runs/{run_id}/resume",
+                              data={"action": "answer", "call_id": call_id, "answer": "north",
+                                    "csrf": _csrf(page.text)})
+        assert rsp.status_code == 303
+        run = (await runtime.client.call("asker", "AgentInfo.Run", {"id": run_id}))["run"]
+        assert run["status"] == "completed" and run["reply"] == "Painting the north wall."
+        page = await http.get("/agents/asker?status=input_required")
+        assert "No runs match." in page.text and "No run waits." in page.text

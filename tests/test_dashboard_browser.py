@@ -249,6 +249,26 @@ def test_a_waiting_flow_run_is_resumed_from_its_form(system: str, browser: WebDr
     assert len(browser.find_elements(By.CSS_SELECTOR, "svg g.bar")) == 4
 
 
+def test_a_refused_flow_run_fails_and_is_replayed(system: str, browser: WebDriver, tmp_path: Path) -> None:
+    browser.get(system + "/services/close-task")
+    section = browser.find_element(By.ID, "ep-Flow-Run")
+    section.find_element(By.ID, "f-Flow-Run-data").send_keys('{"task_id": "t3", "reason": "stale"}')
+    section.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    shown = _wait(browser, lambda d: d.find_element(By.ID, "result-Flow-Run").text, "no response shown")
+    run_id = msgspec.json.decode(str(shown))["run"]["id"]
+    browser.get(f"{system}/flows/close-task/runs/{run_id}")
+    browser.find_element(By.ID, "in-note").send_keys("keep it open")  # approved left unchecked: a refusal
+    browser.find_element(By.CSS_SELECTOR, "form.resume button[type=submit]").click()
+    _wait(browser, lambda d: d.find_element(By.ID, "run-status").text == "failed", "the run did not fail")
+    assert "the lead did not approve closing task t3: keep it open" in browser.find_element(By.TAG_NAME, "main").text
+    browser.find_element(By.XPATH, "//button[text()='Replay this event']").click()
+    _wait(browser, lambda d: d.find_element(By.ID, "run-status").text == "waiting", "the replay does not wait")
+    assert browser.current_url == f"{system}/flows/close-task/runs/{run_id}-replay-1"
+    browser.get(system + "/flows/close-task?status=failed")
+    assert browser.find_elements(By.LINK_TEXT, run_id)
+    browser.save_screenshot(str(tmp_path / "flow-replayed.png"))
+
+
 XSS = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 2">'
 
 

@@ -242,9 +242,11 @@ class Dashboard:
             req: dict[str, Any] = {"run_id": run_id, "reason": reason}
             call = form.get("call_id", "")
             if action == "answer":
-                req["answer"] = form.get("answer", "")
-                if call:
-                    req["answers"] = {call: req.pop("answer")}
+                if call:  # one question of several, maybe: the run resumes once each is answered
+                    req["decisions"] = [{"call_id": call, "answer": form.get("answer", "")}]
+                    req["partial"] = True
+                else:
+                    req["answer"] = form.get("answer", "")
             elif action in ("approve", "deny"):
                 if call:
                     req["decisions"] = [{"call_id": call, "approve": action == "approve", "reason": reason}]
