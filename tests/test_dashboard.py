@@ -242,3 +242,13 @@ async def test_a_question_is_answered_from_the_page(runtime: micro.Runtime) -> N
         assert run["status"] == "completed" and run["reply"] == "Painting the north wall."
         page = await http.get("/agents/asker?status=input_required")
         assert "No runs match." in page.text and "No run waits." in page.text
+
+
+async def test_unknown_services_and_runs_are_404_pages_that_say_so(runtime: micro.Runtime) -> None:
+    async with _client(dashboard(runtime)) as http:
+        for path, words in (("/services/paynter", "paynter"), ("/agents/nobody", "nobody"),
+                            ("/agents/helper/runs/0123abc", "0123abc"), ("/agents/helper/runs/a%23b", "a#b")):
+            page = await http.get(path)
+            assert page.status_code == 404 and 'role="alert"' in page.text and words in page.text, path
+        page = await http.get("/services/paynter")
+        assert "painter" in page.text  # the closest name the registry has

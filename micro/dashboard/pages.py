@@ -23,7 +23,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from micro.errors import Error
+from micro.errors import Error, NotFound, closest
 from micro.gateway.http import error_body, stream
 
 from . import forms, security, timeline
@@ -116,9 +116,18 @@ class Dashboard:
         return sorted(await self.runtime.registry.list(), key=lambda r: (order.get(kind_of(r), 3), r.name))
 
     async def record(self, name: str) -> ServiceRecord:
+        """The merged record of ``name``; ``NotFound`` suggesting the closest registered name."""
         from micro.registry import merge
 
-        return merge(await self.runtime.registry.get(name))[0]
+        try:
+            found = merge(await self.runtime.registry.get(name))
+        except NotFound as exc:
+            names = [r.name for r in await self.runtime.registry.list()]
+            guess = closest(name, names)
+            raise NotFound(exc.message + (f"; did you mean {guess}?" if guess else "")) from None
+        if not found:
+            raise NotFound(f"{name!r} is not registered")
+        return found[0]
 
     # ------------------------------------------------------------------ pages
     async def index(self, request: Request) -> Response:
