@@ -265,7 +265,6 @@ class BrowserGuard:
                     "gateway; allow an origin with `micro api --allow-origin`")
         return None
 
-
     @staticmethod
     def _same_origin(scope: Scope, origin: str, host: str | None) -> bool:
         """A page this server served (the dashboard's) posting back to it: its origin is this request's
