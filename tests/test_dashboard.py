@@ -252,3 +252,19 @@ async def test_unknown_services_and_runs_are_404_pages_that_say_so(runtime: micr
             assert page.status_code == 404 and 'role="alert"' in page.text and words in page.text, path
         page = await http.get("/services/paynter")
         assert "painter" in page.text  # the closest name the registry has
+
+
+async def test_the_pages_own_origin_passes_only_for_a_host_the_server_vouches_for(runtime: micro.Runtime) -> None:
+    for hosts, host, allowed in ((["dash.example"], "dash.example", True), (["dash.example"], "evil.example", False),
+                                 (None, "evil.example", False)):
+        async with _client(dashboard(runtime, allowed_hosts=hosts), base=f"http://{host}") as http:
+            page = await http.get("/services/painter")
+            if hosts is not None and host not in hosts:
+                assert page.status_code == 403 and "does not serve the host 'evil.example'" in page.text
+                continue
+            # without a Host list, a name re-pointed at this machine (DNS rebinding) would pass as "own"
+            rsp = await http.post("/ui/call/painter/Painter.Paint", data={"wall": "w", "csrf": _csrf(page.text)},
+                                  headers={"Origin": f"http://{host}"})
+            assert (rsp.status_code == 200) is allowed, rsp.text
+            if not allowed:
+                assert rsp.status_code == 403 and "cross-origin request from 'http://evil.example'" in rsp.text

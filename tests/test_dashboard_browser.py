@@ -148,7 +148,10 @@ def test_the_service_list_shows_the_example_and_follows_the_registry(system: str
     browser.save_screenshot(str(tmp_path / "services.png"))
     browser.set_window_size(390, 844)  # a phone's width: nothing wider than the screen
     try:
-        assert browser.execute_script("return document.documentElement.scrollWidth") <= 390
+        # the resize reaches the page's layout a moment later: wait for it, then nothing may be wider
+        _wait(browser, lambda d: d.execute_script("return window.innerWidth") <= 390, "the window did not narrow")
+        _wait(browser, lambda d: d.execute_script("return document.documentElement.scrollWidth") <= 390,
+              "the page is wider than a phone's screen")
         browser.save_screenshot(str(tmp_path / "services-phone.png"))
     finally:
         browser.set_window_size(1280, 800)

@@ -162,12 +162,14 @@ class HttpServer:
     streams, stops the server gracefully and awaits the task.
     """
 
-    def __init__(self, sock: socket.socket, runtime: Any, *, token: str | None, loopback_only: bool) -> None:
+    def __init__(self, sock: socket.socket, runtime: Any, *, token: str | None, loopback_only: bool,
+                 allow_hosts: tuple[str, ...] = ()) -> None:
         self.sock = sock
         self.url = url_of(sock)
         self._runtime = runtime
         self._token = token
         self._loopback_only = loopback_only  # then only this machine's names are served (DNS rebinding)
+        self._allow_hosts = allow_hosts
         self._server: Any = None
         self._app: Any = None
         self._task: asyncio.Task[None] | None = None
@@ -189,7 +191,8 @@ class HttpServer:
 
         from micro.gateway.http import LOOPBACK_HOSTS, app
 
-        hosts = list(LOOPBACK_HOSTS) if self._loopback_only else None
+        extra = list(self._allow_hosts)
+        hosts = [*LOOPBACK_HOSTS, *extra] if self._loopback_only else (extra or None)
         self._app = app(self._runtime, token=self._token, allowed_hosts=hosts, dashboard=True)
 
         class Server(uvicorn.Server):

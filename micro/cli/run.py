@@ -169,6 +169,9 @@ def flow_summary(meta: dict[str, str]) -> str:
               help="Serve the dashboard and the JSON API here (or $MICRO_HTTP_ADDRESS; default 127.0.0.1:8080, "
               "and when that port is taken micro run goes on without them; port 0 picks a free one).")
 @click.option("--no-http", is_flag=True, help="Serve no dashboard and no JSON API.")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="Also serve the dashboard for this Host name (on loopback only 127.0.0.1, localhost and ::1 are "
+              "served; elsewhere the dashboard's forms need the names it is reached by). Repeatable.")
 @click.option("--token-env", metavar="VAR",
               help="The dashboard and API need the token in $VAR (pages ask once; API calls send a bearer header).")
 @click.option("--traceback", "full_traceback", is_flag=True,
@@ -183,7 +186,8 @@ def flow_summary(meta: dict[str, str]) -> str:
 async def run(path: Path | None, prompt: str | None, provider: str | None, out_dir: Path | None,
               rounds: int, log_level: str, log_format: str, metrics_address: str | None = None,
               http_address: str | None = None, no_http: bool = False, token_env: str | None = None,
-              full_traceback: bool = False, reload: bool = False, replica: bool = False) -> None:
+              allow_hosts: tuple[str, ...] = (), full_traceback: bool = False, reload: bool = False,
+              replica: bool = False) -> None:
     """Run every service, agent and flow defined in PATH (a file, or a directory with app.py; default .).
 
     With --prompt, a model writes the system first (see docs/scaffolding.md); it runs
@@ -219,10 +223,10 @@ async def run(path: Path | None, prompt: str | None, provider: str | None, out_d
         return
     if metrics_address is not None:
         _enable_metrics()  # before the app is imported: its services and runtimes set up their hooks when made
-    if no_http and (http_address is not None or token_env is not None):
-        fail("--no-http serves no dashboard: drop --http-address and --token-env, or --no-http", 2)
+    if no_http and (http_address is not None or token_env is not None or allow_hosts):
+        fail("--no-http serves no dashboard: drop --http-address, --token-env and --allow-host, or --no-http", 2)
     http = None if no_http else Http(http_address or DEFAULT_HTTP_ADDRESS, explicit=http_address is not None,
-                                     token_env=token_env)
+                                     token_env=token_env, allow_hosts=allow_hosts)
     try:
         await serve(path, metrics_address=metrics_address, replica=replica, http=http)
     except AppError as exc:
@@ -239,11 +243,12 @@ DEFAULT_HTTP_ADDRESS = "127.0.0.1:8080"
 
 class Http(msgspec.Struct, frozen=True):
     """Where ``micro run`` serves the dashboard and JSON API: the address, whether it was asked for (then a
-    taken port is an error, not a warning), and the ``--token-env`` variable."""
+    taken port is an error, not a warning), the ``--token-env`` variable and the ``--allow-host`` names."""
 
     address: str
     explicit: bool = True
     token_env: str | None = None
+    allow_hosts: tuple[str, ...] = ()
 
 
 def _enable_metrics() -> None:
@@ -337,4 +342,4 @@ def _http_server(http: Http, runtime: Any) -> Any:
         err.print(f"[yellow]warning:[/yellow] no dashboard: cannot listen on {http.address} ({exc.strerror or exc}); "
                   "pass --http-address HOST:PORT (port 0 picks a free one), or --no-http", markup=True)
         return None
-    return HttpServer(sock, runtime, token=token, loopback_only=loopback(host))
+    return HttpServer(sock, runtime, token=token, loopback_only=loopback(host), allow_hosts=http.allow_hosts)

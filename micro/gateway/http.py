@@ -231,7 +231,8 @@ class BrowserGuard:
 
     curl, SDKs and other services send no ``Origin`` and the right ``Host``: they
     pass, and so do the server's own pages (the dashboard's: ``Origin`` is the
-    request's own scheme and ``Host``). ``"*"`` in ``origins`` allows every origin.
+    request's own scheme and ``Host``) when ``hosts`` vouches for that ``Host`` (without
+    ``hosts`` a re-pointed name would pass as "own"). ``"*"`` in ``origins`` allows every origin.
     """
 
     def __init__(self, app: ASGIApp, *, hosts: Iterable[str] | None = None, origins: Iterable[str] = ()) -> None:
@@ -260,7 +261,7 @@ class BrowserGuard:
                 return (f"this gateway does not serve the host {name!r} (it serves {', '.join(sorted(self.hosts))}); "
                         "add it with `micro api --allow-host`")
         if (origin is not None and "*" not in self.origins and origin.lower().rstrip("/") not in self.origins
-                and not self._same_origin(scope, origin, host)):
+                and not (self.hosts is not None and self._same_origin(scope, origin, host))):
             return (f"cross-origin request from {origin!r} refused: pages on other sites may not call this "
                     "gateway; allow an origin with `micro api --allow-origin`")
         return None
@@ -268,7 +269,7 @@ class BrowserGuard:
     @staticmethod
     def _same_origin(scope: Scope, origin: str, host: str | None) -> bool:
         """A page this server served (the dashboard's) posting back to it: its origin is this request's
-        scheme and ``Host`` (which the host check above has vouched for)."""
+        scheme and ``Host`` (which the host check has vouched for)."""
         return host is not None and origin.lower().rstrip("/") == f"{scope.get('scheme', 'http')}://{host.lower()}"
 
 
