@@ -21,6 +21,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import httpx
 import pytest
 from anyio.streams.text import TextReceiveStream
 
@@ -152,8 +153,13 @@ async def test_reload_swaps_the_app_with_no_failed_call(tmp_path: Path) -> None:
                 assert set(answers[calls:]) == {4}  # the old version goes on serving
 
                 write(app / "app.py", APP.format(version=5))  # fixed: the next save swaps again
-                await nodes_of(rt, "reloaded", watcher, lambda ids: len(ids) == 1 and ids != before)
+                last = await nodes_of(rt, "reloaded", watcher, lambda ids: len(ids) == 1 and ids != before)
                 await seen[5].wait()
+                # the watching process serves the dashboard across the swaps: it shows the node now serving
+                url = output.lines[await output.wait_for("dashboard: ")].split()[1]
+                async with httpx.AsyncClient(timeout=30) as http:
+                    page = await http.get(f"{url}/services/reloaded")
+                assert page.status_code == 200 and last[0] in page.text and first[0] not in page.text
                 await watcher.aclose()
                 tg.cancel_scope.cancel()
     finally:

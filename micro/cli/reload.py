@@ -30,6 +30,7 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -150,10 +151,22 @@ def changed(changes: set[tuple[Any, str]], root: Path) -> list[str]:
     return sorted(name for name, seen in kinds.items() if not transient <= seen)
 
 
-async def serve_reloading(path: Path, args: list[str], *, grace: float = 15.0, replica: bool = False) -> None:
+async def _closing(server: Any) -> None:
+    """Close ``server`` when the task group it runs in is cancelled (the watching process stops)."""
+    try:
+        await anyio.sleep_forever()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await server.aclose()
+
+
+async def serve_reloading(path: Path, args: list[str], *, grace: float = 15.0, replica: bool = False,
+                          http_server: Callable[[Any], Any] | None = None) -> None:
     """Run the app at ``path`` in a child, and swap in a new child on every change (what ``--reload`` does).
 
-    Unless ``replica``, the first version warns when another process already serves the app.
+    Unless ``replica``, the first version warns when another process already serves the app. With
+    ``http_server`` (given this process's runtime, a bound ``micro.cli.gateway.HttpServer`` or None), this
+    process serves the dashboard for every version, once the first one is up.
     """
     try:
         import watchfiles
@@ -178,6 +191,11 @@ async def serve_reloading(path: Path, args: list[str], *, grace: float = 15.0, r
                 await registered(rt, current.ready.nodes)
             else:
                 err.print("[yellow]micro run --reload:[/yellow] the app did not start; waiting for a change")
+            server = http_server(rt) if http_server is not None else None
+            if server is not None:
+                tg.start_soon(_closing, server)
+                out.print(f"dashboard: {server.url}", markup=False)
+                server.start()
             out.print(f"[dim]reloading on changes under {escape(str(root))}[/dim]")
             sys.stdout.flush()
             async for changes in watchfiles.awatch(root, watch_filter=watch_filter, debounce=DEBOUNCE_MS):

@@ -10,6 +10,7 @@ Ctrl-C (SIGINT) or SIGTERM stops them: deregister, drain, close.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import sys
 import traceback
@@ -168,7 +169,7 @@ def flow_summary(meta: dict[str, str]) -> str:
 @click.option("--http-address", metavar="HOST:PORT", envvar="MICRO_HTTP_ADDRESS",
               help="Serve the dashboard and the JSON API here (or $MICRO_HTTP_ADDRESS; default 127.0.0.1:8080, "
               "and when that port is taken micro run goes on without them; port 0 picks a free one).")
-@click.option("--no-http", is_flag=True, help="Serve no dashboard and no JSON API.")
+@click.option("--no-http", is_flag=True, help="Serve no dashboard and no JSON API (whatever --http-address says).")
 @click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
               help="Also serve the dashboard for this Host name (on loopback only 127.0.0.1, localhost and ::1 are "
               "served; elsewhere the dashboard's forms need the names it is reached by). Repeatable.")
@@ -210,23 +211,25 @@ async def run(path: Path | None, prompt: str | None, provider: str | None, out_d
     elif provider is not None or out_dir is not None:
         fail("--provider and --out go with --prompt", 2)
     path = path if path is not None else Path(".")
+    if no_http and (token_env is not None or allow_hosts):  # over --http-address / $MICRO_HTTP_ADDRESS it wins
+        fail("--no-http serves no dashboard: drop --token-env and --allow-host, or --no-http", 2)
+    http = None if no_http else Http(http_address or DEFAULT_HTTP_ADDRESS, explicit=http_address is not None,
+                                     token_env=token_env, allow_hosts=allow_hosts)
     if reload:
         if metrics_address is not None:
             fail("--metrics-address does not go with --reload: the old and the new version would both bind it "
                  "during a swap (unset $MICRO_METRICS_ADDRESS, or run without --reload)", 2)
         from micro.cli.reload import serve_reloading
 
-        # the versions overlap during a swap: they cannot both hold the dashboard's port
+        # the versions overlap during a swap, so they cannot both hold the dashboard's port: the watching
+        # process serves it (it is a client of the registry like `micro dashboard`), across every swap
         passed = ["--log-level", log_level, "--log-format", log_format, "--no-http",
                   *(["--traceback"] if full_traceback else [])]
-        await serve_reloading(path, passed, replica=replica)
+        await serve_reloading(path, passed, replica=replica,
+                              http_server=None if http is None else functools.partial(_http_server, http))
         return
     if metrics_address is not None:
         _enable_metrics()  # before the app is imported: its services and runtimes set up their hooks when made
-    if no_http and (http_address is not None or token_env is not None or allow_hosts):
-        fail("--no-http serves no dashboard: drop --http-address, --token-env and --allow-host, or --no-http", 2)
-    http = None if no_http else Http(http_address or DEFAULT_HTTP_ADDRESS, explicit=http_address is not None,
-                                     token_env=token_env, allow_hosts=allow_hosts)
     try:
         await serve(path, metrics_address=metrics_address, replica=replica, http=http)
     except AppError as exc:
