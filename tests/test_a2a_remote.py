@@ -55,7 +55,8 @@ class Billing(AgentExecutor):
             await event_queue.enqueue_event(new_task_from_user_message(context.message))
         updater = TaskUpdater(event_queue, context.task_id, context.context_id)
         if task is not None and task.status.state == pb.TASK_STATE_INPUT_REQUIRED:  # the answer to our question
-            await updater.add_artifact([pb.Part(text=f"Refunded {text.strip()}.")], artifact_id="answer")
+            asked = task.history[0].parts[0].text  # what this task was asked first: the answer is for it
+            await updater.add_artifact([pb.Part(text=f"Refunded {text.strip()} ({asked}).")], artifact_id="answer")
             await updater.complete()
         elif "invoice" in text:
             await updater.add_artifact([pb.Part(text="Invoice 42 ")], artifact_id="answer", last_chunk=False)
@@ -186,9 +187,39 @@ async def test_a_remote_question_becomes_this_runs_question_and_the_answer_goes_
         done = await planner.resume(rsp.run_id, answer="order 7")
     assert done.status == "completed"
     (call,) = done.tool_calls
-    assert json.loads(call.result)["reply"] == "Refunded order 7."
+    assert json.loads(call.result)["reply"] == "Refunded order 7 (I want a refund)."
     run = await planner.runs.get(rsp.run_id)
     assert run is not None and run.status == "completed" and run.resumes == 1
+
+
+async def test_parallel_remote_questions_are_each_answered_on_their_own_task(remote: Remote) -> None:
+    """Two delegations of one turn both ask (two input-required tasks in the run's one context): the
+    answer given for each call reaches the remote task that call asked on, not whichever waits first."""
+
+    def brain(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | str:
+        results = [b for b in messages[-1].content if isinstance(b, ToolResultBlock)]
+        if results:
+            return " | ".join(r.content for r in results)
+        return scripted.turn(scripted.call("delegate", agent=remote.url, message="refund alice"),
+                             scripted.call("delegate", agent=remote.url, message="refund bob"))
+
+    async with micro.Runtime(registry="memory://", store="memory://", broker="memory://") as rt:
+        agent = micro.Agent("planner", agents=[remote.url], provider=scripted.function(brain), runtime=rt)
+        async with agent:
+            with anyio.fail_after(GUARD):
+                rsp = await agent.ask("refunds for alice and bob")
+                assert rsp.status == "input_required" and len(rsp.pending) == 2
+                who = {json.loads(p.input)["message"]: p.call_id for p in rsp.pending}
+                assert sorted(who) == ["refund alice", "refund bob"]
+                run = await agent.runs.get(rsp.run_id)
+                assert run is not None and all(p.state.get("task_id") for p in run.pending)
+                assert len({p.state["task_id"] for p in run.pending}) == 2
+                done = await agent.resume(rsp.run_id, answer={who["refund alice"]: "order 1",
+                                                              who["refund bob"]: "order 2"})
+    assert done.status == "completed"
+    replies = {c.id: json.loads(c.result)["reply"] for c in done.tool_calls if not c.is_error}
+    assert replies == {who["refund alice"]: "Refunded order 1 (refund alice).",
+                       who["refund bob"]: "Refunded order 2 (refund bob)."}, done.tool_calls
 
 
 async def test_a_remote_failure_is_a_tool_error_the_model_reads(planner: micro.Agent, remote: Remote) -> None:

@@ -25,6 +25,7 @@ for (:func:`resume_request`: ``approve``, ``deny: reason``, data-part decisions,
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -206,6 +207,25 @@ def message_content(message: pb.Message) -> tuple[str, list[Any]]:
     return "\n".join(texts), data
 
 
+_DENIAL = re.compile(r"(?is)\s*(" + "|".join(sorted(_DENY, key=len, reverse=True)) + r")(?![\w'-])[\s:,.;!-]*(.*)")
+
+
+def approval_of(text: str) -> bool | str | None:
+    """What a text reply decides on a task's approvals: True to approve, a reason (maybe empty) to deny,
+    None if it is neither.
+
+    Only a reply that is wholly an approve word approves ("yes", "OK.", "approve!"): one that says more
+    ("yes, but only t5", "ok but wait until Monday", "approve: not t6") is not a plain yes, and is refused
+    rather than taken as one. A deny word may be followed by its reason ("deny: too risky", "no, not now").
+    """
+    if text.strip().lower().rstrip(".!,;: ") in _APPROVE:
+        return True
+    denied = _DENIAL.fullmatch(text)
+    if denied is not None:
+        return denied.group(2).strip()
+    return None
+
+
 def resume_request(run: AgentRun, text: str, data: list[Any]) -> dict[str, Any]:
     """The ``Agent.StreamResume`` request a message on a waiting task makes (``InvalidParams`` if unclear)."""
     where = f"task {run.id} waits for {run.waits_for()}"
@@ -236,14 +256,11 @@ def resume_request(run: AgentRun, text: str, data: list[Any]) -> dict[str, Any]:
             raise a2a_errors.InvalidParamsError(message=f"{where}; the answer is empty")
         return {"run_id": run.id, "answer": text}
     if approvals and not questions:
-        word, _, rest = text.strip().partition(" ")
-        word, _, after = word.partition(":")
-        verb = word.strip().lower().rstrip(".!,")
-        reason = (after + " " + rest).strip().lstrip(":").strip()
-        if verb in _APPROVE:
+        verdict = approval_of(text)
+        if verdict is True:
             return {"run_id": run.id, "approve_all": True}
-        if verb in _DENY:
-            return {"run_id": run.id, "deny_all": True, "reason": reason}
+        if verdict is not None:
+            return {"run_id": run.id, "deny_all": True, "reason": verdict}
     raise a2a_errors.InvalidParamsError(
         message=f'{where}; reply "approve" or "deny: <reason>" to decide its approvals, the answer text to its '
                 'question, or a data part {"approve": true|false, "reason": "…"}, {"decisions": {"<call_id>": '

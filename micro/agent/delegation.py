@@ -19,8 +19,9 @@ joins the tool's description when the agent starts. What comes back:
 
 - a completed task: its reply (the artifacts' text), as for a local agent;
 - a task that needs input: the remote agent's question becomes **this run's own**
-  (``input_required``, via :class:`~micro.agent.tools.AskPerson`); the person's answer
-  is sent on the remote task, and what it answers then is the call's result;
+  (``input_required``, via :class:`~micro.agent.tools.AskPerson`, which keeps the remote
+  task's id with the pending call); the person's answer is sent on that task, and what it
+  answers then is the call's result;
 - a failed, rejected or cancelled task, or an unreachable agent: a tool error the model
   reads (and can answer around).
 
@@ -120,12 +121,16 @@ def delegate_tool(client: Callable[[], Any], me: str, agents: Sequence[str], *, 
             out["pending"] = rsp.get("pending", [])
         return out
 
-    async def answer(args: dict[str, Any], text: str) -> Any:
+    async def answer(args: dict[str, Any], text: str, state: dict[str, Any]) -> Any:
         req = checked(args)
         if not is_remote(req.agent):
             return text
+        task_id = state.get("task_id")
+        if not isinstance(task_id, str) or not task_id:
+            raise Conflict(f"remote agent {req.agent}: this call's record keeps no remote task id to answer on; "
+                           "ask it again")
         return await _remote(req.agent, me, text, context.metadata().get(RUN_ID, ""), timeout, headers.get(req.agent),
-                             answering=True)
+                             task_id=task_id)
 
     described = []
     if local:
@@ -169,21 +174,15 @@ async def describe_remote(urls: Sequence[str], *, timeout: float = 10.0,
 
 
 async def _remote(url: str, me: str, message: str, run_id: str, timeout: float | None,
-                  headers: Mapping[str, str] | None, *, answering: bool = False) -> dict[str, Any]:
-    """Ask the A2A agent at ``url`` (or answer its question); its reply, or :class:`AskPerson` for its question."""
+                  headers: Mapping[str, str] | None, *, task_id: str = "") -> dict[str, Any]:
+    """Ask the A2A agent at ``url`` (or, with ``task_id``, answer the question that task asked); its reply,
+    or :class:`AskPerson` for its question (with the task's id as its state, to answer on)."""
     from a2a.types import a2a_pb2 as pb
 
     from micro.a2a.client import Client, text_of
 
     context_id = f"{me}-{run_id}" if run_id else f"from-{me}"
     async with Client(url, headers=headers, timeout=timeout or 300.0) as agent:
-        task_id = ""
-        if answering:  # the remote task that asked: the one of this run's context that needs input
-            waiting = [t for t in await agent.list(context_id=context_id)
-                       if t.status.state == pb.TASK_STATE_INPUT_REQUIRED]
-            if not waiting:
-                raise Conflict(f"remote agent {url}: no task of context {context_id} waits for input any more")
-            task_id = waiting[0].id
         if agent.card.capabilities.streaming:
             result: pb.Task | pb.Message = await _streamed(agent, message, context_id, task_id)
         else:
@@ -195,7 +194,7 @@ async def _remote(url: str, me: str, message: str, run_id: str, timeout: float |
     if state == pb.TASK_STATE_COMPLETED:
         return {"agent": url, "reply": said, "task_id": result.id}
     if state in (pb.TASK_STATE_INPUT_REQUIRED, pb.TASK_STATE_AUTH_REQUIRED):
-        raise AskPerson(f"{url} asks: {text_of(result.status) or 'it needs more input'}")
+        raise AskPerson(f"{url} asks: {text_of(result.status) or 'it needs more input'}", {"task_id": result.id})
     name = pb.TaskState.Name(state).removeprefix("TASK_STATE_").lower()
     raise Internal(f"remote agent {url} ended task {result.id} as {name}: {text_of(result.status) or 'no reason'}")
 

@@ -181,6 +181,7 @@ def restore(record: AgentRun, run: Run) -> None:
         for c in reversed(run.calls):
             if c.id == p.call_id and c.state == "pending":
                 c.kind, c.reason = p.kind, (p.question if p.kind == "question" else p.reason)
+                c.ask_state = dict(p.state)
                 break
     u = record.usage
     run.usage = Usage(u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens)
@@ -193,7 +194,8 @@ def pending_of(run: Run) -> list[PendingCall]:
         # the question a tool asked (AskPerson), or request_input's argument
         question = (c.reason or str(c.input.get("question", ""))) if c.kind == "question" else ""
         out.append(PendingCall(c.id, c.name, dict(c.input), c.reason if c.kind != "question" else "",
-                               "question" if c.kind == "question" else "approval", question))
+                               "question" if c.kind == "question" else "approval", question,
+                               state=dict(c.ask_state)))
     return out
 
 

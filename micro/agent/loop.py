@@ -117,6 +117,8 @@ class ToolCallRecord:
     state: str = "done"
     kind: str = ""
     reason: str = ""
+    ask_state: dict[str, Any] = field(default_factory=dict)
+    """What a pending call's tool asked with (:attr:`AskPerson.state`), handed back with the answer."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -132,6 +134,7 @@ class Decision:
 class _Ask:
     kind: str
     reason: str
+    state: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -318,7 +321,7 @@ class Run:
                  "gen_ai.tool.call.id": use.id, "gen_ai.tool.type": "function"}
         with telemetry.span(f"execute_tool {use.name}", "internal", attrs) as span:
             try:
-                outcome = await self._outcome(use, tools, decision)
+                outcome = await self._outcome(use, tools, decision, rec.ask_state)
             except EndRun as exc:
                 rec.result, rec.is_error, rec.seconds = str(exc), True, time.perf_counter() - t0
                 rec.state = "done"
@@ -327,6 +330,7 @@ class Run:
                 raise
             if isinstance(outcome, _Ask):
                 rec.state, rec.kind, rec.reason = "pending", outcome.kind, outcome.reason
+                rec.ask_state = outcome.state
                 rec.seconds = time.perf_counter() - t0
                 return None
             rec.result, rec.is_error = outcome
@@ -371,7 +375,8 @@ class Run:
         return ask
 
     async def _outcome(self, use: ToolUseBlock, tools: dict[str, Tool],
-                       decision: Decision | None = None) -> tuple[str, bool] | _Ask:
+                       decision: Decision | None = None,
+                       state: dict[str, Any] | None = None) -> tuple[str, bool] | _Ask:
         tool = tools.get(use.name)
         if tool is None:
             return f"there is no tool {use.name!r}; the tools are: {', '.join(sorted(tools))}", True
@@ -400,7 +405,8 @@ class Run:
         try:
             async with asyncio.timeout(self.limits.tool_timeout) as cm:
                 if decision is not None and decision.answer is not None and tool.answer is not None:
-                    value = await tool.answer(dict(use.input), decision.answer)  # the answer goes on (to an agent)
+                    # the answer goes on (to an agent), with what the call asked with
+                    value = await tool.answer(dict(use.input), decision.answer, dict(state or {}))
                 else:
                     value = await tool.run(dict(use.input))
         except TimeoutError:
@@ -411,7 +417,7 @@ class Run:
         except EndRun:
             raise
         except AskPerson as exc:
-            return _Ask("question", exc.question)
+            return _Ask("question", exc.question, exc.state)
         except Error as exc:
             return f"{type(exc).__name__}: {exc.message}", True
         except Exception as exc:

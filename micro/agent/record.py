@@ -79,7 +79,8 @@ class PendingCall(msgspec.Struct):
     """A tool call that waits for a person: an approval (``kind="approval"``) or an answer (``"question"``).
 
     ``decided`` is set by a partial decision (``resume(..., partial=True)``); the run resumes once
-    every pending call of it is decided.
+    every pending call of it is decided. ``state`` is what the tool asked with
+    (:attr:`micro.agent.tools.AskPerson.state`), handed back to it with the answer.
     """
 
     call_id: str
@@ -91,6 +92,7 @@ class PendingCall(msgspec.Struct):
     decided: bool = False
     approved: bool = False
     answer: str = ""
+    state: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class RunUsage(msgspec.Struct):

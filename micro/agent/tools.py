@@ -68,9 +68,11 @@ class Tool:
     endpoint: str = ""
     asks: bool = False
     """True for a tool that asks the person (``request_input``): calling it pauses the run."""
-    answer: Callable[[dict[str, Any], str], Awaitable[Any]] | None = None
-    """For a tool whose ``run`` may raise :class:`AskPerson`: ``answer(args, text)`` carries the person's
-    answer on (a remote agent's question goes back to it); its value is the call's result."""
+    answer: Callable[[dict[str, Any], str, dict[str, Any]], Awaitable[Any]] | None = None
+    """For a tool whose ``run`` may raise :class:`AskPerson`: ``answer(args, text, state)`` carries the
+    person's answer on (a remote agent's question goes back to it); ``state`` is the
+    :attr:`AskPerson.state` the call asked with (kept in the run record, so it survives a restart);
+    its value is the call's result."""
     _spec: ToolSpec | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -188,12 +190,15 @@ class AskPerson(AgentError):
     (``input_required``) with the call pending, and the answer goes to the tool's ``answer``.
 
     A remote A2A agent that needs input raises it through ``delegate``, so its question
-    becomes this run's own.
+    becomes this run's own. ``state`` (JSON values) is kept with the pending call and handed
+    back to ``answer`` with the person's answer: what the tool needs to route it (``delegate``
+    keeps the remote task's id, so parallel calls each get their own answer).
     """
 
-    def __init__(self, question: str) -> None:
+    def __init__(self, question: str, state: dict[str, Any] | None = None) -> None:
         super().__init__(question)
         self.question = question
+        self.state = dict(state or {})
 
 
 def request_input_tool() -> Tool:
