@@ -333,9 +333,7 @@ class A2AHandler(RequestHandler):
         message = params.message
         text, data = tasks.message_content(message)
         if message.task_id:
-            if message.task_id in self.drives:
-                raise a2a_errors.UnsupportedOperationError(
-                    message=f"task {message.task_id} is working; wait for it (SubscribeToTask) before sending more")
+            self._check_idle(message.task_id)  # refused before any I/O; checked again where the drive is added
             run = await self._record(agent, message.task_id)
             if message.context_id and message.context_id != run.session:
                 raise a2a_errors.InvalidParamsError(
@@ -353,6 +351,9 @@ class A2AHandler(RequestHandler):
             task_id, context_id = new_run_id(), message.context_id or uuid.uuid4().hex
             endpoint = "Agent.StreamChat"
             request = {"message": text, "session": context_id, "run_id": task_id}
+        # check and add with no await between: of two messages on one waiting task, one drives it; the
+        # other is refused here (it read the record before the first one's drive was added)
+        self._check_idle(task_id)
         drive = _Drive(agent, task_id, context_id)
         self.drives[task_id] = drive
         events = drive.subscribe()
@@ -362,6 +363,11 @@ class A2AHandler(RequestHandler):
             events.close()
             raise drive.error
         return drive, events
+
+    def _check_idle(self, task_id: str) -> None:
+        if task_id in self.drives:
+            raise a2a_errors.UnsupportedOperationError(
+                message=f"task {task_id} is working; wait for it (SubscribeToTask) before sending more")
 
     async def _drive(self, drive: _Drive, endpoint: str, request: dict[str, Any]) -> None:
         first = True
@@ -400,7 +406,8 @@ class A2AHandler(RequestHandler):
                 aclose = getattr(items, "aclose", None)
                 if aclose is not None:
                     await aclose()
-            self.drives.pop(drive.task_id, None)
+            if self.drives.get(drive.task_id) is drive:  # only this drive's own entry
+                del self.drives[drive.task_id]
             drive.close()
 
     async def _snapshot(self, drive: _Drive) -> pb.Task:

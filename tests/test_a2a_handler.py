@@ -1,0 +1,163 @@
+"""The A2A gateway's request handler (issue 18) driven in-process, where races can be gated.
+
+The handler (:class:`micro.gateway.a2a.A2AHandler`) is called as the SDK's dispatchers call it,
+over one agent on memory backends with a scripted model. Concurrency is arranged with events:
+a call wrapper holds the gateway's record reads until both racing requests are inside them, and
+a tool holds the run until the test lets it go. No sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from a2a.server.context import ServerCallContext
+from a2a.types import a2a_pb2 as pb
+from a2a.utils.errors import UnsupportedOperationError
+
+import micro
+from micro.ai import Message, ToolResultBlock, ToolSpec, scripted
+from micro.gateway.a2a import A2AHandler
+from micro.middleware import Next, Request
+
+GUARD = 30.0  # a deadlock guard, never a timing assertion
+
+
+class RecordGate:
+    """A call wrapper: while armed for n, the first n ``AgentInfo.Run`` calls wait until all n are in."""
+
+    def __init__(self) -> None:
+        self.needed = 0
+        self.arrived = 0
+        self.all_in = anyio.Event()
+
+    def arm(self, n: int) -> None:
+        self.needed, self.arrived, self.all_in = n, 0, anyio.Event()
+
+    def __call__(self, next_: Next) -> Next:
+        async def wrapped(req: Request) -> Any:
+            if self.needed and req.endpoint == "AgentInfo.Run":
+                self.arrived += 1
+                if self.arrived >= self.needed:
+                    self.needed = 0
+                    self.all_in.set()
+                await self.all_in.wait()
+            return await next_(req)
+        return wrapped
+
+
+@dataclass
+class Held:
+    """The `hold` tool's gates, by key: entered when the run is inside it, opened by the test."""
+
+    entered: dict[str, anyio.Event] = field(default_factory=dict)
+    opened: dict[str, anyio.Event] = field(default_factory=dict)
+
+    def event(self, table: dict[str, anyio.Event], key: str) -> anyio.Event:
+        return table.setdefault(key, anyio.Event())
+
+
+def brain(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | str:
+    """`book`: ask which room, then hold at that key. `work then fail`: a tool call, then the model fails."""
+    first = next(m.text for m in messages if m.role == "user")
+    results = [b for b in messages[-1].content if isinstance(b, ToolResultBlock)]
+    if first == "work then fail":
+        if results:
+            raise RuntimeError("the model broke")
+        return scripted.turn(scripted.call("note", text="started"))
+    if first == "fail at once":
+        raise RuntimeError("the model broke at once")
+    if not results:
+        return scripted.turn(scripted.call("request_input", question="Which room?"))
+    if results[0].content.startswith("held "):
+        return f"done: {results[0].content}"
+    return scripted.turn(scripted.call("hold", key=results[0].content))
+
+
+@dataclass
+class System:
+    handler: A2AHandler
+    gate: RecordGate
+    held: Held
+    context: ServerCallContext
+
+
+@contextlib.asynccontextmanager
+async def started() -> AsyncIterator[System]:
+    """The agent and a handler over it (a context manager, not a fixture: its task group is the test's)."""
+    gate, held = RecordGate(), Held()
+    async with micro.Runtime(registry="memory://", store="memory://", broker="memory://",
+                             call_wrappers=[gate]) as rt:
+        agent = micro.Agent("desk", provider=scripted.function(brain), runtime=rt)
+
+        @agent.tool
+        async def hold(key: str) -> str:
+            """Hold the run until the test opens the gate named key."""
+            held.event(held.entered, key).set()
+            await held.event(held.opened, key).wait()
+            return f"held {key}"
+
+        @agent.tool
+        async def note(text: str) -> str:
+            """Note something."""
+            return f"noted {text}"
+
+        async with agent, anyio.create_task_group() as tg:
+            handler = A2AHandler(rt)
+            handler.task_group = tg  # what the app's lifespan does
+            try:
+                yield System(handler, gate, held, ServerCallContext(state={"agent": "desk"}))
+            finally:
+                for opened in held.opened.values():
+                    opened.set()
+                tg.cancel_scope.cancel()
+
+
+def message(text: str, *, task_id: str = "", immediately: bool = False) -> pb.SendMessageRequest:
+    return pb.SendMessageRequest(
+        message=pb.Message(role=pb.ROLE_USER, message_id=uuid.uuid4().hex, task_id=task_id,
+                           parts=[pb.Part(text=text)]),
+        configuration=pb.SendMessageConfiguration(return_immediately=immediately))
+
+
+async def test_of_two_concurrent_answers_on_one_task_one_drives_it_and_the_gateway_keeps_it() -> None:
+    """Both messages read the waiting record before either starts its drive: one resumes the run, the other
+    is refused, and the gateway still knows the run it drives (a cancel reaches it)."""
+    async with started() as system:
+        await _two_answers(system)
+
+
+async def _two_answers(system: System) -> None:
+    h, ctx = system.handler, system.context
+    with anyio.fail_after(GUARD):
+        task = await h.on_message_send(message("book"), ctx)
+        assert isinstance(task, pb.Task) and task.status.state == pb.TASK_STATE_INPUT_REQUIRED
+        outcomes: list[str] = []
+        refused = anyio.Event()
+
+        async def answer() -> None:
+            try:
+                async for _ in h.on_message_send_stream(message("blue", task_id=task.id), ctx):
+                    pass
+                outcomes.append("streamed")
+            except UnsupportedOperationError as exc:
+                outcomes.append(f"refused: {exc.message}")
+                refused.set()
+
+        system.gate.arm(2)  # both answers' record reads wait until both are in
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(answer)
+            tg.start_soon(answer)
+            await system.held.event(system.held.entered, "blue").wait()
+            await refused.wait()
+            assert outcomes == [f"refused: task {task.id} is working; wait for it (SubscribeToTask) before "
+                                "sending more"]
+            cancelled = await h.on_cancel_task(pb.CancelTaskRequest(id=task.id), ctx)
+        assert cancelled is not None and cancelled.status.state == pb.TASK_STATE_CANCELED
+        assert outcomes[1:] == ["streamed"]  # the driven one's stream ended with the cancel
+        got = await h.on_get_task(pb.GetTaskRequest(id=task.id), ctx)
+    assert got is not None and got.status.state == pb.TASK_STATE_CANCELED
