@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import pytest
 from a2a.server.context import ServerCallContext
 from a2a.types import a2a_pb2 as pb
-from a2a.utils.errors import UnsupportedOperationError
+from a2a.utils.errors import InvalidParamsError, UnsupportedOperationError
 
 import micro
 from micro.ai import Message, ToolResultBlock, ToolSpec, scripted
@@ -161,3 +162,53 @@ async def _two_answers(system: System) -> None:
         assert outcomes[1:] == ["streamed"]  # the driven one's stream ended with the cancel
         got = await h.on_get_task(pb.GetTaskRequest(id=task.id), ctx)
     assert got is not None and got.status.state == pb.TASK_STATE_CANCELED
+
+
+def _states(events: list[Any]) -> list[str]:
+    out = []
+    for ev in events:
+        if isinstance(ev, pb.Task):
+            out.append(f"task:{pb.TaskState.Name(ev.status.state)}")
+        elif isinstance(ev, pb.TaskStatusUpdateEvent):
+            out.append(pb.TaskState.Name(ev.status.state))
+    return out
+
+
+async def test_a_run_failing_mid_stream_says_failed_once() -> None:
+    async with started() as system:
+        h, ctx = system.handler, system.context
+        with anyio.fail_after(GUARD):
+            events = [ev async for ev in h.on_message_send_stream(message("work then fail"), ctx)]
+    states = _states(events)
+    assert states[0] == "task:TASK_STATE_WORKING" and states[-1] == "TASK_STATE_FAILED"
+    assert states.count("TASK_STATE_FAILED") == 1, states
+    assert "the model broke" in "".join(p.text for p in events[-1].status.message.parts)
+
+
+async def test_a_run_failing_before_its_first_event_is_a_failed_task_not_a_protocol_error() -> None:
+    async with started() as system:
+        h, ctx = system.handler, system.context
+        with anyio.fail_after(GUARD):
+            task = await h.on_message_send(message("fail at once"), ctx)
+            events = [ev async for ev in h.on_message_send_stream(message("fail at once"), ctx)]
+            assert isinstance(task, pb.Task) and task.id
+            got = await h.on_get_task(pb.GetTaskRequest(id=task.id), ctx)
+    assert task.status.state == pb.TASK_STATE_FAILED
+    assert "the model broke at once" in "".join(p.text for p in task.status.message.parts)
+    assert got == task
+    (streamed,) = events  # the task, failed: the stream says which task failed
+    assert isinstance(streamed, pb.Task) and streamed.status.state == pb.TASK_STATE_FAILED
+    assert streamed.id != task.id and "the model broke at once" in streamed.status.message.parts[0].text
+
+
+async def test_a_message_refused_before_any_run_exists_is_still_a_protocol_error() -> None:
+    async with started() as system:
+        h, ctx = system.handler, system.context
+        with anyio.fail_after(GUARD):
+            task = await h.on_message_send(message("book"), ctx)
+            assert isinstance(task, pb.Task) and task.status.state == pb.TASK_STATE_INPUT_REQUIRED
+            # a new message in the waiting task's context: the agent refuses it, and no run is made
+            request = message("something else")
+            request.message.context_id = task.context_id
+            with pytest.raises(InvalidParamsError, match="waiting for an answer to 'Which room\\?'"):
+                await h.on_message_send(request, ctx)

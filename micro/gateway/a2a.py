@@ -99,6 +99,8 @@ DEFAULT_TIMEOUT = 300.0
 """Seconds one run may take (an agent's run may call many tools)."""
 
 CARD_PATH = "/.well-known/agent-card.json"
+_ENDS = frozenset({pb.TASK_STATE_COMPLETED, pb.TASK_STATE_FAILED, pb.TASK_STATE_CANCELED,
+                   pb.TASK_STATE_INPUT_REQUIRED})
 _BUFFER = 256  # events a subscriber may lag behind before it is dropped (it can resubscribe)
 _FOLLOW_EVERY = 0.25  # seconds between reads of a record driven by another gateway
 
@@ -134,6 +136,10 @@ class _Drive:
         self.error: a2a_errors.A2AError | None = None
         self.chunks = 0
         self.cancelled = False
+        self.new = False
+        """A new run (its id chosen here), not a resume: a record of it is this drive's run."""
+        self.ended = False
+        """A final status (completed, failed, input-required) was published."""
 
     def subscribe(self) -> MemoryObjectReceiveStream[Event]:
         send, recv = anyio.create_memory_object_stream[Event](_BUFFER)
@@ -144,6 +150,8 @@ class _Drive:
         return recv
 
     def publish(self, event: Event) -> None:
+        if isinstance(event, pb.TaskStatusUpdateEvent | pb.Task) and event.status.state in _ENDS:
+            self.ended = True
         for s in list(self.subscribers):
             try:
                 s.send_nowait(event)
@@ -355,6 +363,7 @@ class A2AHandler(RequestHandler):
         # other is refused here (it read the record before the first one's drive was added)
         self._check_idle(task_id)
         drive = _Drive(agent, task_id, context_id)
+        drive.new = not message.task_id
         self.drives[task_id] = drive
         events = drive.subscribe()
         self.task_group.start_soon(self._drive, drive, endpoint, request)
@@ -386,19 +395,15 @@ class A2AHandler(RequestHandler):
                         for out in self._events(drive, ev):
                             drive.publish(out)
                     if first:
-                        drive.error = a2a_errors.InternalError(
-                            message=f"agent {drive.agent}: its stream ended before the run started")
+                        first = await self._failed(drive, a2a_errors.InternalError(
+                            message=f"agent {drive.agent}: its stream ended before the run started"), "")
                 except Error as exc:
-                    if first:
-                        drive.error = a2a_error(exc)
-                    else:
-                        drive.publish(self._status(drive, pb.TASK_STATE_FAILED, exc.message))
+                    first = await self._failed(drive, a2a_error(exc) if first else None, exc.message)
                 except Exception as exc:
                     log.exception("a2a: agent %s task %s: the run's stream failed", drive.agent, drive.task_id)
-                    if first:
-                        drive.error = a2a_errors.InternalError(message="the gateway failed (details in its log)")
-                    else:
-                        drive.publish(self._status(drive, pb.TASK_STATE_FAILED, f"the gateway failed: {exc}"))
+                    first = await self._failed(
+                        drive, a2a_errors.InternalError(message="the gateway failed (details in its log)")
+                        if first else None, f"the gateway failed: {exc}")
             if drive.cancelled and not first:
                 drive.publish(self._status(drive, pb.TASK_STATE_CANCELED, "cancelled over A2A"))
         finally:
@@ -409,6 +414,28 @@ class A2AHandler(RequestHandler):
             if self.drives.get(drive.task_id) is drive:  # only this drive's own entry
                 del self.drives[drive.task_id]
             drive.close()
+
+    async def _failed(self, drive: _Drive, refusal: a2a_errors.A2AError | None, text: str) -> bool:
+        """A run's stream failed: say so once. Before any event (``refusal`` given), a new run whose record
+        exists failed as a task (the task is returned or streamed as failed); with no record, the agent
+        refused the message (``refusal`` is the JSON-RPC error). Returns whether no task was published."""
+        if refusal is None:
+            if not drive.ended:  # the agent's own error event said it already
+                drive.publish(self._status(drive, pb.TASK_STATE_FAILED, text))
+            return False
+        run = None
+        if drive.new:
+            with contextlib.suppress(a2a_errors.A2AError):
+                run = await self._record(drive.agent, drive.task_id)
+        if run is None:
+            drive.error = refusal
+            return True
+        task = tasks.task_of(run, artifacts=False)
+        if task.status.state not in _ENDS:  # written as running, and its stream broke: it failed here
+            task.status.CopyFrom(self._status(drive, pb.TASK_STATE_FAILED, text or refusal.message).status)
+        drive.publish(task)
+        drive.started.set()
+        return False
 
     async def _snapshot(self, drive: _Drive) -> pb.Task:
         """The task a stream starts with: working (the record's history, not its status, which the run
