@@ -714,14 +714,15 @@ async def test_micro_a2a_serves_the_agents_of_the_machine_registry_as_a_program(
 
 
 async def test_the_gateway_mounts_in_another_asgi_app() -> None:
-    """Mounted under /a2a of an app whose lifespan runs the gateway's: cards name the mounted URLs."""
+    """Mounted under /a2a of an app whose lifespan runs the gateway's: cards name the mounted URLs, and with a
+    token the cards and probes stay public there too (the mount prefix is not part of the gateway's paths)."""
     from starlette.applications import Starlette
     from starlette.routing import Mount
 
     async with micro.Runtime(registry="memory://", store="memory://", broker="memory://") as rt:
         helper = micro.Agent("helper", prompt="You say hello.", runtime=rt,
                              provider=scripted.function(lambda messages, tools: "hello"))
-        gateway = app(rt)
+        gateway = app(rt, token=TOKEN)
 
         @contextlib.asynccontextmanager
         async def lifespan(parent: Starlette) -> AsyncIterator[None]:
@@ -731,9 +732,18 @@ async def test_the_gateway_mounts_in_another_asgi_app() -> None:
         parent = Starlette(routes=[Mount("/a2a", gateway)], lifespan=lifespan)
         async with helper, lifespan(parent), httpx.AsyncClient(transport=httpx.ASGITransport(parent),
                                                                 base_url="http://testserver") as http:
-            card = (await http.get("/a2a/agents/helper/.well-known/agent-card.json")).json()
+            found = await http.get("/a2a/agents/helper/.well-known/agent-card.json")  # no token: public
+            assert found.status_code == 200, found.text
+            card = found.json()
             assert card["supportedInterfaces"][0]["url"] == "http://testserver/a2a/agents/helper"
-            sent = await http.post("/a2a/agents/helper", headers=V1, json=rpc("SendMessage", {
+            assert [c["name"] for c in (await http.get("/a2a/agents")).json()] == ["helper"]
+            assert (await http.get("/a2a/health/live")).status_code == 200
+            hello = rpc("SendMessage", {"message": {"role": "ROLE_USER", "messageId": "m0", "parts": [{"text": "hi"}]}})
+            refused = await http.post("/a2a/agents/helper", headers=V1, json=hello)
+            assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+            assert (await http.get("/a2a/agents/helper/rest/tasks")).status_code == 401
+            sent = await http.post("/a2a/agents/helper", headers={**V1, "Authorization": f"Bearer {TOKEN}"},
+                                   json=rpc("SendMessage", {
                 "message": {"role": "ROLE_USER", "messageId": "m1", "parts": [{"text": "hi"}]}}))
             task = sent.json()["result"]["task"]
             assert task["status"]["state"] == "TASK_STATE_COMPLETED"

@@ -408,6 +408,24 @@ async def test_bearer_token_auth(system: System, caplog: pytest.LogCaptureFixtur
     assert TOKEN not in caplog.text
 
 
+async def test_a_mounted_gateway_with_a_token_keeps_its_probes_public(system: System) -> None:
+    """Under Mount("/gw", …) the token check sees the gateway's own paths, not the prefix."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    parent = Starlette(routes=[Mount("/gw", app(system.home, token=TOKEN))])
+    async with client(parent) as http:
+        live = await http.get("/gw/health/live")
+        assert (live.status_code, live.text) == (200, "live\n")
+        assert (await http.get("/gw/health/ready")).status_code == 200
+        assert (await http.post("/gw/api/box/Box.Get", json={"name": "x"})).status_code == 401
+        assert (await http.get("/gw/openapi.json")).status_code == 401
+        # a path that only *ends* like a probe under the prefix is not one
+        assert (await http.get("/gw/api/health/live")).status_code == 401
+    async with client(parent, Authorization=f"Bearer {TOKEN}") as http:
+        assert (await http.post("/gw/api/box/Box.Get", json={"name": "x"})).status_code == 200
+
+
 @pytest.mark.parametrize("path", PATHS)
 async def test_without_a_gateway_token_the_callers_token_reaches_the_service(system: System, path: str) -> None:
     vault = micro.Service("vault", runtime=system.home,

@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from micro.runtime import Runtime
 
 __all__ = ["DEFAULT_MAX_BODY", "DEFAULT_TIMEOUT", "HTTP_STATUS", "LOOPBACK_HOSTS", "BearerAuth", "BrowserGuard",
-           "EventStream", "app", "error_body", "stream"]
+           "EventStream", "app", "error_body", "route_path", "stream"]
 
 log = logging.getLogger("micro.gateway")
 
@@ -120,6 +120,18 @@ class _TooLarge(Exception):
     pass
 
 
+def route_path(scope: Scope) -> str:
+    """The request's path within the app: ``scope["path"]`` without the ``root_path`` it is mounted at
+    (``Mount("/a2a", gateway)`` or a server's ``--root-path``), as the app's routes see it."""
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    if not root or not path.startswith(root):
+        return path
+    if path == root:
+        return "/"
+    return path[len(root):] if path[len(root)] == "/" else path
+
+
 class BearerAuth:
     """ASGI middleware: every HTTP request needs ``Authorization: Bearer <token>``.
 
@@ -144,9 +156,7 @@ class BearerAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         root = scope.get("root_path", "")
-        path = scope.get("path", "")
-        if root and path.startswith(root):  # mounted: starlette's path includes the mount's
-            path = path[len(root):]
+        path = route_path(scope)  # mounted (Mount("/x", gateway)): the path within the app
         if (scope["type"] != "http" or path in PUBLIC or (self._public is not None and self._public(path))
                 or self._accepts(scope)):
             await self.app(scope, receive, send)
