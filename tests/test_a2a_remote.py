@@ -23,6 +23,7 @@ from a2a.helpers.proto_helpers import new_task_from_user_message
 from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.events import EventQueue
 from a2a.server.request_handlers import DefaultRequestHandler
+from a2a.server.request_handlers.response_helpers import agent_card_to_dict
 from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
 from a2a.server.tasks import InMemoryTaskStore, TaskUpdater
 from a2a.types import a2a_pb2 as pb
@@ -95,8 +96,25 @@ async def _remote() -> AsyncIterator[Remote]:
     async def not_a_card(request: Request) -> JSONResponse:
         return JSONResponse({"hello": "world"})
 
+    def card_at(*urls: str) -> Any:  # this agent's card, naming interfaces at these URLs
+        other = pb.AgentCard()
+        other.CopyFrom(card)
+        del other.supported_interfaces[:]
+        other.supported_interfaces.extend(pb.AgentInterface(url=u, protocol_binding="JSONRPC",
+                                                            protocol_version="1.0") for u in urls)
+
+        async def serve(request: Request) -> JSONResponse:
+            return JSONResponse(agent_card_to_dict(other))
+        return serve
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # a port nobody listens on: another origin, of this same machine
+        elsewhere = f"http://127.0.0.1:{closed.getsockname()[1]}"
     app = Starlette(routes=[*create_agent_card_routes(card), *create_jsonrpc_routes(handler, "/"),
-                            Route("/other/.well-known/agent-card.json", not_a_card)])
+                            Route("/other/.well-known/agent-card.json", not_a_card),
+                            Route("/foreign/.well-known/agent-card.json",
+                                  card_at("http://attacker.example/a2a", f"{elsewhere}/")),
+                            Route("/mixed/.well-known/agent-card.json", card_at(f"{elsewhere}/", f"{url}/"))])
     started = anyio.Event()
 
     class Server(uvicorn.Server):
@@ -258,6 +276,22 @@ async def test_a_url_that_serves_no_card_is_a_clear_bad_request(remote: Remote) 
         await micro.a2a.client.card(f"{remote.url}/nothing")
     found = await micro.a2a.client.card(remote.url)
     assert found.name == "billing" and found.capabilities.streaming
+
+
+async def test_a_card_cannot_send_the_clients_credentials_to_another_origin(remote: Remote) -> None:
+    """The client uses only the card's interfaces at the origin it was given: a card naming another host
+    (a malicious or stale card) is refused before any request, and a foreign interface listed first is
+    skipped for the agent's own."""
+    with pytest.raises(micro.errors.BadRequest, match=r"its card names interfaces only at other origins "
+                                                      r"\(http://attacker\.example/a2a, http://127\.0\.0\.1:\d+/\); "
+                                                      r"this client sends its requests .* only to "
+                                                      r"http://127\.0\.0\.1:\d+, where the card came from"):
+        await micro.a2a.Client(f"{remote.url}/foreign", headers={"X-Partner-Key": "partner-k1"}).open()
+    async with micro.a2a.Client(f"{remote.url}/mixed", headers={"X-Partner-Key": "partner-k2"}) as agent:
+        with anyio.fail_after(GUARD):
+            task = await agent.send("Is invoice 42 paid?")
+    assert isinstance(task, pb.Task) and micro.a2a.Client.text(task) == "Invoice 42 is paid."
+    assert remote.executor.headers[-1].get("x-partner-key") == "partner-k2"
 
 
 async def test_any_tool_may_ask_the_person_through_ask_person() -> None:

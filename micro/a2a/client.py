@@ -17,7 +17,9 @@ unreachable, timeouts, anything else   ``Unavailable`` / ``Timeout`` / ``Interna
 =====================================  ==========================================
 
 Nothing of the caller's is sent but the message and, when given, ``token`` (as
-``Authorization: Bearer``) and ``headers``. It depends on nothing of micro but its errors, so
+``Authorization: Bearer``) and ``headers``, and only to the origin of ``url``: of the card's
+interfaces, only those at that origin (scheme, host, port) are used, so a card cannot send
+the credentials elsewhere (``BadRequest`` if it names none there). It depends on nothing of micro but its errors, so
 agents (:mod:`micro.agent.delegation`) use it from below the gateways.
 
 Example::
@@ -146,6 +148,38 @@ def _checked_card(url: str, found: pb.AgentCard) -> pb.AgentCard:
     return found
 
 
+def _origin(url: str) -> tuple[str, str, int]:
+    parsed = httpx.URL(url)
+    port = parsed.port or {"http": 80, "https": 443}.get(parsed.scheme, 0)
+    return parsed.scheme, parsed.host.lower(), port
+
+
+def _same_origin(url: str, found: pb.AgentCard) -> pb.AgentCard:
+    """``found`` with only the interfaces at ``url``'s origin (scheme, host, port): the client sends its
+    token and headers to the interface it picks, and a card (whoever wrote it) must not send them to
+    another host. ``BadRequest`` if the card names no interface there."""
+    origin = _origin(url)
+    kept = pb.AgentCard()
+    kept.CopyFrom(found)
+    del kept.supported_interfaces[:]
+    foreign = []
+    for interface in found.supported_interfaces:
+        try:
+            same = _origin(interface.url) == origin
+        except (httpx.InvalidURL, TypeError):
+            same = False
+        if same:
+            kept.supported_interfaces.append(interface)
+        else:
+            foreign.append(interface.url)
+    if not kept.supported_interfaces:
+        scheme, host, port = origin
+        raise BadRequest(f"A2A agent {url}: its card names interfaces only at other origins ({', '.join(foreign)}); "
+                         f"this client sends its requests (and their headers) only to {scheme}://{host}:{port}, "
+                         "where the card came from. Use the URL of the agent's own host")
+    return kept
+
+
 def _check_url(url: str) -> str:
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
         raise BadRequest(f"{url!r} is not an A2A agent's URL: expected http(s)://host[:port]/path")
@@ -196,9 +230,10 @@ class Client:
         try:
             with _translated(self.url):
                 found = _checked_card(self.url, await A2ACardResolver(http, self.url).get_agent_card())
+                usable = _same_origin(self.url, found)
                 try:
-                    self._unary = ClientFactory(ClientConfig(streaming=False, httpx_client=http)).create(found)
-                    self._streaming = ClientFactory(ClientConfig(streaming=True, httpx_client=http)).create(found)
+                    self._unary = ClientFactory(ClientConfig(streaming=False, httpx_client=http)).create(usable)
+                    self._streaming = ClientFactory(ClientConfig(streaming=True, httpx_client=http)).create(usable)
                 except ValueError as exc:  # the SDK's "no compatible transports found"
                     bindings = ", ".join(i.protocol_binding for i in found.supported_interfaces)
                     raise BadRequest(f"A2A agent {self.url} offers {bindings}; this client speaks JSONRPC ({exc})"
