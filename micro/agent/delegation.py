@@ -149,6 +149,19 @@ def delegate_tool(client: Callable[[], Any], me: str, agents: Sequence[str], *, 
     )
 
 
+MAX_CARD_SUMMARY = 300
+"""Characters of a remote agent's card (its name and description) that join the ``delegate`` tool's description."""
+
+
+def card_summary(name: str, description: str) -> str:
+    """What the model is told of a remote agent: ``name: description`` on one line, without control
+    characters, cut to :data:`MAX_CARD_SUMMARY` characters (the card is the remote party's text, and
+    it goes into this agent's prompt)."""
+    text = f"{name}: {description}" if description else name
+    text = " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
+    return text if len(text) <= MAX_CARD_SUMMARY else text[:MAX_CARD_SUMMARY - 1] + "…"
+
+
 async def describe_remote(urls: Sequence[str], *, timeout: float = 10.0,
                           headers: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, str]:
     """The card descriptions of remote A2A agents, fetched concurrently (an unreachable one is left out)."""
@@ -165,7 +178,7 @@ async def describe_remote(urls: Sequence[str], *, timeout: float = 10.0,
         except Exception as exc:  # the agent still starts; the model sees the URL without a description
             log.warning("remote agent %s: its card could not be read (%s); the model sees only its URL", url, exc)
             return
-        found[url] = f"{c.name}: {c.description}" if c.description else c.name
+        found[url] = card_summary(c.name, c.description)
 
     async with anyio.create_task_group() as tg:
         for url in urls:
