@@ -29,12 +29,14 @@ GUARD = 30.0  # a deadlock guard, never a timing assertion
 
 
 class RecordGate:
-    """A call wrapper: while armed for n, the first n ``AgentInfo.Run`` calls wait until all n are in."""
+    """A call wrapper: while armed for n, the first n ``AgentInfo.Run`` calls wait until all n are in.
+    With ``drop_started``, agent streams lose their ``started`` event (as an agent of an earlier micro)."""
 
     def __init__(self) -> None:
         self.needed = 0
         self.arrived = 0
         self.all_in = anyio.Event()
+        self.drop_started = False
 
     def arm(self, n: int) -> None:
         self.needed, self.arrived, self.all_in = n, 0, anyio.Event()
@@ -47,8 +49,19 @@ class RecordGate:
                     self.needed = 0
                     self.all_in.set()
                 await self.all_in.wait()
+            if self.drop_started and req.streaming:
+                return self._without_started(await next_(req))
             return await next_(req)
         return wrapped
+
+    @staticmethod
+    async def _without_started(events: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        try:
+            async for ev in events:
+                if ev.type != "started":
+                    yield ev
+        finally:  # leaving the stream closes the agent's (which is what stops its run)
+            await events.aclose()  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -93,7 +106,14 @@ async def started() -> AsyncIterator[System]:
     gate, held = RecordGate(), Held()
     async with micro.Runtime(registry="memory://", store="memory://", broker="memory://",
                              call_wrappers=[gate]) as rt:
-        agent = micro.Agent("desk", provider=scripted.function(brain), runtime=rt)
+        async def model(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | str:
+            if messages[-1].text == "slow":  # the model holds until the test opens its gate
+                held.event(held.entered, "model").set()
+                await held.event(held.opened, "model").wait()
+                return "slow done"
+            return brain(messages, tools)
+
+        agent = micro.Agent("desk", provider=scripted.function(model), runtime=rt)
 
         @agent.tool
         async def hold(key: str) -> str:
@@ -185,9 +205,14 @@ async def test_a_run_failing_mid_stream_says_failed_once() -> None:
     assert "the model broke" in "".join(p.text for p in events[-1].status.message.parts)
 
 
-async def test_a_run_failing_before_its_first_event_is_a_failed_task_not_a_protocol_error() -> None:
+@pytest.mark.parametrize("agent", ["current", "without started events"])
+async def test_a_run_failing_before_its_first_event_is_a_failed_task_not_a_protocol_error(agent: str) -> None:
+    """The model fails at once. A current agent's stream said `started` first, so the stream has the
+    working task, then FAILED; an agent of an earlier micro (no `started` event: the gateway sees the
+    error first) still gives a failed task, since its record exists, not a protocol error."""
     async with started() as system:
         h, ctx = system.handler, system.context
+        system.gate.drop_started = agent != "current"
         with anyio.fail_after(GUARD):
             task = await h.on_message_send(message("fail at once"), ctx)
             events = [ev async for ev in h.on_message_send_stream(message("fail at once"), ctx)]
@@ -196,9 +221,12 @@ async def test_a_run_failing_before_its_first_event_is_a_failed_task_not_a_proto
     assert task.status.state == pb.TASK_STATE_FAILED
     assert "the model broke at once" in "".join(p.text for p in task.status.message.parts)
     assert got == task
-    (streamed,) = events  # the task, failed: the stream says which task failed
-    assert isinstance(streamed, pb.Task) and streamed.status.state == pb.TASK_STATE_FAILED
-    assert streamed.id != task.id and "the model broke at once" in streamed.status.message.parts[0].text
+    assert isinstance(events[0], pb.Task) and events[0].id != task.id  # the stream says which task failed
+    if agent == "current":
+        assert _states(events) == ["task:TASK_STATE_WORKING", "TASK_STATE_FAILED"]
+    else:
+        assert _states(events) == ["task:TASK_STATE_FAILED"]
+    assert "the model broke at once" in events[-1].status.message.parts[0].text
 
 
 async def test_a_message_refused_before_any_run_exists_is_still_a_protocol_error() -> None:
@@ -212,3 +240,22 @@ async def test_a_message_refused_before_any_run_exists_is_still_a_protocol_error
             request.message.context_id = task.context_id
             with pytest.raises(InvalidParamsError, match="waiting for an answer to 'Which room\\?'"):
                 await h.on_message_send(request, ctx)
+
+
+async def test_return_immediately_returns_the_working_task_before_the_model_answers() -> None:
+    async with started() as system:
+        h, ctx, held = system.handler, system.context, system.held
+        with anyio.fail_after(GUARD):
+            task = await h.on_message_send(message("slow", immediately=True), ctx)
+            assert isinstance(task, pb.Task) and task.status.state == pb.TASK_STATE_WORKING
+            got = await h.on_get_task(pb.GetTaskRequest(id=task.id), ctx)
+            assert got is not None and got.status.state == pb.TASK_STATE_WORKING
+            events = h.on_subscribe_to_task(pb.SubscribeToTaskRequest(id=task.id), ctx)
+            first = await anext(events)
+            assert isinstance(first, pb.Task) and first.id == task.id
+            held.event(held.opened, "model").set()  # only now may the model answer
+            rest = [ev async for ev in events]
+            final = await h.on_get_task(pb.GetTaskRequest(id=task.id), ctx)
+    assert _states(rest)[-1] == "TASK_STATE_COMPLETED"
+    assert final is not None and final.status.state == pb.TASK_STATE_COMPLETED
+    assert final.artifacts[0].parts[0].text == "slow done"

@@ -484,6 +484,8 @@ class Agent(Service):
             except VersionConflict:
                 raise Conflict(f"agent {self.name}: a run {run_id} exists already; a new run needs a new id "
                                "(or none: the agent picks one)") from None
+            if emit is not None:  # a stream says so at once: the run is accepted, and can be looked up
+                await emit(Event("started", text=run_id))
         checkpoint = Checkpoint(self.runs, record, version)
         return await self._execute(checkpoint, emit, timeout, {})
 
@@ -749,7 +751,7 @@ def _tool_call(c: RunToolCall | Any) -> ToolCall:
 
 
 def _event(ev: Event, agent: str) -> ChatEvent:
-    if ev.type == "text":
-        return ChatEvent(type="text", text=ev.text, agent=agent)
+    if ev.type in ("text", "started"):
+        return ChatEvent(type=ev.type, text=ev.text, agent=agent)
     assert ev.call is not None
     return ChatEvent(type=ev.type, tool_call=_tool_call(ev.call), agent=agent)

@@ -51,7 +51,8 @@ default_message_pool.register_message("micro.agent", "CancelRequest", CancelRequ
 class ChatEvent(betterproto2.Message):
     type: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
     """
-    one of: "text", "tool_start", "tool_end", "done", "error",
+    one of: "started" (first, only for a run whose id the caller chose in ChatRequest.run_id: its record
+    is written; `text` is the run id), "text", "tool_start", "tool_end", "done", "error",
     "paused", "input_required" (the run waits: `response` has its pending calls)
     """
 
