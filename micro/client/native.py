@@ -153,6 +153,11 @@ class _Connection(asyncio.Protocol):
                 self.close(Unavailable(f"node {self.pool.address} sent a {f.NAMES[kind]} frame, "
                                        "which servers do not send"))
                 return
+        if frames and not self._flushing:
+            # queued after the callers woken above: the calls they make next go out in one write in the
+            # next loop iteration, not the one after
+            self._flushing = True
+            self.loop.call_soon(self._flush)
         if self.draining:
             self.close_drained()
 

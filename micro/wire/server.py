@@ -157,6 +157,11 @@ class _Connection(asyncio.Protocol):
                     pass
                 else:
                     raise f.ProtocolError(f"a client does not send {f.NAMES[kind]} frames (request id {rid})")
+            if not self._flushing:
+                # queued after the first steps of the calls just started: what they answer at once goes out
+                # in one write in the next loop iteration, not the one after
+                self._flushing = True
+                self.loop.call_soon(self._flush)
             self._account()
         except f.ProtocolError as exc:
             self.abort(str(exc))
