@@ -361,30 +361,26 @@ class NativePool:
             conn = self._best()  # the usual case: a connection is open
             if conn is None:
                 conn = await self._conn(path, deadline)
-            return await self._unary(conn, path, data, wire, deadline, metadata)
+            if not conn.usable:
+                raise NodeUnreachable(f"{path}: node {self.address} is shutting down")
+            loop = conn.loop
+            timeout_us = self._timeout(path, deadline, loop)
+            rid = next(conn.ids)
+            fut: asyncio.Future[bytes] = loop.create_future()
+            conn.calls[rid] = fut
+            conn.send(self._frame(path, rid, data, wire, 0, timeout_us, metadata))
+            if deadline is not None:
+                where = self._where.get(path)
+                if where is None:
+                    where = self._where[path] = f"{path} on {self.address}"
+                self._watchdog.expire(fut, deadline, where)  # fails with Timeout when the deadline passes
+            try:
+                return await fut
+            except (asyncio.CancelledError, Timeout):
+                self._cancel(conn, rid)  # the handler stops too
+                raise
         finally:
             places.release()
-
-    async def _unary(self, conn: _Connection, path: str, data: bytes, wire: str, deadline: float | None,
-                     metadata: Mapping[str, str] | None) -> bytes:
-        if not conn.usable:
-            raise NodeUnreachable(f"{path}: node {self.address} is shutting down")
-        loop = conn.loop
-        timeout_us = self._timeout(path, deadline, loop)
-        rid = next(conn.ids)
-        fut: asyncio.Future[bytes] = loop.create_future()
-        conn.calls[rid] = fut
-        conn.send(self._frame(path, rid, data, wire, 0, timeout_us, metadata))
-        if deadline is not None:
-            where = self._where.get(path)
-            if where is None:
-                where = self._where[path] = f"{path} on {self.address}"
-            self._watchdog.expire(fut, deadline, where)  # fails with Timeout when the deadline passes
-        try:
-            return await fut
-        except (asyncio.CancelledError, Timeout):
-            self._cancel(conn, rid)  # the handler stops too
-            raise
 
     async def server_stream(self, path: str, data: bytes, *, wire: str = JSON, deadline: float | None = None,
                             metadata: Mapping[str, str] | None = None) -> AsyncGenerator[bytes, None]:
