@@ -387,6 +387,42 @@ async def test_the_openapi_document_validates(system: System) -> None:
     assert "security" not in doc
 
 
+@pytest.mark.parametrize("path", PATHS)
+async def test_a_mounted_gateway_answers_calls_as_the_gateway_at_the_root(system: System, path: str) -> None:
+    # at the root, calls take the short way in (the app's middleware straight to the call handler);
+    # mounted under a path, Starlette's routing: both must give the same answers, checks included
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    root = app(system.runtime(path), token=TOKEN, max_body=64, allowed_hosts=["gateway"])
+    mounted = Starlette(routes=[Mount("/gw", app(system.runtime(path), token=TOKEN, max_body=64,
+                                                  allowed_hosts=["gateway"]))])
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    requests: list[tuple[str, bytes, dict[str, str]]] = [
+        ("/api/box/Box.Get", b'{"name": "ann"}', auth),
+        ("/api/box/Box.Get", b"", auth),  # an empty body is {}
+        ("/api/box/Box.Get", b'{"name": "ann"}', {}),  # no token
+        ("/api/box/Box.Get", b'{"name": "ann"}', {**auth, "Origin": "https://evil.example"}),
+        ("/api/box/Box.Get", b'{"name": "ann"}', {**auth, "Host": "evil.example"}),
+        ("/api/box/Box.Get", b"[1, 2]", auth),
+        ("/api/box/Box.Get", b'{"name": ', auth),
+        ("/api/box/Box.Get", b'{"name": "' + b"x" * 64 + b'"}', auth),  # over max_body
+        ("/api/box/Box.Fail", b'{"code": "NOT_FOUND"}', auth),
+        ("/api/box/Box.Nope", b"{}", auth),
+        ("/api/nobody/Box.Get", b"{}", auth),
+        ("/api/box/Box.Count", b'{"n": 2}', auth),  # a stream: Server-Sent Events
+        ("/api/box/Box.Get/more", b"{}", auth),  # not the call route: 404 on both
+    ]
+    async with client(root) as at_root, client(mounted) as under:
+        for route, body, headers in requests:
+            a = await at_root.post(route, content=body, headers=headers)
+            b = await under.post(f"/gw{route}", content=body, headers=headers)
+            assert (a.status_code, a.headers.get("content-type"), a.content) == \
+                (b.status_code, b.headers.get("content-type"), b.content.replace(b"/gw/", b"/")), route
+        ok = await at_root.post("/api/box/Box.Get", json={"name": "ann"}, headers=auth)
+        assert ok.json() == {"greeting": "hello ann", "length": 3}
+
+
 async def test_bearer_token_auth(system: System, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     gateway = app(system.home, token=TOKEN)

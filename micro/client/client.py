@@ -14,6 +14,9 @@
 
 Either way the result is an instance of ``response_type`` when given, and the dict
 form of the response otherwise; errors are the same ``micro.errors`` classes.
+``response_type=msgspec.Raw`` returns the response's JSON undecoded: the bytes the
+native wire or gRPC carried, or the endpoint's own JSON encoding in process (what
+the HTTP gateway answers with, never decoding and re-encoding a reply).
 """
 
 from __future__ import annotations
@@ -94,7 +97,8 @@ class Client:
             service: the service name, e.g. ``"task"``.
             endpoint: ``"Handler.Method"``, e.g. ``"Task.ListOverdue"``.
             request: an instance of the request type, a dict, or JSON text/bytes.
-            response_type: the type to return; without it, the response's dict form.
+            response_type: the type to return; without it, the response's dict form;
+                ``msgspec.Raw``: its JSON text undecoded (``bytes(raw)``), as the wire carried it.
             timeout: seconds; the call also never outlives the deadline of the call
                 being handled when it is made from inside a handler.
             metadata: string headers sent with the call.
@@ -172,6 +176,8 @@ class Client:
             return ep.response.to_builtins(result)
         if rt is ep.response.type:
             return result
+        if rt is msgspec.Raw:
+            return msgspec.Raw(ep.response.encode(result, JSON))  # what the network path would carry
         return codec_for(rt).convert(ep.response.to_builtins(result), f"{ep.where} response")
 
     async def _local_stream(self, ep: Endpoint, req: Request) -> AsyncIterator[Any]:
@@ -198,6 +204,8 @@ class Client:
                     yield ep.response.to_builtins(item)
                 elif rt is ep.response.type:
                     yield item
+                elif rt is msgspec.Raw:
+                    yield msgspec.Raw(ep.response.encode(item, JSON))
                 else:
                     yield codec_for(rt).convert(ep.response.to_builtins(item), f"{ep.where} response")
         finally:  # stopped early: the handler's generator ends now, not when collected
@@ -317,8 +325,11 @@ class Client:
 
     @staticmethod
     def _decode(reply: bytes, wire: str, req: Request, ep: EndpointRecord) -> Any:
-        if req.response_type is None:
+        rt = req.response_type
+        if rt is None:
             return _decode_any(reply)
+        if rt is msgspec.Raw:  # the JSON as it arrived (a raw reply is always asked for as JSON)
+            return msgspec.Raw(reply)
         return codec_for(req.response_type).decode(reply, wire, f"{req.service} {ep.name} response")
 
     async def resolve(self, service: str, endpoint: str) -> tuple[ServiceRecord, EndpointRecord]:

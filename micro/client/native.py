@@ -18,7 +18,6 @@ side's memory.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import ssl as _ssl
 from collections import deque
@@ -31,7 +30,7 @@ from micro.errors import Error, ResourceExhausted, Status, Timeout, Unavailable
 from micro.wire import frames as f
 from micro.wire.server import DRAINING
 
-from .pool import NodeUnreachable
+from .pool import NodeUnreachable, Places
 
 _PING_BODY = b"keepaliv"
 
@@ -153,6 +152,11 @@ class _Connection(asyncio.Protocol):
                 self.close(Unavailable(f"node {self.pool.address} sent a {f.NAMES[kind]} frame, "
                                        "which servers do not send"))
                 return
+        if frames and not self._flushing:
+            # queued after the callers woken above: the calls they make next go out in one write in the
+            # next loop iteration, not the one after
+            self._flushing = True
+            self.loop.call_soon(self._flush)
         if self.draining:
             self.close_drained()
 
@@ -268,9 +272,7 @@ class NativePool:
         self._ssl = ssl
         self._conns: list[_Connection] = []
         self._connecting: asyncio.Future[_Connection] | None = None
-        self._capacity = max_streams * max_connections
-        self._inflight = 0  # calls in flight to this node (streams and unary calls)
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self.places = Places(max_streams * max_connections, address)
         self._watchdog = Watchdog()
         self._where: dict[str, str] = {}
         self._keeper: asyncio.TimerHandle | None = None
@@ -347,88 +349,47 @@ class NativePool:
         if self._conns:
             self._arm_keepalive()
 
-    @contextlib.asynccontextmanager
-    async def _slot(self, path: str, deadline: float | None) -> AsyncGenerator[None, None]:
-        """A place among the calls in flight to this node, waited for (first come, first served) no longer
-        than the call's deadline."""
-        if self._inflight < self._capacity and not self._waiters:
-            self._inflight += 1
-        else:
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            placed = False
-            try:
-                if deadline is None:
-                    await waiter
-                else:
-                    async with asyncio.timeout_at(deadline):
-                        await waiter
-                placed = True
-            except TimeoutError:
-                raise Timeout(f"{path} on {self.address}: the deadline passed while the call waited for one of "
-                              f"the {self._capacity} places in flight to this node") from None
-            finally:
-                if not placed:
-                    if waiter.done() and not waiter.cancelled():
-                        self._release()  # handed a place it will not use: pass it on
-                    elif waiter in self._waiters:
-                        self._waiters.remove(waiter)
-        try:
-            yield
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        """Give a place back: to the first caller still waiting for one, else to the pool."""
-        while self._waiters:
-            w = self._waiters.popleft()
-            if not w.done():
-                w.set_result(None)  # the place passes to it: calls in flight stay the same
-                return
-        self._inflight -= 1
-
     # -- calls ------------------------------------------------------------------------------------
 
     async def unary(self, path: str, data: bytes, *, wire: str = JSON, deadline: float | None = None,
                     metadata: Mapping[str, str] | None = None) -> bytes:
         """One request, one reply; statuses as ``micro.errors``."""
-        conn = self._best()
-        if conn is None or self._inflight >= self._capacity or self._waiters:
-            async with self._slot(path, deadline):
-                return await self._unary(await self._conn(path, deadline), path, data, wire, deadline, metadata)
-        self._inflight += 1  # the usual case: a connection is open and a place is free; take it at once
+        places = self.places
+        if not places.take_now():
+            await places.take(path, deadline)
         try:
-            return await self._unary(conn, path, data, wire, deadline, metadata)
+            conn = self._best()  # the usual case: a connection is open
+            if conn is None:
+                conn = await self._conn(path, deadline)
+            if not conn.usable:
+                raise NodeUnreachable(f"{path}: node {self.address} is shutting down")
+            loop = conn.loop
+            timeout_us = self._timeout(path, deadline, loop)
+            rid = next(conn.ids)
+            fut: asyncio.Future[bytes] = loop.create_future()
+            conn.calls[rid] = fut
+            conn.send(self._frame(path, rid, data, wire, 0, timeout_us, metadata))
+            if deadline is not None:
+                where = self._where.get(path)
+                if where is None:
+                    where = self._where[path] = f"{path} on {self.address}"
+                self._watchdog.expire(fut, deadline, where)  # fails with Timeout when the deadline passes
+            try:
+                return await fut
+            except (asyncio.CancelledError, Timeout):
+                self._cancel(conn, rid)  # the handler stops too
+                raise
         finally:
-            self._release()
-
-    async def _unary(self, conn: _Connection, path: str, data: bytes, wire: str, deadline: float | None,
-                     metadata: Mapping[str, str] | None) -> bytes:
-        if not conn.usable:
-            raise NodeUnreachable(f"{path}: node {self.address} is shutting down")
-        loop = conn.loop
-        timeout_us = self._timeout(path, deadline, loop)
-        rid = next(conn.ids)
-        fut: asyncio.Future[bytes] = loop.create_future()
-        conn.calls[rid] = fut
-        conn.send(self._frame(path, rid, data, wire, 0, timeout_us, metadata))
-        if deadline is not None:
-            where = self._where.get(path)
-            if where is None:
-                where = self._where[path] = f"{path} on {self.address}"
-            self._watchdog.expire(fut, deadline, where)  # fails with Timeout when the deadline passes
-        try:
-            return await fut
-        except (asyncio.CancelledError, Timeout):
-            self._cancel(conn, rid)  # the handler stops too
-            raise
+            places.release()
 
     async def server_stream(self, path: str, data: bytes, *, wire: str = JSON, deadline: float | None = None,
                             metadata: Mapping[str, str] | None = None) -> AsyncGenerator[bytes, None]:
         """One request, a stream of replies, read under the credit window."""
         loop = asyncio.get_running_loop()
         timeout_us = self._timeout(path, deadline, loop)
-        async with self._slot(path, deadline):
+        places = self.places
+        await places.take(path, deadline)
+        try:
             conn = await self._conn(path, deadline)
             if not conn.usable:
                 raise NodeUnreachable(f"{path}: node {self.address} is shutting down")
@@ -457,6 +418,8 @@ class NativePool:
                 if timer is not None:
                     timer.cancel()
                 self._cancel(conn, rid)  # stopped early or timed out: the handler stops (a no-op once ended)
+        finally:
+            places.release()  # stopped early, failed or done: the place goes now
 
     def _frame(self, path: str, rid: int, data: bytes, wire: str, flags: int, timeout_us: int | None,
                metadata: Mapping[str, str] | None) -> bytes:

@@ -12,10 +12,10 @@ on a semaphore.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl as _ssl
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
@@ -103,6 +103,64 @@ class _Conn:
         self.inflight = 0
 
 
+class Places:
+    """The calls in flight to one node, at most ``capacity`` (streams and unary calls alike).
+
+    A call takes a place at once while one is free and nobody waits (:meth:`take_now`,
+    no coroutine); otherwise it waits, first come first served, never past its
+    deadline (:meth:`take`). :meth:`release` hands the place to the first caller still
+    waiting. Both pools (gRPC and the native wire) bound their calls with it.
+    """
+
+    __slots__ = ("_waiters", "address", "capacity", "inflight")
+
+    def __init__(self, capacity: int, address: str) -> None:
+        self.capacity = capacity
+        self.address = address
+        self.inflight = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def take_now(self) -> bool:
+        """Take a place if one is free and nobody waits for one."""
+        if self.inflight < self.capacity and not self._waiters:
+            self.inflight += 1
+            return True
+        return False
+
+    async def take(self, path: str, deadline: float | None) -> None:
+        """Wait for a place (first come, first served), no longer than ``deadline`` (then ``Timeout``)."""
+        if self.take_now():
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        placed = False
+        try:
+            if deadline is None:
+                await waiter
+            else:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            placed = True
+        except TimeoutError:
+            raise Timeout(f"{path} on {self.address}: the deadline passed while the call waited for one of the "
+                          f"{self.capacity} places in flight to this node") from None
+        finally:
+            if not placed:
+                if waiter.done() and not waiter.cancelled():
+                    self.release()  # handed a place it will not use: pass it on
+                elif waiter in self._waiters:
+                    self._waiters.remove(waiter)
+
+    def release(self) -> None:
+        """Give a place back: to the first caller still waiting for one, else to the pool."""
+        while self._waiters:
+            w = self._waiters.popleft()
+            if not w.done():
+                w.set_result(None)  # the place passes to it: calls in flight stay the same
+                return
+        self.inflight -= 1
+
+
 class NodePool:
     """Connections to one ``host:port``."""
 
@@ -118,26 +176,7 @@ class NodePool:
         self.max_connections = max_connections
         self._ssl = ssl
         self._conns: list[_Conn] = []
-        self._slots = asyncio.Semaphore(max_streams * max_connections)
-
-    @contextlib.asynccontextmanager
-    async def _slot(self, path: str, deadline: float | None) -> AsyncGenerator[None, None]:
-        """A place among the calls in flight to this node, waited for no longer than the call's deadline."""
-        slots = self._slots
-        if deadline is None or not slots.locked():
-            async with slots:
-                yield
-            return
-        try:
-            async with asyncio.timeout_at(deadline):
-                await slots.acquire()
-        except TimeoutError:
-            raise Timeout(f"{path} on {self.address}: the deadline passed while the call waited for one of the "
-                          f"{self.max_streams * self.max_connections} places in flight to this node") from None
-        try:
-            yield
-        finally:
-            slots.release()
+        self.places = Places(max_streams * max_connections, address)
 
     def _take(self) -> _Conn:
         best: _Conn | None = None
@@ -170,7 +209,10 @@ class NodePool:
                     deadline: float | None = None,
                     metadata: Mapping[str, str] | None = None) -> bytes:
         """One request, one reply; gRPC status mapped to ``micro.errors``."""
-        async with self._slot(path, deadline):
+        places = self.places
+        if not places.take_now():
+            await places.take(path, deadline)
+        try:
             conn = self._take()
             try:
                 stream = self._stream(conn, path, wire, Cardinality.UNARY_UNARY, deadline, metadata)
@@ -183,6 +225,8 @@ class NodePool:
                     raise self._translate(exc, path) from None
             finally:
                 conn.inflight -= 1
+        finally:
+            places.release()
         if reply is None:
             raise Unavailable(f"{self.address} closed {path} without a reply")
         return bytes(reply)
@@ -191,7 +235,9 @@ class NodePool:
                             deadline: float | None = None,
                             metadata: Mapping[str, str] | None = None) -> AsyncGenerator[bytes, None]:
         """One request, a stream of replies."""
-        async with self._slot(path, deadline):
+        places = self.places
+        await places.take(path, deadline)
+        try:
             conn = self._take()
             try:
                 stream = self._stream(conn, path, wire, Cardinality.UNARY_STREAM, deadline, metadata)
@@ -205,6 +251,8 @@ class NodePool:
                     raise self._translate(exc, path) from None
             finally:
                 conn.inflight -= 1
+        finally:
+            places.release()  # stopped early, failed or done: the place goes now
 
     def _translate(self, exc: Exception, path: str) -> Exception:
         if isinstance(exc, Error):
@@ -227,4 +275,4 @@ class NodePool:
         self._conns.clear()
 
 
-__all__ = ["JSON", "PROTO", "NodePool", "NodeUnreachable"]
+__all__ = ["JSON", "PROTO", "NodePool", "NodeUnreachable", "Places"]

@@ -34,10 +34,12 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote_to_bytes
 
@@ -343,6 +345,104 @@ _NO_METADATA: Mapping[str, str] = {}
 _GONE = Response(status_code=499)  # the client left before the answer: nobody reads this
 
 
+_JSON_TYPE = (b"content-type", b"application/json")
+
+
+async def _send(send: Send, status: int, body: bytes) -> None:
+    """A JSON response in two ASGI messages, with nothing built per call but its length."""
+    await send({"type": "http.response.start", "status": status,
+                "headers": [_JSON_TYPE, (b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+
+
+WATCH_AFTER = 0.05
+"""Seconds (up to twice that) a call runs before the gateway watches for its client leaving."""
+
+
+class _Departures:
+    """Cancels the calls whose client left, watching only the calls that last.
+
+    Every call in flight is noted (a set insert); a timer ticks every :data:`WATCH_AFTER`
+    seconds while there are some, and a call that has seen a whole tick pass gets a small
+    task waiting for its ``http.disconnect``, which then cancels it. Most calls end before
+    that and cost no task; one whose client leaves is stopped within two ticks of its start
+    (or at once, if it runs longer).
+    """
+
+    def __init__(self) -> None:
+        self._watches: set[_ClientWatch] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self, receive: Receive) -> _ClientWatch:
+        task = asyncio.current_task()
+        assert task is not None
+        w = _ClientWatch(self, task, receive)
+        self._watches.add(w)
+        if self._timer is None:
+            self._timer = task.get_loop().call_later(WATCH_AFTER, self._tick)
+        return w
+
+    def _tick(self) -> None:
+        self._timer = None
+        for w in self._watches:
+            if w.aged:
+                if w.watcher is None:
+                    w.start()
+            else:
+                w.aged = True
+        if self._watches:
+            self._timer = asyncio.get_running_loop().call_later(WATCH_AFTER, self._tick)
+
+    def discard(self, w: _ClientWatch) -> None:
+        self._watches.discard(w)
+        if not self._watches and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+async def _until_gone(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class _ClientWatch:
+    """One call watched for its client leaving (``left`` tells; the ``CancelledError`` that caused is
+    absorbed at the exit)."""
+
+    __slots__ = ("_closed", "_departures", "_receive", "_task", "aged", "left", "watcher")
+
+    def __init__(self, departures: _Departures, task: asyncio.Task[Any], receive: Receive) -> None:
+        self._departures = departures
+        self._task = task
+        self._receive = receive
+        self._closed = False
+        self.aged = False
+        self.left = False
+        self.watcher: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.watcher = self._task.get_loop().create_task(_until_gone(self._receive))
+        self.watcher.add_done_callback(self._gone)
+
+    def _gone(self, watcher: asyncio.Task[None]) -> None:
+        if watcher.cancelled() or self._closed:
+            return
+        if watcher.exception() is None:  # the client left (an exception: the server's, not ours to act on)
+            self.left = True
+            self._task.cancel()
+
+    def __enter__(self) -> _ClientWatch:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> bool:
+        self._closed = True
+        self._departures.discard(self)
+        if self.watcher is not None:
+            self.watcher.cancel()
+        # the cancel was ours when the client left (and nobody else cancelled this task): absorbed
+        return self.left and t is asyncio.CancelledError and self._task.uncancel() == 0
+
+
 def _chunk(data: bytes) -> Message:
     return {"type": "http.response.body", "body": data, "more_body": True}
 
@@ -377,6 +477,7 @@ class _Gateway:
         self.max_body = max_body
         self.timeout = timeout
         self.auth = auth
+        self.departures = _Departures()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
@@ -386,13 +487,24 @@ class _Gateway:
         finally:
             await self.runtime.release()
 
-    async def call(self, request: Request) -> Response:
-        service = request.path_params["service"]
-        endpoint = request.path_params["endpoint"]
+    async def call(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /api/{service}/{endpoint}``, as a raw ASGI app (Starlette routes to it: no Request or
+        Response objects, no re-encoding of the reply on the way)."""
+        params = scope["path_params"]
+        service, endpoint = params["service"], params["endpoint"]
+        declared = credentials = None
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                declared = value
+            elif key == b"authorization" and credentials is None:
+                credentials = value
         try:
-            body = await self._body(request)
+            body = await self._body(receive, declared)
         except _TooLarge as exc:
-            return _error(413, "RESOURCE_EXHAUSTED", str(exc))
+            await _send(send, 413, error_body("RESOURCE_EXHAUSTED", str(exc)))
+            return
+        if body is None:
+            return  # the client left while sending the body: nobody to answer
         if not body.strip():
             body = b"{}"
         try:
@@ -400,48 +512,67 @@ class _Gateway:
         except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
             # msgspec raises RecursionError for nesting deeper than the stack, UnicodeDecodeError for non-UTF-8
             reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-            return _error(400, "INVALID_ARGUMENT", f"the request body is not valid JSON: {reason}")
+            await _send(send, 400, error_body("INVALID_ARGUMENT", f"the request body is not valid JSON: {reason}"))
+            return
         if not isinstance(decoded, dict):
             kind = type(decoded).__name__ if decoded is not None else "null"
-            return _error(400, "INVALID_ARGUMENT", f"the request body must be a JSON object, not {kind}")
+            await _send(send, 400, error_body("INVALID_ARGUMENT", f"the request body must be a JSON object, "
+                                              f"not {kind}"))
+            return
         metadata = _NO_METADATA
-        if not self.auth:  # the caller's credentials are the services' to check (micro.auth.TokenAuth)
-            credentials = request.headers.get("authorization")
-            if credentials:
-                metadata = {"authorization": credentials}
-        answer: Response = _GONE
-        # the call runs in this task (its deadline and context belong here); a child task only
+        if not self.auth and credentials:  # the caller's credentials are the services' to check (TokenAuth)
+            metadata = {"authorization": bytes(credentials).decode("latin-1")}
+        # the call runs in this task (its deadline and context belong here); once it lasts, a small task
         # watches for the client leaving, and then cancels it: nobody waits for the answer
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(EventStream._watch, request.receive, tg.cancel_scope)
+        with self.departures.watch(receive) as watch:
             answer = await self._answer(service, endpoint, body, metadata)
-            tg.cancel_scope.cancel()
-        return answer
+        if watch.left:
+            await _GONE(scope, receive, send)
+        elif isinstance(answer, Response):
+            await answer(scope, receive, send)  # an event stream (or an error before its first item)
+        else:
+            await _send(send, *answer)
 
-    async def _answer(self, service: str, endpoint: str, body: bytes, metadata: Mapping[str, str]) -> Response:
+    async def _answer(self, service: str, endpoint: str, body: bytes,
+                      metadata: Mapping[str, str]) -> tuple[int, bytes] | Response:
+        """The status and JSON body of the call's answer; a response for a stream."""
         try:
             if await self._streaming(service, endpoint):
                 return await self._stream(service, endpoint, body, metadata)
-            # the validated bytes go on as they are: no re-encoding on the network path
-            rsp = await self.runtime.client.call(service, endpoint, body, timeout=self.timeout, metadata=metadata)
+            # the validated bytes go on as they are, and the reply's JSON comes back as the wire carried it
+            rsp = await self.runtime.client.call(service, endpoint, body, timeout=self.timeout, metadata=metadata,
+                                                 response_type=msgspec.Raw)
         except Error as exc:
-            return _from_error(exc)
+            return HTTP_STATUS.get(exc.status, 500), error_body(exc.code, exc.message)
         except Exception:
             log.exception("gateway: %s %s failed", service, endpoint)
-            return _error(500, "INTERNAL", "the gateway failed (details in its log)")
-        return Response(_encode(rsp), media_type=_JSON)
+            return 500, error_body("INTERNAL", "the gateway failed (details in its log)")
+        return 200, bytes(rsp)
 
-    async def _body(self, request: Request) -> bytes:
+    async def _body(self, receive: Receive, declared: bytes | None) -> bytes | None:
+        """The request body (``None`` when the client left before it was all sent); ``_TooLarge`` over the
+        limit, before the body is read when ``Content-Length`` says so."""
         limit = self.max_body
-        declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise _TooLarge(f"the request body of {int(declared)} bytes is over this gateway's {limit}-byte limit")
-        data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        data: bytes = message.get("body", b"")
+        if not message.get("more_body", False):  # the usual case: one message
             if len(data) > limit:
                 raise _TooLarge(f"the request body is over this gateway's {limit}-byte limit")
-        return bytes(data)
+            return data
+        buf = bytearray(data)
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            buf += message.get("body", b"")
+            if len(buf) > limit:
+                raise _TooLarge(f"the request body is over this gateway's {limit}-byte limit")
+            if not message.get("more_body", False):
+                return bytes(buf)
 
     async def _streaming(self, service: str, endpoint: str) -> bool:
         for record in await self.runtime.client.lookup(service):  # the watched cache: no I/O
@@ -471,6 +602,18 @@ class _Gateway:
         if root:  # mounted under a path: the API's routes are under it too
             doc["servers"] = [{"url": root}]
         return Response(_encode(doc), media_type=_JSON)
+
+
+class _Asgi:
+    """A raw ASGI function as a Starlette route's endpoint (which takes a function for a request handler)."""
+
+    __slots__ = ("app",)
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        return self.app(scope, receive, send)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -513,7 +656,7 @@ def app(runtime: Runtime, *, token: str | None = None, max_body: int = DEFAULT_M
     routes: list[BaseRoute] = [
         Route("/api/services", gw.services, methods=["GET"]),
         Route("/api/services/{service}", gw.service, methods=["GET"]),
-        Route("/api/{service}/{endpoint}", gw.call, methods=["POST"]),
+        Route("/api/{service}/{endpoint}", _Asgi(gw.call), methods=["POST"]),
         Route("/openapi.json", gw.openapi, methods=["GET"]),
         *probe_routes(runtime),
     ]
@@ -533,7 +676,43 @@ def app(runtime: Runtime, *, token: str | None = None, max_body: int = DEFAULT_M
                                      login="/login"))
     elif token is not None:
         middleware.append(Middleware(BearerAuth, token=token))
-    served = Starlette(routes=routes, middleware=middleware, lifespan=gw.lifespan,
-                       exception_handlers={HTTPException: _http_error})
+    served = _Served(gw.call, routes=routes, middleware=middleware, lifespan=gw.lifespan,
+                     exception_handlers={HTTPException: _http_error})
     served.state.dashboard = board  # `micro run` ends its live streams when it stops
     return served
+
+
+class _Served(Starlette):
+    """The gateway's Starlette app, with a short way in for calls.
+
+    ``POST /api/{service}/{endpoint}`` (the app not mounted under a path) goes through the
+    app's own middleware (origin and host checks, CORS, the token) straight to the call
+    route's handler, without Starlette's error and exception layers or its routing; every
+    other request, and every request to a mounted app, takes Starlette's way to the same routes.
+    """
+
+    def __init__(self, call: ASGIApp, **options: Any) -> None:
+        super().__init__(**options)
+        self._call = call
+        self._short: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
+            path: str = scope["path"]
+            if path.startswith("/api/"):
+                service, _, endpoint = path[5:].partition("/")
+                if service and endpoint and "/" not in endpoint:  # the route's [^/]+ twice
+                    scope["app"] = self
+                    scope["path_params"] = {"service": service, "endpoint": endpoint}
+                    short = self._short
+                    if short is None:
+                        short = self._short = self._chain()
+                    await short(scope, receive, send)
+                    return
+        await super().__call__(scope, receive, send)
+
+    def _chain(self) -> ASGIApp:
+        app = self._call
+        for cls, args, kwargs in reversed(self.user_middleware):
+            app = cls(app, *args, **kwargs)
+        return app

@@ -50,6 +50,47 @@ def _response(status: str, message: str) -> bytes:
             "connection: close\r\n\r\n").encode() + body
 
 
+class _Corked:
+    """A connection's transport whose writes in one loop iteration go out in one system call.
+
+    uvicorn writes a response's head and its body apart: two ``send`` calls, which on a
+    busy machine cost more than all the Python of a small call. Everything written while
+    one loop iteration runs is joined and written once at its end (as the native wire
+    does); ``close`` writes what is pending first. The rest is the transport's own.
+    """
+
+    __slots__ = ("_loop", "_out", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._loop = asyncio.get_running_loop()
+        self._out: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out.append(data)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if out and not self._transport.is_closing():
+            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._out))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 def _protocol(head_timeout: float, body_timeout: float, limit: ConnectionLimit) -> type[asyncio.Protocol]:
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -57,9 +98,18 @@ def _protocol(head_timeout: float, body_timeout: float, limit: ConnectionLimit) 
         raise ConfigError(f"the gateway needs httptools ({exc}): pip install 'micro[gateway]'") from None
 
     class Bounded(HttpToolsProtocol):
-        """uvicorn's httptools protocol with a head and a body deadline, counted against ``limit``."""
+        """uvicorn's httptools protocol with a head and a body deadline, counted against ``limit``.
+
+        The part of a request that is arriving (its head, then its body) and since when are
+        noted as the parser reaches them; a timer is armed only when a ``data_received`` ends
+        with a part still incomplete, so a request that arrives whole (the usual case) sets none.
+        """
 
         _deadline: asyncio.TimerHandle | None = None
+        _armed: tuple[str, float] | None = None  # the part and start the timer is for
+        _part: str | None = None  # "head", "body", or None between requests
+        _since = 0.0
+        _now = 0.0
         _refused = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -69,8 +119,9 @@ def _protocol(head_timeout: float, body_timeout: float, limit: ConnectionLimit) 
                 transport.write(_response("503 Service Unavailable", refusal))
                 transport.close()
                 return
-            super().connection_made(transport)
-            self._arm(head_timeout, "head")
+            super().connection_made(_Corked(transport))  # type: ignore[arg-type]
+            self._part, self._since = "head", self.loop.time()  # the first head: from the connection's start
+            self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:
             limit.discard(self)
@@ -80,33 +131,45 @@ def _protocol(head_timeout: float, body_timeout: float, limit: ConnectionLimit) 
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            if not self._refused:
-                super().data_received(data)
+            if self._refused:
+                return
+            self._now = self.loop.time()
+            super().data_received(data)
+            if self._part is None:
+                if self._armed is not None:
+                    self._disarm()
+            elif self._armed != (self._part, self._since):  # a part is incomplete: its deadline
+                self._disarm()
+                self._arm()
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            if self._deadline is None:  # the next request on a kept-alive connection
-                self._arm(head_timeout, "head")
+            if self._part is None:  # the next request on a kept-alive connection
+                self._part, self._since = "head", self._now
 
         def on_headers_complete(self) -> None:
-            self._disarm()
-            self._arm(body_timeout, "body")
+            self._part, self._since = "body", self._now
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
-            self._disarm()
+            self._part = None
             super().on_message_complete()
 
-        def _arm(self, seconds: float, part: str) -> None:
-            self._deadline = asyncio.get_running_loop().call_later(seconds, self._late, seconds, part)
+        def _arm(self) -> None:
+            part = self._part
+            assert part is not None
+            seconds = head_timeout if part == "head" else body_timeout
+            self._armed = (part, self._since)
+            self._deadline = self.loop.call_at(self._since + seconds, self._late, seconds, part)
 
         def _disarm(self) -> None:
+            self._armed = None
             if self._deadline is not None:
                 self._deadline.cancel()
                 self._deadline = None
 
         def _late(self, seconds: float, part: str) -> None:
-            self._deadline = None
+            self._deadline = self._armed = None
             transport = self.transport
             if transport is None or transport.is_closing():
                 return

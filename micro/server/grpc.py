@@ -19,7 +19,6 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-import anyio
 import h2.config
 import h2.connection
 import h2.errors
@@ -45,7 +44,8 @@ from micro.codec.proto_file import (
     well_known_files,
 )
 from micro.connections import ConnectionLimit, quiet_accept_errors
-from micro.errors import Error, ResourceExhausted
+from micro.deadlines import Watchdog
+from micro.errors import Error, ResourceExhausted, Timeout
 from micro.limits import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_MAX_BUFFERED_BYTES,
@@ -297,26 +297,33 @@ class _Server(Server):
 
 
 async def _recv(stream: Stream[Any, Any], limit: int, where: str, budget: BodyBudget, timeout: float,
-                decode: Callable[[bytes], Any]) -> Any:
+                decode: Callable[[bytes], Any], watchdog: Watchdog) -> Any:
     """Read one length-prefixed message and decode it, refusing it before reading when it is over
-    ``limit`` or ``budget``; a body that does not arrive within ``timeout`` seconds ends the call."""
+    ``limit`` or ``budget``; a body that does not arrive within ``timeout`` seconds ends the call
+    (watched by the server's one deadline timer: no timer of its own per call)."""
     h2 = stream._stream
-    with anyio.move_on_after(timeout) as scope:
-        meta = await _recv_data(h2, 5, where, "its 5-byte length prefix")
-        if not meta:
-            raise GRPCError(Status.INVALID_ARGUMENT, f"{where}: empty request")
-        if meta[0]:
-            raise GRPCError(Status.UNIMPLEMENTED, f"{where}: compressed messages are not supported")
-        size = struct.unpack(">I", meta[1:])[0]
-        if size > limit:
-            raise GRPCError(
-                Status.RESOURCE_EXHAUSTED,
-                f"{where}: request of {size} bytes is over the service's {limit}-byte limit",
-            )
-        with budget.hold(size, h2.connection):
-            return decode(await _recv_data(h2, size, where, f"its {size}-byte message"))
-    assert scope.cancelled_caught
-    raise GRPCError(Status.DEADLINE_EXCEEDED, f"{where}: the request did not arrive within {timeout:g} s")
+    try:
+        with watchdog.watch(asyncio.get_running_loop().time() + timeout, where):
+            meta = await _recv_data(h2, 5, where, "its 5-byte length prefix")
+            if not meta:
+                raise GRPCError(Status.INVALID_ARGUMENT, f"{where}: empty request")
+            if meta[0]:
+                raise GRPCError(Status.UNIMPLEMENTED, f"{where}: compressed messages are not supported")
+            size = struct.unpack(">I", meta[1:])[0]
+            if size > limit:
+                raise GRPCError(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"{where}: request of {size} bytes is over the service's {limit}-byte limit",
+                )
+            connection = h2.connection
+            budget.reserve(size, connection)
+            try:
+                return decode(await _recv_data(h2, size, where, f"its {size}-byte message"))
+            finally:
+                budget.release(size, connection)
+    except Timeout:  # the watch's: the body did not arrive in time
+        raise GRPCError(Status.DEADLINE_EXCEEDED, f"{where}: the request did not arrive within {timeout:g} s") \
+            from None
 
 
 async def _recv_data(h2: Any, size: int, where: str, what: str) -> bytes:
@@ -358,6 +365,7 @@ class GrpcServer:
         self.budget = BodyBudget("server", max_buffered_bytes, max_connection_buffered_bytes)
         """The request bytes held while bodies arrive (see :class:`micro.limits.BodyBudget`)."""
         self.body_timeout = body_timeout
+        self.watchdog = Watchdog()  # the body timeouts
         self.admit = admit
         """Called before a unary call's body is read: raises ``ResourceExhausted`` when overloaded."""
         proto, json = _Mapping(PROTO), _Mapping(JSON)
@@ -453,7 +461,7 @@ class GrpcServer:
                 if self.admit is not None:
                     self.admit()  # the overload check, before the body is read
                 body = await _recv(stream, limit, ep.where, self.budget, self.body_timeout,
-                                   lambda data: ep.request.decode(data, wire, ep.where))
+                                   lambda data: ep.request.decode(data, wire, ep.where), self.watchdog)
                 result = await ep.handle(body, _metadata(stream), _deadline(stream), GRPC)
                 reply = ep.response.encode(result, wire)
             except Error as err:
@@ -473,7 +481,7 @@ class GrpcServer:
         async def serve(stream: Stream[Any, Any]) -> None:
             try:
                 body = await _recv(stream, limit, ep.where, self.budget, self.body_timeout,
-                                   lambda data: ep.request.decode(data, wire, ep.where))
+                                   lambda data: ep.request.decode(data, wire, ep.where), self.watchdog)
                 items = await ep.handle(body, _metadata(stream), _deadline(stream), GRPC)
                 try:
                     sent = 0

@@ -27,7 +27,7 @@ import msgspec
 from micro import metrics
 from micro.codec import JSON, PROTO
 from micro.connections import DEFAULT_IDLE_TIMEOUT, ConnectionLimit, quiet_accept_errors
-from micro.deadlines import Watchdog
+from micro.deadlines import Watch, Watchdog
 from micro.errors import Error, ResourceExhausted, Status
 from micro.limits import DEFAULT_BODY_TIMEOUT, BodyBudget
 from micro.tasks import BackgroundTasks
@@ -51,10 +51,11 @@ _EXPIRED_US = 1000  # less than 1 ms left on arrival is no time to run anything 
 
 
 class _Call:
-    __slots__ = ("credit", "task", "waiter")
+    __slots__ = ("credit", "task", "waiter", "watch")
 
     def __init__(self) -> None:
         self.task: asyncio.Task[None] | None = None
+        self.watch: Watch | None = None  # a unary call's deadline
         self.credit = f.STREAM_WINDOW
         self.waiter: asyncio.Future[None] | None = None
 
@@ -83,6 +84,7 @@ class _Connection(asyncio.Protocol):
         self.pinged = False  # a keepalive PING is unanswered
         # the frame arriving in pieces: (its number in the reader, bytes counted in the budget, body timer)
         self._held: tuple[int, int, asyncio.TimerHandle] | None = None
+        self._unwatched: list[Watch] = []  # deadlines of the calls started in this data_received
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -157,6 +159,14 @@ class _Connection(asyncio.Protocol):
                     pass
                 else:
                     raise f.ProtocolError(f"a client does not send {f.NAMES[kind]} frames (request id {rid})")
+            if not self._flushing:
+                # queued after the first steps of the calls just started: what they answer at once goes out
+                # in one write in the next loop iteration, not the one after
+                self._flushing = True
+                self.loop.call_soon(self._flush)
+            if self._unwatched:  # and their deadlines go on the watchdog's heap after those steps too
+                self.loop.call_soon(self._watch, self._unwatched)
+                self._unwatched = []
             self._account()
         except f.ProtocolError as exc:
             self.abort(str(exc))
@@ -280,6 +290,10 @@ class _Connection(asyncio.Protocol):
             self._unary(rid, call, ep, where, wire, payload, metadata or {}, deadline)
         self.calls[rid] = call
         call.task = self.loop.create_task(coro)
+        if deadline is not None and not streaming:
+            # watched from after the call's first step (most calls end in it): see data_received
+            call.watch = self.server.watchdog.later(call.task, deadline, where)
+            self._unwatched.append(call.watch)
 
     async def _unary(self, rid: int, call: _Call, ep: Endpoint, where: str, wire: str, payload: bytes,
                      metadata: dict[str, str], deadline: float | None) -> None:
@@ -287,10 +301,10 @@ class _Connection(asyncio.Protocol):
         try:
             try:
                 body = ep.request.decode(payload, wire, where)
-                if deadline is None:
+                if call.watch is None:
                     result = await ep.handle(body, metadata, None, transport=metrics.NATIVE)
                 else:
-                    with self.server.watchdog.watch(deadline, where, call.task):  # Timeout when it passes
+                    with call.watch:  # Timeout when the deadline passes
                         result = await ep.handle(body, metadata, deadline, transport=metrics.NATIVE)
                 reply = ep.response.encode(result, wire)
             except Error as err:
@@ -365,6 +379,11 @@ class _Connection(asyncio.Protocol):
             call.credit -= 1
             self.send(f.HEADER.pack(len(reply), rid, f.ITEM, 0, 0) + reply)
             sent += 1
+
+    def _watch(self, watches: list[Watch]) -> None:
+        start = self.server.watchdog.start
+        for w in watches:
+            start(w)
 
     def _done(self, rid: int, call: _Call) -> None:
         if self.calls.get(rid) is call:
