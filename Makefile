@@ -27,8 +27,17 @@ run: $(RUN_STAMP) ## run the example system (services, agents, a flow) with `mic
 	@echo "then: micro services, micro chat, micro agent list -- the tour in README.md"
 	MICRO_BROKER=$${MICRO_BROKER:-local://} $(VENV)/bin/micro run examples/tasks
 
-test: $(STAMP) ## run the whole test suite (real NATS and PostgreSQL servers are started by fixtures)
+test: $(STAMP) browser ## run the whole test suite (real NATS and PostgreSQL servers are started by fixtures)
 	$(PY) -m pytest -q
+
+# the dashboard's browser tests (tests/test_dashboard_browser.py) drive Debian's Chromium through its driver
+browser: ## install Debian's chromium and chromium-driver when they are missing (apt-get; sudo when not root)
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	    echo "Installing Debian's chromium and chromium-driver for the dashboard's browser tests"; \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
 
 bench: $(STAMP) ## run benchmarks/ and write benchmarks/RESULTS.md
 	$(PY) -m benchmarks
@@ -53,4 +62,4 @@ lint: $(STAMP) ## ruff + mypy (strict) on micro/
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 10
 
-.PHONY: venv run test bench dist proto lint help
+.PHONY: venv run test browser bench dist proto lint help
