@@ -219,7 +219,9 @@ async def test_mounted_under_a_path_links_and_logins_follow_it(runtime: micro.Ru
         assert rsp.status_code == 303 and rsp.headers["location"] == "/micro/login?next=/micro/services/painter"
         login = await http.get("/micro/login")
         assert 'action="/micro/login?next=' in login.text and 'src="/micro/static/htmx.min.js"' in login.text
-        rsp = await http.post("/micro/login?next=/micro/", data={"token": TOKEN, "csrf": _csrf(login.text)})
+        # as a browser posts it: with the page's own Origin (the documented mount, no allowed_hosts given)
+        rsp = await http.post("/micro/login?next=/micro/", data={"token": TOKEN, "csrf": _csrf(login.text)},
+                              headers={"Origin": "http://127.0.0.1:8080"})
         assert rsp.headers["location"] == "/micro/" and "Path=/micro" in rsp.headers["set-cookie"]
         page = await http.get("/micro/")
         assert 'href="/micro/services/painter"' in page.text and 'sse-connect="/micro/ui/events/services"' in page.text
@@ -268,3 +270,5 @@ async def test_the_pages_own_origin_passes_only_for_a_host_the_server_vouches_fo
             assert (rsp.status_code == 200) is allowed, rsp.text
             if not allowed:
                 assert rsp.status_code == 403 and "cross-origin request from 'http://evil.example'" in rsp.text
+                # the advice names what `micro run` and `micro dashboard` have (they have no --allow-origin)
+                assert "--allow-host" in rsp.text and "--allow-origin" not in rsp.text

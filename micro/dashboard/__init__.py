@@ -29,6 +29,8 @@ Example::
     import micro
     from micro.dashboard import app as dashboard
 
+    # served as http://127.0.0.1:8000/micro/ (loopback names by default); a site reached by
+    # another name passes it: dashboard(runtime, allowed_hosts=["micro.example.com"])
     site = Starlette(routes=[Mount("/micro", dashboard(micro.Runtime()))])
 """
 
@@ -36,6 +38,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
+
+from micro.gateway.http import LOOPBACK_HOSTS
+from micro.gateway.http import app as gateway
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -46,7 +51,7 @@ __all__ = ["app"]
 
 
 def app(runtime: Runtime, *, token: str | None = None, timeout: float = 60.0,
-        allowed_hosts: Iterable[str] | None = None, allowed_origins: Iterable[str] = ()) -> Starlette:
+        allowed_hosts: Iterable[str] | None = LOOPBACK_HOSTS, allowed_origins: Iterable[str] = ()) -> Starlette:
     """The dashboard and the JSON API as one ASGI app on ``runtime`` (:func:`micro.gateway.http.app`
     with ``dashboard=True``).
 
@@ -54,10 +59,11 @@ def app(runtime: Runtime, *, token: str | None = None, timeout: float = 60.0,
         runtime: whose registry the pages show and whose client makes the calls.
         token: when given, pages need a login with it and API calls a bearer header.
         timeout: seconds one call (or one streamed chat) may take.
-        allowed_hosts: ``Host`` names served (others: 403, against DNS rebinding).
+        allowed_hosts: ``Host`` names served (others: 403, against DNS rebinding); by default this
+            machine's loopback names, as ``micro api`` on loopback. The pages' own forms pass the
+            Origin check only for these names: ``None`` serves any ``Host`` but refuses every form
+            (a name re-pointed at the server would otherwise pass as its own).
         allowed_origins: other sites' origins whose pages may call the API.
     """
-    from micro.gateway.http import app as gateway
-
     return gateway(runtime, token=token, timeout=timeout, allowed_hosts=allowed_hosts,
                    allowed_origins=allowed_origins, dashboard=True)

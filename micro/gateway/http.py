@@ -245,10 +245,19 @@ class BrowserGuard:
     pass, and so do the server's own pages (the dashboard's: ``Origin`` is the
     request's own scheme and ``Host``) when ``hosts`` vouches for that ``Host`` (without
     ``hosts`` a re-pointed name would pass as "own"). ``"*"`` in ``origins`` allows every origin.
+    With ``dashboard``, a refusal's advice names ``--allow-host`` (what ``micro run`` and
+    ``micro dashboard`` have) rather than ``--allow-origin``.
     """
 
-    def __init__(self, app: ASGIApp, *, hosts: Iterable[str] | None = None, origins: Iterable[str] = ()) -> None:
+    def __init__(self, app: ASGIApp, *, hosts: Iterable[str] | None = None, origins: Iterable[str] = (),
+                 dashboard: bool = False) -> None:
         self.app = app
+        # what a refused Origin can do about it: `micro run` and `micro dashboard` have no --allow-origin
+        if dashboard:
+            self.advice = ("server; its own pages pass when opened by a host name it serves: add one with "
+                           "--allow-host (allowed_hosts= in code)")
+        else:
+            self.advice = "gateway; allow an origin with --allow-origin (allowed_origins= in code)"
         self.hosts = None if hosts is None else frozenset(h.lower().strip("[]") for h in hosts)
         self.origins = frozenset(o.lower().rstrip("/") for o in origins)
 
@@ -271,11 +280,10 @@ class BrowserGuard:
             name = _host_name(host or "")
             if name not in self.hosts:
                 return (f"this gateway does not serve the host {name!r} (it serves {', '.join(sorted(self.hosts))}); "
-                        "add it with `micro api --allow-host`")
+                        "add it with --allow-host (allowed_hosts= in code)")
         if (origin is not None and "*" not in self.origins and origin.lower().rstrip("/") not in self.origins
                 and not (self.hosts is not None and self._same_origin(scope, origin, host))):
-            return (f"cross-origin request from {origin!r} refused: pages on other sites may not call this "
-                    "gateway; allow an origin with `micro api --allow-origin`")
+            return f"cross-origin request from {origin!r} refused: pages on other sites may not call this {self.advice}"
         return None
 
     @staticmethod
@@ -667,7 +675,7 @@ def app(runtime: Runtime, *, token: str | None = None, max_body: int = DEFAULT_M
         board = Dashboard(runtime, timeout=timeout, token=token)
         routes += board.routes()
     origins = list(allowed_origins)
-    middleware = [Middleware(BrowserGuard, hosts=allowed_hosts, origins=origins)]
+    middleware = [Middleware(BrowserGuard, hosts=allowed_hosts, origins=origins, dashboard=dashboard)]
     if origins:  # outermost: a CORS preflight carries no token
         middleware.insert(0, Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                                         allow_headers=["authorization", "content-type"]))
