@@ -6,12 +6,15 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests._servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MICRO = [sys.executable, "-m", "micro.cli"]
@@ -28,9 +31,9 @@ class Running:
         self.banner = banner
 
 
-def start_app(path: str, *options: str) -> Running:
+def start_app(path: str, *options: str, env: dict[str, str] | None = None) -> Running:
     proc = subprocess.Popen([*MICRO, "run", path, *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=os.environ.copy(), cwd=ROOT)
+                            text=True, env=env or os.environ.copy(), cwd=ROOT)
     banner: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:  # blocks until the app prints; ends if it dies
@@ -315,3 +318,65 @@ def test_an_error_in_the_apps_code_shows_the_apps_frames(tmp_path: Path) -> None
                                           f"(helper.py, line 1)")
     assert res.stderr.splitlines()[3:6] == [f'  File "{tmp_path / "helper.py"}", line 1', "    def f(:",
                                             "          ^"]
+
+
+ECHO_APP = '''import micro
+
+
+class Echo:
+    async def Say(self, req: dict[str, str]) -> dict[str, str]:
+        return req
+
+
+svc = micro.New("echo")
+svc.handle(Echo())
+'''
+
+
+def _run_with_blocked_module(tmp_path: Path, module: str, *options: str) -> Running:
+    """`micro run` of a one-service app in a Python where importing ``module`` fails (None in sys.modules:
+    ``import`` raises, ``importlib.util.find_spec`` answers None), as when micro[gateway] is not installed."""
+    (tmp_path / "app.py").write_text(ECHO_APP)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(f"import sys\nsys.modules[{module!r}] = None\n")
+    env = os.environ.copy()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+    return start_app(str(tmp_path / "app.py"), *options, env=env)
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_run_without_the_dashboards_modules_warns_once_and_binds_nothing(tmp_path: Path) -> None:
+    port = free_port()
+    app = _run_with_blocked_module(tmp_path, "jinja2", "--http-address", f"127.0.0.1:{port}")
+    try:
+        text = "".join(app.banner)
+        assert "warning: no dashboard: pip install 'micro[gateway]' (missing: jinja2)\n" in text
+        assert "dashboard: http" not in text and "service echo on 127.0.0.1:" in text  # the services go on
+        assert _refused(port)  # nothing listens: no connection waits in a backlog nobody serves
+    finally:
+        stop_app(app)
+
+
+def test_run_reports_a_failing_dashboard_at_once_and_lets_go_of_its_port(tmp_path: Path) -> None:
+    app = _run_with_blocked_module(tmp_path, "micro.dashboard.pages", "--http-address", "127.0.0.1:0")
+    try:
+        url = next(line.split()[1] for line in app.banner if line.startswith("dashboard: "))
+        assert app.proc.stdout is not None
+        for line in app.proc.stdout:  # while it runs, not when it stops (before the fix: only at Ctrl-C)
+            app.banner.append(line)
+            if "failed" in line:
+                break
+        assert line == (f"warning: the dashboard on {url} failed: ModuleNotFoundError: import of "
+                        "micro.dashboard.pages halted; None in sys.modules; the services go on without it\n")
+        assert _refused(int(url.rpartition(":")[2]))  # the socket is closed: no connection hangs
+        assert app.proc.poll() is None
+    finally:
+        stop_app(app)

@@ -24,6 +24,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import click
+from rich.markup import escape
 
 from micro import metrics
 from micro.cli.main import cli_runtime, err, fail, main, out, run_async
@@ -153,12 +154,26 @@ async def _serve(app: Any, sock: socket.socket, ready: Callable[[], None], limit
         fail("the server did not start")
 
 
+#: The modules the dashboard needs (``micro[gateway]``): the ASGI framework, its server, the
+#: templates and the forms' parser (python-multipart, imported by either of its names).
+DASHBOARD_MODULES = (("starlette",), ("uvicorn",), ("jinja2",), ("python_multipart", "multipart"))
+
+
+def missing_dashboard_modules() -> list[str]:
+    """The modules of :data:`DASHBOARD_MODULES` not installed (found without importing them)."""
+    import importlib.util
+
+    return [names[0] for names in DASHBOARD_MODULES if not any(importlib.util.find_spec(n) for n in names)]
+
+
 class HttpServer:
     """The dashboard and JSON API of ``micro run``: uvicorn on a socket bound before, in a task it owns.
 
     Nothing of the HTTP stack is imported before the services are up: :meth:`start` starts a task
     that imports starlette, uvicorn and the dashboard in a worker thread, then serves; connections
-    that arrive meanwhile wait in the socket's backlog. :meth:`aclose` ends the dashboard's live
+    that arrive meanwhile wait in the socket's backlog. If the task fails (an import, the app, the
+    server), it says so at once on stderr, with the reason, and closes the socket: connections are
+    refused rather than left waiting; the services go on. :meth:`aclose` ends the dashboard's live
     streams, stops the server gracefully and awaits the task.
     """
 
@@ -179,6 +194,22 @@ class HttpServer:
         self._task = asyncio.get_running_loop().create_task(self._serve(), name="micro http")
 
     async def _serve(self) -> None:
+        try:
+            await self._run()
+        except Exception as exc:
+            self.sock.close()  # first: once this is read, connections are refused
+            err.print("[yellow]warning:[/yellow] " + escape(f"the dashboard on {self.url} failed: "
+                                                             f"{type(exc).__name__}: {exc}; the services go on "
+                                                             "without it"), markup=True, highlight=False)
+        else:
+            if not self._stopping and self._server is not None and not self._server.started:
+                self.sock.close()
+                err.print(f"[yellow]warning:[/yellow] the dashboard on {self.url} did not start (the log above says "
+                          "why); the services go on without it", markup=True, highlight=False)
+        finally:
+            self.sock.close()
+
+    async def _run(self) -> None:
         import importlib
 
         def load() -> None:  # off the loop: the services answer calls meanwhile
@@ -209,10 +240,7 @@ class HttpServer:
         quiet_accept_errors()
         if self._stopping:
             return
-        try:
-            await self._server.serve(sockets=[self.sock])
-        finally:
-            self.sock.close()
+        await self._server.serve(sockets=[self.sock])
 
     async def aclose(self) -> None:
         self._stopping = True
@@ -221,10 +249,7 @@ class HttpServer:
         if self._server is not None:
             self._server.should_exit = True
         if self._task is not None:
-            try:
-                await self._task
-            except Exception:
-                err.print("[yellow]warning:[/yellow] the dashboard's server failed as it stopped", markup=True)
+            await self._task  # it reports its own failure
         self.sock.close()
 
 

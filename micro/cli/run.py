@@ -332,9 +332,15 @@ async def serve(path: Path, *, metrics_address: str | None = None, replica: bool
 
 
 def _http_server(http: Http, runtime: Any) -> Any:
-    """The bound (not yet serving) dashboard server, or None when the default port is taken."""
-    from micro.cli.gateway import HttpServer, bind, loopback, parse_address, token_from
+    """The bound (not yet serving) dashboard server, or None when the default port is taken or the
+    dashboard's modules are not installed (a warning says which)."""
+    from micro.cli.gateway import HttpServer, bind, loopback, missing_dashboard_modules, parse_address, token_from
 
+    missing = missing_dashboard_modules()
+    if missing:  # before binding: a bound port nobody serves would leave connections hanging
+        err.print("[yellow]warning:[/yellow] " + escape(f"no dashboard: pip install 'micro[gateway]' (missing: "
+                                                         f"{', '.join(missing)})"), markup=True, highlight=False)
+        return None
     token = token_from(http.token_env, http.address)
     host, _ = parse_address(http.address)
     try:
