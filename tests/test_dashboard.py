@@ -11,6 +11,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import httpx
 import msgspec
 import pytest
@@ -272,3 +273,67 @@ async def test_the_pages_own_origin_passes_only_for_a_host_the_server_vouches_fo
                 assert rsp.status_code == 403 and "cross-origin request from 'http://evil.example'" in rsp.text
                 # the advice names what `micro run` and `micro dashboard` have (they have no --allow-origin)
                 assert "--allow-host" in rsp.text and "--allow-origin" not in rsp.text
+
+
+async def _live_services(asgi: Any, receive: Any, send: Any) -> None:
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": "/ui/events/services", "raw_path": b"/ui/events/services", "root_path": "", "query_string": b"",
+             "headers": [(b"host", b"127.0.0.1:8080"), (b"accept", b"text/event-stream")],
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8080)}
+    with anyio.fail_after(10):
+        await asgi(scope, receive, send)
+
+
+async def test_a_slow_client_leaving_the_live_service_list_ends_it_cleanly(runtime: micro.Runtime) -> None:
+    """The client leaves while the first table is still being written to it (a slow reader): the stream ends
+    without an error (it used to exit a cancel scope in another task: RuntimeError)."""
+    writing = anyio.Event()
+    sent: list[bytes] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("more_body"):
+            sent.append(message["body"])
+            writing.set()
+            await anyio.sleep_forever()  # the client reads nothing more
+
+    async def receive() -> dict[str, Any]:
+        await writing.wait()
+        return {"type": "http.disconnect"}
+
+    await _live_services(dashboard(runtime), receive, send)
+    assert len(sent) == 1 and sent[0].startswith(b"event: services\n") and b"/services/painter" in sent[0]
+
+
+async def test_the_live_service_list_follows_the_registry_and_ends_when_the_dashboard_closes(
+        runtime: micro.Runtime) -> None:
+    asgi = dashboard(runtime)
+    tables: list[bytes] = []
+    ended: list[dict[str, Any]] = []
+    got = anyio.Event()
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal got
+        if message["type"] == "http.response.body":
+            if message.get("more_body"):
+                tables.append(message["body"])
+                got.set()
+            else:
+                ended.append(message)
+
+    async def receive() -> dict[str, Any]:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_live_services, asgi, receive, send)
+        await got.wait()
+        assert b"/services/glazier" not in tables[-1]
+        got = anyio.Event()
+        glazier = micro.Service("glazier", runtime=runtime)
+        glazier.handle(Painter())
+        async with glazier:
+            while b"/services/glazier" not in tables[-1]:
+                await got.wait()
+                got = anyio.Event()
+        asgi.state.dashboard.close()  # the server stops: the stream ends, the client is told
+    assert ended == [{"type": "http.response.body", "body": b"", "more_body": False}]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -29,6 +29,7 @@ from micro.gateway.http import error_body, stream
 from . import forms, security, timeline
 
 if TYPE_CHECKING:
+    from anyio.streams.memory import MemoryObjectSendStream
     from jinja2 import Environment
 
     from micro.registry import ServiceRecord
@@ -75,7 +76,8 @@ class Dashboard:
         if self._closed is not None:
             self._closed.set()
 
-    async def _until_closed(self) -> None:
+    async def until_closed(self) -> None:
+        """Until :meth:`close` is called."""
         if self._closed is None:
             self._closed = anyio.Event()
         if self._closing:
@@ -135,35 +137,11 @@ class Dashboard:
 
     async def events_services(self, request: Request) -> Response:
         """SSE: the service table, again each time the registry changes (htmx swaps it in)."""
-        base = request.scope.get("root_path", "")
-        return _SSE(self._service_updates(base), self._until_closed)
+        return _LiveServices(self, request.scope.get("root_path", ""))
 
-    async def _service_updates(self, base: str) -> AsyncIterator[bytes]:
-        from micro.registry import Event
-
-        send, receive = anyio.create_memory_object_stream[Event | None](16)
-
-        async def watch() -> None:
-            async with contextlib.aclosing(self.runtime.registry.watch()) as watcher:
-                async for event in watcher:
-                    with contextlib.suppress(anyio.WouldBlock):  # a table is coming anyway
-                        send.send_nowait(event)
-
-        async with anyio.create_task_group() as tg, receive:
-            tg.start_soon(watch)
-            try:
-                while True:
-                    html = self._fragment("_services.html", records=await self.records(), base=base)
-                    yield _event("services", html)
-                    await receive.receive()
-                    await anyio.sleep(0.05)  # fold a burst of changes (a system starting) into one table
-                    while True:
-                        try:
-                            receive.receive_nowait()
-                        except anyio.WouldBlock:
-                            break
-            finally:
-                tg.cancel_scope.cancel()
+    async def services_event(self, base: str) -> bytes:
+        """The service table as one Server-Sent Event (links under ``base``)."""
+        return _event("services", self._fragment("_services.html", records=await self.records(), base=base))
 
     async def service(self, request: Request) -> Response:
         name = request.path_params["service"]
@@ -403,41 +381,49 @@ def _event(name: str, html: str) -> bytes:
     return (f"event: {name}\n" + "".join(f"data: {line}\n" for line in lines) + "\n").encode()
 
 
-class _SSE(Response):
-    """A stream of ready-made Server-Sent Events that stops when the client leaves."""
+class _LiveServices(Response):
+    """The live service list: a table now, and again after each change of the registry.
 
-    def __init__(self, events: AsyncIterator[bytes], closed: Callable[[], Awaitable[None]]) -> None:
+    As :class:`micro.gateway.http.EventStream`: the loop runs in the task that serves the request;
+    child tasks watch the registry (into a small buffer), the client leaving and the dashboard
+    closing, and the last two cancel the loop. No task group lives in a generator, so a client that
+    leaves while a table is being written to it ends the stream cleanly.
+    """
+
+    def __init__(self, board: Dashboard, base: str) -> None:
         super().__init__(media_type="text/event-stream")
-        self._events = events
-        self._closed = closed
+        self._board = board
+        self._base = base
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        from micro.gateway.http import EventStream
+
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
                                 (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
-
-        async def pump() -> None:
-            async for chunk in self._events:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-
-        async def left() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
+        changes, changed = anyio.create_memory_object_stream[None](1)
         try:
-            async with anyio.create_task_group() as tg:
-                async def first(fn: Any) -> None:
-                    await fn()
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(first, pump)
-                tg.start_soon(first, left)
-                tg.start_soon(first, self._closed)
+            async with anyio.create_task_group() as tg, changed:
+                tg.start_soon(self._watch, changes)
+                tg.start_soon(EventStream.watch, receive, tg.cancel_scope)
+                tg.start_soon(self._until_closed, tg.cancel_scope)
+                while True:
+                    await send({"type": "http.response.body", "body": await self._board.services_event(self._base),
+                                "more_body": True})
+                    await changed.receive()
+                    await anyio.sleep(0.05)  # fold a burst of changes (a system starting) into one table
+                    with contextlib.suppress(anyio.WouldBlock):
+                        changed.receive_nowait()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             pass  # the client went away mid-write
-        finally:
-            with anyio.CancelScope(shield=True):
-                aclose = getattr(self._events, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+
+    async def _watch(self, changes: MemoryObjectSendStream[None]) -> None:
+        async with changes, contextlib.aclosing(self._board.runtime.registry.watch()) as watcher:
+            async for _ in watcher:
+                with contextlib.suppress(anyio.WouldBlock):  # one change pending is enough: a table is coming
+                    changes.send_nowait(None)
+
+    async def _until_closed(self, scope: anyio.CancelScope) -> None:
+        await self._board.until_closed()
+        scope.cancel()

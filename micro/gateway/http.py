@@ -318,7 +318,7 @@ class EventStream(Response):
         try:
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._watch, receive, tg.cancel_scope)
+                tg.start_soon(self.watch, receive, tg.cancel_scope)
                 await self._pump(send)
                 tg.cancel_scope.cancel()
         except OSError:
@@ -342,7 +342,8 @@ class EventStream(Response):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     @staticmethod
-    async def _watch(receive: Receive, scope: anyio.CancelScope) -> None:
+    async def watch(receive: Receive, scope: anyio.CancelScope) -> None:
+        """Until the client leaves (``http.disconnect``); then cancel ``scope``."""
         while (await receive())["type"] != "http.disconnect":
             pass
         scope.cancel()
