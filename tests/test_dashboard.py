@@ -23,6 +23,8 @@ from micro.ai import Message, ToolResultBlock, ToolSpec, scripted
 from micro.dashboard import app as dashboard
 from micro.dashboard import forms, timeline
 from micro.errors import BadRequest
+from micro.gateway.http import LOOPBACK_HOSTS
+from micro.gateway.http import app as gateway
 
 TOKEN = "dashboard-t0ken"
 MARKUP = '<script>alert("x")</script>'
@@ -204,8 +206,17 @@ async def test_with_a_token_pages_need_the_login_cookie(runtime: micro.Runtime) 
         rsp = await http.post("/login?next=/agents/helper", data={"token": TOKEN, "csrf": _csrf(login.text)})
         assert rsp.status_code == 303 and rsp.headers["location"] == "/agents/helper"
         cookie = rsp.headers["set-cookie"]
-        assert cookie.startswith("micro_token=") and "HttpOnly" in cookie and "SameSite=strict" in cookie
+        assert cookie.startswith("micro_token_8080=") and "HttpOnly" in cookie and "SameSite=strict" in cookie
+        kept = http.cookies["micro_token_8080"]
+        assert TOKEN not in cookie and len(kept) == 64  # a value derived from the token, not the token
         assert (await http.get("/agents/helper")).status_code == 200
+        # the kept value is no bearer token, and it is this port's: another port's cookie does not log in
+        bearer = await http.get("/api/services", headers={"Authorization": f"Bearer {kept}", "Cookie": "",
+                                                            "Accept": "application/json"})
+        assert bearer.status_code == 401
+        for jar in ({"micro_token_8081": kept}, {"micro_token_8080": TOKEN}):
+            other = await http.get("/agents/helper", headers={"Cookie": "; ".join(f"{k}={v}" for k, v in jar.items())})
+            assert other.status_code == 303, jar
         page = await http.post("/logout", data={"csrf": _csrf(login.text)})
         assert page.status_code == 303 and (await http.get("/")).status_code == 303
         # after login, only a path on this server: never another site
@@ -337,3 +348,23 @@ async def test_the_live_service_list_follows_the_registry_and_ends_when_the_dash
                 got = anyio.Event()
         asgi.state.dashboard.close()  # the server stops: the stream ends, the client is told
     assert ended == [{"type": "http.response.body", "body": b"", "more_body": False}]
+
+
+async def test_a_form_over_max_body_is_refused_before_it_is_parsed(runtime: micro.Runtime) -> None:
+    asgi = gateway(runtime, dashboard=True, max_body=2000, allowed_hosts=LOOPBACK_HOSTS)  # dashboard(...) has it too
+    async with _client(asgi) as http:
+        token = _csrf((await http.get("/services/painter")).text)
+        body = f"csrf={token}&wall={'w' * 5000}".encode()
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the bytes are counted as they come
+            for at in range(0, len(body), 1000):
+                yield body[at:at + 1000]
+
+        for content in (body, chunks()):
+            rsp = await http.post("/ui/call/painter/Painter.Paint", content=content, headers=form)
+            assert rsp.status_code == 413 and "RESOURCE_EXHAUSTED" in rsp.text and "2000-byte limit" in rsp.text
+            assert "painted" not in rsp.text
+        # within the limit, the same form goes through
+        rsp = await http.post("/ui/call/painter/Painter.Paint", content=f"csrf={token}&wall=north", headers=form)
+        assert rsp.status_code == 200 and "north painted 1x" in rsp.text

@@ -318,7 +318,8 @@ def test_with_a_token_pages_need_a_login(system: str, browser: WebDriver, env: d
         browser.find_element(By.CSS_SELECTOR, "form.login button").click()
         _wait(browser, lambda d: d.current_url == url + "/services/task", "not back where it was going")
         assert browser.find_element(By.ID, "ep-Task-ListOverdue")
-        cookie = browser.get_cookie("micro_token")
+        port = url.rpartition(":")[2]
+        cookie = browser.get_cookie(f"micro_token_{port}")
         assert cookie is not None and cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
         browser.save_screenshot(str(tmp_path / "logged-in.png"))
         # without the cookie: the API wants the bearer token, and the pages the login
@@ -326,7 +327,7 @@ def test_with_a_token_pages_need_a_login(system: str, browser: WebDriver, env: d
         assert httpx.get(url + "/api/services", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
         assert httpx.get(url + "/", headers={"Accept": "text/html"}).headers.get("location", "").startswith("/login")
         # logged in but without the page's CSRF token, an action is refused
-        jar = {"micro_token": "s3cret-token", "micro_csrf": "x" * 43}
+        jar = {f"micro_token_{port}": cookie["value"], "micro_csrf": "x" * 43}
         rsp = httpx.post(url + "/ui/call/task/Task.ListOverdue", data={"user_id": "alice"}, cookies=jar)
         assert rsp.status_code == 403 and "CSRF" in rsp.text
         rsp = httpx.post(url + "/ui/call/task/Task.ListOverdue", data={"user_id": "alice", "csrf": "x" * 43},

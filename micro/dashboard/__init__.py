@@ -39,7 +39,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from micro.gateway.http import LOOPBACK_HOSTS
+from micro.gateway.http import DEFAULT_MAX_BODY, LOOPBACK_HOSTS
 from micro.gateway.http import app as gateway
 
 if TYPE_CHECKING:
@@ -51,7 +51,8 @@ __all__ = ["app"]
 
 
 def app(runtime: Runtime, *, token: str | None = None, timeout: float = 60.0,
-        allowed_hosts: Iterable[str] | None = LOOPBACK_HOSTS, allowed_origins: Iterable[str] = ()) -> Starlette:
+        allowed_hosts: Iterable[str] | None = LOOPBACK_HOSTS, allowed_origins: Iterable[str] = (),
+        max_body: int = DEFAULT_MAX_BODY) -> Starlette:
     """The dashboard and the JSON API as one ASGI app on ``runtime`` (:func:`micro.gateway.http.app`
     with ``dashboard=True``).
 
@@ -64,6 +65,7 @@ def app(runtime: Runtime, *, token: str | None = None, timeout: float = 60.0,
             Origin check only for these names: ``None`` serves any ``Host`` but refuses every form
             (a name re-pointed at the server would otherwise pass as its own).
         allowed_origins: other sites' origins whose pages may call the API.
+        max_body: the largest request body or form accepted, in bytes (larger: 413, before it is parsed).
     """
     return gateway(runtime, token=token, timeout=timeout, allowed_hosts=allowed_hosts,
-                   allowed_origins=allowed_origins, dashboard=True)
+                   allowed_origins=allowed_origins, max_body=max_body, dashboard=True)

@@ -24,7 +24,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from micro.errors import Error, NotFound, closest
-from micro.gateway.http import error_body, stream
+from micro.gateway.http import DEFAULT_MAX_BODY, error_body, stream
 
 from . import forms, security, timeline
 
@@ -60,11 +60,14 @@ class Dashboard:
         runtime: whose registry is shown and whose client makes the calls.
         timeout: seconds each call (or a whole streamed chat) may take.
         token: the server's token, when it has one (the login form checks it; pages need it).
+        max_body: the largest form accepted, in bytes (larger: refused with 413 before it is parsed).
     """
 
-    def __init__(self, runtime: Runtime, *, timeout: float, token: str | None = None) -> None:
+    def __init__(self, runtime: Runtime, *, timeout: float, token: str | None = None,
+                 max_body: int = DEFAULT_MAX_BODY) -> None:
         self.runtime = runtime
         self.timeout = timeout
+        self.max_body = max_body
         self._token = token.encode() if token is not None else None
         self._env: Environment | None = None
         self._closing = False
@@ -156,7 +159,7 @@ class Dashboard:
         """The try-it form: convert the form by the request schema, call, show the response (an htmx fragment)."""
         service, endpoint = request.path_params["service"], request.path_params["endpoint"]
         try:
-            form = await security.posted(request)
+            form = await security.posted(request, max_body=self.max_body)
             record = await self.record(service)
             ep = record.endpoint(endpoint)
             schema = ep.request if ep is not None else {}
@@ -167,8 +170,8 @@ class Dashboard:
                 result: Any = items
             else:
                 result = await self.runtime.client.call(service, endpoint, data, timeout=self.timeout)
-        except security.CsrfError as exc:
-            return Response(self._fragment("_result.html", error=str(exc), code="PERMISSION_DENIED"), 403,
+        except security.Refused as exc:
+            return Response(self._fragment("_result.html", error=str(exc), code=exc.code), exc.status,
                             media_type="text/html")
         except Error as exc:
             return Response(self._fragment("_result.html", error=exc.message, code=exc.code), 200,
@@ -199,13 +202,13 @@ class Dashboard:
         """The playground: ``Agent.StreamChat`` as Server-Sent Events (the page's script renders them)."""
         name = request.path_params["agent"]
         try:
-            form = await security.posted(request)
+            form = await security.posted(request, max_body=self.max_body)
             message = form.get("message", "")
             session = form.get("session", "")
             return await stream(self.runtime, name, "Agent.StreamChat", {"message": message, "session": session},
                                 timeout=self.timeout)
-        except security.CsrfError as exc:
-            return Response(error_body("PERMISSION_DENIED", str(exc)), 403, media_type="application/json")
+        except security.Refused as exc:
+            return Response(error_body(exc.code, str(exc)), exc.status, media_type="application/json")
         except Error as exc:
             return Response(error_body(exc.code, exc.message), 400, media_type="application/json")
 
@@ -223,7 +226,7 @@ class Dashboard:
         """Approve / deny (with a reason) / answer a waiting run: ``Agent.Resume``, as ``micro agent approve``."""
         name, run_id = request.path_params["agent"], request.path_params["run"]
         try:
-            form = await security.posted(request)
+            form = await security.posted(request, max_body=self.max_body)
             action = form.get("action", "")
             reason = form.get("reason", "")
             req: dict[str, Any] = {"run_id": run_id, "reason": reason}
@@ -248,8 +251,8 @@ class Dashboard:
                 return await self.agent_run(request, error=f"unknown action {action!r}: approve, deny, answer or "
                                             "cancel", status=400)
             await self.runtime.client.call(name, "Agent.Resume", req, timeout=self.timeout)
-        except security.CsrfError as exc:
-            return await self.agent_run(request, error=str(exc), status=403)
+        except security.Refused as exc:
+            return await self.agent_run(request, error=str(exc), status=exc.status)
         except Error as exc:
             return await self.agent_run(request, error=exc.message, status=400)
         return _see(request, f"/agents/{name}/runs/{run_id}")
@@ -289,7 +292,7 @@ class Dashboard:
         """A waiting run's input form: ``Flow.Resume`` (the flow validates it against the step's schema)."""
         name, run_id = request.path_params["flow"], request.path_params["run"]
         try:
-            form = await security.posted(request)
+            form = await security.posted(request, max_body=self.max_body)
             run = (await self.runtime.client.call(name, "Flow.Show", {"id": run_id}, timeout=self.timeout))["run"]
             schema = ((run or {}).get("waiting") or {}).get("schema") or {}
             if schema.get("properties"):
@@ -298,8 +301,8 @@ class Dashboard:
                 value = forms.values({"properties": {"input": {}}, "required": ["input"]}, form,
                                      where=f"flow {name} run {run_id}")["input"]
             await self.runtime.client.call(name, "Flow.Resume", {"id": run_id, "input": value}, timeout=self.timeout)
-        except security.CsrfError as exc:
-            return await self.flow_run(request, error=str(exc), status=403)
+        except security.Refused as exc:
+            return await self.flow_run(request, error=str(exc), status=exc.status)
         except Error as exc:
             return await self.flow_run(request, error=exc.message, status=400)
         return _see(request, f"/flows/{name}/runs/{run_id}")
@@ -308,10 +311,10 @@ class Dashboard:
         """Run a recorded (failed) event again: ``Flow.Replay``, as ``micro flow replay``."""
         name, run_id = request.path_params["flow"], request.path_params["run"]
         try:
-            await security.posted(request)
+            await security.posted(request, max_body=self.max_body)
             rsp = await self.runtime.client.call(name, "Flow.Replay", {"id": run_id}, timeout=self.timeout)
-        except security.CsrfError as exc:
-            return await self.flow_run(request, error=str(exc), status=403)
+        except security.Refused as exc:
+            return await self.flow_run(request, error=str(exc), status=exc.status)
         except Error as exc:
             return await self.flow_run(request, error=exc.message, status=400)
         return _see(request, f"/flows/{name}/runs/{rsp['run']['id']}")
@@ -326,24 +329,24 @@ class Dashboard:
         if request.method == "GET":
             return self.render(request, "login.html", target=target, error="")
         try:
-            form = await security.posted(request)
-        except security.CsrfError as exc:
-            return self.render(request, "login.html", 403, target=target, error=str(exc))
+            form = await security.posted(request, max_body=self.max_body)
+        except security.Refused as exc:
+            return self.render(request, "login.html", exc.status, target=target, error=str(exc))
         token = form.get("token", "")
         if self._token is None or not token or not hmac.compare_digest(token.encode(), self._token):
             return self.render(request, "login.html", 401, target=target, error="that is not this server's token")
         rsp = RedirectResponse(target, status_code=303)
-        security.set_login(rsp, token, request.scope.get("root_path", ""), https=request.url.scheme == "https")
+        security.set_login(rsp, request, token, request.scope.get("root_path", ""), https=request.url.scheme == "https")
         return rsp
 
     async def logout(self, request: Request) -> Response:
         try:
-            await security.posted(request)
-        except security.CsrfError as exc:
-            return self.render(request, "error.html", 403, title="log out", error=str(exc))
+            await security.posted(request, max_body=self.max_body)
+        except security.Refused as exc:
+            return self.render(request, "error.html", exc.status, title="log out", error=str(exc))
         base = request.scope.get("root_path", "")
         rsp = RedirectResponse(f"{base}/login", status_code=303)
-        security.clear_login(rsp, base)
+        security.clear_login(rsp, request, base)
         return rsp
 
     def routes(self) -> list[BaseRoute]:

@@ -1,10 +1,15 @@
 """The dashboard's login cookie and CSRF tokens.
 
 - **Login** (only when the server has a token, ``--token-env``): the login form
-  checks the token in constant time
-  and stores it in the ``micro_token`` cookie, HttpOnly (no script reads it) and
-  SameSite=Strict (no other site's page sends it); :class:`~micro.gateway.http.BearerAuth`
-  accepts it like a bearer header.
+  checks the token in constant time and stores a value derived from it
+  (:func:`~micro.gateway.http.login_value`, an HMAC of the token: not the token, so a
+  cookie that leaks to another server on the same host is no bearer token) in the
+  ``micro_token_<port>`` cookie (:func:`~micro.gateway.http.login_cookie`: dashboards on two
+  ports keep their own), HttpOnly (no script reads it) and SameSite=Strict (no other
+  site's page sends it); :class:`~micro.gateway.http.BearerAuth` accepts that value only
+  as this cookie.
+- **Size**: a form over ``max_body`` bytes is refused (413) before it is parsed, by its
+  ``Content-Length`` or, without one, as its bytes arrive.
 - **CSRF**: every state-changing action is a POST that must carry the page's CSRF
   token (form field ``csrf`` or header ``X-CSRF-Token``) equal to the ``micro_csrf``
   cookie the page was served with (double submit: a page on another site can neither
@@ -17,19 +22,40 @@ from __future__ import annotations
 import datetime as dt
 import hmac
 import secrets
-from urllib.parse import quote
 
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Message
 
-TOKEN_COOKIE = "micro_token"
+from micro.gateway.http import login_cookie, login_value
+
 CSRF_COOKIE = "micro_csrf"
 CSRF_FIELD = "csrf"
 CSRF_HEADER = "x-csrf-token"
 
 
-class CsrfError(Exception):
+class Refused(Exception):
+    """A POST refused before its form is used: :attr:`status` and :attr:`code` say how to answer."""
+
+    status = 400
+    code = "INVALID_ARGUMENT"
+
+
+class CsrfError(Refused):
     """A POST without the page's CSRF token."""
+
+    status = 403
+    code = "PERMISSION_DENIED"
+
+
+class FormTooLarge(Refused):
+    """A POSTed form over the server's ``max_body`` bytes."""
+
+    status = 413
+    code = "RESOURCE_EXHAUSTED"
+
+
+_STALE = "this form's CSRF token is missing or stale: reload the page and try again"
 
 
 def csrf_token(request: Request) -> tuple[str, bool]:
@@ -44,25 +70,41 @@ def set_csrf(response: Response, token: str, base: str) -> None:
     response.set_cookie(CSRF_COOKIE, token, path=base or "/", httponly=True, samesite="strict")
 
 
-def set_login(response: Response, token: str, base: str, *, https: bool) -> None:
-    """Store the token in the HttpOnly, SameSite=Strict login cookie (Secure over HTTPS)."""
-    response.set_cookie(TOKEN_COOKIE, quote(token, safe=""), path=base or "/", httponly=True, samesite="strict",
-                        secure=https)
+def set_login(response: Response, request: Request, token: str, base: str, *, https: bool) -> None:
+    """Log this browser in: the token's derived value in the port's HttpOnly, SameSite=Strict login cookie
+    (Secure over HTTPS)."""
+    response.set_cookie(login_cookie(request.scope), login_value(token.encode()).decode(), path=base or "/",
+                        httponly=True, samesite="strict", secure=https)
 
 
-def clear_login(response: Response, base: str) -> None:
-    response.delete_cookie(TOKEN_COOKIE, path=base or "/", httponly=True, samesite="strict")
+def clear_login(response: Response, request: Request, base: str) -> None:
+    response.delete_cookie(login_cookie(request.scope), path=base or "/", httponly=True, samesite="strict")
 
 
-async def posted(request: Request) -> dict[str, str]:
+async def posted(request: Request, *, max_body: int) -> dict[str, str]:
     """The POSTed form's text fields, once its CSRF token is checked against the cookie (:class:`CsrfError`
-    if not)."""
-    async with request.form(max_files=0) as form:
+    if not). A form over ``max_body`` bytes is refused (:class:`FormTooLarge`) before it is parsed."""
+    cookie = request.cookies.get(CSRF_COOKIE, "")
+    if not cookie:  # nothing could match: no need to read the form
+        raise CsrfError(_STALE)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_body:
+        raise FormTooLarge(f"the form's {int(declared)} bytes are over this server's {max_body}-byte limit")
+    seen = 0
+
+    async def receive() -> Message:  # counts what arrives: a body without Content-Length is bounded too
+        nonlocal seen
+        message = await request.receive()
+        seen += len(message.get("body", b""))
+        if seen > max_body:
+            raise FormTooLarge(f"the form is over this server's {max_body}-byte limit")
+        return message
+
+    async with Request(request.scope, receive).form(max_files=0) as form:
         fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
     given = request.headers.get(CSRF_HEADER) or fields.get(CSRF_FIELD) or ""
-    cookie = request.cookies.get(CSRF_COOKIE, "")
-    if not cookie or not hmac.compare_digest(given.encode(), cookie.encode()):
-        raise CsrfError("this form's CSRF token is missing or stale: reload the page and try again")
+    if not hmac.compare_digest(given.encode(), cookie.encode()):
+        raise CsrfError(_STALE)
     return fields
 
 

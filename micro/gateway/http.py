@@ -61,8 +61,8 @@ from micro.gateway import openapi
 if TYPE_CHECKING:
     from micro.runtime import Runtime
 
-__all__ = ["DEFAULT_MAX_BODY", "DEFAULT_TIMEOUT", "HTTP_STATUS", "LOOPBACK_HOSTS", "BearerAuth", "BrowserGuard",
-           "EventStream", "app", "error_body", "route_path", "stream"]
+__all__ = ["DEFAULT_MAX_BODY", "DEFAULT_TIMEOUT", "HTTP_STATUS", "LOGIN_COOKIE", "LOOPBACK_HOSTS", "BearerAuth",
+           "BrowserGuard", "EventStream", "app", "error_body", "login_cookie", "login_value", "route_path", "stream"]
 
 log = logging.getLogger("micro.gateway")
 
@@ -141,9 +141,11 @@ class BearerAuth:
     gets 401 with ``WWW-Authenticate: Bearer`` and the JSON error body. The probes
     (:data:`PUBLIC`) and the paths ``public(path)`` accepts are served without it.
 
-    With ``cookie`` (the dashboard's), the token may come in that cookie instead (set
-    HttpOnly and SameSite=Strict by the dashboard's login form), and a page request
-    (``GET`` asking for HTML) without it is redirected to ``login`` rather than refused.
+    With ``cookie`` (the dashboard's), a login cookie may stand in for the header: the
+    cookie :func:`login_cookie` names for the request's port (``micro_token_8080``), holding
+    :func:`login_value` of the token (set HttpOnly and SameSite=Strict by the dashboard's
+    login form; the derived value is accepted only there, never as a bearer token), and a
+    page request (``GET`` asking for HTML) without it is redirected to ``login`` rather than refused.
     """
 
     def __init__(self, app: ASGIApp, token: str, public: Callable[[str], bool] | None = None, *,
@@ -153,7 +155,8 @@ class BearerAuth:
         self.app = app
         self._token = token.encode()
         self._public = public
-        self._cookie = cookie.encode() if cookie else None
+        self._cookie = cookie
+        self._login_value = login_value(self._token)
         self._login = login
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -171,21 +174,46 @@ class BearerAuth:
         await rsp(scope, receive, send)
 
     def _accepts(self, scope: Scope) -> bool:
+        name = login_cookie(scope, self._cookie).encode() if self._cookie is not None else None
         for key, value in scope["headers"]:
             if key == b"authorization":
                 scheme, _, given = bytes(value).partition(b" ")
                 # compare_digest takes as long for any wrong token of a given length
                 if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self._token):
                     return True
-            elif key == b"cookie" and self._cookie is not None:
-                kept = _cookie(bytes(value), self._cookie)
-                if kept is not None and hmac.compare_digest(kept, self._token):
+            elif key == b"cookie" and name is not None:
+                kept = _cookie(bytes(value), name)
+                if kept is not None and hmac.compare_digest(kept, self._login_value):
                     return True
         return False
 
     @staticmethod
     def _wants_html(scope: Scope) -> bool:
         return any(key == b"accept" and b"text/html" in value for key, value in scope["headers"])
+
+
+LOGIN_COOKIE = "micro_token"
+_LOGIN_LABEL = b"micro dashboard login cookie v1"
+
+
+def login_cookie(scope: Scope, prefix: str = LOGIN_COOKIE) -> str:
+    """The login cookie's name for this request's port (``micro_token_8080``): cookies ignore ports, so
+    without it two servers on one host would overwrite each other's."""
+    host = ""
+    for key, value in scope.get("headers", ()):
+        if key == b"host":
+            host = bytes(value).decode("latin-1").strip()
+            break
+    _, sep, port = host.rpartition(":")
+    if not sep or not port.isdigit() or host.endswith("]"):  # no port in Host: the scheme's
+        port = "443" if scope.get("scheme") in ("https", "wss") else "80"
+    return f"{prefix}_{port}"
+
+
+def login_value(token: bytes) -> bytes:
+    """What the login cookie holds: an HMAC-SHA256 of the token under a fixed label, in hex. Not the token:
+    the cookie goes to every server on the host, and :class:`BearerAuth` takes this value only as the cookie."""
+    return hmac.new(token, _LOGIN_LABEL, "sha256").hexdigest().encode()
 
 
 def _dashboard_public(path: str) -> bool:
@@ -673,7 +701,7 @@ def app(runtime: Runtime, *, token: str | None = None, max_body: int = DEFAULT_M
     if dashboard:
         from micro.dashboard.pages import Dashboard
 
-        board = Dashboard(runtime, timeout=timeout, token=token)
+        board = Dashboard(runtime, timeout=timeout, token=token, max_body=max_body)
         routes += board.routes()
     origins = list(allowed_origins)
     middleware = [Middleware(BrowserGuard, hosts=allowed_hosts, origins=origins, dashboard=dashboard)]
@@ -681,7 +709,7 @@ def app(runtime: Runtime, *, token: str | None = None, max_body: int = DEFAULT_M
         middleware.insert(0, Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                                         allow_headers=["authorization", "content-type"]))
     if token is not None and board is not None:
-        middleware.append(Middleware(BearerAuth, token=token, public=_dashboard_public, cookie="micro_token",
+        middleware.append(Middleware(BearerAuth, token=token, public=_dashboard_public, cookie=LOGIN_COOKIE,
                                      login="/login"))
     elif token is not None:
         middleware.append(Middleware(BearerAuth, token=token))
