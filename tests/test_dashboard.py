@@ -368,3 +368,29 @@ async def test_a_form_over_max_body_is_refused_before_it_is_parsed(runtime: micr
         # within the limit, the same form goes through
         rsp = await http.post("/ui/call/painter/Painter.Paint", content=f"csrf={token}&wall=north", headers=form)
         assert rsp.status_code == 200 and "north painted 1x" in rsp.text
+
+
+async def test_a_flow_run_whose_model_step_waits_is_listed_and_decided_from_its_page(runtime: micro.Runtime) -> None:
+    flow = micro.NewFlow("painting", trigger="paint.requested", prompt="the {wall} wall", services=["painter"],
+                         provider=scripted.function(_brain), needs_approval=["painter_Painter_Paint"], runtime=runtime)
+    async with flow:
+        assert (await flow.run_event("ev-1", "paint.requested", {"wall": "north"})).status == "paused"
+        async with _client(dashboard(runtime)) as http:
+            listing = await http.get("/flows/painting")
+            waits = listing.text.split('id="h-waiting"')[1].split("</section>")[0]
+            assert 'href="/flows/painting/runs/ev-1"' in waits and "paused" in waits
+            page = await http.get("/flows/painting/runs/ev-1")
+            assert 'action="/ui/agents/painting/runs/ev-1/resume"' in page.text and 'value="deny"' in page.text
+            assert "painter_Painter_Paint" in page.text and 'name="page" value="flow"' in page.text
+            rsp = await http.post("/ui/agents/painting/runs/ev-1/resume",
+                                  data={"action": "deny", "reason": "not today", "page": "flow",
+                                        "csrf": _csrf(page.text)})
+            assert rsp.status_code == 303 and rsp.headers["location"] == "/flows/painting/runs/ev-1"
+            run = (await runtime.client.call("painting", "Flow.Show", {"id": "ev-1"}))["run"]
+            assert run["status"] == "completed" and "not today" in run["reply"]
+            page = await http.get("/flows/painting/runs/ev-1")
+            assert 'value="deny"' not in page.text  # decided: no form left
+            # deciding again: the engine's answer, on the flow run's page
+            again = await http.post("/ui/agents/painting/runs/ev-1/resume",
+                                    data={"action": "approve", "page": "flow", "csrf": _csrf(page.text)})
+            assert again.status_code == 400 and "<h1>Run <code>ev-1</code>" in again.text and "completed" in again.text

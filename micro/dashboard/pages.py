@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import secrets
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -40,6 +40,7 @@ _PRETTY = msgspec.json.Encoder()
 
 AGENT_STATUSES = ("running", "paused", "input_required", "waiting", "completed", "failed", "cancelled", "expired",
                   "interrupted")
+_WAITS = ("waiting", "paused", "input_required")  # a flow run's statuses that wait (for an event or a person)
 FLOW_STATUSES = ("running", "completed", "failed", "retrying", "cancelled", "paused", "input_required", "waiting")
 
 
@@ -225,8 +226,12 @@ class Dashboard:
     async def resume(self, request: Request) -> Response:
         """Approve / deny (with a reason) / answer a waiting run: ``Agent.Resume``, as ``micro agent approve``."""
         name, run_id = request.path_params["agent"], request.path_params["run"]
+        shown: Callable[..., Awaitable[Response]] = self.agent_run
         try:
             form = await security.posted(request, max_body=self.max_body)
+            if form.get("page") == "flow":  # a flow run's model step: back to the flow run's page
+                shown = self.flow_run
+            back = f"/flows/{name}/runs/{run_id}" if form.get("page") == "flow" else f"/agents/{name}/runs/{run_id}"
             action = form.get("action", "")
             reason = form.get("reason", "")
             req: dict[str, Any] = {"run_id": run_id, "reason": reason}
@@ -246,16 +251,16 @@ class Dashboard:
             elif action == "cancel":
                 await self.runtime.client.call(name, "Agent.Cancel", {"run_id": run_id, "reason": reason},
                                                timeout=self.timeout)
-                return _see(request, f"/agents/{name}/runs/{run_id}")
+                return _see(request, back)
             else:
-                return await self.agent_run(request, error=f"unknown action {action!r}: approve, deny, answer or "
+                return await shown(request, error=f"unknown action {action!r}: approve, deny, answer or "
                                             "cancel", status=400)
             await self.runtime.client.call(name, "Agent.Resume", req, timeout=self.timeout)
         except security.Refused as exc:
-            return await self.agent_run(request, error=str(exc), status=exc.status)
+            return await shown(request, error=str(exc), status=exc.status)
         except Error as exc:
-            return await self.agent_run(request, error=exc.message, status=400)
-        return _see(request, f"/agents/{name}/runs/{run_id}")
+            return await shown(request, error=exc.message, status=400)
+        return _see(request, back)
 
     # ------------------------------------------------------------------ flows
     async def flow(self, request: Request) -> Response:
@@ -265,7 +270,8 @@ class Dashboard:
             record = await self.record(name)
             runs = await self.runtime.client.call(name, "Flow.Runs", {"limit": 30, "status": statuses or None},
                                                   timeout=self.timeout)
-            waiting = await self.runtime.client.call(name, "Flow.Runs", {"limit": 30, "status": ["waiting"]},
+            # waiting at an Await step, or in its model step for a person (decided as an agent's run)
+            waiting = await self.runtime.client.call(name, "Flow.Runs", {"limit": 30, "status": list(_WAITS)},
                                                      timeout=self.timeout)
         except Error as exc:
             return self.render(request, "error.html", 404, title=name, error=exc.message)
@@ -273,7 +279,8 @@ class Dashboard:
                            statuses=FLOW_STATUSES, chosen=statuses)
 
     async def flow_run(self, request: Request, *, error: str = "", status: int = 200) -> Response:
-        name, run_id = request.path_params["flow"], request.path_params["run"]
+        # also shown by resume() (its path names the flow as an agent): a decision on its model step
+        name, run_id = request.path_params.get("flow") or request.path_params["agent"], request.path_params["run"]
         try:
             run = (await self.runtime.client.call(name, "Flow.Show", {"id": run_id}, timeout=self.timeout))["run"]
         except Error as exc:
@@ -283,10 +290,18 @@ class Dashboard:
                                error=f"flow {name} has no run {run_id}")
         waiting = run.get("waiting") or {}
         input_fields = forms.fields(waiting.get("schema") or {}) if waiting else []
+        decision = None
+        if run.get("status") in ("paused", "input_required"):  # its model step waits: Agent.Resume decides it
+            try:
+                pending = await self._info(name, "Pending", {})
+            except Error as exc:
+                error = error or exc.message
+            else:
+                decision = next((r for r in pending["runs"] if r.get("id") == run_id), None)
         names = list(run.get("trace") or {})
         tl = timeline.layout(timeline.flow_bars(run), names) if names else None
         return self.render(request, "flow_run.html", status, flow=name, run=run, timeline=tl, fields=input_fields,
-                           error=error)
+                           decision=decision, error=error)
 
     async def flow_resume(self, request: Request) -> Response:
         """A waiting run's input form: ``Flow.Resume`` (the flow validates it against the step's schema)."""
