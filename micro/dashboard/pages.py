@@ -40,6 +40,9 @@ _PRETTY = msgspec.json.Encoder()
 
 AGENT_STATUSES = ("running", "paused", "input_required", "waiting", "completed", "failed", "cancelled", "expired",
                   "interrupted")
+# scripts only from the server's own files (an injected inline script does not run), and no framing
+# (clickjacking); htmx itself evaluates no strings as code (the htmx-config meta tag of base.html)
+_PAGE_HEADERS = {"Content-Security-Policy": "script-src 'self'; frame-ancestors 'none'"}
 _WAITS = ("waiting", "paused", "input_required")  # a flow run's statuses that wait (for an event or a person)
 FLOW_STATUSES = ("running", "completed", "failed", "retrying", "cancelled", "paused", "input_required", "waiting")
 
@@ -108,7 +111,7 @@ class Dashboard:
         base = request.scope.get("root_path", "")
         body = self.env.get_template(name).render(request=request, base=base, csrf=token,
                                                   login=self._token is not None, **context)
-        rsp = Response(body, status_code=status, media_type="text/html")
+        rsp = Response(body, status_code=status, media_type="text/html", headers=_PAGE_HEADERS)
         if fresh:
             security.set_csrf(rsp, token, base)
         return rsp
@@ -157,7 +160,10 @@ class Dashboard:
         return self.render(request, "service.html", record=record, endpoints=endpoints)
 
     async def call(self, request: Request) -> Response:
-        """The try-it form: convert the form by the request schema, call, show the response (an htmx fragment)."""
+        """The try-it form: convert the form by the request schema, call, show the response (an htmx fragment).
+
+        Every answer is a 200 fragment, a refusal (CSRF, size) and a failed call too, with the error's code:
+        htmx swaps in only 2xx responses, and the person at the form should see why."""
         service, endpoint = request.path_params["service"], request.path_params["endpoint"]
         try:
             form = await security.posted(request, max_body=self.max_body)
@@ -171,8 +177,8 @@ class Dashboard:
                 result: Any = items
             else:
                 result = await self.runtime.client.call(service, endpoint, data, timeout=self.timeout)
-        except security.Refused as exc:
-            return Response(self._fragment("_result.html", error=str(exc), code=exc.code), exc.status,
+        except security.Refused as exc:  # 200, as every answer of this form: htmx swaps in only a 2xx one
+            return Response(self._fragment("_result.html", error=str(exc), code=exc.code), 200,
                             media_type="text/html")
         except Error as exc:
             return Response(self._fragment("_result.html", error=exc.message, code=exc.code), 200,
