@@ -402,3 +402,12 @@ async def test_a_flow_run_whose_model_step_waits_is_listed_and_decided_from_its_
             again = await http.post("/ui/agents/painting/runs/ev-1/resume",
                                     data={"action": "approve", "page": "flow", "csrf": _csrf(page.text)})
             assert again.status_code == 400 and "<h1>Run <code>ev-1</code>" in again.text and "completed" in again.text
+            # an event id is anyone's text: links and redirects quote it whole
+            assert (await flow.run_event("ev 2?x", "paint.requested", {"wall": "south"})).status == "paused"
+            listing = await http.get("/flows/painting")
+            assert 'href="/flows/painting/runs/ev%202%3Fx"' in listing.text
+            page = await http.get("/flows/painting/runs/ev%202%3Fx")
+            assert 'action="/ui/agents/painting/runs/ev%202%3Fx/resume"' in page.text
+            rsp = await http.post("/ui/agents/painting/runs/ev%202%3Fx/resume",
+                                  data={"action": "approve", "page": "flow", "csrf": _csrf(page.text)})
+            assert rsp.status_code == 303 and rsp.headers["location"] == "/flows/painting/runs/ev%202%3Fx"

@@ -15,6 +15,7 @@ import hmac
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import anyio
 import msgspec
@@ -102,6 +103,7 @@ class Dashboard:
                               autoescape=select_autoescape(default=True, default_for_string=True))
             env.filters["pretty"] = pretty
             env.filters["when"] = security.when
+            env.filters["path"] = _part
             env.globals["kind_of"] = kind_of
             self._env = env
         return self._env
@@ -237,7 +239,8 @@ class Dashboard:
             form = await security.posted(request, max_body=self.max_body)
             if form.get("page") == "flow":  # a flow run's model step: back to the flow run's page
                 shown = self.flow_run
-            back = f"/flows/{name}/runs/{run_id}" if form.get("page") == "flow" else f"/agents/{name}/runs/{run_id}"
+            kind = "flows" if form.get("page") == "flow" else "agents"
+            back = f"/{kind}/{_part(name)}/runs/{_part(run_id)}"
             action = form.get("action", "")
             reason = form.get("reason", "")
             req: dict[str, Any] = {"run_id": run_id, "reason": reason}
@@ -326,7 +329,7 @@ class Dashboard:
             return await self.flow_run(request, error=str(exc), status=exc.status)
         except Error as exc:
             return await self.flow_run(request, error=exc.message, status=400)
-        return _see(request, f"/flows/{name}/runs/{run_id}")
+        return _see(request, f"/flows/{_part(name)}/runs/{_part(run_id)}")
 
     async def flow_replay(self, request: Request) -> Response:
         """Run a recorded (failed) event again: ``Flow.Replay``, as ``micro flow replay``."""
@@ -338,7 +341,7 @@ class Dashboard:
             return await self.flow_run(request, error=str(exc), status=exc.status)
         except Error as exc:
             return await self.flow_run(request, error=exc.message, status=400)
-        return _see(request, f"/flows/{name}/runs/{rsp['run']['id']}")
+        return _see(request, f"/flows/{_part(name)}/runs/{_part(rsp['run']['id'])}")
 
     async def docs(self, request: Request) -> Response:
         """Swagger UI (vendored) over this server's ``/openapi.json``."""
@@ -393,6 +396,11 @@ class Dashboard:
             Route("/logout", self.logout, methods=["POST"]),
             Mount("/static", static, name="static"),
         ]
+
+
+def _part(value: Any) -> str:
+    """One segment of a path: a name or run id quoted whole (``/``, ``?``, ``#`` too), the ``path`` filter."""
+    return quote(str(value), safe="")
 
 
 def _see(request: Request, path: str) -> Response:
