@@ -92,15 +92,21 @@ def system(env: dict[str, str]) -> Iterator[str]:
     yield urls[0]
     # a page left open: its live stream must neither hold micro run up nor end as a broken response
     host, port = urls[0].removeprefix("http://").split(":")
+    rest = None
     try:
         with socket.create_connection((host, int(port)), timeout=WAIT) as live:
             live.sendall(f"GET /ui/events/services HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-            first = b""
-            while b"event: services" not in first and (chunk := live.recv(65536)):
-                first += chunk
-            assert first.startswith(b"HTTP/1.1 200") and b"event: services" in first
+            got = b""
+            while b"event: services" not in got and (chunk := live.recv(65536)):
+                got += chunk
+            assert got.startswith(b"HTTP/1.1 200") and b"event: services" in got
+            rest = _stop(proc)  # with the page still open
+            while chunk := live.recv(65536):
+                got += chunk
+            assert got.endswith(b"0\r\n\r\n"), got[-200:]  # the stream ended as a whole response
     finally:
-        rest = _stop(proc)
+        if rest is None:
+            rest = _stop(proc)
     assert "stopped" in rest and "ASGI callable returned without completing" not in rest, rest
 
 
