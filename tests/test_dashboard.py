@@ -7,6 +7,7 @@ In-process: the ASGI app on a memory runtime, driven by ``httpx.ASGITransport``.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -411,3 +412,55 @@ async def test_a_flow_run_whose_model_step_waits_is_listed_and_decided_from_its_
             rsp = await http.post("/ui/agents/painting/runs/ev%202%3Fx/resume",
                                   data={"action": "approve", "page": "flow", "csrf": _csrf(page.text)})
             assert rsp.status_code == 303 and rsp.headers["location"] == "/flows/painting/runs/ev%202%3Fx"
+
+
+async def test_open_live_pages_share_one_registry_watch_and_hand_it_over(runtime: micro.Runtime,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    real = runtime.registry.watch
+    watching: list[int] = [0, 0]  # open now, most at once
+
+    async def counted() -> AsyncIterator[Any]:
+        watching[0] += 1
+        watching[1] = max(watching)
+        try:
+            async with contextlib.aclosing(real()) as events:
+                async for event in events:
+                    yield event
+        finally:
+            watching[0] -= 1
+
+    monkeypatch.setattr(runtime.registry, "watch", counted)
+    asgi = dashboard(runtime)
+    tables: list[list[bytes]] = [[], [], []]
+    leave = [anyio.Event() for _ in tables]
+    got = anyio.Event()
+
+    def page(i: int) -> tuple[Any, Any]:
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal got
+            if message.get("more_body"):
+                tables[i].append(message["body"])
+                got.set()
+                got = anyio.Event()
+
+        async def receive() -> dict[str, Any]:
+            await leave[i].wait()
+            return {"type": "http.disconnect"}
+
+        return receive, send
+
+    async with anyio.create_task_group() as tg:
+        for i in range(3):
+            tg.start_soon(_live_services, asgi, *page(i))
+        while not all(tables):
+            await got.wait()
+        assert watching[1] <= 1  # three pages, at most one watch at any time
+        leave[0].set()
+        leave[1].set()  # whichever ran the watch, the page left open takes it over
+        glazier = micro.Service("glazier", runtime=runtime)
+        glazier.handle(Painter())
+        async with glazier:
+            while b"/services/glazier" not in tables[2][-1]:
+                await got.wait()
+        leave[2].set()
+    assert watching == [0, 1]  # one watch at a time throughout (one per page: three), and none left open

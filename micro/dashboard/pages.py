@@ -30,7 +30,6 @@ from micro.gateway.http import DEFAULT_MAX_BODY, error_body, stream
 from . import forms, security, timeline
 
 if TYPE_CHECKING:
-    from anyio.streams.memory import MemoryObjectSendStream
     from jinja2 import Environment
 
     from micro.registry import ServiceRecord
@@ -77,6 +76,11 @@ class Dashboard:
         self._env: Environment | None = None
         self._closing = False
         self._closed: anyio.Event | None = None
+        # the registry's changes, fanned out to the open live pages from one watch (see follow_registry)
+        self._version = 0
+        self._changed: anyio.Event | None = None
+        self._watcher: anyio.Event | None = None  # set when the page running the watch stops running it
+        self._watched = False
 
     def close(self) -> None:
         """End the live streams (the server is stopping: they would hold it up)."""
@@ -91,6 +95,47 @@ class Dashboard:
         if self._closing:
             return
         await self._closed.wait()
+
+    # ------------------------------------------------------------------ registry changes
+    async def follow_registry(self) -> None:
+        """Keep the dashboard's one registry watch running while the calling page is open.
+
+        Every live page runs this in its own task group; one of them runs the watch, the others wait.
+        When that page leaves (its task group cancels this), another takes the watch over, so the
+        registry is watched once however many pages are open, by a task some open page owns.
+        """
+        while self._watcher is not None:
+            await self._watcher.wait()
+        self._watcher = anyio.Event()
+        try:
+            async with contextlib.aclosing(self.runtime.registry.watch()) as watcher:
+                if self._watched:  # taken over: a change between the two watches would be missed
+                    self._bump()
+                self._watched = True
+                async for _ in watcher:
+                    self._bump()
+        finally:
+            gone, self._watcher = self._watcher, None
+            gone.set()
+
+    def _bump(self) -> None:
+        self._version += 1
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    @property
+    def registry_version(self) -> int:
+        """How many changes of the registry the dashboard's watch has seen."""
+        return self._version
+
+    async def registry_changed(self, seen: int) -> int:
+        """The registry's change count once it is past ``seen`` (at once if it already is)."""
+        while self._version == seen:
+            if self._changed is None:
+                self._changed = anyio.Event()
+            await self._changed.wait()
+        return self._version
 
     # ------------------------------------------------------------------ rendering
     @property
@@ -417,9 +462,9 @@ class _LiveServices(Response):
     """The live service list: a table now, and again after each change of the registry.
 
     As :class:`micro.gateway.http.EventStream`: the loop runs in the task that serves the request;
-    child tasks watch the registry (into a small buffer), the client leaving and the dashboard
-    closing, and the last two cancel the loop. No task group lives in a generator, so a client that
-    leaves while a table is being written to it ends the stream cleanly.
+    child tasks keep the dashboard's one registry watch going (:meth:`Dashboard.follow_registry`),
+    and watch for the client leaving and the dashboard closing, which cancel the loop. No task group
+    lives in a generator, so a client that leaves while a table is being written to it ends cleanly.
     """
 
     def __init__(self, board: Dashboard, base: str) -> None:
@@ -430,31 +475,25 @@ class _LiveServices(Response):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         from micro.gateway.http import EventStream
 
+        board = self._board
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
                                 (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
-        changes, changed = anyio.create_memory_object_stream[None](1)
         try:
-            async with anyio.create_task_group() as tg, changed:
-                tg.start_soon(self._watch, changes)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(board.follow_registry)
                 tg.start_soon(EventStream.watch, receive, tg.cancel_scope)
                 tg.start_soon(self._until_closed, tg.cancel_scope)
+                seen = board.registry_version
                 while True:
-                    await send({"type": "http.response.body", "body": await self._board.services_event(self._base),
+                    await send({"type": "http.response.body", "body": await board.services_event(self._base),
                                 "more_body": True})
-                    await changed.receive()
+                    await board.registry_changed(seen)
                     await anyio.sleep(0.05)  # fold a burst of changes (a system starting) into one table
-                    with contextlib.suppress(anyio.WouldBlock):
-                        changed.receive_nowait()
+                    seen = board.registry_version
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             pass  # the client went away mid-write
-
-    async def _watch(self, changes: MemoryObjectSendStream[None]) -> None:
-        async with changes, contextlib.aclosing(self._board.runtime.registry.watch()) as watcher:
-            async for _ in watcher:
-                with contextlib.suppress(anyio.WouldBlock):  # one change pending is enough: a table is coming
-                    changes.send_nowait(None)
 
     async def _until_closed(self, scope: anyio.CancelScope) -> None:
         await self._board.until_closed()
