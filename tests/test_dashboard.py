@@ -140,6 +140,15 @@ def test_the_timeline_puts_overlapping_calls_side_by_side_and_the_model_in_the_g
     assert [(b.lane, b.label, b.kind) for b in flow] == [(0, "lead", "step"), (1, "closed", "failed")]
 
 
+def test_the_timeline_draws_a_wait_for_a_person_as_waiting_not_as_a_model_turn() -> None:
+    # the call paused at 101 for an approval that came an hour later; it then ran for half a second
+    run = {"started": 100.0, "finished": 3702.0, "tool_calls": [
+        {"name": "a", "input": {}, "paused": 101.0, "started": 3701.0, "seconds": 0.5, "state": "done"}]}
+    bars = [(b.lane, b.kind, b.label, round(b.start, 3), round(b.seconds, 3)) for b in timeline.agent_bars(run)]
+    assert sorted(bars) == [(0, "model", "model turn 1", 0.0, 1.0), (0, "model", "model turn 2", 3601.5, 0.5),
+                            (0, "waiting", "waiting for a person", 1.0, 3600.0), (1, "tool", "a", 3601.0, 0.5)]
+
+
 async def test_pages_escape_what_services_and_runs_hold(runtime: micro.Runtime) -> None:
     async with _client(dashboard(runtime)) as http:
         page = await http.get("/")
@@ -193,6 +202,7 @@ async def test_a_denial_with_a_reason_reaches_the_model(runtime: micro.Runtime) 
         assert run["tool_calls"][0]["is_error"] is True
         page = await http.get(f"/agents/helper/runs/{run_id}")
         assert 'id="run-status">completed<' in page.text and 'class="bar error"' in page.text
+        assert 'class="bar waiting"' in page.text  # the time it waited for the decision (recorded: `paused`)
         # deciding again: the engine's answer, on the page, nothing changed
         again = await http.post(f"/ui/agents/helper/runs/{run_id}/resume",
                                 data={"action": "approve", "csrf": _csrf(page.text)})

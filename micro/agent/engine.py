@@ -80,7 +80,8 @@ class Checkpoint:
             return
         rec = self.record
         rec.messages = list(run.new_messages)
-        rec.tool_calls = [RunToolCall(c.id, c.name, c.input, c.result, c.is_error, c.started, c.seconds, _state(c))
+        rec.tool_calls = [RunToolCall(c.id, c.name, c.input, c.result, c.is_error, c.started, c.seconds, _state(c),
+                                      paused=c.paused)
                           for c in run.calls]
         u = run.usage
         rec.usage = RunUsage(u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens)
@@ -175,7 +176,8 @@ def _state(c: ToolCallRecord) -> Any:
 def restore(record: AgentRun, run: Run) -> None:
     """Load a record's messages, calls and usage into a fresh loop ``run``."""
     run.new_messages = list(record.messages)
-    run.calls = [ToolCallRecord(c.id, c.name, c.input, c.result, c.is_error, c.started, c.seconds, c.state)
+    run.calls = [ToolCallRecord(c.id, c.name, c.input, c.result, c.is_error, c.started, c.seconds, c.state,
+                                paused=c.paused)
                  for c in record.tool_calls]
     for p in record.pending:
         for c in reversed(run.calls):

@@ -105,6 +105,8 @@ class ToolCallRecord:
 
     ``state`` is ``running`` while in flight, ``done`` with a result, ``pending`` while it waits
     for a person (``kind`` ``approval`` or ``question``, with ``reason`` / the question).
+    ``paused`` is when it began waiting for a person (0 if it never did); ``started`` is when it
+    last began running, so after a decision the wait is ``paused`` to ``started``.
     """
 
     id: str
@@ -119,6 +121,7 @@ class ToolCallRecord:
     reason: str = ""
     ask_state: dict[str, Any] = field(default_factory=dict)
     """What a pending call's tool asked with (:attr:`AskPerson.state`), handed back with the answer."""
+    paused: float = 0.0
 
 
 @dataclass(slots=True, frozen=True)
@@ -332,6 +335,7 @@ class Run:
                 rec.state, rec.kind, rec.reason = "pending", outcome.kind, outcome.reason
                 rec.ask_state = outcome.state
                 rec.seconds = time.perf_counter() - t0
+                rec.paused = time.time()
                 return None
             rec.result, rec.is_error = outcome
             if span is not None:

@@ -73,6 +73,7 @@ class RunToolCall(msgspec.Struct):
     started: float = 0.0
     seconds: float = 0.0
     state: CallState = "done"
+    paused: float = 0.0  # when it began waiting for a person (0: never); ``started`` is when it last began running
 
 
 class PendingCall(msgspec.Struct):

@@ -3,7 +3,8 @@
 An agent run's record holds each tool call's start and duration, not the model's
 turns; the model's turns are the stretches of the run in which no tool call ran
 (from the start to the first call, between one turn's calls and the next, from the
-last call to the end), and they are drawn as such, on the first lane. Tool calls
+last call to the end), and they are drawn as such, on the first lane, except the time a
+decided call waited for a person (its ``paused`` to its ``started``): a "waiting" bar. Tool calls
 that overlap (a turn's calls run concurrently) go side by side on lanes of their
 own. A flow run's steps each get a lane from their recorded start and duration.
 The template (``_timeline.html``) draws the bars; this module only measures them.
@@ -96,16 +97,29 @@ def agent_bars(run: Mapping[str, Any], now: float | None = None) -> list[Bar]:
         if c.get("result"):
             title += f" → {_short(str(c['result']), 200)}"
         bars.append(Bar(lane + 1, start, seconds, str(c.get("name", "?")), kind, title))
-    # the model's turns: the gaps in the union of the tool calls
+    # the waits for a person of decided calls: from the pause to the run going on (not the model's time)
+    waits = []
+    for c in calls:
+        paused = float(c.get("paused") or 0.0)
+        started = float(c.get("started") or t0)
+        if paused and c.get("state") != "pending" and started > paused:
+            waits.append((max(paused - t0, 0.0), started - paused))
+            bars.append(Bar(0, waits[-1][0], waits[-1][1], "waiting for a person", "waiting",
+                            f"{c.get('name', '?')} waited for a person: {_seconds(started - paused)}"))
+    # the model's turns: the gaps in the union of the tool calls and the waits
     cursor, turn = 0.0, 0
-    total = max(end - t0, max((s + d for s, d in spans), default=0.0))
-    for start, seconds in [*sorted(spans), (total, 0.0)]:
+    total = max(end - t0, max((s + d for s, d in [*spans, *waits]), default=0.0))
+    for start, seconds in [*sorted([*spans, *waits]), (total, 0.0)]:
         if start > cursor + 1e-6:
             turn += 1
             bars.append(Bar(0, cursor, start - cursor, f"model turn {turn}", "model",
                             f"model turn {turn}: {(start - cursor) * 1000:.1f} ms"))
         cursor = max(cursor, start + seconds)
     return bars
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.0f} s"
 
 
 def flow_bars(run: Mapping[str, Any], now: float | None = None) -> list[Bar]:
