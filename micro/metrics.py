@@ -19,9 +19,10 @@ and labels whose values come from outside the code, such as topics, keep at most
   ``code`` the gRPC status
   (a server-streaming call is counted, and timed, until its stream starts).
 - ``micro_rpc_client_calls_total``, ``micro_rpc_client_duration_seconds``, ``micro_rpc_client_in_flight``
-  (the same labels): every unary call a client makes, by the wire that carried it. A call to a service
-  in the same process is measured once, by the endpoint, and reported on both sides (path ``in-process``);
-  the client side adds the calls it refused before the endpoint saw them (a bad body, a passed deadline).
+  (the same labels): every unary call a client makes that reached a node, by the wire that carried it
+  (names a caller made up that reach no node make no series). A call to a service in the same process
+  is measured once, by the endpoint, and reported on both sides (path ``in-process``); the client side
+  adds the calls it refused before the endpoint saw them (a bad body, a passed deadline).
 - ``micro_overload_refusals_total`` [service]: calls refused by ``max_concurrency`` / ``max_queue``.
 - ``micro_agent_runs_total`` [agent, status]: runs reaching ``completed``, ``failed``, ``cancelled``,
   ``paused`` or ``input_required``; ``micro_agent_tool_calls_total`` [agent, tool, outcome]: the tool
@@ -290,17 +291,20 @@ def remote_wrapper(next: Any) -> Any:
     """
     if not ON:
         return next
-    # a call's path is known once the client sends it (``req.wire``); while in flight it counts under
-    # the path the service's last call took
-    last: dict[str, str] = {}
+    # A call is counted once it reached a node (``req.wire`` set): its service and endpoint are then the
+    # registry's names, not whatever a caller (a gateway's URL) made up, so the labels stay bounded. While
+    # in flight it counts under the path this endpoint's last call took (none yet: not in flight).
+    last: dict[tuple[str, str], str] = {}
 
     async def measured(req: Any) -> Any:
         m = _m
         if req.streaming or not ON or m is None:
             return await next(req)
-        path = last.get(req.service, GRPC)
-        child = m.client.get(req.service, req.endpoint, path)
-        child.in_flight += 1
+        key = (req.service, req.endpoint)
+        path = last.get(key)
+        child = m.client.get(req.service, req.endpoint, path) if path is not None else None
+        if child is not None:
+            child.in_flight += 1
         start = time.perf_counter()
         code = "CANCELLED"  # unless it ends otherwise
         try:
@@ -314,12 +318,17 @@ def remote_wrapper(next: Any) -> Any:
             code = "UNKNOWN"
             raise
         finally:
-            if req.wire and req.wire != path:
+            if req.wire:
+                if req.wire != path:
+                    if child is not None:
+                        child.in_flight -= 1
+                    last[key] = req.wire
+                    child = m.client.get(req.service, req.endpoint, req.wire)
+                    child.in_flight += 1
+                assert child is not None
+                child.done(code, time.perf_counter() - start)
+            elif child is not None:  # refused before it reached a node (no such endpoint now, a bad body)
                 child.in_flight -= 1
-                last[req.service] = req.wire
-                child = m.client.get(req.service, req.endpoint, req.wire)
-                child.in_flight += 1
-            child.done(code, time.perf_counter() - start)
 
     return measured
 

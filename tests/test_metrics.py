@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import micro
 from micro import metrics
 from micro.ai import scripted
-from micro.errors import BadRequest, ResourceExhausted
+from micro.errors import BadRequest, NotFound, ResourceExhausted
 from micro.flow.record import FlowRun
 from micro.registry.memory import MemoryRegistry
 from micro.server.probes import ProbeServer, readiness
@@ -89,6 +89,11 @@ async def test_rpc_counters_move_by_exactly_the_calls_made(fresh: CollectorRegis
                 await native.client.call("greet", "Greeter.Hello", {"name": "c"})
             with pytest.raises(BadRequest):  # refused before it reaches the service: a client-side count only
                 await home.client.call("greet", "Greeter.Hello", {"name": 5})
+            for made_up in ("nosuch", "other"):  # names from a caller (a gateway URL) that reach no node
+                with pytest.raises(NotFound):
+                    await away.client.call(made_up, "X.Y", {})
+                with pytest.raises(NotFound):
+                    await away.client.call("greet", f"Greeter.{made_up}", {})
             body, ctype = metrics.exposition()
     assert ctype.startswith("text/plain")
     found = samples(body)
@@ -110,6 +115,8 @@ async def test_rpc_counters_move_by_exactly_the_calls_made(fresh: CollectorRegis
     assert value(found, "micro_rpc_client_duration_seconds_count", **ep, path="native") == 4
     assert value(found, "micro_rpc_client_in_flight", **ep, path="grpc") == 0
     assert value(found, "micro_rpc_client_in_flight", **ep, path="native") == 0
+    labels = {dict(k[1]).get("service") for k in found} | {dict(k[1]).get("endpoint") for k in found}
+    assert not labels & {"nosuch", "other", "Greeter.nosuch", "Greeter.other"}  # no series for made-up names
 
 
 async def test_in_flight_and_overload_refusals(fresh: CollectorRegistry) -> None:
