@@ -56,6 +56,7 @@ class Backends:
         """Backends that did not answer the last check, with why (``{"store": "store postgresql://…: …"}``)."""
         self.listeners: set[Callable[[bool], None]] = set()
         """Called with ``True`` / ``False`` when all backends start / stop answering."""
+        self._told = True  # what the listeners last heard (checks may overlap: compare with this, not a start)
 
     @property
     def ok(self) -> bool:
@@ -70,7 +71,6 @@ class Backends:
             "store": (getattr(rt.store, "url", ""), lambda: rt.store.list("micro/", limit=1)),
             "broker": (rt.broker.url, rt.broker.check),
         }
-        was_ok = self.ok
         for name, (url, probe) in probes.items():
             try:
                 with anyio.fail_after(CHECK_TIMEOUT):
@@ -85,7 +85,8 @@ class Backends:
             else:
                 if self.problems.pop(name, None) is not None:
                     log.info("runtime: %s %s answers again", name, redact(url))
-        if self.ok != was_ok:
+        if self.ok != self._told:
+            self._told = self.ok
             for listener in list(self.listeners):
                 listener(self.ok)
         return [f"{name} unavailable: {why}" for name, why in self.problems.items()]

@@ -697,3 +697,43 @@ async def test_native_keepalive_pings_close_a_connection_whose_peer_stopped_answ
         assert wire.read_error(got[1][4]) == (Status.UNAVAILABLE.value, "no answer to a keepalive PING within 0.05 s")
     finally:
         await server.stop(grace=0)
+
+
+async def test_overlapping_backend_checks_leave_the_listeners_with_the_last_state() -> None:
+    """A slow periodic check that began while all was well and a readiness check that saw the broker down
+    overlap; the slow one then sees the broker answer. The listeners (the services' gRPC health) must end
+    SERVING: they heard 'down' from the fast check, so the slow one tells them 'up' again."""
+    from micro.health import Backends
+    from micro.store.memory import MemoryStore
+
+    slow_started, release = anyio.Event(), anyio.Event()
+    calls = 0
+
+    class Broker:
+        url = "nats://broker.example:4222"
+
+        async def check(self) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:  # the slow check: the broker answers, late
+                slow_started.set()
+                await release.wait()
+                return
+            if calls == 2:  # the fast one meanwhile: down
+                raise ConnectionError("broker down")
+
+    store = MemoryStore()
+    async with store:
+        rt = type("Rt", (), {"registry": MemoryRegistry(), "store": store, "broker": Broker()})()
+        async with rt.registry:
+            backends = Backends(rt)  # type: ignore[arg-type]
+            told: list[bool] = []
+            backends.listeners.add(told.append)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(backends.check)
+                await slow_started.wait()
+                assert await backends.check() == ["broker unavailable: broker nats://broker.example:4222: broker down"]
+                release.set()
+            assert backends.ok and told == [False, True]
+            await backends.check()  # nothing changes: nothing more told
+            assert told == [False, True]

@@ -256,7 +256,9 @@ class MCPGateway:
                 async for _event in self._watcher:
                     watching.ok()
                     await self._refresh(listing)
-                return  # closed: the gateway is stopping
+                if self._stopping:
+                    return  # closed: the gateway is stopping
+                raise ConnectionError("the registry watch ended")  # a backend closed it: watch anew
             except Exception as exc:
                 watching.failed(exc)
                 watcher, self._watcher = self._watcher, None
