@@ -79,8 +79,9 @@ class Watchdog:
         return Watch(self, task, deadline, where, started=False)
 
     def start(self, w: Watch) -> None:
-        """Put a watch made by :meth:`later` on the heap, unless its work is done already."""
-        if not w.done and not w.started:
+        """Put a watch made by :meth:`later` on the heap, unless its work is done already (ended, or its
+        task cancelled before it ever ran: then nothing would ever take it off)."""
+        if not w.done and not w.started and not w.task.done():
             w.started = True
             self.active += 1
             self._push(w.deadline, w, w.where)

@@ -664,3 +664,20 @@ async def test_allowed_origins_get_cors_and_still_need_the_token(system: System)
         rsp = await http.post("/api/box/Box.Get", json={"name": "x"},
                               headers={"origin": "https://other.example", "authorization": "Bearer s3cret"})
         assert rsp.status_code == 403
+
+
+async def test_a_call_wrapper_that_answers_itself_is_the_gateways_answer(system: System) -> None:
+    """The gateway asks for the wire's JSON as it came (msgspec.Raw); a client call wrapper (a cache, a
+    fallback) that answers with a value of its own is encoded, not a bare 500."""
+    def cached(next_: Any) -> Any:
+        async def call(req: Any) -> Any:
+            if req.endpoint == "Box.Get":
+                return {"greeting": "from the cache", "length": 0}
+            return await next_(req)
+
+        return call
+
+    async with micro.Runtime(registry=system.home.registry, store="memory://", broker="memory://",
+                             call_wrappers=[cached]) as rt, client(app(rt)) as http:
+        rsp = await http.post("/api/box/Box.Get", json={"name": "x"})
+    assert (rsp.status_code, rsp.json()) == (200, {"greeting": "from the cache", "length": 0})

@@ -162,3 +162,18 @@ def test_rate_limit_lets_one_message_a_period_through_and_counts_the_rest() -> N
     late = logging.LogRecord("x", logging.WARNING, __file__, 1, "closed %s", (9,), None)
     assert limit.filter(late)
     assert late.getMessage() == "closed 9 (4 more like it in the last 0 s were not logged)"
+
+
+async def test_a_client_that_half_closes_after_its_request_gets_its_answer(rate_limits: None) -> None:
+    """`nc -N`, health checkers, HTTP/1.0 clients: the request, then EOF. The answer the gateway holds to
+    write in one go at the end of the loop iteration must go out before asyncio closes the connection."""
+    async with gateway() as gw:
+        body = b'{"text": "hi"}'
+        for _ in range(5):
+            reader, writer = await gw.raw()
+            writer.write(b"POST /api/echo/Echo.Ping HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                         b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            writer.write_eof()
+            data = await answered(reader)
+            writer.close()
+            assert data.startswith(b"HTTP/1.1 200") and data.endswith(b'{"text":"hi"}'), data

@@ -964,3 +964,17 @@ async def test_the_client_picks_the_wire_per_node(monkeypatch: pytest.MonkeyPatc
         micro.Runtime(registry="memory://", store="memory://", broker="memory://")
     with pytest.raises(micro.errors.ConfigError, match="transport='h3' is not a transport"):
         micro.Runtime(registry="memory://", store="memory://", broker="memory://", transport="h3")
+
+
+async def test_a_call_cancelled_in_the_read_that_brought_it_leaves_nothing_behind(node: Node) -> None:
+    """REQUEST and CANCEL of one call in one read: its task is cancelled before its first step, so its own
+    clean-up never runs. The node must still forget the call (or the connection never counts as idle) and
+    not put its deadline on the watchdog's heap."""
+    peer = await Peer.open(node)
+    peer.send(f.request(1, "/wire.Svc/Echo", 5_000_000, None, b'{"text": "gone"}', 0) + f.frame(f.CANCEL, 1))
+    peer.call(3, "/wire.Svc/Echo", {"text": "after"})  # answered after the two above were handled
+    kind, rid, _, _, body, _ = await peer.next()
+    assert (kind, rid, msgspec.json.decode(body)) == (f.RESPONSE, 3, {"text": "after", "n": 0})
+    await anyio.wait_all_tasks_blocked()
+    assert all(not c.calls for c in node.native.connections)
+    assert node.native.watchdog.active == 0

@@ -579,12 +579,13 @@ class _Gateway:
             # the validated bytes go on as they are, and the reply's JSON comes back as the wire carried it
             rsp = await self.runtime.client.call(service, endpoint, body, timeout=self.timeout, metadata=metadata,
                                                  response_type=msgspec.Raw)
+            # a client call wrapper (a cache, a fallback) may answer with a value of its own, not the wire's JSON
+            return 200, bytes(rsp) if isinstance(rsp, msgspec.Raw) else _encode(rsp)
         except Error as exc:
             return HTTP_STATUS.get(exc.status, 500), error_body(exc.code, exc.message)
         except Exception:
             log.exception("gateway: %s %s failed", service, endpoint)
             return 500, error_body("INTERNAL", "the gateway failed (details in its log)")
-        return 200, bytes(rsp)
 
     async def _body(self, receive: Receive, declared: bytes | None) -> bytes | None:
         """The request body (``None`` when the client left before it was all sent); ``_TooLarge`` over the

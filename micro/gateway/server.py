@@ -68,20 +68,21 @@ class _Corked:
 
     def write(self, data: bytes) -> None:
         if not self._out:
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self.flush)
         self._out.append(data)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write what is pending now."""
         out, self._out = self._out, []
         if out and not self._transport.is_closing():
             self._transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def write_eof(self) -> None:
-        self._flush()
+        self.flush()
         self._transport.write_eof()
 
     def close(self) -> None:
-        self._flush()
+        self.flush()
         self._transport.close()
 
     def get_write_buffer_size(self) -> int:
@@ -122,6 +123,14 @@ def _protocol(head_timeout: float, body_timeout: float, limit: ConnectionLimit) 
             super().connection_made(_Corked(transport))  # type: ignore[arg-type]
             self._part, self._since = "head", self.loop.time()  # the first head: from the connection's start
             self._arm()
+
+        def eof_received(self) -> None:
+            # the client half-closed after its request: asyncio closes the transport when this returns,
+            # so what the corked transport holds (a response written in this iteration) goes out first
+            transport = self.transport
+            if isinstance(transport, _Corked):
+                transport.flush()
+            super().eof_received()
 
         def connection_lost(self, exc: Exception | None) -> None:
             limit.discard(self)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl as _ssl
 from collections.abc import AsyncIterator, Callable
@@ -147,6 +148,8 @@ class _Connection(asyncio.Protocol):
                     call = self.calls.get(rid)
                     if call is not None and call.task is not None:
                         call.task.cancel()
+                        # a task cancelled before its first step never runs its own clean-up: forget it then
+                        call.task.add_done_callback(functools.partial(self._forget, rid, call))
                 elif kind == f.CREDIT:
                     call = self.calls.get(rid)
                     if call is not None:
@@ -384,6 +387,9 @@ class _Connection(asyncio.Protocol):
         start = self.server.watchdog.start
         for w in watches:
             start(w)
+
+    def _forget(self, rid: int, call: _Call, _task: asyncio.Task[None]) -> None:
+        self._done(rid, call)
 
     def _done(self, rid: int, call: _Call) -> None:
         if self.calls.get(rid) is call:
