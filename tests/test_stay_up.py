@@ -699,6 +699,33 @@ async def test_native_keepalive_pings_close_a_connection_whose_peer_stopped_answ
         await server.stop(grace=0)
 
 
+async def test_native_keepalive_pings_before_it_closes_a_connection_silent_through_a_stall() -> None:
+    """A connection with a call in flight that looks silent far past keepalive_time + timeout (the server's
+    loop stalled: the peer's data may sit unread) gets a PING first; a peer that answers keeps it."""
+    stuck = Stuck()
+    server = NativeServer(max_message_size=1 << 20, keepalive_time=2.0, keepalive_timeout=2.0)
+    for ep in endpoints_of(stuck, "stuck"):
+        server.add(ep)
+    await server.start("127.0.0.1")
+    try:
+        client = await HeldFrame.open(server)
+        client.writer.write(wire.request(1, "/stuck.Stuck/Wait", None, None, b"{}", 0))
+        with anyio.fail_after(10):
+            while not any(c.calls for c in server.connections):
+                await anyio.wait_all_tasks_blocked()
+            (conn,) = [c for c in server.connections if c.calls]
+            conn.last_seen -= 100.0  # as if the loop had not read this connection for 100 s
+            kind, rid, *_ = await client.answer()
+            assert (kind, rid) == (wire.PING, 0)
+            client.writer.write(wire.frame(wire.PONG, 0, b"keepaliv"))
+            while conn.pinged_at:  # the answer arrived
+                await anyio.wait_all_tasks_blocked()
+        assert conn in server.connections and not stuck.cancelled.is_set()
+        client.close()
+    finally:
+        await server.stop(grace=0)
+
+
 async def test_overlapping_backend_checks_leave_the_listeners_with_the_last_state() -> None:
     """A slow periodic check that began while all was well and a readiness check that saw the broker down
     overlap; the slow one then sees the broker answer. The listeners (the services' gRPC health) must end

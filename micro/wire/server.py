@@ -82,7 +82,7 @@ class _Connection(asyncio.Protocol):
         self._flushing = False
         self._writable: asyncio.Future[None] | None = None
         self.last_seen = self.loop.time()
-        self.pinged = False  # a keepalive PING is unanswered
+        self.pinged_at = 0.0  # when an unanswered keepalive PING was sent (0: none)
         # the frame arriving in pieces: (its number in the reader, bytes counted in the budget, body timer)
         self._held: tuple[int, int, asyncio.TimerHandle] | None = None
         self._unwatched: list[Watch] = []  # deadlines of the calls started in this data_received
@@ -135,7 +135,7 @@ class _Connection(asyncio.Protocol):
         if self.transport is None:
             return  # refused
         self.last_seen = self.loop.time()
-        self.pinged = False
+        self.pinged_at = 0.0
         if not self.greeted:
             data = self._greet(data)
             if not data:
@@ -507,12 +507,12 @@ class NativeServer:
                 silent = now - conn.last_seen
                 if not conn.calls or silent <= every:
                     continue
-                if silent > every + timeout:
+                if not conn.pinged_at:
+                    conn.pinged_at = now
+                    conn.send(f.frame(f.PING, 0, b"keepaliv"))
+                elif now - conn.pinged_at > timeout:  # pinged, and silent since (not merely a stalled loop)
                     conn.abort(f"no answer to a keepalive PING within {timeout:g} s", Status.UNAVAILABLE,
                                logging.DEBUG)  # a peer that vanished: nothing to act on
-                elif not conn.pinged:
-                    conn.pinged = True
-                    conn.send(f.frame(f.PING, 0, b"keepaliv"))
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, refuse new calls, let in-flight calls finish within ``grace``, cancel the rest.
