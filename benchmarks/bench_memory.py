@@ -20,23 +20,19 @@ Repetitions alternate between the sessions; a figure is the median of its repeti
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
 import micro
-from benchmarks.bench_store import nats_url, postgres_url
+from benchmarks.bench_store import store_backends
 from micro.agent import StoreMemory
 from micro.ai import Message, scripted
 from micro.store import Record, Store
-from micro.store.file import FileStore
-from micro.store.memory import MemoryStore
 
 Result = tuple[str, float, str]
 TURNS = (10, 1_000, 10_000)
@@ -129,34 +125,10 @@ async def _compaction() -> list[Result]:
     return [("memory.compaction_on_caller", round(r, 3), line)]
 
 
-@contextlib.asynccontextmanager
-async def _backends(root: str) -> AsyncIterator[dict[str, Callable[[], Store] | str]]:
-    async with contextlib.AsyncExitStack() as stack:
-        makers: dict[str, Callable[[], Store] | str] = {
-            "memory": MemoryStore,
-            "file": lambda: FileStore(Path(root).as_uri()),
-        }
-        try:
-            from micro.store.postgres import PostgresStore
-
-            pg = await stack.enter_async_context(postgres_url())
-            makers["postgres"] = lambda: PostgresStore(pg)
-        except Exception as exc:  # a benchmark reports a missing backend and goes on
-            makers["postgres"] = f"skipped: {exc}"
-        try:
-            from micro.store.nats import NatsStore
-
-            url = await stack.enter_async_context(nats_url())
-            makers["nats"] = lambda: NatsStore(url)
-        except Exception as exc:
-            makers["nats"] = f"skipped: {exc}"
-        yield makers
-
-
 async def run() -> list[Result]:
     out: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="micro-bench-memory-") as root:
-        async with _backends(root) as makers:
+        async with store_backends(root) as makers:
             for name, make in makers.items():
                 if isinstance(make, str):
                     line = f"memory {name:<8}: {make}"

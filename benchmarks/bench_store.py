@@ -140,29 +140,37 @@ async def _measure(name: str, make: Callable[[], Store]) -> tuple[float, tuple[f
     return pair, history
 
 
+@contextlib.asynccontextmanager
+async def store_backends(root: str) -> AsyncIterator[dict[str, Callable[[], Store] | str]]:
+    """A factory of new stores per backend (memory, file under ``root``, PostgreSQL, NATS: the servers started
+    here for the block), or why a backend is skipped."""
+    async with contextlib.AsyncExitStack() as stack:
+        makers: dict[str, Callable[[], Store] | str] = {
+            "memory": MemoryStore,
+            "file": lambda: FileStore(Path(root).as_uri()),
+        }
+        try:
+            from micro.store.postgres import PostgresStore
+
+            pg = await stack.enter_async_context(postgres_url())
+            makers["postgres"] = lambda: PostgresStore(pg)
+        except Exception as exc:  # a benchmark reports a missing backend and goes on
+            makers["postgres"] = f"skipped: {exc}"
+        try:
+            from micro.store.nats import NatsStore
+
+            url = await stack.enter_async_context(nats_url())
+            makers["nats"] = lambda: NatsStore(url)
+        except Exception as exc:
+            makers["nats"] = f"skipped: {exc}"
+        yield makers
+
+
 async def run() -> list[Row]:
     rows: list[Row] = []
     results: dict[str, tuple[float, tuple[float, float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="micro-bench-store-") as root:
-        async with contextlib.AsyncExitStack() as stack:
-            makers: dict[str, Callable[[], Store] | str] = {
-                "memory": MemoryStore,
-                "file": lambda: FileStore(Path(root).as_uri()),
-            }
-            try:
-                from micro.store.postgres import PostgresStore
-
-                pg = await stack.enter_async_context(postgres_url())
-                makers["postgres"] = lambda: PostgresStore(pg)
-            except Exception as exc:  # a benchmark reports a missing backend and goes on
-                makers["postgres"] = f"skipped: {exc}"
-            try:
-                from micro.store.nats import NatsStore
-
-                url = await stack.enter_async_context(nats_url())
-                makers["nats"] = lambda: NatsStore(url)
-            except Exception as exc:
-                makers["nats"] = f"skipped: {exc}"
+        async with store_backends(root) as makers:
             for name, make in makers.items():
                 if isinstance(make, str):
                     line = f"store {name:<8}: {make}"
