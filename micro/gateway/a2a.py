@@ -76,6 +76,7 @@ from micro.agent.record import AgentRun, PendingCall, new_run_id
 from micro.errors import BadRequest, Conflict, Error, NotFound, ServiceNotFound, UsageError
 from micro.gateway import micro_version
 from micro.gateway.http import DEFAULT_MAX_BODY, BearerAuth, BrowserGuard, error_body, probe_routes
+from micro.resource import aclose
 
 try:
     from a2a.server.context import ServerCallContext
@@ -408,9 +409,7 @@ class A2AHandler(RequestHandler):
                 drive.publish(self._status(drive, pb.TASK_STATE_CANCELED, "cancelled over A2A"))
         finally:
             with anyio.CancelScope(shield=True):  # closing the stream is what stops the run (in process too)
-                aclose = getattr(items, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+                await aclose(items)
             if self.drives.get(drive.task_id) is drive:  # only this drive's own entry
                 del self.drives[drive.task_id]
             drive.close()

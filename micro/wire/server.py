@@ -31,6 +31,7 @@ from micro.connections import DEFAULT_IDLE_TIMEOUT, ConnectionLimit, quiet_accep
 from micro.deadlines import Watch, Watchdog
 from micro.errors import Error, ResourceExhausted, Status
 from micro.limits import DEFAULT_BODY_TIMEOUT, BodyBudget
+from micro.resource import aclose
 from micro.tasks import BackgroundTasks
 
 from . import frames as f
@@ -357,9 +358,7 @@ class _Connection(asyncio.Protocol):
                 self.send(f.error(rid, Status.INTERNAL.value,
                                   f"{ep.where} failed with an internal error (details in the service log)"))
             finally:
-                aclose = getattr(items, "aclose", None)
-                if aclose is not None:
-                    await aclose()  # the handler's generator runs its cleanup now
+                await aclose(items)  # the handler's generator runs its cleanup now
         finally:
             self._done(rid, call)
 
