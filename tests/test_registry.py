@@ -130,7 +130,9 @@ async def test_closed_watcher_ends(registry: Registry) -> None:
 async def test_ttl_expiry_drops_the_record_and_tells_watchers(registry: Registry) -> None:
     watcher = registry.watch()
     try:
-        await registry.register(record(node="short"), ttl=0.2)
+        # a TTL well past one poll (the local registry polls every 0.25 s): the watcher must see the node
+        # before it expires, or it has nothing to report gone (at 0.2 s a loaded machine missed it)
+        await registry.register(record(node="short"), ttl=1.0)
         await registry.register(record(node="long"), ttl=60)
         # nobody calls get(): the watcher alone must learn that the node expired
         event = await next_event(watcher, "delete", "task", node="short")
