@@ -450,6 +450,36 @@ async def test_a_dead_node_is_skipped(wire: str) -> None:
     assert (live.calls, doomed.calls) == (12, 2)
 
 
+@pytest.mark.parametrize("wire", WIRES)
+async def test_a_node_at_its_connection_limit_is_skipped_even_for_a_call_that_is_not_idempotent(wire: str) -> None:
+    """The full node refuses the connection before any call on it is processed (gRPC: a GOAWAY whose last
+    stream id is 0; native: an ERROR frame), so the call goes to the other node although it may not be
+    retried once sent."""
+    registry = MemoryRegistry()
+    async with memory_runtime(registry) as a, memory_runtime(registry) as b, \
+            memory_runtime(registry, transport=wire) as caller:
+        live, full = Users(), Users()
+        one = micro.Service("users", runtime=a)
+        one.handle(live)
+        two = micro.Service("users", runtime=b, max_connections=1)
+        two.handle(full)
+        async with one, two:
+            _, held = await asyncio.open_connection(*two.address.rsplit(":", 1))  # its one connection
+            try:
+                with anyio.fail_after(10):
+                    while two.connections.open < 1:
+                        await anyio.wait_all_tasks_blocked()
+                for i in range(6):  # round robin: half of them try the full node first
+                    got = await caller.client.call("users", "Users.Get", {"user_id": str(i)})
+                    assert got["user_id"] == str(i)
+                streamed = [i async for i in caller.client.stream("users", "Users.List", {"user_id": "s", "n": 2})]
+                assert len(streamed) == 2
+                assert two.connections.refused >= 1
+            finally:
+                held.close()
+    assert (live.calls, full.calls) == (6, 0)
+
+
 class _Deaf(Watcher):
     """A watch that reports nothing until closed: the caller's cache goes stale, as behind a slow poll."""
 

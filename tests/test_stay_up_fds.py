@@ -151,13 +151,9 @@ async def child(loop: str) -> AsyncIterator[tuple[Child, list[str]]]:
             await proc.wait()
 
 
-async def open_many(address: str, n: int) -> list[asyncio.StreamWriter]:
+async def open_many(address: str, n: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
     host, _, port = address.rpartition(":")
-    writers = []
-    for _ in range(n):
-        _, writer = await asyncio.open_connection(host, int(port))
-        writers.append(writer)
-    return writers
+    return [await asyncio.open_connection(host, int(port)) for _ in range(n)]
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15) -> None:
@@ -185,12 +181,29 @@ async def test_a_service_out_of_descriptors_stays_registered_logs_once_and_serve
         assert await c.ask("lookup other") == ["nodes", other.address]  # cached in the child
 
         # 1. more connections than the bound: the excess is refused; the heartbeat still lands
-        clients = await open_many(address, max_connections + 40)
+        conns = await open_many(address, max_connections + 40)
+        clients = [writer for _, writer in conns]
         try:
             async def saturated() -> bool:
                 return await c.ask("stats") == ["stats", str(max_connections), "40"]
 
             await eventually(saturated)
+
+            # a refused connection is half-closed after the GOAWAY and held until its client closes it (as
+            # grpclib's client does on the GOAWAY) or for a second: these clients close theirs
+            told = 0
+            with anyio.fail_after(15):
+                async with anyio.create_task_group() as tg:
+                    async def read_to_end(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                        nonlocal told
+                        await reader.read()  # the accepted ones wait here until cancelled
+                        writer.close()
+                        told += 1
+                        if told == 40:
+                            tg.cancel_scope.cancel()
+
+                    for reader, writer in conns:
+                        tg.start_soon(read_to_end, reader, writer)
             before = heartbeat_file(micro_home).stat().st_mtime_ns
 
             async def beaten() -> bool:  # the heartbeat rewrote the record while saturated
@@ -207,11 +220,11 @@ async def test_a_service_out_of_descriptors_stays_registered_logs_once_and_serve
             other = micro.Service("other", runtime=rt)
             other.handle(Echo())
             await other.start()
-            clients += await open_many(address, 20)
+            clients += [writer for _, writer in await open_many(address, 20)]
             if loop == "asyncio":  # libuv (uvloop) closes what it cannot accept, and reports nothing
                 await c.logged("accepting connections failed: [Errno 24]")
             await c.logged("heartbeat to the registry failed again (3 in a row)")  # hogged for a while
-            clients += await open_many(address, 20)  # still connecting
+            clients += [writer for _, writer in await open_many(address, 20)]  # still connecting
             assert await c.ask("free") == ["freed"]
             await c.logged("heartbeat to the registry works again")
         finally:

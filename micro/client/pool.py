@@ -17,14 +17,18 @@ import ssl as _ssl
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Mapping
-from typing import Any
+from typing import Any, cast
 
 from grpclib.client import Channel
+from grpclib.client import Handler as ClientHandler
 from grpclib.client import Stream as ClientStream
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.metadata import Deadline, _Metadata
+from grpclib.protocol import Connection, EventsProcessor, H2Protocol
 from grpclib.utils import DeadlineWrapper, Wrapper
+from h2.errors import ErrorCodes
+from h2.events import ConnectionTerminated
 from multidict import MultiDict
 
 from micro.codec import JSON, PROTO
@@ -57,6 +61,7 @@ class _Wrapper(Wrapper):
     def __init__(self) -> None:
         super().__init__()
         self.hit: list[asyncio.Task[Any]] = []
+        self.unprocessed: str | None = None  # why the server said it never processed this call (a GOAWAY)
 
     def cancel(self, error: Exception) -> None:
         self.hit.extend(self._tasks)
@@ -65,6 +70,54 @@ class _Wrapper(Wrapper):
 
 class _DeadlineWrapper(_Wrapper, DeadlineWrapper):
     pass
+
+
+class _Events(EventsProcessor):
+    """grpclib's client events, marking the calls a GOAWAY says the server never processed.
+
+    grpclib ends every call on a GOAWAY alike, then again with "Connection lost", and
+    drops the frame's last stream id. By HTTP/2 (RFC 9113, 6.8) a stream above that id
+    was not processed and may be sent again elsewhere: a server refusing connections at
+    its limit (``ENHANCE_YOUR_CALM``, last stream id 0) or one closing gracefully. Such
+    a call becomes :class:`NodeUnreachable`, so even a non-idempotent one goes to
+    another node, as on the native wire.
+    """
+
+    def __init__(self, handler: ClientHandler, connection: Connection, channel: _Channel) -> None:
+        super().__init__(handler, connection)
+        self.channel = channel
+
+    def process_connection_terminated(self, event: ConnectionTerminated) -> None:
+        last = event.last_stream_id or 0
+        code = event.error_code
+        why = (event.additional_data or b"").decode("utf-8", "replace")
+        name = code.name if isinstance(code, ErrorCodes) else str(code)
+        self.channel.goaway = reason = f"{why} (GOAWAY {name})" if why else f"GOAWAY {name}"
+        for stream in self.streams.values():
+            if stream.id is not None and stream.id > last and isinstance(stream.wrapper, _Wrapper):
+                stream.wrapper.unprocessed = reason
+        super().process_connection_terminated(event)
+
+
+class _Protocol(H2Protocol):
+    def __init__(self, channel: _Channel, config: Any, h2_config: Any) -> None:
+        super().__init__(ClientHandler(), config, h2_config)
+        self.channel = channel
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.processor = _Events(cast(ClientHandler, self.handler), self.connection, self.channel)
+
+
+class _Channel(Channel):
+    """A grpclib channel whose connections tell which calls a GOAWAY left unprocessed."""
+
+    goaway: str | None = None
+    """Why the server closed the channel's connection (its GOAWAY), until the next connection."""
+
+    def _protocol_factory(self) -> H2Protocol:
+        self.goaway = None
+        return _Protocol(self, self._config, self._h2_config)
 
 
 class _Stream(ClientStream[Any, Any]):
@@ -93,6 +146,16 @@ class _Stream(ClientStream[Any, Any]):
             if hit is task:
                 task.uncancel()
         wrapper.hit.clear()
+
+    def unprocessed(self) -> str | None:
+        """Why the server never processed this call, or ``None``: a GOAWAY above its stream, or one that
+        closed the connection before the request was sent (uvloop hands the GOAWAY over while connecting)."""
+        wrapper = getattr(self, "_wrapper", None)
+        if isinstance(wrapper, _Wrapper) and wrapper.unprocessed is not None:
+            return wrapper.unprocessed
+        if not self._send_request_done and isinstance(self._channel, _Channel):
+            return self._channel.goaway
+        return None
 
 
 class _Conn:
@@ -184,7 +247,7 @@ class NodePool:
             if best is None or c.inflight < best.inflight:
                 best = c
         if best is None or best.inflight >= self.max_streams:
-            best = _Conn(Channel(self.host, self.port, ssl=self._ssl))
+            best = _Conn(_Channel(self.host, self.port, ssl=self._ssl))
             self._conns.append(best)
         best.inflight += 1
         return best
@@ -222,7 +285,7 @@ class NodePool:
                         reply = await stream.recv_message()
                 except Exception as exc:
                     stream.take_back_cancellations()
-                    raise self._translate(exc, path) from None
+                    raise self._translate(exc, path, stream) from None
             finally:
                 conn.inflight -= 1
         finally:
@@ -248,15 +311,18 @@ class NodePool:
                             yield bytes(reply)
                 except Exception as exc:
                     stream.take_back_cancellations()
-                    raise self._translate(exc, path) from None
+                    raise self._translate(exc, path, stream) from None
             finally:
                 conn.inflight -= 1
         finally:
             places.release()  # stopped early, failed or done: the place goes now
 
-    def _translate(self, exc: Exception, path: str) -> Exception:
+    def _translate(self, exc: Exception, path: str, stream: _Stream) -> Exception:
         if isinstance(exc, Error):
             return exc
+        refused = stream.unprocessed()
+        if refused is not None:
+            return NodeUnreachable(f"{path}: node {self.address} refused the call before processing it: {refused}")
         if isinstance(exc, GRPCError):
             if exc.status is Status.UNAVAILABLE and exc.message == DRAINING:
                 return NodeUnreachable(f"{path}: node {self.address} is shutting down")

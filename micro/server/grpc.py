@@ -68,6 +68,8 @@ DEFAULT_KEEPALIVE_TIME = 60.0
 """Seconds between the server's HTTP/2 pings on a connection with calls in flight."""
 DEFAULT_KEEPALIVE_TIMEOUT = 20.0
 """Seconds a ping may go unanswered before the server closes the connection."""
+REFUSED_LINGER = 1.0
+"""Seconds a connection refused at ``max_connections`` stays half-closed for its client to read the GOAWAY."""
 
 
 class RawCodec(CodecBase):
@@ -223,6 +225,7 @@ class _Protocol(H2Protocol):
         self._owner = server
         self._transport: asyncio.BaseTransport | None = None
         self._refused = False
+        self._linger: asyncio.TimerHandle | None = None
         self._last_seen = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -237,8 +240,15 @@ class _Protocol(H2Protocol):
         conn = h2.connection.H2Connection(self.h2_config)
         conn.initiate_connection()
         conn.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, additional_data=refusal.encode())
-        cast(asyncio.Transport, transport).write(conn.data_to_send())
-        transport.close()
+        tcp = cast(asyncio.Transport, transport)
+        tcp.write(conn.data_to_send())
+        # Closed at once, the socket answered the client's request (already on its way) with a reset, and
+        # the client's kernel dropped the GOAWAY unread: the client could not tell "refused, nothing ran"
+        # (try another node) from "lost mid-call". So: half-close, read and drop what comes, and close
+        # when the client does (it closes on the GOAWAY) or after REFUSED_LINGER seconds.
+        if tcp.can_write_eof():
+            tcp.write_eof()
+        self._linger = asyncio.get_running_loop().call_later(REFUSED_LINGER, transport.close)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -247,6 +257,8 @@ class _Protocol(H2Protocol):
         super().data_received(data)
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
         self._owner.protocols.discard(self)
         self._owner.connection_limit.discard(self)
         self._transport = None
@@ -293,6 +305,8 @@ class _Server(Server):
             transport = getattr(protocol, "connection", None)
             if transport is not None:
                 transport.close()
+            else:
+                protocol.drop()  # refused, lingering until its client reads the GOAWAY
         self.protocols.clear()
 
 
