@@ -486,11 +486,12 @@ async def test_a_second_gateway_replica_serves_the_same_task(system: System, url
 
 
 async def _until_tool_started(client: Client, key: str, system: System,
-                              portal: anyio.from_thread.BlockingPortal) -> str:
+                              portal: anyio.from_thread.BlockingPortal, request: pb.SendMessageRequest | None = None
+                              ) -> str:
     """Stream `wait at KEY` until the run is inside the gate's Wait; the task id (the stream is dropped)."""
     task_id = ""
     with anyio.fail_after(GUARD):
-        async for ev in client.send_message(message(f"wait at {key}")):
+        async for ev in client.send_message(request or message(f"wait at {key}")):
             if ev.HasField("task"):
                 task_id = ev.task.id
             if ev.HasField("status_update") and status_text(ev.status_update.status).startswith("→ gate_Gate_Wait"):
@@ -531,6 +532,33 @@ async def test_cancel_stops_a_working_task(url: str, system: System,
         assert (await client.get_task(pb.GetTaskRequest(id=task_id))).status.state == pb.TASK_STATE_CANCELED
     run = portal.call(system.module.task_mgr.runtime.client.call, "waiter", "AgentInfo.Run", {"id": task_id})
     assert run["run"]["status"] == "cancelled"
+
+
+async def test_a_retried_message_returns_the_task_it_started_and_starts_no_second_run(
+        url: str, system: System, portal: anyio.from_thread.BlockingPortal) -> None:
+    """A client that sends a message again (its answer was lost) gets the first send's task, by
+    ``messageId`` within the context: while it works (streamed from where it is), and once it ended."""
+    context = uuid.uuid4().hex
+    first = message("wait at g5", context_id=context)
+    async with a2a_client(f"{url}/agents/waiter", streaming=True) as client:
+        task_id = await _until_tool_started(client, "g5", system, portal, first)
+        events = []
+        with anyio.fail_after(GUARD):
+            async for ev in client.send_message(first):  # the retry, while the first run works
+                events.append(ev)
+                if len(events) == 1:
+                    assert ev.task.id == task_id and ev.task.status.state == pb.TASK_STATE_WORKING
+                    portal.call(system.gate.open, "g5")
+        assert events[-1].status_update.status.state == pb.TASK_STATE_COMPLETED
+    async with a2a_client(f"{url}/agents/waiter") as client:
+        (again,) = await send(client, first)  # once more, blocking, after the run ended
+        assert again.task.id == task_id and reply_of(again.task) == "gate g5 opened"
+        listed = await client.list_tasks(pb.ListTasksRequest(context_id=context))
+        assert [t.id for t in listed.tasks] == [task_id]  # one run
+        other = message("wait at g5", context_id=context)  # same text, a new messageId: a new run
+        (ev,) = await send(client, other)  # (the gate is open now)
+        assert ev.task.id != task_id
+        assert len((await client.list_tasks(pb.ListTasksRequest(context_id=context))).tasks) == 2
 
 
 # -- bad input: protocol errors, never a 500 -------------------------------------------------------

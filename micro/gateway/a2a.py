@@ -24,6 +24,9 @@ restart, and several gateways can serve the same tasks. A run that waits for a p
 answers the question or decides the approvals (``"approve"``, ``"deny: reason"``, or a data part)
 and resumes the run through ``Agent.StreamResume``.
 
+A message sent again (its ``messageId`` seen in its context: a client's retry) starts nothing: it
+gets the task the first send started, which the gateway remembers in its runtime's store.
+
 What a gateway holds in memory is only the runs it is driving right now (so that streams,
 resubscriptions and cancels reach them); a task driven by another gateway is followed through
 its record. Cancelling a task that waits (or was interrupted) cancels its run anywhere; a
@@ -69,14 +72,25 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from micro import idempotency
 from micro._proto.micro.agent import ChatEvent
 from micro.a2a import tasks
 from micro.agent.agent import RunResponse, RunsResponse
 from micro.agent.record import AgentRun, PendingCall, new_run_id
-from micro.errors import BadRequest, Conflict, Error, NotFound, ServiceNotFound, UsageError
+from micro.errors import (
+    BadRequest,
+    Conflict,
+    Error,
+    NotFound,
+    RecordNotFound,
+    ServiceNotFound,
+    UsageError,
+    VersionConflict,
+)
 from micro.gateway import micro_version
 from micro.gateway.http import DEFAULT_MAX_BODY, BearerAuth, BrowserGuard, error_body, probe_routes
 from micro.resource import aclose
+from micro.store import Record
 
 try:
     from a2a.server.context import ServerCallContext
@@ -275,8 +289,13 @@ class A2AHandler(RequestHandler):
 
     async def on_message_send(self, params: pb.SendMessageRequest, context: ServerCallContext) -> pb.Task | pb.Message:
         agent = _agent(context)
-        drive, events = await self._start(agent, params)
+        started = await self._start(agent, params)
         history = _history(params.configuration)
+        if isinstance(started, str):  # sent before (a retry): the task it started, once that stops working
+            if not params.configuration.return_immediately:
+                await self._stopped(agent, started)
+            return tasks.task_of(await self._record(agent, started), history_length=history)
+        drive, events = started
         if params.configuration.return_immediately:
             events.close()
             return tasks.task_of(await self._record(agent, drive.task_id), history_length=history)
@@ -289,22 +308,35 @@ class A2AHandler(RequestHandler):
     async def on_message_send_stream(self, params: pb.SendMessageRequest,
                                      context: ServerCallContext) -> AsyncGenerator[Event, None]:
         agent = _agent(context)
-        _, events = await self._start(agent, params)
+        started = await self._start(agent, params)
+        if isinstance(started, str):  # sent before (a retry): its task from now on, as a resubscription
+            async for event in self._subscribe(agent, started, ended=True):
+                yield event
+            return
+        _, events = started
         with events:
             async for event in events:
                 yield event
 
     async def on_subscribe_to_task(self, params: pb.SubscribeToTaskRequest,
                                    context: ServerCallContext) -> AsyncGenerator[Event, None]:
-        agent = _agent(context)
-        drive = self.drives.get(params.id)
+        async for event in self._subscribe(_agent(context), params.id, ended=False):
+            yield event
+
+    async def _subscribe(self, agent: str, task_id: str, *, ended: bool) -> AsyncGenerator[Event, None]:
+        """The task, then its events until it stops working; an ended task is refused unless ``ended``
+        (then it is sent alone)."""
+        drive = self.drives.get(task_id)
         events = drive.subscribe() if drive is not None else None  # before the snapshot: no event missed
         try:
-            run = await self._record(agent, params.id)
+            run = await self._record(agent, task_id)
             state = tasks.STATE.get(run.status)
             if state in tasks.FINAL_STATES:
-                raise a2a_errors.UnsupportedOperationError(
-                    message=f"task {run.id} is {run.status}: there is nothing more to stream (GetTask reads it)")
+                if not ended:
+                    raise a2a_errors.UnsupportedOperationError(
+                        message=f"task {run.id} is {run.status}: there is nothing more to stream (GetTask reads it)")
+                yield tasks.task_of(run)
+                return
             yield tasks.task_of(run)
             if events is not None:
                 async for event in events:
@@ -315,6 +347,17 @@ class A2AHandler(RequestHandler):
         finally:
             if events is not None:
                 events.close()
+
+    async def _stopped(self, agent: str, task_id: str) -> None:
+        """Wait until a task stops working: its drive here ends, or its record (driven elsewhere) says so."""
+        drive = self.drives.get(task_id)
+        if drive is not None:
+            await drive.finished.wait()
+            return
+        run = await self._record(agent, task_id)
+        if run.status == "running":
+            async for _ in self._follow(agent, run):
+                pass
 
     async def _follow(self, agent: str, run: AgentRun) -> AsyncIterator[Event]:
         """Status updates of a run driven elsewhere, from its record, until it stops running."""
@@ -335,12 +378,64 @@ class A2AHandler(RequestHandler):
                 return
 
     async def _start(self, agent: str,
-                     params: pb.SendMessageRequest) -> tuple[_Drive, MemoryObjectReceiveStream[Event]]:
-        """Start (or resume) the run a message asks for; returns once it runs, or raises what refused it."""
+                     params: pb.SendMessageRequest) -> tuple[_Drive, MemoryObjectReceiveStream[Event]] | str:
+        """Start (or resume) the run a message asks for; returns once it runs, or raises what refused it.
+
+        A message sent before (its ``messageId`` in its context, a client's retry) starts nothing: the
+        id of the task the first one started is returned instead (see :meth:`_claim`)."""
         if self.task_group is None:
             raise a2a_errors.InternalError(message="the A2A gateway is not started (its app's lifespan did not run)")
         message = params.message
         text, data = tasks.message_content(message)
+        if not message.task_id and not text.strip():
+            raise a2a_errors.InvalidParamsError(message="the message has no text: send a text part (or a data "
+                                                        "part) saying what the agent should do")
+        task_id = message.task_id or new_run_id()
+        key = _message_key(agent, message) if message.message_id else None
+        if key is not None:
+            earlier = await self._claim(key, task_id)
+            if earlier is not None:
+                return earlier
+        begun = False
+        try:
+            started = await self._begin(agent, message, text, data, task_id)
+            begun = True
+            return started
+        finally:
+            if key is not None and not begun:  # refused: the message may be sent again
+                with anyio.CancelScope(shield=True):
+                    await self._unclaim(key)
+
+    async def _claim(self, key: str, task_id: str) -> str | None:
+        """Record that the message of ``key`` is task ``task_id``, or return the task an earlier send of it
+        started. One conditional write in the store (create-if-absent): of two sends of a message, to this
+        gateway or to replicas sharing its store, one starts the run; the record lasts a day."""
+        store = self.runtime.store
+        try:
+            for _ in range(3):
+                try:
+                    await store.write(Record(key, task_id.encode()), ttl=idempotency.DEFAULT_TTL, if_version=0)
+                    return None
+                except VersionConflict:
+                    pass
+                try:
+                    (rec,) = await store.read(key)
+                except RecordNotFound:
+                    continue  # the earlier send was refused meanwhile: this one goes ahead
+                return rec.value.decode()
+        except Error as exc:
+            raise a2a_error(exc) from None
+        raise a2a_errors.InternalError(message=f"the record of message {key!r} kept changing; send it again")
+
+    async def _unclaim(self, key: str) -> None:
+        try:
+            await self.runtime.store.delete(key)
+        except Error as exc:
+            log.warning("a2a: could not forget refused message %s (a retry of it will find no task): %s", key, exc)
+
+    async def _begin(self, agent: str, message: pb.Message, text: str, data: Any,
+                     task_id: str) -> tuple[_Drive, MemoryObjectReceiveStream[Event]]:
+        assert self.task_group is not None
         if message.task_id:
             self._check_idle(message.task_id)  # refused before any I/O; checked again where the drive is added
             run = await self._record(agent, message.task_id)
@@ -352,12 +447,9 @@ class A2AHandler(RequestHandler):
                     message=f"task {run.id} is {run.status}: only a task that needs input takes a message; send a "
                             "new message without taskId (the same contextId continues the conversation)")
             endpoint, request = "Agent.StreamResume", tasks.resume_request(run, text, data)
-            task_id, context_id = run.id, run.session
+            context_id = run.session
         else:
-            if not text.strip():
-                raise a2a_errors.InvalidParamsError(message="the message has no text: send a text part (or a data "
-                                                            "part) saying what the agent should do")
-            task_id, context_id = new_run_id(), message.context_id or uuid.uuid4().hex
+            context_id = message.context_id or uuid.uuid4().hex
             endpoint = "Agent.StreamChat"
             request = {"message": text, "session": context_id, "run_id": task_id}
         # check and add with no await between: of two messages on one waiting task, one drives it; the
@@ -516,6 +608,11 @@ class A2AHandler(RequestHandler):
 
 
 _NO_PUSH = "this gateway sends no push notifications: stream the task (SendStreamingMessage, SubscribeToTask)"
+
+
+def _message_key(agent: str, message: pb.Message) -> str:
+    """The store key remembering which task a message started: its agent, context and ``messageId``."""
+    return idempotency.store_key(agent, "SendMessage", json.dumps([message.context_id, message.message_id]))
 
 
 def _agent(context: ServerCallContext) -> str:
