@@ -8,6 +8,14 @@ probe asks (``/health/ready``). ``problems`` holds what is down and why. A backe
 going down is logged once (a warning naming it and the reason) and its return once
 (info), never once per check or per call.
 
+A backend that errs is down at once; one that only takes longer than the bound is
+*slow* the first time (logged at info, nothing changes) and down if its next check
+fails too, so one slow answer does not take the node out. The runtime's supervised
+background work (:attr:`supervised`: its registry watch, the checks themselves)
+counts too: a task failing :data:`FAILURES_NOT_READY` times in a row is a problem
+(``failing``: which task, since when, the last error) until it has run without
+failing long enough for its supervisor to call it recovered.
+
 Listeners hear each change of the whole (``True``: everything answers): every
 service of the runtime turns its gRPC health to NOT_SERVING while a backend is
 down, so balancers and Kubernetes probes take the node out, and back to SERVING
@@ -18,6 +26,7 @@ own, fast, with ``Unavailable`` naming it.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -28,8 +37,9 @@ from micro.resource import redact
 
 if TYPE_CHECKING:
     from micro.runtime import Runtime
+    from micro.tasks import BackgroundTasks
 
-__all__ = ["CHECK_TIMEOUT", "DEFAULT_INTERVAL", "Backends"]
+__all__ = ["CHECK_TIMEOUT", "DEFAULT_INTERVAL", "FAILURES_NOT_READY", "Backends"]
 
 log = logging.getLogger("micro.health")
 
@@ -37,6 +47,8 @@ CHECK_TIMEOUT = 2.0
 """Seconds a backend has to answer a check."""
 DEFAULT_INTERVAL = 5.0
 """Seconds between the checks a runtime makes by itself."""
+FAILURES_NOT_READY = 2
+"""Failures in a row of a supervised background task that make its runtime not ready."""
 
 _PROBE = "micro-health-check"  # a service name nobody registers: the registry answers "not found"
 
@@ -54,14 +66,19 @@ class Backends:
         self.interval = interval
         self.problems: dict[str, str] = {}
         """Backends that did not answer the last check, with why (``{"store": "store postgresql://…: …"}``)."""
+        self.failing: dict[str, str] = {}
+        """Supervised background work failing in a row at the last check, with since when and why."""
+        self.supervised: set[BackgroundTasks] = set()
+        """Background work whose failure streaks count (:attr:`micro.tasks.BackgroundTasks.failing`)."""
         self.listeners: set[Callable[[bool], None]] = set()
         """Called with ``True`` / ``False`` when all backends start / stop answering."""
         self._told = True  # what the listeners last heard (checks may overlap: compare with this, not a start)
+        self._slow: set[str] = set()  # backends whose last check only timed out (once: slow, not down)
 
     @property
     def ok(self) -> bool:
-        """Every backend answered the last check."""
-        return not self.problems
+        """Every backend answered the last check and no supervised work is failing."""
+        return not self.problems and not self.failing
 
     async def check(self) -> list[str]:
         """Ask every backend now; update :attr:`problems` (logging what changed) and return them."""
@@ -76,20 +93,31 @@ class Backends:
                 with anyio.fail_after(CHECK_TIMEOUT):
                     await probe()
             except Exception as exc:
-                why = f"no answer within {CHECK_TIMEOUT:g} s" if isinstance(exc, TimeoutError) else str(exc)
+                slow = isinstance(exc, TimeoutError)
+                why = f"no answer within {CHECK_TIMEOUT:g} s" if slow else str(exc)
                 where = redact(url)
                 problem = (why if where and where in why else f"{name} {where}: {why}")[:300]
+                if slow and name not in self._slow and name not in self.problems:
+                    self._slow.add(name)  # once is slow, not down: down if the next check fails too
+                    log.info("runtime: %s was slow: %s (unavailable if the next check fails too)", name, problem)
+                    continue
+                self._slow.discard(name)
                 if name not in self.problems:
                     log.warning("runtime: %s is unavailable: %s (logged again when it answers)", name, problem)
                 self.problems[name] = problem
             else:
+                self._slow.discard(name)
                 if self.problems.pop(name, None) is not None:
                     log.info("runtime: %s %s answers again", name, redact(url))
+        self.failing = {f"{tasks.name}: {name}": _streak(f.since, f.failures, f.error)
+                        for tasks in list(self.supervised) for name, f in tasks.failing.items()
+                        if f.failures >= FAILURES_NOT_READY}
         if self.ok != self._told:
             self._told = self.ok
             for listener in list(self.listeners):
                 listener(self.ok)
-        return [f"{name} unavailable: {why}" for name, why in self.problems.items()]
+        return ([f"{name} unavailable: {why}" for name, why in self.problems.items()]
+                + [f"{what}: {why}" for what, why in self.failing.items()])
 
     async def _registry(self) -> None:
         try:
@@ -102,3 +130,8 @@ class Backends:
         while True:
             await self.check()
             await anyio.sleep(self.interval)
+
+
+def _streak(since: float, failures: int, error: str) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since))
+    return f"failing since {when} ({failures} failures in a row; the last: {error})"[:300]

@@ -143,6 +143,8 @@ class Runtime(Resource):
             background = BackgroundTasks(f"runtime {self.registry.url}", log)
             await background.start()
             stack.push_async_callback(background.aclose)
+            self.backends.supervised.add(background)  # its failure streaks count against readiness
+            stack.callback(self.backends.supervised.discard, background)
             background.supervise(self._follow, name="registry watch")
             background.supervise(self.backends.watch, name="backend checks")
         except BaseException:

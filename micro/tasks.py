@@ -13,15 +13,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import anyio.abc
 
 from micro.errors import UsageError
 
-__all__ = ["BackgroundTasks", "Streak", "backoff"]
+__all__ = ["BackgroundTasks", "Failing", "Streak", "backoff"]
 
 
 def backoff(attempt: int, first: float, cap: float) -> float:
@@ -58,6 +59,17 @@ class Streak:
             self.failures = 0
 
 
+class Failing(NamedTuple):
+    """A supervised task's streak of failures (:attr:`BackgroundTasks.failing`)."""
+
+    since: float
+    """When the streak began (``time.time()``)."""
+    failures: int
+    """Failures in a row so far."""
+    error: str
+    """The last one (``repr``), or ``"ended"`` for work that returned."""
+
+
 class BackgroundTasks:
     """An anyio task group that runs in a task of its own.
 
@@ -79,8 +91,9 @@ class BackgroundTasks:
         self._tg: anyio.abc.TaskGroup | None = None
         self._host: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
-        self.failing: set[str] = set()
-        """Names of supervised tasks in a streak of failures (see :meth:`supervise`)."""
+        self.failing: dict[str, Failing] = {}
+        """Supervised tasks in a streak of failures, by name (see :meth:`supervise`); a runtime's count
+        against its readiness (:class:`micro.health.Backends`)."""
 
     @property
     def task_group(self) -> anyio.abc.TaskGroup:
@@ -131,8 +144,9 @@ class BackgroundTasks:
                 streak = 0  # it ran long enough to count as recovered
             streak += 1
             what = f"failed: {error!r}" if error is not None else "ended"
+            since = time.time() if streak == 1 else self.failing[name].since
+            self.failing[name] = Failing(since, streak, repr(error) if error is not None else "ended")
             if streak == 1:
-                self.failing.add(name)
                 self._log.error("%s: %s %s; starting it again (backoff up to %g s; logged again when it "
                                 "has run %g s without failing)", self.name, name, what, max_wait, max_wait,
                                 exc_info=error)
@@ -142,7 +156,7 @@ class BackgroundTasks:
 
     async def _recovered(self, name: str, failures: int, after: float) -> None:
         await anyio.sleep(after)
-        self.failing.discard(name)
+        self.failing.pop(name, None)
         self._log.info("%s: %s recovered: ran %g s without failing (after %d failures)", self.name, name, after,
                        failures)
 

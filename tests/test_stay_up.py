@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -185,9 +186,10 @@ async def test_a_failing_background_task_is_started_again_and_logged_once_per_st
         with anyio.fail_after(10):
             await running_again.wait()
             await sibling_ran.wait()
-        assert tasks.failing == {"work"}
+        (name, failing), = tasks.failing.items()
+        assert (name, failing.failures, failing.error) == ("work", 3, "RuntimeError('failure 3')")
         await log.wait_for("recovered")  # the streak ends once a run lasts max_wait
-        assert tasks.failing == set()
+        assert tasks.failing == {}
     finally:
         await tasks.aclose()
         logger.removeHandler(log)
@@ -764,3 +766,79 @@ async def test_overlapping_backend_checks_leave_the_listeners_with_the_last_stat
             assert backends.ok and told == [False, True]
             await backends.check()  # nothing changes: nothing more told
             assert told == [False, True]
+
+
+class _SlowOnceThenDown:
+    """A broker whose checks go: no answer, an answer, no answer twice, an answer."""
+
+    url = "nats://broker.example:4222"
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.never = anyio.Event()
+
+    async def check(self) -> None:
+        self.calls += 1
+        if self.calls in (1, 3, 4):
+            await self.never.wait()  # past the check's bound
+
+
+async def test_one_slow_backend_check_is_slow_not_down_and_two_in_a_row_are_down(
+        monkeypatch: pytest.MonkeyPatch, health_log: Watch) -> None:
+    import micro.health
+    from micro.health import Backends
+    from micro.store.memory import MemoryStore
+
+    monkeypatch.setattr(micro.health, "CHECK_TIMEOUT", 0.01)
+    store = MemoryStore()
+    async with store:
+        rt = type("Rt", (), {"registry": MemoryRegistry(), "store": store, "broker": _SlowOnceThenDown()})()
+        async with rt.registry:
+            backends = Backends(rt)  # type: ignore[arg-type]
+            told: list[bool] = []
+            backends.listeners.add(told.append)
+            assert await backends.check() == [] and backends.ok  # slow once: still serving
+            assert health_log.seen("broker was slow: broker nats://broker.example:4222: no answer within 0.01 s")
+            assert await backends.check() == []
+            assert await backends.check() == []  # slow again, but after an answer: slow, not down
+            assert await backends.check() == [
+                "broker unavailable: broker nats://broker.example:4222: no answer within 0.01 s"]
+            assert await backends.check() == []
+    assert told == [False, True]
+
+
+class _WatchBrokenWhile(MemoryRegistry):
+    """Every registry watch fails (EMFILE) while ``broken``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken = True
+        self.watches = 0
+
+    def _watch(self) -> Watcher:
+        self.watches += 1
+        return _BrokenWatcher() if self.broken else super()._watch()
+
+
+async def test_supervised_work_failing_in_a_row_makes_the_runtime_not_ready_saying_which_and_since_when() -> None:
+    from micro.server.probes import readiness
+
+    registry = _WatchBrokenWhile()
+    async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as rt:
+        service = micro.Service("echo", runtime=rt)
+        service.handle(Echo())
+        async with service:
+            told: list[bool] = []
+            rt.backends.listeners.add(told.append)
+            await wait_until(lambda: registry.watches >= 3)  # started a third time: failed twice in a row
+            (problem,) = await readiness([service])
+            assert re.fullmatch(rf"runtime {re.escape(registry.url)}: registry watch: failing since "
+                                r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(\d+ failures in a row; the last: "
+                                r"OSError\(24, 'Too many open files'\)\)", problem), problem
+            assert told == [False]  # the services' gRPC health: NOT_SERVING
+    one = FlakyWatchRegistry()  # one failure, then it runs: no streak that counts
+    async with micro.Runtime(registry=one, store="memory://", broker="memory://") as rt:
+        await wait_until(lambda: one.watches >= 2)
+        (background,) = rt.backends.supervised
+        assert background.failing["registry watch"].failures == 1
+        assert await rt.backends.check() == [] and rt.backends.ok
