@@ -10,13 +10,16 @@ gateway or start a second one. Waiting is on events, never sleeps.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import logging
 import os
 import re
 import shlex
 import socket
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -57,13 +60,14 @@ GUARD = 30.0  # seconds: a deadlock guard, never a timing assertion
 class Gateway:
     """One gateway (uvicorn + the A2A app) in the system's loop."""
 
-    def __init__(self, runtime: micro.Runtime, token: str | None = None, max_body: int = 1 << 20) -> None:
+    def __init__(self, runtime: micro.Runtime, token: str | None = None, max_body: int = 1 << 20,
+                 **options: Any) -> None:
         self.sock = socket.socket()
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as micro a2a's socket (Nagle)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen()
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app(runtime, token=token, max_body=max_body),
+        self.server = uvicorn.Server(uvicorn.Config(app(runtime, token=token, max_body=max_body, **options),
                                                     log_level="warning", lifespan="on"))
         self.stopped = anyio.Event()
 
@@ -559,6 +563,59 @@ async def test_a_retried_message_returns_the_task_it_started_and_starts_no_secon
         (ev,) = await send(client, other)  # (the gate is open now)
         assert ev.task.id != task_id
         assert len((await client.list_tasks(pb.ListTasksRequest(context_id=context))).tasks) == 2
+
+
+class _Said(logging.Handler):
+    """Sets a thread-safe event when a record says ``phrase`` (the gateway logs in the system's thread)."""
+
+    def __init__(self, phrase: str) -> None:
+        super().__init__(logging.INFO)
+        self.phrase = phrase
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.phrase in record.getMessage():
+            self.seen.set()
+
+
+@contextlib.contextmanager
+def said(phrase: str) -> Iterator[threading.Event]:
+    logger = logging.getLogger("micro.gateway.a2a")
+    handler, level = _Said(phrase), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler.seen
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+async def test_a_stopping_gateway_lets_the_runs_it_drives_finish_then_cancels_the_rest(
+        system: System, portal: anyio.from_thread.BlockingPortal) -> None:
+    def status(task_id: str) -> str:
+        run = portal.call(system.runtime.client.call, "waiter", "AgentInfo.Run", {"id": task_id})
+        return str(run["run"]["status"])
+
+    draining = portal.call(functools.partial(system.start_gateway, drain_timeout=GUARD))
+    async with a2a_client(f"{draining.url}/agents/waiter", streaming=True) as client:
+        finishes = await _until_tool_started(client, "g6", system, portal)  # the client left: the gateway drives it
+    with said("a2a: stopping: 1 runs it drives get up to 30 s to finish") as stopping:
+        stopped = portal.start_task_soon(draining.stop)
+        assert await anyio.to_thread.run_sync(stopping.wait, GUARD)
+        assert status(finishes) == "running" and not stopped.done()  # the stop waits for the run
+        portal.call(system.gate.open, "g6")
+        stopped.result(GUARD)
+    assert status(finishes) == "completed"
+
+    impatient = portal.call(functools.partial(system.start_gateway, drain_timeout=0))
+    async with a2a_client(f"{impatient.url}/agents/waiter", streaming=True) as client:
+        cut = await _until_tool_started(client, "g7", system, portal)
+    with said("a2a: 1 runs did not finish within 0 s of the gateway stopping: cancelled (waiter task") as warned:
+        portal.call(impatient.stop)
+        assert warned.is_set()
+    portal.call(system.gate.open, "g7")
+    assert status(cut) == "cancelled"
 
 
 # -- bad input: protocol errors, never a 500 -------------------------------------------------------

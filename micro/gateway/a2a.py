@@ -29,8 +29,10 @@ gets the task the first send started, which the gateway remembers in its runtime
 
 What a gateway holds in memory is only the runs it is driving right now (so that streams,
 resubscriptions and cancels reach them); a task driven by another gateway is followed through
-its record. Cancelling a task that waits (or was interrupted) cancels its run anywhere; a
-running task can be cancelled through the gateway driving it.
+its record. A gateway that stops lets them finish first (``drain_timeout``, refusing new
+messages meanwhile), then cancels the rest, as a service drains its calls. Cancelling a task
+that waits (or was interrupted) cancels its run anywhere; a running task can be cancelled
+through the gateway driving it.
 
 Security is the HTTP gateway's (:mod:`micro.gateway.http`): ``token`` requires
 ``Authorization: Bearer`` on every JSON-RPC call (cards and probes stay public, so clients can
@@ -106,12 +108,14 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 if TYPE_CHECKING:
     from micro.runtime import Runtime
 
-__all__ = ["DEFAULT_TIMEOUT", "A2AHandler", "app"]
+__all__ = ["DEFAULT_DRAIN_TIMEOUT", "DEFAULT_TIMEOUT", "A2AHandler", "app"]
 
 log = logging.getLogger("micro.gateway.a2a")
 
 DEFAULT_TIMEOUT = 300.0
 """Seconds one run may take (an agent's run may call many tools)."""
+DEFAULT_DRAIN_TIMEOUT = 10.0
+"""Seconds a stopping gateway lets the runs it drives finish before it cancels them (a service's default)."""
 
 CARD_PATH = "/.well-known/agent-card.json"
 _ENDS = frozenset({pb.TASK_STATE_COMPLETED, pb.TASK_STATE_FAILED, pb.TASK_STATE_CANCELED,
@@ -195,6 +199,24 @@ class A2AHandler(RequestHandler):
         self.timeout = timeout
         self.drives: dict[str, _Drive] = {}
         self.task_group: anyio.abc.TaskGroup | None = None
+        self.draining = False
+        """Stopping: new messages are refused while the runs being driven finish (:meth:`drain`)."""
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new messages and let the runs being driven finish, up to ``timeout`` seconds; the owner
+        of :attr:`task_group` then cancels what is left (their agents record them as cancelled)."""
+        self.draining = True
+        drives = list(self.drives.values())
+        if not drives:
+            return
+        log.info("a2a: stopping: %d runs it drives get up to %g s to finish", len(drives), timeout)
+        with anyio.move_on_after(timeout):
+            for drive in drives:
+                await drive.finished.wait()
+        left = [f"{d.agent} task {d.task_id}" for d in drives if not d.finished.is_set()]
+        if left:
+            log.warning("a2a: %d runs did not finish within %g s of the gateway stopping: cancelled (%s)", len(left),
+                        timeout, ", ".join(left[:10]) + (", …" if len(left) > 10 else ""))
 
     # -- reading runs ------------------------------------------------------------------------------
 
@@ -385,6 +407,9 @@ class A2AHandler(RequestHandler):
         id of the task the first one started is returned instead (see :meth:`_claim`)."""
         if self.task_group is None:
             raise a2a_errors.InternalError(message="the A2A gateway is not started (its app's lifespan did not run)")
+        if self.draining:
+            raise a2a_errors.InternalError(message="this A2A gateway is stopping: send the message to another one "
+                                                   "(or again once it has restarted)")
         message = params.message
         text, data = tasks.message_content(message)
         if not message.task_id and not text.strip():
@@ -653,12 +678,15 @@ class _Context(DefaultServerCallContextBuilder):
 
 class _A2AGateway:
     def __init__(self, runtime: Runtime, *, max_body: int, timeout: float, token: bool,
-                 public_url: str | None) -> None:
+                 public_url: str | None, drain_timeout: float) -> None:
         if max_body <= 0:
             raise UsageError(f"max_body must be a positive number of bytes, not {max_body}")
         if timeout <= 0:
             raise UsageError(f"timeout must be a positive number of seconds, not {timeout}")
+        if drain_timeout < 0:
+            raise UsageError(f"drain_timeout must be >= 0 seconds, not {drain_timeout}")
         self.runtime = runtime
+        self.drain_timeout = drain_timeout
         self.token = token
         self.public_url = public_url.rstrip("/") if public_url else None
         self.handler = A2AHandler(runtime, timeout=timeout)
@@ -672,9 +700,10 @@ class _A2AGateway:
                 self.handler.task_group = tg
                 try:
                     yield
+                    await self.handler.drain(self.drain_timeout)  # a stop, not a failure: as a service drains
                 finally:
                     self.handler.task_group = None
-                    tg.cancel_scope.cancel()  # the runs being driven: their agents record them as cancelled
+                    tg.cancel_scope.cancel()  # the runs still driven: their agents record them as cancelled
         finally:
             await self.runtime.release()
 
@@ -813,7 +842,8 @@ def _public(path: str) -> bool:
 
 def app(runtime: Runtime, *, token: str | None = None, max_body: int = DEFAULT_MAX_BODY,
         timeout: float = DEFAULT_TIMEOUT, allowed_hosts: Iterable[str] | None = None,
-        allowed_origins: Iterable[str] = (), public_url: str | None = None) -> Starlette:
+        allowed_origins: Iterable[str] = (), public_url: str | None = None,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT) -> Starlette:
     """The A2A gateway as an ASGI app on ``runtime`` (mount it anywhere; its lifespan must run).
 
     Args:
@@ -826,12 +856,15 @@ def app(runtime: Runtime, *, token: str | None = None, max_body: int = DEFAULT_M
         allowed_hosts / allowed_origins: as :func:`micro.gateway.http.app` (DNS rebinding, browsers).
         public_url: the URL clients reach the gateway at, for the cards' interface URLs (default:
             the URL each request came to).
+        drain_timeout: seconds the runs the gateway drives get to finish when it stops (its lifespan
+            ends): new messages are refused meanwhile; what is still running then is cancelled.
 
     Example::
 
         gateway = app(micro.Runtime(), token=os.environ["MICRO_A2A_TOKEN"])
     """
-    gw = _A2AGateway(runtime, max_body=max_body, timeout=timeout, token=token is not None, public_url=public_url)
+    gw = _A2AGateway(runtime, max_body=max_body, timeout=timeout, token=token is not None, public_url=public_url,
+                     drain_timeout=drain_timeout)
     rest = [r for r in create_rest_routes(gw.handler, context_builder=_Context(), path_prefix="/agents/{name}/rest")
             if isinstance(r, Route)]  # the SDK's /{tenant} mount left out: micro has no tenants
     routes = [
