@@ -171,6 +171,10 @@ async def test_reload_swaps_the_app_with_no_failed_call(tmp_path: Path) -> None:
     assert errors == [], errors[:3]
     assert answers[0] == 1 and answers[-1] == 5 and sorted(set(answers)) == [1, 2, 3, 4, 5]
     assert proc.returncode == 0, "\n".join(output.lines)
+    # the first version's banner once, then one line per swap
+    assert sum("service reloaded on " in line for line in output.lines) == 1, output.lines
+    swaps = [line for line in output.lines if line.startswith("reloaded ")]
+    assert len(swaps) == 4 and all(line.startswith("reloaded app.py (pid ") for line in swaps), swaps
 
 
 def test_the_watch_ignores_virtualenvs_caches_and_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

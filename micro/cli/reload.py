@@ -41,6 +41,7 @@ from rich.markup import escape
 from micro.cli.main import cli_runtime, err, out
 
 READY_FD = "MICRO_RUN_READY_FD"  # the child writes {"pid", "nodes": [[service, node id], ...]} here once serving
+SWAPPED = "MICRO_RUN_SWAPPED"  # "1": a version swapped in for another, which prints no banner
 DEBOUNCE_MS = 300  # changes within this are one reload (an editor's save is often several writes)
 
 
@@ -49,6 +50,12 @@ class Ready(msgspec.Struct):
 
     pid: int
     nodes: list[tuple[str, str]]
+
+
+def child_output() -> tuple[bool, bool]:
+    """In ``micro run``: whether it runs under ``--reload`` (the watching process says "stopped", once), and
+    whether it prints its banner (not a version swapped in for another: the watcher prints one line)."""
+    return READY_FD in os.environ, os.environ.get(SWAPPED) != "1"
 
 
 def report_ready(services: list[Any]) -> None:
@@ -85,17 +92,21 @@ def _read_line(fd: int) -> bytes:
         return pipe.readline()
 
 
-async def start(path: Path, args: list[str], *, replica: bool = True) -> Child | None:
+async def start(path: Path, args: list[str], *, replica: bool = True, swapped: bool = True) -> Child | None:
     """Start the app in a child; the child once it serves, or None when it exited first (its error printed).
 
     A new version runs beside the old one on purpose (``--replica``); the first one warns, as ``micro run``
-    does, when another process already serves the app, unless ``replica``.
+    does, when another process already serves the app, unless ``replica``. Only the first one (not
+    ``swapped``) prints its banner.
     """
     r, w = os.pipe()
+    env = {**os.environ, READY_FD: str(w)}
+    if swapped:
+        env[SWAPPED] = "1"
     try:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "micro.cli", "run", str(path), *(["--replica"] if replica else []), *args,
-            env={**os.environ, READY_FD: str(w)}, pass_fds=(w,),
+            env=env, pass_fds=(w,),
         )
     finally:
         os.close(w)  # the child has its own copy: EOF here when it exits without a word
@@ -186,7 +197,7 @@ async def serve_reloading(path: Path, args: list[str], *, grace: float = 15.0, r
                              "local://, the default, or nats://…): memory:// is one process's own")
         await tg.start(stop_on_signals, tg.cancel_scope)
         try:
-            current = await start(path, args, replica=replica)
+            current = await start(path, args, replica=replica, swapped=False)
             if current is not None:
                 await registered(rt, current.ready.nodes)
             else:
@@ -202,7 +213,6 @@ async def serve_reloading(path: Path, args: list[str], *, grace: float = 15.0, r
                 names = changed(changes, root)
                 if not names:
                     continue
-                out.print(f"[dim]changed: {escape(', '.join(names))}; starting the new version[/dim]")
                 new = await start(path, args)
                 if new is None:
                     kept = f" (pid {current.proc.pid})" if current is not None else ""
@@ -213,8 +223,9 @@ async def serve_reloading(path: Path, args: list[str], *, grace: float = 15.0, r
                 old, current = current, new
                 if old is not None:
                     await old.stop(grace)
-                out.print(f"[green]reloaded[/green] (pid {new.proc.pid})")
+                out.print(f"[green]reloaded[/green] {escape(', '.join(names))} (pid {new.proc.pid})")
                 sys.stdout.flush()
         finally:
             if current is not None:
                 await current.stop(grace)
+    out.print("stopped")

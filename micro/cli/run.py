@@ -279,8 +279,10 @@ async def serve(path: Path, *, metrics_address: str | None = None, replica: bool
     items = runnables(module)
     if not items:
         fail(f"{path} defines no services, agents or flows at top level")
-    from micro.cli.reload import report_ready
+    from micro.cli.reload import child_output, report_ready
     from micro.service.service import stop_on_signals
+
+    reloading, banner = child_output()
 
     async with contextlib.AsyncExitStack() as stack:
         if metrics_address is not None:  # first in, last out: probes answer (503) while the services drain
@@ -311,24 +313,27 @@ async def serve(path: Path, *, metrics_address: str | None = None, replica: bool
             else:
                 n = len(item.endpoints)
                 extra = f"{n} endpoint{'' if n == 1 else 's'}"
-            out.print(f"[green]●[/green] {kind} [bold]{item.name}[/bold] on {item.address} ({extra})")
+            if banner:
+                out.print(f"[green]●[/green] {kind} [bold]{item.name}[/bold] on {item.address} ({extra})")
         server = None
         if http is not None:  # last in, first out: the dashboard stops before the services drain
             server = _http_server(http, items[0].runtime)
             if server is not None:
                 stack.push_async_callback(server.aclose)
                 out.print(f"dashboard: {server.url}", markup=False)  # bound: connections wait in its backlog
-        if module.__doc__:
+        if module.__doc__ and banner:
             out.print(module.__doc__.strip(), markup=False)
         report_ready(items)
         async with anyio.create_task_group() as tg:  # cancelled by a signal; services stop after it
             await tg.start(stop_on_signals, tg.cancel_scope)
-            out.print("[dim]Ctrl-C to stop[/dim]")
+            if banner:
+                out.print("[dim]Ctrl-C to stop[/dim]")
             sys.stdout.flush()
             if server is not None:
                 server.start()  # only now: the HTTP stack loads while the services already answer
             await anyio.sleep_forever()
-    out.print("stopped")
+    if not reloading:
+        out.print("stopped")
 
 
 def _http_server(http: Http, runtime: Any) -> Any:
