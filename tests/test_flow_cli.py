@@ -21,8 +21,11 @@ def micro_cli(*args: str, columns: str = "80") -> subprocess.CompletedProcess[st
 
 
 def test_run_wait_resume_and_show_a_stepped_flow(example: subprocess.Popen[str]) -> None:
-    listed = micro_cli("flow", "list", columns="200")
-    assert "close-task" in listed.stdout and "steps: lead → approved → closed → notified" in listed.stdout
+    listed = micro_cli("flow", "list")  # at 80 columns: each flow on one line, its steps whole
+    (close,) = [line for line in listed.stdout.splitlines() if "close-task" in line]
+    assert close.endswith("steps: lead → approved → closed → notified"), listed.stdout
+    (onboard,) = [line for line in listed.stdout.splitlines() if "onboard-user" in line]
+    assert close.index("on events.") == onboard.index("on events."), listed.stdout  # aligned
 
     res = micro_cli("flow", "run", "close-task", '{"task_id": "t2", "reason": "merged"}', "--json")
     assert res.returncode == 0, res.stderr

@@ -63,7 +63,7 @@ async def list_flows(as_json: bool) -> None:
     if not flows:
         out.print("no flows registered (define one with micro.NewFlow and start it with `micro run`)")
         return
-    table = Table.grid(padding=(0, 2))
+    rows = []
     for f in flows:
         meta = f.metadata
         when = f"on {meta.get('trigger')}" if meta.get("trigger") else ""
@@ -74,8 +74,17 @@ async def list_flows(as_json: bool) -> None:
             when += f"{sched} (next {_when(nxt)})"
         work = (f"steps: {meta['steps'].replace(',', ' → ')}" if meta.get("steps")
                 else f"over: {meta.get('services') or meta.get('agent') or '-'}")
-        table.add_row(f"[cyan]⚡[/cyan] [bold]{escape(f.name)}[/bold]", escape(when), escape(work))
-    out.print(table)
+        rows.append((f.name, when, work))
+    # aligned columns, each flow on one line: a narrow terminal wraps the line's end, not a column's
+    # cells (a table at 80 columns broke the steps over several lines)
+    names = max(len(name) for name, _, _ in rows)
+    whens = max(len(when) for _, when, _ in rows)
+    for name, when, work in rows:
+        cells = [f"[bold]{escape(name)}[/bold]" + " " * (names - len(name))]
+        if whens:
+            cells.append(escape(when) + " " * (whens - len(when)))
+        cells.append(escape(work))
+        out.print("[cyan]⚡[/cyan] " + "  ".join(cells))
 
 
 def _when(ts: float) -> str:
