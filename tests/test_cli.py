@@ -282,6 +282,22 @@ def test_describe_an_unknown_service_suggests_one(tasks_app: Running) -> None:
     assert res.stderr.endswith("; did you mean task?\n")
 
 
+async def test_not_found_never_names_micros_internal_records(capsys: pytest.CaptureFixture[str]) -> None:
+    import micro
+    from micro.cli.main import missing
+
+    async def handle(message: object) -> None:
+        pass  # never delivered: the subscription only makes the local broker register micro-broker
+
+    async with micro.Runtime(registry="memory://", broker="local://", store="memory://") as rt:
+        await rt.broker.subscribe("jobs", handle)
+        assert [r.name for r in await rt.registry.list()] == ["micro-broker"]
+        with pytest.raises(SystemExit):
+            await missing(rt, "micro-brokr")
+    assert capsys.readouterr().err == ("error: no service 'micro-brokr' is registered (services: none) "
+                                       "(`micro services` lists them)\n")
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (("nosuch",), "error: No such command 'nosuch'."),
     (("call",), "error: Missing argument 'SERVICE'."),

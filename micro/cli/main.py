@@ -108,7 +108,8 @@ async def missing(rt: Any, name: str, kind: str = "service") -> NoReturn:
         except ServiceNotFound:
             await missing(rt, service)
     """
-    records = await rt.registry.list()
+    # micro's own records (the local broker's micro-broker) are no one's guess: not listed, never suggested
+    records = [r for r in await rt.registry.list() if r.metadata.get("type") != "internal"]
     names = [r.name for r in records if kind == "service" or r.metadata.get("type") == kind]  # agents are services
     listing = {"agent": "micro agent list", "flow": "micro flow list"}.get(kind, "micro services")
     other = next((r.metadata.get("type", "service") for r in records if r.name == name), None)
