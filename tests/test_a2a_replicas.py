@@ -4,7 +4,8 @@ Each replica is a whole process's worth of micro: its own registry, an agent `cl
 needs a person's approval to delete an entry (scripted model), and an A2A gateway. The only
 thing the replicas share is the store, a NATS JetStream KV bucket on the session's real
 nats-server. A task that replica A paused is read, answered and finished through replica B
-after A is gone entirely: nothing of a task lives in a gateway's memory.
+after A is gone entirely: nothing of a task lives in a gateway's memory. A message sent again
+to the other replica gets the task the first send started (the replicas share the record of it).
 """
 
 from __future__ import annotations
@@ -109,16 +110,22 @@ async def test_a_task_paused_through_one_replica_is_finished_through_the_other(n
     database = f"a2a-{uuid.uuid4().hex[:10]}"
     async with replica("b", nats_url, database) as b:
         async with replica("a", nats_url, database) as a:
-            paused = await send(a.url, message("delete entry e1"))
+            first = message("delete entry e1")
+            paused = await send(a.url, first)
             assert paused.status.state == pb.TASK_STATE_INPUT_REQUIRED
             assert a.ledger.deleted == [] and b.ledger.deleted == []
+        # the same message sent again to the other replica (a client's retry): the same task, no new run
+        assert (await send(b.url, first)).id == paused.id
         # replica A is gone (gateway, agent, runtime): B reads the task from the shared store...
         async with await ClientFactory(ClientConfig(streaming=False)).create_from_url(b.url) as client:
             seen = await client.get_task(pb.GetTaskRequest(id=paused.id))
         assert seen.status.state == pb.TASK_STATE_INPUT_REQUIRED and seen.context_id == paused.context_id
         assert seen.status.message.parts[0].text.startswith('Approve ledger_Ledger_Delete({"id": "e1"})?')
         # ...and answering it there resumes the run there
-        done = await send(b.url, message("approve", task_id=paused.id))
+        approve = message("approve", task_id=paused.id)
+        done = await send(b.url, approve)
+        again = await send(b.url, approve)  # sent again: the same finished task, nothing deleted twice
+    assert again == done
     assert done.id == paused.id and done.status.state == pb.TASK_STATE_COMPLETED
     assert done.artifacts[0].parts[0].text == 'done: {"deleted":"e1","by":"b"}'
     assert b.ledger.deleted == ["e1"] and a.ledger.deleted == []
