@@ -392,11 +392,15 @@ async def test_an_approval_is_an_input_required_task_answered_by_a_message(url: 
             await send(client, message("maybe later", task_id=task.id))
         assert (await client.get_task(pb.GetTaskRequest(id=task.id))).status.state == pb.TASK_STATE_INPUT_REQUIRED
         # a new message in the same context is refused while the run waits
+        later = message("What tasks are overdue for Alice?", context_id=context)
         with pytest.raises(InvalidParamsError, match="waiting for approval of task_Task_Delete"):
-            await send(client, message("What tasks are overdue for Alice?", context_id=context))
+            await send(client, later)
         (ev,) = await send(client, message("approve", task_id=task.id))
+        # refused, that message was not remembered: sent again now, it runs
+        (overdue,) = await send(client, later)
     assert ev.task.id == task.id and ev.task.status.state == pb.TASK_STATE_COMPLETED
     assert reply_of(ev.task) == "Deleted: Write release notes (due February 1)"
+    assert overdue.task.id != task.id and reply_of(overdue.task).splitlines() == OVERDUE
 
 
 async def test_a_question_is_answered_by_the_text_of_a_message_on_the_task(url: str) -> None:

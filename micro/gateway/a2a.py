@@ -421,13 +421,16 @@ class A2AHandler(RequestHandler):
             earlier = await self._claim(key, task_id)
             if earlier is not None:
                 return earlier
+        made: list[_Drive] = []  # the drive _begin adds, once it does
         begun = False
         try:
-            started = await self._begin(agent, message, text, data, task_id)
+            started = await self._begin(agent, message, text, data, task_id, made)
             begun = True
             return started
         finally:
-            if key is not None and not begun:  # refused: the message may be sent again
+            # refused, or stopped before its run was under way: the message may be sent again (a caller that
+            # left while its run was starting keeps the record: the run goes on, and a retry finds it)
+            if key is not None and not begun and (not made or made[0].error is not None):
                 with anyio.CancelScope(shield=True):
                     await self._unclaim(key)
 
@@ -458,8 +461,8 @@ class A2AHandler(RequestHandler):
         except Error as exc:
             log.warning("a2a: could not forget refused message %s (a retry of it will find no task): %s", key, exc)
 
-    async def _begin(self, agent: str, message: pb.Message, text: str, data: Any,
-                     task_id: str) -> tuple[_Drive, MemoryObjectReceiveStream[Event]]:
+    async def _begin(self, agent: str, message: pb.Message, text: str, data: Any, task_id: str,
+                     made: list[_Drive]) -> tuple[_Drive, MemoryObjectReceiveStream[Event]]:
         assert self.task_group is not None
         if message.task_id:
             self._check_idle(message.task_id)  # refused before any I/O; checked again where the drive is added
@@ -483,6 +486,7 @@ class A2AHandler(RequestHandler):
         drive = _Drive(agent, task_id, context_id)
         drive.new = not message.task_id
         self.drives[task_id] = drive
+        made.append(drive)
         events = drive.subscribe()
         self.task_group.start_soon(self._drive, drive, endpoint, request)
         await drive.started.wait()
