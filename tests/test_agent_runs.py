@@ -83,6 +83,23 @@ async def test_each_ask_leaves_a_run_record_with_tool_calls_reply_and_usage(rt: 
     assert runs[0].parent_id == "outer-run" and runs[0].tool_calls == []
     assert [r.id for r in await agent.runs.list(session="s1")] == [first.run_id]
     assert [r.id for r in await agent.runs.list(parent_id="outer-run")] == [second.run_id]
+    # each model turn: when it began, how long it took, its own tokens; the turns add up to the run's usage
+    first_turn, second_turn = rec.turns
+    assert rec.started <= first_turn.started <= call.started
+    assert call.started + call.seconds <= second_turn.started <= rec.finished
+    assert first_turn.seconds >= 0 and second_turn.seconds >= 0 and not first_turn.error
+    assert sum(t.input_tokens for t in rec.turns) == rec.usage.input_tokens > 0
+    assert sum(t.output_tokens for t in rec.turns) == rec.usage.output_tokens > 0
+    assert second_turn.input_tokens > first_turn.input_tokens  # the second call saw the tool's result too
+    assert len(runs[0].turns) == 1
+
+
+def test_a_run_record_written_before_turns_were_recorded_still_reads() -> None:
+    from micro.agent.record import AgentRun
+
+    old = b'{"id": "18ab", "agent": "a", "message": "hi", "tool_calls": [], "usage": {"input_tokens": 3}}'
+    run = msgspec.json.decode(old, type=AgentRun)
+    assert (run.turns, run.usage.input_tokens) == ([], 3)
 
 
 async def test_a_failed_run_is_recorded_with_its_error_kind(rt: micro.Runtime) -> None:
@@ -94,6 +111,8 @@ async def test_a_failed_run_is_recorded_with_its_error_kind(rt: micro.Runtime) -
         (run,) = await agent.runs.list()
     assert (run.status, run.error_kind, run.message, run.reply) == ("failed", "AgentError", "hello", "")
     assert run.error
+    (turn,) = run.turns  # the failed model call is recorded as a turn with its error
+    assert turn.error.startswith("AgentError: ") and run.started <= turn.started <= run.finished
 
 
 async def test_agent_info_endpoints_over_the_client(rt: micro.Runtime) -> None:

@@ -120,8 +120,13 @@ async def test_approval_pauses_the_run_the_other_calls_of_the_turn_run_and_appro
         assert states["ledger_Ledger_Balance"] == ("done", '{"ok":true,"detail":"balance of me: 10"}')
         assert states["ledger_Ledger_Transfer"][0] == "pending"
         assert [r.id for r in await agent.pending()] == [rsp.run_id]
+        assert len(run.turns) == 1  # the model turn that asked for the calls
 
         done = await agent.resume(rsp.run_id, approve={p.call_id: True})
+        after = await agent.runs.get(rsp.run_id)
+    # the resumed run keeps the turn before the pause (from the checkpoint) and adds the one after it
+    assert after is not None and len(after.turns) == 2 and after.turns[0] == run.turns[0]
+    assert after.turns[1].started >= max(c.started for c in after.tool_calls)
     assert done.status == "completed" and done.run_id == rsp.run_id
     assert done.reply == '{"ok":true,"detail":"sent 5 to bob"} | {"ok":true,"detail":"balance of me: 10"}'
     assert [(to, n) for to, n, _ in ledger.transfers] == [("bob", 5)]

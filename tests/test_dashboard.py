@@ -63,6 +63,14 @@ def _brain(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | st
     return scripted.turn("Painting. ", scripted.call("painter_Painter_Paint", wall=messages[-1].text))
 
 
+def _pair(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | str:
+    results = [b for b in messages[-1].content if isinstance(b, ToolResultBlock)]
+    if results:
+        return " | ".join(r.content for r in results)
+    return scripted.turn("Painting two walls. ", scripted.call("painter_Painter_Paint", wall="north"),
+                         scripted.call("painter_Painter_Paint", wall="south"))
+
+
 def _asker(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | str:
     results = [b for b in messages[-1].content if isinstance(b, ToolResultBlock)]
     if results:
@@ -78,7 +86,9 @@ async def runtime() -> AsyncIterator[micro.Runtime]:
         helper = micro.Agent("helper", services=["painter"], prompt="You paint.", runtime=rt,
                              provider=scripted.function(_brain), needs_approval=["painter_Painter_Paint"])
         asker = micro.Agent("asker", services=[], prompt="You ask.", runtime=rt, provider=scripted.function(_asker))
-        async with painter, helper, asker:
+        pair = micro.Agent("pair", services=["painter"], prompt="You paint.", runtime=rt,
+                           provider=scripted.function(_pair), needs_approval=["painter_Painter_Paint"])
+        async with painter, helper, asker, pair:
             yield rt
 
 
@@ -149,10 +159,25 @@ def test_the_timeline_draws_a_wait_for_a_person_as_waiting_not_as_a_model_turn()
                             (0, "waiting", "waiting for a person", 1.0, 3600.0), (1, "tool", "a", 3601.0, 0.5)]
 
 
+def test_the_timeline_draws_recorded_model_turns_with_their_tokens_not_the_gaps() -> None:
+    # the first turn took 8 ms of the 10 before the call (the rest was the loop's own time); the second failed
+    run = {"started": 100.0, "finished": 100.1, "turns": [
+        {"started": 100.001, "seconds": 0.008, "input_tokens": 120, "output_tokens": 30},
+        {"started": 100.04, "seconds": 0.05, "error": "Timeout: the model did not answer"}],
+        "tool_calls": [{"name": "a", "input": {}, "started": 100.01, "seconds": 0.02, "state": "done"}]}
+    bars = [(b.lane, b.kind, b.label, round(b.start, 3), round(b.seconds, 3)) for b in timeline.agent_bars(run)]
+    assert sorted(bars) == [(0, "error", "model turn 2 failed", 0.04, 0.05),
+                            (0, "model", "model turn 1 · 120 in / 30 out", 0.001, 0.008),
+                            (1, "tool", "a", 0.01, 0.02)]
+    titles = [b.title for b in timeline.agent_bars(run) if b.lane == 0]
+    assert titles == ["model turn 1: 8.0 ms, 120 in / 30 out tokens",
+                      "model turn 2: 50.0 ms, failed: Timeout: the model did not answer"]
+
+
 async def test_pages_escape_what_services_and_runs_hold(runtime: micro.Runtime) -> None:
     async with _client(dashboard(runtime)) as http:
         page = await http.get("/")
-        assert page.status_code == 200 and "micro_csrf=" in page.headers["set-cookie"]
+        assert page.status_code == 200 and "micro_csrf_8080=" in page.headers["set-cookie"]
         # scripts only from the server's files, no framing, and htmx evaluates no strings as code
         assert page.headers["content-security-policy"] == "script-src 'self'; frame-ancestors 'none'"
         assert """<meta name="htmx-config" content='{"allowEval": false, "allowScriptTags": false}'>""" in page.text
@@ -186,6 +211,17 @@ async def test_actions_need_the_pages_csrf_token(runtime: micro.Runtime) -> None
                               headers={"Origin": "https://evil.example"})
         assert rsp.status_code == 403 and "cross-origin request" in rsp.text
 
+    # the CSRF cookie is this port's: another port's dashboard on the same host neither reads nor accepts it
+    async with _client(dashboard(runtime)) as http:
+        page = await http.get("/services/painter")
+        assert page.headers["set-cookie"].startswith("micro_csrf_8080=")
+        token = _csrf(page.text)
+    async with _client(dashboard(runtime), base="http://127.0.0.1:9090") as other:
+        other.cookies.set("micro_csrf_8080", token)
+        rsp = await other.post("/ui/call/painter/Painter.Paint", data={"wall": "w", "csrf": token})
+        assert "PERMISSION_DENIED" in rsp.text and "painted" not in rsp.text
+        assert (await other.get("/")).headers["set-cookie"].startswith("micro_csrf_9090=")
+
 
 async def test_a_denial_with_a_reason_reaches_the_model(runtime: micro.Runtime) -> None:
     rsp = await runtime.client.call("helper", "Agent.Chat", {"message": "north"})
@@ -208,6 +244,72 @@ async def test_a_denial_with_a_reason_reaches_the_model(runtime: micro.Runtime) 
                                 data={"action": "approve", "csrf": _csrf(page.text)})
         assert again.status_code == 400 and run_id in again.text and "completed" in again.text
         assert (await runtime.client.call("helper", "AgentInfo.Run", {"id": run_id}))["run"] == run
+
+
+async def test_each_call_of_a_paused_run_is_approved_or_denied_on_its_own(runtime: micro.Runtime) -> None:
+    rsp = await runtime.client.call("pair", "Agent.Chat", {"message": "paint"})
+    assert rsp["status"] == "paused" and len(rsp["pending"]) == 2
+    run_id = rsp["run_id"]
+    north, south = (p["call_id"] for p in rsp["pending"])
+    async with _client(dashboard(runtime)) as http:
+        page = await http.get(f"/agents/pair/runs/{run_id}")
+        # a form per call (its call id), and one for both
+        assert page.text.count('class="decide one"') == 2 and page.text.count('class="decide all"') == 1
+        assert f'name="call_id" value="{north}"' in page.text and f'name="call_id" value="{south}"' in page.text
+        rsp = await http.post(f"/ui/agents/pair/runs/{run_id}/resume",
+                              data={"action": "approve", "call_id": north, "csrf": _csrf(page.text)})
+        assert rsp.status_code == 303
+        run = (await runtime.client.call("pair", "AgentInfo.Run", {"id": run_id}))["run"]
+        assert run["status"] == "paused"  # still waits for the other call; the first decision is kept
+        assert [(p["call_id"], p["decided"], p["approved"]) for p in run["pending"]] == [
+            (north, True, True), (south, False, False)]
+        page = await http.get(f"/agents/pair/runs/{run_id}")
+        assert "decided: approved; waits for the other calls" in page.text
+        assert page.text.count('class="decide one"') == 1 and 'class="decide all"' not in page.text
+        rsp = await http.post(f"/ui/agents/pair/runs/{run_id}/resume",
+                              data={"action": "deny", "call_id": south, "reason": "too wet", "csrf": _csrf(page.text)})
+        assert rsp.status_code == 303
+    run = (await runtime.client.call("pair", "AgentInfo.Run", {"id": run_id}))["run"]
+    assert run["status"] == "completed"
+    assert run["reply"].startswith('{"note":"north painted 1x') and "not approved by a person: too wet" in run["reply"]
+
+
+async def test_the_decide_all_form_names_the_undecided_calls_and_decides_them(runtime: micro.Runtime) -> None:
+    rsp = await runtime.client.call("pair", "Agent.Chat", {"message": "paint"})
+    run_id = rsp["run_id"]
+    north, south = (p["call_id"] for p in rsp["pending"])
+    async with _client(dashboard(runtime)) as http:
+        page = await http.get(f"/agents/pair/runs/{run_id}")
+        calls = re.search(r"name=\"calls\" value='([^']+)'", page.text)  # tojson: in single quotes
+        assert calls is not None and msgspec.json.decode(calls.group(1)) == [north, south]
+        rsp = await http.post(f"/ui/agents/pair/runs/{run_id}/resume",
+                              data={"action": "deny", "calls": f'["{north}", "{south}"]', "reason": "no paint",
+                                    "csrf": _csrf(page.text)})
+        assert rsp.status_code == 303
+        bad = await http.post(f"/ui/agents/pair/runs/{run_id}/resume",
+                              data={"action": "deny", "calls": "north,south", "csrf": _csrf(page.text)})
+        assert bad.status_code == 400 and "not a JSON list of call ids" in bad.text
+    run = (await runtime.client.call("pair", "AgentInfo.Run", {"id": run_id}))["run"]
+    assert run["status"] == "completed" and run["reply"].count("not approved by a person: no paint") == 2
+
+
+async def test_element_ids_made_from_names_cannot_reach_other_elements(runtime: micro.Runtime) -> None:
+    from micro.registry import Endpoint, Node, ServiceRecord
+
+    odd = ServiceRecord("odd", endpoints=[
+        Endpoint("x, body", "/odd/x", request={"properties": {'a" onfocus="x': {"type": "string"}}}),
+        Endpoint("Odd.Plain", "/odd/Odd.Plain")], nodes=[Node("odd-1", "127.0.0.1:1")])
+    await runtime.registry.register(odd, ttl=60)
+    async with _client(dashboard(runtime)) as http:
+        page = await http.get("/services/odd")
+    targets = re.findall(r'hx-target="#result-([^"]*)"', page.text)
+    assert len(targets) == 2 and targets[1] == "Odd-Plain"  # a plain name stays readable
+    assert re.fullmatch(r"h[0-9a-f]{16}", targets[0])  # the other: a hash, no comma, space or quote
+    assert f'id="ep-{targets[0]}"' in page.text and f'id="result-{targets[0]}"' in page.text
+    assert 'onfocus="x"' not in page.text  # the field's name is text, never an attribute
+    field_ids = re.findall(r'<input type="text" id="([^"]*)"', page.text)
+    assert field_ids == [f"f-{targets[0]}-" + field_ids[0].rsplit("-", 1)[1]]
+    assert re.fullmatch(r"h[0-9a-f]{16}", field_ids[0].rsplit("-", 1)[1])
 
 
 async def test_with_a_token_pages_need_the_login_cookie(runtime: micro.Runtime) -> None:

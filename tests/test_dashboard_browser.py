@@ -212,6 +212,10 @@ def test_the_playground_streams_a_reply_with_tool_lines(system: str, browser: We
     assert "bar tool" in kinds and "bar model" in kinds
     labels = [b.find_element(By.TAG_NAME, "text").text for b in bars]
     assert "task_Task_ListOverdue" in labels
+    # the model's turns as recorded: one asked for the tool, one answered, each with its own tokens
+    turns = [label for label in labels if label.startswith("model turn")]
+    assert len(turns) == 2 and all(re.fullmatch(r"model turn \d · \d+ in / \d+ out", t) for t in turns), labels
+    assert len(browser.find_elements(By.CSS_SELECTOR, "table.turns tbody tr")) == 2
     browser.save_screenshot(str(tmp_path / "run.png"))
 
 
@@ -233,6 +237,31 @@ def test_a_paused_run_is_approved_from_the_page_and_completes(system: str, brows
     assert "task_Task_Delete" in calls
     browser.get(system + "/agents/task-mgr")
     assert browser.find_element(By.ID, "h-pending").find_element(By.XPATH, "..").text.endswith("No run waits.")
+
+
+def test_each_call_of_a_paused_run_is_decided_on_its_own(system: str, browser: WebDriver, tmp_path: Path) -> None:
+    browser.get(system + "/agents/task-mgr")
+    browser.find_element(By.ID, "chat-message").send_keys("Delete tasks t5 and t6")
+    browser.find_element(By.CSS_SELECTOR, "#chat button[type=submit]").click()
+    link = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#chat-log a.decide-link"),
+                 "the paused run was never shown")
+    link[0].click()  # type: ignore[index]
+    _wait(browser, lambda d: d.find_element(By.ID, "run-status").text == "paused", "the run page did not open")
+    calls = browser.find_elements(By.CSS_SELECTOR, ".pending .call")
+    assert [c.find_element(By.CSS_SELECTOR, ".waits").text for c in calls] == [
+        '⏸ task_Task_Delete({"id": "t5"}) needs approval', '⏸ task_Task_Delete({"id": "t6"}) needs approval']
+    assert browser.find_elements(By.CSS_SELECTOR, "form.decide.all")  # and one form for both
+    browser.save_screenshot(str(tmp_path / "paused-two.png"))
+    calls[0].find_element(By.CSS_SELECTOR, "button[value=approve]").click()  # t5 only
+    _wait(browser, lambda d: "decided: approved" in d.find_element(By.CSS_SELECTOR, ".pending .call").text,
+          "the first decision was not shown")
+    assert browser.find_element(By.ID, "run-status").text == "paused"  # t6 still waits
+    second = browser.find_elements(By.CSS_SELECTOR, ".pending .call")[1]
+    second.find_element(By.CSS_SELECTOR, "input[name=reason]").send_keys("keep it")
+    second.find_element(By.CSS_SELECTOR, "button[value=deny]").click()
+    _wait(browser, lambda d: d.find_element(By.ID, "run-status").text == "completed", "the run did not complete")
+    reply = browser.find_element(By.CSS_SELECTOR, ".reply").text
+    assert "Deleted: Prepare launch checklist" in reply and "not approved by a person: keep it" in reply, reply
 
 
 def test_a_waiting_flow_run_is_resumed_from_its_form(system: str, browser: WebDriver, tmp_path: Path) -> None:
@@ -333,7 +362,7 @@ def test_with_a_token_pages_need_a_login(system: str, browser: WebDriver, env: d
         assert httpx.get(url + "/api/services", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
         assert httpx.get(url + "/", headers={"Accept": "text/html"}).headers.get("location", "").startswith("/login")
         # logged in but without the page's CSRF token, an action is refused
-        jar = {f"micro_token_{port}": cookie["value"], "micro_csrf": "x" * 43}
+        jar = {f"micro_token_{port}": cookie["value"], f"micro_csrf_{port}": "x" * 43}
         rsp = httpx.post(url + "/ui/call/task/Task.ListOverdue", data={"user_id": "alice"}, cookies=jar)
         assert "PERMISSION_DENIED" in rsp.text and "CSRF" in rsp.text and "records" not in rsp.text
         rsp = httpx.post(url + "/ui/call/task/Task.ListOverdue", data={"user_id": "alice", "csrf": "x" * 43},

@@ -8,6 +8,7 @@ Run it with `make run` (or `micro run examples/tasks`), then from another termin
     micro agent list
     micro chat -m "Reschedule Alice's overdue tasks and notify her"
     micro chat --agent task-mgr -m "Delete task t7"      # waits for a person's approval
+    micro chat --agent task-mgr -m "Delete tasks t5 and t6"   # two calls, approved (or denied) one by one
     micro agent pending task-mgr
     micro agent approve task-mgr RUN_ID                  # or --deny --reason "keep it"
     micro call user User.Create '{"name": "Dana", "email": "dana@example.com"}'   # triggers onboard-user

@@ -46,9 +46,10 @@ def _brain(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | st
             return scripted.turn(f"Moving {_count(len(calls), 'task')} to {new_due}...", *calls)
     if results:
         return "\n\n".join(_summary(use, res) for use, res in zip(asked, results, strict=False))
-    task_id = next((w for w in request.replace(".", " ").split() if w[:1] == "t" and w[1:].isdigit()), "")
-    if "delete" in request and task_id and "task_Task_Delete" in names:
-        return scripted.turn(f"Deleting task {task_id}...", scripted.call("task_Task_Delete", id=task_id))
+    task_ids = [w for w in request.replace(".", " ").replace(",", " ").split() if w[:1] == "t" and w[1:].isdigit()]
+    if "delete" in request and task_ids and "task_Task_Delete" in names:
+        deletes = [scripted.call("task_Task_Delete", id=t) for t in task_ids]  # several: one turn, each approved
+        return scripted.turn(f"Deleting task {', '.join(task_ids)}...", *deletes)
     if request.startswith("new user created") and "email_Email_Send" in names:
         event = json.loads(request.split(":", 1)[1].rsplit(". ", 1)[0]) if ":" in request else {}
         who = event.get("email") or event.get("name", "the new user")

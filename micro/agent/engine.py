@@ -74,7 +74,7 @@ class Checkpoint:
         self._written = 0
 
     def snapshot(self) -> None:
-        """Copy the loop's state (messages, calls, usage) into the record."""
+        """Copy the loop's state (messages, calls, turns, usage) into the record."""
         run = self.run
         if run is None:
             return
@@ -83,6 +83,7 @@ class Checkpoint:
         rec.tool_calls = [RunToolCall(c.id, c.name, c.input, c.result, c.is_error, c.started, c.seconds, _state(c),
                                       paused=c.paused)
                           for c in run.calls]
+        rec.turns = list(run.turns)
         u = run.usage
         rec.usage = RunUsage(u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens)
 
@@ -174,11 +175,12 @@ def _state(c: ToolCallRecord) -> Any:
 
 
 def restore(record: AgentRun, run: Run) -> None:
-    """Load a record's messages, calls and usage into a fresh loop ``run``."""
+    """Load a record's messages, calls, turns and usage into a fresh loop ``run``."""
     run.new_messages = list(record.messages)
     run.calls = [ToolCallRecord(c.id, c.name, c.input, c.result, c.is_error, c.started, c.seconds, c.state,
                                 paused=c.paused)
                  for c in record.tool_calls]
+    run.turns = list(record.turns)
     for p in record.pending:
         for c in reversed(run.calls):
             if c.id == p.call_id and c.state == "pending":

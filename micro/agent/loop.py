@@ -53,6 +53,7 @@ from micro.ai.messages import INVALID_JSON, writable
 from micro.errors import AgentError, Error, Timeout
 from micro.resource import aclose
 
+from .record import RunTurn
 from .tools import AskPerson, Tool, result_text
 
 log = logging.getLogger("micro.agent")
@@ -172,6 +173,8 @@ class Run:
     approve: Approve | None = None
     emit: Emit | None = None
     calls: list[ToolCallRecord] = field(default_factory=list)
+    turns: list[RunTurn] = field(default_factory=list)
+    """Each model call's start, duration and tokens (or error), in order: the run record's ``turns``."""
     usage: Usage = field(default_factory=Usage)
     new_messages: list[Message] = field(default_factory=list)
     needs_approval: Sequence[str] = ()
@@ -238,6 +241,7 @@ class Run:
     async def _model(self, messages: list[Message], tools: list[ToolSpec]) -> Response:
         attrs = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": self.model.name,
                  "gen_ai.request.model": self.model.model}
+        started, t0 = time.time(), time.perf_counter()
         with telemetry.span(f"chat {self.model.model}", "client", attrs) as span, \
                 metrics.model_call(self.model) as seen:
             try:
@@ -248,12 +252,18 @@ class Run:
                         )
                     else:
                         rsp = await self._stream(messages, tools)
-            except TimeoutError:
+            except TimeoutError as exc:
                 if not cm.expired():
+                    self._turn_failed(started, t0, exc)
                     raise
-                raise Timeout(
-                    f"{self.model!r} did not answer within model_timeout={self.limits.model_timeout}s"
-                ) from None
+                timeout = Timeout(f"{self.model!r} did not answer within model_timeout={self.limits.model_timeout}s")
+                self._turn_failed(started, t0, timeout)
+                raise timeout from None
+            except Exception as exc:
+                self._turn_failed(started, t0, exc)
+                raise
+            self.turns.append(RunTurn(started, time.perf_counter() - t0, rsp.usage.input_tokens,
+                                      rsp.usage.output_tokens))
             seen(rsp)
             if span is not None:
                 span.set_attribute("gen_ai.response.model", rsp.model)
@@ -264,6 +274,10 @@ class Run:
                     span.set_attribute("gen_ai.output.messages", msgspec.json.encode([rsp.message]).decode())
         self.usage = self.usage + rsp.usage
         return rsp
+
+    def _turn_failed(self, started: float, t0: float, exc: Exception) -> None:
+        detail = exc.message if isinstance(exc, Error) else str(exc)
+        self.turns.append(RunTurn(started, time.perf_counter() - t0, error=f"{type(exc).__name__}: {detail}"))
 
     async def _stream(self, messages: list[Message], tools: list[ToolSpec]) -> Response:
         assert self.emit is not None

@@ -1,7 +1,8 @@
 """Agent run records: one per run, in the store under ``agent/{name}/runs/{run id}``; the run's checkpoint.
 
 A record says what a run was asked, which tools it called with what arguments,
-results and timings, what it answered or why it failed, and the tokens it used;
+results and timings, each model turn's start, duration and tokens (or error), what it
+answered or why it failed, and the tokens it used;
 ``parent_id`` links a run started by another agent's ``delegate`` tool (or any
 caller that passes it) to that caller's run. Run ids start with the time in
 hex, so the store's key order is the order runs started and the newest runs are
@@ -105,6 +106,20 @@ class RunUsage(msgspec.Struct):
     cache_write_tokens: int = 0
 
 
+class RunTurn(msgspec.Struct, frozen=True):
+    """One model turn of a run: when the model was called, how long it took, the tokens it used, or its error.
+
+    Records written before turns were recorded have none (``AgentRun.turns`` empty); the dashboard then
+    draws the stretches between tool calls as the model's turns.
+    """
+
+    started: float
+    seconds: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    error: str = ""
+
+
 class AgentRun(msgspec.Struct):
     """What one run did and where it is: its message, messages so far, tool calls, status, reply or error."""
 
@@ -118,6 +133,7 @@ class AgentRun(msgspec.Struct):
     error: str = ""
     error_kind: str = ""
     tool_calls: list[RunToolCall] = []
+    turns: list[RunTurn] = []
     usage: RunUsage = msgspec.field(default_factory=RunUsage)
     model: str = ""
     started: float = 0.0

@@ -11,7 +11,9 @@ path to anything. Actions are POSTs that carry the CSRF token (:mod:`.security`)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
+import re
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -24,7 +26,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from micro.errors import Error, NotFound, closest
+from micro.errors import BadRequest, Error, NotFound, closest
 from micro.gateway.http import DEFAULT_MAX_BODY, error_body, stream
 
 from . import forms, security, timeline
@@ -149,6 +151,7 @@ class Dashboard:
             env.filters["pretty"] = pretty
             env.filters["when"] = security.when
             env.filters["path"] = _part
+            env.filters["ident"] = ident
             env.globals["kind_of"] = kind_of
             self._env = env
         return self._env
@@ -160,7 +163,7 @@ class Dashboard:
                                                   login=self._token is not None, **context)
         rsp = Response(body, status_code=status, media_type="text/html", headers=_PAGE_HEADERS)
         if fresh:
-            security.set_csrf(rsp, token, base)
+            security.set_csrf(rsp, request, token, base)
         return rsp
 
     def _fragment(self, name: str, **context: Any) -> str:
@@ -297,8 +300,10 @@ class Dashboard:
                 else:
                     req["answer"] = form.get("answer", "")
             elif action in ("approve", "deny"):
-                if call:
-                    req["decisions"] = [{"call_id": call, "approve": action == "approve", "reason": reason}]
+                calls = _call_ids(form.get("calls", "")) if not call else [call]
+                if calls:  # these calls (one, or the undecided ones); a run resumes once every call is decided
+                    req["decisions"] = [{"call_id": c, "approve": action == "approve", "reason": reason}
+                                        for c in calls]
                     req["partial"] = True
                 else:
                     req["approve_all" if action == "approve" else "deny_all"] = True
@@ -446,6 +451,33 @@ class Dashboard:
 def _part(value: Any) -> str:
     """One segment of a path: a name or run id quoted whole (``/``, ``?``, ``#`` too), the ``path`` filter."""
     return quote(str(value), safe="")
+
+
+def _call_ids(raw: str) -> list[str]:
+    """The ``calls`` field of the decide-all form: a JSON list of call ids (``BadRequest`` if it is not)."""
+    if not raw:
+        return []
+    try:
+        ids = msgspec.json.decode(raw, type=list[str])
+    except msgspec.DecodeError:
+        raise BadRequest(f"the form's calls {raw[:80]!r} are not a JSON list of call ids: reload the page") from None
+    return [c for c in ids if c]
+
+
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_]{1,64}(?:\.[A-Za-z0-9_]{1,64})?")
+
+
+def ident(value: Any) -> str:
+    """A part of an element id (and of a ``#id`` selector such as an ``hx-target``) made from data.
+
+    A plain name (``Task.ListOverdue``, ``user_id``, a hex run id) stays readable (``.`` as ``-``); anything
+    else (spaces, quotes, commas, ``#``: a selector that could reach other elements) is ``h`` and 16 hex
+    digits of its SHA-256, so no name of a service, field, run or call can change what a selector picks.
+    """
+    text = str(value)
+    if _PLAIN_ID.fullmatch(text):
+        return text.replace(".", "-")
+    return "h" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _see(request: Request, path: str) -> Response:

@@ -11,9 +11,10 @@
 - **Size**: a form over ``max_body`` bytes is refused (413) before it is parsed, by its
   ``Content-Length`` or, without one, as its bytes arrive.
 - **CSRF**: every state-changing action is a POST that must carry the page's CSRF
-  token (form field ``csrf`` or header ``X-CSRF-Token``) equal to the ``micro_csrf``
+  token (form field ``csrf`` or header ``X-CSRF-Token``) equal to the ``micro_csrf_<port>``
   cookie the page was served with (double submit: a page on another site can neither
-  read the cookie nor the token). The gateway's Origin and Host checks
+  read the cookie nor the token; named by port as the login cookie, so two dashboards
+  on one host neither overwrite nor accept each other's). The gateway's Origin and Host checks
   (:class:`~micro.gateway.http.BrowserGuard`) apply to every request besides.
 """
 
@@ -30,6 +31,7 @@ from starlette.types import Message
 from micro.gateway.http import login_cookie, login_value
 
 CSRF_COOKIE = "micro_csrf"
+"""The CSRF cookie's prefix: the cookie is ``micro_csrf_<port>`` (:func:`csrf_cookie`)."""
 CSRF_FIELD = "csrf"
 CSRF_HEADER = "x-csrf-token"
 
@@ -58,16 +60,21 @@ class FormTooLarge(Refused):
 _STALE = "this form's CSRF token is missing or stale: reload the page and try again"
 
 
+def csrf_cookie(request: Request) -> str:
+    """The CSRF cookie's name for this request's port (``micro_csrf_8080``): cookies ignore ports."""
+    return login_cookie(request.scope, CSRF_COOKIE)
+
+
 def csrf_token(request: Request) -> tuple[str, bool]:
     """The CSRF token of this browser (from its cookie), or a new one; and whether it is new."""
-    have = request.cookies.get(CSRF_COOKIE, "")
+    have = request.cookies.get(csrf_cookie(request), "")
     if len(have) >= 32:
         return have, False
     return secrets.token_urlsafe(32), True
 
 
-def set_csrf(response: Response, token: str, base: str) -> None:
-    response.set_cookie(CSRF_COOKIE, token, path=base or "/", httponly=True, samesite="strict")
+def set_csrf(response: Response, request: Request, token: str, base: str) -> None:
+    response.set_cookie(csrf_cookie(request), token, path=base or "/", httponly=True, samesite="strict")
 
 
 def set_login(response: Response, request: Request, token: str, base: str, *, https: bool) -> None:
@@ -84,7 +91,7 @@ def clear_login(response: Response, request: Request, base: str) -> None:
 async def posted(request: Request, *, max_body: int) -> dict[str, str]:
     """The POSTed form's text fields, once its CSRF token is checked against the cookie (:class:`CsrfError`
     if not). A form over ``max_body`` bytes is refused (:class:`FormTooLarge`) before it is parsed."""
-    cookie = request.cookies.get(CSRF_COOKIE, "")
+    cookie = request.cookies.get(csrf_cookie(request), "")
     if not cookie:  # nothing could match: no need to read the form
         raise CsrfError(_STALE)
     declared = request.headers.get("content-length", "")

@@ -1,12 +1,14 @@
 """A run's timeline: bars on a time axis, laid out for the dashboard's SVG.
 
-An agent run's record holds each tool call's start and duration, not the model's
-turns; the model's turns are the stretches of the run in which no tool call ran
-(from the start to the first call, between one turn's calls and the next, from the
-last call to the end), and they are drawn as such, on the first lane, except the time a
-decided call waited for a person (its ``paused`` to its ``started``): a "waiting" bar. Tool calls
-that overlap (a turn's calls run concurrently) go side by side on lanes of their
-own. A flow run's steps each get a lane from their recorded start and duration.
+An agent run's record holds each model turn's start, duration and tokens (``turns``)
+and each tool call's start and duration; the turns are drawn on the first lane with
+their token counts (a failed turn as an error), beside the time a decided call waited
+for a person (its ``paused`` to its ``started``): a "waiting" bar. A record written
+before turns were recorded has none: its model turns are drawn as the stretches in
+which no tool call ran (from the start to the first call, between one turn's calls and
+the next, from the last call to the end). Tool calls that overlap (a turn's calls run
+concurrently) go side by side on lanes of their own. A flow run's steps each get a
+lane from their recorded start and duration.
 The template (``_timeline.html``) draws the bars; this module only measures them.
 """
 
@@ -106,7 +108,20 @@ def agent_bars(run: Mapping[str, Any], now: float | None = None) -> list[Bar]:
             waits.append((max(paused - t0, 0.0), started - paused))
             bars.append(Bar(0, waits[-1][0], waits[-1][1], "waiting for a person", "waiting",
                             f"{c.get('name', '?')} waited for a person: {_seconds(started - paused)}"))
-    # the model's turns: the gaps in the union of the tool calls and the waits
+    turns = run.get("turns") or []
+    if turns:  # recorded: each model call as it was
+        for n, t in enumerate(turns, 1):
+            start = max(float(t.get("started") or t0) - t0, 0.0)
+            seconds = float(t.get("seconds") or 0.0)
+            tokens = f"{int(t.get('input_tokens') or 0)} in / {int(t.get('output_tokens') or 0)} out"
+            if t.get("error"):
+                bars.append(Bar(0, start, seconds, f"model turn {n} failed", "error",
+                                f"model turn {n}: {_seconds(seconds)}, failed: {_short(str(t['error']), 200)}"))
+            else:
+                bars.append(Bar(0, start, seconds, f"model turn {n} · {tokens}", "model",
+                                f"model turn {n}: {_seconds(seconds)}, {tokens} tokens"))
+        return bars
+    # an older record: the model's turns are the gaps in the union of the tool calls and the waits
     cursor, turn = 0.0, 0
     total = max(end - t0, max((s + d for s, d in [*spans, *waits]), default=0.0))
     for start, seconds in [*sorted([*spans, *waits]), (total, 0.0)]:
