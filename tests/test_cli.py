@@ -396,3 +396,14 @@ def test_run_reports_a_failing_dashboard_at_once_and_lets_go_of_its_port(tmp_pat
         assert app.proc.poll() is None
     finally:
         stop_app(app)
+
+
+def test_a_dashboard_off_loopback_without_allow_host_fails_at_once_naming_it() -> None:
+    # its pages would be served but every form refused: an error before anything starts, not a dashboard
+    # that does nothing (micro run starts no service: the check comes first)
+    for args, option in ((["dashboard", "--address", "0.0.0.0:0"], "--address 0.0.0.0:0"),
+                         (["run", "examples/tasks", "--http-address", "0.0.0.0:0"], "--http-address 0.0.0.0:0")):
+        done = micro(*args, timeout=30)
+        assert done.returncode == 2, done
+        assert done.stderr.startswith(f"error: {option} is not a loopback address"), done.stderr
+        assert "--allow-host dashboard.example.com" in done.stderr and "service " not in done.stdout

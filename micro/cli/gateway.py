@@ -49,6 +49,21 @@ def loopback(host: str) -> bool:
         return False
 
 
+def check_dashboard_address(address: str, allow_hosts: tuple[str, ...], option: str) -> None:
+    """Fail (exit 2, one line naming ``--allow-host``) for a dashboard off loopback with no ``--allow-host``.
+
+    Such a dashboard would serve its pages for any ``Host`` but refuse every form they post (a name
+    re-pointed at it could not be told from its own: DNS rebinding), so it would look up and do nothing.
+    """
+    host, _ = parse_address(address)
+    if loopback(host) or allow_hosts:
+        return
+    example = host if host not in ("0.0.0.0", "::", "") else "dashboard.example.com"
+    fail(f"{option} {address} is not a loopback address: the dashboard needs the names browsers reach it by "
+         f"(--allow-host {example}, repeatable), or listen on 127.0.0.1; without them its forms would be refused",
+         2)
+
+
 def bind(address: str) -> socket.socket:
     """A listening socket on HOST:PORT (connections queue from now on, before a server runs); ``OSError``
     when it cannot listen there."""
@@ -338,9 +353,10 @@ async def dashboard(address: str, token_env: str | None, timeout: float, allow_h
     from micro.gateway.http import LOOPBACK_HOSTS, app
 
     metrics.enable_if_installed()
+    check_dashboard_address(address, allow_hosts, "--address")
     token = token_from(token_env, address)
     host, _ = parse_address(address)
-    hosts = [*LOOPBACK_HOSTS, *allow_hosts] if loopback(host) else (list(allow_hosts) or None)
+    hosts = [*LOOPBACK_HOSTS, *allow_hosts] if loopback(host) else list(allow_hosts)
     served = app(cli_runtime(), token=token, timeout=timeout, allowed_hosts=hosts, dashboard=True)
     sock = _bind(address)
     url = url_of(sock)

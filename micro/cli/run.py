@@ -215,6 +215,10 @@ async def run(path: Path | None, prompt: str | None, provider: str | None, out_d
         fail("--no-http serves no dashboard: drop --token-env and --allow-host, or --no-http", 2)
     http = None if no_http else Http(http_address or DEFAULT_HTTP_ADDRESS, explicit=http_address is not None,
                                      token_env=token_env, allow_hosts=allow_hosts)
+    if http is not None:  # before anything starts: a dashboard whose forms are all refused is no dashboard
+        from micro.cli.gateway import check_dashboard_address
+
+        check_dashboard_address(http.address, allow_hosts, "--http-address")
     if reload:
         if metrics_address is not None:
             fail("--metrics-address does not go with --reload: the old and the new version would both bind it "
