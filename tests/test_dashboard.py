@@ -376,6 +376,25 @@ async def test_a_question_is_answered_from_the_page(runtime: micro.Runtime) -> N
         assert "No runs match." in page.text and "No run waits." in page.text
 
 
+async def test_a_reopened_session_shows_its_earlier_turns_from_the_agents_memory(runtime: micro.Runtime) -> None:
+    rsp = await runtime.client.call("asker", "Agent.Chat", {"message": f"paint it {MARKUP}", "session": "kept-1"})
+    await runtime.client.call("asker", "Agent.Resume", {"run_id": rsp["run_id"], "answer": "north"})
+    async with _client(dashboard(runtime)) as http:
+        fresh = await http.get("/agents/asker")
+        assert "earlier-turn" not in fresh.text  # a new session: nothing earlier
+        assert 'href="?chat_session=kept-1#h-play"' in fresh.text  # the run list reopens its session
+        page = await http.get("/agents/asker?chat_session=kept-1")
+        assert 'id="chat-session" name="session" value="kept-1"' in page.text
+        lines = re.findall(r'<div class="([^"]+) earlier-turn">([^<]*)</div>', page.text)
+        assert lines == [
+            ("you", "you: paint it &lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;"),  # escaped, as all data
+            ("tool", "→ request_input({&#34;question&#34;:&#34;Which wall? &lt;script&gt;alert(\\&#34;x\\&#34;)"
+                     "&lt;/script&gt;&#34;})"),
+            ("result", "← north"), ("reply-text", "Painting the north wall.")]
+        bad = await http.get("/agents/asker?chat_session=a/b")  # the agent's own refusal, on the page
+        assert bad.status_code == 200 and 'role="alert"' in bad.text and "earlier-turn" not in bad.text
+
+
 async def test_unknown_services_and_runs_are_404_pages_that_say_so(runtime: micro.Runtime) -> None:
     async with _client(dashboard(runtime)) as http:
         for path, words in (("/services/paynter", "paynter"), ("/agents/nobody", "nobody"),

@@ -204,6 +204,11 @@ def test_the_playground_streams_a_reply_with_tool_lines(system: str, browser: We
     reply = " ".join(e.text for e in log.find_elements(By.CSS_SELECTOR, ".reply-text"))
     assert "alice" in reply.lower() or "Alice" in reply
     browser.save_screenshot(str(tmp_path / "playground.png"))
+    # the page's address now names the session: a reload reopens it with its earlier turns
+    browser.refresh()
+    earlier = _wait(browser, lambda d: [e.text for e in d.find_elements(By.CSS_SELECTOR, "#chat-log .earlier-turn")],
+                    "the session's earlier turns were not shown")
+    assert earlier[0] == "you: What tasks are overdue for Alice?" and tools[0] in earlier, earlier
     # the run is listed, and its page draws the timeline: model turns and the tool call as bars
     browser.get(system + "/agents/task-mgr?status=completed")
     browser.find_element(By.CSS_SELECTOR, "table.runs tbody a").click()

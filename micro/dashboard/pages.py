@@ -49,6 +49,36 @@ _WAITS = ("waiting", "paused", "input_required")  # a flow run's statuses that w
 FLOW_STATUSES = ("running", "completed", "failed", "retrying", "cancelled", "paused", "input_required", "waiting")
 
 
+HISTORY_MESSAGES = 60
+"""How many of a reopened session's last messages the playground shows."""
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def transcript(messages: list[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """A session's stored messages (``AgentInfo.History``, as JSON) as the playground's lines: ``(class, text)``,
+    the lines its script writes for a live turn (``you: …``, the reply, ``→ tool(args)``, ``← result``)."""
+    lines: list[tuple[str, str]] = []
+    for m in messages:
+        for block in m.get("content") or []:
+            kind = block.get("type")
+            if kind == "text" and block.get("text"):
+                if m.get("role") == "user":
+                    lines.append(("you", f"you: {block['text']}"))
+                else:
+                    lines.append(("reply-text", str(block["text"])))
+            elif kind == "tool_use":
+                args = _encode(block.get("input") or {}).decode()
+                lines.append(("tool", f"→ {block.get('name', '?')}({_clip(args, 120)})"))
+            elif kind == "tool_result":
+                failed = bool(block.get("is_error"))
+                lines.append(("result fail" if failed else "result",
+                              f"{'✗' if failed else '←'} {_clip(str(block.get('content', '')), 200)}"))
+    return lines
+
+
 def pretty(value: Any) -> str:
     """JSON, indented, for a ``<pre>``."""
     return msgspec.json.format(_PRETTY.encode(value), indent=2).decode()
@@ -244,6 +274,7 @@ class Dashboard:
         q = request.query_params
         statuses = [s for s in q.getlist("status") if s]
         session = q.get("session") or ""
+        chat_session = q.get("chat_session") or ""
         try:
             record = await self.record(name)
             runs = await self._info(name, "Runs", {"limit": 30, "session": session or None,
@@ -251,9 +282,18 @@ class Dashboard:
             pending = await self._info(name, "Pending", {})
         except Error as exc:
             return self.render(request, "error.html", 404, title=name, error=exc.message)
+        earlier: list[tuple[str, str]] = []
+        if chat_session:  # a session reopened: its earlier turns, from the agent's memory
+            try:
+                kept = await self._info(name, "History", {"session": chat_session, "limit": HISTORY_MESSAGES})
+            except Error as exc:
+                error = error or exc.message
+            else:
+                earlier = transcript(kept["messages"])
         return self.render(request, "agent.html", status, record=record, runs=runs["runs"],
                            pending=pending["runs"], statuses=AGENT_STATUSES, chosen=statuses, session=session,
-                           chat_session=q.get("chat_session") or f"dashboard-{secrets.token_hex(3)}", error=error)
+                           chat_session=chat_session or f"dashboard-{secrets.token_hex(3)}", earlier=earlier,
+                           error=error)
 
     async def chat(self, request: Request) -> Response:
         """The playground: ``Agent.StreamChat`` as Server-Sent Events (the page's script renders them)."""

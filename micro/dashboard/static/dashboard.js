@@ -86,6 +86,11 @@
         }
       }
       form.elements.message.value = "";
+      if (form.elements.session) {  // a reload (or the link) reopens this session with its earlier turns
+        const url = new URL(window.location.href);
+        url.searchParams.set("chat_session", form.elements.session.value);
+        window.history.replaceState(null, "", url);
+      }
     } catch (err) {
       line(log, "fail", "error: " + err);
     } finally {
