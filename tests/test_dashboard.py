@@ -395,6 +395,37 @@ async def test_a_reopened_session_shows_its_earlier_turns_from_the_agents_memory
         assert bad.status_code == 200 and 'role="alert"' in bad.text and "earlier-turn" not in bad.text
 
 
+async def test_dead_lettered_events_are_listed_and_replayed_from_the_flow_page(runtime: micro.Runtime) -> None:
+    from micro.flow.record import FlowRun
+
+    seen: list[Any] = []
+
+    async def digest(event: dict[str, Any], run: FlowRun) -> str:
+        seen.append(event)
+        return "ok"
+
+    flow = micro.NewFlow("eater", trigger="food.served", steps=[digest], runtime=runtime)
+    async with flow:
+        # as the flow records an event whose last JetStream delivery failed (tests/test_flow_durable.py)
+        await flow.runs.put(FlowRun("bad-1", "eater", "food.served", event={"dish": MARKUP}, status="failed",
+                                    attempts=3, error="ValueError: cannot digest", started=1.0,
+                                    dead_lettered=True))
+        await flow.runs.put(FlowRun("other", "eater", "food.served", event={}, status="failed", started=2.0))
+        async with _client(dashboard(runtime)) as http:
+            page = await http.get("/flows/eater")
+            dead = page.text.split('id="h-dead"')[1].split("</section>")[0]
+            assert 'data-run="bad-1"' in dead and 'data-run="other"' not in dead  # only the dead-lettered one
+            assert "ValueError: cannot digest" in dead and MARKUP not in dead  # its event, escaped
+            rsp = await http.post("/ui/flows/eater/runs/bad-1/replay", data={"csrf": _csrf(page.text)})
+            assert rsp.status_code == 303 and rsp.headers["location"] == "/flows/eater/runs/bad-1-replay-1"
+            assert seen == [{"dish": MARKUP}]  # the recorded event, run again through Flow.Replay
+            page = await http.get("/flows/eater")
+            dead = page.text.split('id="h-dead"')[1].split("</section>")[0]
+            assert 'href="/flows/eater/runs/bad-1-replay-1">bad-1-replay-1</a> <span class="status completed">' in dead
+            shown = await http.get("/flows/eater/runs/bad-1")
+            assert "the broker moved the event to its dead-letter topic" in shown.text
+
+
 async def test_unknown_services_and_runs_are_404_pages_that_say_so(runtime: micro.Runtime) -> None:
     async with _client(dashboard(runtime)) as http:
         for path, words in (("/services/paynter", "paynter"), ("/agents/nobody", "nobody"),

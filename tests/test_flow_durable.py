@@ -172,8 +172,16 @@ async def test_poison_event_goes_to_the_dead_letter_topic(nats_url: str, monkeyp
                 while (good := await flow.runs.get("good-1")) is None or good.status != "completed":
                     await anyio.wait_all_tasks_blocked()
             bad = await flow.runs.get("bad-1")
+            # the run says its event was dead-lettered; Flow.Runs lists those, and Flow.Replay runs one again
+            listed = await rt.client.call("eater", "Flow.Runs", {"dead_lettered": True})
+            replayed = await rt.client.call("eater", "Flow.Replay", {"id": "bad-1"})
         await sub.unsubscribe()
-    assert bad is not None and bad.status == "failed" and bad.attempts == 3
+    assert bad is not None and bad.status == "failed" and bad.attempts == 3 and bad.dead_lettered
+    assert good is not None and not good.dead_lettered
+    assert [r["id"] for r in listed["runs"]] == ["bad-1"]
+    replay = replayed["run"]  # no broker delivers a replay: failing, it is not dead-lettered again
+    assert (replay["id"], replay["replay_of"], replay["status"], replay["dead_lettered"]) == (
+        "bad-1-replay-1", "bad-1", "failed", False)
     # JetStream delivers a failed event again: retrying until its last attempt
     assert written == ["running", "retrying", "running", "retrying", "running", "failed"]
     assert "cannot digest this event" in bad.error

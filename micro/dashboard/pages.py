@@ -372,10 +372,17 @@ class Dashboard:
             # waiting at an Await step, or in its model step for a person (decided as an agent's run)
             waiting = await self.runtime.client.call(name, "Flow.Runs", {"limit": 30, "status": list(_WAITS)},
                                                      timeout=self.timeout)
+            # events the (durable) broker dead-lettered after their last delivery failed; Replay runs one again
+            dead = await self.runtime.client.call(name, "Flow.Runs", {"limit": 30, "dead_lettered": True},
+                                                  timeout=self.timeout)
         except Error as exc:
             return self.render(request, "error.html", 404, title=name, error=exc.message)
+        replays: dict[str, list[Any]] = {}
+        for r in runs["runs"]:
+            if r.get("replay_of"):
+                replays.setdefault(r["replay_of"], []).append(r)
         return self.render(request, "flow.html", record=record, runs=runs["runs"], waiting=waiting["runs"],
-                           statuses=FLOW_STATUSES, chosen=statuses)
+                           dead=dead["runs"], replays=replays, statuses=FLOW_STATUSES, chosen=statuses)
 
     async def flow_run(self, request: Request, *, error: str = "", status: int = 200) -> Response:
         # also shown by resume() (its path names the flow as an agent): a decision on its model step

@@ -569,16 +569,20 @@ class Flow(Service):
 
     async def _on_event(self, message: BrokerMessage) -> None:
         event = _event_of(message.data)
+        # a durable broker's delivery (it can be settled): its last attempt failing dead-letters the event
         await self.run_event(message.id or hashlib.sha1(message.data).hexdigest(), message.topic, event,
-                             last_attempt=message.last_attempt)
+                             last_attempt=message.last_attempt, dead_letter=message.settlement is not None)
 
     async def run_event(self, run_id: str, topic: str, event: Any, *, replay_of: str = "",
-                        last_attempt: bool = False) -> FlowRun:
+                        last_attempt: bool = False, dead_letter: bool = False) -> FlowRun:
         """Run (or resume, or skip) the event with this id; returns its record.
 
         A failure is recorded as ``retrying`` and raised (the caller delivers the event again),
         or as ``failed`` when ``last_attempt``; a cancellation is recorded as ``cancelled`` and
         re-raised; a deterministic failure (template, step result) is ``failed`` and returned.
+        ``dead_letter``: the caller (a durable broker) dead-letters the event when this attempt raises;
+        a failed last attempt is then recorded ``dead_lettered`` (``Flow.Runs`` lists them; ``Flow.Replay``
+        runs one again).
         """
         runs = self.runs
         busy = self._inflight.get(run_id)
@@ -594,7 +598,7 @@ class Flow(Service):
         try:
             with telemetry.span(f"flow {self.name}", "internal", {"micro.flow": self.name, "micro.run_id": run_id,
                                                                   "messaging.destination.name": topic}):
-                run = await self._run_event(runs, run_id, topic, event, replay_of, last_attempt)
+                run = await self._run_event(runs, run_id, topic, event, replay_of, last_attempt, dead_letter)
             await self._settle(run)
             return run
         except BaseException:
@@ -620,7 +624,7 @@ class Flow(Service):
             log.warning("flow %s: run %s was taken by another process meanwhile", self.name, run.id)
 
     async def _run_event(self, runs: RunStore, run_id: str, topic: str, event: Any, replay_of: str,
-                         last_attempt: bool) -> FlowRun:
+                         last_attempt: bool, dead_letter: bool = False) -> FlowRun:
         run = await runs.get(run_id)
         if run is not None and run.status == "completed":
             log.info("flow %s: event %s already completed; skipping", self.name, run_id)
@@ -665,6 +669,7 @@ class Flow(Service):
         except Exception as exc:
             # the broker retries with backoff; after its last attempt the event goes to its dead-letter topic
             run.status = "failed" if last_attempt else "retrying"
+            run.dead_lettered = last_attempt and dead_letter  # the broker moves it to its dead-letter topic
             if isinstance(exc, EndRun):  # a tool call failed transiently: say which, and with what
                 run.error, run.error_kind = str(exc), type(exc.error).__name__
             else:
@@ -1100,6 +1105,7 @@ def _event_of(data: bytes) -> Any:
 class RunsRequest(msgspec.Struct):
     limit: int = 20
     status: list[str] | None = None
+    dead_lettered: bool = False  # only the runs whose event the broker dead-lettered
 
 
 class StartRequest(msgspec.Struct):
@@ -1130,11 +1136,12 @@ class _FlowRuns:
         self._flow = flow
 
     async def Runs(self, req: RunsRequest) -> RunsResponse:
-        """The flow's most recent runs, newest first (optionally only some statuses)."""
+        """The flow's most recent runs, newest first (optionally only some statuses, or the dead-lettered ones)."""
         if req.status is not None and set(req.status) - set(RUN_STATUSES):
             raise BadRequest(f"flow {self._flow.name}: unknown status {sorted(set(req.status) - set(RUN_STATUSES))}; "
                              f"the run statuses are {', '.join(RUN_STATUSES)}")
-        return RunsResponse(runs=await self._flow.runs.list(req.limit, status=req.status))
+        return RunsResponse(runs=await self._flow.runs.list(req.limit, status=req.status,
+                                                            dead_lettered=req.dead_lettered))
 
     async def Run(self, req: StartRequest) -> RunResponse:
         """Run the flow now on ``data`` (as if it were an event); the run as it ended (or waits)."""

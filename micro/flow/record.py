@@ -86,6 +86,8 @@ class FlowRun(msgspec.Struct):
     started: float = 0.0
     finished: float = 0.0
     replay_of: str = ""
+    dead_lettered: bool = False
+    """Its last delivery failed and the (durable) broker moved the event to its dead-letter topic."""
     trace: dict[str, StepInfo] = {}
     waiting: Waiting | None = None
 
@@ -123,12 +125,16 @@ class RunStore:
         metrics.flow_run(run.flow, run.status)
         await self.store.write(Record(self.key(run.id), _encode(run), metadata={"status": run.status}))
 
-    async def list(self, limit: int = 50, status: Collection[str] | None = None) -> list[FlowRun]:
-        """The most recent runs (by start time), newest first; optionally only those with some statuses."""
+    async def list(self, limit: int = 50, status: Collection[str] | None = None, *,
+                   dead_lettered: bool = False) -> list[FlowRun]:
+        """The most recent runs (by start time), newest first; optionally only those with some statuses, or
+        only those whose event was dead-lettered."""
         records = await self.store.read(self.prefix, prefix=True)
         runs = [_decode(r.value) for r in records]
         if status is not None:
             runs = [r for r in runs if r.status in status]
+        if dead_lettered:
+            runs = [r for r in runs if r.dead_lettered]
         runs.sort(key=lambda r: r.started, reverse=True)
         return runs[:limit]
 
