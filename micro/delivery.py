@@ -73,6 +73,7 @@ class RuntimeDelivery:
         except BaseException:
             await grpc.stop(0)
             raise
+        grpc.health.set_serving(True)  # its grpc.health.v1 check says so (NOT_SERVING again once it stops)
         return _Served(grpc, native)
 
     async def send(self, node: Node, path: str, payload: bytes, *, timeout: float) -> None:

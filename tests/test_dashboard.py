@@ -22,7 +22,7 @@ from starlette.routing import Mount
 import micro
 from micro.ai import Message, ToolResultBlock, ToolSpec, scripted
 from micro.dashboard import app as dashboard
-from micro.dashboard import forms, timeline
+from micro.dashboard import forms, nodes, timeline
 from micro.errors import BadRequest
 from micro.gateway.http import LOOPBACK_HOSTS
 from micro.gateway.http import app as gateway
@@ -291,6 +291,114 @@ async def test_the_decide_all_form_names_the_undecided_calls_and_decides_them(ru
         assert bad.status_code == 400 and "not a JSON list of call ids" in bad.text
     run = (await runtime.client.call("pair", "AgentInfo.Run", {"id": run_id}))["run"]
     assert run["status"] == "completed" and run["reply"].count("not approved by a person: no paint") == 2
+
+
+async def test_the_service_list_shows_each_nodes_own_health_check(runtime: micro.Runtime) -> None:
+    from micro.registry import Node, ServiceRecord
+
+    (painter,) = await runtime.registry.get("painter")
+    address = painter.nodes[0].address
+    gone = socket_nobody_listens_on()
+    # a node whose process died before its record expired; another server now answering at painter's address
+    await runtime.registry.register(ServiceRecord("dead", nodes=[Node("dead-1", gone)]), ttl=60)
+    await runtime.registry.register(ServiceRecord("ghost", nodes=[Node("ghost-1", address)]), ttl=60)
+    async with _client(dashboard(runtime)) as http:
+        page = await http.get("/")
+    states = dict(re.findall(r'<span class="node [^"]*" data-node="([^"]+)"[^>]*>● [^<]* <span class="health">'
+                             r'([^<]+)</span>', page.text))
+    assert states[painter.nodes[0].id] == "serving"
+    assert states["dead-1"] == "unreachable" and states["ghost-1"] == "not this service"
+    assert f"{gone}: " in page.text  # the hover text says why
+
+
+async def test_the_local_brokers_delivery_node_says_it_serves() -> None:
+    # before: its health check answered NOT_SERVING while it delivered (nothing set it serving)
+    async with micro.Runtime(registry="memory://", broker="local://", store="memory://") as rt:
+        async def ignore(msg: Any) -> None:
+            pass
+
+        sub = await rt.broker.subscribe("events.x", ignore)
+        try:
+            (record,) = await rt.registry.get("micro-broker")
+            assert await nodes.check("micro-broker", record.nodes[0]) == nodes.Health(
+                "serving", f"{record.nodes[0].address} serves micro-broker")
+        finally:
+            await sub.unsubscribe()
+
+
+def socket_nobody_listens_on() -> str:
+    import socket
+
+    with socket.socket() as s:  # bound, never listening, then closed: connections are refused
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+async def test_node_health_is_asked_once_per_ttl_and_forgets_nodes_that_left(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from micro.registry import Node, ServiceRecord
+
+    asked: list[str] = []
+
+    async def check(service: str, node: Node, timeout: float = 1.0) -> nodes.Health:
+        asked.append(node.id)
+        return nodes.Health("serving")
+
+    monkeypatch.setattr(nodes, "check", check)
+    now = [0.0]
+    health = nodes.NodeHealth(ttl=5.0, clock=lambda: now[0])
+    a, b = ServiceRecord("a", nodes=[Node("a-1", "h:1")]), ServiceRecord("b", nodes=[Node("b-1", "h:2")])
+    assert await health.of([a, b]) == {("a", "a-1"): nodes.Health("serving"), ("b", "b-1"): nodes.Health("serving")}
+    now[0] = 4.0
+    await health.of([a, b])  # within the ttl: nobody asked again
+    assert sorted(asked) == ["a-1", "b-1"]
+    await health.of([a])  # b left: forgotten
+    now[0] = 5.0
+    await health.of([a, b])  # a is asked again (ttl), and b anew although its answer would still be fresh
+    assert sorted(asked) == ["a-1", "a-1", "b-1", "b-1"]
+
+
+def test_call_rates_are_the_last_minutes_differences_and_forget_what_left() -> None:
+    now = [100.0]
+    rates = nodes.CallRates(window=60.0, clock=lambda: now[0])
+    assert rates.sample(["a", "b"], {"a": 10, "b": 5}) == {}  # one sample: no rate yet
+    now[0] = 110.0
+    assert rates.sample(["a", "b", "c"], {"a": 40, "b": 5}) == {"a": 3.0, "b": 0.0}  # c: not served here
+    for i in range(1, 200):  # one sample a second for over three minutes: only the last minute counts
+        now[0] = 110.0 + i
+        got = rates.sample(["a"], {"a": 40 + 2 * i})
+    assert got == {"a": 2.0}
+    now[0] += 0.5
+    assert rates.sample(["a"], {"a": 10_000}) == {"a": 2.0}  # under a second since the last: not a sample
+    now[0] += 1
+    assert rates.sample(["b"], {"a": 1, "b": 7}) == {}  # b came back: measured anew; a is forgotten
+    now[0] += 2
+    assert rates.sample(["a", "b"], {"a": 5, "b": 13}) == {"b": 3.0}
+
+
+async def test_the_service_list_shows_call_rates_from_this_processs_metrics() -> None:
+    from prometheus_client import CollectorRegistry
+
+    micro.metrics.enable(CollectorRegistry())
+    try:
+        async with micro.Runtime(registry="memory://", store="memory://", broker="memory://") as rt:
+            painter = micro.Service("painter", runtime=rt)
+            painter.handle(Painter())
+            async with painter:
+                asgi = dashboard(rt)
+                async with _client(asgi) as http:
+                    now = [0.0]
+                    asgi.state.dashboard.rates.clock = lambda: now[0]
+                    first = await http.get("/")
+                    for _ in range(30):
+                        await rt.client.call("painter", "Painter.Paint", {"wall": "w"})
+                    now[0] = 10.0
+                    second = await http.get("/")
+    finally:
+        micro.metrics.disable()
+    rate = re.compile(r'<tr data-service="painter">.*?<td class="rate">([^<]*)<', re.S)
+    assert rate.search(first.text).group(1) == ""  # type: ignore[union-attr]  # one sample: no rate yet
+    assert rate.search(second.text).group(1) == "3.0"  # type: ignore[union-attr]  # 30 calls in 10 s
 
 
 async def test_element_ids_made_from_names_cannot_reach_other_elements(runtime: micro.Runtime) -> None:

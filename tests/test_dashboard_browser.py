@@ -151,6 +151,12 @@ def test_the_service_list_shows_the_example_and_follows_the_registry(system: str
     assert rows.index("task") < rows.index("task-mgr") < rows.index("close-task")  # services, agents, flows
     kinds = dict(_table(browser))
     assert kinds["task"] == "service" and kinds["task-mgr"] == "agent" and kinds["close-task"] == "flow"
+    # each node's own health check: every node of the example serves (the local broker's delivery node too)
+    health = browser.execute_script(
+        "return [...document.querySelectorAll('tr[data-service] .node')]"
+        ".map(e => [e.closest('tr').dataset.service, e.querySelector('.health').textContent])")
+    assert {name for name, _ in health} == set(rows), health
+    assert {state for _, state in health} == {"serving"}, health
     browser.save_screenshot(str(tmp_path / "services.png"))
     browser.set_window_size(390, 844)  # a phone's width: nothing wider than the screen
     try:

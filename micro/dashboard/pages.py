@@ -26,10 +26,11 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from micro import metrics
 from micro.errors import BadRequest, Error, NotFound, closest
 from micro.gateway.http import DEFAULT_MAX_BODY, error_body, stream
 
-from . import forms, security, timeline
+from . import forms, nodes, security, timeline
 
 if TYPE_CHECKING:
     from jinja2 import Environment
@@ -49,6 +50,8 @@ _WAITS = ("waiting", "paused", "input_required")  # a flow run's statuses that w
 FLOW_STATUSES = ("running", "completed", "failed", "retrying", "cancelled", "paused", "input_required", "waiting")
 
 
+REFRESH = 5.0
+"""Seconds between two tables of the live service list when the registry does not change (health, rates)."""
 HISTORY_MESSAGES = 60
 """How many of a reopened session's last messages the playground shows."""
 
@@ -113,6 +116,8 @@ class Dashboard:
         self._changed: anyio.Event | None = None
         self._watcher: anyio.Event | None = None  # set when the page running the watch stops running it
         self._watched = False
+        self.health = nodes.NodeHealth()  # each node's own health check, asked at most every few seconds
+        self.rates = nodes.CallRates()  # calls per second of the services this process serves (metrics on)
 
     def close(self) -> None:
         """End the live streams (the server is stopping: they would hold it up)."""
@@ -218,9 +223,19 @@ class Dashboard:
             raise NotFound(f"{name!r} is not registered")
         return found[0]
 
+    async def service_list(self) -> dict[str, Any]:
+        """What the service table shows: the records, each node's health and each service's call rate."""
+        records = await self.records()
+        served = metrics.calls_served()
+        if metrics.enabled():  # this runtime's services count from 0, before their first call
+            for name in self.runtime.local:
+                served.setdefault(name, 0)
+        return {"records": records, "health": await self.health.of(records),
+                "rates": self.rates.sample((r.name for r in records), served), "measured": metrics.enabled()}
+
     # ------------------------------------------------------------------ pages
     async def index(self, request: Request) -> Response:
-        return self.render(request, "index.html", records=await self.records())
+        return self.render(request, "index.html", **await self.service_list())
 
     async def events_services(self, request: Request) -> Response:
         """SSE: the service table, again each time the registry changes (htmx swaps it in)."""
@@ -228,7 +243,7 @@ class Dashboard:
 
     async def services_event(self, base: str) -> bytes:
         """The service table as one Server-Sent Event (links under ``base``)."""
-        return _event("services", self._fragment("_services.html", records=await self.records(), base=base))
+        return _event("services", self._fragment("_services.html", base=base, **await self.service_list()))
 
     async def service(self, request: Request) -> Response:
         name = request.path_params["service"]
@@ -567,8 +582,9 @@ class _LiveServices(Response):
                 while True:
                     await send({"type": "http.response.body", "body": await board.services_event(self._base),
                                 "more_body": True})
-                    await board.registry_changed(seen)
-                    await anyio.sleep(0.05)  # fold a burst of changes (a system starting) into one table
+                    with anyio.move_on_after(REFRESH):  # a change, or the nodes' health and call rates anew
+                        await board.registry_changed(seen)
+                        await anyio.sleep(0.05)  # fold a burst of changes (a system starting) into one table
                     seen = board.registry_version
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:

@@ -1,0 +1,131 @@
+"""What the service list shows beside each node and service: the node's health and the service's call rate.
+
+- **Health**: each node's own ``grpc.health.v1.Health/Check`` for its service (every micro node serves it
+  on its gRPC address; :mod:`micro.server.health`), asked concurrently with a one-second bound and kept
+  for ``ttl`` seconds, so however many pages are open a node is asked at most once per ``ttl``:
+  ``serving``, ``not serving`` (draining, or its runtime's registry, store or broker does not answer),
+  ``not this service`` (another server answers at that address now) or ``unreachable``.
+- **Call rate**: calls per second each service handled in this process over the last minute, from the
+  counters :mod:`micro.metrics` keeps (:func:`micro.metrics.calls_served`), sampled at each rendering.
+  Only while metrics are on (``micro run --metrics-address``, or ``micro.metrics.enable()``), and only
+  for the services this process serves: another process's calls are in its own metrics.
+
+Both forget what leaves the registry: they hold one entry per registered node or service, never more.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
+
+import anyio
+import msgspec
+
+from micro import metrics
+from micro.errors import NotFound
+
+if TYPE_CHECKING:
+    from micro.registry import Node, ServiceRecord
+
+CHECK_TIMEOUT = 1.0
+"""Seconds a node has to answer its health check."""
+HEALTH_TTL = 5.0
+"""Seconds a node's health is kept before it is asked again."""
+RATE_WINDOW = 60.0
+"""Seconds of samples a call rate is measured over."""
+
+
+class Health(msgspec.Struct, frozen=True):
+    """A node's health: ``state`` (``serving``, ``not serving``, ``not this service``, ``unreachable``) and
+    why, in words, for the page's hover text."""
+
+    state: str
+    detail: str = ""
+
+
+class NodeHealth:
+    """The health of the registry's nodes, each asked at most once per ``ttl`` seconds."""
+
+    def __init__(self, *, ttl: float = HEALTH_TTL, timeout: float = CHECK_TIMEOUT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.timeout = timeout
+        self.clock = clock
+        self._known: dict[tuple[str, str], tuple[float, Health]] = {}  # (service, node id) -> (when, health)
+
+    async def of(self, records: Iterable[ServiceRecord]) -> dict[tuple[str, str], Health]:
+        """The health of every node of ``records`` by (service, node id): kept answers, and the nodes not asked
+        within ``ttl`` asked now, concurrently."""
+        now = self.clock()
+        nodes = {(r.name, n.id): n for r in records for n in r.nodes}
+        self._known = {key: seen for key, seen in self._known.items() if key in nodes}  # forget who left
+        stale = [key for key in nodes if key not in self._known or now - self._known[key][0] >= self.ttl]
+        if stale:
+            async with anyio.create_task_group() as tg:
+                for key in stale:
+                    tg.start_soon(self._ask, key, nodes[key])
+        return {key: self._known[key][1] for key in nodes if key in self._known}
+
+    async def _ask(self, key: tuple[str, str], node: Node) -> None:
+        health = await check(key[0], node, self.timeout)
+        self._known[key] = (self.clock(), health)
+
+
+async def check(service: str, node: Node, timeout: float = CHECK_TIMEOUT) -> Health:
+    """Ask ``node`` (over gRPC, on its registered address) whether it serves ``service``."""
+    import ssl
+
+    from micro.client.pool import NodePool
+    from micro.codec import PROTO
+    from micro.errors import Error
+    from micro.server import health
+
+    ctx = ssl.create_default_context() if node.metadata.get("tls") == "true" else None
+    pool = NodePool(node.address, ssl=ctx, max_connections=1)
+    try:
+        with anyio.fail_after(timeout):
+            reply = await pool.unary("/grpc.health.v1.Health/Check",
+                                     health.Request(service=service).SerializeToString(), wire=PROTO)
+    except NotFound:
+        return Health("not this service", f"{node.address} answers, but serves no {service}")
+    except TimeoutError:
+        return Health("unreachable", f"{node.address} did not answer within {timeout:g} s")
+    except Error as exc:
+        return Health("unreachable", f"{node.address}: {exc.message}")
+    finally:
+        pool.close()
+    status = health.Response.FromString(reply).status
+    if status == health.SERVING:
+        return Health("serving", f"{node.address} serves {service}")
+    return Health("not serving", f"{node.address} is draining, or a backend of its runtime does not answer")
+
+
+class CallRates:
+    """Calls per second per service over the last ``window`` seconds, from samples of
+    :func:`micro.metrics.calls_served` (one deque per service this process serves, trimmed to the window)."""
+
+    def __init__(self, *, window: float = RATE_WINDOW, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window = window
+        self.clock = clock
+        self._samples: dict[str, deque[tuple[float, int]]] = {}
+
+    def sample(self, names: Iterable[str], served: Mapping[str, int] | None = None) -> dict[str, float]:
+        """Take a sample of the calls served so far (``served``; default: this process's metrics) and return
+        the rate of each of ``names`` that has two samples at least a second apart; forget the others."""
+        now = self.clock()
+        counts = metrics.calls_served() if served is None else served
+        wanted = set(names)
+        self._samples = {name: kept for name, kept in self._samples.items() if name in wanted and name in counts}
+        rates = {}
+        for name in wanted & counts.keys():
+            kept = self._samples.setdefault(name, deque())
+            if not kept or now - kept[-1][0] >= 1.0:  # at most one sample a second: bounded by the window
+                kept.append((now, counts[name]))
+            while len(kept) > 2 and now - kept[1][0] >= self.window:  # keep one sample at or past the window
+                kept.popleft()
+            (t0, n0), (t1, n1) = kept[0], kept[-1]
+            if t1 - t0 >= 1.0:
+                rates[name] = max(n1 - n0, 0) / (t1 - t0)
+        return rates
