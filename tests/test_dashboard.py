@@ -172,6 +172,15 @@ def test_the_timeline_draws_recorded_model_turns_with_their_tokens_not_the_gaps(
     titles = [b.title for b in timeline.agent_bars(run) if b.lane == 0]
     assert titles == ["model turn 1: 8.0 ms, 120 in / 30 out tokens",
                       "model turn 2: 50.0 ms, failed: Timeout: the model did not answer"]
+    # the axis spans the whole run (the loop's own time after the last bar too); a label that would run past
+    # the right edge ends at its bar's end instead
+    drawn = timeline.layout(timeline.agent_bars(run), total=0.2)
+    assert drawn.total == 0.2 and [t for _, t in drawn.ticks][-1] == "200 ms"
+    late = timeline.layout([timeline.Bar(0, 0.0, 0.01, "early", "model", ""),
+                            timeline.Bar(0, 0.9, 0.1, "a label far too long to fit after its bar", "model", "")])
+    (early, far) = late.bars
+    assert (early.anchor, early.label_x) == ("start", early.x + 4)
+    assert (far.anchor, far.label_x) == ("end", far.x + far.w - 4)
 
 
 async def test_pages_escape_what_services_and_runs_hold(runtime: micro.Runtime) -> None:

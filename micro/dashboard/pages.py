@@ -331,7 +331,8 @@ class Dashboard:
         except Error as exc:
             return self.render(request, "error.html", 404, title=f"{name} run {run_id}", error=exc.message)
         bars = timeline.agent_bars(run)
-        tl = timeline.layout(bars)
+        end = float(run.get("finished") or 0.0) or float(run.get("updated") or 0.0)
+        tl = timeline.layout(bars, total=max(end - float(run.get("started") or end), 0.0))
         return self.render(request, "agent_run.html", status, agent=name, run=run, timeline=tl, error=error)
 
     async def resume(self, request: Request) -> Response:

@@ -37,7 +37,8 @@ class Bar(msgspec.Struct, frozen=True):
 
 
 class Drawn(msgspec.Struct, frozen=True):
-    """A bar placed in pixels."""
+    """A bar placed in pixels; its label starts at ``label_x``, anchored ``start`` (or ``end``: a label
+    that would run past the drawing's right edge ends at the bar's right end instead)."""
 
     x: float
     y: float
@@ -45,6 +46,8 @@ class Drawn(msgspec.Struct, frozen=True):
     label: str
     kind: str
     title: str
+    label_x: float = 0.0
+    anchor: str = "start"
 
 
 class Timeline(msgspec.Struct, frozen=True):
@@ -156,16 +159,25 @@ def flow_bars(run: Mapping[str, Any], now: float | None = None) -> list[Bar]:
     return bars
 
 
-def layout(bars: Sequence[Bar], lane_names: Sequence[str] | None = None) -> Timeline:
-    """Place ``bars`` in pixels, with about six round ticks on the axis."""
-    total = max((b.start + b.seconds for b in bars), default=0.0) or 0.001
+CHAR = 6.5  # px: about the width of one character of a bar's label
+
+
+def layout(bars: Sequence[Bar], lane_names: Sequence[str] | None = None, *, total: float = 0.0) -> Timeline:
+    """Place ``bars`` in pixels, with about six round ticks on the axis; the axis spans ``total`` seconds at
+    least (the whole run: the stretches between bars are the loop's own time)."""
+    total = max(max((b.start + b.seconds for b in bars), default=0.0), total) or 0.001
     lanes = max((b.lane for b in bars), default=-1) + 1
     names = list(lane_names) if lane_names is not None else ["model"] + [f"tools {i}" for i in range(1, lanes)]
     if len(names) < lanes:
         names += [""] * (lanes - len(names))
     scale = WIDTH / total
-    drawn = [Drawn(LABELS + b.start * scale, 20 + b.lane * LANE, max(b.seconds * scale, 2.0), b.label, b.kind,
-                   b.title) for b in bars]
+    drawn = []
+    for b in bars:
+        x, w = LABELS + b.start * scale, max(b.seconds * scale, 2.0)
+        if x + 4 + len(b.label) * CHAR > LABELS + WIDTH + 20 and x + w - 4 - len(b.label) * CHAR >= LABELS:
+            drawn.append(Drawn(x, 20 + b.lane * LANE, w, b.label, b.kind, b.title, x + w - 4, "end"))
+        else:
+            drawn.append(Drawn(x, 20 + b.lane * LANE, w, b.label, b.kind, b.title, x + 4))
     step = _tick(total)
     ticks = []
     t = 0.0
