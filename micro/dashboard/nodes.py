@@ -94,6 +94,8 @@ async def check(service: str, node: Node, timeout: float = CHECK_TIMEOUT) -> Hea
         return Health("unreachable", f"{node.address} did not answer within {timeout:g} s")
     except Error as exc:
         return Health("unreachable", f"{node.address}: {exc.message}")
+    except OSError as exc:  # a name that does not resolve, a TLS handshake that fails
+        return Health("unreachable", f"{node.address}: {exc}")
     finally:
         pool.close()
     status = health.Response.FromString(reply).status
