@@ -81,3 +81,8 @@ def test_run_wait_resume_and_show_a_stepped_flow(example: subprocess.Popen[str])
     refused = msgspec.json.decode(res.stdout)
     assert refused["status"] == "failed"
     assert refused["error"] == "step approved: BadRequest: the lead did not approve closing task t3: not yet"
+    # failed, but not dead-lettered (a refusal is acknowledged: no broker gave up on it)
+    failed = micro_cli("flow", "runs", "close-task", "--status", "failed")
+    assert run2["id"] in failed.stdout
+    dead = micro_cli("flow", "runs", "close-task", "--dead-lettered")
+    assert dead.returncode == 0 and dead.stdout.strip() == "close-task has no dead-lettered runs", dead

@@ -104,20 +104,25 @@ def _status(status: str) -> str:
 @click.option("--limit", type=int, default=20, show_default=True)
 @click.option("--status", "statuses", multiple=True, type=click.Choice(STATUSES),
               help="Only runs with this status (repeatable), e.g. --status waiting.")
+@click.option("--dead-lettered", is_flag=True,
+              help="Only runs whose event the broker dead-lettered (its last delivery failed); "
+                   "`micro flow replay RUN_ID` runs one again.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run records as JSON.")
 @run_async
-async def runs(name: str, limit: int, statuses: tuple[str, ...], as_json: bool) -> None:
+async def runs(name: str, limit: int, statuses: tuple[str, ...], dead_lettered: bool, as_json: bool) -> None:
     """List the most recent runs of flow NAME (newest first)."""
     async with cli_runtime() as rt:
         try:
-            rsp = await rt.client.call(name, "Flow.Runs", {"limit": limit, "status": list(statuses) or None})
+            rsp = await rt.client.call(name, "Flow.Runs", {"limit": limit, "status": list(statuses) or None,
+                                                           "dead_lettered": dead_lettered})
         except (EndpointNotFound, ServiceNotFound):
             await missing(rt, name, "flow")
     if as_json:
         out.print_json(msgspec.json.encode(rsp["runs"]).decode())
         return
     if not rsp["runs"]:
-        out.print(f"{name} has no {' or '.join(statuses)} runs" if statuses else f"{name} has no runs yet")
+        which = " or ".join(statuses) + (" dead-lettered" if dead_lettered else "")
+        out.print(f"{name} has no {which.strip()} runs" if which.strip() else f"{name} has no runs yet")
         return
     widest = max(len(r["id"]) for r in rsp["runs"])
     # the id, status and time are never cut (`micro flow show` takes the id); the note gives way first
