@@ -155,6 +155,7 @@ async def test_reload_swaps_the_app_with_no_failed_call(tmp_path: Path) -> None:
                 write(app / "app.py", APP.format(version=5))  # fixed: the next save swaps again
                 last = await nodes_of(rt, "reloaded", watcher, lambda ids: len(ids) == 1 and ids != before)
                 await seen[5].wait()
+                await output.wait_for("reloaded app.py", at)  # the fourth swap's line (printed once the old one left)
                 # the watching process serves the dashboard across the swaps: it shows the node now serving
                 url = output.lines[await output.wait_for("dashboard: ")].split()[1]
                 async with httpx.AsyncClient(timeout=30) as http:
