@@ -20,7 +20,7 @@ import httpx
 import msgspec
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -125,9 +125,19 @@ def browser() -> Iterator[WebDriver]:
 
 
 def _wait(driver: WebDriver, what: object, message: str) -> object:
-    # an element read while the page navigates (a form's POST, then its redirect) may be gone: read again
+    # an element read while the page navigates (a form's POST, then its redirect) may be gone: read again.
+    # Chromium reports some of those reads as an "unhandled inspector error" (the node left the document)
+    # rather than a stale element; only that one is read again, any other driver error fails the test.
+    def attempt(d: WebDriver) -> object:
+        try:
+            return what(d)  # type: ignore[operator]
+        except WebDriverException as e:
+            if "does not belong to the document" in str(e.msg):
+                return False
+            raise
+
     wait = WebDriverWait(driver, WAIT, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException))
-    return wait.until(what, message)  # type: ignore[arg-type]
+    return wait.until(attempt, message)
 
 
 def _table(driver: WebDriver) -> list[list[str]]:
