@@ -207,7 +207,11 @@ class Broker(Resource, abc.ABC):
 
     @abc.abstractmethod
     async def _publish(self, topic: str, data: bytes, headers: Mapping[str, str] | None) -> None:
-        """Send ``data`` (already encoded; ``topic`` already valid) to ``topic``."""
+        """Send ``data`` (already encoded; ``topic`` already valid) to ``topic``.
+
+        :meth:`publish` returns what this returns for the caller to await: an ``async def``,
+        or a plain function returning an awaitable (core NATS: nats-py's own coroutine).
+        """
 
     @abc.abstractmethod
     async def _subscribe(self, topic: str, handler: MessageHandler, *, queue: str | None,
