@@ -248,6 +248,7 @@ class NatsBroker(Broker):
         self._gen = 0  # the connection's client generation that _nc (and JetStream contexts) belong to
         self._subs: set[Subscription] = set()
         self._id_header = mode == "header"
+        self._direct = _DIRECT and not self._id_header  # see _publish
         self._id_envelope = mode == "envelope"
         self._tg: BackgroundTasks | None = None
         self._closed = False
@@ -348,8 +349,7 @@ class NatsBroker(Broker):
         # here, so it raises nothing that needs translating. Everything else (headers, a
         # nats-py without these internals: see _DIRECT) goes the translating way.
         nc = self._nc
-        if (not _DIRECT or headers or self._id_header or nc._status != _CONNECTED
-                or len(data) + _HEAD > nc._max_payload):
+        if headers or not self._direct or nc._status != _CONNECTED or len(data) + _HEAD > nc._max_payload:
             return self._publish_checked(topic, data, headers)
         if self._id_envelope:
             data = stamp_message_id(ENVELOPE, data)
