@@ -62,8 +62,8 @@ _BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.
             10.0, 30.0, 60.0)
 _BUCKET_NAMES = [*(repr(b) for b in _BUCKETS), "+Inf"]
 _FIRST = _BUCKETS[0]
-FOLD_AT = 1024
-"""OK calls an RPC child keeps unfolded at most (a list of floats, about 32 KiB): see ``_Rpc``."""
+FOLD_AT = 256
+"""OK calls an RPC child keeps unfolded at most (a list of floats, about 8 KiB): see ``_Rpc``."""
 _MODEL_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 
 _m: _Metrics | None = None

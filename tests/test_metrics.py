@@ -318,7 +318,7 @@ def test_rpc_child_buckets_and_codes_before_and_after_a_fold(fresh: CollectorReg
 
 async def test_rpc_counts_stay_exact_across_folds_and_scrapes_from_another_thread(
         fresh: CollectorRegistry) -> None:
-    """More in-process calls than one fold holds, scraped from a thread meanwhile (an exporter of the
+    """More in-process calls than two folds hold, scraped from a thread meanwhile (an exporter of the
     app's own): every scrape counts no more calls than were made, never fewer than the last one did,
     and the last one counts them all, on both sides."""
     from prometheus_client import generate_latest
@@ -326,7 +326,8 @@ async def test_rpc_counts_stay_exact_across_folds_and_scrapes_from_another_threa
     ep = {"service": "greet", "endpoint": "Greeter.Hello", "path": "in-process"}
     seen: list[tuple[float, float, float]] = []  # (server calls, server histogram count, client calls)
     made = 0
-    done = anyio.Event()
+    stop = False
+    scraped = anyio.Event()
 
     def scrape() -> None:
         found = samples(generate_latest(fresh))
@@ -335,10 +336,13 @@ async def test_rpc_counts_stay_exact_across_folds_and_scrapes_from_another_threa
                      value(found, "micro_rpc_client_calls_total", **ep, code="OK")))
 
     async def scraping() -> None:
-        while not done.is_set():
+        nonlocal scraped
+        while not stop:
             before = made
-            await anyio.to_thread.run_sync(scrape)
-            assert all(n <= made for n in seen[-1]) and all(n >= before for n in seen[-1][:1])
+            await anyio.to_thread.run_sync(scrape)  # the loop goes on making calls meanwhile
+            assert all(n <= made for n in seen[-1]) and seen[-1][0] >= before
+            scraped.set()
+            scraped = anyio.Event()
 
     async with micro.Runtime(registry=MemoryRegistry(), store="memory://", broker="memory://") as rt:
         service = micro.Service("greet", runtime=rt)
@@ -349,11 +353,11 @@ async def test_rpc_counts_stay_exact_across_folds_and_scrapes_from_another_threa
                 for i in range(2 * metrics.FOLD_AT + 7):
                     await rt.client.call("greet", "Greeter.Hello", {"name": "a"})
                     made += 1
-                    if i % 16 == 0:
-                        await anyio.lowlevel.checkpoint()  # an in-process call never yields: let scrapes start
-                done.set()
+                    if i % 64 == 63:  # an in-process call never yields: wait for a scrape now and then
+                        await scraped.wait()
+                stop = True
             scrape()
-    assert len(seen) >= 3  # at least two scrapes while calls were made
+    assert len(seen) >= 2 * metrics.FOLD_AT // 64
     for earlier, later in itertools.pairwise(seen):
         assert all(a <= b for a, b in zip(earlier, later, strict=True)), (earlier, later)
     assert seen[-1] == (made, made, made)
