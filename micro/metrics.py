@@ -44,6 +44,7 @@ and labels whose values come from outside the code, such as topics, keep at most
 from __future__ import annotations
 
 import bisect
+import threading
 import time
 from collections.abc import Awaitable
 from typing import Any
@@ -60,6 +61,9 @@ IN_PROCESS, GRPC, NATIVE = "in-process", "grpc", "native"
 _BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
             10.0, 30.0, 60.0)
 _BUCKET_NAMES = [*(repr(b) for b in _BUCKETS), "+Inf"]
+_FIRST = _BUCKETS[0]
+FOLD_AT = 256
+"""OK calls an RPC child keeps unfolded at most (a list of floats, about 8 KiB): see ``_Rpc``."""
 _MODEL_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 
 _m: _Metrics | None = None
@@ -211,47 +215,82 @@ class _RpcFamily:
                     rows.setdefault(key, []).append(rpc)
         for key, rpcs in rows.items():
             codes: dict[str, int] = {}
+            counts = [0] * len(_BUCKET_NAMES)
+            total = 0.0
+            flying = 0
             for rpc in rpcs:
-                for code, n in rpc.by_code().items():
+                rpc_codes, rpc_buckets, rpc_total, rpc_in_flight = rpc.read()
+                for code, n in rpc_codes.items():
                     codes[code] = codes.get(code, 0) + n
+                counts = [a + b for a, b in zip(counts, rpc_buckets, strict=True)]
+                total += rpc_total
+                flying += rpc_in_flight
             for code, n in codes.items():
                 calls.add_metric([*key, code], n)
             cumulative, buckets = 0, []
-            for i, bound in enumerate(_BUCKET_NAMES):
-                cumulative += sum(rpc.buckets[i] for rpc in rpcs)
+            for bound, n in zip(_BUCKET_NAMES, counts, strict=True):
+                cumulative += n
                 buckets.append((bound, cumulative))
-            seconds.add_metric(list(key), buckets, sum(rpc.total for rpc in rpcs))
-            in_flight.add_metric(list(key), sum(rpc.in_flight for rpc in rpcs))
+            seconds.add_metric(list(key), buckets, total)
+            in_flight.add_metric(list(key), flying)
         return [calls, seconds, in_flight]
 
 
 class _Rpc:
-    """One (service, endpoint, path): calls by code, a histogram of seconds, calls in flight."""
+    """One (service, endpoint, path): calls by code, a histogram of seconds, calls in flight.
 
-    __slots__ = ("buckets", "codes", "in_flight", "ok", "total")
+    Every call pays for what is kept here, so an OK call (the common case) only appends its
+    seconds to ``pending``; they are folded into the counts, the buckets and the sum every
+    :data:`FOLD_AT` calls on the thread that records, and read with them when Prometheus
+    scrapes (:meth:`read`, from any thread: a lock makes the fold and the read whole).
+    ``Endpoint.handle`` inlines :meth:`done`'s OK branch (a method call is a fair part of the cost).
+    """
+
+    __slots__ = ("buckets", "codes", "in_flight", "lock", "ok", "pending", "total")
 
     def __init__(self) -> None:
-        self.ok = 0  # calls answered OK (the common case, kept out of the dict)
-        self.codes: dict[str, int] = {}  # the others, by status
+        self.in_flight = 0
+        self.ok = 0  # calls answered OK, folded (the others are in pending)
+        self.codes: dict[str, int] = {}  # the other calls, by status
         self.buckets = [0] * (len(_BUCKETS) + 1)  # the last one: above every bound (+Inf)
         self.total = 0.0
-        self.in_flight = 0
+        self.pending: list[float] = []  # the seconds of OK calls not folded yet
+        self.lock = threading.Lock()
 
     def done(self, code: str, elapsed: float) -> None:
+        """A call counted in ``in_flight`` ended with ``code`` after ``elapsed`` seconds."""
         self.in_flight -= 1
+        if code == "OK":
+            pending = self.pending
+            pending.append(elapsed)
+            if len(pending) >= FOLD_AT:
+                self.fold()
+            return
+        self.codes[code] = self.codes.get(code, 0) + 1
         self.total += elapsed
         self.buckets[_bisect(_BUCKETS, elapsed)] += 1
-        if code == "OK":
-            self.ok += 1
-        else:
-            self.codes[code] = self.codes.get(code, 0) + 1
 
-    def by_code(self) -> dict[str, int]:
-        """Calls by status code."""
-        out = dict(self.codes)
-        if self.ok:
-            out["OK"] = self.ok
-        return out
+    def fold(self) -> None:
+        """Count the pending OK calls in ``ok``, the buckets and the sum."""
+        with self.lock:
+            pending, self.pending = self.pending, []
+            buckets, first, bounds = self.buckets, _FIRST, _BUCKETS
+            for elapsed in pending:  # most in-process calls take less than the first bound
+                buckets[0 if elapsed <= first else _bisect(bounds, elapsed)] += 1
+            self.total += sum(pending)
+            self.ok += len(pending)
+
+    def read(self) -> tuple[dict[str, int], list[int], float, int]:
+        """Calls by status code, the buckets, the sum of seconds and the calls in flight, as of now."""
+        with self.lock:
+            codes, buckets, total = dict(self.codes), list(self.buckets), self.total
+            ok, pending, in_flight = self.ok, list(self.pending), self.in_flight
+        for elapsed in pending:
+            buckets[_bisect(_BUCKETS, elapsed)] += 1
+        ok += len(pending)
+        if ok:
+            codes["OK"] = ok
+        return codes, buckets, total + sum(pending), in_flight
 
 
 class _Collector:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
@@ -48,7 +49,8 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("NATS backends need nats-py: pip install 'micro[nats]'", name=exc.name) from None
 
-__all__ = ["Listener", "NatsConnection", "NatsSettings", "connect", "describe", "nats_errors", "servers_of", "shared"]
+__all__ = ["Listener", "NatsConnection", "NatsSettings", "callback_errors", "connect", "describe", "nats_errors",
+           "servers_of", "shared"]
 
 log = logging.getLogger("micro.nats")
 
@@ -76,6 +78,27 @@ class NatsSettings:
     close_timeout: float = 5.0
     max_reconnect_wait: float = 30.0
 
+
+
+_callback_errors: contextvars.ContextVar[Callable[[Exception], bool] | None] = contextvars.ContextVar(
+    "micro_nats_callback_errors", default=None)
+
+
+@contextlib.contextmanager
+def callback_errors(report: Callable[[Exception], bool]) -> Iterator[None]:
+    """Subscriptions made in this block give ``report`` the exceptions their callback raises.
+
+    nats-py hands such an exception to the connection's error callback, awaited in the
+    subscription's own task, whose context is a copy of the one ``client.subscribe`` ran
+    in; so the connection finds ``report`` there, and a subscription callback needs no
+    ``try`` (no coroutine) of its own around the handler. ``report`` returns whether the
+    exception was its callback's (else the connection reports it as a connection error).
+    """
+    token = _callback_errors.set(report)
+    try:
+        yield
+    finally:
+        _callback_errors.reset(token)
 
 
 class Listener(Protocol):
@@ -246,6 +269,9 @@ class NatsConnection(Resource):
         return relay
 
     async def _on_error(self, e: Exception) -> None:
+        report = _callback_errors.get()
+        if report is not None and report(e):  # a subscription's callback raised (see callback_errors)
+            return
         if self._connecting is not None:
             self._first_error = self._first_error or e
             self._connecting.cancel()  # fail at the first error, not after every retry

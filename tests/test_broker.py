@@ -24,7 +24,10 @@ import msgspec
 import pytest
 
 import micro.broker
+import micro.broker.nats
 from micro.broker import Broker, Message, encode_message, from_url
+from micro.broker import _base as message_ids
+from micro.broker._base import stamp_message_id
 from micro.broker.jetstream import JetStreamBroker
 from micro.broker.memory import MemoryBroker, topic_matches
 from micro.broker.nats import ENVELOPE, NatsBroker
@@ -214,11 +217,16 @@ async def test_memory_handler_error_is_logged(caplog: pytest.LogCaptureFixture) 
 # -- core NATS --------------------------------------------------------------------------------
 
 
-async def test_nats_message_ids_ride_in_an_envelope_or_a_header(nats_url: str) -> None:
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "client-publish"])
+async def test_nats_message_ids_ride_in_an_envelope_or_a_header(
+        nats_url: str, direct: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """By default an id goes in front of the payload (no header); ``header`` sends it as ``Micro-Id``.
-    Either way every micro subscriber sees the same id and the payload as published."""
+    Either way every micro subscriber sees the same id and the payload as published; the same
+    when nats-py lacks the internals of the direct publish path (``Client.publish`` then)."""
     import nats
 
+    assert micro.broker.nats._DIRECT, "this nats-py lacks what the direct publish path uses"
+    monkeypatch.setattr(micro.broker.nats, "_DIRECT", direct)
     for mode in ("envelope", "header"):
         t = topic(mode)
         raw = await nats.connect(nats_url)
@@ -270,6 +278,56 @@ async def test_nats_bare_payloads_without_message_ids(nats_url: str) -> None:
         assert bare_a.headers == {} and bare_a.id and bare_a.id != b.messages[0].id
         assert marked.id == b.messages[1].id == "m-1"
         assert marked.headers == {"Micro-Id": "m-1", "X-Trace": "t"}
+
+
+def test_stamped_message_ids_are_unique_across_blocks_and_a_reseed() -> None:
+    """The envelope's ids: 32 hex digits after the head, never the same twice (across the blocks of
+    256 whose first 30 digits are made once), and all new after a reseed (what a forked child runs)."""
+    stamped = [stamp_message_id(ENVELOPE, b"data") for _ in range(1000)]
+    ids = [s[len(ENVELOPE):-4] for s in stamped]
+    assert all(s.startswith(ENVELOPE) and s.endswith(b"data") for s in stamped)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids) and len(set(ids)) == 1000
+    assert len({i[:16] for i in ids}) == 1  # one process, one prefix
+    message_ids._ids.reseed()  # registered with os.register_at_fork(after_in_child=...)
+    after = stamp_message_id(b"", b"")
+    assert len(after) == 32 and after[:16] != ids[0][:16] and after not in ids
+
+
+async def test_nats_handler_error_is_logged_and_delivery_goes_on(
+        nats_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A core NATS handler that raises is logged with its topic and message id (not as a connection
+    error) and the subscription goes on."""
+    t = topic("err")
+    async with NatsBroker(nats_url) as broker:
+        inbox = Inbox(fail_on=b"boom")
+        await broker.subscribe(t, inbox)
+        with caplog.at_level(logging.DEBUG):
+            await broker.publish(t, b"boom")
+            await broker.publish(t, b"next")
+            await inbox.wait_data(b"next")
+    failed = inbox.messages[0]
+    assert failed.data == b"boom"
+    [record] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert record.name == "micro.broker.nats"
+    assert record.getMessage() == f"handler for {t!r} failed on message {failed.id}"
+    assert record.exc_info is not None and "kit: handler failure on purpose" in str(record.exc_info[1])
+
+
+async def test_nats_publish_over_the_servers_limit_is_a_broker_error(nats_url: str) -> None:
+    """A message larger than the server's ``max_payload`` is refused with ``BrokerError`` naming the
+    topic, on the direct path and with headers alike; the broker goes on publishing."""
+    t = topic("big")
+    async with NatsBroker(nats_url) as broker:
+        inbox = Inbox()
+        await broker.subscribe(t, inbox)
+        big = b"x" * (broker._nc.max_payload + 1)
+        for headers in (None, {"X-Trace": "t"}):
+            with pytest.raises(BrokerError, match=t) as caught:
+                await broker.publish(t, big, headers=headers)
+            assert not isinstance(caught.value, Unavailable)
+        await broker.publish(t, b"small")
+        await inbox.wait_data(b"small")
+        assert inbox.data == [b"small"]
 
 
 # -- JetStream -------------------------------------------------------------------------------

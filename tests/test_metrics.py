@@ -8,6 +8,7 @@ and turns them off after.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -286,3 +287,77 @@ async def test_the_gateways_serve_metrics_behind_their_token_and_health_without(
                     found = samples(scraped.content)
                     assert value(found, "micro_rpc_server_calls_total", service="greet", endpoint="Greeter.Hello",
                                  path="in-process", code="OK") == 1
+
+
+def test_rpc_child_buckets_and_codes_before_and_after_a_fold(fresh: CollectorRegistry) -> None:
+    """A call's seconds land in the first bucket whose bound is >= them (Prometheus' ``le``), the same
+    while an OK call waits in ``pending`` and once folded; other codes are counted at once."""
+    child = metrics.rpc("server", "unit", "U.Call", "in-process")
+    for code, seconds in (("OK", 0.0001), ("OK", 0.00011), ("OK", 100.0), ("INTERNAL", 0.003), ("OK", 0.00002)):
+        child.in_flight += 1
+        child.done(code, seconds)
+    child.in_flight += 1  # one still running
+
+    def scraped() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        return {k: v for k, v in samples(metrics.exposition()[0]).items() if dict(k[1]).get("service") == "unit"}
+
+    before = scraped()
+    child.fold()
+    assert not child.pending
+    assert scraped() == before
+    ep = {"service": "unit", "endpoint": "U.Call", "path": "in-process"}
+    buckets = {le: value(before, "micro_rpc_server_duration_seconds_bucket", **ep, le=le)
+               for le in ("0.0001", "0.00025", "0.005", "60.0", "+Inf")}
+    assert buckets == {"0.0001": 2, "0.00025": 3, "0.005": 4, "60.0": 4, "+Inf": 5}
+    assert value(before, "micro_rpc_server_duration_seconds_count", **ep) == 5
+    assert value(before, "micro_rpc_server_duration_seconds_sum", **ep) == pytest.approx(100.00323)
+    assert value(before, "micro_rpc_server_calls_total", **ep, code="OK") == 4
+    assert value(before, "micro_rpc_server_calls_total", **ep, code="INTERNAL") == 1
+    assert value(before, "micro_rpc_server_in_flight", **ep) == 1
+
+
+async def test_rpc_counts_stay_exact_across_folds_and_scrapes_from_another_thread(
+        fresh: CollectorRegistry) -> None:
+    """More in-process calls than two folds hold, scraped from a thread meanwhile (an exporter of the
+    app's own): every scrape counts no more calls than were made, never fewer than the last one did,
+    and the last one counts them all, on both sides."""
+    from prometheus_client import generate_latest
+
+    ep = {"service": "greet", "endpoint": "Greeter.Hello", "path": "in-process"}
+    seen: list[tuple[float, float, float]] = []  # (server calls, server histogram count, client calls)
+    made = 0
+    stop = False
+    scraped = anyio.Event()
+
+    def scrape() -> None:
+        found = samples(generate_latest(fresh))
+        seen.append((value(found, "micro_rpc_server_calls_total", **ep, code="OK"),
+                     value(found, "micro_rpc_server_duration_seconds_count", **ep),
+                     value(found, "micro_rpc_client_calls_total", **ep, code="OK")))
+
+    async def scraping() -> None:
+        nonlocal scraped
+        while not stop:
+            before = made
+            await anyio.to_thread.run_sync(scrape)  # the loop goes on making calls meanwhile
+            assert all(n <= made for n in seen[-1]) and seen[-1][0] >= before
+            scraped.set()
+            scraped = anyio.Event()
+
+    async with micro.Runtime(registry=MemoryRegistry(), store="memory://", broker="memory://") as rt:
+        service = micro.Service("greet", runtime=rt)
+        service.handle(Greeter())
+        async with service:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(scraping)
+                for i in range(2 * metrics.FOLD_AT + 7):
+                    await rt.client.call("greet", "Greeter.Hello", {"name": "a"})
+                    made += 1
+                    if i % 64 == 63:  # an in-process call never yields: wait for a scrape now and then
+                        await scraped.wait()
+                stop = True
+            scrape()
+    assert len(seen) >= 2 * metrics.FOLD_AT // 64
+    for earlier, later in itertools.pairwise(seen):
+        assert all(a <= b for a, b in zip(earlier, later, strict=True)), (earlier, later)
+    assert seen[-1] == (made, made, made)

@@ -27,6 +27,10 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("server/grpc.py", "_stream"): "grpclib's Stream holds the h2 stream (its id, for flow control) privately",
     ("server/grpc.py", "_handlers"): "grpclib's Server keeps its connection handlers privately (graceful drain)",
     ("server/grpc.py", "_tasks"): "grpclib's Handler keeps its request tasks privately (graceful drain)",
+    ("broker/nats.py", "_status"): "nats-py's connection state, read on the publish hot path (see _DIRECT)",
+    ("broker/nats.py", "_max_payload"): "nats-py's server size limit, read on the publish hot path (see _DIRECT)",
+    ("broker/nats.py", "_send_publish"): "nats-py's PUB writer: publish without Client.publish's second set of "
+                                         "checks and coroutine (guarded by _DIRECT)",
 }
 """(module, private attribute) -> why it is touched."""
 

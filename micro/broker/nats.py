@@ -30,8 +30,10 @@ resume after the reconnect (on a fresh client too, when nats-py gave up: see
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, ClassVar, Self
 from urllib.parse import parse_qsl, urlsplit
 
@@ -53,10 +55,10 @@ from micro.broker._base import (
     Subscription,
     drain,
     new_message_id,
-    new_message_id_bytes,
+    stamp_message_id,
 )
 from micro.errors import BrokerError, ConfigError, Unavailable
-from micro.nats_connection import UNAVAILABLE, NatsConnection, NatsSettings, connect, describe
+from micro.nats_connection import UNAVAILABLE, NatsConnection, NatsSettings, callback_errors, connect, describe
 from micro.resource import redact
 from micro.tasks import BackgroundTasks
 
@@ -74,7 +76,15 @@ _ID_FLAGS = {"1": "envelope", "true": "envelope", "yes": "envelope", "on": "enve
 
 
 class NatsSubscription(Subscription):
-    """A core NATS subscription; nats-py runs its callbacks in one task of its own."""
+    """A core NATS subscription; nats-py runs its callbacks in one task of its own.
+
+    nats-py calls :meth:`_callback`'s function with each message: a plain function that
+    builds the :class:`Message` and returns the handler's own awaitable for nats-py to
+    await, so no coroutine of micro's sits between nats-py's loop and the handler. A
+    handler that raises reaches nats-py's error callback, which the connection passes to
+    :meth:`_failed` (see :func:`micro.nats_connection.callback_errors`): it is logged and
+    the subscription goes on.
+    """
 
     def __init__(self, broker: NatsBroker, topic: str, handler: MessageHandler, queue: str | None) -> None:
         self.topic = topic
@@ -83,27 +93,50 @@ class NatsSubscription(Subscription):
         self._handler = handler
         self._closed = False
         self._sub: CoreSubscription | None = None
-        self._handler_task: asyncio.Task[Any] | None = None
+        self._task: asyncio.Task[Any] | None = None  # nats-py's task that runs the handler
+        self._message: Message | None = None  # the message in hand
 
-    async def _on_msg(self, msg: Msg) -> None:
-        if self._closed:
-            return  # unsubscribed: what nats-py still buffers is not delivered
-        if self._handler_task is None:
-            self._handler_task = asyncio.current_task()
-        headers = msg.headers
-        data = msg.data
-        if headers:
-            message = Message(topic=msg.subject, data=data, headers=headers,
-                              id=headers.get(ID_HEADER) or new_message_id())
-        elif data.startswith(ENVELOPE) and len(data) >= _HEAD:
-            message_id = data[4:_HEAD].decode("ascii", "replace")
-            message = Message(topic=msg.subject, data=data[_HEAD:], headers={ID_HEADER: message_id}, id=message_id)
-        else:  # a bare payload (message_ids="none", or a publisher that is not micro)
-            message = Message(topic=msg.subject, data=data, id=new_message_id())
-        try:
-            await self._handler(message)
-        except Exception:
-            log.exception("handler for %r failed on message %s", self.topic, message.id)
+    async def _subscribe(self, nc: Client) -> None:
+        """Subscribe on ``nc`` (the broker's client: at the start, or a fresh one after it gave up)."""
+        with callback_errors(self._failed):
+            self._sub = await nc.subscribe(self.topic, queue=self.queue or "", cb=self._callback(),
+                                           pending_msgs_limit=self._broker.pending_limit)
+
+    def _callback(self) -> Callable[[Msg], Awaitable[None]]:
+        sub, handler = self, self._handler
+
+        def deliver(msg: Msg) -> Awaitable[None]:
+            if sub._closed:
+                return _nothing()  # unsubscribed: what nats-py still buffers is not delivered
+            if sub._task is None:
+                sub._task = asyncio.current_task()
+            headers = msg.headers
+            data = msg.data
+            if headers:
+                message = Message(msg.subject, data, headers, headers.get(ID_HEADER) or new_message_id())
+            elif data[:4] == ENVELOPE and len(data) >= _HEAD:
+                message_id = data[4:_HEAD].decode("ascii", "replace")
+                message = Message(msg.subject, data[_HEAD:], {ID_HEADER: message_id}, message_id)
+            else:  # a bare payload (message_ids="none", or a publisher that is not micro)
+                message = Message(msg.subject, data, {}, new_message_id())
+            sub._message = message
+            return handler(message)
+
+        async def as_coroutine(msg: Msg) -> None:
+            await deliver(msg)
+
+        # nats-py takes a coroutine function, or a callable whose ``func`` is one (as functools.partial)
+        deliver.func = as_coroutine  # type: ignore[attr-defined]
+        return deliver
+
+    def _failed(self, error: Exception) -> bool:
+        """Log ``error`` if the handler raised it: nats-py passes that on in this subscription's task
+        while handling it (anything else reaching the error callback there is not ours)."""
+        if asyncio.current_task() is not self._task or sys.exc_info()[1] is not error:
+            return False
+        message_id = self._message.id if self._message is not None else "?"
+        log.error("handler for %r failed on message %s", self.topic, message_id, exc_info=error)
+        return True
 
     async def unsubscribe(self) -> None:
         """Stop delivery and let the message in hand finish (up to ``drain_timeout``). Idempotent."""
@@ -114,7 +147,7 @@ class NatsSubscription(Subscription):
         broker._subs.discard(self)
         if self._sub is None:
             return
-        if asyncio.current_task() is self._handler_task and broker._tg is not None:
+        if asyncio.current_task() is self._task and broker._tg is not None:
             # a handler unsubscribing its own subscription: drain from outside the handler
             broker._tg.start_soon(self._drain, self._sub, name=f"micro.broker.nats:unsubscribe:{self.topic}")
         else:
@@ -134,6 +167,14 @@ class NatsSubscription(Subscription):
             await sub.unsubscribe()
         except nats.errors.Error:
             pass  # already gone with the connection
+
+
+async def _nothing() -> None:
+    pass
+
+
+def _no_writer() -> None:
+    """Stands in for nats-py's PUB writer in the check of :data:`_DIRECT` when it has none."""
 
 
 class NatsBroker(Broker):
@@ -207,6 +248,7 @@ class NatsBroker(Broker):
         self._gen = 0  # the connection's client generation that _nc (and JetStream contexts) belong to
         self._subs: set[Subscription] = set()
         self._id_header = mode == "header"
+        self._direct = _DIRECT and not self._id_header  # see _publish
         self._id_envelope = mode == "envelope"
         self._tg: BackgroundTasks | None = None
         self._closed = False
@@ -291,8 +333,7 @@ class NatsBroker(Broker):
         for sub in list(self._subs):
             if isinstance(sub, NatsSubscription) and not sub._closed:
                 try:
-                    sub._sub = await self._nc.subscribe(sub.topic, queue=sub.queue or "", cb=sub._on_msg,
-                                                        pending_msgs_limit=self.pending_limit)
+                    await sub._subscribe(self._nc)
                 except nats.errors.Error as e:
                     log.error("subscription %r on %s not resumed on the fresh connection: %s",
                               sub.topic, redact(self.url), describe(e))
@@ -300,7 +341,21 @@ class NatsBroker(Broker):
 
     # -- publish / subscribe ----------------------------------------------------
 
-    async def _publish(self, topic: str, data: bytes, headers: Mapping[str, str] | None) -> None:
+    def _publish(self, topic: str, data: bytes, headers: Mapping[str, str] | None) -> Coroutine[Any, Any, None]:
+        # The hot path: a message without headers, while connected, well within the server's
+        # limit, goes to nats-py's PUB writer, returned without a coroutine of ours around it.
+        # Client.publish would check the subject (micro's topics are valid subjects), that the
+        # client is connected (not closed, reconnecting or draining) and the size: checked
+        # here, so it raises nothing that needs translating. Everything else (headers, a
+        # nats-py without these internals: see _DIRECT) goes the translating way.
+        nc = self._nc
+        if headers or not self._direct or nc._status != _CONNECTED or len(data) + _HEAD > nc._max_payload:
+            return self._publish_checked(topic, data, headers)
+        if self._id_envelope:
+            data = stamp_message_id(ENVELOPE, data)
+        return nc._send_publish(topic, "", data, len(data), None)
+
+    async def _publish_checked(self, topic: str, data: bytes, headers: Mapping[str, str] | None) -> None:
         nc = self._nc
         if not nc.is_connected:
             raise self._not_connected(f"cannot publish to {topic!r}")
@@ -309,7 +364,7 @@ class NatsBroker(Broker):
                 message_id = new_message_id(headers)
                 await nc.publish(topic, data, headers={**(headers or {}), ID_HEADER: message_id})
             elif self._id_envelope:
-                await nc.publish(topic, new_message_id_bytes(ENVELOPE) + data)
+                await nc.publish(topic, stamp_message_id(ENVELOPE, data))
             else:
                 await nc.publish(topic, data)  # the bare payload
         except nats.errors.Error as e:
@@ -321,8 +376,7 @@ class NatsBroker(Broker):
             raise self._not_connected(f"cannot subscribe to {topic!r}")
         sub = NatsSubscription(self, topic, handler, queue)
         try:
-            sub._sub = await self._nc.subscribe(topic, queue=queue or "", cb=sub._on_msg,
-                                                pending_msgs_limit=self.pending_limit)
+            await sub._subscribe(self._nc)
         except nats.errors.Error as e:
             raise self._error(f"cannot subscribe to {topic!r}", e) from e
         self._subs.add(sub)
@@ -344,3 +398,13 @@ class NatsBroker(Broker):
 
 
 _CLOSED = Client()  # stands in for the connection while the broker is not open: never connected
+
+_CONNECTED = getattr(Client, "CONNECTED", None)
+_DIRECT = (_CONNECTED is not None and isinstance(getattr(_CLOSED, "_status", None), int)
+           and isinstance(getattr(_CLOSED, "_max_payload", None), int)
+           and list(inspect.signature(getattr(Client, "_send_publish", _no_writer)).parameters)
+           == ["self", "subject", "reply", "payload", "payload_size", "headers"])
+"""Whether this nats-py has what the hot path of :meth:`NatsBroker._publish` uses: the client's
+state and size limit (``_status``, ``_max_payload``) and its PUB writer (``_send_publish``),
+the same steps ``Client.publish`` takes after its checks (nats-py 2.x). Without them every
+publish goes through ``Client.publish``."""
