@@ -807,6 +807,93 @@ async def test_one_slow_backend_check_is_slow_not_down_and_two_in_a_row_are_down
     assert told == [False, True]
 
 
+async def test_a_check_overlapping_a_slow_one_does_not_turn_the_same_stall_into_down() -> None:
+    """The 5 s watch's check and a readiness probe's check overlap during one stall: the first to time out
+    marks the backend slow; the other, begun before that, is the same episode (slow, not down). A check
+    begun after the slow one ended and timing out too is down."""
+    from micro.health import Backends
+    from micro.store.memory import MemoryStore
+
+    first_waits, second_waits, first_ended = anyio.Event(), anyio.Event(), anyio.Event()
+    calls = 0
+
+    class Broker:
+        url = "nats://broker.example:4222"
+
+        async def check(self) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:  # the watch's check: no answer (its bound ran out) once the probe's has begun
+                first_waits.set()
+                await second_waits.wait()
+            elif calls == 2:  # the probe's, begun during the same stall: no answer either, after the first
+                second_waits.set()
+                await first_ended.wait()
+            raise TimeoutError
+
+    store = MemoryStore()
+    async with store:
+        rt = type("Rt", (), {"registry": MemoryRegistry(), "store": store, "broker": Broker()})()
+        async with rt.registry:
+            backends = Backends(rt)  # type: ignore[arg-type]
+            told: list[bool] = []
+            backends.listeners.add(told.append)
+            answers: list[list[str]] = []
+
+            async def first() -> None:
+                answers.append(await backends.check())
+                first_ended.set()
+
+            async def second() -> None:
+                answers.append(await backends.check())
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(first)
+                await first_waits.wait()
+                tg.start_soon(second)
+            assert answers == [[], []] and backends.ok and told == []  # one stall: slow, not down
+            assert await backends.check() == [  # begun after the slow one ended, no answer either: down
+                "broker unavailable: broker nats://broker.example:4222: no answer within 2 s"]
+            assert told == [False]
+
+
+async def test_the_readiness_answer_masks_passwords_in_failing_work() -> None:
+    """/health/ready is unauthenticated: a supervised task named after a registry URL with a password (as a
+    runtime's is), or failing with an error that quotes one, shows the URL without it."""
+    import time
+
+    from micro.health import Backends
+    from micro.store.memory import MemoryStore
+    from micro.tasks import Failing
+
+    class Broker:
+        url = "memory://"
+
+        async def check(self) -> None:
+            pass
+
+    store = MemoryStore()
+    async with store:
+        rt = type("Rt", (), {"registry": MemoryRegistry(), "store": store, "broker": Broker()})()
+        async with rt.registry:
+            backends = Backends(rt)  # type: ignore[arg-type]
+            background = BackgroundTasks("runtime nats://app:s3cret@nats.internal:4222", logging.getLogger("x"))
+            background.failing["registry watch"] = Failing(
+                time.time(), 2, "ConnectionError('nats://app:s3cret@nats.internal:4222: refused')")
+            backends.supervised.add(background)
+            (problem,) = await backends.check()
+            assert "s3cret" not in problem and "s3cret" not in repr(backends.failing)
+            assert problem.startswith("runtime nats://app:***@nats.internal:4222: registry watch: failing since")
+            assert "the last: ConnectionError('nats://app:***@nats.internal:4222: refused')" in problem
+
+
+async def test_a_runtime_names_its_background_work_without_the_registry_password() -> None:
+    registry = MemoryRegistry("memory://app:s3cret@registry.internal")
+    async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as rt:
+        (background,) = rt.backends.supervised
+        assert background.name == "runtime memory://app:***@registry.internal"
+
+
 class _WatchBrokenWhile(MemoryRegistry):
     """Every registry watch fails (EMFILE) while ``broken``."""
 
