@@ -549,6 +549,45 @@ async def test_past_max_connections_a_connection_is_refused_with_a_goaway_that_s
                 client.close()
 
 
+async def test_refused_connections_linger_for_their_clients_up_to_a_bound_and_the_rest_close_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused gRPC connection stays half-closed (a descriptor) until its client closes or the linger
+    timer closes it; only max_lingering do at once: a flood of refused clients that never close costs
+    that many descriptors, the others are closed at once."""
+    import micro.server.grpc
+
+    monkeypatch.setattr(micro.server.grpc, "REFUSED_LINGER", 3600.0)  # only the test's own close ends them
+    limit = ConnectionLimit("service echo", max_connections=1, max_lingering=2)
+    async with echo_server(connection_limit=limit) as server:
+        held = await RawH2.open(server.port)
+        clients: list[RawH2] = []
+        try:
+            await wait_until(lambda: limit.open == 1)
+            clients += [await RawH2.open(server.port) for _ in range(2)]
+            await wait_until(lambda: limit.refused == 2)
+            assert limit.lingering == 2
+            third = await RawH2.open(server.port)
+            clients.append(third)
+            with anyio.fail_after(10), contextlib.suppress(ConnectionResetError):
+                while await third.reader.read(65536):  # closed at once: it does not wait for the timer
+                    pass
+            assert (limit.refused, limit.lingering) == (3, 2)
+            clients[0].close()  # a lingering one whose client closes is released
+            await wait_until(lambda: limit.lingering == 1)
+            monkeypatch.setattr(micro.server.grpc, "REFUSED_LINGER", 0.0)  # the timer path
+            fourth = await RawH2.open(server.port)
+            clients.append(fourth)
+            await wait_until(lambda: limit.refused == 4)
+            with anyio.fail_after(10), contextlib.suppress(ConnectionResetError):
+                while await fourth.reader.read(65536):  # the timer closes it although its client does not
+                    pass
+            await wait_until(lambda: limit.lingering == 1)
+        finally:
+            for client in [held, *clients]:
+                client.close()
+    assert limit.lingering == 0  # the server's stop closed the one still lingering
+
+
 async def test_past_max_connections_a_native_connection_is_refused_with_an_error_frame() -> None:
     limit = ConnectionLimit("service echo", max_connections=1)
     async with native_echo_server(connection_limit=limit) as server:
