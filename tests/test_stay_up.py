@@ -549,6 +549,33 @@ async def test_past_max_connections_a_connection_is_refused_with_a_goaway_that_s
                 client.close()
 
 
+async def test_a_goaway_is_reported_only_for_calls_on_the_connection_that_got_it() -> None:
+    """A call refused by a GOAWAY is NodeUnreachable saying why; the next call on the same channel whose
+    reconnect fails reports that failure, not the old connection's GOAWAY (which turned a connect
+    timeout into "refused before processing")."""
+    from micro.client.pool import NodeUnreachable
+
+    limit = ConnectionLimit("service echo", max_connections=1)
+    pool: NodePool | None = None
+    try:
+        async with echo_server(connection_limit=limit) as server:
+            held = await RawH2.open(server.port)
+            try:
+                await wait_until(lambda: limit.open == 1)
+                pool = NodePool(f"127.0.0.1:{server.port}")
+                with pytest.raises(NodeUnreachable, match=r"refused the call before processing it: service echo has "
+                                                          r"1 connections open.*\(GOAWAY ENHANCE_YOUR_CALM\)"):
+                    await pool.unary("/echo.Echo/Ping", b'{"text":"refused"}')
+            finally:
+                held.close()
+        with pytest.raises(NodeUnreachable) as failed:  # the server is gone: its port refuses the connection
+            await pool.unary("/echo.Echo/Ping", b'{"text":"gone"}')
+        assert "is unreachable" in str(failed.value) and "GOAWAY" not in str(failed.value), failed.value
+    finally:
+        if pool is not None:
+            pool.close()
+
+
 async def test_refused_connections_linger_for_their_clients_up_to_a_bound_and_the_rest_close_at_once(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A refused gRPC connection stays half-closed (a descriptor) until its client closes or the linger
