@@ -512,8 +512,13 @@ class A2AHandler(RequestHandler):
     async def _write_claim(self, record: Record, *, if_version: int) -> None:
         """Write a claim shielded from a caller leaving: once written, the caller knows it is (and unclaims
         it if nothing started); a write that reached the store but whose caller was cancelled would stay."""
-        with anyio.CancelScope(shield=True), anyio.fail_after(_UNCLAIM_TIMEOUT):
-            await self.runtime.store.write(record, ttl=idempotency.DEFAULT_TTL, if_version=if_version)
+        try:
+            with anyio.CancelScope(shield=True), anyio.fail_after(_UNCLAIM_TIMEOUT):
+                await self.runtime.store.write(record, ttl=idempotency.DEFAULT_TTL, if_version=if_version)
+        except TimeoutError:
+            raise a2a_errors.InternalError(
+                message=f"the store did not answer within {_UNCLAIM_TIMEOUT:g} s; send the message again "
+                        f"(if it was recorded, a retry gets its task, or starts it after {CLAIM_GRACE:g} s)") from None
 
     async def _run_exists(self, agent: str, task_id: str) -> bool:
         """Whether the agent has a record of the run (an error other than "not found" counts as yes)."""
