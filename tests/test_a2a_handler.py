@@ -379,16 +379,11 @@ async def test_a_start_that_was_reading_when_the_gateway_began_to_stop_is_refuse
                 gate.record_release.set()
             assert outcome == ["this A2A gateway is stopping: send the message to another one (or again once it "
                                "has restarted); nothing of it was started"]
-            assert h.drives == {} and await system.claims() == [_claim_of_book(await system.claims())]
+            assert h.drives == {} and len(await system.claims()) == 1  # the first message's: the answer's is gone
             gate.record_release = None
             h.draining = False  # started again (what the app's lifespan does)
             resumed = await h.on_message_send(message("blue", task_id=task.id, immediately=True), ctx)
             assert isinstance(resumed, pb.Task) and resumed.id == task.id
-
-
-def _claim_of_book(claims: list[bytes]) -> bytes:
-    (claim,) = claims  # the first message's: the refused answer's claim was deleted
-    return claim
 
 
 async def test_an_app_started_again_after_a_stop_takes_messages_again() -> None:
