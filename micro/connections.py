@@ -4,7 +4,11 @@ One :class:`ConnectionLimit` per service, shared by its gRPC and native listener
 
 - **A bound on their number** (``max_connections``). Past it a new connection is
   refused cleanly (the gRPC listener sends an HTTP/2 GOAWAY saying why, the native
-  one an ERROR frame) and closed at once. The default is derived from the process's
+  one an ERROR frame). The native listener closes it at once; the gRPC one
+  half-closes it and waits (up to ``REFUSED_LINGER``, 1 s) for its client to read the
+  GOAWAY and close, so the client can tell "refused, nothing ran" from a reset; at most
+  ``max_lingering`` (64) refused connections wait so at once, the rest are closed at
+  once (a flood of refused clients costs at most that many descriptors). The default is derived from the process's
   descriptor limit (``RLIMIT_NOFILE``), keeping an eighth of it (at least 64) for
   the process's own work: registry heartbeats, store files, outgoing calls. Idle
   clients holding every descriptor took a service off the registry before.
@@ -31,12 +35,15 @@ from typing import Any, Protocol
 
 from micro.errors import UsageError
 
-__all__ = ["DEFAULT_IDLE_TIMEOUT", "Connection", "ConnectionLimit", "default_max_connections", "quiet_accept_errors"]
+__all__ = ["DEFAULT_IDLE_TIMEOUT", "DEFAULT_MAX_LINGERING", "Connection", "ConnectionLimit", "default_max_connections",
+           "quiet_accept_errors"]
 
 log = logging.getLogger("micro.connections")
 
 DEFAULT_IDLE_TIMEOUT = 300.0
 """Seconds a connection with nothing in flight may stay silent before the server closes it."""
+DEFAULT_MAX_LINGERING = 64
+"""Refused connections a service keeps half-closed at once for their clients to read why."""
 
 
 def default_max_connections() -> int:
@@ -64,13 +71,15 @@ class ConnectionLimit:
         where: names the service in messages.
         max_connections: most connections open at once (``None``: :func:`default_max_connections`).
         idle_timeout: seconds a connection with nothing in flight may stay silent.
+        max_lingering: most refused connections kept half-closed at once for their clients to read
+            why (:meth:`linger`); past it a refused connection is closed at once.
 
     ``open`` is the number open now, ``peak`` the most ever, ``refused`` the
-    connections turned away.
+    connections turned away, ``lingering`` the refused ones still half-closed.
     """
 
     def __init__(self, where: str, max_connections: int | None = None,
-                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
+                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT, max_lingering: int = DEFAULT_MAX_LINGERING) -> None:
         if max_connections is not None and max_connections < 1:
             raise UsageError(f"{where}: max_connections must be >= 1 (or None for the default)")
         if idle_timeout <= 0:
@@ -80,6 +89,8 @@ class ConnectionLimit:
         self.idle_timeout = idle_timeout
         self.peak = 0
         self.refused = 0
+        self.max_lingering = max_lingering
+        self.lingering = 0
         self._open: set[Connection] = set()
         self._refusing = 0  # refusals in the current episode
 
@@ -107,6 +118,18 @@ class ConnectionLimit:
 
     def discard(self, conn: Connection) -> None:
         self._open.discard(conn)
+
+    def linger(self) -> bool:
+        """Whether a refused connection may stay half-closed for its client to read why (counted in
+        :attr:`lingering` until :meth:`lingered`), or must be closed at once (``max_lingering`` do)."""
+        if self.lingering >= self.max_lingering:
+            return False
+        self.lingering += 1
+        return True
+
+    def lingered(self) -> None:
+        """A refused connection that lingered is closed."""
+        self.lingering -= 1
 
     async def sweep(self) -> None:
         """Close connections silent for ``idle_timeout`` with nothing in flight (runs until cancelled)."""

@@ -10,7 +10,10 @@ going down is logged once (a warning naming it and the reason) and its return on
 
 A backend that errs is down at once; one that only takes longer than the bound is
 *slow* the first time (logged at info, nothing changes) and down if its next check
-fails too, so one slow answer does not take the node out. The runtime's supervised
+fails too, so one slow answer does not take the node out. Checks overlap (the periodic
+one and readiness probes): only a check begun after the slow one ended can turn slow
+into down, not one that waited through the same stall. Task names and errors in the
+answer have their URLs' passwords masked (readiness probes are unauthenticated). The runtime's supervised
 background work (:attr:`supervised`: its registry watch, the checks themselves)
 counts too: a task failing :data:`FAILURES_NOT_READY` times in a row is a problem
 (``failing``: which task, since when, the last error) until it has run without
@@ -26,6 +29,7 @@ own, fast, with ``Unavailable`` naming it.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -73,7 +77,11 @@ class Backends:
         self.listeners: set[Callable[[bool], None]] = set()
         """Called with ``True`` / ``False`` when all backends start / stop answering."""
         self._told = True  # what the listeners last heard (checks may overlap: compare with this, not a start)
-        self._slow: set[str] = set()  # backends whose last check only timed out (once: slow, not down)
+        self._slow: dict[str, int] = {}
+        # backends whose last check only timed out (once: slow, not down), each with how many probes had
+        # started when it did: only a probe started after that (not one overlapping the slow one) turns
+        # slow into down
+        self._probes = 0  # probes started so far (checks overlap: the 5 s watch and readiness probes)
 
     @property
     def ok(self) -> bool:
@@ -89,27 +97,34 @@ class Backends:
             "broker": (rt.broker.url, rt.broker.check),
         }
         for name, (url, probe) in probes.items():
+            self._probes += 1
+            began = self._probes
             try:
                 with anyio.fail_after(CHECK_TIMEOUT):
                     await probe()
             except Exception as exc:
                 slow = isinstance(exc, TimeoutError)
-                why = f"no answer within {CHECK_TIMEOUT:g} s" if slow else str(exc)
+                why = f"no answer within {CHECK_TIMEOUT:g} s" if slow else _scrub(str(exc))
                 where = redact(url)
                 problem = (why if where and where in why else f"{name} {where}: {why}")[:300]
-                if slow and name not in self._slow and name not in self.problems:
-                    self._slow.add(name)  # once is slow, not down: down if the next check fails too
-                    log.info("runtime: %s was slow: %s (unavailable if the next check fails too)", name, problem)
-                    continue
-                self._slow.discard(name)
+                if slow and name not in self.problems:
+                    if name not in self._slow:
+                        self._slow[name] = self._probes  # once is slow, not down: down if the next check fails too
+                        log.info("runtime: %s was slow: %s (unavailable if the next check fails too)", name,
+                                 problem)
+                        continue
+                    if began <= self._slow[name]:
+                        continue  # began during the same slow episode (an overlapping check): still just slow
+                self._slow.pop(name, None)
                 if name not in self.problems:
                     log.warning("runtime: %s is unavailable: %s (logged again when it answers)", name, problem)
                 self.problems[name] = problem
             else:
-                self._slow.discard(name)
+                self._slow.pop(name, None)
                 if self.problems.pop(name, None) is not None:
                     log.info("runtime: %s %s answers again", name, redact(url))
-        self.failing = {f"{tasks.name}: {name}": _streak(f.since, f.failures, f.error)
+        # the probe's answer is unauthenticated: a task's name or error may hold a backend's URL
+        self.failing = {_scrub(f"{tasks.name}: {name}"): _streak(f.since, f.failures, _scrub(f.error))
                         for tasks in list(self.supervised) for name, f in tasks.failing.items()
                         if f.failures >= FAILURES_NOT_READY}
         if self.ok != self._told:
@@ -130,6 +145,14 @@ class Backends:
         while True:
             await self.check()
             await anyio.sleep(self.interval)
+
+
+_PASSWORD = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^\s/@:]*):[^\s/@]*@")
+
+
+def _scrub(text: str) -> str:
+    """``text`` with the password of every URL in it masked (as :func:`~micro.resource.redact` does one)."""
+    return _PASSWORD.sub(r"\1:***@", text)
 
 
 def _streak(since: float, failures: int, error: str) -> str:

@@ -29,7 +29,7 @@ from micro.errors import MicroError, UsageError
 from micro.health import DEFAULT_INTERVAL, Backends
 from micro.middleware import Wrapper
 from micro.registry import Registry
-from micro.resource import Resource
+from micro.resource import Resource, redact
 from micro.tasks import BackgroundTasks
 
 if TYPE_CHECKING:
@@ -140,7 +140,7 @@ class Runtime(Resource):
             await stack.enter_async_context(self.registry)
             await stack.enter_async_context(self.broker)
             stack.callback(self.client.close)
-            background = BackgroundTasks(f"runtime {self.registry.url}", log)
+            background = BackgroundTasks(f"runtime {redact(self.registry.url)}", log)
             await background.start()
             stack.push_async_callback(background.aclose)
             self.backends.supervised.add(background)  # its failure streaks count against readiness

@@ -9,20 +9,25 @@ a tool holds the run until the test lets it go. No sleeps.
 from __future__ import annotations
 
 import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 from a2a.server.context import ServerCallContext
 from a2a.types import a2a_pb2 as pb
-from a2a.utils.errors import InvalidParamsError, UnsupportedOperationError
+from a2a.utils.errors import InternalError, InvalidParamsError, UnsupportedOperationError
 
 import micro
+import micro.gateway.a2a
+from micro import idempotency
 from micro.ai import Message, ToolResultBlock, ToolSpec, scripted
-from micro.gateway.a2a import A2AHandler
+from micro.errors import BadRequest, Unavailable
+from micro.gateway.a2a import A2AHandler, app
 from micro.middleware import Next, Request
 
 GUARD = 30.0  # a deadlock guard, never a timing assertion
@@ -37,12 +42,27 @@ class RecordGate:
         self.arrived = 0
         self.all_in = anyio.Event()
         self.drop_started = False
+        self.stream_entered = anyio.Event()
+        self.stream_release: anyio.Event | None = None  # while set, agent streams wait for it first
+        self.stream_error: Exception | None = None  # the next agent stream fails with it (once)
+        self.record_entered = anyio.Event()
+        self.record_release: anyio.Event | None = None  # while set, AgentInfo.Run calls wait for it first
 
     def arm(self, n: int) -> None:
         self.needed, self.arrived, self.all_in = n, 0, anyio.Event()
 
     def __call__(self, next_: Next) -> Next:
         async def wrapped(req: Request) -> Any:
+            if self.record_release is not None and req.endpoint == "AgentInfo.Run":
+                self.record_entered.set()
+                await self.record_release.wait()
+            if req.streaming and req.endpoint.startswith("Agent.Stream"):
+                if self.stream_release is not None:
+                    self.stream_entered.set()
+                    await self.stream_release.wait()
+                if self.stream_error is not None:
+                    error, self.stream_error = self.stream_error, None
+                    raise error
             if self.needed and req.endpoint == "AgentInfo.Run":
                 self.arrived += 1
                 if self.arrived >= self.needed:
@@ -98,6 +118,11 @@ class System:
     gate: RecordGate
     held: Held
     context: ServerCallContext
+    runtime: micro.Runtime
+
+    async def claims(self) -> list[bytes]:
+        """The records of the messages the gateway remembers (which task each started)."""
+        return [r.value for r in await self.runtime.store.read(f"{idempotency.PREFIX}desk/SendMessage/", prefix=True)]
 
 
 @contextlib.asynccontextmanager
@@ -131,7 +156,7 @@ async def started() -> AsyncIterator[System]:
             handler = A2AHandler(rt)
             handler.task_group = tg  # what the app's lifespan does
             try:
-                yield System(handler, gate, held, ServerCallContext(state={"agent": "desk"}))
+                yield System(handler, gate, held, ServerCallContext(state={"agent": "desk"}), rt)
             finally:
                 for opened in held.opened.values():
                     opened.set()
@@ -259,3 +284,122 @@ async def test_return_immediately_returns_the_working_task_before_the_model_answ
     assert _states(rest)[-1] == "TASK_STATE_COMPLETED"
     assert final is not None and final.status.state == pb.TASK_STATE_COMPLETED
     assert final.artifacts[0].parts[0].text == "slow done"
+
+
+# -- a message sent again (its messageId): claims, refusals, takeover --------------------------------
+
+
+async def test_a_message_refused_after_its_caller_left_can_be_sent_again() -> None:
+    """The caller leaves while its run is starting; the agent then refuses the message. The message is
+    forgotten (by the drive, which outlives the caller): sent again, it runs, instead of naming a task
+    that never existed."""
+    async with started() as system:
+        h, ctx, gate = system.handler, system.context, system.gate
+        request = message("book")
+        with anyio.fail_after(GUARD):
+            gate.stream_release, gate.stream_error = anyio.Event(), BadRequest("desk: not now")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(h.on_message_send, request, ctx)
+                await gate.stream_entered.wait()
+                (drive,) = h.drives.values()
+                tg.cancel_scope.cancel()  # the caller leaves while its run is starting
+            gate.stream_release.set()
+            await drive.finished.wait()
+            assert drive.error is not None and "not now" in drive.error.message
+            assert await system.claims() == []
+            gate.stream_release = None
+            task = await h.on_message_send(request, ctx)
+    assert isinstance(task, pb.Task) and task.status.state == pb.TASK_STATE_INPUT_REQUIRED
+
+
+async def test_a_transport_error_before_the_run_keeps_the_claim_and_a_retry_takes_it_over_after_the_grace(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unavailable before the first event says nothing of whether the agent got the message: the claim
+    stays (a retry must not start a second run while the first may be starting). A claim whose run
+    never appeared within the grace (its gateway stopped) is taken over by a retry, under its task id."""
+    async with started() as system:
+        h, ctx, gate = system.handler, system.context, system.gate
+        request = message("book")
+        with anyio.fail_after(GUARD):
+            gate.stream_error = Unavailable("desk: connection lost")
+            with pytest.raises(InternalError, match="connection lost"):
+                await h.on_message_send(request, ctx)
+            (claim,) = await system.claims()
+            claimed = json.loads(claim)["task"]
+            monkeypatch.setattr(micro.gateway.a2a, "CLAIM_GRACE", 0.0)
+            task = await h.on_message_send(request, ctx)
+    assert isinstance(task, pb.Task) and task.status.state == pb.TASK_STATE_INPUT_REQUIRED
+    assert task.id == claimed
+
+
+async def test_a_messageid_sent_again_with_other_content_is_refused_and_on_another_task_is_another_message(
+        ) -> None:
+    async with started() as system:
+        h, ctx, held = system.handler, system.context, system.held
+        with anyio.fail_after(GUARD):
+            first = message("book")
+            task = await h.on_message_send(first, ctx)
+            assert isinstance(task, pb.Task) and task.status.state == pb.TASK_STATE_INPUT_REQUIRED
+            changed = message("fail at once")
+            changed.message.message_id = first.message.message_id
+            with pytest.raises(InvalidParamsError, match=f"messageId '{first.message.message_id}' was sent before "
+                                                         "with other content"):
+                await h.on_message_send(changed, ctx)
+            # the same messageId on the task (a client numbering its messages per task): a message of its own
+            answer = message("blue", task_id=task.id, immediately=True)
+            answer.message.message_id = first.message.message_id
+            resumed = await h.on_message_send(answer, ctx)
+            assert isinstance(resumed, pb.Task) and resumed.id == task.id
+            await held.event(held.entered, "blue").wait()  # the run was resumed by it
+            held.event(held.opened, "blue").set()
+
+
+async def test_a_start_that_was_reading_when_the_gateway_began_to_stop_is_refused_not_cut() -> None:
+    """A message past the stopping check but still reading its task when the drain takes its snapshot
+    must not add a drive the drain never waits for: it is refused (nothing started) and forgotten."""
+    async with started() as system:
+        h, ctx, gate = system.handler, system.context, system.gate
+        with anyio.fail_after(GUARD):
+            task = await h.on_message_send(message("book"), ctx)
+            assert isinstance(task, pb.Task)
+            answer = message("blue", task_id=task.id)
+            outcome: list[str] = []
+
+            async def send() -> None:
+                try:
+                    await h.on_message_send(answer, ctx)
+                except InternalError as exc:
+                    outcome.append(exc.message)
+
+            gate.record_release = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(send)
+                await gate.record_entered.wait()  # inside its start, reading the task
+                await h.drain(GUARD)  # nothing driven yet: returns at once
+                gate.record_release.set()
+            assert outcome == ["this A2A gateway is stopping: send the message to another one (or again once it "
+                               "has restarted); nothing of it was started"]
+            assert h.drives == {} and len(await system.claims()) == 1  # the first message's: the answer's is gone
+            gate.record_release = None
+            h.draining = False  # started again (what the app's lifespan does)
+            resumed = await h.on_message_send(message("blue", task_id=task.id, immediately=True), ctx)
+            assert isinstance(resumed, pb.Task) and resumed.id == task.id
+
+
+async def test_an_app_started_again_after_a_stop_takes_messages_again() -> None:
+    """The gateway's lifespan ran, stopped (refusing messages while it drained), and runs again (a server
+    restarted in the same process): it takes messages again."""
+    async with micro.Runtime(registry="memory://", store="memory://", broker="memory://") as rt:
+        agent = micro.Agent("desk", provider=scripted.function(brain), runtime=rt)
+        async with agent:
+            gateway = app(rt)
+            body = {"jsonrpc": "2.0", "id": 1, "method": "SendMessage",
+                    "params": {"message": {"messageId": "", "role": "ROLE_USER", "parts": [{"text": "book"}]}}}
+            for _ in range(2):
+                async with gateway.router.lifespan_context(gateway):
+                    async with httpx.AsyncClient(transport=httpx.ASGITransport(gateway),
+                                                 base_url="http://127.0.0.1") as http:
+                        body["params"]["message"]["messageId"] = uuid.uuid4().hex  # type: ignore[index]
+                        with anyio.fail_after(GUARD):
+                            rsp = await http.post("/agents/desk", json=body, headers={"A2A-Version": "1.0"})
+                assert rsp.json()["result"]["task"]["status"]["state"] == "TASK_STATE_INPUT_REQUIRED", rsp.text

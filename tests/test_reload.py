@@ -247,3 +247,36 @@ def test_a_second_run_of_the_same_app_warns_unless_it_is_a_replica(tmp_path: Pat
             proc.wait(20)
             assert proc.stdout is not None
             proc.stdout.close()
+
+
+def test_the_swap_mark_is_read_once_and_means_nothing_outside_a_reload_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    from micro.cli import reload
+
+    monkeypatch.setenv(reload.SWAPPED, "1")  # left in a shell, or by a watching process's own parent
+    monkeypatch.delenv(reload.READY_FD, raising=False)
+    assert reload.child_output() == (False, True)  # a plain `micro run` prints its banner
+    monkeypatch.setenv(reload.SWAPPED, "1")
+    monkeypatch.setenv(reload.READY_FD, "99")
+    assert reload.child_output() == (True, False)  # a version swapped in: no banner
+    assert reload.SWAPPED not in os.environ  # the app's own subprocesses do not inherit it
+
+
+async def test_the_first_version_is_not_marked_swapped_whatever_the_watchers_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from micro.cli import reload
+
+    envs: list[dict[str, str]] = []
+
+    class Exited:
+        async def wait(self) -> int:
+            return 1
+
+    async def spawn(*args: Any, env: dict[str, str], **options: Any) -> Exited:
+        envs.append(env)
+        return Exited()  # exits without a word: start() reads EOF and returns None
+
+    monkeypatch.setenv(reload.SWAPPED, "1")
+    monkeypatch.setattr(reload.asyncio, "create_subprocess_exec", spawn)
+    assert await reload.start(tmp_path, [], swapped=False) is None
+    assert await reload.start(tmp_path, [], swapped=True) is None
+    assert [e.get(reload.SWAPPED) for e in envs] == [None, "1"]

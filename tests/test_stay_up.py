@@ -549,6 +549,72 @@ async def test_past_max_connections_a_connection_is_refused_with_a_goaway_that_s
                 client.close()
 
 
+async def test_a_goaway_is_reported_only_for_calls_on_the_connection_that_got_it() -> None:
+    """A call refused by a GOAWAY is NodeUnreachable saying why; the next call on the same channel whose
+    reconnect fails reports that failure, not the old connection's GOAWAY (which turned a connect
+    timeout into "refused before processing")."""
+    from micro.client.pool import NodeUnreachable
+
+    limit = ConnectionLimit("service echo", max_connections=1)
+    pool: NodePool | None = None
+    try:
+        async with echo_server(connection_limit=limit) as server:
+            held = await RawH2.open(server.port)
+            try:
+                await wait_until(lambda: limit.open == 1)
+                pool = NodePool(f"127.0.0.1:{server.port}")
+                with pytest.raises(NodeUnreachable, match=r"refused the call before processing it: service echo has "
+                                                          r"1 connections open.*\(GOAWAY ENHANCE_YOUR_CALM\)"):
+                    await pool.unary("/echo.Echo/Ping", b'{"text":"refused"}')
+            finally:
+                held.close()
+        with pytest.raises(NodeUnreachable) as failed:  # the server is gone: its port refuses the connection
+            await pool.unary("/echo.Echo/Ping", b'{"text":"gone"}')
+        assert "is unreachable" in str(failed.value) and "GOAWAY" not in str(failed.value), failed.value
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+async def test_refused_connections_linger_for_their_clients_up_to_a_bound_and_the_rest_close_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused gRPC connection stays half-closed (a descriptor) until its client closes or the linger
+    timer closes it; only max_lingering do at once: a flood of refused clients that never close costs
+    that many descriptors, the others are closed at once."""
+    import micro.server.grpc
+
+    monkeypatch.setattr(micro.server.grpc, "REFUSED_LINGER", 3600.0)  # only the test's own close ends them
+    limit = ConnectionLimit("service echo", max_connections=1, max_lingering=2)
+    async with echo_server(connection_limit=limit) as server:
+        held = await RawH2.open(server.port)
+        clients: list[RawH2] = []
+        try:
+            await wait_until(lambda: limit.open == 1)
+            clients += [await RawH2.open(server.port) for _ in range(2)]
+            await wait_until(lambda: limit.refused == 2)
+            assert limit.lingering == 2
+            third = await RawH2.open(server.port)
+            clients.append(third)
+            with anyio.fail_after(10), contextlib.suppress(ConnectionResetError):
+                while await third.reader.read(65536):  # closed at once: it does not wait for the timer
+                    pass
+            assert (limit.refused, limit.lingering) == (3, 2)
+            clients[0].close()  # a lingering one whose client closes is released
+            await wait_until(lambda: limit.lingering == 1)
+            monkeypatch.setattr(micro.server.grpc, "REFUSED_LINGER", 0.0)  # the timer path
+            fourth = await RawH2.open(server.port)
+            clients.append(fourth)
+            await wait_until(lambda: limit.refused == 4)
+            with anyio.fail_after(10), contextlib.suppress(ConnectionResetError):
+                while await fourth.reader.read(65536):  # the timer closes it although its client does not
+                    pass
+            await wait_until(lambda: limit.lingering == 1)
+        finally:
+            for client in [held, *clients]:
+                client.close()
+    assert limit.lingering == 0  # the server's stop closed the one still lingering
+
+
 async def test_past_max_connections_a_native_connection_is_refused_with_an_error_frame() -> None:
     limit = ConnectionLimit("service echo", max_connections=1)
     async with native_echo_server(connection_limit=limit) as server:
@@ -805,6 +871,93 @@ async def test_one_slow_backend_check_is_slow_not_down_and_two_in_a_row_are_down
                 "broker unavailable: broker nats://broker.example:4222: no answer within 0.01 s"]
             assert await backends.check() == []
     assert told == [False, True]
+
+
+async def test_a_check_overlapping_a_slow_one_does_not_turn_the_same_stall_into_down() -> None:
+    """The 5 s watch's check and a readiness probe's check overlap during one stall: the first to time out
+    marks the backend slow; the other, begun before that, is the same episode (slow, not down). A check
+    begun after the slow one ended and timing out too is down."""
+    from micro.health import Backends
+    from micro.store.memory import MemoryStore
+
+    first_waits, second_waits, first_ended = anyio.Event(), anyio.Event(), anyio.Event()
+    calls = 0
+
+    class Broker:
+        url = "nats://broker.example:4222"
+
+        async def check(self) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:  # the watch's check: no answer (its bound ran out) once the probe's has begun
+                first_waits.set()
+                await second_waits.wait()
+            elif calls == 2:  # the probe's, begun during the same stall: no answer either, after the first
+                second_waits.set()
+                await first_ended.wait()
+            raise TimeoutError
+
+    store = MemoryStore()
+    async with store:
+        rt = type("Rt", (), {"registry": MemoryRegistry(), "store": store, "broker": Broker()})()
+        async with rt.registry:
+            backends = Backends(rt)  # type: ignore[arg-type]
+            told: list[bool] = []
+            backends.listeners.add(told.append)
+            answers: list[list[str]] = []
+
+            async def first() -> None:
+                answers.append(await backends.check())
+                first_ended.set()
+
+            async def second() -> None:
+                answers.append(await backends.check())
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(first)
+                await first_waits.wait()
+                tg.start_soon(second)
+            assert answers == [[], []] and backends.ok and told == []  # one stall: slow, not down
+            assert await backends.check() == [  # begun after the slow one ended, no answer either: down
+                "broker unavailable: broker nats://broker.example:4222: no answer within 2 s"]
+            assert told == [False]
+
+
+async def test_the_readiness_answer_masks_passwords_in_failing_work() -> None:
+    """/health/ready is unauthenticated: a supervised task named after a registry URL with a password (as a
+    runtime's is), or failing with an error that quotes one, shows the URL without it."""
+    import time
+
+    from micro.health import Backends
+    from micro.store.memory import MemoryStore
+    from micro.tasks import Failing
+
+    class Broker:
+        url = "memory://"
+
+        async def check(self) -> None:
+            pass
+
+    store = MemoryStore()
+    async with store:
+        rt = type("Rt", (), {"registry": MemoryRegistry(), "store": store, "broker": Broker()})()
+        async with rt.registry:
+            backends = Backends(rt)  # type: ignore[arg-type]
+            background = BackgroundTasks("runtime nats://app:s3cret@nats.internal:4222", logging.getLogger("x"))
+            background.failing["registry watch"] = Failing(
+                time.time(), 2, "ConnectionError('nats://app:s3cret@nats.internal:4222: refused')")
+            backends.supervised.add(background)
+            (problem,) = await backends.check()
+            assert "s3cret" not in problem and "s3cret" not in repr(backends.failing)
+            assert problem.startswith("runtime nats://app:***@nats.internal:4222: registry watch: failing since")
+            assert "the last: ConnectionError('nats://app:***@nats.internal:4222: refused')" in problem
+
+
+async def test_a_runtime_names_its_background_work_without_the_registry_password() -> None:
+    registry = MemoryRegistry("memory://app:s3cret@registry.internal")
+    async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as rt:
+        (background,) = rt.backends.supervised
+        assert background.name == "runtime memory://app:***@registry.internal"
 
 
 class _WatchBrokenWhile(MemoryRegistry):

@@ -462,3 +462,26 @@ async def test_missing_record_error_is_a_key_error() -> None:
             await store.read("missing")
         with pytest.raises(RecordNotFound, match="missing"):
             await store.read("missing")
+
+
+async def test_the_memory_store_drops_expired_records_nobody_reads_again() -> None:
+    """Idempotency records are written once and, mostly, never read: expired, they must not stay for the
+    process's life. A later read or write of another key drops them; a key written again with a later
+    expiry (or none) stays."""
+    now = [1000.0]
+    store = MemoryStore(clock=lambda: now[0])
+    async with store:
+        for i in range(100):
+            await store.write(Record(f"idempotency/agent/SendMessage/{i:03}", b"task"), ttl=10, if_version=0)
+        await store.write(Record("idempotency/agent/SendMessage/000", b"again"), ttl=100)  # written again: later
+        await store.write(Record("idempotency/agent/SendMessage/001", b"kept"))  # written again: no expiry
+        other = store.scope("micro", "other")
+        await other.write(Record("x", b"other table"), ttl=10)
+        now[0] += 11
+        assert await store.list("micro/", limit=1) == []  # what the health check reads: another prefix
+        assert len(store._tables[("micro", "default")]) == 2
+        await store.write(Record("micro/anything", b"1"))
+        assert sorted(r.key for r in await store.read("", prefix=True)) == [
+            "idempotency/agent/SendMessage/000", "idempotency/agent/SendMessage/001", "micro/anything"]
+        assert len(store._tables[("micro", "other")]) == 1  # its own table: swept when it is used
+        assert await other.list("") == [] and len(store._tables[("micro", "other")]) == 0

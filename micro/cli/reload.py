@@ -54,8 +54,13 @@ class Ready(msgspec.Struct):
 
 def child_output() -> tuple[bool, bool]:
     """In ``micro run``: whether it runs under ``--reload`` (the watching process says "stopped", once), and
-    whether it prints its banner (not a version swapped in for another: the watcher prints one line)."""
-    return READY_FD in os.environ, os.environ.get(SWAPPED) != "1"
+    whether it prints its banner (not a version swapped in for another: the watcher prints one line).
+
+    The swap mark is taken out of the environment once read (the app's own subprocesses do not see it),
+    and means nothing to a process that is not a child of ``--reload``."""
+    child = READY_FD in os.environ
+    swapped = os.environ.pop(SWAPPED, None) == "1"
+    return child, not (child and swapped)
 
 
 def report_ready(services: list[Any]) -> None:
@@ -101,6 +106,7 @@ async def start(path: Path, args: list[str], *, replica: bool = True, swapped: b
     """
     r, w = os.pipe()
     env = {**os.environ, READY_FD: str(w)}
+    env.pop(SWAPPED, None)  # only this process says which version is swapped in (not its own environment)
     if swapped:
         env[SWAPPED] = "1"
     try:

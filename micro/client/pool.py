@@ -83,16 +83,16 @@ class _Events(EventsProcessor):
     another node, as on the native wire.
     """
 
-    def __init__(self, handler: ClientHandler, connection: Connection, channel: _Channel) -> None:
+    def __init__(self, handler: ClientHandler, connection: Connection, protocol: _Protocol) -> None:
         super().__init__(handler, connection)
-        self.channel = channel
+        self.protocol = protocol
 
     def process_connection_terminated(self, event: ConnectionTerminated) -> None:
         last = event.last_stream_id or 0
         code = event.error_code
         why = (event.additional_data or b"").decode("utf-8", "replace")
         name = code.name if isinstance(code, ErrorCodes) else str(code)
-        self.channel.goaway = reason = f"{why} (GOAWAY {name})" if why else f"GOAWAY {name}"
+        self.protocol.goaway = reason = f"{why} (GOAWAY {name})" if why else f"GOAWAY {name}"
         for stream in self.streams.values():
             if stream.id is not None and stream.id > last and isinstance(stream.wrapper, _Wrapper):
                 stream.wrapper.unprocessed = reason
@@ -100,30 +100,38 @@ class _Events(EventsProcessor):
 
 
 class _Protocol(H2Protocol):
-    def __init__(self, channel: _Channel, config: Any, h2_config: Any) -> None:
+    goaway: str | None = None
+    """Why the server closed this connection (its GOAWAY), if it did."""
+
+    def __init__(self, config: Any, h2_config: Any) -> None:
         super().__init__(ClientHandler(), config, h2_config)
-        self.channel = channel
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.processor = _Events(cast(ClientHandler, self.handler), self.connection, self.channel)
+        self.processor = _Events(cast(ClientHandler, self.handler), self.connection, self)
 
 
 class _Channel(Channel):
     """A grpclib channel whose connections tell which calls a GOAWAY left unprocessed."""
 
-    goaway: str | None = None
-    """Why the server closed the channel's connection (its GOAWAY), until the next connection."""
-
     def _protocol_factory(self) -> H2Protocol:
-        self.goaway = None
-        return _Protocol(self, self._config, self._h2_config)
+        return _Protocol(self._config, self._h2_config)
 
 
 class _Stream(ClientStream[Any, Any]):
     """A client stream whose wrappers can give back the cancellations they made."""
 
     _wrapper: _Wrapper
+    _protocol: _Protocol | None = None  # the connection its request went to (once connected)
+
+    async def send_request(self, *, end: bool = False) -> None:
+        # the connection, noted before grpclib sends on it: a GOAWAY that closed it before the request left
+        # is this call's; one an earlier connection of the channel got is not (a failed reconnect since)
+        with self._wrapper:
+            protocol = await self._channel.__connect__()
+        if isinstance(protocol, _Protocol):
+            self._protocol = protocol
+        await super().send_request(end=end)
 
     async def __aenter__(self) -> _Stream:
         if self._deadline is None:
@@ -153,8 +161,8 @@ class _Stream(ClientStream[Any, Any]):
         wrapper = getattr(self, "_wrapper", None)
         if isinstance(wrapper, _Wrapper) and wrapper.unprocessed is not None:
             return wrapper.unprocessed
-        if not self._send_request_done and isinstance(self._channel, _Channel):
-            return self._channel.goaway
+        if not self._send_request_done and self._protocol is not None:
+            return self._protocol.goaway
         return None
 
 

@@ -55,8 +55,10 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
@@ -81,11 +83,14 @@ from micro.agent.agent import RunResponse, RunsResponse
 from micro.agent.record import AgentRun, PendingCall, new_run_id
 from micro.errors import (
     BadRequest,
+    Cancelled,
     Conflict,
     Error,
     NotFound,
     RecordNotFound,
     ServiceNotFound,
+    Timeout,
+    Unavailable,
     UsageError,
     VersionConflict,
 )
@@ -122,6 +127,10 @@ _ENDS = frozenset({pb.TASK_STATE_COMPLETED, pb.TASK_STATE_FAILED, pb.TASK_STATE_
                    pb.TASK_STATE_INPUT_REQUIRED})
 _BUFFER = 256  # events a subscriber may lag behind before it is dropped (it can resubscribe)
 _FOLLOW_EVERY = 0.25  # seconds between reads of a record driven by another gateway
+CLAIM_GRACE = 60.0
+"""Seconds a message's claim may name a run that does not exist yet (its send is starting it) before a
+retry of the message takes the claim over (the gateway that claimed it stopped before the run began)."""
+_UNCLAIM_TIMEOUT = 10.0  # seconds a refused message's claim gets to be deleted (shielded from cancellation)
 
 Event = pb.Task | pb.Message | pb.TaskStatusUpdateEvent | pb.TaskArtifactUpdateEvent
 
@@ -157,6 +166,8 @@ class _Drive:
         self.cancelled = False
         self.new = False
         """A new run (its id chosen here), not a resume: a record of it is this drive's run."""
+        self.claim: str | None = None
+        """The store key of the message's claim (:meth:`A2AHandler._claim`): deleted if the agent refuses it."""
         self.ended = False
         """A final status (completed, failed, input-required) was published."""
 
@@ -200,7 +211,8 @@ class A2AHandler(RequestHandler):
         self.drives: dict[str, _Drive] = {}
         self.task_group: anyio.abc.TaskGroup | None = None
         self.draining = False
-        """Stopping: new messages are refused while the runs being driven finish (:meth:`drain`)."""
+        """Stopping: new messages are refused while the runs being driven finish (:meth:`drain`); the
+        owner of :attr:`task_group` resets it when it starts again."""
 
     async def drain(self, timeout: float) -> None:
         """Refuse new messages and let the runs being driven finish, up to ``timeout`` seconds; the owner
@@ -408,8 +420,7 @@ class A2AHandler(RequestHandler):
         if self.task_group is None:
             raise a2a_errors.InternalError(message="the A2A gateway is not started (its app's lifespan did not run)")
         if self.draining:
-            raise a2a_errors.InternalError(message="this A2A gateway is stopping: send the message to another one "
-                                                   "(or again once it has restarted)")
+            raise _stopping()
         message = params.message
         text, data = tasks.message_content(message)
         if not message.task_id and not text.strip():
@@ -417,52 +428,121 @@ class A2AHandler(RequestHandler):
                                                         "part) saying what the agent should do")
         task_id = message.task_id or new_run_id()
         key = _message_key(agent, message) if message.message_id else None
-        if key is not None:
-            earlier = await self._claim(key, task_id)
-            if earlier is not None:
-                return earlier
+        claimed = False
         made: list[_Drive] = []  # the drive _begin adds, once it does
-        begun = False
         try:
-            started = await self._begin(agent, message, text, data, task_id, made)
-            begun = True
-            return started
+            if key is not None:
+                earlier = await self._claim(agent, key, message.message_id, task_id, _content(message),
+                                            new=not message.task_id)
+                if isinstance(earlier, str):
+                    return earlier
+                claimed, task_id = True, earlier[0]
+            return await self._begin(agent, message, text, data, task_id, made, key)
         finally:
-            # refused, or stopped before its run was under way: the message may be sent again (a caller that
-            # left while its run was starting keeps the record: the run goes on, and a retry finds it)
-            if key is not None and not begun and (not made or made[0].error is not None):
-                with anyio.CancelScope(shield=True):
-                    await self._unclaim(key)
+            # refused before its drive began: nothing reached the agent, the message may be sent again. Once
+            # the drive began, it is the drive's to forget the message if the agent refuses it (see _failed):
+            # a caller that left meanwhile does not know how the start ends
+            if claimed and not made:
+                assert key is not None
+                await self._unclaim(key)
 
-    async def _claim(self, key: str, task_id: str) -> str | None:
-        """Record that the message of ``key`` is task ``task_id``, or return the task an earlier send of it
-        started. One conditional write in the store (create-if-absent): of two sends of a message, to this
-        gateway or to replicas sharing its store, one starts the run; the record lasts a day."""
+    async def _claim(self, agent: str, key: str, message_id: str, task_id: str, content: str, *,
+                     new: bool) -> str | tuple[str]:
+        """Record that the message of ``key`` is task ``task_id``: ``(task_id,)``, or the id of the task an
+        earlier send of it started. One conditional write in the store (create-if-absent): of two sends of a
+        message, to this gateway or to replicas sharing its store, one starts the run; the record lasts a day.
+
+        The record keeps a digest of the message's parts: the same ``messageId`` with other content is
+        refused. A claim naming a new run that no agent has written after :data:`CLAIM_GRACE` seconds (the
+        gateway that claimed it stopped first) is taken over, with a write conditional on its version (one
+        retry takes it), keeping its task id (an agent refuses a run id a second time)."""
         store = self.runtime.store
         try:
-            for _ in range(3):
+            for _ in range(5):
                 try:
-                    await store.write(Record(key, task_id.encode()), ttl=idempotency.DEFAULT_TTL, if_version=0)
-                    return None
+                    await self._write_claim(Record(key, _claim_value(task_id, content, new)), if_version=0)
+                    return (task_id,)
                 except VersionConflict:
                     pass
                 try:
                     (rec,) = await store.read(key)
                 except RecordNotFound:
                     continue  # the earlier send was refused meanwhile: this one goes ahead
-                return rec.value.decode()
+                earlier = _claim_of(rec.value)
+                if earlier.get("content", content) != content:
+                    raise a2a_errors.InvalidParamsError(
+                        message=f"messageId {message_id!r} was sent before with other content: a message sent "
+                                "again must be the same; a new message needs a new messageId")
+                task = str(earlier["task"])
+                if not earlier.get("new") or task in self.drives:
+                    return task
+                if await self._run_exists(agent, task):
+                    return task
+                left = CLAIM_GRACE - (time.time() - float(earlier.get("at", 0)))
+                if left > 0:  # being started (here or by a replica): its record is on its way
+                    if await self._started(agent, key, rec.version, task, left):
+                        return task
+                    continue  # refused meanwhile (the claim is gone), or it is time to take it over
+                try:  # its gateway stopped before the run began: this send starts it
+                    await self._write_claim(Record(key, _claim_value(task, content, True)), if_version=rec.version)
+                except VersionConflict:
+                    continue  # another retry took it over first
+                log.info("a2a: message %s named task %s, which never started: sending it again", key, task)
+                return (task,)
         except Error as exc:
             raise a2a_error(exc) from None
         raise a2a_errors.InternalError(message=f"the record of message {key!r} kept changing; send it again")
 
-    async def _unclaim(self, key: str) -> None:
+    async def _started(self, agent: str, key: str, version: int, task_id: str, within: float) -> bool:
+        """Wait (up to ``within`` seconds) for the run a claim names to exist; ``False`` if the claim was
+        deleted or changed meanwhile (its send was refused), or the time ran out."""
+        with anyio.move_on_after(within):
+            while True:
+                await anyio.sleep(_FOLLOW_EVERY)  # pacing reads of the store and the agent (another process)
+                if task_id in self.drives or await self._run_exists(agent, task_id):
+                    return True
+                try:
+                    (rec,) = await self.runtime.store.read(key)
+                except RecordNotFound:
+                    return False
+                if rec.version != version:
+                    return False
+        return False
+
+    async def _write_claim(self, record: Record, *, if_version: int) -> None:
+        """Write a claim shielded from a caller leaving: once written, the caller knows it is (and unclaims
+        it if nothing started); a write that reached the store but whose caller was cancelled would stay."""
         try:
-            await self.runtime.store.delete(key)
-        except Error as exc:
-            log.warning("a2a: could not forget refused message %s (a retry of it will find no task): %s", key, exc)
+            with anyio.CancelScope(shield=True), anyio.fail_after(_UNCLAIM_TIMEOUT):
+                await self.runtime.store.write(record, ttl=idempotency.DEFAULT_TTL, if_version=if_version)
+        except TimeoutError:
+            raise a2a_errors.InternalError(
+                message=f"the store did not answer within {_UNCLAIM_TIMEOUT:g} s; send the message again "
+                        f"(if it was recorded, a retry gets its task, or starts it after {CLAIM_GRACE:g} s)") from None
+
+    async def _run_exists(self, agent: str, task_id: str) -> bool:
+        """Whether the agent has a record of the run (an error other than "not found" counts as yes)."""
+        try:
+            await self._record(agent, task_id)
+        except a2a_errors.TaskNotFoundError:
+            return False
+        except a2a_errors.A2AError:
+            return True  # not known: as if it started (a retry gets what reading it says)
+        return True
+
+    async def _unclaim(self, key: str) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_UNCLAIM_TIMEOUT) as bounded:
+            try:
+                await self.runtime.store.delete(key)
+            except Error as exc:
+                log.warning("a2a: could not forget refused message %s (a retry of it waits %g s, then sends it): %s",
+                            key, CLAIM_GRACE, exc)
+        if bounded.cancelled_caught:
+            log.warning("a2a: could not forget refused message %s within %g s (a retry of it waits %g s, then "
+                        "sends it)", key, _UNCLAIM_TIMEOUT, CLAIM_GRACE)
 
     async def _begin(self, agent: str, message: pb.Message, text: str, data: Any, task_id: str,
-                     made: list[_Drive]) -> tuple[_Drive, MemoryObjectReceiveStream[Event]]:
+                     made: list[_Drive], key: str | None) -> tuple[_Drive, MemoryObjectReceiveStream[Event]]:
         assert self.task_group is not None
         if message.task_id:
             self._check_idle(message.task_id)  # refused before any I/O; checked again where the drive is added
@@ -483,13 +563,20 @@ class A2AHandler(RequestHandler):
         # check and add with no await between: of two messages on one waiting task, one drives it; the
         # other is refused here (it read the record before the first one's drive was added)
         self._check_idle(task_id)
+        if self.draining:  # began before the gateway stopped: drain() waits only for the drives it saw
+            raise _stopping()
         drive = _Drive(agent, task_id, context_id)
         drive.new = not message.task_id
+        drive.claim = key
         self.drives[task_id] = drive
         made.append(drive)
         events = drive.subscribe()
         self.task_group.start_soon(self._drive, drive, endpoint, request)
-        await drive.started.wait()
+        try:
+            await drive.started.wait()
+        except BaseException:  # the caller left: the run goes on without this subscriber
+            events.close()
+            raise
         if drive.error is not None:
             events.close()
             raise drive.error
@@ -518,14 +605,18 @@ class A2AHandler(RequestHandler):
                             drive.publish(out)
                     if first:
                         first = await self._failed(drive, a2a_errors.InternalError(
-                            message=f"agent {drive.agent}: its stream ended before the run started"), "")
+                            message=f"agent {drive.agent}: its stream ended before the run started"), "",
+                            answered=True)
                 except Error as exc:
-                    first = await self._failed(drive, a2a_error(exc) if first else None, exc.message)
+                    # a transport error (no answer in time, the connection lost) says nothing of whether
+                    # the agent got the message: only the agent's own answer is a refusal
+                    first = await self._failed(drive, a2a_error(exc) if first else None, exc.message,
+                                               answered=not isinstance(exc, Unavailable | Timeout | Cancelled))
                 except Exception as exc:
                     log.exception("a2a: agent %s task %s: the run's stream failed", drive.agent, drive.task_id)
                     first = await self._failed(
                         drive, a2a_errors.InternalError(message="the gateway failed (details in its log)")
-                        if first else None, f"the gateway failed: {exc}")
+                        if first else None, f"the gateway failed: {exc}", answered=False)
             if drive.cancelled and not first:
                 drive.publish(self._status(drive, pb.TASK_STATE_CANCELED, "cancelled over A2A"))
         finally:
@@ -535,20 +626,33 @@ class A2AHandler(RequestHandler):
                 del self.drives[drive.task_id]
             drive.close()
 
-    async def _failed(self, drive: _Drive, refusal: a2a_errors.A2AError | None, text: str) -> bool:
+    async def _failed(self, drive: _Drive, refusal: a2a_errors.A2AError | None, text: str, *,
+                      answered: bool) -> bool:
         """A run's stream failed: say so once. Before any event (``refusal`` given), a new run whose record
         exists failed as a task (the task is returned or streamed as failed); with no record, the agent
-        refused the message (``refusal`` is the JSON-RPC error). Returns whether no task was published."""
+        refused the message (``refusal`` is the JSON-RPC error). Returns whether no task was published.
+
+        A refused message is forgotten (its claim deleted: it may be sent again) when the refusal is the
+        agent's own answer (``answered``) and no record of its run exists; after a transport error the
+        claim stays (the run may have started: a retry finds it, or takes the claim over after
+        :data:`CLAIM_GRACE`)."""
         if refusal is None:
             if not drive.ended:  # the agent's own error event said it already
                 drive.publish(self._status(drive, pb.TASK_STATE_FAILED, text))
             return False
         run = None
+        absent = True  # a resume's run exists; the refusal says the message changed nothing
         if drive.new:
-            with contextlib.suppress(a2a_errors.A2AError):
+            try:
                 run = await self._record(drive.agent, drive.task_id)
+            except a2a_errors.TaskNotFoundError:
+                pass
+            except a2a_errors.A2AError:
+                absent = False  # not known
         if run is None:
             drive.error = refusal
+            if drive.claim is not None and answered and absent:
+                await self._unclaim(drive.claim)
             return True
         task = tasks.task_of(run, artifacts=False)
         if task.status.state not in _ENDS:  # written as running, and its stream broke: it failed here
@@ -640,8 +744,38 @@ _NO_PUSH = "this gateway sends no push notifications: stream the task (SendStrea
 
 
 def _message_key(agent: str, message: pb.Message) -> str:
-    """The store key remembering which task a message started: its agent, context and ``messageId``."""
-    return idempotency.store_key(agent, "SendMessage", json.dumps([message.context_id, message.message_id]))
+    """The store key remembering which task a message started: its agent, context, task and ``messageId``."""
+    return idempotency.store_key(agent, "SendMessage",
+                                 json.dumps([message.context_id, message.task_id, message.message_id]))
+
+
+def _content(message: pb.Message) -> str:
+    """A digest of a message's parts: a message sent again with the same ``messageId`` must match it."""
+    digest = hashlib.sha256()
+    for part in message.parts:
+        data = part.SerializeToString(deterministic=True)
+        digest.update(len(data).to_bytes(8, "big") + data)
+    return digest.hexdigest()
+
+
+def _claim_value(task_id: str, content: str, new: bool) -> bytes:
+    return json.dumps({"task": task_id, "content": content, "new": new, "at": time.time()}).encode()
+
+
+def _claim_of(value: bytes) -> dict[str, Any]:
+    """A claim record's fields (one written by an earlier version holds the task id alone)."""
+    text = value.decode()
+    try:
+        claim = json.loads(text)
+    except ValueError:
+        claim = None
+    return claim if isinstance(claim, dict) and "task" in claim else {"task": text}
+
+
+def _stopping() -> a2a_errors.A2AError:
+    # a2a-sdk's clients retry nothing themselves: the message says what to do (docs/a2a.md)
+    return a2a_errors.InternalError(message="this A2A gateway is stopping: send the message to another one (or "
+                                            "again once it has restarted); nothing of it was started")
 
 
 def _agent(context: ServerCallContext) -> str:
@@ -702,6 +836,7 @@ class _A2AGateway:
         try:
             async with anyio.create_task_group() as tg:
                 self.handler.task_group = tg
+                self.handler.draining = False  # a second lifespan (a restarted server) takes messages again
                 try:
                     yield
                     await self.handler.drain(self.drain_timeout)  # a stop, not a failure: as a service drains

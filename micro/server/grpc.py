@@ -245,9 +245,12 @@ class _Protocol(H2Protocol):
         # Closed at once, the socket answered the client's request (already on its way) with a reset, and
         # the client's kernel dropped the GOAWAY unread: the client could not tell "refused, nothing ran"
         # (try another node) from "lost mid-call". So: half-close, read and drop what comes, and close
-        # when the client does (it closes on the GOAWAY) or after REFUSED_LINGER seconds.
-        if tcp.can_write_eof():
-            tcp.write_eof()
+        # when the client does (it closes on the GOAWAY) or after REFUSED_LINGER seconds. A descriptor each:
+        # only max_lingering at once, past that closed at once.
+        if not tcp.can_write_eof() or not self._owner.connection_limit.linger():
+            transport.close()
+            return
+        tcp.write_eof()
         self._linger = asyncio.get_running_loop().call_later(REFUSED_LINGER, transport.close)
 
     def data_received(self, data: bytes) -> None:
@@ -259,6 +262,8 @@ class _Protocol(H2Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._linger is not None:
             self._linger.cancel()
+            self._linger = None
+            self._owner.connection_limit.lingered()
         self._owner.protocols.discard(self)
         self._owner.connection_limit.discard(self)
         self._transport = None

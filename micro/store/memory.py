@@ -5,7 +5,10 @@ PostgreSQL and NATS stores. Keys are kept sorted (``sortedcontainers.SortedDict`
 prefix read costs O(log n + what it returns) however many other records there are: an
 agent's history window does not slow down as other sessions and run records pile up.
 Records live as long as the ``MemoryStore`` object (closing and re-entering it keeps
-them); expiry is checked on read, and an expired record is dropped when a read meets it.
+them); expiry is checked on read, and an expired record is dropped when a read meets it or,
+for one never read again (an idempotency record), by any later read or write of its table: each
+table keeps a heap of its expiry times, and every operation drops the records whose time has
+passed (a look at the heap's top; each record popped once).
 Versions come from one counter per store (shared by its views), so a key deleted and
 written again never gets a version it had before. A conditional write checks and sets
 with no await in between: nothing else in the process can run in the middle.
@@ -13,6 +16,7 @@ with no await in between: nothing else in the process can run in the middle.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import sys
 import time
@@ -45,6 +49,8 @@ class MemoryStore(Store):
         # Views made by scope() are shallow copies: they share this dict of tables.
         self._tables: dict[tuple[str, str], SortedDict[str, Record]] = {}
         self._versions = itertools.count(1)  # shared by views too
+        # per table, (expiry, key) of every record written with one, soonest first (shared by views too)
+        self._expiries: dict[tuple[str, str], list[tuple[float, str]]] = {}
 
     def _records(self) -> SortedDict[str, Record]:
         table = self._tables.get((self.database, self.table))
@@ -57,6 +63,7 @@ class MemoryStore(Store):
         """The live records under ``prefix`` in key order (descending if ``reverse``), windowed;
         expired ones met on the way are dropped."""
         records = self._records()
+        self._sweep(records, now)
         found: list[Record] = []
         expired: list[str] = []
         skip, room = offset, limit
@@ -78,6 +85,7 @@ class MemoryStore(Store):
 
     async def _get(self, key: str, now: float) -> Record | None:
         records = self._records()
+        self._sweep(records, now)
         record = records.get(key)
         if record is None:
             return None
@@ -95,7 +103,19 @@ class MemoryStore(Store):
                 raise self._conflict(record.key, if_version, current)
         record.version = next(self._versions)
         records[record.key] = record  # already a private copy (Store.write made it)
+        if record.expiry is not None:
+            heapq.heappush(self._expiries.setdefault((self.database, self.table), []), (record.expiry, record.key))
+        self._sweep(records, self.clock())
         return record.version
+
+    def _sweep(self, records: SortedDict[str, Record], now: float) -> None:
+        """Drop the table's records whose expiry has passed (an entry of a key written again since is skipped)."""
+        heap = self._expiries.get((self.database, self.table))
+        while heap and heap[0][0] <= now:
+            _, key = heapq.heappop(heap)
+            record = records.get(key)
+            if record is not None and record.expiry is not None and record.expiry <= now:
+                del records[key]
 
     async def _delete(self, key: str) -> None:
         self._records().pop(key, None)
