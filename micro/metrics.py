@@ -318,7 +318,7 @@ def calls_served() -> dict[str, int]:
         return {}
     out: dict[str, int] = {}
     for (service, _, _), rpc in list(m.server.children.items()):
-        out[service] = out.get(service, 0) + rpc.ok + sum(rpc.codes.values())
+        out[service] = out.get(service, 0) + rpc.ok + len(rpc.pending) + sum(rpc.codes.values())
     return out
 
 

@@ -96,6 +96,8 @@ async def test_rpc_counters_move_by_exactly_the_calls_made(fresh: CollectorRegis
                 with pytest.raises(NotFound):
                     await away.client.call("greet", f"Greeter.{made_up}", {})
             body, ctype = metrics.exposition()
+            # what the dashboard's call rates are made of: every call the endpoint saw, OK ones not folded yet too
+            assert metrics.calls_served()["greet"] == 3 + 2 + 1 + 4
     assert ctype.startswith("text/plain")
     found = samples(body)
     ep = {"service": "greet", "endpoint": "Greeter.Hello"}
