@@ -51,10 +51,16 @@ from typing import Any
 
 from micro.errors import Error, RecordNotFound, VersionConflict
 
-__all__ = ["MAX_VALUES", "ON", "asgi_app", "calls_served", "disable", "enable", "enabled", "exposition", "registry"]
+__all__ = ["MAX_VALUES", "ON", "asgi_app", "calls_in", "calls_served", "disable", "enable", "enabled", "exposed",
+           "exposition", "registry"]
 
 ON = False
 """Whether metrics are collected (read by the hooks; change it with :func:`enable` / :func:`disable`)."""
+
+exposed: str | None = None
+"""``HOST:PORT`` where this process serves ``/metrics`` (set by :mod:`micro.server.probes` while it serves, i.e.
+``micro run --metrics-address``), else ``None``. Services started meanwhile put it in their node records as
+``metrics``, so a dashboard in another process can read the calls they served (:func:`calls_in`)."""
 
 MAX_VALUES = 200
 IN_PROCESS, GRPC, NATIVE = "in-process", "grpc", "native"
@@ -319,6 +325,23 @@ def calls_served() -> dict[str, int]:
     out: dict[str, int] = {}
     for (service, _, _), rpc in list(m.server.children.items()):
         out[service] = out.get(service, 0) + rpc.ok + len(rpc.pending) + sum(rpc.codes.values())
+    return out
+
+
+def calls_in(exposition_text: str) -> dict[str, int]:
+    """Calls served by service name in another process's ``/metrics`` text (the sum of its
+    ``micro_rpc_server_calls_total`` over endpoints, paths and codes): what :func:`calls_served` is for this
+    process. Raises ``ValueError`` if the text is not the Prometheus text format."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, int] = {}
+    for family in text_string_to_metric_families(exposition_text):
+        if family.name != "micro_rpc_server_calls":
+            continue
+        for sample in family.samples:
+            if sample.name == "micro_rpc_server_calls_total" and "service" in sample.labels:
+                name = sample.labels["service"]
+                out[name] = out.get(name, 0) + int(sample.value)
     return out
 
 

@@ -174,14 +174,23 @@ async def test_probe_server_serves_metrics_and_health(fresh: CollectorRegistry) 
                 async with service:
                     assert (await http.get("/health/ready")).status_code == 200
                     await rt.client.call("probed", "Greeter.Hello", {"name": "a"})
-                    scraped = samples((await http.get("/metrics")).content)
+                    text = (await http.get("/metrics")).text
+                    scraped = samples(text.encode())
+                    # its node says where its metrics are, and they hold the calls it served: a dashboard in
+                    # another process reads its call rate from there
+                    [record] = await rt.registry.get("probed")
+                    assert record.nodes[0].metadata["metrics"] == f"127.0.0.1:{probes.port}" == metrics.exposed
+                    assert metrics.calls_in(text) == {"probed": 1}
                 assert (await http.get("/health/ready")).status_code == 503  # stopped
                 assert (await http.get("/nope")).status_code == 404
                 assert (await http.post("/metrics")).status_code == 405
         finally:
             await probes.aclose()
+        assert metrics.exposed is None  # a service started now advertises no metrics
     assert value(scraped, "micro_rpc_server_calls_total", service="probed", endpoint="Greeter.Hello",
                  path="in-process", code="OK") == 1
+    with pytest.raises(ValueError):
+        metrics.calls_in("micro_rpc_server_calls_total{service= 1\n")
 
 
 async def test_agent_model_tool_flow_broker_and_store_metrics(fresh: CollectorRegistry) -> None:

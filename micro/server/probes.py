@@ -54,16 +54,25 @@ class ProbeServer:
     async def start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(self._handle, host, port)
         self.host, self.port = self._server.sockets[0].getsockname()[:2]
+        if metrics.exposed is None:  # what services started from now on advertise (the first server's)
+            metrics.exposed = self.address
+
+    @property
+    def address(self) -> str:
+        """``HOST:PORT`` of the started server (an IPv6 host in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
     @property
     def url(self) -> str:
         """``http://HOST:PORT`` of the started server."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://{self.address}"
 
     async def aclose(self) -> None:
         server, self._server = self._server, None
         if server is not None:
+            if metrics.exposed == self.address:
+                metrics.exposed = None
             server.close()
             await server.wait_closed()
 

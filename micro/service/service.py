@@ -28,7 +28,7 @@ import anyio
 import anyio.abc
 import msgspec
 
-from micro import eventloop, telemetry
+from micro import eventloop, metrics, telemetry
 from micro.broker import Subscription, drain
 from micro.client.client import NATIVE
 from micro.codec import JSON, codec_for
@@ -230,6 +230,9 @@ class Service:
 
     def _node_metadata(self, proto: str | None) -> dict[str, str]:
         md = {"pid": str(os.getpid())}
+        if metrics.exposed is not None:  # this process serves /metrics: where a dashboard reads its call counts
+            host, _, port = metrics.exposed.rpartition(":")
+            md["metrics"] = f"{_advertise(host.removeprefix('[').removesuffix(']'))}:{port}"
         if self.tls:
             md["tls"] = "true"
         if proto:
