@@ -13,6 +13,7 @@ import micro
 from micro.errors import Unavailable
 from micro.registry.memory import MemoryRegistry
 from micro.tls import client_context, server_context
+from micro.wire import unix
 
 
 class Echo(msgspec.Struct):
@@ -59,6 +60,7 @@ async def test_tls_and_mutual_tls(pki: Pki, wire: str) -> None:
         svc.handle(Say())
         async with svc:
             assert svc.record.nodes[0].metadata["tls"] == "true"
+            assert unix.UNIX not in svc.record.nodes[0].metadata  # certificates, not a socket file, say who
             good = client_context(pki.ca, cert=pki.client_cert)
             async with micro.Runtime(registry=registry, store="memory://", broker="memory://", tls=good,
                                      transport=wire) as rt:

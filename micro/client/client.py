@@ -52,6 +52,7 @@ from micro.registry import Endpoint as EndpointRecord
 from micro.registry import Node, Registry, ServiceRecord, Watcher
 from micro.resource import aclose
 from micro.server.grpc import DEFAULT_MAX_MESSAGE_SIZE
+from micro.wire import unix
 
 from .native import NativePool
 from .pool import NodePool, NodeUnreachable
@@ -393,7 +394,9 @@ class Client:
             secure = node.metadata.get("tls") == "true"
             ctx = (self.tls or _default_tls()) if secure else None
             if native is not None:
-                pool = NativePool(native, ssl=ctx, max_message_size=self.max_message_size)
+                md = node.metadata  # a node on this host: its Unix socket, TCP when that is unusable
+                path = md.get(unix.UNIX) if md.get(unix.HOST) == unix.host_id() else None
+                pool = NativePool(native, ssl=ctx, max_message_size=self.max_message_size, unix=path)
             else:
                 pool = NodePool(node.address, ssl=ctx)
             self._pools[key] = pool

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import ssl as _ssl
 from collections import deque
 from collections.abc import AsyncGenerator, Mapping
@@ -31,6 +32,8 @@ from micro.wire import frames as f
 from micro.wire.server import DRAINING
 
 from .pool import NodeUnreachable, Places
+
+log = logging.getLogger("micro.wire")
 
 _PING_BODY = b"keepaliv"
 
@@ -260,9 +263,11 @@ class NativePool:
 
     def __init__(self, address: str, *, ssl: _ssl.SSLContext | None = None, max_streams: int = 1000,
                  max_connections: int = 4, max_message_size: int = 4 * 1024 * 1024,
-                 keepalive: float = 30.0) -> None:
+                 keepalive: float = 30.0, unix: str | None = None) -> None:
         host, _, port = address.rpartition(":")
         self.address = address
+        self.unix = unix
+        """The node's Unix socket, used instead of TCP while it works (``None``: TCP; see :mod:`micro.wire.unix`)."""
         self.host = host.strip("[]")
         self.port = int(port)
         self.max_streams = max_streams
@@ -312,20 +317,35 @@ class NativePool:
     async def _open(self) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
-            try:
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(self), self.host, self.port, ssl=self._ssl,
-                    server_hostname=self.host if self._ssl is not None else None,
-                )
-            except (OSError, _ssl.SSLError) as exc:
-                raise NodeUnreachable(f"node {self.address} is unreachable on the native wire "
-                                      f"({exc or type(exc).__name__})") from None
+            conn = await self._open_unix(loop) if self.unix is not None else None
+            if conn is None:
+                try:
+                    _, conn = await loop.create_connection(
+                        lambda: _Connection(self), self.host, self.port, ssl=self._ssl,
+                        server_hostname=self.host if self._ssl is not None else None,
+                    )
+                except (OSError, _ssl.SSLError) as exc:
+                    raise NodeUnreachable(f"node {self.address} is unreachable on the native wire "
+                                          f"({exc or type(exc).__name__})") from None
             await conn.ready
             self._conns.append(conn)
             self._arm_keepalive()
             return conn
         finally:
             self._connecting = None
+
+    async def _open_unix(self, loop: asyncio.AbstractEventLoop) -> _Connection | None:
+        """A connection on the node's Unix socket, or ``None`` (and TCP from now on) when it is unusable:
+        gone, stale, not ours to open, or in another mount namespace that shares this host's kernel."""
+        assert self.unix is not None
+        try:
+            _, conn = await loop.create_unix_connection(lambda: _Connection(self), self.unix)
+        except OSError as exc:
+            log.debug("native wire: %s: the Unix socket %s is unusable (%s): TCP from now on",
+                      self.address, self.unix, exc)
+            self.unix = None
+            return None
+        return conn
 
     def forget(self, conn: _Connection) -> None:
         if conn in self._conns:

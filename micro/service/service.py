@@ -43,6 +43,7 @@ from micro.runtime import Runtime
 from micro.server.grpc import DEFAULT_MAX_MESSAGE_SIZE, GrpcServer
 from micro.service.endpoints import Endpoint, endpoints_of
 from micro.tasks import BackgroundTasks
+from micro.wire import unix
 from micro.wire.server import NativeServer
 
 log = logging.getLogger("micro.service")
@@ -64,6 +65,7 @@ class ServiceOptions(typing.TypedDict, total=False):
     tls: ssl.SSLContext | None
     reflection: bool
     native: bool
+    unix_socket: bool
     max_connections: int | None
     idle_timeout: float
 
@@ -94,6 +96,9 @@ class Service:
         reflection: serve gRPC server reflection (v1 and v1alpha) on the port (on by default).
         native: also serve micro's native wire on a free port of the same host (default on;
             ``False`` serves gRPC only).
+        unix_socket: serve the native wire on a Unix socket too, for clients on the same host
+            (default on; see :mod:`micro.wire.unix`: only this user may connect, other clients use
+            TCP; it carries no TLS, so a service with ``tls`` serves none).
         max_connections: client connections open at once on both wires together; past it
             a new one is refused (default: derived from the descriptor limit, leaving
             an eighth of it for the service's own work; see :mod:`micro.connections`).
@@ -114,7 +119,8 @@ class Service:
                  max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, drain_timeout: float = 10.0,
                  max_concurrency: int | None = None, max_queue: int = 0,
                  tls: ssl.SSLContext | None = None, reflection: bool = True, native: bool = True,
-                 max_connections: int | None = None, idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
+                 unix_socket: bool = True, max_connections: int | None = None,
+                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
         if not name or any(c.isspace() or c in "/~" for c in name):
             raise UsageError(f"invalid service name {name!r}: use letters, digits, '-', '_' or '.'")
         self.name = name
@@ -143,6 +149,9 @@ class Service:
         self._native = NativeServer(max_message_size=max_message_size, budget=self._server.budget,
                                     body_timeout=self._server.body_timeout, admit=self._server.admit,
                                     connection_limit=connection_limit) if native else None
+        # a TLS node's callers authenticate it (and it them, with mutual TLS) by certificates, which a socket
+        # file's permissions cannot stand in for: it serves TCP only
+        self._unix_socket = unix_socket and native and tls is None
         self._stack: contextlib.AsyncExitStack | None = None
         self._beats: Heartbeat | None = None
         self._stopped = anyio.Event()
@@ -239,6 +248,9 @@ class Service:
             md["proto"] = proto
         if self._native is not None and self._native.port:
             md[NATIVE] = f"{_advertise(self._native.host)}:{self._native.port}"
+            if self._native.unix is not None:
+                md[unix.UNIX] = self._native.unix
+                md[unix.HOST] = unix.host_id()
         return md
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -265,7 +277,8 @@ class Service:
             host, _, port = self._address.rpartition(":")
             await self._server.start(host or "127.0.0.1", int(port or 0), ssl=self.tls)
             if self._native is not None:
-                await self._native.start(host or "127.0.0.1", 0, ssl=self.tls)
+                path = unix.listen_path(self.id) if self._unix_socket else None
+                await self._native.start(host or "127.0.0.1", 0, ssl=self.tls, unix=path)
             stack.push_async_callback(self._stop_servers)
             self.address = f"{_advertise(self._server.host)}:{self._server.port}"
             rt.add_local(self.name, self._endpoints)

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import ssl as _ssl
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, cast
@@ -35,6 +36,7 @@ from micro.resource import aclose
 from micro.tasks import BackgroundTasks
 
 from . import frames as f
+from .unix import remove as remove_socket
 
 if TYPE_CHECKING:
     from micro.service.endpoints import Endpoint
@@ -471,7 +473,10 @@ class NativeServer:
         self.closing = False
         self.host = ""
         self.port = 0
+        self.unix: str | None = None
+        """The path of its Unix socket while it serves one (:mod:`micro.wire.unix`)."""
         self._server: asyncio.Server | None = None
+        self._unix_server: tuple[asyncio.Server, int] | None = None  # and the socket file's inode
         self._background: BackgroundTasks | None = None
         self._emptied: asyncio.Event | None = None  # set by the last connection to close while stopping
 
@@ -479,22 +484,43 @@ class NativeServer:
         """Serve ``ep`` (also after start)."""
         self.endpoints[ep.path] = (ep, ep.wires, ep.where)
 
-    async def start(self, host: str, port: int = 0, *, ssl: _ssl.SSLContext | None = None) -> None:
+    async def start(self, host: str, port: int = 0, *, ssl: _ssl.SSLContext | None = None,
+                    unix: str | None = None) -> None:
+        """Listen on ``host:port`` (TLS with ``ssl``) and, given a path, on a Unix socket there too (no TLS:
+        see :mod:`micro.wire.unix`; when it cannot be bound the node serves TCP only, logged)."""
         loop = asyncio.get_running_loop()
         quiet_accept_errors(loop)
         self.closing = False
+        self.watchdog = Watchdog()  # its timer belongs to one loop: a restart may be under another
         # a deep accept backlog: with asyncio's 100, a burst of connections overflows it and the kernel
         # drops SYNs, which the peers resend after a second (10,000 connections took 80 s instead of 2)
         self._server = await loop.create_server(lambda: _Connection(self), host, port, ssl=ssl,
                                                 reuse_address=True, backlog=4096)
         sock = self._server.sockets[0]
         self.host, self.port = sock.getsockname()[:2]
+        if unix is not None:
+            await self._listen_unix(loop, unix)
         background = BackgroundTasks("native wire server", log)
         tg = await background.start()
         self._background = background
         tg.start_soon(self.connection_limit.sweep)
         if self.keepalive_time is not None:
             tg.start_soon(self._keepalive, self.keepalive_time, self.keepalive_timeout)
+
+    async def _listen_unix(self, loop: asyncio.AbstractEventLoop, path: str) -> None:
+        try:
+            server = await loop.create_unix_server(lambda: _Connection(self), path, backlog=4096)
+            try:
+                os.chmod(path, 0o600)  # the directory is private already; the socket too
+                inode = os.lstat(path).st_ino
+            except OSError:
+                server.close()
+                raise
+        except OSError as exc:
+            log.warning("native wire: no Unix socket at %s (%s); calls from this host use TCP", path, exc)
+            return
+        self._unix_server = (server, inode)
+        self.unix = path
 
     async def _keepalive(self, every: float, timeout: float) -> None:
         """PING connections with calls in flight that went silent; close those that stay silent."""
@@ -530,6 +556,12 @@ class NativeServer:
         self.closing = True
         self._emptied = asyncio.Event()
         server.close()
+        listening, self._unix_server = self._unix_server, None
+        if listening is not None:
+            listening[0].close()
+            assert self.unix is not None
+            remove_socket(self.unix, listening[1])  # nobody connects to it any more: no file left behind
+            self.unix = None
         for conn in list(self.connections):
             conn.goaway()
         pending = [c.task for conn in self.connections for c in conn.calls.values()
@@ -552,3 +584,5 @@ class NativeServer:
             await self._background.aclose()
             self._background = None
         await server.wait_closed()
+        if listening is not None:
+            await listening[0].wait_closed()
