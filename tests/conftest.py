@@ -20,8 +20,8 @@ def micro_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
     monkeypatch.setenv("MICRO_AI_OFFLINE", "1")  # any model request beyond loopback fails
     # `micro run` in a test serves its dashboard on a free port: tests never take (or wait for) 8080
     monkeypatch.setenv("MICRO_HTTP_ADDRESS", "127.0.0.1:0")
-    for var in ("MICRO_REGISTRY", "MICRO_BROKER", "MICRO_STORE", "MICRO_TRANSPORT", "MICRO_LOOP", "ANTHROPIC_API_KEY",
-                "OPENAI_API_KEY"):
+    for var in ("MICRO_REGISTRY", "MICRO_BROKER", "MICRO_STORE", "MICRO_TRANSPORT", "MICRO_LOOP", "MICRO_SOCKET_DIR",
+                "ANTHROPIC_API_KEY", "OPENAI_API_KEY"):
         monkeypatch.delenv(var, raising=False)
     yield home
 

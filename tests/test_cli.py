@@ -138,6 +138,7 @@ def test_services_and_describe_json(tasks_app: Running) -> None:
     res = micro("describe", "task")
     assert res.returncode == 0, res.stderr
     assert f"(gRPC {node['address']}, native {node['metadata']['native']})" in res.stdout
+    assert f"native wire on this host: {node['metadata']['native_unix']}" in res.stdout
 
     res = micro("describe", "task", "--proto")
     assert res.returncode == 0, res.stderr

@@ -995,3 +995,64 @@ async def test_supervised_work_failing_in_a_row_makes_the_runtime_not_ready_sayi
         (background,) = rt.backends.supervised
         assert background.failing["registry watch"].failures == 1
         assert await rt.backends.check() == [] and rt.backends.ok
+
+# -- a server started again under another event loop -------------------------------------------
+
+
+class Stall:
+    async def Wait(self, req: PingRequest) -> PingRequest:
+        """Never answers."""
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+def test_a_grpc_server_started_again_under_another_loop_still_times_out_bodies() -> None:
+    """Its watchdog's timer belonged to the first loop: armed there for an earlier deadline, it kept a
+    later one off the new loop's timer, so bodies that never arrived were held for ever."""
+    server = GrpcServer(body_timeout=0.3)
+    for ep in endpoints_of(Echo(), "echo"):
+        server.add(ep)
+
+    async def held_body(stop_at_once: bool) -> list[str]:
+        await server.start("127.0.0.1", 0)
+        client = await HeldBodies.open(f"127.0.0.1:{server.port}")
+        try:
+            client.start(1, 1000)
+            if stop_at_once:  # the body's deadline is on the watchdog: stop before it passes
+                await wait_until(lambda: server.budget.buffered > 0)
+                return []
+            with anyio.fail_after(10):
+                await client.read_until(lambda: len(client.ended) == 1)
+            return client.statuses()
+        finally:
+            client.close()
+            await server.stop(grace=0)
+
+    assert asyncio.run(held_body(stop_at_once=True)) == []
+    assert asyncio.run(held_body(stop_at_once=False)) == ["4"]  # DEADLINE_EXCEEDED, on the second loop
+
+
+def test_a_native_server_started_again_under_another_loop_still_enforces_deadlines() -> None:
+    server = NativeServer(max_message_size=1 << 20)
+    for ep in endpoints_of(Stall(), "stall"):
+        server.add(ep)
+
+    async def stalled_call(timeout_us: int, stop_at_once: bool) -> wire.Frame | None:
+        await server.start("127.0.0.1")
+        client = await HeldFrame.open(server)
+        try:
+            client.writer.write(wire.request(1, "/stall.Stall/Wait", timeout_us, None, b"{}", 0))
+            if stop_at_once:  # the call's deadline is on the watchdog: stop before it passes
+                await wait_until(lambda: server.watchdog.active == 1)
+                return None
+            with anyio.fail_after(10):
+                return await client.answer()
+        finally:
+            client.close()
+            await server.stop(grace=0)
+
+    assert asyncio.run(stalled_call(300_000, stop_at_once=True)) is None
+    answer = asyncio.run(stalled_call(400_000, stop_at_once=False))  # a later deadline, on the second loop
+    assert answer is not None
+    kind, rid, _, _, body, _ = answer
+    assert (kind, rid, wire.read_error(body)[0]) == (wire.ERROR, 1, Status.DEADLINE_EXCEEDED.value)

@@ -77,6 +77,8 @@ async def describe(service: str, as_json: bool, as_proto: bool, out_dir: Path | 
             native = node.metadata.get("native")
             wires = f"gRPC {node.address}" + (f", native {native}" if native else " (no native wire)")
             out.print(f"  node {node.id} at {node.address} ({wires})", markup=False)
+            if node.metadata.get("native_unix"):  # micro.wire.unix
+                out.print(f"    native wire on this host: {node.metadata['native_unix']}", markup=False)
         for ep in rec.endpoints:
             kind = " (stream)" if ep.streaming else ""
             out.print(f"\n  [cyan]{ep.name}[/cyan]{kind}  {ep.path}")
