@@ -11,6 +11,8 @@ registered in the ``local`` registry under ``$MICRO_HOME``.
 with plain grpclib and the upb messages of ``benchmarks/_rawpb``.
 ``python -m benchmarks._call_server bare`` serves the JSON handler as the bare framed
 echo of ``benchmarks/_bare.py`` (micro's framing, none of its semantics).
+``python -m benchmarks._call_server wire --prefix P`` serves the JSON handler as ``P-unix``
+(with a Unix socket) and ``P-tcp`` (TCP only), for ``bench_wire``.
 ``--uvloop`` runs any of them on uvloop.
 
 Either prints ``ready HOST:PORT`` once it can be called, and exits when its stdin
@@ -106,6 +108,23 @@ async def _serve_micro() -> None:
             await _stdin_closed()
 
 
+async def _serve_wire() -> None:
+    """``bench_wire``'s server: the JSON handler as two services of one process, ``{prefix}-unix`` (a Unix
+    socket beside its TCP port: clients on this host use the socket) and ``{prefix}-tcp`` (TCP only)."""
+    import micro
+
+    prefix = sys.argv[sys.argv.index("--prefix") + 1]
+    async with micro.Runtime(registry="local://", store="memory://", broker="memory://") as rt:
+        unix = micro.New(f"{prefix}-unix", runtime=rt)
+        unix.handle(Task(), name="TaskJSON")
+        tcp = micro.New(f"{prefix}-tcp", runtime=rt, unix_socket=False)
+        tcp.handle(Task(), name="TaskJSON")
+        async with unix, tcp:
+            assert "native_unix" in unix.record.nodes[0].metadata, "no Unix socket: see the warning above"
+            print(f"ready {unix.address}", flush=True)
+            await _stdin_closed()
+
+
 async def _serve_raw() -> None:
     from grpclib.server import Server
 
@@ -137,9 +156,9 @@ async def _serve_bare() -> None:
 
 def main() -> None:
     kind = sys.argv[1] if len(sys.argv) > 1 else ""
-    serve = {"micro": _serve_micro, "raw": _serve_raw, "bare": _serve_bare}.get(kind)
+    serve = {"micro": _serve_micro, "raw": _serve_raw, "bare": _serve_bare, "wire": _serve_wire}.get(kind)
     if serve is None:
-        sys.exit("usage: python -m benchmarks._call_server micro|raw|bare")
+        sys.exit("usage: python -m benchmarks._call_server micro|raw|bare|wire [--prefix NAME] [--uvloop]")
     if "--uvloop" in sys.argv:
         import uvloop
 

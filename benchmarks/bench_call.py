@@ -43,7 +43,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -229,9 +229,9 @@ async def _metrics_cost(on_call: Any, off_call: Any, req: Any) -> tuple[list[flo
 # -- (b) gRPC, two processes -----------------------------------------------------------------
 
 
-async def _spawn(kind: str, env: dict[str, str]) -> tuple[asyncio.subprocess.Process, str]:
+async def _spawn(kind: str, env: dict[str, str], args: Sequence[str] = ()) -> tuple[asyncio.subprocess.Process, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "benchmarks._call_server", kind,
+        sys.executable, "-m", "benchmarks._call_server", kind, *args,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         cwd=ROOT, env=env, start_new_session=True,
     )

@@ -978,3 +978,42 @@ async def test_a_call_cancelled_in_the_read_that_brought_it_leaves_nothing_behin
     await anyio.wait_all_tasks_blocked()
     assert all(not c.calls for c in node.native.connections)
     assert node.native.watchdog.active == 0
+
+
+class _Recorder(asyncio.WriteTransport):
+    """A transport that keeps what it is given (asyncio 3.11's ``writelines``: it joins)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(data)  # type: ignore[arg-type]
+
+
+class _Gatherer(_Recorder):
+    """One whose ``writelines`` hands the pieces over without joining (uvloop, asyncio 3.12+)."""
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.gathered = list(list_of_data)
+
+
+def test_a_large_payload_is_written_as_it_is_not_copied_into_a_join() -> None:
+    from micro.connections import LARGE, write_all
+
+    big = b"x" * LARGE
+    small = [f.HEADER.pack(1, 1, f.RESPONSE, 0, 0), b"a", f.HEADER.pack(len(big), 2, f.RESPONSE, 0, 0)]
+    t = _Recorder()
+    write_all(t, [*small, big, b"tail"])
+    assert t.writes == [b"".join(small), big, b"tail"] and t.writes[1] is big  # the body itself, uncopied
+    t = _Recorder()
+    write_all(t, [*small, b"y" * (LARGE - 1)])  # all small: one write
+    assert len(t.writes) == 1
+    g = _Gatherer()
+    write_all(g, [*small, big])
+    assert g.writes == [] and g.gathered[-1] is big
+
+
+async def test_a_large_reply_arrives_whole(node: Node) -> None:
+    text = "é" * 20_000  # 40 kB of JSON: written as its own piece
+    assert await node.client.client.call("wire", "Svc.Echo", {"text": text, "n": 2}) == {"text": text, "n": 2}

@@ -26,6 +26,7 @@ from collections.abc import AsyncGenerator, Mapping
 from typing import cast
 
 from micro.codec import JSON, PROTO
+from micro.connections import write_all
 from micro.deadlines import Watchdog
 from micro.errors import Error, ResourceExhausted, Status, Timeout, Unavailable
 from micro.wire import frames as f
@@ -232,7 +233,7 @@ class _Connection(asyncio.Protocol):
         t = self.transport
         if t is None or t.is_closing() or not out:
             return
-        t.write(out[0] if len(out) == 1 else b"".join(out))
+        write_all(t, out)
 
     def close(self, err: Exception) -> None:
         if self.lost is None:

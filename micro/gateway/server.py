@@ -27,7 +27,7 @@ import asyncio
 import logging
 from typing import Any
 
-from micro.connections import ConnectionLimit
+from micro.connections import ConnectionLimit, write_all
 from micro.errors import ConfigError
 from micro.logs import rate_limit
 
@@ -75,7 +75,7 @@ class _Corked:
         """Write what is pending now."""
         out, self._out = self._out, []
         if out and not self._transport.is_closing():
-            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+            write_all(self._transport, out)  # a large body is not copied to join it to its head
 
     def write_eof(self) -> None:
         self.flush()

@@ -28,7 +28,7 @@ import msgspec
 
 from micro import metrics
 from micro.codec import JSON, PROTO
-from micro.connections import DEFAULT_IDLE_TIMEOUT, ConnectionLimit, quiet_accept_errors
+from micro.connections import DEFAULT_IDLE_TIMEOUT, ConnectionLimit, quiet_accept_errors, write_all
 from micro.deadlines import Watch, Watchdog
 from micro.errors import Error, ResourceExhausted, Status
 from micro.limits import DEFAULT_BODY_TIMEOUT, BodyBudget
@@ -330,7 +330,7 @@ class _Connection(asyncio.Protocol):
                 self.send(f.error(rid, Status.RESOURCE_EXHAUSTED.value,
                                   f"{ep.where}: response of {len(reply)} bytes is over the {limit}-byte limit"))
             else:
-                self.send(f.HEADER.pack(len(reply), rid, f.RESPONSE, 0, 0) + reply)
+                self.send_payload(f.HEADER.pack(len(reply), rid, f.RESPONSE, 0, 0), reply)
         finally:
             self._done(rid, call)
 
@@ -381,7 +381,7 @@ class _Connection(asyncio.Protocol):
             if self.transport is None:
                 return
             call.credit -= 1
-            self.send(f.HEADER.pack(len(reply), rid, f.ITEM, 0, 0) + reply)
+            self.send_payload(f.HEADER.pack(len(reply), rid, f.ITEM, 0, 0), reply)
             sent += 1
 
     def _watch(self, watches: list[Watch]) -> None:
@@ -405,13 +405,23 @@ class _Connection(asyncio.Protocol):
             self._flushing = True
             self.loop.call_soon(self._flush)
 
+    def send_payload(self, header: bytes, payload: bytes) -> None:
+        """Queue a frame as its header and payload: a large payload is written as it is, never copied
+        to be joined to its header (see :func:`micro.connections.write_all`)."""
+        out = self._out
+        out.append(header)
+        out.append(payload)
+        if not self._flushing:
+            self._flushing = True
+            self.loop.call_soon(self._flush)
+
     def _flush(self) -> None:
         self._flushing = False
         out, self._out = self._out, []
         t = self.transport
-        if t is None or t.is_closing():
+        if t is None or t.is_closing() or not out:
             return
-        t.write(out[0] if len(out) == 1 else b"".join(out))
+        write_all(t, out)
 
     def abort(self, message: str, status: Status = Status.INVALID_ARGUMENT, level: int = logging.WARNING) -> None:
         """Tell the client why (an ERROR frame for request id 0), then close the connection."""
