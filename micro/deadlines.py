@@ -24,25 +24,22 @@ from micro.errors import Timeout
 class Watch:
     """One call under watch; a context manager around the awaited work."""
 
-    __slots__ = ("_dog", "deadline", "done", "fired", "started", "task", "where")
+    __slots__ = ("_dog", "deadline", "done", "fired", "task", "where")
 
-    def __init__(self, dog: Watchdog, task: asyncio.Task[Any], deadline: float, where: str,
-                 started: bool = True) -> None:
+    def __init__(self, dog: Watchdog, task: asyncio.Task[Any], deadline: float, where: str) -> None:
         self._dog = dog
         self.task = task
         self.deadline = deadline
         self.where = where
         self.done = False
         self.fired = False
-        self.started = started
 
     def __enter__(self) -> Watch:
         return self
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.done = True
-        if self.started:
-            self._dog.active -= 1
+        self._dog.active -= 1
         if self.fired and t is asyncio.CancelledError and self.task.uncancel() == 0:
             raise Timeout(f"{self.where}: deadline exceeded") from None
 
@@ -71,20 +68,6 @@ class Watchdog:
         self.active += 1
         self._push(deadline, w, where)
         return w
-
-    def later(self, task: asyncio.Task[Any], deadline: float, where: str) -> Watch:
-        """A watch of ``task`` that is not on the heap until :meth:`start` (a call that ends before that
-        never costs a heap entry); as a context manager it is :meth:`watch`'s. Started late, it still
-        fires at ``deadline``: at once if that has passed."""
-        return Watch(self, task, deadline, where, started=False)
-
-    def start(self, w: Watch) -> None:
-        """Put a watch made by :meth:`later` on the heap, unless its work is done already (ended, or its
-        task cancelled before it ever ran: then nothing would ever take it off)."""
-        if not w.done and not w.started and not w.task.done():
-            w.started = True
-            self.active += 1
-            self._push(w.deadline, w, w.where)
 
     def expire(self, fut: asyncio.Future[Any], deadline: float, where: str) -> None:
         """Fail ``fut`` with ``Timeout`` when ``deadline`` passes, unless it is done by then."""

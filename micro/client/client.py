@@ -26,7 +26,7 @@ import itertools
 import os
 import re
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import betterproto2
@@ -80,6 +80,7 @@ class Client:
         self.max_message_size = max_message_size
         self._local: Mapping[str, Mapping[str, Endpoint]] = local if local is not None else {}
         self._records: dict[str, list[ServiceRecord]] = {}
+        self._plans: dict[tuple[str, str, type, Any], _Plan] = {}
         self._rr: dict[str, itertools.count[int]] = {}
         self._pools: dict[str, NodePool | NativePool] = {}
         self._watchdog = Watchdog()
@@ -215,15 +216,19 @@ class Client:
     # -- network path -------------------------------------------------------------------------
 
     async def _remote(self, req: Request) -> Any:
-        found = self._cached(req.service, req.endpoint)
-        record, ep = found if found is not None else await self._resolve(req.service, req.endpoint)
-        if ep.streaming != req.streaming:
-            raise _wrong_kind(req, ep.streaming)
-        wire = PROTO if _speaks_proto(req, ep) else JSON
-        data = self._encode(req, wire)
         if req.streaming:
-            return self._remote_stream(record, ep, req, data, wire)
-        idempotent = ep.metadata.get("idempotent") == "true"
+            found = self._cached(req.service, req.endpoint)
+            record, ep = found if found is not None else await self._resolve(req.service, req.endpoint)
+            if not ep.streaming:
+                raise _wrong_kind(req, ep.streaming)
+            wire = PROTO if _speaks_proto(req, ep) else JSON
+            return self._remote_stream(record, ep, req, self._encode(req, wire), wire)
+        key = (req.service, req.endpoint, req.body.__class__, req.response_type)
+        plan = self._plans.get(key)
+        if plan is None or plan.records is not self._records.get(req.service):
+            plan = await self._plan(req, key)
+        record, ep, wire, idempotent = plan.record, plan.ep, plan.wire, plan.idempotent
+        data = self._encode(req, wire)
         attempts = self.retry.attempts if idempotent else 1
         last: Unavailable | None = None
         tried: set[str] = set()
@@ -248,8 +253,11 @@ class Client:
                         raise
                     last = exc  # it may have run: only an idempotent endpoint is tried again
                     continue
-                self.breakers.success(node.address)
-                return self._decode(reply, wire, req, ep)
+                if self.breakers._nodes:
+                    self.breakers.success(node.address)
+                decode = plan.decode
+                return decode(reply, wire, plan.where) if decode is not None else \
+                    self._decode(reply, wire, req, ep)
             if attempt < attempts:
                 pause = self.retry.delay(attempt)
                 if req.deadline is not None and asyncio.get_running_loop().time() + pause >= req.deadline:
@@ -259,6 +267,25 @@ class Client:
                 record, ep = await self._resolve(req.service, req.endpoint)
         self._records.pop(req.service, None)
         raise Unavailable(f"no node of {req.service!r} answered: {last}")
+
+    async def _plan(self, req: Request, key: tuple[str, str, type, Any]) -> _Plan:
+        """What every unary call of this endpoint with these types does alike, worked out once per
+        registry record (a record the watch replaced makes a new plan)."""
+        found = self._cached(req.service, req.endpoint)
+        record, ep = found if found is not None else await self._resolve(req.service, req.endpoint)
+        if ep.streaming:
+            raise _wrong_kind(req, ep.streaming)
+        rt = req.response_type
+        plan = _Plan(
+            records=self._records.get(req.service), record=record, ep=ep,
+            wire=PROTO if _speaks_proto(req, ep) else JSON,
+            idempotent=ep.metadata.get("idempotent") == "true",
+            decode=None if rt is None or rt is msgspec.Raw else codec_for(rt).decode,
+            where=f"{req.service} {ep.name} response",
+        )
+        if plan.records is not None:  # a record cached by the watch: the plan holds while it does
+            self._plans[key] = plan
+        return plan
 
     async def _replaced(self, req: Request, tried: set[str]) -> list[Node]:
         """Nodes the registry lists now that were not tried, asked for once every cached node refused a call
@@ -428,6 +455,17 @@ class Client:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
+
+
+class _Plan:
+    """A unary call's record, endpoint, wire and response decoder, for as long as the record is cached."""
+
+    __slots__ = ("decode", "ep", "idempotent", "record", "records", "where", "wire")
+
+    def __init__(self, *, records: list[ServiceRecord] | None, record: ServiceRecord, ep: EndpointRecord, wire: str,
+                 idempotent: bool, decode: Callable[[bytes, str, str], Any] | None, where: str) -> None:
+        self.records, self.record, self.ep, self.wire = records, record, ep, wire
+        self.idempotent, self.decode, self.where = idempotent, decode, where
 
 
 NATIVE = "native"

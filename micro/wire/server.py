@@ -55,11 +55,13 @@ _EXPIRED_US = 1000  # less than 1 ms left on arrival is no time to run anything 
 
 
 class _Call:
-    __slots__ = ("credit", "task", "waiter", "watch")
+    __slots__ = ("credit", "deadline", "task", "waiter", "watch", "where")
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float | None = None, where: str = "") -> None:
         self.task: asyncio.Task[None] | None = None
-        self.watch: Watch | None = None  # a unary call's deadline
+        self.deadline = deadline
+        self.where = where
+        self.watch: Watch | None = None  # a unary call's deadline, once it outlived its first step
         self.credit = f.STREAM_WINDOW
         self.waiter: asyncio.Future[None] | None = None
 
@@ -88,7 +90,7 @@ class _Connection(asyncio.Protocol):
         self.pinged_at = 0.0  # when an unanswered keepalive PING was sent (0: none)
         # the frame arriving in pieces: (its number in the reader, bytes counted in the budget, body timer)
         self._held: tuple[int, int, asyncio.TimerHandle] | None = None
-        self._unwatched: list[Watch] = []  # deadlines of the calls started in this data_received
+        self._unwatched: list[_Call] = []  # the calls with deadlines started in this data_received
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -290,16 +292,15 @@ class _Connection(asyncio.Protocol):
                                   f"the call's deadline ({timeout_us} µs) had passed when it arrived"))
                 return
             deadline = self.loop.time() + timeout_us / 1e6
-        call = _Call()
+        call = _Call(deadline, where)
         payload = body[aux:]
         coro = self._stream(rid, call, ep, where, wire, payload, metadata or {}, deadline) if streaming else \
             self._unary(rid, call, ep, where, wire, payload, metadata or {}, deadline)
         self.calls[rid] = call
         call.task = self.loop.create_task(coro)
         if deadline is not None and not streaming:
-            # watched from after the call's first step (most calls end in it): see data_received
-            call.watch = self.server.watchdog.later(call.task, deadline, where)
-            self._unwatched.append(call.watch)
+            # watched from after the call's first step (most calls end in it, and cost no watch): see _watch
+            self._unwatched.append(call)
 
     async def _unary(self, rid: int, call: _Call, ep: Endpoint, where: str, wire: str, payload: bytes,
                      metadata: dict[str, str], deadline: float | None) -> None:
@@ -307,11 +308,19 @@ class _Connection(asyncio.Protocol):
         try:
             try:
                 body = ep.request.decode(payload, wire, where)
-                if call.watch is None:
+                if deadline is None:
                     result = await ep.handle(body, metadata, None, transport=metrics.NATIVE)
                 else:
-                    with call.watch:  # Timeout when the deadline passes
+                    try:
                         result = await ep.handle(body, metadata, deadline, transport=metrics.NATIVE)
+                    except asyncio.CancelledError:
+                        watch, call.watch = call.watch, None
+                        if watch is not None:  # Timeout when it was the deadline that cancelled it
+                            watch.__exit__(asyncio.CancelledError, None, None)
+                        raise
+                    finally:
+                        if call.watch is not None:
+                            call.watch.__exit__(None, None, None)
                 reply = ep.response.encode(result, wire)
             except Error as err:
                 self.send(f.error(rid, err.status.value, err.message))
@@ -384,10 +393,14 @@ class _Connection(asyncio.Protocol):
             self.send_payload(f.HEADER.pack(len(reply), rid, f.ITEM, 0, 0), reply)
             sent += 1
 
-    def _watch(self, watches: list[Watch]) -> None:
-        start = self.server.watchdog.start
-        for w in watches:
-            start(w)
+    def _watch(self, calls: list[_Call]) -> None:
+        """Put the deadlines of the calls that outlived their first step on the watchdog (the rest ended,
+        or were cancelled before they ran: nothing would take them off its heap)."""
+        watch = self.server.watchdog.watch
+        for call in calls:
+            task = call.task
+            if task is not None and not task.done() and call.deadline is not None:
+                call.watch = watch(call.deadline, call.where, task)
 
     def _forget(self, rid: int, call: _Call, _task: asyncio.Task[None]) -> None:
         self._done(rid, call)
