@@ -52,6 +52,8 @@ def proto_package(tp: type[betterproto2.Message]) -> str:
 
 def encode_json(value: object) -> bytes:
     """JSON for any message kind (proto3 JSON with field names kept for protobuf messages)."""
+    if isinstance(value, msgspec.Struct) or type(value) is dict:  # the usual kinds: no ABC check (~0.3 µs)
+        return _encoder.encode(value)
     if isinstance(value, betterproto2.Message):
         return _encoder.encode(_proto.to_builtins(value))
     return _encoder.encode(value)
