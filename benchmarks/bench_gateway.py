@@ -72,11 +72,12 @@ class HttpConnection:
         self.writer.write(self.request)
         try:
             head = await self.reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError as exc:
-            if exc.partial:
+        except (asyncio.IncompleteReadError, ConnectionResetError) as exc:
+            if isinstance(exc, asyncio.IncompleteReadError) and exc.partial:
                 raise
             # the server closed the kept-alive connection while it was idle (its keep-alive timeout, while
-            # the other sides were measured): as any HTTP client, send the request again on a new one
+            # the other sides were measured; a reset when our request crossed its close): as any HTTP
+            # client, send the request again on a new one
             self.close()
             self.writer = None
             return await self.post()
