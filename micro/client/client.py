@@ -9,8 +9,11 @@
    (no I/O per call), pick a node round-robin, and send over a pooled connection:
    micro's native wire when the node advertises one (its ``native`` metadata) and
    the client's transport allows it (``transport=`` / ``$MICRO_TRANSPORT``: ``auto``,
-   the default; ``grpc``; ``native``), gRPC (grpclib) otherwise; protobuf when the
+   the default; ``grpc``; ``native``), over the node's Unix socket when it is on this
+   host (:mod:`micro.wire.unix`), gRPC (grpclib) otherwise; protobuf when the
    caller passes a protobuf request and asks for a protobuf response, JSON otherwise.
+   What every unary call of an endpoint does alike (its record, wire, retry policy,
+   response decoder) is worked out once per cached record: a call plan.
 
 Either way the result is an instance of ``response_type`` when given, and the dict
 form of the response otherwise; errors are the same ``micro.errors`` classes.
