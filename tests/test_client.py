@@ -728,3 +728,47 @@ async def test_a_stream_whose_deadline_has_passed_is_refused_on_both_paths(wire:
             with pytest.raises(Timeout, match="deadline passed before"):
                 async for _ in rt.client.stream("feed", "Feed.Items", {"user_id": "a"}, timeout=0):
                     raise AssertionError("no item should come")
+
+
+class Named:
+    """Answers with the name of the node it runs on."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def Who(self, req: Req) -> Req:
+        """Who answers."""
+        return Req(self.name, req.n)
+
+
+@pytest.mark.parametrize("wire", WIRES)
+async def test_a_replaced_node_is_called_once_the_watch_says_so(wire: str) -> None:
+    """The client's call plan (record, wire, decoder, pool per node) lasts as long as its cached record:
+    once the watch reports a node gone and another come, the next calls go to the new one at once,
+    with no attempt on the old one (the breakers saw no failure)."""
+    registry = MemoryRegistry()
+    async with micro.Runtime(registry=registry, store="memory://", broker="memory://", transport=wire) as away, \
+            micro.Runtime(registry=registry, store="memory://", broker="memory://") as home:
+        async def who(**kw: Any) -> Any:
+            with anyio.fail_after(10):
+                return await away.client.call("named", "Named.Who", Req("x", 1), **kw)
+
+        first = micro.Service("named", runtime=home)
+        first.handle(Named("first"))
+        async with first:
+            assert await who(response_type=Req) == Req("first", 1)
+            assert await who() == {"user_id": "first", "n": 1}
+            second = micro.Service("named", runtime=home)
+            second.handle(Named("second"))
+            await second.start()
+        try:
+            with anyio.fail_after(10):
+                while "named" in away.client._records:  # the watch dropped the record that lists the first
+                    await anyio.wait_all_tasks_blocked()
+            for _ in range(3):
+                assert await who(response_type=Req) == Req("second", 1)
+                assert await who() == {"user_id": "second", "n": 1}  # another plan: dict out
+                assert await who(response_type=msgspec.Raw) == msgspec.Raw(b'{"user_id":"second","n":1}')
+            assert not away.client.breakers._nodes  # no call was tried on the node that left
+        finally:
+            await second.stop()

@@ -241,7 +241,10 @@ class Client:
                 node = nodes.pop(0)
                 tried.add(node.id)
                 try:
-                    pool = self._pool(node)
+                    if record is plan.record:  # the usual case: the plan knows the node's pool
+                        pool = plan.pools.get(node.id) or plan.pool(node, self._pool)
+                    else:
+                        pool = self._pool(node)
                     req.wire = pool.wire
                     reply = await pool.unary(ep.path, data, wire=wire, deadline=req.deadline, metadata=req.metadata)
                 except NodeUnreachable as exc:
@@ -337,6 +340,8 @@ class Client:
         if wire == PROTO:
             codec = compiled(body.__class__)  # None: betterproto2's own encoder
             data = bytes(body) if codec is None else codec.encode(body)
+        elif isinstance(body, msgspec.Struct):  # the usual request: no other check first
+            data = encode_json(body)
         elif body is None:
             data = b"{}"
         elif isinstance(body, bytes | bytearray | memoryview):
@@ -458,17 +463,23 @@ class Client:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
+        self._plans.clear()  # they hold pools
 
 
 class _Plan:
     """A unary call's record, endpoint, wire and response decoder, for as long as the record is cached."""
 
-    __slots__ = ("decode", "ep", "idempotent", "record", "records", "where", "wire")
+    __slots__ = ("decode", "ep", "idempotent", "pools", "record", "records", "where", "wire")
 
     def __init__(self, *, records: list[ServiceRecord] | None, record: ServiceRecord, ep: EndpointRecord, wire: str,
                  idempotent: bool, decode: Callable[[bytes, str, str], Any] | None, where: str) -> None:
         self.records, self.record, self.ep, self.wire = records, record, ep, wire
         self.idempotent, self.decode, self.where = idempotent, decode, where
+        self.pools: dict[str, NodePool | NativePool] = {}  # by node id: a node's record is fixed with the plan's
+
+    def pool(self, node: Node, find: Callable[[Node], NodePool | NativePool]) -> NodePool | NativePool:
+        pool = self.pools[node.id] = find(node)
+        return pool
 
 
 NATIVE = "native"
