@@ -132,6 +132,19 @@ async def test_typed_in_typed_out(pair: Pair, path: str) -> None:
     assert got == Rsp("bob", [Item("bob-0", {0: "x"})], 1)
 
 
+class Loose(msgspec.Struct):
+    user_id: Any
+    n: int = 1
+
+
+@pytest.mark.parametrize("path", ["grpc", "native"])
+async def test_a_struct_request_that_cannot_be_encoded_is_a_bad_request(pair: Pair, path: str) -> None:
+    for body, why in [(Loose(object()), "unsupported"), (Loose("\ud800"), "surrogate"), (Req("\ud800", 1), "surrogate")]:
+        with pytest.raises(BadRequest, match=r"users Users.Get: request is not JSON-serialisable") as err:
+            await pair.client(path).call("users", "Users.Get", body, timeout=5)
+        assert why in str(err.value)
+
+
 async def test_both_paths_return_the_same_values(pair: Pair) -> None:
     class MyRsp(msgspec.Struct):  # the caller's own type for the response
         total: int

@@ -340,15 +340,14 @@ class Client:
         if wire == PROTO:
             codec = compiled(body.__class__)  # None: betterproto2's own encoder
             data = bytes(body) if codec is None else codec.encode(body)
-        elif isinstance(body, msgspec.Struct):  # the usual request: no other check first
-            data = encode_json(body)
         elif body is None:
             data = b"{}"
         elif isinstance(body, bytes | bytearray | memoryview):
             data = bytes(body)
         else:
-            try:
-                data = body.encode() if isinstance(body, str) else encode_json(body)
+            try:  # a Struct first: the usual request, no other check before it
+                data = encode_json(body) if isinstance(body, msgspec.Struct) or not isinstance(body, str) \
+                    else body.encode()
             except (TypeError, msgspec.EncodeError, UnicodeEncodeError, RecursionError) as exc:
                 # UnicodeEncodeError: a string with lone surrogates; RecursionError: nested too deeply
                 raise BadRequest(f"{req.service} {req.endpoint}: request is not JSON-serialisable: {exc}") from None
