@@ -19,8 +19,8 @@ endpoint gets that response back without running the handler. Calls without a
 key run as usual. A handler that needs the key itself reads :func:`current_key`.
 
 Once the handler has answered, its answer is stored even if the caller has gone away meanwhile
-(shielded from the call's cancellation, for up to :data:`REMEMBER_TIMEOUT`): the retry of a
-crashed caller finds it. What it does not do: errors are not remembered (a retry runs again); streaming
+(the write runs in a task of its own that the call's cancellation does not reach, for up to
+:data:`REMEMBER_TIMEOUT`; the key stays busy until then): the retry of a crashed caller finds it. What it does not do: errors are not remembered (a retry runs again); streaming
 endpoints are passed through; concurrent calls with one key in one process wait
 for the first, but two processes racing with one key before the first answer is
 stored both run (the store has no compare-and-set). Flows deliver one event at a
@@ -95,7 +95,12 @@ def wrapper(store: Store | Callable[[], Store], *, ttl: float | None = DEFAULT_T
         endpoints: only these endpoints (``"Handler.Method"``); default all.
     """
     inflight: dict[str, asyncio.Event] = {}
+    storing: set[asyncio.Task[None]] = set()  # answers still being stored after their callers left
     only = None if endpoints is None else frozenset(endpoints)
+
+    def settle(skey: str, done: asyncio.Event) -> None:
+        del inflight[skey]
+        done.set()
 
     def wrap(next_: Next) -> Next:
         async def handle(req: Request) -> Any:
@@ -106,6 +111,7 @@ def wrapper(store: Store | Callable[[], Store], *, ttl: float | None = DEFAULT_T
             while (busy := inflight.get(skey)) is not None:
                 await busy.wait()  # the same key is being handled: wait for its answer
             done = inflight[skey] = asyncio.Event()  # no await between the check and this
+            write: asyncio.Task[None] | None = None
             try:
                 st = store() if callable(store) else store
                 try:
@@ -115,17 +121,20 @@ def wrapper(store: Store | Callable[[], Store], *, ttl: float | None = DEFAULT_T
                 else:
                     return msgspec.json.decode(record.value)  # converted to the response type by the endpoint
                 result = await next_(req)
-                # the work is done: remember its answer even if the caller goes away now (a crashed agent's
-                # connection cancels the call), or its retry with this key would do the work again
-                with anyio.CancelScope(shield=True), anyio.move_on_after(REMEMBER_TIMEOUT) as scope:
-                    await _remember(st, skey, result, ttl, req)
-                if scope.cancelled_caught:
-                    log.warning("%s %s: the response of an idempotent call was not stored within %g s",
-                                req.service, req.endpoint, REMEMBER_TIMEOUT)
+                # The work is done: its answer is remembered even if the caller goes away now (a crashed
+                # agent's connection cancels the call), or its retry with this key would do the work again.
+                # The write runs in a task of its own: the native wire cancels a call with Task.cancel(),
+                # which no cancel scope shields from; the key stays busy until the write has settled.
+                write = asyncio.get_running_loop().create_task(_remember(st, skey, result, ttl, req))
+                await asyncio.shield(write)
                 return result
             finally:
-                del inflight[skey]
-                done.set()
+                if write is None or write.done():
+                    settle(skey, done)
+                else:  # the caller left while the answer was being stored: a retry waits for the write
+                    storing.add(write)
+                    write.add_done_callback(storing.discard)
+                    write.add_done_callback(lambda _: settle(skey, done))
 
         return handle
 
@@ -136,7 +145,12 @@ async def _remember(store: Store, skey: str, result: Any, ttl: float | None, req
     from micro.store import Record
 
     try:
-        await store.write(Record(skey, encode_json(result), {"endpoint": f"{req.service} {req.endpoint}"}), ttl=ttl)
+        with anyio.fail_after(REMEMBER_TIMEOUT):
+            await store.write(Record(skey, encode_json(result), {"endpoint": f"{req.service} {req.endpoint}"}),
+                              ttl=ttl)
+    except TimeoutError:
+        log.warning("%s %s: the response of an idempotent call was not stored within %g s",
+                    req.service, req.endpoint, REMEMBER_TIMEOUT)
     except Exception:
         # The work is done; failing the call now would only make the caller retry it.
         log.warning("%s %s: could not remember the response of an idempotent call", req.service, req.endpoint,

@@ -372,6 +372,68 @@ async def test_idempotency_remembers_an_answer_whose_caller_left_while_it_was_be
     assert again == {"note": {"id": "1", "title": "a"}}
 
 
+async def test_idempotency_remembers_an_answer_whose_native_connection_cancelled_it_while_stored() -> None:
+    """Over the native wire a caller that leaves (a CANCEL frame, or its process dying) cancels the call with
+    ``Task.cancel()``, which no cancel scope shields from: the answer is still stored, and a retry with the
+    same key that arrives meanwhile waits for it instead of running the handler again."""
+    from micro.registry.memory import MemoryRegistry
+    from micro.store import Record
+    from micro.store.memory import MemoryStore
+
+    class GatedStore(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.entered = anyio.Event()
+            self.gate = anyio.Event()
+
+        async def _put(self, record: Record, if_version: int | None) -> int:
+            if not self.gate.is_set():
+                self.entered.set()
+                await self.gate.wait()
+            return await super()._put(record, if_version)
+
+    left = anyio.Event()
+
+    def watch(next_: Next) -> Next:
+        async def handle(req: Request) -> object:
+            try:
+                return await next_(req)
+            except BaseException:
+                left.set()  # the server cancelled the call: its caller went away
+                raise
+
+        return handle
+
+    store = GatedStore()
+    registry = MemoryRegistry()
+    md = {"idempotency-key": "k"}
+    async with runtime(registry=registry, store=store), runtime(registry=registry, install=False) as away:
+        # the network path between two runtimes: micro's native wire
+        svc, notes = notes_service(handler_wrappers=[watch])
+        idempotency.enable(svc)
+        async with svc:
+            async def first() -> None:
+                await away.client.call("notes", "Notes.Add", {"title": "a"}, metadata=md, timeout=30)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(first)
+                with anyio.fail_after(10):
+                    await store.entered.wait()  # the handler ran; its answer is being stored
+                tg.cancel_scope.cancel()  # the caller goes away: its CANCEL frame cancels the handler's task
+            with anyio.fail_after(10):
+                await left.wait()
+            results: list[object] = []
+
+            async def again() -> None:
+                results.append(await away.client.call("notes", "Notes.Add", {"title": "a"}, metadata=md, timeout=30))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(again)  # the retry: it waits for the answer still being stored
+                store.gate.set()
+    assert notes.runs == 1
+    assert results == [{"note": {"id": "1", "title": "a"}}]
+
+
 async def test_idempotency_current_key_in_a_handler() -> None:
     class Echo:
         async def Key(self, req: ListRequest) -> ListRequest:
