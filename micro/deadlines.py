@@ -8,6 +8,8 @@ costs a heap push and a flag. Semantics match ``asyncio.timeout``: when a
 deadline passes the task is cancelled, and :meth:`Watch.expired` tells the
 caller to turn that ``CancelledError`` into ``Timeout`` (after ``uncancel()``).
 A future can be watched too (:meth:`Watchdog.expire`): it fails with ``Timeout``.
+A watchdog serves the event loop it is used on: used on another (a runtime or server
+opened again under a second ``asyncio.run``), it drops the old loop's timer and calls.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class Watchdog:
         self._seq = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the timer and the calls belong to
         self._clean_at = 64
         self.active = 0
 
@@ -79,20 +82,36 @@ class Watchdog:
             heap[:] = [x for x in heap if not (x[2].done if isinstance(x[2], Watch) else x[2].done())]
             heapq.heapify(heap)
             self._clean_at = max(64, 2 * len(heap))
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._adopt(loop)
+            heap = self._heap
         heapq.heappush(heap, (deadline, next(self._seq), target, where))
         if deadline < self._timer_at:
             self._arm(deadline)
+
+    def _adopt(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve ``loop`` from now on: the last loop's timer would never fire here (an earlier deadline armed
+        there kept every later one from arming), and its calls cannot be cancelled from this one."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = None, float("inf")
+        self._heap = []
+        self._clean_at = 64
+        self._loop = loop
 
     def _arm(self, when: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = when
-        self._timer = asyncio.get_running_loop().call_at(when, self._fire)
+        assert self._loop is not None  # set by _push before it arms
+        self._timer = self._loop.call_at(when, self._fire)
 
     def _fire(self) -> None:
         self._timer, self._timer_at = None, float("inf")
         heap = self._heap
-        now = asyncio.get_running_loop().time()
+        assert self._loop is not None  # it armed the timer
+        now = self._loop.time()
         while heap and heap[0][0] <= now:
             _, _, target, where = heapq.heappop(heap)
             if isinstance(target, Watch):

@@ -1056,3 +1056,26 @@ def test_a_native_server_started_again_under_another_loop_still_enforces_deadlin
     assert answer is not None
     kind, rid, _, _, body, _ = answer
     assert (kind, rid, wire.read_error(body)[0]) == (wire.ERROR, 1, Status.DEADLINE_EXCEEDED.value)
+
+
+def test_a_runtime_opened_again_under_another_loop_still_times_out_in_process_calls() -> None:
+    """The client's watchdog (in-process call deadlines) is made once per runtime: its timer, armed on the
+    first loop for an earlier deadline, kept a later one off the second loop's timer, so calls never timed
+    out (review finding; one fix in ``Watchdog`` for the client's, the native client's and both servers')."""
+    rt = micro.Runtime(registry="memory://", store="memory://", broker="memory://")
+
+    async def call(timeout: float, stall: bool) -> str:
+        svc = micro.Service("w", runtime=rt)
+        svc.handle(Echo())
+        svc.handle(Stall())
+        async with rt, svc:
+            endpoint = "Stall.Wait" if stall else "Echo.Ping"
+            try:
+                with anyio.fail_after(10):  # a guard: without the fix the call waits for ever
+                    await rt.client.call("w", endpoint, {}, timeout=timeout)
+            except micro.errors.Timeout:
+                return "timed out"
+            return "answered"
+
+    assert asyncio.run(call(0.3, stall=False)) == "answered"  # arms the watchdog on the first loop
+    assert asyncio.run(call(0.4, stall=True)) == "timed out"  # a later deadline, on the second loop

@@ -522,7 +522,6 @@ class GrpcServer:
 
     async def start(self, host: str, port: int, *, ssl: Any = None) -> None:
         quiet_accept_errors()
-        self.watchdog = Watchdog()  # its timer belongs to one loop: a restart may be under another
         config = Configuration(_keepalive_time=self.keepalive_time, _keepalive_timeout=self.keepalive_timeout)
         self._server = _Server(self._mappings, self._standard, self.connection_limit, config)
         await self._server.start(host, port, ssl=ssl, reuse_address=True)

@@ -514,7 +514,6 @@ class NativeServer:
         loop = asyncio.get_running_loop()
         quiet_accept_errors(loop)
         self.closing = False
-        self.watchdog = Watchdog()  # its timer belongs to one loop: a restart may be under another
         # a deep accept backlog: with asyncio's 100, a burst of connections overflows it and the kernel
         # drops SYNs, which the peers resend after a second (10,000 connections took 80 s instead of 2)
         self._server = await loop.create_server(lambda: _Connection(self), host, port, ssl=ssl,
