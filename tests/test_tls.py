@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import trustme
 
 import micro
 from micro.errors import Unavailable
+from micro.registry import Node
 from micro.registry.memory import MemoryRegistry
 from micro.tls import client_context, server_context
 from micro.wire import unix
@@ -93,3 +96,37 @@ async def test_server_tls_without_client_certificates(pki: Pki, wire: str) -> No
                 assert await rt.client.call("secure", "Say.Echo", {"text": "a"}) == {"text": "a"}
                 # the same runtime still reaches plaintext services
                 assert await rt.client.call("plain", "Say.Echo", {"text": "b"}) == {"text": "b"}
+
+
+
+@pytest.fixture
+def sockets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A socket directory of this test's own (short: sun_path holds 107 bytes)."""
+    where = Path(f"/tmp/mt-{os.getpid()}-{tmp_path.name[-12:]}")
+    monkeypatch.setenv("MICRO_SOCKET_DIR", str(where))
+    yield str(where)
+    for entry in where.glob("*"):
+        entry.unlink()
+    if where.exists():
+        where.rmdir()
+
+
+async def test_tls_set_after_construction_serves_no_unix_socket_and_a_client_ignores_one_on_a_tls_node(
+        pki: Pki, sockets: str) -> None:
+    """Whether a node serves a Unix socket is decided at start, from ``svc.tls`` as it is then; and a client
+    never takes a TLS node's ``native_unix`` path (a registry record could name one)."""
+    registry = MemoryRegistry()
+    async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as server_rt, \
+            micro.Runtime(registry=registry, store="memory://", broker="memory://", transport="native",
+                          tls=client_context(pki.ca, cert=pki.client_cert)) as rt:
+        svc = micro.New("secure", runtime=server_rt)
+        svc.tls = server_context(pki.server_cert, pki.server_key, ca=pki.ca, require_client_cert=True)
+        svc.handle(Say())
+        async with svc:
+            node = svc.record.nodes[0]
+            assert node.metadata["tls"] == "true" and unix.UNIX not in node.metadata
+            assert not glob.glob(f"{sockets}/*")  # no plaintext socket served
+            md = {**node.metadata, unix.UNIX: f"{sockets}/planted.sock", unix.HOST: unix.host_id()}
+            pool = rt.client.channel(Node(id=node.id, address=node.address, metadata=md))
+            assert getattr(pool, "unix", "?") is None  # TLS over TCP, not the path the record names
+            assert await rt.client.call("secure", "Say.Echo", {"text": "hi"}) == {"text": "hi"}

@@ -429,7 +429,8 @@ class Client:
             ctx = (self.tls or _default_tls()) if secure else None
             if native is not None:
                 md = node.metadata  # a node on this host: its Unix socket, TCP when that is unusable
-                path = md.get(unix.UNIX) if md.get(unix.HOST) == unix.host_id() else None
+                # (never for a TLS node: its certificate, not a file's permissions, says who answers)
+                path = md.get(unix.UNIX) if md.get(unix.HOST) == unix.host_id() and not secure else None
                 pool = NativePool(native, ssl=ctx, max_message_size=self.max_message_size, unix=path)
             else:
                 pool = NodePool(node.address, ssl=ctx)

@@ -149,9 +149,7 @@ class Service:
         self._native = NativeServer(max_message_size=max_message_size, budget=self._server.budget,
                                     body_timeout=self._server.body_timeout, admit=self._server.admit,
                                     connection_limit=connection_limit) if native else None
-        # a TLS node's callers authenticate it (and it them, with mutual TLS) by certificates, which a socket
-        # file's permissions cannot stand in for: it serves TCP only
-        self._unix_socket = unix_socket and native and tls is None
+        self._unix_socket = unix_socket and native  # and no TLS: decided at start (tls may be set until then)
         self._stack: contextlib.AsyncExitStack | None = None
         self._beats: Heartbeat | None = None
         self._stopped = anyio.Event()
@@ -277,7 +275,9 @@ class Service:
             host, _, port = self._address.rpartition(":")
             await self._server.start(host or "127.0.0.1", int(port or 0), ssl=self.tls)
             if self._native is not None:
-                path = unix.listen_path(self.id) if self._unix_socket else None
+                # a TLS node's callers authenticate it (and it them, with mutual TLS) by certificates, which a
+                # socket file's permissions cannot stand in for: it serves TCP only
+                path = unix.listen_path(self.id) if self._unix_socket and self.tls is None else None
                 await self._native.start(host or "127.0.0.1", 0, ssl=self.tls, unix=path)
             stack.push_async_callback(self._stop_servers)
             self.address = f"{_advertise(self._server.host)}:{self._server.port}"
