@@ -20,11 +20,11 @@ key run as usual. A handler that needs the key itself reads :func:`current_key`.
 
 Once the handler has answered, its answer is stored even if the caller has gone away meanwhile
 (the write runs in a task of its own that the call's cancellation does not reach, for up to
-:data:`REMEMBER_TIMEOUT`; the key stays busy until then): the retry of a crashed caller finds it. What it does not do: errors are not remembered (a retry runs again); streaming
-endpoints are passed through; concurrent calls with one key in one process wait
-for the first, but two processes racing with one key before the first answer is
-stored both run (the store has no compare-and-set). Flows deliver one event at a
-time per key, which is the case this is for.
+:data:`REMEMBER_TIMEOUT`; the key stays busy until then): the retry of a crashed caller finds it.
+What it does not do: errors are not remembered (a retry runs again); streaming endpoints are passed
+through; concurrent calls with one key in one process wait for the first, but two processes racing
+with one key before the first answer is stored both run (the store has no compare-and-set). Flows
+deliver one event at a time per key, which is the case this is for.
 """
 
 from __future__ import annotations
