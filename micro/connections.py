@@ -59,7 +59,8 @@ def write_all(transport: asyncio.WriteTransport, out: list[bytes]) -> None:
 
     A transport whose ``writelines`` gathers without joining (uvloop; asyncio's from Python 3.12) gets
     the list as it is; asyncio's 3.11 ``writelines`` joins, so there the small pieces around a large one
-    are joined and the large one written on its own.
+    are joined and the large one written on its own, and nothing more once a write failed (the
+    transport is closing).
     """
     if len(out) == 1:
         transport.write(out[0])
@@ -78,7 +79,11 @@ def write_all(transport: asyncio.WriteTransport, out: list[bytes]) -> None:
         if small:
             transport.write(small[0] if len(small) == 1 else b"".join(small))
             small = []
+            if transport.is_closing():  # the write failed (the peer went): nothing more goes out
+                return
         transport.write(piece)
+        if transport.is_closing():
+            return
     if small:
         transport.write(small[0] if len(small) == 1 else b"".join(small))
 

@@ -990,6 +990,16 @@ class _Recorder(asyncio.WriteTransport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.writes.append(data)  # type: ignore[arg-type]
 
+    def is_closing(self) -> bool:
+        return False
+
+
+class _Failing(_Recorder):
+    """One whose first write fails: the transport closes (as asyncio's does on EPIPE)."""
+
+    def is_closing(self) -> bool:
+        return bool(self.writes)
+
 
 class _Gatherer(_Recorder):
     """One whose ``writelines`` hands the pieces over without joining (uvloop, asyncio 3.12+)."""
@@ -1012,6 +1022,9 @@ def test_a_large_payload_is_written_as_it_is_not_copied_into_a_join() -> None:
     g = _Gatherer()
     write_all(g, [*small, big])
     assert g.writes == [] and g.gathered[-1] is big
+    failing = _Failing()
+    write_all(failing, [*small, big, b"tail", big])
+    assert failing.writes == [b"".join(small)]  # nothing written after the transport failed
 
 
 async def test_a_large_reply_arrives_whole(node: Node) -> None:
