@@ -9,6 +9,8 @@ is not is refused.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -22,7 +24,7 @@ import pytest
 
 import micro
 from micro.client.native import NativePool
-from micro.errors import BadRequest, Timeout
+from micro.errors import BadRequest, Timeout, Unavailable
 from micro.registry import Node
 from micro.registry.memory import MemoryRegistry
 from micro.wire import unix
@@ -190,7 +192,7 @@ async def test_a_stale_socket_file_is_swept_at_start_and_a_node_s_stale_path_fal
                 assert await away.client.call("wire", "Svc.Echo", {"text": "t"}) == {"text": "t", "n": 0}
             pool = away.client.channel(node)
             assert isinstance(pool, NativePool)
-            assert pool.unix is None and _family(pool) == socket.AF_INET  # TCP from now on
+            assert pool.unix_fallbacks == 1 and _family(pool) == socket.AF_INET  # TCP, for a while
             assert f"the Unix socket {path} is unusable" in caplog.text
 
 
@@ -216,7 +218,7 @@ async def test_an_unusable_path_falls_back_to_tcp(sockets: Path, how: str) -> No
             assert isinstance(pool, NativePool)
             assert pool.unix == (None if how == "another host" else md[unix.UNIX])
             assert await pool.unary("/wire.Svc/Echo", b'{"text":"x"}') == b'{"text":"x","n":0}'
-            assert pool.unix is None and _family(pool) == socket.AF_INET
+            assert pool.unix_fallbacks == (0 if how == "another host" else 1) and _family(pool) == socket.AF_INET
 
 
 async def test_a_socket_directory_others_may_enter_is_refused(
@@ -270,3 +272,128 @@ def _connect_as(uid: int, path: str) -> str:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     return {0: "connected", 1: "refused"}.get(os.waitstatus_to_exitcode(status), "failed")
+
+
+@pytest.mark.parametrize("how", ["backlog full", "closed before the handshake", "another user listens"])
+async def test_a_socket_that_fails_before_the_handshake_falls_back_to_tcp_and_is_tried_again_later(
+        sockets: Path, how: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full accept backlog (asyncio gets an unconnected socket), a listener that closes at once, or one
+    of another user (SO_PEERCRED): that attempt uses TCP (counted, said once at INFO) and the socket is
+    tried again after unix.RETRY seconds, not never."""
+    os.mkdir(sockets, 0o700)
+    path = str(sockets / "0123456789ab.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    fill: list[socket.socket] = []
+    accepted = 0
+    server: asyncio.AbstractServer | None = None
+    if how == "backlog full":  # a node that does not accept: its backlog fills
+        listener.listen(0)
+        for _ in range(3):
+            s = socket.socket(socket.AF_UNIX)
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(path)
+            fill.append(s)
+    else:
+        def shut(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            nonlocal accepted
+            accepted += 1
+            w.close()
+
+        listener.listen()
+        server = await asyncio.start_unix_server(shut, sock=listener)
+    if how == "another user listens":  # SO_PEERCRED names another uid: the listener is not ours
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.connect(path)
+            assert unix.peer_uid(probe) == os.geteuid()  # what the kernel says of a real peer
+        monkeypatch.setattr(unix, "peer_uid", lambda sock: os.geteuid() + 1)
+    registry = MemoryRegistry()
+    try:
+        async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as home, \
+                micro.Runtime(registry=registry, store="memory://", broker="memory://", transport="native") as away:
+            service = micro.Service("wire", runtime=home, unix_socket=False)
+            service.handle(Svc())
+            async with service:
+                node = service.record.nodes[0]
+                md = {**node.metadata, unix.UNIX: path, unix.HOST: unix.host_id()}
+                pool = away.client.channel(Node(id=node.id, address=node.address, metadata=md))
+                assert isinstance(pool, NativePool) and pool.unix == path
+                with caplog.at_level(logging.DEBUG, logger="micro.wire"):
+                    with anyio.fail_after(10):
+                        assert await pool.unary("/wire.Svc/Echo", b'{"text":"x"}') == b'{"text":"x","n":0}'
+                    assert pool.unix_fallbacks == 1 and _family(pool) == socket.AF_INET
+                    (conn,) = pool._conns
+                    conn.close(Unavailable("the test drops it"))
+                    with anyio.fail_after(10):  # within unix.RETRY: straight to TCP
+                        assert await pool.unary("/wire.Svc/Echo", b'{"text":"y"}') == b'{"text":"y","n":0}'
+                    assert pool.unix_fallbacks == 1
+                    monkeypatch.setattr(unix, "RETRY", 0.0)
+                    (conn,) = pool._conns
+                    conn.close(Unavailable("the test drops it"))
+                    with anyio.fail_after(10):  # past unix.RETRY: the socket is tried again
+                        assert await pool.unary("/wire.Svc/Echo", b'{"text":"z"}') == b'{"text":"z","n":0}'
+                    assert pool.unix_fallbacks == 2 and _family(pool) == socket.AF_INET
+                said = [r for r in caplog.records if f"the Unix socket {path} is unusable" in r.getMessage()]
+                assert [r.levelno for r in said] == [logging.INFO, logging.DEBUG]  # said once, then quietly
+                if how != "backlog full":
+                    # a connection each time the socket was tried (and the probe's)
+                    assert accepted == 2 + (how == "another user listens")
+    finally:
+        if server is not None:
+            server.close()
+        for s in fill:
+            s.close()
+        listener.close()
+
+
+def test_the_sweep_leaves_other_programs_sockets_and_a_node_s_socket_listens_at_its_name(sockets: Path) -> None:
+    """Only names a node gives its socket are swept (a shared MICRO_SOCKET_DIR may hold other programs'
+    sockets), and a node's socket is bound under a temporary name and renamed once it listens: a node
+    starting beside it never finds it refusing connections."""
+    os.mkdir(sockets, 0o700)
+    foreign = socket.socket(socket.AF_UNIX)
+    foreign.bind(str(sockets / "docker.sock"))  # another program's, not listening yet
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(sockets / "abcdef012345.sock"))  # a node's, dead
+    dead.close()
+    try:
+        path = unix.listen_path("wire-0123456789ab")
+        assert path == str(sockets / "0123456789ab.sock")
+        assert sorted(os.listdir(sockets)) == ["docker.sock"]  # the dead node's socket is gone, the other kept
+        sock = unix.bind(path)
+        try:
+            assert sorted(os.listdir(sockets)) == ["0123456789ab.sock", "docker.sock"]  # no temporary left
+            assert not unix.stale(path)  # it listens at its name
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        finally:
+            sock.close()
+    finally:
+        foreign.close()
+
+
+def test_a_relative_socket_directory_is_advertised_absolute(
+        sockets: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(sockets.parent)
+    monkeypatch.setenv("MICRO_SOCKET_DIR", sockets.name)
+    path = unix.listen_path("wire-0123456789ab")
+    assert path == str(sockets / "0123456789ab.sock") and os.path.isabs(path)
+    assert unix.ours(path) and not unix.ours("/tmp/elsewhere/0123456789ab.sock")
+
+
+async def test_a_path_outside_the_client_s_socket_directory_is_not_used(sockets: Path, tmp_path: Path) -> None:
+    registry = MemoryRegistry()
+    async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as home, \
+            micro.Runtime(registry=registry, store="memory://", broker="memory://", transport="native") as away:
+        service = micro.Service("wire", runtime=home)
+        service.handle(Svc())
+        async with service:
+            node = service.record.nodes[0]
+            real = node.metadata[unix.UNIX]
+            link = str(sockets / "0123456789ab.sock")
+            os.symlink(tmp_path / "elsewhere.sock", link)  # in the directory, but leading out of it
+            for port, named in enumerate((link, str(tmp_path / "elsewhere.sock"), "/run/docker.sock"), 1):
+                md = {**node.metadata, unix.UNIX: named, "native": f"127.0.0.1:{port}"}  # a pool of its own
+                pool = away.client.channel(Node(id=node.id, address=node.address, metadata=md))
+                assert isinstance(pool, NativePool) and pool.unix is None, named
+            assert isinstance(pool := away.client.channel(node), NativePool) and pool.unix == real

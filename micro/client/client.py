@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import re
 import ssl
@@ -65,6 +66,8 @@ if TYPE_CHECKING:
     from micro.service.endpoints import Endpoint
 
 _decode_any = msgspec.json.Decoder().decode
+
+log = logging.getLogger("micro.client")
 
 
 class Client:
@@ -430,7 +433,12 @@ class Client:
             if native is not None:
                 md = node.metadata  # a node on this host: its Unix socket, TCP when that is unusable
                 # (never for a TLS node: its certificate, not a file's permissions, says who answers)
+                # and only a path in this process's own socket directory, not wherever a record points
                 path = md.get(unix.UNIX) if md.get(unix.HOST) == unix.host_id() and not secure else None
+                if path is not None and not unix.ours(path):
+                    log.info("native wire: node %s's Unix socket %s is not in this process's socket directory "
+                             "%s (MICRO_SOCKET_DIR): TCP", node.id, path, unix.socket_dir())
+                    path = None
                 pool = NativePool(native, ssl=ctx, max_message_size=self.max_message_size, unix=path)
             else:
                 pool = NodePool(node.address, ssl=ctx)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import ssl as _ssl
 from collections import deque
 from collections.abc import AsyncGenerator, Mapping
@@ -30,6 +31,7 @@ from micro.connections import write_all
 from micro.deadlines import Watchdog
 from micro.errors import Error, ResourceExhausted, Status, Timeout, Unavailable
 from micro.wire import frames as f
+from micro.wire import unix
 from micro.wire.server import DRAINING
 
 from .pool import NodeUnreachable, Places
@@ -269,6 +271,10 @@ class NativePool:
         self.address = address
         self.unix = unix
         """The node's Unix socket, used instead of TCP while it works (``None``: TCP; see :mod:`micro.wire.unix`)."""
+        self.unix_fallbacks = 0
+        """Connections opened over TCP because the Unix socket failed (it is tried again after ``unix.RETRY`` s)."""
+        self._unix_failed_at = -float("inf")
+        self._unix_said = False  # the failure was logged (once, until the socket works again)
         self.host = host.strip("[]")
         self.port = int(port)
         self.max_streams = max_streams
@@ -318,7 +324,9 @@ class NativePool:
     async def _open(self) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
-            conn = await self._open_unix(loop) if self.unix is not None else None
+            conn = None
+            if self.unix is not None and loop.time() >= self._unix_failed_at + unix.RETRY:
+                conn = await self._open_unix(loop)
             if conn is None:
                 try:
                     _, conn = await loop.create_connection(
@@ -328,7 +336,7 @@ class NativePool:
                 except (OSError, _ssl.SSLError) as exc:
                     raise NodeUnreachable(f"node {self.address} is unreachable on the native wire "
                                           f"({exc or type(exc).__name__})") from None
-            await conn.ready
+                await conn.ready
             self._conns.append(conn)
             self._arm_keepalive()
             return conn
@@ -336,16 +344,31 @@ class NativePool:
             self._connecting = None
 
     async def _open_unix(self, loop: asyncio.AbstractEventLoop) -> _Connection | None:
-        """A connection on the node's Unix socket, or ``None`` (and TCP from now on) when it is unusable:
-        gone, stale, not ours to open, or in another mount namespace that shares this host's kernel."""
+        """A connection on the node's Unix socket, greeted; or ``None`` (TCP for :data:`unix.RETRY` seconds)
+        when the socket is unusable (gone, stale, not ours to open, another mount namespace sharing this
+        host's kernel, a listener of another user) or the connection fails before the handshake (a full
+        accept backlog hands asyncio an unconnected socket)."""
         assert self.unix is not None
+        transport: asyncio.BaseTransport | None = None
         try:
-            _, conn = await loop.create_unix_connection(lambda: _Connection(self), self.unix)
-        except OSError as exc:
-            log.debug("native wire: %s: the Unix socket %s is unusable (%s): TCP from now on",
-                      self.address, self.unix, exc)
-            self.unix = None
+            transport, conn = await loop.create_unix_connection(lambda: _Connection(self), self.unix)
+            uid = unix.peer_uid(transport.get_extra_info("socket"))
+            if uid is not None and uid != os.geteuid():
+                raise PermissionError(f"its listener runs as uid {uid}, not as this user (uid {os.geteuid()})")
+            await conn.ready
+        except (OSError, NodeUnreachable) as exc:
+            if transport is not None:
+                transport.close()
+            self.unix_fallbacks += 1
+            self._unix_failed_at = loop.time()
+            level = logging.DEBUG if self._unix_said else logging.INFO
+            self._unix_said = True
+            log.log(level, "native wire: %s: the Unix socket %s is unusable (%s): TCP, trying the socket again "
+                    "in %g s", self.address, self.unix, exc, unix.RETRY)
             return None
+        if self._unix_said:
+            log.info("native wire: %s: the Unix socket %s works again", self.address, self.unix)
+            self._unix_said = False
         return conn
 
     def forget(self, conn: _Connection) -> None:

@@ -36,6 +36,7 @@ from micro.resource import aclose
 from micro.tasks import BackgroundTasks
 
 from . import frames as f
+from .unix import bind as bind_socket
 from .unix import remove as remove_socket
 
 if TYPE_CHECKING:
@@ -531,9 +532,13 @@ class NativeServer:
 
     async def _listen_unix(self, loop: asyncio.AbstractEventLoop, path: str) -> None:
         try:
-            server = await loop.create_unix_server(lambda: _Connection(self), path, backlog=4096)
+            sock = bind_socket(path)  # listening before it is at its name: see micro.wire.unix.bind
             try:
-                os.chmod(path, 0o600)  # the directory is private already; the socket too
+                server = await loop.create_unix_server(lambda: _Connection(self), sock=sock, backlog=4096)
+            except BaseException:
+                sock.close()
+                raise
+            try:
                 inode = os.lstat(path).st_ino
             except OSError:
                 server.close()

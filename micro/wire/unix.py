@@ -5,7 +5,7 @@ both in its registry record: ``native`` (``host:port``), ``native_unix`` (the
 socket's path) and ``host`` (:func:`host_id`, this host's identity). A client whose
 own host id is the node's connects to the path; when the path is unusable (gone,
 a stale file nobody listens on, not ours to open, another mount namespace) it
-falls back to the TCP address, for good, for that node. Both carry the same
+falls back to the TCP address for that node (see below). Both carry the same
 frames with the same semantics (``docs/wire.md``).
 
 No TLS on the socket: its bytes never leave the kernel, and who may connect is
@@ -14,6 +14,16 @@ decided by the file system. The sockets live in one directory per user
 directory), created 0700 and refused when it is not (another user could plant
 or reach sockets there); each socket is 0600. So only the node's own user
 reaches it this way; everyone else uses TCP, with TLS when the node has it.
+
+The directory is micro's: a node binds its socket under a temporary name, listens,
+then renames it into place (so a socket at a node's name always listens), and removes
+at start the sockets other nodes left behind when they died, recognised by their
+names (a node id's twelve hex digits and ``.sock``; nothing else there is touched).
+A client takes only paths in its own socket directory (a registry record naming
+another place is ignored) and, where the system tells (``SO_PEERCRED``, Linux), only
+a socket whose listening process runs as its own user; when the socket is unusable,
+or the connection fails before the wire's handshake, it uses TCP for that attempt
+and tries the socket again after :data:`RETRY` seconds (said once in the log).
 """
 
 from __future__ import annotations
@@ -22,8 +32,10 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import socket
 import stat
+import struct
 import tempfile
 from functools import cache
 from pathlib import Path
@@ -35,8 +47,12 @@ UNIX = "native_unix"
 HOST = "host"
 """The node metadata key of the node's host id (:func:`host_id`)."""
 
+RETRY = 30.0
+"""Seconds a client uses TCP after a node's Unix socket failed, before it tries the socket again."""
+
 MAX_PATH = 107  # sun_path is 108 bytes on Linux, with its NUL (104 on the BSDs and macOS: the bind fails there)
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+_NODE_SOCKET = re.compile(r"[0-9a-f]{12}\.sock")  # what listen_path names a node's socket
 
 
 @cache
@@ -52,11 +68,60 @@ def host_id() -> str:
 
 
 def socket_dir() -> Path:
-    """Where this user's nodes put their sockets: ``$MICRO_SOCKET_DIR``, else ``{tmp}/micro-{uid}``."""
+    """Where this user's nodes put their sockets: ``$MICRO_SOCKET_DIR`` (made absolute: the path is
+    advertised to other processes), else ``{tmp}/micro-{uid}``. The directory is micro's alone."""
     configured = os.environ.get("MICRO_SOCKET_DIR")
     if configured:
-        return Path(configured)
+        return Path(configured).absolute()
     return Path(tempfile.gettempdir()) / f"micro-{os.geteuid()}"
+
+
+def ours(path: str) -> bool:
+    """Whether ``path`` is a socket in this process's :func:`socket_dir` (symbolic links resolved): a client
+    connects to no other path a registry record may name."""
+    try:
+        return Path(path).resolve().parent == socket_dir().resolve()
+    except (OSError, RuntimeError, ValueError):  # RuntimeError: a symbolic link loop; ValueError: a NUL
+        return False
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The user id of the process at the other end of a connected Unix socket, or ``None`` where the system
+    does not say (``SO_PEERCRED`` is Linux's; elsewhere the directory's 0700 mode is the only check)."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return None
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
+    except (OSError, AttributeError):  # AttributeError: a transport's socket stand-in without getsockopt
+        return None
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def bind(path: str) -> socket.socket:
+    """A listening Unix socket at ``path`` (mode 0600), bound under a temporary name and renamed into place
+    once it listens, so that no one ever finds a socket at a node's name that refuses connections (the
+    stale-socket sweep of a node starting beside it would remove it)."""
+    where, name = os.path.split(path)
+    temporary = os.path.join(where, f".{name.removesuffix('.sock')}.tmp")  # as long as the path itself
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)  # left by a node of this id that died between bind and rename
+        sock.bind(temporary)
+        try:
+            os.chmod(temporary, 0o600)  # the directory is private already; the socket too
+            sock.listen(4096)
+            os.rename(temporary, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def listen_path(node_id: str) -> str | None:
@@ -89,12 +154,13 @@ _swept: set[Path] = set()
 
 def _sweep_once(where: Path) -> None:
     """Remove the sockets left in ``where`` by nodes that died without removing theirs (nobody listens:
-    a connect is refused), once per process and directory."""
+    a connect is refused), once per process and directory. Only names a node gives its socket are
+    looked at: another program's socket in a shared directory is left alone."""
     if where in _swept:
         return
     _swept.add(where)
     for entry in where.glob("*.sock"):
-        if stale(str(entry)):
+        if _NODE_SOCKET.fullmatch(entry.name) and stale(str(entry)):
             with contextlib.suppress(OSError):
                 entry.unlink()
 
