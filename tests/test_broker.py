@@ -7,6 +7,8 @@ else is coming) with ``anyio.fail_after`` bounds.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import os
 import signal
@@ -319,10 +321,14 @@ def test_a_stamped_id_is_whole_while_another_thread_switches_blocks() -> None:
     assert sorted(int(s[16:], 16) for s in stamped) == [255, 256, 257]
 
 
+@pytest.mark.parametrize("plain", [True, False], ids=["plain-callback", "catching-coroutine"])
 async def test_nats_handler_error_is_logged_and_delivery_goes_on(
-        nats_url: str, caplog: pytest.LogCaptureFixture) -> None:
+        nats_url: str, caplog: pytest.LogCaptureFixture, plain: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """A core NATS handler that raises is logged with its topic and message id (not as a connection
-    error) and the subscription goes on."""
+    error) and the subscription goes on; the same when nats-py does not run callbacks as the plain
+    callback needs (a coroutine of micro's catches the error then)."""
+    assert micro.broker.nats._PLAIN_CALLBACKS, "this nats-py does not run callbacks as the plain callback needs"
+    monkeypatch.setattr(micro.broker.nats, "_PLAIN_CALLBACKS", plain)
     t = topic("err")
     async with NatsBroker(nats_url) as broker:
         inbox = Inbox(fail_on=b"boom")
@@ -468,6 +474,34 @@ async def test_nats_handler_errors_and_unsubscribe_on_a_fresh_client(
             await broker.publish(t, b"barrier")
             await failed.wait_data(b"barrier")
         assert stopped.data == [b"warm", b"now"]
+
+
+def test_nats_callbacks_are_plain_only_where_nats_py_passes_their_errors_back() -> None:
+    """The import-time check behind the plain subscription callback: this nats-py passes it; one that
+    reports a callback's error from another task, or no longer takes a callable's ``func``, does not."""
+    from nats.aio.subscription import Subscription as CoreSubscription
+
+    check = micro.broker.nats._passes_callback_errors
+    assert check(CoreSubscription)
+
+    class ErrorsElsewhere(CoreSubscription):
+        async def _wait_for_msgs(self, error_cb):  # type: ignore[no-untyped-def]
+            while True:
+                msg = await self._pending_queue.get()
+                try:
+                    await self._cb(msg)
+                except asyncio.CancelledError:
+                    break
+                except Exception as e:
+                    asyncio.get_running_loop().create_task(error_cb(e))
+
+    class NoFunc(CoreSubscription):
+        def _start(self, error_cb):  # type: ignore[no-untyped-def]
+            if not inspect.iscoroutinefunction(self._cb):
+                raise ValueError("a coroutine function")
+            self._wait_for_msgs_task = asyncio.get_running_loop().create_task(self._wait_for_msgs(error_cb))
+
+    assert not check(ErrorsElsewhere) and not check(NoFunc)
 
 
 async def test_nats_publish_over_the_servers_limit_is_a_broker_error(nats_url: str) -> None:

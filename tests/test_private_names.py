@@ -35,6 +35,8 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("broker/nats.py", "_max_pending_size"): "nats-py's bound of that buffer: a full one waits for the socket",
     ("broker/nats.py", "_flush_queue"): "nats-py's flusher kick, taken as Client.publish takes it (see _DIRECT)",
     ("broker/nats.py", "_flush_pending"): "nats-py's flusher kick, awaited as Client.publish awaits it",
+    ("broker/nats.py", "_start"): "nats-py's Subscription._start, whose source _PLAIN_CALLBACKS reads at import",
+    ("broker/nats.py", "_wait_for_msgs"): "nats-py's subscription task, whose source _PLAIN_CALLBACKS reads at import",
 }
 """(module, private attribute) -> why it is touched."""
 

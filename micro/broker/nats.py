@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, ClassVar, Self
@@ -123,6 +124,15 @@ class NatsSubscription(Subscription):
             sub._message = message
             return handler(message)
 
+        if not _PLAIN_CALLBACKS:  # this nats-py may not pass a handler's error back here: catch it here
+            async def catching(msg: Msg) -> None:
+                try:
+                    await deliver(msg)
+                except Exception as e:
+                    sub._log_failure(e)
+
+            return catching
+
         async def as_coroutine(msg: Msg) -> None:
             await deliver(msg)
 
@@ -135,9 +145,12 @@ class NatsSubscription(Subscription):
         while handling it (anything else reaching the error callback there is not ours)."""
         if asyncio.current_task() is not self._task or sys.exc_info()[1] is not error:
             return False
+        self._log_failure(error)
+        return True
+
+    def _log_failure(self, error: Exception) -> None:
         message_id = self._message.id if self._message is not None else "?"
         log.error("handler for %r failed on message %s", self.topic, message_id, exc_info=error)
-        return True
 
     async def unsubscribe(self) -> None:
         """Stop delivery and let the message in hand finish (up to ``drain_timeout``). Idempotent."""
@@ -441,3 +454,29 @@ _DIRECT = _has_pub_internals()
 (``_status``, ``_max_payload``), its pending buffer (``_pending``, ``_pending_data_size``,
 ``_max_pending_size``, ``stats``), the kick of its flusher (``_flush_queue``, ``_flush_pending``)
 and the same PUB bytes. Without them every publish goes through ``Client.publish``."""
+
+
+def _passes_callback_errors(subscription: type[CoreSubscription]) -> bool:
+    """Whether nats-py's ``subscription`` runs a callback as :class:`NatsSubscription` relies on
+    (see :data:`_PLAIN_CALLBACKS`), read from its source (no task, no connection at import)."""
+    try:
+        start = inspect.getsource(subscription._start)
+        wait = inspect.getsource(subscription._wait_for_msgs)
+    except (AttributeError, OSError, TypeError):
+        return False
+    return (re.search(r'hasattr\(self\._cb, "func"\) and inspect\.iscoroutinefunction\(self\._cb\.func\)', start)
+            is not None
+            and re.search(r"create_task\(self\._wait_for_msgs\(error_cb\)\)", start) is not None
+            and re.search(r"await self\._cb\(msg\)\s*\n(?:\s*#.*\n)*\s*except asyncio\.CancelledError:", wait)
+            is not None
+            and re.search(r"except Exception as (\w+):\s*\n(?:\s*#.*\n)*\s*if error_cb:\s*\n\s*await error_cb\(\1\)",
+                          wait) is not None)
+
+
+_PLAIN_CALLBACKS = _passes_callback_errors(CoreSubscription)
+"""Whether this nats-py runs a subscription's callback the way :meth:`NatsSubscription._callback`'s
+plain function needs (nats-py 2.x): it takes a callable whose ``func`` is a coroutine function,
+runs it in a task made in ``subscribe`` (so the task's context is a copy of the one
+:func:`~micro.nats_connection.callback_errors` set), and awaits the error callback inside the
+``except`` block around the callback, in that task. Without that, each message goes through a
+coroutine of micro's that catches and logs the handler's exception itself."""
