@@ -84,7 +84,8 @@ class NatsSubscription(Subscription):
     await, so no coroutine of micro's sits between nats-py's loop and the handler. A
     handler that raises reaches nats-py's error callback, which the connection passes to
     :meth:`_failed` (see :func:`micro.nats_connection.callback_errors`): it is logged and
-    the subscription goes on.
+    the subscription goes on. A nats-py that does not run callbacks that way (see
+    :data:`_PLAIN_CALLBACKS`) gets a coroutine that awaits the handler and logs its error.
     """
 
     def __init__(self, broker: NatsBroker, topic: str, handler: MessageHandler, queue: str | None) -> None:
