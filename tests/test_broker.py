@@ -424,6 +424,27 @@ async def test_nats_publish_awaited_later_is_checked_when_awaited(own_nats_serve
         await after_close
 
 
+async def test_nats_tight_publishing_loop_waits_for_the_socket_when_the_buffer_is_full(nats_url: str) -> None:
+    """Publishes that never yield otherwise (a tight loop) go out through nats-py's pending buffer: when
+    it passes its bound (``pending_size``, 2 MiB) the publish waits until it is written, as
+    ``Client.publish`` does; every message arrives."""
+    t = topic("tight")
+    chunk = b"x" * 16384
+    n = 200  # 3.2 MB: past the bound
+    async with NatsBroker(nats_url, pending_limit=n + 1) as broker:
+        inbox = Inbox()
+        await broker.subscribe(t, inbox)
+        nc = broker._nc
+        most = 0
+        for i in range(n):
+            await broker.publish(t, chunk + b"%d" % i)
+            most = max(most, nc.pending_data_size)
+        await broker.publish(t, b"barrier")
+        await inbox.wait_data(b"barrier")
+    assert most <= nc._max_pending_size
+    assert inbox.data == [chunk + b"%d" % i for i in range(n)] + [b"barrier"]
+
+
 async def test_nats_handler_errors_and_unsubscribe_on_a_fresh_client(
         own_nats_server: object, caplog: pytest.LogCaptureFixture) -> None:
     """After nats-py gave up and a fresh client took over, a handler's exception (an OSError too) is
