@@ -432,8 +432,10 @@ _CONNECTED = getattr(Client, "CONNECTED", None)
 
 def _has_pub_internals() -> bool:
     """Whether this nats-py has what :meth:`NatsBroker._send` uses (see :data:`_DIRECT`)."""
-    from nats.protocol.command import pub_cmd
-
+    try:
+        from nats.protocol.command import pub_cmd
+    except ImportError:
+        return False
     client = _CLOSED
     stats = getattr(client, "stats", None)
     flush = getattr(Client, "_flush_pending", None)
