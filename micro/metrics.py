@@ -246,10 +246,17 @@ class _Rpc:
     """One (service, endpoint, path): calls by code, a histogram of seconds, calls in flight.
 
     Every call pays for what is kept here, so an OK call (the common case) only appends its
-    seconds to ``pending``; they are folded into the counts, the buckets and the sum every
-    :data:`FOLD_AT` calls on the thread that records, and read with them when Prometheus
-    scrapes (:meth:`read`, from any thread: a lock makes the fold and the read whole).
-    ``Endpoint.handle`` inlines :meth:`done`'s OK branch (a method call is a fair part of the cost).
+    seconds to ``pending`` (one ``list.append``: whole under the GIL, from any thread); they
+    are folded into the counts, the buckets and the sum every :data:`FOLD_AT` calls on the
+    thread that records, and read with them when Prometheus scrapes (:meth:`read`, from any
+    thread). ``pending`` stays one list for the child's life: a fold takes the seconds it
+    counts off its front under the lock and counts ``ok``, the buckets and the sum from that
+    one snapshot, so an append from another thread (a second event loop on the same child)
+    is never lost and a scrape never sees the buckets behind ``ok`` or the sum. The other
+    calls are counted under the lock too. ``in_flight`` is exact while one event loop
+    records on the child; loops in several threads sharing a child may miscount it (a gauge,
+    kept without a lock on the hot path). ``Endpoint.handle`` inlines :meth:`done`'s OK
+    branch (a method call is a fair part of the cost) and reads :data:`FOLD_AT` from here.
     """
 
     __slots__ = ("buckets", "codes", "in_flight", "lock", "ok", "pending", "total")
@@ -260,7 +267,7 @@ class _Rpc:
         self.codes: dict[str, int] = {}  # the other calls, by status
         self.buckets = [0] * (len(_BUCKETS) + 1)  # the last one: above every bound (+Inf)
         self.total = 0.0
-        self.pending: list[float] = []  # the seconds of OK calls not folded yet
+        self.pending: list[float] = []  # the seconds of OK calls not folded yet (never replaced)
         self.lock = threading.Lock()
 
     def done(self, code: str, elapsed: float) -> None:
@@ -272,31 +279,39 @@ class _Rpc:
             if len(pending) >= FOLD_AT:
                 self.fold()
             return
-        self.codes[code] = self.codes.get(code, 0) + 1
-        self.total += elapsed
-        self.buckets[_bisect(_BUCKETS, elapsed)] += 1
+        with self.lock:
+            self.codes[code] = self.codes.get(code, 0) + 1
+            self.total += elapsed
+            self.buckets[_bisect(_BUCKETS, elapsed)] += 1
 
     def fold(self) -> None:
         """Count the pending OK calls in ``ok``, the buckets and the sum."""
         with self.lock:
-            pending, self.pending = self.pending, []
+            pending = self.pending
+            taken = pending[:]
+            del pending[:len(taken)]  # what another thread appended meanwhile stays for the next fold
             buckets, first, bounds = self.buckets, _FIRST, _BUCKETS
-            for elapsed in pending:  # most in-process calls take less than the first bound
+            for elapsed in taken:  # most in-process calls take less than the first bound
                 buckets[0 if elapsed <= first else _bisect(bounds, elapsed)] += 1
-            self.total += sum(pending)
-            self.ok += len(pending)
+            self.total += sum(taken)
+            self.ok += len(taken)
 
     def read(self) -> tuple[dict[str, int], list[int], float, int]:
         """Calls by status code, the buckets, the sum of seconds and the calls in flight, as of now."""
         with self.lock:
             codes, buckets, total = dict(self.codes), list(self.buckets), self.total
-            ok, pending, in_flight = self.ok, list(self.pending), self.in_flight
+            ok, pending, in_flight = self.ok, self.pending[:], self.in_flight
         for elapsed in pending:
             buckets[_bisect(_BUCKETS, elapsed)] += 1
         ok += len(pending)
         if ok:
             codes["OK"] = ok
         return codes, buckets, total + sum(pending), in_flight
+
+    def calls(self) -> int:
+        """Every call that ended so far (each counted once, also while a fold runs on another thread)."""
+        with self.lock:
+            return self.ok + len(self.pending) + sum(self.codes.values())
 
 
 class _Collector:
@@ -324,7 +339,7 @@ def calls_served() -> dict[str, int]:
         return {}
     out: dict[str, int] = {}
     for (service, _, _), rpc in list(m.server.children.items()):
-        out[service] = out.get(service, 0) + rpc.ok + len(rpc.pending) + sum(rpc.codes.values())
+        out[service] = out.get(service, 0) + rpc.calls()
     return out
 
 

@@ -7,6 +7,8 @@ else is coming) with ``anyio.fail_after`` bounds.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import os
 import signal
@@ -293,10 +295,40 @@ def test_stamped_message_ids_are_unique_across_blocks_and_a_reseed() -> None:
     assert len(after) == 32 and after[:16] != ids[0][:16] and after not in ids
 
 
+def test_a_stamped_id_is_whole_while_another_thread_switches_blocks() -> None:
+    """An id stamped while another thread (two event loops, two threads) is in the middle of the
+    switch to the next block of 256 is still its own counter's: the switch stores the block and its
+    digits in one step, so no reader sees the new block with the old digits (a duplicate id)."""
+    import itertools
+
+    stamped: list[bytes] = []
+
+    class Interleaved(message_ids._Ids):
+        armed = False
+
+        def __setattr__(self, name: str, value: object) -> None:
+            super().__setattr__(name, value)
+            if name != "armed" and self.armed:  # the other thread stamps right after a store of the switch
+                self.armed = False
+                stamped.append(self.stamp(b"", b""))
+
+    ids = Interleaved()
+    ids.counter = itertools.count(255)  # the next stamp ends block 0, the one after starts block 1
+    stamped.append(ids.stamp(b"", b""))
+    ids.armed = True
+    stamped.append(ids.stamp(b"", b""))
+    assert all(s[:16] == ids.prefix_bytes for s in stamped)
+    assert sorted(int(s[16:], 16) for s in stamped) == [255, 256, 257]
+
+
+@pytest.mark.parametrize("plain", [True, False], ids=["plain-callback", "catching-coroutine"])
 async def test_nats_handler_error_is_logged_and_delivery_goes_on(
-        nats_url: str, caplog: pytest.LogCaptureFixture) -> None:
+        nats_url: str, caplog: pytest.LogCaptureFixture, plain: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """A core NATS handler that raises is logged with its topic and message id (not as a connection
-    error) and the subscription goes on."""
+    error) and the subscription goes on; the same when nats-py does not run callbacks as the plain
+    callback needs (a coroutine of micro's catches the error then)."""
+    assert micro.broker.nats._PLAIN_CALLBACKS, "this nats-py does not run callbacks as the plain callback needs"
+    monkeypatch.setattr(micro.broker.nats, "_PLAIN_CALLBACKS", plain)
     t = topic("err")
     async with NatsBroker(nats_url) as broker:
         inbox = Inbox(fail_on=b"boom")
@@ -311,6 +343,186 @@ async def test_nats_handler_error_is_logged_and_delivery_goes_on(
     assert record.name == "micro.broker.nats"
     assert record.getMessage() == f"handler for {t!r} failed on message {failed.id}"
     assert record.exc_info is not None and "kit: handler failure on purpose" in str(record.exc_info[1])
+
+
+class ConnectionEvents:
+    """A listener on a broker's NATS connection: what it went through, for a test to wait on."""
+
+    def __init__(self) -> None:
+        self.disconnected = anyio.Event()
+        self.closed = anyio.Event()
+        self.new_client = anyio.Event()
+
+    async def on_disconnected(self) -> None:
+        self.disconnected.set()
+
+    async def on_reconnected(self) -> None:
+        pass
+
+    async def on_closed(self) -> None:
+        self.closed.set()
+
+    async def on_new_client(self) -> None:
+        self.new_client.set()
+
+
+async def replace_client(server: object, broker: NatsBroker, between: Callable[[], object] | None = None) -> None:
+    """Stop the server until nats-py gives up (``max_reconnect``) and start it again; return when the
+    broker runs on the fresh client. ``between()`` runs while the broker is disconnected."""
+    events = ConnectionEvents()
+    assert broker._conn is not None
+    broker._conn.listeners.add(events)
+    try:
+        await anyio.to_thread.run_sync(server.stop)  # type: ignore[attr-defined]
+        with anyio.fail_after(15):
+            await events.disconnected.wait()
+        if between is not None:
+            await between()  # type: ignore[misc]
+        with anyio.fail_after(15):
+            await events.closed.wait()  # nats-py gave up: micro starts over with a fresh client
+        await anyio.to_thread.run_sync(server.start)  # type: ignore[attr-defined]
+        with anyio.fail_after(15):
+            await events.new_client.wait()
+            await broker._connected.wait()  # the broker has resubscribed on it
+    finally:
+        broker._conn.listeners.discard(events)
+
+
+FRESH_CLIENT = {"max_reconnect": 1, "reconnect_wait": 0.05, "max_reconnect_wait": 0.2}
+
+
+async def test_nats_publish_awaited_later_is_checked_when_awaited(own_nats_server: object) -> None:
+    """A publish is sent when it is awaited, like on every backend: one awaited while the broker is
+    disconnected raises ``Unavailable``, one awaited on a fresh client (nats-py gave up meanwhile)
+    goes out on it, one awaited after the broker closed raises ``Unavailable``: none is reported
+    sent while left in a client that never sends it."""
+    import nats
+
+    url: str = own_nats_server.url  # type: ignore[attr-defined]
+    t = topic("later")
+    async with NatsBroker(url, **FRESH_CLIENT) as broker:  # type: ignore[arg-type]
+        later = [broker.publish(t, b"%d" % i) for i in range(3)]  # made while connected
+
+        async def while_disconnected() -> None:
+            with pytest.raises(Unavailable, match="reconnecting"):
+                await later[0]
+
+        await replace_client(own_nats_server, broker, while_disconnected)
+        raw = await nats.connect(url)
+        try:
+            sub = await raw.subscribe(t)
+            await raw.flush()
+            for coro in later[1:]:
+                await coro
+            await broker.publish(t, b"last")
+            got = [(await sub.next_msg(timeout=10)).data[len(ENVELOPE) + 32:] for _ in range(3)]
+        finally:
+            await raw.close()
+        assert got == [b"1", b"2", b"last"]
+        after_close = broker.publish(t, b"late")
+    with pytest.raises(Unavailable, match="closed"):
+        await after_close
+
+
+async def test_nats_tight_publishing_loop_waits_for_the_socket_when_the_buffer_is_full(nats_url: str) -> None:
+    """Publishes that never yield otherwise (a tight loop) go out through nats-py's pending buffer: when
+    it passes its bound (``pending_size``, 2 MiB) the publish waits until it is written, as
+    ``Client.publish`` does; every message arrives."""
+    t = topic("tight")
+    chunk = b"x" * 16384
+    n = 200  # 3.2 MB: past the bound
+    async with NatsBroker(nats_url, pending_limit=n + 1) as broker:
+        inbox = Inbox()
+        await broker.subscribe(t, inbox)
+        nc = broker._nc
+        most = 0
+        for i in range(n):
+            await broker.publish(t, chunk + b"%d" % i)
+            most = max(most, nc.pending_data_size)
+        await broker.publish(t, b"barrier")
+        await inbox.wait_data(b"barrier")
+    assert most <= nc._max_pending_size
+    assert inbox.data == [chunk + b"%d" % i for i in range(n)] + [b"barrier"]
+
+
+async def test_nats_handler_errors_and_unsubscribe_on_a_fresh_client(
+        own_nats_server: object, caplog: pytest.LogCaptureFixture) -> None:
+    """After nats-py gave up and a fresh client took over, a handler's exception (an OSError too) is
+    still the subscription's (logged with its topic, not taken for the connection's), and a handler
+    that unsubscribes its own subscription returns at once (no wait for ``drain_timeout``)."""
+    url: str = own_nats_server.url  # type: ignore[attr-defined]
+    t, stop = topic("fresh"), topic("stop")
+    failed, stopped = Inbox(), Inbox()
+    unsubscribed = anyio.Event()
+    subs: list[micro.broker.Subscription] = []
+
+    async def failing(message: Message) -> None:
+        await failed(message)
+        if message.data == b"os":
+            raise ConnectionResetError("the handler's own OSError")
+        raise ValueError(f"handler failure on purpose: {message.data!r}")
+
+    async def stopping(message: Message) -> None:
+        await stopped(message)
+        if message.data == b"now":
+            await subs[0].unsubscribe()  # from inside its own handler
+            unsubscribed.set()
+
+    async with NatsBroker(url, drain_timeout=60, **FRESH_CLIENT) as broker:  # type: ignore[arg-type]
+        await broker.subscribe(t, failing)
+        subs.append(await broker.subscribe(stop, stopping))
+        await broker.publish(t, b"warm")  # delivered on the first client (each subscription sees its task)
+        await broker.publish(stop, b"warm")
+        await failed.wait_data(b"warm")
+        await stopped.wait_data(b"warm")
+        await replace_client(own_nats_server, broker)
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG):
+            await broker.publish(t, b"after")
+            await broker.publish(t, b"os")
+            await failed.wait_data(b"os")  # its error is reported before the handler's task goes on
+            after, os_error = failed.messages[-2:]
+            assert (after.data, os_error.data) == (b"after", b"os")
+            failures = [r for r in caplog.records if r.levelno >= logging.WARNING]
+            assert [(r.name, r.getMessage()) for r in failures] == [
+                ("micro.broker.nats", f"handler for {t!r} failed on message {after.id}"),
+                ("micro.broker.nats", f"handler for {t!r} failed on message {os_error.id}"),
+            ], [r.getMessage() for r in failures]
+            await broker.publish(stop, b"now")
+            with anyio.fail_after(20):  # a bound against a hang, not a timing: drain_timeout is 60 s
+                await unsubscribed.wait()
+            await broker.publish(stop, b"gone")
+            await broker.publish(t, b"barrier")
+            await failed.wait_data(b"barrier")
+        assert stopped.data == [b"warm", b"now"]
+
+
+def test_nats_callbacks_are_plain_only_where_nats_py_passes_their_errors_back() -> None:
+    """The import-time check behind the plain subscription callback: this nats-py passes it; one that
+    reports a callback's error from another task, or no longer takes a callable's ``func``, does not."""
+    from nats.aio.subscription import Subscription as CoreSubscription
+
+    check = micro.broker.nats._passes_callback_errors
+    assert check(CoreSubscription)
+
+    class ErrorsElsewhere(CoreSubscription):
+        async def _wait_for_msgs(self, error_cb):  # type: ignore[no-untyped-def]
+            while True:
+                msg = await self._pending_queue.get()
+                try:
+                    await self._cb(msg)
+                except asyncio.CancelledError:
+                    break
+                except Exception as e:
+                    asyncio.get_running_loop().create_task(error_cb(e))
+
+    class NoFunc(CoreSubscription):
+        def _start(self, error_cb):  # type: ignore[no-untyped-def]
+            if not inspect.iscoroutinefunction(self._cb):
+                raise ValueError("a coroutine function")
+            self._wait_for_msgs_task = asyncio.get_running_loop().create_task(self._wait_for_msgs(error_cb))
+
+    assert not check(ErrorsElsewhere) and not check(NoFunc)
 
 
 async def test_nats_publish_over_the_servers_limit_is_a_broker_error(nats_url: str) -> None:

@@ -372,3 +372,26 @@ async def test_rpc_counts_stay_exact_across_folds_and_scrapes_from_another_threa
     for earlier, later in itertools.pairwise(seen):
         assert all(a <= b for a, b in zip(earlier, later, strict=True)), (earlier, later)
     assert seen[-1] == (made, made, made)
+
+
+def test_an_ok_call_recorded_from_another_thread_during_a_fold_is_counted_once() -> None:
+    """Two event loops in two threads recording on one RPC child: an OK call whose append lands
+    while the other thread folds (it took the list before the fold) is counted, once, in the calls,
+    the buckets and the sum; the other calls are counted with them."""
+    child = metrics._Rpc()
+    held = child.pending  # what the other thread's appender holds when this one folds
+    for _ in range(metrics.FOLD_AT):
+        child.in_flight += 1
+        child.done("OK", 0.001)  # the last one folds
+    assert child.ok == metrics.FOLD_AT
+    held.append(2.0)  # the other thread's call lands now
+    child.in_flight += 1
+    child.done("INTERNAL", 0.5)
+    for _ in range(2):  # read before and after the next fold
+        codes, buckets, total, in_flight = child.read()
+        assert codes == {"OK": metrics.FOLD_AT + 1, "INTERNAL": 1}
+        assert sum(buckets) == metrics.FOLD_AT + 2 and in_flight == 0
+        assert total == pytest.approx(metrics.FOLD_AT * 0.001 + 2.5)
+        assert child.calls() == metrics.FOLD_AT + 2
+        child.fold()
+    assert child.ok == metrics.FOLD_AT + 1 and child.pending == []

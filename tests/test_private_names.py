@@ -29,8 +29,14 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("server/grpc.py", "_tasks"): "grpclib's Handler keeps its request tasks privately (graceful drain)",
     ("broker/nats.py", "_status"): "nats-py's connection state, read on the publish hot path (see _DIRECT)",
     ("broker/nats.py", "_max_payload"): "nats-py's server size limit, read on the publish hot path (see _DIRECT)",
-    ("broker/nats.py", "_send_publish"): "nats-py's PUB writer: publish without Client.publish's second set of "
-                                         "checks and coroutine (guarded by _DIRECT)",
+    ("broker/nats.py", "_pending"): "nats-py's pending buffer: the hot path appends its PUB there when the "
+                                    "state check passes, with nothing awaited between (guarded by _DIRECT)",
+    ("broker/nats.py", "_pending_data_size"): "nats-py's pending buffer's size, kept with the append (see _DIRECT)",
+    ("broker/nats.py", "_max_pending_size"): "nats-py's bound of that buffer: a full one waits for the socket",
+    ("broker/nats.py", "_flush_queue"): "nats-py's flusher kick, taken as Client.publish takes it (see _DIRECT)",
+    ("broker/nats.py", "_flush_pending"): "nats-py's flusher kick, awaited as Client.publish awaits it",
+    ("broker/nats.py", "_start"): "nats-py's Subscription._start, whose source _PLAIN_CALLBACKS reads at import",
+    ("broker/nats.py", "_wait_for_msgs"): "nats-py's subscription task, whose source _PLAIN_CALLBACKS reads at import",
 }
 """(module, private attribute) -> why it is touched."""
 

@@ -210,7 +210,9 @@ class Broker(Resource, abc.ABC):
         """Send ``data`` (already encoded; ``topic`` already valid) to ``topic``.
 
         :meth:`publish` returns what this returns for the caller to await: an ``async def``,
-        or a plain function returning an awaitable (core NATS: nats-py's own coroutine).
+        or a plain function returning one. The send, with its check of the backend's state (connected,
+        not closed), happens when that is awaited, in one step: a publish awaited later (``gather``,
+        ``create_task``) is checked then, never sent through a connection that was gone meanwhile.
         """
 
     @abc.abstractmethod
@@ -282,8 +284,9 @@ class _Ids:
         self.prefix = os.urandom(8).hex()
         self.prefix_bytes = self.prefix.encode()
         self.counter = itertools.count(int.from_bytes(os.urandom(4), "big"))
-        self.block = -1  # the counter's value without its last byte, that ``front`` is made for
-        self.front = b""  # the prefix and the counter's first 14 hex digits, as ASCII bytes
+        # the counter's value without its last byte, and the prefix and that value's 14 hex digits
+        # as ASCII bytes: one attribute, so that a reader on another thread never sees one without the other
+        self.front: tuple[int, bytes] = (-1, b"")
 
     def next(self) -> str:
         return f"{self.prefix}{next(self.counter):016x}"  # starts below 2**32: never wraps
@@ -292,10 +295,12 @@ class _Ids:
         """``head`` + a fresh id + ``data``, as bytes in one step: the id's first 30 digits change
         once in 256 ids, the last two come from a table (a third of formatting each id)."""
         n = next(self.counter)
-        if n >> 8 != self.block:
-            self.block = n >> 8
-            self.front = b"%s%014x" % (self.prefix_bytes, n >> 8)
-        return b"".join((head, self.front, _HEX2[n & 255], data))
+        block, front = self.front
+        if n >> 8 != block:
+            block = n >> 8
+            front = b"%s%014x" % (self.prefix_bytes, block)
+            self.front = (block, front)
+        return b"".join((head, front, _HEX2[n & 255], data))
 
 
 _HEX2 = tuple(b"%02x" % i for i in range(256))

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, ClassVar, Self
@@ -83,7 +84,8 @@ class NatsSubscription(Subscription):
     await, so no coroutine of micro's sits between nats-py's loop and the handler. A
     handler that raises reaches nats-py's error callback, which the connection passes to
     :meth:`_failed` (see :func:`micro.nats_connection.callback_errors`): it is logged and
-    the subscription goes on.
+    the subscription goes on. A nats-py that does not run callbacks that way (see
+    :data:`_PLAIN_CALLBACKS`) gets a coroutine that awaits the handler and logs its error.
     """
 
     def __init__(self, broker: NatsBroker, topic: str, handler: MessageHandler, queue: str | None) -> None:
@@ -98,6 +100,7 @@ class NatsSubscription(Subscription):
 
     async def _subscribe(self, nc: Client) -> None:
         """Subscribe on ``nc`` (the broker's client: at the start, or a fresh one after it gave up)."""
+        self._task = None  # a fresh client's subscription runs its handler in a task of its own
         with callback_errors(self._failed):
             self._sub = await nc.subscribe(self.topic, queue=self.queue or "", cb=self._callback(),
                                            pending_msgs_limit=self._broker.pending_limit)
@@ -122,6 +125,15 @@ class NatsSubscription(Subscription):
             sub._message = message
             return handler(message)
 
+        if not _PLAIN_CALLBACKS:  # this nats-py may not pass a handler's error back here: catch it here
+            async def catching(msg: Msg) -> None:
+                try:
+                    await deliver(msg)
+                except Exception as e:
+                    sub._log_failure(e)
+
+            return catching
+
         async def as_coroutine(msg: Msg) -> None:
             await deliver(msg)
 
@@ -134,9 +146,12 @@ class NatsSubscription(Subscription):
         while handling it (anything else reaching the error callback there is not ours)."""
         if asyncio.current_task() is not self._task or sys.exc_info()[1] is not error:
             return False
+        self._log_failure(error)
+        return True
+
+    def _log_failure(self, error: Exception) -> None:
         message_id = self._message.id if self._message is not None else "?"
         log.error("handler for %r failed on message %s", self.topic, message_id, exc_info=error)
-        return True
 
     async def unsubscribe(self) -> None:
         """Stop delivery and let the message in hand finish (up to ``drain_timeout``). Idempotent."""
@@ -171,10 +186,6 @@ class NatsSubscription(Subscription):
 
 async def _nothing() -> None:
     pass
-
-
-def _no_writer() -> None:
-    """Stands in for nats-py's PUB writer in the check of :data:`_DIRECT` when it has none."""
 
 
 class NatsBroker(Broker):
@@ -342,18 +353,35 @@ class NatsBroker(Broker):
     # -- publish / subscribe ----------------------------------------------------
 
     def _publish(self, topic: str, data: bytes, headers: Mapping[str, str] | None) -> Coroutine[Any, Any, None]:
-        # The hot path: a message without headers, while connected, well within the server's
-        # limit, goes to nats-py's PUB writer, returned without a coroutine of ours around it.
-        # Client.publish would check the subject (micro's topics are valid subjects), that the
-        # client is connected (not closed, reconnecting or draining) and the size: checked
-        # here, so it raises nothing that needs translating. Everything else (headers, a
-        # nats-py without these internals: see _DIRECT) goes the translating way.
-        nc = self._nc
-        if headers or not self._direct or nc._status != _CONNECTED or len(data) + _HEAD > nc._max_payload:
+        if headers or not self._direct:
             return self._publish_checked(topic, data, headers)
+        return self._send(topic, data)
+
+    async def _send(self, topic: str, data: bytes) -> None:
+        # The hot path (a message without headers, ids not in headers, nats-py with the internals
+        # of _DIRECT): what Client.publish does after its checks, done here in one step with the
+        # check, when the publish is awaited, so no other coroutine is made for it. The state
+        # check and the append to nats-py's buffer happen with nothing awaited between them: a
+        # publish awaited later (gather, create_task) is checked then, like any other backend's,
+        # and a broker reconnecting, on a replaced client or closed raises Unavailable
+        # (_publish_checked) instead of buffering into a client that may never send it.
+        # Client.publish would also check the subject (micro's topics are valid subjects).
+        nc = self._nc
+        if nc._status != _CONNECTED or len(data) + _HEAD > nc._max_payload:
+            return await self._publish_checked(topic, data, None)
         if self._id_envelope:
             data = stamp_message_id(ENVELOPE, data)
-        return nc._send_publish(topic, "", data, len(data), None)
+        size = len(data)
+        command = b"PUB %b  %d\r\n%b\r\n" % (topic.encode(), size, data)  # nats-py's pub_cmd, reply ""
+        nc._pending.append(command)
+        pending = nc._pending_data_size = nc._pending_data_size + len(command)
+        stats = nc.stats
+        stats["out_msgs"] += 1
+        stats["out_bytes"] += size
+        if 0 < nc._max_pending_size < pending:
+            await nc._flush_pending(force_flush=True)  # the buffer is full: wait for the socket, as nats-py does
+        elif nc._flush_queue.empty():  # type: ignore[union-attr]
+            await nc._flush_pending()  # kick nats-py's flusher
 
     async def _publish_checked(self, topic: str, data: bytes, headers: Mapping[str, str] | None) -> None:
         nc = self._nc
@@ -388,7 +416,7 @@ class NatsBroker(Broker):
             raise self._not_connected("cannot deliver")
 
     def _not_connected(self, what: str) -> Unavailable:
-        state = "closed" if self._nc.is_closed else "disconnected, reconnecting"
+        state = "closed" if self._closed or self._nc is _CLOSED else "disconnected, reconnecting"
         return Unavailable(f"{what}: broker {redact(self.url)} is {state}")
 
     def _error(self, what: str, e: BaseException) -> BrokerError | Unavailable:
@@ -400,11 +428,58 @@ class NatsBroker(Broker):
 _CLOSED = Client()  # stands in for the connection while the broker is not open: never connected
 
 _CONNECTED = getattr(Client, "CONNECTED", None)
-_DIRECT = (_CONNECTED is not None and isinstance(getattr(_CLOSED, "_status", None), int)
-           and isinstance(getattr(_CLOSED, "_max_payload", None), int)
-           and list(inspect.signature(getattr(Client, "_send_publish", _no_writer)).parameters)
-           == ["self", "subject", "reply", "payload", "payload_size", "headers"])
-"""Whether this nats-py has what the hot path of :meth:`NatsBroker._publish` uses: the client's
-state and size limit (``_status``, ``_max_payload``) and its PUB writer (``_send_publish``),
-the same steps ``Client.publish`` takes after its checks (nats-py 2.x). Without them every
-publish goes through ``Client.publish``."""
+
+
+def _has_pub_internals() -> bool:
+    """Whether this nats-py has what :meth:`NatsBroker._send` uses (see :data:`_DIRECT`)."""
+    try:
+        from nats.protocol.command import pub_cmd
+    except ImportError:
+        return False
+    client = _CLOSED
+    stats = getattr(client, "stats", None)
+    flush = getattr(Client, "_flush_pending", None)
+    return (_CONNECTED is not None and isinstance(getattr(client, "_status", None), int)
+            and isinstance(getattr(client, "_max_payload", None), int)
+            and type(getattr(client, "_pending", None)) is list
+            and isinstance(getattr(client, "_pending_data_size", None), int)
+            and isinstance(getattr(client, "_max_pending_size", None), int)
+            and hasattr(client, "_flush_queue")
+            and isinstance(stats, dict) and {"out_msgs", "out_bytes"} <= stats.keys()
+            and inspect.iscoroutinefunction(flush)
+            and list(inspect.signature(flush).parameters) == ["self", "force_flush"]
+            and pub_cmd("a.b", "", b"xy") == b"PUB a.b  2\r\nxy\r\n")
+
+
+_DIRECT = _has_pub_internals()
+"""Whether this nats-py has what the hot path of :meth:`NatsBroker._publish` uses, the steps
+``Client.publish`` takes after its checks (nats-py 2.x): the client's state and size limit
+(``_status``, ``_max_payload``), its pending buffer (``_pending``, ``_pending_data_size``,
+``_max_pending_size``, ``stats``), the kick of its flusher (``_flush_queue``, ``_flush_pending``)
+and the same PUB bytes. Without them every publish goes through ``Client.publish``."""
+
+
+def _passes_callback_errors(subscription: type[CoreSubscription]) -> bool:
+    """Whether nats-py's ``subscription`` runs a callback as :class:`NatsSubscription` relies on
+    (see :data:`_PLAIN_CALLBACKS`), read from its source (no task, no connection at import)."""
+    try:
+        start = inspect.getsource(subscription._start)
+        wait = inspect.getsource(subscription._wait_for_msgs)
+    except (AttributeError, OSError, TypeError):
+        return False
+    return (re.search(r'hasattr\(self\._cb, "func"\) and inspect\.iscoroutinefunction\(self\._cb\.func\)', start)
+            is not None
+            and re.search(r"create_task\(self\._wait_for_msgs\(error_cb\)\)", start) is not None
+            and re.search(r"await self\._cb\(msg\)\s*\n(?:\s*#.*\n)*\s*except asyncio\.CancelledError:", wait)
+            is not None
+            and re.search(r"except Exception as (\w+):\s*\n(?:\s*#.*\n)*\s*if error_cb:\s*\n\s*await error_cb\(\1\)",
+                          wait) is not None)
+
+
+_PLAIN_CALLBACKS = _passes_callback_errors(CoreSubscription)
+"""Whether this nats-py runs a subscription's callback the way :meth:`NatsSubscription._callback`'s
+plain function needs (nats-py 2.x): it takes a callable whose ``func`` is a coroutine function,
+runs it in a task made in ``subscribe`` (so the task's context is a copy of the one
+:func:`~micro.nats_connection.callback_errors` set), and awaits the error callback inside the
+``except`` block around the callback, in that task. Without that, each message goes through a
+coroutine of micro's that catches and logs the handler's exception itself."""
