@@ -302,6 +302,69 @@ async def test_the_decide_all_form_names_the_undecided_calls_and_decides_them(ru
     assert run["status"] == "completed" and run["reply"].count("not approved by a person: no paint") == 2
 
 
+async def test_a_stale_page_cannot_reverse_a_decision_already_recorded(runtime: micro.Runtime) -> None:
+    rsp = await runtime.client.call("pair", "Agent.Chat", {"message": "paint"})
+    run_id = rsp["run_id"]
+    north, south = (p["call_id"] for p in rsp["pending"])
+    resume = f"/ui/agents/pair/runs/{run_id}/resume"
+    async with _client(dashboard(runtime)) as a, _client(dashboard(runtime)) as b:
+        page_a = await a.get(f"/agents/pair/runs/{run_id}")
+        page_b = await b.get(f"/agents/pair/runs/{run_id}")  # a second tab, opened at the same time
+        pause = re.search(r'name="pause" value="([^"]+)"', page_b.text)
+        assert pause is not None
+        ok = await a.post(resume, data={"action": "approve", "call_id": north, "pause": pause.group(1),
+                                        "csrf": _csrf(page_a.text)})
+        assert ok.status_code == 303
+        again = await a.post(resume, data={"action": "approve", "call_id": north, "pause": pause.group(1),
+                                           "csrf": _csrf(page_a.text)})  # a double click: accepted quietly
+        assert again.status_code == 303
+        stale = await b.post(resume, data={"action": "deny", "call_id": north, "reason": "B says no",
+                                           "pause": pause.group(1), "csrf": _csrf(page_b.text)})
+        assert stale.status_code == 400
+        assert f"run {run_id}: call {north} (painter_Painter_Paint) was already approved" in stale.text
+        stale_all = await b.post(resume, data={"action": "deny", "calls": f'["{north}", "{south}"]', "reason": "no",
+                                               "pause": pause.group(1), "csrf": _csrf(page_b.text)})
+        assert stale_all.status_code == 400 and "was already approved" in stale_all.text
+    run = (await runtime.client.call("pair", "AgentInfo.Run", {"id": run_id}))["run"]
+    assert run["status"] == "paused"  # nothing of B's was recorded
+    assert [(p["call_id"], p["decided"], p["approved"]) for p in run["pending"]] == [
+        (north, True, True), (south, False, False)]
+
+
+def _twice(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | str:
+    done = sum(isinstance(b, ToolResultBlock) for m in messages for b in m.content)
+    if done >= 2:
+        return "Both coats on."
+    return scripted.turn("Another coat. ", scripted.call("painter_Painter_Paint", wall="north"))
+
+
+async def test_a_decision_made_against_an_earlier_pause_of_the_run_is_refused(runtime: micro.Runtime) -> None:
+    twice = micro.Agent("twice", services=["painter"], prompt="You paint.", runtime=runtime,
+                        provider=scripted.function(_twice), needs_approval=["painter_Painter_Paint"])
+    async with twice:
+        rsp = await runtime.client.call("twice", "Agent.Chat", {"message": "paint"})
+        run_id = rsp["run_id"]
+        async with _client(dashboard(runtime)) as http:
+            first = await http.get(f"/agents/twice/runs/{run_id}")
+            pause = re.search(r'name="pause" value="([^"]+)"', first.text)
+            assert pause is not None
+            ok = await http.post(f"/ui/agents/twice/runs/{run_id}/resume",
+                                 data={"action": "approve", "call_id": rsp["pending"][0]["call_id"],
+                                       "pause": pause.group(1), "csrf": _csrf(first.text)})
+            assert ok.status_code == 303
+            run = (await runtime.client.call("twice", "AgentInfo.Run", {"id": run_id}))["run"]
+            assert run["status"] == "paused" and run["pause"] != pause.group(1)  # its second pause
+            # the first page's form, with the new pause's call id (a provider without tool-call ids numbers
+            # them call_0, call_1… in every response, so an old form can name a new call)
+            stale = await http.post(f"/ui/agents/twice/runs/{run_id}/resume",
+                                    data={"action": "deny", "call_id": run["pending"][0]["call_id"],
+                                          "pause": pause.group(1), "csrf": _csrf(first.text)})
+            assert stale.status_code == 400 and "no longer waits in the pause these decisions were made" in stale.text
+            assert (await runtime.client.call("twice", "AgentInfo.Run", {"id": run_id}))["run"] == run
+            fresh = await http.get(f"/agents/twice/runs/{run_id}")
+            assert f'name="pause" value="{run["pause"]}"' in fresh.text
+
+
 async def test_the_service_list_shows_each_nodes_own_health_check(runtime: micro.Runtime) -> None:
     from micro.registry import Node, ServiceRecord
 

@@ -347,7 +347,8 @@ class Dashboard:
             back = f"/{kind}/{_part(name)}/runs/{_part(run_id)}"
             action = form.get("action", "")
             reason = form.get("reason", "")
-            req: dict[str, Any] = {"run_id": run_id, "reason": reason}
+            # pause: the pause the page showed; a decision made against an earlier one is refused (Conflict)
+            req: dict[str, Any] = {"run_id": run_id, "reason": reason, "pause": form.get("pause", "")}
             call = form.get("call_id", "")
             if action == "answer":
                 if call:  # one question of several, maybe: the run resumes once each is answered

@@ -326,10 +326,11 @@ class Flow(Service):
 
     @overload
     async def resume(self, run_id: str, *, approve: Approval = None, answer: Answer = None, reason: str = "",
-                     partial: bool = False) -> ChatResponse: ...
+                     partial: bool = False, pause: str = "") -> ChatResponse: ...
 
     async def resume(self, run_id: str, input: Any = _NO_INPUT, *, approve: Approval = None,
-                     answer: Answer = None, reason: str = "", partial: bool = False) -> FlowRun | ChatResponse:
+                     answer: Answer = None, reason: str = "", partial: bool = False,
+                     pause: str = "") -> FlowRun | ChatResponse:
         """Continue a waiting run.
 
         ``resume(run_id, input)``: a stepped flow's run waiting at an ``Await`` step; ``input`` (checked
@@ -340,13 +341,13 @@ class Flow(Service):
 
         ``resume(run_id, approve=… | answer=…)``: a run whose model step waits for a person (as
         :meth:`micro.Agent.resume`); then its ``after`` steps run and the flow run completes. Returns
-        where the model step's run is.
+        where the model step's run is; ``pause`` as :meth:`micro.Agent.resume`'s.
         """
         if input is not _NO_INPUT:
             return await self._resume_await(run_id, input)
         engine = self.engine
         record, version = await engine.claimable(run_id)
-        decisions = engine.decide(record, approve, answer, reason, partial)
+        decisions = engine.decide(record, approve, answer, reason, partial, pause)
         if len(decisions) < len(record.pending):
             return response_of(await engine.record_decisions(record, version, decisions))
         flow_run = await self.runs.get(run_id)
@@ -1191,7 +1192,7 @@ class _FlowWaits:
         """Continue a run whose model step waits for a person: decisions on its pending calls, or the answer."""
         approve, answer = request_decisions(self._flow.name, req)
         return await self._flow.resume(req.run_id, approve=approve, answer=answer, reason=req.reason,
-                                       partial=req.partial)
+                                       partial=req.partial, pause=req.pause)
 
     async def Cancel(self, req: CancelRequest) -> ChatResponse:
         """Cancel a run whose model step waits; its pending calls are refused and the flow run is cancelled."""
