@@ -392,7 +392,7 @@ async def test_the_local_brokers_delivery_node_says_it_serves() -> None:
         sub = await rt.broker.subscribe("events.x", ignore)
         try:
             (record,) = await rt.registry.get("micro-broker")
-            assert await nodes.check("micro-broker", record.nodes[0]) == nodes.Health(
+            assert await nodes.check(rt.client, "micro-broker", record.nodes[0]) == nodes.Health(
                 "serving", f"{record.nodes[0].address} serves micro-broker")
         finally:
             await sub.unsubscribe()
@@ -412,13 +412,13 @@ async def test_node_health_is_asked_once_per_ttl_and_forgets_nodes_that_left(
 
     asked: list[str] = []
 
-    async def check(service: str, node: Node, timeout: float = 1.0) -> nodes.Health:
+    async def check(client: Any, service: str, node: Node, timeout: float = 1.0) -> nodes.Health:
         asked.append(node.id)
         return nodes.Health("serving")
 
     monkeypatch.setattr(nodes, "check", check)
     now = [0.0]
-    health = nodes.NodeHealth(ttl=5.0, clock=lambda: now[0])
+    health = nodes.NodeHealth(None, ttl=5.0, clock=lambda: now[0])  # type: ignore[arg-type]
     a, b = ServiceRecord("a", nodes=[Node("a-1", "h:1")]), ServiceRecord("b", nodes=[Node("b-1", "h:2")])
     assert await health.of([a, b]) == {("a", "a-1"): nodes.Health("serving"), ("b", "b-1"): nodes.Health("serving")}
     now[0] = 4.0
@@ -428,6 +428,77 @@ async def test_node_health_is_asked_once_per_ttl_and_forgets_nodes_that_left(
     now[0] = 5.0
     await health.of([a, b])  # a is asked again (ttl), and b anew although its answer would still be fresh
     assert sorted(asked) == ["a-1", "a-1", "b-1", "b-1"]
+
+
+async def test_concurrent_pages_share_each_nodes_check_under_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    from micro.registry import Node, ServiceRecord
+
+    asked: list[str] = []
+    answer = anyio.Event()
+
+    async def check(client: Any, service: str, node: Node, timeout: float = 1.0) -> nodes.Health:
+        asked.append(node.id)
+        await answer.wait()
+        return nodes.Health("serving")
+
+    monkeypatch.setattr(nodes, "check", check)
+    health = nodes.NodeHealth(None, ttl=5.0)  # type: ignore[arg-type]
+    records = [ServiceRecord(f"s{i}", nodes=[Node(f"n{i}", f"h:{i}")]) for i in range(13)]
+    seen: list[dict[tuple[str, str], nodes.Health]] = []
+
+    async def page() -> None:
+        seen.append(await health.of(records))
+
+    async with anyio.create_task_group() as tg:  # 20 open pages woken by one registry change
+        for _ in range(20):
+            tg.start_soon(page)
+        await anyio.wait_all_tasks_blocked()  # all 20 are in: the first asks, the others wait for it
+        answer.set()
+    assert sorted(asked) == sorted(f"n{i}" for i in range(13))  # 13 checks, not 260
+    assert len(seen) == 20 and all(len(s) == 13 for s in seen)
+
+
+async def test_a_node_with_an_address_that_is_not_host_port_is_unreachable_not_a_failed_page(
+        runtime: micro.Runtime) -> None:
+    from micro.registry import Node, ServiceRecord
+
+    await runtime.registry.register(ServiceRecord("odd", nodes=[Node("odd-1", "unix:/run/x.sock")]), ttl=60)
+    async with _client(dashboard(runtime)) as http:
+        page = await http.get("/")
+    assert page.status_code == 200
+    states = dict(re.findall(r'<span class="node [^"]*" data-node="([^"]+)"[^>]*>● [^<]* <span class="health">'
+                             r'([^<]+)</span>', page.text))
+    assert states["odd-1"] == "unreachable" and "unix:/run/x.sock: " in page.text
+    (painter,) = await runtime.registry.get("painter")
+    assert states[painter.nodes[0].id] == "serving"  # the others are still shown
+
+
+async def test_node_health_reaches_nodes_behind_a_private_ca_and_mutual_tls_through_the_runtimes_client(
+        tmp_path: Any) -> None:
+    import trustme
+
+    from micro.registry.memory import MemoryRegistry
+    from micro.tls import client_context, server_context
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    ca.issue_cert("dashboard@micro").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "client.pem"))
+    registry = MemoryRegistry()
+    server_tls = server_context(tmp_path / "server.pem", tmp_path / "server.pem", ca=tmp_path / "ca.pem",
+                                require_client_cert=True)
+    async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as server_rt:
+        secure = micro.Service("secure", runtime=server_rt, tls=server_tls)
+        secure.handle(Painter())
+        async with secure, micro.Runtime(registry=registry, store="memory://", broker="memory://",
+                                         tls=client_context(tmp_path / "ca.pem", cert=tmp_path / "client.pem")) as rt:
+            (node,) = secure.record.nodes
+            health = nodes.NodeHealth(rt.client, ttl=0.0)
+            assert await health.of([secure.record]) == {
+                ("secure", node.id): nodes.Health("serving", f"{node.address} serves secure")}
+            channel = rt.client.grpc_channel(node)
+            await health.of([secure.record])  # asked again (ttl 0) over the same pooled connection
+            assert rt.client.grpc_channel(node) is channel
 
 
 def test_call_rates_are_the_last_minutes_differences_and_forget_what_left() -> None:

@@ -116,7 +116,7 @@ class Dashboard:
         self._changed: anyio.Event | None = None
         self._watcher: anyio.Event | None = None  # set when the page running the watch stops running it
         self._watched = False
-        self.health = nodes.NodeHealth()  # each node's own health check, asked at most every few seconds
+        self.health = nodes.NodeHealth(runtime.client)  # each node's own health check, asked at most every few seconds
         self.rates = nodes.CallRates()  # calls per second of the services this process serves (metrics on)
 
     def close(self) -> None:
