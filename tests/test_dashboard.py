@@ -677,6 +677,81 @@ async def test_dead_lettered_events_are_listed_and_replayed_from_the_flow_page(r
             assert "the broker moved the event to its dead-letter topic" in shown.text
 
 
+async def test_replays_beside_a_dead_event_are_found_by_replay_of_and_a_stale_replay_is_refused(
+        runtime: micro.Runtime) -> None:
+    from micro.flow.record import FlowRun
+
+    seen: list[Any] = []
+
+    async def digest(event: dict[str, Any], run: FlowRun) -> str:
+        seen.append(event)
+        return "ok"
+
+    flow = micro.NewFlow("eater", trigger="food.served", steps=[digest], runtime=runtime)
+    async with flow:
+        await flow.runs.put(FlowRun("bad-1", "eater", "food.served", event={"dish": 1}, status="failed",
+                                    attempts=3, error="ValueError", started=1.0, dead_lettered=True))
+        await flow.runs.put(FlowRun("bad-1-replay-1", "eater", "food.served", event={"dish": 1}, status="failed",
+                                    started=2.0, replay_of="bad-1", error="again"))
+        for i in range(40):  # newer runs than the page's 30: the replay is not among them
+            await flow.runs.put(FlowRun(f"new-{i}", "eater", "food.served", event={}, status="completed",
+                                        started=10.0 + i))
+        async with _client(dashboard(runtime)) as http:
+            page = await http.get("/flows/eater")
+            dead = page.text.split('id="h-dead"')[1].split("</section>")[0]
+            assert 'href="/flows/eater/runs/bad-1-replay-1">bad-1-replay-1</a> <span class="status failed">' in dead
+            assert 'name="seen" value="1"' in dead and "Replay again" in dead
+            rsp = await http.post("/ui/flows/eater/runs/bad-1/replay", data={"seen": "1", "csrf": _csrf(page.text)})
+            assert rsp.status_code == 303 and rsp.headers["location"] == "/flows/eater/runs/bad-1-replay-2"
+            # the same page's form again (a stale page, a second click): refused, naming the replay since
+            stale = await http.post("/ui/flows/eater/runs/bad-1/replay", data={"seen": "1", "csrf": _csrf(page.text)})
+            assert stale.status_code == 400
+            assert "run &#39;bad-1&#39; was replayed since you looked: bad-1-replay-2 is completed" in stale.text
+            assert seen == [{"dish": 1}]  # replayed once
+            shown = await http.get("/flows/eater/runs/bad-1")
+            assert 'name="seen" value="2"' in shown.text and "bad-1-replay-2</a>" in shown.text
+
+
+class OldRunsRequest(msgspec.Struct):  # Flow.Runs of a flow node older than dead-lettering
+    limit: int = 20
+    status: list[str] | None = None
+
+
+class OldRun(msgspec.Struct):
+    id: str
+    flow: str
+    topic: str
+    status: str = "completed"
+    attempts: int = 1
+    started: float = 0.0
+    error: str = ""
+    event: Any = None
+    tool_calls: list[Any] = []
+    trace: dict[str, Any] = {}
+
+
+class OldRuns(msgspec.Struct):
+    runs: list[OldRun]
+
+
+class Flow:  # served as "Flow": the older node's run listing, which ignores dead_lettered
+    async def Runs(self, req: OldRunsRequest) -> OldRuns:
+        """Runs."""
+        return OldRuns([OldRun("done-1", "olden", "x", started=1.0)])
+
+
+async def test_an_older_flow_node_ignoring_the_dead_lettered_filter_lists_no_dead_events(
+        runtime: micro.Runtime) -> None:
+    olden = micro.Service("olden", runtime=runtime)
+    olden.handle(Flow())
+    async with olden, _client(dashboard(runtime)) as http:
+        page = await http.get("/flows/olden")
+    assert page.status_code == 200
+    dead = page.text.split('id="h-dead"')[1].split("</section>")[0]
+    assert "No event was dead-lettered." in dead and "done-1" not in dead and "/replay" not in dead
+    assert "done-1" in page.text.split('id="h-runs"')[1]  # listed as a run, not as a dead event
+
+
 async def test_unknown_services_and_runs_are_404_pages_that_say_so(runtime: micro.Runtime) -> None:
     async with _client(dashboard(runtime)) as http:
         for path, words in (("/services/paynter", "paynter"), ("/agents/nobody", "nobody"),

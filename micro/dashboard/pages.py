@@ -27,7 +27,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from micro import metrics
-from micro.errors import BadRequest, Error, NotFound, closest
+from micro.errors import BadRequest, EndpointNotFound, Error, NotFound, closest
 from micro.gateway.http import DEFAULT_MAX_BODY, error_body, stream
 
 from . import forms, nodes, security, timeline
@@ -384,30 +384,44 @@ class Dashboard:
         statuses = [s for s in request.query_params.getlist("status") if s]
         try:
             record = await self.record(name)
-            runs = await self.runtime.client.call(name, "Flow.Runs", {"limit": 30, "status": statuses or None},
-                                                  timeout=self.timeout)
-            # waiting at an Await step, or in its model step for a person (decided as an agent's run)
-            waiting = await self.runtime.client.call(name, "Flow.Runs", {"limit": 30, "status": list(_WAITS)},
-                                                     timeout=self.timeout)
-            # events the (durable) broker dead-lettered after their last delivery failed; Replay runs one again
-            dead = await self.runtime.client.call(name, "Flow.Runs", {"limit": 30, "dead_lettered": True},
-                                                  timeout=self.timeout)
+            try:  # one read of the flow's runs: the list, the waiting ones, the dead-lettered ones, their replays
+                found = await self.runtime.client.call(name, "Flow.Overview",
+                                                       {"limit": 30, "status": statuses or None},
+                                                       timeout=self.timeout)
+            except EndpointNotFound:  # a flow node older than Flow.Overview
+                found = await self._older_flow(name, statuses)
         except Error as exc:
             return self.render(request, "error.html", 404, title=name, error=exc.message)
+        return self.render(request, "flow.html", record=record, runs=found["runs"], waiting=found["waiting"],
+                           dead=found["dead_lettered"], replays=found["replays"], statuses=FLOW_STATUSES,
+                           chosen=statuses)
+
+    async def _older_flow(self, name: str, statuses: list[str]) -> dict[str, Any]:
+        """:meth:`flow`'s runs from a flow node without ``Flow.Overview``, through ``Flow.Runs``."""
+        runs = await self.runtime.client.call(name, "Flow.Runs", {"limit": 30, "status": statuses or None},
+                                              timeout=self.timeout)
+        # waiting at an Await step, or in its model step for a person (decided as an agent's run)
+        waiting = await self.runtime.client.call(name, "Flow.Runs", {"limit": 30, "status": list(_WAITS)},
+                                                 timeout=self.timeout)
+        # events the (durable) broker dead-lettered; a node older than dead-lettering ignores the filter and
+        # lists every run, so the record's own flag decides (else each would offer Replay: its side effects again)
+        dead = await self.runtime.client.call(name, "Flow.Runs", {"limit": 30, "dead_lettered": True},
+                                              timeout=self.timeout)
         replays: dict[str, list[Any]] = {}
-        for r in runs["runs"]:
+        for r in reversed(runs["runs"]):
             if r.get("replay_of"):
                 replays.setdefault(r["replay_of"], []).append(r)
-        return self.render(request, "flow.html", record=record, runs=runs["runs"], waiting=waiting["runs"],
-                           dead=dead["runs"], replays=replays, statuses=FLOW_STATUSES, chosen=statuses)
+        return {"runs": runs["runs"], "waiting": waiting["runs"],
+                "dead_lettered": [r for r in dead["runs"] if r.get("dead_lettered")], "replays": replays}
 
     async def flow_run(self, request: Request, *, error: str = "", status: int = 200) -> Response:
         # also shown by resume() (its path names the flow as an agent): a decision on its model step
         name, run_id = request.path_params.get("flow") or request.path_params["agent"], request.path_params["run"]
         try:
-            run = (await self.runtime.client.call(name, "Flow.Show", {"id": run_id}, timeout=self.timeout))["run"]
+            shown = await self.runtime.client.call(name, "Flow.Show", {"id": run_id}, timeout=self.timeout)
         except Error as exc:
             return self.render(request, "error.html", 404, title=f"{name} run {run_id}", error=exc.message)
+        run = shown["run"]
         if run is None:
             return self.render(request, "error.html", 404, title=f"{name} run {run_id}",
                                error=f"flow {name} has no run {run_id}")
@@ -424,7 +438,7 @@ class Dashboard:
         names = list(run.get("trace") or {})
         tl = timeline.layout(timeline.flow_bars(run), names) if names else None
         return self.render(request, "flow_run.html", status, flow=name, run=run, timeline=tl, fields=input_fields,
-                           decision=decision, error=error)
+                           decision=decision, replays=shown.get("replays") or [], error=error)
 
     async def flow_resume(self, request: Request) -> Response:
         """A waiting run's input form: ``Flow.Resume`` (the flow validates it against the step's schema)."""
@@ -449,8 +463,11 @@ class Dashboard:
         """Run a recorded (failed) event again: ``Flow.Replay``, as ``micro flow replay``."""
         name, run_id = request.path_params["flow"], request.path_params["run"]
         try:
-            await security.posted(request, max_body=self.max_body)
-            rsp = await self.runtime.client.call(name, "Flow.Replay", {"id": run_id}, timeout=self.timeout)
+            form = await security.posted(request, max_body=self.max_body)
+            req: dict[str, Any] = {"id": run_id}
+            if form.get("seen", "").isdigit():  # the replays the page showed: refused if there are more now
+                req["seen"] = int(form["seen"])
+            rsp = await self.runtime.client.call(name, "Flow.Replay", req, timeout=self.timeout)
         except security.Refused as exc:
             return await self.flow_run(request, error=str(exc), status=exc.status)
         except Error as exc:

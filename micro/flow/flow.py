@@ -82,6 +82,7 @@ from micro.store import Record
 from micro.tasks import BackgroundTasks
 
 from .record import STATUSES as RUN_STATUSES
+from .record import WAITS as WAIT_STATUSES
 from .record import FlowRun, RunStore, StepInfo, ToolCallResult, Waiting, now
 from .schedule import Schedule, tick_id
 from .steps import LLM, Await, Call, Dispatch, Fn, Loop, State, Verify, as_steps, check_steps, is_stepped
@@ -1128,6 +1129,26 @@ class RunsResponse(msgspec.Struct):
 
 class RunResponse(msgspec.Struct):
     run: FlowRun | None = None
+    replays: list[FlowRun] = []  # Flow.Show: the run's replays, in order
+
+
+class ReplayRequest(msgspec.Struct):
+    id: str
+    seen: int = -1
+    """How many replays of the run the caller saw (a page: those it shows); if there are more now (a stale
+    page, a second click) the replay is refused with ``Conflict`` naming the latest. -1: not checked."""
+
+
+class OverviewRequest(msgspec.Struct):
+    limit: int = 20
+    status: list[str] | None = None  # the runs list: only these statuses
+
+
+class OverviewResponse(msgspec.Struct):
+    runs: list[FlowRun]  # the newest runs (of ``status``)
+    waiting: list[FlowRun]  # those that wait for an event or a person
+    dead_lettered: list[FlowRun]  # those whose event the broker dead-lettered
+    replays: dict[str, list[FlowRun]]  # run id -> its replays, for every run above
 
 
 class _FlowRuns:
@@ -1136,13 +1157,23 @@ class _FlowRuns:
     def __init__(self, flow: Flow) -> None:
         self._flow = flow
 
+    def _check(self, status: list[str] | None) -> None:
+        if status is not None and set(status) - set(RUN_STATUSES):
+            raise BadRequest(f"flow {self._flow.name}: unknown status {sorted(set(status) - set(RUN_STATUSES))}; "
+                             f"the run statuses are {', '.join(RUN_STATUSES)}")
+
     async def Runs(self, req: RunsRequest) -> RunsResponse:
         """The flow's most recent runs, newest first (optionally only some statuses, or the dead-lettered ones)."""
-        if req.status is not None and set(req.status) - set(RUN_STATUSES):
-            raise BadRequest(f"flow {self._flow.name}: unknown status {sorted(set(req.status) - set(RUN_STATUSES))}; "
-                             f"the run statuses are {', '.join(RUN_STATUSES)}")
+        self._check(req.status)
         return RunsResponse(runs=await self._flow.runs.list(req.limit, status=req.status,
                                                             dead_lettered=req.dead_lettered))
+
+    async def Overview(self, req: OverviewRequest) -> OverviewResponse:
+        """What the dashboard's flow page shows, from one read of the runs: the newest runs (optionally only some
+        statuses), the waiting ones, the dead-lettered ones, and each one's replays."""
+        self._check(req.status)
+        found = await self._flow.runs.overview(req.limit, req.status, WAIT_STATUSES)
+        return OverviewResponse(found.runs, found.waiting, found.dead_lettered, found.replays)
 
     async def Run(self, req: StartRequest) -> RunResponse:
         """Run the flow now on ``data`` (as if it were an event); the run as it ended (or waits)."""
@@ -1153,12 +1184,14 @@ class _FlowRuns:
         return RunResponse(run=await self._flow.resume(req.id, req.input))
 
     async def Show(self, req: RunRequest) -> RunResponse:
-        """One run by id (the event id)."""
-        return RunResponse(run=await self._flow.runs.get(req.id))
+        """One run by id (the event id), with its replays."""
+        run = await self._flow.runs.get(req.id)
+        return RunResponse(run=run, replays=await self._flow.runs.replays_of(req.id) if run is not None else [])
 
-    async def Replay(self, req: RunRequest) -> RunResponse:
-        """Run a recorded event again, as a new run ``{id}-replay-{n}``; not while it still runs."""
-        from micro.errors import NotFound
+    async def Replay(self, req: ReplayRequest) -> RunResponse:
+        """Run a recorded event again, as a new run ``{id}-replay-{n}``; not while it still runs. With ``seen``
+        (the replays the caller knew of): refused if the run was replayed since (a stale page, a second click)."""
+        from micro.errors import Conflict, NotFound
 
         old = await self._flow.runs.get(req.id)
         if old is None:
@@ -1169,9 +1202,13 @@ class _FlowRuns:
                 f"flow {self._flow.name}: run {req.id!r} is {old.status}; replaying it now would run its "
                 f"steps and tool calls twice. Wait until it is completed or failed (`micro flow show {req.id}`), "
                 "then replay it")
-        n = 1
-        while await self._flow.runs.get(f"{req.id}-replay-{n}") is not None:
-            n += 1
+        earlier = await self._flow.runs.replays_of(req.id)
+        if 0 <= req.seen < len(earlier):
+            last = earlier[-1]
+            raise Conflict(f"flow {self._flow.name}: run {req.id!r} was replayed since you looked: {last.id} is "
+                           f"{last.status} ({len(earlier)} replays in all); look at it before replaying again "
+                           f"(`micro flow show {last.id}`)")
+        n = len(earlier) + 1
         try:
             # nothing delivers a replay again: its first failure is its last
             return RunResponse(run=await self._flow.run_event(f"{req.id}-replay-{n}", old.topic, old.event,
