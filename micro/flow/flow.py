@@ -62,6 +62,7 @@ from micro.agent.loop import Approve, Decision, EndRun, Limits, Run, system_prom
 from micro.agent.record import STATUSES, WAITING, AgentRun, AgentRuns, PendingCall, new_run_id
 from micro.agent.tools import REQUEST_INPUT, Toolset, request_input_tool, tool_name
 from micro.ai import Message, Model, from_provider
+from micro.broker import ERROR_HEADER, TOPIC_HEADER, Subscription
 from micro.broker import Message as BrokerMessage
 from micro.errors import (
     BadRequest,
@@ -254,6 +255,7 @@ class Flow(Service):
         self._toolsets: dict[tuple[str, ...], _CheckpointedToolset] = {}
         self._controls: dict[str, tuple[AgentRun, int]] = {}
         self._background: BackgroundTasks | None = None
+        self._dead_letters: Subscription | None = None  # the trigger's dead-letter topic (durable brokers)
         self.wait_check_interval = 5.0
         """Seconds between looks for ``Await`` steps whose timeout passed (when the flow has such steps)."""
         self.active = 0
@@ -293,6 +295,17 @@ class Flow(Service):
         """Start the service, and the schedule and the Await timeouts' watch when the flow has them; with
         metrics on, report its waiting runs."""
         await super().start()
+        dead_letters = self.runtime.broker.dead_letter_topic(self.trigger) if self.trigger else None
+        if dead_letters is not None:
+            # the events the broker dead-letters without handing them here again (earlier attempts died
+            # unsettled: a crash, an OOM, a hang past ack_wait): their runs say so, and can be replayed
+            try:
+                self._dead_letters = await self.runtime.broker.subscribe(
+                    dead_letters, self._on_dead_letter, queue=f"{self.name}-dead-letters",
+                    durable=f"{self.name}-dead-letters", prefetch=1)
+            except BaseException:
+                await super().stop()
+                raise
         timeouts = any(isinstance(s, Await) and s.timeout is not None for s in _walk(self.plan))
         if self.schedule is None and not timeouts and not metrics.enabled():
             return
@@ -307,14 +320,21 @@ class Flow(Service):
                 tg.start_soon(self.engine.report_waiting)
         except BaseException:
             await background.aclose()
+            await self._stop_dead_letters()
             await super().stop()
             raise
         self._background = background
+
+    async def _stop_dead_letters(self) -> None:
+        sub, self._dead_letters = self._dead_letters, None
+        if sub is not None:
+            await sub.unsubscribe()
 
     async def stop(self) -> None:
         background, self._background = self._background, None
         if background is not None:
             await background.aclose()
+        await self._stop_dead_letters()
         await super().stop()
         self._toolset = None
         self._toolsets = {}
@@ -571,9 +591,29 @@ class Flow(Service):
 
     async def _on_event(self, message: BrokerMessage) -> None:
         event = _event_of(message.data)
-        # a durable broker's delivery (it can be settled): its last attempt failing dead-letters the event
+        # a durable broker's delivery (it can be settled): its last attempt failing dead-letters the event,
+        # unless the event is a dead letter itself (a flow on the dead-letter topic: its failures are dropped)
+        dead_letter = (message.settlement is not None
+                       and self.runtime.broker.dead_letter_topic(message.topic) is not None)
         await self.run_event(message.id or hashlib.sha1(message.data).hexdigest(), message.topic, event,
-                             last_attempt=message.last_attempt, dead_letter=message.settlement is not None)
+                             last_attempt=message.last_attempt, dead_letter=dead_letter)
+
+    async def _on_dead_letter(self, message: BrokerMessage) -> None:
+        """The broker dead-lettered an event of the trigger: a run it did not record as failed (its attempts
+        died unsettled, so the handler was not called again) is now ``failed`` and ``dead_lettered``."""
+        run_id = message.id or hashlib.sha1(message.data).hexdigest()
+        run = await self.runs.get(run_id)
+        if run is not None and (run.dead_lettered or run.status in ("completed", *WAITING)):
+            return  # recorded by its failed last attempt already; or done, or waiting (its event was acked)
+        why = message.headers.get(ERROR_HEADER, "") or "its deliveries were used up"
+        if run is None:  # its process died before the run's first record
+            run = FlowRun(id=run_id, flow=self.name, topic=message.headers.get(TOPIC_HEADER, self.trigger),
+                          event=_event_of(message.data), started=now())
+        run.status, run.error_kind, run.dead_lettered, run.finished = "failed", "dead_lettered", True, now()
+        run.error = f"the broker dead-lettered the event: {why}"
+        await self.runs.put(run)
+        log.warning("flow %s: event %s was dead-lettered unfinished (%s); replay it with `micro flow replay %s`",
+                    self.name, run_id, why, run_id)
 
     async def run_event(self, run_id: str, topic: str, event: Any, *, replay_of: str = "",
                         last_attempt: bool = False, dead_letter: bool = False) -> FlowRun:
