@@ -23,6 +23,7 @@ import micro
 from micro.ai import Message, ToolResultBlock, ToolSpec, scripted
 from micro.dashboard import app as dashboard
 from micro.dashboard import forms, nodes, timeline
+from micro.dashboard.pages import REFRESH
 from micro.errors import BadRequest
 from micro.gateway.http import LOOPBACK_HOSTS
 from micro.gateway.http import app as gateway
@@ -952,3 +953,60 @@ async def test_open_live_pages_share_one_registry_watch_and_hand_it_over(runtime
                 await got.wait()
         leave[2].set()
     assert watching == [0, 1]  # one watch at a time throughout (one per page: three), and none left open
+
+
+async def test_open_live_pages_share_one_service_table_per_change_or_refresh(runtime: micro.Runtime) -> None:
+    asgi = dashboard(runtime)
+    board = asgi.state.dashboard
+    now = [0.0]
+    board.clock = lambda: now[0]
+    made: list[int] = []
+    real = board.service_list
+
+    async def counted() -> dict[str, Any]:
+        made.append(board.registry_version)
+        return await real()
+
+    board.service_list = counted
+    leave = anyio.Event()
+    tables: list[list[bytes]] = [[], [], []]
+    got = anyio.Event()
+
+    def page(i: int) -> tuple[Any, Any]:
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal got
+            if message.get("more_body"):
+                tables[i].append(message["body"])
+                got.set()
+                got = anyio.Event()
+
+        async def receive() -> dict[str, Any]:
+            await leave.wait()
+            return {"type": "http.disconnect"}
+
+        return receive, send
+
+    async with anyio.create_task_group() as tg:
+        for i in range(3):
+            tg.start_soon(_live_services, asgi, *page(i))
+        while not all(tables):
+            await got.wait()
+        await anyio.wait_all_tasks_blocked()  # the pages wait for a change or their refresh; one runs the watch
+        assert board.watching
+        first = len(made)
+        events: list[bytes] = []
+
+        async def render() -> None:
+            events.append(await board.services_event(""))
+
+        async with anyio.create_task_group() as renders:  # twenty more pages, or index loads, meanwhile
+            for _ in range(20):
+                renders.start_soon(render)
+        assert len(made) == first and len(set(events)) == 1  # the table made for the first pages, shared
+        now[0] = REFRESH  # the refresh: made once more, whoever asks
+        events.clear()
+        async with anyio.create_task_group() as renders:
+            for _ in range(20):
+                renders.start_soon(render)
+        assert len(made) == first + 1 and len(set(events)) == 1
+        leave.set()

@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -118,6 +119,10 @@ class Dashboard:
         self._watched = False
         self.health = nodes.NodeHealth(runtime.client)  # each node's own health check, asked at most every few seconds
         self.rates = nodes.CallRates()  # calls per second of the services this process serves (metrics on)
+        # the service table every open page shows, made once per registry change or REFRESH (see snapshot)
+        self.clock: Callable[[], float] = time.monotonic
+        self._snapshot: _Snapshot | None = None
+        self._making: anyio.Event | None = None
 
     def close(self) -> None:
         """End the live streams (the server is stopping: they would hold it up)."""
@@ -160,6 +165,11 @@ class Dashboard:
         if self._changed is not None:
             self._changed.set()
             self._changed = None
+
+    @property
+    def watching(self) -> bool:
+        """Whether an open live page runs the registry watch now (then changes are seen as they happen)."""
+        return self._watcher is not None
 
     @property
     def registry_version(self) -> int:
@@ -233,9 +243,32 @@ class Dashboard:
         return {"records": records, "health": await self.health.of(records),
                 "rates": self.rates.sample((r.name for r in records), served), "measured": metrics.enabled()}
 
+    async def snapshot(self) -> _Snapshot:
+        """The service table's data as every open page shows it: made again (:meth:`service_list`) once the
+        registry changed or it is ``REFRESH`` seconds old (or, while no live page watches the registry, each
+        time), by one caller at a time while the others await it, so however many pages are open the registry is listed, the nodes asked and the table rendered once
+        per change or refresh, not once per page."""
+        while True:
+            snap = self._snapshot
+            if (snap is not None and snap.version == self._version and self.clock() - snap.made < REFRESH
+                    and self.watching):  # while no live page watches, a change would go unseen
+                return snap
+            if self._making is None:
+                break
+            await self._making.wait()  # another page is making it (if it failed, the next round makes it here)
+        self._making = anyio.Event()
+        try:
+            version = self._version
+            snap = _Snapshot(self.clock(), version, await self.service_list())
+            self._snapshot = snap
+        finally:
+            made, self._making = self._making, None
+            made.set()
+        return snap
+
     # ------------------------------------------------------------------ pages
     async def index(self, request: Request) -> Response:
-        return self.render(request, "index.html", **await self.service_list())
+        return self.render(request, "index.html", **(await self.snapshot()).data)
 
     async def events_services(self, request: Request) -> Response:
         """SSE: the service table, again each time the registry changes (htmx swaps it in)."""
@@ -243,7 +276,11 @@ class Dashboard:
 
     async def services_event(self, base: str) -> bytes:
         """The service table as one Server-Sent Event (links under ``base``)."""
-        return _event("services", self._fragment("_services.html", base=base, **await self.service_list()))
+        snap = await self.snapshot()
+        event = snap.events.get(base)
+        if event is None:  # rendered once per snapshot (and mount path), for every page
+            event = snap.events[base] = _event("services", self._fragment("_services.html", base=base, **snap.data))
+        return event
 
     async def service(self, request: Request) -> Response:
         name = request.path_params["service"]
@@ -569,6 +606,17 @@ def _see(request: Request, path: str) -> Response:
 def _event(name: str, html: str) -> bytes:
     lines = html.replace("\r", "").split("\n")
     return (f"event: {name}\n" + "".join(f"data: {line}\n" for line in lines) + "\n").encode()
+
+
+class _Snapshot:
+    """The service table's data (:meth:`Dashboard.service_list`) when it was made, for which registry version,
+    and its Server-Sent Event rendered per mount path."""
+
+    __slots__ = ("data", "events", "made", "version")
+
+    def __init__(self, made: float, version: int, data: dict[str, Any]) -> None:
+        self.made, self.version, self.data = made, version, data
+        self.events: dict[str, bytes] = {}
 
 
 class _LiveServices(Response):
