@@ -399,6 +399,36 @@ async def test_the_local_brokers_delivery_node_says_it_serves() -> None:
             await sub.unsubscribe()
 
 
+async def test_the_local_brokers_delivery_node_is_not_serving_while_a_backend_does_not_answer() -> None:
+    from micro.store.memory import MemoryStore
+
+    class Flaky(MemoryStore):
+        down = False
+
+        async def list(self, *args: Any, **kwargs: Any) -> Any:
+            if self.down:
+                raise OSError("the disk is gone")
+            return await super().list(*args, **kwargs)
+
+    store = Flaky()
+    async with micro.Runtime(registry="memory://", broker="local://", store=store) as rt:
+        async def ignore(msg: Any) -> None:
+            pass
+
+        sub = await rt.broker.subscribe("events.x", ignore)
+        try:
+            (record,) = await rt.registry.get("micro-broker")
+            node = record.nodes[0]
+            store.down = True
+            await rt.backends.check()  # as the runtime's 5 s checks do
+            assert (await nodes.check(rt.client, "micro-broker", node)).state == "not serving"
+            store.down = False
+            await rt.backends.check()
+            assert (await nodes.check(rt.client, "micro-broker", node)).state == "serving"
+        finally:
+            await sub.unsubscribe()
+
+
 def socket_nobody_listens_on() -> str:
     import socket
 

@@ -246,8 +246,8 @@ class Dashboard:
     async def snapshot(self) -> _Snapshot:
         """The service table's data as every open page shows it: made again (:meth:`service_list`) once the
         registry changed or it is ``REFRESH`` seconds old (or, while no live page watches the registry, each
-        time), by one caller at a time while the others await it, so however many pages are open the registry is listed, the nodes asked and the table rendered once
-        per change or refresh, not once per page."""
+        time), by one caller at a time while the others await it, so however many pages are open the
+        registry is listed, the nodes asked and the table rendered once per change or refresh, not per page."""
         while True:
             snap = self._snapshot
             if (snap is not None and snap.version == self._version and self.clock() - snap.made < REFRESH
