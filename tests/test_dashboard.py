@@ -221,16 +221,18 @@ async def test_actions_need_the_pages_csrf_token(runtime: micro.Runtime) -> None
                               headers={"Origin": "https://evil.example"})
         assert rsp.status_code == 403 and "cross-origin request" in rsp.text
 
-    # the CSRF cookie is this port's: another port's dashboard on the same host neither reads nor accepts it
+    # the CSRF cookie is this port's: another port's dashboard on the same host neither reads nor accepts it.
+    # A browser sends a host's cookies to every port of it: the cookie exactly as 8080 set it goes to 9090 too
     async with _client(dashboard(runtime)) as http:
         page = await http.get("/services/painter")
-        assert page.headers["set-cookie"].startswith("micro_csrf_8080=")
+        name, value = page.headers["set-cookie"].split(";")[0].split("=", 1)
         token = _csrf(page.text)
     async with _client(dashboard(runtime), base="http://127.0.0.1:9090") as other:
-        other.cookies.set("micro_csrf_8080", token)
+        other.cookies.set(name, value)
         rsp = await other.post("/ui/call/painter/Painter.Paint", data={"wall": "w", "csrf": token})
-        assert "PERMISSION_DENIED" in rsp.text and "painted" not in rsp.text
+        assert "PERMISSION_DENIED" in rsp.text and "painted" not in rsp.text  # one cookie for all ports: painted
         assert (await other.get("/")).headers["set-cookie"].startswith("micro_csrf_9090=")
+    assert name == "micro_csrf_8080" and value == token
 
 
 async def test_a_denial_with_a_reason_reaches_the_model(runtime: micro.Runtime) -> None:
@@ -548,6 +550,10 @@ def test_call_rates_are_the_last_minutes_differences_and_forget_what_left() -> N
     assert rates.sample(["b"], {"a": 1, "b": 7}) == {}  # b came back: measured anew; a is forgotten
     now[0] += 2
     assert rates.sample(["a", "b"], {"a": 5, "b": 13}) == {"b": 3.0}
+    now[0] += 3600  # nobody looked for an hour: 3600 calls in its last minute are 60/s, not 1/s over the hour
+    assert rates.sample(["b"], {"b": 13 + 3600}) == {}  # the old sample is gone: one sample, no rate yet
+    now[0] += 2
+    assert rates.sample(["b"], {"b": 13 + 3600 + 120}) == {"b": 60.0}
 
 
 async def test_the_service_list_shows_call_rates_from_this_processs_metrics() -> None:

@@ -138,7 +138,9 @@ class CallRates:
             kept = self._samples.setdefault(name, deque())
             if not kept or now - kept[-1][0] >= 1.0:  # at most one sample a second: bounded by the window
                 kept.append((now, counts[name]))
-            while len(kept) > 2 and now - kept[1][0] >= self.window:  # keep one sample at or past the window
+            # the samples within the window, and one at most a second older (the window's start, as sampled):
+            # an older one (the list was not looked at for a while) would spread calls over hours
+            while len(kept) > 1 and (now - kept[1][0] >= self.window or now - kept[0][0] > self.window + 1.0):
                 kept.popleft()
             (t0, n0), (t1, n1) = kept[0], kept[-1]
             if t1 - t0 >= 1.0:
