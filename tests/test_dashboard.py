@@ -683,6 +683,29 @@ async def test_a_reopened_session_shows_its_earlier_turns_from_the_agents_memory
         assert bad.status_code == 200 and 'role="alert"' in bad.text and "earlier-turn" not in bad.text
 
 
+def test_a_reopened_sessions_transcript_starts_at_a_turn_and_shows_the_loops_own_words_as_such() -> None:
+    from micro.agent.loop import SUMMARISE
+    from micro.dashboard.pages import transcript
+
+    def result(call: str, content: Any) -> dict[str, Any]:
+        return {"type": "tool_result", "tool_use_id": call, "content": content}
+
+    kept = [  # the last messages of a session: the cut fell inside a turn
+        {"role": "user", "content": [result("c1", "orphan: its call was cut off")]},
+        {"role": "assistant", "content": [{"type": "text", "text": "the end of a turn whose start is gone"}]},
+        {"role": "user", "content": [{"type": "text", "text": "paint it"}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "c2", "name": "paint", "input": {"w": 1}}]},
+        {"role": "user", "content": [result("c2", [{"type": "text", "text": "north"},
+                                                   {"type": "text", "text": "done"}])]},
+        {"role": "user", "content": [{"type": "text", "text": SUMMARISE}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Painted north."}]},
+    ]
+    assert transcript(kept) == [
+        ("you", "you: paint it"), ("tool", '→ paint({"w":1})'), ("result", "← north done"),
+        ("result", "(the run used every step it may: the agent was asked to answer now)"),
+        ("reply-text", "Painted north.")]
+
+
 async def test_dead_lettered_events_are_listed_and_replayed_from_the_flow_page(runtime: micro.Runtime) -> None:
     from micro.flow.record import FlowRun
 

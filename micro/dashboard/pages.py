@@ -63,24 +63,47 @@ def _clip(text: str, limit: int) -> str:
 
 def transcript(messages: list[Mapping[str, Any]]) -> list[tuple[str, str]]:
     """A session's stored messages (``AgentInfo.History``, as JSON) as the playground's lines: ``(class, text)``,
-    the lines its script writes for a live turn (``you: …``, the reply, ``→ tool(args)``, ``← result``)."""
+    the lines its script writes for a live turn (``you: …``, the reply, ``→ tool(args)``, ``← result``).
+
+    The messages are a session's last ones, so they may start mid-turn: what comes before the first message
+    of the person's is left out (a result whose call was cut off would stand alone). The loop's own request
+    to answer at the step limit is a note, not the person's words."""
+    from micro.agent.loop import SUMMARISE
+
+    def said(m: Mapping[str, Any]) -> bool:
+        return m.get("role") == "user" and any(b.get("type") == "text" for b in m.get("content") or [])
+
+    start = next((i for i, m in enumerate(messages) if said(m)), 0)
     lines: list[tuple[str, str]] = []
-    for m in messages:
+    calls: set[str] = set()
+    for m in messages[start:]:
         for block in m.get("content") or []:
             kind = block.get("type")
             if kind == "text" and block.get("text"):
-                if m.get("role") == "user":
-                    lines.append(("you", f"you: {block['text']}"))
-                else:
+                if m.get("role") != "user":
                     lines.append(("reply-text", str(block["text"])))
+                elif block["text"] == SUMMARISE:
+                    lines.append(("result", "(the run used every step it may: the agent was asked to answer now)"))
+                else:
+                    lines.append(("you", f"you: {block['text']}"))
             elif kind == "tool_use":
+                calls.add(str(block.get("id", "")))
                 args = _encode(block.get("input") or {}).decode()
                 lines.append(("tool", f"→ {block.get('name', '?')}({_clip(args, 120)})"))
-            elif kind == "tool_result":
+            elif kind == "tool_result" and str(block.get("tool_use_id", "")) in calls:
                 failed = bool(block.get("is_error"))
                 lines.append(("result fail" if failed else "result",
-                              f"{'✗' if failed else '←'} {_clip(str(block.get('content', '')), 200)}"))
+                              f"{'✗' if failed else '←'} {_clip(_text_of(block.get('content', '')), 200)}"))
     return lines
+
+
+def _text_of(content: Any) -> str:
+    """A tool result's content as text: a string as it is; content blocks (a list) by their text, else JSON."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(b, Mapping) and "text" in b for b in content):
+        return " ".join(str(b["text"]) for b in content)
+    return _encode(content).decode()
 
 
 def pretty(value: Any) -> str:
