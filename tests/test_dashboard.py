@@ -184,6 +184,17 @@ def test_the_timeline_draws_recorded_model_turns_with_their_tokens_not_the_gaps(
     assert (far.anchor, far.label_x) == ("end", far.x + far.w - 4)
 
 
+def test_a_run_spanning_the_upgrade_to_recorded_turns_infers_its_earlier_turns_from_the_gaps() -> None:
+    # its first turns ran before turns were recorded (one call from then); the last one was recorded
+    run = {"started": 100.0, "finished": 100.1, "turns": [
+        {"started": 100.05, "seconds": 0.04, "input_tokens": 9, "output_tokens": 3}],
+        "tool_calls": [{"name": "a", "input": {}, "started": 100.01, "seconds": 0.02, "state": "done"}]}
+    bars = [(b.lane, b.label, round(b.start, 3), round(b.seconds, 3)) for b in timeline.agent_bars(run)]
+    assert sorted(bars) == [(0, "model turn 1", 0.0, 0.01), (0, "model turn 2", 0.03, 0.02),
+                            (0, "model turn 3 · 9 in / 3 out", 0.05, 0.04), (1, "a", 0.01, 0.02)]
+    assert "(inferred: before turns were recorded)" in timeline.agent_bars(run)[1].title
+
+
 async def test_pages_escape_what_services_and_runs_hold(runtime: micro.Runtime) -> None:
     async with _client(dashboard(runtime)) as http:
         page = await http.get("/")
