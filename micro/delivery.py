@@ -24,6 +24,7 @@ from micro.wire.server import NativeServer
 
 if TYPE_CHECKING:
     from micro.client import Client
+    from micro.health import Backends
 
 __all__ = ["RuntimeDelivery"]
 
@@ -32,13 +33,16 @@ class _Served:
     """The broker's endpoint on both wires: gRPC at ``address`` for any client, and micro's
     native wire, advertised in ``metadata`` the way a service node advertises it."""
 
-    def __init__(self, grpc: GrpcServer, native: NativeServer) -> None:
+    def __init__(self, grpc: GrpcServer, native: NativeServer, backends: Backends | None = None) -> None:
         self._grpc = grpc
         self._native = native
+        self._backends = backends
         self.address = f"127.0.0.1:{grpc.port}"
         self.metadata: Mapping[str, str] = {NATIVE: f"127.0.0.1:{native.port}"}
 
     async def stop(self, grace: float) -> None:
+        if self._backends is not None:
+            self._backends.listeners.discard(self._grpc.health.set_backends)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._grpc.stop, grace)
             tg.start_soon(self._native.stop, grace)
@@ -47,9 +51,10 @@ class _Served:
 class RuntimeDelivery:
     """A runtime's registry, client and servers, as the local broker uses them."""
 
-    def __init__(self, registry: Registry, client: Client) -> None:
+    def __init__(self, registry: Registry, client: Client, backends: Backends | None = None) -> None:
         self.registry = registry
         self._client = client
+        self._backends = backends  # the runtime's: its health check says NOT_SERVING while one does not answer
 
     async def lookup(self, service: str) -> list[ServiceRecord]:
         """The records of ``service`` from the client's watched cache (``NotFound`` if none)."""
@@ -73,8 +78,12 @@ class RuntimeDelivery:
         except BaseException:
             await grpc.stop(0)
             raise
-        grpc.health.set_serving(True)  # its grpc.health.v1 check says so (NOT_SERVING again once it stops)
-        return _Served(grpc, native)
+        health = grpc.health
+        health.set_serving(True)  # its grpc.health.v1 check says so (NOT_SERVING again once it stops)
+        if self._backends is not None:  # and NOT_SERVING while a backend does not answer, as a service's
+            health.set_backends(self._backends.ok)
+            self._backends.listeners.add(health.set_backends)
+        return _Served(grpc, native, self._backends)
 
     async def send(self, node: Node, path: str, payload: bytes, *, timeout: float) -> None:
         """One unary JSON call to ``path`` on that node, on the wire its record and the client's transport

@@ -88,11 +88,11 @@ class Runtime(Resource):
             self.registry, local=self.local, wrappers=call_wrappers,
             default_timeout=default_timeout, publish=self.broker.publish, tls=tls, transport=transport,
         )
-        self.delivery = RuntimeDelivery(self.registry, self.client)
-        """What a broker that delivers through the runtime (``local://``) uses."""
-        self.broker.attach(self)
         self.backends = Backends(self, health_interval)
         """Whether the registry, store and broker answer (checked while the runtime is open)."""
+        self.delivery = RuntimeDelivery(self.registry, self.client, self.backends)
+        """What a broker that delivers through the runtime (``local://``) uses."""
+        self.broker.attach(self)
         self.url = self.registry.url
         self._stack: contextlib.AsyncExitStack | None = None
         self._background: BackgroundTasks | None = None

@@ -305,7 +305,13 @@ async def test_partial_decisions_are_kept_until_every_call_is_decided(store: Mem
         half = await agent.resume(rsp.run_id, approve={delete.call_id: "keep it"}, partial=True)
         assert half.status == "paused" and ledger.deleted == []
         with pytest.raises(BadRequest, match=rf"no decision on {transfer.call_id} \(ledger_Ledger_Transfer\)"):
-            await agent.resume(rsp.run_id, approve={delete.call_id: True})
+            await agent.resume(rsp.run_id, approve={delete.call_id: "keep it"})
+        # a recorded decision is never reversed (a stale page, another person): refused, nothing changes
+        with pytest.raises(Conflict, match=rf"run {rsp.run_id}: call {delete.call_id} \(ledger_Ledger_DeleteEntry\) "
+                                           r"was already denied \(keep it\)"):
+            await agent.resume(rsp.run_id, approve={delete.call_id: True, transfer.call_id: True})
+        again = await agent.resume(rsp.run_id, approve={delete.call_id: False}, partial=True)  # the same: quietly
+        assert again.status == "paused"
         done = await agent.resume(rsp.run_id, approve={transfer.call_id: True})
     assert done.reply == ('{"ok":true,"detail":"sent 5 to bob"} | the call to ledger_Ledger_DeleteEntry was not '
                           "approved by a person: keep it")

@@ -399,12 +399,31 @@ def test_run_reports_a_failing_dashboard_at_once_and_lets_go_of_its_port(tmp_pat
         stop_app(app)
 
 
-def test_a_dashboard_off_loopback_without_allow_host_fails_at_once_naming_it() -> None:
+def test_micro_dashboard_off_loopback_without_allow_host_fails_at_once_naming_it() -> None:
     # its pages would be served but every form refused: an error before anything starts, not a dashboard
-    # that does nothing (micro run starts no service: the check comes first)
-    for args, option in ((["dashboard", "--address", "0.0.0.0:0"], "--address 0.0.0.0:0"),
-                         (["run", "examples/tasks", "--http-address", "0.0.0.0:0"], "--http-address 0.0.0.0:0")):
-        done = micro(*args, timeout=30)
-        assert done.returncode == 2, done
-        assert done.stderr.startswith(f"error: {option} is not a loopback address"), done.stderr
-        assert "--allow-host dashboard.example.com" in done.stderr and "service " not in done.stdout
+    # that does nothing
+    done = micro("dashboard", "--address", "0.0.0.0:0", timeout=30)
+    assert done.returncode == 2, done
+    assert done.stderr.startswith("error: --address 0.0.0.0:0 is not a loopback address"), done.stderr
+    assert "--allow-host dashboard.example.com" in done.stderr
+
+
+def test_micro_run_off_loopback_without_allow_host_serves_the_json_api_for_any_host_and_no_dashboard() -> None:
+    # an API-only `micro run` in a container (MICRO_HTTP_ADDRESS=0.0.0.0:8080) served the JSON API for any
+    # Host before the dashboard existed; the dashboard's fail-fast made it exit 2
+    import httpx
+
+    app = start_app("examples/tasks", env={**os.environ, "MICRO_HTTP_ADDRESS": "0.0.0.0:0"})
+    try:
+        (note,) = [line for line in app.banner if line.startswith("note: no dashboard")]
+        assert note == ("note: no dashboard on 0.0.0.0:0 (not a loopback address): serving the JSON API only; pass "
+                        "--allow-host NAME (the names browsers reach it by, repeatable) to serve the dashboard there "
+                        "too\n")
+        url = next(line.split()[1] for line in app.banner if line.startswith("api: "))
+        port = int(url.rpartition(":")[2])
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Host": "tasks.internal:8080"}) as http:
+            listed = http.get("/api/services")
+            assert listed.status_code == 200 and "task" in {s["name"] for s in listed.json()}
+            assert http.get("/", headers={"Accept": "text/html"}).status_code == 404  # no dashboard mounted
+    finally:
+        stop_app(app)

@@ -23,6 +23,7 @@ import micro
 from micro.ai import Message, ToolResultBlock, ToolSpec, scripted
 from micro.dashboard import app as dashboard
 from micro.dashboard import forms, nodes, timeline
+from micro.dashboard.pages import REFRESH
 from micro.errors import BadRequest
 from micro.gateway.http import LOOPBACK_HOSTS
 from micro.gateway.http import app as gateway
@@ -183,6 +184,17 @@ def test_the_timeline_draws_recorded_model_turns_with_their_tokens_not_the_gaps(
     assert (far.anchor, far.label_x) == ("end", far.x + far.w - 4)
 
 
+def test_a_run_spanning_the_upgrade_to_recorded_turns_infers_its_earlier_turns_from_the_gaps() -> None:
+    # its first turns ran before turns were recorded (one call from then); the last one was recorded
+    run = {"started": 100.0, "finished": 100.1, "turns": [
+        {"started": 100.05, "seconds": 0.04, "input_tokens": 9, "output_tokens": 3}],
+        "tool_calls": [{"name": "a", "input": {}, "started": 100.01, "seconds": 0.02, "state": "done"}]}
+    bars = [(b.lane, b.label, round(b.start, 3), round(b.seconds, 3)) for b in timeline.agent_bars(run)]
+    assert sorted(bars) == [(0, "model turn 1", 0.0, 0.01), (0, "model turn 2", 0.03, 0.02),
+                            (0, "model turn 3 · 9 in / 3 out", 0.05, 0.04), (1, "a", 0.01, 0.02)]
+    assert "(inferred: before turns were recorded)" in timeline.agent_bars(run)[1].title
+
+
 async def test_pages_escape_what_services_and_runs_hold(runtime: micro.Runtime) -> None:
     async with _client(dashboard(runtime)) as http:
         page = await http.get("/")
@@ -220,16 +232,18 @@ async def test_actions_need_the_pages_csrf_token(runtime: micro.Runtime) -> None
                               headers={"Origin": "https://evil.example"})
         assert rsp.status_code == 403 and "cross-origin request" in rsp.text
 
-    # the CSRF cookie is this port's: another port's dashboard on the same host neither reads nor accepts it
+    # the CSRF cookie is this port's: another port's dashboard on the same host neither reads nor accepts it.
+    # A browser sends a host's cookies to every port of it: the cookie exactly as 8080 set it goes to 9090 too
     async with _client(dashboard(runtime)) as http:
         page = await http.get("/services/painter")
-        assert page.headers["set-cookie"].startswith("micro_csrf_8080=")
+        name, value = page.headers["set-cookie"].split(";")[0].split("=", 1)
         token = _csrf(page.text)
     async with _client(dashboard(runtime), base="http://127.0.0.1:9090") as other:
-        other.cookies.set("micro_csrf_8080", token)
+        other.cookies.set(name, value)
         rsp = await other.post("/ui/call/painter/Painter.Paint", data={"wall": "w", "csrf": token})
-        assert "PERMISSION_DENIED" in rsp.text and "painted" not in rsp.text
+        assert "PERMISSION_DENIED" in rsp.text and "painted" not in rsp.text  # one cookie for all ports: painted
         assert (await other.get("/")).headers["set-cookie"].startswith("micro_csrf_9090=")
+    assert name == "micro_csrf_8080" and value == token
 
 
 async def test_a_denial_with_a_reason_reaches_the_model(runtime: micro.Runtime) -> None:
@@ -302,6 +316,69 @@ async def test_the_decide_all_form_names_the_undecided_calls_and_decides_them(ru
     assert run["status"] == "completed" and run["reply"].count("not approved by a person: no paint") == 2
 
 
+async def test_a_stale_page_cannot_reverse_a_decision_already_recorded(runtime: micro.Runtime) -> None:
+    rsp = await runtime.client.call("pair", "Agent.Chat", {"message": "paint"})
+    run_id = rsp["run_id"]
+    north, south = (p["call_id"] for p in rsp["pending"])
+    resume = f"/ui/agents/pair/runs/{run_id}/resume"
+    async with _client(dashboard(runtime)) as a, _client(dashboard(runtime)) as b:
+        page_a = await a.get(f"/agents/pair/runs/{run_id}")
+        page_b = await b.get(f"/agents/pair/runs/{run_id}")  # a second tab, opened at the same time
+        pause = re.search(r'name="pause" value="([^"]+)"', page_b.text)
+        assert pause is not None
+        ok = await a.post(resume, data={"action": "approve", "call_id": north, "pause": pause.group(1),
+                                        "csrf": _csrf(page_a.text)})
+        assert ok.status_code == 303
+        again = await a.post(resume, data={"action": "approve", "call_id": north, "pause": pause.group(1),
+                                           "csrf": _csrf(page_a.text)})  # a double click: accepted quietly
+        assert again.status_code == 303
+        stale = await b.post(resume, data={"action": "deny", "call_id": north, "reason": "B says no",
+                                           "pause": pause.group(1), "csrf": _csrf(page_b.text)})
+        assert stale.status_code == 400
+        assert f"run {run_id}: call {north} (painter_Painter_Paint) was already approved" in stale.text
+        stale_all = await b.post(resume, data={"action": "deny", "calls": f'["{north}", "{south}"]', "reason": "no",
+                                               "pause": pause.group(1), "csrf": _csrf(page_b.text)})
+        assert stale_all.status_code == 400 and "was already approved" in stale_all.text
+    run = (await runtime.client.call("pair", "AgentInfo.Run", {"id": run_id}))["run"]
+    assert run["status"] == "paused"  # nothing of B's was recorded
+    assert [(p["call_id"], p["decided"], p["approved"]) for p in run["pending"]] == [
+        (north, True, True), (south, False, False)]
+
+
+def _twice(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | str:
+    done = sum(isinstance(b, ToolResultBlock) for m in messages for b in m.content)
+    if done >= 2:
+        return "Both coats on."
+    return scripted.turn("Another coat. ", scripted.call("painter_Painter_Paint", wall="north"))
+
+
+async def test_a_decision_made_against_an_earlier_pause_of_the_run_is_refused(runtime: micro.Runtime) -> None:
+    twice = micro.Agent("twice", services=["painter"], prompt="You paint.", runtime=runtime,
+                        provider=scripted.function(_twice), needs_approval=["painter_Painter_Paint"])
+    async with twice:
+        rsp = await runtime.client.call("twice", "Agent.Chat", {"message": "paint"})
+        run_id = rsp["run_id"]
+        async with _client(dashboard(runtime)) as http:
+            first = await http.get(f"/agents/twice/runs/{run_id}")
+            pause = re.search(r'name="pause" value="([^"]+)"', first.text)
+            assert pause is not None
+            ok = await http.post(f"/ui/agents/twice/runs/{run_id}/resume",
+                                 data={"action": "approve", "call_id": rsp["pending"][0]["call_id"],
+                                       "pause": pause.group(1), "csrf": _csrf(first.text)})
+            assert ok.status_code == 303
+            run = (await runtime.client.call("twice", "AgentInfo.Run", {"id": run_id}))["run"]
+            assert run["status"] == "paused" and run["pause"] != pause.group(1)  # its second pause
+            # the first page's form, with the new pause's call id (a provider without tool-call ids numbers
+            # them call_0, call_1… in every response, so an old form can name a new call)
+            stale = await http.post(f"/ui/agents/twice/runs/{run_id}/resume",
+                                    data={"action": "deny", "call_id": run["pending"][0]["call_id"],
+                                          "pause": pause.group(1), "csrf": _csrf(first.text)})
+            assert stale.status_code == 400 and "no longer waits in the pause these decisions were made" in stale.text
+            assert (await runtime.client.call("twice", "AgentInfo.Run", {"id": run_id}))["run"] == run
+            fresh = await http.get(f"/agents/twice/runs/{run_id}")
+            assert f'name="pause" value="{run["pause"]}"' in fresh.text
+
+
 async def test_the_service_list_shows_each_nodes_own_health_check(runtime: micro.Runtime) -> None:
     from micro.registry import Node, ServiceRecord
 
@@ -329,8 +406,38 @@ async def test_the_local_brokers_delivery_node_says_it_serves() -> None:
         sub = await rt.broker.subscribe("events.x", ignore)
         try:
             (record,) = await rt.registry.get("micro-broker")
-            assert await nodes.check("micro-broker", record.nodes[0]) == nodes.Health(
+            assert await nodes.check(rt.client, "micro-broker", record.nodes[0]) == nodes.Health(
                 "serving", f"{record.nodes[0].address} serves micro-broker")
+        finally:
+            await sub.unsubscribe()
+
+
+async def test_the_local_brokers_delivery_node_is_not_serving_while_a_backend_does_not_answer() -> None:
+    from micro.store.memory import MemoryStore
+
+    class Flaky(MemoryStore):
+        down = False
+
+        async def list(self, *args: Any, **kwargs: Any) -> Any:
+            if self.down:
+                raise OSError("the disk is gone")
+            return await super().list(*args, **kwargs)
+
+    store = Flaky()
+    async with micro.Runtime(registry="memory://", broker="local://", store=store) as rt:
+        async def ignore(msg: Any) -> None:
+            pass
+
+        sub = await rt.broker.subscribe("events.x", ignore)
+        try:
+            (record,) = await rt.registry.get("micro-broker")
+            node = record.nodes[0]
+            store.down = True
+            await rt.backends.check()  # as the runtime's 5 s checks do
+            assert (await nodes.check(rt.client, "micro-broker", node)).state == "not serving"
+            store.down = False
+            await rt.backends.check()
+            assert (await nodes.check(rt.client, "micro-broker", node)).state == "serving"
         finally:
             await sub.unsubscribe()
 
@@ -349,13 +456,13 @@ async def test_node_health_is_asked_once_per_ttl_and_forgets_nodes_that_left(
 
     asked: list[str] = []
 
-    async def check(service: str, node: Node, timeout: float = 1.0) -> nodes.Health:
+    async def check(client: Any, service: str, node: Node, timeout: float = 1.0) -> nodes.Health:
         asked.append(node.id)
         return nodes.Health("serving")
 
     monkeypatch.setattr(nodes, "check", check)
     now = [0.0]
-    health = nodes.NodeHealth(ttl=5.0, clock=lambda: now[0])
+    health = nodes.NodeHealth(None, ttl=5.0, clock=lambda: now[0])  # type: ignore[arg-type]
     a, b = ServiceRecord("a", nodes=[Node("a-1", "h:1")]), ServiceRecord("b", nodes=[Node("b-1", "h:2")])
     assert await health.of([a, b]) == {("a", "a-1"): nodes.Health("serving"), ("b", "b-1"): nodes.Health("serving")}
     now[0] = 4.0
@@ -365,6 +472,77 @@ async def test_node_health_is_asked_once_per_ttl_and_forgets_nodes_that_left(
     now[0] = 5.0
     await health.of([a, b])  # a is asked again (ttl), and b anew although its answer would still be fresh
     assert sorted(asked) == ["a-1", "a-1", "b-1", "b-1"]
+
+
+async def test_concurrent_pages_share_each_nodes_check_under_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    from micro.registry import Node, ServiceRecord
+
+    asked: list[str] = []
+    answer = anyio.Event()
+
+    async def check(client: Any, service: str, node: Node, timeout: float = 1.0) -> nodes.Health:
+        asked.append(node.id)
+        await answer.wait()
+        return nodes.Health("serving")
+
+    monkeypatch.setattr(nodes, "check", check)
+    health = nodes.NodeHealth(None, ttl=5.0)  # type: ignore[arg-type]
+    records = [ServiceRecord(f"s{i}", nodes=[Node(f"n{i}", f"h:{i}")]) for i in range(13)]
+    seen: list[dict[tuple[str, str], nodes.Health]] = []
+
+    async def page() -> None:
+        seen.append(await health.of(records))
+
+    async with anyio.create_task_group() as tg:  # 20 open pages woken by one registry change
+        for _ in range(20):
+            tg.start_soon(page)
+        await anyio.wait_all_tasks_blocked()  # all 20 are in: the first asks, the others wait for it
+        answer.set()
+    assert sorted(asked) == sorted(f"n{i}" for i in range(13))  # 13 checks, not 260
+    assert len(seen) == 20 and all(len(s) == 13 for s in seen)
+
+
+async def test_a_node_with_an_address_that_is_not_host_port_is_unreachable_not_a_failed_page(
+        runtime: micro.Runtime) -> None:
+    from micro.registry import Node, ServiceRecord
+
+    await runtime.registry.register(ServiceRecord("odd", nodes=[Node("odd-1", "unix:/run/x.sock")]), ttl=60)
+    async with _client(dashboard(runtime)) as http:
+        page = await http.get("/")
+    assert page.status_code == 200
+    states = dict(re.findall(r'<span class="node [^"]*" data-node="([^"]+)"[^>]*>● [^<]* <span class="health">'
+                             r'([^<]+)</span>', page.text))
+    assert states["odd-1"] == "unreachable" and "unix:/run/x.sock: " in page.text
+    (painter,) = await runtime.registry.get("painter")
+    assert states[painter.nodes[0].id] == "serving"  # the others are still shown
+
+
+async def test_node_health_reaches_nodes_behind_a_private_ca_and_mutual_tls_through_the_runtimes_client(
+        tmp_path: Any) -> None:
+    import trustme
+
+    from micro.registry.memory import MemoryRegistry
+    from micro.tls import client_context, server_context
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    ca.issue_cert("dashboard@micro").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "client.pem"))
+    registry = MemoryRegistry()
+    server_tls = server_context(tmp_path / "server.pem", tmp_path / "server.pem", ca=tmp_path / "ca.pem",
+                                require_client_cert=True)
+    async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as server_rt:
+        secure = micro.Service("secure", runtime=server_rt, tls=server_tls)
+        secure.handle(Painter())
+        async with secure, micro.Runtime(registry=registry, store="memory://", broker="memory://",
+                                         tls=client_context(tmp_path / "ca.pem", cert=tmp_path / "client.pem")) as rt:
+            (node,) = secure.record.nodes
+            health = nodes.NodeHealth(rt.client, ttl=0.0)
+            assert await health.of([secure.record]) == {
+                ("secure", node.id): nodes.Health("serving", f"{node.address} serves secure")}
+            channel = rt.client.grpc_channel(node)
+            await health.of([secure.record])  # asked again (ttl 0) over the same pooled connection
+            assert rt.client.grpc_channel(node) is channel
 
 
 def test_call_rates_are_the_last_minutes_differences_and_forget_what_left() -> None:
@@ -383,6 +561,10 @@ def test_call_rates_are_the_last_minutes_differences_and_forget_what_left() -> N
     assert rates.sample(["b"], {"a": 1, "b": 7}) == {}  # b came back: measured anew; a is forgotten
     now[0] += 2
     assert rates.sample(["a", "b"], {"a": 5, "b": 13}) == {"b": 3.0}
+    now[0] += 3600  # nobody looked for an hour: 3600 calls in its last minute are 60/s, not 1/s over the hour
+    assert rates.sample(["b"], {"b": 13 + 3600}) == {}  # the old sample is gone: one sample, no rate yet
+    now[0] += 2
+    assert rates.sample(["b"], {"b": 13 + 3600 + 120}) == {"b": 60.0}
 
 
 async def test_the_service_list_shows_call_rates_from_this_processs_metrics() -> None:
@@ -512,6 +694,29 @@ async def test_a_reopened_session_shows_its_earlier_turns_from_the_agents_memory
         assert bad.status_code == 200 and 'role="alert"' in bad.text and "earlier-turn" not in bad.text
 
 
+def test_a_reopened_sessions_transcript_starts_at_a_turn_and_shows_the_loops_own_words_as_such() -> None:
+    from micro.agent.loop import SUMMARISE
+    from micro.dashboard.pages import transcript
+
+    def result(call: str, content: Any) -> dict[str, Any]:
+        return {"type": "tool_result", "tool_use_id": call, "content": content}
+
+    kept = [  # the last messages of a session: the cut fell inside a turn
+        {"role": "user", "content": [result("c1", "orphan: its call was cut off")]},
+        {"role": "assistant", "content": [{"type": "text", "text": "the end of a turn whose start is gone"}]},
+        {"role": "user", "content": [{"type": "text", "text": "paint it"}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "c2", "name": "paint", "input": {"w": 1}}]},
+        {"role": "user", "content": [result("c2", [{"type": "text", "text": "north"},
+                                                   {"type": "text", "text": "done"}])]},
+        {"role": "user", "content": [{"type": "text", "text": SUMMARISE}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Painted north."}]},
+    ]
+    assert transcript(kept) == [
+        ("you", "you: paint it"), ("tool", '→ paint({"w":1})'), ("result", "← north done"),
+        ("result", "(the run used every step it may: the agent was asked to answer now)"),
+        ("reply-text", "Painted north.")]
+
+
 async def test_dead_lettered_events_are_listed_and_replayed_from_the_flow_page(runtime: micro.Runtime) -> None:
     from micro.flow.record import FlowRun
 
@@ -541,6 +746,81 @@ async def test_dead_lettered_events_are_listed_and_replayed_from_the_flow_page(r
             assert 'href="/flows/eater/runs/bad-1-replay-1">bad-1-replay-1</a> <span class="status completed">' in dead
             shown = await http.get("/flows/eater/runs/bad-1")
             assert "the broker moved the event to its dead-letter topic" in shown.text
+
+
+async def test_replays_beside_a_dead_event_are_found_by_replay_of_and_a_stale_replay_is_refused(
+        runtime: micro.Runtime) -> None:
+    from micro.flow.record import FlowRun
+
+    seen: list[Any] = []
+
+    async def digest(event: dict[str, Any], run: FlowRun) -> str:
+        seen.append(event)
+        return "ok"
+
+    flow = micro.NewFlow("eater", trigger="food.served", steps=[digest], runtime=runtime)
+    async with flow:
+        await flow.runs.put(FlowRun("bad-1", "eater", "food.served", event={"dish": 1}, status="failed",
+                                    attempts=3, error="ValueError", started=1.0, dead_lettered=True))
+        await flow.runs.put(FlowRun("bad-1-replay-1", "eater", "food.served", event={"dish": 1}, status="failed",
+                                    started=2.0, replay_of="bad-1", error="again"))
+        for i in range(40):  # newer runs than the page's 30: the replay is not among them
+            await flow.runs.put(FlowRun(f"new-{i}", "eater", "food.served", event={}, status="completed",
+                                        started=10.0 + i))
+        async with _client(dashboard(runtime)) as http:
+            page = await http.get("/flows/eater")
+            dead = page.text.split('id="h-dead"')[1].split("</section>")[0]
+            assert 'href="/flows/eater/runs/bad-1-replay-1">bad-1-replay-1</a> <span class="status failed">' in dead
+            assert 'name="seen" value="1"' in dead and "Replay again" in dead
+            rsp = await http.post("/ui/flows/eater/runs/bad-1/replay", data={"seen": "1", "csrf": _csrf(page.text)})
+            assert rsp.status_code == 303 and rsp.headers["location"] == "/flows/eater/runs/bad-1-replay-2"
+            # the same page's form again (a stale page, a second click): refused, naming the replay since
+            stale = await http.post("/ui/flows/eater/runs/bad-1/replay", data={"seen": "1", "csrf": _csrf(page.text)})
+            assert stale.status_code == 400
+            assert "run &#39;bad-1&#39; was replayed since you looked: bad-1-replay-2 is completed" in stale.text
+            assert seen == [{"dish": 1}]  # replayed once
+            shown = await http.get("/flows/eater/runs/bad-1")
+            assert 'name="seen" value="2"' in shown.text and "bad-1-replay-2</a>" in shown.text
+
+
+class OldRunsRequest(msgspec.Struct):  # Flow.Runs of a flow node older than dead-lettering
+    limit: int = 20
+    status: list[str] | None = None
+
+
+class OldRun(msgspec.Struct):
+    id: str
+    flow: str
+    topic: str
+    status: str = "completed"
+    attempts: int = 1
+    started: float = 0.0
+    error: str = ""
+    event: Any = None
+    tool_calls: list[Any] = []
+    trace: dict[str, Any] = {}
+
+
+class OldRuns(msgspec.Struct):
+    runs: list[OldRun]
+
+
+class Flow:  # served as "Flow": the older node's run listing, which ignores dead_lettered
+    async def Runs(self, req: OldRunsRequest) -> OldRuns:
+        """Runs."""
+        return OldRuns([OldRun("done-1", "olden", "x", started=1.0)])
+
+
+async def test_an_older_flow_node_ignoring_the_dead_lettered_filter_lists_no_dead_events(
+        runtime: micro.Runtime) -> None:
+    olden = micro.Service("olden", runtime=runtime)
+    olden.handle(Flow())
+    async with olden, _client(dashboard(runtime)) as http:
+        page = await http.get("/flows/olden")
+    assert page.status_code == 200
+    dead = page.text.split('id="h-dead"')[1].split("</section>")[0]
+    assert "No event was dead-lettered." in dead and "done-1" not in dead and "/replay" not in dead
+    assert "done-1" in page.text.split('id="h-runs"')[1]  # listed as a run, not as a dead event
 
 
 async def test_unknown_services_and_runs_are_404_pages_that_say_so(runtime: micro.Runtime) -> None:
@@ -743,3 +1023,60 @@ async def test_open_live_pages_share_one_registry_watch_and_hand_it_over(runtime
                 await got.wait()
         leave[2].set()
     assert watching == [0, 1]  # one watch at a time throughout (one per page: three), and none left open
+
+
+async def test_open_live_pages_share_one_service_table_per_change_or_refresh(runtime: micro.Runtime) -> None:
+    asgi = dashboard(runtime)
+    board = asgi.state.dashboard
+    now = [0.0]
+    board.clock = lambda: now[0]
+    made: list[int] = []
+    real = board.service_list
+
+    async def counted() -> dict[str, Any]:
+        made.append(board.registry_version)
+        return await real()
+
+    board.service_list = counted
+    leave = anyio.Event()
+    tables: list[list[bytes]] = [[], [], []]
+    got = anyio.Event()
+
+    def page(i: int) -> tuple[Any, Any]:
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal got
+            if message.get("more_body"):
+                tables[i].append(message["body"])
+                got.set()
+                got = anyio.Event()
+
+        async def receive() -> dict[str, Any]:
+            await leave.wait()
+            return {"type": "http.disconnect"}
+
+        return receive, send
+
+    async with anyio.create_task_group() as tg:
+        for i in range(3):
+            tg.start_soon(_live_services, asgi, *page(i))
+        while not all(tables):
+            await got.wait()
+        await anyio.wait_all_tasks_blocked()  # the pages wait for a change or their refresh; one runs the watch
+        assert board.watching
+        first = len(made)
+        events: list[bytes] = []
+
+        async def render() -> None:
+            events.append(await board.services_event(""))
+
+        async with anyio.create_task_group() as renders:  # twenty more pages, or index loads, meanwhile
+            for _ in range(20):
+                renders.start_soon(render)
+        assert len(made) == first and len(set(events)) == 1  # the table made for the first pages, shared
+        now[0] = REFRESH  # the refresh: made once more, whoever asks
+        events.clear()
+        async with anyio.create_task_group() as renders:
+            for _ in range(20):
+                renders.start_soon(render)
+        assert len(made) == first + 1 and len(set(events)) == 1
+        leave.set()

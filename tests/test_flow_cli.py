@@ -86,3 +86,23 @@ def test_run_wait_resume_and_show_a_stepped_flow(example: subprocess.Popen[str])
     assert run2["id"] in failed.stdout
     dead = micro_cli("flow", "runs", "close-task", "--dead-lettered")
     assert dead.returncode == 0 and dead.stdout.strip() == "close-task has no dead-lettered runs", dead
+
+
+async def test_dead_lettered_runs_of_a_flow_node_that_ignores_the_filter_are_none() -> None:
+    # a flow node older than dead-lettering ignores RunsRequest.dead_lettered and lists every run; listing
+    # them as dead-lettered would offer `micro flow replay` on completed runs (their side effects again)
+    import anyio
+    from test_dashboard import Flow
+
+    import micro
+
+    async with micro.Runtime(registry="local://", store="memory://", broker="memory://") as rt:
+        olden = micro.Service("olden", runtime=rt)
+        olden.handle(Flow())
+        async with olden:
+            dead = await anyio.run_process([*MICRO, "flow", "runs", "olden", "--dead-lettered"], cwd=ROOT,
+                                           check=False, env={**os.environ, "COLUMNS": "80"})
+            every = await anyio.run_process([*MICRO, "flow", "runs", "olden"], cwd=ROOT, check=False,
+                                            env={**os.environ, "COLUMNS": "80"})
+    assert dead.returncode == 0 and dead.stdout.decode().strip() == "olden has no dead-lettered runs", dead
+    assert "done-1" in every.stdout.decode(), every

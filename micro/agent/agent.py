@@ -330,7 +330,7 @@ class Agent(Service):
         return await self._ask(message, session, parent_id, timeout, None, run_id)
 
     async def resume(self, run_id: str, *, approve: Approval = None, answer: Answer = None, reason: str = "",
-                     partial: bool = False, timeout: float | None = None) -> ChatResponse:
+                     partial: bool = False, timeout: float | None = None, pause: str = "") -> ChatResponse:
         """Continue a run that waits for a person, here, whichever process paused it.
 
         Args:
@@ -340,6 +340,11 @@ class Agent(Service):
             answer: the answer to the run's question (``{call_id: text}`` if it asked several).
             reason: the reason given with a denial.
             partial: record decisions on some pending calls only; the run keeps waiting for the rest.
+            pause: the run's ``pause`` (:func:`micro.agent.record.pause_token`) as the decider saw it: the
+                decisions are refused (``Conflict``) if the run has resumed and paused again since.
+
+        A decision on a call that already has one (a partial decision recorded earlier) must be the same
+        (a retry: accepted) or it is refused with ``Conflict``; a recorded decision is never reversed.
 
         Raises ``NotFound`` for an unknown run, ``Conflict`` for a run that does not wait (another
         resumer won, it completed, it expired), ``BadRequest`` for decisions that do not fit what it
@@ -351,14 +356,14 @@ class Agent(Service):
             if rsp.status == "paused":
                 rsp = await agent.resume(rsp.run_id, approve={rsp.pending[0].call_id: True})
         """
-        return await self._resume(run_id, approve, answer, reason, partial, timeout, None)
+        return await self._resume(run_id, approve, answer, reason, partial, timeout, None, pause)
 
     async def stream_resume(self, run_id: str, *, approve: Approval = None, answer: Answer = None,
-                            reason: str = "", partial: bool = False,
-                            timeout: float | None = None) -> AsyncIterator[ChatEvent]:
+                            reason: str = "", partial: bool = False, timeout: float | None = None,
+                            pause: str = "") -> AsyncIterator[ChatEvent]:
         """:meth:`resume`, yielding events as :meth:`stream` does."""
         async for ev in self._streamed(lambda emit: self._resume(run_id, approve, answer, reason, partial, timeout,
-                                                                 emit)):
+                                                                 emit, pause)):
             yield ev
 
     async def cancel(self, run_id: str, *, reason: str = "") -> ChatResponse:
@@ -490,10 +495,10 @@ class Agent(Service):
         return await self._execute(checkpoint, emit, timeout, {})
 
     async def _resume(self, run_id: str, approve: Approval, answer: Answer, reason: str, partial: bool,
-                      timeout: float | None, emit: Any) -> ChatResponse:
+                      timeout: float | None, emit: Any, pause: str = "") -> ChatResponse:
         engine = self.engine
         run, version = await engine.claimable(run_id)
-        decisions = engine.decide(run, approve, answer, reason, partial)
+        decisions = engine.decide(run, approve, answer, reason, partial, pause)
         if len(decisions) < len(run.pending):
             return self._response(await engine.record_decisions(run, version, decisions))
         version = await engine.claim(run, version, run.status, decisions)
@@ -673,13 +678,13 @@ class _AgentHandler:
         """Continue a paused or input_required run: decisions on its pending calls, or the answer to its question."""
         approve, answer = request_decisions(self._agent.name, req)
         return await self._agent.resume(req.run_id, approve=approve, answer=answer, reason=req.reason,
-                                        partial=req.partial)
+                                        partial=req.partial, pause=req.pause)
 
     async def StreamResume(self, req: ResumeRequest) -> AsyncIterator[ChatEvent]:
         """Like Resume, streaming text deltas and tool call events as the run goes on."""
         approve, answer = request_decisions(self._agent.name, req)
         async for ev in self._agent.stream_resume(req.run_id, approve=approve, answer=answer, reason=req.reason,
-                                                  partial=req.partial):
+                                                  partial=req.partial, pause=req.pause):
             yield ev
 
     async def Cancel(self, req: CancelRequest) -> ChatResponse:

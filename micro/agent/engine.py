@@ -37,7 +37,7 @@ from micro.ai import Usage
 from micro.errors import BadRequest, Conflict, NotFound, VersionConflict
 
 from .loop import Decision, Run, ToolCallRecord
-from .record import WAITING, AgentRun, AgentRuns, PendingCall, RunToolCall, RunUsage
+from .record import WAITING, AgentRun, AgentRuns, PendingCall, RunToolCall, RunUsage, pause_token
 
 log = logging.getLogger("micro.agent")
 
@@ -288,18 +288,27 @@ class RunEngine:
     # -- decisions --------------------------------------------------------------------------------
 
     def decide(self, run: AgentRun, approve: Approval, answer: Answer, reason: str,
-               partial: bool) -> dict[str, Decision]:
+               partial: bool, pause: str = "") -> dict[str, Decision]:
         """The decisions ``approve`` / ``answer`` make on ``run``'s pending calls (and any it recorded before).
 
         Raises ``BadRequest`` naming the run and what it waits for when they name calls it does not
         wait for, answer a run that asked nothing, approve a question, or (unless ``partial``) leave
-        a pending call undecided. Nothing is written here.
+        a pending call undecided. Raises ``Conflict`` when ``pause`` (:func:`~micro.agent.record.pause_token`
+        of the pause the decisions were made against, e.g. by a page) is not the pause the run waits in
+        now, or when a decision differs from one already recorded on that call (a stale page, a second
+        tab, another person): a recorded decision is never reversed. The same decision again (a retry,
+        a double click) is accepted. Nothing is written here.
         """
         where = f"agent {self.name}: run {run.id} waits for {run.waits_for()}"
+        if pause and pause != pause_token(run):
+            raise Conflict(f"agent {self.name}: run {run.id} no longer waits in the pause these decisions were "
+                           f"made against (it has resumed and paused again since); it now waits for "
+                           f"{run.waits_for()}: look again and decide on what it waits for now")
         pending = {p.call_id: p for p in run.pending}
         approvals = [p for p in run.pending if p.kind == "approval"]
         questions = [p for p in run.pending if p.kind == "question"]
-        out = decisions_of(run)
+        recorded = decisions_of(run)
+        out = dict(recorded)
         if approve is not None:
             if not approvals:
                 raise BadRequest(f"{where}; it asked a question and needs an answer, not an approval "
@@ -338,6 +347,17 @@ class RunEngine:
                 out[call_id] = Decision(answer=text)
         if approve is None and answer is None:
             raise BadRequest(f"{where}; say what to do: approve (or deny) its pending calls, or answer its question")
+        for call_id, was in recorded.items():
+            p = pending[call_id]
+            same = out[call_id].answer == was.answer if p.kind == "question" else out[call_id].approved == was.approved
+            if same:  # the decision already recorded, again (a retry, a double click): keep the first
+                out[call_id] = was
+            else:
+                how = (f"answered {was.answer!r}" if p.kind == "question" else "approved" if was.approved
+                       else f"denied ({was.reason})" if was.reason else "denied")
+                raise Conflict(f"agent {self.name}: run {run.id}: call {call_id} ({p.tool}) was already {how}; "
+                               "a recorded decision is not changed (another person or page decided it): "
+                               "look again and decide the calls still undecided")
         missing = [p for p in run.pending if p.call_id not in out]
         if missing and not partial:
             names = ", ".join(f"{p.call_id} ({p.tool})" for p in missing)
@@ -426,6 +446,7 @@ class RunEngine:
         assert run is not None
         record.status = "input_required" if all(c.kind == "question" for c in run.pending) else "paused"
         record.pending = pending_of(run)
+        record.pause = pause_token(record)
         record.expires = self.clock() + self.pause_ttl
         await self.runs.mark_waiting(record)  # before the record: a listing checks the record's status
         await checkpoint.save(strict=True)

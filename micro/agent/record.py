@@ -39,6 +39,7 @@ read.
 from __future__ import annotations
 
 import builtins
+import hashlib
 import re
 import time
 import uuid
@@ -145,6 +146,7 @@ class AgentRun(msgspec.Struct):
     updated: float = 0.0
     expires: float = 0.0
     resumes: int = 0
+    pause: str = ""  # the fingerprint of the pause it waits in (:func:`pause_token`), for decisions to name
 
     def waits_for(self) -> str:
         """What the run waits for, in words (for errors and listings)."""
@@ -310,3 +312,15 @@ class AgentRuns:
         """Ids of every waiting run of the agent, oldest first."""
         keys = await self.store.list(self.waiting_prefix)
         return sorted(k.rsplit("#", 1)[1] for k in keys)
+
+
+def pause_token(run: AgentRun) -> str:
+    """The fingerprint of the pause ``run`` waits in: its resume count and each pending call's id, tool and input.
+
+    A decision that names it (``ResumeRequest.pause``, a dashboard form) is refused once the run has
+    paused again: call ids alone may repeat across pauses (a provider without tool-call ids numbers
+    them from ``call_0`` in every response).
+    """
+    calls = [[p.call_id, p.tool, p.input] for p in run.pending]
+    raw = msgspec.json.encode([run.resumes, calls], order="deterministic")
+    return hashlib.sha256(raw).hexdigest()[:16]

@@ -21,6 +21,9 @@ import os
 
 from micro.backends import load_backend
 from micro.broker._base import (
+    DELIVERIES_HEADER,
+    ERROR_HEADER,
+    TOPIC_HEADER,
     Broker,
     Message,
     MessageHandler,
@@ -35,6 +38,9 @@ from micro.resource import redact
 __all__ = [
     "BACKENDS",
     "DEFAULT_URL",
+    "DELIVERIES_HEADER",
+    "ERROR_HEADER",
+    "TOPIC_HEADER",
     "Broker",
     "Message",
     "MessageHandler",

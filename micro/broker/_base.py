@@ -52,6 +52,12 @@ __all__ = [
 
 ID_HEADER = "Micro-Id"
 """The header that carries :attr:`Message.id` between processes."""
+ERROR_HEADER = "Micro-Error"
+"""A dead letter's header: why its last delivery failed."""
+TOPIC_HEADER = "Micro-Topic"
+"""A dead letter's header: the topic it was published to."""
+DELIVERIES_HEADER = "Micro-Deliveries"
+"""A dead letter's header: how many times it was delivered."""
 
 
 class Settlement(abc.ABC):
@@ -192,6 +198,15 @@ class Broker(Resource, abc.ABC):
         handler = metrics.subscriber(type(self).__name__, topic, handler) if metrics.ON else handler
         return await self._subscribe(topic, handler, queue=queue or None, durable=durable or None,
                                      prefetch=prefetch)
+
+    def dead_letter_topic(self, topic: str) -> str | None:
+        """Where this broker moves a message of ``topic`` once its deliveries are used up — when the last
+        attempt fails, and also when earlier attempts died unsettled and the handler is not called again —
+        with :data:`ERROR_HEADER`, :data:`TOPIC_HEADER` and :data:`DELIVERIES_HEADER` set and the same
+        message id. ``None``: it dead-letters nothing (at-most-once brokers), or ``topic`` is a dead-letter
+        topic itself (its failures are dropped). A subscriber that records what it handles (a flow's runs)
+        subscribes there to learn of the messages it never finished."""
+        return None
 
     async def check(self) -> None:
         """Raise ``Unavailable`` (naming the broker) when it cannot deliver now; the runtime's

@@ -55,7 +55,10 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from micro import metrics
 from micro.broker._base import (
+    DELIVERIES_HEADER,
+    ERROR_HEADER,
     ID_HEADER,
+    TOPIC_HEADER,
     Message,
     MessageHandler,
     Settlement,
@@ -73,9 +76,6 @@ __all__ = ["JetStreamBroker", "JetStreamSubscription"]
 
 log = logging.getLogger("micro.broker.jetstream")
 
-ERROR_HEADER = "Micro-Error"
-TOPIC_HEADER = "Micro-Topic"
-DELIVERIES_HEADER = "Micro-Deliveries"
 _MSG_ID = "Nats-Msg-Id"
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _IDLE_POLL = 5.0  # seconds a pull request for the next message lingers on the server
@@ -353,12 +353,12 @@ class JetStreamSubscription(Subscription):
 
     async def _dead_letter(self, msg: Msg, message: Message, error: str) -> None:
         broker = self._broker
-        if msg.subject.startswith(broker.dead_letter_prefix + "."):
+        target = broker.dead_letter_topic(msg.subject)
+        if target is None:
             log.error("dead letter %s on %r failed again (%s): terminated",
                       message.id, msg.subject, error)
             await self._settle(msg.term())
             return
-        target = f"{broker.dead_letter_prefix}.{msg.subject}"
         metrics.count("dead_letters", type(broker).__name__, msg.subject, bounded=1)
         headers = dict(message.headers)
         headers.update({ID_HEADER: message.id, ERROR_HEADER: " ".join(error.split())[:1024],
@@ -476,6 +476,13 @@ class JetStreamBroker(NatsBroker):
         self._js: Any = None
         self._jsm: Any = None
         self._streams: dict[str, str] = {}
+
+    def dead_letter_topic(self, topic: str) -> str | None:
+        """``<dead_letter_prefix>.<topic>``; ``None`` for a topic under the prefix (a dead letter failing
+        again is terminated, not dead-lettered twice)."""
+        if topic.startswith(self.dead_letter_prefix + "."):
+            return None
+        return f"{self.dead_letter_prefix}.{topic}"
 
     async def _ready(self, conn: NatsConnection) -> None:
         await conn.require_jetstream("broker")

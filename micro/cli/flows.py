@@ -117,6 +117,8 @@ async def runs(name: str, limit: int, statuses: tuple[str, ...], dead_lettered: 
                                                            "dead_lettered": dead_lettered})
         except (EndpointNotFound, ServiceNotFound):
             await missing(rt, name, "flow")
+    if dead_lettered:  # a flow node older than dead-lettering ignores the filter: its runs would all be listed
+        rsp["runs"] = [r for r in rsp["runs"] if r.get("dead_lettered")]
     if as_json:
         out.print_json(msgspec.json.encode(rsp["runs"]).decode())
         return

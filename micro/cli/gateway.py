@@ -193,9 +193,10 @@ class HttpServer:
     """
 
     def __init__(self, sock: socket.socket, runtime: Any, *, token: str | None, loopback_only: bool,
-                 allow_hosts: tuple[str, ...] = ()) -> None:
+                 allow_hosts: tuple[str, ...] = (), dashboard: bool = True) -> None:
         self.sock = sock
         self.url = url_of(sock)
+        self.dashboard = dashboard  # False: the JSON API only (off loopback with no --allow-host)
         self._runtime = runtime
         self._token = token
         self._loopback_only = loopback_only  # then only this machine's names are served (DNS rebinding)
@@ -205,6 +206,11 @@ class HttpServer:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
+    @property
+    def what(self) -> str:
+        """What it serves, in a word: ``dashboard`` (with the JSON API) or ``api`` (the JSON API only)."""
+        return "dashboard" if self.dashboard else "api"
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._serve(), name="micro http")
 
@@ -213,13 +219,13 @@ class HttpServer:
             await self._run()
         except Exception as exc:
             self.sock.close()  # first: once this is read, connections are refused
-            err.print("[yellow]warning:[/yellow] " + escape(f"the dashboard on {self.url} failed: "
+            err.print("[yellow]warning:[/yellow] " + escape(f"the {self.what} on {self.url} failed: "
                                                              f"{type(exc).__name__}: {exc}; the services go on "
                                                              "without it"), markup=True, highlight=False)
         else:
             if not self._stopping and self._server is not None and not self._server.started:
                 self.sock.close()
-                err.print(f"[yellow]warning:[/yellow] the dashboard on {self.url} did not start (the log above says "
+                err.print(f"[yellow]warning:[/yellow] the {self.what} on {self.url} did not start (the log above says "
                           "why); the services go on without it", markup=True, highlight=False)
         finally:
             self.sock.close()
@@ -239,7 +245,7 @@ class HttpServer:
 
         extra = list(self._allow_hosts)
         hosts = [*LOOPBACK_HOSTS, *extra] if self._loopback_only else (extra or None)
-        self._app = app(self._runtime, token=self._token, allowed_hosts=hosts, dashboard=True)
+        self._app = app(self._runtime, token=self._token, allowed_hosts=hosts, dashboard=self.dashboard)
 
         class Server(uvicorn.Server):
             @contextlib.contextmanager

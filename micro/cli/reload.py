@@ -211,7 +211,7 @@ async def serve_reloading(path: Path, args: list[str], *, grace: float = 15.0, r
             server = http_server(rt) if http_server is not None else None
             if server is not None:
                 tg.start_soon(_closing, server)
-                out.print(f"dashboard: {server.url}", markup=False)
+                out.print(f"{server.what}: {server.url}", markup=False)
                 server.start()
             out.print(f"[dim]reloading on changes under {escape(str(root))}[/dim]")
             sys.stdout.flush()

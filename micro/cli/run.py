@@ -172,7 +172,8 @@ def flow_summary(meta: dict[str, str]) -> str:
 @click.option("--no-http", is_flag=True, help="Serve no dashboard and no JSON API (whatever --http-address says).")
 @click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
               help="Also serve the dashboard for this Host name (on loopback only 127.0.0.1, localhost and ::1 are "
-              "served; elsewhere the dashboard's forms need the names it is reached by). Repeatable.")
+              "served; elsewhere the dashboard's forms need the names it is reached by: without any, only the JSON "
+              "API is served there). Repeatable.")
 @click.option("--token-env", metavar="VAR",
               help="The dashboard and API need the token in $VAR (pages ask once; API calls send a bearer header).")
 @click.option("--traceback", "full_traceback", is_flag=True,
@@ -215,10 +216,6 @@ async def run(path: Path | None, prompt: str | None, provider: str | None, out_d
         fail("--no-http serves no dashboard: drop --token-env and --allow-host, or --no-http", 2)
     http = None if no_http else Http(http_address or DEFAULT_HTTP_ADDRESS, explicit=http_address is not None,
                                      token_env=token_env, allow_hosts=allow_hosts)
-    if http is not None:  # before anything starts: a dashboard whose forms are all refused is no dashboard
-        from micro.cli.gateway import check_dashboard_address
-
-        check_dashboard_address(http.address, allow_hosts, "--http-address")
     if reload:
         if metrics_address is not None:
             fail("--metrics-address does not go with --reload: the old and the new version would both bind it "
@@ -324,7 +321,7 @@ async def serve(path: Path, *, metrics_address: str | None = None, replica: bool
             server = _http_server(http, items[0].runtime)
             if server is not None:
                 stack.push_async_callback(server.aclose)
-                out.print(f"dashboard: {server.url}", markup=False)  # bound: connections wait in its backlog
+                out.print(f"{server.what}: {server.url}", markup=False)  # bound: connections wait in its backlog
         if module.__doc__ and banner:
             out.print(module.__doc__.strip(), markup=False)
         report_ready(items)
@@ -360,4 +357,12 @@ def _http_server(http: Http, runtime: Any) -> Any:
         err.print(f"[yellow]warning:[/yellow] no dashboard: cannot listen on {http.address} ({exc.strerror or exc}); "
                   "pass --http-address HOST:PORT (port 0 picks a free one), or --no-http", markup=True)
         return None
-    return HttpServer(sock, runtime, token=token, loopback_only=loopback(host), allow_hosts=http.allow_hosts)
+    # off loopback the dashboard needs the names browsers reach it by (its forms check them: DNS rebinding);
+    # without them the JSON API is served for any Host, as an API in a container is, and no dashboard
+    dashboard = loopback(host) or bool(http.allow_hosts)
+    if not dashboard:
+        err.print(f"[yellow]note:[/yellow] no dashboard on {escape(http.address)} (not a loopback address): serving "
+                  "the JSON API only; pass --allow-host NAME (the names browsers reach it by, repeatable) to serve "
+                  "the dashboard there too", markup=True, highlight=False)
+    return HttpServer(sock, runtime, token=token, loopback_only=loopback(host), allow_hosts=http.allow_hosts,
+                      dashboard=dashboard)

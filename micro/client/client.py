@@ -425,25 +425,33 @@ class Client:
                 "server) and this client uses the native wire only (transport='native' or MICRO_TRANSPORT=native): "
                 "use 'auto' to reach such nodes over gRPC"
             )
-        key = native or node.address
-        pool = self._pools.get(key)
+        if native is None:
+            return self.grpc_channel(node)
+        pool = self._pools.get(native)
         if pool is None:
             secure = node.metadata.get("tls") == "true"
-            ctx = (self.tls or _default_tls()) if secure else None
-            if native is not None:
-                md = node.metadata  # a node on this host: its Unix socket, TCP when that is unusable
-                # (never for a TLS node: its certificate, not a file's permissions, says who answers)
-                # and only a path in this process's own socket directory, not wherever a record points
-                path = md.get(unix.UNIX) if md.get(unix.HOST) == unix.host_id() and not secure else None
-                if path is not None and not unix.ours(path):
-                    log.info("native wire: node %s's Unix socket %s is not in this process's socket directory "
-                             "%s (MICRO_SOCKET_DIR): TCP", node.id, path, unix.socket_dir())
-                    path = None
-                pool = NativePool(native, ssl=ctx, max_message_size=self.max_message_size, unix=path)
-            else:
-                pool = NodePool(node.address, ssl=ctx)
-            self._pools[key] = pool
+            md = node.metadata  # a node on this host: its Unix socket, TCP when that is unusable
+            # (never for a TLS node: its certificate, not a file's permissions, says who answers)
+            # and only a path in this process's own socket directory, not wherever a record points
+            path = md.get(unix.UNIX) if md.get(unix.HOST) == unix.host_id() and not secure else None
+            if path is not None and not unix.ours(path):
+                log.info("native wire: node %s's Unix socket %s is not in this process's socket directory "
+                         "%s (MICRO_SOCKET_DIR): TCP", node.id, path, unix.socket_dir())
+                path = None
+            pool = self._pools[native] = NativePool(native, ssl=self._tls_for(node),
+                                                    max_message_size=self.max_message_size, unix=path)
         return pool
+
+    def grpc_channel(self, node: Node) -> NodePool:
+        """The pooled gRPC connection to a node's gRPC address (with this client's TLS), whatever wire calls
+        take: the standard services (``grpc.health.v1``, reflection) are served only there."""
+        pool = self._pools.get(node.address)
+        if not isinstance(pool, NodePool):
+            pool = self._pools[node.address] = NodePool(node.address, ssl=self._tls_for(node))
+        return pool
+
+    def _tls_for(self, node: Node) -> ssl.SSLContext | None:
+        return (self.tls or _default_tls()) if node.metadata.get("tls") == "true" else None
 
     async def lookup(self, service: str) -> list[ServiceRecord]:
         """The registry records of a service, from the watched cache (``ServiceNotFound`` if none)."""

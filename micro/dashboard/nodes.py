@@ -1,10 +1,13 @@
 """What the service list shows beside each node and service: the node's health and the service's call rate.
 
 - **Health**: each node's own ``grpc.health.v1.Health/Check`` for its service (every micro node serves it
-  on its gRPC address; :mod:`micro.server.health`), asked concurrently with a one-second bound and kept
-  for ``ttl`` seconds, so however many pages are open a node is asked at most once per ``ttl``:
+  on its gRPC address; :mod:`micro.server.health`), asked through the runtime's client (its pooled
+  connection to the node, with the runtime's TLS: a private CA or a client certificate work as for calls),
+  concurrently with a one-second bound, and kept for ``ttl`` seconds; a check under way is shared by every
+  caller that needs it, so however many pages are open a node is asked at most once per ``ttl``:
   ``serving``, ``not serving`` (draining, or its runtime's registry, store or broker does not answer),
-  ``not this service`` (another server answers at that address now) or ``unreachable``.
+  ``not this service`` (another server answers at that address now) or ``unreachable`` (with the reason:
+  no answer, a refused connection, a TLS handshake, an address that is not ``host:port``…).
 - **Call rate**: calls per second each service handled in this process over the last minute, from the
   counters :mod:`micro.metrics` keeps (:func:`micro.metrics.calls_served`), sampled at each rendering.
   Only while metrics are on (``micro run --metrics-address``, or ``micro.metrics.enable()``), and only
@@ -27,6 +30,7 @@ from micro import metrics
 from micro.errors import NotFound
 
 if TYPE_CHECKING:
+    from micro.client import Client
     from micro.registry import Node, ServiceRecord
 
 CHECK_TIMEOUT = 1.0
@@ -46,59 +50,68 @@ class Health(msgspec.Struct, frozen=True):
 
 
 class NodeHealth:
-    """The health of the registry's nodes, each asked at most once per ``ttl`` seconds."""
+    """The health of the registry's nodes, each asked at most once per ``ttl`` seconds through ``client``."""
 
-    def __init__(self, *, ttl: float = HEALTH_TTL, timeout: float = CHECK_TIMEOUT,
+    def __init__(self, client: Client, *, ttl: float = HEALTH_TTL, timeout: float = CHECK_TIMEOUT,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        self.client = client
         self.ttl = ttl
         self.timeout = timeout
         self.clock = clock
         self._known: dict[tuple[str, str], tuple[float, Health]] = {}  # (service, node id) -> (when, health)
+        self._asking: dict[tuple[str, str], anyio.Event] = {}  # checks under way, set when each ends
 
     async def of(self, records: Iterable[ServiceRecord]) -> dict[tuple[str, str], Health]:
         """The health of every node of ``records`` by (service, node id): kept answers, and the nodes not asked
-        within ``ttl`` asked now, concurrently."""
+        within ``ttl`` asked now, concurrently; a node another caller is asking now is awaited, not asked again.
+
+        The checks this call starts run in its own task group (a caller that leaves ends them, and those
+        waiting for them go on without that node's answer)."""
         now = self.clock()
         nodes = {(r.name, n.id): n for r in records for n in r.nodes}
         self._known = {key: seen for key, seen in self._known.items() if key in nodes}  # forget who left
         stale = [key for key in nodes if key not in self._known or now - self._known[key][0] >= self.ttl]
-        if stale:
-            async with anyio.create_task_group() as tg:
-                for key in stale:
-                    tg.start_soon(self._ask, key, nodes[key])
+        theirs = [self._asking[key] for key in stale if key in self._asking]
+        mine = [key for key in stale if key not in self._asking]
+        for key in mine:
+            self._asking[key] = anyio.Event()
+        try:
+            if mine:
+                async with anyio.create_task_group() as tg:
+                    for key in mine:
+                        tg.start_soon(self._ask, key, nodes[key])
+        finally:
+            for key in mine:
+                self._asking.pop(key).set()
+        for asked in theirs:
+            await asked.wait()
         return {key: self._known[key][1] for key in nodes if key in self._known}
 
     async def _ask(self, key: tuple[str, str], node: Node) -> None:
-        health = await check(key[0], node, self.timeout)
+        health = await check(self.client, key[0], node, self.timeout)
         self._known[key] = (self.clock(), health)
 
 
-async def check(service: str, node: Node, timeout: float = CHECK_TIMEOUT) -> Health:
-    """Ask ``node`` (over gRPC, on its registered address) whether it serves ``service``."""
-    import ssl
-
-    from micro.client.pool import NodePool
+async def check(client: Client, service: str, node: Node, timeout: float = CHECK_TIMEOUT) -> Health:
+    """Ask ``node`` (over gRPC, on its registered address, through ``client``'s pooled connection and TLS)
+    whether it serves ``service``. Never raises: whatever goes wrong is ``unreachable`` with the reason."""
     from micro.codec import PROTO
     from micro.errors import Error
     from micro.server import health
 
-    ctx = ssl.create_default_context() if node.metadata.get("tls") == "true" else None
-    pool = NodePool(node.address, ssl=ctx, max_connections=1)
     try:
         with anyio.fail_after(timeout):
-            reply = await pool.unary("/grpc.health.v1.Health/Check",
-                                     health.Request(service=service).SerializeToString(), wire=PROTO)
+            reply = await client.grpc_channel(node).unary(
+                "/grpc.health.v1.Health/Check", health.Request(service=service).SerializeToString(), wire=PROTO)
+        status = health.Response.FromString(reply).status
     except NotFound:
         return Health("not this service", f"{node.address} answers, but serves no {service}")
     except TimeoutError:
         return Health("unreachable", f"{node.address} did not answer within {timeout:g} s")
     except Error as exc:
         return Health("unreachable", f"{node.address}: {exc.message}")
-    except OSError as exc:  # a name that does not resolve, a TLS handshake that fails
-        return Health("unreachable", f"{node.address}: {exc}")
-    finally:
-        pool.close()
-    status = health.Response.FromString(reply).status
+    except Exception as exc:  # a name that does not resolve, a TLS handshake, an address that is not host:port
+        return Health("unreachable", f"{node.address}: {exc or type(exc).__name__}")
     if status == health.SERVING:
         return Health("serving", f"{node.address} serves {service}")
     return Health("not serving", f"{node.address} is draining, or a backend of its runtime does not answer")
@@ -125,7 +138,9 @@ class CallRates:
             kept = self._samples.setdefault(name, deque())
             if not kept or now - kept[-1][0] >= 1.0:  # at most one sample a second: bounded by the window
                 kept.append((now, counts[name]))
-            while len(kept) > 2 and now - kept[1][0] >= self.window:  # keep one sample at or past the window
+            # the samples within the window, and one at most a second older (the window's start, as sampled):
+            # an older one (the list was not looked at for a while) would spread calls over hours
+            while len(kept) > 1 and (now - kept[1][0] >= self.window or now - kept[0][0] > self.window + 1.0):
                 kept.popleft()
             (t0, n0), (t1, n1) = kept[0], kept[-1]
             if t1 - t0 >= 1.0:

@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -27,7 +28,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from micro import metrics
-from micro.errors import BadRequest, Error, NotFound, closest
+from micro.errors import BadRequest, EndpointNotFound, Error, NotFound, closest
 from micro.gateway.http import DEFAULT_MAX_BODY, error_body, stream
 
 from . import forms, nodes, security, timeline
@@ -62,24 +63,47 @@ def _clip(text: str, limit: int) -> str:
 
 def transcript(messages: list[Mapping[str, Any]]) -> list[tuple[str, str]]:
     """A session's stored messages (``AgentInfo.History``, as JSON) as the playground's lines: ``(class, text)``,
-    the lines its script writes for a live turn (``you: …``, the reply, ``→ tool(args)``, ``← result``)."""
+    the lines its script writes for a live turn (``you: …``, the reply, ``→ tool(args)``, ``← result``).
+
+    The messages are a session's last ones, so they may start mid-turn: what comes before the first message
+    of the person's is left out (a result whose call was cut off would stand alone). The loop's own request
+    to answer at the step limit is a note, not the person's words."""
+    from micro.agent.loop import SUMMARISE
+
+    def said(m: Mapping[str, Any]) -> bool:
+        return m.get("role") == "user" and any(b.get("type") == "text" for b in m.get("content") or [])
+
+    start = next((i for i, m in enumerate(messages) if said(m)), 0)
     lines: list[tuple[str, str]] = []
-    for m in messages:
+    calls: set[str] = set()
+    for m in messages[start:]:
         for block in m.get("content") or []:
             kind = block.get("type")
             if kind == "text" and block.get("text"):
-                if m.get("role") == "user":
-                    lines.append(("you", f"you: {block['text']}"))
-                else:
+                if m.get("role") != "user":
                     lines.append(("reply-text", str(block["text"])))
+                elif block["text"] == SUMMARISE:
+                    lines.append(("result", "(the run used every step it may: the agent was asked to answer now)"))
+                else:
+                    lines.append(("you", f"you: {block['text']}"))
             elif kind == "tool_use":
+                calls.add(str(block.get("id", "")))
                 args = _encode(block.get("input") or {}).decode()
                 lines.append(("tool", f"→ {block.get('name', '?')}({_clip(args, 120)})"))
-            elif kind == "tool_result":
+            elif kind == "tool_result" and str(block.get("tool_use_id", "")) in calls:
                 failed = bool(block.get("is_error"))
                 lines.append(("result fail" if failed else "result",
-                              f"{'✗' if failed else '←'} {_clip(str(block.get('content', '')), 200)}"))
+                              f"{'✗' if failed else '←'} {_clip(_text_of(block.get('content', '')), 200)}"))
     return lines
+
+
+def _text_of(content: Any) -> str:
+    """A tool result's content as text: a string as it is; content blocks (a list) by their text, else JSON."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(b, Mapping) and "text" in b for b in content):
+        return " ".join(str(b["text"]) for b in content)
+    return _encode(content).decode()
 
 
 def pretty(value: Any) -> str:
@@ -116,8 +140,12 @@ class Dashboard:
         self._changed: anyio.Event | None = None
         self._watcher: anyio.Event | None = None  # set when the page running the watch stops running it
         self._watched = False
-        self.health = nodes.NodeHealth()  # each node's own health check, asked at most every few seconds
+        self.health = nodes.NodeHealth(runtime.client)  # each node's own health check, asked at most every few seconds
         self.rates = nodes.CallRates()  # calls per second of the services this process serves (metrics on)
+        # the service table every open page shows, made once per registry change or REFRESH (see snapshot)
+        self.clock: Callable[[], float] = time.monotonic
+        self._snapshot: _Snapshot | None = None
+        self._making: anyio.Event | None = None
 
     def close(self) -> None:
         """End the live streams (the server is stopping: they would hold it up)."""
@@ -160,6 +188,11 @@ class Dashboard:
         if self._changed is not None:
             self._changed.set()
             self._changed = None
+
+    @property
+    def watching(self) -> bool:
+        """Whether an open live page runs the registry watch now (then changes are seen as they happen)."""
+        return self._watcher is not None
 
     @property
     def registry_version(self) -> int:
@@ -233,9 +266,32 @@ class Dashboard:
         return {"records": records, "health": await self.health.of(records),
                 "rates": self.rates.sample((r.name for r in records), served), "measured": metrics.enabled()}
 
+    async def snapshot(self) -> _Snapshot:
+        """The service table's data as every open page shows it: made again (:meth:`service_list`) once the
+        registry changed or it is ``REFRESH`` seconds old (or, while no live page watches the registry, each
+        time), by one caller at a time while the others await it, so however many pages are open the
+        registry is listed, the nodes asked and the table rendered once per change or refresh, not per page."""
+        while True:
+            snap = self._snapshot
+            if (snap is not None and snap.version == self._version and self.clock() - snap.made < REFRESH
+                    and self.watching):  # while no live page watches, a change would go unseen
+                return snap
+            if self._making is None:
+                break
+            await self._making.wait()  # another page is making it (if it failed, the next round makes it here)
+        self._making = anyio.Event()
+        try:
+            version = self._version
+            snap = _Snapshot(self.clock(), version, await self.service_list())
+            self._snapshot = snap
+        finally:
+            made, self._making = self._making, None
+            made.set()
+        return snap
+
     # ------------------------------------------------------------------ pages
     async def index(self, request: Request) -> Response:
-        return self.render(request, "index.html", **await self.service_list())
+        return self.render(request, "index.html", **(await self.snapshot()).data)
 
     async def events_services(self, request: Request) -> Response:
         """SSE: the service table, again each time the registry changes (htmx swaps it in)."""
@@ -243,7 +299,11 @@ class Dashboard:
 
     async def services_event(self, base: str) -> bytes:
         """The service table as one Server-Sent Event (links under ``base``)."""
-        return _event("services", self._fragment("_services.html", base=base, **await self.service_list()))
+        snap = await self.snapshot()
+        event = snap.events.get(base)
+        if event is None:  # rendered once per snapshot (and mount path), for every page
+            event = snap.events[base] = _event("services", self._fragment("_services.html", base=base, **snap.data))
+        return event
 
     async def service(self, request: Request) -> Response:
         name = request.path_params["service"]
@@ -347,7 +407,8 @@ class Dashboard:
             back = f"/{kind}/{_part(name)}/runs/{_part(run_id)}"
             action = form.get("action", "")
             reason = form.get("reason", "")
-            req: dict[str, Any] = {"run_id": run_id, "reason": reason}
+            # pause: the pause the page showed; a decision made against an earlier one is refused (Conflict)
+            req: dict[str, Any] = {"run_id": run_id, "reason": reason, "pause": form.get("pause", "")}
             call = form.get("call_id", "")
             if action == "answer":
                 if call:  # one question of several, maybe: the run resumes once each is answered
@@ -383,30 +444,44 @@ class Dashboard:
         statuses = [s for s in request.query_params.getlist("status") if s]
         try:
             record = await self.record(name)
-            runs = await self.runtime.client.call(name, "Flow.Runs", {"limit": 30, "status": statuses or None},
-                                                  timeout=self.timeout)
-            # waiting at an Await step, or in its model step for a person (decided as an agent's run)
-            waiting = await self.runtime.client.call(name, "Flow.Runs", {"limit": 30, "status": list(_WAITS)},
-                                                     timeout=self.timeout)
-            # events the (durable) broker dead-lettered after their last delivery failed; Replay runs one again
-            dead = await self.runtime.client.call(name, "Flow.Runs", {"limit": 30, "dead_lettered": True},
-                                                  timeout=self.timeout)
+            try:  # one read of the flow's runs: the list, the waiting ones, the dead-lettered ones, their replays
+                found = await self.runtime.client.call(name, "Flow.Overview",
+                                                       {"limit": 30, "status": statuses or None},
+                                                       timeout=self.timeout)
+            except EndpointNotFound:  # a flow node older than Flow.Overview
+                found = await self._older_flow(name, statuses)
         except Error as exc:
             return self.render(request, "error.html", 404, title=name, error=exc.message)
+        return self.render(request, "flow.html", record=record, runs=found["runs"], waiting=found["waiting"],
+                           dead=found["dead_lettered"], replays=found["replays"], statuses=FLOW_STATUSES,
+                           chosen=statuses)
+
+    async def _older_flow(self, name: str, statuses: list[str]) -> dict[str, Any]:
+        """:meth:`flow`'s runs from a flow node without ``Flow.Overview``, through ``Flow.Runs``."""
+        runs = await self.runtime.client.call(name, "Flow.Runs", {"limit": 30, "status": statuses or None},
+                                              timeout=self.timeout)
+        # waiting at an Await step, or in its model step for a person (decided as an agent's run)
+        waiting = await self.runtime.client.call(name, "Flow.Runs", {"limit": 30, "status": list(_WAITS)},
+                                                 timeout=self.timeout)
+        # events the (durable) broker dead-lettered; a node older than dead-lettering ignores the filter and
+        # lists every run, so the record's own flag decides (else each would offer Replay: its side effects again)
+        dead = await self.runtime.client.call(name, "Flow.Runs", {"limit": 30, "dead_lettered": True},
+                                              timeout=self.timeout)
         replays: dict[str, list[Any]] = {}
-        for r in runs["runs"]:
+        for r in reversed(runs["runs"]):
             if r.get("replay_of"):
                 replays.setdefault(r["replay_of"], []).append(r)
-        return self.render(request, "flow.html", record=record, runs=runs["runs"], waiting=waiting["runs"],
-                           dead=dead["runs"], replays=replays, statuses=FLOW_STATUSES, chosen=statuses)
+        return {"runs": runs["runs"], "waiting": waiting["runs"],
+                "dead_lettered": [r for r in dead["runs"] if r.get("dead_lettered")], "replays": replays}
 
     async def flow_run(self, request: Request, *, error: str = "", status: int = 200) -> Response:
         # also shown by resume() (its path names the flow as an agent): a decision on its model step
         name, run_id = request.path_params.get("flow") or request.path_params["agent"], request.path_params["run"]
         try:
-            run = (await self.runtime.client.call(name, "Flow.Show", {"id": run_id}, timeout=self.timeout))["run"]
+            shown = await self.runtime.client.call(name, "Flow.Show", {"id": run_id}, timeout=self.timeout)
         except Error as exc:
             return self.render(request, "error.html", 404, title=f"{name} run {run_id}", error=exc.message)
+        run = shown["run"]
         if run is None:
             return self.render(request, "error.html", 404, title=f"{name} run {run_id}",
                                error=f"flow {name} has no run {run_id}")
@@ -423,7 +498,7 @@ class Dashboard:
         names = list(run.get("trace") or {})
         tl = timeline.layout(timeline.flow_bars(run), names) if names else None
         return self.render(request, "flow_run.html", status, flow=name, run=run, timeline=tl, fields=input_fields,
-                           decision=decision, error=error)
+                           decision=decision, replays=shown.get("replays") or [], error=error)
 
     async def flow_resume(self, request: Request) -> Response:
         """A waiting run's input form: ``Flow.Resume`` (the flow validates it against the step's schema)."""
@@ -448,8 +523,11 @@ class Dashboard:
         """Run a recorded (failed) event again: ``Flow.Replay``, as ``micro flow replay``."""
         name, run_id = request.path_params["flow"], request.path_params["run"]
         try:
-            await security.posted(request, max_body=self.max_body)
-            rsp = await self.runtime.client.call(name, "Flow.Replay", {"id": run_id}, timeout=self.timeout)
+            form = await security.posted(request, max_body=self.max_body)
+            req: dict[str, Any] = {"id": run_id}
+            if form.get("seen", "").isdigit():  # the replays the page showed: refused if there are more now
+                req["seen"] = int(form["seen"])
+            rsp = await self.runtime.client.call(name, "Flow.Replay", req, timeout=self.timeout)
         except security.Refused as exc:
             return await self.flow_run(request, error=str(exc), status=exc.status)
         except Error as exc:
@@ -551,6 +629,17 @@ def _see(request: Request, path: str) -> Response:
 def _event(name: str, html: str) -> bytes:
     lines = html.replace("\r", "").split("\n")
     return (f"event: {name}\n" + "".join(f"data: {line}\n" for line in lines) + "\n").encode()
+
+
+class _Snapshot:
+    """The service table's data (:meth:`Dashboard.service_list`) when it was made, for which registry version,
+    and its Server-Sent Event rendered per mount path."""
+
+    __slots__ = ("data", "events", "made", "version")
+
+    def __init__(self, made: float, version: int, data: dict[str, Any]) -> None:
+        self.made, self.version, self.data = made, version, data
+        self.events: dict[str, bytes] = {}
 
 
 class _LiveServices(Response):

@@ -111,29 +111,43 @@ def agent_bars(run: Mapping[str, Any], now: float | None = None) -> list[Bar]:
             waits.append((max(paused - t0, 0.0), started - paused))
             bars.append(Bar(0, waits[-1][0], waits[-1][1], "waiting for a person", "waiting",
                             f"{c.get('name', '?')} waited for a person: {_seconds(started - paused)}"))
-    turns = run.get("turns") or []
-    if turns:  # recorded: each model call as it was
-        for n, t in enumerate(turns, 1):
-            start = max(float(t.get("started") or t0) - t0, 0.0)
-            seconds = float(t.get("seconds") or 0.0)
-            tokens = f"{int(t.get('input_tokens') or 0)} in / {int(t.get('output_tokens') or 0)} out"
-            if t.get("error"):
-                bars.append(Bar(0, start, seconds, f"model turn {n} failed", "error",
-                                f"model turn {n}: {_seconds(seconds)}, failed: {_short(str(t['error']), 200)}"))
-            else:
-                bars.append(Bar(0, start, seconds, f"model turn {n} · {tokens}", "model",
-                                f"model turn {n}: {_seconds(seconds)}, {tokens} tokens"))
-        return bars
-    # an older record: the model's turns are the gaps in the union of the tool calls and the waits
-    cursor, turn = 0.0, 0
-    total = max(end - t0, max((s + d for s, d in [*spans, *waits]), default=0.0))
-    for start, seconds in [*sorted([*spans, *waits]), (total, 0.0)]:
-        if start > cursor + 1e-6:
-            turn += 1
-            bars.append(Bar(0, cursor, start - cursor, f"model turn {turn}", "model",
-                            f"model turn {turn}: {(start - cursor) * 1000:.1f} ms"))
-        cursor = max(cursor, start + seconds)
+    turns = sorted(run.get("turns") or [], key=lambda t: float(t.get("started") or t0))
+    # before the first recorded turn: a run that spans the upgrade to recorded turns has calls (and waits)
+    # from before it, whose model turns are, as in an older record, the gaps between them
+    first = max(float(turns[0].get("started") or t0) - t0, 0.0) if turns else None
+    if first is None:
+        total = max(end - t0, max((s + d for s, d in [*spans, *waits]), default=0.0))
+        before = [*spans, *waits]
+    else:
+        total = first
+        before = [(s, d) for s, d in [*spans, *waits] if s < first - 1e-6]
+    inferred = _gaps(before, total) if first is None or before else []
+    for n, (start, seconds) in enumerate(inferred, 1):
+        bars.append(Bar(0, start, seconds, f"model turn {n}", "model",
+                        f"model turn {n}: {seconds * 1000:.1f} ms" + (" (inferred: before turns were recorded)"
+                                                                       if first is not None else "")))
+    for n, t in enumerate(turns, len(inferred) + 1):  # recorded: each model call as it was
+        start = max(float(t.get("started") or t0) - t0, 0.0)
+        seconds = float(t.get("seconds") or 0.0)
+        tokens = f"{int(t.get('input_tokens') or 0)} in / {int(t.get('output_tokens') or 0)} out"
+        if t.get("error"):
+            bars.append(Bar(0, start, seconds, f"model turn {n} failed", "error",
+                            f"model turn {n}: {_seconds(seconds)}, failed: {_short(str(t['error']), 200)}"))
+        else:
+            bars.append(Bar(0, start, seconds, f"model turn {n} · {tokens}", "model",
+                            f"model turn {n}: {_seconds(seconds)}, {tokens} tokens"))
     return bars
+
+
+def _gaps(busy: Sequence[tuple[float, float]], until: float) -> list[tuple[float, float]]:
+    """The stretches of ``[0, until)`` outside every ``(start, seconds)`` of ``busy``: an older record's model turns."""
+    gaps = []
+    cursor = 0.0
+    for start, seconds in [*sorted(busy), (until, 0.0)]:
+        if start > cursor + 1e-6:
+            gaps.append((cursor, start - cursor))
+        cursor = max(cursor, start + seconds)
+    return gaps
 
 
 def _seconds(seconds: float) -> str:

@@ -62,6 +62,7 @@ from micro.agent.loop import Approve, Decision, EndRun, Limits, Run, system_prom
 from micro.agent.record import STATUSES, WAITING, AgentRun, AgentRuns, PendingCall, new_run_id
 from micro.agent.tools import REQUEST_INPUT, Toolset, request_input_tool, tool_name
 from micro.ai import Message, Model, from_provider
+from micro.broker import ERROR_HEADER, TOPIC_HEADER, Subscription
 from micro.broker import Message as BrokerMessage
 from micro.errors import (
     BadRequest,
@@ -82,6 +83,7 @@ from micro.store import Record
 from micro.tasks import BackgroundTasks
 
 from .record import STATUSES as RUN_STATUSES
+from .record import WAITS as WAIT_STATUSES
 from .record import FlowRun, RunStore, StepInfo, ToolCallResult, Waiting, now
 from .schedule import Schedule, tick_id
 from .steps import LLM, Await, Call, Dispatch, Fn, Loop, State, Verify, as_steps, check_steps, is_stepped
@@ -253,6 +255,7 @@ class Flow(Service):
         self._toolsets: dict[tuple[str, ...], _CheckpointedToolset] = {}
         self._controls: dict[str, tuple[AgentRun, int]] = {}
         self._background: BackgroundTasks | None = None
+        self._dead_letters: Subscription | None = None  # the trigger's dead-letter topic (durable brokers)
         self.wait_check_interval = 5.0
         """Seconds between looks for ``Await`` steps whose timeout passed (when the flow has such steps)."""
         self.active = 0
@@ -292,6 +295,17 @@ class Flow(Service):
         """Start the service, and the schedule and the Await timeouts' watch when the flow has them; with
         metrics on, report its waiting runs."""
         await super().start()
+        dead_letters = self.runtime.broker.dead_letter_topic(self.trigger) if self.trigger else None
+        if dead_letters is not None:
+            # the events the broker dead-letters without handing them here again (earlier attempts died
+            # unsettled: a crash, an OOM, a hang past ack_wait): their runs say so, and can be replayed
+            try:
+                self._dead_letters = await self.runtime.broker.subscribe(
+                    dead_letters, self._on_dead_letter, queue=f"{self.name}-dead-letters",
+                    durable=f"{self.name}-dead-letters", prefetch=1)
+            except BaseException:
+                await super().stop()
+                raise
         timeouts = any(isinstance(s, Await) and s.timeout is not None for s in _walk(self.plan))
         if self.schedule is None and not timeouts and not metrics.enabled():
             return
@@ -306,14 +320,21 @@ class Flow(Service):
                 tg.start_soon(self.engine.report_waiting)
         except BaseException:
             await background.aclose()
+            await self._stop_dead_letters()
             await super().stop()
             raise
         self._background = background
+
+    async def _stop_dead_letters(self) -> None:
+        sub, self._dead_letters = self._dead_letters, None
+        if sub is not None:
+            await sub.unsubscribe()
 
     async def stop(self) -> None:
         background, self._background = self._background, None
         if background is not None:
             await background.aclose()
+        await self._stop_dead_letters()
         await super().stop()
         self._toolset = None
         self._toolsets = {}
@@ -326,10 +347,11 @@ class Flow(Service):
 
     @overload
     async def resume(self, run_id: str, *, approve: Approval = None, answer: Answer = None, reason: str = "",
-                     partial: bool = False) -> ChatResponse: ...
+                     partial: bool = False, pause: str = "") -> ChatResponse: ...
 
     async def resume(self, run_id: str, input: Any = _NO_INPUT, *, approve: Approval = None,
-                     answer: Answer = None, reason: str = "", partial: bool = False) -> FlowRun | ChatResponse:
+                     answer: Answer = None, reason: str = "", partial: bool = False,
+                     pause: str = "") -> FlowRun | ChatResponse:
         """Continue a waiting run.
 
         ``resume(run_id, input)``: a stepped flow's run waiting at an ``Await`` step; ``input`` (checked
@@ -340,13 +362,13 @@ class Flow(Service):
 
         ``resume(run_id, approve=… | answer=…)``: a run whose model step waits for a person (as
         :meth:`micro.Agent.resume`); then its ``after`` steps run and the flow run completes. Returns
-        where the model step's run is.
+        where the model step's run is; ``pause`` as :meth:`micro.Agent.resume`'s.
         """
         if input is not _NO_INPUT:
             return await self._resume_await(run_id, input)
         engine = self.engine
         record, version = await engine.claimable(run_id)
-        decisions = engine.decide(record, approve, answer, reason, partial)
+        decisions = engine.decide(record, approve, answer, reason, partial, pause)
         if len(decisions) < len(record.pending):
             return response_of(await engine.record_decisions(record, version, decisions))
         flow_run = await self.runs.get(run_id)
@@ -569,9 +591,29 @@ class Flow(Service):
 
     async def _on_event(self, message: BrokerMessage) -> None:
         event = _event_of(message.data)
-        # a durable broker's delivery (it can be settled): its last attempt failing dead-letters the event
+        # a durable broker's delivery (it can be settled): its last attempt failing dead-letters the event,
+        # unless the event is a dead letter itself (a flow on the dead-letter topic: its failures are dropped)
+        dead_letter = (message.settlement is not None
+                       and self.runtime.broker.dead_letter_topic(message.topic) is not None)
         await self.run_event(message.id or hashlib.sha1(message.data).hexdigest(), message.topic, event,
-                             last_attempt=message.last_attempt, dead_letter=message.settlement is not None)
+                             last_attempt=message.last_attempt, dead_letter=dead_letter)
+
+    async def _on_dead_letter(self, message: BrokerMessage) -> None:
+        """The broker dead-lettered an event of the trigger: a run it did not record as failed (its attempts
+        died unsettled, so the handler was not called again) is now ``failed`` and ``dead_lettered``."""
+        run_id = message.id or hashlib.sha1(message.data).hexdigest()
+        run = await self.runs.get(run_id)
+        if run is not None and (run.dead_lettered or run.status in ("completed", *WAITING)):
+            return  # recorded by its failed last attempt already; or done, or waiting (its event was acked)
+        why = message.headers.get(ERROR_HEADER, "") or "its deliveries were used up"
+        if run is None:  # its process died before the run's first record
+            run = FlowRun(id=run_id, flow=self.name, topic=message.headers.get(TOPIC_HEADER, self.trigger),
+                          event=_event_of(message.data), started=now())
+        run.status, run.error_kind, run.dead_lettered, run.finished = "failed", "dead_lettered", True, now()
+        run.error = f"the broker dead-lettered the event: {why}"
+        await self.runs.put(run)
+        log.warning("flow %s: event %s was dead-lettered unfinished (%s); replay it with `micro flow replay %s`",
+                    self.name, run_id, why, run_id)
 
     async def run_event(self, run_id: str, topic: str, event: Any, *, replay_of: str = "",
                         last_attempt: bool = False, dead_letter: bool = False) -> FlowRun:
@@ -1127,6 +1169,26 @@ class RunsResponse(msgspec.Struct):
 
 class RunResponse(msgspec.Struct):
     run: FlowRun | None = None
+    replays: list[FlowRun] = []  # Flow.Show: the run's replays, in order
+
+
+class ReplayRequest(msgspec.Struct):
+    id: str
+    seen: int = -1
+    """How many replays of the run the caller saw (a page: those it shows); if there are more now (a stale
+    page, a second click) the replay is refused with ``Conflict`` naming the latest. -1: not checked."""
+
+
+class OverviewRequest(msgspec.Struct):
+    limit: int = 20
+    status: list[str] | None = None  # the runs list: only these statuses
+
+
+class OverviewResponse(msgspec.Struct):
+    runs: list[FlowRun]  # the newest runs (of ``status``)
+    waiting: list[FlowRun]  # those that wait for an event or a person
+    dead_lettered: list[FlowRun]  # those whose event the broker dead-lettered
+    replays: dict[str, list[FlowRun]]  # run id -> its replays, for every run above
 
 
 class _FlowRuns:
@@ -1135,13 +1197,23 @@ class _FlowRuns:
     def __init__(self, flow: Flow) -> None:
         self._flow = flow
 
+    def _check(self, status: list[str] | None) -> None:
+        if status is not None and set(status) - set(RUN_STATUSES):
+            raise BadRequest(f"flow {self._flow.name}: unknown status {sorted(set(status) - set(RUN_STATUSES))}; "
+                             f"the run statuses are {', '.join(RUN_STATUSES)}")
+
     async def Runs(self, req: RunsRequest) -> RunsResponse:
         """The flow's most recent runs, newest first (optionally only some statuses, or the dead-lettered ones)."""
-        if req.status is not None and set(req.status) - set(RUN_STATUSES):
-            raise BadRequest(f"flow {self._flow.name}: unknown status {sorted(set(req.status) - set(RUN_STATUSES))}; "
-                             f"the run statuses are {', '.join(RUN_STATUSES)}")
+        self._check(req.status)
         return RunsResponse(runs=await self._flow.runs.list(req.limit, status=req.status,
                                                             dead_lettered=req.dead_lettered))
+
+    async def Overview(self, req: OverviewRequest) -> OverviewResponse:
+        """What the dashboard's flow page shows, from one read of the runs: the newest runs (optionally only some
+        statuses), the waiting ones, the dead-lettered ones, and each one's replays."""
+        self._check(req.status)
+        found = await self._flow.runs.overview(req.limit, req.status, WAIT_STATUSES)
+        return OverviewResponse(found.runs, found.waiting, found.dead_lettered, found.replays)
 
     async def Run(self, req: StartRequest) -> RunResponse:
         """Run the flow now on ``data`` (as if it were an event); the run as it ended (or waits)."""
@@ -1152,12 +1224,14 @@ class _FlowRuns:
         return RunResponse(run=await self._flow.resume(req.id, req.input))
 
     async def Show(self, req: RunRequest) -> RunResponse:
-        """One run by id (the event id)."""
-        return RunResponse(run=await self._flow.runs.get(req.id))
+        """One run by id (the event id), with its replays."""
+        run = await self._flow.runs.get(req.id)
+        return RunResponse(run=run, replays=await self._flow.runs.replays_of(req.id) if run is not None else [])
 
-    async def Replay(self, req: RunRequest) -> RunResponse:
-        """Run a recorded event again, as a new run ``{id}-replay-{n}``; not while it still runs."""
-        from micro.errors import NotFound
+    async def Replay(self, req: ReplayRequest) -> RunResponse:
+        """Run a recorded event again, as a new run ``{id}-replay-{n}``; not while it still runs. With ``seen``
+        (the replays the caller knew of): refused if the run was replayed since (a stale page, a second click)."""
+        from micro.errors import Conflict, NotFound
 
         old = await self._flow.runs.get(req.id)
         if old is None:
@@ -1168,9 +1242,13 @@ class _FlowRuns:
                 f"flow {self._flow.name}: run {req.id!r} is {old.status}; replaying it now would run its "
                 f"steps and tool calls twice. Wait until it is completed or failed (`micro flow show {req.id}`), "
                 "then replay it")
-        n = 1
-        while await self._flow.runs.get(f"{req.id}-replay-{n}") is not None:
-            n += 1
+        earlier = await self._flow.runs.replays_of(req.id)
+        if 0 <= req.seen < len(earlier):
+            last = earlier[-1]
+            raise Conflict(f"flow {self._flow.name}: run {req.id!r} was replayed since you looked: {last.id} is "
+                           f"{last.status} ({len(earlier)} replays in all); look at it before replaying again "
+                           f"(`micro flow show {last.id}`)")
+        n = len(earlier) + 1
         try:
             # nothing delivers a replay again: its first failure is its last
             return RunResponse(run=await self._flow.run_event(f"{req.id}-replay-{n}", old.topic, old.event,
@@ -1191,7 +1269,7 @@ class _FlowWaits:
         """Continue a run whose model step waits for a person: decisions on its pending calls, or the answer."""
         approve, answer = request_decisions(self._flow.name, req)
         return await self._flow.resume(req.run_id, approve=approve, answer=answer, reason=req.reason,
-                                       partial=req.partial)
+                                       partial=req.partial, pause=req.pause)
 
     async def Cancel(self, req: CancelRequest) -> ChatResponse:
         """Cancel a run whose model step waits; its pending calls are refused and the flow run is cancelled."""

@@ -8,6 +8,7 @@ acknowledged without running again.
 
 from __future__ import annotations
 
+import builtins
 import time
 from collections.abc import Collection
 from typing import Any, Literal
@@ -28,6 +29,8 @@ flow's ``Await`` step waits for input: the event is acknowledged, ``micro flow r
 it)."""
 STATUSES: tuple[str, ...] = ("running", "completed", "failed", "retrying", "cancelled", "paused", "input_required",
                              "waiting")
+WAITS: tuple[str, ...] = ("waiting", "paused", "input_required")
+"""The statuses of a run that waits (for an event, a time, or a person)."""
 
 
 class StepInfo(msgspec.Struct):
@@ -137,6 +140,39 @@ class RunStore:
             runs = [r for r in runs if r.dead_lettered]
         runs.sort(key=lambda r: r.started, reverse=True)
         return runs[:limit]
+
+    async def overview(self, limit: int = 50, status: Collection[str] | None = None,
+                       waits: Collection[str] = ()) -> Overview:
+        """What a flow's page shows, from one read of the runs: the newest ``limit`` runs (of ``status``), those
+        that wait (``waits``: their statuses), those whose event was dead-lettered, and the replays of each
+        run shown (by ``replay_of``, however old)."""
+        records = await self.store.read(self.prefix, prefix=True)
+        runs = sorted((_decode(r.value) for r in records), key=lambda r: r.started, reverse=True)
+        shown = [r for r in runs if status is None or r.status in status][:limit]
+        waiting = [r for r in runs if r.status in waits][:limit]
+        dead = [r for r in runs if r.dead_lettered][:limit]
+        ids = {r.id for r in (*shown, *waiting, *dead)}
+        replays: dict[str, builtins.list[FlowRun]] = {}
+        for r in reversed(runs):  # oldest first: replay 1, 2, …
+            if r.replay_of in ids:
+                replays.setdefault(r.replay_of, []).append(r)
+        return Overview(shown, waiting, dead, replays)
+
+    async def replays_of(self, run_id: str) -> builtins.list[FlowRun]:
+        """The replays of run ``run_id`` (``{id}-replay-1``, ``-2``, … as ``Flow.Replay`` numbers them), in order."""
+        found: builtins.list[FlowRun] = []
+        while (run := await self.get(f"{run_id}-replay-{len(found) + 1}")) is not None:
+            found.append(run)
+        return found
+
+
+class Overview(msgspec.Struct):
+    """A flow's runs as its page shows them (:meth:`RunStore.overview`)."""
+
+    runs: list[FlowRun]
+    waiting: list[FlowRun]
+    dead_lettered: list[FlowRun]
+    replays: dict[str, list[FlowRun]]
 
 
 def now() -> float:

@@ -205,6 +205,12 @@ class ResumeRequest(betterproto2.Message):
     record these decisions; resume once every pending call is decided
     """
 
+    pause: "str" = betterproto2.field(8, betterproto2.TYPE_STRING)
+    """
+    the pause these decisions were made against (AgentRun.pause, as a page showed it): refused with
+    Conflict if the run has resumed and paused again since; empty: not checked
+    """
+
 
 default_message_pool.register_message("micro.agent", "ResumeRequest", ResumeRequest)
 
