@@ -350,9 +350,7 @@ def calls_in(exposition_text: str) -> dict[str, int]:
     from prometheus_client.parser import text_string_to_metric_families
 
     out: dict[str, int] = {}
-    for family in text_string_to_metric_families(exposition_text):
-        if family.name != "micro_rpc_server_calls":
-            continue
+    for family in text_string_to_metric_families(exposition_text):  # (its family, by how the text declares it)
         for sample in family.samples:
             if sample.name == "micro_rpc_server_calls_total" and "service" in sample.labels:
                 name = sample.labels["service"]

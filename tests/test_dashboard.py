@@ -592,6 +592,60 @@ async def test_the_service_list_shows_call_rates_from_this_processs_metrics() ->
     assert rate.search(second.text).group(1) == "3.0"  # type: ignore[union-attr]  # 30 calls in 10 s
 
 
+async def test_the_service_list_shows_call_rates_of_other_processes_from_the_metrics_their_nodes_name(
+        runtime: micro.Runtime) -> None:
+    import asyncio
+
+    from micro.registry import Node, ServiceRecord
+
+    served = [5]  # the other process's calls so far (and one failed call besides)
+    reads: list[int] = []
+
+    async def metrics_page(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        reads.append(served[0])
+        body = ("# HELP micro_rpc_server_calls Calls a service answered.\n# TYPE micro_rpc_server_calls counter\n"
+                f'micro_rpc_server_calls_total{{service="far",endpoint="Far.Go",path="native",code="OK"}} {served[0]}\n'
+                'micro_rpc_server_calls_total{service="far",endpoint="Far.Go",path="grpc",code="INTERNAL"} 1\n'
+                'micro_rpc_server_calls_total{service="near",endpoint="Near.Go",path="grpc",code="OK"} 9\n').encode()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: %d\r\n"
+                     b"Connection: close\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(metrics_page, "127.0.0.1", 0)
+    closed = await asyncio.start_server(metrics_page, "127.0.0.1", 0)  # a process gone: nothing listens there
+    gone = closed.sockets[0].getsockname()[1]
+    closed.close()
+    await closed.wait_closed()
+    try:
+        there = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        await runtime.registry.register(ServiceRecord("far", nodes=[
+            Node("far-1", "127.0.0.1:1", metadata={"metrics": there}),
+            Node("far-2", "127.0.0.1:2", metadata={"metrics": there})]), ttl=60)  # one process, two services' nodes
+        await runtime.registry.register(ServiceRecord("lost", nodes=[
+            Node("lost-1", "127.0.0.1:3", metadata={"metrics": f"127.0.0.1:{gone}"})]), ttl=60)
+        asgi = dashboard(runtime)
+        now = [0.0]
+        board = asgi.state.dashboard
+        board.rates.clock = board.remote._kept.clock = lambda: now[0]
+        async with _client(asgi) as http:
+            first = await http.get("/")
+            served[0] += 30
+            await http.get("/")  # within the ttl: the other process is not read again
+            now[0] = 10.0
+            second = await http.get("/")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert reads == [5, 35]  # one read per ttl, however many nodes name the address
+    rate = re.compile(r'<tr data-service="(\w+)">.*?<td class="rate">(.*?)</td>', re.S)
+    assert "measured once so far" in dict(rate.findall(first.text))["far"]
+    cells = dict(rate.findall(second.text))
+    assert cells["far"] == "3.0"  # 30 calls in 10 s, read from the other process's /metrics
+    assert "no metrics from its processes" in cells["lost"]  # its address does not answer: no rate, no error
+
+
 async def test_element_ids_made_from_names_cannot_reach_other_elements(runtime: micro.Runtime) -> None:
     from micro.registry import Endpoint, Node, ServiceRecord
 

@@ -8,20 +8,23 @@
   ``serving``, ``not serving`` (draining, or its runtime's registry, store or broker does not answer),
   ``not this service`` (another server answers at that address now) or ``unreachable`` (with the reason:
   no answer, a refused connection, a TLS handshake, an address that is not ``host:port``…).
-- **Call rate**: calls per second each service handled in this process over the last minute, from the
-  counters :mod:`micro.metrics` keeps (:func:`micro.metrics.calls_served`), sampled at each rendering.
-  Only while metrics are on (``micro run --metrics-address``, or ``micro.metrics.enable()``), and only
-  for the services this process serves: another process's calls are in its own metrics.
+- **Call rate**: calls per second each service handled over the last minute, from the counters
+  :mod:`micro.metrics` keeps, sampled at each rendering: this process's own
+  (:func:`micro.metrics.calls_served`) and, for the services of other processes, their ``/metrics``:
+  a process that serves it (``micro run --metrics-address``) names it in its nodes' records
+  (``metrics``: ``HOST:PORT``), and each such address is read at most once per ``ttl``
+  (:class:`RemoteCalls`). Only where metrics are on: a service whose processes collect none shows no rate.
 
 Both forget what leaves the registry: they hold one entry per registered node or service, never more.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import anyio
 import msgspec
@@ -37,6 +40,12 @@ CHECK_TIMEOUT = 1.0
 """Seconds a node has to answer its health check."""
 HEALTH_TTL = 5.0
 """Seconds a node's health is kept before it is asked again."""
+log = logging.getLogger("micro.dashboard")
+
+K = TypeVar("K")
+A = TypeVar("A")
+V = TypeVar("V")
+
 RATE_WINDOW = 60.0
 """Seconds of samples a call rate is measured over."""
 
@@ -49,28 +58,27 @@ class Health(msgspec.Struct, frozen=True):
     detail: str = ""
 
 
-class NodeHealth:
-    """The health of the registry's nodes, each asked at most once per ``ttl`` seconds through ``client``."""
+class Kept(Generic[K, A, V]):
+    """Answers by key, each asked at most once per ``ttl`` seconds: ``of`` returns the kept answers and asks,
+    concurrently, for the keys not asked within ``ttl``; a key another caller is asking now is awaited, not
+    asked again; keys no longer wanted are forgotten (one entry per wanted key, never more).
 
-    def __init__(self, client: Client, *, ttl: float = HEALTH_TTL, timeout: float = CHECK_TIMEOUT,
+    The asks a call starts run in its own task group (a caller that leaves ends them, and those waiting for
+    them go on without those answers)."""
+
+    def __init__(self, ask: Callable[[K, A], Awaitable[V]], *, ttl: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.client = client
+        self.ask = ask
         self.ttl = ttl
-        self.timeout = timeout
         self.clock = clock
-        self._known: dict[tuple[str, str], tuple[float, Health]] = {}  # (service, node id) -> (when, health)
-        self._asking: dict[tuple[str, str], anyio.Event] = {}  # checks under way, set when each ends
+        self._known: dict[K, tuple[float, V]] = {}  # key -> (when, answer)
+        self._asking: dict[K, anyio.Event] = {}  # asks under way, set when each ends
 
-    async def of(self, records: Iterable[ServiceRecord]) -> dict[tuple[str, str], Health]:
-        """The health of every node of ``records`` by (service, node id): kept answers, and the nodes not asked
-        within ``ttl`` asked now, concurrently; a node another caller is asking now is awaited, not asked again.
-
-        The checks this call starts run in its own task group (a caller that leaves ends them, and those
-        waiting for them go on without that node's answer)."""
+    async def of(self, wanted: Mapping[K, A]) -> dict[K, V]:
+        """The answer for every key of ``wanted`` (asked with its value) that has one."""
         now = self.clock()
-        nodes = {(r.name, n.id): n for r in records for n in r.nodes}
-        self._known = {key: seen for key, seen in self._known.items() if key in nodes}  # forget who left
-        stale = [key for key in nodes if key not in self._known or now - self._known[key][0] >= self.ttl]
+        self._known = {key: seen for key, seen in self._known.items() if key in wanted}  # forget who left
+        stale = [key for key in wanted if key not in self._known or now - self._known[key][0] >= self.ttl]
         theirs = [self._asking[key] for key in stale if key in self._asking]
         mine = [key for key in stale if key not in self._asking]
         for key in mine:
@@ -79,17 +87,72 @@ class NodeHealth:
             if mine:
                 async with anyio.create_task_group() as tg:
                     for key in mine:
-                        tg.start_soon(self._ask, key, nodes[key])
+                        tg.start_soon(self._ask, key, wanted[key])
         finally:
             for key in mine:
                 self._asking.pop(key).set()
         for asked in theirs:
             await asked.wait()
-        return {key: self._known[key][1] for key in nodes if key in self._known}
+        return {key: self._known[key][1] for key in wanted if key in self._known}
 
-    async def _ask(self, key: tuple[str, str], node: Node) -> None:
-        health = await check(self.client, key[0], node, self.timeout)
-        self._known[key] = (self.clock(), health)
+    async def _ask(self, key: K, arg: A) -> None:
+        answer = await self.ask(key, arg)
+        self._known[key] = (self.clock(), answer)
+
+
+class NodeHealth:
+    """The health of the registry's nodes, each asked at most once per ``ttl`` seconds through ``client``."""
+
+    def __init__(self, client: Client, *, ttl: float = HEALTH_TTL, timeout: float = CHECK_TIMEOUT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.client = client
+        self.timeout = timeout
+        self._kept: Kept[tuple[str, str], Node, Health] = Kept(self._ask, ttl=ttl, clock=clock)
+
+    async def of(self, records: Iterable[ServiceRecord]) -> dict[tuple[str, str], Health]:
+        """The health of every node of ``records`` by (service, node id): kept answers, and the nodes not asked
+        within ``ttl`` asked now, concurrently (:class:`Kept`)."""
+        return await self._kept.of({(r.name, n.id): n for r in records for n in r.nodes})
+
+    async def _ask(self, key: tuple[str, str], node: Node) -> Health:
+        return await check(self.client, key[0], node, self.timeout)
+
+
+class RemoteCalls:
+    """Calls served by service in other processes, read from the ``/metrics`` their nodes' records name
+    (``metrics``: ``HOST:PORT``, see :data:`micro.metrics.exposed`; this process's own is left out: its
+    counts are :func:`micro.metrics.calls_served`), each address at most once per ``ttl`` and within
+    ``timeout`` (:class:`Kept`). An address that does not answer in time, or not with the Prometheus text,
+    counts nothing this round (its services show no rate), and this dashboard needs ``micro[metrics]`` to read
+    one (without it, nothing is read)."""
+
+    def __init__(self, *, ttl: float = HEALTH_TTL, timeout: float = CHECK_TIMEOUT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.timeout = timeout
+        self._kept: Kept[str, None, dict[str, int]] = Kept(self._read, ttl=ttl, clock=clock)
+
+    async def served(self, records: Iterable[ServiceRecord]) -> dict[str, int]:
+        """Calls served so far by service name, summed over the processes the nodes of ``records`` name."""
+        addresses = {n.metadata["metrics"] for r in records for n in r.nodes if n.metadata.get("metrics")}
+        addresses.discard(metrics.exposed or "")
+        out: dict[str, int] = {}
+        for counts in (await self._kept.of(dict.fromkeys(addresses))).values():
+            for name, n in counts.items():
+                out[name] = out.get(name, 0) + n
+        return out
+
+    async def _read(self, address: str, _: None) -> dict[str, int]:
+        try:
+            import httpx
+
+            with anyio.fail_after(self.timeout):
+                async with httpx.AsyncClient(timeout=self.timeout) as http:
+                    reply = await http.get(f"http://{address}/metrics")
+            reply.raise_for_status()
+            return metrics.calls_in(reply.text)
+        except Exception as exc:  # no answer in time, a refusal, not the Prometheus text, no micro[metrics] here
+            log.debug("dashboard: no call counts from %s/metrics: %s", address, exc or type(exc).__name__)
+            return {}
 
 
 async def check(client: Client, service: str, node: Node, timeout: float = CHECK_TIMEOUT) -> Health:

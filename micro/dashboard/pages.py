@@ -141,7 +141,8 @@ class Dashboard:
         self._watcher: anyio.Event | None = None  # set when the page running the watch stops running it
         self._watched = False
         self.health = nodes.NodeHealth(runtime.client)  # each node's own health check, asked at most every few seconds
-        self.rates = nodes.CallRates()  # calls per second of the services this process serves (metrics on)
+        self.rates = nodes.CallRates()  # calls per second of the services (where their processes collect metrics)
+        self.remote = nodes.RemoteCalls()  # the calls other processes served, from the /metrics their nodes name
         # the service table every open page shows, made once per registry change or REFRESH (see snapshot)
         self.clock: Callable[[], float] = time.monotonic
         self._snapshot: _Snapshot | None = None
@@ -259,12 +260,26 @@ class Dashboard:
     async def service_list(self) -> dict[str, Any]:
         """What the service table shows: the records, each node's health and each service's call rate."""
         records = await self.records()
+        health: dict[tuple[str, str], nodes.Health] = {}
+        remote: dict[str, int] = {}
+
+        async def ask_health() -> None:
+            health.update(await self.health.of(records))
+
+        async def read_remote() -> None:
+            remote.update(await self.remote.served(records))
+
+        async with anyio.create_task_group() as tg:  # both ask other processes, each within a second
+            tg.start_soon(ask_health)
+            tg.start_soon(read_remote)
         served = metrics.calls_served()
         if metrics.enabled():  # this runtime's services count from 0, before their first call
             for name in self.runtime.local:
                 served.setdefault(name, 0)
-        return {"records": records, "health": await self.health.of(records),
-                "rates": self.rates.sample((r.name for r in records), served), "measured": metrics.enabled()}
+        for name, n in remote.items():
+            served[name] = served.get(name, 0) + n
+        return {"records": records, "health": health, "counted": set(served),
+                "rates": self.rates.sample((r.name for r in records), served)}
 
     async def snapshot(self) -> _Snapshot:
         """The service table's data as every open page shows it: made again (:meth:`service_list`) once the
