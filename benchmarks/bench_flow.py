@@ -101,9 +101,8 @@ class CountingFlow(Flow):
         self.completed: set[str] = set()
         self.done = anyio.Event()
 
-    async def run_event(self, run_id: str, topic: str, event: Any, *, replay_of: str = "",
-                        last_attempt: bool = False) -> FlowRun:
-        run = await super().run_event(run_id, topic, event, replay_of=replay_of, last_attempt=last_attempt)
+    async def run_event(self, run_id: str, topic: str, event: Any, **options: Any) -> FlowRun:
+        run = await super().run_event(run_id, topic, event, **options)
         if run.status == "completed":
             self.completed.add(run_id)
             if len(self.completed) == self.expect:
