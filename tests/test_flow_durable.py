@@ -269,6 +269,32 @@ async def test_a_flow_on_the_dead_letter_topic_does_not_call_its_failures_dead_l
     assert sad is not None and sad.status == "failed" and not sad.dead_lettered
 
 
+async def test_a_flow_whose_trigger_changed_starts_again_under_its_name(nats_url: str) -> None:
+    # the dead-letter stream outlives the trigger's: its durable consumer, bound to the old trigger's dead-letter
+    # topic, refused the flow's start under the same name (found by make bench, whose flows change triggers)
+    broker_url = nats_url.replace("nats://", "nats+js://")
+
+    async def step(event: dict[str, Any], run: FlowRun) -> str:
+        return "ok"
+
+    async with micro.Runtime(registry="memory://", broker=broker_url, store="memory://") as rt:
+        for trigger in ("left.moved", "right.moved"):  # two streams; the dead letters share one
+            flow = micro.NewFlow("mover", trigger=trigger, steps=[step], runtime=rt)
+            async with flow:
+                done = anyio.Event()
+                put = flow.runs.put
+
+                async def watched_put(run: FlowRun, put: Any = put, done: anyio.Event = done) -> None:
+                    await put(run)
+                    if run.status == "completed":
+                        done.set()
+
+                flow.runs.put = watched_put  # type: ignore[method-assign]
+                await rt.broker.publish(trigger, {"n": 1})
+                with anyio.fail_after(30):
+                    await done.wait()
+
+
 async def test_graceful_restarts_do_not_use_up_deliveries_of_events_that_never_ran(nats_url: str) -> None:
     # a flow used to pull 16 events ahead per subscription; a stop gave the unstarted ones back (nak),
     # each give-back counted as a delivery, and after max_deliver restarts such events went to the

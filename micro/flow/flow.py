@@ -299,10 +299,12 @@ class Flow(Service):
         if dead_letters is not None:
             # the events the broker dead-letters without handing them here again (earlier attempts died
             # unsettled: a crash, an OOM, a hang past ack_wait): their runs say so, and can be replayed
+            # named by the trigger too: the dead-letter stream outlives a trigger's, and a durable consumer
+            # is bound to one topic (a flow whose trigger changed would not start under the old name)
+            consumer = f"{self.name}-dead-letters-{hashlib.sha256(dead_letters.encode()).hexdigest()[:8]}"
             try:
                 self._dead_letters = await self.runtime.broker.subscribe(
-                    dead_letters, self._on_dead_letter, queue=f"{self.name}-dead-letters",
-                    durable=f"{self.name}-dead-letters", prefetch=1)
+                    dead_letters, self._on_dead_letter, queue=consumer, durable=consumer, prefetch=1)
             except BaseException:
                 await super().stop()
                 raise
