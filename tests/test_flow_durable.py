@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ import pytest
 
 import micro
 from micro.broker import Message
+from micro.errors import BadRequest
 from micro.flow import FlowRun, RunStore
+from micro.store import Record
 from micro.store import from_url as store_from_url
 
 WORKER = Path(__file__).parent / "apps" / "flow_worker.py"
@@ -207,17 +210,21 @@ async def test_an_event_dead_lettered_without_its_handler_marks_its_run_dead_let
     marked = anyio.Event()
     put = RunStore.put
 
-    async def watched_put(self: RunStore, run: FlowRun) -> None:
-        await put(self, run)
+    async def watched_put(self: RunStore, run: FlowRun, **kw: Any) -> int:
+        version = await put(self, run, **kw)
         if run.dead_lettered:
             marked.set()
+        return version
 
     monkeypatch.setattr(RunStore, "put", watched_put)
     async with micro.Runtime(registry="memory://", broker=broker_url, store="memory://") as rt:
         flow = micro.NewFlow("sinker", trigger="ships.sail", steps=[step], runtime=rt)
         # what the dead process left: its run record, `running`, and the event's one delivery used up
-        await flow.runs.put(FlowRun("lost-1", "sinker", "ships.sail", event={"ship": 1}, status="running",
-                                    attempts=1, started=1.0))
+        # (written long ago: a record written within ack_wait is left to its owner, alive as far as we know)
+        lost_run = FlowRun("lost-1", "sinker", "ships.sail", event={"ship": 1}, status="running", attempts=1,
+                           started=1.0)
+        await rt.store.write(Record(flow.runs.key("lost-1"), msgspec.json.encode(lost_run),
+                                    metadata={"status": "running", "updated": "1.0"}))
         taken = anyio.Event()
 
         async def dies(msg: Message) -> None:
@@ -334,3 +341,113 @@ async def test_graceful_restarts_do_not_use_up_deliveries_of_events_that_never_r
         await sub.unsubscribe()
     assert sorted(set(handled)) == list(range(12))  # every event ran (none was dead-lettered unrun)
     assert dead == []
+
+
+async def test_one_flows_dead_letter_leaves_another_flows_run_of_the_event_alone(nats_url: str) -> None:
+    # every flow on a trigger has its own consumer on dlq.<trigger>: alpha giving up on an event used to mark
+    # beta's run of it failed and dead_lettered while beta's step still ran, and Flow.Replay then ran it twice
+    broker_url = nats_url.replace("nats://", "nats+js://") + "?backoff=0.01&max_deliver=1&ack_wait=5"
+    release = anyio.Event()
+    beta_ran: list[str] = []
+
+    async def fails(event: dict[str, Any], run: FlowRun) -> str:
+        raise ValueError("alpha cannot digest it")
+
+    async def slow(event: dict[str, Any], run: FlowRun) -> str:
+        beta_ran.append(run.id)
+        await release.wait()
+        return "ok"
+
+    async with micro.Runtime(registry="memory://", broker=broker_url, store="memory://") as rt:
+        alpha = micro.NewFlow("alpha", trigger="orders.new", steps=[fails], runtime=rt)
+        beta = micro.NewFlow("beta", trigger="orders.new", steps=[slow], runtime=rt)
+        seen = anyio.Event()  # beta handled alpha's dead letter
+        handle = beta._on_dead_letter
+
+        async def watched(message: Message) -> None:
+            await handle(message)
+            seen.set()
+
+        beta._on_dead_letter = watched  # type: ignore[method-assign]
+        got: list[Message] = []
+        sub = await rt.broker.subscribe("dlq.orders.new", lambda m: _append(got, m))
+        async with alpha, beta:
+            await rt.broker.publish("orders.new", {"n": 1}, headers={"Micro-Id": "ev-1"})
+            with anyio.fail_after(30):
+                await seen.wait()
+            while_running = await beta.runs.get("ev-1")
+            with pytest.raises(BadRequest, match="replaying it now would run its steps"):
+                await rt.client.call("beta", "Flow.Replay", {"id": "ev-1"})
+            release.set()
+            with anyio.fail_after(30):
+                while (done := await beta.runs.get("ev-1")) is None or done.status != "completed":
+                    await anyio.wait_all_tasks_blocked()
+            failed = await alpha.runs.get("ev-1")
+        await sub.unsubscribe()
+    assert while_running is not None and (while_running.status, while_running.dead_lettered) == ("running", False)
+    assert not done.dead_lettered and beta_ran == ["ev-1"]  # its step ran once
+    assert failed is not None and (failed.status, failed.dead_lettered) == ("failed", True)
+    (letter,) = got  # the dead letter says whose deliveries were used up, and when the event was published
+    assert letter.headers["Micro-Consumer"] == "alpha"
+    assert 0 < float(letter.headers["Micro-Published"]) <= time.time()
+
+
+async def _append(into: list[Message], message: Message) -> None:
+    into.append(message)
+
+
+async def test_a_dead_letter_marks_only_a_run_left_running_or_retrying_by_a_gone_owner(
+        nats_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    broker_url = nats_url.replace("nats://", "nats+js://") + "?ack_wait=30"
+
+    def letter(run_id: str, consumer: str = "keeper", **headers: str) -> Message:
+        return Message(topic="dlq.goods.in", data=b'{"n": 1}', id=run_id,
+                       headers={"Micro-Consumer": consumer, "Micro-Error": "not acknowledged after 5 deliveries",
+                                "Micro-Topic": "goods.in", **headers})
+
+    async def old(run: FlowRun) -> None:  # a record its owner wrote long ago
+        await rt.store.write(Record(flow.runs.key(run.id), msgspec.json.encode(run),
+                                    metadata={"status": run.status, "updated": "1.0"}))
+
+    async with micro.Runtime(registry="memory://", broker=broker_url, store="memory://") as rt:
+        flow = micro.NewFlow("keeper", trigger="goods.in", steps=[lambda e, r: "ok"], runtime=rt)
+        # a failed run keeps the error its step recorded; a cancelled one stays cancelled
+        await old(FlowRun("f", "keeper", "goods.in", status="failed", error="StepFailed: bad order"))
+        await old(FlowRun("c", "keeper", "goods.in", status="cancelled"))
+        # another subscriber's dead letter, or one without a consumer, is not this flow's
+        await old(FlowRun("o", "keeper", "goods.in", status="running"))
+        # a run written within ack_wait: its owner is alive
+        await flow.runs.put(FlowRun("r", "keeper", "goods.in", status="retrying"))
+        # a run being handled in this process
+        await old(FlowRun("h", "keeper", "goods.in", status="running"))
+        flow._inflight["h"] = anyio.Event()
+        for run_id, consumer in [("f", "keeper"), ("c", "keeper"), ("o", "other"), ("o", ""), ("r", "keeper"),
+                                 ("h", "keeper")]:
+            await flow._on_dead_letter(letter(run_id, consumer))
+        kept = {i: await flow.runs.get(i) for i in "fcorh"}
+        # a run its owner left: marked; one never recorded: made, started when the event was published
+        await old(FlowRun("gone", "keeper", "goods.in", status="running", started=5.0))
+        await flow._on_dead_letter(letter("gone"))
+        await flow._on_dead_letter(letter("new", **{"Micro-Published": "123.5"}))
+        gone, new = await flow.runs.get("gone"), await flow.runs.get("new")
+        # a write between the read and the mark wins (its owner finished it meanwhile)
+        await old(FlowRun("race", "keeper", "goods.in", status="running"))
+        read = flow.runs.get_versioned
+
+        async def raced(run_id: str) -> tuple[FlowRun, int, float] | None:
+            found = await read(run_id)
+            await flow.runs.put(FlowRun("race", "keeper", "goods.in", status="completed"))
+            return found
+
+        monkeypatch.setattr(flow.runs, "get_versioned", raced)
+        await flow._on_dead_letter(letter("race"))
+        race = await flow.runs.get("race")
+    assert {i: (r.status, r.dead_lettered) for i, r in kept.items() if r is not None} == {
+        "f": ("failed", False), "c": ("cancelled", False), "o": ("running", False), "r": ("retrying", False),
+        "h": ("running", False)}
+    assert kept["f"] is not None and kept["f"].error == "StepFailed: bad order"
+    assert gone is not None and (gone.status, gone.dead_lettered, gone.started) == ("failed", True, 5.0)
+    assert "not acknowledged after 5 deliveries" in gone.error
+    assert new is not None and (new.status, new.dead_lettered, new.started, new.event) == (
+        "failed", True, 123.5, {"n": 1})
+    assert race is not None and (race.status, race.dead_lettered) == ("completed", False)

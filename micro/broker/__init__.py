@@ -21,8 +21,10 @@ import os
 
 from micro.backends import load_backend
 from micro.broker._base import (
+    CONSUMER_HEADER,
     DELIVERIES_HEADER,
     ERROR_HEADER,
+    PUBLISHED_HEADER,
     TOPIC_HEADER,
     Broker,
     Message,
@@ -37,9 +39,11 @@ from micro.resource import redact
 
 __all__ = [
     "BACKENDS",
+    "CONSUMER_HEADER",
     "DEFAULT_URL",
     "DELIVERIES_HEADER",
     "ERROR_HEADER",
+    "PUBLISHED_HEADER",
     "TOPIC_HEADER",
     "Broker",
     "Message",

@@ -58,6 +58,12 @@ TOPIC_HEADER = "Micro-Topic"
 """A dead letter's header: the topic it was published to."""
 DELIVERIES_HEADER = "Micro-Deliveries"
 """A dead letter's header: how many times it was delivered."""
+CONSUMER_HEADER = "Micro-Consumer"
+"""A dead letter's header: the ``durable`` name (else the ``queue`` group) of the subscription whose deliveries
+were used up; absent for an ephemeral subscription. Each subscriber of a topic gets its own deliveries, so a
+subscriber of the dead-letter topic keeps only its own dead letters."""
+PUBLISHED_HEADER = "Micro-Published"
+"""A dead letter's header: when the original message was published (unix seconds), if the broker knows."""
 
 
 class Settlement(abc.ABC):
@@ -202,7 +208,8 @@ class Broker(Resource, abc.ABC):
     def dead_letter_topic(self, topic: str) -> str | None:
         """Where this broker moves a message of ``topic`` once its deliveries are used up — when the last
         attempt fails, and also when earlier attempts died unsettled and the handler is not called again —
-        with :data:`ERROR_HEADER`, :data:`TOPIC_HEADER` and :data:`DELIVERIES_HEADER` set and the same
+        with :data:`ERROR_HEADER`, :data:`TOPIC_HEADER`, :data:`DELIVERIES_HEADER`, :data:`CONSUMER_HEADER` (which
+        subscription gave up: every subscriber of ``topic`` has its own) and :data:`PUBLISHED_HEADER` set and the same
         message id. ``None``: it dead-letters nothing (at-most-once brokers), or ``topic`` is a dead-letter
         topic itself (its failures are dropped). A subscriber that records what it handles (a flow's runs)
         subscribes there to learn of the messages it never finished."""

@@ -55,9 +55,11 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from micro import metrics
 from micro.broker._base import (
+    CONSUMER_HEADER,
     DELIVERIES_HEADER,
     ERROR_HEADER,
     ID_HEADER,
+    PUBLISHED_HEADER,
     TOPIC_HEADER,
     Message,
     MessageHandler,
@@ -362,7 +364,11 @@ class JetStreamSubscription(Subscription):
         metrics.count("dead_letters", type(broker).__name__, msg.subject, bounded=1)
         headers = dict(message.headers)
         headers.update({ID_HEADER: message.id, ERROR_HEADER: " ".join(error.split())[:1024],
-                        TOPIC_HEADER: msg.subject, DELIVERIES_HEADER: str(message.delivery)})
+                        TOPIC_HEADER: msg.subject, DELIVERIES_HEADER: str(message.delivery),
+                        PUBLISHED_HEADER: f"{msg.metadata.timestamp.timestamp():.6f}"})
+        headers.pop(CONSUMER_HEADER, None)
+        if self.durable or self.queue:  # which subscriber gave up: each has its own deliveries of the message
+            headers[CONSUMER_HEADER] = self.durable or self.queue or ""
         try:
             await broker.publish(target, message.data, headers=headers)
         except (Unavailable, BrokerError) as e:

@@ -62,7 +62,7 @@ from micro.agent.loop import Approve, Decision, EndRun, Limits, Run, system_prom
 from micro.agent.record import STATUSES, WAITING, AgentRun, AgentRuns, PendingCall, new_run_id
 from micro.agent.tools import REQUEST_INPUT, Toolset, request_input_tool, tool_name
 from micro.ai import Message, Model, from_provider
-from micro.broker import ERROR_HEADER, TOPIC_HEADER, Subscription
+from micro.broker import CONSUMER_HEADER, ERROR_HEADER, PUBLISHED_HEADER, TOPIC_HEADER, Subscription
 from micro.broker import Message as BrokerMessage
 from micro.errors import (
     BadRequest,
@@ -602,18 +602,43 @@ class Flow(Service):
 
     async def _on_dead_letter(self, message: BrokerMessage) -> None:
         """The broker dead-lettered an event of the trigger: a run it did not record as failed (its attempts
-        died unsettled, so the handler was not called again) is now ``failed`` and ``dead_lettered``."""
+        died unsettled, so the handler was not called again) is now ``failed`` and ``dead_lettered``.
+
+        Only this flow's own dead letters count (``Micro-Consumer`` names the flow: every flow on the trigger
+        has its own deliveries, and another flow giving up says nothing of this one's run), and only a run
+        recorded ``running`` or ``retrying`` (or not recorded at all): not one being handled in this process, not
+        one whose record was written within the broker's ``ack_wait`` (its owner is alive: the broker would
+        have redelivered it otherwise), and not one a concurrent write changed meanwhile (a version check)."""
+        if message.headers.get(CONSUMER_HEADER) != self.name:
+            return  # another subscriber's dead letter (another flow on the same trigger)
         run_id = message.id or hashlib.sha1(message.data).hexdigest()
-        run = await self.runs.get(run_id)
-        if run is not None and (run.dead_lettered or run.status in ("completed", *WAITING)):
-            return  # recorded by its failed last attempt already; or done, or waiting (its event was acked)
+        if run_id in self._inflight:
+            return  # still being handled here: it records its own end
+        found = await self.runs.get_versioned(run_id)
         why = message.headers.get(ERROR_HEADER, "") or "its deliveries were used up"
-        if run is None:  # its process died before the run's first record
+        version = 0  # create only: a record written meanwhile wins
+        if found is None:  # its process died before the run's first record
+            try:
+                started = float(message.headers.get(PUBLISHED_HEADER, ""))
+            except ValueError:
+                started = now()
             run = FlowRun(id=run_id, flow=self.name, topic=message.headers.get(TOPIC_HEADER, self.trigger),
-                          event=_event_of(message.data), started=now())
+                          event=_event_of(message.data), started=started)
+        else:
+            run, version, updated = found
+            if run.dead_lettered or run.status not in ("running", "retrying"):
+                return  # recorded by its failed last attempt; or done, failed, cancelled or waiting
+            ack_wait = float(getattr(self.runtime.broker, "ack_wait", 0.0))
+            if now() - updated < ack_wait:
+                log.warning("flow %s: event %s was dead-lettered (%s) but its run was recorded %.1f s ago, within "
+                            "ack_wait: left to its owner", self.name, run_id, why, now() - updated)
+                return
         run.status, run.error_kind, run.dead_lettered, run.finished = "failed", "dead_lettered", True, now()
         run.error = f"the broker dead-lettered the event: {why}"
-        await self.runs.put(run)
+        try:
+            await self.runs.put(run, if_version=version)
+        except VersionConflict:
+            return  # written meanwhile (by its owner): that record stands
         log.warning("flow %s: event %s was dead-lettered unfinished (%s); replay it with `micro flow replay %s`",
                     self.name, run_id, why, run_id)
 

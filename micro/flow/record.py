@@ -124,9 +124,27 @@ class RunStore:
             return None
         return _decode(rec.value)
 
-    async def put(self, run: FlowRun) -> None:
+    async def put(self, run: FlowRun, *, if_version: int | None = None) -> int:
+        """Write the record (its metadata says its status and when it was written); ``if_version``: only if
+        the stored record is still that version (``VersionConflict`` if not); returns the new version."""
         metrics.flow_run(run.flow, run.status)
-        await self.store.write(Record(self.key(run.id), _encode(run), metadata={"status": run.status}))
+        return await self.store.write(Record(self.key(run.id), _encode(run),
+                                             metadata={"status": run.status, "updated": f"{now():.6f}"}),
+                                      if_version=if_version)
+
+    async def get_versioned(self, run_id: str) -> tuple[FlowRun, int, float] | None:
+        """The record, its store version (for ``put(if_version=)``) and when it was last written (0 if unknown)."""
+        from micro.errors import RecordNotFound
+
+        try:
+            (rec,) = await self.store.read(self.key(run_id))
+        except RecordNotFound:
+            return None
+        try:
+            updated = float(rec.metadata.get("updated", "0"))
+        except ValueError:
+            updated = 0.0
+        return _decode(rec.value), rec.version, updated
 
     async def list(self, limit: int = 50, status: Collection[str] | None = None, *,
                    dead_lettered: bool = False) -> list[FlowRun]:
