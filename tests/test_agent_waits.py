@@ -318,6 +318,26 @@ async def test_partial_decisions_are_kept_until_every_call_is_decided(store: Mem
     assert ledger.deleted == [] and len(ledger.transfers) == 1
 
 
+async def test_approving_all_after_a_partial_decision_decides_only_the_undecided_calls(store: MemoryStore) -> None:
+    # `micro agent approve` / A2A "approve" after one call was denied on its own: refused as a Conflict before
+    def brain(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | str:
+        if not results_seen(messages[-1:]):
+            return scripted.turn(scripted.call("ledger_Ledger_Transfer", to="bob", amount=5),
+                                 scripted.call("ledger_Ledger_DeleteEntry", id="e9"))
+        return " | ".join(r.content for r in results_seen(messages[-1:]))
+
+    ledger = Ledger()
+    async with runtime(store) as rt, ledger_service(rt, ledger), banker(rt, scripted.function(brain)) as agent:
+        rsp = await agent.ask("pay bob and drop e9")
+        _transfer, delete = rsp.pending
+        await agent.resume(rsp.run_id, approve={delete.call_id: "keep it"}, partial=True)
+        done = await agent.resume(rsp.run_id, approve=True)  # all: the transfer; the denial stands
+    assert done.status == "completed"
+    assert done.reply == ('{"ok":true,"detail":"sent 5 to bob"} | the call to ledger_Ledger_DeleteEntry was not '
+                          "approved by a person: keep it")
+    assert ledger.deleted == [] and len(ledger.transfers) == 1
+
+
 # -- sessions, cancel, expiry ------------------------------------------------------------------
 
 

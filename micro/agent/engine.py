@@ -297,7 +297,8 @@ class RunEngine:
         of the pause the decisions were made against, e.g. by a page) is not the pause the run waits in
         now, or when a decision differs from one already recorded on that call (a stale page, a second
         tab, another person): a recorded decision is never reversed. The same decision again (a retry,
-        a double click) is accepted. Nothing is written here.
+        a double click) is accepted. ``approve=True``/``False`` (approve or deny all) decides the calls still
+        undecided and leaves the recorded ones as they are. Nothing is written here.
         """
         where = f"agent {self.name}: run {run.id} waits for {run.waits_for()}"
         if pause and pause != pause_token(run):
@@ -313,9 +314,10 @@ class RunEngine:
             if not approvals:
                 raise BadRequest(f"{where}; it asked a question and needs an answer, not an approval "
                                  f"(micro agent answer {self.name} {run.id} \"…\")")
-            if isinstance(approve, bool):
+            if isinstance(approve, bool):  # all of them: the ones still undecided (a recorded one stands)
                 for p in approvals:
-                    out[p.call_id] = Decision(approve, "" if approve else reason)
+                    if p.call_id not in recorded:
+                        out[p.call_id] = Decision(approve, "" if approve else reason)
             else:
                 for call_id, verdict in approve.items():
                     found = pending.get(call_id)
