@@ -478,6 +478,10 @@ def test_bad_definitions_are_refused_when_the_flow_is_built() -> None:
         (lambda: {"steps": [call], "needs_approval": ["x"]}, "wait for a person with an Await step"),
         (lambda: {"steps": [Await("a", topic="t")]}, "give an Await both topic= and match="),
         (lambda: {"steps": [Await("a", on_timeout=[call])]}, "on_timeout steps need a timeout="),
+        (lambda: {"steps": [Await("dead-letters", topic="t", match="id")]},
+         "flow f: step dead-letters: an Await step on a topic cannot be named 'dead-letters'"),
+        (lambda: {"steps": [Await("dead-letters-1a2b3c4d", topic="t", match="id")]},
+         "flow f: step dead-letters-1a2b3c4d: an Await step on a topic cannot be named 'dead-letters'"),
         (lambda: {"steps": [call, 3]}, "a step must be Call, LLM, Dispatch, Await, Loop, Verify or a function, not 3"),
         (lambda: {"steps": [call], "schedule": "every day"}, "schedule 'every day' is not a cron expression"),
     ]

@@ -90,6 +90,10 @@ from .steps import LLM, Await, Call, Dispatch, Fn, Loop, State, Verify, as_steps
 from .steps import Step as StepKind
 from .template import TemplateError, render
 
+DEAD_LETTERS = "dead-letters"
+"""The flow's consumer of its trigger's dead letters is ``<flow>-dead-letters-<8 hex>`` (an Await step on a topic
+may not be named ``dead-letters`` or ``dead-letters-…``: its consumer is ``<flow>-<step>``)."""
+
 log = logging.getLogger("micro.flow")
 
 Step = Callable[[dict[str, Any], FlowRun], Awaitable[Any] | Any]
@@ -267,6 +271,12 @@ class Flow(Service):
             self.subscribe(trigger, self._on_event, queue=name, durable=name, prefetch=1)
         for step in _walk(self.plan):
             if isinstance(step, Await) and step.topic is not None:
+                if step.name == DEAD_LETTERS or step.name.startswith(f"{DEAD_LETTERS}-"):  # the dead-letter one's
+                    raise UsageError(
+                        f"flow {name}: step {step.name}: an Await step on a topic cannot be named "
+                        f"{DEAD_LETTERS!r} or {DEAD_LETTERS}-…: its durable consumer would be {name}-{step.name}, "
+                        f"like the flow's consumer of its trigger's dead letters ({name}-{DEAD_LETTERS}-<8 hex>); "
+                        "give the step another name")
                 self.subscribe(step.topic, self._await_subscriber(step), queue=f"{name}-{step.name}",
                                durable=f"{name}-{step.name}", prefetch=1)
 
@@ -301,7 +311,7 @@ class Flow(Service):
             # unsettled: a crash, an OOM, a hang past ack_wait): their runs say so, and can be replayed
             # named by the trigger too: the dead-letter stream outlives a trigger's, and a durable consumer
             # is bound to one topic (a flow whose trigger changed would not start under the old name)
-            consumer = f"{self.name}-dead-letters-{hashlib.sha256(dead_letters.encode()).hexdigest()[:8]}"
+            consumer = f"{self.name}-{DEAD_LETTERS}-{hashlib.sha256(dead_letters.encode()).hexdigest()[:8]}"
             try:
                 self._dead_letters = await self.runtime.broker.subscribe(
                     dead_letters, self._on_dead_letter, queue=consumer, durable=consumer, prefetch=1)
