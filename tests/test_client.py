@@ -786,3 +786,62 @@ async def test_a_replaced_node_is_called_once_the_watch_says_so(wire: str) -> No
             assert not away.client.breakers._nodes  # no call was tried on the node that left
         finally:
             await second.stop()
+
+
+class _Events(Watcher):
+    """A watch fed by the test: the events given, then the end."""
+
+    def __init__(self, events: list[Event], first: Callable[[], None] = lambda: None) -> None:
+        self.events = iter(events)
+        self.first: Callable[[], None] | None = first
+
+    async def __anext__(self) -> Event:
+        await anyio.lowlevel.checkpoint()
+        if self.first is not None:  # the watch has started (and emptied the cache)
+            self.first, first = None, self.first
+            first()
+        try:
+            return next(self.events)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_the_pools_of_nodes_that_left_the_registry_are_closed_and_dropped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # the dashboard's health checks open a pool per node (grpc_channel): kept for ever, they grew with
+    # every node that ever registered
+    closed: list[str] = []
+    monkeypatch.setattr(NodePool, "close", lambda self: closed.append(self.address))
+    monkeypatch.setattr(NativePool, "close", lambda self: closed.append(self.address))
+    gone = micro.registry.Node("n1", "127.0.0.1:7001", {"native": "127.0.0.1:7101"})
+    kept = micro.registry.Node("n2", "127.0.0.1:7002", {"native": "127.0.0.1:7102"})
+    shared = micro.registry.Node("n3", "127.0.0.1:7003")  # the same process serves "other" too
+    client = Client(MemoryRegistry(), transport="auto")
+    for node in (gone, kept, shared):
+        client.grpc_channel(node)
+        client.channel(node)
+    busy = client.grpc_channel(kept)
+    assert busy.places.take_now()  # a call in flight to it
+    left = micro.registry.ServiceRecord("svc", nodes=[gone, shared])
+    other = [micro.registry.ServiceRecord("other", nodes=[shared])]
+    await client.follow(_Events([Event("delete", left), Event("delete", micro.registry.ServiceRecord(
+        "svc", nodes=[kept]))], first=lambda: client._records.update(other=other)))
+    assert sorted(closed) == ["127.0.0.1:7001", "127.0.0.1:7101", "127.0.0.1:7102"]  # the busy one: only dropped
+    assert set(client._pools) == {"127.0.0.1:7003"}  # still listed by a cached record of "other"
+
+
+async def test_a_reused_address_gets_a_pool_of_its_new_kind_and_the_old_one_is_closed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    closed: list[str] = []
+    monkeypatch.setattr(NodePool, "close", lambda self: closed.append(f"grpc {self.address}"))
+    monkeypatch.setattr(NativePool, "close", lambda self: closed.append(f"native {self.address}"))
+    client = Client(MemoryRegistry(), transport="auto")
+    old = micro.registry.Node("old", "127.0.0.1:7201")  # its gRPC address is now another node's native one
+    new = micro.registry.Node("new", "127.0.0.1:7202", {"native": "127.0.0.1:7201"})
+    client.grpc_channel(old)
+    assert isinstance(client.channel(new), NativePool)  # not the NodePool kept under that address
+    assert isinstance(client.grpc_channel(old), NodePool)
+    assert closed == ["grpc 127.0.0.1:7201", "native 127.0.0.1:7201"]

@@ -503,6 +503,8 @@ async def test_a_draining_node_finishes_its_calls_and_sends_new_ones_elsewhere()
                 reader, writer = await asyncio.open_connection(native.host, native.port)
                 writer.write(f.preface())
                 await reader.readexactly(f.PREFACE_SIZE)
+                # (taken now: once the node leaves the registry the client drops its pool)
+                pool = caller.client._pools[draining.record.nodes[0].metadata["native"]]
                 tg.start_soon(draining.stop)
                 with anyio.fail_after(10):
                     while not native.closing:
@@ -519,7 +521,6 @@ async def test_a_draining_node_finishes_its_calls_and_sends_new_ones_elsewhere()
                 assert [g[:2] for g in got] == [(f.GOAWAY, 0), (f.ERROR, 1)]
                 assert f.read_error(got[1][4]) == (Status.UNAVAILABLE.value, DRAINING)
                 # the client's pool takes that as "try another node"
-                pool = caller.client._pools[draining.record.nodes[0].metadata["native"]]
                 with pytest.raises(NodeUnreachable):
                     await pool.unary("/wire.Svc/Echo", b"{}")
                 # and calls through the client go to the other node

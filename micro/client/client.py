@@ -428,7 +428,9 @@ class Client:
         if native is None:
             return self.grpc_channel(node)
         pool = self._pools.get(native)
-        if pool is None:
+        if not isinstance(pool, NativePool):  # none yet, or a gRPC pool on an address now a native one
+            if pool is not None:
+                pool.close()
             secure = node.metadata.get("tls") == "true"
             md = node.metadata  # a node on this host: its Unix socket, TCP when that is unusable
             # (never for a TLS node: its certificate, not a file's permissions, says who answers)
@@ -446,9 +448,25 @@ class Client:
         """The pooled gRPC connection to a node's gRPC address (with this client's TLS), whatever wire calls
         take: the standard services (``grpc.health.v1``, reflection) are served only there."""
         pool = self._pools.get(node.address)
-        if not isinstance(pool, NodePool):
+        if not isinstance(pool, NodePool):  # none yet, or a native pool on an address now a gRPC one
+            if pool is not None:
+                pool.close()
             pool = self._pools[node.address] = NodePool(node.address, ssl=self._tls_for(node))
         return pool
+
+    def forget_node(self, node: Node) -> None:
+        """Drop the pooled connections to a node that left the registry (its gRPC and native addresses), unless
+        a cached record still lists the address. An idle pool is closed; one with calls in flight is only
+        dropped (they finish; the node closes its connections as it stops). The registry watch calls it for
+        the nodes a ``delete`` event names, so the pools follow the registry rather than grow for ever."""
+        listed = {a for records in self._records.values() for rec in records for n in rec.nodes
+                  for a in (n.address, n.metadata.get(NATIVE))}
+        for address in (node.address, node.metadata.get(NATIVE)):
+            if address is None or address in listed:
+                continue
+            pool = self._pools.pop(address, None)
+            if pool is not None and not pool.places.inflight:
+                pool.close()
 
     def _tls_for(self, node: Node) -> ssl.SSLContext | None:
         return (self.tls or _default_tls()) if node.metadata.get("tls") == "true" else None
@@ -466,10 +484,14 @@ class Client:
         """Drop cached records as the registry reports changes (run by the runtime).
 
         A new watch starts with an empty cache: changes made while no watch ran are not reported.
+        The pools of the nodes a ``delete`` event names are dropped (:meth:`forget_node`).
         """
         self._records.clear()
         async for event in watcher:
             self._records.pop(event.service.name, None)
+            if event.type == "delete":  # the nodes that left: their pools go too
+                for node in event.service.nodes:
+                    self.forget_node(node)
 
     def forget(self, service: str) -> None:
         """Drop the cached records of one service."""
