@@ -89,6 +89,7 @@ class Client:
         self._plans: dict[tuple[str, str, type, Any], _Plan] = {}
         self._rr: dict[str, itertools.count[int]] = {}
         self._pools: dict[str, NodePool | NativePool] = {}
+        self._retired: list[NodePool | NativePool] = []  # dropped with calls in flight: closed once idle
         self._watchdog = Watchdog()
         self._call: Next = chain([telemetry.call_wrapper, *wrappers], self._dispatch)
         self._remote_call: Next = metrics.remote_wrapper(self._remote)
@@ -456,17 +457,24 @@ class Client:
 
     def forget_node(self, node: Node) -> None:
         """Drop the pooled connections to a node that left the registry (its gRPC and native addresses), unless
-        a cached record still lists the address. An idle pool is closed; one with calls in flight is only
-        dropped (they finish; the node closes its connections as it stops). The registry watch calls it for
-        the nodes a ``delete`` event names, so the pools follow the registry rather than grow for ever."""
+        a cached record still lists the address. An idle pool is closed; one with calls in flight is closed
+        once idle (at a later call of this method, or by :meth:`close`), so they finish. The registry watch
+        calls it for the nodes a ``delete`` event names, so the pools follow the registry, not grow for ever."""
         listed = {a for records in self._records.values() for rec in records for n in rec.nodes
                   for a in (n.address, n.metadata.get(NATIVE))}
         for address in (node.address, node.metadata.get(NATIVE)):
             if address is None or address in listed:
                 continue
             pool = self._pools.pop(address, None)
-            if pool is not None and not pool.places.inflight:
+            if pool is not None:
+                self._retired.append(pool)
+        busy = []
+        for pool in self._retired:  # closed once idle (here, or by close()): never left to the collector
+            if pool.places.inflight:
+                busy.append(pool)
+            else:
                 pool.close()
+        self._retired = busy
 
     def _tls_for(self, node: Node) -> ssl.SSLContext | None:
         return (self.tls or _default_tls()) if node.metadata.get("tls") == "true" else None
@@ -498,6 +506,9 @@ class Client:
         self._records.pop(service, None)
 
     def close(self) -> None:
+        for pool in self._retired:
+            pool.close()
+        self._retired.clear()
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
