@@ -412,10 +412,25 @@ async def test_nats_publish_awaited_later_is_checked_when_awaited(own_nats_serve
         try:
             sub = await raw.subscribe(t)
             await raw.flush()
+            # just after the restart the server sometimes routes none of the fresh client's first messages
+            # to this subscriber (1 run in ~4 of the NATS tests, with nats-py's own publish as well as
+            # micro's direct path): probe until one arrives; then the publishes under test must all arrive
+            with anyio.fail_after(30):
+                while True:
+                    await broker.publish(t, b"probe")
+                    try:
+                        await sub.next_msg(timeout=0.5)
+                        break
+                    except nats.errors.TimeoutError:
+                        continue
             for coro in later[1:]:
                 await coro
             await broker.publish(t, b"last")
-            got = [(await sub.next_msg(timeout=10)).data[len(ENVELOPE) + 32:] for _ in range(3)]
+            got: list[bytes] = []
+            while len(got) < 3:
+                data = (await sub.next_msg(timeout=10)).data[len(ENVELOPE) + 32:]
+                if data != b"probe":  # a late answer to an earlier probe
+                    got.append(data)
         finally:
             await raw.close()
         assert got == [b"1", b"2", b"last"]
