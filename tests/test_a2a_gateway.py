@@ -805,6 +805,51 @@ async def test_micro_a2a_serves_the_agents_of_the_machine_registry_as_a_program(
     assert rest.rstrip().endswith("stopped")
 
 
+async def test_micro_a2a_drain_timeout_bounds_how_long_a_stop_waits_for_the_runs_it_drives() -> None:
+    """`micro a2a --drain-timeout 0`: a stop cancels the run the gateway drives (the client left) at once,
+    says so, and the agent records the run cancelled; without the flag the gateway would wait 10 s."""
+    async with micro.Runtime(registry="local://", store="memory://", broker="memory://") as rt:
+        gate = Gate()
+        service = micro.Service("gate", runtime=rt)
+        service.handle(gate)
+        waiter = micro.Agent("waiter", services=["gate"], prompt="You wait at gates.", runtime=rt,
+                             provider=scripted.function(_waiter_brain))
+        async with service, waiter:
+            program = Program("a2a", "--address", "127.0.0.1:0", "--drain-timeout", "0")
+            try:
+                banner = await anyio.to_thread.run_sync(program.wait_for, "micro a2a on")
+                base = banner.split(" on ", 1)[1].split()[0].rstrip(":")
+                task_id = ""
+                async with micro.a2a.Client(f"{base}/agents/waiter") as agent:
+                    with anyio.fail_after(GUARD):
+                        async for ev in agent.stream("wait at d1"):
+                            if ev.HasField("task"):
+                                task_id = ev.task.id
+                            if ev.HasField("status_update") and status_text(ev.status_update.status).startswith(
+                                    "→ gate_Gate_Wait"):
+                                break  # the client leaves: the gateway drives the run
+                    await gate.entered_gate("d1")
+            finally:
+                printed = await anyio.to_thread.run_sync(program.stop)
+            assert f"a2a: 1 runs did not finish within 0 s of the gateway stopping: cancelled (waiter task {task_id})" \
+                in printed, printed
+            assert printed.rstrip().endswith("stopped")
+            with anyio.fail_after(GUARD):  # the agent writes `cancelled` as its run unwinds
+                while (run := await waiter.runs.get(task_id)) is not None and run.status == "running":  # noqa: ASYNC110 - the run unwinds in its own task
+                    await anyio.sleep(0.02)
+            assert run is not None and run.status == "cancelled"
+
+
+def test_micro_a2a_drain_timeout_default_is_the_gateways() -> None:
+    from micro.cli import a2a as cli_a2a
+    from micro.gateway import a2a as gateway_a2a
+
+    assert cli_a2a.DEFAULT_DRAIN_TIMEOUT == gateway_a2a.DEFAULT_DRAIN_TIMEOUT
+    bad = subprocess.run([sys.executable, "-m", "micro.cli", "a2a", "--drain-timeout", "-1"], capture_output=True,
+                         text=True, timeout=GUARD)
+    assert bad.returncode == 2 and "--drain-timeout" in bad.stderr, bad.stderr
+
+
 async def test_the_gateway_mounts_in_another_asgi_app() -> None:
     """Mounted under /a2a of an app whose lifespan runs the gateway's: cards name the mounted URLs, and with a
     token the cards and probes stay public there too (the mount prefix is not part of the gateway's paths)."""

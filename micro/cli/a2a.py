@@ -17,6 +17,8 @@ from micro import metrics
 from micro.cli.gateway import _bind, _limits, _serve, loopback, parse_address, token_from, url_of
 from micro.cli.main import cli_runtime, err, fail, main, out, run_async
 
+DEFAULT_DRAIN_TIMEOUT = 10.0  # micro.gateway.a2a's; not imported from there: `micro --help` stays fast
+
 
 @main.group(invoke_without_command=True)
 @click.option("--address", default="127.0.0.1:4000", show_default=True,
@@ -34,11 +36,14 @@ from micro.cli.main import cli_runtime, err, fail, main, out, run_async
               help="Let browser pages from this origin call the gateway, with CORS. Repeatable.")
 @click.option("--public-url", metavar="URL",
               help="The URL clients reach this gateway at, for the cards (default: the URL each request came to).")
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=DEFAULT_DRAIN_TIMEOUT, show_default=True,
+              help="Seconds the runs the gateway drives get to finish when it stops (Ctrl-C, SIGTERM); "
+                   "the rest are cancelled.")
 @_limits
 @click.pass_context
 def a2a(ctx: click.Context, address: str, token_env: str | None, timeout: float, max_body: int,
-        allow_hosts: tuple[str, ...], allow_origins: tuple[str, ...], public_url: str | None, head_timeout: float,
-        body_timeout: float, max_connections: int | None) -> None:
+        allow_hosts: tuple[str, ...], allow_origins: tuple[str, ...], public_url: str | None, drain_timeout: float,
+        head_timeout: float, body_timeout: float, max_connections: int | None) -> None:
     """Serve every agent in the registry over A2A (Agent2Agent protocol v1.0).
 
     \b
@@ -55,13 +60,13 @@ def a2a(ctx: click.Context, address: str, token_env: str | None, timeout: float,
     if ctx.invoked_subcommand is not None:
         return
     limits = {"head_timeout": head_timeout, "body_timeout": body_timeout, "max_connections": max_connections}
-    _gateway(address, token_env, timeout, max_body, allow_hosts, allow_origins, public_url, limits)
+    _gateway(address, token_env, timeout, max_body, allow_hosts, allow_origins, public_url, drain_timeout, limits)
 
 
 @run_async
 async def _gateway(address: str, token_env: str | None, timeout: float, max_body: int,
                    allow_hosts: tuple[str, ...], allow_origins: tuple[str, ...], public_url: str | None,
-                   limits: dict[str, Any]) -> None:
+                   drain_timeout: float, limits: dict[str, Any]) -> None:
     from micro.gateway.a2a import app
     from micro.gateway.http import LOOPBACK_HOSTS
 
@@ -70,7 +75,7 @@ async def _gateway(address: str, token_env: str | None, timeout: float, max_body
     host, _ = parse_address(address)
     hosts = [*LOOPBACK_HOSTS, *allow_hosts] if loopback(host) else (list(allow_hosts) or None)
     gateway = app(cli_runtime(), token=token, max_body=max_body, timeout=timeout, allowed_hosts=hosts,
-                  allowed_origins=allow_origins, public_url=public_url)
+                  allowed_origins=allow_origins, public_url=public_url, drain_timeout=drain_timeout)
     sock = _bind(address)
     url = url_of(sock)
     auth = " (bearer token required)" if token else ""
