@@ -177,6 +177,7 @@ class Svc:
         self.slow_started = anyio.Event()
         self.slow_ended = anyio.Event()
         self.release = anyio.Event()
+        self.shielded: list[str] = []
 
     async def Echo(self, req: Echo) -> Echo:
         """Echo."""
@@ -197,6 +198,22 @@ class Svc:
         finally:
             self.slow_ended.set()
         raise AssertionError("unreachable")
+
+    async def Shield(self, req: Echo) -> Echo:
+        """Shields a section (``n`` ms long, or until released), then waits for ever; notes what ran."""
+        self.slow_started.set()
+        try:
+            with anyio.CancelScope(shield=True):
+                if req.n:
+                    await anyio.sleep(req.n / 1000)
+                else:
+                    await self.release.wait()
+                self.shielded.append("section done")
+            await anyio.sleep_forever()
+            self.shielded.append("past the cancel")
+        finally:
+            self.slow_ended.set()
+        return req
 
     async def Count(self, req: Echo) -> AsyncIterator[Echo]:
         """``n`` items, counting what it produced."""
@@ -422,6 +439,54 @@ async def test_a_cancelled_caller_cancels_the_handler(node: Node) -> None:
     with anyio.fail_after(10):
         await node.svc.slow_ended.wait()
     await node.still_answers()
+
+
+async def test_a_cancel_lets_a_shielded_section_of_the_handler_finish(node: Node) -> None:
+    """A caller's CANCEL cancels the handler as an anyio cancel scope around it would: a section it shields
+    (its clean-up, a store write) runs to its end, and the handler is cancelled at its next wait after it
+    (``Task.cancel()`` cut the section at once)."""
+    peer = await Peer.open(node)
+    peer.call(1, "/wire.Svc/Shield", {})
+    with anyio.fail_after(10):
+        await node.svc.slow_started.wait()
+    peer.send(f.frame(f.CANCEL, 1) + f.frame(f.PING, 0, b"after"))
+    assert (await peer.next())[:2] == (f.PONG, 0)  # the CANCEL before it was handled
+    assert not node.svc.slow_ended.is_set()
+    node.svc.release.set()  # the shielded section's wait ends only now
+    with anyio.fail_after(10):
+        await node.svc.slow_ended.wait()
+    assert node.svc.shielded == ["section done"]
+    await anyio.wait_all_tasks_blocked()
+    assert all(not c.calls for c in node.native.connections)
+    await node.still_answers()
+
+
+@pytest.mark.parametrize("path", ["native", "in-process"])
+async def test_a_deadline_lets_a_shielded_section_of_the_handler_finish(node: Node, path: str) -> None:
+    """A deadline that passes while the handler is in a shielded section (300 ms, deadline 100 ms) cancels it
+    once the section is done; the caller gets DEADLINE_EXCEEDED. On the native server and in process."""
+    client = node.client if path == "native" else node.service.runtime
+    with pytest.raises(Timeout, match="deadline exceeded"):
+        await client.client.call("wire", "Svc.Shield", {"n": 300}, timeout=0.1)
+    with anyio.fail_after(10):
+        await node.svc.slow_ended.wait()
+    assert node.svc.shielded == ["section done"]
+    await node.still_answers()
+
+
+async def test_a_drain_past_its_grace_lets_shielded_sections_finish(node: Node) -> None:
+    """stop() with no grace cancels the handler in its 300 ms shielded section: the section ends, then the
+    handler stops and the caller is told the node dropped the call."""
+    peer = await Peer.open(node)
+    peer.call(1, "/wire.Svc/Shield", {"n": 300}, timeout_us=None)
+    with anyio.fail_after(10):
+        await node.svc.slow_started.wait()
+        await node.native.stop(0)
+    assert node.svc.shielded == ["section done"]
+    assert node.svc.slow_ended.is_set()
+    frames = [await peer.next(), await peer.next()]
+    assert [(k, rid) for k, rid, *_ in frames] == [(f.GOAWAY, 0), (f.ERROR, 1)]
+    assert f.read_error(frames[1][4])[0] == Status.UNAVAILABLE.value
 
 
 async def test_malformed_heads_and_unknown_paths_get_statuses(node: Node) -> None:
