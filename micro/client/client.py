@@ -492,12 +492,19 @@ class Client:
         """Drop cached records as the registry reports changes (run by the runtime).
 
         A new watch starts with an empty cache: changes made while no watch ran are not reported.
-        The pools of the nodes a ``delete`` event names are dropped (:meth:`forget_node`).
+        The pools of the nodes a ``delete`` event names are dropped (:meth:`forget_node`), and the call plans
+        of its service.
         """
         self._records.clear()
         async for event in watcher:
-            self._records.pop(event.service.name, None)
-            if event.type == "delete":  # the nodes that left: their pools go too
+            name = event.service.name
+            self._records.pop(name, None)
+            if event.type == "delete":  # the nodes that left: their pools go too, and the service's call plans
+                # (made again at its next call): they hold its record and pools, and a churn of services
+                # that come and go would grow them for ever
+                for key in [k for k in self._plans if k[0] == name]:
+                    del self._plans[key]
+                self._rr.pop(name, None)
                 for node in event.service.nodes:
                     self.forget_node(node)
 
