@@ -397,3 +397,28 @@ async def test_a_path_outside_the_client_s_socket_directory_is_not_used(sockets:
                 pool = away.client.channel(Node(id=node.id, address=node.address, metadata=md))
                 assert isinstance(pool, NativePool) and pool.unix is None, named
             assert isinstance(pool := away.client.channel(node), NativePool) and pool.unix == real
+
+
+async def test_records_of_one_native_address_with_other_sockets_get_their_own_pools(sockets: Path) -> None:
+    """A node restarted on the same port with another socket (or none) while the old record is still listed:
+    each record's calls use the socket it names, not the one of the record that happened to be called first."""
+    registry = MemoryRegistry()
+    async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as home, \
+            micro.Runtime(registry=registry, store="memory://", broker="memory://", transport="native") as away:
+        service = micro.Service("wire", runtime=home)
+        service.handle(Svc())
+        async with service:
+            node = service.record.nodes[0]
+            before = str(sockets / "0123456789ab.sock")  # the socket of the node before its restart: gone
+            old = Node(id="wire-0123456789ab", address=node.address, metadata={**node.metadata, unix.UNIX: before})
+            bare = Node(id="wire-ba5eba11cafe", address=node.address,
+                        metadata={k: v for k, v in node.metadata.items() if k != unix.UNIX})
+            pools = [away.client.channel(n) for n in (old, node, bare)]
+            assert [p.unix for p in pools if isinstance(p, NativePool)] == [before, node.metadata[unix.UNIX], None]
+            for pool in pools:
+                assert await pool.unary("/wire.Svc/Echo", b'{"text":"x"}') == b'{"text":"x","n":0}'
+            assert [_family(p) for p in pools if isinstance(p, NativePool)] == [
+                socket.AF_INET, socket.AF_UNIX, socket.AF_INET]  # the old path fell back; the live one is used
+            assert away.client.channel(node) is pools[1]
+            away.client.forget_node(old)  # the old record leaves: its pool goes, the others stay
+            assert away.client.channel(node) is pools[1] and away.client.channel(bare) is pools[2]

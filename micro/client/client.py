@@ -428,7 +428,8 @@ class Client:
             )
         if native is None:
             return self.grpc_channel(node)
-        pool = self._pools.get(native)
+        key = _native_key(native, node)
+        pool = self._pools.get(key)
         if not isinstance(pool, NativePool):  # none yet, or a gRPC pool on an address now a native one
             if pool is not None:
                 pool.close()
@@ -441,8 +442,8 @@ class Client:
                 log.info("native wire: node %s's Unix socket %s is not in this process's socket directory "
                          "%s (MICRO_SOCKET_DIR): TCP", node.id, path, unix.socket_dir())
                 path = None
-            pool = self._pools[native] = NativePool(native, ssl=self._tls_for(node),
-                                                    max_message_size=self.max_message_size, unix=path)
+            pool = self._pools[key] = NativePool(native, ssl=self._tls_for(node),
+                                                 max_message_size=self.max_message_size, unix=path)
         return pool
 
     def grpc_channel(self, node: Node) -> NodePool:
@@ -461,8 +462,8 @@ class Client:
         once idle (at a later call of this method, or by :meth:`close`), so they finish. The registry watch
         calls it for the nodes a ``delete`` event names, so the pools follow the registry, not grow for ever."""
         listed = {a for records in self._records.values() for rec in records for n in rec.nodes
-                  for a in (n.address, n.metadata.get(NATIVE))}
-        for address in (node.address, node.metadata.get(NATIVE)):
+                  for a in _pool_keys(n)}
+        for address in _pool_keys(node):
             if address is None or address in listed:
                 continue
             pool = self._pools.pop(address, None)
@@ -540,6 +541,20 @@ class _Plan:
 
 NATIVE = "native"
 """The node metadata key of a node's native wire address (``host:port``)."""
+
+
+def _native_key(native: str, node: Node) -> str:
+    """What a node's native pool is kept under: its native address, and the Unix socket its record names (a
+    node restarted on the same port with another socket, or none, is not handed the old one's pool)."""
+    path = node.metadata.get(unix.UNIX)
+    return native if path is None else f"{native} {path}"
+
+
+def _pool_keys(node: Node) -> tuple[str, str | None]:
+    """The keys of a node's gRPC pool and native pool (``None``: it has no native address)."""
+    native = node.metadata.get(NATIVE)
+    return node.address, None if native is None else _native_key(native, node)
+
 
 TRANSPORTS = ("auto", "grpc", "native")
 
