@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -422,3 +423,38 @@ async def test_records_of_one_native_address_with_other_sockets_get_their_own_po
             assert away.client.channel(node) is pools[1]
             away.client.forget_node(old)  # the old record leaves: its pool goes, the others stay
             assert away.client.channel(node) is pools[1] and away.client.channel(bare) is pools[2]
+
+
+def test_the_sweep_removes_temporary_sockets_of_nodes_that_died_before_their_rename(sockets: Path) -> None:
+    """A node that died between bind and rename leaves ``.{id}.tmp``: swept once nobody listens on it and it
+    is older than TEMPORARY_AGE. A temporary socket that listens, a fresh one (a node starting now), another
+    program's, or a plain file of that name are left alone."""
+    os.mkdir(sockets, 0o700)
+    old = time.time() - unix.TEMPORARY_AGE - 5
+    opened = []
+
+    def bound(name: str, *, listening: bool = False, aged: bool = True) -> str:
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(sockets / name))
+        if listening:
+            s.listen()
+        opened.append(s)
+        if aged:
+            os.utime(sockets / name, (old, old))
+        return name
+
+    dead = bound(".deadbeef0000.tmp")
+    kept = [bound(".abcdefabcdef.tmp", listening=True),  # listens: a live node (whatever its age)
+            bound(".cafebabe0000.tmp", aged=False),  # a node between its bind and its rename right now
+            bound(".tool.tmp"), bound("cafe.tmp")]  # other programs' names
+    plain = sockets / ".0123456789ab.tmp"  # not a socket
+    os.close(os.open(plain, os.O_CREAT | os.O_WRONLY, 0o600))
+    os.utime(plain, (old, old))
+    kept.append(plain.name)
+    try:
+        assert unix.listen_path("wire-0123456789cd") is not None
+        assert sorted(os.listdir(sockets)) == sorted(kept)
+        assert dead not in os.listdir(sockets)
+    finally:
+        for s in opened:
+            s.close()
