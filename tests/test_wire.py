@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import struct
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,6 +32,7 @@ from micro.client.pool import NodeUnreachable
 from micro.errors import ResourceExhausted, Status, Timeout, Unavailable
 from micro.registry.memory import MemoryRegistry
 from micro.wire import frames as f
+from micro.wire import unix
 from micro.wire.server import DRAINING, NativeServer
 
 LIMIT = 64 * 1024
@@ -851,11 +854,20 @@ async def test_local_broker_deliveries_reach_subscribers_whatever_the_client_s_w
             await done.wait()
         (node,) = [n for r in await registry.get(BROKER_SERVICE) for n in r.nodes if n.metadata["subs"] != "[]"]
         # the runtime's delivery transport serves the broker's endpoint on both wires, advertised as a service
-        # node's: the publisher reaches it on the one its transport picks
-        assert set(pub.client._pools) == {node.metadata["native"] if wire == "auto" else node.address}
-        assert type(pub.client._pools[next(iter(pub.client._pools))]).__name__ == (
-            "NativePool" if wire == "auto" else "NodePool")
+        # node's (a Unix socket too, on this host): the publisher reaches it on the one its transport picks
+        assert node.metadata[unix.HOST] == unix.host_id() and unix.ours(node.metadata[unix.UNIX])
+        (pool,) = pub.client._pools.values()
+        assert pool is pub.client.channel(node)
+        if wire == "auto":  # the native wire, over the subscriber's Unix socket
+            assert isinstance(pool, NativePool) and pool.unix == node.metadata[unix.UNIX]
+            (conn,) = pool._conns
+            assert conn.transport is not None
+            assert conn.transport.get_extra_info("socket").family == socket.AF_UNIX and pool.unix_fallbacks == 0
+        else:
+            assert type(pool).__name__ == "NodePool"
     assert sorted(got) == list(range(5))
+    with pytest.raises(FileNotFoundError):  # the subscriber's runtime stopped: its socket went
+        os.lstat(node.metadata[unix.UNIX])
 
 
 IDLE_PEERS = r'''
