@@ -458,3 +458,32 @@ def test_the_sweep_removes_temporary_sockets_of_nodes_that_died_before_their_ren
     finally:
         for s in opened:
             s.close()
+
+
+async def test_micro_unix_0_keeps_the_client_on_tcp(sockets: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MICRO_UNIX=0 (or Client(unix=False)): the native wire over TCP also to nodes on this host (what
+    ``micro bench --wire native-tcp`` measures); any value but 0 or 1 is a ConfigError naming it."""
+    registry = MemoryRegistry()
+    async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as home:
+        service = micro.Service("wire", runtime=home)
+        service.handle(Svc())
+        async with service:
+            node = service.record.nodes[0]
+            assert unix.UNIX in node.metadata
+            monkeypatch.setenv("MICRO_UNIX", "0")
+            async with micro.Runtime(registry=registry, store="memory://", broker="memory://",
+                                     transport="native") as away:
+                assert away.client.unix is False
+                assert await away.client.call("wire", "Svc.Echo", {"text": "t"}) == {"text": "t", "n": 0}
+                pool = away.client.channel(node)
+                assert isinstance(pool, NativePool) and pool.unix is None
+                assert pool.connected() == ["tcp"] and pool.unix_fallbacks == 0
+            monkeypatch.setenv("MICRO_UNIX", "1")
+            async with micro.Runtime(registry=registry, store="memory://", broker="memory://",
+                                     transport="native") as near:
+                assert await near.client.call("wire", "Svc.Echo", {"text": "u"}) == {"text": "u", "n": 0}
+                pool = near.client.channel(node)
+                assert isinstance(pool, NativePool) and pool.connected() == ["unix"]
+    monkeypatch.setenv("MICRO_UNIX", "no")
+    with pytest.raises(micro.errors.ConfigError, match="MICRO_UNIX='no' is not a setting: use 1"):
+        micro.Runtime(registry="memory://", store="memory://", broker="memory://")

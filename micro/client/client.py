@@ -76,10 +76,13 @@ class Client:
     def __init__(self, registry: Registry, *, local: Mapping[str, Mapping[str, Endpoint]] | None = None,
                  wrappers: Sequence[Wrapper] = (), default_timeout: float | None = 60.0,
                  max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, publish: Any = None,
-                 tls: ssl.SSLContext | None = None, transport: str | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, transport: str | None = None, unix: bool | None = None) -> None:
         self.registry = registry
         self.tls = tls
         self.transport = _transport(transport)
+        self.unix = _unix(unix)
+        """Whether the native wire takes a node's Unix socket when it is on this host (``unix=`` or
+        ``$MICRO_UNIX``: ``1``, the default, or ``0`` for TCP only); read when a node's pool is made."""
         self.retry = RetryPolicy()
         self.breakers = Breakers()
         self.default_timeout = default_timeout
@@ -437,7 +440,7 @@ class Client:
             md = node.metadata  # a node on this host: its Unix socket, TCP when that is unusable
             # (never for a TLS node: its certificate, not a file's permissions, says who answers)
             # and only a path in this process's own socket directory, not wherever a record points
-            path = md.get(unix.UNIX) if md.get(unix.HOST) == unix.host_id() and not secure else None
+            path = md.get(unix.UNIX) if self.unix and md.get(unix.HOST) == unix.host_id() and not secure else None
             if path is not None and not unix.ours(path):
                 log.info("native wire: node %s's Unix socket %s is not in this process's socket directory "
                          "%s (MICRO_SOCKET_DIR): TCP", node.id, path, unix.socket_dir())
@@ -567,6 +570,17 @@ def _transport(value: str | None) -> str:
         raise ConfigError(f"{where}{chosen!r} is not a transport: use auto (the native wire to micro nodes, "
                           "gRPC to others), grpc or native")
     return chosen
+
+
+def _unix(value: bool | None) -> bool:
+    """Whether the client uses Unix sockets on this host: the argument, else ``$MICRO_UNIX``, else yes."""
+    if value is not None:
+        return value
+    chosen = os.environ.get("MICRO_UNIX") or "1"
+    if chosen not in ("0", "1"):
+        raise ConfigError(f"MICRO_UNIX={chosen!r} is not a setting: use 1 (the native wire over a node's Unix "
+                          "socket when it is on this host, the default) or 0 (TCP only)")
+    return chosen == "1"
 
 
 _KEY = re.compile(r"[0-9a-z_.\-]+")
