@@ -29,7 +29,7 @@ try:
     from anyio._backends import _asyncio as _anyio
 
     _STATES: Any = _anyio._task_states
-    SHIELDS = "_parent_scope" in _anyio.CancelScope.__slots__
+    SHIELDS = "_parent_scope" in _anyio.CancelScope.__slots__ and "cancel_scope" in _anyio.TaskState.__slots__
 except (ImportError, AttributeError):  # another anyio: cancel at once (a test says so)
     _STATES = None
     SHIELDS = False
