@@ -5,8 +5,10 @@
 in flight in a heap and one timer at the earliest deadline: with a fixed default
 timeout, deadlines arrive in order and the timer almost never moves, so a call
 costs a heap push and a flag. Semantics match ``asyncio.timeout``: when a
-deadline passes the task is cancelled, and :meth:`Watch.expired` tells the
-caller to turn that ``CancelledError`` into ``Timeout`` (after ``uncancel()``).
+deadline passes the task is cancelled, and the watch's exit turns that
+``CancelledError`` into ``Timeout`` (after ``uncancel()``). The cancellation goes through
+:func:`micro.cancel.cancel`: a handler inside an anyio shielded scope entered since the watch
+began finishes that section first, as anyio's own deadlines would let it.
 A future can be watched too (:meth:`Watchdog.expire`): it fails with ``Timeout``.
 A watchdog serves the event loop it is used on: used on another (a runtime or server
 opened again under a second ``asyncio.run``), it drops the old loop's timer and calls.
@@ -20,17 +22,20 @@ import itertools
 from types import TracebackType
 from typing import Any
 
+from micro.cancel import cancel, scope_of
 from micro.errors import Timeout
 
 
 class Watch:
     """One call under watch; a context manager around the awaited work."""
 
-    __slots__ = ("_dog", "deadline", "done", "fired", "task", "where")
+    __slots__ = ("_dog", "base", "deadline", "done", "fired", "task", "where")
 
-    def __init__(self, dog: Watchdog, task: asyncio.Task[Any], deadline: float, where: str) -> None:
+    def __init__(self, dog: Watchdog, task: asyncio.Task[Any], deadline: float, where: str,
+                 base: object | None = None) -> None:
         self._dog = dog
         self.task = task
+        self.base = base  # the task's anyio cancel scope when the watch began: shields outside it do not count
         self.deadline = deadline
         self.where = where
         self.done = False
@@ -38,6 +43,12 @@ class Watch:
 
     def __enter__(self) -> Watch:
         return self
+
+    def active(self) -> bool:
+        return not self.done
+
+    def fire(self) -> None:
+        self.fired = True  # the task is cancelled now: its exit turns that into Timeout
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.done = True
@@ -63,11 +74,14 @@ class Watchdog:
         self.active = 0
 
     def watch(self, deadline: float, where: str, task: asyncio.Task[Any] | None = None) -> Watch:
-        """Watch ``task`` (default: the current one) until the returned context exits."""
+        """Watch ``task`` until the returned context exits: the current one (the work is what the context
+        encloses), or a task that runs nothing but the watched work (anyio scopes it entered before count)."""
         if task is None:
             task = asyncio.current_task()
             assert task is not None
-        w = Watch(self, task, deadline, where)
+            w = Watch(self, task, deadline, where, scope_of(task))
+        else:
+            w = Watch(self, task, deadline, where)
         self.active += 1
         self._push(deadline, w, where)
         return w
@@ -116,8 +130,7 @@ class Watchdog:
             _, _, target, where = heapq.heappop(heap)
             if isinstance(target, Watch):
                 if not target.done and not target.fired:
-                    target.fired = True
-                    target.task.cancel()
+                    cancel(target.task, target.base, active=target.active, delivered=target.fire)
             elif not target.done():
                 target.set_exception(Timeout(f"{where}: deadline exceeded"))
         if heap:

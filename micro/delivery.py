@@ -11,6 +11,7 @@ its own.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ from micro.client.client import NATIVE
 from micro.registry import Node, Registry, ServiceRecord
 from micro.server.grpc import GrpcServer
 from micro.service.endpoints import endpoints_of
+from micro.wire import unix
 from micro.wire.server import NativeServer
 
 if TYPE_CHECKING:
@@ -31,14 +33,19 @@ __all__ = ["RuntimeDelivery"]
 
 class _Served:
     """The broker's endpoint on both wires: gRPC at ``address`` for any client, and micro's
-    native wire, advertised in ``metadata`` the way a service node advertises it."""
+    native wire (TCP, and a Unix socket for the processes of this host), advertised in ``metadata``
+    the way a service node advertises it."""
 
     def __init__(self, grpc: GrpcServer, native: NativeServer, backends: Backends | None = None) -> None:
         self._grpc = grpc
         self._native = native
         self._backends = backends
         self.address = f"127.0.0.1:{grpc.port}"
-        self.metadata: Mapping[str, str] = {NATIVE: f"127.0.0.1:{native.port}"}
+        metadata = {NATIVE: f"127.0.0.1:{native.port}"}
+        if native.unix is not None:
+            metadata[unix.UNIX] = native.unix
+            metadata[unix.HOST] = unix.host_id()
+        self.metadata: Mapping[str, str] = metadata
 
     async def stop(self, grace: float) -> None:
         if self._backends is not None:
@@ -64,9 +71,11 @@ class RuntimeDelivery:
         """Drop the cached records of ``service`` (a node did not answer)."""
         self._client.forget(service)
 
-    async def serve(self, service: str, handler: object, name: str) -> _Served:
+    async def serve(self, service: str, handler: object, name: str, *, node_id: str | None = None) -> _Served:
         """Serve ``handler``'s endpoints as ``service`` (handler ``name``) on loopback ports, over gRPC and
-        over the native wire (the client picks by its transport, as for any service node)."""
+        over the native wire, and on a Unix socket named after ``node_id`` (its last twelve hex digits; a
+        fresh id when not given) for the processes of this host (the client picks as for any service node:
+        by its transport, the socket when on this host, TCP when that is unusable)."""
         grpc = GrpcServer()
         native = NativeServer(max_message_size=self._client.max_message_size)
         for ep in endpoints_of(handler, service, name=name):
@@ -74,7 +83,7 @@ class RuntimeDelivery:
             native.add(ep)
         await grpc.start("127.0.0.1", 0)
         try:
-            await native.start("127.0.0.1", 0)
+            await native.start("127.0.0.1", 0, unix=unix.listen_path(node_id or f"{service}-{uuid.uuid4().hex[:12]}"))
         except BaseException:
             await grpc.stop(0)
             raise

@@ -123,8 +123,9 @@ def wrapper(store: Store | Callable[[], Store], *, ttl: float | None = DEFAULT_T
                 result = await next_(req)
                 # The work is done: its answer is remembered even if the caller goes away now (a crashed
                 # agent's connection cancels the call), or its retry with this key would do the work again.
-                # The write runs in a task of its own: the native wire cancels a call with Task.cancel(),
-                # which no cancel scope shields from; the key stays busy until the write has settled.
+                # The write runs in a task of its own: grpclib cancels a call with Task.cancel() (a reset stream,
+                # a deadline, a stop), which no cancel scope shields from; the key stays busy until the write
+                # has settled. (The native wire and the in-process deadline respect shields: micro.cancel.)
                 write = asyncio.get_running_loop().create_task(_remember(st, skey, result, ttl, req))
                 await asyncio.shield(write)
                 return result

@@ -88,14 +88,20 @@ def bench(*args: str) -> dict[str, object]:
 def test_bench_counts_match_the_service_on_both_wires(counter_app: Running, tmp_path: Path) -> None:
     native = bench("counter", "Counter.Hit", "{}", "-n", "300", "-c", "8", "--wire", "native")
     assert (native["calls"], native["ok"], native["errors"], native["wire"]) == (300, 300, {}, "native")
+    assert native["via"] == {"native unix": 1}  # the app runs on this host: its Unix socket
     assert counted() == 300
     grpc = bench("counter", "Counter.Hit", "{}", "-n", "200", "-c", "8", "--wire", "grpc")
-    assert (grpc["calls"], grpc["ok"], grpc["errors"], grpc["wire"]) == (200, 200, {}, "grpc")
+    assert (grpc["calls"], grpc["ok"], grpc["errors"], grpc["wire"], grpc["via"]) == (
+        200, 200, {}, "grpc", {"grpc": 1})
     assert counted() == 500
+    tcp = bench("counter", "Counter.Hit", "{}", "-n", "100", "-c", "8", "--wire", "native-tcp")
+    assert (tcp["calls"], tcp["ok"], tcp["errors"], tcp["wire"], tcp["via"]) == (
+        100, 100, {}, "native-tcp", {"native tcp": 1})  # forced: TCP on one host
+    assert counted() == 600
     timed = bench("counter", "Counter.Hit", "{}", "-d", "300ms", "-c", "4")  # a duration: however many fit
     assert timed["ok"] == timed["calls"] and isinstance(timed["calls"], int) and timed["calls"] > 0
-    assert counted() == 500 + timed["calls"]
-    for summary in (native, grpc, timed):
+    assert counted() == 600 + timed["calls"]
+    for summary in (native, grpc, tcp, timed):
         lat = summary["latency_ms"]
         assert isinstance(lat, dict)
         assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]

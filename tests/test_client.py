@@ -845,3 +845,28 @@ async def test_a_reused_address_gets_a_pool_of_its_new_kind_and_the_old_one_is_c
     assert isinstance(client.channel(new), NativePool)  # not the NodePool kept under that address
     assert isinstance(client.grpc_channel(old), NodePool)
     assert closed == ["grpc 127.0.0.1:7201", "native 127.0.0.1:7201"]
+
+
+async def test_a_long_churn_of_services_leaves_no_call_plans_behind() -> None:
+    """Each unary call's plan (record, wire, decoder, pools) is kept per service and types; a service whose
+    node left the registry loses its plans with its pools, so services that come and go do not grow them."""
+    with socket.socket() as s:  # a port nobody listens on: the call fails at once, after making its plan
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    async with MemoryRegistry() as registry:
+        client = Client(registry, transport="auto")
+        try:
+            for i in range(60):
+                node = micro.registry.Node(f"n{i}", closed, {"native": closed})
+                record = micro.registry.ServiceRecord(
+                    f"churn{i}", endpoints=[micro.registry.Endpoint("H.M", f"/churn{i}.H/M")], nodes=[node])
+                await registry.register(record, ttl=60)
+                with pytest.raises(Unavailable):
+                    await client.call(f"churn{i}", "H.M", {})
+                assert len(client._plans) == 1
+                await registry.deregister(record)
+                await client.follow(_Events([Event("delete", record)]))
+            assert client._plans == {}
+            assert client._rr == {} and client._pools == {}
+        finally:
+            client.close()

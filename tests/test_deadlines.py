@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import anyio
 import msgspec
 import pytest
 
 import micro
+from micro import cancel
 from micro.deadlines import Watchdog
 from micro.errors import Timeout
 
@@ -99,3 +102,26 @@ async def test_a_watch_made_after_its_deadline_passed_fires_at_once() -> None:
             assert dog.active == 1
             await anyio.sleep(30)  # cancelled at once, as a Timeout
     assert dog.active == 0
+
+
+def test_micro_reads_anyio_s_cancel_scopes() -> None:
+    """micro.cancel reads anyio's private record of cancel scopes; a new anyio without it would cut shielded
+    sections again, silently: this says so instead."""
+    assert cancel.SHIELDS
+
+
+async def test_a_deadline_watched_inside_a_shielded_scope_still_fires() -> None:
+    """Only shields entered after the watch began hold its cancellation back, not the caller's own."""
+    dog = Watchdog()
+    loop = asyncio.get_running_loop()
+    ended: list[bool] = []
+    with anyio.CancelScope(shield=True):
+        with pytest.raises(Timeout, match="x: deadline exceeded"), dog.watch(loop.time() + 0.05, "x"):
+            await anyio.sleep(30)
+        with pytest.raises(Timeout, match="y: deadline exceeded"), dog.watch(loop.time() + 0.05, "y") as w:
+            with anyio.CancelScope(shield=True):  # entered after the watch began: the section ends first
+                await anyio.sleep(0.2)
+                ended.append(w.fired)
+            await anyio.sleep(30)
+        assert ended == [False]  # and the cancellation came after it
+        assert w.fired

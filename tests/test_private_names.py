@@ -37,6 +37,9 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("broker/nats.py", "_flush_pending"): "nats-py's flusher kick, awaited as Client.publish awaits it",
     ("broker/nats.py", "_start"): "nats-py's Subscription._start, whose source _PLAIN_CALLBACKS reads at import",
     ("broker/nats.py", "_wait_for_msgs"): "nats-py's subscription task, whose source _PLAIN_CALLBACKS reads at import",
+    ("cancel.py", "_task_states"): "anyio's record of each task's cancel scopes: whether a task is inside a "
+                                    "shielded scope, read only when a call is cancelled (see SHIELDS)",
+    ("cancel.py", "_parent_scope"): "anyio's link from a cancel scope to the one around it (see SHIELDS)",
 }
 """(module, private attribute) -> why it is touched."""
 

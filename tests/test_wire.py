@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import struct
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,6 +32,7 @@ from micro.client.pool import NodeUnreachable
 from micro.errors import ResourceExhausted, Status, Timeout, Unavailable
 from micro.registry.memory import MemoryRegistry
 from micro.wire import frames as f
+from micro.wire import unix
 from micro.wire.server import DRAINING, NativeServer
 
 LIMIT = 64 * 1024
@@ -177,6 +180,7 @@ class Svc:
         self.slow_started = anyio.Event()
         self.slow_ended = anyio.Event()
         self.release = anyio.Event()
+        self.shielded: list[str] = []
 
     async def Echo(self, req: Echo) -> Echo:
         """Echo."""
@@ -197,6 +201,22 @@ class Svc:
         finally:
             self.slow_ended.set()
         raise AssertionError("unreachable")
+
+    async def Shield(self, req: Echo) -> Echo:
+        """Shields a section (``n`` ms long, or until released), then waits for ever; notes what ran."""
+        self.slow_started.set()
+        try:
+            with anyio.CancelScope(shield=True):
+                if req.n:
+                    await anyio.sleep(req.n / 1000)
+                else:
+                    await self.release.wait()
+                self.shielded.append("section done")
+            await anyio.sleep_forever()
+            self.shielded.append("past the cancel")
+        finally:
+            self.slow_ended.set()
+        return req
 
     async def Count(self, req: Echo) -> AsyncIterator[Echo]:
         """``n`` items, counting what it produced."""
@@ -424,6 +444,54 @@ async def test_a_cancelled_caller_cancels_the_handler(node: Node) -> None:
     await node.still_answers()
 
 
+async def test_a_cancel_lets_a_shielded_section_of_the_handler_finish(node: Node) -> None:
+    """A caller's CANCEL cancels the handler as an anyio cancel scope around it would: a section it shields
+    (its clean-up, a store write) runs to its end, and the handler is cancelled at its next wait after it
+    (``Task.cancel()`` cut the section at once)."""
+    peer = await Peer.open(node)
+    peer.call(1, "/wire.Svc/Shield", {})
+    with anyio.fail_after(10):
+        await node.svc.slow_started.wait()
+    peer.send(f.frame(f.CANCEL, 1) + f.frame(f.PING, 0, b"after"))
+    assert (await peer.next())[:2] == (f.PONG, 0)  # the CANCEL before it was handled
+    assert not node.svc.slow_ended.is_set()
+    node.svc.release.set()  # the shielded section's wait ends only now
+    with anyio.fail_after(10):
+        await node.svc.slow_ended.wait()
+    assert node.svc.shielded == ["section done"]
+    await anyio.wait_all_tasks_blocked()
+    assert all(not c.calls for c in node.native.connections)
+    await node.still_answers()
+
+
+@pytest.mark.parametrize("path", ["native", "in-process"])
+async def test_a_deadline_lets_a_shielded_section_of_the_handler_finish(node: Node, path: str) -> None:
+    """A deadline that passes while the handler is in a shielded section (300 ms, deadline 100 ms) cancels it
+    once the section is done; the caller gets DEADLINE_EXCEEDED. On the native server and in process."""
+    client = node.client if path == "native" else node.service.runtime
+    with pytest.raises(Timeout, match="deadline exceeded"):
+        await client.client.call("wire", "Svc.Shield", {"n": 300}, timeout=0.1)
+    with anyio.fail_after(10):
+        await node.svc.slow_ended.wait()
+    assert node.svc.shielded == ["section done"]
+    await node.still_answers()
+
+
+async def test_a_drain_past_its_grace_lets_shielded_sections_finish(node: Node) -> None:
+    """stop() with no grace cancels the handler in its 300 ms shielded section: the section ends, then the
+    handler stops and the caller is told the node dropped the call."""
+    peer = await Peer.open(node)
+    peer.call(1, "/wire.Svc/Shield", {"n": 300}, timeout_us=None)
+    with anyio.fail_after(10):
+        await node.svc.slow_started.wait()
+        await node.native.stop(0)
+    assert node.svc.shielded == ["section done"]
+    assert node.svc.slow_ended.is_set()
+    frames = [await peer.next(), await peer.next()]
+    assert [(k, rid) for k, rid, *_ in frames] == [(f.GOAWAY, 0), (f.ERROR, 1)]
+    assert f.read_error(frames[1][4])[0] == Status.UNAVAILABLE.value
+
+
 async def test_malformed_heads_and_unknown_paths_get_statuses(node: Node) -> None:
     peer = await Peer.open(node)
     head = b"\xc1"  # msgpack's never-used byte
@@ -504,7 +572,7 @@ async def test_a_draining_node_finishes_its_calls_and_sends_new_ones_elsewhere()
                 writer.write(f.preface())
                 await reader.readexactly(f.PREFACE_SIZE)
                 # (taken now: once the node leaves the registry the client drops its pool)
-                pool = caller.client._pools[draining.record.nodes[0].metadata["native"]]
+                pool = caller.client.channel(draining.record.nodes[0])
                 tg.start_soon(draining.stop)
                 with anyio.fail_after(10):
                     while not native.closing:
@@ -757,10 +825,10 @@ def test_the_native_wire_on_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
                     await away.client.call("wire", "Svc.Slow", {}, timeout=0.1)
                 with anyio.fail_after(10):
                     await svc.slow_ended.wait()
-                got.append(type(away.client._pools[service.record.nodes[0].metadata["native"]]).__name__)
+                got.append(sorted(type(p).__name__ for p in away.client._pools.values()))
                 return got
 
-    assert eventloop.run(main()) == [{"text": "uv", "n": 0}, list(range(40)), "NativePool"]
+    assert eventloop.run(main()) == [{"text": "uv", "n": 0}, list(range(40)), ["NativePool"]]
 
 
 # -- where micro calls micro nodes, it rides the native wire ------------------------------------
@@ -786,11 +854,20 @@ async def test_local_broker_deliveries_reach_subscribers_whatever_the_client_s_w
             await done.wait()
         (node,) = [n for r in await registry.get(BROKER_SERVICE) for n in r.nodes if n.metadata["subs"] != "[]"]
         # the runtime's delivery transport serves the broker's endpoint on both wires, advertised as a service
-        # node's: the publisher reaches it on the one its transport picks
-        assert set(pub.client._pools) == {node.metadata["native"] if wire == "auto" else node.address}
-        assert type(pub.client._pools[next(iter(pub.client._pools))]).__name__ == (
-            "NativePool" if wire == "auto" else "NodePool")
+        # node's (a Unix socket too, on this host): the publisher reaches it on the one its transport picks
+        assert node.metadata[unix.HOST] == unix.host_id() and unix.ours(node.metadata[unix.UNIX])
+        (pool,) = pub.client._pools.values()
+        assert pool is pub.client.channel(node)
+        if wire == "auto":  # the native wire, over the subscriber's Unix socket
+            assert isinstance(pool, NativePool) and pool.unix == node.metadata[unix.UNIX]
+            (conn,) = pool._conns
+            assert conn.transport is not None
+            assert conn.transport.get_extra_info("socket").family == socket.AF_UNIX and pool.unix_fallbacks == 0
+        else:
+            assert type(pool).__name__ == "NodePool"
     assert sorted(got) == list(range(5))
+    with pytest.raises(FileNotFoundError):  # the subscriber's runtime stopped: its socket went
+        os.lstat(node.metadata[unix.UNIX])
 
 
 IDLE_PEERS = r'''

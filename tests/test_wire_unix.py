@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -397,3 +398,92 @@ async def test_a_path_outside_the_client_s_socket_directory_is_not_used(sockets:
                 pool = away.client.channel(Node(id=node.id, address=node.address, metadata=md))
                 assert isinstance(pool, NativePool) and pool.unix is None, named
             assert isinstance(pool := away.client.channel(node), NativePool) and pool.unix == real
+
+
+async def test_records_of_one_native_address_with_other_sockets_get_their_own_pools(sockets: Path) -> None:
+    """A node restarted on the same port with another socket (or none) while the old record is still listed:
+    each record's calls use the socket it names, not the one of the record that happened to be called first."""
+    registry = MemoryRegistry()
+    async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as home, \
+            micro.Runtime(registry=registry, store="memory://", broker="memory://", transport="native") as away:
+        service = micro.Service("wire", runtime=home)
+        service.handle(Svc())
+        async with service:
+            node = service.record.nodes[0]
+            before = str(sockets / "0123456789ab.sock")  # the socket of the node before its restart: gone
+            old = Node(id="wire-0123456789ab", address=node.address, metadata={**node.metadata, unix.UNIX: before})
+            bare = Node(id="wire-ba5eba11cafe", address=node.address,
+                        metadata={k: v for k, v in node.metadata.items() if k != unix.UNIX})
+            pools = [away.client.channel(n) for n in (old, node, bare)]
+            assert [p.unix for p in pools if isinstance(p, NativePool)] == [before, node.metadata[unix.UNIX], None]
+            for pool in pools:
+                assert await pool.unary("/wire.Svc/Echo", b'{"text":"x"}') == b'{"text":"x","n":0}'
+            assert [_family(p) for p in pools if isinstance(p, NativePool)] == [
+                socket.AF_INET, socket.AF_UNIX, socket.AF_INET]  # the old path fell back; the live one is used
+            assert away.client.channel(node) is pools[1]
+            away.client.forget_node(old)  # the old record leaves: its pool goes, the others stay
+            assert away.client.channel(node) is pools[1] and away.client.channel(bare) is pools[2]
+
+
+def test_the_sweep_removes_temporary_sockets_of_nodes_that_died_before_their_rename(sockets: Path) -> None:
+    """A node that died between bind and rename leaves ``.{id}.tmp``: swept once nobody listens on it and it
+    is older than TEMPORARY_AGE. A temporary socket that listens, a fresh one (a node starting now), another
+    program's, or a plain file of that name are left alone."""
+    os.mkdir(sockets, 0o700)
+    old = time.time() - unix.TEMPORARY_AGE - 5
+    opened = []
+
+    def bound(name: str, *, listening: bool = False, aged: bool = True) -> str:
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(sockets / name))
+        if listening:
+            s.listen()
+        opened.append(s)
+        if aged:
+            os.utime(sockets / name, (old, old))
+        return name
+
+    dead = bound(".deadbeef0000.tmp")
+    kept = [bound(".abcdefabcdef.tmp", listening=True),  # listens: a live node (whatever its age)
+            bound(".cafebabe0000.tmp", aged=False),  # a node between its bind and its rename right now
+            bound(".tool.tmp"), bound("cafe.tmp")]  # other programs' names
+    plain = sockets / ".0123456789ab.tmp"  # not a socket
+    os.close(os.open(plain, os.O_CREAT | os.O_WRONLY, 0o600))
+    os.utime(plain, (old, old))
+    kept.append(plain.name)
+    try:
+        assert unix.listen_path("wire-0123456789cd") is not None
+        assert sorted(os.listdir(sockets)) == sorted(kept)
+        assert dead not in os.listdir(sockets)
+    finally:
+        for s in opened:
+            s.close()
+
+
+async def test_micro_unix_0_keeps_the_client_on_tcp(sockets: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MICRO_UNIX=0 (or Client(unix=False)): the native wire over TCP also to nodes on this host (what
+    ``micro bench --wire native-tcp`` measures); any value but 0 or 1 is a ConfigError naming it."""
+    registry = MemoryRegistry()
+    async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as home:
+        service = micro.Service("wire", runtime=home)
+        service.handle(Svc())
+        async with service:
+            node = service.record.nodes[0]
+            assert unix.UNIX in node.metadata
+            monkeypatch.setenv("MICRO_UNIX", "0")
+            async with micro.Runtime(registry=registry, store="memory://", broker="memory://",
+                                     transport="native") as away:
+                assert away.client.unix is False
+                assert await away.client.call("wire", "Svc.Echo", {"text": "t"}) == {"text": "t", "n": 0}
+                pool = away.client.channel(node)
+                assert isinstance(pool, NativePool) and pool.unix is None
+                assert pool.connected() == ["tcp"] and pool.unix_fallbacks == 0
+            monkeypatch.setenv("MICRO_UNIX", "1")
+            async with micro.Runtime(registry=registry, store="memory://", broker="memory://",
+                                     transport="native") as near:
+                assert await near.client.call("wire", "Svc.Echo", {"text": "u"}) == {"text": "u", "n": 0}
+                pool = near.client.channel(node)
+                assert isinstance(pool, NativePool) and pool.connected() == ["unix"]
+    monkeypatch.setenv("MICRO_UNIX", "no")
+    with pytest.raises(micro.errors.ConfigError, match="MICRO_UNIX='no' is not a setting: use 1"):
+        micro.Runtime(registry="memory://", store="memory://", broker="memory://")

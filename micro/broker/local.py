@@ -2,7 +2,8 @@
 
 Subscriptions live in the process that made them, with the memory broker's
 buffers and workers (a slow subscriber never blocks a publisher). A process
-that subscribes also serves one small endpoint, ``Broker.Deliver`` (gRPC and the native wire), and
+that subscribes also serves one small endpoint, ``Broker.Deliver`` (gRPC and the native wire, over a
+Unix socket for the processes of its host), and
 registers it in the runtime's registry as a node of ``micro-broker`` whose
 metadata lists its subscriptions. A publisher reads those nodes (from the
 client's watched cache: no I/O per publish), applies NATS rules — every plain
@@ -95,7 +96,7 @@ class Delivery(Protocol):
 
     def forget(self, service: str) -> None: ...
 
-    async def serve(self, service: str, handler: object, name: str) -> Served: ...
+    async def serve(self, service: str, handler: object, name: str, *, node_id: str | None = None) -> Served: ...
 
     async def send(self, node: Node, path: str, payload: bytes, *, timeout: float) -> None: ...
 
@@ -160,7 +161,7 @@ class LocalBroker(MemoryBroker):
         if self._server is not None:
             return
         assert self._delivery is not None
-        server = await self._delivery.serve(SERVICE, _Deliverer(self), "Broker")
+        server = await self._delivery.serve(SERVICE, _Deliverer(self), "Broker", node_id=self.node_id)
         self._server = server
         self._node = Node(self.node_id, server.address, dict(server.metadata))
         beats = BackgroundTasks(f"broker {self.url} heartbeat", log)

@@ -5,7 +5,9 @@ A closed loop (``-c`` callers, each calling again as soon as its call returns) f
 over the same callers. It reports what an application would see: throughput,
 latency percentiles (p50/p90/p99/max), a small latency histogram and errors by
 status, live while it runs and once at the end (``--json`` for scripts). ``--wire``
-picks micro's native wire or gRPC (the client's transport). ``--messages FILE.jsonl``
+picks micro's native wire or gRPC (the client's transport; ``native-tcp``: the native wire over
+TCP also to nodes on this host, as ``MICRO_UNIX=0`` does), and the summary says what carried the
+calls (``via``: connections by ``native unix``, ``native tcp``, ``grpc``). ``--messages FILE.jsonl``
 cycles through one request per line (for ``Agent.Chat``: ``{"message": "..."}``), and
 for agents it reports tool calls per run. The anchors are ghz (gRPC) and hey (HTTP).
 """
@@ -125,6 +127,8 @@ def _table(service: str, endpoint: str, wire: str, s: dict[str, Any]) -> Table:
         t.add_row("errors", ", ".join(f"{k} {v:,}" for k, v in s["errors"].items()))
     if s["tool_calls_per_run"]:
         t.add_row("tool calls", f"{s['tool_calls_per_run']} per run")
+    if s.get("via"):  # known once the run is over
+        t.add_row("via", ", ".join(f"{k} ×{v}" for k, v in s["via"].items()))
     if s["histogram"]:
         top = max(h["count"] for h in s["histogram"])
         for h in s["histogram"]:
@@ -138,7 +142,11 @@ async def run_bench(service: str, endpoint: str, requests: list[Any], *, concurr
                     live: bool) -> dict[str, Any]:
     """Run the load and return the summary (what ``--json`` prints)."""
     stats = Stats()
-    async with cli_runtime(transport=wire) as rt:
+    runtime = cli_runtime(transport="native" if wire == "native-tcp" else wire)
+    if wire == "native-tcp":
+        runtime.client.unix = False  # before any call made a pool: no node's socket is used
+    via: dict[str, int] = {}
+    async with runtime as rt:
         try:
             _, ep = await rt.client.resolve(service, endpoint)
         except ServiceNotFound:
@@ -190,9 +198,28 @@ async def run_bench(service: str, endpoint: str, requests: list[Any], *, concurr
                 c.cancel()
             await asyncio.gather(*callers, return_exceptions=True)
         stats.ended = time.perf_counter()
+        via = await _via(rt, service)
     summary = stats.summary()
     return {"service": service, "endpoint": endpoint, "wire": wire, "concurrency": concurrency,
-            "rate": rate, **summary}
+            "rate": rate, **summary, "via": via}
+
+
+async def _via(rt: Any, service: str) -> dict[str, int]:
+    """The connections open to the service's nodes after the run, by what carries them."""
+    got: Counter[str] = Counter()
+    try:
+        records = await rt.client.lookup(service)
+    except Error:
+        return {}
+    for record in records:
+        for node in record.nodes:
+            try:
+                pool = rt.client.channel(node)
+            except Error:  # a node this transport does not reach (no native address with --wire native)
+                continue
+            for how in pool.connected():
+                got["grpc" if how == "grpc" else f"native {how}"] += 1
+    return dict(sorted(got.items()))
 
 
 @main.command()
@@ -205,8 +232,10 @@ async def run_bench(service: str, endpoint: str, requests: list[Any], *, concurr
 @click.option("-n", "--requests", "total", type=click.IntRange(1), default=None, help="Stop after this many calls.")
 @click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Calls per second in all (an open loop); without it each caller calls again at once.")
-@click.option("--wire", type=click.Choice(["auto", "native", "grpc"]), default="auto", show_default=True,
-              help="micro's native wire or gRPC (auto: native where the node has it).")
+@click.option("--wire", type=click.Choice(["auto", "native", "native-tcp", "grpc"]), default="auto",
+              show_default=True,
+              help="micro's native wire or gRPC (auto: native where the node has it; native-tcp: the native wire "
+                   "over TCP, not a node's Unix socket on this host, as MICRO_UNIX=0).")
 @click.option("--messages", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="A JSONL file of requests to cycle through (e.g. Agent.Chat messages).")
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds each call may take.")

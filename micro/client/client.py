@@ -76,10 +76,13 @@ class Client:
     def __init__(self, registry: Registry, *, local: Mapping[str, Mapping[str, Endpoint]] | None = None,
                  wrappers: Sequence[Wrapper] = (), default_timeout: float | None = 60.0,
                  max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, publish: Any = None,
-                 tls: ssl.SSLContext | None = None, transport: str | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, transport: str | None = None, unix: bool | None = None) -> None:
         self.registry = registry
         self.tls = tls
         self.transport = _transport(transport)
+        self.unix = _unix(unix)
+        """Whether the native wire takes a node's Unix socket when it is on this host (``unix=`` or
+        ``$MICRO_UNIX``: ``1``, the default, or ``0`` for TCP only); read when a node's pool is made."""
         self.retry = RetryPolicy()
         self.breakers = Breakers()
         self.default_timeout = default_timeout
@@ -428,7 +431,8 @@ class Client:
             )
         if native is None:
             return self.grpc_channel(node)
-        pool = self._pools.get(native)
+        key = _native_key(native, node)
+        pool = self._pools.get(key)
         if not isinstance(pool, NativePool):  # none yet, or a gRPC pool on an address now a native one
             if pool is not None:
                 pool.close()
@@ -436,13 +440,13 @@ class Client:
             md = node.metadata  # a node on this host: its Unix socket, TCP when that is unusable
             # (never for a TLS node: its certificate, not a file's permissions, says who answers)
             # and only a path in this process's own socket directory, not wherever a record points
-            path = md.get(unix.UNIX) if md.get(unix.HOST) == unix.host_id() and not secure else None
+            path = md.get(unix.UNIX) if self.unix and md.get(unix.HOST) == unix.host_id() and not secure else None
             if path is not None and not unix.ours(path):
                 log.info("native wire: node %s's Unix socket %s is not in this process's socket directory "
                          "%s (MICRO_SOCKET_DIR): TCP", node.id, path, unix.socket_dir())
                 path = None
-            pool = self._pools[native] = NativePool(native, ssl=self._tls_for(node),
-                                                    max_message_size=self.max_message_size, unix=path)
+            pool = self._pools[key] = NativePool(native, ssl=self._tls_for(node),
+                                                 max_message_size=self.max_message_size, unix=path)
         return pool
 
     def grpc_channel(self, node: Node) -> NodePool:
@@ -461,8 +465,8 @@ class Client:
         once idle (at a later call of this method, or by :meth:`close`), so they finish. The registry watch
         calls it for the nodes a ``delete`` event names, so the pools follow the registry, not grow for ever."""
         listed = {a for records in self._records.values() for rec in records for n in rec.nodes
-                  for a in (n.address, n.metadata.get(NATIVE))}
-        for address in (node.address, node.metadata.get(NATIVE)):
+                  for a in _pool_keys(n)}
+        for address in _pool_keys(node):
             if address is None or address in listed:
                 continue
             pool = self._pools.pop(address, None)
@@ -492,12 +496,19 @@ class Client:
         """Drop cached records as the registry reports changes (run by the runtime).
 
         A new watch starts with an empty cache: changes made while no watch ran are not reported.
-        The pools of the nodes a ``delete`` event names are dropped (:meth:`forget_node`).
+        The pools of the nodes a ``delete`` event names are dropped (:meth:`forget_node`), and the call plans
+        of its service.
         """
         self._records.clear()
         async for event in watcher:
-            self._records.pop(event.service.name, None)
-            if event.type == "delete":  # the nodes that left: their pools go too
+            name = event.service.name
+            self._records.pop(name, None)
+            if event.type == "delete":  # the nodes that left: their pools go too, and the service's call plans
+                # (made again at its next call): they hold its record and pools, and a churn of services
+                # that come and go would grow them for ever
+                for key in [k for k in self._plans if k[0] == name]:
+                    del self._plans[key]
+                self._rr.pop(name, None)
                 for node in event.service.nodes:
                     self.forget_node(node)
 
@@ -534,6 +545,20 @@ class _Plan:
 NATIVE = "native"
 """The node metadata key of a node's native wire address (``host:port``)."""
 
+
+def _native_key(native: str, node: Node) -> str:
+    """What a node's native pool is kept under: its native address, and the Unix socket its record names (a
+    node restarted on the same port with another socket, or none, is not handed the old one's pool)."""
+    path = node.metadata.get(unix.UNIX)
+    return native if path is None else f"{native} {path}"
+
+
+def _pool_keys(node: Node) -> tuple[str, str | None]:
+    """The keys of a node's gRPC pool and native pool (``None``: it has no native address)."""
+    native = node.metadata.get(NATIVE)
+    return node.address, None if native is None else _native_key(native, node)
+
+
 TRANSPORTS = ("auto", "grpc", "native")
 
 
@@ -545,6 +570,17 @@ def _transport(value: str | None) -> str:
         raise ConfigError(f"{where}{chosen!r} is not a transport: use auto (the native wire to micro nodes, "
                           "gRPC to others), grpc or native")
     return chosen
+
+
+def _unix(value: bool | None) -> bool:
+    """Whether the client uses Unix sockets on this host: the argument, else ``$MICRO_UNIX``, else yes."""
+    if value is not None:
+        return value
+    chosen = os.environ.get("MICRO_UNIX") or "1"
+    if chosen not in ("0", "1"):
+        raise ConfigError(f"MICRO_UNIX={chosen!r} is not a setting: use 1 (the native wire over a node's Unix "
+                          "socket when it is on this host, the default) or 0 (TCP only)")
+    return chosen == "1"
 
 
 _KEY = re.compile(r"[0-9a-z_.\-]+")

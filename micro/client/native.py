@@ -21,6 +21,7 @@ import asyncio
 import itertools
 import logging
 import os
+import socket
 import ssl as _ssl
 from collections import deque
 from collections.abc import AsyncGenerator, Mapping
@@ -370,6 +371,16 @@ class NativePool:
             log.info("native wire: %s: the Unix socket %s works again", self.address, self.unix)
             self._unix_said = False
         return conn
+
+    def connected(self) -> list[str]:
+        """How each open connection reaches the node: ``"unix"`` (its Unix socket) or ``"tcp"``."""
+        out = []
+        for c in self._conns:
+            t = c.transport
+            if t is not None:
+                sock = t.get_extra_info("socket")
+                out.append("unix" if sock is not None and sock.family == socket.AF_UNIX else "tcp")
+        return out
 
     def forget(self, conn: _Connection) -> None:
         if conn in self._conns:

@@ -343,6 +343,10 @@ class NodePool:
             return Unavailable(f"{path}: node {self.address} dropped the call ({exc})")
         return exc
 
+    def connected(self) -> list[str]:
+        """How each open connection reaches the node: ``"grpc"`` (HTTP/2 over TCP)."""
+        return ["grpc" for _ in self._conns]
+
     def close(self) -> None:
         for c in self._conns:
             c.channel.close()

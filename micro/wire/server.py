@@ -6,7 +6,10 @@ a request's payload is decoded once by the endpoint's codec, the handler chain r
 under the call's deadline and metadata, and errors travel as the same statuses and
 messages. Each connection is an ``asyncio.Protocol``: frames are cut by
 :class:`~micro.wire.frames.FrameReader`, each call runs in its own task, replies
-written in one ``transport.write`` per loop iteration.
+written in one ``transport.write`` per loop iteration. A call's task is cancelled (a
+``CANCEL``, its deadline, a lost connection, a drain past its grace) the way an anyio cancel
+scope around the handler would cancel it (:func:`micro.cancel.cancel`): a handler's shielded
+section finishes first.
 
 Stopping drains as the gRPC server does: no new connections, a GOAWAY on the open
 ones, new calls refused with UNAVAILABLE (the client tries another node), calls in
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING, Any, cast
 import msgspec
 
 from micro import metrics
+from micro.cancel import cancel
 from micro.codec import JSON, PROTO
 from micro.connections import DEFAULT_IDLE_TIMEOUT, ConnectionLimit, quiet_accept_errors, write_all
 from micro.deadlines import Watch, Watchdog
@@ -116,7 +120,7 @@ class _Connection(asyncio.Protocol):
             emptied.set()  # stop() waits for the clients to close, once they have their answers
         for call in list(self.calls.values()):
             if call.task is not None:
-                call.task.cancel()  # nobody is left to answer: the handlers stop
+                cancel(call.task)  # nobody is left to answer: the handlers stop (after their shielded sections)
         w = self._writable
         if w is not None and not w.done():
             w.set_result(None)
@@ -153,7 +157,7 @@ class _Connection(asyncio.Protocol):
                 elif kind == f.CANCEL:
                     call = self.calls.get(rid)
                     if call is not None and call.task is not None:
-                        call.task.cancel()
+                        cancel(call.task)  # as an anyio scope would: a shielded section inside finishes first
                         # a task cancelled before its first step never runs its own clean-up: forget it then
                         call.task.add_done_callback(functools.partial(self._forget, rid, call))
                 elif kind == f.CREDIT:
@@ -596,7 +600,7 @@ class NativeServer:
         if pending:
             await asyncio.wait(pending, timeout=grace)
         for t in pending:
-            t.cancel()
+            cancel(t)  # shielded sections finish: waited for below
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
         if self.connections and until > loop.time():

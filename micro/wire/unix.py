@@ -18,7 +18,8 @@ reaches it this way; everyone else uses TCP, with TLS when the node has it.
 The directory is micro's: a node binds its socket under a temporary name, listens,
 then renames it into place (so a socket at a node's name always listens), and removes
 at start the sockets other nodes left behind when they died, recognised by their
-names (a node id's twelve hex digits and ``.sock``; nothing else there is touched).
+names (a node id's twelve hex digits and ``.sock``, or ``.`` + those digits + ``.tmp`` for one
+that died between bind and rename; nothing else there is touched).
 A client takes only paths in its own socket directory (a registry record naming
 another place is ignored) and, where the system tells (``SO_PEERCRED``, Linux), only
 a socket whose listening process runs as its own user; when the socket is unusable,
@@ -37,6 +38,7 @@ import socket
 import stat
 import struct
 import tempfile
+import time
 from functools import cache
 from pathlib import Path
 
@@ -53,6 +55,11 @@ RETRY = 30.0
 MAX_PATH = 107  # sun_path is 108 bytes on Linux, with its NUL (104 on the BSDs and macOS: the bind fails there)
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 _NODE_SOCKET = re.compile(r"[0-9a-f]{12}\.sock")  # what listen_path names a node's socket
+_NODE_TEMPORARY = re.compile(r"\.[0-9a-f]{12}\.tmp")  # and what bind names it until it listens
+
+TEMPORARY_AGE = 60.0
+"""Seconds after which a node's temporary socket (bound, not yet renamed) that nobody listens on is swept:
+a node lives at that name for the moments between its bind and its rename, unlistening until it listens."""
 
 
 @cache
@@ -154,15 +161,36 @@ _swept: set[Path] = set()
 
 def _sweep_once(where: Path) -> None:
     """Remove the sockets left in ``where`` by nodes that died without removing theirs (nobody listens:
-    a connect is refused), once per process and directory. Only names a node gives its socket are
-    looked at: another program's socket in a shared directory is left alone."""
+    a connect is refused), once per process and directory; and the temporary sockets of nodes that died
+    between bind and rename (nobody listens, and older than :data:`TEMPORARY_AGE`). Only names a node gives
+    its sockets are looked at: another program's socket in a shared directory is left alone."""
     if where in _swept:
         return
     _swept.add(where)
-    for entry in where.glob("*.sock"):
-        if _NODE_SOCKET.fullmatch(entry.name) and stale(str(entry)):
+    try:
+        names = os.listdir(where)
+    except OSError:
+        return
+    now = time.time()
+    for name in names:
+        entry = where / name
+        if _NODE_SOCKET.fullmatch(name):
+            dead = stale(str(entry))
+        elif _NODE_TEMPORARY.fullmatch(name):  # a node that died between its bind and its rename; one that is
+            # starting now has not listened yet either, but its file is moments old
+            dead = _age(entry, now) > TEMPORARY_AGE and stale(str(entry))
+        else:
+            continue
+        if dead:
             with contextlib.suppress(OSError):
                 entry.unlink()
+
+
+def _age(path: Path, now: float) -> float:
+    try:
+        return now - os.lstat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 def stale(path: str) -> bool:
