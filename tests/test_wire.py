@@ -221,6 +221,13 @@ class Svc:
             self.slow_ended.set()
         return req
 
+    async def Brief(self, req: Echo) -> Echo:
+        """Shields a section of ``n`` ms, then returns at once (no wait after it where a cancel would land)."""
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(req.n / 1000)
+        self.shielded.append("brief done")
+        return req
+
     async def Count(self, req: Echo) -> AsyncIterator[Echo]:
         """``n`` items, counting what it produced."""
         for i in range(req.n):
@@ -530,16 +537,53 @@ async def test_the_calls_of_a_lost_connection_are_stopped_with_the_server(node: 
     assert not cancel.pending(task) and not node.native.lost
 
 
-@pytest.mark.parametrize("path", ["native", "in-process"])
-async def test_a_deadline_lets_a_shielded_section_of_the_handler_finish(node: Node, path: str) -> None:
-    """A deadline that passes while the handler is in a shielded section (300 ms, deadline 100 ms) cancels it
-    once the section is done; the caller gets DEADLINE_EXCEEDED. On the native server and in process."""
-    client = node.client if path == "native" else node.service.runtime
+async def test_a_deadline_lets_a_shielded_section_of_the_handler_finish(node: Node) -> None:
+    """In process, a deadline that passes while the handler is in a shielded section (300 ms, deadline
+    100 ms) cancels it once the section is done; the caller gets ``Timeout``."""
     with pytest.raises(Timeout, match="deadline exceeded"):
-        await client.client.call("wire", "Svc.Shield", {"n": 300}, timeout=0.1)
+        await node.service.runtime.client.call("wire", "Svc.Shield", {"n": 300}, timeout=0.1)
     with anyio.fail_after(10):
         await node.svc.slow_ended.wait()
     assert node.svc.shielded == ["section done"]
+    await node.still_answers()
+
+
+async def test_a_deadline_on_the_native_server_lets_a_shielded_section_finish(node: Node) -> None:
+    """Over the native wire, the call's deadline (or the client's CANCEL after its own) passing while the
+    handler is in a shielded section is held back until the section is done; the caller gets ``Timeout``.
+    The deadline is generous (1 s): a request that arrived with under 1 ms of it left is refused unrun."""
+
+    async def call() -> None:
+        with pytest.raises(Timeout, match="deadline exceeded"):
+            await node.client.client.call("wire", "Svc.Shield", {}, timeout=1.0)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        with anyio.fail_after(10):
+            await node.svc.slow_started.wait()
+            task = node.svc.task
+            assert task is not None
+            while not cancel.pending(task):  # noqa: ASYNC110 - the loop's timer passes the deadline
+                await anyio.sleep(0.01)
+        assert node.svc.shielded == [] and not task.done()  # cancelled, but still in its section
+        node.svc.release.set()
+    with anyio.fail_after(10):
+        await node.svc.slow_ended.wait()
+    assert node.svc.shielded == ["section done"]
+    await node.still_answers()
+
+
+@pytest.mark.parametrize("path", ["native", "in-process"])
+async def test_a_call_whose_deadline_passed_in_a_shield_is_a_timeout_though_it_returns(node: Node,
+                                                                                         path: str) -> None:
+    """A handler whose deadline passes in its shielded section (300 ms, deadline 100 ms) and that returns
+    right after it (before its held cancellation is delivered) still fails the call with ``Timeout``: in
+    process as over the native wire, where the client enforces the deadline itself."""
+    client = node.client if path == "native" else node.service.runtime
+    with pytest.raises(Timeout, match="deadline exceeded"):
+        await client.client.call("wire", "Svc.Brief", {"n": 300}, timeout=0.1)
+    if path == "in-process":  # the Timeout came at the end of the section
+        assert node.svc.shielded == ["brief done"]
     await node.still_answers()
 
 
