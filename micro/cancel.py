@@ -28,24 +28,33 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-try:
-    from anyio._backends import _asyncio as _anyio
+from anyio._backends import _asyncio as _anyio
 
-    _STATES: Any = _anyio._task_states
-    # on instances: anyio declares __slots__ only from 4.14, and sets these attributes in every 4.x
-    SHIELDS = (hasattr(_anyio.CancelScope(), "_parent_scope") and hasattr(_anyio.CancelScope(), "shield")
-               and hasattr(_anyio.TaskState(None, None), "cancel_scope"))
-except (ImportError, AttributeError, TypeError):  # another anyio: cancel at once (a test says so)
-    _STATES = None
-    SHIELDS = False
+
+def readable(backend: Any) -> bool:
+    """Whether ``backend`` (anyio's asyncio backend module) keeps the record :func:`shielded` reads: a
+    ``_task_states`` map to ``TaskState`` objects with a ``cancel_scope``, scopes with ``shield`` and
+    ``_parent_scope``. Looked for on instances: anyio declares ``__slots__`` only from 4.14 and sets the same
+    attributes in every 4.x (4.6, the lowest ``pyproject.toml`` allows, included)."""
+    try:
+        scope = backend.CancelScope()
+        return (isinstance(backend._task_states, Mapping) and hasattr(scope, "shield")
+                and hasattr(scope, "_parent_scope") and hasattr(backend.TaskState(None, None), "cancel_scope"))
+    except (AttributeError, TypeError):
+        return False
+
+
+SHIELDS = readable(_anyio)
+"""Whether cancellations respect anyio shields here (asserted by a test); without, they are ``Task.cancel()``."""
+_STATES: Any = _anyio._task_states if SHIELDS else None
 
 POLL = 0.005
 """Seconds between looks at a cancelled task that is still inside a shielded scope."""
 
-__all__ = ["POLL", "SHIELDS", "cancel", "cut", "pending", "scope_of", "shielded"]
+__all__ = ["POLL", "SHIELDS", "cancel", "cut", "pending", "readable", "scope_of", "shielded"]
 
 _Request = tuple[object | None, Callable[[], bool] | None, Callable[[], None] | None]  # base, active, delivered
 

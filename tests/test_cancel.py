@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import weakref
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -98,3 +100,32 @@ async def test_shields_outside_the_work_do_not_count() -> None:
             await anyio.lowlevel.checkpoint()
         assert not cancel.shielded(task, base)  # out of base: the shield around it is the caller's
         await anyio.lowlevel.checkpoint()
+
+
+class _Scope:  # as anyio 4.6 to 4.13 define it: attributes set in __init__, no __slots__
+    def __init__(self, *, shield: bool = False) -> None:
+        self._parent_scope: _Scope | None = None
+        self._shield = shield
+
+    @property
+    def shield(self) -> bool:
+        return self._shield
+
+
+class _State:
+    def __init__(self, parent_id: int | None, cancel_scope: _Scope | None) -> None:
+        self.parent_id, self.cancel_scope = parent_id, cancel_scope
+
+
+class _NoParent:
+    shield = False
+
+
+def test_the_shield_record_is_looked_for_on_instances_not_slots() -> None:
+    """anyio declares ``__slots__`` only from 4.14; 4.6 to 4.13 (which pyproject allows) keep the same record
+    in plain attributes: shields are respected there too. A backend without it cancels at once."""
+    old = SimpleNamespace(CancelScope=_Scope, TaskState=_State, _task_states=weakref.WeakKeyDictionary())
+    assert cancel.readable(old)
+    assert not cancel.readable(SimpleNamespace(CancelScope=_NoParent, TaskState=_State, _task_states={}))
+    assert not cancel.readable(SimpleNamespace(CancelScope=_Scope, TaskState=_State))
+    assert cancel.SHIELDS  # and the installed anyio has it
