@@ -13,31 +13,61 @@ soon as it has left it, looked at every :data:`POLL` seconds. Nothing is paid pe
 per-call ``anyio.CancelScope`` costs ~4–5 µs per task on CPython 3.11, most of the native
 server's whole cost of a call; this looks at anyio's state only when a call is cancelled.
 
+A task has at most one timer looking at it however often it is cancelled (a flood of a
+caller's ``CANCEL`` frames, a deadline and a lost connection together): the cancellations
+held back join one record, and the looks end when the task is done, when no cancellation
+still stands, or when its owner gives up waiting (:func:`cut`).
+
 It reads anyio's record of each task's cancel scopes (``_task_states`` of its asyncio
-backend, each scope's ``_parent_scope``): private names, checked at import
-(:data:`SHIELDS`, asserted by a test). Without them it cancels at once, as ``Task.cancel()``.
+backend, each scope's ``_parent_scope``): private names, checked at import on instances
+(:data:`SHIELDS`, asserted by a test; anyio 4.6 to 4.16 have them). Without them it cancels
+at once, as ``Task.cancel()``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Mapping
 from typing import Any
 
-try:
-    from anyio._backends import _asyncio as _anyio
+from anyio._backends import _asyncio as _anyio
 
-    _STATES: Any = _anyio._task_states
-    SHIELDS = "_parent_scope" in _anyio.CancelScope.__slots__ and "cancel_scope" in _anyio.TaskState.__slots__
-except (ImportError, AttributeError):  # another anyio: cancel at once (a test says so)
-    _STATES = None
-    SHIELDS = False
+
+def readable(backend: Any) -> bool:
+    """Whether ``backend`` (anyio's asyncio backend module) keeps the record :func:`shielded` reads: a
+    ``_task_states`` map to ``TaskState`` objects with a ``cancel_scope``, scopes with ``shield`` and
+    ``_parent_scope``. Looked for on instances: anyio declares ``__slots__`` only from 4.14 and sets the same
+    attributes in every 4.x (4.6, the lowest ``pyproject.toml`` allows, included)."""
+    try:
+        scope = backend.CancelScope()
+        return (isinstance(backend._task_states, Mapping) and hasattr(scope, "shield")
+                and hasattr(scope, "_parent_scope") and hasattr(backend.TaskState(None, None), "cancel_scope"))
+    except (AttributeError, TypeError):
+        return False
+
+
+SHIELDS = readable(_anyio)
+"""Whether cancellations respect anyio shields here (asserted by a test); without, they are ``Task.cancel()``."""
+_STATES: Any = _anyio._task_states if SHIELDS else None
 
 POLL = 0.005
 """Seconds between looks at a cancelled task that is still inside a shielded scope."""
 
-__all__ = ["POLL", "SHIELDS", "cancel", "scope_of", "shielded"]
+__all__ = ["POLL", "SHIELDS", "cancel", "cut", "pending", "readable", "scope_of", "shielded"]
+
+_Request = tuple[object | None, Callable[[], bool] | None, Callable[[], None] | None]  # base, active, delivered
+
+_HELD: weakref.WeakKeyDictionary[asyncio.Task[Any], _Held] = weakref.WeakKeyDictionary()
+"""The tasks whose cancellation is held back (they are in a shielded scope): their one timer and requests."""
+
+
+class _Held:
+    __slots__ = ("requests", "timer")
+
+    def __init__(self) -> None:  # no reference to its task: the weak key would never go
+        self.requests: list[_Request] = []
+        self.timer: asyncio.TimerHandle | None = None
 
 
 def scope_of(task: asyncio.Task[Any]) -> object | None:
@@ -50,13 +80,21 @@ def scope_of(task: asyncio.Task[Any]) -> object | None:
 
 
 def shielded(task: asyncio.Task[Any], base: object | None = None) -> bool:
-    """Whether ``task`` is inside a shielded anyio cancel scope entered since ``base``."""
+    """Whether ``task`` is inside a shielded anyio cancel scope entered since ``base`` (``None``: any). When the
+    task is no longer inside ``base``, the scopes it is in are not the work's: none counts."""
     scope = scope_of(task)
-    while scope is not None and scope is not base:
-        if scope.shield:  # type: ignore[attr-defined]
-            return True
+    found = False
+    while scope is not None:
+        if scope is base:
+            return found
+        found = found or bool(scope.shield)  # type: ignore[attr-defined]
         scope = scope._parent_scope  # type: ignore[attr-defined]
-    return False
+    return found and base is None
+
+
+def pending(task: asyncio.Task[Any]) -> bool:
+    """Whether a cancellation of ``task`` is held back until it leaves a shielded scope."""
+    return task in _HELD
 
 
 def cancel(task: asyncio.Task[Any], base: object | None = None, *, active: Callable[[], bool] | None = None,
@@ -64,12 +102,58 @@ def cancel(task: asyncio.Task[Any], base: object | None = None, *, active: Calla
     """Cancel ``task`` now, or once it has left the shielded anyio scopes it entered since ``base`` (``None``:
     the work is the whole task). ``active`` says whether the cancellation still stands: a deferred one is
     dropped when it says no (the work ended meanwhile, and the task went on to other things);
-    ``delivered`` is called just before ``Task.cancel()``."""
+    ``delivered`` is called just before ``Task.cancel()``.
+
+    Cancelling a task whose cancellation is held back already adds no timer: the same request again is
+    one request, another joins the held ones (each delivered when the task is out of its shields)."""
     if task.done() or (active is not None and not active()):
         return
     if SHIELDS and shielded(task, base):
-        task.get_loop().call_later(POLL, functools.partial(cancel, task, base, active=active, delivered=delivered))
+        held = _HELD.get(task)
+        if held is None:
+            held = _HELD[task] = _Held()
+            held.timer = task.get_loop().call_later(POLL, _look, task)
+        request = (base, active, delivered)
+        if request not in held.requests:
+            held.requests.append(request)
         return
     if delivered is not None:
         delivered()
     task.cancel()
+
+
+def cut(task: asyncio.Task[Any]) -> None:
+    """``Task.cancel()`` now, shielded or not, and stop looking at it: its owner waited long enough for the
+    shielded section (a stop past its bound). The cancellations held back are dropped, not delivered."""
+    held = _HELD.pop(task, None)
+    if held is not None and held.timer is not None:
+        held.timer.cancel()
+    if not task.done():
+        task.cancel()
+
+
+def _look(task: asyncio.Task[Any]) -> None:
+    held = _HELD.get(task)
+    if held is None:
+        return
+    held.timer = None
+    if task.done():
+        del _HELD[task]
+        return
+    ready: list[_Request] = []
+    waiting: list[_Request] = []
+    for request in held.requests:
+        base, active, _ = request
+        if active is not None and not active():
+            continue  # the work ended meanwhile
+        (waiting if shielded(task, base) else ready).append(request)
+    held.requests = waiting
+    if waiting:
+        held.timer = task.get_loop().call_later(POLL, _look, task)
+    else:
+        del _HELD[task]
+    if ready:
+        for _, _, delivered in ready:
+            if delivered is not None:
+                delivered()
+        task.cancel()

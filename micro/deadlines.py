@@ -8,7 +8,10 @@ costs a heap push and a flag. Semantics match ``asyncio.timeout``: when a
 deadline passes the task is cancelled, and the watch's exit turns that
 ``CancelledError`` into ``Timeout`` (after ``uncancel()``). The cancellation goes through
 :func:`micro.cancel.cancel`: a handler inside an anyio shielded scope entered since the watch
-began finishes that section first, as anyio's own deadlines would let it.
+began finishes that section first, as anyio's own deadlines would let it. A watch is past its
+deadline from the moment it fires: its exit raises ``Timeout`` also when the work ended before the
+held cancellation could be delivered (it returned right after the section), as the native wire's
+client would (it enforces the deadline itself).
 A future can be watched too (:meth:`Watchdog.expire`): it fails with ``Timeout``.
 A watchdog serves the event loop it is used on: used on another (a runtime or server
 opened again under a second ``asyncio.run``), it drops the old loop's timer and calls.
@@ -29,7 +32,7 @@ from micro.errors import Timeout
 class Watch:
     """One call under watch; a context manager around the awaited work."""
 
-    __slots__ = ("_dog", "base", "deadline", "done", "fired", "task", "where")
+    __slots__ = ("_dog", "base", "deadline", "done", "expired", "fired", "task", "where")
 
     def __init__(self, dog: Watchdog, task: asyncio.Task[Any], deadline: float, where: str,
                  base: object | None = None) -> None:
@@ -39,7 +42,8 @@ class Watch:
         self.deadline = deadline
         self.where = where
         self.done = False
-        self.fired = False
+        self.expired = False  # the deadline passed (its cancellation may wait for a shielded section)
+        self.fired = False  # the task was cancelled for it
 
     def __enter__(self) -> Watch:
         return self
@@ -51,10 +55,21 @@ class Watch:
         self.fired = True  # the task is cancelled now: its exit turns that into Timeout
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        """``Timeout`` when the deadline passed: the work's end (a result, an error, the cancellation
+        the deadline delivered) came too late, also when a shielded section held that cancellation back
+        and the work ended before it could be delivered. Another cancellation goes through."""
         self.done = True
         self._dog.active -= 1
-        if self.fired and t is asyncio.CancelledError and self.task.uncancel() == 0:
-            raise Timeout(f"{self.where}: deadline exceeded") from None
+        if not self.expired:
+            return
+        if t is asyncio.CancelledError:
+            if self.fired and self.task.uncancel() == 0:
+                raise Timeout(f"{self.where}: deadline exceeded") from None
+            return  # not the deadline's cancellation (or someone else's too): it goes through
+        if t is None or issubclass(t, Exception):
+            if self.fired:
+                self.task.uncancel()  # the work caught the deadline's cancellation and ended anyway
+            raise Timeout(f"{self.where}: deadline exceeded") from e
 
 
 class Watchdog:
@@ -129,7 +144,8 @@ class Watchdog:
         while heap and heap[0][0] <= now:
             _, _, target, where = heapq.heappop(heap)
             if isinstance(target, Watch):
-                if not target.done and not target.fired:
+                if not target.done and not target.expired:
+                    target.expired = True  # its exit says Timeout, whether or not the cancel got through
                     cancel(target.task, target.base, active=target.active, delivered=target.fire)
             elif not target.done():
                 target.set_exception(Timeout(f"{where}: deadline exceeded"))

@@ -16,10 +16,12 @@ import pytest
 
 import micro
 from micro.broker import Broker, Message
-from micro.broker.local import LocalBroker
+from micro.broker.local import SERVICE, LocalBroker
+from micro.broker.memory import MemoryBroker
 from micro.errors import BrokerError
 from micro.registry.memory import MemoryRegistry
 from micro.testing.broker_kit import CHECKS
+from micro.wire import unix
 
 ROOT = Path(__file__).resolve().parent.parent
 MICRO = [sys.executable, "-m", "micro.cli"]
@@ -147,3 +149,24 @@ def test_micro_subscribe_sees_events_published_by_a_running_app() -> None:
             for stream in (p.stdout, p.stderr):
                 if stream is not None:
                     stream.close()
+
+
+async def test_a_close_that_fails_still_stops_the_delivery_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The subscribers' delivery server (its ports, its Unix socket file) stops even when the rest of the
+    broker's close fails: nothing is left listening for a broker that is gone."""
+    registry = MemoryRegistry()
+    async with micro.Runtime(registry=registry, broker="local://", store="memory://") as rt:
+        await rt.broker.subscribe("t.x", lambda m: anyio.lowlevel.checkpoint())
+        (node,) = [n for r in await registry.get(SERVICE) for n in r.nodes]
+        path = node.metadata[unix.UNIX]
+        os.lstat(path)  # there
+
+        async def fails(self: MemoryBroker) -> None:
+            raise RuntimeError("the subscriptions did not drain")
+
+        monkeypatch.setattr(MemoryBroker, "_close", fails)
+        with pytest.raises(RuntimeError, match="did not drain"):
+            await rt.broker.aclose()
+        monkeypatch.undo()
+        with pytest.raises(FileNotFoundError):  # gone with the server
+            os.lstat(path)

@@ -870,3 +870,32 @@ async def test_a_long_churn_of_services_leaves_no_call_plans_behind() -> None:
             assert client._rr == {} and client._pools == {}
         finally:
             client.close()
+
+
+async def test_a_node_leaving_keeps_its_service_s_round_robin_going() -> None:
+    """A delete event for one node of a service that has others keeps the service's round-robin counter (a
+    rolling restart does not send every next call to the first node); the last node leaving drops it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    nodes = [micro.registry.Node(f"n{i}", closed, {}) for i in range(3)]
+    record = micro.registry.ServiceRecord("rr", endpoints=[micro.registry.Endpoint("H.M", "/rr.H/M")], nodes=nodes)
+    async with MemoryRegistry() as registry:
+        client = Client(registry, transport="grpc")
+        try:
+            await registry.register(record, ttl=60)
+            with pytest.raises(Unavailable):
+                await client.call("rr", "H.M", {}, timeout=10)
+            counter = client._rr["rr"]
+            cached = await registry.get("rr")  # what the next call caches
+
+            def cache() -> None:  # as calls made since the watch began would have
+                client._records["rr"] = cached
+
+            left = micro.registry.ServiceRecord("rr", endpoints=record.endpoints, nodes=nodes[:1])
+            await client.follow(_Events([Event("delete", left)], first=cache))
+            assert client._rr["rr"] is counter  # n1 and n2 are still there
+            await client.follow(_Events([Event("delete", record)], first=cache))
+            assert "rr" not in client._rr  # all three left
+        finally:
+            client.close()

@@ -125,3 +125,18 @@ async def test_a_deadline_watched_inside_a_shielded_scope_still_fires() -> None:
             await anyio.sleep(30)
         assert ended == [False]  # and the cancellation came after it
         assert w.fired
+
+
+async def test_a_deadline_that_passed_in_a_shielded_section_is_a_timeout_when_the_work_ends_after_it() -> None:
+    """The watch is past its deadline once it fires, whether or not the cancellation got through: work that
+    ends right after its shielded section (before the held cancellation is delivered) is a Timeout too."""
+    dog = Watchdog()
+    loop = asyncio.get_running_loop()
+    ended: list[str] = []
+    with pytest.raises(Timeout, match="z: deadline exceeded"), dog.watch(loop.time() + 0.05, "z") as w:
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(0.2)  # the deadline passes in here
+        ended.append("section done")  # and nothing waits after it
+    assert ended == ["section done"] and w.expired and not w.fired
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0

@@ -22,10 +22,11 @@ import anyio
 import msgspec
 import pytest
 from hypothesis import strategies as st
+from test_cancel import CancelTimers
 from test_fuzz_kit import CASES, Host, Seed, error_log, fuzz
 
 import micro
-from micro import eventloop
+from micro import cancel, eventloop
 from micro.broker.local import SERVICE as BROKER_SERVICE
 from micro.client.native import NativePool
 from micro.client.pool import NodeUnreachable
@@ -181,6 +182,7 @@ class Svc:
         self.slow_ended = anyio.Event()
         self.release = anyio.Event()
         self.shielded: list[str] = []
+        self.task: asyncio.Task[Any] | None = None  # Shield's
 
     async def Echo(self, req: Echo) -> Echo:
         """Echo."""
@@ -204,6 +206,7 @@ class Svc:
 
     async def Shield(self, req: Echo) -> Echo:
         """Shields a section (``n`` ms long, or until released), then waits for ever; notes what ran."""
+        self.task = asyncio.current_task()
         self.slow_started.set()
         try:
             with anyio.CancelScope(shield=True):
@@ -216,6 +219,13 @@ class Svc:
             self.shielded.append("past the cancel")
         finally:
             self.slow_ended.set()
+        return req
+
+    async def Brief(self, req: Echo) -> Echo:
+        """Shields a section of ``n`` ms, then returns at once (no wait after it where a cancel would land)."""
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(req.n / 1000)
+        self.shielded.append("brief done")
         return req
 
     async def Count(self, req: Echo) -> AsyncIterator[Echo]:
@@ -464,16 +474,116 @@ async def test_a_cancel_lets_a_shielded_section_of_the_handler_finish(node: Node
     await node.still_answers()
 
 
-@pytest.mark.parametrize("path", ["native", "in-process"])
-async def test_a_deadline_lets_a_shielded_section_of_the_handler_finish(node: Node, path: str) -> None:
-    """A deadline that passes while the handler is in a shielded section (300 ms, deadline 100 ms) cancels it
-    once the section is done; the caller gets DEADLINE_EXCEEDED. On the native server and in process."""
-    client = node.client if path == "native" else node.service.runtime
-    with pytest.raises(Timeout, match="deadline exceeded"):
-        await client.client.call("wire", "Svc.Shield", {"n": 300}, timeout=0.1)
+async def test_a_flood_of_cancels_for_a_call_in_a_shield_holds_one_timer(node: Node,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """2,000 CANCELs for one call inside a shielded section hold its cancellation once (one timer looking at
+    the task, not one retry chain per frame, which starved the loop); it is delivered after the section."""
+    timers = CancelTimers(asyncio.get_running_loop(), monkeypatch)
+    peer = await Peer.open(node)
+    peer.call(1, "/wire.Svc/Shield", {})
+    with anyio.fail_after(10):
+        await node.svc.slow_started.wait()
+    peer.send(f.frame(f.CANCEL, 1) * 2000 + f.frame(f.PING, 0, b"after"))
+    assert (await peer.next())[:2] == (f.PONG, 0)  # the CANCELs before it were handled
+    task = node.svc.task
+    assert task is not None and cancel.pending(task)
+    assert timers.outstanding() == 1
+    node.svc.release.set()
     with anyio.fail_after(10):
         await node.svc.slow_ended.wait()
     assert node.svc.shielded == ["section done"]
+    await anyio.wait_all_tasks_blocked()
+    assert timers.outstanding() == 0 and all(not c.calls for c in node.native.connections)
+    await node.still_answers()
+
+
+async def test_a_stop_cuts_a_shielded_section_that_does_not_end(node: Node, caplog: pytest.LogCaptureFixture) -> None:
+    """stop() is bounded: a handler whose shielded section never ends gets ``shield_timeout`` after the
+    cancel, then is cut with ``Task.cancel()``, logged with the call's name; the caller is told."""
+    peer = await Peer.open(node)
+    peer.call(1, "/wire.Svc/Shield", {}, timeout_us=None)  # never released
+    with anyio.fail_after(10):
+        await node.svc.slow_started.wait()
+    node.native.shield_timeout = 0.05
+    with anyio.fail_after(10):
+        await node.native.stop(0)
+    task = node.svc.task
+    assert task is not None and task.done() and not cancel.pending(task)
+    assert node.svc.slow_ended.is_set() and node.svc.shielded == []
+    assert "wire Svc.Shield: the handler was still in a shielded section 0.05 s after" in caplog.text
+    frames = [await peer.next(), await peer.next()]
+    assert [(k, rid) for k, rid, *_ in frames] == [(f.GOAWAY, 0), (f.ERROR, 1)]
+    assert f.read_error(frames[1][4])[0] == Status.UNAVAILABLE.value
+
+
+async def test_the_calls_of_a_lost_connection_are_stopped_with_the_server(node: Node) -> None:
+    """A lost connection's calls are cancelled (after their shielded sections), and the server owns their
+    tasks until they end: stop() waits for them (cutting a section past its bound), none outlives it."""
+    peer = await Peer.open(node)
+    peer.call(1, "/wire.Svc/Shield", {}, timeout_us=None)  # never released
+    with anyio.fail_after(10):
+        await node.svc.slow_started.wait()
+    task = node.svc.task
+    assert task is not None
+    peer.close()
+    with anyio.fail_after(10):
+        while node.native.connections:  # noqa: ASYNC110 - the node's transport reports the lost connection
+            await anyio.sleep(0.001)
+    assert cancel.pending(task) and len(node.native.lost) == 1  # held back by the shield, still owned
+    node.native.shield_timeout = 0.05
+    with anyio.fail_after(10):
+        await node.native.stop(0)
+    assert task.done() and node.svc.slow_ended.is_set() and node.svc.shielded == []
+    assert not cancel.pending(task) and not node.native.lost
+
+
+async def test_a_deadline_lets_a_shielded_section_of_the_handler_finish(node: Node) -> None:
+    """In process, a deadline that passes while the handler is in a shielded section (300 ms, deadline
+    100 ms) cancels it once the section is done; the caller gets ``Timeout``."""
+    with pytest.raises(Timeout, match="deadline exceeded"):
+        await node.service.runtime.client.call("wire", "Svc.Shield", {"n": 300}, timeout=0.1)
+    with anyio.fail_after(10):
+        await node.svc.slow_ended.wait()
+    assert node.svc.shielded == ["section done"]
+    await node.still_answers()
+
+
+async def test_a_deadline_on_the_native_server_lets_a_shielded_section_finish(node: Node) -> None:
+    """Over the native wire, the call's deadline (or the client's CANCEL after its own) passing while the
+    handler is in a shielded section is held back until the section is done; the caller gets ``Timeout``.
+    The deadline is generous (1 s): a request that arrived with under 1 ms of it left is refused unrun."""
+
+    async def call() -> None:
+        with pytest.raises(Timeout, match="deadline exceeded"):
+            await node.client.client.call("wire", "Svc.Shield", {}, timeout=1.0)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        with anyio.fail_after(10):
+            await node.svc.slow_started.wait()
+            task = node.svc.task
+            assert task is not None
+            while not cancel.pending(task):  # noqa: ASYNC110 - the loop's timer passes the deadline
+                await anyio.sleep(0.01)
+        assert node.svc.shielded == [] and not task.done()  # cancelled, but still in its section
+        node.svc.release.set()
+    with anyio.fail_after(10):
+        await node.svc.slow_ended.wait()
+    assert node.svc.shielded == ["section done"]
+    await node.still_answers()
+
+
+@pytest.mark.parametrize("path", ["native", "in-process"])
+async def test_a_call_whose_deadline_passed_in_a_shield_is_a_timeout_though_it_returns(node: Node,
+                                                                                         path: str) -> None:
+    """A handler whose deadline passes in its shielded section (300 ms, deadline 100 ms) and that returns
+    right after it (before its held cancellation is delivered) still fails the call with ``Timeout``: in
+    process as over the native wire, where the client enforces the deadline itself."""
+    client = node.client if path == "native" else node.service.runtime
+    with pytest.raises(Timeout, match="deadline exceeded"):
+        await client.client.call("wire", "Svc.Brief", {"n": 300}, timeout=0.1)
+    if path == "in-process":  # the Timeout came at the end of the section
+        assert node.svc.shielded == ["brief done"]
     await node.still_answers()
 
 

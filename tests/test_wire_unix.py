@@ -24,6 +24,7 @@ import msgspec
 import pytest
 
 import micro
+from micro.client import Client
 from micro.client.native import NativePool
 from micro.errors import BadRequest, Timeout, Unavailable
 from micro.registry import Node
@@ -487,3 +488,6 @@ async def test_micro_unix_0_keeps_the_client_on_tcp(sockets: Path, monkeypatch: 
     monkeypatch.setenv("MICRO_UNIX", "no")
     with pytest.raises(micro.errors.ConfigError, match="MICRO_UNIX='no' is not a setting: use 1"):
         micro.Runtime(registry="memory://", store="memory://", broker="memory://")
+    for value in ("0", 0):  # not taken as a truthy "yes"
+        with pytest.raises(micro.errors.ConfigError, match=f"Client\\(unix={value!r}\\) is not a setting: use True"):
+            Client(registry, unix=value)  # type: ignore[arg-type]

@@ -184,17 +184,20 @@ class LocalBroker(MemoryBroker):
     async def _close(self) -> None:
         delivery, server, beats = self._delivery, self._server, self._beats
         self._server = self._beats = self._heartbeat = None
-        if beats is not None:
-            await beats.aclose()
-        if server is not None and delivery is not None:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await delivery.registry.deregister(self._record())
-                except Exception:
-                    log.warning("broker %s: deregistering failed", self.url, exc_info=True)
-        await super()._close()
-        if server is not None:
-            await server.stop(1.0)
+        try:
+            if beats is not None:
+                await beats.aclose()
+            if server is not None and delivery is not None:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await delivery.registry.deregister(self._record())
+                    except Exception:
+                        log.warning("broker %s: deregistering failed", self.url, exc_info=True)
+            await super()._close()
+        finally:  # whatever failed above: the server (its ports, its Unix socket file) goes, bounded by its grace
+            if server is not None:
+                with anyio.CancelScope(shield=True):
+                    await server.stop(1.0)
 
     # -- publishing ---------------------------------------------------------------------------
 

@@ -502,13 +502,15 @@ class Client:
         self._records.clear()
         async for event in watcher:
             name = event.service.name
-            self._records.pop(name, None)
+            cached = self._records.pop(name, None)
             if event.type == "delete":  # the nodes that left: their pools go too, and the service's call plans
                 # (made again at its next call): they hold its record and pools, and a churn of services
                 # that come and go would grow them for ever
                 for key in [k for k in self._plans if k[0] == name]:
                     del self._plans[key]
-                self._rr.pop(name, None)
+                gone = {n.id for n in event.service.nodes}
+                if cached is None or all(n.id in gone for rec in cached for n in rec.nodes):
+                    self._rr.pop(name, None)  # no node left (or none known): its round-robin starts afresh
                 for node in event.service.nodes:
                     self.forget_node(node)
 
@@ -575,6 +577,9 @@ def _transport(value: str | None) -> str:
 def _unix(value: bool | None) -> bool:
     """Whether the client uses Unix sockets on this host: the argument, else ``$MICRO_UNIX``, else yes."""
     if value is not None:
+        if not isinstance(value, bool):  # "0" would be taken as yes
+            raise ConfigError(f"Client(unix={value!r}) is not a setting: use True (the native wire over a node's "
+                              "Unix socket when it is on this host), False (TCP only) or None ($MICRO_UNIX)")
         return value
     chosen = os.environ.get("MICRO_UNIX") or "1"
     if chosen not in ("0", "1"):

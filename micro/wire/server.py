@@ -13,7 +13,9 @@ section finishes first.
 
 Stopping drains as the gRPC server does: no new connections, a GOAWAY on the open
 ones, new calls refused with UNAVAILABLE (the client tries another node), calls in
-flight given ``grace`` seconds, then cancelled.
+flight given ``grace`` seconds, then cancelled; a handler in a shielded section gets
+``shield_timeout`` seconds more to leave it, then is cut (``Task.cancel()``, logged). The server
+owns every call's task until it ends, also the calls of a connection lost before the stop.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import TYPE_CHECKING, Any, cast
 import msgspec
 
 from micro import metrics
-from micro.cancel import cancel
+from micro.cancel import cancel, cut
 from micro.codec import JSON, PROTO
 from micro.connections import DEFAULT_IDLE_TIMEOUT, ConnectionLimit, quiet_accept_errors, write_all
 from micro.deadlines import Watch, Watchdog
@@ -53,6 +55,9 @@ DEFAULT_KEEPALIVE_TIME = 60.0
 DEFAULT_KEEPALIVE_TIMEOUT = 20.0
 """Seconds the peer has to answer that PING."""
 
+DEFAULT_SHIELD_TIMEOUT = 5.0
+"""Seconds a stopping server waits for a cancelled handler to leave its shielded section before it cuts it."""
+
 DRAINING = "the node is shutting down: call another node"
 """The UNAVAILABLE message of a call refused while draining (the same as on gRPC)."""
 
@@ -60,10 +65,11 @@ _EXPIRED_US = 1000  # less than 1 ms left on arrival is no time to run anything 
 
 
 class _Call:
-    __slots__ = ("credit", "deadline", "task", "waiter", "watch", "where")
+    __slots__ = ("cancelled", "credit", "deadline", "task", "waiter", "watch", "where")
 
     def __init__(self, deadline: float | None = None, where: str = "") -> None:
         self.task: asyncio.Task[None] | None = None
+        self.cancelled = False  # by a CANCEL or a lost connection: its task is forgotten when it ends
         self.deadline = deadline
         self.where = where
         self.watch: Watch | None = None  # a unary call's deadline, once it outlived its first step
@@ -118,9 +124,10 @@ class _Connection(asyncio.Protocol):
         emptied = self.server._emptied
         if emptied is not None and not self.server.connections:
             emptied.set()  # stop() waits for the clients to close, once they have their answers
-        for call in list(self.calls.values()):
-            if call.task is not None:
-                cancel(call.task)  # nobody is left to answer: the handlers stop (after their shielded sections)
+        if self.calls:  # the server still owns their tasks until they end: stop() waits for them too
+            self.server.lost.add(self)
+        for rid, call in list(self.calls.items()):
+            self._cancel(rid, call)  # nobody is left to answer: the handlers stop (after their shielded sections)
         w = self._writable
         if w is not None and not w.done():
             w.set_result(None)
@@ -156,10 +163,8 @@ class _Connection(asyncio.Protocol):
                     self._request(rid, flags, aux, body, length)
                 elif kind == f.CANCEL:
                     call = self.calls.get(rid)
-                    if call is not None and call.task is not None:
-                        cancel(call.task)  # as an anyio scope would: a shielded section inside finishes first
-                        # a task cancelled before its first step never runs its own clean-up: forget it then
-                        call.task.add_done_callback(functools.partial(self._forget, rid, call))
+                    if call is not None:
+                        self._cancel(rid, call)
                 elif kind == f.CREDIT:
                     call = self.calls.get(rid)
                     if call is not None:
@@ -407,12 +412,25 @@ class _Connection(asyncio.Protocol):
             if task is not None and not task.done() and call.deadline is not None:
                 call.watch = watch(call.deadline, call.where, task)
 
+    def _cancel(self, rid: int, call: _Call) -> None:
+        """Cancel a call's task as an anyio scope would (a shielded section inside finishes first), once: a
+        flood of CANCELs for it, or a CANCEL and then a lost connection, adds nothing."""
+        task = call.task
+        if task is None or call.cancelled:
+            return
+        call.cancelled = True
+        cancel(task)
+        # a task cancelled before its first step never runs its own clean-up: forget it then
+        task.add_done_callback(functools.partial(self._forget, rid, call))
+
     def _forget(self, rid: int, call: _Call, _task: asyncio.Task[None]) -> None:
         self._done(rid, call)
 
     def _done(self, rid: int, call: _Call) -> None:
         if self.calls.get(rid) is call:
             del self.calls[rid]
+        if not self.calls and self.transport is None:
+            self.server.lost.discard(self)  # its last call ended after the connection was lost
 
     # -- writing ----------------------------------------------------------------------------------
 
@@ -480,14 +498,19 @@ class NativeServer:
         keepalive_timeout: seconds after that PING within which the peer must send
             something (its PONG); then the connection is closed and its calls cancelled
             (a half-open connection whose peer vanished mid-call).
+        shield_timeout: seconds ``stop()`` waits, once it has cancelled the calls still running after
+            its grace, for handlers inside a shielded section to leave it; then they are cancelled
+            with ``Task.cancel()`` (the section is cut, logged with the call's name).
     """
 
     def __init__(self, *, max_message_size: int, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                  max_connections: int | None = None, connection_limit: ConnectionLimit | None = None,
                  budget: BodyBudget | None = None, body_timeout: float = DEFAULT_BODY_TIMEOUT,
                  admit: Callable[[], None] | None = None, keepalive_time: float | None = DEFAULT_KEEPALIVE_TIME,
-                 keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT) -> None:
+                 keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
+                 shield_timeout: float = DEFAULT_SHIELD_TIMEOUT) -> None:
         self.max_message_size = max_message_size
+        self.shield_timeout = shield_timeout
         self.keepalive_time = keepalive_time
         self.keepalive_timeout = keepalive_timeout
         self.connection_limit = connection_limit if connection_limit is not None else \
@@ -497,6 +520,9 @@ class NativeServer:
         self.admit = admit
         self.endpoints: dict[str, tuple[Endpoint, tuple[str, ...], str]] = {}  # path: endpoint, wires, where
         self.connections: set[_Connection] = set()
+        self.lost: set[_Connection] = set()
+        """Lost connections whose calls' handlers have not ended yet (cancelled, in a shielded section):
+        the server owns those tasks until they end, and ``stop()`` waits for them as for the others."""
         self.watchdog = Watchdog()
         self.closing = False
         self.host = ""
@@ -570,8 +596,32 @@ class NativeServer:
                     conn.abort(f"no answer to a keepalive PING within {timeout:g} s", Status.UNAVAILABLE,
                                logging.DEBUG)  # a peer that vanished: nothing to act on
 
+    async def _cancel_all(self, tasks: dict[asyncio.Task[None], str]) -> None:
+        """Cancel the calls still running (each after its shielded section), wait ``shield_timeout`` for them,
+        then cut those still in a shielded section (``Task.cancel()``), logged."""
+        left = [t for t in tasks if not t.done()]
+        for t in left:
+            cancel(t)
+        if not left:
+            return
+        _, still = await asyncio.wait(left, timeout=self.shield_timeout)
+        if not still:
+            return
+        for t in still:
+            log.warning("native wire: %s: the handler was still in a shielded section %g s after the stopping "
+                        "server cancelled it: cut (Task.cancel())", tasks[t], self.shield_timeout)
+            cut(t)
+        _, still = await asyncio.wait(still, timeout=self.shield_timeout)
+        for t in still:
+            log.error("native wire: %s: the handler went on after it was cancelled with Task.cancel() (does it "
+                      "catch CancelledError?): the server stops without it", tasks[t])
+
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, refuse new calls, let in-flight calls finish within ``grace``, cancel the rest.
+
+        A call cancelled inside a shielded anyio scope finishes that section first (:mod:`micro.cancel`), for
+        at most ``shield_timeout`` seconds; then its section is cut (``Task.cancel()``, logged). Calls of
+        connections lost before are waited for and cancelled the same way.
 
         Then, within what is left of ``grace``, wait for the clients to close their connections (a micro
         client closes one once its calls on it are answered after the ``GOAWAY``) before closing the rest:
@@ -595,14 +645,11 @@ class NativeServer:
             self.unix = None
         for conn in list(self.connections):
             conn.goaway()
-        pending = [c.task for conn in self.connections for c in conn.calls.values()
-                   if c.task is not None and not c.task.done()]
+        pending = {c.task: c.where for conn in (*self.connections, *self.lost) for c in conn.calls.values()
+                   if c.task is not None and not c.task.done()}
         if pending:
             await asyncio.wait(pending, timeout=grace)
-        for t in pending:
-            cancel(t)  # shielded sections finish: waited for below
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+            await self._cancel_all(pending)
         if self.connections and until > loop.time():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._emptied.wait(), until - loop.time())
