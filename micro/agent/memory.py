@@ -530,19 +530,21 @@ def _uses(m: Message) -> set[str]:
 
 def _paired(messages: list[Message]) -> list[Message]:
     """Drop tool calls without results and results without calls (left by a cut or a crash)."""
+    # each message's call ids (an assistant's) or result ids (a user's), worked out once
+    ids = [_uses(m) if m.role == "assistant" else _results(m) for m in messages]
     out: list[Message] = []
+    asked: set[str] = set()  # the calls of the message last kept, if it is an assistant's
     for i, m in enumerate(messages):
-        if m.role == "assistant" and (uses := _uses(m)):
-            nxt = messages[i + 1] if i + 1 < len(messages) else None
-            answered = _results(nxt) if nxt is not None and nxt.role == "user" else set()
+        if m.role == "assistant" and (uses := ids[i]):
+            answered = ids[i + 1] if i + 1 < len(messages) and messages[i + 1].role == "user" else set()
             if not uses <= answered:
                 m = Message("assistant", [b for b in m.content if not isinstance(b, ToolUseBlock)])
-        elif m.role == "user" and (results := _results(m)):
-            asked = _uses(out[-1]) if out and out[-1].role == "assistant" else set()
+        elif m.role == "user" and (results := ids[i]):
             if not results <= asked:
                 m = Message("user", [b for b in m.content
                                      if not (isinstance(b, ToolResultBlock) and b.tool_use_id not in asked)])
         if m.content:
             out.append(m)
+            asked = (ids[i] if m is messages[i] else _uses(m)) if m.role == "assistant" else set()
     return out
 
