@@ -86,13 +86,14 @@ class _Head(msgspec.Struct):
 
 
 class _Kept:
-    """The messages of one session (one head's lifetime: ``epoch``) this process holds: seq -> (message, expiry)."""
+    """The messages of one session (one head's lifetime: ``epoch``) this process holds:
+    seq -> (message, expiry, its call or result ids: see :func:`_ids`)."""
 
     __slots__ = ("epoch", "messages")
 
     def __init__(self, epoch: str) -> None:
         self.epoch = epoch
-        self.messages: dict[int, tuple[Message, float | None]] = {}
+        self.messages: dict[int, tuple[Message, float | None, set[str]]] = {}
 
 
 _decode_head = msgspec.json.Decoder(_Head).decode
@@ -301,12 +302,12 @@ class StoreMemory:
         kept = self._kept_of(session, head.epoch)
         held = kept.messages if kept is not None else {}
         now = self.store.clock()
-        found: dict[int, Message] = {}
+        found: dict[int, tuple[Message, set[str]]] = {}
         missing: list[int] = []
         for seq in range(first, head.next):
             hit = held.get(seq)
             if hit is not None and (hit[1] is None or hit[1] > now):
-                found[seq] = hit[0]
+                found[seq] = hit[0], hit[2]
             else:
                 missing.append(seq)
         for seq in [s for s in held if s < first]:  # out of the window now: not needed again
@@ -318,10 +319,12 @@ class StoreMemory:
         summary = records.pop() if head.summary else None
         for seq, rec in zip(missing, records, strict=True):
             if rec is not None:
-                m = found[seq] = _decode(rec.value)
+                m = _decode(rec.value)
+                found[seq] = m, (ids := _ids(m))
                 if kept is not None:
-                    held[seq] = (m, rec.expiry)
-        messages = _paired([found[seq] for seq in sorted(found)] if missing else list(found.values()))
+                    held[seq] = (m, rec.expiry, ids)
+        ordered = [found[seq] for seq in sorted(found)] if missing else list(found.values())
+        messages = _paired([m for m, _ in ordered], [ids for _, ids in ordered])
         start = 0
         while start < len(messages) and (messages[start].role != "user" or _results(messages[start])):
             start += 1
@@ -340,7 +343,7 @@ class StoreMemory:
             expiry = None if self.retention is None else self.store.clock() + self.retention
             await self.store.write(Record(f"{prefix}{seq:012d}", _encode(m)), ttl=self.retention)
             if kept is not None:
-                kept.messages[seq] = (m, expiry)
+                kept.messages[seq] = (m, expiry, _ids(m))
         if self.compact_at and head.next - head.start > self.compact_at and session not in self._compacting:
             if self._task_group is None:
                 await self._compact_logged(session)
@@ -528,10 +531,17 @@ def _uses(m: Message) -> set[str]:
     return {b.id for b in m.content if isinstance(b, ToolUseBlock)}
 
 
-def _paired(messages: list[Message]) -> list[Message]:
-    """Drop tool calls without results and results without calls (left by a cut or a crash)."""
-    # each message's call ids (an assistant's) or result ids (a user's), worked out once
-    ids = [_uses(m) if m.role == "assistant" else _results(m) for m in messages]
+def _ids(m: Message) -> set[str]:
+    """A message's call ids (an assistant's) or result ids (a user's)."""
+    return _uses(m) if m.role == "assistant" else _results(m)
+
+
+def _paired(messages: list[Message], ids: list[set[str]] | None = None) -> list[Message]:
+    """Drop tool calls without results and results without calls (left by a cut or a crash).
+
+    ``ids``: each message's :func:`_ids`, if known already (a window keeps them with the messages)."""
+    if ids is None:
+        ids = [_ids(m) for m in messages]
     out: list[Message] = []
     asked: set[str] = set()  # the calls of the message last kept, if it is an assistant's
     for i, m in enumerate(messages):
