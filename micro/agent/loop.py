@@ -416,9 +416,10 @@ class Run:
                 return (f"{use.name} was already called {self.limits.loop_limit} times with these arguments "
                         "in this run; use the results you have or change the arguments"), True
         if decision is None:
-            verdict = await self._verdict(use, tool)
-            if verdict is not None:
-                return verdict
+            if tool.asks or self.needs_approval or self.approve is not None:  # else nothing to check
+                verdict = await self._verdict(use, tool)
+                if verdict is not None:
+                    return verdict
         elif decision.answer is not None:
             if tool.answer is None:
                 return decision.answer, False
