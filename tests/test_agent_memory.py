@@ -144,11 +144,13 @@ async def test_every_message_is_one_record_appended_per_ask(rt: micro.Runtime) -
 
         # forgotten and started afresh by the replica: the first one holds other messages under the same
         # keys (#1, #2, …), from the session's previous head; it reads the new ones
-        await replica.forget("")
+        await agent.ask("hello", session="s")
+        assert texts(await agent.history.window("s")) == [("user", "hello"), ("assistant", "reply to hello")]
+        await replica.forget("s")
         again = [Message.user("hello again"), Message.assistant("hi again")]
-        await replica.append("", again)
-        assert await agent.history.window("") == again
-        assert await agent.history.messages() == again
+        await replica.append("s", again)
+        assert await agent.history.window("s") == again
+        assert await agent.history.messages("s") == again
 
 
 async def test_the_window_holds_history_limit_messages_and_never_starts_on_a_tool_result(
