@@ -123,10 +123,34 @@ async def test_every_message_is_one_record_appended_per_ask(rt: micro.Runtime) -
         await agent.ask("note one more")
         # the 22nd ask costs what a short conversation's does: four message writes, the head, three of the
         # run record (its checkpoint: after the turn that asked for the tool, at the tool's result, at the
-        # end); reads: the head and the 50 messages of the window (history_limit), the head again for the
-        # append; one listing of the session's waiting runs (none); nothing lists or scans the conversation
+        # end); reads: the head for the window (its 50 messages, history_limit, are the ones this process
+        # wrote: kept decoded), the head again for the append; one listing of the session's waiting runs
+        # (none); nothing lists or scans the conversation
         assert (store.writes - writes, len(store.prefix_reads) - reads, store.lists - lists) == (8, 0, 1)
-        assert store.gets - gets == 1 + 50 + 1
+        assert store.gets - gets == 1 + 1
+        expected = await agent.history.window("")
+        assert len(expected) == 48  # the last 50 messages, from the first that starts a run
+
+        # another replica (a memory of its own on the same store) reads the 50 messages once, then holds them
+        replica = StoreMemory(50).bind(store, "memo", model)
+        gets = store.gets
+        assert await replica.window("") == expected
+        assert store.gets - gets == 1 + 50
+        await agent.ask("note and another")  # appended by the first: the replica reads only those four
+        gets = store.gets
+        window = await replica.window("")
+        assert store.gets - gets == 1 + 4
+        assert window == await agent.history.window("") == expected[4:] + (await agent.history.messages())[-4:]
+
+        # forgotten and started afresh by the replica: the first one holds other messages under the same
+        # keys (#1, #2, …), from the session's previous head; it reads the new ones
+        await agent.ask("hello", session="s")
+        assert texts(await agent.history.window("s")) == [("user", "hello"), ("assistant", "reply to hello")]
+        await replica.forget("s")
+        again = [Message.user("hello again"), Message.assistant("hi again")]
+        await replica.append("s", again)
+        assert await agent.history.window("s") == again
+        assert await agent.history.messages("s") == again
 
 
 async def test_the_window_holds_history_limit_messages_and_never_starts_on_a_tool_result(

@@ -19,6 +19,7 @@ import micro
 from micro.agent.record import AgentRun
 from micro.ai import Message, ToolResultBlock, ToolSpec, scripted
 from micro.errors import BadRequest, Conflict, NotFound, UsageError
+from micro.store import Record
 from micro.store.memory import MemoryStore
 
 GUARD = 30.0  # a deadlock guard, never a timing assertion
@@ -454,6 +455,61 @@ async def test_a_run_record_is_the_checkpoint_written_at_each_step(store: Memory
     assert run.status == "running" and run.owner == agent.id
     assert {c.name: c.state for c in run.tool_calls} == {"slow_Slow_Wait": "running", "ledger_Ledger_Balance": "done"}
     assert [m.role for m in run.messages] == ["user", "assistant"]
+
+
+async def test_results_that_come_in_together_are_checkpointed_in_one_write() -> None:
+    """Ten calls answered at once (as one read of the wire answers them): one checkpoint write carries all
+    ten results, and each call's save returns (its ``tool_end`` goes out) only once that write is done; a
+    result that comes in alone while others are still in flight is written on its own."""
+
+    class Counting(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.runs: list[AgentRun] = []  # each write of the run record, as written
+
+        async def _put(self, record: Record, if_version: int | None) -> int:
+            if record.key.startswith("agent/waiter/runs/"):
+                self.runs.append(msgspec.json.decode(record.value, type=AgentRun))
+            return await super()._put(record, if_version)
+
+    gate, first = anyio.Event(), anyio.Event()
+    written_when_saved: list[int] = []
+
+    def brain(messages: list[Message], tools: list[ToolSpec]) -> scripted.Turn | str:
+        if not results_seen(messages[-1:]):
+            return scripted.turn(*(scripted.call("wait", i=i) for i in range(11)))
+        return "done"
+
+    async with Counting() as store, runtime(store) as rt:
+        agent = micro.NewAgent("waiter", provider=scripted.function(brain), runtime=rt)
+
+        @agent.tool
+        async def wait(i: int) -> int:
+            """Wait for the gate (call 0 for the first one)."""
+            await (first if i == 0 else gate).wait()
+            return i
+
+        async def ask() -> None:  # each tool_end comes after the save of its call: the write is done
+            async for ev in agent.stream("go"):
+                if ev.type == "tool_end":
+                    assert any(c.id == ev.tool_call.id and c.state == "done" for c in store.runs[-1].tool_calls)
+                    ended.append(ev.tool_call.id)
+
+        ended: list[str] = []
+        async with agent:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ask)
+                with anyio.fail_after(GUARD):
+                    await anyio.wait_all_tasks_blocked()
+                    first.set()  # call 0 alone: written while the ten others are in flight
+                    while not any(c.state == "done" for r in store.runs for c in r.tool_calls):
+                        await anyio.wait_all_tasks_blocked()
+                    written_when_saved.append(len(store.runs))
+                    gate.set()
+    done = [sorted(c.name + str(c.input["i"]) for c in r.tool_calls if c.state == "done") for r in store.runs]
+    # the turn that asked, call 0 alone, the ten together, the end
+    assert [len(d) for d in done] == [0, 1, 11, 11] and written_when_saved == [2] and len(ended) == 11
+    assert store.runs[-1].status == "completed" and store.runs[2].status == "running"
 
 
 # -- interrupted runs in one process: a record whose owner is gone ---------------------------------

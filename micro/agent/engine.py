@@ -57,7 +57,10 @@ class Checkpoint:
 
     Concurrent tool calls of a turn save as they finish; saves that arrive while one is being
     written are folded into the next write (one store write in flight per run, never a lock
-    across a tool call). A write that finds another version means another process claimed the
+    across a tool call). While other calls of the run are still in flight, a save lets the
+    loop run once before it takes its snapshot: results that came in together (one read of
+    the wire answers many calls) are written together, and each saver returns once the write
+    that carries its result is done. A write that finds another version means another process claimed the
     run (it took this one's process for dead): the run stops with :class:`Conflict`, and this
     checkpoint writes nothing more. Other store failures are logged and the run goes on; its
     record lags until the next write succeeds.
@@ -72,6 +75,7 @@ class Checkpoint:
         self._lock = asyncio.Lock()
         self._asked = 0
         self._written = 0
+        self._gathering: asyncio.Event | None = None  # set once the write still taking saves is done
 
     def snapshot(self) -> None:
         """Copy the loop's state (messages, calls, turns, usage) into the record."""
@@ -96,23 +100,45 @@ class Checkpoint:
             raise self._conflict()
         self._asked += 1
         mine = self._asked
+        gathering = self._gathering
+        if gathering is not None:  # a write has yet to take its snapshot: it carries this save
+            await gathering.wait()
+            if self.lost:
+                raise self._conflict()
+            if self._written >= mine:
+                return
+            # that write failed or was cancelled: write it here
         async with self._lock:
             if self._written >= mine:
                 return
-            upto = self._asked
-            self.snapshot()
+            done: asyncio.Event | None = None
+            run = self.run
+            if run is not None and any(c.state == "running" for c in run.calls):
+                done = self._gathering = asyncio.Event()
             try:
-                self.version = await self.runs.save(self.record, self.version)
-            except VersionConflict:
-                self.lost = True
-                raise self._conflict() from None
-            except Exception:
-                if strict:
-                    raise
-                log.exception("agent %s: could not write the checkpoint of run %s", self.record.agent,
-                              self.record.id, extra={"micro_run_id": self.record.id, "micro_agent": self.record.agent})
-                return
-            self._written = upto
+                if done is not None:
+                    await asyncio.sleep(0)  # the calls answered by the same read record their results first
+                    self._gathering = None
+                upto = self._asked
+                self.snapshot()
+                try:
+                    self.version = await self.runs.save(self.record, self.version)
+                except VersionConflict:
+                    self.lost = True
+                    raise self._conflict() from None
+                except Exception:
+                    if strict:
+                        raise
+                    log.exception("agent %s: could not write the checkpoint of run %s", self.record.agent,
+                                  self.record.id,
+                                  extra={"micro_run_id": self.record.id, "micro_agent": self.record.agent})
+                    return
+                self._written = upto
+            finally:
+                if done is not None:
+                    if self._gathering is done:
+                        self._gathering = None
+                    done.set()
 
     def _conflict(self) -> Conflict:
         return Conflict(f"agent {self.record.agent}: run {self.record.id} was taken over by another process "

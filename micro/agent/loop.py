@@ -24,6 +24,7 @@ is awaited at every step boundary: after each model turn and each tool result.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import inspect
 import logging
@@ -334,9 +335,10 @@ class Run:
         if self.emit is not None:
             await self.emit(Event("tool_start", call=rec))
         t0 = time.perf_counter()
-        attrs = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": use.name,
-                 "gen_ai.tool.call.id": use.id, "gen_ai.tool.type": "function"}
-        with telemetry.span(f"execute_tool {use.name}", "internal", attrs) as span:
+        traced = telemetry.span(f"execute_tool {use.name}", "internal", {
+            "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": use.name, "gen_ai.tool.call.id": use.id,
+            "gen_ai.tool.type": "function"}) if telemetry.enabled() else _UNTRACED
+        with traced as span:
             try:
                 outcome = await self._outcome(use, tools, decision, rec.ask_state)
             except EndRun as exc:
@@ -412,9 +414,10 @@ class Run:
                 return (f"{use.name} was already called {self.limits.loop_limit} times with these arguments "
                         "in this run; use the results you have or change the arguments"), True
         if decision is None:
-            verdict = await self._verdict(use, tool)
-            if verdict is not None:
-                return verdict
+            if tool.asks or self.needs_approval or self.approve is not None:  # else nothing to check
+                verdict = await self._verdict(use, tool)
+                if verdict is not None:
+                    return verdict
         elif decision.answer is not None:
             if tool.answer is None:
                 return decision.answer, False
@@ -442,6 +445,10 @@ class Run:
             log.exception("tool %s raised", use.name)
             return f"{use.name} failed: {type(exc).__name__}: {exc}", True
         return result_text(value), False
+
+
+_UNTRACED: contextlib.nullcontext[None] = contextlib.nullcontext()
+"""A tool call's span when tracing is off: nothing to build per call."""
 
 
 def _seen_key(name: str, args: dict[str, Any]) -> tuple[str, bytes]:

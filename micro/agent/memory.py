@@ -13,10 +13,19 @@ held across a model call), then writes its messages in order: each run's message
 one contiguous block, blocks in the order the runs *finished*. Appends of one process
 to one session take turns for the reservation only, so they do not fight each other.
 
-Cost: a window read is one head read plus one point read per message of the window,
-made together; nothing lists the conversation, so it costs O(window) on every backend
-however long the session is. A run killed between its writes leaves a prefix of its
-block (the window drops a tool call left without its result) or holes, which are skipped.
+Cost: a window read is one head read plus one point read per message of the window
+this process does not hold yet, made together; nothing lists the conversation, so it
+costs O(window) on every backend however long the session is. A run killed between its
+writes leaves a prefix of its block (the window drops a tool call left without its
+result) or holes, which are skipped.
+
+Messages this process wrote or read are kept decoded (the last ``window`` of each of the
+most recent sessions, :data:`CACHED_SESSIONS`): a message record is written once and
+never changed while its session's head lives, so what a window needs again comes from
+here. Each head carries an ``epoch``, a random id given when the head is created: a
+forgotten session (deleted by any replica) gets a new head with a new epoch, and what
+was kept of the old one is dropped; a kept message is not used past its expiry
+(``retention``). Only the head (and the summary, if any) is read on every window.
 
 Compaction: when a session holds more than ``compact_at`` live messages, the oldest are
 folded into one summary by a summariser (the agent's model by default) in the
@@ -33,6 +42,8 @@ import copy
 import inspect
 import logging
 import unicodedata
+import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, Self, runtime_checkable
 
@@ -45,7 +56,7 @@ from micro.ai.messages import SUMMARISE_PROMPT
 from micro.errors import AgentError, BadRequest, RecordNotFound, UsageError, VersionConflict
 from micro.store import Record, Store
 
-__all__ = ["MAX_SESSION_BYTES", "Memory", "StoreMemory", "Summariser", "check_session"]
+__all__ = ["CACHED_SESSIONS", "MAX_SESSION_BYTES", "Memory", "StoreMemory", "Summariser", "check_session"]
 
 log = logging.getLogger("micro.agent")
 
@@ -63,10 +74,26 @@ _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(Message).decode
 
 
+CACHED_SESSIONS = 256
+"""Sessions whose latest messages a ``StoreMemory`` keeps decoded (the least recently used go first)."""
+
+
 class _Head(msgspec.Struct):
     next: int = 1  # the sequence number the next message gets
     start: int = 1  # the first live (not archived) message
     summary: int = 0  # the summary made when `start` was set (0: none)
+    epoch: str = ""  # random, given when the head is created ("": a head of an older micro, nothing kept)
+
+
+class _Kept:
+    """The messages of one session (one head's lifetime: ``epoch``) this process holds:
+    seq -> (message, expiry, its call or result ids: see :func:`_ids`)."""
+
+    __slots__ = ("epoch", "messages")
+
+    def __init__(self, epoch: str) -> None:
+        self.epoch = epoch
+        self.messages: dict[int, tuple[Message, float | None, set[str]]] = {}
 
 
 _decode_head = msgspec.json.Decoder(_Head).decode
@@ -184,6 +211,7 @@ class StoreMemory:
         self._compacting: set[str] = set()
         self._scopes: set[anyio.CancelScope] = set()
         self._running: set[anyio.Event] = set()
+        self._kept: OrderedDict[str, _Kept] = OrderedDict()
 
     def bind(self, store: Store, agent: str, model: Model, task_group: anyio.abc.TaskGroup | None = None) -> Self:
         """A copy of this memory for agent ``agent`` (no I/O); compactions run in ``task_group``
@@ -191,6 +219,7 @@ class StoreMemory:
         bound = copy.copy(self)
         bound._store, bound._agent, bound._model, bound._task_group = store, agent, model, task_group
         bound._reserving, bound._compacting, bound._scopes, bound._running = {}, set(), set(), set()
+        bound._kept = OrderedDict()
         return bound
 
     @property
@@ -232,9 +261,24 @@ class StoreMemory:
             except RecordNotFound:
                 return None
 
-        if not keys:
-            return []
+        if len(keys) <= 1:  # nothing to read beside it: no task to pay for
+            return [await one(k) for k in keys]
         return list(await asyncio.gather(*(one(k) for k in keys)))
+
+    def _kept_of(self, session: str, epoch: str) -> _Kept | None:
+        """What this process holds of ``session`` under the head ``epoch`` (dropped if the epoch changed)."""
+        if not epoch:
+            self._kept.pop(session, None)
+            return None
+        kept = self._kept.get(session)
+        if kept is not None and kept.epoch == epoch:
+            self._kept.move_to_end(session)
+            return kept
+        kept = self._kept[session] = _Kept(epoch)
+        self._kept.move_to_end(session)
+        while len(self._kept) > CACHED_SESSIONS:
+            self._kept.popitem(last=False)
+        return kept
 
     async def _range(self, session: str, first: int, end: int) -> list[tuple[int, Message]]:
         prefix = self.prefix(session)
@@ -255,8 +299,32 @@ class StoreMemory:
         limit = self.window_size if limit is None else limit
         head, _ = await self._head(session)
         first = max(head.start, head.next - limit)
-        summary, found = await asyncio.gather(self._summary(session, head), self._range(session, first, head.next))
-        messages = _paired([m for _, m in found])
+        kept = self._kept_of(session, head.epoch)
+        held = kept.messages if kept is not None else {}
+        now = self.store.clock()
+        found: dict[int, tuple[Message, set[str]]] = {}
+        missing: list[int] = []
+        for seq in range(first, head.next):
+            hit = held.get(seq)
+            if hit is not None and (hit[1] is None or hit[1] > now):
+                found[seq] = hit[0], hit[2]
+            else:
+                missing.append(seq)
+        for seq in [s for s in held if s < first]:  # out of the window now: not needed again
+            del held[seq]
+        keys = [f"{self.prefix(session)}{seq:012d}" for seq in missing]
+        if head.summary:
+            keys.append(self._summary_key(session, head.summary))
+        records = await self._read(keys)
+        summary = records.pop() if head.summary else None
+        for seq, rec in zip(missing, records, strict=True):
+            if rec is not None:
+                m = _decode(rec.value)
+                found[seq] = m, (ids := _ids(m))
+                if kept is not None:
+                    held[seq] = (m, rec.expiry, ids)
+        ordered = [found[seq] for seq in sorted(found)] if missing else list(found.values())
+        messages = _paired([m for m, _ in ordered], [ids for _, ids in ordered])
         start = 0
         while start < len(messages) and (messages[start].role != "user" or _results(messages[start])):
             start += 1
@@ -269,8 +337,13 @@ class StoreMemory:
             return
         prefix = self.prefix(session)
         head = await self._reserve(session, len(messages))
+        kept = self._kept_of(session, head.epoch)
         for seq, m in enumerate(messages, head.next - len(messages)):
+            # the record expires `retention` after the store's clock at the write: no sooner than this
+            expiry = None if self.retention is None else self.store.clock() + self.retention
             await self.store.write(Record(f"{prefix}{seq:012d}", _encode(m)), ttl=self.retention)
+            if kept is not None:
+                kept.messages[seq] = (m, expiry, _ids(m))
         if self.compact_at and head.next - head.start > self.compact_at and session not in self._compacting:
             if self._task_group is None:
                 await self._compact_logged(session)
@@ -292,6 +365,8 @@ class StoreMemory:
                 while True:
                     head, version = await self._head(session)
                     head.next += count
+                    if not version or not head.epoch:  # a new head (or an older micro's): a new lifetime
+                        head.epoch = uuid.uuid4().hex
                     try:
                         await self.store.write(Record(self._head_key(session), _encode(head)),
                                                ttl=self.retention, if_version=version)
@@ -389,6 +464,7 @@ class StoreMemory:
         """Delete the session's messages (live and archived), summaries and head."""
         prefix = self.prefix(session)
         head_key = self._head_key(session)
+        self._kept.pop(session, None)
         for key in [*await self.store.list(prefix), *await self.store.list(head_key + "/")]:
             await self.store.delete(key)
         await self.store.delete(head_key)
@@ -455,21 +531,30 @@ def _uses(m: Message) -> set[str]:
     return {b.id for b in m.content if isinstance(b, ToolUseBlock)}
 
 
-def _paired(messages: list[Message]) -> list[Message]:
-    """Drop tool calls without results and results without calls (left by a cut or a crash)."""
+def _ids(m: Message) -> set[str]:
+    """A message's call ids (an assistant's) or result ids (a user's)."""
+    return _uses(m) if m.role == "assistant" else _results(m)
+
+
+def _paired(messages: list[Message], ids: list[set[str]] | None = None) -> list[Message]:
+    """Drop tool calls without results and results without calls (left by a cut or a crash).
+
+    ``ids``: each message's :func:`_ids`, if known already (a window keeps them with the messages)."""
+    if ids is None:
+        ids = [_ids(m) for m in messages]
     out: list[Message] = []
+    asked: set[str] = set()  # the calls of the message last kept, if it is an assistant's
     for i, m in enumerate(messages):
-        if m.role == "assistant" and (uses := _uses(m)):
-            nxt = messages[i + 1] if i + 1 < len(messages) else None
-            answered = _results(nxt) if nxt is not None and nxt.role == "user" else set()
+        if m.role == "assistant" and (uses := ids[i]):
+            answered = ids[i + 1] if i + 1 < len(messages) and messages[i + 1].role == "user" else set()
             if not uses <= answered:
                 m = Message("assistant", [b for b in m.content if not isinstance(b, ToolUseBlock)])
-        elif m.role == "user" and (results := _results(m)):
-            asked = _uses(out[-1]) if out and out[-1].role == "assistant" else set()
+        elif m.role == "user" and (results := ids[i]):
             if not results <= asked:
                 m = Message("user", [b for b in m.content
                                      if not (isinstance(b, ToolResultBlock) and b.tool_use_id not in asked)])
         if m.content:
             out.append(m)
+            asked = (ids[i] if m is messages[i] else _uses(m)) if m.role == "assistant" else set()
     return out
 

@@ -230,7 +230,7 @@ class ScriptedModel(Model):
         content: list[Block] = [TextBlock(item.text)] if item.text else []
         content += [ToolUseBlock(f"call_{next(self._ids)}", n, dict(a)) for n, a in item.calls]
         stop = "tool_use" if item.calls else "end_turn"
-        seen = sum(_size(m) for m in received.messages) + len(received.system or "")
+        seen = _size(received.messages) + len(received.system or "")
         usage = Usage(input_tokens=seen // 4, output_tokens=len(item.text) // 4 + len(item.calls))
         return Response(content, stop, usage, self.model)
 
@@ -247,5 +247,11 @@ def _digest(messages: list[Message]) -> str:
     return f"[scripted summary of {len(said)} user lines] " + " | ".join(said)
 
 
-def _size(m: Message) -> int:
-    return sum(len(msgspec.json.encode(b)) for b in m.content)
+def _size(messages: Sequence[Message]) -> int:
+    """The bytes of the messages' blocks as JSON, each block on its own: one encode of all the blocks,
+    less the brackets and commas of the lists (the outer ``[…]`` and a comma between messages; each
+    message's ``[…]`` and a comma between its blocks)."""
+    if not messages:
+        return 0
+    everything = len(msgspec.json.encode([m.content for m in messages]))
+    return everything - len(messages) - 1 - sum(max(len(m.content), 1) + 1 for m in messages)
