@@ -60,6 +60,16 @@ class Svc:
         return req
 
 
+    async def Section(self, req: Echo) -> Echo:
+        """Only a shielded section (until released), then the answer."""
+        self.started.set()
+        with anyio.CancelScope(shield=True):
+            await self.release.wait()
+            self.shielded.append("section done")
+        self.ended.set()
+        return req
+
+
 class Node:
     def __init__(self, service: micro.Service, svc: Svc, client: micro.Runtime) -> None:
         self.service, self.svc, self.client = service, svc, client
@@ -138,16 +148,24 @@ class Peer:
         self.writer.close()
 
 
+@pytest.fixture
+async def peer(node: Node) -> AsyncIterator[Peer]:
+    peer = await Peer.open(node)
+    try:
+        yield peer
+    finally:
+        peer.close()
+
+
 def test_micro_reads_grpclib_s_cancel_internals() -> None:
     """micro replaces grpclib's Task.cancel() of a call where grpclib 0.4 makes it; a grpclib that moved it
     would cut shielded sections again, silently: this says so instead."""
     assert grpc_server._CANCELS
 
 
-async def test_a_caller_s_reset_lets_a_shielded_section_of_the_handler_finish(node: Node) -> None:
+async def test_a_caller_s_reset_lets_a_shielded_section_of_the_handler_finish(node: Node, peer: Peer) -> None:
     """The caller's RST_STREAM cancels the handler as an anyio cancel scope around it would: the section it
     shields runs to its end, then the handler is cancelled at its next wait (Task.cancel() cut the section)."""
-    peer = await Peer.open(node)
     sid = peer.call("Shield", {})
     with anyio.fail_after(10):
         await node.svc.started.wait()
@@ -160,15 +178,13 @@ async def test_a_caller_s_reset_lets_a_shielded_section_of_the_handler_finish(no
     with anyio.fail_after(10):
         await node.svc.ended.wait()
     assert node.svc.shielded == ["section done"]
-    peer.close()
     await node.still_answers()
 
 
-async def test_a_deadline_lets_a_shielded_section_of_the_handler_finish(node: Node) -> None:
+async def test_a_deadline_lets_a_shielded_section_of_the_handler_finish(node: Node, peer: Peer) -> None:
     """The call's grpc-timeout (100 ms) passes inside a 300 ms shielded section: the section ends, then the
     handler is cancelled and the caller gets DEADLINE_EXCEEDED (enforced by the server alone here: the raw
     caller sets no deadline of its own)."""
-    peer = await Peer.open(node)
     sid = peer.call("Shield", {"n": 300}, timeout="100m")
     await peer.until(h2.events.StreamEnded)
     assert node.svc.shielded == ["section done"]
@@ -176,7 +192,6 @@ async def test_a_deadline_lets_a_shielded_section_of_the_handler_finish(node: No
         await node.svc.ended.wait()
     assert peer.got[sid]["grpc-status"] == "4"  # DEADLINE_EXCEEDED
     assert peer.got[sid]["grpc-message"] == "gcancel Svc.Shield: deadline exceeded"
-    peer.close()
     await node.still_answers()
 
 
@@ -191,10 +206,9 @@ async def test_a_micro_caller_past_its_deadline_gets_a_timeout(node: Node) -> No
     await node.still_answers()
 
 
-async def test_a_drain_past_its_grace_lets_shielded_sections_finish(node: Node) -> None:
+async def test_a_drain_past_its_grace_lets_shielded_sections_finish(node: Node, peer: Peer) -> None:
     """stop() with no grace cancels the handler in its 300 ms shielded section: the section ends, then the
     handler stops (stop() waits for it) and the caller's call ends without an OK."""
-    peer = await Peer.open(node)
     sid = peer.call("Shield", {"n": 300})
     with anyio.fail_after(10):
         await node.svc.started.wait()
@@ -203,4 +217,41 @@ async def test_a_drain_past_its_grace_lets_shielded_sections_finish(node: Node) 
     assert node.svc.ended.is_set()
     await peer.until(h2.events.StreamEnded)  # or the connection closes
     assert peer.got.get(sid, {}).get("grpc-status") != "0"
-    peer.close()
+
+
+async def test_without_grpclib_s_internals_a_reset_still_cancels_the_handler(node: Node, peer: Peer,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallback (a grpclib without the internals _CANCELS checks): grpclib's own Task.cancel() stays, so a
+    reset still stops the handler, cutting its shielded section as it always did."""
+    monkeypatch.setattr(grpc_server, "_CANCELS", False)
+    sid = peer.call("Shield", {})
+    with anyio.fail_after(10):
+        await node.svc.started.wait()
+    peer.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+    peer.flush()
+    with anyio.fail_after(10):
+        await node.svc.ended.wait()
+    assert node.svc.shielded == []
+    await node.still_answers()
+
+
+async def test_a_handler_that_answers_right_after_its_section_ends_quietly(node: Node, peer: Peer,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Reset inside a shielded section after which the handler returns at once: its answer has no stream to
+    go to, and the call ends as cancelled there (its next wait), with nothing logged as an error."""
+    sid = peer.call("Section", {})
+    with anyio.fail_after(10):
+        await node.svc.started.wait()
+    peer.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+    peer.conn.ping(b"after-rs")
+    peer.flush()
+    await peer.until(h2.events.PingAckReceived)
+    tasks = [t for t in asyncio.all_tasks() if "request_handler" in repr(t.get_coro())]
+    node.svc.release.set()
+    with anyio.fail_after(10):
+        await node.svc.ended.wait()
+        await asyncio.wait(tasks)
+    assert node.svc.shielded == ["section done"]
+    assert [t.cancelled() for t in tasks] == [True]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+    await node.still_answers()

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, cast
 import h2.config
 import h2.connection
 import h2.errors
+import h2.exceptions
 from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
 from grpclib.const import Handler as GrpcHandler
@@ -249,6 +250,13 @@ _DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("micro_
 """The deadline (event-loop time) of the call whose task is being made; the task keeps its copy."""
 
 _NO_WATCH = contextlib.nullcontext()
+
+
+def _closed() -> asyncio.CancelledError:
+    """What a handler's reply meets on a stream the caller reset (or a lost connection closed) while the
+    handler finished a shielded section: the call is cancelled there, its next wait, as it would be had the
+    handler waited once more (grpclib would log the h2 error as an application error)."""
+    return asyncio.CancelledError()
 
 
 def _call(stream: Stream[Any, Any]) -> float | None:
@@ -573,7 +581,10 @@ class GrpcServer:
                             Status.RESOURCE_EXHAUSTED,
                             f"{ep.where}: response of {len(reply)} bytes is over the {limit}-byte limit",
                         )
-                    await stream.send_message(reply)
+                    try:
+                        await stream.send_message(reply)
+                    except h2.exceptions.StreamClosedError:
+                        raise _closed() from None
             except Error as err:  # a Timeout too: the call's deadline passed (DEADLINE_EXCEEDED)
                 raise GRPCError(err.status, err.message) from None
 
@@ -598,7 +609,10 @@ class GrpcServer:
                                     f"{ep.where}: reply {sent + 1} of {len(reply)} bytes is over the "
                                     f"{limit}-byte limit"
                                 )
-                            await stream.send_message(reply)
+                            try:
+                                await stream.send_message(reply)
+                            except h2.exceptions.StreamClosedError:
+                                raise _closed() from None
                             sent += 1
                     finally:
                         await aclose(items)  # the handler's generator runs its cleanup now
@@ -620,7 +634,8 @@ class GrpcServer:
         tg.start_soon(self.connection_limit.sweep)
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Stop accepting, let in-flight requests finish within ``grace``, cancel the rest."""
+        """Stop accepting, let in-flight requests finish within ``grace``, cancel the rest (each after a
+        section its handler shields, which this waits for)."""
         server, self._server = self._server, None
         if server is None:
             return
