@@ -4,10 +4,11 @@
 ``anyio.CancelScope(shield=True)``: a handler that shields its clean-up or a store write is
 cut anyway. anyio never does that: a cancelled scope holds its cancellation back while the
 task is inside a shielded scope within it, and delivers it once the task is out. micro
-cancels the work of a call from outside in three places — the native wire server (a
-caller's ``CANCEL``, a lost connection, a drain past its grace), and the deadline
-:class:`~micro.deadlines.Watchdog` (the native server's calls, the in-process path) — and
-all of them go through :func:`cancel`, which does the same: at once when the task is in no
+cancels the work of a call from outside in these places — the native wire server (a
+caller's ``CANCEL``, a lost connection, a drain past its grace), the gRPC server (a reset
+stream, a lost connection, a stop past its grace), and the deadline
+:class:`~micro.deadlines.Watchdog` (the native and gRPC servers' calls, the in-process path) —
+and all of them go through :func:`cancel`, which does the same: at once when the task is in no
 shielded scope entered since ``base`` (the scope the cancelled work started in), else as
 soon as it has left it, looked at every :data:`POLL` seconds. Nothing is paid per call: a
 per-call ``anyio.CancelScope`` costs ~4–5 µs per task on CPython 3.11, most of the native

@@ -1,4 +1,4 @@
-"""One timer for the deadlines of many calls: the in-process path's, and both ends of the native wire's.
+"""One timer for the deadlines of many calls: the in-process path's, both ends of the native wire's, the gRPC server's.
 
 ``asyncio.timeout_at`` schedules and cancels a timer handle per call, which was
 ~70% of the in-process fast path's own cost. :class:`Watchdog` keeps the calls

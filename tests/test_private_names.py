@@ -26,7 +26,10 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("codec/proto.py", "_betterproto"): "betterproto2 keeps a message's field metadata there; no public accessor",
     ("server/grpc.py", "_stream"): "grpclib's Stream holds the h2 stream (its id, for flow control) privately",
     ("server/grpc.py", "_handlers"): "grpclib's Server keeps its connection handlers privately (graceful drain)",
-    ("server/grpc.py", "_tasks"): "grpclib's Handler keeps its request tasks privately (graceful drain)",
+    ("server/grpc.py", "_tasks"): "grpclib's Handler keeps its request tasks privately (graceful drain; "
+                                  "_Handler.cancel/close cancel them with micro.cancel: see _CANCELS)",
+    ("server/grpc.py", "_cancelled"): "grpclib's Handler's cancelled tasks, which Server.wait_closed waits for: "
+                                      "_Handler.cancel/close add theirs as grpclib's do (see _CANCELS)",
     ("broker/nats.py", "_status"): "nats-py's connection state, read on the publish hot path (see _DIRECT)",
     ("broker/nats.py", "_max_payload"): "nats-py's server size limit, read on the publish hot path (see _DIRECT)",
     ("broker/nats.py", "_pending"): "nats-py's pending buffer: the hot path appends its PUB there when the "

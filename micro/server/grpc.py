@@ -8,11 +8,24 @@ are decoded by the endpoint's own codec, once. The standard services every port
 serves (``grpc.health.v1.Health``, server reflection v1 and v1alpha) get grpclib's
 protobuf codec instead. grpclib is pinned (0.4.9) because this leans on
 ``Handler.accept`` and the server stream's ``_stream``.
+
+A call's handler is cancelled (the caller's ``RST_STREAM``, a lost connection, a drain past
+its grace, the call's ``grpc-timeout``) the way an anyio cancel scope around it would cancel it,
+as on the native wire: through :func:`micro.cancel.cancel`, so a section the handler shields
+(its clean-up, a store write) runs to its end first. grpclib would ``Task.cancel()`` it, cutting
+such a section: :class:`_Handler` overrides grpclib's ``Handler.cancel``/``close``, each call
+detaches grpclib's per-stream cancel of the task (``wrapper``), and the deadline is not given to
+grpclib (its timer) but watched by the server's :class:`~micro.deadlines.Watchdog`; the caller
+still gets ``DEADLINE_EXCEEDED``. The grpclib internals this reads are checked at import
+(:data:`_CANCELS`); without them calls are cancelled as grpclib does. The standard services keep
+grpclib's own deadline handling.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 import re
 import struct
@@ -22,6 +35,7 @@ from typing import TYPE_CHECKING, Any, cast
 import h2.config
 import h2.connection
 import h2.errors
+import h2.exceptions
 from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
 from grpclib.const import Handler as GrpcHandler
@@ -29,9 +43,11 @@ from grpclib.encoding.base import CodecBase
 from grpclib.encoding.proto import ProtoCodec as GrpclibProtoCodec
 from grpclib.exceptions import GRPCError
 from grpclib.protocol import H2Protocol
+from grpclib.protocol import Stream as H2Stream
 from grpclib.server import Handler as _BaseHandler
-from grpclib.server import Server, Stream
+from grpclib.server import Server, Stream, request_handler
 
+from micro.cancel import cancel
 from micro.codec import JSON, PROTO, ProtoCodec, StructCodec
 from micro.codec.proto_file import (
     Method,
@@ -149,12 +165,17 @@ class _Handler(_BaseHandler):
         wire = PROTO
         refusal: GRPCError | None = None
         standard = False
+        timeout: float | None = None
         for key, value in headers:
             if key == "content-type":
                 if value.endswith("+json"):
                     wire = JSON
             elif key == "grpc-timeout":
-                refusal = _check_timeout(value)
+                checked = _check_timeout(value)
+                if isinstance(checked, GRPCError):
+                    refusal = checked
+                else:
+                    timeout = checked
             elif key == ":path":
                 standard = value in self._standard
             if not (key.isascii() and value.isascii()):  # decoded as latin-1: see _Server
@@ -173,7 +194,76 @@ class _Handler(_BaseHandler):
         if refusal is not None:  # grpclib would hang on some of these, or answer UNKNOWN
             headers = [(k, v) for k, v in headers if k != "grpc-timeout"]
             self.mapping = _Refusing(refusal)
+        elif timeout is not None and not standard:
+            # the call's Watchdog enforces it (see _call), not grpclib's timer: that one cuts shielded sections
+            headers = [(k, v) for k, v in headers if k != "grpc-timeout"]
+            token = _DEADLINE.set(self.loop.time() + timeout)  # the call's task starts with a copy of it
+            try:
+                super().accept(stream, headers, release_stream)
+            finally:
+                _DEADLINE.reset(token)
+            return
         super().accept(stream, headers, release_stream)
+
+    def cancel(self, stream: H2Stream) -> None:
+        """The caller reset the stream: cancel its call (after a shielded section the handler is in)."""
+        if not _CANCELS:
+            return super().cancel(stream)
+        task = self._tasks.pop(stream)
+        cancel(task)
+        self._cancelled.add(task)
+        return None
+
+    def close(self) -> None:
+        """The connection is lost, or the server stops past its grace: cancel every call on it, each after a
+        shielded section its handler is in (:meth:`Server.wait_closed` waits for them)."""
+        if not _CANCELS:
+            return super().close()
+        for task in self._tasks.values():
+            cancel(task)
+        self._cancelled.update(self._tasks.values())
+        self.closing = True
+        return None
+
+
+def _has_cancel_internals() -> bool:
+    """Whether this grpclib cancels a call's task where :class:`_Handler` takes that over (see :data:`_CANCELS`)."""
+    def names(func: Any) -> set[str]:
+        code = getattr(func, "__code__", None)
+        return set(code.co_names) if code is not None else set()
+
+    return ({"_tasks", "_cancelled"} <= names(_BaseHandler.__init__)
+            and {"_tasks", "cancel", "_cancelled"} <= names(_BaseHandler.cancel)
+            and {"_tasks", "cancel", "_cancelled"} <= names(_BaseHandler.close)
+            and "wrapper" in names(getattr(H2Stream, "__terminated__", None))
+            and {"wrapper", "Wrapper"} <= names(request_handler))
+
+
+_CANCELS = _has_cancel_internals()
+"""Whether grpclib 0.4.x's internals are there that micro's cancellation of a call replaces: the handler's
+tasks (``Handler._tasks``, ``_cancelled``, cancelled in ``Handler.cancel`` on a reset stream and
+``Handler.close`` on a lost connection or a stopping server), and the per-stream ``wrapper`` that
+``request_handler`` sets and a reset stream cancels too (detached by :func:`_call`). Without them a
+call is cancelled as grpclib does (``Task.cancel()``: a shielded section is cut)."""
+
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("micro_grpc_deadline", default=None)
+"""The deadline (event-loop time) of the call whose task is being made; the task keeps its copy."""
+
+_NO_WATCH = contextlib.nullcontext()
+
+
+def _closed() -> asyncio.CancelledError:
+    """What a handler's reply meets on a stream the caller reset (or a lost connection closed) while the
+    handler finished a shielded section: the call is cancelled there, its next wait, as it would be had the
+    handler waited once more (grpclib would log the h2 error as an application error)."""
+    return asyncio.CancelledError()
+
+
+def _call(stream: Stream[Any, Any]) -> float | None:
+    """The call's deadline, and its task detached from grpclib's own cancel (see :data:`_CANCELS`)."""
+    if _CANCELS:
+        stream._stream.wrapper = None  # a reset stream cancels the task in _Handler.cancel alone
+    return _DEADLINE.get()
 
 
 _TIMEOUT = re.compile(r"([0-9]{1,8})([HMSmun])")  # the gRPC spec: at most 8 digits and a unit
@@ -181,15 +271,16 @@ _UNIT_SECONDS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e
 _EXPIRED = 1e-3  # seconds: less than this left on arrival is no time to run anything
 
 
-def _check_timeout(value: str) -> GRPCError | None:
-    """The error to answer a call's ``grpc-timeout`` with, or ``None`` if it is a usable deadline."""
+def _check_timeout(value: str) -> GRPCError | float:
+    """The error to answer a call's ``grpc-timeout`` with, or its seconds if it is a usable deadline."""
     match = _TIMEOUT.fullmatch(value)
     if match is None:
         return GRPCError(Status.INVALID_ARGUMENT, f"malformed grpc-timeout header {value[:24]!r}: "
                          "send at most 8 digits and a unit (H, M, S, m, u or n)")
-    if int(match[1]) * _UNIT_SECONDS[match[2]] < _EXPIRED:
+    seconds = int(match[1]) * _UNIT_SECONDS[match[2]]
+    if seconds < _EXPIRED:
         return GRPCError(Status.DEADLINE_EXCEEDED, f"the call's deadline ({value}) had passed when it arrived")
-    return None
+    return seconds
 
 
 _PROTOBUF = GrpclibProtoCodec()
@@ -384,7 +475,7 @@ class GrpcServer:
         self.budget = BodyBudget("server", max_buffered_bytes, max_connection_buffered_bytes)
         """The request bytes held while bodies arrive (see :class:`micro.limits.BodyBudget`)."""
         self.body_timeout = body_timeout
-        self.watchdog = Watchdog()  # the body timeouts
+        self.watchdog = Watchdog()  # the calls' deadlines and the body timeouts
         self.admit = admit
         """Called before a unary call's body is read: raises ``ResourceExhausted`` when overloaded."""
         proto, json = _Mapping(PROTO), _Mapping(JSON)
@@ -476,21 +567,26 @@ class GrpcServer:
         limit = self.max_message_size
 
         async def serve(stream: Stream[Any, Any]) -> None:
+            deadline = _call(stream)
             try:
-                if self.admit is not None:
-                    self.admit()  # the overload check, before the body is read
-                body = await _recv(stream, limit, ep.where, self.budget, self.body_timeout,
-                                   lambda data: ep.request.decode(data, wire, ep.where), self.watchdog)
-                result = await ep.handle(body, _metadata(stream), _deadline(stream), GRPC)
-                reply = ep.response.encode(result, wire)
-            except Error as err:
+                with _NO_WATCH if deadline is None else self.watchdog.watch(deadline, ep.where):
+                    if self.admit is not None:
+                        self.admit()  # the overload check, before the body is read
+                    body = await _recv(stream, limit, ep.where, self.budget, self.body_timeout,
+                                       lambda data: ep.request.decode(data, wire, ep.where), self.watchdog)
+                    result = await ep.handle(body, _metadata(stream), deadline, GRPC)
+                    reply = ep.response.encode(result, wire)
+                    if len(reply) > limit:
+                        raise GRPCError(
+                            Status.RESOURCE_EXHAUSTED,
+                            f"{ep.where}: response of {len(reply)} bytes is over the {limit}-byte limit",
+                        )
+                    try:
+                        await stream.send_message(reply)
+                    except h2.exceptions.StreamClosedError:
+                        raise _closed() from None
+            except Error as err:  # a Timeout too: the call's deadline passed (DEADLINE_EXCEEDED)
                 raise GRPCError(err.status, err.message) from None
-            if len(reply) > limit:
-                raise GRPCError(
-                    Status.RESOURCE_EXHAUSTED,
-                    f"{ep.where}: response of {len(reply)} bytes is over the {limit}-byte limit",
-                )
-            await stream.send_message(reply)
 
         return serve
 
@@ -498,24 +594,29 @@ class GrpcServer:
         limit = self.max_message_size
 
         async def serve(stream: Stream[Any, Any]) -> None:
+            deadline = _call(stream)
             try:
-                body = await _recv(stream, limit, ep.where, self.budget, self.body_timeout,
-                                   lambda data: ep.request.decode(data, wire, ep.where), self.watchdog)
-                items = await ep.handle(body, _metadata(stream), _deadline(stream), GRPC)
-                try:
-                    sent = 0
-                    async for item in items:
-                        reply = ep.response.encode(item, wire)
-                        if len(reply) > limit:  # what went before was delivered; the stream ends here
-                            raise ResourceExhausted(
-                                f"{ep.where}: reply {sent + 1} of {len(reply)} bytes is over the "
-                                f"{limit}-byte limit"
-                            )
-                        await stream.send_message(reply)
-                        sent += 1
-                finally:
-                    await aclose(items)  # the handler's generator runs its cleanup now
-            except Error as err:
+                with _NO_WATCH if deadline is None else self.watchdog.watch(deadline, ep.where):
+                    body = await _recv(stream, limit, ep.where, self.budget, self.body_timeout,
+                                       lambda data: ep.request.decode(data, wire, ep.where), self.watchdog)
+                    items = await ep.handle(body, _metadata(stream), deadline, GRPC)
+                    try:
+                        sent = 0
+                        async for item in items:
+                            reply = ep.response.encode(item, wire)
+                            if len(reply) > limit:  # what went before was delivered; the stream ends here
+                                raise ResourceExhausted(
+                                    f"{ep.where}: reply {sent + 1} of {len(reply)} bytes is over the "
+                                    f"{limit}-byte limit"
+                                )
+                            try:
+                                await stream.send_message(reply)
+                            except h2.exceptions.StreamClosedError:
+                                raise _closed() from None
+                            sent += 1
+                    finally:
+                        await aclose(items)  # the handler's generator runs its cleanup now
+            except Error as err:  # a Timeout too: the call's deadline passed (DEADLINE_EXCEEDED)
                 raise GRPCError(err.status, err.message) from None
 
         return serve
@@ -533,7 +634,8 @@ class GrpcServer:
         tg.start_soon(self.connection_limit.sweep)
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Stop accepting, let in-flight requests finish within ``grace``, cancel the rest."""
+        """Stop accepting, let in-flight requests finish within ``grace``, cancel the rest (each after a
+        section its handler shields, which this waits for)."""
         server, self._server = self._server, None
         if server is None:
             return
@@ -559,8 +661,3 @@ def _metadata(stream: Stream[Any, Any]) -> dict[str, str]:
         return {}
     return {k: v for k, v in md.items() if isinstance(v, str)}
 
-
-def _deadline(stream: Stream[Any, Any]) -> float | None:
-    if stream.deadline is None:
-        return None
-    return asyncio.get_running_loop().time() + stream.deadline.time_remaining()

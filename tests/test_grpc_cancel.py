@@ -1,0 +1,257 @@
+"""micro's gRPC server cancels a handler the way an anyio cancel scope around it would (as the native wire does).
+
+grpclib ``Task.cancel()``-ed the handler's task on a reset stream (the caller's cancel), on its
+``grpc-timeout`` timer and on a stop, cutting a section the handler shields (its clean-up, a store
+write). Now the section runs to its end and the handler is cancelled at its next wait after it:
+after the caller's ``RST_STREAM``, after the call's deadline (the caller still gets
+``DEADLINE_EXCEEDED``), and on a drain past its grace. The calls are made over raw HTTP/2 (h2), so
+the test controls exactly what the server sees and when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import anyio
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import msgspec
+import pytest
+
+import micro
+from micro.errors import Timeout
+from micro.registry.memory import MemoryRegistry
+from micro.server import grpc as grpc_server
+
+
+class Echo(msgspec.Struct):
+    text: str = ""
+    n: int = 0
+
+
+class Svc:
+    def __init__(self) -> None:
+        self.started = anyio.Event()
+        self.ended = anyio.Event()
+        self.release = anyio.Event()
+        self.shielded: list[str] = []
+
+    async def Echo(self, req: Echo) -> Echo:
+        """Echo."""
+        return req
+
+    async def Shield(self, req: Echo) -> Echo:
+        """Shields a section (``n`` ms long, or until released), then waits for ever; notes what ran."""
+        self.started.set()
+        try:
+            with anyio.CancelScope(shield=True):
+                if req.n:
+                    await anyio.sleep(req.n / 1000)
+                else:
+                    await self.release.wait()
+                self.shielded.append("section done")
+            await anyio.sleep_forever()
+            self.shielded.append("past the cancel")
+        finally:
+            self.ended.set()
+        return req
+
+
+    async def Section(self, req: Echo) -> Echo:
+        """Only a shielded section (until released), then the answer."""
+        self.started.set()
+        with anyio.CancelScope(shield=True):
+            await self.release.wait()
+            self.shielded.append("section done")
+        self.ended.set()
+        return req
+
+
+class Node:
+    def __init__(self, service: micro.Service, svc: Svc, client: micro.Runtime) -> None:
+        self.service, self.svc, self.client = service, svc, client
+
+    async def still_answers(self) -> None:
+        with anyio.fail_after(10):
+            got = await self.client.client.call("gcancel", "Svc.Echo", {"text": "ok"})
+        assert got == {"text": "ok", "n": 0}
+
+
+@pytest.fixture
+async def node() -> AsyncIterator[Node]:
+    registry = MemoryRegistry()
+    async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as home, \
+            micro.Runtime(registry=registry, store="memory://", broker="memory://", transport="grpc") as away:
+        svc = Svc()
+        service = micro.Service("gcancel", runtime=home)
+        service.handle(svc)
+        async with service:
+            yield Node(service, svc, away)
+
+
+class Peer:
+    """A raw HTTP/2 gRPC client on one connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.conn.initiate_connection()
+        self.got: dict[int, dict[str, str]] = {}
+
+    @classmethod
+    async def open(cls, node: Node) -> Peer:
+        host, _, port = node.service.address.rpartition(":")
+        return cls(*await asyncio.open_connection(host, int(port)))
+
+    def call(self, method: str, body: dict[str, object], timeout: str | None = None) -> int:
+        sid: int = self.conn.get_next_available_stream_id()
+        headers = [(":method", "POST"), (":scheme", "http"), (":path", f"/gcancel.Svc/{method}"),
+                   (":authority", "x"), ("content-type", "application/grpc+json"), ("te", "trailers")]
+        if timeout is not None:
+            headers.append(("grpc-timeout", timeout))
+        self.conn.send_headers(sid, headers)
+        data = msgspec.json.encode(body)
+        self.conn.send_data(sid, b"\0" + len(data).to_bytes(4, "big") + data, end_stream=True)
+        self.flush()
+        return sid
+
+    def flush(self) -> None:
+        self.writer.write(self.conn.data_to_send())
+
+    async def until(self, done: type[h2.events.Event]) -> list[h2.events.Event]:
+        """Read until an event of type ``done`` or the connection's end; every event read."""
+        seen: list[h2.events.Event] = []
+        with anyio.fail_after(10):
+            while True:
+                try:
+                    data = await self.reader.read(65536)
+                except ConnectionResetError:
+                    return seen
+                if not data:
+                    return seen
+                for ev in self.conn.receive_data(data):
+                    seen.append(ev)
+                    if isinstance(ev, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                        assert ev.stream_id is not None
+                        self.got.setdefault(ev.stream_id, {}).update(dict(ev.headers))
+                    elif isinstance(ev, h2.events.DataReceived):
+                        self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    if isinstance(ev, done):
+                        self.flush()
+                        return seen
+                self.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@pytest.fixture
+async def peer(node: Node) -> AsyncIterator[Peer]:
+    peer = await Peer.open(node)
+    try:
+        yield peer
+    finally:
+        peer.close()
+
+
+def test_micro_reads_grpclib_s_cancel_internals() -> None:
+    """micro replaces grpclib's Task.cancel() of a call where grpclib 0.4 makes it; a grpclib that moved it
+    would cut shielded sections again, silently: this says so instead."""
+    assert grpc_server._CANCELS
+
+
+async def test_a_caller_s_reset_lets_a_shielded_section_of_the_handler_finish(node: Node, peer: Peer) -> None:
+    """The caller's RST_STREAM cancels the handler as an anyio cancel scope around it would: the section it
+    shields runs to its end, then the handler is cancelled at its next wait (Task.cancel() cut the section)."""
+    sid = peer.call("Shield", {})
+    with anyio.fail_after(10):
+        await node.svc.started.wait()
+    peer.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+    peer.conn.ping(b"after-rs")
+    peer.flush()
+    await peer.until(h2.events.PingAckReceived)  # the server handled the reset before it answered the ping
+    assert not node.svc.ended.is_set()
+    node.svc.release.set()  # the shielded section's wait ends only now
+    with anyio.fail_after(10):
+        await node.svc.ended.wait()
+    assert node.svc.shielded == ["section done"]
+    await node.still_answers()
+
+
+async def test_a_deadline_lets_a_shielded_section_of_the_handler_finish(node: Node, peer: Peer) -> None:
+    """The call's grpc-timeout (100 ms) passes inside a 300 ms shielded section: the section ends, then the
+    handler is cancelled and the caller gets DEADLINE_EXCEEDED (enforced by the server alone here: the raw
+    caller sets no deadline of its own)."""
+    sid = peer.call("Shield", {"n": 300}, timeout="100m")
+    await peer.until(h2.events.StreamEnded)
+    assert node.svc.shielded == ["section done"]
+    with anyio.fail_after(10):
+        await node.svc.ended.wait()
+    assert peer.got[sid]["grpc-status"] == "4"  # DEADLINE_EXCEEDED
+    assert peer.got[sid]["grpc-message"] == "gcancel Svc.Shield: deadline exceeded"
+    await node.still_answers()
+
+
+async def test_a_micro_caller_past_its_deadline_gets_a_timeout(node: Node) -> None:
+    """The same over micro's gRPC client, whose own deadline passes at the same time: a Timeout, and the
+    section still finishes."""
+    with anyio.fail_after(10), pytest.raises(Timeout):
+        await node.client.client.call("gcancel", "Svc.Shield", {"n": 300}, timeout=0.1)
+    with anyio.fail_after(10):
+        await node.svc.ended.wait()
+    assert node.svc.shielded == ["section done"]
+    await node.still_answers()
+
+
+async def test_a_drain_past_its_grace_lets_shielded_sections_finish(node: Node, peer: Peer) -> None:
+    """stop() with no grace cancels the handler in its 300 ms shielded section: the section ends, then the
+    handler stops (stop() waits for it) and the caller's call ends without an OK."""
+    sid = peer.call("Shield", {"n": 300})
+    with anyio.fail_after(10):
+        await node.svc.started.wait()
+        await node.service._server.stop(0)
+    assert node.svc.shielded == ["section done"]
+    assert node.svc.ended.is_set()
+    await peer.until(h2.events.StreamEnded)  # or the connection closes
+    assert peer.got.get(sid, {}).get("grpc-status") != "0"
+
+
+async def test_without_grpclib_s_internals_a_reset_still_cancels_the_handler(node: Node, peer: Peer,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallback (a grpclib without the internals _CANCELS checks): grpclib's own Task.cancel() stays, so a
+    reset still stops the handler, cutting its shielded section as it always did."""
+    monkeypatch.setattr(grpc_server, "_CANCELS", False)
+    sid = peer.call("Shield", {})
+    with anyio.fail_after(10):
+        await node.svc.started.wait()
+    peer.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+    peer.flush()
+    with anyio.fail_after(10):
+        await node.svc.ended.wait()
+    assert node.svc.shielded == []
+    await node.still_answers()
+
+
+async def test_a_handler_that_answers_right_after_its_section_ends_quietly(node: Node, peer: Peer,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Reset inside a shielded section after which the handler returns at once: its answer has no stream to
+    go to, and the call ends as cancelled there (its next wait), with nothing logged as an error."""
+    sid = peer.call("Section", {})
+    with anyio.fail_after(10):
+        await node.svc.started.wait()
+    peer.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+    peer.conn.ping(b"after-rs")
+    peer.flush()
+    await peer.until(h2.events.PingAckReceived)
+    tasks = [t for t in asyncio.all_tasks() if "request_handler" in repr(t.get_coro())]
+    node.svc.release.set()
+    with anyio.fail_after(10):
+        await node.svc.ended.wait()
+        await asyncio.wait(tasks)
+    assert node.svc.shielded == ["section done"]
+    assert [t.cancelled() for t in tasks] == [True]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+    await node.still_answers()
