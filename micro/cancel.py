@@ -28,11 +28,17 @@ at once, as ``Task.cancel()``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from anyio._backends import _asyncio as _anyio
+
+log = logging.getLogger("micro.cancel")
+
+DEFAULT_SHIELD_TIMEOUT = 5.0
+"""Seconds a stopping server waits for a cancelled handler to leave its shielded section before it cuts it."""
 
 
 def readable(backend: Any) -> bool:
@@ -158,3 +164,29 @@ def _look(task: asyncio.Task[Any]) -> None:
             if delivered is not None:
                 delivered()
         task.cancel()
+
+
+async def stop_all(tasks: Mapping[asyncio.Task[Any], str], bound: float, where: str) -> set[asyncio.Task[Any]]:
+    """A stopping server's last word on the calls still running after its grace: cancel each (after its
+    shielded section, :func:`cancel`), wait ``bound`` seconds for them, then cut those still in a shielded
+    section (:func:`cut`, logged with the call's name from ``tasks``) and wait ``bound`` once more.
+
+    Returns the tasks that still run (their handler caught the cancellation and went on: logged as an
+    error); the server stops without them. ``where`` names the server in the log lines."""
+    left = [t for t in tasks if not t.done()]
+    for t in left:
+        cancel(t)
+    if not left:
+        return set()
+    _, still = await asyncio.wait(left, timeout=bound)
+    if not still:
+        return set()
+    for t in still:
+        log.warning("%s: %s: the handler was still in a shielded section %g s after the stopping server "
+                    "cancelled it: cut (Task.cancel())", where, tasks[t], bound)
+        cut(t)
+    _, still = await asyncio.wait(still, timeout=bound)
+    for t in still:
+        log.error("%s: %s: the handler went on after it was cancelled with Task.cancel() (does it catch "
+                  "CancelledError?): the server stops without it", where, tasks[t])
+    return still

@@ -219,6 +219,21 @@ async def test_a_drain_past_its_grace_lets_shielded_sections_finish(node: Node, 
     assert peer.got.get(sid, {}).get("grpc-status") != "0"
 
 
+async def test_a_stop_cuts_a_shielded_section_that_does_not_end(node: Node, peer: Peer,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """stop() is bounded: a handler whose shielded section never ends gets ``shield_timeout`` after the
+    cancel, then is cut with ``Task.cancel()`` (logged), as on the native wire."""
+    peer.call("Shield", {})  # never released
+    server = node.service._server
+    assert server is not None
+    server.shield_timeout = 0.05
+    with anyio.fail_after(10):
+        await node.svc.started.wait()
+        await server.stop(0)
+    assert node.svc.ended.is_set() and node.svc.shielded == []
+    assert "gRPC server: a call: the handler was still in a shielded section 0.05 s after" in caplog.text
+
+
 async def test_without_grpclib_s_internals_a_reset_still_cancels_the_handler(node: Node, peer: Peer,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The fallback (a grpclib without the internals _CANCELS checks): grpclib's own Task.cancel() stays, so a

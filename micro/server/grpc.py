@@ -47,7 +47,7 @@ from grpclib.protocol import Stream as H2Stream
 from grpclib.server import Handler as _BaseHandler
 from grpclib.server import Server, Stream, request_handler
 
-from micro.cancel import cancel
+from micro.cancel import DEFAULT_SHIELD_TIMEOUT, cancel, stop_all
 from micro.codec import JSON, PROTO, ProtoCodec, StructCodec
 from micro.codec.proto_file import (
     Method,
@@ -464,8 +464,12 @@ class GrpcServer:
                  body_timeout: float = DEFAULT_BODY_TIMEOUT, admit: Callable[[], None] | None = None,
                  connection_limit: ConnectionLimit | None = None,
                  keepalive_time: float | None = DEFAULT_KEEPALIVE_TIME,
-                 keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT) -> None:
+                 keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
+                 shield_timeout: float = DEFAULT_SHIELD_TIMEOUT) -> None:
         self.max_message_size = max_message_size
+        self.shield_timeout = shield_timeout
+        """Seconds ``stop()`` waits, once it has cancelled the calls left after its grace, for handlers inside a
+        shielded section to leave it; then they are cut with ``Task.cancel()`` (logged)."""
         self.connection_limit = connection_limit if connection_limit is not None else ConnectionLimit("server")
         """The open connections: bounded, closed when idle (see :class:`micro.connections.ConnectionLimit`)."""
         self.keepalive_time = keepalive_time
@@ -650,7 +654,11 @@ class GrpcServer:
         pending = [t for h in server._handlers for t in h._tasks.values() if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=grace)
-        server.close()
+        server.close()  # cancels the calls left, each after a section its handler shields (_Handler.close)
+        left = {t: "a call" for h in server._handlers for t in h._cancelled if not t.done()}
+        if left and await stop_all(left, self.shield_timeout, "gRPC server"):
+            server.drop_connections()  # a handler that went on after Task.cancel(): stop without it (logged)
+            return
         await server.wait_closed()
         server.drop_connections()
 

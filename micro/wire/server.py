@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, cast
 import msgspec
 
 from micro import metrics
-from micro.cancel import cancel, cut
+from micro.cancel import DEFAULT_SHIELD_TIMEOUT, cancel, stop_all
 from micro.codec import JSON, PROTO
 from micro.connections import DEFAULT_IDLE_TIMEOUT, ConnectionLimit, quiet_accept_errors, write_all
 from micro.deadlines import Watch, Watchdog
@@ -54,9 +54,6 @@ DEFAULT_KEEPALIVE_TIME = 60.0
 """Seconds a connection with calls in flight may stay silent before the server PINGs it."""
 DEFAULT_KEEPALIVE_TIMEOUT = 20.0
 """Seconds the peer has to answer that PING."""
-
-DEFAULT_SHIELD_TIMEOUT = 5.0
-"""Seconds a stopping server waits for a cancelled handler to leave its shielded section before it cuts it."""
 
 DRAINING = "the node is shutting down: call another node"
 """The UNAVAILABLE message of a call refused while draining (the same as on gRPC)."""
@@ -598,23 +595,8 @@ class NativeServer:
 
     async def _cancel_all(self, tasks: dict[asyncio.Task[None], str]) -> None:
         """Cancel the calls still running (each after its shielded section), wait ``shield_timeout`` for them,
-        then cut those still in a shielded section (``Task.cancel()``), logged."""
-        left = [t for t in tasks if not t.done()]
-        for t in left:
-            cancel(t)
-        if not left:
-            return
-        _, still = await asyncio.wait(left, timeout=self.shield_timeout)
-        if not still:
-            return
-        for t in still:
-            log.warning("native wire: %s: the handler was still in a shielded section %g s after the stopping "
-                        "server cancelled it: cut (Task.cancel())", tasks[t], self.shield_timeout)
-            cut(t)
-        _, still = await asyncio.wait(still, timeout=self.shield_timeout)
-        for t in still:
-            log.error("native wire: %s: the handler went on after it was cancelled with Task.cancel() (does it "
-                      "catch CancelledError?): the server stops without it", tasks[t])
+        then cut those still in a shielded section (``Task.cancel()``), logged (:func:`micro.cancel.stop_all`)."""
+        await stop_all(tasks, self.shield_timeout, "native wire")
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, refuse new calls, let in-flight calls finish within ``grace``, cancel the rest.
