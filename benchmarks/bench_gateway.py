@@ -18,6 +18,9 @@ which drives both sides with N workers each making sequential requests:
   whose upstream rides micro's native wire, >= 0.7x of it at 32 in flight.
 
 The gateway adds a hop, so its ratio to a direct call is below 1.0; it says what that hop costs.
+At 32 in flight the CPU each request costs the gateway's process (and the service's) is read from
+``/proc`` too, against uvicorn's (``gateway.c32.cpu_vs_uvicorn``): three processes share two cores
+here, so req/s moves with whatever else runs, CPU per request far less.
 Repetitions alternate which side goes first; a ratio is the median of the
 per-repetition ratios, the absolute rates the medians of their repetitions.
 """
@@ -110,6 +113,16 @@ async def _rate(make: Callable[[], Call], workers: int, total: int) -> float:
     return each * workers / (time.perf_counter() - t0)
 
 
+def _cpu(pid: int) -> float:
+    """CPU seconds process ``pid`` has used so far (Linux: ``/proc``; 0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _spawn(args: list[str], env: dict[str, str], marker: str) -> tuple[asyncio.subprocess.Process, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -143,6 +156,7 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
 async def run() -> list[Result]:
     procs: list[asyncio.subprocess.Process] = []
     conns: list[HttpConnection] = []
+    cpu: dict[str, list[tuple[float, float]]] = {}  # side: (its HTTP server's, the service's) CPU µs per request
     saved = os.environ.get("MICRO_HOME")
     with tempfile.TemporaryDirectory(prefix="micro-bench-") as home:
         env = {k: v for k, v in os.environ.items() if k != "MICRO_REGISTRY"}
@@ -165,9 +179,12 @@ async def run() -> list[Result]:
                     return lambda: call(SERVICE, "TaskJSON.ListOverdue", request)
 
                 # one kept-alive connection per worker, opened during the warm-up
-                conns.extend(HttpConnection(host, int(port), f"/api/{SERVICE}/TaskJSON.ListOverdue", BODY)
-                             for _ in range(max(INFLIGHT)))
-                pool = itertools.cycle(conns)
+                # each side cycles over its own list (a cycle over `conns` would take in the connections added
+                # to it later: until this was found, half of the "gateway" requests went to the uvicorn baseline)
+                gateway_conns = [HttpConnection(host, int(port), f"/api/{SERVICE}/TaskJSON.ListOverdue", BODY)
+                                 for _ in range(max(INFLIGHT))]
+                conns.extend(gateway_conns)
+                pool = itertools.cycle(gateway_conns)
                 plain_conns = [HttpConnection(plain_host, int(plain_port), "/x", BODY) for _ in range(max(INFLIGHT))]
                 conns.extend(plain_conns)
                 plain_pool = itertools.cycle(plain_conns)
@@ -189,11 +206,19 @@ async def run() -> list[Result]:
                     warm = await _rate(direct, n, n * MIN_EACH[n])
                     counts[n] = n * max(MIN_EACH[n], round(warm * TARGET_S / n))
                 rates: dict[tuple[str, int], list[float]] = {}
+                # CPU µs per request at the top in-flight count: the HTTP server's process, and the service's
+                servers = {"gateway": procs[1].pid, "uvicorn": procs[2].pid}
                 for rep in range(REPS):
                     for n in INFLIGHT:
                         order = ["direct", "gateway", "uvicorn"][rep % 3:] + ["direct", "gateway", "uvicorn"][:rep % 3]
                         for name in order:
+                            pid = servers.get(name) if n == max(INFLIGHT) else None
+                            before = (_cpu(pid), _cpu(procs[0].pid)) if pid is not None else None
                             rates.setdefault((name, n), []).append(await _rate(sides[name], n, counts[n]))
+                            if pid is not None and before is not None:
+                                spent = [(_cpu(p) - b) / counts[n] * 1e6 for p, b in zip((pid, procs[0].pid), before,
+                                                                                        strict=True)]
+                                cpu.setdefault(name, []).append((spent[0], spent[1]))
         finally:
             for conn in conns:
                 conn.close()
@@ -217,6 +242,19 @@ async def run() -> list[Result]:
             f"HTTP gateway (micro api, upstream on micro's native wire) {n} in flight: {gw:,.0f} req/s vs uvicorn + "
             f"{parser} answering a fixed JSON body {uv:,.0f} req/s (both on {loop}) -> {r:.2f}x "
             f"(reps {min(ratios):.2f}-{max(ratios):.2f}{target})",
+        ))
+    if cpu.get("gateway") and cpu.get("uvicorn"):
+        n = max(INFLIGHT)
+        ratios = [u[0] / g[0] for g, u in zip(cpu["gateway"], cpu["uvicorn"], strict=True) if g[0] > 0]
+        r = statistics.median(ratios)
+        gw_cpu, svc_cpu = (statistics.median(x) for x in zip(*cpu["gateway"], strict=True))
+        uv_cpu = statistics.median(c for c, _ in cpu["uvicorn"])
+        out.append((
+            f"gateway.c{n}.cpu_vs_uvicorn", round(r, 3),
+            f"CPU per request, {n} in flight: the gateway process {gw_cpu:.1f} µs (+ the service's {svc_cpu:.1f} µs) "
+            f"vs uvicorn + {parser}'s trivial app {uv_cpu:.1f} µs -> {r:.2f}x "
+            f"(reps {min(ratios):.2f}-{max(ratios):.2f}; the req/s ratio's ceiling when the HTTP server's process "
+            "is the one short of CPU; a busy machine disturbs it far less than req/s)",
         ))
     for n in INFLIGHT:
         ratios = [g / d for g, d in zip(rates["gateway", n], rates["direct", n], strict=True)]
