@@ -58,7 +58,7 @@ from betterproto2 import FieldMetadata
 from micro.codec.proto import _varint  # check_wire's reader: the same bounds and error
 from micro.errors import BadRequest
 
-__all__ = ["CompiledCodec", "compiled"]
+__all__ = ["CompiledCodec", "Malformed", "compiled"]
 
 log = logging.getLogger("micro.codec")
 _NOT_NAME = re.compile(r"\W")
@@ -82,6 +82,7 @@ class CompiledCodec:
 
     decode: Decoder  #: ``decode(data, path)``: the message, or ``BadRequest`` naming the path
     encode: Encoder  #: ``encode(message)``: its protobuf bytes, as ``bytes(message)``
+    read: Callable[[bytes], Any]  #: ``read(data)``: the message, or :class:`Malformed` (one call less)
 
 
 class _Unsupported(Exception):
@@ -147,11 +148,11 @@ def _unpack_fixed(fmt: str, size: int, data: bytes, where: str) -> list[Any]:
     return list(struct.unpack(f"<{len(data) // size}{fmt}", data))
 
 
-class _Malformed(Exception):
+class Malformed(Exception):
     """What the generated decoders raise: what is wrong, and where relative to the message being read.
 
     Each message's decoder prefixes the field it was reading when a nested one
-    fails, and :func:`compiled`'s entry point turns the whole into a ``BadRequest``:
+    fails, and :attr:`CompiledCodec.decode` turns the whole into a ``BadRequest``:
     no path is built while the bytes are good.
     """
 
@@ -160,9 +161,13 @@ class _Malformed(Exception):
         self.what = what
         self.rel = rel
 
+    def message(self, path: str) -> str:
+        """The error's text, for a message at ``path`` (``$``)."""
+        return f"malformed protobuf: {self.what} - at `{path}{self.rel}`"
+
 
 def _read_varint(data: bytes, i: int, where: str) -> tuple[int, int]:
-    """A varint of more than one byte at ``data[i]`` (``check_wire``'s reader, raising :class:`_Malformed`)."""
+    """A varint of more than one byte at ``data[i]`` (``check_wire``'s reader, raising :class:`Malformed`)."""
     result = shift = 0
     end = len(data)
     while i < end and shift < 70:
@@ -172,11 +177,11 @@ def _read_varint(data: bytes, i: int, where: str) -> tuple[int, int]:
         if not b & 0x80:
             return result, i
         shift += 7
-    raise _Malformed("bad varint", where)
+    raise Malformed("bad varint", where)
 
 
 def _skip_value(data: bytes, i: int, end: int, wire: int, where: str) -> int:
-    """:func:`_skip`, raising :class:`_Malformed`."""
+    """:func:`_skip`, raising :class:`Malformed`."""
     if wire == _VARINT:
         _, i = _read_varint(data, i, where)
         return i
@@ -188,15 +193,15 @@ def _skip_value(data: bytes, i: int, end: int, wire: int, where: str) -> int:
         length, i = _read_varint(data, i, where)
         stop = i + length
     else:
-        raise _Malformed(f"wire type {wire}", where)
+        raise Malformed(f"wire type {wire}", where)
     if stop > end:
-        raise _Malformed("truncated", where)
+        raise Malformed("truncated", where)
     return stop
 
 
 def _unpack_packed(fmt: str, size: int, data: bytes, where: str) -> list[Any]:
     if len(data) % size:
-        raise _Malformed(f"packed {size}-byte values in {len(data)} bytes", where)
+        raise Malformed(f"packed {size}-byte values in {len(data)} bytes", where)
     return list(struct.unpack(f"<{len(data) // size}{fmt}", data))
 
 
@@ -212,7 +217,7 @@ _lock = threading.Lock()
 _namespace: dict[str, Any] = {
     "_bad": _bad, "_varint": _varint, "_put": _put_varint, "_skip": _skip, "_utf8": _utf8,
     "_unpack_fixed": _unpack_fixed, "_Struct": struct.Struct, "_M32": _MASK32, "_M64": _MASK64,
-    "_Bad": BadRequest, "_M": _Malformed, "_vr": _read_varint, "_skipv": _skip_value, "_unpack": _unpack_packed,
+    "_Bad": BadRequest, "_M": Malformed, "_vr": _read_varint, "_skipv": _skip_value, "_unpack": _unpack_packed,
     "_where": _where, "_onew": object.__new__, "_vb": _varint_bytes, "_one": tuple(bytes([n]) for n in range(128)),
 }
 _serial = itertools.count()
@@ -240,7 +245,8 @@ def compiled(tp: type[betterproto2.Message]) -> CompiledCodec | None:
                 _cache[tp] = None
             else:
                 suffix = _names[tp]
-                _cache[tp] = CompiledCodec(_namespace[f"_decode_{suffix}"], _namespace[f"_enc_{suffix}"])
+                _cache[tp] = CompiledCodec(_namespace[f"_decode_{suffix}"], _namespace[f"_enc_{suffix}"],
+                                           _namespace[f"_dec_{suffix}"])
     return _cache[tp]
 
 
