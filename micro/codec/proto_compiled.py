@@ -388,7 +388,8 @@ def _constant(value: Any, hint: str) -> str:
 
 def _scalar_read(kind: str, out: str, where: str, indent: str) -> list[str]:
     """Lines reading one value of a scalar ``kind`` at ``data[i]`` into ``out`` (``where``: the full path,
-    raising ``BadRequest``; :mod:`micro.codec.struct_compiled`'s decoders use these)."""
+    raising ``BadRequest``; :mod:`micro.codec.struct_compiled`'s decoders use these, and turn the
+    ``UnicodeDecodeError`` of a string that is not UTF-8 into a ``BadRequest`` naming the field)."""
     if kind in _VARINT_KINDS:
         lines = [
             f"{out} = data[i]",
@@ -412,8 +413,8 @@ def _scalar_read(kind: str, out: str, where: str, indent: str) -> list[str]:
             "j = i + n",
             f"if j > end: raise _bad('truncated', {where})",
         ]
-        if kind == "string":
-            lines.append(f"{out} = _utf8(data[i:j], {where})")
+        if kind == "string":  # not UTF-8: UnicodeDecodeError, for the decoder to name the field
+            lines.append(f"{out} = data[i:j].decode()")
         else:
             lines.append(f"{out} = data[i:j]")
         lines.append("i = j")

@@ -395,6 +395,8 @@ def _decoder_source(m: L.Message) -> str:
         f"        known = {known}.get(key >> 3)",
         "        where = path + '.' + known[0] if known else path + ' (field ' + str(key >> 3) + ')'",
         "        raise _bad('bad varint', where) from None",
+        "    except UnicodeDecodeError:",
+        f"        raise _bad('a string that is not UTF-8', path + '.' + {known}[key >> 3][0]) from None",
     ]
     for f in m.fields:
         if f.repeated or f.kind == L.MAP:
