@@ -269,6 +269,32 @@ def test_fields_in_any_order_or_twice_read_like_betterproto2(
     assert CODEC.encode(ours) == bytes(ours)
 
 
+FULL = bytes(Everything(s="héllo", i32=-1, far=300, leaf=Leaf(s="x", n=2), r_i32=[1, 300], m_si={"k": 9},
+                        r_leaf=[Leaf(s="y")], child=Everything(u64=2**40)))
+
+
+@settings(max_examples=500, deadline=None)
+@given(child=st.one_of(st.binary(max_size=24), st.integers(0, len(FULL)).map(lambda k: FULL[:k])),
+       after=st.sampled_from([b"", b"\x80\x7d\x01", b"\x80", b"\x72\x01a", b"\xff\xff\xff", b"\x01"]))
+def test_a_nested_message_reads_as_it_would_alone(child: bytes, after: bytes) -> None:
+    # nested messages are read in place, up to their end within the enclosing bytes: nothing after
+    # that end may be read as theirs, and their errors are the ones they would have alone
+    data = b"\xaa\x02" + _varint(len(child)) + child + after  # field 37, `child`, then more bytes
+    try:
+        alone = CODEC.decode(child, "$")
+    except BadRequest as exc:
+        with pytest.raises(BadRequest) as info:
+            CODEC.decode(data, "$")
+        assert info.value.message == exc.message.replace("at `$", "at `$.child", 1)
+        return
+    try:
+        ours = CODEC.decode(data, "$")
+    except BadRequest as exc:
+        assert "$.child" not in exc.message  # what came after was malformed, not the child
+        return
+    assert shape(ours.child) == shape(alone)
+
+
 def test_edge_values_encode_like_betterproto2() -> None:
     cases = [
         Everything(),  # all defaults: nothing written

@@ -12,7 +12,10 @@ the encoder writes exactly the bytes ``bytes(message)`` writes.
 What keeps the generated code cheap (``python -m benchmarks call``'s
 ``codec.proto_vs_json`` measures it): a decoder first reads the fields in the order
 the class declares them, one comparison of the next key each, and loops over the
-keys only for what is left (fields out of order, unknown fields); paths are not
+keys only for what is left (fields out of order, unknown fields); a nested message
+is read in place, between its start and end in the enclosing bytes (never past its
+end: ``tests/test_codec_compiled.py`` checks that it reads, and fails, exactly as
+it would alone), not from a copy; paths are not
 built while the bytes are good (an error carries its path relative to the message
 that found it, and each enclosing decoder adds its field on the way out); decoded
 objects are made with ``object.__new__`` and plain attribute stores, without
@@ -166,10 +169,10 @@ class Malformed(Exception):
         return f"malformed protobuf: {self.what} - at `{path}{self.rel}`"
 
 
-def _read_varint(data: bytes, i: int, where: str) -> tuple[int, int]:
-    """A varint of more than one byte at ``data[i]`` (``check_wire``'s reader, raising :class:`Malformed`)."""
+def _read_varint(data: bytes, i: int, end: int, where: str) -> tuple[int, int]:
+    """A varint of more than one byte at ``data[i]``, before ``end`` (``check_wire``'s reader, raising
+    :class:`Malformed`)."""
     result = shift = 0
-    end = len(data)
     while i < end and shift < 70:
         b = data[i]
         i += 1
@@ -183,14 +186,14 @@ def _read_varint(data: bytes, i: int, where: str) -> tuple[int, int]:
 def _skip_value(data: bytes, i: int, end: int, wire: int, where: str) -> int:
     """:func:`_skip`, raising :class:`Malformed`."""
     if wire == _VARINT:
-        _, i = _read_varint(data, i, where)
+        _, i = _read_varint(data, i, end, where)
         return i
     if wire == _FIXED64:
         stop = i + 8
     elif wire == _FIXED32:
         stop = i + 4
     elif wire == _LEN:
-        length, i = _read_varint(data, i, where)
+        length, i = _read_varint(data, i, end, where)
         stop = i + length
     else:
         raise Malformed(f"wire type {wire}", where)
@@ -246,7 +249,7 @@ def compiled(tp: type[betterproto2.Message]) -> CompiledCodec | None:
             else:
                 suffix = _names[tp]
                 _cache[tp] = CompiledCodec(_namespace[f"_decode_{suffix}"], _namespace[f"_enc_{suffix}"],
-                                           _namespace[f"_dec_{suffix}"])
+                                           _namespace[f"_read_{suffix}"])
     return _cache[tp]
 
 
@@ -444,25 +447,26 @@ def _value(kind: str, out: str, where: str, skip: int) -> list[str]:
     at = f"i + {skip}" if skip else "i"
     if kind in _VARINT_KINDS:
         return [f"{out} = data[{at}]", f"i += {skip + 1}",
-                f"if {out} > 0x7F: {out}, i = _vr(data, i - 1, {where})", *_varint_post(kind, out)]
+                f"if {out} > 0x7F: {out}, i = _vr(data, i - 1, end, {where})", *_varint_post(kind, out)]
     if kind in _FIXED_FORMATS:
         size = 4 if kind in _FIXED32_KINDS else 8
         fmt = _constant(struct.Struct("<" + _FIXED_FORMATS[kind]), kind)
         return [f"if i + {skip + size} > end: raise _M('truncated', {where})",
                 f"{out} = {fmt}.unpack_from(data, {at})[0]", f"i += {skip + size}"]
     # string, bytes, message, map entry: length-delimited. A string that is not UTF-8 raises
-    # UnicodeDecodeError, which the decoder turns into an error naming the field of ``key``.
-    return ["n = data[" + at + "]", f"i += {skip + 1}", f"if n > 0x7F: n, i = _vr(data, i - 1, {where})",
-            "j = i + n", f"if j > end: raise _M('truncated', {where})",
+    # UnicodeDecodeError, which the decoder turns into an error naming the field of ``key``. A length
+    # whose only byte lies past the end (read from the enclosing message) was missing: a bad varint.
+    return ["n = data[" + at + "]", f"i += {skip + 1}", f"if n > 0x7F: n, i = _vr(data, i - 1, end, {where})",
+            "j = i + n", f"if j > end: raise _M('truncated' if i <= end else 'bad varint', {where})",
             f"{out} = data[i:j].decode()" if kind == "string" else f"{out} = data[i:j]", "i = j"]
 
 
 def _nested(call: str, out: str, where: str, skip: int) -> list[str]:
-    """Lines reading a length-delimited value into ``out`` with ``call``, prefixing ``where`` to the path
-    of its errors."""
+    """Lines reading a length-delimited message into ``out`` with ``call`` (in place: ``data[i:j]``),
+    prefixing ``where`` to the path of its errors."""
     lines = _value("bytes", out, where, skip)
     assert lines[-2] == f"{out} = data[i:j]"
-    return [*lines[:-2], "try:", f"    {out} = {call}(data[i:j])", "except _M as exc:",
+    return [*lines[:-2], "try:", f"    {out} = {call}(data, i, j)", "except _M as exc:",
             f"    exc.rel = {where} + exc.rel", "    raise", "i = j"]
 
 
@@ -495,7 +499,7 @@ def _take_packed(f: _Field, skip: int) -> list[str]:
         size = 4 if kind in _FIXED32_KINDS else 8
         return [*lines, f"f_{f.name}.extend(_unpack('{_FIXED_FORMATS[kind]}', {size}, seg, {where}))"]
     lines += ["k = 0", "m = len(seg)", "while k < m:", "    v = seg[k]", "    k += 1",
-              f"    if v > 0x7F: v, k = _vr(seg, k - 1, {where})"]
+              f"    if v > 0x7F: v, k = _vr(seg, k - 1, m, {where})"]
     lines += ["    " + line for line in _varint_post(kind, "v")]
     if kind == "enum":
         lines.append(f"    v = {_constant(f.cls, 'enum')}(v)")
@@ -508,7 +512,7 @@ def _next_key_is(key: int) -> tuple[str, int]:
     tag = _key_bytes(key >> 3, key & 7)
     if len(tag) == 1:
         return f"i < end and data[i] == {key}", 1
-    return f"data.startswith({tag!r}, i)", len(tag)
+    return f"data.startswith({tag!r}, i, end)", len(tag)
 
 
 def _literal(value: Any, hint: str) -> str:
@@ -524,7 +528,7 @@ def _indent(lines: list[str], by: int) -> list[str]:
 
 def _decoder_source(tp: type, suffix: str, fields: list[_Field], names: dict[type, str]) -> str:
     known = _constant({f.number: (f.name, f.kind) for f in fields}, "known")
-    lines = [f"def _dec_{suffix}(data):"]
+    lines = []
     for f in fields:  # the defaults, as betterproto2's __init__ makes them
         if f.kind == "map":
             lines.append(f"    f_{f.name} = {{}}")
@@ -534,7 +538,7 @@ def _decoder_source(tp: type, suffix: str, fields: list[_Field], names: dict[typ
             lines.append(f"    f_{f.name} = None")
         else:
             lines.append(f"    f_{f.name} = {_literal(f.default, 'default')}")
-    lines += ["    unk = b''", "    i = 0", "    key = 0", "    end = len(data)", "    try:"]
+    lines += ["    unk = b''", "    key = 0", "    try:"]
     body: list[str] = []
     for f in fields:  # in declaration order
         if f.repeated and f.kind in _SCALARS - {"string", "bytes"}:
@@ -551,7 +555,7 @@ def _decoder_source(tp: type, suffix: str, fields: list[_Field], names: dict[typ
         "    start = i",
         "    key = data[i]",
         "    i += 1",
-        "    if key > 0x7F: key, i = _vr(data, i - 1, '')",
+        "    if key > 0x7F: key, i = _vr(data, i - 1, end, '')",
     ]
     branch = "if"
     for f in fields:
@@ -573,8 +577,11 @@ def _decoder_source(tp: type, suffix: str, fields: list[_Field], names: dict[typ
         "unk += data[start:i]",
     ]
     body += [*(["    else:"] if fields else []), *_indent(unknown, 8 if fields else 4)]
+    # a varint's first byte is read unchecked: past ``end`` (in the enclosing message) or past the
+    # bytes (IndexError), it was missing
+    body.append(f"if i > end: raise _M('bad varint', _where({known}, key))")
     lines += _indent(body, 8)
-    lines += [  # only a value's first byte is read unchecked: it was missing
+    lines += [
         "    except IndexError:",
         f"        raise _M('bad varint', _where({known}, key)) from None",
         "    except UnicodeDecodeError:",
@@ -587,16 +594,15 @@ def _decoder_source(tp: type, suffix: str, fields: list[_Field], names: dict[typ
     else:
         values = "".join(f"'{f.name}': f_{f.name}, " for f in fields)
         lines.append(f"    o.__dict__.update({{{values}'_unknown_fields': unk}})")
-    lines += [
-        "    return o",
-        "",
-        f"def _decode_{suffix}(data, path):",
-        "    try:",
-        f"        return _dec_{suffix}(data)",
-        "    except _M as exc:",
-        "        raise _bad(exc.what, path + exc.rel) from None",
-    ]
-    return "\n".join(lines)
+    lines.append("    return o")
+    # one body twice: nested messages are read in place, between ``i`` and ``end`` of the enclosing bytes
+    return "\n".join([f"def _dec_{suffix}(data, i, end):", *lines, "",
+                      f"def _read_{suffix}(data):", "    i = 0", "    end = len(data)", *lines, "",
+                      f"def _decode_{suffix}(data, path):",
+                      "    try:",
+                      f"        return _read_{suffix}(data)",
+                      "    except _M as exc:",
+                      "        raise _bad(exc.what, path + exc.rel) from None"])
 
 
 def _plain_attributes(tp: type) -> bool:
