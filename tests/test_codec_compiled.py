@@ -468,6 +468,21 @@ def test_classes_whose_construction_or_metadata_differ_are_left_to_betterproto2(
     assert same.encode(SameFields(s="hi")) == bytes(SameFields(s="hi"))
 
 
+@dataclass(eq=False, repr=False)
+class LeafWithExtra(Leaf):
+    def __bytes__(self) -> bytes:  # a subclass may write itself otherwise: it is asked to
+        return super().__bytes__() + b"\xc0\x02\x01"  # and an unknown field 40
+
+
+def test_nested_messages_written_inline_are_written_by_their_subclasses_own_way() -> None:
+    # the fields of a flat nested message (Leaf: scalars only) are written inline by the encoder of
+    # the message holding it, when it is exactly that class
+    msg = Everything(leaf=LeafWithExtra(s="a"), r_leaf=[Leaf(n=1), LeafWithExtra(n=2)], c_leaf=Leaf(s="b"),
+                     m_leaf={"k": LeafWithExtra()})
+    assert CODEC.encode(msg) == bytes(msg)
+    assert CODEC.decode(CODEC.encode(msg), "$").r_leaf[1]._unknown_fields == b"\xc0\x02\x01"
+
+
 def test_a_class_name_that_is_not_an_identifier_compiles() -> None:
     odd = dataclasses.make_dataclass("Odd-Name", [("s", str, betterproto2.field(1, betterproto2.TYPE_STRING))],
                                      bases=(betterproto2.Message,), eq=False, repr=False)

@@ -20,7 +20,8 @@ built while the bytes are good (an error carries its path relative to the messag
 that found it, and each enclosing decoder adds its field on the way out); decoded
 objects are made with ``object.__new__`` and plain attribute stores, without
 ``__init__``. An encoder collects the pieces of a message in a list and joins them
-once; a key and a one-byte length or value come from a table as one piece.
+once; a key and a one-byte length or value come from a table as one piece; a nested
+message whose fields are all singular scalars is written inline, not by a call.
 
 The results are betterproto2's own, field for field: the same defaults, the last
 value of a repeated scalar field wins, repeated fields accept packed and unpacked
@@ -225,6 +226,7 @@ _namespace: dict[str, Any] = {
 }
 _serial = itertools.count()
 _names: dict[type, str] = {}  # compiled class -> its suffix in _namespace (only once its code is there)
+_field_lists: dict[type, list[_Field]] = {}  # compiled class -> its fields
 _cache: dict[type, CompiledCodec | None] = {}
 
 
@@ -364,13 +366,15 @@ def _compile(root: type[betterproto2.Message]) -> None:
     code = []
     for tp, fields in group.items():
         suffix = names[tp]
-        source = _decoder_source(tp, suffix, fields, names) + "\n\n" + _encoder_source(suffix, fields, names)
+        source = _decoder_source(tp, suffix, fields, names) + "\n\n" + \
+            _encoder_source(suffix, fields, names, {**_field_lists, **group})
         code.append((tp, suffix, compile(source, f"<micro.codec.proto_compiled {tp.__qualname__}>", "exec")))
     for tp, suffix, unit in code:
         _namespace[f"_cls_{suffix}"] = tp
         exec(unit, _namespace)
     for tp, suffix, _ in code:
         _names[tp] = suffix
+        _field_lists[tp] = group[tp]
 
 
 def _constant(value: Any, hint: str) -> str:
@@ -628,71 +632,100 @@ def _with_byte(key: int) -> str:
     return name
 
 
-def _put_small(value: str, key: int | None) -> list[str]:
+def _put_small(value: str, key: int | None, p: str = "p") -> list[str]:
     """Lines adding ``key`` (none: no key) and the integer ``value`` as a varint to the pieces ``p``."""
     small = f"{value} < 0x80" if value == "n" else f"0 <= {value} < 0x80"  # n: a length
     if key is None:
-        return [f"p.append(_one[{value}] if {small} else _vb({value}))"]
+        return [f"{p}.append(_one[{value}] if {small} else _vb({value}))"]
     tag = _constant(_key_bytes(key >> 3, key & 7), "tag")
-    return [f"if {small}: p.append({_with_byte(key)}[{value}])", "else:", f"    p.append({tag})",
-            f"    p.append(_vb({value}))"]
+    return [f"if {small}: {p}.append({_with_byte(key)}[{value}])", "else:", f"    {p}.append({tag})",
+            f"    {p}.append(_vb({value}))"]
 
 
-def _write(kind: str, v: str, key: int | None, names: dict[type, str], cls: type | None = None) -> list[str]:
-    """Lines adding ``key`` (none: no key) and the value ``v`` of ``kind`` to the pieces ``p``."""
-    if kind in ("sint32", "sint64"):
-        return [f"x = {v} << 1 if {v} >= 0 else ({v} << 1) ^ -1", *_put_small("x", key)]
-    if kind in _VARINT_KINDS:
-        return _put_small(v, key)
-    if kind in _FIXED_FORMATS:
-        if key is None:
-            return [f"p.append({_constant(struct.Struct('<' + _FIXED_FORMATS[kind]), kind)}.pack({v}))"]
-        tag = _key_bytes(key >> 3, key & 7)
-        fmt = _constant(struct.Struct(f"<{len(tag)}s{_FIXED_FORMATS[kind]}"), kind)
-        return [f"p.append({fmt}.pack({_constant(tag, 'tag')}, {v}))"]
-    if kind == "string":
-        lines = [f"e = {v}.encode()"]
-    elif kind == "bytes":
-        lines = [f"e = {v}"]
-    else:  # a message, as itself when it is exactly its class (not a subclass that may encode otherwise)
-        assert cls is not None
-        lines = [f"e = _enc_{names[cls]}({v}) if type({v}) is _cls_{names[cls]} else bytes({v})"]
-    assert key is not None
-    return [*lines, "n = len(e)", *_put_small("n", key), "p.append(e)"]
+class _Encoding:
+    """What the encoder of a group of classes writes, and which nested messages it writes inline."""
+
+    def __init__(self, names: dict[type, str], fields: dict[type, list[_Field]]) -> None:
+        self.names = names
+        self.fields = fields
+
+    def flat(self, cls: type | None) -> list[_Field] | None:
+        """The fields of ``cls`` if they are all singular scalars (written inline by the encoders of the
+        messages that contain it: a call less per nested message), else ``None``."""
+        fields = self.fields.get(cls) if cls is not None else None
+        if fields is None or any(f.repeated or f.kind not in _SCALARS for f in fields):
+            return None
+        return fields
+
+    def write(self, kind: str, v: str, key: int | None, cls: type | None = None, p: str = "p") -> list[str]:
+        """Lines adding ``key`` (none: no key) and the value ``v`` of ``kind`` to the pieces ``p``."""
+        if kind in ("sint32", "sint64"):
+            return [f"x = {v} << 1 if {v} >= 0 else ({v} << 1) ^ -1", *_put_small("x", key, p)]
+        if kind in _VARINT_KINDS:
+            return _put_small(v, key, p)
+        if kind in _FIXED_FORMATS:
+            if key is None:
+                return [f"{p}.append({_constant(struct.Struct('<' + _FIXED_FORMATS[kind]), kind)}.pack({v}))"]
+            tag = _key_bytes(key >> 3, key & 7)
+            fmt = _constant(struct.Struct(f"<{len(tag)}s{_FIXED_FORMATS[kind]}"), kind)
+            return [f"{p}.append({fmt}.pack({_constant(tag, 'tag')}, {v}))"]
+        if kind == "string":
+            lines = [f"e = {v}.encode()"]
+        elif kind == "bytes":
+            lines = [f"e = {v}"]
+        else:  # a message, as itself when it is exactly its class (not a subclass that may encode otherwise)
+            assert cls is not None
+            flat = self.flat(cls)
+            if flat is None:
+                lines = [f"e = _enc_{self.names[cls]}({v}) if type({v}) is _cls_{self.names[cls]} else bytes({v})"]
+            else:
+                lines = [f"if type({v}) is _cls_{self.names[cls]}:", "    q = []"]
+                for f in flat:
+                    lines += _indent(self.singular(f, v, "w", "q"), 4)
+                lines += [f"    q.append({v}._unknown_fields)", "    e = b''.join(q)", f"else: e = bytes({v})"]
+        assert key is not None
+        return [*lines, "n = len(e)", *_put_small("n", key, p), f"{p}.append(e)"]
+
+    def singular(self, f: _Field, m: str, v: str, p: str) -> list[str]:
+        """Lines adding the singular field ``f`` of the message ``m`` to the pieces ``p`` (``v``: its value)."""
+        if f.presence or f.kind == "message":
+            test = f"{v} is not None"
+        else:
+            test = f"{v} is not None and {v} != {_literal(f.default, 'default')}"
+        key = _key(f.number, _LEN if f.kind == "message" else _wire(f.kind))
+        return [f"{v} = {m}.{f.name}", f"if {test}:", *_indent(self.write(f.kind, v, key, f.cls, p), 4)]
 
 
-def _encoder_source(suffix: str, fields: list[_Field], names: dict[type, str]) -> str:
+def _encoder_source(suffix: str, fields: list[_Field], names: dict[type, str],
+                    field_lists: dict[type, list[_Field]]) -> str:
+    enc = _Encoding(names, field_lists)
     lines = [f"def _enc_{suffix}(m):", "    p = []"]
     for f in fields:  # in declaration order, as betterproto2 writes them
-        lines.append(f"    v = m.{f.name}")
         kind = f.kind
+        if not f.repeated and kind != "map":
+            lines += _indent(enc.singular(f, "m", "v", "p"), 4)
+            continue
+        lines.append(f"    v = m.{f.name}")
         if kind == "map":
             assert f.entry is not None
             key, value = f.entry
             lines += ["    if v is not None and v != {}:", "        outer = p", "        for mk, mv in v.items():",
                       "            p = []"]
-            lines += _indent(_write(key.kind, "mk", _key(1, _wire(key.kind)), names), 12)
-            lines += _indent(_write(value.kind, "mv", _key(2, _wire(value.kind)), names, value.cls), 12)
+            lines += _indent(enc.write(key.kind, "mk", _key(1, _wire(key.kind))), 12)
+            lines += _indent(enc.write(value.kind, "mv", _key(2, _wire(value.kind)), value.cls), 12)
             lines += ["            e = b''.join(p)", "            p = outer", "            n = len(e)"]
             lines += _indent(_put_small("n", _key(f.number, _LEN)), 12)
             lines.append("            p.append(e)")
         elif f.repeated and kind in _SCALARS - {"string", "bytes"}:  # packed
             lines += ["    if v is not None and v != []:", "        outer = p", "        p = []",
                       "        for item in v:"]
-            lines += _indent(_write(kind, "item", None, names), 12)
+            lines += _indent(enc.write(kind, "item", None), 12)
             lines += ["        e = b''.join(p)", "        p = outer", "        n = len(e)"]
             lines += _indent(_put_small("n", _key(f.number, _LEN)), 8)
             lines.append("        p.append(e)")
-        elif f.repeated:
-            lines += ["    if v is not None and v != []:", "        for item in v:"]
-            lines += _indent(_write(kind, "item", _key(f.number, _LEN), names, f.cls), 12)
         else:
-            if f.presence or kind == "message":
-                lines.append("    if v is not None:")
-            else:
-                lines.append(f"    if v is not None and v != {_literal(f.default, 'default')}:")
-            number = _key(f.number, _LEN if kind == "message" else _wire(kind))
-            lines += _indent(_write(kind, "v", number, names, f.cls), 8)
+            lines += ["    if v is not None and v != []:", "        for item in v:"]
+            lines += _indent(enc.write(kind, "item", _key(f.number, _LEN), f.cls), 12)
     lines += ["    p.append(m._unknown_fields)", "    return b''.join(p)"]
     return "\n".join(lines)
 
