@@ -28,6 +28,11 @@
     flight: within noise).
 (e) **metrics** (issue 17): the in-process typed call with ``micro.metrics.enable()`` ÷
     the same call with metrics off. Target: ≤ 1.10×.
+(f) **the codec** (issue 23): what one call's bodies cost to encode and decode (the
+    request and the response, each once: the client's and the server's share
+    together) with micro's compiled protobuf codec for the betterproto2 messages,
+    ÷ msgspec JSON of the equivalent Structs, and ÷ upb (``_pb2``). No target: it
+    explains the gap between ``native.proto`` and ``native.json``.
 
 Repetitions are interleaved (baseline, micro, baseline, …) so that drift on a
 noisy machine hits both sides; a ratio is the median of the per-repetition
@@ -51,7 +56,8 @@ from typing import Any
 import msgspec
 
 import micro
-from benchmarks._call_server import SERVICE, ListOverdueRequest, ListOverdueResponse, Task
+from benchmarks import _call_server
+from benchmarks._call_server import SERVICE, ListOverdueRequest, ListOverdueResponse, Task, TaskRecord
 from benchmarks._proto import benchcall as bp
 from benchmarks._rawpb import benchcall_pb2 as pb
 from benchmarks._rawpb.benchcall_grpc import TaskStub
@@ -545,8 +551,75 @@ def _network_figures(rates: dict[tuple[str, int], list[float]], reps: int) -> li
     return out
 
 
+# -- (f) the codec --------------------------------------------------------------------------
+
+CODEC_REPS = 9
+CODEC_CALLS = 20_000
+
+
+def _codec() -> list[Result]:
+    from micro.codec import JSON, PROTO, codec_for
+
+    records = [(i, t, d) for i, t, d, who in _call_server.SEED if who == "alice" and d < _call_server.AS_OF]
+
+    def round_trip(wire: str, req_tp: Any, rsp_tp: Any, req: Any, rsp: Any) -> Callable[[], None]:
+        req_codec, rsp_codec = codec_for(req_tp), codec_for(rsp_tp)
+        req_data, rsp_data = req_codec.encode(req, wire), rsp_codec.encode(rsp, wire)
+        assert rsp_codec.decode(rsp_data, wire, "bench") == rsp
+
+        def once() -> None:  # as a call does it: the client's encode and decode, and the server's
+            req_codec.encode(req, wire)
+            req_codec.decode(req_data, wire, "bench")
+            rsp_codec.encode(rsp, wire)
+            rsp_codec.decode(rsp_data, wire, "bench")
+
+        return once
+
+    proto = round_trip(PROTO, bp.ListOverdueRequest, bp.ListOverdueResponse, bp.ListOverdueRequest(user_id="alice"),
+                       bp.ListOverdueResponse(records=[bp.TaskRecord(id=i, title=t, due=d) for i, t, d in records],
+                                              total=len(records)))
+    json = round_trip(JSON, ListOverdueRequest, ListOverdueResponse, ListOverdueRequest("alice"),
+                      ListOverdueResponse([TaskRecord(i, t, d) for i, t, d in records], len(records)))
+    upb_req = pb.ListOverdueRequest(user_id="alice")
+    upb_rsp = pb.ListOverdueResponse(records=[pb.TaskRecord(id=i, title=t, due=d) for i, t, d in records],
+                                     total=len(records))
+    upb_req_data, upb_rsp_data = upb_req.SerializeToString(), upb_rsp.SerializeToString()
+
+    def upb() -> None:
+        upb_req.SerializeToString()
+        pb.ListOverdueRequest.FromString(upb_req_data)
+        upb_rsp.SerializeToString()
+        pb.ListOverdueResponse.FromString(upb_rsp_data)
+
+    def us(fn: Callable[[], None]) -> float:
+        t0 = time.perf_counter()
+        for _ in range(CODEC_CALLS):
+            fn()
+        return (time.perf_counter() - t0) / CODEC_CALLS * 1e6
+
+    timings: dict[str, list[float]] = {"proto": [], "json": [], "upb": []}
+    sides = [("proto", proto), ("json", json), ("upb", upb)]
+    for fn in (proto, json, upb):
+        us(fn)  # warm up
+    for rep in range(CODEC_REPS):
+        for name, fn in sides if rep % 2 == 0 else sides[::-1]:  # alternate the order
+            timings[name].append(us(fn))
+    med = {name: statistics.median(v) for name, v in timings.items()}
+    out: list[Result] = []
+    for base in ("json", "upb"):
+        r, lo, hi = _median_ratio(timings["proto"], timings[base])
+        what = "msgspec JSON (Structs)" if base == "json" else "upb (_pb2)"
+        out.append((
+            f"codec.proto_vs_{base}", round(r, 2),
+            f"encode + decode of one call's request and response: micro's compiled codec (betterproto2) "
+            f"{med['proto']:.2f} µs vs {what} {med[base]:.2f} µs -> {r:.2f}x the cost "
+            f"({CODEC_REPS} reps: {lo:.2f}-{hi:.2f}; no target)",
+        ))
+    return out
+
+
 async def run() -> list[Result]:
-    return await _inproc() + await _network()
+    return _codec() + await _inproc() + await _network()
 
 
 if __name__ == "__main__":

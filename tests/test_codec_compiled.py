@@ -224,6 +224,77 @@ def test_random_bytes_are_refused_or_read_like_betterproto2(data: bytes) -> None
         assert encoded(codec.encode, ours) == encoded(bytes, theirs)
 
 
+def fields_of(data: bytes) -> list[bytes]:
+    """The top-level fields of valid protobuf bytes, each with its key."""
+    out, i = [], 0
+    while i < len(data):
+        start = i
+        key, i = varint_at(data, i)
+        wire = key & 7
+        if wire == 0:
+            _, i = varint_at(data, i)
+        elif wire == 2:
+            n, i = varint_at(data, i)
+            i += n
+        else:
+            i += 8 if wire == 1 else 4
+        out.append(data[start:i])
+    return out
+
+
+def varint_at(data: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = data[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, i
+        shift += 7
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=everything(1), again=everything(1), order=st.randoms(use_true_random=False))
+def test_fields_in_any_order_or_twice_read_like_betterproto2(
+    upb: ModuleType, values: dict[str, Any], again: dict[str, Any], order: Any
+) -> None:
+    # the decoders read fields in declaration order first, then loop over what is left: fields in
+    # another order, and fields seen twice (a second message appended: betterproto2 replaces
+    # nested messages, keeps the last scalar, appends to repeated fields) must come out the same
+    parts = fields_of(build(upb, values).SerializeToString()) + fields_of(build(upb, again).SerializeToString())
+    order.shuffle(parts)
+    data = b"".join(parts)
+    ours = CODEC.decode(data, "$")
+    assert shape(ours) == shape(Everything.parse(data))
+    assert CODEC.encode(ours) == bytes(ours)
+
+
+FULL = bytes(Everything(s="héllo", i32=-1, far=300, leaf=Leaf(s="x", n=2), r_i32=[1, 300], m_si={"k": 9},
+                        r_leaf=[Leaf(s="y")], child=Everything(u64=2**40)))
+
+
+@settings(max_examples=500, deadline=None)
+@given(child=st.one_of(st.binary(max_size=24), st.integers(0, len(FULL)).map(lambda k: FULL[:k])),
+       after=st.sampled_from([b"", b"\x80\x7d\x01", b"\x80", b"\x72\x01a", b"\xff\xff\xff", b"\x01"]))
+def test_a_nested_message_reads_as_it_would_alone(child: bytes, after: bytes) -> None:
+    # nested messages are read in place, up to their end within the enclosing bytes: nothing after
+    # that end may be read as theirs, and their errors are the ones they would have alone
+    data = b"\xaa\x02" + _varint(len(child)) + child + after  # field 37, `child`, then more bytes
+    try:
+        alone = CODEC.decode(child, "$")
+    except BadRequest as exc:
+        with pytest.raises(BadRequest) as info:
+            CODEC.decode(data, "$")
+        assert info.value.message == exc.message.replace("at `$", "at `$.child", 1)
+        return
+    try:
+        ours = CODEC.decode(data, "$")
+    except BadRequest as exc:
+        assert "$.child" not in exc.message  # what came after was malformed, not the child
+        return
+    assert shape(ours.child) == shape(alone)
+
+
 def test_edge_values_encode_like_betterproto2() -> None:
     cases = [
         Everything(),  # all defaults: nothing written
@@ -397,6 +468,21 @@ def test_classes_whose_construction_or_metadata_differ_are_left_to_betterproto2(
     assert same.encode(SameFields(s="hi")) == bytes(SameFields(s="hi"))
 
 
+@dataclass(eq=False, repr=False)
+class LeafWithExtra(Leaf):
+    def __bytes__(self) -> bytes:  # a subclass may write itself otherwise: it is asked to
+        return super().__bytes__() + b"\xc0\x02\x01"  # and an unknown field 40
+
+
+def test_nested_messages_written_inline_are_written_by_their_subclasses_own_way() -> None:
+    # the fields of a flat nested message (Leaf: scalars only) are written inline by the encoder of
+    # the message holding it, when it is exactly that class
+    msg = Everything(leaf=LeafWithExtra(s="a"), r_leaf=[Leaf(n=1), LeafWithExtra(n=2)], c_leaf=Leaf(s="b"),
+                     m_leaf={"k": LeafWithExtra()})
+    assert CODEC.encode(msg) == bytes(msg)
+    assert CODEC.decode(CODEC.encode(msg), "$").r_leaf[1]._unknown_fields == b"\xc0\x02\x01"
+
+
 def test_a_class_name_that_is_not_an_identifier_compiles() -> None:
     odd = dataclasses.make_dataclass("Odd-Name", [("s", str, betterproto2.field(1, betterproto2.TYPE_STRING))],
                                      bases=(betterproto2.Message,), eq=False, repr=False)
@@ -438,3 +524,35 @@ def test_a_map_entry_without_its_value_reads_like_betterproto2() -> None:
     ours, theirs = CODEC.decode(data, "$"), Everything.parse(data)
     assert ours.m_leaf == theirs.m_leaf == {"a": None}
     assert encoded(CODEC.encode, ours) == encoded(bytes, theirs) == ("raised", TypeError)  # neither can write it
+
+
+@dataclass(eq=False, repr=False, frozen=True)
+class Frozen(betterproto2.Message):
+    s: str = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    def __post_init__(self) -> None:  # frozen: betterproto2's own would fail too
+        object.__setattr__(self, "_unknown_fields", b"")
+
+
+@dataclass(eq=False, repr=False)
+class Watched(betterproto2.Message):
+    s: str = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AssertionError("decoding must not go through __setattr__")
+
+
+@dataclass(eq=False, repr=False, slots=True)
+class Slotted(betterproto2.Message):
+    s: str = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+
+def test_objects_are_built_without_their_own_setattr_and_slotted_classes_are_left_to_betterproto2() -> None:
+    # decoders store attributes one by one where that only fills the object's __dict__, and
+    # fill the __dict__ directly where a class has its own __setattr__ (a frozen dataclass)
+    assert compiled(Frozen) is None  # its own __post_init__
+    watched = compiled(Watched)
+    assert watched is not None
+    msg = watched.decode(b"\x0a\x02hi\x10\x01", "$")
+    assert type(msg) is Watched and vars(msg) == {"s": "hi", "_unknown_fields": b"\x10\x01"}
+    assert compiled(Slotted) is None  # no __dict__ to fill

@@ -372,6 +372,20 @@ def test_protobuf_requests_are_validated_as_json_ones_are() -> None:
     assert codec.decode(b"", PROTO, "w") == Limited("")
 
 
+def test_strings_that_are_not_utf8_name_their_field() -> None:
+    class Tagged(msgspec.Struct):
+        tags: list[str]
+        by_name: dict[str, int]
+        inner: Inner | None = None
+
+    codec = codec_for(Tagged)
+    for data, where in [(b"\x0a\x01\xff", "$.tags"), (b"\x12\x03\x0a\x01\xff", "$.by_name"),
+                        (b"\x1a\x03\x0a\x01\xff", "$.inner.label")]:
+        with pytest.raises(BadRequest) as info:
+            codec.decode(data, PROTO, "w")
+        assert info.value.message == f"w: malformed protobuf: a string that is not UTF-8 - at `{where}`"
+
+
 def test_a_response_field_of_the_wrong_type_is_an_internal_error_not_a_crash() -> None:
     with pytest.raises(Internal, match="cannot encode a Inner as protobuf"):
         codec_for(Inner).encode(Inner(label=5), PROTO)  # type: ignore[arg-type]

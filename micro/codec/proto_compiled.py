@@ -9,6 +9,20 @@ checks what ``check_wire`` checks (lengths, truncation, wire types, field number
 bad varints, invalid UTF-8) in the same single pass that builds the message, and
 the encoder writes exactly the bytes ``bytes(message)`` writes.
 
+What keeps the generated code cheap (``python -m benchmarks call``'s
+``codec.proto_vs_json`` measures it): a decoder first reads the fields in the order
+the class declares them, one comparison of the next key each, and loops over the
+keys only for what is left (fields out of order, unknown fields); a nested message
+is read in place, between its start and end in the enclosing bytes (never past its
+end: ``tests/test_codec_compiled.py`` checks that it reads, and fails, exactly as
+it would alone), not from a copy; paths are not
+built while the bytes are good (an error carries its path relative to the message
+that found it, and each enclosing decoder adds its field on the way out); decoded
+objects are made with ``object.__new__`` and plain attribute stores, without
+``__init__``. An encoder collects the pieces of a message in a list and joins them
+once; a key and a one-byte length or value come from a table as one piece; a nested
+message whose fields are all singular scalars is written inline, not by a call.
+
 The results are betterproto2's own, field for field: the same defaults, the last
 value of a repeated scalar field wins, repeated fields accept packed and unpacked
 encodings, unknown fields are kept in ``_unknown_fields`` and written back at the
@@ -23,8 +37,9 @@ those, oneof members and maps. Left to betterproto2 (:func:`compiled` returns
 ``None``): messages with well-known wrapper types (fields betterproto2 unwraps to
 ``datetime``, ``timedelta`` or ``str | None``), pydantic dataclasses, classes with
 their own ``__post_init__`` (generated code adds one to warn about deprecated
-messages; decoded objects are built without calling ``__init__``), subclasses that
-add fields (betterproto2 reuses their base's cached metadata), and every class that
+messages; decoded objects are built without calling ``__init__``), classes whose
+fields are slots or properties (decoded objects get their values in ``__dict__``),
+subclasses that add fields (betterproto2 reuses their base's cached metadata), and every class that
 reaches one of those. A class and the classes it reaches are compiled together or
 not at all.
 """
@@ -32,6 +47,7 @@ not at all.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import logging
 import re
@@ -46,7 +62,7 @@ from betterproto2 import FieldMetadata
 from micro.codec.proto import _varint  # check_wire's reader: the same bounds and error
 from micro.errors import BadRequest
 
-__all__ = ["CompiledCodec", "compiled"]
+__all__ = ["CompiledCodec", "Malformed", "compiled"]
 
 log = logging.getLogger("micro.codec")
 _NOT_NAME = re.compile(r"\W")
@@ -70,6 +86,7 @@ class CompiledCodec:
 
     decode: Decoder  #: ``decode(data, path)``: the message, or ``BadRequest`` naming the path
     encode: Encoder  #: ``encode(message)``: its protobuf bytes, as ``bytes(message)``
+    read: Callable[[bytes], Any]  #: ``read(data)``: the message, or :class:`Malformed` (one call less)
 
 
 class _Unsupported(Exception):
@@ -95,6 +112,12 @@ def _put_varint(out: bytearray, value: int) -> None:
         out.append((value & 0x7F) | 0x80)
         value >>= 7
     out.append(value)
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    _put_varint(out, value)
+    return bytes(out)
 
 
 def _skip(data: bytes, i: int, end: int, wire: int, where: str) -> int:
@@ -129,8 +152,67 @@ def _unpack_fixed(fmt: str, size: int, data: bytes, where: str) -> list[Any]:
     return list(struct.unpack(f"<{len(data) // size}{fmt}", data))
 
 
-def _new(cls: type) -> Any:
-    return object.__new__(cls)
+class Malformed(Exception):
+    """What the generated decoders raise: what is wrong, and where relative to the message being read.
+
+    Each message's decoder prefixes the field it was reading when a nested one
+    fails, and :attr:`CompiledCodec.decode` turns the whole into a ``BadRequest``:
+    no path is built while the bytes are good.
+    """
+
+    def __init__(self, what: str, rel: str) -> None:
+        super().__init__(what, rel)
+        self.what = what
+        self.rel = rel
+
+    def message(self, path: str) -> str:
+        """The error's text, for a message at ``path`` (``$``)."""
+        return f"malformed protobuf: {self.what} - at `{path}{self.rel}`"
+
+
+def _read_varint(data: bytes, i: int, end: int, where: str) -> tuple[int, int]:
+    """A varint of more than one byte at ``data[i]``, before ``end`` (``check_wire``'s reader, raising
+    :class:`Malformed`)."""
+    result = shift = 0
+    while i < end and shift < 70:
+        b = data[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, i
+        shift += 7
+    raise Malformed("bad varint", where)
+
+
+def _skip_value(data: bytes, i: int, end: int, wire: int, where: str) -> int:
+    """:func:`_skip`, raising :class:`Malformed`."""
+    if wire == _VARINT:
+        _, i = _read_varint(data, i, end, where)
+        return i
+    if wire == _FIXED64:
+        stop = i + 8
+    elif wire == _FIXED32:
+        stop = i + 4
+    elif wire == _LEN:
+        length, i = _read_varint(data, i, end, where)
+        stop = i + length
+    else:
+        raise Malformed(f"wire type {wire}", where)
+    if stop > end:
+        raise Malformed("truncated", where)
+    return stop
+
+
+def _unpack_packed(fmt: str, size: int, data: bytes, where: str) -> list[Any]:
+    if len(data) % size:
+        raise Malformed(f"packed {size}-byte values in {len(data)} bytes", where)
+    return list(struct.unpack(f"<{len(data) // size}{fmt}", data))
+
+
+def _where(known: dict[int, tuple[str, str]], key: int) -> str:
+    """Where the field of ``key`` is, relative to its message."""
+    field = known.get(key >> 3)
+    return "." + field[0] if field else f" (field {key >> 3})"
 
 
 # -- the compiler -------------------------------------------------------------------------------
@@ -138,11 +220,13 @@ def _new(cls: type) -> Any:
 _lock = threading.Lock()
 _namespace: dict[str, Any] = {
     "_bad": _bad, "_varint": _varint, "_put": _put_varint, "_skip": _skip, "_utf8": _utf8,
-    "_unpack_fixed": _unpack_fixed, "_new": _new, "_Struct": struct.Struct, "_M32": _MASK32, "_M64": _MASK64,
-    "_Bad": BadRequest,
+    "_unpack_fixed": _unpack_fixed, "_Struct": struct.Struct, "_M32": _MASK32, "_M64": _MASK64,
+    "_Bad": BadRequest, "_M": Malformed, "_vr": _read_varint, "_skipv": _skip_value, "_unpack": _unpack_packed,
+    "_where": _where, "_onew": object.__new__, "_vb": _varint_bytes, "_one": tuple(bytes([n]) for n in range(128)),
 }
 _serial = itertools.count()
 _names: dict[type, str] = {}  # compiled class -> its suffix in _namespace (only once its code is there)
+_field_lists: dict[type, list[_Field]] = {}  # compiled class -> its fields
 _cache: dict[type, CompiledCodec | None] = {}
 
 
@@ -166,7 +250,8 @@ def compiled(tp: type[betterproto2.Message]) -> CompiledCodec | None:
                 _cache[tp] = None
             else:
                 suffix = _names[tp]
-                _cache[tp] = CompiledCodec(_namespace[f"_dec_{suffix}"], _namespace[f"_enc_{suffix}"])
+                _cache[tp] = CompiledCodec(_namespace[f"_decode_{suffix}"], _namespace[f"_enc_{suffix}"],
+                                           _namespace[f"_read_{suffix}"])
     return _cache[tp]
 
 
@@ -190,6 +275,10 @@ def _fields(tp: type[betterproto2.Message]) -> list[_Field]:
         raise _Unsupported(tp)  # betterproto2 validates pydantic messages on every encode/decode
     if tp.__post_init__ is not betterproto2.Message.__post_init__:
         raise _Unsupported(tp)  # e.g. a deprecation warning: decoded objects are built without __init__
+    for name in [f.name for f in dataclasses.fields(tp)] + ["_unknown_fields"]:
+        attr = type(inspect.getattr_static(tp, name, None))
+        if hasattr(attr, "__set__") or hasattr(attr, "__delete__"):
+            raise _Unsupported(f"{tp.__name__}.{name}")  # slots or a property: decoded objects fill their __dict__
     try:
         meta = getattr(tp, "_betterproto")  # noqa: B009 - a classproperty
     except Exception as exc:  # an annotation that does not resolve, an odd base class
@@ -277,13 +366,15 @@ def _compile(root: type[betterproto2.Message]) -> None:
     code = []
     for tp, fields in group.items():
         suffix = names[tp]
-        source = _decoder_source(suffix, fields, names) + "\n\n" + _encoder_source(suffix, fields, names)
+        source = _decoder_source(tp, suffix, fields, names) + "\n\n" + \
+            _encoder_source(suffix, fields, names, {**_field_lists, **group})
         code.append((tp, suffix, compile(source, f"<micro.codec.proto_compiled {tp.__qualname__}>", "exec")))
     for tp, suffix, unit in code:
         _namespace[f"_cls_{suffix}"] = tp
         exec(unit, _namespace)
     for tp, suffix, _ in code:
         _names[tp] = suffix
+        _field_lists[tp] = group[tp]
 
 
 def _constant(value: Any, hint: str) -> str:
@@ -294,10 +385,18 @@ def _constant(value: Any, hint: str) -> str:
 
 
 # -- decoders --
+#
+# A decoder reads the fields in the order the message declares them first (the
+# order betterproto2, protoc's code and this module write them in), one check of
+# the next key each, then loops over whatever is left in any order: unknown
+# fields, fields out of order, repeated singular fields. Both parts apply each
+# field as it comes, so the result is the same as one loop over the keys.
 
 
 def _scalar_read(kind: str, out: str, where: str, indent: str) -> list[str]:
-    """Lines reading one value of a scalar ``kind`` at ``data[i]`` into ``out``."""
+    """Lines reading one value of a scalar ``kind`` at ``data[i]`` into ``out`` (``where``: the full path,
+    raising ``BadRequest``; :mod:`micro.codec.struct_compiled`'s decoders use these, and turn the
+    ``UnicodeDecodeError`` of a string that is not UTF-8 into a ``BadRequest`` naming the field)."""
     if kind in _VARINT_KINDS:
         lines = [
             f"{out} = data[i]",
@@ -321,8 +420,8 @@ def _scalar_read(kind: str, out: str, where: str, indent: str) -> list[str]:
             "j = i + n",
             f"if j > end: raise _bad('truncated', {where})",
         ]
-        if kind == "string":
-            lines.append(f"{out} = _utf8(data[i:j], {where})")
+        if kind == "string":  # not UTF-8: UnicodeDecodeError, for the decoder to name the field
+            lines.append(f"{out} = data[i:j].decode()")
         else:
             lines.append(f"{out} = data[i:j]")
         lines.append("i = j")
@@ -346,10 +445,94 @@ def _varint_post(kind: str, v: str) -> list[str]:
     return [f"{v} = {v} > 0"]  # bool
 
 
-def _decoder_source(suffix: str, fields: list[_Field], names: dict[type, str]) -> str:
-    known = {f.number: (f.name, f.kind) for f in fields}
-    known_name = _constant(known, "known")
-    lines = [f"def _dec_{suffix}(data, path):"]
+def _value(kind: str, out: str, where: str, skip: int) -> list[str]:
+    """Lines reading one value of ``kind`` into ``out``: the value starts at ``data[i + skip]`` (``skip``: the
+    bytes of its key not consumed yet). ``where`` is the field's path relative to the message, as a literal."""
+    at = f"i + {skip}" if skip else "i"
+    if kind in _VARINT_KINDS:
+        return [f"{out} = data[{at}]", f"i += {skip + 1}",
+                f"if {out} > 0x7F: {out}, i = _vr(data, i - 1, end, {where})", *_varint_post(kind, out)]
+    if kind in _FIXED_FORMATS:
+        size = 4 if kind in _FIXED32_KINDS else 8
+        fmt = _constant(struct.Struct("<" + _FIXED_FORMATS[kind]), kind)
+        return [f"if i + {skip + size} > end: raise _M('truncated', {where})",
+                f"{out} = {fmt}.unpack_from(data, {at})[0]", f"i += {skip + size}"]
+    # string, bytes, message, map entry: length-delimited. A string that is not UTF-8 raises
+    # UnicodeDecodeError, which the decoder turns into an error naming the field of ``key``. A length
+    # whose only byte lies past the end (read from the enclosing message) was missing: a bad varint.
+    return ["n = data[" + at + "]", f"i += {skip + 1}", f"if n > 0x7F: n, i = _vr(data, i - 1, end, {where})",
+            "j = i + n", f"if j > end: raise _M('truncated' if i <= end else 'bad varint', {where})",
+            f"{out} = data[i:j].decode()" if kind == "string" else f"{out} = data[i:j]", "i = j"]
+
+
+def _nested(call: str, out: str, where: str, skip: int) -> list[str]:
+    """Lines reading a length-delimited message into ``out`` with ``call`` (in place: ``data[i:j]``),
+    prefixing ``where`` to the path of its errors."""
+    lines = _value("bytes", out, where, skip)
+    assert lines[-2] == f"{out} = data[i:j]"
+    return [*lines[:-2], "try:", f"    {out} = {call}(data, i, j)", "except _M as exc:",
+            f"    exc.rel = {where} + exc.rel", "    raise", "i = j"]
+
+
+def _take(f: _Field, skip: int, names: dict[type, str]) -> list[str]:
+    """Lines applying one occurrence of ``f`` under its own key (the key's last ``skip`` bytes unread)."""
+    where = repr("." + f.name)
+    kind = f.kind
+    if kind == "map":
+        assert f.cls is not None
+        return [*_nested(f"_dec_{names[f.cls]}", "v", where, skip), f"f_{f.name}[v.key] = v.value"]
+    if kind == "message":
+        assert f.cls is not None
+        lines = _nested(f"_dec_{names[f.cls]}", "v", where, skip)
+    elif kind in ("string", "bytes") and not f.repeated:
+        return _value(kind, f"f_{f.name}", where, skip)
+    else:
+        lines = _value(kind, "v", where, skip)
+        if kind == "enum":
+            lines.append(f"v = {_constant(f.cls, 'enum')}(v)")
+    lines.append(f"f_{f.name}.append(v)" if f.repeated else f"f_{f.name} = v")
+    return lines
+
+
+def _take_packed(f: _Field, skip: int) -> list[str]:
+    """Lines applying one packed run of the repeated scalar ``f`` (under its length-delimited key)."""
+    where = repr("." + f.name)
+    lines = _value("bytes", "seg", where, skip)
+    kind = f.kind
+    if kind in _FIXED_FORMATS:
+        size = 4 if kind in _FIXED32_KINDS else 8
+        return [*lines, f"f_{f.name}.extend(_unpack('{_FIXED_FORMATS[kind]}', {size}, seg, {where}))"]
+    lines += ["k = 0", "m = len(seg)", "while k < m:", "    v = seg[k]", "    k += 1",
+              f"    if v > 0x7F: v, k = _vr(seg, k - 1, m, {where})"]
+    lines += ["    " + line for line in _varint_post(kind, "v")]
+    if kind == "enum":
+        lines.append(f"    v = {_constant(f.cls, 'enum')}(v)")
+    lines.append(f"    f_{f.name}.append(v)")
+    return lines
+
+
+def _next_key_is(key: int) -> tuple[str, int]:
+    """A test that the key at ``data[i]`` is ``key``, and the key's length in bytes."""
+    tag = _key_bytes(key >> 3, key & 7)
+    if len(tag) == 1:
+        return f"i < end and data[i] == {key}", 1
+    return f"data.startswith({tag!r}, i, end)", len(tag)
+
+
+def _literal(value: Any, hint: str) -> str:
+    """``value`` as source: a literal for the plain defaults, else a name in ``_namespace``."""
+    if type(value) in (str, bytes, int, bool) or (type(value) is float and value == 0.0 and str(value) == "0.0"):
+        return repr(value)
+    return _constant(value, hint)
+
+
+def _indent(lines: list[str], by: int) -> list[str]:
+    return [" " * by + line for line in lines]
+
+
+def _decoder_source(tp: type, suffix: str, fields: list[_Field], names: dict[type, str]) -> str:
+    known = _constant({f.number: (f.name, f.kind) for f in fields}, "known")
+    lines = []
     for f in fields:  # the defaults, as betterproto2's __init__ makes them
         if f.kind == "map":
             lines.append(f"    f_{f.name} = {{}}")
@@ -358,175 +541,191 @@ def _decoder_source(suffix: str, fields: list[_Field], names: dict[type, str]) -
         elif f.presence or f.kind == "message":
             lines.append(f"    f_{f.name} = None")
         else:
-            lines.append(f"    f_{f.name} = {_constant(f.default, 'default')}")
-    lines += [
-        "    unk = b''",
-        "    i = 0",
-        "    end = len(data)",
-    ]
-    loop = len(lines)
-    lines += [
-        "    while i < end:",
-        "        start = i",
-        "        key = data[i]",
-        "        i += 1",
-        "        if key > 0x7F: key, i = _varint(data, i - 1, path)",
+            lines.append(f"    f_{f.name} = {_literal(f.default, 'default')}")
+    lines += ["    unk = b''", "    key = 0", "    try:"]
+    body: list[str] = []
+    for f in fields:  # in declaration order
+        if f.repeated and f.kind in _SCALARS - {"string", "bytes"}:
+            key = _key(f.number, _LEN)
+            test, size = _next_key_is(key)
+            body += [f"if {test}:", f"    key = {key}", *_indent(_take_packed(f, size), 4)]
+            continue
+        key = _key(f.number, _LEN if f.kind in ("message", "map") else _wire(f.kind))
+        test, size = _next_key_is(key)
+        loop = "while" if f.repeated or f.kind == "map" else "if"
+        body += [f"{loop} {test}:", f"    key = {key}", *_indent(_take(f, size, names), 4)]
+    body += [  # what is left, in any order
+        "while i < end:",
+        "    start = i",
+        "    key = data[i]",
+        "    i += 1",
+        "    if key > 0x7F: key, i = _vr(data, i - 1, end, '')",
     ]
     branch = "if"
     for f in fields:
-        where = f"path + '.{f.name}'"
-        kind = f.kind
-        if kind == "map":
-            assert f.entry is not None and f.cls is not None
-            entry = f"_dec_{names[f.cls]}"
-            lines.append(f"        {branch} key == {_key(f.number, _LEN)}:")
-            lines += _scalar_read("bytes", "v", where, "            ")
-            lines.append(f"            e = {entry}(v, {where})")
-            lines.append(f"            f_{f.name}[e.key] = e.value")
-        elif kind == "message":
-            lines.append(f"        {branch} key == {_key(f.number, _LEN)}:")
-            lines += _scalar_read("bytes", "v", where, "            ")
-            sub = f"_dec_{names[f.cls]}"  # type: ignore[index]
-            if f.repeated:
-                lines.append(f"            f_{f.name}.append({sub}(v, {where}))")
-            else:
-                lines.append(f"            f_{f.name} = {sub}(v, {where})")
+        if f.kind in ("message", "map"):
+            body += [f"    {branch} key == {_key(f.number, _LEN)}:", *_indent(_take(f, 0, names), 8)]
         else:
-            wire = _wire(kind)
-            lines.append(f"        {branch} key == {_key(f.number, wire)}:")
-            lines += _scalar_read(kind, "v", where, "            ")
-            if kind == "enum":
-                lines.append(f"            v = {_constant(f.cls, 'enum')}(v)")
-            lines.append(f"            f_{f.name}.append(v)" if f.repeated else f"            f_{f.name} = v")
+            wire = _wire(f.kind)
+            body += [f"    {branch} key == {_key(f.number, wire)}:", *_indent(_take(f, 0, names), 8)]
             if f.repeated and wire != _LEN:  # packed: one length-delimited run of values
-                lines.append(f"        elif key == {_key(f.number, _LEN)}:")
-                lines += _scalar_read("bytes", "seg", where, "            ")
-                if kind in _FIXED_FORMATS:
-                    size = 4 if kind in _FIXED32_KINDS else 8
-                    values = f"_unpack_fixed('{_FIXED_FORMATS[kind]}', {size}, seg, {where})"
-                    lines.append(f"            f_{f.name}.extend({values})")
-                else:
-                    lines += [
-                        "            k = 0",
-                        "            m = len(seg)",
-                        "            while k < m:",
-                        "                v = seg[k]",
-                        "                k += 1",
-                        f"                if v > 0x7F: v, k = _varint(seg, k - 1, {where})",
-                    ]
-                    lines += ["                " + line for line in _varint_post(kind, "v")]
-                    if kind == "enum":
-                        lines.append(f"                v = {_constant(f.cls, 'enum')}(v)")
-                    lines.append(f"                f_{f.name}.append(v)")
+                body += [f"    elif key == {_key(f.number, _LEN)}:", *_indent(_take_packed(f, 0), 8)]
         branch = "elif"
     unknown = [
         "num = key >> 3",
-        f"known = {known_name}.get(num)",
-        "where = path + '.' + known[0] if known else path + ' (field ' + str(num) + ')'",
-        "if num == 0: raise _bad('field number 0', path)",
-        "i = _skip(data, i, end, key & 7, where)",
-        "if known: raise _bad('wire type ' + str(key & 7) + ' for a ' + known[1], where)",
+        f"known = {known}.get(num)",
+        "where = '.' + known[0] if known else ' (field ' + str(num) + ')'",
+        "if num == 0: raise _M('field number 0', '')",
+        "i = _skipv(data, i, end, key & 7, where)",
+        "if known: raise _M('wire type ' + str(key & 7) + ' for a ' + known[1], where)",
         "unk += data[start:i]",
     ]
-    if fields:
-        lines.append("        else:")
-        lines += ["            " + line for line in unknown]
-    else:
-        lines += ["        " + line for line in unknown]
-    body = lines[loop:]
-    del lines[loop:]
-    lines.append("    try:")
-    lines += ["    " + line for line in body]
-    lines += [  # only a value's first byte is read unchecked: it was missing
-        "    except IndexError:",
-        f"        known = {known_name}.get(key >> 3)",
-        "        where = path + '.' + known[0] if known else path + ' (field ' + str(key >> 3) + ')'",
-        "        raise _bad('bad varint', where) from None",
-    ]
-    values = ", ".join(f"'{f.name}': f_{f.name}" for f in fields)
+    body += [*(["    else:"] if fields else []), *_indent(unknown, 8 if fields else 4)]
+    # a varint's first byte is read unchecked: past ``end`` (in the enclosing message) or past the
+    # bytes (IndexError), it was missing
+    body.append(f"if i > end: raise _M('bad varint', _where({known}, key))")
+    lines += _indent(body, 8)
     lines += [
-        f"    o = _new(_cls_{suffix})",
-        f"    o.__dict__.update({{{values}}})" if fields else "",
-        "    o._unknown_fields = unk",
-        "    return o",
+        "    except IndexError:",
+        f"        raise _M('bad varint', _where({known}, key)) from None",
+        "    except UnicodeDecodeError:",
+        f"        raise _M('a string that is not UTF-8', _where({known}, key)) from None",
+        f"    o = _onew(_cls_{suffix})",
     ]
-    return "\n".join(lines)
+    if _plain_attributes(tp):
+        lines += [f"    o.{f.name} = f_{f.name}" for f in fields]
+        lines.append("    o._unknown_fields = unk")
+    else:
+        values = "".join(f"'{f.name}': f_{f.name}, " for f in fields)
+        lines.append(f"    o.__dict__.update({{{values}'_unknown_fields': unk}})")
+    lines.append("    return o")
+    # one body twice: nested messages are read in place, between ``i`` and ``end`` of the enclosing bytes
+    return "\n".join([f"def _dec_{suffix}(data, i, end):", *lines, "",
+                      f"def _read_{suffix}(data):", "    i = 0", "    end = len(data)", *lines, "",
+                      f"def _decode_{suffix}(data, path):",
+                      "    try:",
+                      f"        return _read_{suffix}(data)",
+                      "    except _M as exc:",
+                      "        raise _bad(exc.what, path + exc.rel) from None"])
+
+
+def _plain_attributes(tp: type) -> bool:
+    """Whether setting an attribute of a ``tp`` only stores it in its ``__dict__`` (the fast way; fields are
+    never data descriptors here, :func:`_fields` checked)."""
+    return getattr(tp, "__setattr__", None) is object.__setattr__
 
 
 # -- encoders --
+# An encoder collects the pieces of a message in a list and joins them once; a key
+# with a one-byte length or value after it is one piece from a table.
+
+_tables: dict[int, str] = {}  # key -> the name of its table in _namespace
 
 
-def _scalar_write(kind: str, v: str, indent: str, names: dict[type, str], cls: type | None = None) -> list[str]:
-    """Lines appending the value ``v`` (no key) of ``kind`` to ``b``; ``e`` holds LEN payloads."""
-    if kind in ("sint32", "sint64"):
-        lines = [f"_put(b, {v} << 1 if {v} >= 0 else ({v} << 1) ^ -1)"]
-    elif kind in _VARINT_KINDS:
-        lines = [f"x = {v}", "if 0 <= x < 0x80: b.append(x)", "else: _put(b, x)"]
-    elif kind in _FIXED_FORMATS:
-        fmt = _constant(struct.Struct("<" + _FIXED_FORMATS[kind]), kind)
-        lines = [f"b += {fmt}.pack({v})"]
-    else:
+def _with_byte(key: int) -> str:
+    """The name of a tuple of the 128 byte strings ``key`` + one byte 0-127: a key with a small length or
+    varint value in one piece."""
+    name = _tables.get(key)
+    if name is None:
+        tag = _key_bytes(key >> 3, key & 7)
+        name = _tables[key] = _constant(tuple(tag + bytes([n]) for n in range(128)), f"key{key}")
+    return name
+
+
+def _put_small(value: str, key: int | None, p: str = "p") -> list[str]:
+    """Lines adding ``key`` (none: no key) and the integer ``value`` as a varint to the pieces ``p``."""
+    small = f"{value} < 0x80" if value == "n" else f"0 <= {value} < 0x80"  # n: a length
+    if key is None:
+        return [f"{p}.append(_one[{value}] if {small} else _vb({value}))"]
+    tag = _constant(_key_bytes(key >> 3, key & 7), "tag")
+    return [f"if {small}: {p}.append({_with_byte(key)}[{value}])", "else:", f"    {p}.append({tag})",
+            f"    {p}.append(_vb({value}))"]
+
+
+class _Encoding:
+    """What the encoder of a group of classes writes, and which nested messages it writes inline."""
+
+    def __init__(self, names: dict[type, str], fields: dict[type, list[_Field]]) -> None:
+        self.names = names
+        self.fields = fields
+
+    def flat(self, cls: type | None) -> list[_Field] | None:
+        """The fields of ``cls`` if they are all singular scalars (written inline by the encoders of the
+        messages that contain it: a call less per nested message), else ``None``."""
+        fields = self.fields.get(cls) if cls is not None else None
+        if fields is None or any(f.repeated or f.kind not in _SCALARS for f in fields):
+            return None
+        return fields
+
+    def write(self, kind: str, v: str, key: int | None, cls: type | None = None, p: str = "p") -> list[str]:
+        """Lines adding ``key`` (none: no key) and the value ``v`` of ``kind`` to the pieces ``p``."""
+        if kind in ("sint32", "sint64"):
+            return [f"x = {v} << 1 if {v} >= 0 else ({v} << 1) ^ -1", *_put_small("x", key, p)]
+        if kind in _VARINT_KINDS:
+            return _put_small(v, key, p)
+        if kind in _FIXED_FORMATS:
+            if key is None:
+                return [f"{p}.append({_constant(struct.Struct('<' + _FIXED_FORMATS[kind]), kind)}.pack({v}))"]
+            tag = _key_bytes(key >> 3, key & 7)
+            fmt = _constant(struct.Struct(f"<{len(tag)}s{_FIXED_FORMATS[kind]}"), kind)
+            return [f"{p}.append({fmt}.pack({_constant(tag, 'tag')}, {v}))"]
         if kind == "string":
-            lines = [f"e = {v}.encode('utf-8')"]
+            lines = [f"e = {v}.encode()"]
         elif kind == "bytes":
             lines = [f"e = {v}"]
-        else:  # message
+        else:  # a message, as itself when it is exactly its class (not a subclass that may encode otherwise)
             assert cls is not None
-            sub = f"_enc_{names[cls]}"
-            target = f"_cls_{names[cls]}"
-            lines = [f"e = {sub}({v}) if type({v}) is {target} else bytes({v})"]
-        lines += ["n = len(e)", "if n < 0x80: b.append(n)", "else: _put(b, n)", "b += e"]
-    return [indent + line for line in lines]
+            flat = self.flat(cls)
+            if flat is None:
+                lines = [f"e = _enc_{self.names[cls]}({v}) if type({v}) is _cls_{self.names[cls]} else bytes({v})"]
+            else:
+                lines = [f"if type({v}) is _cls_{self.names[cls]}:", "    q = []"]
+                for f in flat:
+                    lines += _indent(self.singular(f, v, "w", "q"), 4)
+                lines += [f"    q.append({v}._unknown_fields)", "    e = b''.join(q)", f"else: e = bytes({v})"]
+        assert key is not None
+        return [*lines, "n = len(e)", *_put_small("n", key, p), f"{p}.append(e)"]
+
+    def singular(self, f: _Field, m: str, v: str, p: str) -> list[str]:
+        """Lines adding the singular field ``f`` of the message ``m`` to the pieces ``p`` (``v``: its value)."""
+        if f.presence or f.kind == "message":
+            test = f"{v} is not None"
+        else:
+            test = f"{v} is not None and {v} != {_literal(f.default, 'default')}"
+        key = _key(f.number, _LEN if f.kind == "message" else _wire(f.kind))
+        return [f"{v} = {m}.{f.name}", f"if {test}:", *_indent(self.write(f.kind, v, key, f.cls, p), 4)]
 
 
-def _encoder_source(suffix: str, fields: list[_Field], names: dict[type, str]) -> str:
-    lines = [f"def _enc_{suffix}(m):", "    b = bytearray()"]
+def _encoder_source(suffix: str, fields: list[_Field], names: dict[type, str],
+                    field_lists: dict[type, list[_Field]]) -> str:
+    enc = _Encoding(names, field_lists)
+    lines = [f"def _enc_{suffix}(m):", "    p = []"]
     for f in fields:  # in declaration order, as betterproto2 writes them
-        lines.append(f"    v = m.{f.name}")
         kind = f.kind
-        if f.kind == "map":
+        if not f.repeated and kind != "map":
+            lines += _indent(enc.singular(f, "m", "v", "p"), 4)
+            continue
+        lines.append(f"    v = m.{f.name}")
+        if kind == "map":
             assert f.entry is not None
             key, value = f.entry
-            tag = _constant(_key_bytes(f.number, _LEN), "tag")
-            tag_k = _constant(_key_bytes(1, _wire(key.kind)), "tag")
-            tag_v = _constant(_key_bytes(2, _wire(value.kind)), "tag")
-            lines += [
-                "    if v is not None and v != {}:",
-                "        outer = b",
-                "        for mk, mv in v.items():",
-                "            b = bytearray()",
-                f"            b += {tag_k}",
-            ]
-            lines += _scalar_write(key.kind, "mk", "            ", names)
-            lines.append(f"            b += {tag_v}")
-            lines += _scalar_write(value.kind, "mv", "            ", names, value.cls)
-            lines += [
-                "            entry = b",
-                "            b = outer",
-                f"            b += {tag}",
-                "            _put(b, len(entry))",
-                "            b += entry",
-            ]
-            continue
-        if f.repeated:
-            lines.append("    if v is not None and v != []:")
-            if kind in _SCALARS - {"string", "bytes"}:  # packed
-                tag = _constant(_key_bytes(f.number, _LEN), "tag")
-                lines += ["        outer = b", "        b = bytearray()", "        for item in v:"]
-                lines += _scalar_write(kind, "item", "            ", names)
-                lines += ["        packed = b", "        b = outer", f"        b += {tag}",
-                          "        _put(b, len(packed))", "        b += packed"]
-            else:
-                tag = _constant(_key_bytes(f.number, _LEN), "tag")
-                lines += ["        for item in v:", f"            b += {tag}"]
-                lines += _scalar_write(kind, "item", "            ", names, f.cls)
-            continue
-        tag = _constant(_key_bytes(f.number, _wire(kind)), "tag")
-        if f.presence or kind == "message":
-            lines.append("    if v is not None:")
+            lines += ["    if v is not None and v != {}:", "        outer = p", "        for mk, mv in v.items():",
+                      "            p = []"]
+            lines += _indent(enc.write(key.kind, "mk", _key(1, _wire(key.kind))), 12)
+            lines += _indent(enc.write(value.kind, "mv", _key(2, _wire(value.kind)), value.cls), 12)
+            lines += ["            e = b''.join(p)", "            p = outer", "            n = len(e)"]
+            lines += _indent(_put_small("n", _key(f.number, _LEN)), 12)
+            lines.append("            p.append(e)")
+        elif f.repeated and kind in _SCALARS - {"string", "bytes"}:  # packed
+            lines += ["    if v is not None and v != []:", "        outer = p", "        p = []",
+                      "        for item in v:"]
+            lines += _indent(enc.write(kind, "item", None), 12)
+            lines += ["        e = b''.join(p)", "        p = outer", "        n = len(e)"]
+            lines += _indent(_put_small("n", _key(f.number, _LEN)), 8)
+            lines.append("        p.append(e)")
         else:
-            lines.append(f"    if v is not None and v != {_constant(f.default, 'default')}:")
-        lines.append(f"        b += {tag}")
-        lines += _scalar_write(kind, "v", "        ", names, f.cls)
-    lines += ["    b += m._unknown_fields", "    return bytes(b)"]
+            lines += ["    if v is not None and v != []:", "        for item in v:"]
+            lines += _indent(enc.write(kind, "item", _key(f.number, _LEN), f.cls), 12)
+    lines += ["    p.append(m._unknown_fields)", "    return b''.join(p)"]
     return "\n".join(lines)
+

@@ -395,6 +395,8 @@ def _decoder_source(m: L.Message) -> str:
         f"        known = {known}.get(key >> 3)",
         "        where = path + '.' + known[0] if known else path + ' (field ' + str(key >> 3) + ')'",
         "        raise _bad('bad varint', where) from None",
+        "    except UnicodeDecodeError:",
+        f"        raise _bad('a string that is not UTF-8', path + '.' + {known}[key >> 3][0]) from None",
     ]
     for f in m.fields:
         if f.repeated or f.kind == L.MAP:
@@ -430,13 +432,17 @@ def _entry_source(suffix: str, f: L.Field) -> str:
 
 
 # -- encoders --
+# As proto_compiled's: the pieces of a message in a list, joined once; a key with a
+# one-byte length or value after it is one piece from that module's tables.
 
 
-def _write(f: L.Field, v: str, indent: str) -> list[str]:
-    """Lines appending the value ``v`` (no key) of ``f`` to ``b``."""
+def _write(f: L.Field, v: str, key: int | None) -> list[str]:
+    """Lines adding ``key`` (none: no key) and the value ``v`` of ``f`` to the pieces ``p``."""
     if f.kind == L.BOOL:
-        lines = [f"b.append(1 if {v} else 0)"]
-    elif f.kind in (L.INT64, L.ENUM):
+        if key is None:
+            return [f"p.append(b'\\x01' if {v} else b'\\x00')"]
+        return [f"p.append({pc._with_byte(key)}[1 if {v} else 0])"]
+    if f.kind in (L.INT64, L.ENUM):
         if f.kind == L.ENUM:
             assert f.enum is not None
             numbers = {**f.enum.numbers, **{m.value: n for m, n in f.enum.numbers.items()}}
@@ -445,56 +451,59 @@ def _write(f: L.Field, v: str, indent: str) -> list[str]:
         else:
             lines = [f"x = {v}",
                      f"if not {_INT64[0]} <= x <= {_INT64[1]}: raise _range(x, 'int64')"]
-        lines += ["if 0 <= x < 0x80: b.append(x)", "else: _put(b, x)"]
-    elif f.kind == L.DOUBLE:
-        lines = [f"b += {pc._constant(_DOUBLE, 'double')}.pack({v})"]
+        return [*lines, *pc._put_small("x", key)]
+    if f.kind == L.DOUBLE:
+        if key is None:
+            return [f"p.append({pc._constant(_DOUBLE, 'double')}.pack({v}))"]
+        tag = pc._key_bytes(key >> 3, key & 7)
+        fmt = pc._constant(struct.Struct(f"<{len(tag)}sd"), "double")
+        return [f"p.append({fmt}.pack({pc._constant(tag, 'tag')}, {v}))"]
+    if f.kind == L.STRING:
+        lines = [f"e = {v}.encode()" if f.adapt == L.PLAIN else f"e = _text({v}).encode()"]
+    elif f.kind == L.BYTES:
+        lines = [f"e = bytes({v})"]
+    elif f.adapt == L.TIMESTAMP:
+        lines = [f"e = _ts_enc({v})"]
+    elif f.adapt == L.DURATION:
+        lines = [f"e = _dur_enc({v})"]
+    elif f.adapt == L.JSONVALUE:
+        lines = [f"e = _json({v})"]
     else:
-        if f.kind == L.STRING:
-            lines = [f"e = {v}.encode()" if f.adapt == L.PLAIN else f"e = _text({v}).encode()"]
-        elif f.kind == L.BYTES:
-            lines = [f"e = bytes({v})"]
-        elif f.adapt == L.TIMESTAMP:
-            lines = [f"e = _ts_enc({v})"]
-        elif f.adapt == L.DURATION:
-            lines = [f"e = _dur_enc({v})"]
-        elif f.adapt == L.JSONVALUE:
-            lines = [f"e = _json({v})"]
-        else:
-            assert f.message is not None
-            lines = [f"e = _senc_{_names[id(f.message)]}({v})"]
-        lines += ["n = len(e)", "if n < 0x80: b.append(n)", "else: _put(b, n)", "b += e"]
-    return [indent + line for line in lines]
+        assert f.message is not None
+        lines = [f"e = _senc_{_names[id(f.message)]}({v})"]
+    assert key is not None
+    return [*lines, "n = len(e)", *pc._put_small("n", key), "p.append(e)"]
+
+
+def _indent(lines: list[str], by: int) -> list[str]:
+    return [" " * by + line for line in lines]
 
 
 def _encoder_source(m: L.Message) -> str:
     suffix = _names[id(m)]
-    lines = [f"def _senc_{suffix}(m):", "    b = bytearray()"]
+    lines = [f"def _senc_{suffix}(m):", "    p = []"]
     for f in m.fields:
         lines.append(f"    v = m.{f.attr}")
-        tag = pc._constant(pc._key_bytes(f.number, _wire(f)), "tag")
         if f.kind == L.MAP:
             assert f.entry is not None
             key, value = f.entry
-            tag = pc._constant(pc._key_bytes(f.number, pc._LEN), "tag")
-            lines += ["    if v:", "        outer = b", "        for mk, mv in v.items():",
-                      "            b = bytearray()",
-                      f"            b += {pc._constant(pc._key_bytes(1, _wire(key)), 'tag')}"]
-            lines += _write(key, "mk", "            ")
-            lines.append(f"            b += {pc._constant(pc._key_bytes(2, _wire(value)), 'tag')}")
-            lines += _write(value, "mv", "            ")
-            lines += ["            entry = b", "            b = outer", f"            b += {tag}",
-                      "            _put(b, len(entry))", "            b += entry"]
+            lines += ["    if v:", "        outer = p", "        for mk, mv in v.items():", "            p = []"]
+            lines += _indent(_write(key, "mk", pc._key(1, _wire(key))), 12)
+            lines += _indent(_write(value, "mv", pc._key(2, _wire(value))), 12)
+            lines += ["            e = b''.join(p)", "            p = outer", "            n = len(e)"]
+            lines += _indent(pc._put_small("n", pc._key(f.number, pc._LEN)), 12)
+            lines.append("            p.append(e)")
         elif f.repeated:
             lines.append("    if v:")
-            if _wire(f) != pc._LEN:
-                lines += ["        outer = b", "        b = bytearray()", "        for item in v:"]
-                lines += _write(f, "item", "            ")
-                lines += ["        packed = b", "        b = outer",
-                          f"        b += {pc._constant(pc._key_bytes(f.number, pc._LEN), 'tag')}",
-                          "        _put(b, len(packed))", "        b += packed"]
+            if _wire(f) != pc._LEN:  # packed
+                lines += ["        outer = p", "        p = []", "        for item in v:"]
+                lines += _indent(_write(f, "item", None), 12)
+                lines += ["        e = b''.join(p)", "        p = outer", "        n = len(e)"]
+                lines += _indent(pc._put_small("n", pc._key(f.number, pc._LEN)), 8)
+                lines.append("        p.append(e)")
             else:
-                lines += ["        for item in v:", f"            b += {tag}"]
-                lines += _write(f, "item", "            ")
+                lines.append("        for item in v:")
+                lines += _indent(_write(f, "item", pc._key(f.number, pc._LEN)), 12)
         else:
             if f.presence or f.kind == L.MESSAGE:
                 lines.append("    if v is not None:")
@@ -509,7 +518,6 @@ def _encoder_source(m: L.Message) -> str:
                 lines.append(f"    if v is not {member} and v != {raw}:")
             else:
                 lines.append("    if v:")
-            lines.append(f"        b += {tag}")
-            lines += _write(f, "v", "        ")
-    lines.append("    return bytes(b)")
+            lines += _indent(_write(f, "v", pc._key(f.number, _wire(f))), 8)
+    lines.append("    return b''.join(p)")
     return "\n".join(lines)

@@ -21,7 +21,7 @@ import msgspec
 
 from micro.codec import proto as _proto
 from micro.codec.layout import Message, NotMappable, layout_of
-from micro.codec.proto_compiled import compiled
+from micro.codec.proto_compiled import Malformed, compiled
 from micro.codec.struct_compiled import StructProto, compile_layout
 from micro.errors import BadRequest, Error, Internal, UsageError
 
@@ -217,6 +217,7 @@ class ProtoCodec(TypeCodec):
         super().__init__(tp)
         self.package = proto_package(tp)
         self._compiled = compiled(tp)  # None: betterproto2 itself, behind check_wire
+        self._read = None if self._compiled is None else self._compiled.read
 
     def convert(self, value: object, where: str) -> Any:
         if type(value) is self.type:
@@ -231,11 +232,12 @@ class ProtoCodec(TypeCodec):
 
     def decode(self, data: bytes, wire: str, where: str) -> Any:
         if wire == PROTO:
-            if self._compiled is not None:
+            read = self._read
+            if read is not None:
                 try:
-                    return self._compiled.decode(data if type(data) is bytes else bytes(data), "$")
-                except BadRequest as exc:
-                    raise BadRequest(f"{where}: {exc.message}") from None
+                    return read(data if type(data) is bytes else bytes(data))
+                except Malformed as exc:
+                    raise BadRequest(f"{where}: {exc.message('$')}") from None
                 except RecursionError:
                     raise BadRequest(f"{where}: malformed protobuf: messages nested too deep") from None
             try:
