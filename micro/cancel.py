@@ -112,7 +112,8 @@ def cancel(task: asyncio.Task[Any], base: object | None = None, *, active: Calla
     ``delivered`` is called just before ``Task.cancel()``.
 
     Cancelling a task whose cancellation is held back already adds no timer: the same request again is
-    one request, another joins the held ones (each delivered when the task is out of its shields)."""
+    one request, another joins the held ones (each delivered when the task is out of its shields, with a
+    ``Task.cancel()`` of its own: a deadline's watch that ``uncancel()``s its one leaves the others standing)."""
     if task.done() or (active is not None and not active()):
         return
     if SHIELDS and shielded(task, base):
@@ -159,10 +160,9 @@ def _look(task: asyncio.Task[Any]) -> None:
         held.timer = task.get_loop().call_later(POLL, _look, task)
     else:
         del _HELD[task]
-    if ready:
-        for _, _, delivered in ready:
-            if delivered is not None:
-                delivered()
+    for _, _, delivered in ready:  # one Task.cancel() each: a watch's uncancel() takes back its own alone
+        if delivered is not None:
+            delivered()
         task.cancel()
 
 

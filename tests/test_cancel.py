@@ -12,6 +12,8 @@ import anyio
 import pytest
 
 from micro import cancel
+from micro.deadlines import Watchdog
+from micro.errors import Timeout
 
 
 class CancelTimers:
@@ -129,3 +131,37 @@ def test_the_shield_record_is_looked_for_on_instances_not_slots() -> None:
     assert not cancel.readable(SimpleNamespace(CancelScope=_NoParent, TaskState=_State, _task_states={}))
     assert not cancel.readable(SimpleNamespace(CancelScope=_Scope, TaskState=_State))
     assert cancel.SHIELDS  # and the installed anyio has it
+
+
+async def test_held_cancellations_delivered_together_are_each_counted() -> None:
+    """A caller's cancel and a deadline held back by the same shielded section are delivered together when the
+    task leaves it, one ``Task.cancel()`` each: the deadline's watch takes back its own alone, and the caller's
+    goes through as with ``asyncio.timeout`` (it used to be consumed: one ``Task.cancel()`` for both, turned
+    into a ``Timeout`` the handler could catch and run on after its caller was gone)."""
+    dog = Watchdog()
+    inside, release, seen, watches = anyio.Event(), anyio.Event(), [], []
+
+    async def handler() -> None:
+        try:
+            with dog.watch(asyncio.get_running_loop().time(), "inner") as w:  # fires once the task waits
+                watches.append(w)
+                with anyio.CancelScope(shield=True):
+                    inside.set()
+                    await release.wait()
+                await anyio.sleep_forever()
+        except Timeout:
+            seen.append("Timeout")  # a fallback after a timed-out dependency
+        await anyio.lowlevel.checkpoint()
+        seen.append("ran on after the caller's cancel")
+
+    task = asyncio.get_running_loop().create_task(handler())
+    await inside.wait()
+    cancel.cancel(task)  # the caller's reset: held
+    with anyio.fail_after(5):
+        while not watches[0].expired:  # the deadline's cancellation: held too
+            await anyio.lowlevel.checkpoint()
+    assert cancel.pending(task) and not watches[0].fired
+    release.set()
+    with anyio.fail_after(5):
+        await asyncio.wait([task])
+    assert task.cancelled() and seen == []

@@ -38,6 +38,7 @@ class Svc:
         self.ended = anyio.Event()
         self.release = anyio.Event()
         self.shielded: list[str] = []
+        self.runtime: micro.Runtime | None = None  # the node's own, for calls in process
 
     async def Echo(self, req: Echo) -> Echo:
         """Echo."""
@@ -59,6 +60,27 @@ class Svc:
             self.ended.set()
         return req
 
+    async def Outer(self, req: Echo) -> Echo:
+        """Calls Inner in process with a 50 ms deadline and falls back on its Timeout; notes what ran."""
+        assert self.runtime is not None
+        try:
+            await self.runtime.client.call("gcancel", "Svc.Inner", {}, timeout=0.05)
+        except Timeout:
+            self.shielded.append("Timeout")
+            await anyio.lowlevel.checkpoint()
+            self.shielded.append("ran on after the caller's reset")
+        finally:
+            self.ended.set()
+        return req
+
+    async def Inner(self, req: Echo) -> Echo:
+        """A shielded section (until released, then 100 ms more: the caller's deadline passes in it), then a wait."""
+        self.started.set()
+        with anyio.CancelScope(shield=True):
+            await self.release.wait()
+            await anyio.sleep(0.1)
+        await anyio.sleep_forever()
+        return req
 
     async def Section(self, req: Echo) -> Echo:
         """Only a shielded section (until released), then the answer."""
@@ -88,6 +110,7 @@ async def node() -> AsyncIterator[Node]:
         svc = Svc()
         service = micro.Service("gcancel", runtime=home)
         service.handle(svc)
+        svc.runtime = home
         async with service:
             yield Node(service, svc, away)
 
@@ -192,6 +215,25 @@ async def test_a_deadline_lets_a_shielded_section_of_the_handler_finish(node: No
         await node.svc.ended.wait()
     assert peer.got[sid]["grpc-status"] == "4"  # DEADLINE_EXCEEDED
     assert peer.got[sid]["grpc-message"] == "gcancel Svc.Shield: deadline exceeded"
+    await node.still_answers()
+
+
+async def test_a_reset_and_a_deadline_held_by_one_section_both_count(node: Node, peer: Peer) -> None:
+    """The caller resets the stream while the handler's in-process call is in its callee's shielded section, and
+    that call's deadline passes there too: once the section is done both are delivered, the inner call's watch
+    takes back its own, and the caller's reset still cancels the handler (it used to be turned into a Timeout
+    the handler caught, running on for a caller that was gone)."""
+    sid = peer.call("Outer", {})
+    with anyio.fail_after(10):
+        await node.svc.started.wait()
+    peer.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+    peer.conn.ping(b"after-rs")
+    peer.flush()
+    await peer.until(h2.events.PingAckReceived)  # the reset is held
+    node.svc.release.set()
+    with anyio.fail_after(10):
+        await node.svc.ended.wait()
+    assert node.svc.shielded == []
     await node.still_answers()
 
 
