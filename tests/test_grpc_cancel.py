@@ -312,3 +312,57 @@ async def test_a_handler_that_answers_right_after_its_section_ends_quietly(node:
     assert [t.cancelled() for t in tasks] == [True]
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
     await node.still_answers()
+
+
+async def test_calls_reset_in_the_read_that_brought_them_leave_the_connection_usable(node: Node,
+                                                                                     peer: Peer) -> None:
+    """A request and its RST_STREAM in one write: the call's task is cancelled before its first step, where
+    grpclib would release the stream. micro releases it then: its DATA is acknowledged and the connection's
+    flow-control window (4 MiB) comes back, so after twice that much in such calls a normal call is answered
+    (grpclib left each stream registered, the window ran out and the connection answered nothing)."""
+    path = [(":method", "POST"), (":scheme", "http"), (":path", "/gcancel.Svc/Echo"), (":authority", "x"),
+            ("content-type", "application/grpc+json"), ("te", "trailers")]
+    body = b"\0" + (16100).to_bytes(4, "big") + b"x" * 16000  # more to come: the handler would wait for it
+    sent = 0
+    while sent < 2 * 4 * 1024 * 1024:
+        while peer.conn.outbound_flow_control_window < len(body):
+            await peer.until(h2.events.WindowUpdated)  # the server acknowledged some
+        sid = peer.conn.get_next_available_stream_id()
+        peer.conn.send_headers(sid, path)
+        peer.conn.send_data(sid, body)
+        peer.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+        peer.flush()
+        sent += len(body)
+    sid = peer.call("Echo", {"text": "ok"})
+    with anyio.fail_after(10):
+        while "grpc-status" not in peer.got.get(sid, {}):
+            assert await peer.until(h2.events.StreamEnded), "the connection closed"
+    assert peer.got[sid]["grpc-status"] == "0"
+
+
+async def test_a_call_without_grpc_timeout_has_no_deadline_from_where_the_server_started() -> None:
+    """A server started from a task that carries a call's deadline (a gRPC handler that starts a service): its
+    calls without ``grpc-timeout`` have no deadline, not that one (which has passed here)."""
+    registry = MemoryRegistry()
+    token = grpc_server._DEADLINE.set(asyncio.get_running_loop().time() - 1)
+    try:
+        async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as home:
+            svc = Svc()
+            service = micro.Service("gcancel", runtime=home)
+            service.handle(svc)
+            async with service:
+                grpc_server._DEADLINE.reset(token)
+                peer = await Peer.open(Node(service, svc, home))
+                try:
+                    sid = peer.call("Section", {"text": "ok"})
+                    with anyio.fail_after(10):
+                        await svc.started.wait()
+                        svc.release.set()
+                        while "grpc-status" not in peer.got.get(sid, {}):
+                            assert await peer.until(h2.events.StreamEnded), "the connection closed"
+                finally:
+                    peer.close()
+    finally:
+        if grpc_server._DEADLINE.get() is not None:
+            grpc_server._DEADLINE.reset(token)
+    assert peer.got[sid]["grpc-status"] == "0"

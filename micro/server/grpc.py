@@ -166,6 +166,7 @@ class _Handler(_BaseHandler):
         refusal: GRPCError | None = None
         standard = False
         timeout: float | None = None
+        deadline: float | None = None
         for key, value in headers:
             if key == "content-type":
                 if value.endswith("+json"):
@@ -197,13 +198,16 @@ class _Handler(_BaseHandler):
         elif timeout is not None and not standard:
             # the call's Watchdog enforces it (see _call), not grpclib's timer: that one cuts shielded sections
             headers = [(k, v) for k, v in headers if k != "grpc-timeout"]
-            token = _DEADLINE.set(self.loop.time() + timeout)  # the call's task starts with a copy of it
-            try:
-                super().accept(stream, headers, release_stream)
-            finally:
-                _DEADLINE.reset(token)
-            return
-        super().accept(stream, headers, release_stream)
+            deadline = self.loop.time() + timeout
+        token = _DEADLINE.set(deadline)  # the call's task starts with a copy of it (None: no deadline of its own)
+        try:
+            release = _Release(release_stream)
+            super().accept(stream, headers, release)
+            task = getattr(self, "_tasks", _NO_TASKS).get(stream)  # grpclib 0.4's (see _CANCELS)
+            if task is not None:
+                task.add_done_callback(release.after)
+        finally:
+            _DEADLINE.reset(token)
 
     def cancel(self, stream: H2Stream) -> None:
         """The caller reset the stream: cancel its call (after a shielded section the handler is in)."""
@@ -224,6 +228,32 @@ class _Handler(_BaseHandler):
         self._cancelled.update(self._tasks.values())
         self.closing = True
         return None
+
+
+_NO_TASKS: dict[Any, asyncio.Task[None]] = {}
+
+
+class _Release:
+    """A stream's ``release_stream`` (grpclib's: the stream leaves the connection's streams and its buffered
+    DATA is acknowledged), called by ``request_handler`` when it ends, or by :meth:`after` when the call's task
+    ended without running (cancelled before its first step: a reset in the same read as the request), which
+    grpclib leaves undone: the stream stayed registered and its DATA unacknowledged, until the connection's
+    flow-control window was used up and no call on it got an answer. Called once either way."""
+
+    __slots__ = ("done", "release")
+
+    def __init__(self, release: Callable[[], Any]) -> None:
+        self.release = release
+        self.done = False
+
+    def __call__(self) -> Any:
+        self.done = True
+        return self.release()
+
+    def after(self, _task: asyncio.Task[None]) -> None:
+        if not self.done:
+            self.done = True
+            self.release()
 
 
 def _has_cancel_internals() -> bool:
