@@ -22,6 +22,7 @@ import msgspec
 import pytest
 
 import micro
+from micro import cancel
 from micro.errors import Timeout
 from micro.registry.memory import MemoryRegistry
 from micro.server import grpc as grpc_server
@@ -39,6 +40,7 @@ class Svc:
         self.release = anyio.Event()
         self.shielded: list[str] = []
         self.runtime: micro.Runtime | None = None  # the node's own, for calls in process
+        self.task: asyncio.Task[object] | None = None  # Shield's
 
     async def Echo(self, req: Echo) -> Echo:
         """Echo."""
@@ -46,6 +48,7 @@ class Svc:
 
     async def Shield(self, req: Echo) -> Echo:
         """Shields a section (``n`` ms long, or until released), then waits for ever; notes what ran."""
+        self.task = asyncio.current_task()
         self.started.set()
         try:
             with anyio.CancelScope(shield=True):
@@ -238,10 +241,24 @@ async def test_a_reset_and_a_deadline_held_by_one_section_both_count(node: Node,
 
 
 async def test_a_micro_caller_past_its_deadline_gets_a_timeout(node: Node) -> None:
-    """The same over micro's gRPC client, whose own deadline passes at the same time: a Timeout, and the
-    section still finishes."""
-    with anyio.fail_after(10), pytest.raises(Timeout):
-        await node.client.client.call("gcancel", "Svc.Shield", {"n": 300}, timeout=0.1)
+    """The same over micro's gRPC client, whose own deadline passes at the same time: the cancellation is held
+    back until the section is done, the caller gets a Timeout. The deadline is generous (1 s): a request
+    whose DATA the server reads after its deadline would never reach the section."""
+
+    async def call() -> None:
+        with pytest.raises(Timeout):
+            await node.client.client.call("gcancel", "Svc.Shield", {}, timeout=1.0)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        with anyio.fail_after(10):
+            await node.svc.started.wait()
+            task = node.svc.task
+            assert task is not None
+            while not cancel.pending(task):  # noqa: ASYNC110 - the loop's timer passes the deadline
+                await anyio.sleep(0.01)
+        assert node.svc.shielded == [] and not task.done()  # cancelled, but still in its section
+        node.svc.release.set()
     with anyio.fail_after(10):
         await node.svc.ended.wait()
     assert node.svc.shielded == ["section done"]
