@@ -10,7 +10,8 @@ stream, a lost connection, a stop past its grace), and the deadline
 :class:`~micro.deadlines.Watchdog` (the native and gRPC servers' calls, the in-process path) —
 and all of them go through :func:`cancel`, which does the same: at once when the task is in no
 shielded scope entered since ``base`` (the scope the cancelled work started in), else as
-soon as it has left it, looked at every :data:`POLL` seconds. Nothing is paid per call: a
+soon as it has left it, looked at after :data:`POLL` seconds, then twice as long each time up to
+:data:`POLL_MAX` (a thousand tasks held in long sections cost little). Nothing is paid per call: a
 per-call ``anyio.CancelScope`` costs ~4–5 µs per task on CPython 3.11, most of the native
 server's whole cost of a call; this looks at anyio's state only when a call is cancelled.
 
@@ -59,9 +60,13 @@ SHIELDS = readable(_anyio)
 _STATES: Any = _anyio._task_states if SHIELDS else None
 
 POLL = 0.005
-"""Seconds between looks at a cancelled task that is still inside a shielded scope."""
+"""Seconds before the first look at a cancelled task inside a shielded scope; each next one waits twice as long."""
+POLL_MAX = 0.1
+"""The longest wait between two looks at a task still inside a shielded scope: how late, at most, a held
+cancellation is delivered after the section's end."""
 
-__all__ = ["POLL", "SHIELDS", "cancel", "cut", "pending", "readable", "scope_of", "shielded"]
+__all__ = ["DEFAULT_SHIELD_TIMEOUT", "POLL", "POLL_MAX", "SHIELDS", "cancel", "cut", "pending", "readable",
+           "scope_of", "shielded", "stop_all"]
 
 _Request = tuple[object | None, Callable[[], bool] | None, Callable[[], None] | None]  # base, active, delivered
 
@@ -70,11 +75,12 @@ _HELD: weakref.WeakKeyDictionary[asyncio.Task[Any], _Held] = weakref.WeakKeyDict
 
 
 class _Held:
-    __slots__ = ("requests", "timer")
+    __slots__ = ("delay", "requests", "timer")
 
     def __init__(self) -> None:  # no reference to its task: the weak key would never go
         self.requests: list[_Request] = []
         self.timer: asyncio.TimerHandle | None = None
+        self.delay = POLL  # until the next look: doubled after each, up to POLL_MAX
 
 
 def scope_of(task: asyncio.Task[Any]) -> object | None:
@@ -112,14 +118,15 @@ def cancel(task: asyncio.Task[Any], base: object | None = None, *, active: Calla
     ``delivered`` is called just before ``Task.cancel()``.
 
     Cancelling a task whose cancellation is held back already adds no timer: the same request again is
-    one request, another joins the held ones (each delivered when the task is out of its shields)."""
+    one request, another joins the held ones (each delivered when the task is out of its shields, with a
+    ``Task.cancel()`` of its own: a deadline's watch that ``uncancel()``s its one leaves the others standing)."""
     if task.done() or (active is not None and not active()):
         return
     if SHIELDS and shielded(task, base):
         held = _HELD.get(task)
         if held is None:
             held = _HELD[task] = _Held()
-            held.timer = task.get_loop().call_later(POLL, _look, task)
+            held.timer = task.get_loop().call_later(held.delay, _look, task)
         request = (base, active, delivered)
         if request not in held.requests:
             held.requests.append(request)
@@ -156,13 +163,13 @@ def _look(task: asyncio.Task[Any]) -> None:
         (waiting if shielded(task, base) else ready).append(request)
     held.requests = waiting
     if waiting:
-        held.timer = task.get_loop().call_later(POLL, _look, task)
+        held.delay = min(2 * held.delay, POLL_MAX)
+        held.timer = task.get_loop().call_later(held.delay, _look, task)
     else:
         del _HELD[task]
-    if ready:
-        for _, _, delivered in ready:
-            if delivered is not None:
-                delivered()
+    for _, _, delivered in ready:  # one Task.cancel() each: a watch's uncancel() takes back its own alone
+        if delivered is not None:
+            delivered()
         task.cancel()
 
 

@@ -12,6 +12,8 @@ import anyio
 import pytest
 
 from micro import cancel
+from micro.deadlines import Watchdog
+from micro.errors import Timeout
 
 
 class CancelTimers:
@@ -102,6 +104,46 @@ async def test_shields_outside_the_work_do_not_count() -> None:
         await anyio.lowlevel.checkpoint()
 
 
+async def test_the_looks_at_a_held_task_back_off_up_to_poll_max(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task held in a long section is looked at after POLL, then twice as long each time up to POLL_MAX (a
+    thousand held tasks looked at every 5 ms cost a third of a CPU); once out, the next look delivers."""
+    loop = asyncio.get_running_loop()
+    real = loop.call_later
+    delays: list[float] = []
+    looks: list[tuple[Any, tuple[Any, ...]]] = []
+    handles: list[asyncio.TimerHandle] = []
+
+    def spy(delay: float, callback: Any, *args: Any, context: Any = None) -> asyncio.TimerHandle:
+        if getattr(callback, "__module__", None) != cancel.__name__:
+            return real(delay, callback, *args, context=context)
+        delays.append(delay)
+        looks.append((callback, args))
+        handles.append(real(3600, lambda: None))  # the test makes each look itself
+        return handles[-1]
+
+    monkeypatch.setattr(loop, "call_later", spy)
+    release, inside, seen = anyio.Event(), anyio.Event(), []
+    task = loop.create_task(_in_a_shield(release, inside, seen))
+    await inside.wait()
+    cancel.cancel(task)
+    for _ in range(8):
+        callback, args = looks[-1]
+        callback(*args)
+    assert delays == pytest.approx([min(cancel.POLL * 2 ** i, cancel.POLL_MAX) for i in range(9)])
+    assert cancel.POLL_MAX > cancel.POLL and cancel.pending(task)
+    release.set()
+    with anyio.fail_after(5):
+        while cancel.shielded(task):
+            await anyio.lowlevel.checkpoint()
+    callback, args = looks[-1]
+    callback(*args)
+    with anyio.fail_after(5):
+        await asyncio.wait([task])
+    assert task.cancelled() and seen == ["section done"] and not cancel.pending(task) and len(delays) == 9
+    for handle in handles:
+        handle.cancel()
+
+
 class _Scope:  # as anyio 4.6 to 4.13 define it: attributes set in __init__, no __slots__
     def __init__(self, *, shield: bool = False) -> None:
         self._parent_scope: _Scope | None = None
@@ -129,3 +171,37 @@ def test_the_shield_record_is_looked_for_on_instances_not_slots() -> None:
     assert not cancel.readable(SimpleNamespace(CancelScope=_NoParent, TaskState=_State, _task_states={}))
     assert not cancel.readable(SimpleNamespace(CancelScope=_Scope, TaskState=_State))
     assert cancel.SHIELDS  # and the installed anyio has it
+
+
+async def test_held_cancellations_delivered_together_are_each_counted() -> None:
+    """A caller's cancel and a deadline held back by the same shielded section are delivered together when the
+    task leaves it, one ``Task.cancel()`` each: the deadline's watch takes back its own alone, and the caller's
+    goes through as with ``asyncio.timeout`` (it used to be consumed: one ``Task.cancel()`` for both, turned
+    into a ``Timeout`` the handler could catch and run on after its caller was gone)."""
+    dog = Watchdog()
+    inside, release, seen, watches = anyio.Event(), anyio.Event(), [], []
+
+    async def handler() -> None:
+        try:
+            with dog.watch(asyncio.get_running_loop().time(), "inner") as w:  # fires once the task waits
+                watches.append(w)
+                with anyio.CancelScope(shield=True):
+                    inside.set()
+                    await release.wait()
+                await anyio.sleep_forever()
+        except Timeout:
+            seen.append("Timeout")  # a fallback after a timed-out dependency
+        await anyio.lowlevel.checkpoint()
+        seen.append("ran on after the caller's cancel")
+
+    task = asyncio.get_running_loop().create_task(handler())
+    await inside.wait()
+    cancel.cancel(task)  # the caller's reset: held
+    with anyio.fail_after(5):
+        while not watches[0].expired:  # the deadline's cancellation: held too
+            await anyio.lowlevel.checkpoint()
+    assert cancel.pending(task) and not watches[0].fired
+    release.set()
+    with anyio.fail_after(5):
+        await asyncio.wait([task])
+    assert task.cancelled() and seen == []

@@ -22,6 +22,7 @@ import msgspec
 import pytest
 
 import micro
+from micro import cancel
 from micro.errors import Timeout
 from micro.registry.memory import MemoryRegistry
 from micro.server import grpc as grpc_server
@@ -38,6 +39,8 @@ class Svc:
         self.ended = anyio.Event()
         self.release = anyio.Event()
         self.shielded: list[str] = []
+        self.runtime: micro.Runtime | None = None  # the node's own, for calls in process
+        self.task: asyncio.Task[object] | None = None  # Shield's
 
     async def Echo(self, req: Echo) -> Echo:
         """Echo."""
@@ -45,6 +48,7 @@ class Svc:
 
     async def Shield(self, req: Echo) -> Echo:
         """Shields a section (``n`` ms long, or until released), then waits for ever; notes what ran."""
+        self.task = asyncio.current_task()
         self.started.set()
         try:
             with anyio.CancelScope(shield=True):
@@ -59,6 +63,27 @@ class Svc:
             self.ended.set()
         return req
 
+    async def Outer(self, req: Echo) -> Echo:
+        """Calls Inner in process with a 50 ms deadline and falls back on its Timeout; notes what ran."""
+        assert self.runtime is not None
+        try:
+            await self.runtime.client.call("gcancel", "Svc.Inner", {}, timeout=0.05)
+        except Timeout:
+            self.shielded.append("Timeout")
+            await anyio.lowlevel.checkpoint()
+            self.shielded.append("ran on after the caller's reset")
+        finally:
+            self.ended.set()
+        return req
+
+    async def Inner(self, req: Echo) -> Echo:
+        """A shielded section (until released, then 100 ms more: the caller's deadline passes in it), then a wait."""
+        self.started.set()
+        with anyio.CancelScope(shield=True):
+            await self.release.wait()
+            await anyio.sleep(0.1)
+        await anyio.sleep_forever()
+        return req
 
     async def Section(self, req: Echo) -> Echo:
         """Only a shielded section (until released), then the answer."""
@@ -88,6 +113,7 @@ async def node() -> AsyncIterator[Node]:
         svc = Svc()
         service = micro.Service("gcancel", runtime=home)
         service.handle(svc)
+        svc.runtime = home
         async with service:
             yield Node(service, svc, away)
 
@@ -195,11 +221,44 @@ async def test_a_deadline_lets_a_shielded_section_of_the_handler_finish(node: No
     await node.still_answers()
 
 
+async def test_a_reset_and_a_deadline_held_by_one_section_both_count(node: Node, peer: Peer) -> None:
+    """The caller resets the stream while the handler's in-process call is in its callee's shielded section, and
+    that call's deadline passes there too: once the section is done both are delivered, the inner call's watch
+    takes back its own, and the caller's reset still cancels the handler (it used to be turned into a Timeout
+    the handler caught, running on for a caller that was gone)."""
+    sid = peer.call("Outer", {})
+    with anyio.fail_after(10):
+        await node.svc.started.wait()
+    peer.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+    peer.conn.ping(b"after-rs")
+    peer.flush()
+    await peer.until(h2.events.PingAckReceived)  # the reset is held
+    node.svc.release.set()
+    with anyio.fail_after(10):
+        await node.svc.ended.wait()
+    assert node.svc.shielded == []
+    await node.still_answers()
+
+
 async def test_a_micro_caller_past_its_deadline_gets_a_timeout(node: Node) -> None:
-    """The same over micro's gRPC client, whose own deadline passes at the same time: a Timeout, and the
-    section still finishes."""
-    with anyio.fail_after(10), pytest.raises(Timeout):
-        await node.client.client.call("gcancel", "Svc.Shield", {"n": 300}, timeout=0.1)
+    """The same over micro's gRPC client, whose own deadline passes at the same time: the cancellation is held
+    back until the section is done, the caller gets a Timeout. The deadline is generous (1 s): a request
+    whose DATA the server reads after its deadline would never reach the section."""
+
+    async def call() -> None:
+        with pytest.raises(Timeout):
+            await node.client.client.call("gcancel", "Svc.Shield", {}, timeout=1.0)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        with anyio.fail_after(10):
+            await node.svc.started.wait()
+            task = node.svc.task
+            assert task is not None
+            while not cancel.pending(task):  # noqa: ASYNC110 - the loop's timer passes the deadline
+                await anyio.sleep(0.01)
+        assert node.svc.shielded == [] and not task.done()  # cancelled, but still in its section
+        node.svc.release.set()
     with anyio.fail_after(10):
         await node.svc.ended.wait()
     assert node.svc.shielded == ["section done"]
@@ -231,7 +290,8 @@ async def test_a_stop_cuts_a_shielded_section_that_does_not_end(node: Node, peer
         await node.svc.started.wait()
         await server.stop(0)
     assert node.svc.ended.is_set() and node.svc.shielded == []
-    assert "gRPC server: a call: the handler was still in a shielded section 0.05 s after" in caplog.text
+    assert ("gRPC server: /gcancel.Svc/Shield: the handler was still in a shielded section 0.05 s after"
+            in caplog.text)
 
 
 async def test_without_grpclib_s_internals_a_reset_still_cancels_the_handler(node: Node, peer: Peer,
@@ -270,3 +330,57 @@ async def test_a_handler_that_answers_right_after_its_section_ends_quietly(node:
     assert [t.cancelled() for t in tasks] == [True]
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
     await node.still_answers()
+
+
+async def test_calls_reset_in_the_read_that_brought_them_leave_the_connection_usable(node: Node,
+                                                                                     peer: Peer) -> None:
+    """A request and its RST_STREAM in one write: the call's task is cancelled before its first step, where
+    grpclib would release the stream. micro releases it then: its DATA is acknowledged and the connection's
+    flow-control window (4 MiB) comes back, so after twice that much in such calls a normal call is answered
+    (grpclib left each stream registered, the window ran out and the connection answered nothing)."""
+    path = [(":method", "POST"), (":scheme", "http"), (":path", "/gcancel.Svc/Echo"), (":authority", "x"),
+            ("content-type", "application/grpc+json"), ("te", "trailers")]
+    body = b"\0" + (16100).to_bytes(4, "big") + b"x" * 16000  # more to come: the handler would wait for it
+    sent = 0
+    while sent < 2 * 4 * 1024 * 1024:
+        while peer.conn.outbound_flow_control_window < len(body):
+            await peer.until(h2.events.WindowUpdated)  # the server acknowledged some
+        sid = peer.conn.get_next_available_stream_id()
+        peer.conn.send_headers(sid, path)
+        peer.conn.send_data(sid, body)
+        peer.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+        peer.flush()
+        sent += len(body)
+    sid = peer.call("Echo", {"text": "ok"})
+    with anyio.fail_after(10):
+        while "grpc-status" not in peer.got.get(sid, {}):
+            assert await peer.until(h2.events.StreamEnded), "the connection closed"
+    assert peer.got[sid]["grpc-status"] == "0"
+
+
+async def test_a_call_without_grpc_timeout_has_no_deadline_from_where_the_server_started() -> None:
+    """A server started from a task that carries a call's deadline (a gRPC handler that starts a service): its
+    calls without ``grpc-timeout`` have no deadline, not that one (which has passed here)."""
+    registry = MemoryRegistry()
+    token = grpc_server._DEADLINE.set(asyncio.get_running_loop().time() - 1)
+    try:
+        async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as home:
+            svc = Svc()
+            service = micro.Service("gcancel", runtime=home)
+            service.handle(svc)
+            async with service:
+                grpc_server._DEADLINE.reset(token)
+                peer = await Peer.open(Node(service, svc, home))
+                try:
+                    sid = peer.call("Section", {"text": "ok"})
+                    with anyio.fail_after(10):
+                        await svc.started.wait()
+                        svc.release.set()
+                        while "grpc-status" not in peer.got.get(sid, {}):
+                            assert await peer.until(h2.events.StreamEnded), "the connection closed"
+                finally:
+                    peer.close()
+    finally:
+        if grpc_server._DEADLINE.get() is not None:
+            grpc_server._DEADLINE.reset(token)
+    assert peer.got[sid]["grpc-status"] == "0"

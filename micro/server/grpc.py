@@ -17,8 +17,9 @@ such a section: :class:`_Handler` overrides grpclib's ``Handler.cancel``/``close
 detaches grpclib's per-stream cancel of the task (``wrapper``), and the deadline is not given to
 grpclib (its timer) but watched by the server's :class:`~micro.deadlines.Watchdog`; the caller
 still gets ``DEADLINE_EXCEEDED``. The grpclib internals this reads are checked at import
-(:data:`_CANCELS`); without them calls are cancelled as grpclib does. The standard services keep
-grpclib's own deadline handling.
+(:data:`_CANCELS`); without them a reset stream, a lost connection and a stop cancel a call as grpclib
+does (``Task.cancel()``: a shielded section is cut), while its ``grpc-timeout`` is still taken from
+grpclib and enforced by the Watchdog. The standard services keep grpclib's own deadline handling.
 """
 
 from __future__ import annotations
@@ -166,6 +167,8 @@ class _Handler(_BaseHandler):
         refusal: GRPCError | None = None
         standard = False
         timeout: float | None = None
+        deadline: float | None = None
+        path = "a call"
         for key, value in headers:
             if key == "content-type":
                 if value.endswith("+json"):
@@ -177,6 +180,7 @@ class _Handler(_BaseHandler):
                 else:
                     timeout = checked
             elif key == ":path":
+                path = value
                 standard = value in self._standard
             if not (key.isascii() and value.isascii()):  # decoded as latin-1: see _Server
                 refusal = _not_ascii(key)
@@ -197,13 +201,17 @@ class _Handler(_BaseHandler):
         elif timeout is not None and not standard:
             # the call's Watchdog enforces it (see _call), not grpclib's timer: that one cuts shielded sections
             headers = [(k, v) for k, v in headers if k != "grpc-timeout"]
-            token = _DEADLINE.set(self.loop.time() + timeout)  # the call's task starts with a copy of it
-            try:
-                super().accept(stream, headers, release_stream)
-            finally:
-                _DEADLINE.reset(token)
-            return
-        super().accept(stream, headers, release_stream)
+            deadline = self.loop.time() + timeout
+        token = _DEADLINE.set(deadline)  # the call's task starts with a copy of it (None: no deadline of its own)
+        try:
+            release = _Release(release_stream)
+            super().accept(stream, headers, release)
+            task = getattr(self, "_tasks", _NO_TASKS).get(stream)  # grpclib 0.4's (see _CANCELS)
+            if task is not None:
+                task.set_name(path)  # a stop past its grace logs it (stop_all)
+                task.add_done_callback(release.after)
+        finally:
+            _DEADLINE.reset(token)
 
     def cancel(self, stream: H2Stream) -> None:
         """The caller reset the stream: cancel its call (after a shielded section the handler is in)."""
@@ -226,6 +234,32 @@ class _Handler(_BaseHandler):
         return None
 
 
+_NO_TASKS: dict[Any, asyncio.Task[None]] = {}
+
+
+class _Release:
+    """A stream's ``release_stream`` (grpclib's: the stream leaves the connection's streams and its buffered
+    DATA is acknowledged), called by ``request_handler`` when it ends, or by :meth:`after` when the call's task
+    ended without running (cancelled before its first step: a reset in the same read as the request), which
+    grpclib leaves undone: the stream stayed registered and its DATA unacknowledged, until the connection's
+    flow-control window was used up and no call on it got an answer. Called once either way."""
+
+    __slots__ = ("done", "release")
+
+    def __init__(self, release: Callable[[], Any]) -> None:
+        self.release = release
+        self.done = False
+
+    def __call__(self) -> Any:
+        self.done = True
+        return self.release()
+
+    def after(self, _task: asyncio.Task[None]) -> None:
+        if not self.done:
+            self.done = True
+            self.release()
+
+
 def _has_cancel_internals() -> bool:
     """Whether this grpclib cancels a call's task where :class:`_Handler` takes that over (see :data:`_CANCELS`)."""
     def names(func: Any) -> set[str]:
@@ -244,7 +278,8 @@ _CANCELS = _has_cancel_internals()
 tasks (``Handler._tasks``, ``_cancelled``, cancelled in ``Handler.cancel`` on a reset stream and
 ``Handler.close`` on a lost connection or a stopping server), and the per-stream ``wrapper`` that
 ``request_handler`` sets and a reset stream cancels too (detached by :func:`_call`). Without them a
-call is cancelled as grpclib does (``Task.cancel()``: a shielded section is cut)."""
+reset stream, a lost connection and a stop cancel a call as grpclib does (``Task.cancel()``: a shielded
+section is cut); the call's ``grpc-timeout`` is the Watchdog's either way."""
 
 _DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("micro_grpc_deadline", default=None)
 """The deadline (event-loop time) of the call whose task is being made; the task keeps its copy."""
@@ -655,7 +690,7 @@ class GrpcServer:
         if pending:
             await asyncio.wait(pending, timeout=grace)
         server.close()  # cancels the calls left, each after a section its handler shields (_Handler.close)
-        left = {t: "a call" for h in server._handlers for t in h._cancelled if not t.done()}
+        left = {t: t.get_name() for h in server._handlers for t in h._cancelled if not t.done()}  # its path
         if left and await stop_all(left, self.shield_timeout, "gRPC server"):
             server.drop_connections()  # a handler that went on after Task.cancel(): stop without it (logged)
             return
