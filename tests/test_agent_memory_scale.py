@@ -23,7 +23,7 @@ import pytest
 import micro
 from micro.agent import Memory, StoreMemory
 from micro.ai import Message, ToolResultBlock, ToolUseBlock, scripted
-from micro.errors import AgentError, BadRequest, UsageError
+from micro.errors import AgentError, BadRequest, Conflict, UsageError
 from micro.store import Record, Store
 from micro.store.file import FileStore
 from micro.store.memory import MemoryStore
@@ -277,6 +277,113 @@ async def test_two_replicas_compacting_at_once_leave_one_summary() -> None:
         live = await writer.messages()
         assert live[0].text.split("\n", 1)[1] in ("replica 0", "replica 1") and live[1:] == run_of(2)
         assert len(await store.list("agent/memo/memory/#/summary/")) == 1
+
+
+async def test_a_compaction_that_ends_after_a_forget_and_a_new_start_puts_nothing_back() -> None:
+    async with MemoryStore() as store:
+        writer = bound(store, compact_at=0)
+        for i in range(3):
+            await writer.append("s", run_of(i, "old"))
+        summarising, go = anyio.Event(), anyio.Event()
+
+        async def summariser(messages: list[Message]) -> str:
+            summarising.set()
+            await go.wait()
+            return " ".join(m.text for m in messages)
+
+        with anyio.fail_after(GUARD):
+            async with anyio.create_task_group() as tg:
+                done: list[bool] = []
+
+                async def compact() -> None:
+                    done.append(await bound(store, compact_at=9, keep=4, summariser=summariser).compact("s"))
+
+                tg.start_soon(compact)
+                await summarising.wait()  # it read the head: start 1, as the new head's will be
+                await writer.forget("s")
+                for i in range(3):
+                    await writer.append("s", run_of(i, "new"))
+                go.set()
+        assert done == [False]
+        fresh = bound(store, compact_at=0)
+        new = [m for i in range(3) for m in run_of(i, "new")]
+        assert await fresh.window("s") == await fresh.messages("s", archived=True) == new
+        assert await store.list("agent/memo/memory/s/") == []  # its summary deleted again
+
+
+class Gate:
+    """Holds a store's writes of message records whose text holds ``tag`` until ``go`` is set."""
+
+    def __init__(self, store: Store, tag: str) -> None:
+        self.reached, self.go = anyio.Event(), anyio.Event()
+        write = store.write
+
+        async def gated(record: Record, **options: Any) -> int:
+            if "/history/" in record.key and tag.encode() in record.value:
+                self.reached.set()
+                await self.go.wait()
+            return await write(record, **options)
+
+        store.write = gated  # type: ignore[method-assign]
+
+
+async def test_an_append_reserved_before_a_forget_does_not_overwrite_the_new_conversation(
+    make_store: Callable[[], Store],
+) -> None:
+    """A reserves #1-#4, stalls; the session is forgotten and started afresh (#1-#4 again); A writes late."""
+    async with make_store() as store:
+        late, new = Gate(store, "late"), Gate(store, "new")
+        a, b, c = bound(store), bound(store), bound(store)
+        new.go.set()
+        with anyio.fail_after(GUARD):
+            async with anyio.create_task_group() as tg:
+                failed: list[Exception] = []
+
+                async def append_late() -> None:
+                    try:
+                        await a.append("s", run_of(1, "late"))
+                    except Conflict as exc:
+                        failed.append(exc)
+
+                tg.start_soon(append_late)
+                await late.reached.wait()  # reserved under the old head, nothing written yet
+                await b.forget("s")
+                await c.append("s", run_of(2, "new"))
+                late.go.set()
+        [conflict] = failed  # not acknowledged: the caller is told, and what is lost is named
+        assert "session 's' was forgotten" in str(conflict) and "4 new messages were not remembered" in str(conflict)
+        for memory in (a, b, c, bound(store)):
+            assert await memory.window("s") == await memory.messages("s") == run_of(2, "new")
+
+
+async def test_a_late_append_to_a_forgotten_session_is_never_read_as_the_new_ones(
+    make_store: Callable[[], Store],
+) -> None:
+    """A writes its block after the forget but before the new start's writer: its records are leftovers of the
+    old head, which no window takes for messages, and the new writer writes over them."""
+    async with make_store() as store:
+        late, new = Gate(store, "late"), Gate(store, "new")
+        a, b, c, reader = bound(store), bound(store), bound(store), bound(store)
+        with anyio.fail_after(GUARD):
+            async with anyio.create_task_group() as tg:
+                appended = anyio.Event()
+
+                async def append_late() -> None:
+                    await a.append("s", run_of(1, "late"))  # (taken to be before the forget, which deletes it)
+                    appended.set()
+
+                tg.start_soon(append_late)
+                await late.reached.wait()
+                await b.forget("s")
+                tg.start_soon(c.append, "s", run_of(2, "new"))
+                await new.reached.wait()  # c reserved #1-#4 under a new head, wrote nothing yet
+                late.go.set()
+                await appended.wait()
+                assert len(await store.list("agent/memo/history/s/")) == 4  # a's, under the keys of c's block
+                assert await reader.window("s") == await reader.messages("s") == []
+                new.go.set()
+        for memory in (a, b, c, reader, bound(store)):
+            assert await memory.window("s") == await memory.messages("s", archived=True) == run_of(2, "new")
 
 
 # -- forget, retention -----------------------------------------------------------------------------

@@ -20,11 +20,15 @@ writes leaves a prefix of its block (the window drops a tool call left without i
 result) or holes, which are skipped.
 
 Messages this process wrote or read are kept decoded (the last ``window`` of each of the
-most recent sessions, :data:`CACHED_SESSIONS`): a message record is written once and
-never changed while its session's head lives, so what a window needs again comes from
-here. Each head carries an ``epoch``, a random id given when the head is created: a
-forgotten session (deleted by any replica) gets a new head with a new epoch, and what
-was kept of the old one is dropped; a kept message is not used past its expiry
+most recent sessions, :data:`CACHED_SESSIONS`): a message record is written once
+(create-only) and never changed while its session's head lives, so what a window needs
+again comes from here. Each head carries an ``epoch``, a random id given when the head is
+created, and each message record the epoch of the head that reserved it: a forgotten
+session (deleted by any replica) gets a new head with a new epoch, what was kept of the
+old one is dropped, and a record a late append wrote for the old head is not a message of
+the new one (its rightful writer writes over it). An append that finds its block taken
+by the session's new lifetime stops with ``Conflict``: the session was forgotten while it
+ran and its messages are not remembered. A kept message is not used past its expiry
 (``retention``). Only the head (and the summary, if any) is read on every window.
 
 Compaction: when a session holds more than ``compact_at`` live messages, the oldest are
@@ -53,7 +57,7 @@ import msgspec
 
 from micro.ai import Message, Model, TextBlock, ToolResultBlock, ToolUseBlock
 from micro.ai.messages import SUMMARISE_PROMPT
-from micro.errors import AgentError, BadRequest, RecordNotFound, UsageError, VersionConflict
+from micro.errors import AgentError, BadRequest, Conflict, RecordNotFound, UsageError, VersionConflict
 from micro.store import Record, Store
 
 __all__ = ["CACHED_SESSIONS", "MAX_SESSION_BYTES", "Memory", "StoreMemory", "Summariser", "check_session"]
@@ -280,10 +284,11 @@ class StoreMemory:
             self._kept.popitem(last=False)
         return kept
 
-    async def _range(self, session: str, first: int, end: int) -> list[tuple[int, Message]]:
+    async def _range(self, session: str, head: _Head, first: int, end: int) -> list[tuple[int, Message]]:
         prefix = self.prefix(session)
         records = await self._read([f"{prefix}{seq:012d}" for seq in range(first, end)])
-        return [(seq, _decode(r.value)) for seq, r in zip(range(first, end), records, strict=True) if r is not None]
+        return [(seq, _decode(r.value)) for seq, r in zip(range(first, end), records, strict=True)
+                if r is not None and _ours(r, head)]
 
     async def _summary(self, session: str, head: _Head) -> Record | None:
         if not head.summary:
@@ -318,7 +323,7 @@ class StoreMemory:
         records = await self._read(keys)
         summary = records.pop() if head.summary else None
         for seq, rec in zip(missing, records, strict=True):
-            if rec is not None:
+            if rec is not None and _ours(rec, head):
                 m = _decode(rec.value)
                 found[seq] = m, (ids := _ids(m))
                 if kept is not None:
@@ -332,16 +337,32 @@ class StoreMemory:
 
     async def append(self, session: str, messages: Sequence[Message]) -> None:
         """Append one run's messages as one block (one record each, in order); then, if the
-        session is due, start a compaction in the background."""
+        session is due, start a compaction in the background. Raises ``Conflict`` if the session
+        was forgotten (and started afresh) while they were being written: they are not remembered."""
         if not messages:
             return
         prefix = self.prefix(session)
         head = await self._reserve(session, len(messages))
         kept = self._kept_of(session, head.epoch)
-        for seq, m in enumerate(messages, head.next - len(messages)):
+        first = head.next - len(messages)
+        for seq, m in enumerate(messages, first):
             # the record expires `retention` after the store's clock at the write: no sooner than this
             expiry = None if self.retention is None else self.store.clock() + self.retention
-            await self.store.write(Record(f"{prefix}{seq:012d}", _encode(m)), ttl=self.retention)
+            record = Record(f"{prefix}{seq:012d}", _encode(m), {"epoch": head.epoch})
+            try:  # create-only: a message record is never written twice in one head's lifetime
+                await self.store.write(record, ttl=self.retention, if_version=0)
+            except VersionConflict:
+                now, _ = await self._head(session)
+                if now.epoch != head.epoch:  # forgotten (and maybe started afresh) since the reservation
+                    self._kept.pop(session, None)
+                    raise Conflict(
+                        f"agent {self._agent}: session {session!r} was forgotten while this run's messages were "
+                        f"being appended to it: its {len(messages)} new messages were not remembered "
+                        f"({seq - first} of them were written before the forget and went with it); "
+                        "an agent's run record keeps them") from None
+                # still ours: the key holds a leftover of a late append to a forgotten lifetime of the session
+                # (tagged with that lifetime's epoch: no window took it for a message of this one)
+                await self.store.write(record, ttl=self.retention)
             if kept is not None:
                 kept.messages[seq] = (m, expiry, _ids(m))
         if self.compact_at and head.next - head.start > self.compact_at and session not in self._compacting:
@@ -411,7 +432,7 @@ class StoreMemory:
         head, _ = await self._head(session)
         if head.next - head.start <= self.compact_at:
             return False
-        found = await self._range(session, head.start, head.next)
+        found = await self._range(session, head, head.start, head.next)
         cut = _run_start(found, head.next - self.keep)
         if cut is None or cut <= head.start:
             return False
@@ -425,7 +446,7 @@ class StoreMemory:
         await self.store.write(Record(key, _encode(message), {"first": str(first)}), ttl=self.retention)
         while True:  # commit: move the head's start, unless another compaction got there first
             now, version = await self._head(session)
-            if now.start != head.start or version == 0:  # compacted elsewhere, or forgotten
+            if now.start != head.start or now.epoch != head.epoch or version == 0:  # compacted elsewhere, forgotten
                 if now.summary != cut:  # (a replica that cut at the same place wrote the same key)
                     await self.store.delete(key)
                 return False
@@ -486,13 +507,15 @@ class StoreMemory:
             at = {int(r.key.rsplit("/", 1)[1]): _decode(r.value) for r in summaries}
             out: list[Message] = []
             for r in records:
+                if not _ours(r, head):
+                    continue
                 seq = int(r.key.rsplit("#", 1)[1])
                 if seq in at:
                     out.append(at.pop(seq))
                 out.append(_decode(r.value))
             return out + [at[k] for k in sorted(at)]
         first = max(head.start, head.next - limit) if limit else head.start
-        found = await self._range(session, first, head.next)
+        found = await self._range(session, head, first, head.next)
         summary = None if limit else await self._summary(session, head)
         return ([_decode(summary.value)] if summary is not None else []) + [m for _, m in found]
 
@@ -521,6 +544,12 @@ def _run_start(found: list[tuple[int, Message]], at: int) -> int | None:
     result) at or before ``at``: a cut there separates no tool call from its result."""
     starts = [seq for seq, m in found if seq <= at and m.role == "user" and not _results(m)]
     return starts[-1] if starts else None
+
+
+def _ours(record: Record, head: _Head) -> bool:
+    """Whether a message record belongs to the head's lifetime (not a leftover of a late append to a
+    forgotten one); a record or head of an older micro has no epoch and is taken as it is."""
+    return not head.epoch or record.metadata.get("epoch", head.epoch) == head.epoch
 
 
 def _results(m: Message) -> set[str]:
