@@ -22,7 +22,7 @@ import pytest
 
 import micro
 from micro.agent import Memory, StoreMemory
-from micro.ai import Message, ToolResultBlock, ToolUseBlock, scripted
+from micro.ai import Message, TextBlock, ToolResultBlock, ToolUseBlock, scripted
 from micro.errors import AgentError, BadRequest, Conflict, UsageError
 from micro.store import Record, Store
 from micro.store.file import FileStore
@@ -155,6 +155,70 @@ async def test_a_window_read_costs_the_window_not_the_conversation() -> None:
         # the head, then the 8 messages of the window (none: the writer holds what it wrote)
         assert costs[0] == costs[2] == (1 + 8, 0, 0)
         assert costs[1] == costs[3] == (1, 0, 0)
+
+
+async def test_a_process_keeps_the_window_of_its_most_recent_sessions_only() -> None:
+    async with CountingStore() as store:
+        memory = bound(store, window=4, compact_at=0, cached_sessions=2)
+        for session in ("a", "b", "c"):
+            await memory.append(session, run_of(1, session))
+
+        async def cost(session: str, limit: int | None = None) -> int:
+            gets = store.gets
+            assert await memory.window(session, limit) == (run_of(1, session) if limit is None else
+                                                           run_of(1, session) + run_of(2, session))
+            return store.gets - gets
+
+        assert await cost("c") == await cost("b") == 1  # the head: the 4 messages are held
+        assert await cost("a") == 1 + 4  # evicted by the third session: read again, and held since
+        assert await cost("a") == 1
+        assert await cost("c") == 1 + 4  # "a" and "b" were used since: "c" went
+        for session in ("a", "c"):
+            await memory.append(session, run_of(2, session))
+        # an append keeps at most the window: the run before the last is read from the store again
+        assert await cost("a", 8) == 1 + 4
+        nothing = bound(store, window=4, compact_at=0, cached_sessions=0)
+        for _ in range(2):
+            gets = store.gets
+            assert await nothing.window("c") == run_of(2, "c")
+            assert store.gets - gets == 1 + 4  # keeps nothing: reads the window every time
+        with pytest.raises(UsageError, match="cached_sessions must be 0 or more"):
+            StoreMemory(cached_sessions=-1)
+
+
+async def test_a_head_written_by_an_older_micro_is_read_and_given_an_epoch() -> None:
+    """An older micro's head has no epoch: nothing is kept under it; the next append gives it one."""
+    async with CountingStore() as store:
+        for seq, m in enumerate(run_of(1), 1):
+            await store.write(Record(f"agent/memo/history/s/#{seq:012d}", msgspec.json.encode(m)))
+        await store.write(Record("agent/memo/memory/s", b'{"next":5,"start":1,"summary":0}'))
+        memory = bound(store, window=8, compact_at=0)
+        for _ in range(2):
+            gets = store.gets
+            assert await memory.window("s") == run_of(1)
+            assert store.gets - gets == 1 + 4  # not kept: another process of the older micro may forget it
+        await memory.append("s", run_of(2))
+        [head] = await store.read("agent/memo/memory/s")
+        assert msgspec.json.decode(head.value)["epoch"] and msgspec.json.decode(head.value)["next"] == 9
+        gets = store.gets
+        assert await memory.window("s") == run_of(1) + run_of(2)
+        assert store.gets - gets == 1 + 4  # the older messages once, the appended ones were kept
+        gets = store.gets
+        assert await memory.window("s") == run_of(1) + run_of(2)
+        assert store.gets - gets == 1
+
+
+async def test_editing_a_window_or_an_appended_list_changes_nothing_kept() -> None:
+    async with MemoryStore() as store:
+        memory = bound(store, compact_at=0)
+        appended = run_of(1)
+        await memory.append("s", appended)
+        appended[0].content.append(TextBlock(" (edited after the append)"))
+        window = await memory.window("s")
+        window[0].content.append(TextBlock(" (edited by a model adapter)"))
+        window.pop()
+        assert await memory.window("s") == await bound(store).window("s") == run_of(1)
+
 
 
 # -- compaction ---------------------------------------------------------------------------------

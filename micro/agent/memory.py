@@ -19,8 +19,8 @@ costs O(window) on every backend however long the session is. A run killed betwe
 writes leaves a prefix of its block (the window drops a tool call left without its
 result) or holes, which are skipped.
 
-Messages this process wrote or read are kept decoded (the last ``window`` of each of the
-most recent sessions, :data:`CACHED_SESSIONS`): a message record is written once
+Messages this process wrote or read are kept decoded (at most the last ``window`` of each
+of its ``cached_sessions`` most recent sessions): a message record is written once
 (create-only) and never changed while its session's head lives, so what a window needs
 again comes from here. Each head carries an ``epoch``, a random id given when the head is
 created, and each message record the epoch of the head that reserved it: a forgotten
@@ -29,7 +29,9 @@ old one is dropped, and a record a late append wrote for the old head is not a m
 the new one (its rightful writer writes over it). An append that finds its block taken
 by the session's new lifetime stops with ``Conflict``: the session was forgotten while it
 ran and its messages are not remembered. A kept message is not used past its expiry
-(``retention``). Only the head (and the summary, if any) is read on every window.
+(``retention``). Only the head (and the summary, if any) is read on every window. A window
+hands out its own ``Message`` objects (new content lists: editing them changes nothing
+kept); the blocks in them are shared with what is kept and must not be changed in place.
 
 Compaction: when a session holds more than ``compact_at`` live messages, the oldest are
 folded into one summary by a summariser (the agent's model by default) in the
@@ -79,7 +81,7 @@ _decode = msgspec.json.Decoder(Message).decode
 
 
 CACHED_SESSIONS = 256
-"""Sessions whose latest messages a ``StoreMemory`` keeps decoded (the least recently used go first)."""
+"""The default ``cached_sessions`` of a ``StoreMemory``: sessions whose window it keeps decoded."""
 
 
 class _Head(msgspec.Struct):
@@ -184,6 +186,9 @@ class StoreMemory:
             written (None: for ever); an idle session is gone ``retention`` after its last ask.
             The agent keeps its finished run records (which hold the run's messages) as long;
             a run that waits or runs is kept until it ends.
+        cached_sessions: sessions whose last ``window`` messages this process keeps decoded
+            (the least recently used go first; 0: none, every window reads its messages). The
+            memory this takes is about ``cached_sessions x window x`` a message's size.
 
     Example::
 
@@ -191,8 +196,10 @@ class StoreMemory:
     """
 
     def __init__(self, window: int = 50, *, compact_at: int = 400, keep: int = 60,
-                 summariser: Summariser | Model | None = None, retention: float | None = None) -> None:
-        for name, value in (("window", window), ("compact_at", compact_at), ("keep", keep)):
+                 summariser: Summariser | Model | None = None, retention: float | None = None,
+                 cached_sessions: int = CACHED_SESSIONS) -> None:
+        for name, value in (("window", window), ("compact_at", compact_at), ("keep", keep),
+                            ("cached_sessions", cached_sessions)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise UsageError(f"StoreMemory: {name} must be an int, not {value!r}")
         if window <= 0:
@@ -200,13 +207,15 @@ class StoreMemory:
         if compact_at < 0 or keep < 1 or (compact_at and compact_at <= keep):
             raise UsageError(f"StoreMemory: need compact_at > keep >= 1 (or compact_at=0 for never), "
                              f"not compact_at={compact_at}, keep={keep}")
+        if cached_sessions < 0:
+            raise UsageError(f"StoreMemory: cached_sessions must be 0 or more, not {cached_sessions}")
         if retention is not None and (isinstance(retention, bool) or not isinstance(retention, int | float)
                                       or not 0 < retention < float("inf")):
             raise UsageError(f"StoreMemory: retention must be a positive number of seconds or None, not {retention!r}")
         if summariser is not None and not (isinstance(summariser, Model) or callable(summariser)):
             raise UsageError(f"StoreMemory: summariser must be a Model or a function, not {summariser!r}")
         self.window_size, self.compact_at, self.keep = window, compact_at, keep
-        self.summariser, self.retention = summariser, retention
+        self.summariser, self.retention, self.cached_sessions = summariser, retention, cached_sessions
         self._store: Store | None = None
         self._agent = ""
         self._model: Model | None = None
@@ -271,7 +280,7 @@ class StoreMemory:
 
     def _kept_of(self, session: str, epoch: str) -> _Kept | None:
         """What this process holds of ``session`` under the head ``epoch`` (dropped if the epoch changed)."""
-        if not epoch:
+        if not epoch or not self.cached_sessions:
             self._kept.pop(session, None)
             return None
         kept = self._kept.get(session)
@@ -280,7 +289,7 @@ class StoreMemory:
             return kept
         kept = self._kept[session] = _Kept(epoch)
         self._kept.move_to_end(session)
-        while len(self._kept) > CACHED_SESSIONS:
+        while len(self._kept) > self.cached_sessions:
             self._kept.popitem(last=False)
         return kept
 
@@ -333,7 +342,9 @@ class StoreMemory:
         start = 0
         while start < len(messages) and (messages[start].role != "user" or _results(messages[start])):
             start += 1
-        return ([_decode(summary.value)] if summary is not None else []) + messages[start:]
+        # copies: what the caller does with its list and the messages' content lists changes nothing kept
+        return ([_decode(summary.value)] if summary is not None else []) + [
+            Message(m.role, list(m.content)) for m in messages[start:]]
 
     async def append(self, session: str, messages: Sequence[Message]) -> None:
         """Append one run's messages as one block (one record each, in order); then, if the
@@ -364,7 +375,12 @@ class StoreMemory:
                 # (tagged with that lifetime's epoch: no window took it for a message of this one)
                 await self.store.write(record, ttl=self.retention)
             if kept is not None:
-                kept.messages[seq] = (m, expiry, _ids(m))
+                kept.messages[seq] = (Message(m.role, list(m.content)), expiry, _ids(m))
+        if kept is not None:  # what is out of the window now is not needed again
+            held, last = kept.messages, head.next - self.window_size
+            if len(held) > self.window_size:
+                for seq in [s for s in held if s < last]:
+                    del held[seq]
         if self.compact_at and head.next - head.start > self.compact_at and session not in self._compacting:
             if self._task_group is None:
                 await self._compact_logged(session)
