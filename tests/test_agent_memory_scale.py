@@ -163,24 +163,24 @@ async def test_a_process_keeps_the_window_of_its_most_recent_sessions_only() -> 
         for session in ("a", "b", "c"):
             await memory.append(session, run_of(1, session))
 
-        async def cost(session: str, limit: int | None = None) -> int:
+        async def cost(session: str, runs: int = 1) -> int:
             gets = store.gets
-            assert await memory.window(session, limit) == (run_of(1, session) if limit is None else
-                                                           run_of(1, session) + run_of(2, session))
+            window = await memory.window(session, None if runs == 1 else 4 * runs)
+            assert window == [m for i in range(1, runs + 1) for m in run_of(i, session)]
             return store.gets - gets
 
         assert await cost("c") == await cost("b") == 1  # the head: the 4 messages are held
         assert await cost("a") == 1 + 4  # evicted by the third session: read again, and held since
         assert await cost("a") == 1
         assert await cost("c") == 1 + 4  # "a" and "b" were used since: "c" went
-        for session in ("a", "c"):
-            await memory.append(session, run_of(2, session))
-        # an append keeps at most the window: the run before the last is read from the store again
-        assert await cost("a", 8) == 1 + 4
+        for i in (2, 3):
+            await memory.append("a", run_of(i, "a"))
+        # appends keep at most twice the window (then the window): the runs before the last are read again
+        assert await cost("a", 3) == 1 + 8
         nothing = bound(store, window=4, compact_at=0, cached_sessions=0)
         for _ in range(2):
             gets = store.gets
-            assert await nothing.window("c") == run_of(2, "c")
+            assert await nothing.window("c") == run_of(1, "c")
             assert store.gets - gets == 1 + 4  # keeps nothing: reads the window every time
         with pytest.raises(UsageError, match="cached_sessions must be 0 or more"):
             StoreMemory(cached_sessions=-1)

@@ -19,8 +19,8 @@ costs O(window) on every backend however long the session is. A run killed betwe
 writes leaves a prefix of its block (the window drops a tool call left without its
 result) or holes, which are skipped.
 
-Messages this process wrote or read are kept decoded (at most the last ``window`` of each
-of its ``cached_sessions`` most recent sessions): a message record is written once
+Messages this process wrote or read are kept decoded (the last ``window`` of each of its
+``cached_sessions`` most recent sessions; appends add to it until it holds twice that): a message record is written once
 (create-only) and never changed while its session's head lives, so what a window needs
 again comes from here. Each head carries an ``epoch``, a random id given when the head is
 created, and each message record the epoch of the head that reserved it: a forgotten
@@ -188,7 +188,8 @@ class StoreMemory:
             a run that waits or runs is kept until it ends.
         cached_sessions: sessions whose last ``window`` messages this process keeps decoded
             (the least recently used go first; 0: none, every window reads its messages). The
-            memory this takes is about ``cached_sessions x window x`` a message's size.
+            memory this takes is at most about ``cached_sessions x 2 x window x`` a message's size
+            (appends add to a session's window until it holds twice that).
 
     Example::
 
@@ -376,11 +377,10 @@ class StoreMemory:
                 await self.store.write(record, ttl=self.retention)
             if kept is not None:
                 kept.messages[seq] = (Message(m.role, list(m.content)), expiry, _ids(m))
-        if kept is not None:  # what is out of the window now is not needed again
-            held, last = kept.messages, head.next - self.window_size
-            if len(held) > self.window_size:
-                for seq in [s for s in held if s < last]:
-                    del held[seq]
+        if kept is not None and len(kept.messages) > 2 * self.window_size:  # out of the window: not needed again
+            held, last = kept.messages, head.next - self.window_size  # (trimmed by the window: once in a while)
+            for seq in [s for s in held if s < last]:
+                del held[seq]
         if self.compact_at and head.next - head.start > self.compact_at and session not in self._compacting:
             if self._task_group is None:
                 await self._compact_logged(session)
