@@ -157,6 +157,38 @@ async def test_a_window_read_costs_the_window_not_the_conversation() -> None:
         assert costs[1] == costs[3] == (1, 0, 0)
 
 
+async def test_a_late_append_to_a_forgotten_session_that_nobody_started_again_is_not_read() -> None:
+    async with MemoryStore() as store:
+        late = Gate(store, "late")
+        a, b = bound(store), bound(store)
+        with anyio.fail_after(GUARD):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(a.append, "s", run_of(1, "late"))
+                await late.reached.wait()
+                await b.forget("s")
+                late.go.set()
+        assert len(await store.list("agent/memo/history/s/")) == 4  # written after the forget: no head
+        assert await b.window("s") == await b.messages("s", archived=True) == []
+        await b.append("s", run_of(2))  # numbered after them, under a new head
+        assert await bound(store).window("s") == await b.messages("s", archived=True) == run_of(2)
+
+
+async def test_messages_survive_an_older_micro_rewriting_the_head_during_a_rolling_upgrade() -> None:
+    """An older micro appends too (its head has no epoch, its records no tag): nothing is hidden."""
+    async with MemoryStore() as store:
+        memory = bound(store, compact_at=0)
+        await memory.append("s", run_of(1))
+        [rec] = await store.read("agent/memo/memory/s")
+        head = msgspec.json.decode(rec.value)
+        for seq, m in enumerate(run_of(2), head["next"]):  # as an older micro appends: no epoch anywhere
+            await store.write(Record(f"agent/memo/history/s/#{seq:012d}", msgspec.json.encode(m)))
+        await store.write(Record("agent/memo/memory/s", msgspec.json.encode(
+            {"next": head["next"] + 4, "start": 1, "summary": 0})), if_version=rec.version)
+        await memory.append("s", run_of(3))
+        everything = run_of(1) + run_of(2) + run_of(3)
+        assert await bound(store, window=12).window("s") == await memory.messages("s") == everything
+
+
 async def test_a_process_keeps_the_window_of_its_most_recent_sessions_only() -> None:
     async with CountingStore() as store:
         memory = bound(store, window=4, compact_at=0, cached_sessions=2)

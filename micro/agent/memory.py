@@ -26,7 +26,9 @@ again comes from here. Each head carries an ``epoch``, a random id given when th
 created, and each message record the epoch of the head that reserved it: a forgotten
 session (deleted by any replica) gets a new head with a new epoch, what was kept of the
 old one is dropped, and a record a late append wrote for the old head is not a message of
-the new one (its rightful writer writes over it). An append that finds its block taken
+the new one (its rightful writer writes over it; without a head, no record with an epoch
+is read). An older micro rewrites a head without its epoch: the next append takes it back
+from the newest message that has one. An append that finds its block taken
 by the session's new lifetime stops with ``Conflict``: the session was forgotten while it
 ran and its messages are not remembered. A kept message is not used past its expiry
 (``retention``). Only the head (and the summary, if any) is read on every window. A window
@@ -103,6 +105,7 @@ class _Kept:
 
 
 _decode_head = msgspec.json.Decoder(_Head).decode
+_NO_HEAD = "-"  # the epoch of a session without a head record (never a uuid's hex)
 
 
 def check_session(session: str) -> str:
@@ -263,7 +266,7 @@ class StoreMemory:
         except RecordNotFound:
             # a conversation written before heads existed: continue after its last message (one look)
             last = await self.store.list(self.prefix(session), limit=1, reverse=True)
-            return _Head(next=int(last[0].rsplit("#", 1)[1]) + 1 if last else 1), 0
+            return _Head(next=int(last[0].rsplit("#", 1)[1]) + 1 if last else 1, epoch=_NO_HEAD), 0
         return _decode_head(rec.value), rec.version
 
     async def _read(self, keys: Sequence[str]) -> list[Record | None]:
@@ -281,7 +284,7 @@ class StoreMemory:
 
     def _kept_of(self, session: str, epoch: str) -> _Kept | None:
         """What this process holds of ``session`` under the head ``epoch`` (dropped if the epoch changed)."""
-        if not epoch or not self.cached_sessions:
+        if not epoch or epoch == _NO_HEAD or not self.cached_sessions:
             self._kept.pop(session, None)
             return None
         kept = self._kept.get(session)
@@ -401,8 +404,10 @@ class StoreMemory:
             async with lock:  # appends of this process take turns here: only other processes conflict
                 while True:
                     head, version = await self._head(session)
+                    if version and not head.epoch:  # an older micro's head: the epoch it may have dropped
+                        head.epoch = await self._epoch_of(session, head)
                     head.next += count
-                    if not version or not head.epoch:  # a new head (or an older micro's): a new lifetime
+                    if not version or not head.epoch:  # a new head: a new lifetime
                         head.epoch = uuid.uuid4().hex
                     try:
                         await self.store.write(Record(self._head_key(session), _encode(head)),
@@ -414,6 +419,13 @@ class StoreMemory:
             users[0] -= 1
             if not users[0]:
                 del self._reserving[session]
+
+    async def _epoch_of(self, session: str, head: _Head) -> str:
+        """The epoch of the newest of the head's last ``window`` messages that has one ("" if none has):
+        an older micro that rewrote the head (a rolling upgrade) kept its fields, not its epoch."""
+        first = max(head.start, head.next - self.window_size)
+        records = await self._read([f"{self.prefix(session)}{seq:012d}" for seq in range(first, head.next)])
+        return next((r.metadata["epoch"] for r in reversed(records) if r is not None and "epoch" in r.metadata), "")
 
     async def _compact_owned(self, session: str, done: anyio.Event) -> None:
         scope = anyio.CancelScope()
@@ -564,7 +576,8 @@ def _run_start(found: list[tuple[int, Message]], at: int) -> int | None:
 
 def _ours(record: Record, head: _Head) -> bool:
     """Whether a message record belongs to the head's lifetime (not a leftover of a late append to a
-    forgotten one); a record or head of an older micro has no epoch and is taken as it is."""
+    forgotten one); a record or head of an older micro has no epoch and is taken as it is. Without a
+    head, a record with an epoch is a leftover (a head is written before its messages)."""
     return not head.epoch or record.metadata.get("epoch", head.epoch) == head.epoch
 
 
