@@ -157,6 +157,35 @@ async def test_a_window_read_costs_the_window_not_the_conversation() -> None:
         assert costs[1] == costs[3] == (1, 0, 0)
 
 
+async def test_an_ask_whose_session_is_forgotten_while_it_appends_fails_and_its_run_keeps_the_messages() -> None:
+    store = MemoryStore()
+    late = Gate(store, "late question")
+    async with micro.Runtime(registry="memory://", store=store, broker="memory://") as rt:
+        async with memo_agent(rt, scripted.function(remembering)) as agent:
+            other = bound(rt.store)
+            failed: list[Conflict] = []
+
+            async def ask() -> None:
+                try:
+                    await agent.ask("late question", session="s")
+                except Conflict as exc:
+                    failed.append(exc)
+
+            with anyio.fail_after(GUARD):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(ask)
+                    await late.reached.wait()  # the reply is made; its messages are being appended
+                    await other.forget("s")
+                    await other.append("s", run_of(1, "new"))
+                    late.go.set()
+            [conflict] = failed
+            assert "session 's' was forgotten" in str(conflict)
+            [run] = await agent.runs.list(10, session="s")
+            assert (run.status, run.error_kind) == ("failed", "Conflict") and "was forgotten" in run.error
+            assert [m.text for m in run.messages] == ["late question", "reply to late question"]
+            assert await agent.history.window("s") == run_of(1, "new")
+
+
 async def test_a_late_append_to_a_forgotten_session_that_nobody_started_again_is_not_read() -> None:
     async with MemoryStore() as store:
         late = Gate(store, "late")
