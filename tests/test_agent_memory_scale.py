@@ -22,8 +22,8 @@ import pytest
 
 import micro
 from micro.agent import Memory, StoreMemory
-from micro.ai import Message, ToolResultBlock, ToolUseBlock, scripted
-from micro.errors import AgentError, BadRequest, UsageError
+from micro.ai import Message, TextBlock, ToolResultBlock, ToolUseBlock, scripted
+from micro.errors import AgentError, BadRequest, Conflict, UsageError
 from micro.store import Record, Store
 from micro.store.file import FileStore
 from micro.store.memory import MemoryStore
@@ -157,6 +157,131 @@ async def test_a_window_read_costs_the_window_not_the_conversation() -> None:
         assert costs[1] == costs[3] == (1, 0, 0)
 
 
+async def test_an_ask_whose_session_is_forgotten_while_it_appends_fails_and_its_run_keeps_the_messages() -> None:
+    store = MemoryStore()
+    late = Gate(store, "late question")
+    async with micro.Runtime(registry="memory://", store=store, broker="memory://") as rt:
+        async with memo_agent(rt, scripted.function(remembering)) as agent:
+            other = bound(rt.store)
+            failed: list[Conflict] = []
+
+            async def ask() -> None:
+                try:
+                    await agent.ask("late question", session="s")
+                except Conflict as exc:
+                    failed.append(exc)
+
+            with anyio.fail_after(GUARD):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(ask)
+                    await late.reached.wait()  # the reply is made; its messages are being appended
+                    await other.forget("s")
+                    await other.append("s", run_of(1, "new"))
+                    late.go.set()
+            [conflict] = failed
+            assert "session 's' was forgotten" in str(conflict)
+            [run] = await agent.runs.list(10, session="s")
+            assert (run.status, run.error_kind) == ("failed", "Conflict") and "was forgotten" in run.error
+            assert [m.text for m in run.messages] == ["late question", "reply to late question"]
+            assert await agent.history.window("s") == run_of(1, "new")
+
+
+async def test_a_late_append_to_a_forgotten_session_that_nobody_started_again_is_not_read() -> None:
+    async with MemoryStore() as store:
+        late = Gate(store, "late")
+        a, b = bound(store), bound(store)
+        with anyio.fail_after(GUARD):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(a.append, "s", run_of(1, "late"))
+                await late.reached.wait()
+                await b.forget("s")
+                late.go.set()
+        assert len(await store.list("agent/memo/history/s/")) == 4  # written after the forget: no head
+        assert await b.window("s") == await b.messages("s", archived=True) == []
+        await b.append("s", run_of(2))  # numbered after them, under a new head
+        assert await bound(store).window("s") == await b.messages("s", archived=True) == run_of(2)
+
+
+async def test_messages_survive_an_older_micro_rewriting_the_head_during_a_rolling_upgrade() -> None:
+    """An older micro appends too (its head has no epoch, its records no tag): nothing is hidden."""
+    async with MemoryStore() as store:
+        memory = bound(store, compact_at=0)
+        await memory.append("s", run_of(1))
+        [rec] = await store.read("agent/memo/memory/s")
+        head = msgspec.json.decode(rec.value)
+        for seq, m in enumerate(run_of(2), head["next"]):  # as an older micro appends: no epoch anywhere
+            await store.write(Record(f"agent/memo/history/s/#{seq:012d}", msgspec.json.encode(m)))
+        await store.write(Record("agent/memo/memory/s", msgspec.json.encode(
+            {"next": head["next"] + 4, "start": 1, "summary": 0})), if_version=rec.version)
+        await memory.append("s", run_of(3))
+        everything = run_of(1) + run_of(2) + run_of(3)
+        assert await bound(store, window=12).window("s") == await memory.messages("s") == everything
+
+
+async def test_a_process_keeps_the_window_of_its_most_recent_sessions_only() -> None:
+    async with CountingStore() as store:
+        memory = bound(store, window=4, compact_at=0, cached_sessions=2)
+        for session in ("a", "b", "c"):
+            await memory.append(session, run_of(1, session))
+
+        async def cost(session: str, runs: int = 1) -> int:
+            gets = store.gets
+            window = await memory.window(session, None if runs == 1 else 4 * runs)
+            assert window == [m for i in range(1, runs + 1) for m in run_of(i, session)]
+            return store.gets - gets
+
+        assert await cost("c") == await cost("b") == 1  # the head: the 4 messages are held
+        assert await cost("a") == 1 + 4  # evicted by the third session: read again, and held since
+        assert await cost("a") == 1
+        assert await cost("c") == 1 + 4  # "a" and "b" were used since: "c" went
+        for i in (2, 3):
+            await memory.append("a", run_of(i, "a"))
+        # appends keep at most twice the window (then the window): the runs before the last are read again
+        assert await cost("a", 3) == 1 + 8
+        nothing = bound(store, window=4, compact_at=0, cached_sessions=0)
+        for _ in range(2):
+            gets = store.gets
+            assert await nothing.window("c") == run_of(1, "c")
+            assert store.gets - gets == 1 + 4  # keeps nothing: reads the window every time
+        with pytest.raises(UsageError, match="cached_sessions must be 0 or more"):
+            StoreMemory(cached_sessions=-1)
+
+
+async def test_a_head_written_by_an_older_micro_is_read_and_given_an_epoch() -> None:
+    """An older micro's head has no epoch: nothing is kept under it; the next append gives it one."""
+    async with CountingStore() as store:
+        for seq, m in enumerate(run_of(1), 1):
+            await store.write(Record(f"agent/memo/history/s/#{seq:012d}", msgspec.json.encode(m)))
+        await store.write(Record("agent/memo/memory/s", b'{"next":5,"start":1,"summary":0}'))
+        memory = bound(store, window=8, compact_at=0)
+        for _ in range(2):
+            gets = store.gets
+            assert await memory.window("s") == run_of(1)
+            assert store.gets - gets == 1 + 4  # not kept: another process of the older micro may forget it
+        await memory.append("s", run_of(2))
+        [head] = await store.read("agent/memo/memory/s")
+        assert msgspec.json.decode(head.value)["epoch"] and msgspec.json.decode(head.value)["next"] == 9
+        gets = store.gets
+        assert await memory.window("s") == run_of(1) + run_of(2)
+        assert store.gets - gets == 1 + 4  # the older messages once, the appended ones were kept
+        gets = store.gets
+        assert await memory.window("s") == run_of(1) + run_of(2)
+        assert store.gets - gets == 1
+
+
+async def test_editing_a_window_or_an_appended_list_changes_nothing_kept() -> None:
+    async with MemoryStore() as store:
+        memory = bound(store, compact_at=0)
+        appended = run_of(1)
+        await memory.append("s", appended)
+        appended[0].content.append(TextBlock(" (edited after the append)"))
+        window = await memory.window("s")
+        window[0].content.append(TextBlock(" (edited by a model adapter)"))
+        window.pop()
+        assert await memory.window("s") == await bound(store).window("s") == run_of(1)
+
+
+
 # -- compaction ---------------------------------------------------------------------------------
 
 
@@ -277,6 +402,113 @@ async def test_two_replicas_compacting_at_once_leave_one_summary() -> None:
         live = await writer.messages()
         assert live[0].text.split("\n", 1)[1] in ("replica 0", "replica 1") and live[1:] == run_of(2)
         assert len(await store.list("agent/memo/memory/#/summary/")) == 1
+
+
+async def test_a_compaction_that_ends_after_a_forget_and_a_new_start_puts_nothing_back() -> None:
+    async with MemoryStore() as store:
+        writer = bound(store, compact_at=0)
+        for i in range(3):
+            await writer.append("s", run_of(i, "old"))
+        summarising, go = anyio.Event(), anyio.Event()
+
+        async def summariser(messages: list[Message]) -> str:
+            summarising.set()
+            await go.wait()
+            return " ".join(m.text for m in messages)
+
+        with anyio.fail_after(GUARD):
+            async with anyio.create_task_group() as tg:
+                done: list[bool] = []
+
+                async def compact() -> None:
+                    done.append(await bound(store, compact_at=9, keep=4, summariser=summariser).compact("s"))
+
+                tg.start_soon(compact)
+                await summarising.wait()  # it read the head: start 1, as the new head's will be
+                await writer.forget("s")
+                for i in range(3):
+                    await writer.append("s", run_of(i, "new"))
+                go.set()
+        assert done == [False]
+        fresh = bound(store, compact_at=0)
+        new = [m for i in range(3) for m in run_of(i, "new")]
+        assert await fresh.window("s") == await fresh.messages("s", archived=True) == new
+        assert await store.list("agent/memo/memory/s/") == []  # its summary deleted again
+
+
+class Gate:
+    """Holds a store's writes of message records whose text holds ``tag`` until ``go`` is set."""
+
+    def __init__(self, store: Store, tag: str) -> None:
+        self.reached, self.go = anyio.Event(), anyio.Event()
+        write = store.write
+
+        async def gated(record: Record, **options: Any) -> int:
+            if "/history/" in record.key and tag.encode() in record.value:
+                self.reached.set()
+                await self.go.wait()
+            return await write(record, **options)
+
+        store.write = gated  # type: ignore[method-assign]
+
+
+async def test_an_append_reserved_before_a_forget_does_not_overwrite_the_new_conversation(
+    make_store: Callable[[], Store],
+) -> None:
+    """A reserves #1-#4, stalls; the session is forgotten and started afresh (#1-#4 again); A writes late."""
+    async with make_store() as store:
+        late, new = Gate(store, "late"), Gate(store, "new")
+        a, b, c = bound(store), bound(store), bound(store)
+        new.go.set()
+        with anyio.fail_after(GUARD):
+            async with anyio.create_task_group() as tg:
+                failed: list[Exception] = []
+
+                async def append_late() -> None:
+                    try:
+                        await a.append("s", run_of(1, "late"))
+                    except Conflict as exc:
+                        failed.append(exc)
+
+                tg.start_soon(append_late)
+                await late.reached.wait()  # reserved under the old head, nothing written yet
+                await b.forget("s")
+                await c.append("s", run_of(2, "new"))
+                late.go.set()
+        [conflict] = failed  # not acknowledged: the caller is told, and what is lost is named
+        assert "session 's' was forgotten" in str(conflict) and "4 new messages were not remembered" in str(conflict)
+        for memory in (a, b, c, bound(store)):
+            assert await memory.window("s") == await memory.messages("s") == run_of(2, "new")
+
+
+async def test_a_late_append_to_a_forgotten_session_is_never_read_as_the_new_ones(
+    make_store: Callable[[], Store],
+) -> None:
+    """A writes its block after the forget but before the new start's writer: its records are leftovers of the
+    old head, which no window takes for messages, and the new writer writes over them."""
+    async with make_store() as store:
+        late, new = Gate(store, "late"), Gate(store, "new")
+        a, b, c, reader = bound(store), bound(store), bound(store), bound(store)
+        with anyio.fail_after(GUARD):
+            async with anyio.create_task_group() as tg:
+                appended = anyio.Event()
+
+                async def append_late() -> None:
+                    await a.append("s", run_of(1, "late"))  # (taken to be before the forget, which deletes it)
+                    appended.set()
+
+                tg.start_soon(append_late)
+                await late.reached.wait()
+                await b.forget("s")
+                tg.start_soon(c.append, "s", run_of(2, "new"))
+                await new.reached.wait()  # c reserved #1-#4 under a new head, wrote nothing yet
+                late.go.set()
+                await appended.wait()
+                assert len(await store.list("agent/memo/history/s/")) == 4  # a's, under the keys of c's block
+                assert await reader.window("s") == await reader.messages("s") == []
+                new.go.set()
+        for memory in (a, b, c, reader, bound(store)):
+            assert await memory.window("s") == await memory.messages("s", archived=True) == run_of(2, "new")
 
 
 # -- forget, retention -----------------------------------------------------------------------------

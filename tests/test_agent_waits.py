@@ -16,6 +16,8 @@ import msgspec
 import pytest
 
 import micro
+from micro.agent.engine import Checkpoint
+from micro.agent.loop import Run, ToolCallRecord
 from micro.agent.record import AgentRun
 from micro.ai import Message, ToolResultBlock, ToolSpec, scripted
 from micro.errors import BadRequest, Conflict, NotFound, UsageError
@@ -510,6 +512,52 @@ async def test_results_that_come_in_together_are_checkpointed_in_one_write() -> 
     # the turn that asked, call 0 alone, the ten together, the end
     assert [len(d) for d in done] == [0, 1, 11, 11] and written_when_saved == [2] and len(ended) == 11
     assert store.runs[-1].status == "completed" and store.runs[2].status == "running"
+
+
+class FailingRuns:
+    """The run records' store for a Checkpoint: the first write fails; each write's done calls are kept."""
+
+    def __init__(self) -> None:
+        self.writes: list[list[str]] = []
+
+    async def save(self, run: AgentRun, version: int) -> int:
+        self.writes.append(sorted(c.id for c in run.tool_calls if c.state == "done"))
+        if len(self.writes) == 1:
+            raise OSError("disk full")
+        return version + 1
+
+
+@pytest.mark.parametrize("strict", [False, True])
+async def test_a_failed_checkpoint_write_is_logged_once_and_the_saves_it_carried_return(
+        strict: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """Five results in together: one write carries them and fails. It is logged once and every save
+    returns (the record lags until the next write); none writes it again, unless it is strict."""
+    runs = FailingRuns()
+    checkpoint = Checkpoint(runs, AgentRun("r", "waiter", "m", "", ""), 1)  # type: ignore[arg-type]
+    run = Run(scripted.function(lambda m, t: "x"), None, None)
+    run.calls = [ToolCallRecord(f"c{i}", "t", {}, state="running") for i in range(5)]
+    checkpoint.run = run
+    failed: list[Exception] = []
+
+    async def finish(i: int) -> None:
+        run.calls[i].state = "done"
+        try:
+            await checkpoint.save(strict=strict and i > 0)
+        except OSError as exc:
+            failed.append(exc)
+
+    with anyio.fail_after(GUARD):
+        async with anyio.create_task_group() as tg:
+            for i in range(5):
+                tg.start_soon(finish, i)
+    everything = [f"c{i}" for i in range(5)]
+    assert caplog.text.count("could not write the checkpoint of run r") == 1
+    if strict:  # the four strict saves write again: the first of them carries all, the others are done
+        assert runs.writes == [everything, everything] and not failed
+    else:
+        assert runs.writes == [everything]
+        await checkpoint.save()  # the next step's write
+        assert runs.writes == [everything, everything] and checkpoint.version == 2
 
 
 # -- interrupted runs in one process: a record whose owner is gone ---------------------------------

@@ -60,10 +60,14 @@ class Checkpoint:
     across a tool call). While other calls of the run are still in flight, a save lets the
     loop run once before it takes its snapshot: results that came in together (one read of
     the wire answers many calls) are written together, and each saver returns once the write
-    that carries its result is done. A write that finds another version means another process claimed the
-    run (it took this one's process for dead): the run stops with :class:`Conflict`, and this
-    checkpoint writes nothing more. Other store failures are logged and the run goes on; its
-    record lags until the next write succeeds.
+    that carries its result has ended. A write that finds another version means another process
+    claimed the run (it took this one's process for dead): the run stops with :class:`Conflict`,
+    and this checkpoint writes nothing more. Other store failures are logged once per write and
+    the run goes on: every saver that write carried returns as if it had succeeded (its
+    ``tool_end`` goes out without its result written) and the record lags until the next write
+    succeeds (the next step's, or the run's end); a ``strict`` save raises the failure instead
+    (one that a failed write carried writes again itself). A write cancelled before it ended
+    leaves its savers to write themselves.
     """
 
     def __init__(self, runs: AgentRuns, record: AgentRun, version: int) -> None:
@@ -74,7 +78,8 @@ class Checkpoint:
         self.lost = False
         self._lock = asyncio.Lock()
         self._asked = 0
-        self._written = 0
+        self._written = 0  # the last save a successful write carried
+        self._ended = 0  # the last save a write carried that ended (succeeded, or failed and was logged)
         self._gathering: asyncio.Event | None = None  # set once the write still taking saves is done
 
     def snapshot(self) -> None:
@@ -105,15 +110,16 @@ class Checkpoint:
             await gathering.wait()
             if self.lost:
                 raise self._conflict()
-            if self._written >= mine:
+            if self._written >= mine or (self._ended >= mine and not strict):
                 return
-            # that write failed or was cancelled: write it here
+            # that write was cancelled (or failed, and this save must be written to count): write it here
         async with self._lock:
-            if self._written >= mine:
+            if self._written >= mine or (self._ended >= mine and not strict):
                 return
             done: asyncio.Event | None = None
             run = self.run
-            if run is not None and any(c.state == "running" for c in run.calls):
+            # (the calls in flight are the latest turn's, at the end: found at once while there are any)
+            if run is not None and any(c.state == "running" for c in reversed(run.calls)):
                 done = self._gathering = asyncio.Event()
             try:
                 if done is not None:
@@ -129,11 +135,12 @@ class Checkpoint:
                 except Exception:
                     if strict:
                         raise
+                    self._ended = max(self._ended, upto)
                     log.exception("agent %s: could not write the checkpoint of run %s", self.record.agent,
                                   self.record.id,
                                   extra={"micro_run_id": self.record.id, "micro_agent": self.record.agent})
                     return
-                self._written = upto
+                self._written = self._ended = upto
             finally:
                 if done is not None:
                     if self._gathering is done:

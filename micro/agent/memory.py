@@ -19,13 +19,21 @@ costs O(window) on every backend however long the session is. A run killed betwe
 writes leaves a prefix of its block (the window drops a tool call left without its
 result) or holes, which are skipped.
 
-Messages this process wrote or read are kept decoded (the last ``window`` of each of the
-most recent sessions, :data:`CACHED_SESSIONS`): a message record is written once and
-never changed while its session's head lives, so what a window needs again comes from
-here. Each head carries an ``epoch``, a random id given when the head is created: a
-forgotten session (deleted by any replica) gets a new head with a new epoch, and what
-was kept of the old one is dropped; a kept message is not used past its expiry
-(``retention``). Only the head (and the summary, if any) is read on every window.
+Messages this process wrote or read are kept decoded (the last ``window`` of each of its
+``cached_sessions`` most recent sessions; appends add to it until it holds twice that): a message record is written once
+(create-only) and never changed while its session's head lives, so what a window needs
+again comes from here. Each head carries an ``epoch``, a random id given when the head is
+created, and each message record the epoch of the head that reserved it: a forgotten
+session (deleted by any replica) gets a new head with a new epoch, what was kept of the
+old one is dropped, and a record a late append wrote for the old head is not a message of
+the new one (its rightful writer writes over it; without a head, no record with an epoch
+is read). An older micro rewrites a head without its epoch: the next append takes it back
+from the newest message that has one. An append that finds its block taken
+by the session's new lifetime stops with ``Conflict``: the session was forgotten while it
+ran and its messages are not remembered. A kept message is not used past its expiry
+(``retention``). Only the head (and the summary, if any) is read on every window. A window
+hands out its own ``Message`` objects (new content lists: editing them changes nothing
+kept); the blocks in them are shared with what is kept and must not be changed in place.
 
 Compaction: when a session holds more than ``compact_at`` live messages, the oldest are
 folded into one summary by a summariser (the agent's model by default) in the
@@ -53,7 +61,7 @@ import msgspec
 
 from micro.ai import Message, Model, TextBlock, ToolResultBlock, ToolUseBlock
 from micro.ai.messages import SUMMARISE_PROMPT
-from micro.errors import AgentError, BadRequest, RecordNotFound, UsageError, VersionConflict
+from micro.errors import AgentError, BadRequest, Conflict, RecordNotFound, UsageError, VersionConflict
 from micro.store import Record, Store
 
 __all__ = ["CACHED_SESSIONS", "MAX_SESSION_BYTES", "Memory", "StoreMemory", "Summariser", "check_session"]
@@ -75,7 +83,7 @@ _decode = msgspec.json.Decoder(Message).decode
 
 
 CACHED_SESSIONS = 256
-"""Sessions whose latest messages a ``StoreMemory`` keeps decoded (the least recently used go first)."""
+"""The default ``cached_sessions`` of a ``StoreMemory``: sessions whose window it keeps decoded."""
 
 
 class _Head(msgspec.Struct):
@@ -97,6 +105,7 @@ class _Kept:
 
 
 _decode_head = msgspec.json.Decoder(_Head).decode
+_NO_HEAD = "-"  # the epoch of a session without a head record (never a uuid's hex)
 
 
 def check_session(session: str) -> str:
@@ -180,6 +189,10 @@ class StoreMemory:
             written (None: for ever); an idle session is gone ``retention`` after its last ask.
             The agent keeps its finished run records (which hold the run's messages) as long;
             a run that waits or runs is kept until it ends.
+        cached_sessions: sessions whose last ``window`` messages this process keeps decoded
+            (the least recently used go first; 0: none, every window reads its messages). The
+            memory this takes is at most about ``cached_sessions x 2 x window x`` a message's size
+            (appends add to a session's window until it holds twice that).
 
     Example::
 
@@ -187,8 +200,10 @@ class StoreMemory:
     """
 
     def __init__(self, window: int = 50, *, compact_at: int = 400, keep: int = 60,
-                 summariser: Summariser | Model | None = None, retention: float | None = None) -> None:
-        for name, value in (("window", window), ("compact_at", compact_at), ("keep", keep)):
+                 summariser: Summariser | Model | None = None, retention: float | None = None,
+                 cached_sessions: int = CACHED_SESSIONS) -> None:
+        for name, value in (("window", window), ("compact_at", compact_at), ("keep", keep),
+                            ("cached_sessions", cached_sessions)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise UsageError(f"StoreMemory: {name} must be an int, not {value!r}")
         if window <= 0:
@@ -196,13 +211,15 @@ class StoreMemory:
         if compact_at < 0 or keep < 1 or (compact_at and compact_at <= keep):
             raise UsageError(f"StoreMemory: need compact_at > keep >= 1 (or compact_at=0 for never), "
                              f"not compact_at={compact_at}, keep={keep}")
+        if cached_sessions < 0:
+            raise UsageError(f"StoreMemory: cached_sessions must be 0 or more, not {cached_sessions}")
         if retention is not None and (isinstance(retention, bool) or not isinstance(retention, int | float)
                                       or not 0 < retention < float("inf")):
             raise UsageError(f"StoreMemory: retention must be a positive number of seconds or None, not {retention!r}")
         if summariser is not None and not (isinstance(summariser, Model) or callable(summariser)):
             raise UsageError(f"StoreMemory: summariser must be a Model or a function, not {summariser!r}")
         self.window_size, self.compact_at, self.keep = window, compact_at, keep
-        self.summariser, self.retention = summariser, retention
+        self.summariser, self.retention, self.cached_sessions = summariser, retention, cached_sessions
         self._store: Store | None = None
         self._agent = ""
         self._model: Model | None = None
@@ -249,7 +266,7 @@ class StoreMemory:
         except RecordNotFound:
             # a conversation written before heads existed: continue after its last message (one look)
             last = await self.store.list(self.prefix(session), limit=1, reverse=True)
-            return _Head(next=int(last[0].rsplit("#", 1)[1]) + 1 if last else 1), 0
+            return _Head(next=int(last[0].rsplit("#", 1)[1]) + 1 if last else 1, epoch=_NO_HEAD), 0
         return _decode_head(rec.value), rec.version
 
     async def _read(self, keys: Sequence[str]) -> list[Record | None]:
@@ -267,7 +284,7 @@ class StoreMemory:
 
     def _kept_of(self, session: str, epoch: str) -> _Kept | None:
         """What this process holds of ``session`` under the head ``epoch`` (dropped if the epoch changed)."""
-        if not epoch:
+        if not epoch or epoch == _NO_HEAD or not self.cached_sessions:
             self._kept.pop(session, None)
             return None
         kept = self._kept.get(session)
@@ -276,14 +293,15 @@ class StoreMemory:
             return kept
         kept = self._kept[session] = _Kept(epoch)
         self._kept.move_to_end(session)
-        while len(self._kept) > CACHED_SESSIONS:
+        while len(self._kept) > self.cached_sessions:
             self._kept.popitem(last=False)
         return kept
 
-    async def _range(self, session: str, first: int, end: int) -> list[tuple[int, Message]]:
+    async def _range(self, session: str, head: _Head, first: int, end: int) -> list[tuple[int, Message]]:
         prefix = self.prefix(session)
         records = await self._read([f"{prefix}{seq:012d}" for seq in range(first, end)])
-        return [(seq, _decode(r.value)) for seq, r in zip(range(first, end), records, strict=True) if r is not None]
+        return [(seq, _decode(r.value)) for seq, r in zip(range(first, end), records, strict=True)
+                if r is not None and _ours(r, head)]
 
     async def _summary(self, session: str, head: _Head) -> Record | None:
         if not head.summary:
@@ -318,7 +336,7 @@ class StoreMemory:
         records = await self._read(keys)
         summary = records.pop() if head.summary else None
         for seq, rec in zip(missing, records, strict=True):
-            if rec is not None:
+            if rec is not None and _ours(rec, head):
                 m = _decode(rec.value)
                 found[seq] = m, (ids := _ids(m))
                 if kept is not None:
@@ -328,22 +346,44 @@ class StoreMemory:
         start = 0
         while start < len(messages) and (messages[start].role != "user" or _results(messages[start])):
             start += 1
-        return ([_decode(summary.value)] if summary is not None else []) + messages[start:]
+        # copies: what the caller does with its list and the messages' content lists changes nothing kept
+        return ([_decode(summary.value)] if summary is not None else []) + [
+            Message(m.role, list(m.content)) for m in messages[start:]]
 
     async def append(self, session: str, messages: Sequence[Message]) -> None:
         """Append one run's messages as one block (one record each, in order); then, if the
-        session is due, start a compaction in the background."""
+        session is due, start a compaction in the background. Raises ``Conflict`` if the session
+        was forgotten (and started afresh) while they were being written: they are not remembered."""
         if not messages:
             return
         prefix = self.prefix(session)
         head = await self._reserve(session, len(messages))
         kept = self._kept_of(session, head.epoch)
-        for seq, m in enumerate(messages, head.next - len(messages)):
+        first = head.next - len(messages)
+        for seq, m in enumerate(messages, first):
             # the record expires `retention` after the store's clock at the write: no sooner than this
             expiry = None if self.retention is None else self.store.clock() + self.retention
-            await self.store.write(Record(f"{prefix}{seq:012d}", _encode(m)), ttl=self.retention)
+            record = Record(f"{prefix}{seq:012d}", _encode(m), {"epoch": head.epoch})
+            try:  # create-only: a message record is never written twice in one head's lifetime
+                await self.store.write(record, ttl=self.retention, if_version=0)
+            except VersionConflict:
+                now, _ = await self._head(session)
+                if now.epoch != head.epoch:  # forgotten (and maybe started afresh) since the reservation
+                    self._kept.pop(session, None)
+                    raise Conflict(
+                        f"agent {self._agent}: session {session!r} was forgotten while this run's messages were "
+                        f"being appended to it: its {len(messages)} new messages were not remembered "
+                        f"({seq - first} of them were written before the forget and went with it); "
+                        "an agent's run record keeps them") from None
+                # still ours: the key holds a leftover of a late append to a forgotten lifetime of the session
+                # (tagged with that lifetime's epoch: no window took it for a message of this one)
+                await self.store.write(record, ttl=self.retention)
             if kept is not None:
-                kept.messages[seq] = (m, expiry, _ids(m))
+                kept.messages[seq] = (Message(m.role, list(m.content)), expiry, _ids(m))
+        if kept is not None and len(kept.messages) > 2 * self.window_size:  # out of the window: not needed again
+            held, last = kept.messages, head.next - self.window_size  # (trimmed by the window: once in a while)
+            for seq in [s for s in held if s < last]:
+                del held[seq]
         if self.compact_at and head.next - head.start > self.compact_at and session not in self._compacting:
             if self._task_group is None:
                 await self._compact_logged(session)
@@ -364,8 +404,10 @@ class StoreMemory:
             async with lock:  # appends of this process take turns here: only other processes conflict
                 while True:
                     head, version = await self._head(session)
+                    if version and not head.epoch:  # an older micro's head: the epoch it may have dropped
+                        head.epoch = await self._epoch_of(session, head)
                     head.next += count
-                    if not version or not head.epoch:  # a new head (or an older micro's): a new lifetime
+                    if not version or not head.epoch:  # a new head: a new lifetime
                         head.epoch = uuid.uuid4().hex
                     try:
                         await self.store.write(Record(self._head_key(session), _encode(head)),
@@ -377,6 +419,13 @@ class StoreMemory:
             users[0] -= 1
             if not users[0]:
                 del self._reserving[session]
+
+    async def _epoch_of(self, session: str, head: _Head) -> str:
+        """The epoch of the newest of the head's last ``window`` messages that has one ("" if none has):
+        an older micro that rewrote the head (a rolling upgrade) kept its fields, not its epoch."""
+        first = max(head.start, head.next - self.window_size)
+        records = await self._read([f"{self.prefix(session)}{seq:012d}" for seq in range(first, head.next)])
+        return next((r.metadata["epoch"] for r in reversed(records) if r is not None and "epoch" in r.metadata), "")
 
     async def _compact_owned(self, session: str, done: anyio.Event) -> None:
         scope = anyio.CancelScope()
@@ -411,7 +460,7 @@ class StoreMemory:
         head, _ = await self._head(session)
         if head.next - head.start <= self.compact_at:
             return False
-        found = await self._range(session, head.start, head.next)
+        found = await self._range(session, head, head.start, head.next)
         cut = _run_start(found, head.next - self.keep)
         if cut is None or cut <= head.start:
             return False
@@ -425,7 +474,7 @@ class StoreMemory:
         await self.store.write(Record(key, _encode(message), {"first": str(first)}), ttl=self.retention)
         while True:  # commit: move the head's start, unless another compaction got there first
             now, version = await self._head(session)
-            if now.start != head.start or version == 0:  # compacted elsewhere, or forgotten
+            if now.start != head.start or now.epoch != head.epoch or version == 0:  # compacted elsewhere, forgotten
                 if now.summary != cut:  # (a replica that cut at the same place wrote the same key)
                     await self.store.delete(key)
                 return False
@@ -486,13 +535,15 @@ class StoreMemory:
             at = {int(r.key.rsplit("/", 1)[1]): _decode(r.value) for r in summaries}
             out: list[Message] = []
             for r in records:
+                if not _ours(r, head):
+                    continue
                 seq = int(r.key.rsplit("#", 1)[1])
                 if seq in at:
                     out.append(at.pop(seq))
                 out.append(_decode(r.value))
             return out + [at[k] for k in sorted(at)]
         first = max(head.start, head.next - limit) if limit else head.start
-        found = await self._range(session, first, head.next)
+        found = await self._range(session, head, first, head.next)
         summary = None if limit else await self._summary(session, head)
         return ([_decode(summary.value)] if summary is not None else []) + [m for _, m in found]
 
@@ -521,6 +572,13 @@ def _run_start(found: list[tuple[int, Message]], at: int) -> int | None:
     result) at or before ``at``: a cut there separates no tool call from its result."""
     starts = [seq for seq, m in found if seq <= at and m.role == "user" and not _results(m)]
     return starts[-1] if starts else None
+
+
+def _ours(record: Record, head: _Head) -> bool:
+    """Whether a message record belongs to the head's lifetime (not a leftover of a late append to a
+    forgotten one); a record or head of an older micro has no epoch and is taken as it is. Without a
+    head, a record with an epoch is a leftover (a head is written before its messages)."""
+    return not head.epoch or record.metadata.get("epoch", head.epoch) == head.epoch
 
 
 def _results(m: Message) -> set[str]:
