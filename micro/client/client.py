@@ -237,40 +237,75 @@ class Client:
         plan = self._plans.get(key)
         if plan is None or plan.records is not self._records.get(req.service):
             plan = await self._plan(req, key)
-        record, ep, wire, idempotent = plan.record, plan.ep, plan.wire, plan.idempotent
+        wire = plan.wire
         data = self._encode(req, wire)
+        record = plan.record
+        nodes = record.nodes
+        if not nodes:
+            return await self._failover(req, plan, data, None, [], None)
+        order = nodes if len(nodes) == 1 else self._nodes(record)
+        node = order[0]
+        # the usual call: its first node answers; retry and failover state is made only when it does not
+        try:
+            pool = plan.pools.get(node.id) or plan.pool(node, self._pool)
+            req.wire = pool.wire
+            reply = await pool.unary(plan.ep.path, data, wire=wire, deadline=req.deadline, metadata=req.metadata)
+        except Unavailable as exc:  # NodeUnreachable too; handled outside this block (no exception chained)
+            failed = exc
+        else:
+            if self.breakers._nodes:
+                self.breakers.success(node.address)
+            decode = plan.decode
+            return decode(reply, wire, plan.where) if decode is not None else \
+                self._decode(reply, wire, req, plan.ep)
+        return await self._failover(req, plan, data, node, order[1:], failed)
+
+    async def _failover(self, req: Request, plan: _Plan, data: bytes, node: Node | None, rest: list[Node],
+                        failed: Unavailable | None) -> Any:
+        """The rest of a unary call whose first node (``node``, ``rest`` the others in order) failed with
+        ``failed``: unreachable (nothing was sent) the next node is tried, and when none is left the nodes the
+        registry lists now; unavailable (it may have run) only an idempotent endpoint is tried again; then,
+        for an idempotent endpoint, further attempts after a pause, never past the deadline.
+        ``failed`` ``None``: no node was tried yet."""
+        record, ep, wire, idempotent = plan.record, plan.ep, plan.wire, plan.idempotent
         attempts = self.retry.attempts if idempotent else 1
         last: Unavailable | None = None
-        tried: set[str] = set()
+        tried: set[str] = set() if node is None else {node.id}
+        nodes = list(rest)
         for attempt in range(1, attempts + 1):
-            nodes = list(self._nodes(record))  # a copy: _nodes may return the record's own list
-            while nodes:
-                node = nodes.pop(0)
-                tried.add(node.id)
-                try:
-                    if record is plan.record:  # the usual case: the plan knows the node's pool
-                        pool = plan.pools.get(node.id) or plan.pool(node, self._pool)
+            if failed is None:
+                nodes = list(self._nodes(record))  # a copy: _nodes may return the record's own list
+            while nodes or failed is not None:
+                if failed is None:
+                    node = nodes.pop(0)
+                    tried.add(node.id)
+                    try:
+                        if record is plan.record:  # the usual case: the plan knows the node's pool
+                            pool = plan.pools.get(node.id) or plan.pool(node, self._pool)
+                        else:
+                            pool = self._pool(node)
+                        req.wire = pool.wire
+                        reply = await pool.unary(ep.path, data, wire=wire, deadline=req.deadline,
+                                                 metadata=req.metadata)
+                    except Unavailable as exc:
+                        failed = exc
                     else:
-                        pool = self._pool(node)
-                    req.wire = pool.wire
-                    reply = await pool.unary(ep.path, data, wire=wire, deadline=req.deadline, metadata=req.metadata)
-                except NodeUnreachable as exc:
-                    self.breakers.failure(node.address)
-                    last = exc  # nothing was sent: the next node may answer
+                        if self.breakers._nodes:
+                            self.breakers.success(node.address)
+                        decode = plan.decode
+                        return decode(reply, wire, plan.where) if decode is not None else \
+                            self._decode(reply, wire, req, ep)
+                assert node is not None
+                err, failed = failed, None
+                self.breakers.failure(node.address)
+                if isinstance(err, NodeUnreachable):
+                    last = err  # nothing was sent: the next node may answer
                     if not nodes:
                         nodes = await self._replaced(req, tried)
                     continue
-                except Unavailable as exc:
-                    self.breakers.failure(node.address)
-                    if not idempotent:
-                        raise
-                    last = exc  # it may have run: only an idempotent endpoint is tried again
-                    continue
-                if self.breakers._nodes:
-                    self.breakers.success(node.address)
-                decode = plan.decode
-                return decode(reply, wire, plan.where) if decode is not None else \
-                    self._decode(reply, wire, req, ep)
+                if not idempotent:
+                    raise err
+                last = err  # it may have run: only an idempotent endpoint is tried again
             if attempt < attempts:
                 pause = self.retry.delay(attempt)
                 if req.deadline is not None and asyncio.get_running_loop().time() + pause >= req.deadline:
