@@ -255,9 +255,7 @@ class Client:
         else:
             if self.breakers._nodes:
                 self.breakers.success(node.address)
-            decode = plan.decode
-            return decode(reply, wire, plan.where) if decode is not None else \
-                self._decode(reply, wire, req, plan.ep)
+            return plan.decode(reply, wire, plan.where)
         return await self._failover(req, plan, data, node, order[1:], failed)
 
     async def _failover(self, req: Request, plan: _Plan, data: bytes, node: Node | None, rest: list[Node],
@@ -292,9 +290,7 @@ class Client:
                     else:
                         if self.breakers._nodes:
                             self.breakers.success(node.address)
-                        decode = plan.decode
-                        return decode(reply, wire, plan.where) if decode is not None else \
-                            self._decode(reply, wire, req, ep)
+                        return plan.decode(reply, wire, plan.where)
                 assert node is not None
                 err, failed = failed, None
                 self.breakers.failure(node.address)
@@ -328,7 +324,7 @@ class Client:
             records=self._records.get(req.service), record=record, ep=ep,
             wire=PROTO if _speaks_proto(req, ep) else JSON,
             idempotent=ep.metadata.get("idempotent") == "true",
-            decode=None if rt is None or rt is msgspec.Raw else codec_for(rt).decode,
+            decode=_any if rt is None else _raw if rt is msgspec.Raw else codec_for(rt).decode,
             where=f"{req.service} {ep.name} response",
         )
         if plan.records is not None:  # a record cached by the watch: the plan holds while it does
@@ -379,12 +375,14 @@ class Client:
 
     def _encode(self, req: Request, wire: str) -> bytes:
         body = req.body
-        if wire == PROTO:
+        if body.__class__ is bytes:  # JSON as the gateway passes it on (never a protobuf request)
+            data = body
+        elif wire == PROTO:
             codec = compiled(body.__class__)  # None: betterproto2's own encoder
             data = bytes(body) if codec is None else codec.encode(body)
         elif body is None:
             data = b"{}"
-        elif isinstance(body, bytes | bytearray | memoryview):
+        elif isinstance(body, (bytes, bytearray, memoryview)):
             data = bytes(body)
         else:
             try:  # a Struct first: the usual request, no other check before it
@@ -569,7 +567,7 @@ class _Plan:
     __slots__ = ("decode", "ep", "idempotent", "pools", "record", "records", "where", "wire")
 
     def __init__(self, *, records: list[ServiceRecord] | None, record: ServiceRecord, ep: EndpointRecord, wire: str,
-                 idempotent: bool, decode: Callable[[bytes, str, str], Any] | None, where: str) -> None:
+                 idempotent: bool, decode: Callable[[bytes, str, str], Any], where: str) -> None:
         self.records, self.record, self.ep, self.wire = records, record, ep, wire
         self.idempotent, self.decode, self.where = idempotent, decode, where
         self.pools: dict[str, NodePool | NativePool] = {}  # by node id: a node's record is fixed with the plan's
@@ -577,6 +575,16 @@ class _Plan:
     def pool(self, node: Node, find: Callable[[Node], NodePool | NativePool]) -> NodePool | NativePool:
         pool = self.pools[node.id] = find(node)
         return pool
+
+
+def _any(reply: bytes, wire: str, where: str) -> Any:
+    """A reply's dict form (no ``response_type``)."""
+    return _decode_any(reply)
+
+
+def _raw(reply: bytes, wire: str, where: str) -> msgspec.Raw:
+    """A reply's JSON as it arrived (``response_type=msgspec.Raw``: always asked for as JSON)."""
+    return msgspec.Raw(reply)
 
 
 NATIVE = "native"
