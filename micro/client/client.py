@@ -632,21 +632,29 @@ def _unix(value: bool | None) -> bool:
 
 
 _KEY = re.compile(r"[0-9a-z_.\-]+")
-_VALUE = re.compile(r"[ !-~]+")  # printable ASCII, as gRPC (grpclib) requires of text metadata
 _RESERVED = frozenset({"te", "content-type", "user-agent"})
+_GOOD_KEYS: dict[str, str] = {}
+"""Metadata keys already checked, as callers spell them, and lowercased: a key is checked once, not per call."""
+_MAX_GOOD_KEYS = 1024  # callers' header names: past that many, a key is checked each time (never grows for ever)
 
 
 def _checked_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     """Metadata as gRPC carries it (keys lowercased), or ``BadRequest`` on both paths alike."""
     out: dict[str, str] = {}
+    good = _GOOD_KEYS
     for key, value in metadata.items():
-        k = key.lower()
-        if k in _RESERVED or k.startswith("grpc-") or k.endswith("-bin") or not _KEY.fullmatch(k):
-            raise BadRequest(
-                f"metadata key {key!r} is not allowed: use letters, digits, '-', '_' and '.' "
-                "(not grpc-*, *-bin, te, content-type or user-agent)"
-            )
-        if not isinstance(value, str) or not _VALUE.fullmatch(value):
+        k = good.get(key)
+        if k is None:
+            k = key.lower()
+            if k in _RESERVED or k.startswith("grpc-") or k.endswith("-bin") or not _KEY.fullmatch(k):
+                raise BadRequest(
+                    f"metadata key {key!r} is not allowed: use letters, digits, '-', '_' and '.' "
+                    "(not grpc-*, *-bin, te, content-type or user-agent)"
+                )
+            if len(good) < _MAX_GOOD_KEYS:
+                good[key] = k
+        # non-empty printable ASCII text (' ' to '~'), as gRPC (grpclib) requires of text metadata
+        if not isinstance(value, str) or not value or not value.isascii() or not value.isprintable():
             raise BadRequest(f"metadata {key!r}: the value must be non-empty printable ASCII text")
         out[k] = value
     return out
