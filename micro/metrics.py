@@ -255,8 +255,8 @@ class _Rpc:
     is never lost and a scrape never sees the buckets behind ``ok`` or the sum. The other
     calls are counted under the lock too. ``in_flight`` is exact while one event loop
     records on the child; loops in several threads sharing a child may miscount it (a gauge,
-    kept without a lock on the hot path). ``Endpoint.handle`` inlines :meth:`done`'s OK
-    branch (a method call is a fair part of the cost) and reads :data:`FOLD_AT` from here.
+    kept without a lock on the hot path). ``Endpoint.handle`` and :func:`remote_wrapper` inline
+    :meth:`done`'s OK branch (a method call is a fair part of the cost) and read :data:`FOLD_AT` from here.
     """
 
     __slots__ = ("buckets", "codes", "in_flight", "lock", "ok", "pending", "total")
