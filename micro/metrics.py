@@ -255,8 +255,8 @@ class _Rpc:
     is never lost and a scrape never sees the buckets behind ``ok`` or the sum. The other
     calls are counted under the lock too. ``in_flight`` is exact while one event loop
     records on the child; loops in several threads sharing a child may miscount it (a gauge,
-    kept without a lock on the hot path). ``Endpoint.handle`` inlines :meth:`done`'s OK
-    branch (a method call is a fair part of the cost) and reads :data:`FOLD_AT` from here.
+    kept without a lock on the hot path). ``Endpoint.handle`` and :func:`remote_wrapper` inline
+    :meth:`done`'s OK branch (a method call is a fair part of the cost) and read :data:`FOLD_AT` from here.
     """
 
     __slots__ = ("buckets", "codes", "in_flight", "lock", "ok", "pending", "total")
@@ -380,44 +380,69 @@ def remote_wrapper(next: Any) -> Any:
         return next
     # A call is counted once it reached a node (``req.wire`` set): its service and endpoint are then the
     # registry's names, not whatever a caller (a gateway's URL) made up, so the labels stay bounded. While
-    # in flight it counts under the path this endpoint's last call took (none yet: not in flight).
-    last: dict[tuple[str, str], str] = {}
+    # in flight it counts under the path this endpoint's last call took (none yet: not in flight): ``last``
+    # keeps that path's child, of the metric set it was made in (a new set, after ``enable(registry)``,
+    # makes it again). An OK call's seconds are appended as ``_Rpc.done`` does (inlined: it is a fair part
+    # of the cost, as in ``Endpoint.handle``), folded every FOLD_AT calls.
+    last: dict[tuple[str, str], tuple[str, _Rpc, object]] = {}
+    perf_counter = time.perf_counter
+    fold_at = FOLD_AT
 
     async def measured(req: Any) -> Any:
         m = _m
         if req.streaming or not ON or m is None:
             return await next(req)
         key = (req.service, req.endpoint)
-        path = last.get(key)
-        child = m.client.get(req.service, req.endpoint, path) if path is not None else None
-        if child is not None:
+        known = last.get(key)
+        path: str | None = None
+        child: _Rpc | None = None
+        if known is not None:
+            path = known[0]
+            if known[2] is m:
+                child = known[1]
+            else:  # made in a metric set replaced since
+                child = m.client.get(req.service, req.endpoint, path)
+                last[key] = (path, child, m)
             child.in_flight += 1
-        start = time.perf_counter()
-        code = "CANCELLED"  # unless it ends otherwise
+        start = perf_counter()
         try:
             result = await next(req)
-            code = "OK"
-            return result
         except Error as exc:
-            code = exc.status.name
+            _ended(req, m, last, key, path, child, exc.status.name, perf_counter() - start)
             raise
         except Exception:
-            code = "UNKNOWN"
+            _ended(req, m, last, key, path, child, "UNKNOWN", perf_counter() - start)
             raise
-        finally:
-            if req.wire:
-                if req.wire != path:
-                    if child is not None:
-                        child.in_flight -= 1
-                    last[key] = req.wire
-                    child = m.client.get(req.service, req.endpoint, req.wire)
-                    child.in_flight += 1
-                assert child is not None
-                child.done(code, time.perf_counter() - start)
-            elif child is not None:  # refused before it reached a node (no such endpoint now, a bad body)
-                child.in_flight -= 1
+        except BaseException:
+            _ended(req, m, last, key, path, child, "CANCELLED", perf_counter() - start)
+            raise
+        if req.wire is not path or child is None:  # (the wire names are the module's constants)
+            _ended(req, m, last, key, path, child, "OK", perf_counter() - start)
+        else:
+            child.in_flight -= 1
+            pending = child.pending
+            pending.append(perf_counter() - start)
+            if len(pending) >= fold_at:
+                child.fold()
+        return result
 
     return measured
+
+
+def _ended(req: Any, m: _Metrics, last: dict[tuple[str, str], tuple[str, _Rpc, object]], key: tuple[str, str],
+           path: str | None, child: _Rpc | None, code: str, elapsed: float) -> None:
+    """A client call measured by :func:`remote_wrapper` ended with ``code``, other than the usual way (an OK
+    call on the path its endpoint's last call took)."""
+    if req.wire:
+        if req.wire != path or child is None:
+            if child is not None:
+                child.in_flight -= 1
+            child = m.client.get(req.service, req.endpoint, req.wire)
+            last[key] = (req.wire, child, m)
+            child.in_flight += 1
+        child.done(code, elapsed)
+    elif child is not None:  # refused before it reached a node (no such endpoint now, a bad body)
+        child.in_flight -= 1
 
 
 def count(name: str, *labels: str, by: float = 1.0, bounded: int | None = None) -> None:

@@ -122,6 +122,36 @@ async def test_rpc_counters_move_by_exactly_the_calls_made(fresh: CollectorRegis
     assert not labels & {"nosuch", "other", "Greeter.nosuch", "Greeter.other"}  # no series for made-up names
 
 
+async def test_client_calls_count_in_the_metric_set_enabled_after_the_client_was_made(
+        fresh: CollectorRegistry) -> None:
+    """The client keeps the child an endpoint's calls count under; a new registry (``enable(registry)``) is a new
+    metric set, and the calls made after it count there, the earlier ones stay in the old one."""
+    from prometheus_client import generate_latest
+
+    registry = MemoryRegistry()
+    later = CollectorRegistry()
+    async with micro.Runtime(registry=registry, store="memory://", broker="memory://") as home, \
+            micro.Runtime(registry=registry, store="memory://", broker="memory://", transport="native") as native:
+        service = micro.Service("greet", runtime=home)
+        service.handle(Greeter())
+        async with service:
+            for _ in range(2):
+                await native.client.call("greet", "Greeter.Hello", {"name": "a"})
+            metrics.enable(later)
+            for _ in range(3):
+                await native.client.call("greet", "Greeter.Hello", {"name": "b"})
+            with pytest.raises(BadRequest):
+                await native.client.call("greet", "Greeter.Hello", {"name": "bad"})
+    ep = {"service": "greet", "endpoint": "Greeter.Hello", "path": "native"}
+    before, after = samples(generate_latest(fresh)), samples(generate_latest(later))
+    assert value(before, "micro_rpc_client_calls_total", **ep, code="OK") == 2
+    assert value(before, "micro_rpc_client_calls_total", **ep, code="INVALID_ARGUMENT") == 0
+    assert value(after, "micro_rpc_client_calls_total", **ep, code="OK") == 3
+    assert value(after, "micro_rpc_client_calls_total", **ep, code="INVALID_ARGUMENT") == 1
+    assert value(after, "micro_rpc_client_duration_seconds_count", **ep) == 4
+    assert value(before, "micro_rpc_client_in_flight", **ep) == value(after, "micro_rpc_client_in_flight", **ep) == 0
+
+
 async def test_in_flight_and_overload_refusals(fresh: CollectorRegistry) -> None:
     async with micro.Runtime(registry=MemoryRegistry(), store="memory://", broker="memory://") as rt:
         greeter = Greeter()

@@ -30,7 +30,7 @@ from micro import cancel, eventloop
 from micro.broker.local import SERVICE as BROKER_SERVICE
 from micro.client.native import NativePool
 from micro.client.pool import NodeUnreachable
-from micro.errors import ResourceExhausted, Status, Timeout, Unavailable
+from micro.errors import BadRequest, ResourceExhausted, Status, Timeout, Unavailable
 from micro.registry.memory import MemoryRegistry
 from micro.wire import frames as f
 from micro.wire import unix
@@ -844,6 +844,28 @@ async def test_items_after_the_end_and_replies_to_no_call_are_ignored() -> None:
             for _ in range(3):  # the connection carries on
                 assert await pool.unary("/x.Y/Z", b"{}", deadline=loop.time() + 10) == b'{"n": 3}'
             assert len(pool._conns) == 1
+        finally:
+            pool.close()
+
+
+def _echo(frame: f.Frame, writer: asyncio.StreamWriter) -> None:
+    kind, rid, *_ = frame
+    if kind == f.REQUEST:
+        writer.write(f.frame(f.RESPONSE, rid, b'{"n": 1}'))
+
+
+async def test_a_call_whose_metadata_is_over_the_head_limit_is_refused_and_leaves_no_call_behind() -> None:
+    async with FakeNode(_echo) as fake:
+        pool = NativePool(fake.address)
+        try:
+            loop = asyncio.get_running_loop()
+            assert await pool.unary("/x.Y/Z", b"{}", deadline=loop.time() + 10) == b'{"n": 1}'
+            with pytest.raises(BadRequest, match="over the wire's 65535"):
+                await pool.unary("/x.Y/Z", b"{}", deadline=loop.time() + 10, metadata={"k": "v" * 70_000})
+            (conn,) = pool._conns
+            assert conn.calls == {}  # not counted as a call in flight on the connection
+            assert pool.places.inflight == 0
+            assert await pool.unary("/x.Y/Z", b"{}", deadline=loop.time() + 10) == b'{"n": 1}'
         finally:
             pool.close()
 

@@ -237,40 +237,71 @@ class Client:
         plan = self._plans.get(key)
         if plan is None or plan.records is not self._records.get(req.service):
             plan = await self._plan(req, key)
-        record, ep, wire, idempotent = plan.record, plan.ep, plan.wire, plan.idempotent
+        wire = plan.wire
         data = self._encode(req, wire)
+        record = plan.record
+        nodes = record.nodes
+        if not nodes:
+            return await self._failover(req, plan, data, None, [], None)
+        order = nodes if len(nodes) == 1 else self._nodes(record)
+        node = order[0]
+        # the usual call: its first node answers; retry and failover state is made only when it does not
+        try:
+            pool = plan.pools.get(node.id) or plan.pool(node, self._pool)
+            req.wire = pool.wire
+            reply = await pool.unary(plan.ep.path, data, wire=wire, deadline=req.deadline, metadata=req.metadata)
+        except Unavailable as exc:  # NodeUnreachable too; handled outside this block (no exception chained)
+            failed = exc
+        else:
+            if self.breakers._nodes:
+                self.breakers.success(node.address)
+            return plan.decode(reply, wire, plan.where)
+        return await self._failover(req, plan, data, node, order[1:], failed)
+
+    async def _failover(self, req: Request, plan: _Plan, data: bytes, node: Node | None, rest: list[Node],
+                        failed: Unavailable | None) -> Any:
+        """The rest of a unary call whose first node (``node``, ``rest`` the others in order) failed with
+        ``failed``: unreachable (nothing was sent) the next node is tried, and when none is left the nodes the
+        registry lists now; unavailable (it may have run) only an idempotent endpoint is tried again; then,
+        for an idempotent endpoint, further attempts after a pause, never past the deadline.
+        ``failed`` ``None``: no node was tried yet."""
+        record, ep, wire, idempotent = plan.record, plan.ep, plan.wire, plan.idempotent
         attempts = self.retry.attempts if idempotent else 1
         last: Unavailable | None = None
-        tried: set[str] = set()
+        tried: set[str] = set() if node is None else {node.id}
+        nodes = list(rest)
         for attempt in range(1, attempts + 1):
-            nodes = list(self._nodes(record))  # a copy: _nodes may return the record's own list
-            while nodes:
-                node = nodes.pop(0)
-                tried.add(node.id)
-                try:
-                    if record is plan.record:  # the usual case: the plan knows the node's pool
-                        pool = plan.pools.get(node.id) or plan.pool(node, self._pool)
+            if failed is None:
+                nodes = list(self._nodes(record))  # a copy: _nodes may return the record's own list
+            while nodes or failed is not None:
+                if failed is None:
+                    node = nodes.pop(0)
+                    tried.add(node.id)
+                    try:
+                        if record is plan.record:  # the usual case: the plan knows the node's pool
+                            pool = plan.pools.get(node.id) or plan.pool(node, self._pool)
+                        else:
+                            pool = self._pool(node)
+                        req.wire = pool.wire
+                        reply = await pool.unary(ep.path, data, wire=wire, deadline=req.deadline,
+                                                 metadata=req.metadata)
+                    except Unavailable as exc:
+                        failed = exc
                     else:
-                        pool = self._pool(node)
-                    req.wire = pool.wire
-                    reply = await pool.unary(ep.path, data, wire=wire, deadline=req.deadline, metadata=req.metadata)
-                except NodeUnreachable as exc:
-                    self.breakers.failure(node.address)
-                    last = exc  # nothing was sent: the next node may answer
+                        if self.breakers._nodes:
+                            self.breakers.success(node.address)
+                        return plan.decode(reply, wire, plan.where)
+                assert node is not None
+                err, failed = failed, None
+                self.breakers.failure(node.address)
+                if isinstance(err, NodeUnreachable):
+                    last = err  # nothing was sent: the next node may answer
                     if not nodes:
                         nodes = await self._replaced(req, tried)
                     continue
-                except Unavailable as exc:
-                    self.breakers.failure(node.address)
-                    if not idempotent:
-                        raise
-                    last = exc  # it may have run: only an idempotent endpoint is tried again
-                    continue
-                if self.breakers._nodes:
-                    self.breakers.success(node.address)
-                decode = plan.decode
-                return decode(reply, wire, plan.where) if decode is not None else \
-                    self._decode(reply, wire, req, ep)
+                if not idempotent:
+                    raise err
+                last = err  # it may have run: only an idempotent endpoint is tried again
             if attempt < attempts:
                 pause = self.retry.delay(attempt)
                 if req.deadline is not None and asyncio.get_running_loop().time() + pause >= req.deadline:
@@ -293,7 +324,7 @@ class Client:
             records=self._records.get(req.service), record=record, ep=ep,
             wire=PROTO if _speaks_proto(req, ep) else JSON,
             idempotent=ep.metadata.get("idempotent") == "true",
-            decode=None if rt is None or rt is msgspec.Raw else codec_for(rt).decode,
+            decode=_any if rt is None else _raw if rt is msgspec.Raw else codec_for(rt).decode,
             where=f"{req.service} {ep.name} response",
         )
         if plan.records is not None:  # a record cached by the watch: the plan holds while it does
@@ -344,12 +375,14 @@ class Client:
 
     def _encode(self, req: Request, wire: str) -> bytes:
         body = req.body
-        if wire == PROTO:
+        if body.__class__ is bytes:  # JSON as the gateway passes it on (never a protobuf request)
+            data = body
+        elif wire == PROTO:
             codec = compiled(body.__class__)  # None: betterproto2's own encoder
             data = bytes(body) if codec is None else codec.encode(body)
         elif body is None:
             data = b"{}"
-        elif isinstance(body, bytes | bytearray | memoryview):
+        elif isinstance(body, (bytes, bytearray, memoryview)):
             data = bytes(body)
         else:
             try:  # a Struct first: the usual request, no other check before it
@@ -534,7 +567,7 @@ class _Plan:
     __slots__ = ("decode", "ep", "idempotent", "pools", "record", "records", "where", "wire")
 
     def __init__(self, *, records: list[ServiceRecord] | None, record: ServiceRecord, ep: EndpointRecord, wire: str,
-                 idempotent: bool, decode: Callable[[bytes, str, str], Any] | None, where: str) -> None:
+                 idempotent: bool, decode: Callable[[bytes, str, str], Any], where: str) -> None:
         self.records, self.record, self.ep, self.wire = records, record, ep, wire
         self.idempotent, self.decode, self.where = idempotent, decode, where
         self.pools: dict[str, NodePool | NativePool] = {}  # by node id: a node's record is fixed with the plan's
@@ -542,6 +575,16 @@ class _Plan:
     def pool(self, node: Node, find: Callable[[Node], NodePool | NativePool]) -> NodePool | NativePool:
         pool = self.pools[node.id] = find(node)
         return pool
+
+
+def _any(reply: bytes, wire: str, where: str) -> Any:
+    """A reply's dict form (no ``response_type``)."""
+    return _decode_any(reply)
+
+
+def _raw(reply: bytes, wire: str, where: str) -> msgspec.Raw:
+    """A reply's JSON as it arrived (``response_type=msgspec.Raw``: always asked for as JSON)."""
+    return msgspec.Raw(reply)
 
 
 NATIVE = "native"
@@ -589,21 +632,29 @@ def _unix(value: bool | None) -> bool:
 
 
 _KEY = re.compile(r"[0-9a-z_.\-]+")
-_VALUE = re.compile(r"[ !-~]+")  # printable ASCII, as gRPC (grpclib) requires of text metadata
 _RESERVED = frozenset({"te", "content-type", "user-agent"})
+_GOOD_KEYS: dict[str, str] = {}
+"""Metadata keys already checked, as callers spell them, and lowercased: a key is checked once, not per call."""
+_MAX_GOOD_KEYS = 1024  # callers' header names: past that many, a key is checked each time (never grows for ever)
 
 
 def _checked_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     """Metadata as gRPC carries it (keys lowercased), or ``BadRequest`` on both paths alike."""
     out: dict[str, str] = {}
+    good = _GOOD_KEYS
     for key, value in metadata.items():
-        k = key.lower()
-        if k in _RESERVED or k.startswith("grpc-") or k.endswith("-bin") or not _KEY.fullmatch(k):
-            raise BadRequest(
-                f"metadata key {key!r} is not allowed: use letters, digits, '-', '_' and '.' "
-                "(not grpc-*, *-bin, te, content-type or user-agent)"
-            )
-        if not isinstance(value, str) or not _VALUE.fullmatch(value):
+        k = good.get(key)
+        if k is None:
+            k = key.lower()
+            if k in _RESERVED or k.startswith("grpc-") or k.endswith("-bin") or not _KEY.fullmatch(k):
+                raise BadRequest(
+                    f"metadata key {key!r} is not allowed: use letters, digits, '-', '_' and '.' "
+                    "(not grpc-*, *-bin, te, content-type or user-agent)"
+                )
+            if len(good) < _MAX_GOOD_KEYS:
+                good[key] = k
+        # non-empty printable ASCII text (' ' to '~'), as gRPC (grpclib) requires of text metadata
+        if not isinstance(value, str) or not value or not value.isascii() or not value.isprintable():
             raise BadRequest(f"metadata {key!r}: the value must be non-empty printable ASCII text")
         out[k] = value
     return out
