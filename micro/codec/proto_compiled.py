@@ -23,11 +23,14 @@ objects are made with ``object.__new__`` and plain attribute stores, without
 once; a key and a one-byte length or value come from a table as one piece; a nested
 message whose fields are all singular scalars is written inline, not by a call.
 
-The results are betterproto2's own, field for field: the same defaults, the last
-value of a repeated scalar field wins, repeated fields accept packed and unpacked
+The results are betterproto2's own, field for field: the same defaults, a singular
+scalar field that appears more than once keeps its last value, repeated fields accept packed and unpacked
 encodings, unknown fields are kept in ``_unknown_fields`` and written back at the
 end, a nested message field that appears twice is replaced (not merged), and
-integers are masked and sign-extended the way betterproto2 does it.
+integers are masked and sign-extended the way betterproto2 does it. One rule is
+protobuf's (and upb's) rather than betterproto2's: a oneof member read clears the
+other members of its group, so the last one read wins (betterproto2's parser keeps
+them all, and its ``which_one_of`` then raises).
 ``tests/test_codec_compiled.py`` checks that against betterproto2 and upb on
 generated messages and bytes.
 
@@ -37,8 +40,9 @@ those, oneof members and maps. Left to betterproto2 (:func:`compiled` returns
 ``None``): messages with well-known wrapper types (fields betterproto2 unwraps to
 ``datetime``, ``timedelta`` or ``str | None``), pydantic dataclasses, classes with
 their own ``__post_init__`` (generated code adds one to warn about deprecated
-messages; decoded objects are built without calling ``__init__``), classes whose
-fields are slots or properties (decoded objects get their values in ``__dict__``),
+messages), ``__init__`` or ``__setattr__`` (decoded objects are built without calling
+``__init__`` and filled by plain attribute stores; generated classes have neither),
+classes whose fields are slots or properties (decoded objects get their values in ``__dict__``),
 subclasses that add fields (betterproto2 reuses their base's cached metadata), and every class that
 reaches one of those. A class and the classes it reaches are compiled together or
 not at all.
@@ -217,11 +221,10 @@ def _where(known: dict[int, tuple[str, str]], key: int) -> str:
 
 # -- the compiler -------------------------------------------------------------------------------
 
-_lock = threading.Lock()
+_lock = threading.Lock()  # compiling into _namespace (micro.codec.struct_compiled compiles under it too)
 _namespace: dict[str, Any] = {
-    "_bad": _bad, "_varint": _varint, "_put": _put_varint, "_skip": _skip, "_utf8": _utf8,
-    "_unpack_fixed": _unpack_fixed, "_Struct": struct.Struct, "_M32": _MASK32, "_M64": _MASK64,
-    "_Bad": BadRequest, "_M": Malformed, "_vr": _read_varint, "_skipv": _skip_value, "_unpack": _unpack_packed,
+    "_bad": _bad, "_varint": _varint, "_skip": _skip, "_unpack_fixed": _unpack_fixed, "_M32": _MASK32,
+    "_M64": _MASK64, "_M": Malformed, "_vr": _read_varint, "_skipv": _skip_value, "_unpack": _unpack_packed,
     "_where": _where, "_onew": object.__new__, "_vb": _varint_bytes, "_one": tuple(bytes([n]) for n in range(128)),
 }
 _serial = itertools.count()
@@ -265,6 +268,7 @@ class _Field:
     default: Any  # the constant default for a scalar without presence
     cls: type | None  # enum, message or map-entry class
     entry: tuple[_Field, _Field] | None = None  # map key and value
+    rivals: tuple[str, ...] = ()  # the other members of its oneof, cleared when it is read
 
 
 def _fields(tp: type[betterproto2.Message]) -> list[_Field]:
@@ -275,6 +279,9 @@ def _fields(tp: type[betterproto2.Message]) -> list[_Field]:
         raise _Unsupported(tp)  # betterproto2 validates pydantic messages on every encode/decode
     if tp.__post_init__ is not betterproto2.Message.__post_init__:
         raise _Unsupported(tp)  # e.g. a deprecation warning: decoded objects are built without __init__
+    if not _generated_init(tp) or tp.__setattr__ is not object.__setattr__:
+        # decoded objects are built without __init__ and filled by plain stores into their __dict__
+        raise _Unsupported(tp)
     for name in [f.name for f in dataclasses.fields(tp)] + ["_unknown_fields"]:
         attr = type(inspect.getattr_static(tp, name, None))
         if hasattr(attr, "__set__") or hasattr(attr, "__delete__"):
@@ -317,7 +324,20 @@ def _fields(tp: type[betterproto2.Message]) -> list[_Field]:
         else:
             raise _Unsupported(f"{tp.__name__}.{f.name}: {kind}")
         out.append(field)
+    groups = {f.name: fm.group for f in fields.values() if (fm := FieldMetadata.get(f)).group}
+    for field in out:
+        if field.name in groups:
+            field.rivals = tuple(n for n, g in groups.items() if g == groups[field.name] and n != field.name)
     return out
+
+
+def _generated_init(tp: type) -> bool:
+    """Whether ``tp.__init__`` is the one ``@dataclass`` made (it only stores the fields and calls
+    ``__post_init__``), not a class's own."""
+    owner = next((c for c in tp.__mro__ if "__init__" in vars(c)), object)
+    params = vars(owner).get("__dataclass_params__")
+    code = getattr(vars(owner)["__init__"], "__code__", None)
+    return params is not None and params.init and code is not None and code.co_filename == "<string>"
 
 
 def _wire(kind: str) -> int:
@@ -366,7 +386,7 @@ def _compile(root: type[betterproto2.Message]) -> None:
     code = []
     for tp, fields in group.items():
         suffix = names[tp]
-        source = _decoder_source(tp, suffix, fields, names) + "\n\n" + \
+        source = _decoder_source(suffix, fields, names) + "\n\n" + \
             _encoder_source(suffix, fields, names, {**_field_lists, **group})
         code.append((tp, suffix, compile(source, f"<micro.codec.proto_compiled {tp.__qualname__}>", "exec")))
     for tp, suffix, unit in code:
@@ -379,7 +399,7 @@ def _compile(root: type[betterproto2.Message]) -> None:
 
 def _constant(value: Any, hint: str) -> str:
     """A name in ``_namespace`` bound to ``value`` (a default or a format)."""
-    name = f"_k{len(_namespace)}_{hint}"
+    name = f"_k{next(_serial)}_{hint}"
     _namespace[name] = value
     return name
 
@@ -485,13 +505,14 @@ def _take(f: _Field, skip: int, names: dict[type, str]) -> list[str]:
         assert f.cls is not None
         lines = _nested(f"_dec_{names[f.cls]}", "v", where, skip)
     elif kind in ("string", "bytes") and not f.repeated:
-        return _value(kind, f"f_{f.name}", where, skip)
+        lines = _value(kind, f"f_{f.name}", where, skip)
     else:
         lines = _value(kind, "v", where, skip)
         if kind == "enum":
             lines.append(f"v = {_constant(f.cls, 'enum')}(v)")
-    lines.append(f"f_{f.name}.append(v)" if f.repeated else f"f_{f.name} = v")
-    return lines
+    if kind == "message" or kind not in ("string", "bytes") or f.repeated:
+        lines.append(f"f_{f.name}.append(v)" if f.repeated else f"f_{f.name} = v")
+    return lines + [f"f_{rival} = None" for rival in f.rivals]  # a oneof member read last wins
 
 
 def _take_packed(f: _Field, skip: int) -> list[str]:
@@ -530,7 +551,7 @@ def _indent(lines: list[str], by: int) -> list[str]:
     return [" " * by + line for line in lines]
 
 
-def _decoder_source(tp: type, suffix: str, fields: list[_Field], names: dict[type, str]) -> str:
+def _decoder_source(suffix: str, fields: list[_Field], names: dict[type, str]) -> str:
     known = _constant({f.number: (f.name, f.kind) for f in fields}, "known")
     lines = []
     for f in fields:  # the defaults, as betterproto2's __init__ makes them
@@ -592,13 +613,8 @@ def _decoder_source(tp: type, suffix: str, fields: list[_Field], names: dict[typ
         f"        raise _M('a string that is not UTF-8', _where({known}, key)) from None",
         f"    o = _onew(_cls_{suffix})",
     ]
-    if _plain_attributes(tp):
-        lines += [f"    o.{f.name} = f_{f.name}" for f in fields]
-        lines.append("    o._unknown_fields = unk")
-    else:
-        values = "".join(f"'{f.name}': f_{f.name}, " for f in fields)
-        lines.append(f"    o.__dict__.update({{{values}'_unknown_fields': unk}})")
-    lines.append("    return o")
+    lines += [f"    o.{f.name} = f_{f.name}" for f in fields]  # plain stores: _fields checked
+    lines += ["    o._unknown_fields = unk", "    return o"]
     # one body twice: nested messages are read in place, between ``i`` and ``end`` of the enclosing bytes
     return "\n".join([f"def _dec_{suffix}(data, i, end):", *lines, "",
                       f"def _read_{suffix}(data):", "    i = 0", "    end = len(data)", *lines, "",
@@ -607,12 +623,6 @@ def _decoder_source(tp: type, suffix: str, fields: list[_Field], names: dict[typ
                       f"        return _read_{suffix}(data)",
                       "    except _M as exc:",
                       "        raise _bad(exc.what, path + exc.rel) from None"])
-
-
-def _plain_attributes(tp: type) -> bool:
-    """Whether setting an attribute of a ``tp`` only stores it in its ``__dict__`` (the fast way; fields are
-    never data descriptors here, :func:`_fields` checked)."""
-    return getattr(tp, "__setattr__", None) is object.__setattr__
 
 
 # -- encoders --

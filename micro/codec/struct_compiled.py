@@ -23,7 +23,6 @@ import dataclasses
 import datetime as dt
 import math
 import struct
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -254,7 +253,6 @@ pc._namespace.update({
 
 # -- the compiler -------------------------------------------------------------------------------
 
-_lock = threading.Lock()
 _names: dict[int, str] = {}  # id(Message) -> suffix (layouts are cached for the life of the process)
 _keep: list[L.Message] = []
 _cache: dict[int, StructProto] = {}
@@ -265,7 +263,7 @@ def compile_layout(msg: L.Message) -> StructProto:
     found = _cache.get(id(msg))
     if found is not None:
         return found
-    with _lock:
+    with pc._lock:  # one lock for everything compiled into pc._namespace (names, constants, key tables)
         if id(msg) not in _cache:
             todo = [m for m in msg.messages() if id(m) not in _names]
             for m in todo:
