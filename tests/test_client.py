@@ -10,6 +10,7 @@ network path alone run on both wires (``wire`` parameter).
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -899,3 +900,43 @@ async def test_a_node_leaving_keeps_its_service_s_round_robin_going() -> None:
             assert "rr" not in client._rr  # all three left
         finally:
             client.close()
+
+
+class _Refusing:
+    """A pool whose calls all fail with ``Unavailable`` (the node may have run them)."""
+
+    wire = "native"
+
+    async def unary(self, path: str, data: bytes, **kw: Any) -> bytes:
+        await asyncio.sleep(0)
+        raise Unavailable("n0: unavailable")
+
+
+@pytest.mark.parametrize("idempotent", [False, True])
+async def test_failed_calls_leave_no_reference_cycles(idempotent: bool) -> None:
+    """A call that fails (an outage: every call does) leaves nothing for the cyclic collector: no cycle
+    exception -> traceback -> the client's frame -> exception keeping each request's body alive until a GC."""
+    from micro.client.retry import RetryPolicy
+    from micro.registry import Endpoint as RegistryEndpoint
+    from micro.registry import Node, ServiceRecord
+
+    class OneRecord(MemoryRegistry):
+        async def get(self, name: str) -> list[ServiceRecord]:
+            return [ServiceRecord(name="s", nodes=[Node(id="n0", address="addr-n0")], endpoints=[
+                RegistryEndpoint(name="H.M", path="/s.H/M",
+                                 metadata={"idempotent": "true"} if idempotent else {})])]
+
+    client = Client(OneRecord(), transport="auto", default_timeout=None)
+    client.retry = RetryPolicy(attempts=3, base=0.0, cap=0.0)
+    client._pool = lambda node: _Refusing()  # type: ignore[method-assign,assignment,return-value]
+    with pytest.raises(Unavailable):  # warm: the plan and caches exist before counting
+        await client.call("s", "H.M", b"x")
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(50):
+            with pytest.raises(Unavailable):
+                await client.call("s", "H.M", b"x" * 10_000)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

@@ -854,7 +854,7 @@ def _echo(frame: f.Frame, writer: asyncio.StreamWriter) -> None:
         writer.write(f.frame(f.RESPONSE, rid, b'{"n": 1}'))
 
 
-async def test_a_call_whose_metadata_is_over_the_head_limit_is_refused_and_leaves_no_call_behind() -> None:
+async def test_a_call_or_stream_whose_metadata_is_over_the_head_limit_is_refused_and_leaves_no_call_behind() -> None:
     async with FakeNode(_echo) as fake:
         pool = NativePool(fake.address)
         try:
@@ -865,6 +865,11 @@ async def test_a_call_whose_metadata_is_over_the_head_limit_is_refused_and_leave
             (conn,) = pool._conns
             assert conn.calls == {}  # not counted as a call in flight on the connection
             assert pool.places.inflight == 0
+            with pytest.raises(BadRequest, match="over the wire's 65535"):  # a stream's request too
+                async for _ in pool.server_stream("/x.Y/Z", b"{}", deadline=loop.time() + 10,
+                                                  metadata={"k": "v" * 70_000}):
+                    pass
+            assert conn.calls == {} and pool.places.inflight == 0
             assert await pool.unary("/x.Y/Z", b"{}", deadline=loop.time() + 10) == b'{"n": 1}'
         finally:
             pool.close()

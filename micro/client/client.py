@@ -256,7 +256,10 @@ class Client:
             if self.breakers._nodes:
                 self.breakers.success(node.address)
             return plan.decode(reply, wire, plan.where)
-        return await self._failover(req, plan, data, node, order[1:], failed)
+        try:
+            return await self._failover(req, plan, data, node, order[1:], failed)
+        finally:
+            del failed  # no cycle exception -> traceback -> this frame -> exception (keeping data alive)
 
     async def _failover(self, req: Request, plan: _Plan, data: bytes, node: Node | None, rest: list[Node],
                         failed: Unavailable | None) -> Any:
@@ -266,51 +269,55 @@ class Client:
         for an idempotent endpoint, further attempts after a pause, never past the deadline.
         ``failed`` ``None``: no node was tried yet."""
         record, ep, wire, idempotent = plan.record, plan.ep, plan.wire, plan.idempotent
-        attempts = self.retry.attempts if idempotent else 1
+        err: Unavailable | None = None
         last: Unavailable | None = None
-        tried: set[str] = set() if node is None else {node.id}
-        nodes = list(rest)
-        for attempt in range(1, attempts + 1):
-            if failed is None:
-                nodes = list(self._nodes(record))  # a copy: _nodes may return the record's own list
-            while nodes or failed is not None:
+        try:
+            attempts = self.retry.attempts if idempotent else 1
+            tried: set[str] = set() if node is None else {node.id}
+            nodes = list(rest)
+            for attempt in range(1, attempts + 1):
                 if failed is None:
-                    node = nodes.pop(0)
-                    tried.add(node.id)
-                    try:
-                        if record is plan.record:  # the usual case: the plan knows the node's pool
-                            pool = plan.pools.get(node.id) or plan.pool(node, self._pool)
+                    nodes = list(self._nodes(record))  # a copy: _nodes may return the record's own list
+                while nodes or failed is not None:
+                    if failed is None:
+                        node = nodes.pop(0)
+                        tried.add(node.id)
+                        try:
+                            if record is plan.record:  # the usual case: the plan knows the node's pool
+                                pool = plan.pools.get(node.id) or plan.pool(node, self._pool)
+                            else:
+                                pool = self._pool(node)
+                            req.wire = pool.wire
+                            reply = await pool.unary(ep.path, data, wire=wire, deadline=req.deadline,
+                                                     metadata=req.metadata)
+                        except Unavailable as exc:
+                            failed = exc
                         else:
-                            pool = self._pool(node)
-                        req.wire = pool.wire
-                        reply = await pool.unary(ep.path, data, wire=wire, deadline=req.deadline,
-                                                 metadata=req.metadata)
-                    except Unavailable as exc:
-                        failed = exc
-                    else:
-                        if self.breakers._nodes:
-                            self.breakers.success(node.address)
-                        return plan.decode(reply, wire, plan.where)
-                assert node is not None
-                err, failed = failed, None
-                self.breakers.failure(node.address)
-                if isinstance(err, NodeUnreachable):
-                    last = err  # nothing was sent: the next node may answer
-                    if not nodes:
-                        nodes = await self._replaced(req, tried)
-                    continue
-                if not idempotent:
-                    raise err
-                last = err  # it may have run: only an idempotent endpoint is tried again
-            if attempt < attempts:
-                pause = self.retry.delay(attempt)
-                if req.deadline is not None and asyncio.get_running_loop().time() + pause >= req.deadline:
-                    break
-                await asyncio.sleep(pause)
-                self._records.pop(req.service, None)
-                record, ep = await self._resolve(req.service, req.endpoint)
-        self._records.pop(req.service, None)
-        raise Unavailable(f"no node of {req.service!r} answered: {last}")
+                            if self.breakers._nodes:
+                                self.breakers.success(node.address)
+                            return plan.decode(reply, wire, plan.where)
+                    assert node is not None
+                    err, failed = failed, None
+                    self.breakers.failure(node.address)
+                    if isinstance(err, NodeUnreachable):
+                        last = err  # nothing was sent: the next node may answer
+                        if not nodes:
+                            nodes = await self._replaced(req, tried)
+                        continue
+                    if not idempotent:
+                        raise err
+                    last = err  # it may have run: only an idempotent endpoint is tried again
+                if attempt < attempts:
+                    pause = self.retry.delay(attempt)
+                    if req.deadline is not None and asyncio.get_running_loop().time() + pause >= req.deadline:
+                        break
+                    await asyncio.sleep(pause)
+                    self._records.pop(req.service, None)
+                    record, ep = await self._resolve(req.service, req.endpoint)
+            self._records.pop(req.service, None)
+            raise Unavailable(f"no node of {req.service!r} answered: {last}")
+        finally:
+            last = failed = err = None  # no cycles exception -> traceback -> this frame (keeping data alive)
 
     async def _plan(self, req: Request, key: tuple[str, str, type, Any]) -> _Plan:
         """What every unary call of this endpoint with these types does alike, worked out once per

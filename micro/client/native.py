@@ -457,8 +457,9 @@ class NativePool:
                 raise NodeUnreachable(f"{path}: node {self.address} is shutting down")
             rid = next(conn.ids)
             call = _Stream()
+            frame = self._frame(path, rid, data, wire, f.STREAM, timeout_us, metadata)  # may refuse: nothing kept
             conn.calls[rid] = call
-            conn.send(self._frame(path, rid, data, wire, f.STREAM, timeout_us, metadata))
+            conn.send(frame)
             timer = None if deadline is None else loop.call_at(deadline, _expire_stream, call, path, self.address)
             try:
                 while True:
