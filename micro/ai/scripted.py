@@ -158,6 +158,8 @@ class ScriptedModel(Model):
             self._turns.extend(script)
         self._total = len(self._turns)
         self._ids = itertools.count(1)
+        # each block's encoded size, by id (see _size); the entry holds the block: its id is not reused
+        self._sizes: dict[int, tuple[Block, int]] = {}
 
     @property
     def remaining(self) -> int | None:
@@ -230,9 +232,25 @@ class ScriptedModel(Model):
         content: list[Block] = [TextBlock(item.text)] if item.text else []
         content += [ToolUseBlock(f"call_{next(self._ids)}", n, dict(a)) for n, a in item.calls]
         stop = "tool_use" if item.calls else "end_turn"
-        seen = _size(received.messages) + len(received.system or "")
+        seen = self._size(received.messages) + len(received.system or "")
         usage = Usage(input_tokens=seen // 4, output_tokens=len(item.text) // 4 + len(item.calls))
         return Response(content, stop, usage, self.model)
+
+    def _size(self, messages: Sequence[Message]) -> int:
+        """The bytes of the messages' blocks as JSON, each block on its own (as :func:`_size`), a block's
+        figure kept from an earlier call: the history grows by a message or two per call, and a memory
+        window's copies of the messages share their blocks (frozen), so a call encodes only new blocks."""
+        sizes = self._sizes
+        if len(sizes) > _SIZES_KEPT:
+            sizes.clear()
+        total = 0
+        for m in messages:
+            for b in m.content:
+                kept = sizes.get(id(b))
+                if kept is None or kept[0] is not b:
+                    kept = sizes[id(b)] = (b, len(_encode(b)))
+                total += kept[1]
+        return total
 
 
 def _echo(messages: list[Message], tools: list[ToolSpec]) -> str:
@@ -245,6 +263,10 @@ def _digest(messages: list[Message]) -> str:
     text = "\n".join(m.text for m in messages)
     said = [line.removeprefix("user: ")[:60] for line in text.splitlines() if line.startswith("user: ")]
     return f"[scripted summary of {len(said)} user lines] " + " | ".join(said)
+
+
+_SIZES_KEPT = 4096  # blocks whose size a model keeps; past this it starts again
+_encode = msgspec.json.Encoder().encode
 
 
 def _size(messages: Sequence[Message]) -> int:
