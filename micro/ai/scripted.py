@@ -32,6 +32,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import json
+import operator
 import re
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -158,8 +159,8 @@ class ScriptedModel(Model):
             self._turns.extend(script)
         self._total = len(self._turns)
         self._ids = itertools.count(1)
-        # each block's encoded size, by id (see _size); the entry holds the block: its id is not reused
-        self._sizes: dict[int, tuple[Block, int]] = {}
+        # each message's encoded size, by its first block's id (see _size)
+        self._sizes: dict[int, tuple[tuple[Block, ...], int]] = {}
 
     @property
     def remaining(self) -> int | None:
@@ -237,19 +238,24 @@ class ScriptedModel(Model):
         return Response(content, stop, usage, self.model)
 
     def _size(self, messages: Sequence[Message]) -> int:
-        """The bytes of the messages' blocks as JSON, each block on its own (as :func:`_size`), a block's
-        figure kept from an earlier call: the history grows by a message or two per call, and a memory
-        window's copies of the messages share their blocks (frozen), so a call encodes only new blocks."""
+        """The bytes of the messages' blocks as JSON, each block on its own, a message's figure kept
+        from an earlier call while it holds the very same blocks: the history grows by a message or two
+        per call, and a memory window's copies of the messages share their (frozen) blocks, so a call
+        encodes only new messages. Kept by the first block's id; the entry holds the blocks, so no id
+        in it is reused while it is kept."""
         sizes = self._sizes
         if len(sizes) > _SIZES_KEPT:
             sizes.clear()
         total = 0
         for m in messages:
-            for b in m.content:
-                kept = sizes.get(id(b))
-                if kept is None or kept[0] is not b:
-                    kept = sizes[id(b)] = (b, len(_encode(b)))
-                total += kept[1]
+            blocks = m.content
+            if not blocks:
+                continue
+            kept = sizes.get(id(blocks[0]))
+            if kept is None or len(kept[0]) != len(blocks) or not all(map(operator.is_, kept[0], blocks)):
+                # one encode of the list, less its brackets and the commas between blocks
+                kept = sizes[id(blocks[0])] = (tuple(blocks), len(_encode(blocks)) - len(blocks) - 1)
+            total += kept[1]
         return total
 
 
@@ -265,15 +271,6 @@ def _digest(messages: list[Message]) -> str:
     return f"[scripted summary of {len(said)} user lines] " + " | ".join(said)
 
 
-_SIZES_KEPT = 4096  # blocks whose size a model keeps; past this it starts again
+_SIZES_KEPT = 4096  # messages whose size a model keeps; past this it starts again
 _encode = msgspec.json.Encoder().encode
 
-
-def _size(messages: Sequence[Message]) -> int:
-    """The bytes of the messages' blocks as JSON, each block on its own: one encode of all the blocks,
-    less the brackets and commas of the lists (the outer ``[…]`` and a comma between messages; each
-    message's ``[…]`` and a comma between its blocks)."""
-    if not messages:
-        return 0
-    everything = len(msgspec.json.encode([m.content for m in messages]))
-    return everything - len(messages) - 1 - sum(max(len(m.content), 1) + 1 for m in messages)
