@@ -29,6 +29,7 @@ a list script runs out, the call raises ``micro.errors.AgentError``.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import json
@@ -191,7 +192,7 @@ class ScriptedModel(Model):
                 "or use a function script"
             )
         try:
-            with anyio.fail_after(timeout):
+            with anyio.fail_after(timeout) if timeout is not None else _NO_DEADLINE:
                 if self.delay:
                     await anyio.sleep(self.delay)
                 if self._fn is not None:
@@ -270,6 +271,9 @@ def _digest(messages: list[Message]) -> str:
     said = [line.removeprefix("user: ")[:60] for line in text.splitlines() if line.startswith("user: ")]
     return f"[scripted summary of {len(said)} user lines] " + " | ".join(said)
 
+
+_NO_DEADLINE: contextlib.nullcontext[None] = contextlib.nullcontext()
+"""A call's scope without a timeout: nothing to build per call (a scope without a deadline does nothing)."""
 
 _SIZES_KEPT = 4096  # messages whose size a model keeps; past this it starts again
 _encode = msgspec.json.Encoder().encode
