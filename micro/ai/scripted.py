@@ -29,9 +29,11 @@ a list script runs out, the call raises ``micro.errors.AgentError``.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import json
+import operator
 import re
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -158,6 +160,8 @@ class ScriptedModel(Model):
             self._turns.extend(script)
         self._total = len(self._turns)
         self._ids = itertools.count(1)
+        # each message's encoded size, by its first block's id (see _size)
+        self._sizes: dict[int, tuple[tuple[Block, ...], int]] = {}
 
     @property
     def remaining(self) -> int | None:
@@ -188,7 +192,7 @@ class ScriptedModel(Model):
                 "or use a function script"
             )
         try:
-            with anyio.fail_after(timeout):
+            with anyio.fail_after(timeout) if timeout is not None else _NO_DEADLINE:
                 if self.delay:
                     await anyio.sleep(self.delay)
                 if self._fn is not None:
@@ -230,9 +234,30 @@ class ScriptedModel(Model):
         content: list[Block] = [TextBlock(item.text)] if item.text else []
         content += [ToolUseBlock(f"call_{next(self._ids)}", n, dict(a)) for n, a in item.calls]
         stop = "tool_use" if item.calls else "end_turn"
-        seen = _size(received.messages) + len(received.system or "")
+        seen = self._size(received.messages) + len(received.system or "")
         usage = Usage(input_tokens=seen // 4, output_tokens=len(item.text) // 4 + len(item.calls))
         return Response(content, stop, usage, self.model)
+
+    def _size(self, messages: Sequence[Message]) -> int:
+        """The bytes of the messages' blocks as JSON, each block on its own, a message's figure kept
+        from an earlier call while it holds the very same blocks: the history grows by a message or two
+        per call, and a memory window's copies of the messages share their (frozen) blocks, so a call
+        encodes only new messages. Kept by the first block's id; the entry holds the blocks, so no id
+        in it is reused while it is kept."""
+        sizes = self._sizes
+        if len(sizes) > _SIZES_KEPT:
+            sizes.clear()
+        total = 0
+        for m in messages:
+            blocks = m.content
+            if not blocks:
+                continue
+            kept = sizes.get(id(blocks[0]))
+            if kept is None or len(kept[0]) != len(blocks) or not all(map(operator.is_, kept[0], blocks)):
+                # one encode of the list, less its brackets and the commas between blocks
+                kept = sizes[id(blocks[0])] = (tuple(blocks), len(_encode(blocks)) - len(blocks) - 1)
+            total += kept[1]
+        return total
 
 
 def _echo(messages: list[Message], tools: list[ToolSpec]) -> str:
@@ -247,11 +272,9 @@ def _digest(messages: list[Message]) -> str:
     return f"[scripted summary of {len(said)} user lines] " + " | ".join(said)
 
 
-def _size(messages: Sequence[Message]) -> int:
-    """The bytes of the messages' blocks as JSON, each block on its own: one encode of all the blocks,
-    less the brackets and commas of the lists (the outer ``[…]`` and a comma between messages; each
-    message's ``[…]`` and a comma between its blocks)."""
-    if not messages:
-        return 0
-    everything = len(msgspec.json.encode([m.content for m in messages]))
-    return everything - len(messages) - 1 - sum(max(len(m.content), 1) + 1 for m in messages)
+_NO_DEADLINE: contextlib.nullcontext[None] = contextlib.nullcontext()
+"""A call's scope without a timeout: nothing to build per call (a scope without a deadline does nothing)."""
+
+_SIZES_KEPT = 4096  # messages whose size a model keeps; past this it starts again
+_encode = msgspec.json.Encoder().encode
+
