@@ -298,23 +298,10 @@ class StoreMemory:
         return kept
 
     async def _range(self, session: str, head: _Head, first: int, end: int) -> list[tuple[int, Message]]:
-        """The session's messages ``first`` to ``end`` (the head's ``next``), in order. One prefix read of
-        the newest ``end - first`` records finds them all when they are all there (a compaction reads
-        hundreds); any it did not find (expired, or pushed out by a forgotten lifetime's leftovers past
-        ``end``) are then read by key."""
         prefix = self.prefix(session)
-        found: dict[int, Record] = {}
-        if end - first > 1:
-            for r in await self.store.read(prefix, prefix=True, limit=end - first, reverse=True):
-                tail = r.key[len(prefix):]
-                if tail.isascii() and tail.isdigit() and first <= (seq := int(tail)) < end:
-                    found[seq] = r
-        missing = [seq for seq in range(first, end) if seq not in found]
-        for seq, rec in zip(missing, await self._read([f"{prefix}{seq:012d}" for seq in missing]), strict=True):
-            if rec is not None:
-                found[seq] = rec
-        return [(seq, _decode(found[seq].value)) for seq in range(first, end)
-                if seq in found and _ours(found[seq], head)]
+        records = await self._read([f"{prefix}{seq:012d}" for seq in range(first, end)])
+        return [(seq, _decode(r.value)) for seq, r in zip(range(first, end), records, strict=True)
+                if r is not None and _ours(r, head)]
 
     async def _summary(self, session: str, head: _Head) -> Record | None:
         if not head.summary:
